@@ -1,1 +1,25 @@
-//! placeholder
+//! What every Ampora role shares, and nothing more:
+//!
+//! - [`ids`]: instance UIDs, gateway ids, partitions;
+//! - [`domain`]: wire-neutral records (agents, configs, tokens, audit) as the API and stores see them;
+//! - [`token`]: the bootstrap and API token formats (`amp-bs.<base32>.<crc>`);
+//! - the three seams, each a trait with an embedded implementation here and a production one
+//!   in cluster mode: [`store::Store`], [`bus::Bus`], [`ownership::Ownership`].
+//!
+//! No I/O beyond the in-process seam implementations lives here, and no protocol logic:
+//! the OpAMP session core belongs to the coordinator, framing to the gateway.
+
+pub mod bus;
+pub mod domain;
+pub mod ids;
+pub mod ownership;
+pub mod store;
+pub mod token;
+
+/// Milliseconds since the Unix epoch: the one clock unit of stored timestamps.
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

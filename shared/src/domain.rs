@@ -1,0 +1,343 @@
+//! Wire-neutral records: what stores keep and what the API shows.
+//!
+//! The coordinator converts OpAMP messages into these once, at the edge of the session core,
+//! so storage and API code never see protobuf types.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::InstanceUid;
+
+/// How an agent talks to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    WebSocket,
+    Http,
+}
+
+/// `AgentDescription`, with attribute values rendered to JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Description {
+    pub identifying: BTreeMap<String, serde_json::Value>,
+    pub non_identifying: BTreeMap<String, serde_json::Value>,
+}
+
+impl Description {
+    /// Looks a key up in identifying, then non-identifying attributes, as a string.
+    pub fn get_str(&self, key: &str) -> Option<String> {
+        let v = self
+            .identifying
+            .get(key)
+            .or_else(|| self.non_identifying.get(key))?;
+        Some(match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }
+
+    /// True when every `key=value` in `labels` is an attribute of this description.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels
+            .iter()
+            .all(|(k, v)| self.get_str(k).is_some_and(|have| &have == v))
+    }
+}
+
+/// `ComponentHealth`, recursively.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub healthy: bool,
+    pub status: String,
+    pub last_error: String,
+    pub start_time_unix_nano: u64,
+    pub status_time_unix_nano: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, Health>,
+}
+
+/// One file of an `AgentConfigMap`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigFile {
+    /// UTF-8 text when the body is valid UTF-8 (almost always); otherwise lossy.
+    pub body: String,
+    pub content_type: String,
+}
+
+/// An agent config: file name → file. A single-file config uses the name `""`.
+pub type ConfigMap = BTreeMap<String, ConfigFile>;
+
+/// `RemoteConfigStatuses`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RemoteStatus {
+    Unset,
+    Applied,
+    Applying,
+    Failed,
+}
+
+impl RemoteStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unset => "UNSET",
+            Self::Applied => "APPLIED",
+            Self::Applying => "APPLYING",
+            Self::Failed => "FAILED",
+        }
+    }
+}
+
+/// The agent's last `RemoteConfigStatus`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteConfigReport {
+    /// Hex of `last_remote_config_hash`.
+    pub hash: String,
+    pub status: RemoteStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_message: String,
+}
+
+/// Where an agent stands against the config assigned to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigState {
+    /// No config is assigned.
+    None,
+    /// Assigned, not yet reported applied.
+    Pending,
+    /// The agent reported the assigned hash as applied.
+    Applied,
+    /// The agent reported the assigned hash as failed.
+    Failed,
+    /// The agent applied the assigned config, then its effective config changed without a new
+    /// offer from us, or it reports a remote config we did not assign.
+    Drifted,
+}
+
+/// Everything Ampora knows about one agent. Survives connections and restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub instance_uid: InstanceUid,
+    pub description: Description,
+    pub capabilities: u64,
+    pub health: Option<Health>,
+    pub effective_config: Option<ConfigMap>,
+    /// Hex SHA-256 over the canonical form of `effective_config`.
+    pub effective_config_hash: Option<String>,
+    pub remote_config: Option<RemoteConfigReport>,
+    /// The config version assigned to this agent, if any.
+    pub assigned_config: Option<i64>,
+    /// Hex hash of the assigned config version.
+    pub assigned_config_hash: Option<String>,
+    /// Effective config hash recorded when the agent reported the assigned config applied;
+    /// a later different hash without a new offer is drift.
+    pub applied_effective_hash: Option<String>,
+    pub connected: bool,
+    pub transport: Option<Transport>,
+    pub gateway: Option<String>,
+    pub sequence_num: u64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+impl AgentRecord {
+    pub fn new(instance_uid: InstanceUid, now_ms: i64) -> Self {
+        Self {
+            instance_uid,
+            description: Description::default(),
+            capabilities: 0,
+            health: None,
+            effective_config: None,
+            effective_config_hash: None,
+            remote_config: None,
+            assigned_config: None,
+            assigned_config_hash: None,
+            applied_effective_hash: None,
+            connected: false,
+            transport: None,
+            gateway: None,
+            sequence_num: 0,
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+        }
+    }
+
+    pub fn config_state(&self) -> ConfigState {
+        let Some(want) = &self.assigned_config_hash else {
+            return ConfigState::None;
+        };
+        match &self.remote_config {
+            Some(r) if &r.hash == want => match r.status {
+                RemoteStatus::Applied => {
+                    match (&self.applied_effective_hash, &self.effective_config_hash) {
+                        (Some(a), Some(e)) if a != e => ConfigState::Drifted,
+                        _ => ConfigState::Applied,
+                    }
+                }
+                RemoteStatus::Failed => ConfigState::Failed,
+                _ => ConfigState::Pending,
+            },
+            _ => ConfigState::Pending,
+        }
+    }
+}
+
+/// An immutable config version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigVersion {
+    pub id: i64,
+    pub name: String,
+    pub files: ConfigMap,
+    /// Hex SHA-256 over the canonical form of `files`; what agents echo back.
+    pub hash: String,
+    pub author: String,
+    pub created_ms: i64,
+}
+
+/// Whom an assignment targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Agent(InstanceUid),
+    Labels(BTreeMap<String, String>),
+    All,
+}
+
+impl Target {
+    pub fn matches(&self, agent: &AgentRecord) -> bool {
+        match self {
+            Self::Agent(uid) => *uid == agent.instance_uid,
+            Self::Labels(l) => agent.description.matches(l),
+            Self::All => true,
+        }
+    }
+}
+
+/// "This config version for these agents". The newest assignment matching an agent wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: i64,
+    pub config_id: i64,
+    pub target: Target,
+    pub author: String,
+    pub created_ms: i64,
+}
+
+/// A bootstrap token as stored: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    /// Non-secret prefix for recognising the token in lists.
+    pub prefix: String,
+    #[serde(skip)]
+    pub hash: [u8; 32],
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub revoked_ms: Option<i64>,
+    pub redeemed_ms: Option<i64>,
+    /// The agent that redeemed the token; only it may use the token from then on.
+    pub bound_uid: Option<InstanceUid>,
+}
+
+/// Outcome of an atomic redemption attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redemption {
+    /// This call bound the token to the agent.
+    Bound,
+    /// The token was already bound to this same agent (a reconnect with a static header).
+    AlreadyBoundToSame,
+    /// Another agent redeemed it first.
+    BoundToOther,
+    Revoked,
+    Expired,
+    NotFound,
+}
+
+/// Operator roles, least to most privileged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    #[serde(skip)]
+    pub hash: [u8; 32],
+    pub created_ms: i64,
+}
+
+/// One append-only audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at_ms: i64,
+    /// Who acted: an API token id, `agent`, or `system`.
+    pub actor: String,
+    /// What happened, e.g. `token.create`, `token.redeem`, `auth.failed`.
+    pub action: String,
+    pub instance_uid: Option<InstanceUid>,
+    pub source_ip: Option<IpAddr>,
+    /// Bounded reason code for failures (`malformed_token`, `revoked`, …).
+    pub reason: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentRecord {
+        let mut a = AgentRecord::new(InstanceUid([1; 16]), 0);
+        a.description
+            .identifying
+            .insert("service.name".into(), "otelcol".into());
+        a.description
+            .non_identifying
+            .insert("env".into(), "prod".into());
+        a
+    }
+
+    #[test]
+    fn labels_match_both_attribute_kinds() {
+        let a = agent();
+        let l = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(Target::Labels(l("env", "prod")).matches(&a));
+        assert!(Target::Labels(l("service.name", "otelcol")).matches(&a));
+        assert!(!Target::Labels(l("env", "dev")).matches(&a));
+        assert!(Target::All.matches(&a));
+    }
+
+    #[test]
+    fn config_state_follows_reports() {
+        let mut a = agent();
+        assert_eq!(a.config_state(), ConfigState::None);
+        a.assigned_config_hash = Some("aa".into());
+        assert_eq!(a.config_state(), ConfigState::Pending);
+        a.remote_config = Some(RemoteConfigReport {
+            hash: "aa".into(),
+            status: RemoteStatus::Failed,
+            error_message: "bad".into(),
+        });
+        assert_eq!(a.config_state(), ConfigState::Failed);
+        a.remote_config = Some(RemoteConfigReport {
+            hash: "aa".into(),
+            status: RemoteStatus::Applied,
+            error_message: String::new(),
+        });
+        a.effective_config_hash = Some("e1".into());
+        a.applied_effective_hash = Some("e1".into());
+        assert_eq!(a.config_state(), ConfigState::Applied);
+        a.effective_config_hash = Some("e2".into());
+        assert_eq!(a.config_state(), ConfigState::Drifted);
+    }
+}

@@ -1,0 +1,102 @@
+//! The Store seam: the durable source of truth for agents, configs, assignments, tokens and
+//! audit. Embedded mode uses SQLite, cluster mode Postgres; one conformance suite runs against
+//! both (see the coordinator's store tests).
+
+use async_trait::async_trait;
+
+use crate::domain::{
+    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption,
+    Target, TokenRecord,
+};
+use crate::ids::InstanceUid;
+
+/// Storage failures, sorted by what the caller may assume about the write.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The operation certainly did not take effect (constraint violation, bad input, the
+    /// connection could not be had): safe to report or retry.
+    #[error("not applied: {0}")]
+    NotApplied(String),
+    /// The outcome is unknown (the connection broke during commit): reload state before
+    /// acting on any assumption about it.
+    #[error("outcome unknown: {0}")]
+    MaybeApplied(String),
+    /// A record the operation needs does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A config version about to be created.
+#[derive(Debug, Clone)]
+pub struct NewConfigVersion {
+    pub name: String,
+    pub files: ConfigMap,
+    pub hash: String,
+    pub author: String,
+    pub created_ms: i64,
+}
+
+/// An assignment about to be created.
+#[derive(Debug, Clone)]
+pub struct NewAssignment {
+    pub config_id: i64,
+    pub target: Target,
+    pub author: String,
+    pub created_ms: i64,
+}
+
+/// Filters for listing audit entries; `None` means "any".
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub instance_uid: Option<InstanceUid>,
+    pub actor: Option<String>,
+    pub reason: Option<String>,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip; readiness depends on it.
+    async fn ping(&self) -> StoreResult<()>;
+
+    // Agents. Status is written in batches by the coordinator; records are whole rows.
+    async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()>;
+    async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>>;
+
+    // Config versions are immutable once created.
+    async fn create_config(&self, new: NewConfigVersion) -> StoreResult<ConfigVersion>;
+    async fn get_config(&self, id: i64) -> StoreResult<Option<ConfigVersion>>;
+    async fn list_configs(&self) -> StoreResult<Vec<ConfigVersion>>;
+    async fn create_assignment(&self, new: NewAssignment) -> StoreResult<Assignment>;
+    /// Oldest first, so replaying them in order yields the newest match per agent.
+    async fn list_assignments(&self) -> StoreResult<Vec<Assignment>>;
+
+    // Bootstrap tokens.
+    async fn create_token(&self, token: &TokenRecord) -> StoreResult<()>;
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
+    async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>>;
+    /// Marks the token revoked; false when there is no such token.
+    async fn revoke_token(&self, id: &str, at_ms: i64) -> StoreResult<bool>;
+    /// Atomically binds the token to `uid` unless it is revoked, expired or bound to another
+    /// agent. Of many concurrent calls for one token, exactly one gets [`Redemption::Bound`].
+    async fn redeem_token(
+        &self,
+        id: &str,
+        uid: InstanceUid,
+        now_ms: i64,
+    ) -> StoreResult<Redemption>;
+
+    // Operator API tokens.
+    async fn create_api_token(&self, token: &ApiTokenRecord) -> StoreResult<()>;
+    async fn find_api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>>;
+    async fn count_api_tokens(&self) -> StoreResult<u64>;
+
+    // Audit: append-only.
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<i64>;
+    async fn query_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+}
