@@ -1,1 +1,85 @@
-fn main() {}
+//! The `ampora` binary: parses the command line, sets up logging, and hands over to the
+//! library (`serve::run` for the server, `cli::run_client` for operator commands).
+
+use anyhow::Context as _;
+use clap::Parser;
+use coordinator::cli::{Cli, Command};
+use coordinator::config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let mut sets = args.sets;
+            if let Some(d) = args.data_dir {
+                sets.push(format!(
+                    "server.data_dir={}",
+                    toml_string(&d.to_string_lossy())
+                ));
+            }
+            if let Some(l) = args.listen {
+                sets.push(format!("server.listen={}", toml_string(&l)));
+            }
+            let cfg = match config::load(args.config.as_deref(), std::env::vars(), &sets) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    std::process::exit(2);
+                }
+            };
+            init_tracing(&cfg.log);
+            let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.server.listen))?;
+            println!(
+                "ampora {} listening on {}",
+                coordinator::serve::VERSION,
+                listener.local_addr()?
+            );
+            coordinator::serve::run(cfg, listener, shutdown_signal()).await
+        }
+        Command::Openapi => {
+            println!("{}", coordinator::api::openapi_json());
+            Ok(())
+        }
+        other => coordinator::cli::run_client(other).await,
+    }
+}
+
+/// Quotes a string as a TOML basic string for `--set` values.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn init_tracing(log: &config::LogSection) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,1 +1,15 @@
-//! placeholder
+//! The OpAMP edge: transports at `/v1/opamp` (WebSocket and plain HTTP), frame validation,
+//! authentication of the upgrade / request (delegated to a coordinator over the bus),
+//! ownership claims, and delivery of coordinator pushes to sockets.
+//!
+//! [`client`] is the other end of the same framing: the OpAMP client that the Self-Agent, the
+//! test agent and the load generator use.
+//!
+//! Invariant: the gateway holds no agent state beyond its open connections and never opens a
+//! database connection; everything it knows about an agent it learns from the bus.
+
+pub mod client;
+pub mod codec;
+pub mod server;
+
+pub use server::{Gateway, GatewayConfig};

@@ -189,7 +189,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn notify(&self, route: Route, ev: CoordinatorEvent) -> Result<(), BusError>;
     async fn deliver(&self, gateway: &GatewayId, msg: GatewayMessage) -> Result<(), BusError>;
     /// Starts serving coordinator traffic with `handler`.
-    async fn serve_coordinator(&self, handler: Arc<dyn CoordinatorHandler>) -> Result<(), BusError>;
+    async fn serve_coordinator(&self, handler: Arc<dyn CoordinatorHandler>)
+        -> Result<(), BusError>;
     /// Subscribes a gateway to its deliveries.
     async fn subscribe_gateway(
         &self,
@@ -256,7 +257,10 @@ impl Bus for InProcessBus {
             .map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
-    async fn serve_coordinator(&self, handler: Arc<dyn CoordinatorHandler>) -> Result<(), BusError> {
+    async fn serve_coordinator(
+        &self,
+        handler: Arc<dyn CoordinatorHandler>,
+    ) -> Result<(), BusError> {
         *self
             .coordinator
             .write()

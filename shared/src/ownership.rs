@@ -105,12 +105,18 @@ pub async fn conformance(own: &dyn Ownership) {
         epoch: first.epoch,
     };
     assert_eq!(second.previous, Some(stale.clone()));
-    assert!(!own.release(uid, &stale).await.expect("release"), "stale release must fail");
+    assert!(
+        !own.release(uid, &stale).await.expect("release"),
+        "stale release must fail"
+    );
     let current = Owner {
         gateway: b,
         epoch: second.epoch,
     };
-    assert_eq!(own.lookup(uid).await.expect("lookup"), Some(current.clone()));
+    assert_eq!(
+        own.lookup(uid).await.expect("lookup"),
+        Some(current.clone())
+    );
     assert!(own.release(uid, &current).await.expect("release"));
     assert_eq!(own.lookup(uid).await.expect("lookup"), None);
 }

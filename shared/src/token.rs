@@ -65,7 +65,9 @@ pub fn check_bootstrap_token(token: &str) -> Result<&str, TokenFormatError> {
 
 /// True when the text looks like an API token (cheap pre-check before a lookup).
 pub fn is_api_token(token: &str) -> bool {
-    token.strip_prefix(API_PREFIX).is_some_and(|s| !s.is_empty())
+    token
+        .strip_prefix(API_PREFIX)
+        .is_some_and(|s| !s.is_empty())
 }
 
 /// A short, non-secret display prefix of a token, e.g. `amp-bs.k3jd…`.

@@ -1,1 +1,7 @@
+//! The one end-to-end test binary: real listeners on port 0, real WebSockets and HTTP, the
+//! Rust test agent and a third-party Python client.
 
+mod api;
+mod bad_input;
+mod opamp;
+mod python;

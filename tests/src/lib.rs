@@ -1,1 +1,216 @@
-//! placeholder
+//! Shared harness for the end-to-end tests: an embedded Ampora on port 0 in a temporary data
+//! directory, an API client holding the admin token, metric scraping, and bounded waits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use coordinator::config::Config;
+use coordinator::serve::{self, Running};
+use serde_json::{json, Value};
+
+/// Default deadline for a condition in these tests: generous for a loaded 2-core CI machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Pause between two checks of a condition in [`eventually`].
+const POLL: Duration = Duration::from_millis(25);
+
+/// An embedded server in a temporary directory.
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub api: Api,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts with the Self-Agent off (so agent counts are exact) and `tweak` applied.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = Config::default();
+        cfg.server.data_dir = dir.path().to_path_buf();
+        cfg.server.listen = "127.0.0.1:0".into();
+        cfg.self_agent.enabled = false;
+        cfg.store.flush_interval_ms = 100;
+        tweak(&mut cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let running = serve::start(cfg, listener).await?;
+        let addr = running.addr;
+        let token = running
+            .admin_token
+            .clone()
+            .context("a fresh server must know its admin token")?;
+        Ok(Self {
+            running: Some(running),
+            addr,
+            api: Api::new(addr, token),
+            dir,
+        })
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/opamp", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/opamp", self.addr)
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(r) = self.running.take() {
+            r.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A JSON client for `/api/v1` with the admin token.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    pub token: String,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr, token: String) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+            token,
+        }
+    }
+
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, v))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let (s, v) = self.raw(reqwest::Method::GET, path, None).await?;
+        if s != 200 {
+            bail!("GET {path}: {s} {v}");
+        }
+        Ok(v)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let (s, v) = self.raw(reqwest::Method::POST, path, Some(body)).await?;
+        if s != 200 {
+            bail!("POST {path}: {s} {v}");
+        }
+        Ok(v)
+    }
+
+    /// Creates a bootstrap token and returns its text.
+    pub async fn token(&self, name: &str) -> anyhow::Result<String> {
+        let v = self.post("/api/v1/tokens", json!({ "name": name })).await?;
+        v["token"]
+            .as_str()
+            .map(str::to_string)
+            .context("no token in response")
+    }
+
+    /// Creates a single-file YAML config version; returns (id, hash).
+    pub async fn config(&self, name: &str, body: &str) -> anyhow::Result<(i64, String)> {
+        let v = self
+            .post(
+                "/api/v1/configs",
+                json!({ "name": name, "body": body, "content_type": "text/yaml" }),
+            )
+            .await?;
+        Ok((
+            v["id"].as_i64().context("id")?,
+            v["hash"].as_str().context("hash")?.to_string(),
+        ))
+    }
+
+    pub async fn assign(&self, body: Value) -> anyhow::Result<Value> {
+        self.post("/api/v1/assignments", body).await
+    }
+
+    pub async fn agent(&self, uid: &str) -> anyhow::Result<Option<Value>> {
+        let (s, v) = self
+            .raw(reqwest::Method::GET, &format!("/api/v1/agents/{uid}"), None)
+            .await?;
+        match s {
+            200 => Ok(Some(v)),
+            404 => Ok(None),
+            _ => bail!("GET agent {uid}: {s} {v}"),
+        }
+    }
+
+    /// The value of one Prometheus series (0 when absent), e.g.
+    /// `ampora_opamp_frames_rejected_total{reason="oversize"}`.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(parse_metric(&text, series))
+    }
+}
+
+/// Finds `series` (name plus exact label set as rendered) in Prometheus text.
+pub fn parse_metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` until it yields `Some`, or fails after `deadline`. Never a fixed sleep: the
+/// pause between polls is short and the deadline bounds the whole wait.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -1,0 +1,481 @@
+//! Ampora's configuration: a TOML file, then environment overrides, then `--set` overrides.
+//!
+//! Parsing is one pass that reports every problem at once (unknown keys, wrong types, bad
+//! values) instead of stopping at the first. Keys are matched ignoring case and underscores,
+//! so the operator guide's `OpAmp:BootstrapPlaintextAllowed`, the environment's
+//! `AMPORA_OPAMP__BOOTSTRAP_PLAINTEXT_ALLOWED` and the file's
+//! `[opamp] bootstrap_plaintext_allowed` all name the same setting.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerSection,
+    pub opamp: OpampSection,
+    pub self_agent: SelfAgentSection,
+    pub store: StoreSection,
+    pub tokens: TokensSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address of the one listener (OpAMP, API, health, metrics).
+    pub listen: String,
+    /// Where the embedded database, the admin token and the Self-Agent identity live.
+    pub data_dir: PathBuf,
+    /// The OpAMP URL agents should use, offered to them in connection settings. Empty: derived
+    /// from `listen` (`ws://<listen>/v1/opamp`, with 0.0.0.0 shown as 127.0.0.1).
+    pub public_endpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpampSection {
+    /// `OpAmp:BootstrapPlaintextAllowed`: accept bootstrap tokens over plain ws:// and http://.
+    /// All listeners are plaintext until TLS lands, so this is on by default for now.
+    pub bootstrap_plaintext_allowed: bool,
+    /// Largest accepted AgentToServer, after decompression.
+    pub max_frame_bytes: u64,
+    /// Heartbeat interval offered to agents that report heartbeats; never 0.
+    pub heartbeat_interval_secs: u64,
+    /// How long a gateway waits for a coordinator before answering "unavailable".
+    pub request_timeout_secs: u64,
+    /// Outbound pushes queued per WebSocket connection before new ones are dropped.
+    pub write_queue: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfAgentSection {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// How often changed agent status is written to the database, in one batch.
+    pub flush_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensSection {
+    /// TTL of bootstrap tokens created without an explicit one.
+    pub default_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `ampora=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:4320".into(),
+            data_dir: PathBuf::from("ampora-data"),
+            public_endpoint: String::new(),
+        }
+    }
+}
+
+impl Default for OpampSection {
+    fn default() -> Self {
+        Self {
+            bootstrap_plaintext_allowed: true,
+            max_frame_bytes: 4 * 1024 * 1024,
+            heartbeat_interval_secs: 30,
+            request_timeout_secs: 10,
+            write_queue: 16,
+        }
+    }
+}
+
+impl Default for SelfAgentSection {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for TokensSection {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Env(String),
+    Flag(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Env(v) => write!(f, "environment variable {v}"),
+            Self::Flag(s) => write!(f, "--set {s}"),
+        }
+    }
+}
+
+fn normalize(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Builds the configuration from an optional file, the process environment (`AMPORA_*` and the
+/// operator-guide form `OpAmp__Key`) and `--set KEY=VALUE` pairs, in that order of precedence
+/// (later wins).
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    sets: &[String],
+) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let defaults = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Boolean(false));
+    let Some(schema) = defaults.as_table() else {
+        return Err(ConfigErrors(vec![
+            "internal: defaults are not a table".into()
+        ]));
+    };
+    let mut merged = toml::Table::new();
+
+    if let Some(path) = file {
+        match std::fs::read_to_string(path) {
+            Err(e) => errors.push(format!("{}: cannot read: {e}", path.display())),
+            Ok(text) => match text.parse::<toml::Table>() {
+                Err(e) => errors.push(format!("{}: {}", path.display(), e.message())),
+                Ok(table) => {
+                    for (section, value) in table {
+                        let Some(keys) = value.as_table() else {
+                            errors.push(format!(
+                                "{}: `{section}` must be a [section]",
+                                path.display()
+                            ));
+                            continue;
+                        };
+                        for (key, v) in keys {
+                            set_key(
+                                schema,
+                                &mut merged,
+                                &section,
+                                key,
+                                v.clone(),
+                                &Source::File(path.to_path_buf()),
+                                &mut errors,
+                            );
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    for (name, raw) in env {
+        let rest = if let Some(r) = name.strip_prefix("AMPORA_") {
+            r
+        } else if normalize(&name).starts_with("opamp") && name.contains("__") {
+            name.as_str()
+        } else {
+            continue;
+        };
+        // AMPORA_SERVER_URL and AMPORA_API_TOKEN belong to the CLI, not to the server config.
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        set_key(
+            schema,
+            &mut merged,
+            section,
+            key,
+            parse_scalar(&raw),
+            &Source::Env(name.clone()),
+            &mut errors,
+        );
+    }
+
+    for s in sets {
+        let Some((path, raw)) = s.split_once('=') else {
+            errors.push(format!("--set {s}: expected KEY=VALUE"));
+            continue;
+        };
+        let Some((section, key)) = path.split_once(['.', ':']) else {
+            errors.push(format!("--set {s}: expected SECTION.KEY or Section:Key"));
+            continue;
+        };
+        set_key(
+            schema,
+            &mut merged,
+            section,
+            key,
+            parse_scalar(raw),
+            &Source::Flag(s.clone()),
+            &mut errors,
+        );
+    }
+
+    let config = match toml::Value::Table(merged).try_into::<Config>() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.push(e.message().to_string());
+            None
+        }
+    };
+    if let Some(c) = &config {
+        validate(c, &mut errors);
+    }
+    match config {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+/// Values from the environment and flags are TOML scalars when they parse as one, else strings.
+fn parse_scalar(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_key(
+    schema: &toml::Table,
+    merged: &mut toml::Table,
+    section: &str,
+    key: &str,
+    value: toml::Value,
+    source: &Source,
+    errors: &mut Vec<String>,
+) {
+    let Some((sname, skeys)) = schema
+        .iter()
+        .find(|(s, _)| normalize(s) == normalize(section))
+    else {
+        errors.push(format!("{source}: unknown section `{section}`"));
+        return;
+    };
+    let Some(skeys) = skeys.as_table() else {
+        return;
+    };
+    let Some((kname, default)) = skeys.iter().find(|(k, _)| normalize(k) == normalize(key)) else {
+        errors.push(format!("{source}: unknown key `{section}.{key}`"));
+        return;
+    };
+    if default.type_str() != value.type_str() {
+        errors.push(format!(
+            "{source}: `{sname}.{kname}` must be a {}, got a {}",
+            default.type_str(),
+            value.type_str()
+        ));
+        return;
+    }
+    if let toml::Value::Table(t) = merged
+        .entry(sname.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        t.insert(kname.clone(), value);
+    }
+}
+
+fn validate(c: &Config, errors: &mut Vec<String>) {
+    if c.server.listen.parse::<SocketAddr>().is_err() {
+        errors.push(format!(
+            "server.listen: `{}` is not HOST:PORT with an IP address",
+            c.server.listen
+        ));
+    }
+    if c.opamp.max_frame_bytes < 1024 {
+        errors.push("opamp.max_frame_bytes: must be at least 1024".into());
+    }
+    if c.opamp.heartbeat_interval_secs == 0 {
+        errors.push(
+            "opamp.heartbeat_interval_secs: must be at least 1 (0 disables agent heartbeats)"
+                .into(),
+        );
+    }
+    if c.opamp.request_timeout_secs == 0 {
+        errors.push("opamp.request_timeout_secs: must be at least 1".into());
+    }
+    if c.opamp.write_queue == 0 {
+        errors.push("opamp.write_queue: must be at least 1".into());
+    }
+    if c.store.flush_interval_ms == 0 {
+        errors.push("store.flush_interval_ms: must be at least 1".into());
+    }
+    if c.tokens.default_ttl_secs == 0 {
+        errors.push("tokens.default_ttl_secs: must be at least 1".into());
+    }
+    if !matches!(c.log.format.as_str(), "text" | "json") {
+        errors.push(format!(
+            "log.format: `{}` is neither text nor json",
+            c.log.format
+        ));
+    }
+}
+
+impl Config {
+    /// The OpAMP URL agents are told to use.
+    pub fn public_endpoint(&self, bound: SocketAddr) -> String {
+        if !self.server.public_endpoint.is_empty() {
+            return self.server.public_endpoint.clone();
+        }
+        let mut addr = bound;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("ws://{addr}/v1/opamp")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(load(None, env(&[]), &[]), Ok(Config::default()));
+    }
+
+    #[test]
+    fn operator_guide_key_works_in_every_form() {
+        for (e, s) in [
+            (
+                env(&[("OpAmp__BootstrapPlaintextAllowed", "false")]),
+                vec![],
+            ),
+            (
+                env(&[("AMPORA_OPAMP__BOOTSTRAP_PLAINTEXT_ALLOWED", "false")]),
+                vec![],
+            ),
+            (
+                env(&[]),
+                vec!["OpAmp:BootstrapPlaintextAllowed=false".to_string()],
+            ),
+            (
+                env(&[]),
+                vec!["opamp.bootstrap_plaintext_allowed=false".to_string()],
+            ),
+        ] {
+            let c = load(None, e, &s).expect("valid");
+            assert!(!c.opamp.bootstrap_plaintext_allowed);
+        }
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let dir = std::env::temp_dir().join(format!("ampora-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("bad.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = 5\nbogus = 1\n[opamp]\nheartbeat_interval_secs = 0\n[nope]\nx = 1\n",
+        )
+        .expect("write");
+        let errs = load(
+            Some(&path),
+            env(&[("AMPORA_LOG__FORMAT", "xml")]),
+            &["store.flush_interval_ms=fast".into()],
+        )
+        .expect_err("invalid");
+        let text = errs.to_string();
+        for needle in [
+            "`server.listen` must be a string",
+            "unknown key `server.bogus`",
+            "unknown section `nope`",
+            "`store.flush_interval_ms` must be a integer",
+            "heartbeat_interval_secs: must be at least 1",
+            "log.format",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = std::env::temp_dir().join(format!("ampora-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("ok.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\n",
+        )
+        .expect("write");
+        let c = load(
+            Some(&path),
+            env(&[("AMPORA_SERVER__LISTEN", "127.0.0.1:2")]),
+            &["server.data_dir=/y".into()],
+        )
+        .expect("valid");
+        assert_eq!(c.server.listen, "127.0.0.1:2");
+        assert_eq!(c.server.data_dir, PathBuf::from("/y"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn public_endpoint_is_derived() {
+        let c = Config::default();
+        let addr: SocketAddr = "0.0.0.0:4320".parse().expect("addr");
+        assert_eq!(c.public_endpoint(addr), "ws://127.0.0.1:4320/v1/opamp");
+    }
+}

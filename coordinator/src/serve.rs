@@ -1,0 +1,344 @@
+//! `ampora serve`: the embedded default. Gateway and coordinator in one process, SQLite instead
+//! of Postgres, the in-process bus instead of NATS, in-memory ownership instead of Redis: the
+//! same code above the seams as cluster mode.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use gateway::client::{Agent, AgentOptions};
+use gateway::{Gateway, GatewayConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use shared::bus::{Bus, InProcessBus};
+use shared::domain::{ApiTokenRecord, Role};
+use shared::ids::{GatewayId, InstanceUid};
+use shared::ownership::MemoryOwnership;
+use shared::store::Store;
+use shared::{now_ms, token};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::service::{Coordinator, CoordinatorConfig};
+use crate::store::SqliteStore;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The process-wide Prometheus recorder. Installed once; every server in the process (tests
+/// start several) renders the same registry.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first, in which case ours just
+            // renders nothing; there is no other recorder in Ampora.
+            let _ = metrics::set_global_recorder(recorder);
+            gateway::server::describe_metrics();
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_metrics() {
+    metrics::describe_gauge!("ampora_agents_connected", "Agents currently connected");
+    metrics::describe_gauge!(
+        "ampora_agents_config_state",
+        "Agents by config state (none, pending, applied, failed, drifted)"
+    );
+    metrics::describe_counter!(
+        "ampora_config_remote_status_total",
+        "Remote config status reports by status (applied, failed)"
+    );
+    metrics::describe_counter!(
+        "ampora_tokens_redeemed_total",
+        "Bootstrap tokens redeemed by their first agent"
+    );
+    metrics::describe_counter!(
+        "ampora_store_agent_writes_total",
+        "Agent records written to the store in batches"
+    );
+    for s in ["applied", "failed"] {
+        metrics::counter!("ampora_config_remote_status_total", "status" => s).increment(0);
+    }
+    metrics::gauge!("ampora_agents_connected").set(0.0);
+}
+
+/// A running embedded server.
+pub struct Running {
+    pub addr: SocketAddr,
+    /// The admin API token, when this process knows it (it was created now, or read back from
+    /// the data directory).
+    pub admin_token: Option<String>,
+    pub admin_token_path: PathBuf,
+    pub coordinator: Arc<Coordinator>,
+    pub gateway: Arc<Gateway>,
+    self_agent: Option<Agent>,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    coordinator: Arc<Coordinator>,
+    metrics: PrometheusHandle,
+}
+
+/// Starts everything on `listener` and returns once the server accepts connections.
+pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let metrics = metrics_handle();
+    let addr = listener.local_addr()?;
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&data_dir.join("ampora.db"))
+            .await
+            .context("opening the embedded database")?,
+    );
+    let bus: Arc<dyn Bus> = Arc::new(InProcessBus::new());
+    let ownership = Arc::new(MemoryOwnership::new());
+
+    let coordinator = Coordinator::start(
+        store.clone(),
+        bus.clone(),
+        ownership.clone(),
+        CoordinatorConfig {
+            opamp_endpoint: config.public_endpoint(addr),
+            heartbeat_interval_secs: config.opamp.heartbeat_interval_secs,
+            flush_interval: Duration::from_millis(config.store.flush_interval_ms),
+            default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
+        },
+    )
+    .await
+    .context("starting the coordinator")?;
+    bus.serve_coordinator(coordinator.clone()).await?;
+
+    let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
+    let gateway = Gateway::start(
+        gateway_id,
+        bus.clone(),
+        ownership,
+        GatewayConfig {
+            max_frame_bytes: usize::try_from(config.opamp.max_frame_bytes).unwrap_or(usize::MAX),
+            request_timeout: Duration::from_secs(config.opamp.request_timeout_secs),
+            write_queue: usize::try_from(config.opamp.write_queue).unwrap_or(16),
+            bootstrap_plaintext_allowed: config.opamp.bootstrap_plaintext_allowed,
+        },
+    )
+    .await?;
+
+    let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
+
+    let state = AppState {
+        coordinator: coordinator.clone(),
+        metrics,
+    };
+    let app = Router::new()
+        .merge(gateway.router())
+        .merge(crate::api::router(coordinator.clone()))
+        .merge(
+            Router::new()
+                .route("/health/live", get(|| async { "ok" }))
+                .route("/health/ready", get(ready))
+                .route("/metrics", get(render_metrics))
+                .with_state(state),
+        );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    let self_agent = if config.self_agent.enabled {
+        Some(start_self_agent(&coordinator, &data_dir, addr).await?)
+    } else {
+        None
+    };
+
+    Ok(Running {
+        addr,
+        admin_token,
+        admin_token_path,
+        coordinator,
+        gateway,
+        self_agent,
+        stop,
+        server,
+    })
+}
+
+impl Running {
+    /// Ordered shutdown: the Self-Agent says goodbye, the gateway closes its agents, the
+    /// listener stops, and changed agent state is flushed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some(a) = self.self_agent {
+            a.stop().await;
+        }
+        self.gateway.shutdown().await;
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(10), self.server).await {
+            Ok(joined) => joined??,
+            Err(_) => tracing::warn!("listener did not stop within 10 s"),
+        }
+        self.coordinator.flush().await?;
+        Ok(())
+    }
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let running = start(config, listener).await?;
+    tracing::info!(addr = %running.addr, version = VERSION, "ampora is serving (embedded mode)");
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.stop().await
+}
+
+async fn ready(State(s): State<AppState>) -> impl IntoResponse {
+    if s.coordinator.ready().await {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+    }
+}
+
+async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+}
+
+/// Writes `contents` to `path` readable by the owner only.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// On first start, creates the admin API token and writes it to `<data_dir>/admin-token`.
+async fn ensure_admin_token(
+    store: &dyn Store,
+    data_dir: &Path,
+) -> anyhow::Result<(Option<String>, PathBuf)> {
+    let path = data_dir.join("admin-token");
+    if store.count_api_tokens().await? > 0 {
+        let known = std::fs::read_to_string(&path)
+            .ok()
+            .map(|t| t.trim().to_string());
+        return Ok((known, path));
+    }
+    let text = token::new_api_token();
+    store
+        .create_api_token(&ApiTokenRecord {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            name: "admin".into(),
+            role: Role::Admin,
+            hash: token::hash_token(&text),
+            created_ms: now_ms(),
+        })
+        .await?;
+    write_private(&path, &format!("{text}\n"))?;
+    println!("admin API token written to {}", path.display());
+    Ok((Some(text), path))
+}
+
+/// The Self-Agent: an ordinary OpAMP agent in this process that goes through the network path
+/// like any other. Its identity and (bound) bootstrap token live in the data directory so it
+/// stays the same agent across restarts.
+async fn start_self_agent(
+    coordinator: &Coordinator,
+    data_dir: &Path,
+    addr: SocketAddr,
+) -> anyhow::Result<Agent> {
+    let uid_path = data_dir.join("self-agent-uid");
+    let uid = match std::fs::read_to_string(&uid_path)
+        .ok()
+        .and_then(|s| s.trim().parse::<InstanceUid>().ok())
+    {
+        Some(u) => u,
+        None => {
+            let u = InstanceUid::new_v7();
+            write_private(&uid_path, &format!("{u}\n"))?;
+            u
+        }
+    };
+    let token_path = data_dir.join("self-agent-token");
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) => t.trim().to_string(),
+        Err(_) => {
+            let (t, _) = coordinator
+                .create_token(
+                    "self-agent".into(),
+                    Some(Duration::from_secs(100 * 365 * 24 * 3600)),
+                    "system",
+                )
+                .await?;
+            write_private(&token_path, &format!("{t}\n"))?;
+            t
+        }
+    };
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    Ok(Agent::start(AgentOptions {
+        endpoint: format!("ws://{target}/v1/opamp"),
+        token: Some(token),
+        instance_uid: Some(uid.0),
+        description: vec![
+            ("service.name".into(), "ampora-self-agent".into()),
+            ("service.version".into(), VERSION.into()),
+        ],
+        non_identifying: vec![
+            ("host.name".into(), host),
+            ("os.type".into(), std::env::consts::OS.into()),
+            ("ampora.self_agent".into(), "true".into()),
+        ],
+        ..AgentOptions::default()
+    }))
+}

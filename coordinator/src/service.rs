@@ -1,0 +1,793 @@
+//! The coordinator runtime around the sans-I/O session core.
+//!
+//! It keeps every agent's [`AgentState`] in memory (the database is the source of truth; this
+//! is a cache rebuilt from it at start), serialises each agent's messages through a per-agent
+//! async mutex, writes changed agents to the store in batches, and writes token redemptions,
+//! config versions, assignments and audit entries synchronously.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use proto::v1::ServerErrorResponseType;
+use shared::bus::{
+    AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorEvent, CoordinatorHandler,
+    CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
+};
+use shared::domain::{
+    AgentRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption, Target, TokenRecord,
+    Transport,
+};
+use shared::ids::{GatewayId, InstanceUid};
+use shared::ownership::Ownership;
+use shared::store::{NewAssignment, NewConfigVersion, Store, StoreError};
+use shared::{now_ms, token};
+use tokio::sync::Mutex;
+
+use crate::session::{self, AgentState, Context, Desired, Event, OpampOffer};
+
+/// Settings the coordinator needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub opamp_endpoint: String,
+    pub heartbeat_interval_secs: u64,
+    pub flush_interval: Duration,
+    pub default_token_ttl: Duration,
+}
+
+/// One agent as the coordinator holds it.
+struct Entry {
+    state: AgentState,
+    /// The bootstrap token this agent was admitted with and already redeemed: later frames
+    /// with it need no store round trip.
+    token_id: Option<String>,
+    /// The live connection (gateway, connection id, epoch) if any. Used to tell a reconnect
+    /// from a UID collision and to ignore stale disconnect notices.
+    conn: Option<(GatewayId, u64, u64)>,
+}
+
+type Slot = Arc<Mutex<Entry>>;
+
+const SHARDS: usize = 64;
+
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    ownership: Arc<dyn Ownership>,
+    cfg: CoordinatorConfig,
+    offer: OpampOffer,
+    /// Agents by uid, sharded so that looking one up never contends with the whole fleet.
+    agents: Vec<StdMutex<HashMap<InstanceUid, Slot>>>,
+    /// Agents changed since the last flush; the flusher drains it.
+    dirty: StdMutex<HashSet<InstanceUid>>,
+    /// Config versions that are assigned to someone, ready to send.
+    desired: RwLock<HashMap<i64, Arc<Desired>>>,
+    /// All assignments, oldest first; the newest match wins.
+    assignments: RwLock<Vec<Assignment>>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").finish_non_exhaustive()
+    }
+}
+
+/// API-facing failures, mapped to HTTP statuses in one place (`api`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn shard_of(uid: &InstanceUid) -> usize {
+    usize::from(uid.0[15]) % SHARDS
+}
+
+impl Coordinator {
+    /// Loads agents, configs and assignments from the store and starts the background tasks
+    /// (status flusher, HTTP liveness reaper). Call [`Coordinator::flush`] on shutdown.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        ownership: Arc<dyn Ownership>,
+        cfg: CoordinatorConfig,
+    ) -> Result<Arc<Self>, StoreError> {
+        let offer = OpampOffer {
+            endpoint: cfg.opamp_endpoint.clone(),
+            heartbeat_interval_secs: cfg.heartbeat_interval_secs.max(1),
+        };
+        let this = Arc::new(Self {
+            store: store.clone(),
+            bus,
+            ownership,
+            cfg,
+            offer,
+            agents: (0..SHARDS).map(|_| StdMutex::new(HashMap::new())).collect(),
+            dirty: StdMutex::new(HashSet::new()),
+            desired: RwLock::new(HashMap::new()),
+            assignments: RwLock::new(Vec::new()),
+        });
+        let assignments = store.list_assignments().await?;
+        for a in &assignments {
+            this.load_desired(a.config_id).await?;
+        }
+        if let Ok(mut w) = this.assignments.write() {
+            *w = assignments;
+        }
+        for mut record in store.load_agents().await? {
+            // Nobody is connected to a process that just started.
+            record.connected = false;
+            record.gateway = None;
+            this.insert_entry(record);
+        }
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            loop {
+                let interval = match weak.upgrade() {
+                    Some(c) => c.cfg.flush_interval,
+                    None => return,
+                };
+                tokio::time::sleep(interval).await;
+                let Some(c) = weak.upgrade() else { return };
+                if let Err(e) = c.flush().await {
+                    tracing::error!(error = %e, "agent status flush failed");
+                }
+                c.reap_http_agents().await;
+            }
+        });
+        Ok(this)
+    }
+
+    fn insert_entry(&self, record: AgentRecord) -> Slot {
+        let uid = record.instance_uid;
+        let slot = Arc::new(Mutex::new(Entry {
+            state: AgentState::new(record),
+            token_id: None,
+            conn: None,
+        }));
+        if let Ok(mut shard) = self.agents[shard_of(&uid)].lock() {
+            shard.insert(uid, slot.clone());
+        }
+        slot
+    }
+
+    fn slot(&self, uid: &InstanceUid) -> Option<Slot> {
+        self.agents[shard_of(uid)]
+            .lock()
+            .ok()
+            .and_then(|s| s.get(uid).cloned())
+    }
+
+    fn all_slots(&self) -> Vec<Slot> {
+        self.agents
+            .iter()
+            .filter_map(|s| {
+                s.lock()
+                    .ok()
+                    .map(|s| s.values().cloned().collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn mark_dirty(&self, uid: InstanceUid) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(uid);
+        }
+    }
+
+    async fn load_desired(&self, config_id: i64) -> Result<Arc<Desired>, StoreError> {
+        if let Some(d) = self
+            .desired
+            .read()
+            .ok()
+            .and_then(|m| m.get(&config_id).cloned())
+        {
+            return Ok(d);
+        }
+        let version = self
+            .store
+            .get_config(config_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("config version {config_id}")))?;
+        let d = Arc::new(Desired::new(version.id, &version.files));
+        if let Ok(mut m) = self.desired.write() {
+            m.insert(config_id, d.clone());
+        }
+        Ok(d)
+    }
+
+    fn desired_of(&self, record: &AgentRecord) -> Option<Arc<Desired>> {
+        let id = record.assigned_config?;
+        self.desired.read().ok()?.get(&id).cloned()
+    }
+
+    /// The newest assignment matching `record`, if any.
+    fn match_assignment(&self, record: &AgentRecord) -> Option<i64> {
+        let all = self.assignments.read().ok()?;
+        all.iter()
+            .rev()
+            .find(|a| a.target.matches(record))
+            .map(|a| a.config_id)
+    }
+
+    /// Re-evaluates the assignment of one agent; true when it changed.
+    fn reassign(&self, state: &mut AgentState) -> bool {
+        let want = self.match_assignment(&state.record);
+        if want == state.record.assigned_config {
+            return false;
+        }
+        state.record.assigned_config = want;
+        state.record.assigned_config_hash = want.and_then(|id| {
+            self.desired
+                .read()
+                .ok()?
+                .get(&id)
+                .map(|d| d.hash_hex.clone())
+        });
+        true
+    }
+
+    /// Writes every changed agent in one batch.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        let uids: Vec<InstanceUid> = match self.dirty.lock() {
+            Ok(mut d) => d.drain().collect(),
+            Err(_) => return Ok(0),
+        };
+        if uids.is_empty() {
+            return Ok(0);
+        }
+        let mut records = Vec::with_capacity(uids.len());
+        for uid in &uids {
+            if let Some(slot) = self.slot(uid) {
+                records.push(slot.lock().await.state.record.clone());
+            }
+        }
+        if let Err(e) = self.store.upsert_agents(&records).await {
+            // Keep them dirty: the next flush retries the whole batch (upserts are idempotent).
+            if let Ok(mut d) = self.dirty.lock() {
+                d.extend(uids);
+            }
+            return Err(e);
+        }
+        metrics::counter!("ampora_store_agent_writes_total").increment(records.len() as u64);
+        Ok(records.len())
+    }
+
+    /// HTTP agents have no connection to lose: they count as gone after three missed polls.
+    async fn reap_http_agents(&self) {
+        let cutoff = now_ms()
+            - i64::try_from(self.cfg.heartbeat_interval_secs.saturating_mul(3_000))
+                .unwrap_or(i64::MAX);
+        for slot in self.all_slots() {
+            let mut e = slot.lock().await;
+            let r = &mut e.state.record;
+            if r.connected && r.transport == Some(Transport::Http) && r.last_seen_ms < cutoff {
+                r.connected = false;
+                let uid = r.instance_uid;
+                e.conn = None;
+                self.mark_dirty(uid);
+            }
+        }
+        self.update_gauges().await;
+    }
+
+    async fn update_gauges(&self) {
+        let mut connected = 0u64;
+        let mut states: HashMap<&'static str, u64> = HashMap::new();
+        for slot in self.all_slots() {
+            let e = slot.lock().await;
+            if e.state.record.connected {
+                connected += 1;
+            }
+            let s = match e.state.record.config_state() {
+                shared::domain::ConfigState::None => "none",
+                shared::domain::ConfigState::Pending => "pending",
+                shared::domain::ConfigState::Applied => "applied",
+                shared::domain::ConfigState::Failed => "failed",
+                shared::domain::ConfigState::Drifted => "drifted",
+            };
+            *states.entry(s).or_default() += 1;
+        }
+        metrics::gauge!("ampora_agents_connected").set(connected as f64);
+        for s in ["none", "pending", "applied", "failed", "drifted"] {
+            metrics::gauge!("ampora_agents_config_state", "state" => s)
+                .set(states.get(s).copied().unwrap_or(0) as f64);
+        }
+    }
+
+    async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        uid: Option<InstanceUid>,
+        ip: Option<IpAddr>,
+        reason: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        let entry = AuditEntry {
+            id: 0,
+            at_ms: now_ms(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            instance_uid: uid,
+            source_ip: ip,
+            reason: reason.map(str::to_string),
+            detail,
+        };
+        if let Err(e) = self.store.append_audit(&entry).await {
+            tracing::error!(error = %e, action, "audit write failed");
+        }
+    }
+
+    // ---- Authentication -------------------------------------------------------------------
+
+    async fn authenticate(&self, req: AuthRequest) -> AuthDecision {
+        let decision = self.check_token(&req).await;
+        if let AuthDecision::Reject(f) = &decision {
+            self.audit(
+                "agent",
+                "auth.failed",
+                req.uid_hint,
+                Some(req.source_ip),
+                Some(f.as_str()),
+                serde_json::json!({ "token": token::display_prefix(&req.token) }),
+            )
+            .await;
+        }
+        decision
+    }
+
+    async fn check_token(&self, req: &AuthRequest) -> AuthDecision {
+        if token::check_bootstrap_token(&req.token).is_err() {
+            return AuthDecision::Reject(AuthFailure::MalformedToken);
+        }
+        let rec = match self.store.find_token(&token::hash_token(&req.token)).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return AuthDecision::Reject(AuthFailure::UnknownToken),
+            Err(e) => {
+                tracing::error!(error = %e, "token lookup failed");
+                return AuthDecision::Reject(AuthFailure::UnknownToken);
+            }
+        };
+        if rec.revoked_ms.is_some() {
+            return AuthDecision::Reject(AuthFailure::Revoked);
+        }
+        if rec.expires_ms <= now_ms() {
+            return AuthDecision::Reject(AuthFailure::Expired);
+        }
+        if let (Some(bound), Some(hint)) = (rec.bound_uid, req.uid_hint) {
+            if bound != hint {
+                return AuthDecision::Reject(AuthFailure::AlreadyRedeemed);
+            }
+        }
+        AuthDecision::Accept(Credential::BootstrapToken {
+            token_id: rec.id,
+            bound_uid: rec.bound_uid,
+        })
+    }
+
+    /// Binds the connection's token to `uid` on first use; `Err` carries the refusal.
+    async fn redeem(
+        &self,
+        entry: &mut Entry,
+        frame: &AgentFrame,
+        uid: InstanceUid,
+    ) -> Result<(), AuthFailure> {
+        let Credential::BootstrapToken {
+            token_id,
+            bound_uid,
+        } = &frame.credential;
+        if entry.token_id.as_deref() == Some(token_id.as_str()) {
+            return Ok(());
+        }
+        if let Some(b) = bound_uid {
+            if *b != uid {
+                return Err(AuthFailure::AlreadyRedeemed);
+            }
+        }
+        let outcome = match self.store.redeem_token(token_id, uid, now_ms()).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "token redemption failed");
+                return Err(AuthFailure::UnknownToken);
+            }
+        };
+        match outcome {
+            Redemption::Bound => {
+                metrics::counter!("ampora_tokens_redeemed_total").increment(1);
+                self.audit(
+                    "agent",
+                    "token.redeem",
+                    Some(uid),
+                    Some(frame.source_ip),
+                    None,
+                    serde_json::json!({ "token_id": token_id }),
+                )
+                .await;
+            }
+            Redemption::AlreadyBoundToSame => {}
+            Redemption::BoundToOther => return Err(AuthFailure::AlreadyRedeemed),
+            Redemption::Revoked => return Err(AuthFailure::Revoked),
+            Redemption::Expired => return Err(AuthFailure::Expired),
+            Redemption::NotFound => return Err(AuthFailure::UnknownToken),
+        }
+        entry.token_id = Some(token_id.clone());
+        Ok(())
+    }
+
+    // ---- Agent frames ---------------------------------------------------------------------
+
+    async fn frame(&self, frame: AgentFrame) -> FrameReply {
+        let msg = &frame.msg;
+        let asked = msg.flags & proto::agent_flags::REQUEST_INSTANCE_UID != 0;
+        let claimed = InstanceUid::from_slice(&msg.instance_uid);
+        let token_id = match &frame.credential {
+            Credential::BootstrapToken { token_id, .. } => token_id.clone(),
+        };
+
+        // Decide which uid this message is about.
+        let (uid, assigned) = match claimed {
+            Some(uid) if !asked => {
+                let collides = match self.slot(&uid) {
+                    Some(slot) => {
+                        let e = slot.lock().await;
+                        // Live elsewhere under another credential: a clone, not a reconnect.
+                        e.conn.as_ref().is_some_and(|(gw, conn, _)| {
+                            (gw, *conn) != (&frame.gateway, frame.conn_id)
+                        }) && e.state.record.transport == Some(Transport::WebSocket)
+                            && e.token_id.as_deref().is_some_and(|t| t != token_id)
+                    }
+                    None => false,
+                };
+                if collides {
+                    (InstanceUid::new_v7(), true)
+                } else {
+                    (uid, false)
+                }
+            }
+            _ => (InstanceUid::new_v7(), true),
+        };
+
+        let slot = match self.slot(&uid) {
+            Some(s) => s,
+            None => self.insert_entry(AgentRecord::new(uid, now_ms())),
+        };
+        let mut entry = slot.lock().await;
+
+        if let Err(f) = self.redeem(&mut entry, &frame, uid).await {
+            drop(entry);
+            if assigned {
+                self.forget(&uid);
+            }
+            self.audit(
+                "agent",
+                "auth.failed",
+                Some(uid),
+                Some(frame.source_ip),
+                Some(f.as_str()),
+                serde_json::json!({ "token_id": token_id }),
+            )
+            .await;
+            return FrameReply {
+                msg: session::error_reply(
+                    &msg.instance_uid,
+                    ServerErrorResponseType::BadRequest,
+                    f.message(),
+                ),
+                bind: None,
+                close: Some(format!("auth: {}", f.message())),
+            };
+        }
+
+        let new_conn = match (&entry.conn, frame.transport) {
+            (_, Transport::Http) => entry.conn.is_none(),
+            (Some((gw, conn, _)), Transport::WebSocket) => {
+                (gw, *conn) != (&frame.gateway, frame.conn_id)
+            }
+            (None, Transport::WebSocket) => true,
+        };
+        if new_conn {
+            entry.state.connection_started();
+        }
+        entry.conn = Some((frame.gateway.clone(), frame.conn_id, frame.epoch));
+        entry.state.record.gateway = Some(frame.gateway.0.clone());
+
+        let desired = self.desired_of(&entry.state.record);
+        let ctx = Context {
+            now_ms: now_ms(),
+            transport: frame.transport,
+            desired: desired.as_deref(),
+            opamp_offer: Some(&self.offer),
+            assign_uid: assigned.then_some(uid),
+        };
+        let mut outcome = session::handle(&mut entry.state, msg, &ctx);
+
+        for ev in &outcome.events {
+            match ev {
+                Event::ConfigFailed { hash, error } => {
+                    metrics::counter!("ampora_config_remote_status_total", "status" => "failed")
+                        .increment(1);
+                    tracing::warn!(instance_uid = %uid, config_hash = %hash, error = %error, "agent failed to apply remote config");
+                }
+                Event::ConfigApplied { .. } => {
+                    metrics::counter!("ampora_config_remote_status_total", "status" => "applied")
+                        .increment(1);
+                }
+                Event::CapMismatch { what } => {
+                    metrics::counter!("ampora_opamp_frames_rejected_total", "reason" => "cap_mismatch")
+                        .increment(1);
+                    tracing::debug!(instance_uid = %uid, what, "capability mismatch");
+                }
+                Event::Disconnected => entry.conn = None,
+                Event::DescriptionChanged => {}
+            }
+        }
+        // A description can change which assignment matches; a newly matched config goes out
+        // in this very reply.
+        let may_match = outcome.events.contains(&Event::DescriptionChanged)
+            || entry.state.record.assigned_config.is_none();
+        if may_match && self.reassign(&mut entry.state) {
+            outcome.changed = true;
+            let sendable = outcome.reply.error_response.is_none() && msg.agent_disconnect.is_none();
+            if let (true, Some(d)) = (sendable, self.desired_of(&entry.state.record)) {
+                if let Some(push) = session::push_config(&mut entry.state, &d) {
+                    outcome.reply.remote_config = push.remote_config;
+                }
+            }
+        }
+        self.mark_dirty(uid);
+
+        let bind = (frame.transport == Transport::WebSocket
+            && !assigned
+            && frame.epoch == 0
+            && msg.agent_disconnect.is_none())
+        .then_some(uid);
+        FrameReply {
+            msg: outcome.reply,
+            bind,
+            close: None,
+        }
+    }
+
+    fn forget(&self, uid: &InstanceUid) {
+        if let Ok(mut s) = self.agents[shard_of(uid)].lock() {
+            s.remove(uid);
+        }
+    }
+
+    async fn disconnected(&self, uid: InstanceUid, gateway: GatewayId, epoch: u64) {
+        let Some(slot) = self.slot(&uid) else { return };
+        let mut e = slot.lock().await;
+        let current = matches!(&e.conn, Some((gw, _, ep)) if *gw == gateway && *ep <= epoch);
+        if current {
+            e.conn = None;
+            e.state.record.connected = false;
+            e.state.record.last_seen_ms = now_ms();
+            self.mark_dirty(uid);
+        }
+    }
+
+    // ---- Operator operations (the API calls these) ----------------------------------------
+
+    pub async fn ready(&self) -> bool {
+        self.store.ping().await.is_ok()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub async fn agents(&self) -> Vec<AgentRecord> {
+        let mut out = Vec::new();
+        for slot in self.all_slots() {
+            out.push(slot.lock().await.state.record.clone());
+        }
+        out.sort_by_key(|r| r.instance_uid);
+        out
+    }
+
+    pub async fn agent(&self, uid: InstanceUid) -> Option<AgentRecord> {
+        let slot = self.slot(&uid)?;
+        let r = slot.lock().await.state.record.clone();
+        Some(r)
+    }
+
+    pub async fn create_config(
+        &self,
+        name: String,
+        files: ConfigMap,
+        author: &str,
+    ) -> Result<ConfigVersion, ServiceError> {
+        if files.is_empty() {
+            return Err(ServiceError::Invalid(
+                "a config needs at least one file".into(),
+            ));
+        }
+        let hash = hex::encode(session::config_hash(&files));
+        let v = self
+            .store
+            .create_config(NewConfigVersion {
+                name,
+                files,
+                hash,
+                author: author.to_string(),
+                created_ms: now_ms(),
+            })
+            .await?;
+        self.audit(
+            author,
+            "config.create",
+            None,
+            None,
+            None,
+            serde_json::json!({ "config_id": v.id, "hash": v.hash }),
+        )
+        .await;
+        Ok(v)
+    }
+
+    /// Assigns a config version and pushes it at once to every matching agent that is
+    /// connected over WebSocket; HTTP agents get it in their next poll. Returns the
+    /// assignment and how many agents it now applies to.
+    pub async fn assign(
+        &self,
+        config_id: i64,
+        target: Target,
+        author: &str,
+    ) -> Result<(Assignment, usize), ServiceError> {
+        let desired = match self.load_desired(config_id).await {
+            Ok(d) => d,
+            Err(StoreError::NotFound(m)) => return Err(ServiceError::NotFound(m)),
+            Err(e) => return Err(e.into()),
+        };
+        let assignment = self
+            .store
+            .create_assignment(NewAssignment {
+                config_id,
+                target: target.clone(),
+                author: author.to_string(),
+                created_ms: now_ms(),
+            })
+            .await?;
+        if let Ok(mut a) = self.assignments.write() {
+            a.push(assignment.clone());
+        }
+        self.audit(
+            author,
+            "config.assign",
+            match &target {
+                Target::Agent(u) => Some(*u),
+                _ => None,
+            },
+            None,
+            None,
+            serde_json::json!({ "config_id": config_id, "assignment_id": assignment.id }),
+        )
+        .await;
+
+        let mut matched = 0;
+        let mut pushes = Vec::new();
+        for slot in self.all_slots() {
+            let mut e = slot.lock().await;
+            if !target.matches(&e.state.record) {
+                continue;
+            }
+            matched += 1;
+            let uid = e.state.record.instance_uid;
+            e.state.record.assigned_config = Some(config_id);
+            e.state.record.assigned_config_hash = Some(desired.hash_hex.clone());
+            self.mark_dirty(uid);
+            if !e.state.record.connected || e.state.record.transport != Some(Transport::WebSocket) {
+                continue;
+            }
+            if e.state.record.capabilities & proto::agent_caps::ACCEPTS_REMOTE_CONFIG == 0 {
+                metrics::counter!("ampora_opamp_frames_rejected_total", "reason" => "cap_mismatch")
+                    .increment(1);
+                continue;
+            }
+            if let Some(msg) = session::push_config(&mut e.state, &desired) {
+                pushes.push((uid, msg));
+            }
+        }
+        for (uid, msg) in pushes {
+            self.deliver(uid, msg).await;
+        }
+        Ok((assignment, matched))
+    }
+
+    async fn deliver(&self, uid: InstanceUid, msg: proto::ServerToAgent) {
+        match self.ownership.lookup(uid).await {
+            Ok(Some(owner)) => {
+                let m = GatewayMessage::Deliver {
+                    uid,
+                    epoch: owner.epoch,
+                    msg: Box::new(msg),
+                };
+                if let Err(e) = self.bus.deliver(&owner.gateway, m).await {
+                    // At-most-once: the next report from the agent re-triggers the offer.
+                    tracing::debug!(instance_uid = %uid, error = %e, "push not delivered");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(instance_uid = %uid, error = %e, "ownership lookup failed"),
+        }
+    }
+
+    pub async fn create_token(
+        &self,
+        name: String,
+        ttl: Option<Duration>,
+        author: &str,
+    ) -> Result<(String, TokenRecord), ServiceError> {
+        let text = token::new_bootstrap_token();
+        let now = now_ms();
+        let ttl = ttl.unwrap_or(self.cfg.default_token_ttl);
+        let rec = TokenRecord {
+            id: uuid::Uuid::now_v7().simple().to_string()[..12].to_string(),
+            name,
+            prefix: token::display_prefix(&text),
+            hash: token::hash_token(&text),
+            created_ms: now,
+            expires_ms: now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+            revoked_ms: None,
+            redeemed_ms: None,
+            bound_uid: None,
+        };
+        self.store.create_token(&rec).await?;
+        self.audit(
+            author,
+            "token.create",
+            None,
+            None,
+            None,
+            serde_json::json!({ "token_id": rec.id, "name": rec.name, "expires_ms": rec.expires_ms }),
+        )
+        .await;
+        Ok((text, rec))
+    }
+
+    pub async fn revoke_token(&self, id: &str, author: &str) -> Result<(), ServiceError> {
+        if !self.store.revoke_token(id, now_ms()).await? {
+            return Err(ServiceError::NotFound(format!("token {id}")));
+        }
+        self.audit(
+            author,
+            "token.revoke",
+            None,
+            None,
+            None,
+            serde_json::json!({ "token_id": id }),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CoordinatorHandler for Coordinator {
+    async fn handle(&self, req: CoordinatorRequest) -> CoordinatorReply {
+        match req {
+            CoordinatorRequest::Authenticate(a) => {
+                CoordinatorReply::Auth(self.authenticate(a).await)
+            }
+            CoordinatorRequest::Frame(f) => CoordinatorReply::Frame(Box::new(self.frame(*f).await)),
+        }
+    }
+
+    async fn event(&self, ev: CoordinatorEvent) {
+        match ev {
+            CoordinatorEvent::Disconnected {
+                uid,
+                gateway,
+                epoch,
+            } => self.disconnected(uid, gateway, epoch).await,
+        }
+    }
+}

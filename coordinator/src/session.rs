@@ -1,0 +1,1781 @@
+//! The sans-I/O OpAMP session core: one `AgentToServer` in, one `ServerToAgent` out.
+//!
+//! Everything here is a pure function of the agent's in-memory [`AgentState`], the message and a
+//! [`Context`] the caller fills in (time, transport, the config the agent should run, ...). No
+//! sockets, no store, no clock: the caller persists `state.record` when [`Outcome::changed`] says
+//! so and acts on [`Outcome::events`].
+//!
+//! Protocol references (`opamp-facts.md` §3): status compression and sequence numbers §3.3,
+//! remote config §3.4, connection settings / heartbeat §3.5 and §3.8, disconnect §3.9,
+//! instance uid §3.10, errors §3.2.
+
+use proto::v1::{
+    any_value, AgentConfigFile, AgentConfigMap, AgentDescription, AgentIdentification,
+    AgentRemoteConfig, AgentToServer, AnyValue, ComponentHealth, ConnectionSettingsOffers,
+    KeyValue, OpAmpConnectionSettings, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+};
+use proto::{agent_caps, server_flags};
+use sha2::{Digest, Sha256};
+use shared::domain::{
+    AgentRecord, ConfigFile, ConfigMap, Description, Health, RemoteConfigReport, RemoteStatus,
+    Transport,
+};
+use shared::ids::InstanceUid;
+use std::collections::BTreeMap;
+
+/// Server capabilities Ampora advertises in every reply: AcceptsStatus | OffersRemoteConfig |
+/// AcceptsEffectiveConfig | OffersConnectionSettings.
+pub const SERVER_CAPABILITIES: u64 = 0x27;
+
+/// Nesting limit for agent-supplied trees (AnyValue, ComponentHealth). prost already caps decode
+/// depth at 100; we stay well below so the JSON we store can always be read back.
+const MAX_DEPTH: usize = 32;
+
+/// The config an agent should run, ready to send.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub config_id: i64,
+    /// Hex of [`config_hash`]; what agents echo back in `RemoteConfigStatus`.
+    pub hash_hex: String,
+    /// `config_hash` holds the raw 32 hash bytes.
+    pub remote: AgentRemoteConfig,
+}
+
+impl Desired {
+    pub fn new(config_id: i64, files: &ConfigMap) -> Self {
+        let hash = config_hash(files);
+        Self {
+            config_id,
+            hash_hex: hex::encode(hash),
+            remote: AgentRemoteConfig {
+                config: Some(config_map_to_proto(files)),
+                config_hash: hash.to_vec(),
+            },
+        }
+    }
+}
+
+/// Canonical SHA-256 over a config map: files in name order (the `BTreeMap` order); for each,
+/// name, body and content type, each prefixed with its length as u64 big-endian so no two
+/// different maps share an encoding.
+pub fn config_hash(files: &ConfigMap) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for (name, file) in files {
+        for part in [
+            name.as_bytes(),
+            file.body.as_bytes(),
+            file.content_type.as_bytes(),
+        ] {
+            update_prefixed(&mut h, part);
+        }
+    }
+    h.finalize().into()
+}
+
+fn update_prefixed(h: &mut Sha256, part: &[u8]) {
+    h.update((part.len() as u64).to_be_bytes());
+    h.update(part);
+}
+
+/// The heartbeat/connection-settings offer made to agents that have both
+/// AcceptsOpAMPConnectionSettings (0x100) and ReportsHeartbeat (0x2000).
+#[derive(Debug, Clone)]
+pub struct OpampOffer {
+    pub endpoint: String,
+    /// 0 is sent as 1: a 0 would disable heartbeats on Go WebSocket clients (facts §4.6).
+    pub heartbeat_interval_secs: u64,
+}
+
+impl OpampOffer {
+    fn interval(&self) -> u64 {
+        self.heartbeat_interval_secs.max(1)
+    }
+
+    /// `ConnectionSettingsOffers.hash`: covers everything we offer (endpoint and interval), so it
+    /// changes whenever the offer does.
+    pub fn hash(&self) -> Vec<u8> {
+        let mut h = Sha256::new();
+        update_prefixed(&mut h, b"ampora.opamp-settings.v1");
+        update_prefixed(&mut h, self.endpoint.as_bytes());
+        h.update(self.interval().to_be_bytes());
+        h.finalize().to_vec()
+    }
+
+    fn to_proto(&self) -> ConnectionSettingsOffers {
+        ConnectionSettingsOffers {
+            hash: self.hash(),
+            opamp: Some(OpAmpConnectionSettings {
+                destination_endpoint: self.endpoint.clone(),
+                heartbeat_interval_seconds: self.interval(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Per-agent state kept by the coordinator between messages (in memory). `record` is what gets
+/// persisted.
+#[derive(Debug, Clone)]
+pub struct AgentState {
+    pub record: AgentRecord,
+    /// False until the agent has sent a full state since this server (re)loaded it; while false,
+    /// a message missing an expected sub-message gets ReportFullState (see
+    /// `full_state_requested_at` for the one exception).
+    pub complete: bool,
+    pub last_seq: Option<u64>,
+    /// Config hash (hex) we last offered on the current connection; reset by `connection_started`.
+    pub offered_config: Option<String>,
+    /// Connection-settings hash we last offered on the current connection.
+    pub offered_settings: Option<Vec<u8>>,
+    /// Config hash (hex) we held back on this connection because the agent lacks
+    /// AcceptsRemoteConfig; keeps the CapMismatch event to one per connection.
+    pub refused_config: Option<String>,
+    /// Last `ConnectionSettingsStatus` hash the agent reported. Kept across connections because
+    /// the status is compressed: a reconnecting agent need not repeat it.
+    pub reported_settings: Option<Vec<u8>>,
+    /// Sequence number of the message whose reply asked for full state. The agent's next message
+    /// is its answer and is accepted as complete even if parts are missing: an agent that claims
+    /// e.g. ReportsHealth but has no health yet cannot send it, and asking again would make the
+    /// Go client answer at once, forever.
+    pub full_state_requested_at: Option<u64>,
+    /// The agent reported the desired config APPLIED without an effective config in the same
+    /// message; its next effective config is taken as the applied baseline rather than drift.
+    pub applied_effective_pending: bool,
+}
+
+impl AgentState {
+    pub fn new(record: AgentRecord) -> Self {
+        Self {
+            record,
+            complete: false,
+            last_seq: None,
+            offered_config: None,
+            offered_settings: None,
+            refused_config: None,
+            reported_settings: None,
+            full_state_requested_at: None,
+            applied_effective_pending: false,
+        }
+    }
+
+    /// A new WebSocket connection (HTTP: only when the agent comes back after being considered
+    /// gone). Forgets what was offered so level-triggered offers are made again.
+    pub fn connection_started(&mut self) {
+        self.offered_config = None;
+        self.offered_settings = None;
+        self.refused_config = None;
+        // A full-state request on the old connection may never have reached the agent.
+        self.full_state_requested_at = None;
+    }
+
+    fn caps(&self) -> u64 {
+        self.record.capabilities
+    }
+}
+
+pub struct Context<'a> {
+    pub now_ms: i64,
+    pub transport: Transport,
+    pub desired: Option<&'a Desired>,
+    pub opamp_offer: Option<&'a OpampOffer>,
+    /// Set by the caller when the agent must get a new instance uid (it asked via
+    /// RequestInstanceUid, its uid is not 16 bytes, or its uid collides with another live agent).
+    /// The state passed in is already keyed to this uid.
+    pub assign_uid: Option<InstanceUid>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Agent reported FAILED for a config hash (hex) with its error message.
+    ConfigFailed { hash: String, error: String },
+    /// Agent reported APPLIED for the config it should run.
+    ConfigApplied { hash: String },
+    /// We refrained from sending (or ignored) something because of capabilities; `what` is a
+    /// short static label: "remote_config", "effective_config", "health",
+    /// "remote_config_status", "connection_settings_status", "undefined_bits".
+    CapMismatch { what: &'static str },
+    /// The agent said goodbye (agent_disconnect present).
+    Disconnected,
+    /// First time we learned a description for this agent, or its description changed
+    /// (assignments may need re-evaluation).
+    DescriptionChanged,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub reply: ServerToAgent,
+    /// `state.record` changed in a way worth persisting (anything except last_seen/sequence only).
+    pub changed: bool,
+    pub events: Vec<Event>,
+}
+
+/// Stores `v` in `slot`; true if that changed it.
+fn set<T: PartialEq>(slot: &mut T, v: T) -> bool {
+    if *slot == v {
+        false
+    } else {
+        *slot = v;
+        true
+    }
+}
+
+fn remote_status(v: i32) -> RemoteStatus {
+    match v {
+        1 => RemoteStatus::Applied,
+        2 => RemoteStatus::Applying,
+        3 => RemoteStatus::Failed,
+        _ => RemoteStatus::Unset,
+    }
+}
+
+/// Handle one AgentToServer. Never panics, whatever the input.
+pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) -> Outcome {
+    let mut reply = ServerToAgent {
+        instance_uid: msg.instance_uid.clone(),
+        capabilities: SERVER_CAPABILITIES,
+        ..Default::default()
+    };
+    let mut events = Vec::new();
+    let mut changed = false;
+    let disconnect = msg.agent_disconnect.is_some();
+
+    // Capabilities: 0 means "not sent" (bare HTTP polls); undefined bits are the agent's bug.
+    let mut caps = msg.capabilities;
+    if caps & !agent_caps::ALL != 0 {
+        events.push(Event::CapMismatch {
+            what: "undefined_bits",
+        });
+        caps &= agent_caps::ALL;
+    }
+    if caps != 0 {
+        changed |= set(&mut state.record.capabilities, caps);
+    }
+    let caps = state.caps();
+    let has = |bit: u64| caps & bit != 0;
+
+    let rec = &mut state.record;
+    rec.last_seen_ms = ctx.now_ms;
+    changed |= set(&mut rec.transport, Some(ctx.transport));
+    changed |= set(&mut rec.connected, !disconnect);
+    if disconnect {
+        events.push(Event::Disconnected);
+    }
+
+    // Status compression: absent = unchanged, so only present sub-messages touch the record.
+    // Sub-messages the agent did not declare it reports are ignored (facts §3.14).
+    if let Some(d) = &msg.agent_description {
+        if set(&mut rec.description, description_from_proto(d)) {
+            changed = true;
+            events.push(Event::DescriptionChanged);
+        }
+    }
+    let health = accept(
+        msg.health.as_ref(),
+        has(agent_caps::REPORTS_HEALTH),
+        "health",
+        &mut events,
+    );
+    if let Some(h) = health {
+        changed |= set(&mut rec.health, Some(health_from_proto(h)));
+    }
+    let effective = accept(
+        msg.effective_config.as_ref(),
+        has(agent_caps::REPORTS_EFFECTIVE_CONFIG),
+        "effective_config",
+        &mut events,
+    );
+    if let Some(ec) = effective {
+        let map = ec
+            .config_map
+            .as_ref()
+            .map(config_map_from_proto)
+            .unwrap_or_default();
+        let hash = hex::encode(config_hash(&map));
+        changed |= set(&mut rec.effective_config_hash, Some(hash));
+        changed |= set(&mut rec.effective_config, Some(map));
+    }
+    let status = accept(
+        msg.remote_config_status.as_ref(),
+        has(agent_caps::REPORTS_REMOTE_CONFIG),
+        "remote_config_status",
+        &mut events,
+    );
+    // The hash we want the agent to run; the record's assignment stands in when the caller has
+    // no Desired at hand.
+    let want = ctx
+        .desired
+        .map(|d| d.hash_hex.clone())
+        .or_else(|| rec.assigned_config_hash.clone());
+    let mut newly_applied = false;
+    if let Some(s) = status {
+        let report = RemoteConfigReport {
+            hash: hex::encode(&s.last_remote_config_hash),
+            status: remote_status(s.status),
+            error_message: s.error_message.clone(),
+        };
+        // Events only on change: a full-state resend of an old status is not news.
+        if set(&mut rec.remote_config, Some(report.clone())) {
+            changed = true;
+            match report.status {
+                RemoteStatus::Failed => events.push(Event::ConfigFailed {
+                    hash: report.hash,
+                    error: report.error_message,
+                }),
+                RemoteStatus::Applied if want.as_ref() == Some(&report.hash) => {
+                    newly_applied = true;
+                    events.push(Event::ConfigApplied { hash: report.hash });
+                }
+                _ => {}
+            }
+        }
+    }
+    // Drift baseline: the effective config as it stands once the agent has applied our config.
+    // Agents often report the new effective config in the message after APPLIED, so wait for it.
+    if newly_applied {
+        changed |= set(
+            &mut rec.applied_effective_hash,
+            rec.effective_config_hash.clone(),
+        );
+        state.applied_effective_pending =
+            effective.is_none() && has(agent_caps::REPORTS_EFFECTIVE_CONFIG);
+    } else if effective.is_some() && state.applied_effective_pending {
+        changed |= set(
+            &mut rec.applied_effective_hash,
+            rec.effective_config_hash.clone(),
+        );
+        state.applied_effective_pending = false;
+    }
+    let settings_status = accept(
+        msg.connection_settings_status.as_ref(),
+        has(agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS),
+        "connection_settings_status",
+        &mut events,
+    );
+    if let Some(s) = settings_status {
+        state.reported_settings = Some(s.last_connection_settings_hash.clone());
+    }
+
+    // Full state (facts §3.3): ask when our stored state can't be trusted and this message
+    // doesn't replace it wholesale.
+    let seq = msg.sequence_num;
+    let full = msg.agent_description.is_some()
+        && (!has(agent_caps::REPORTS_EFFECTIVE_CONFIG) || msg.effective_config.is_some())
+        && (!has(agent_caps::REPORTS_REMOTE_CONFIG) || msg.remote_config_status.is_some())
+        && (!has(agent_caps::REPORTS_HEALTH) || msg.health.is_some());
+    // seq == last is a retried duplicate; seq == 0 after a higher last is a restart (a gap).
+    let gap = state
+        .last_seq
+        .is_some_and(|last| seq != last.wrapping_add(1) && seq != last);
+    let answers_request = !gap
+        && state
+            .full_state_requested_at
+            .is_some_and(|r| seq == r.wrapping_add(1));
+    if full || answers_request {
+        state.complete = true;
+    }
+    if !disconnect && !full && (!state.complete || gap) {
+        reply.flags |= server_flags::REPORT_FULL_STATE;
+        state.full_state_requested_at = Some(seq);
+    } else {
+        state.full_state_requested_at = None;
+    }
+    state.last_seq = Some(seq);
+    state.record.sequence_num = seq;
+
+    if let Some(uid) = ctx.assign_uid {
+        reply.agent_identification = Some(AgentIdentification {
+            new_instance_uid: uid.as_bytes().to_vec(),
+        });
+    }
+
+    // Offers. None to an agent that is leaving.
+    if !disconnect {
+        if let Some(d) = ctx.desired {
+            offer_config(state, d, status.is_some(), &mut reply, &mut events);
+        }
+        if let Some(o) = ctx.opamp_offer {
+            offer_settings(state, o, &mut reply);
+        }
+    }
+
+    Outcome {
+        reply,
+        changed,
+        events,
+    }
+}
+
+/// `sub` if the agent declared the capability that covers it; otherwise records a CapMismatch.
+fn accept<'m, T>(
+    sub: Option<&'m T>,
+    declared: bool,
+    what: &'static str,
+    events: &mut Vec<Event>,
+) -> Option<&'m T> {
+    match sub {
+        Some(_) if !declared => {
+            events.push(Event::CapMismatch { what });
+            None
+        }
+        other => other,
+    }
+}
+
+/// Remote config (facts §3.4). A status report in this message with another hash always gets
+/// the config (the spec's MUST); otherwise it goes out once per connection until the agent
+/// reports the hash (any status: resending a FAILED config would only loop).
+fn offer_config(
+    state: &mut AgentState,
+    d: &Desired,
+    status_in_msg: bool,
+    reply: &mut ServerToAgent,
+    events: &mut Vec<Event>,
+) {
+    if state.caps() & agent_caps::ACCEPTS_REMOTE_CONFIG == 0 {
+        if state.refused_config.as_ref() != Some(&d.hash_hex) {
+            state.refused_config = Some(d.hash_hex.clone());
+            events.push(Event::CapMismatch {
+                what: "remote_config",
+            });
+        }
+        return;
+    }
+    let reports_desired = state
+        .record
+        .remote_config
+        .as_ref()
+        .is_some_and(|r| r.hash == d.hash_hex);
+    let already_offered = state.offered_config.as_ref() == Some(&d.hash_hex);
+    // After this message's status was stored, "status in msg with another hash" is
+    // `status_in_msg && !reports_desired`.
+    if !reports_desired && (status_in_msg || !already_offered) {
+        reply.remote_config = Some(d.remote.clone());
+        state.offered_config = Some(d.hash_hex.clone());
+        state.applied_effective_pending = false;
+    }
+}
+
+/// Heartbeat interval via `connection_settings.opamp` (facts §3.5, §3.8), only to agents that
+/// both accept OpAMP connection settings and heartbeat.
+fn offer_settings(state: &mut AgentState, o: &OpampOffer, reply: &mut ServerToAgent) {
+    let need = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS | agent_caps::REPORTS_HEARTBEAT;
+    if state.caps() & need != need {
+        return;
+    }
+    let hash = o.hash();
+    if state.reported_settings.as_ref() == Some(&hash)
+        || state.offered_settings.as_ref() == Some(&hash)
+    {
+        return;
+    }
+    reply.connection_settings = Some(o.to_proto());
+    state.offered_settings = Some(hash);
+}
+
+/// Build a push (WS server-initiated message) for a newly assigned desired config.
+///
+/// `Some` only if the agent accepts remote config, does not already report that hash as its
+/// last remote config, and it was not already offered on this connection; the offer is then
+/// recorded in `offered_config`. `None` otherwise, including for agents lacking
+/// AcceptsRemoteConfig: counting that CapMismatch is the caller's job (check
+/// `record.capabilities & ACCEPTS_REMOTE_CONFIG` before calling).
+pub fn push_config(state: &mut AgentState, desired: &Desired) -> Option<ServerToAgent> {
+    if state.caps() & agent_caps::ACCEPTS_REMOTE_CONFIG == 0 {
+        return None;
+    }
+    let reported = state
+        .record
+        .remote_config
+        .as_ref()
+        .is_some_and(|r| r.hash == desired.hash_hex);
+    if reported || state.offered_config.as_ref() == Some(&desired.hash_hex) {
+        return None;
+    }
+    state.offered_config = Some(desired.hash_hex.clone());
+    state.applied_effective_pending = false;
+    Some(ServerToAgent {
+        instance_uid: state.record.instance_uid.as_bytes().to_vec(),
+        capabilities: SERVER_CAPABILITIES,
+        remote_config: Some(desired.remote.clone()),
+        ..Default::default()
+    })
+}
+
+/// An error reply: `instance_uid` and `error_response` only, since the spec requires every
+/// other field to be unset alongside an error (facts §3.2).
+pub fn error_reply(
+    instance_uid: &[u8],
+    kind: ServerErrorResponseType,
+    message: &str,
+) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: instance_uid.to_vec(),
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message.to_string(),
+            details: None,
+        }),
+        ..Default::default()
+    }
+}
+
+// ---- Wire → domain conversions -------------------------------------------------------------
+
+/// Attribute values become JSON: bytes as a hex string, kvlists as objects, unset as null.
+/// Duplicate keys: the last one wins.
+pub fn description_from_proto(d: &AgentDescription) -> Description {
+    Description {
+        identifying: attributes(&d.identifying_attributes),
+        non_identifying: attributes(&d.non_identifying_attributes),
+    }
+}
+
+fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, serde_json::Value> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), any_value_to_json(kv.value.as_ref(), 0)))
+        .collect()
+}
+
+fn any_value_to_json(v: Option<&AnyValue>, depth: usize) -> serde_json::Value {
+    use serde_json::Value as J;
+    if depth >= MAX_DEPTH {
+        return J::Null;
+    }
+    let Some(value) = v.and_then(|v| v.value.as_ref()) else {
+        return J::Null;
+    };
+    match value {
+        any_value::Value::StringValue(s) => J::String(s.clone()),
+        any_value::Value::BoolValue(b) => J::Bool(*b),
+        any_value::Value::IntValue(i) => J::from(*i),
+        // JSON has no NaN/inf; keep them readable rather than dropping them.
+        any_value::Value::DoubleValue(f) => serde_json::Number::from_f64(*f)
+            .map(J::Number)
+            .unwrap_or_else(|| J::String(f.to_string())),
+        any_value::Value::ArrayValue(a) => J::Array(
+            a.values
+                .iter()
+                .map(|v| any_value_to_json(Some(v), depth + 1))
+                .collect(),
+        ),
+        any_value::Value::KvlistValue(l) => J::Object(
+            l.values
+                .iter()
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        any_value_to_json(kv.value.as_ref(), depth + 1),
+                    )
+                })
+                .collect(),
+        ),
+        any_value::Value::BytesValue(b) => J::String(hex::encode(b)),
+    }
+}
+
+pub fn health_from_proto(h: &ComponentHealth) -> Health {
+    health_at(h, 0)
+}
+
+fn health_at(h: &ComponentHealth, depth: usize) -> Health {
+    Health {
+        healthy: h.healthy,
+        status: h.status.clone(),
+        last_error: h.last_error.clone(),
+        start_time_unix_nano: h.start_time_unix_nano,
+        status_time_unix_nano: h.status_time_unix_nano,
+        components: if depth + 1 >= MAX_DEPTH {
+            BTreeMap::new()
+        } else {
+            h.component_health_map
+                .iter()
+                .map(|(k, c)| (k.clone(), health_at(c, depth + 1)))
+                .collect()
+        },
+    }
+}
+
+/// Bodies are decoded as UTF-8, lossily (config files are text in practice).
+pub fn config_map_from_proto(m: &AgentConfigMap) -> ConfigMap {
+    m.config_map
+        .iter()
+        .map(|(name, f)| {
+            (
+                name.clone(),
+                ConfigFile {
+                    body: String::from_utf8_lossy(&f.body).into_owned(),
+                    content_type: f.content_type.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+pub fn config_map_to_proto(m: &ConfigMap) -> AgentConfigMap {
+    AgentConfigMap {
+        config_map: m
+            .iter()
+            .map(|(name, f)| {
+                (
+                    name.clone(),
+                    AgentConfigFile {
+                        body: f.body.as_bytes().to_vec(),
+                        content_type: f.content_type.clone(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::v1::{
+        AgentDisconnect, ArrayValue, ConnectionSettingsStatus, EffectiveConfig, KeyValueList,
+        RemoteConfigStatus,
+    };
+    use proto::{agent_flags, server_caps};
+    use serde_json::json;
+
+    const UID: [u8; 16] = [7; 16];
+    /// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth |
+    /// ReportsRemoteConfig: a typical collector.
+    const CAPS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x1000;
+    const HB: u64 = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS | agent_caps::REPORTS_HEARTBEAT;
+
+    fn fresh() -> AgentState {
+        AgentState::new(AgentRecord::new(InstanceUid(UID), 0))
+    }
+
+    fn ctx<'a>() -> Context<'a> {
+        Context {
+            now_ms: 1_000,
+            transport: Transport::WebSocket,
+            desired: None,
+            opamp_offer: None,
+            assign_uid: None,
+        }
+    }
+
+    fn with_desired(d: &Desired) -> Context<'_> {
+        Context {
+            desired: Some(d),
+            ..ctx()
+        }
+    }
+
+    fn kv(key: &str, v: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(v) }),
+        }
+    }
+
+    fn desc(name: &str) -> AgentDescription {
+        AgentDescription {
+            identifying_attributes: vec![kv(
+                "service.name",
+                any_value::Value::StringValue(name.into()),
+            )],
+            non_identifying_attributes: vec![],
+        }
+    }
+
+    fn files(body: &str) -> ConfigMap {
+        ConfigMap::from([(
+            "collector.yaml".to_string(),
+            ConfigFile {
+                body: body.into(),
+                content_type: "text/yaml".into(),
+            },
+        )])
+    }
+
+    fn effective(body: &str) -> EffectiveConfig {
+        EffectiveConfig {
+            config_map: Some(config_map_to_proto(&files(body))),
+        }
+    }
+
+    fn status(hash: &[u8], s: i32, err: &str) -> RemoteConfigStatus {
+        RemoteConfigStatus {
+            last_remote_config_hash: hash.to_vec(),
+            status: s,
+            error_message: err.into(),
+        }
+    }
+
+    fn healthy() -> ComponentHealth {
+        ComponentHealth {
+            healthy: true,
+            status: "ok".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A message with everything CAPS says the agent reports.
+    fn full(seq: u64) -> AgentToServer {
+        AgentToServer {
+            instance_uid: UID.to_vec(),
+            sequence_num: seq,
+            capabilities: CAPS,
+            agent_description: Some(desc("otelcol")),
+            health: Some(healthy()),
+            effective_config: Some(effective("a: 1")),
+            remote_config_status: Some(status(&[], 0, "")),
+            ..Default::default()
+        }
+    }
+
+    /// A heartbeat: compressed, nothing changed.
+    fn beat(seq: u64) -> AgentToServer {
+        AgentToServer {
+            instance_uid: UID.to_vec(),
+            sequence_num: seq,
+            capabilities: CAPS,
+            ..Default::default()
+        }
+    }
+
+    /// An agent that has sent its full state once.
+    fn known() -> AgentState {
+        let mut s = fresh();
+        handle(&mut s, &full(0), &ctx());
+        s
+    }
+
+    fn full_flag(o: &Outcome) -> bool {
+        o.reply.flags & server_flags::REPORT_FULL_STATE != 0
+    }
+
+    fn desired() -> Desired {
+        Desired::new(1, &files("b: 2"))
+    }
+
+    // ---- basics ----
+
+    #[test]
+    fn server_capabilities_match_the_bits() {
+        assert_eq!(
+            SERVER_CAPABILITIES,
+            server_caps::ACCEPTS_STATUS
+                | server_caps::OFFERS_REMOTE_CONFIG
+                | server_caps::ACCEPTS_EFFECTIVE_CONFIG
+                | server_caps::OFFERS_CONNECTION_SETTINGS
+        );
+    }
+
+    #[test]
+    fn first_full_message_is_stored_and_acked() {
+        let mut s = fresh();
+        let o = handle(&mut s, &full(0), &ctx());
+        assert_eq!(o.reply.instance_uid, UID.to_vec());
+        assert_eq!(o.reply.capabilities, SERVER_CAPABILITIES);
+        assert_eq!(o.reply.flags, 0);
+        assert!(o.reply.remote_config.is_none());
+        assert!(o.reply.connection_settings.is_none());
+        assert!(o.reply.agent_identification.is_none());
+        assert!(o.reply.error_response.is_none());
+        assert!(o.changed);
+        assert_eq!(o.events, vec![Event::DescriptionChanged]);
+        let r = &s.record;
+        assert_eq!(r.capabilities, CAPS);
+        assert_eq!(
+            r.description.get_str("service.name").as_deref(),
+            Some("otelcol")
+        );
+        assert_eq!(r.health.as_ref().map(|h| h.status.as_str()), Some("ok"));
+        assert_eq!(r.effective_config, Some(files("a: 1")));
+        assert_eq!(
+            r.effective_config_hash,
+            Some(hex::encode(config_hash(&files("a: 1"))))
+        );
+        assert_eq!(
+            r.remote_config.as_ref().map(|c| c.status),
+            Some(RemoteStatus::Unset)
+        );
+        assert!(r.connected);
+        assert_eq!(r.transport, Some(Transport::WebSocket));
+        assert_eq!(r.last_seen_ms, 1_000);
+        assert!(s.complete);
+        assert_eq!(s.last_seq, Some(0));
+    }
+
+    #[test]
+    fn heartbeat_updates_only_liveness() {
+        let mut s = known();
+        let before = s.record.clone();
+        let c = Context {
+            now_ms: 5_000,
+            ..ctx()
+        };
+        let o = handle(&mut s, &beat(1), &c);
+        assert!(!o.changed);
+        assert!(o.events.is_empty());
+        assert_eq!(o.reply.flags, 0);
+        assert_eq!(s.record.last_seen_ms, 5_000);
+        assert_eq!(s.record.sequence_num, 1);
+        assert_eq!(
+            AgentRecord {
+                last_seen_ms: 1_000,
+                sequence_num: 0,
+                ..s.record.clone()
+            },
+            before
+        );
+    }
+
+    #[test]
+    fn reply_echoes_the_uid_it_answers_even_a_bad_one() {
+        let mut s = fresh();
+        let mut m = full(0);
+        m.instance_uid = b"short".to_vec();
+        let o = handle(&mut s, &m, &ctx());
+        assert_eq!(o.reply.instance_uid, b"short".to_vec());
+    }
+
+    // ---- status compression ----
+
+    #[test]
+    fn omitted_sub_messages_keep_stored_values() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.health = Some(ComponentHealth {
+            healthy: false,
+            last_error: "boom".into(),
+            ..Default::default()
+        });
+        let o = handle(&mut s, &m, &ctx());
+        assert!(o.changed);
+        assert_eq!(s.record.health.as_ref().map(|h| h.healthy), Some(false));
+        // Description and effective config untouched.
+        assert_eq!(s.record.effective_config, Some(files("a: 1")));
+        assert!(s.record.description.get_str("service.name").is_some());
+
+        let o = handle(&mut s, &beat(2), &ctx());
+        assert!(!o.changed);
+        assert_eq!(
+            s.record.health.as_ref().map(|h| h.last_error.as_str()),
+            Some("boom")
+        );
+    }
+
+    #[test]
+    fn description_change_is_an_event_and_same_description_is_not() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.agent_description = Some(desc("otelcol"));
+        let o = handle(&mut s, &m, &ctx());
+        assert!(!o.events.contains(&Event::DescriptionChanged));
+        assert!(!o.changed);
+        m.sequence_num = 2;
+        m.agent_description = Some(desc("other"));
+        let o = handle(&mut s, &m, &ctx());
+        assert!(o.events.contains(&Event::DescriptionChanged));
+        assert!(o.changed);
+    }
+
+    #[test]
+    fn effective_config_change_updates_hash() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.effective_config = Some(effective("a: 2"));
+        let o = handle(&mut s, &m, &ctx());
+        assert!(o.changed);
+        assert_eq!(
+            s.record.effective_config_hash,
+            Some(hex::encode(config_hash(&files("a: 2"))))
+        );
+    }
+
+    #[test]
+    fn sub_messages_without_capability_are_ignored_and_counted() {
+        let mut s = fresh();
+        let m = AgentToServer {
+            instance_uid: UID.to_vec(),
+            capabilities: agent_caps::REPORTS_STATUS,
+            agent_description: Some(desc("x")),
+            health: Some(healthy()),
+            effective_config: Some(effective("a: 1")),
+            remote_config_status: Some(status(b"h", 1, "")),
+            connection_settings_status: Some(ConnectionSettingsStatus::default()),
+            ..Default::default()
+        };
+        let o = handle(&mut s, &m, &ctx());
+        for what in [
+            "health",
+            "effective_config",
+            "remote_config_status",
+            "connection_settings_status",
+        ] {
+            assert!(o.events.contains(&Event::CapMismatch { what }), "{what}");
+        }
+        assert!(s.record.health.is_none());
+        assert!(s.record.effective_config.is_none());
+        assert!(s.record.remote_config.is_none());
+        // Description is all this agent reports, so the message is full.
+        assert!(s.complete);
+        assert!(!full_flag(&o));
+    }
+
+    // ---- capabilities ----
+
+    #[test]
+    fn capabilities_zero_keeps_previous() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.capabilities = 0;
+        let o = handle(&mut s, &m, &ctx());
+        assert_eq!(s.record.capabilities, CAPS);
+        assert!(!o.changed);
+        assert!(!full_flag(&o));
+    }
+
+    #[test]
+    fn capability_change_is_persisted() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.capabilities = CAPS | HB;
+        let o = handle(&mut s, &m, &ctx());
+        assert!(o.changed);
+        assert_eq!(s.record.capabilities, CAPS | HB);
+    }
+
+    #[test]
+    fn undefined_bits_are_masked_and_reported() {
+        let mut s = fresh();
+        let mut m = full(0);
+        m.capabilities = CAPS | 0x1_0000 | (1 << 63);
+        let o = handle(&mut s, &m, &ctx());
+        assert_eq!(s.record.capabilities, CAPS);
+        assert!(o.events.contains(&Event::CapMismatch {
+            what: "undefined_bits"
+        }));
+    }
+
+    #[test]
+    fn only_undefined_bits_count_as_unchanged() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.capabilities = 0x10_0000;
+        handle(&mut s, &m, &ctx());
+        assert_eq!(s.record.capabilities, CAPS);
+    }
+
+    // ---- sequence numbers and full state ----
+
+    #[test]
+    fn new_state_with_partial_message_asks_for_full_state() {
+        let mut s = fresh();
+        let o = handle(&mut s, &beat(5), &ctx());
+        assert!(full_flag(&o));
+        assert!(!s.complete);
+    }
+
+    #[test]
+    fn new_state_with_full_message_does_not_ask() {
+        let mut s = fresh();
+        let o = handle(&mut s, &full(5), &ctx());
+        assert!(!full_flag(&o));
+        assert!(s.complete);
+    }
+
+    #[test]
+    fn full_state_answer_completes_the_state() {
+        let mut s = fresh();
+        assert!(full_flag(&handle(&mut s, &beat(5), &ctx())));
+        let o = handle(&mut s, &full(6), &ctx());
+        assert!(!full_flag(&o));
+        assert!(s.complete);
+        assert!(!full_flag(&handle(&mut s, &beat(7), &ctx())));
+    }
+
+    #[test]
+    fn incomplete_answer_to_full_state_request_is_not_asked_again() {
+        // An agent claiming ReportsHealth with no health to report answers without it; asking
+        // again would loop (the Go client answers immediately).
+        let mut s = fresh();
+        assert!(full_flag(&handle(&mut s, &beat(5), &ctx())));
+        let mut m = full(6);
+        m.health = None;
+        let o = handle(&mut s, &m, &ctx());
+        assert!(!full_flag(&o));
+        assert!(s.complete);
+    }
+
+    #[test]
+    fn retried_flagged_message_is_flagged_again() {
+        let mut s = fresh();
+        assert!(full_flag(&handle(&mut s, &beat(5), &ctx())));
+        assert!(full_flag(&handle(&mut s, &beat(5), &ctx())));
+        assert!(!full_flag(&handle(&mut s, &full(6), &ctx())));
+    }
+
+    #[test]
+    fn sequence_gap_asks_for_full_state() {
+        let mut s = known();
+        let o = handle(&mut s, &beat(3), &ctx());
+        assert!(full_flag(&o));
+        assert_eq!(s.last_seq, Some(3));
+    }
+
+    #[test]
+    fn sequence_gap_with_full_message_does_not_ask() {
+        let mut s = known();
+        let o = handle(&mut s, &full(3), &ctx());
+        assert!(!full_flag(&o));
+    }
+
+    #[test]
+    fn duplicate_sequence_is_not_a_gap() {
+        let mut s = known();
+        handle(&mut s, &beat(1), &ctx());
+        let o = handle(&mut s, &beat(1), &ctx());
+        assert!(!full_flag(&o));
+    }
+
+    #[test]
+    fn sequence_restart_at_zero_is_a_gap() {
+        let mut s = known();
+        for i in 1..=4 {
+            handle(&mut s, &beat(i), &ctx());
+        }
+        assert!(full_flag(&handle(&mut s, &beat(0), &ctx())));
+        let mut s = known();
+        for i in 1..=4 {
+            handle(&mut s, &beat(i), &ctx());
+        }
+        assert!(!full_flag(&handle(&mut s, &full(0), &ctx())));
+    }
+
+    #[test]
+    fn sequence_wraps_without_panicking() {
+        let mut s = known();
+        s.last_seq = Some(u64::MAX);
+        assert!(!full_flag(&handle(&mut s, &beat(0), &ctx())));
+    }
+
+    #[test]
+    fn reconnect_drops_pending_full_state_request() {
+        let mut s = fresh();
+        assert!(full_flag(&handle(&mut s, &beat(5), &ctx())));
+        s.connection_started();
+        // The request may never have reached the agent: a partial message is not its answer.
+        assert!(full_flag(&handle(&mut s, &beat(6), &ctx())));
+    }
+
+    #[test]
+    fn expected_set_follows_capabilities() {
+        // Without ReportsEffectiveConfig, a missing effective config is not a hole.
+        let mut s = fresh();
+        let mut m = full(0);
+        m.capabilities = CAPS & !agent_caps::REPORTS_EFFECTIVE_CONFIG;
+        m.effective_config = None;
+        assert!(!full_flag(&handle(&mut s, &m, &ctx())));
+        // Without a description, never full.
+        let mut s = fresh();
+        let mut m = full(0);
+        m.agent_description = None;
+        assert!(full_flag(&handle(&mut s, &m, &ctx())));
+    }
+
+    // ---- remote config ----
+
+    #[test]
+    fn remote_config_sent_when_status_hash_differs() {
+        let d = desired();
+        let mut s = known();
+        let mut m = beat(1);
+        m.remote_config_status = Some(status(b"old", 1, ""));
+        let o = handle(&mut s, &m, &with_desired(&d));
+        let rc = o.reply.remote_config.as_ref();
+        assert_eq!(
+            rc.map(|r| r.config_hash.clone()),
+            Some(d.remote.config_hash.clone())
+        );
+        assert_eq!(
+            rc.and_then(|r| r.config.clone()),
+            Some(config_map_to_proto(&files("b: 2")))
+        );
+        assert_eq!(s.offered_config.as_deref(), Some(d.hash_hex.as_str()));
+        // A later report with another hash gets it again even on the same connection (MUST).
+        let mut m = beat(2);
+        m.remote_config_status = Some(status(b"older", 1, ""));
+        assert!(handle(&mut s, &m, &with_desired(&d))
+            .reply
+            .remote_config
+            .is_some());
+    }
+
+    #[test]
+    fn remote_config_sent_once_per_connection_without_fresh_status() {
+        let d = desired();
+        let mut s = known();
+        assert!(handle(&mut s, &beat(1), &with_desired(&d))
+            .reply
+            .remote_config
+            .is_some());
+        assert!(handle(&mut s, &beat(2), &with_desired(&d))
+            .reply
+            .remote_config
+            .is_none());
+        s.connection_started();
+        assert!(handle(&mut s, &beat(3), &with_desired(&d))
+            .reply
+            .remote_config
+            .is_some());
+    }
+
+    #[test]
+    fn remote_config_not_resent_when_agent_reports_it_even_failed() {
+        let d = desired();
+        let hash = d.remote.config_hash.clone();
+        for st in [1, 2, 3] {
+            let mut s = known();
+            let mut m = beat(1);
+            m.remote_config_status = Some(status(&hash, st, "x"));
+            assert!(handle(&mut s, &m, &with_desired(&d))
+                .reply
+                .remote_config
+                .is_none());
+            s.connection_started();
+            assert!(handle(&mut s, &beat(2), &with_desired(&d))
+                .reply
+                .remote_config
+                .is_none());
+        }
+    }
+
+    #[test]
+    fn remote_config_to_agent_without_status_reports_once_per_connection() {
+        let d = desired();
+        let caps = CAPS & !agent_caps::REPORTS_REMOTE_CONFIG;
+        let mut s = fresh();
+        let mut m = full(0);
+        m.capabilities = caps;
+        m.remote_config_status = None;
+        assert!(handle(&mut s, &m, &with_desired(&d))
+            .reply
+            .remote_config
+            .is_some());
+        let mut m = beat(1);
+        m.capabilities = caps;
+        assert!(handle(&mut s, &m, &with_desired(&d))
+            .reply
+            .remote_config
+            .is_none());
+        s.connection_started();
+        m.sequence_num = 2;
+        assert!(handle(&mut s, &m, &with_desired(&d))
+            .reply
+            .remote_config
+            .is_some());
+    }
+
+    #[test]
+    fn new_desired_config_is_sent_on_same_connection() {
+        let d1 = desired();
+        let d2 = Desired::new(2, &files("c: 3"));
+        let mut s = known();
+        assert!(handle(&mut s, &beat(1), &with_desired(&d1))
+            .reply
+            .remote_config
+            .is_some());
+        let o = handle(&mut s, &beat(2), &with_desired(&d2));
+        assert_eq!(
+            o.reply.remote_config.map(|r| r.config_hash),
+            Some(d2.remote.config_hash.clone())
+        );
+    }
+
+    #[test]
+    fn no_remote_config_without_accepts_remote_config() {
+        let d = desired();
+        let caps = CAPS & !agent_caps::ACCEPTS_REMOTE_CONFIG;
+        let mut s = fresh();
+        let mut m = full(0);
+        m.capabilities = caps;
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(o.reply.remote_config.is_none());
+        assert!(o.events.contains(&Event::CapMismatch {
+            what: "remote_config"
+        }));
+        // Counted once per connection, not every heartbeat.
+        let mut m = beat(1);
+        m.capabilities = caps;
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(o.events.is_empty());
+        assert!(o.reply.remote_config.is_none());
+        // Gaining the capability later on the same connection gets the config.
+        let mut m = beat(2);
+        m.capabilities = CAPS;
+        assert!(handle(&mut s, &m, &with_desired(&d))
+            .reply
+            .remote_config
+            .is_some());
+    }
+
+    #[test]
+    fn failed_event_carries_error() {
+        let d = desired();
+        let mut s = known();
+        let mut m = beat(1);
+        m.remote_config_status = Some(status(&d.remote.config_hash, 3, "bad yaml"));
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(o.changed);
+        assert!(o.events.contains(&Event::ConfigFailed {
+            hash: d.hash_hex.clone(),
+            error: "bad yaml".into()
+        }));
+        let r = s.record.remote_config.clone();
+        assert_eq!(r.as_ref().map(|r| r.status), Some(RemoteStatus::Failed));
+        assert_eq!(r.map(|r| r.error_message), Some("bad yaml".into()));
+        // The same status again (e.g. in a full-state resend) is not a new event.
+        m.sequence_num = 2;
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(o.events.is_empty());
+    }
+
+    #[test]
+    fn applied_event_sets_applied_effective_hash_from_same_message() {
+        let d = desired();
+        let mut s = known();
+        let mut m = beat(1);
+        m.remote_config_status = Some(status(&d.remote.config_hash, 1, ""));
+        m.effective_config = Some(effective("b: 2"));
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(o.events.contains(&Event::ConfigApplied {
+            hash: d.hash_hex.clone()
+        }));
+        let want = Some(hex::encode(config_hash(&files("b: 2"))));
+        assert_eq!(s.record.applied_effective_hash, want);
+        assert!(!s.applied_effective_pending);
+    }
+
+    #[test]
+    fn applied_effective_hash_follows_effective_config_sent_after_applied() {
+        let d = desired();
+        let mut s = known();
+        let mut m = beat(1);
+        m.remote_config_status = Some(status(&d.remote.config_hash, 1, ""));
+        handle(&mut s, &m, &with_desired(&d));
+        assert_eq!(
+            s.record.applied_effective_hash,
+            s.record.effective_config_hash
+        );
+        let mut m = beat(2);
+        m.effective_config = Some(effective("b: 2"));
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(o.changed);
+        let after_apply = Some(hex::encode(config_hash(&files("b: 2"))));
+        assert_eq!(s.record.applied_effective_hash, after_apply);
+        // A later change without a new offer is drift: the baseline stays.
+        let mut m = beat(3);
+        m.effective_config = Some(effective("b: 3"));
+        handle(&mut s, &m, &with_desired(&d));
+        assert_eq!(s.record.applied_effective_hash, after_apply);
+        s.record.assigned_config_hash = Some(d.hash_hex.clone());
+        assert_eq!(
+            s.record.config_state(),
+            shared::domain::ConfigState::Drifted
+        );
+    }
+
+    #[test]
+    fn applied_for_another_hash_is_not_config_applied() {
+        let d = desired();
+        let mut s = known();
+        let mut m = beat(1);
+        m.remote_config_status = Some(status(b"other", 1, ""));
+        let o = handle(&mut s, &m, &with_desired(&d));
+        assert!(!o
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ConfigApplied { .. })));
+        assert!(s.record.applied_effective_hash.is_none());
+    }
+
+    #[test]
+    fn applied_uses_assigned_hash_when_no_desired_given() {
+        let d = desired();
+        let mut s = known();
+        s.record.assigned_config_hash = Some(d.hash_hex.clone());
+        let mut m = beat(1);
+        m.remote_config_status = Some(status(&d.remote.config_hash, 1, ""));
+        let o = handle(&mut s, &m, &ctx());
+        assert!(o
+            .events
+            .contains(&Event::ConfigApplied { hash: d.hash_hex }));
+    }
+
+    // ---- instance uid ----
+
+    #[test]
+    fn assign_uid_sends_agent_identification() {
+        let new = InstanceUid([9; 16]);
+        let mut s = AgentState::new(AgentRecord::new(new, 0));
+        let mut m = full(0);
+        m.instance_uid = vec![];
+        m.flags = agent_flags::REQUEST_INSTANCE_UID;
+        let c = Context {
+            assign_uid: Some(new),
+            ..ctx()
+        };
+        let o = handle(&mut s, &m, &c);
+        assert_eq!(o.reply.instance_uid, Vec::<u8>::new());
+        let id = o.reply.agent_identification.map(|a| a.new_instance_uid);
+        assert_eq!(id, Some(vec![9; 16]));
+        assert_eq!(s.record.instance_uid, new);
+    }
+
+    #[test]
+    fn request_uid_without_assignment_is_answered_normally() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.flags = agent_flags::REQUEST_INSTANCE_UID;
+        let o = handle(&mut s, &m, &ctx());
+        assert!(o.reply.agent_identification.is_none());
+        assert!(o.reply.error_response.is_none());
+        assert_eq!(o.reply.capabilities, SERVER_CAPABILITIES);
+    }
+
+    // ---- heartbeat / connection settings ----
+
+    fn offer() -> OpampOffer {
+        OpampOffer {
+            endpoint: "wss://ampora.example/v1/opamp".into(),
+            heartbeat_interval_secs: 30,
+        }
+    }
+
+    fn with_offer(o: &OpampOffer) -> Context<'_> {
+        Context {
+            opamp_offer: Some(o),
+            ..ctx()
+        }
+    }
+
+    fn hb_beat(seq: u64) -> AgentToServer {
+        let mut m = beat(seq);
+        m.capabilities = CAPS | HB;
+        m
+    }
+
+    #[test]
+    fn heartbeat_offer_needs_both_capabilities() {
+        let off = offer();
+        for caps in [
+            CAPS,
+            CAPS | agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS,
+            CAPS | agent_caps::REPORTS_HEARTBEAT,
+        ] {
+            let mut s = known();
+            let mut m = beat(1);
+            m.capabilities = caps;
+            let o = handle(&mut s, &m, &with_offer(&off));
+            assert!(o.reply.connection_settings.is_none(), "{caps:#x}");
+            assert!(o.events.is_empty());
+        }
+        let mut s = known();
+        let o = handle(&mut s, &hb_beat(1), &with_offer(&off));
+        let cs = o.reply.connection_settings.clone();
+        let op = cs.as_ref().and_then(|c| c.opamp.clone());
+        assert_eq!(cs.map(|c| c.hash), Some(off.hash()));
+        assert_eq!(
+            op.as_ref().map(|o| o.destination_endpoint.as_str()),
+            Some("wss://ampora.example/v1/opamp")
+        );
+        assert_eq!(op.map(|o| o.heartbeat_interval_seconds), Some(30));
+    }
+
+    #[test]
+    fn heartbeat_interval_is_never_zero() {
+        let off = OpampOffer {
+            heartbeat_interval_secs: 0,
+            ..offer()
+        };
+        let mut s = known();
+        let o = handle(&mut s, &hb_beat(1), &with_offer(&off));
+        let secs = o
+            .reply
+            .connection_settings
+            .and_then(|c| c.opamp)
+            .map(|o| o.heartbeat_interval_seconds);
+        assert_eq!(secs, Some(1));
+    }
+
+    #[test]
+    fn settings_hash_is_stable_and_content_sensitive() {
+        assert_eq!(offer().hash(), offer().hash());
+        assert_eq!(offer().hash().len(), 32);
+        let other_interval = OpampOffer {
+            heartbeat_interval_secs: 60,
+            ..offer()
+        };
+        let other_endpoint = OpampOffer {
+            endpoint: "wss://elsewhere/v1/opamp".into(),
+            ..offer()
+        };
+        assert_ne!(offer().hash(), other_interval.hash());
+        assert_ne!(offer().hash(), other_endpoint.hash());
+    }
+
+    #[test]
+    fn heartbeat_offer_not_resent_on_same_connection() {
+        let off = offer();
+        let mut s = known();
+        assert!(handle(&mut s, &hb_beat(1), &with_offer(&off))
+            .reply
+            .connection_settings
+            .is_some());
+        assert!(handle(&mut s, &hb_beat(2), &with_offer(&off))
+            .reply
+            .connection_settings
+            .is_none());
+        s.connection_started();
+        assert!(handle(&mut s, &hb_beat(3), &with_offer(&off))
+            .reply
+            .connection_settings
+            .is_some());
+    }
+
+    #[test]
+    fn heartbeat_offer_skipped_when_agent_reports_our_hash() {
+        let off = offer();
+        let mut s = known();
+        let mut m = hb_beat(1);
+        m.capabilities |= agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS;
+        m.connection_settings_status = Some(ConnectionSettingsStatus {
+            last_connection_settings_hash: off.hash(),
+            status: 1,
+            error_message: String::new(),
+        });
+        assert!(handle(&mut s, &m, &with_offer(&off))
+            .reply
+            .connection_settings
+            .is_none());
+        // The (compressed) report is remembered across connections.
+        s.connection_started();
+        let mut m = hb_beat(2);
+        m.capabilities |= agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS;
+        assert!(handle(&mut s, &m, &with_offer(&off))
+            .reply
+            .connection_settings
+            .is_none());
+        // A changed offer goes out.
+        let newer = OpampOffer {
+            heartbeat_interval_secs: 15,
+            ..offer()
+        };
+        m.sequence_num = 3;
+        assert!(handle(&mut s, &m, &with_offer(&newer))
+            .reply
+            .connection_settings
+            .is_some());
+    }
+
+    // ---- disconnect ----
+
+    #[test]
+    fn disconnect_marks_offline_stores_state_and_offers_nothing() {
+        let d = desired();
+        let off = offer();
+        let mut s = fresh();
+        let mut m = beat(0);
+        m.capabilities = CAPS | HB;
+        m.health = Some(healthy());
+        m.agent_disconnect = Some(AgentDisconnect {});
+        let c = Context {
+            desired: Some(&d),
+            opamp_offer: Some(&off),
+            ..ctx()
+        };
+        let o = handle(&mut s, &m, &c);
+        assert!(o.events.contains(&Event::Disconnected));
+        assert!(!s.record.connected);
+        assert!(s.record.health.is_some());
+        assert!(o.changed);
+        assert_eq!(o.reply.flags, 0, "no full-state request to a leaving agent");
+        assert!(o.reply.remote_config.is_none());
+        assert!(o.reply.connection_settings.is_none());
+        assert_eq!(o.reply.instance_uid, UID.to_vec());
+        assert_eq!(o.reply.capabilities, SERVER_CAPABILITIES);
+        assert!(s.offered_config.is_none());
+    }
+
+    #[test]
+    fn reconnecting_flips_connected_and_is_a_change() {
+        let mut s = known();
+        let mut m = beat(1);
+        m.agent_disconnect = Some(AgentDisconnect {});
+        assert!(handle(&mut s, &m, &ctx()).changed);
+        let o = handle(&mut s, &beat(2), &ctx());
+        assert!(o.changed);
+        assert!(s.record.connected);
+    }
+
+    #[test]
+    fn transport_change_is_a_change() {
+        let mut s = known();
+        let c = Context {
+            transport: Transport::Http,
+            ..ctx()
+        };
+        assert!(handle(&mut s, &beat(1), &c).changed);
+        assert_eq!(s.record.transport, Some(Transport::Http));
+    }
+
+    // ---- hashing and conversions ----
+
+    #[test]
+    fn config_hash_is_deterministic_and_content_sensitive() {
+        assert_eq!(config_hash(&files("a")), config_hash(&files("a")));
+        assert_ne!(config_hash(&files("a")), config_hash(&files("b")));
+        let mut json = files("a");
+        if let Some(f) = json.get_mut("collector.yaml") {
+            f.content_type = "application/json".into();
+        }
+        assert_ne!(config_hash(&files("a")), config_hash(&json));
+        let renamed = ConfigMap::from([(
+            "other.yaml".to_string(),
+            ConfigFile {
+                body: "a".into(),
+                content_type: "text/yaml".into(),
+            },
+        )]);
+        assert_ne!(config_hash(&files("a")), config_hash(&renamed));
+        // Length prefixes: moving bytes between fields changes the hash.
+        let f = |n: &str, b: &str| {
+            ConfigMap::from([(
+                n.to_string(),
+                ConfigFile {
+                    body: b.into(),
+                    content_type: String::new(),
+                },
+            )])
+        };
+        assert_ne!(config_hash(&f("ab", "c")), config_hash(&f("a", "bc")));
+        // Empty map has a well-defined hash (SHA-256 of nothing).
+        assert_eq!(
+            hex::encode(config_hash(&ConfigMap::new())),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn desired_carries_raw_hash_and_files() {
+        let d = desired();
+        assert_eq!(d.remote.config_hash, config_hash(&files("b: 2")).to_vec());
+        assert_eq!(d.hash_hex, hex::encode(&d.remote.config_hash));
+        assert_eq!(d.config_id, 1);
+        let back = d.remote.config.as_ref().map(config_map_from_proto);
+        assert_eq!(back, Some(files("b: 2")));
+    }
+
+    #[test]
+    fn config_map_body_is_lossy_utf8() {
+        let m = AgentConfigMap {
+            config_map: BTreeMap::from([(
+                String::new(),
+                AgentConfigFile {
+                    body: vec![b'o', b'k', 0xFF],
+                    content_type: "text/plain".into(),
+                },
+            )]),
+        };
+        let c = config_map_from_proto(&m);
+        assert_eq!(c.get("").map(|f| f.body.as_str()), Some("ok\u{FFFD}"));
+    }
+
+    #[test]
+    fn description_converts_every_any_value_kind() {
+        use any_value::Value as V;
+        let d = AgentDescription {
+            identifying_attributes: vec![
+                kv("s", V::StringValue("x".into())),
+                kv("b", V::BoolValue(true)),
+                kv("i", V::IntValue(-3)),
+                kv("d", V::DoubleValue(1.5)),
+                kv("nan", V::DoubleValue(f64::NAN)),
+                kv(
+                    "a",
+                    V::ArrayValue(ArrayValue {
+                        values: vec![
+                            AnyValue {
+                                value: Some(V::IntValue(1)),
+                            },
+                            AnyValue { value: None },
+                        ],
+                    }),
+                ),
+                kv(
+                    "kv",
+                    V::KvlistValue(KeyValueList {
+                        values: vec![kv("k", V::StringValue("v".into()))],
+                    }),
+                ),
+                kv("bytes", V::BytesValue(vec![0xde, 0xad])),
+                KeyValue {
+                    key: "unset".into(),
+                    value: None,
+                },
+                KeyValue {
+                    key: "empty".into(),
+                    value: Some(AnyValue { value: None }),
+                },
+            ],
+            non_identifying_attributes: vec![kv("env", V::StringValue("prod".into()))],
+        };
+        let got = description_from_proto(&d);
+        let i = &got.identifying;
+        assert_eq!(i["s"], json!("x"));
+        assert_eq!(i["b"], json!(true));
+        assert_eq!(i["i"], json!(-3));
+        assert_eq!(i["d"], json!(1.5));
+        assert_eq!(i["nan"], json!("NaN"));
+        assert_eq!(i["a"], json!([1, null]));
+        assert_eq!(i["kv"], json!({"k": "v"}));
+        assert_eq!(i["bytes"], json!("dead"));
+        assert_eq!(i["unset"], serde_json::Value::Null);
+        assert_eq!(i["empty"], serde_json::Value::Null);
+        assert_eq!(got.non_identifying["env"], json!("prod"));
+    }
+
+    #[test]
+    fn deep_any_value_is_cut_off() {
+        // Deeper than MAX_DEPTH (prost's own decode limit is 100).
+        let mut v = AnyValue {
+            value: Some(any_value::Value::StringValue("leaf".into())),
+        };
+        for _ in 0..200 {
+            v = AnyValue {
+                value: Some(any_value::Value::ArrayValue(ArrayValue { values: vec![v] })),
+            };
+        }
+        let got = any_value_to_json(Some(&v), 0);
+        let mut depth = 0;
+        let mut cur = &got;
+        while let serde_json::Value::Array(a) = cur {
+            depth += 1;
+            cur = &a[0];
+        }
+        assert_eq!(depth, MAX_DEPTH);
+        assert_eq!(*cur, serde_json::Value::Null);
+    }
+
+    #[test]
+    fn health_converts_recursively() {
+        let h = ComponentHealth {
+            healthy: false,
+            start_time_unix_nano: 1,
+            last_error: "e".into(),
+            status: "degraded".into(),
+            status_time_unix_nano: 2,
+            component_health_map: BTreeMap::from([("pipeline".to_string(), healthy())]),
+            attributes: vec![],
+        };
+        let got = health_from_proto(&h);
+        assert!(!got.healthy);
+        assert_eq!(got.start_time_unix_nano, 1);
+        assert_eq!(got.status_time_unix_nano, 2);
+        assert_eq!(got.last_error, "e");
+        assert_eq!(
+            got.components.get("pipeline").map(|c| c.healthy),
+            Some(true)
+        );
+    }
+
+    // ---- push and errors ----
+
+    #[test]
+    fn push_config_gating() {
+        let d = desired();
+        // Without AcceptsRemoteConfig: nothing.
+        let mut s = known();
+        s.record.capabilities = CAPS & !agent_caps::ACCEPTS_REMOTE_CONFIG;
+        assert!(push_config(&mut s, &d).is_none());
+        // Normal: pushed once per connection.
+        let mut s = known();
+        let p = push_config(&mut s, &d);
+        assert_eq!(
+            p.as_ref().map(|p| p.instance_uid.clone()),
+            Some(UID.to_vec())
+        );
+        assert_eq!(
+            p.as_ref().map(|p| p.capabilities),
+            Some(SERVER_CAPABILITIES)
+        );
+        assert_eq!(
+            p.and_then(|p| p.remote_config).map(|r| r.config_hash),
+            Some(d.remote.config_hash.clone())
+        );
+        assert!(push_config(&mut s, &d).is_none());
+        // ...and the next reply does not repeat it.
+        assert!(handle(&mut s, &beat(1), &with_desired(&d))
+            .reply
+            .remote_config
+            .is_none());
+        s.connection_started();
+        assert!(push_config(&mut s, &d).is_some());
+        // Agent already reports the hash: nothing.
+        let mut s = known();
+        s.record.remote_config = Some(RemoteConfigReport {
+            hash: d.hash_hex.clone(),
+            status: RemoteStatus::Applied,
+            error_message: String::new(),
+        });
+        assert!(push_config(&mut s, &d).is_none());
+    }
+
+    #[test]
+    fn error_reply_has_only_uid_and_error() {
+        let e = error_reply(&UID, ServerErrorResponseType::BadRequest, "nope");
+        let want = ServerToAgent {
+            instance_uid: UID.to_vec(),
+            error_response: Some(ServerErrorResponse {
+                r#type: ServerErrorResponseType::BadRequest as i32,
+                error_message: "nope".into(),
+                details: None,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(e, want);
+        assert_eq!(e.capabilities, 0);
+    }
+
+    #[test]
+    fn empty_and_odd_messages_do_not_panic() {
+        let d = desired();
+        let off = offer();
+        let c = Context {
+            desired: Some(&d),
+            opamp_offer: Some(&off),
+            assign_uid: Some(InstanceUid([1; 16])),
+            ..ctx()
+        };
+        let mut s = fresh();
+        let o = handle(&mut s, &AgentToServer::default(), &c);
+        assert!(full_flag(&o));
+        let weird = AgentToServer {
+            instance_uid: vec![0; 100],
+            sequence_num: u64::MAX,
+            capabilities: u64::MAX,
+            flags: u64::MAX,
+            effective_config: Some(EffectiveConfig { config_map: None }),
+            remote_config_status: Some(status(&[0; 100], 99, "")),
+            health: Some(ComponentHealth::default()),
+            ..Default::default()
+        };
+        let o = handle(&mut s, &weird, &c);
+        assert_eq!(s.record.capabilities, agent_caps::ALL);
+        assert_eq!(s.record.effective_config, Some(ConfigMap::new()));
+        assert_eq!(
+            s.record.remote_config.as_ref().map(|r| r.status),
+            Some(RemoteStatus::Unset)
+        );
+        assert!(o.reply.remote_config.is_some());
+        assert!(o.reply.connection_settings.is_some());
+    }
+}

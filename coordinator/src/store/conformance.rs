@@ -1,0 +1,892 @@
+//! The behaviour every [`Store`] implementation must show.
+//!
+//! [`run_all`] exercises every trait method with strict assertions. It uses fresh random ids,
+//! uids, names and time ranges, so it can run against a database that already holds data
+//! (including data from earlier runs), but it assumes nothing else writes to the store while
+//! it runs (it counts API tokens). It spawns tasks, so it needs a Tokio runtime; use a
+//! multi-threaded one to make the redemption race meaningful.
+//!
+//! Semantics pinned here beyond the trait docs:
+//! - `upsert_agents` with the same uid twice in one batch keeps the last record;
+//! - `create_assignment` with an unknown config id fails with [`StoreError::NotFound`];
+//! - creating a token or API token with a duplicate id or hash fails with
+//!   [`StoreError::NotApplied`];
+//! - `revoke_token` on an already revoked token returns true and keeps the first time;
+//! - `redeem_token` checks revoked, then expired (`now_ms >= expires_ms`), then binding;
+//! - `query_audit`: `since_ms` inclusive, `until_ms` exclusive, newest first by `at_ms` then
+//!   id, at most `limit` entries (0 yields none); `append_audit` ignores `entry.id`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use serde_json::json;
+use shared::domain::{
+    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap, Health, Redemption,
+    RemoteConfigReport, RemoteStatus, Role, Target, TokenRecord, Transport,
+};
+use shared::ids::InstanceUid;
+use shared::store::{AuditQuery, NewAssignment, NewConfigVersion, Store, StoreError};
+
+/// Runs every check against `store`.
+pub async fn run_all(store: Arc<dyn Store>) {
+    ping(store.as_ref()).await;
+    agents_round_trip(store.as_ref()).await;
+    agents_upsert_updates(store.as_ref()).await;
+    agents_bulk(store.as_ref()).await;
+    configs(store.as_ref()).await;
+    assignments(store.as_ref()).await;
+    tokens(store.as_ref()).await;
+    redemption(store.as_ref()).await;
+    redemption_race(store.clone()).await;
+    api_tokens(store.as_ref()).await;
+    audit(store.as_ref()).await;
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn random_hash() -> [u8; 32] {
+    rand::random()
+}
+
+fn file(body: &str, content_type: &str) -> ConfigFile {
+    ConfigFile {
+        body: body.into(),
+        content_type: content_type.into(),
+    }
+}
+
+/// An agent with every field set to a non-default value.
+fn full_agent(uid: InstanceUid) -> AgentRecord {
+    let mut a = AgentRecord::new(uid, 1_700_000_000_123);
+    a.description
+        .identifying
+        .insert("service.name".into(), json!("otelcol-contrib"));
+    a.description
+        .identifying
+        .insert("service.instance.id".into(), json!(uid.to_string()));
+    a.description
+        .non_identifying
+        .insert("host.name".into(), json!("node-1.example"));
+    a.description
+        .non_identifying
+        .insert("cpu.count".into(), json!(64));
+    a.description
+        .non_identifying
+        .insert("load".into(), json!(1.5));
+    a.description
+        .non_identifying
+        .insert("canary".into(), json!(true));
+    a.description.non_identifying.insert(
+        "nested".into(),
+        json!({"list": [1, "two", null, {"x": -3}], "unicode": "ünï ✓"}),
+    );
+    a.capabilities = u64::MAX;
+    a.health = Some(Health {
+        healthy: false,
+        status: "StatusRecoverableError".into(),
+        last_error: "exporter failing".into(),
+        start_time_unix_nano: 1_700_000_000_000_000_001,
+        status_time_unix_nano: u64::MAX,
+        components: BTreeMap::from([
+            (
+                "pipeline:traces".into(),
+                Health {
+                    healthy: false,
+                    status: "StatusRecoverableError".into(),
+                    last_error: "otlp exporter: connection refused".into(),
+                    start_time_unix_nano: 5,
+                    status_time_unix_nano: 6,
+                    components: BTreeMap::from([(
+                        "exporter:otlp".into(),
+                        Health {
+                            healthy: false,
+                            status: "StatusRecoverableError".into(),
+                            last_error: "connection refused".into(),
+                            start_time_unix_nano: 7,
+                            status_time_unix_nano: 8,
+                            components: BTreeMap::new(),
+                        },
+                    )]),
+                },
+            ),
+            (
+                "pipeline:metrics".into(),
+                Health {
+                    healthy: true,
+                    status: "StatusOK".into(),
+                    ..Health::default()
+                },
+            ),
+        ]),
+    });
+    a.effective_config = Some(BTreeMap::from([
+        (String::new(), file("receivers:\n  otlp: {}\n", "text/yaml")),
+        (
+            "extra.json".into(),
+            file("{\"a\": \"b\\n\"}", "application/json"),
+        ),
+    ]));
+    a.effective_config_hash = Some("e1".repeat(32));
+    a.remote_config = Some(RemoteConfigReport {
+        hash: "c0ffee".into(),
+        status: RemoteStatus::Failed,
+        error_message: "invalid key 'foo'".into(),
+    });
+    a.assigned_config = Some(42);
+    a.assigned_config_hash = Some("c0ffee".into());
+    a.applied_effective_hash = Some("e0".repeat(32));
+    a.connected = true;
+    a.transport = Some(Transport::WebSocket);
+    a.gateway = Some("gw-7f3a".into());
+    a.sequence_num = u64::MAX - 1;
+    a.last_seen_ms = 1_700_000_999_999;
+    a
+}
+
+/// `ping` answers.
+pub async fn ping(store: &dyn Store) {
+    store.ping().await.expect("ping");
+}
+
+/// Every field of an agent record survives `upsert_agents` → `get_agent` / `load_agents`.
+pub async fn agents_round_trip(store: &dyn Store) {
+    let full = full_agent(InstanceUid::new_v7());
+    let minimal = AgentRecord::new(InstanceUid::new_v7(), -5);
+    assert_eq!(
+        store.get_agent(full.instance_uid).await.expect("get_agent"),
+        None,
+        "unknown agent"
+    );
+    store.upsert_agents(&[]).await.expect("empty upsert");
+    store
+        .upsert_agents(&[full.clone(), minimal.clone()])
+        .await
+        .expect("upsert_agents");
+    assert_eq!(
+        store.get_agent(full.instance_uid).await.expect("get_agent"),
+        Some(full.clone())
+    );
+    assert_eq!(
+        store
+            .get_agent(minimal.instance_uid)
+            .await
+            .expect("get_agent"),
+        Some(minimal.clone())
+    );
+    let all = store.load_agents().await.expect("load_agents");
+    for want in [&full, &minimal] {
+        let found: Vec<_> = all
+            .iter()
+            .filter(|a| a.instance_uid == want.instance_uid)
+            .collect();
+        assert_eq!(
+            found,
+            vec![want],
+            "load_agents returns each agent once, intact"
+        );
+    }
+}
+
+/// Upserting an existing agent replaces its record instead of adding one.
+pub async fn agents_upsert_updates(store: &dyn Store) {
+    let uid = InstanceUid::new_v7();
+    let first = full_agent(uid);
+    store
+        .upsert_agents(std::slice::from_ref(&first))
+        .await
+        .expect("upsert");
+
+    let mut second = first.clone();
+    second.connected = false;
+    second.transport = Some(Transport::Http);
+    second.gateway = None;
+    second.health = None;
+    second.remote_config = None;
+    second.effective_config = Some(BTreeMap::new());
+    second
+        .description
+        .non_identifying
+        .insert("host.name".into(), json!("node-2.example"));
+    second.description.identifying.remove("service.instance.id");
+    second.sequence_num = 3;
+    second.last_seen_ms = first.last_seen_ms + 1_000;
+    store
+        .upsert_agents(std::slice::from_ref(&second))
+        .await
+        .expect("upsert again");
+    assert_eq!(
+        store.get_agent(uid).await.expect("get_agent"),
+        Some(second.clone())
+    );
+
+    // The same uid twice in one batch: the later record wins.
+    let mut third = second.clone();
+    third.sequence_num = 4;
+    let mut fourth = second.clone();
+    fourth.sequence_num = 5;
+    fourth.connected = true;
+    store
+        .upsert_agents(&[third, fourth.clone()])
+        .await
+        .expect("upsert duplicate batch");
+    assert_eq!(
+        store.get_agent(uid).await.expect("get_agent"),
+        Some(fourth.clone())
+    );
+
+    let all = store.load_agents().await.expect("load_agents");
+    let found: Vec<_> = all.iter().filter(|a| a.instance_uid == uid).collect();
+    assert_eq!(found, vec![&fourth], "upserts must not duplicate agents");
+}
+
+/// A batch larger than any plausible statement chunk round-trips completely.
+pub async fn agents_bulk(store: &dyn Store) {
+    let batch: Vec<AgentRecord> = (0..1_234)
+        .map(|i| {
+            let mut a = AgentRecord::new(InstanceUid::new_v7(), 1_000 + i);
+            a.connected = i % 2 == 0;
+            a.sequence_num = i as u64;
+            a.description.identifying.insert("i".into(), json!(i));
+            a
+        })
+        .collect();
+    store.upsert_agents(&batch).await.expect("bulk upsert");
+    let all = store.load_agents().await.expect("load_agents");
+    let by_uid: BTreeMap<InstanceUid, &AgentRecord> =
+        all.iter().map(|a| (a.instance_uid, a)).collect();
+    for a in &batch {
+        assert_eq!(
+            by_uid.get(&a.instance_uid),
+            Some(&a),
+            "bulk agent round trip"
+        );
+    }
+    let probe = &batch[batch.len() / 2];
+    assert_eq!(
+        store
+            .get_agent(probe.instance_uid)
+            .await
+            .expect("get_agent"),
+        Some(probe.clone())
+    );
+}
+
+fn new_config(name: &str, files: ConfigMap) -> NewConfigVersion {
+    NewConfigVersion {
+        name: name.into(),
+        files,
+        hash: format!("{:0>64}", name.len()),
+        author: unique("author"),
+        created_ms: 1_700_000_000_000,
+    }
+}
+
+/// Config versions get growing ids and read back whole.
+pub async fn configs(store: &dyn Store) {
+    let a = new_config(
+        &unique("cfg-a"),
+        BTreeMap::from([(String::new(), file("receivers: {}\n", "text/yaml"))]),
+    );
+    let b = new_config(
+        &unique("cfg-b"),
+        BTreeMap::from([
+            ("base.yaml".into(), file("exporters: {}\n", "text/yaml")),
+            ("over.yaml".into(), file("", "")),
+        ]),
+    );
+    let ca = store.create_config(a.clone()).await.expect("create_config");
+    let cb = store.create_config(b.clone()).await.expect("create_config");
+    assert!(
+        cb.id > ca.id,
+        "config ids must grow: {} then {}",
+        ca.id,
+        cb.id
+    );
+    for (created, new) in [(&ca, &a), (&cb, &b)] {
+        assert_eq!(created.name, new.name);
+        assert_eq!(created.files, new.files);
+        assert_eq!(created.hash, new.hash);
+        assert_eq!(created.author, new.author);
+        assert_eq!(created.created_ms, new.created_ms);
+        assert_eq!(
+            store.get_config(created.id).await.expect("get_config"),
+            Some(created.clone())
+        );
+    }
+    assert_eq!(store.get_config(-1).await.expect("get_config"), None);
+    assert_eq!(store.get_config(i64::MAX).await.expect("get_config"), None);
+
+    let list = store.list_configs().await.expect("list_configs");
+    let pos = |id: i64| list.iter().position(|c| c.id == id);
+    let (pa, pb) = (pos(ca.id).expect("a listed"), pos(cb.id).expect("b listed"));
+    assert!(pa < pb, "list_configs is ordered by id");
+    assert_eq!(list[pa], ca);
+    assert_eq!(list[pb], cb);
+    assert!(
+        list.windows(2).all(|w| w[0].id < w[1].id),
+        "list_configs is ordered by id"
+    );
+}
+
+/// Assignments of all target kinds round-trip and list oldest first.
+pub async fn assignments(store: &dyn Store) {
+    let config = store
+        .create_config(new_config(
+            &unique("cfg"),
+            BTreeMap::from([(String::new(), file("x: 1\n", "text/yaml"))]),
+        ))
+        .await
+        .expect("create_config");
+    let targets = [
+        Target::Agent(InstanceUid::new_v7()),
+        Target::Labels(BTreeMap::from([
+            ("env".to_string(), "prod".to_string()),
+            ("service.name".to_string(), unique("svc")),
+        ])),
+        Target::All,
+        Target::Labels(BTreeMap::new()),
+    ];
+    let mut created: Vec<Assignment> = Vec::new();
+    for (i, target) in targets.iter().enumerate() {
+        let new = NewAssignment {
+            config_id: config.id,
+            target: target.clone(),
+            author: unique("author"),
+            created_ms: 1_700_000_000_000 + i as i64,
+        };
+        let a = store
+            .create_assignment(new.clone())
+            .await
+            .expect("create_assignment");
+        assert_eq!(a.config_id, new.config_id);
+        assert_eq!(a.target, new.target);
+        assert_eq!(a.author, new.author);
+        assert_eq!(a.created_ms, new.created_ms);
+        if let Some(prev) = created.last() {
+            assert!(a.id > prev.id, "assignment ids must grow");
+        }
+        created.push(a);
+    }
+    let list = store.list_assignments().await.expect("list_assignments");
+    assert!(
+        list.windows(2).all(|w| w[0].id < w[1].id),
+        "list_assignments is oldest first"
+    );
+    let ours: Vec<Assignment> = list
+        .into_iter()
+        .filter(|a| a.config_id == config.id)
+        .collect();
+    assert_eq!(ours, created);
+
+    let missing = store
+        .create_assignment(NewAssignment {
+            config_id: i64::MAX,
+            target: Target::All,
+            author: "nobody".into(),
+            created_ms: 0,
+        })
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "assignment to an unknown config: {missing:?}"
+    );
+    let list = store.list_assignments().await.expect("list_assignments");
+    assert!(list.iter().all(|a| a.config_id != i64::MAX));
+}
+
+fn new_token(expires_ms: i64) -> TokenRecord {
+    TokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: unique("token"),
+        prefix: "amp-bs.abcd…".into(),
+        hash: random_hash(),
+        created_ms: 1_700_000_000_000,
+        expires_ms,
+        revoked_ms: None,
+        redeemed_ms: None,
+        bound_uid: None,
+    }
+}
+
+async fn find(store: &dyn Store, t: &TokenRecord) -> TokenRecord {
+    store
+        .find_token(&t.hash)
+        .await
+        .expect("find_token")
+        .expect("token exists")
+}
+
+/// Tokens: create, list, find by hash, revoke.
+pub async fn tokens(store: &dyn Store) {
+    let t = new_token(i64::MAX);
+    let mut pre_bound = new_token(1_800_000_000_000);
+    pre_bound.bound_uid = Some(InstanceUid::new_v7());
+    pre_bound.redeemed_ms = Some(1_700_000_000_500);
+    pre_bound.revoked_ms = Some(1_700_000_000_600);
+    store.create_token(&t).await.expect("create_token");
+    store.create_token(&pre_bound).await.expect("create_token");
+
+    assert_eq!(find(store, &t).await, t);
+    assert_eq!(find(store, &pre_bound).await, pre_bound);
+    assert_eq!(
+        store.find_token(&random_hash()).await.expect("find_token"),
+        None
+    );
+    let list = store.list_tokens().await.expect("list_tokens");
+    for want in [&t, &pre_bound] {
+        let found: Vec<_> = list.iter().filter(|x| x.id == want.id).collect();
+        assert_eq!(
+            found,
+            vec![want],
+            "list_tokens shows each token once, intact"
+        );
+    }
+
+    let mut same_id = new_token(i64::MAX);
+    same_id.id = t.id.clone();
+    let dup = store.create_token(&same_id).await;
+    assert!(
+        matches!(dup, Err(StoreError::NotApplied(_))),
+        "duplicate id: {dup:?}"
+    );
+    let mut same_hash = new_token(i64::MAX);
+    same_hash.hash = t.hash;
+    let dup = store.create_token(&same_hash).await;
+    assert!(
+        matches!(dup, Err(StoreError::NotApplied(_))),
+        "duplicate hash: {dup:?}"
+    );
+    assert_eq!(find(store, &t).await, t, "failed creates change nothing");
+
+    assert!(!store
+        .revoke_token(&uuid::Uuid::new_v4().to_string(), 1)
+        .await
+        .expect("revoke_token"));
+    assert!(store
+        .revoke_token(&t.id, 1_700_000_001_000)
+        .await
+        .expect("revoke"));
+    let revoked = find(store, &t).await;
+    assert_eq!(revoked.revoked_ms, Some(1_700_000_001_000));
+    assert_eq!(
+        TokenRecord {
+            revoked_ms: None,
+            ..revoked.clone()
+        },
+        t,
+        "revoking changes only revoked_ms"
+    );
+    assert!(store
+        .revoke_token(&t.id, 1_700_000_002_000)
+        .await
+        .expect("revoke again"));
+    assert_eq!(
+        find(store, &t).await.revoked_ms,
+        Some(1_700_000_001_000),
+        "a second revocation keeps the first time"
+    );
+}
+
+/// Redemption outcomes, one by one.
+pub async fn redemption(store: &dyn Store) {
+    let now = 1_700_000_000_000;
+    let (a, b) = (InstanceUid::new_v7(), InstanceUid::new_v7());
+
+    let t = new_token(now + 3_600_000);
+    store.create_token(&t).await.expect("create_token");
+    assert_eq!(
+        store.redeem_token(&t.id, a, now).await.expect("redeem"),
+        Redemption::Bound
+    );
+    let bound = find(store, &t).await;
+    assert_eq!(bound.bound_uid, Some(a));
+    assert_eq!(bound.redeemed_ms, Some(now));
+    assert_eq!(bound.revoked_ms, None);
+
+    assert_eq!(
+        store.redeem_token(&t.id, a, now + 1).await.expect("redeem"),
+        Redemption::AlreadyBoundToSame
+    );
+    assert_eq!(
+        store.redeem_token(&t.id, b, now + 2).await.expect("redeem"),
+        Redemption::BoundToOther
+    );
+    let after = find(store, &t).await;
+    assert_eq!(after.bound_uid, Some(a), "binding is permanent");
+    assert_eq!(
+        after.redeemed_ms,
+        Some(now),
+        "redeemed_ms is the first binding"
+    );
+
+    // Bound, then expired: refused even to its own agent.
+    assert_eq!(
+        store
+            .redeem_token(&t.id, a, t.expires_ms)
+            .await
+            .expect("redeem"),
+        Redemption::Expired
+    );
+    // Bound, then revoked: refused even to its own agent.
+    assert!(store.revoke_token(&t.id, now + 3).await.expect("revoke"));
+    assert_eq!(
+        store.redeem_token(&t.id, a, now + 4).await.expect("redeem"),
+        Redemption::Revoked
+    );
+    assert_eq!(
+        store.redeem_token(&t.id, b, now + 4).await.expect("redeem"),
+        Redemption::Revoked
+    );
+
+    // Revoked before any redemption; revoked wins over expired.
+    let r = new_token(now + 10);
+    store.create_token(&r).await.expect("create_token");
+    assert!(store.revoke_token(&r.id, now).await.expect("revoke"));
+    assert_eq!(
+        store.redeem_token(&r.id, a, now + 1).await.expect("redeem"),
+        Redemption::Revoked
+    );
+    assert_eq!(
+        store
+            .redeem_token(&r.id, a, now + 10)
+            .await
+            .expect("redeem"),
+        Redemption::Revoked
+    );
+    assert_eq!(find(store, &r).await.bound_uid, None);
+    assert_eq!(find(store, &r).await.redeemed_ms, None);
+
+    // Expiry: now >= expires_ms is expired, one millisecond earlier is not.
+    let e = new_token(now + 100);
+    store.create_token(&e).await.expect("create_token");
+    assert_eq!(
+        store
+            .redeem_token(&e.id, a, now + 100)
+            .await
+            .expect("redeem"),
+        Redemption::Expired
+    );
+    assert_eq!(
+        store
+            .redeem_token(&e.id, a, now + 5_000)
+            .await
+            .expect("redeem"),
+        Redemption::Expired
+    );
+    assert_eq!(
+        find(store, &e).await.bound_uid,
+        None,
+        "expired stays unbound"
+    );
+    assert_eq!(
+        store
+            .redeem_token(&e.id, b, now + 99)
+            .await
+            .expect("redeem"),
+        Redemption::Bound
+    );
+    assert_eq!(find(store, &e).await.bound_uid, Some(b));
+
+    assert_eq!(
+        store
+            .redeem_token(&uuid::Uuid::new_v4().to_string(), a, now)
+            .await
+            .expect("redeem"),
+        Redemption::NotFound
+    );
+}
+
+/// Of 32 concurrent redemptions of one token by different agents, exactly one binds.
+pub async fn redemption_race(store: Arc<dyn Store>) {
+    const RACERS: usize = 32;
+    let now = 1_700_000_000_000;
+    let t = new_token(now + 3_600_000);
+    store.create_token(&t).await.expect("create_token");
+    let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let (store, barrier, id) = (store.clone(), barrier.clone(), t.id.clone());
+            let uid = InstanceUid::new_v7();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                (uid, store.redeem_token(&id, uid, now).await)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut losers = 0;
+    for task in tasks {
+        let (uid, outcome) = task.await.expect("racer panicked");
+        match outcome.expect("redeem_token") {
+            Redemption::Bound => winners.push(uid),
+            Redemption::BoundToOther => losers += 1,
+            other => panic!("unexpected outcome in race: {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one winner: {winners:?}");
+    assert_eq!(losers, RACERS - 1);
+    let stored = store
+        .find_token(&t.hash)
+        .await
+        .expect("find_token")
+        .expect("token exists");
+    assert_eq!(stored.bound_uid, Some(winners[0]), "the winner is bound");
+    assert_eq!(stored.redeemed_ms, Some(now));
+}
+
+/// Operator API tokens: create, find, count.
+pub async fn api_tokens(store: &dyn Store) {
+    let before = store.count_api_tokens().await.expect("count_api_tokens");
+    let tokens: Vec<ApiTokenRecord> = [Role::Viewer, Role::Operator, Role::Admin]
+        .into_iter()
+        .map(|role| ApiTokenRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: unique("api"),
+            role,
+            hash: random_hash(),
+            created_ms: 1_700_000_000_000,
+        })
+        .collect();
+    for t in &tokens {
+        store.create_api_token(t).await.expect("create_api_token");
+    }
+    for t in &tokens {
+        assert_eq!(
+            store.find_api_token(&t.hash).await.expect("find_api_token"),
+            Some(t.clone())
+        );
+    }
+    assert_eq!(
+        store
+            .find_api_token(&random_hash())
+            .await
+            .expect("find_api_token"),
+        None
+    );
+    // Bootstrap and API tokens are separate: a bootstrap hash is no API token.
+    let bootstrap = new_token(i64::MAX);
+    store.create_token(&bootstrap).await.expect("create_token");
+    assert_eq!(
+        store
+            .find_api_token(&bootstrap.hash)
+            .await
+            .expect("find_api_token"),
+        None
+    );
+    assert_eq!(
+        store.count_api_tokens().await.expect("count_api_tokens"),
+        before + 3
+    );
+
+    let mut dup = tokens[0].clone();
+    dup.hash = random_hash();
+    let res = store.create_api_token(&dup).await;
+    assert!(
+        matches!(res, Err(StoreError::NotApplied(_))),
+        "duplicate api token id: {res:?}"
+    );
+    let mut dup = tokens[1].clone();
+    dup.id = uuid::Uuid::new_v4().to_string();
+    let res = store.create_api_token(&dup).await;
+    assert!(
+        matches!(res, Err(StoreError::NotApplied(_))),
+        "duplicate api token hash: {res:?}"
+    );
+    assert_eq!(
+        store.count_api_tokens().await.expect("count_api_tokens"),
+        before + 3
+    );
+}
+
+/// Audit: append returns growing ids; queries filter and order strictly.
+pub async fn audit(store: &dyn Store) {
+    // A random window far from real timestamps, so earlier runs do not interfere.
+    let base: i64 = 3_000_000_000_000 + rand::random_range(0..1_000_000_000_000i64) * 16;
+    let (actor_a, actor_b) = (unique("actor-a"), unique("actor-b"));
+    let reason = unique("reason");
+    let (uid, other_uid) = (InstanceUid::new_v7(), InstanceUid::new_v7());
+    let entry = |at: i64,
+                 actor: &str,
+                 uid: Option<InstanceUid>,
+                 reason: Option<&str>,
+                 ip: Option<IpAddr>,
+                 detail: serde_json::Value| AuditEntry {
+        id: 0,
+        at_ms: base + at,
+        actor: actor.to_string(),
+        action: unique("action"),
+        instance_uid: uid,
+        source_ip: ip,
+        reason: reason.map(str::to_string),
+        detail,
+    };
+    let v4 = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)));
+    let v6 = Some(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)));
+    let mut entries = vec![
+        entry(0, &actor_a, Some(uid), None, v4, json!({"k": 1})),
+        entry(1, &actor_a, None, Some(&reason), v6, json!(null)),
+        entry(
+            2,
+            &actor_b,
+            Some(uid),
+            Some(&reason),
+            None,
+            json!({"a": [1, {"b": "c"}]}),
+        ),
+        entry(3, &actor_a, Some(uid), Some(&reason), v4, json!("text")),
+        entry(4, &actor_b, None, None, None, json!({})),
+        entry(
+            5,
+            &actor_a,
+            Some(other_uid),
+            Some(&reason),
+            v6,
+            json!([1, 2]),
+        ),
+        // Same time as the previous one: the later append is the newer.
+        entry(5, &actor_a, None, None, None, json!({"tie": true})),
+    ];
+    let mut last = None;
+    for e in &mut entries {
+        e.id = 12_345; // ignored by append_audit
+        let id = store.append_audit(e).await.expect("append_audit");
+        if let Some(prev) = last {
+            assert!(id > prev, "audit ids must grow: {prev} then {id}");
+        }
+        last = Some(id);
+        e.id = id;
+    }
+    let pick = |idx: &[usize]| idx.iter().map(|&i| entries[i].clone()).collect::<Vec<_>>();
+    let run = |q: AuditQuery| async move { store.query_audit(&q).await.expect("query_audit") };
+    let q = AuditQuery {
+        limit: 100,
+        ..AuditQuery::default()
+    };
+
+    assert_eq!(
+        run(AuditQuery {
+            since_ms: Some(base + 1),
+            until_ms: Some(base + 4),
+            ..q.clone()
+        })
+        .await,
+        pick(&[3, 2, 1]),
+        "time window alone; since inclusive, until exclusive"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            since_ms: Some(base),
+            until_ms: Some(base + 6),
+            ..q.clone()
+        })
+        .await,
+        pick(&[6, 5, 4, 3, 2, 1, 0]),
+        "the whole window, newest first, ties by append order"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            actor: Some(actor_a.clone()),
+            ..q.clone()
+        })
+        .await,
+        pick(&[6, 5, 3, 1, 0]),
+        "by actor"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            instance_uid: Some(uid),
+            ..q.clone()
+        })
+        .await,
+        pick(&[3, 2, 0]),
+        "by instance uid"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            reason: Some(reason.clone()),
+            ..q.clone()
+        })
+        .await,
+        pick(&[5, 3, 2, 1]),
+        "by reason"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            actor: Some(actor_a.clone()),
+            reason: Some(reason.clone()),
+            instance_uid: Some(uid),
+            ..q.clone()
+        })
+        .await,
+        pick(&[3]),
+        "all filters combined"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            since_ms: Some(base + 1),
+            until_ms: Some(base + 6),
+            actor: Some(actor_b.clone()),
+            ..q.clone()
+        })
+        .await,
+        pick(&[4, 2]),
+        "window and actor"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            since_ms: Some(base + 5),
+            actor: Some(actor_a.clone()),
+            ..q.clone()
+        })
+        .await,
+        pick(&[6, 5]),
+        "since only"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            until_ms: Some(base + 1),
+            actor: Some(actor_a.clone()),
+            ..q.clone()
+        })
+        .await,
+        pick(&[0]),
+        "until only"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            actor: Some(actor_a.clone()),
+            limit: 2,
+            ..q.clone()
+        })
+        .await,
+        pick(&[6, 5]),
+        "limit keeps the newest"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            actor: Some(actor_a.clone()),
+            limit: 0,
+            ..q.clone()
+        })
+        .await,
+        Vec::<AuditEntry>::new(),
+        "limit 0 yields nothing"
+    );
+    assert_eq!(
+        run(AuditQuery {
+            actor: Some(unique("nobody")),
+            ..q.clone()
+        })
+        .await,
+        Vec::<AuditEntry>::new(),
+        "unknown actor"
+    );
+    // Unfiltered queries are newest first too.
+    let newest = run(q.clone()).await;
+    assert!(newest
+        .windows(2)
+        .all(|w| (w[0].at_ms, w[0].id) > (w[1].at_ms, w[1].id)));
+}

@@ -1,0 +1,1001 @@
+//! The embedded store: one SQLite file, accessed through sqlx.
+//!
+//! Every mutation runs in one short `BEGIN IMMEDIATE` transaction through [`SqliteStore::in_tx`],
+//! and writers inside this process queue on an async gate before asking SQLite for the write
+//! lock, so they wait in FIFO order instead of spinning in SQLite's busy handler (which still
+//! covers other processes, up to `busy_timeout`). Readers use the pool concurrently (WAL).
+//!
+//! # Error mapping
+//!
+//! sqlx errors become [`StoreError`] by *where* they happened, since that is what decides what
+//! the caller may assume about the write:
+//!
+//! - anything before `COMMIT` is sent (no connection, pool timeout, I/O, busy timeout,
+//!   constraint violation, decode error, bad JSON) → [`StoreError::NotApplied`]: the
+//!   transaction was rolled back or never began, so nothing took effect;
+//!   - except a missing row the operation needs (`RowNotFound`, or a foreign-key violation
+//!     such as an assignment naming an unknown config) → [`StoreError::NotFound`], which also
+//!     means nothing took effect;
+//! - any error from `COMMIT` itself → [`StoreError::MaybeApplied`]: the commit may or may not
+//!   have reached the file, so callers must reload before assuming either;
+//! - read-only calls have nothing to apply; their failures are reported as `NotApplied`
+//!   (safe to retry).
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use shared::domain::{
+    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption,
+    Role, Target, TokenRecord,
+};
+use shared::ids::InstanceUid;
+use shared::store::{AuditQuery, NewAssignment, NewConfigVersion, Store, StoreError, StoreResult};
+use sqlx::error::ErrorKind;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
+use tokio::sync::Mutex;
+
+/// Rows per multi-row `INSERT` when upserting agents: 4 binds each, far below SQLite's limit
+/// of 32766 bound parameters per statement.
+const UPSERT_CHUNK: usize = 500;
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: u32 = 8;
+
+/// The future a transaction body returns; it borrows the transaction for `'c`.
+type TxFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
+
+/// The embedded SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Serialises this process's write transactions (see the module docs).
+    write_gate: Mutex<()>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) the database file at `path` and brings its schema up to
+    /// date. WAL journal, `synchronous=NORMAL`, foreign keys on, 5 s busy timeout.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::NotApplied(format!("opening database {}: {e}", path.display()))
+            })?;
+        Self::migrate(pool).await
+    }
+
+    /// A private in-memory database for tests. The pool holds exactly one connection that is
+    /// never recycled, so every call sees the same database for the life of the store.
+    pub async fn open_in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .in_memory(true)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::NotApplied(format!("opening in-memory database: {e}")))?;
+        Self::migrate(pool).await
+    }
+
+    async fn migrate(pool: SqlitePool) -> Result<Self, StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::NotApplied(format!("migrating database: {e}")))?;
+        Ok(Self {
+            pool,
+            write_gate: Mutex::new(()),
+        })
+    }
+
+    /// Closes all connections (checkpointing the WAL); later calls fail with `NotApplied`.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Runs `body` in one `BEGIN IMMEDIATE` transaction and commits it; the single path every
+    /// mutation takes. Errors are classified as described in the module docs.
+    async fn in_tx<T, F>(&self, what: &'static str, body: F) -> StoreResult<T>
+    where
+        T: Send,
+        F: for<'c> FnOnce(&'c mut Transaction<'static, Sqlite>) -> TxFuture<'c, T> + Send,
+    {
+        let _gate = self.write_gate.lock().await;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| before_commit(what, e))?;
+        match body(&mut tx).await {
+            Ok(value) => {
+                tx.commit().await.map_err(|e| during_commit(what, e))?;
+                Ok(value)
+            }
+            Err(e) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(%rollback, what, "rollback after a failed transaction failed");
+                }
+                Err(before_commit(what, e))
+            }
+        }
+    }
+}
+
+/// An error before `COMMIT` was sent: nothing took effect.
+fn before_commit(what: &str, e: sqlx::Error) -> StoreError {
+    let missing = match &e {
+        sqlx::Error::RowNotFound => true,
+        sqlx::Error::Database(db) => db.kind() == ErrorKind::ForeignKeyViolation,
+        _ => false,
+    };
+    if missing {
+        StoreError::NotFound(format!("{what}: {e}"))
+    } else {
+        StoreError::NotApplied(format!("{what}: {e}"))
+    }
+}
+
+/// An error from `COMMIT` itself: the outcome is unknown.
+fn during_commit(what: &str, e: sqlx::Error) -> StoreError {
+    StoreError::MaybeApplied(format!("{what}: commit failed: {e}"))
+}
+
+/// A stored row that does not decode into its domain type.
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::NotApplied(format!("{what}: corrupt row: {e}"))
+}
+
+fn uid_from(bytes: &[u8]) -> Result<InstanceUid, String> {
+    InstanceUid::from_slice(bytes).ok_or_else(|| format!("instance uid of {} bytes", bytes.len()))
+}
+
+fn hash_from(bytes: &[u8]) -> Result<[u8; 32], String> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| format!("token hash of {} bytes", bytes.len()))
+}
+
+fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Viewer => "viewer",
+        Role::Operator => "operator",
+        Role::Admin => "admin",
+    }
+}
+
+fn role_from(s: &str) -> Result<Role, String> {
+    match s {
+        "viewer" => Ok(Role::Viewer),
+        "operator" => Ok(Role::Operator),
+        "admin" => Ok(Role::Admin),
+        other => Err(format!("unknown role {other:?}")),
+    }
+}
+
+fn to_json<T: serde::Serialize>(what: &str, value: &T) -> StoreResult<String> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::NotApplied(format!("{what}: encoding JSON: {e}")))
+}
+
+fn agent_from(what: &str, json: &str) -> StoreResult<AgentRecord> {
+    serde_json::from_str(json).map_err(|e| corrupt(what, e))
+}
+
+#[derive(sqlx::FromRow)]
+struct ConfigRow {
+    id: i64,
+    name: String,
+    files: String,
+    hash: String,
+    author: String,
+    created_ms: i64,
+}
+
+impl ConfigRow {
+    fn into_domain(self) -> StoreResult<ConfigVersion> {
+        let files: ConfigMap =
+            serde_json::from_str(&self.files).map_err(|e| corrupt("config version", e))?;
+        Ok(ConfigVersion {
+            id: self.id,
+            name: self.name,
+            files,
+            hash: self.hash,
+            author: self.author,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AssignmentRow {
+    id: i64,
+    config_id: i64,
+    target: String,
+    author: String,
+    created_ms: i64,
+}
+
+impl AssignmentRow {
+    fn into_domain(self) -> StoreResult<Assignment> {
+        let target: Target =
+            serde_json::from_str(&self.target).map_err(|e| corrupt("assignment", e))?;
+        Ok(Assignment {
+            id: self.id,
+            config_id: self.config_id,
+            target,
+            author: self.author,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    id: String,
+    name: String,
+    prefix: String,
+    hash: Vec<u8>,
+    created_ms: i64,
+    expires_ms: i64,
+    revoked_ms: Option<i64>,
+    redeemed_ms: Option<i64>,
+    bound_uid: Option<Vec<u8>>,
+}
+
+impl TokenRow {
+    fn into_domain(self) -> StoreResult<TokenRecord> {
+        Ok(TokenRecord {
+            hash: hash_from(&self.hash).map_err(|e| corrupt("token", e))?,
+            bound_uid: self
+                .bound_uid
+                .as_deref()
+                .map(uid_from)
+                .transpose()
+                .map_err(|e| corrupt("token", e))?,
+            id: self.id,
+            name: self.name,
+            prefix: self.prefix,
+            created_ms: self.created_ms,
+            expires_ms: self.expires_ms,
+            revoked_ms: self.revoked_ms,
+            redeemed_ms: self.redeemed_ms,
+        })
+    }
+}
+
+const TOKEN_COLUMNS: &str =
+    "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid";
+
+#[derive(sqlx::FromRow)]
+struct ApiTokenRow {
+    id: String,
+    name: String,
+    role: String,
+    hash: Vec<u8>,
+    created_ms: i64,
+}
+
+impl ApiTokenRow {
+    fn into_domain(self) -> StoreResult<ApiTokenRecord> {
+        Ok(ApiTokenRecord {
+            role: role_from(&self.role).map_err(|e| corrupt("api token", e))?,
+            hash: hash_from(&self.hash).map_err(|e| corrupt("api token", e))?,
+            id: self.id,
+            name: self.name,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    at_ms: i64,
+    actor: String,
+    action: String,
+    instance_uid: Option<Vec<u8>>,
+    source_ip: Option<String>,
+    reason: Option<String>,
+    detail: String,
+}
+
+impl AuditRow {
+    fn into_domain(self) -> StoreResult<AuditEntry> {
+        Ok(AuditEntry {
+            instance_uid: self
+                .instance_uid
+                .as_deref()
+                .map(uid_from)
+                .transpose()
+                .map_err(|e| corrupt("audit entry", e))?,
+            source_ip: self
+                .source_ip
+                .as_deref()
+                .map(IpAddr::from_str)
+                .transpose()
+                .map_err(|e| corrupt("audit entry", e))?,
+            detail: serde_json::from_str(&self.detail).map_err(|e| corrupt("audit entry", e))?,
+            id: self.id,
+            at_ms: self.at_ms,
+            actor: self.actor,
+            action: self.action,
+            reason: self.reason,
+        })
+    }
+}
+
+/// An agent row ready to bind.
+struct AgentRow {
+    uid: Vec<u8>,
+    record: String,
+    connected: bool,
+    last_seen_ms: i64,
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| before_commit("ping", e))?;
+        Ok(())
+    }
+
+    async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()> {
+        if agents.is_empty() {
+            return Ok(());
+        }
+        // Serialise before taking the write lock, to keep the transaction short.
+        let rows = agents
+            .iter()
+            .map(|a| {
+                Ok(AgentRow {
+                    uid: a.instance_uid.as_bytes().to_vec(),
+                    record: to_json("upsert_agents", a)?,
+                    connected: a.connected,
+                    last_seen_ms: a.last_seen_ms,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.in_tx("upsert_agents", move |tx| {
+            Box::pin(async move {
+                for chunk in rows.chunks(UPSERT_CHUNK) {
+                    let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                        "INSERT INTO agents (instance_uid, record, connected, last_seen_ms) ",
+                    );
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.uid.as_slice())
+                            .push_bind(r.record.as_str())
+                            .push_bind(r.connected)
+                            .push_bind(r.last_seen_ms);
+                    });
+                    // Within one statement a repeated uid updates the row just inserted, so
+                    // the last record for a uid wins.
+                    q.push(
+                        " ON CONFLICT (instance_uid) DO UPDATE SET record = excluded.record, \
+                         connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
+                    );
+                    q.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM agents")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| before_commit("load_agents", e))?;
+        rows.iter()
+            .map(|(json,)| agent_from("load_agents", json))
+            .collect()
+    }
+
+    async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT record FROM agents WHERE instance_uid = ?")
+                .bind(uid.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| before_commit("get_agent", e))?;
+        row.map(|(json,)| agent_from("get_agent", &json))
+            .transpose()
+    }
+
+    async fn create_config(&self, new: NewConfigVersion) -> StoreResult<ConfigVersion> {
+        let files = to_json("create_config", &new.files)?;
+        let (name, hash, author, created_ms) = (
+            new.name.clone(),
+            new.hash.clone(),
+            new.author.clone(),
+            new.created_ms,
+        );
+        let id: i64 = self
+            .in_tx("create_config", move |tx| {
+                Box::pin(async move {
+                    sqlx::query_scalar(
+                        "INSERT INTO config_versions (name, files, hash, author, created_ms) \
+                         VALUES (?, ?, ?, ?, ?) RETURNING id",
+                    )
+                    .bind(name)
+                    .bind(files)
+                    .bind(hash)
+                    .bind(author)
+                    .bind(created_ms)
+                    .fetch_one(&mut **tx)
+                    .await
+                })
+            })
+            .await?;
+        Ok(ConfigVersion {
+            id,
+            name: new.name,
+            files: new.files,
+            hash: new.hash,
+            author: new.author,
+            created_ms: new.created_ms,
+        })
+    }
+
+    async fn get_config(&self, id: i64) -> StoreResult<Option<ConfigVersion>> {
+        let row: Option<ConfigRow> = sqlx::query_as(
+            "SELECT id, name, files, hash, author, created_ms FROM config_versions WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| before_commit("get_config", e))?;
+        row.map(ConfigRow::into_domain).transpose()
+    }
+
+    async fn list_configs(&self) -> StoreResult<Vec<ConfigVersion>> {
+        let rows: Vec<ConfigRow> = sqlx::query_as(
+            "SELECT id, name, files, hash, author, created_ms FROM config_versions ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("list_configs", e))?;
+        rows.into_iter().map(ConfigRow::into_domain).collect()
+    }
+
+    async fn create_assignment(&self, new: NewAssignment) -> StoreResult<Assignment> {
+        let target = to_json("create_assignment", &new.target)?;
+        let (config_id, author, created_ms) = (new.config_id, new.author.clone(), new.created_ms);
+        // An unknown config_id is a foreign-key violation, reported as NotFound.
+        let id: i64 = self
+            .in_tx("create_assignment", move |tx| {
+                Box::pin(async move {
+                    sqlx::query_scalar(
+                        "INSERT INTO assignments (config_id, target, author, created_ms) \
+                         VALUES (?, ?, ?, ?) RETURNING id",
+                    )
+                    .bind(config_id)
+                    .bind(target)
+                    .bind(author)
+                    .bind(created_ms)
+                    .fetch_one(&mut **tx)
+                    .await
+                })
+            })
+            .await?;
+        Ok(Assignment {
+            id,
+            config_id: new.config_id,
+            target: new.target,
+            author: new.author,
+            created_ms: new.created_ms,
+        })
+    }
+
+    async fn list_assignments(&self) -> StoreResult<Vec<Assignment>> {
+        let rows: Vec<AssignmentRow> = sqlx::query_as(
+            "SELECT id, config_id, target, author, created_ms FROM assignments ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("list_assignments", e))?;
+        rows.into_iter().map(AssignmentRow::into_domain).collect()
+    }
+
+    async fn create_token(&self, token: &TokenRecord) -> StoreResult<()> {
+        let t = token.clone();
+        self.in_tx("create_token", move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO tokens (id, name, prefix, hash, created_ms, expires_ms, \
+                     revoked_ms, redeemed_ms, bound_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(t.id.as_str())
+                .bind(t.name.as_str())
+                .bind(t.prefix.as_str())
+                .bind(t.hash.as_slice())
+                .bind(t.created_ms)
+                .bind(t.expires_ms)
+                .bind(t.revoked_ms)
+                .bind(t.redeemed_ms)
+                .bind(t.bound_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_ms, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("list_tokens", e))?;
+        rows.into_iter().map(TokenRow::into_domain).collect()
+    }
+
+    async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>> {
+        let row: Option<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?"
+        ))
+        .bind(hash.as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| before_commit("find_token", e))?;
+        row.map(TokenRow::into_domain).transpose()
+    }
+
+    async fn revoke_token(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
+        let id = id.to_owned();
+        // Revoking twice keeps the first revocation time.
+        self.in_tx("revoke_token", move |tx| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE tokens SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?",
+                )
+                .bind(at_ms)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn redeem_token(
+        &self,
+        id: &str,
+        uid: InstanceUid,
+        now_ms: i64,
+    ) -> StoreResult<Redemption> {
+        let id = id.to_owned();
+        self.in_tx("redeem_token", move |tx| {
+            Box::pin(async move {
+                // The single winner: only an unbound, live token changes here, and SQLite runs
+                // one write transaction at a time.
+                let bound = sqlx::query(
+                    "UPDATE tokens SET bound_uid = ?, redeemed_ms = ? \
+                     WHERE id = ? AND bound_uid IS NULL AND revoked_ms IS NULL \
+                     AND expires_ms > ?",
+                )
+                .bind(uid.as_bytes().as_slice())
+                .bind(now_ms)
+                .bind(id.as_str())
+                .bind(now_ms)
+                .execute(&mut **tx)
+                .await?;
+                if bound.rows_affected() == 1 {
+                    return Ok(Redemption::Bound);
+                }
+                // Nothing changed: say why, from the row as this transaction sees it.
+                let row: Option<(Option<i64>, i64, Option<Vec<u8>>)> = sqlx::query_as(
+                    "SELECT revoked_ms, expires_ms, bound_uid FROM tokens WHERE id = ?",
+                )
+                .bind(id.as_str())
+                .fetch_optional(&mut **tx)
+                .await?;
+                // Revoked and expired come first: a dead token is refused even to its own
+                // agent.
+                Ok(match row {
+                    None => Redemption::NotFound,
+                    Some((Some(_), _, _)) => Redemption::Revoked,
+                    Some((None, expires_ms, _)) if now_ms >= expires_ms => Redemption::Expired,
+                    Some((None, _, Some(bound))) if bound.as_slice() == uid.as_bytes() => {
+                        Redemption::AlreadyBoundToSame
+                    }
+                    Some((None, _, Some(_))) => Redemption::BoundToOther,
+                    // Live and unbound, yet the update matched nothing: cannot happen inside
+                    // one write transaction.
+                    Some((None, _, None)) => {
+                        return Err(sqlx::Error::Protocol(
+                            "token is live and unbound but did not bind".into(),
+                        ))
+                    }
+                })
+            })
+        })
+        .await
+    }
+
+    async fn create_api_token(&self, token: &ApiTokenRecord) -> StoreResult<()> {
+        let t = token.clone();
+        self.in_tx("create_api_token", move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO api_tokens (id, name, role, hash, created_ms) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(t.id.as_str())
+                .bind(t.name.as_str())
+                .bind(role_str(t.role))
+                .bind(t.hash.as_slice())
+                .bind(t.created_ms)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn find_api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>> {
+        let row: Option<ApiTokenRow> = sqlx::query_as(
+            "SELECT id, name, role, hash, created_ms FROM api_tokens WHERE hash = ?",
+        )
+        .bind(hash.as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| before_commit("find_api_token", e))?;
+        row.map(ApiTokenRow::into_domain).transpose()
+    }
+
+    async fn count_api_tokens(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| before_commit("count_api_tokens", e))?;
+        u64::try_from(n).map_err(|e| corrupt("count_api_tokens", e))
+    }
+
+    /// Appends `entry` and returns its new id; `entry.id` is ignored.
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<i64> {
+        let detail = to_json("append_audit", &entry.detail)?;
+        let e = entry.clone();
+        self.in_tx("append_audit", move |tx| {
+            Box::pin(async move {
+                sqlx::query_scalar(
+                    "INSERT INTO audit (at_ms, actor, action, instance_uid, source_ip, reason, \
+                     detail) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                )
+                .bind(e.at_ms)
+                .bind(e.actor.as_str())
+                .bind(e.action.as_str())
+                .bind(e.instance_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+                .bind(e.source_ip.map(|ip| ip.to_string()))
+                .bind(e.reason.as_deref())
+                .bind(detail)
+                .fetch_one(&mut **tx)
+                .await
+            })
+        })
+        .await
+    }
+
+    /// Newest first (by `at_ms`, then by id); `since_ms` is inclusive, `until_ms` exclusive;
+    /// at most `limit` entries (so a limit of 0 yields none).
+    async fn query_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+            "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, detail \
+             FROM audit WHERE 1 = 1",
+        );
+        if let Some(since) = query.since_ms {
+            q.push(" AND at_ms >= ").push_bind(since);
+        }
+        if let Some(until) = query.until_ms {
+            q.push(" AND at_ms < ").push_bind(until);
+        }
+        if let Some(uid) = &query.instance_uid {
+            q.push(" AND instance_uid = ")
+                .push_bind(uid.as_bytes().as_slice());
+        }
+        if let Some(actor) = &query.actor {
+            q.push(" AND actor = ").push_bind(actor.as_str());
+        }
+        if let Some(reason) = &query.reason {
+            q.push(" AND reason = ").push_bind(reason.as_str());
+        }
+        q.push(" ORDER BY at_ms DESC, id DESC LIMIT ")
+            .push_bind(i64::from(query.limit));
+        let rows: Vec<AuditRow> = q
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| before_commit("query_audit", e))?;
+        rows.into_iter().map(AuditRow::into_domain).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use shared::domain::{ConfigFile, Health, Transport};
+
+    use super::*;
+    use crate::store::conformance;
+
+    /// A database file in the temp dir, removed (with its WAL files) when dropped.
+    struct TempDb(PathBuf);
+
+    impl TempDb {
+        fn new() -> Self {
+            Self(std::env::temp_dir().join(format!(
+                "ampora-store-test-{}.db",
+                uuid::Uuid::new_v4().simple()
+            )))
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.0.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn in_memory_conforms() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        conformance::run_all(Arc::new(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn file_conforms() {
+        let db = TempDb::new();
+        let store = Arc::new(SqliteStore::open(&db.0).await.expect("open"));
+        conformance::run_all(store.clone()).await;
+        // A second run against the now non-empty database must pass as well.
+        conformance::run_all(store.clone()).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn file_pragmas_are_set() {
+        let db = TempDb::new();
+        let store = SqliteStore::open(&db.0).await.expect("open");
+        let mut conn = store.pool.acquire().await.expect("acquire");
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("journal_mode");
+        assert_eq!(journal, "wal");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("synchronous");
+        assert_eq!(sync, 1, "synchronous=NORMAL");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("foreign_keys");
+        assert_eq!(fk, 1);
+        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("busy_timeout");
+        assert_eq!(busy, 5000);
+        drop(conn);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn reopen_persists() {
+        let db = TempDb::new();
+        let uid = InstanceUid::new_v7();
+        let mut agent = AgentRecord::new(uid, 1_700_000_000_000);
+        agent.connected = true;
+        agent.transport = Some(Transport::Http);
+        let token = TokenRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: "persist".into(),
+            prefix: "amp-bs.abcd…".into(),
+            hash: [7; 32],
+            created_ms: 1,
+            expires_ms: i64::MAX,
+            revoked_ms: None,
+            redeemed_ms: None,
+            bound_uid: None,
+        };
+        let config_id = {
+            let store = SqliteStore::open(&db.0).await.expect("open");
+            store.upsert_agents(&[agent.clone()]).await.expect("upsert");
+            let config = store
+                .create_config(NewConfigVersion {
+                    name: "persisted".into(),
+                    files: BTreeMap::from([(
+                        String::new(),
+                        ConfigFile {
+                            body: "receivers: {}".into(),
+                            content_type: "text/yaml".into(),
+                        },
+                    )]),
+                    hash: "ab".into(),
+                    author: "test".into(),
+                    created_ms: 2,
+                })
+                .await
+                .expect("create_config");
+            store.create_token(&token).await.expect("create_token");
+            assert_eq!(
+                store.redeem_token(&token.id, uid, 3).await.expect("redeem"),
+                Redemption::Bound
+            );
+            store.close().await;
+            config.id
+        };
+        let store = SqliteStore::open(&db.0).await.expect("reopen");
+        assert_eq!(
+            store.get_agent(uid).await.expect("get_agent"),
+            Some(agent.clone())
+        );
+        assert_eq!(store.load_agents().await.expect("load"), vec![agent]);
+        let config = store
+            .get_config(config_id)
+            .await
+            .expect("get_config")
+            .expect("config persisted");
+        assert_eq!(config.name, "persisted");
+        let found = store
+            .find_token(&[7; 32])
+            .await
+            .expect("find_token")
+            .expect("token persisted");
+        assert_eq!(found.bound_uid, Some(uid));
+        assert_eq!(found.redeemed_ms, Some(3));
+        assert_eq!(
+            store.redeem_token(&token.id, uid, 4).await.expect("redeem"),
+            Redemption::AlreadyBoundToSame
+        );
+        store.close().await;
+    }
+
+    fn bulk_agent(i: usize) -> AgentRecord {
+        let mut a = AgentRecord::new(InstanceUid::new_v7(), 1_700_000_000_000);
+        a.description
+            .identifying
+            .insert("service.name".into(), "otelcol-contrib".into());
+        a.description
+            .identifying
+            .insert("service.instance.id".into(), format!("instance-{i}").into());
+        a.description.non_identifying.insert(
+            "host.name".into(),
+            format!("host-{i}.example.internal").into(),
+        );
+        a.description
+            .non_identifying
+            .insert("os.type".into(), "linux".into());
+        a.capabilities = 0x1fff;
+        a.health = Some(Health {
+            healthy: true,
+            status: "StatusOK".into(),
+            start_time_unix_nano: 1_700_000_000_000_000_000,
+            status_time_unix_nano: 1_700_000_000_500_000_000,
+            components: BTreeMap::from([(
+                "pipeline:traces".into(),
+                Health {
+                    healthy: true,
+                    status: "StatusOK".into(),
+                    ..Health::default()
+                },
+            )]),
+            ..Health::default()
+        });
+        a.effective_config = Some(BTreeMap::from([(
+            String::new(),
+            ConfigFile {
+                body: "receivers:\n  otlp:\n    protocols:\n      grpc: {}\n".repeat(8),
+                content_type: "text/yaml".into(),
+            },
+        )]));
+        a.effective_config_hash = Some("ab".repeat(32));
+        a.connected = i % 3 != 0;
+        a.transport = Some(Transport::WebSocket);
+        a.gateway = Some("gw-1".into());
+        a.sequence_num = i as u64;
+        a
+    }
+
+    async fn upsert_10k(store: &SqliteStore, label: &str) {
+        let agents: Vec<AgentRecord> = (0..10_000).map(bulk_agent).collect();
+        let started = Instant::now();
+        store.upsert_agents(&agents).await.expect("upsert");
+        let inserted = started.elapsed();
+        let started = Instant::now();
+        store.upsert_agents(&agents).await.expect("upsert again");
+        let updated = started.elapsed();
+        let started = Instant::now();
+        let loaded = store.load_agents().await.expect("load");
+        let load = started.elapsed();
+        eprintln!(
+            "{label}: upsert 10k new {inserted:?}, upsert 10k existing {updated:?}, \
+             load {load:?}"
+        );
+        assert_eq!(loaded.len(), agents.len());
+        let by_uid: std::collections::HashMap<InstanceUid, AgentRecord> =
+            loaded.into_iter().map(|a| (a.instance_uid, a)).collect();
+        for a in &agents {
+            assert_eq!(by_uid.get(&a.instance_uid), Some(a));
+        }
+    }
+
+    #[tokio::test]
+    async fn upsert_10k_agents_in_memory() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        upsert_10k(&store, "in-memory").await;
+    }
+
+    #[tokio::test]
+    async fn upsert_10k_agents_file() {
+        let db = TempDb::new();
+        let store = SqliteStore::open(&db.0).await.expect("open");
+        upsert_10k(&store, "file").await;
+        store.close().await;
+    }
+
+    #[test]
+    fn errors_are_classified_by_phase() {
+        assert!(matches!(
+            before_commit("x", sqlx::Error::PoolTimedOut),
+            StoreError::NotApplied(_)
+        ));
+        assert!(matches!(
+            before_commit("x", sqlx::Error::RowNotFound),
+            StoreError::NotFound(_)
+        ));
+        assert!(matches!(
+            during_commit("x", sqlx::Error::WorkerCrashed),
+            StoreError::MaybeApplied(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn closed_store_reports_not_applied() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        store.close().await;
+        assert!(matches!(store.ping().await, Err(StoreError::NotApplied(_))));
+        assert!(matches!(
+            store.upsert_agents(&[bulk_agent(0)]).await,
+            Err(StoreError::NotApplied(_))
+        ));
+    }
+}

@@ -1,0 +1,415 @@
+//! The agent task: [`AgentCore`] plus a transport, heartbeats/polling, reconnects and stop.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use proto::{agent_caps, AgentToServer};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout, Instant};
+
+use super::core::AgentCore;
+use super::http::HttpTransport;
+use super::url::{Endpoint, Scheme};
+use super::ws::WsConnection;
+use super::ClientError;
+
+/// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth |
+/// ReportsRemoteConfig | ReportsHeartbeat.
+pub const DEFAULT_CAPABILITIES: u64 = agent_caps::REPORTS_STATUS
+    | agent_caps::ACCEPTS_REMOTE_CONFIG
+    | agent_caps::REPORTS_EFFECTIVE_CONFIG
+    | agent_caps::REPORTS_HEALTH
+    | agent_caps::REPORTS_REMOTE_CONFIG
+    | agent_caps::REPORTS_HEARTBEAT;
+
+/// A send that does not complete in this time means a dead peer; reconnect.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for one HTTP request/response.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `stop` spends on saying goodbye before giving up.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `ws://…` or `http://…`; the scheme picks the transport.
+    pub endpoint: String,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// `None`: ask the server for one (RequestInstanceUid) and adopt what it assigns.
+    pub instance_uid: Option<[u8; 16]>,
+    /// Identifying attributes (service.name, service.version, …).
+    pub description: Vec<(String, String)>,
+    /// Non-identifying attributes (host.name, os.type, labels, …).
+    pub non_identifying: Vec<(String, String)>,
+    pub capabilities: u64,
+    /// WS heartbeat / HTTP poll interval (zero means the 30 s default). A non-zero
+    /// `heartbeat_interval_seconds` offered by the server replaces it.
+    pub heartbeat: Duration,
+    /// Effective config reported at start (a single `text/yaml` file).
+    pub initial_config: String,
+    /// Report FAILED for every remote config instead of applying it.
+    pub fail_configs: bool,
+    /// Local address to connect from (the load generator spreads over 127.0.0.x).
+    pub source_ip: Option<IpAddr>,
+}
+
+impl AgentOptions {
+    /// The spec's default heartbeat and HTTP poll interval.
+    pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: "ws://127.0.0.1:4320/v1/opamp".into(),
+            token: None,
+            instance_uid: None,
+            description: Vec::new(),
+            non_identifying: Vec::new(),
+            capabilities: DEFAULT_CAPABILITIES,
+            heartbeat: Self::DEFAULT_HEARTBEAT,
+            initial_config: String::new(),
+            fail_configs: false,
+            source_ip: None,
+        }
+    }
+}
+
+/// What an agent has seen so far; published on a watch channel so tests can wait on it.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStatus {
+    /// `None` until the server assigned one when the agent started without a uid.
+    pub instance_uid: Option<[u8; 16]>,
+    pub connected: bool,
+    /// ServerToAgent messages received.
+    pub replies: u64,
+    pub last_remote_config_hash: Option<Vec<u8>>,
+    pub applied_configs: u64,
+    /// Bodies of the effective config files, concatenated (just the body for one file).
+    pub effective_config: String,
+    /// Last connect/transport/server error, e.g. "401: unknown token". Kept after recovery.
+    pub last_error: Option<String>,
+    pub heartbeat_secs: u64,
+    pub server_capabilities: u64,
+    pub full_state_requests: u64,
+}
+
+/// Handle to a running agent task. Dropping it stops the agent like [`Agent::stop`], without
+/// waiting for the goodbye.
+#[derive(Debug)]
+pub struct Agent {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    status: watch::Receiver<AgentStatus>,
+}
+
+impl Agent {
+    /// Spawns the agent task on the current tokio runtime.
+    pub fn start(opts: AgentOptions) -> Agent {
+        let (core, status) = AgentCore::new(opts);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(core, stop_rx));
+        Agent {
+            stop: Some(stop_tx),
+            task,
+            status,
+        }
+    }
+
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.clone()
+    }
+
+    /// Sends `agent_disconnect`, closes the connection and waits for the task to end.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = &mut self.task;
+        if timeout(GOODBYE_TIMEOUT * 3, &mut *task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+/// Reconnect delays like opamp-go: the first retry is immediate, then exponential with
+/// jitter, never shorter than a server-requested Retry-After.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn next(&mut self, retry_after: Option<Duration>) -> Duration {
+        let base = match self.attempt {
+            0 => Duration::ZERO,
+            n => BACKOFF_START
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(BACKOFF_CAP),
+        };
+        self.attempt = self.attempt.saturating_add(1);
+        // "Equal jitter": half fixed, half random, so agents that dropped together spread out.
+        let half = base / 2;
+        let jittered = half + half.mul_f64(rand::random::<f64>());
+        jittered.max(retry_after.unwrap_or(Duration::ZERO))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Sleeps `d` unless stopped first; false means stop.
+async fn pause(d: Duration, stop: &mut oneshot::Receiver<()>) -> bool {
+    tokio::select! {
+        _ = stop => false,
+        _ = sleep(d) => true,
+    }
+}
+
+async fn run(core: AgentCore, stop: oneshot::Receiver<()>) {
+    let ep = match Endpoint::parse(&core.options().endpoint) {
+        Ok(ep) => ep,
+        Err(e) => {
+            core.set_error(e);
+            return;
+        }
+    };
+    let headers: Vec<(String, String)> = core
+        .options()
+        .token
+        .iter()
+        .map(|t| ("Authorization".to_string(), format!("Bearer {t}")))
+        .collect();
+    match ep.scheme {
+        Scheme::Ws => run_ws(core, ep, headers, stop).await,
+        Scheme::Http => run_http(core, ep, headers, stop).await,
+    }
+}
+
+/// Why a WebSocket session ended.
+enum SessionEnd {
+    Stop,
+    /// Connection lost or unusable; reconnect after the backoff (and this Retry-After).
+    Lost {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// The server is unavailable: say goodbye, close, back off.
+    Unavailable { retry_after: Option<Duration> },
+}
+
+async fn run_ws(
+    mut core: AgentCore,
+    ep: Endpoint,
+    headers: Vec<(String, String)>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let source = core.options().source_ip;
+    let mut backoff = Backoff::default();
+    loop {
+        let connected = tokio::select! {
+            _ = &mut stop => return,
+            c = WsConnection::connect_endpoint(&ep, &headers, source) => c,
+        };
+        let mut conn = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let wait = backoff.next(e.retry_after());
+                core.set_error(e.to_string());
+                if !pause(wait, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        core.set_connected(true);
+        let end = ws_session(&mut core, &mut conn, &mut stop, &mut backoff).await;
+        core.set_connected(false);
+        let retry_after = match end {
+            SessionEnd::Stop => {
+                goodbye(&mut core, conn).await;
+                return;
+            }
+            SessionEnd::Lost { error, retry_after } => {
+                core.set_error(error);
+                retry_after
+            }
+            SessionEnd::Unavailable { retry_after } => {
+                goodbye(&mut core, conn).await;
+                retry_after
+            }
+        };
+        if !pause(backoff.next(retry_after), &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// agent_disconnect, then Close(1000), as the spec asks of a client that leaves.
+async fn goodbye(core: &mut AgentCore, mut conn: WsConnection) {
+    let bye = core.disconnect_message();
+    let _ = timeout(GOODBYE_TIMEOUT, conn.send(&bye)).await;
+    conn.close(1000, "agent stopping").await;
+}
+
+async fn ws_send(conn: &mut WsConnection, msg: &AgentToServer) -> Result<(), SessionEnd> {
+    match timeout(SEND_TIMEOUT, conn.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(lost(e)),
+        Err(_) => Err(lost(ClientError::Timeout)),
+    }
+}
+
+fn lost(e: ClientError) -> SessionEnd {
+    SessionEnd::Lost {
+        retry_after: e.retry_after(),
+        error: e.to_string(),
+    }
+}
+
+async fn ws_session(
+    core: &mut AgentCore,
+    conn: &mut WsConnection,
+    stop: &mut oneshot::Receiver<()>,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    // The client speaks first, with everything: the server may know nothing about us.
+    let first = core.full_state();
+    if let Err(end) = ws_send(conn, &first).await {
+        return end;
+    }
+    drop(first);
+    let mut last_sent = Instant::now();
+    loop {
+        let due = last_sent + core.heartbeat();
+        let heartbeats = core.heartbeats_enabled();
+        tokio::select! {
+            biased;
+            _ = &mut *stop => return SessionEnd::Stop,
+            r = conn.recv() => match r {
+                Ok(Some(msg)) => {
+                    // A full exchange worked: the next failure retries at once again.
+                    backoff.reset();
+                    let out = core.on_message(msg);
+                    for m in &out.send {
+                        if let Err(end) = ws_send(conn, m).await {
+                            return end;
+                        }
+                        last_sent = Instant::now();
+                    }
+                    if out.reconnect {
+                        return SessionEnd::Unavailable { retry_after: out.retry_after };
+                    }
+                }
+                Ok(None) => {
+                    let error = match conn.close_info() {
+                        Some((code, reason)) => format!("closed by server: {code} {reason}"),
+                        None => "closed by server".to_string(),
+                    };
+                    return SessionEnd::Lost { error, retry_after: None };
+                }
+                // A malformed message is not fatal: log it, keep the connection.
+                Err(ClientError::Protocol(p)) => core.set_error(format!("protocol: {p}")),
+                Err(e) => return lost(e),
+            },
+            _ = tokio::time::sleep_until(due), if heartbeats => {
+                let hb = core.heartbeat_message();
+                if let Err(end) = ws_send(conn, &hb).await {
+                    return end;
+                }
+                last_sent = Instant::now();
+            }
+        }
+    }
+}
+
+async fn run_http(
+    mut core: AgentCore,
+    ep: Endpoint,
+    headers: Vec<(String, String)>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let url = format!("http://{}{}", ep.authority, ep.path_and_query);
+    let mut transport =
+        HttpTransport::new(&url, headers, false).with_source_ip(core.options().source_ip);
+    let mut backoff = Backoff::default();
+    // Messages waiting to go out; polls are made up on the spot when this is empty.
+    let mut queue: VecDeque<AgentToServer> = VecDeque::from([core.full_state()]);
+    loop {
+        let msg = match queue.pop_front() {
+            Some(m) => m,
+            None => {
+                if !pause(core.heartbeat(), &mut stop).await {
+                    break;
+                }
+                core.heartbeat_message()
+            }
+        };
+        let res = tokio::select! {
+            _ = &mut stop => break,
+            r = timeout(EXCHANGE_TIMEOUT, transport.exchange(&msg)) => {
+                r.unwrap_or(Err(ClientError::Timeout))
+            }
+        };
+        match res {
+            Ok(reply) => {
+                backoff.reset();
+                core.set_connected(true);
+                let out = core.on_message(reply);
+                // Sent right away (no poll wait): e.g. APPLYING then APPLIED.
+                queue.extend(out.send);
+                if out.reconnect && !pause(backoff.next(out.retry_after), &mut stop).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                core.set_connected(false);
+                let wait = backoff.next(e.retry_after());
+                core.set_error(e.to_string());
+                // Retried as is: a repeated sequence number reads as a retry to the server.
+                queue.push_front(msg);
+                if !pause(wait, &mut stop).await {
+                    break;
+                }
+            }
+        }
+    }
+    // Stopping: the spec recommends agent_disconnect in the last HTTP message too.
+    let bye = core.disconnect_message();
+    let _ = timeout(GOODBYE_TIMEOUT, transport.exchange(&bye)).await;
+    core.set_connected(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_immediate_then_exponential_capped_and_honours_retry_after() {
+        let mut b = Backoff::default();
+        assert_eq!(b.next(None), Duration::ZERO);
+        let d = b.next(None);
+        assert!(d >= BACKOFF_START / 2 && d <= BACKOFF_START, "{d:?}");
+        let d = b.next(None);
+        assert!(
+            d >= BACKOFF_START && d <= BACKOFF_START * 2,
+            "doubles: {d:?}"
+        );
+        for _ in 0..40 {
+            assert!(b.next(None) <= BACKOFF_CAP);
+        }
+        assert!(b.next(Some(Duration::from_secs(120))) >= Duration::from_secs(120));
+        b.reset();
+        assert_eq!(b.next(None), Duration::ZERO);
+        assert_eq!(
+            b.next(Some(Duration::from_secs(3))),
+            Duration::from_secs(3),
+            "Retry-After wins over a short backoff"
+        );
+    }
+}

@@ -1,0 +1,716 @@
+//! The agent's protocol state machine, without I/O.
+//!
+//! [`AgentCore`] turns `ServerToAgent` messages into the `AgentToServer` messages to send.
+//! Keeping it free of sockets and timers lets the protocol rules (sequence numbers, full-state
+//! resends, remote config status flow, uid adoption) be tested directly, and lets the WS and
+//! HTTP loops share them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proto::v1::{
+    any_value, server_error_response, AgentConfigFile, AgentConfigMap, AgentDescription,
+    AgentDisconnect, AgentRemoteConfig, AnyValue, ComponentHealth, EffectiveConfig, KeyValue,
+    RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponseType,
+};
+use proto::{agent_caps, agent_flags, server_flags, AgentToServer, ServerToAgent};
+use tokio::sync::watch;
+
+use super::agent::{AgentOptions, AgentStatus};
+
+/// Content type of the initial (local) effective config.
+const INITIAL_CONTENT_TYPE: &str = "text/yaml";
+
+/// Error message reported with FAILED when [`AgentOptions::fail_configs`] is set.
+pub const REJECTED: &str = "rejected by test agent";
+
+/// What the I/O loop must do after a server message.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Messages to send, in order.
+    pub send: Vec<AgentToServer>,
+    /// The server is unavailable (`error_response` Unavailable): disconnect and retry later.
+    pub reconnect: bool,
+    /// Delay the server asked for with `retry_info`, if any.
+    pub retry_after: Option<Duration>,
+}
+
+/// One file of the effective config. The bodies live concatenated in
+/// [`AgentStatus::effective_config`] (the only copy); this records how to split them again.
+#[derive(Debug, Clone)]
+struct FileLayout {
+    name: String,
+    content_type: String,
+    len: usize,
+}
+
+/// Sans-I/O OpAMP agent. The observable state lives in the [`AgentStatus`] watch channel,
+/// which is also the single copy of the effective config.
+#[derive(Debug)]
+pub struct AgentCore {
+    opts: AgentOptions,
+    uid: [u8; 16],
+    /// RequestInstanceUid is set on every message until the server assigns a uid.
+    uid_pending: bool,
+    next_seq: u64,
+    heartbeat: Duration,
+    remote_status: Option<RemoteConfigStatus>,
+    layout: Vec<FileLayout>,
+    start_time_ns: u64,
+    status: watch::Sender<AgentStatus>,
+}
+
+impl AgentCore {
+    /// Builds the core and the status channel it publishes to. `opts.initial_config` is moved
+    /// into the status, not copied.
+    pub fn new(mut opts: AgentOptions) -> (Self, watch::Receiver<AgentStatus>) {
+        let heartbeat = if opts.heartbeat.is_zero() {
+            AgentOptions::DEFAULT_HEARTBEAT
+        } else {
+            opts.heartbeat
+        };
+        let initial = std::mem::take(&mut opts.initial_config);
+        let layout = vec![FileLayout {
+            name: String::new(),
+            content_type: INITIAL_CONTENT_TYPE.into(),
+            len: initial.len(),
+        }];
+        let (uid, uid_pending) = match opts.instance_uid {
+            Some(uid) => (uid, false),
+            // Temporary uid: the server replaces it via new_instance_uid.
+            None => (*uuid::Uuid::new_v4().as_bytes(), true),
+        };
+        let (status, rx) = watch::channel(AgentStatus {
+            instance_uid: opts.instance_uid,
+            effective_config: initial,
+            heartbeat_secs: heartbeat.as_secs(),
+            ..AgentStatus::default()
+        });
+        let core = Self {
+            opts,
+            uid,
+            uid_pending,
+            next_seq: 0,
+            heartbeat,
+            remote_status: None,
+            layout,
+            start_time_ns: now_ns(),
+            status,
+        };
+        (core, rx)
+    }
+
+    pub fn options(&self) -> &AgentOptions {
+        &self.opts
+    }
+
+    /// The uid currently sent (temporary until the server assigns one).
+    pub fn instance_uid(&self) -> [u8; 16] {
+        self.uid
+    }
+
+    /// Current WS heartbeat / HTTP poll interval (may have been set by the server).
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// Whether WS heartbeats are due at all (only agents with ReportsHeartbeat send them).
+    pub fn heartbeats_enabled(&self) -> bool {
+        self.opts.capabilities & agent_caps::REPORTS_HEARTBEAT != 0
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.status.send_if_modified(|s| {
+            let changed = s.connected != connected;
+            s.connected = connected;
+            changed
+        });
+    }
+
+    pub fn set_error(&self, error: String) {
+        self.status.send_modify(|s| s.last_error = Some(error));
+    }
+
+    /// The header every message carries: uid, next sequence number, capabilities, flags.
+    fn base(&mut self) -> AgentToServer {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        AgentToServer {
+            instance_uid: self.uid.to_vec(),
+            sequence_num: seq,
+            capabilities: self.opts.capabilities,
+            flags: if self.uid_pending {
+                agent_flags::REQUEST_INSTANCE_UID
+            } else {
+                0
+            },
+            ..AgentToServer::default()
+        }
+    }
+
+    /// A complete status report: sent first on every connection and whenever the server asks
+    /// for it (ReportFullState), because the server may have no or stale state for us.
+    pub fn full_state(&mut self) -> AgentToServer {
+        let mut msg = self.base();
+        let caps = self.opts.capabilities;
+        msg.agent_description = Some(AgentDescription {
+            identifying_attributes: key_values(&self.opts.description),
+            non_identifying_attributes: key_values(&self.opts.non_identifying),
+        });
+        if caps & agent_caps::REPORTS_HEALTH != 0 {
+            msg.health = Some(ComponentHealth {
+                healthy: true,
+                start_time_unix_nano: self.start_time_ns,
+                status: "running".into(),
+                status_time_unix_nano: self.start_time_ns,
+                ..ComponentHealth::default()
+            });
+        }
+        if caps & agent_caps::REPORTS_EFFECTIVE_CONFIG != 0 {
+            msg.effective_config = Some(self.effective_config());
+        }
+        if caps & agent_caps::REPORTS_REMOTE_CONFIG != 0 {
+            msg.remote_config_status = self.remote_status.clone();
+        }
+        msg
+    }
+
+    /// A heartbeat (WS) or poll (HTTP): just the header, nothing changed.
+    pub fn heartbeat_message(&mut self) -> AgentToServer {
+        self.base()
+    }
+
+    /// The last message before closing: tells the server we leave on purpose.
+    pub fn disconnect_message(&mut self) -> AgentToServer {
+        let mut msg = self.base();
+        msg.agent_disconnect = Some(AgentDisconnect {});
+        msg
+    }
+
+    /// Processes one server message and returns what to send back.
+    pub fn on_message(&mut self, msg: ServerToAgent) -> Outcome {
+        let mut out = Outcome::default();
+        self.status.send_modify(|s| {
+            s.replies += 1;
+            if msg.capabilities != 0 {
+                s.server_capabilities = msg.capabilities;
+            }
+        });
+
+        if let Some(err) = msg.error_response {
+            // The proto says nothing else is set alongside an error.
+            let kind = ServerErrorResponseType::try_from(err.r#type)
+                .map(|k| k.as_str_name())
+                .unwrap_or("unknown");
+            self.set_error(format!("server error {kind}: {}", err.error_message));
+            if err.r#type == ServerErrorResponseType::Unavailable as i32 {
+                out.reconnect = true;
+                out.retry_after = err.details.map(|d| match d {
+                    server_error_response::Details::RetryInfo(r) => {
+                        Duration::from_nanos(r.retry_after_nanoseconds)
+                    }
+                });
+            }
+            return out;
+        }
+
+        let mut full = false;
+        if let Some(ident) = msg.agent_identification {
+            match <[u8; 16]>::try_from(ident.new_instance_uid.as_slice()) {
+                Ok(uid) => {
+                    self.uid = uid;
+                    self.uid_pending = false;
+                    self.status.send_modify(|s| s.instance_uid = Some(uid));
+                    // Introduce ourselves under the new uid right away instead of waiting for
+                    // the next heartbeat, so the server sees the agent live on this stream.
+                    full = true;
+                }
+                Err(_) => self.set_error(format!(
+                    "ignored new_instance_uid of {} bytes",
+                    ident.new_instance_uid.len()
+                )),
+            }
+        }
+        if msg.flags & server_flags::REPORT_FULL_STATE != 0 {
+            self.status.send_modify(|s| s.full_state_requests += 1);
+            full = true;
+        }
+        // Like opamp-go: the interval applies to agents that heartbeat; 0 is ignored (it would
+        // disable WS heartbeats and is invalid as an HTTP poll interval).
+        let interval = msg
+            .connection_settings
+            .and_then(|c| c.opamp)
+            .map(|o| o.heartbeat_interval_seconds)
+            .unwrap_or(0);
+        if interval > 0 && self.heartbeats_enabled() {
+            self.heartbeat = Duration::from_secs(interval);
+            self.status.send_modify(|s| s.heartbeat_secs = interval);
+        }
+        if full {
+            out.send.push(self.full_state());
+        }
+        if let Some(rc) = msg.remote_config {
+            if self.opts.capabilities & agent_caps::ACCEPTS_REMOTE_CONFIG != 0 {
+                self.apply_remote_config(rc, &mut out.send);
+            }
+        }
+        out
+    }
+
+    /// APPLYING, then APPLIED with the new effective config (or FAILED when configured to).
+    fn apply_remote_config(&mut self, rc: AgentRemoteConfig, send: &mut Vec<AgentToServer>) {
+        let reports = self.opts.capabilities & agent_caps::REPORTS_REMOTE_CONFIG != 0;
+        let done = |s: &RemoteConfigStatus| {
+            s.status == RemoteConfigStatuses::Applied as i32
+                || s.status == RemoteConfigStatuses::Failed as i32
+        };
+        let repeated = self
+            .remote_status
+            .as_ref()
+            .is_some_and(|st| st.last_remote_config_hash == rc.config_hash && done(st));
+        if repeated {
+            // Same offer again (e.g. the server missed our report): repeat the outcome,
+            // don't re-apply.
+            if reports {
+                let mut msg = self.base();
+                msg.remote_config_status = self.remote_status.clone();
+                send.push(msg);
+            }
+            return;
+        }
+        let hash = rc.config_hash;
+        if reports {
+            let mut msg = self.base();
+            msg.remote_config_status = Some(RemoteConfigStatus {
+                last_remote_config_hash: hash.clone(),
+                status: RemoteConfigStatuses::Applying as i32,
+                error_message: String::new(),
+            });
+            send.push(msg);
+        }
+
+        let status = if self.opts.fail_configs {
+            self.status
+                .send_modify(|s| s.last_remote_config_hash = Some(hash.clone()));
+            RemoteConfigStatus {
+                last_remote_config_hash: hash,
+                status: RemoteConfigStatuses::Failed as i32,
+                error_message: REJECTED.into(),
+            }
+        } else {
+            self.set_effective(rc.config.unwrap_or_default());
+            self.status.send_modify(|s| {
+                s.last_remote_config_hash = Some(hash.clone());
+                s.applied_configs += 1;
+            });
+            RemoteConfigStatus {
+                last_remote_config_hash: hash,
+                status: RemoteConfigStatuses::Applied as i32,
+                error_message: String::new(),
+            }
+        };
+        let applied = status.status == RemoteConfigStatuses::Applied as i32;
+        self.remote_status = Some(status);
+        let mut msg = self.base();
+        if reports {
+            msg.remote_config_status = self.remote_status.clone();
+        }
+        if applied && self.opts.capabilities & agent_caps::REPORTS_EFFECTIVE_CONFIG != 0 {
+            msg.effective_config = Some(self.effective_config());
+        }
+        if msg.remote_config_status.is_some() || msg.effective_config.is_some() {
+            send.push(msg);
+        }
+    }
+
+    /// Adopts `map` as the effective config; its bodies move into the status string.
+    fn set_effective(&mut self, map: AgentConfigMap) {
+        let mut text = String::new();
+        self.layout.clear();
+        for (name, file) in map.config_map {
+            let body = String::from_utf8(file.body)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+            self.layout.push(FileLayout {
+                name,
+                content_type: file.content_type,
+                len: body.len(),
+            });
+            if text.is_empty() {
+                text = body;
+            } else {
+                text.push_str(&body);
+            }
+        }
+        self.status.send_modify(|s| s.effective_config = text);
+    }
+
+    /// Rebuilds the config map from the status string and the file layout.
+    fn effective_config(&self) -> EffectiveConfig {
+        let st = self.status.borrow();
+        let text = st.effective_config.as_str();
+        let mut pos = 0;
+        let config_map = self
+            .layout
+            .iter()
+            .map(|f| {
+                let body = text.get(pos..pos + f.len).unwrap_or_default();
+                pos += f.len;
+                (
+                    f.name.clone(),
+                    AgentConfigFile {
+                        body: body.as_bytes().to_vec(),
+                        content_type: f.content_type.clone(),
+                    },
+                )
+            })
+            .collect();
+        EffectiveConfig {
+            config_map: Some(AgentConfigMap { config_map }),
+        }
+    }
+}
+
+fn key_values(pairs: &[(String, String)]) -> Vec<KeyValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| KeyValue {
+            key: k.clone(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(v.clone())),
+            }),
+        })
+        .collect()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proto::v1::{
+        AgentIdentification, ConnectionSettingsOffers, OpAmpConnectionSettings, RetryInfo,
+        ServerErrorResponse,
+    };
+
+    use super::*;
+    use crate::client::DEFAULT_CAPABILITIES;
+
+    const UID: [u8; 16] = [9; 16];
+
+    fn opts() -> AgentOptions {
+        AgentOptions {
+            instance_uid: Some(UID),
+            description: vec![("service.name".into(), "svc".into())],
+            non_identifying: vec![("host.name".into(), "h1".into())],
+            initial_config: "a: 1\n".into(),
+            ..AgentOptions::default()
+        }
+    }
+
+    fn string_attr(kvs: &[KeyValue], key: &str) -> Option<String> {
+        kvs.iter().find(|kv| kv.key == key).and_then(|kv| {
+            match kv.value.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            }
+        })
+    }
+
+    fn single_body(msg: &AgentToServer) -> Vec<u8> {
+        let map = &msg
+            .effective_config
+            .as_ref()
+            .and_then(|e| e.config_map.as_ref())
+            .expect("effective config")
+            .config_map;
+        assert_eq!(map.len(), 1);
+        map.values().next().map(|f| f.body.clone()).unwrap_or_default()
+    }
+
+    fn remote(hash: &[u8], files: &[(&str, &str)]) -> ServerToAgent {
+        ServerToAgent {
+            instance_uid: UID.to_vec(),
+            remote_config: Some(AgentRemoteConfig {
+                config: Some(AgentConfigMap {
+                    config_map: files
+                        .iter()
+                        .map(|(n, b)| {
+                            (
+                                n.to_string(),
+                                AgentConfigFile {
+                                    body: b.as_bytes().to_vec(),
+                                    content_type: "text/yaml".into(),
+                                },
+                            )
+                        })
+                        .collect(),
+                }),
+                config_hash: hash.to_vec(),
+            }),
+            ..ServerToAgent::default()
+        }
+    }
+
+    #[test]
+    fn first_message_is_a_full_report_with_seq_zero() {
+        let (mut core, rx) = AgentCore::new(opts());
+        let m = core.full_state();
+        assert_eq!(m.instance_uid, UID.to_vec());
+        assert_eq!(m.sequence_num, 0);
+        assert_eq!(m.capabilities, DEFAULT_CAPABILITIES);
+        assert_eq!(m.flags, 0);
+        let d = m.agent_description.as_ref().expect("description");
+        assert_eq!(
+            string_attr(&d.identifying_attributes, "service.name").as_deref(),
+            Some("svc")
+        );
+        assert_eq!(
+            string_attr(&d.non_identifying_attributes, "host.name").as_deref(),
+            Some("h1")
+        );
+        let h = m.health.as_ref().expect("health");
+        assert!(h.healthy);
+        assert_eq!(h.status, "running");
+        assert_eq!(single_body(&m), b"a: 1\n");
+        assert!(m.remote_config_status.is_none(), "nothing received yet");
+        assert!(m.agent_disconnect.is_none());
+        assert_eq!(rx.borrow().instance_uid, Some(UID));
+        assert_eq!(rx.borrow().effective_config, "a: 1\n");
+    }
+
+    #[test]
+    fn sequence_numbers_increase_by_one_per_message() {
+        let (mut core, _rx) = AgentCore::new(opts());
+        assert_eq!(core.full_state().sequence_num, 0);
+        let hb = core.heartbeat_message();
+        assert_eq!(hb.sequence_num, 1);
+        assert_eq!(hb.instance_uid, UID.to_vec());
+        assert_eq!(hb.capabilities, DEFAULT_CAPABILITIES);
+        assert!(hb.agent_description.is_none() && hb.effective_config.is_none());
+        assert_eq!(core.heartbeat_message().sequence_num, 2);
+        let bye = core.disconnect_message();
+        assert_eq!(bye.sequence_num, 3);
+        assert!(bye.agent_disconnect.is_some());
+    }
+
+    #[test]
+    fn plain_ack_needs_no_answer_and_is_counted() {
+        let (mut core, rx) = AgentCore::new(opts());
+        core.full_state();
+        let out = core.on_message(ServerToAgent {
+            instance_uid: UID.to_vec(),
+            capabilities: 0x67,
+            ..ServerToAgent::default()
+        });
+        assert!(out.send.is_empty() && !out.reconnect);
+        let s = rx.borrow().clone();
+        assert_eq!((s.replies, s.server_capabilities), (1, 0x67));
+        // A later reply without capabilities keeps the known value.
+        core.on_message(ServerToAgent::default());
+        assert_eq!(rx.borrow().server_capabilities, 0x67);
+    }
+
+    #[test]
+    fn report_full_state_resends_everything() {
+        let (mut core, rx) = AgentCore::new(opts());
+        let first = core.full_state();
+        core.heartbeat_message();
+        let out = core.on_message(ServerToAgent {
+            flags: server_flags::REPORT_FULL_STATE,
+            ..ServerToAgent::default()
+        });
+        assert_eq!(out.send.len(), 1);
+        let again = &out.send[0];
+        assert_eq!(again.sequence_num, 2);
+        assert_eq!(again.agent_description, first.agent_description);
+        assert_eq!(again.health, first.health);
+        assert_eq!(again.effective_config, first.effective_config);
+        assert_eq!(again.capabilities, first.capabilities);
+        assert_eq!(rx.borrow().full_state_requests, 1);
+    }
+
+    #[test]
+    fn remote_config_reports_applying_then_applied_with_the_hash() {
+        let (mut core, rx) = AgentCore::new(opts());
+        core.full_state();
+        let out = core.on_message(remote(b"h1", &[("", "b: 2\n")]));
+        assert!(!out.reconnect);
+        assert_eq!(out.send.len(), 2);
+        let (applying, applied) = (&out.send[0], &out.send[1]);
+        assert_eq!((applying.sequence_num, applied.sequence_num), (1, 2));
+        let st = applying.remote_config_status.as_ref().expect("applying");
+        assert_eq!(st.status, RemoteConfigStatuses::Applying as i32);
+        assert_eq!(st.last_remote_config_hash, b"h1");
+        let st = applied.remote_config_status.as_ref().expect("applied");
+        assert_eq!(st.status, RemoteConfigStatuses::Applied as i32);
+        assert_eq!(st.last_remote_config_hash, b"h1");
+        assert_eq!(single_body(applied), b"b: 2\n");
+
+        let s = rx.borrow().clone();
+        assert_eq!(s.applied_configs, 1);
+        assert_eq!(s.last_remote_config_hash.as_deref(), Some(&b"h1"[..]));
+        assert_eq!(s.effective_config, "b: 2\n");
+
+        // A later full report (e.g. after a reconnect) carries the new state.
+        let full = core.full_state();
+        assert_eq!(single_body(&full), b"b: 2\n");
+        assert_eq!(
+            full.remote_config_status.map(|s| s.status),
+            Some(RemoteConfigStatuses::Applied as i32)
+        );
+
+        // The same offer again is acknowledged without re-applying.
+        let out = core.on_message(remote(b"h1", &[("", "b: 2\n")]));
+        assert_eq!(out.send.len(), 1);
+        assert!(out.send[0].effective_config.is_none());
+        assert_eq!(rx.borrow().applied_configs, 1);
+    }
+
+    #[test]
+    fn multi_file_config_round_trips() {
+        let (mut core, rx) = AgentCore::new(opts());
+        let files = [("a.yaml", "x: 1\n"), ("b.yaml", "ünï: 2\n"), ("c.yaml", "")];
+        let out = core.on_message(remote(b"h", &files));
+        let map = out.send[1]
+            .effective_config
+            .clone()
+            .and_then(|e| e.config_map)
+            .expect("map")
+            .config_map;
+        let expect: BTreeMap<String, AgentConfigFile> = remote(b"h", &files)
+            .remote_config
+            .and_then(|r| r.config)
+            .expect("cfg")
+            .config_map;
+        assert_eq!(map, expect);
+        assert_eq!(rx.borrow().effective_config, "x: 1\nünï: 2\n");
+    }
+
+    #[test]
+    fn failing_agent_reports_failed_with_a_reason() {
+        let (mut core, rx) = AgentCore::new(AgentOptions {
+            fail_configs: true,
+            ..opts()
+        });
+        let out = core.on_message(remote(b"h2", &[("", "c: 3\n")]));
+        assert_eq!(out.send.len(), 2);
+        let st = out.send[1].remote_config_status.as_ref().expect("status");
+        assert_eq!(st.status, RemoteConfigStatuses::Failed as i32);
+        assert_eq!(st.last_remote_config_hash, b"h2");
+        assert_eq!(st.error_message, REJECTED);
+        assert!(out.send[1].effective_config.is_none(), "config not applied");
+        let s = rx.borrow().clone();
+        assert_eq!(s.applied_configs, 0);
+        assert_eq!(s.effective_config, "a: 1\n");
+    }
+
+    #[test]
+    fn remote_config_is_ignored_without_the_capability() {
+        let (mut core, _rx) = AgentCore::new(AgentOptions {
+            capabilities: agent_caps::REPORTS_STATUS,
+            ..opts()
+        });
+        assert!(core.on_message(remote(b"h", &[("", "x")])).send.is_empty());
+    }
+
+    #[test]
+    fn requests_and_adopts_an_instance_uid() {
+        let (mut core, rx) = AgentCore::new(AgentOptions {
+            instance_uid: None,
+            ..opts()
+        });
+        let first = core.full_state();
+        assert_eq!(first.flags, agent_flags::REQUEST_INSTANCE_UID);
+        assert_eq!(first.instance_uid.len(), 16);
+        assert_eq!(rx.borrow().instance_uid, None, "temporary uid is not published");
+        // Wrong length: ignored, still asking.
+        let out = core.on_message(ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: vec![1; 26],
+            }),
+            ..ServerToAgent::default()
+        });
+        assert!(out.send.is_empty());
+        assert!(rx.borrow().last_error.is_some());
+        assert_eq!(
+            core.heartbeat_message().flags,
+            agent_flags::REQUEST_INSTANCE_UID
+        );
+
+        let new = [5u8; 16];
+        let out = core.on_message(ServerToAgent {
+            instance_uid: first.instance_uid.clone(),
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: new.to_vec(),
+            }),
+            ..ServerToAgent::default()
+        });
+        assert_eq!(out.send.len(), 1, "announces itself under the new uid");
+        assert_eq!(out.send[0].instance_uid, new.to_vec());
+        assert_eq!(out.send[0].flags, 0);
+        assert!(out.send[0].agent_description.is_some());
+        assert_eq!(rx.borrow().instance_uid, Some(new));
+        assert_eq!(core.heartbeat_message().instance_uid, new.to_vec());
+    }
+
+    #[test]
+    fn adopts_server_heartbeat_interval_but_not_zero() {
+        let (mut core, rx) = AgentCore::new(opts());
+        let offer = |secs| ServerToAgent {
+            connection_settings: Some(ConnectionSettingsOffers {
+                hash: vec![1],
+                opamp: Some(OpAmpConnectionSettings {
+                    heartbeat_interval_seconds: secs,
+                    ..OpAmpConnectionSettings::default()
+                }),
+                ..ConnectionSettingsOffers::default()
+            }),
+            ..ServerToAgent::default()
+        };
+        core.on_message(offer(7));
+        assert_eq!(core.heartbeat(), Duration::from_secs(7));
+        assert_eq!(rx.borrow().heartbeat_secs, 7);
+        core.on_message(offer(0));
+        assert_eq!(core.heartbeat(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn unavailable_error_asks_for_a_reconnect() {
+        let (mut core, rx) = AgentCore::new(opts());
+        let out = core.on_message(ServerToAgent {
+            error_response: Some(ServerErrorResponse {
+                r#type: ServerErrorResponseType::Unavailable as i32,
+                error_message: "busy".into(),
+                details: Some(server_error_response::Details::RetryInfo(RetryInfo {
+                    retry_after_nanoseconds: 2_000_000_000,
+                })),
+            }),
+            ..ServerToAgent::default()
+        });
+        assert!(out.reconnect && out.send.is_empty());
+        assert_eq!(out.retry_after, Some(Duration::from_secs(2)));
+        assert!(rx
+            .borrow()
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("busy")));
+
+        let out = core.on_message(ServerToAgent {
+            error_response: Some(ServerErrorResponse {
+                r#type: ServerErrorResponseType::BadRequest as i32,
+                ..ServerErrorResponse::default()
+            }),
+            ..ServerToAgent::default()
+        });
+        assert!(!out.reconnect, "bad request is not retried");
+    }
+}

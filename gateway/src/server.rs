@@ -1,0 +1,755 @@
+//! The gateway's OpAMP endpoint: `/v1/opamp` over WebSocket and plain HTTP.
+//!
+//! One handler serves both transports. The spec's discriminator decides which: a request with
+//! `Content-Type: application/x-protobuf` is plain HTTP (must be POST), anything else must be a
+//! WebSocket upgrade (GET). Every request is authenticated before it gets anywhere: the bearer
+//! token is checked by a coordinator over the bus ([`CoordinatorRequest::Authenticate`]); for
+//! WebSocket that happens before the upgrade.
+//!
+//! Each `AgentToServer` becomes one bus request to the coordinator owning the agent's partition,
+//! and its one reply becomes the one `ServerToAgent`. WebSocket connections additionally claim
+//! ownership of the agent (fenced by an epoch) so coordinator pushes can reach them; the
+//! dispatcher task routes those pushes and drops any addressed to an epoch we no longer hold.
+//!
+//! Submodules: `ws` (the per-connection task), `plain` (the plain HTTP transport).
+
+mod plain;
+mod ws;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use proto::ServerToAgent;
+use shared::bus::{
+    AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorReply, CoordinatorRequest, Credential,
+    GatewayMessage, Route,
+};
+use shared::domain::Transport;
+use shared::ids::{GatewayId, InstanceUid};
+use shared::ownership::Ownership;
+use tokio::sync::{mpsc, Notify};
+
+/// The OpAMP endpoint path (spec default).
+pub const OPAMP_PATH: &str = "/v1/opamp";
+
+/// Default inbound message limit. The spec recommends 64 MiB; we default lower because a
+/// gateway holds many connections and real status reports are kilobytes (effective configs of
+/// a few hundred KiB at most). Operators can raise it.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// The header a plain-HTTP client may use to announce its instance UID (spec v0.15.0).
+pub const INSTANCE_UID_HEADER: HeaderName = HeaderName::from_static("opamp-instance-uid");
+
+/// What we tell throttled / unserved agents to wait before retrying.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Upper bound of [`Gateway::shutdown`].
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+// Metric names (see `describe_metrics`).
+const FRAMES_RECEIVED: &str = "ampora_opamp_frames_received_total";
+const FRAMES_SENT: &str = "ampora_opamp_frames_sent_total";
+const FRAMES_REJECTED: &str = "ampora_opamp_frames_rejected_total";
+const CONNECTIONS: &str = "ampora_opamp_connections";
+const DELIVERIES_DROPPED: &str = "ampora_gateway_deliveries_dropped_total";
+
+/// Every `reason` of `ampora_opamp_frames_rejected_total` (cap_mismatch is counted by the
+/// coordinator, the others here).
+const REJECT_REASONS: [&str; 4] = ["oversize", "malformed", "cap_mismatch", "auth_failed"];
+const DROP_REASONS: [&str; 3] = ["stale", "queue_full", "gone"];
+
+/// Registers descriptions for the gateway's metrics and creates the bounded-label series at
+/// zero, so dashboards and alerts see them before the first event.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        FRAMES_RECEIVED,
+        "OpAMP AgentToServer messages received, by transport (ws, http)"
+    );
+    metrics::describe_counter!(
+        FRAMES_SENT,
+        "OpAMP ServerToAgent messages sent, by transport (ws, http)"
+    );
+    metrics::describe_counter!(
+        FRAMES_REJECTED,
+        "OpAMP messages or requests refused, by reason (oversize, malformed, cap_mismatch, auth_failed)"
+    );
+    metrics::describe_gauge!(CONNECTIONS, "Open OpAMP WebSocket connections");
+    metrics::describe_counter!(
+        DELIVERIES_DROPPED,
+        "Coordinator deliveries the gateway dropped, by reason (stale, queue_full, gone)"
+    );
+    for reason in REJECT_REASONS {
+        metrics::counter!(FRAMES_REJECTED, "reason" => reason).increment(0);
+    }
+    for reason in DROP_REASONS {
+        metrics::counter!(DELIVERIES_DROPPED, "reason" => reason).increment(0);
+    }
+    metrics::gauge!(CONNECTIONS, "transport" => "ws").increment(0.0);
+}
+
+fn count_rejected(reason: &'static str) {
+    metrics::counter!(FRAMES_REJECTED, "reason" => reason).increment(1);
+}
+
+fn count_dropped(reason: &'static str) {
+    metrics::counter!(DELIVERIES_DROPPED, "reason" => reason).increment(1);
+}
+
+fn transport_label(t: Transport) -> &'static str {
+    match t {
+        Transport::WebSocket => "ws",
+        Transport::Http => "http",
+    }
+}
+
+fn count_received(t: Transport) {
+    metrics::counter!(FRAMES_RECEIVED, "transport" => transport_label(t)).increment(1);
+}
+
+fn count_sent(t: Transport) {
+    metrics::counter!(FRAMES_SENT, "transport" => transport_label(t)).increment(1);
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Inbound message limit in bytes, applied after decompression (HTTP) and to the whole
+    /// WebSocket message including its header. Default [`DEFAULT_MAX_FRAME_BYTES`] (4 MiB).
+    pub max_frame_bytes: usize,
+    /// How long a bus request (authentication or frame) may take. On timeout a WebSocket agent
+    /// gets `error_response{Unavailable, retry_info}`, an HTTP agent 503 + `Retry-After`.
+    pub request_timeout: Duration,
+    /// Per-connection bound on queued coordinator pushes; a push that doesn't fit is dropped
+    /// (and counted) rather than slowing the dispatcher down. Default 16.
+    pub write_queue: usize,
+    /// `OpAmp:BootstrapPlaintextAllowed`. Every listener is plaintext for now, so when false
+    /// bearer (bootstrap token) authentication is refused with 401.
+    pub bootstrap_plaintext_allowed: bool,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            request_timeout: Duration::from_secs(10),
+            write_queue: 16,
+            bootstrap_plaintext_allowed: false,
+        }
+    }
+}
+
+/// A running gateway: the `/v1/opamp` handler, its open WebSocket connections, and the
+/// dispatcher task that delivers coordinator pushes to them.
+pub struct Gateway {
+    inner: Arc<Inner>,
+    /// The dispatcher holds its own `Arc<Inner>`; aborting it on drop breaks that cycle.
+    dispatcher: tokio::task::AbortHandle,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("id", &self.inner.id)
+            .field("connected", &self.connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+impl Gateway {
+    /// Subscribes to this gateway's deliveries and starts the dispatcher.
+    pub async fn start(
+        id: GatewayId,
+        bus: Arc<dyn Bus>,
+        ownership: Arc<dyn Ownership>,
+        cfg: GatewayConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        let deliveries = bus.subscribe_gateway(&id).await?;
+        let inner = Arc::new(Inner {
+            id,
+            bus,
+            ownership,
+            cfg,
+            next_conn_id: AtomicU64::new(1),
+            conns: Mutex::new(Conns::default()),
+            conn_ended: Notify::new(),
+        });
+        let dispatcher = tokio::spawn(dispatch(inner.clone(), deliveries)).abort_handle();
+        Ok(Arc::new(Self { inner, dispatcher }))
+    }
+
+    /// The `/v1/opamp` route (GET = WebSocket upgrade, POST = plain HTTP). Serve it with
+    /// `into_make_service_with_connect_info::<SocketAddr>()` so source IPs are known.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route(OPAMP_PATH, any(handle))
+            .with_state(self.inner.clone())
+    }
+
+    /// Open WebSocket agent connections.
+    pub fn connected(&self) -> usize {
+        self.inner.conns().open.len()
+    }
+
+    /// Closes every WebSocket connection with 1001 (going away) and waits, at most 5 s, for
+    /// their tasks to finish (ownership released, coordinators told). New upgrades are refused
+    /// with 503 from now on.
+    pub async fn shutdown(&self) {
+        let open: Vec<Arc<ConnControl>> = {
+            let mut conns = self.inner.conns();
+            conns.shutting_down = true;
+            conns.open.values().cloned().collect()
+        };
+        for control in &open {
+            control.request_close(1001, "server shutting down");
+        }
+        drop(open);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        loop {
+            // Register interest before checking, so an ending connection can't slip between.
+            let ended = self.inner.conn_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let left = self.connected();
+            if left == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                tracing::warn!(
+                    left,
+                    "shutdown grace period over with connections still open"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Shared by the handler, the connection tasks and the dispatcher.
+struct Inner {
+    id: GatewayId,
+    bus: Arc<dyn Bus>,
+    ownership: Arc<dyn Ownership>,
+    cfg: GatewayConfig,
+    /// Unique per process; HTTP requests take one too, so coordinators can tell them apart.
+    next_conn_id: AtomicU64,
+    /// Registry of open connections and of which one holds which agent. Only ever locked for
+    /// map operations, never across an await.
+    conns: Mutex<Conns>,
+    /// Woken (notify_waiters) whenever a connection leaves `open`; `shutdown` waits on it.
+    conn_ended: Notify,
+}
+
+#[derive(Default)]
+struct Conns {
+    /// Set by `shutdown`; no new connection is admitted afterwards.
+    shutting_down: bool,
+    /// Every open WebSocket connection (bound to an agent or not yet), by conn id.
+    open: HashMap<u64, Arc<ConnControl>>,
+    /// Which connection holds which agent, at which epoch: the dispatcher's routing table.
+    bound: HashMap<InstanceUid, Binding>,
+}
+
+struct Binding {
+    conn_id: u64,
+    epoch: u64,
+    push: mpsc::Sender<Box<ServerToAgent>>,
+    control: Arc<ConnControl>,
+}
+
+/// How others ask a connection task to close. A close must never be lost to a full push
+/// queue, so it travels beside the queue: the first reason wins and `Notify` keeps a permit
+/// if the task isn't waiting right now.
+struct ConnControl {
+    close: Mutex<Option<(u16, String)>>,
+    wake: Notify,
+}
+
+impl ConnControl {
+    fn new() -> Self {
+        Self {
+            close: Mutex::new(None),
+            wake: Notify::new(),
+        }
+    }
+
+    fn request_close(&self, code: u16, reason: &str) {
+        let mut close = self.close.lock().unwrap_or_else(PoisonError::into_inner);
+        if close.is_none() {
+            *close = Some((code, reason.to_owned()));
+        }
+        drop(close);
+        self.wake.notify_one();
+    }
+
+    fn take_close(&self) -> Option<(u16, String)> {
+        self.close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl Inner {
+    fn conns(&self) -> MutexGuard<'_, Conns> {
+        // The critical sections can't leave the maps inconsistent, so a poisoned lock is
+        // still usable.
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Admits a new WebSocket connection; `None` once shutting down.
+    fn open_conn(&self) -> Option<(u64, Arc<ConnControl>)> {
+        let id = self.next_conn_id();
+        let control = Arc::new(ConnControl::new());
+        {
+            let mut conns = self.conns();
+            if conns.shutting_down {
+                return None;
+            }
+            conns.open.insert(id, control.clone());
+        }
+        metrics::gauge!(CONNECTIONS, "transport" => "ws").increment(1.0);
+        Some((id, control))
+    }
+
+    /// Removes a connection and whatever it still holds from the registry.
+    fn close_conn(&self, conn_id: u64, held: &[(InstanceUid, u64)]) {
+        let removed = {
+            let mut conns = self.conns();
+            for (uid, _) in held {
+                if conns.bound.get(uid).is_some_and(|b| b.conn_id == conn_id) {
+                    conns.bound.remove(uid);
+                }
+            }
+            conns.open.remove(&conn_id).is_some()
+        };
+        if removed {
+            metrics::gauge!(CONNECTIONS, "transport" => "ws").decrement(1.0);
+            self.conn_ended.notify_waiters();
+        }
+    }
+
+    /// Routes `uid` to this connection. A different connection of this gateway that held the
+    /// agent before is told to close: the agent reconnected and the old socket is a leftover.
+    fn bind(&self, uid: InstanceUid, binding: Binding) {
+        let conn_id = binding.conn_id;
+        let old = self.conns().bound.insert(uid, binding);
+        if let Some(old) = old.filter(|o| o.conn_id != conn_id) {
+            old.control
+                .request_close(1008, "superseded by a newer connection");
+        }
+    }
+
+    /// Forgets `uid` for this connection (no-op if another connection holds it by now).
+    fn unbind(&self, uid: InstanceUid, conn_id: u64) {
+        let mut conns = self.conns();
+        if conns.bound.get(&uid).is_some_and(|b| b.conn_id == conn_id) {
+            conns.bound.remove(&uid);
+        }
+    }
+
+    /// One delivery from a coordinator. Never blocks: the bus queue behind us serves every
+    /// connection of this gateway.
+    fn route(&self, msg: GatewayMessage) {
+        let conns = self.conns();
+        match msg {
+            GatewayMessage::Deliver { uid, epoch, msg } => match conns.bound.get(&uid) {
+                None => count_dropped("gone"),
+                Some(b) if b.epoch != epoch => count_dropped("stale"),
+                Some(b) => match b.push.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => count_dropped("queue_full"),
+                    Err(mpsc::error::TrySendError::Closed(_)) => count_dropped("gone"),
+                },
+            },
+            GatewayMessage::Close { uid, epoch, reason } => match conns.bound.get(&uid) {
+                None => count_dropped("gone"),
+                Some(b) if b.epoch != epoch => count_dropped("stale"),
+                Some(b) => b.control.request_close(1008, &reason),
+            },
+        }
+    }
+}
+
+async fn dispatch(inner: Arc<Inner>, mut deliveries: mpsc::Receiver<GatewayMessage>) {
+    while let Some(msg) = deliveries.recv().await {
+        inner.route(msg);
+    }
+    tracing::warn!(gateway = %inner.id, "delivery subscription ended");
+}
+
+/// The partition an agent's frames are routed by. Frames without a valid UID (first contact
+/// of an agent asking for one, or garbage) all go to partition 0.
+fn partition_of(instance_uid: &[u8]) -> u16 {
+    InstanceUid::from_slice(instance_uid).map_or(0, |u| u.partition())
+}
+
+/// The `error_response` for "try again later" (spec §Throttling / WebSocket).
+fn unavailable_msg(instance_uid: Vec<u8>, text: &str) -> ServerToAgent {
+    use proto::v1::{server_error_response::Details, RetryInfo, ServerErrorResponse};
+    ServerToAgent {
+        instance_uid,
+        error_response: Some(ServerErrorResponse {
+            r#type: proto::v1::ServerErrorResponseType::Unavailable as i32,
+            error_message: text.to_owned(),
+            details: Some(Details::RetryInfo(RetryInfo {
+                retry_after_nanoseconds: u64::try_from(RETRY_AFTER.as_nanos()).unwrap_or(u64::MAX),
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The `error_response` for a message we could not use (spec §Bad Request: don't retry).
+fn bad_request_msg(instance_uid: Vec<u8>, text: String) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid,
+        error_response: Some(proto::v1::ServerErrorResponse {
+            r#type: proto::v1::ServerErrorResponseType::BadRequest as i32,
+            error_message: text,
+            details: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Coordinator close reasons prefixed `auth:` are authentication failures (counted as such);
+/// returns the reason without the prefix.
+fn auth_close_reason(reason: &str) -> Option<&str> {
+    reason.strip_prefix("auth:").map(str::trim_start)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request handling common to both transports.
+
+async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    // Without connect info (a router served without it, e.g. in some tests) the source is
+    // unknown; 0.0.0.0 says so plainly in logs and audit.
+    let source_ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    if is_protobuf(req.headers()) {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        return plain::serve(inner, req, source_ip).await;
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected websocket upgrade or application/x-protobuf POST",
+        );
+    }
+    if req.method() != Method::GET {
+        return method_not_allowed("GET");
+    }
+    ws::serve(inner, req, source_ip).await
+}
+
+/// Authenticates a request: `Ok((credential, uid_hint))` or the response refusing it.
+async fn authenticate(
+    inner: &Inner,
+    headers: &HeaderMap,
+    source_ip: IpAddr,
+    transport: Transport,
+) -> Result<(Credential, Option<InstanceUid>), Response> {
+    let uid_hint = match parse_uid_header(headers) {
+        Ok(hint) => hint,
+        Err(()) => {
+            count_rejected("malformed");
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                "invalid OpAMP-Instance-UID header",
+            ));
+        }
+    };
+    let token = match parse_bearer(headers.get(AUTHORIZATION)) {
+        Ok(token) => token.to_owned(),
+        Err(f) => return Err(unauthorized(source_ip, f.as_str(), f.message())),
+    };
+    // Refused before the coordinator sees it: redeeming a single-use token over a channel
+    // that may have leaked it would burn it for nothing.
+    if !inner.cfg.bootstrap_plaintext_allowed {
+        return Err(unauthorized(
+            source_ip,
+            "plaintext_bootstrap",
+            "bootstrap over plaintext is not allowed",
+        ));
+    }
+    let req = CoordinatorRequest::Authenticate(AuthRequest {
+        token,
+        source_ip,
+        uid_hint,
+        transport,
+    });
+    let reply = tokio::time::timeout(
+        inner.cfg.request_timeout,
+        inner.bus.request(Route::Any, req),
+    )
+    .await;
+    match reply {
+        Ok(Ok(CoordinatorReply::Auth(AuthDecision::Accept(credential)))) => {
+            Ok((credential, uid_hint))
+        }
+        Ok(Ok(CoordinatorReply::Auth(AuthDecision::Reject(f)))) => {
+            Err(unauthorized(source_ip, f.as_str(), f.message()))
+        }
+        Ok(Ok(CoordinatorReply::Frame(_))) => {
+            tracing::error!("coordinator answered an authentication request with a frame reply");
+            Err(service_unavailable("authentication unavailable"))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "authentication request failed");
+            Err(service_unavailable("authentication unavailable"))
+        }
+        Err(_) => {
+            tracing::warn!("authentication request timed out");
+            Err(service_unavailable("authentication unavailable"))
+        }
+    }
+}
+
+/// `Ok(None)` without the header, `Err` when it is there but not a UUID.
+fn parse_uid_header(headers: &HeaderMap) -> Result<Option<InstanceUid>, ()> {
+    match headers.get(INSTANCE_UID_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or(()),
+    }
+}
+
+/// Extracts the token of `Authorization: Bearer <token>`. The scheme is case-insensitive
+/// (RFC 9110 §11.1); the credentials must be exactly one token.
+fn parse_bearer(value: Option<&HeaderValue>) -> Result<&str, AuthFailure> {
+    let value = value.ok_or(AuthFailure::MissingCredentials)?;
+    let value = value.to_str().map_err(|_| AuthFailure::WrongScheme)?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or(AuthFailure::WrongScheme)?;
+    let token = token.trim_start_matches(' ');
+    if !scheme.eq_ignore_ascii_case("bearer")
+        || token.is_empty()
+        || token.contains(|c: char| c.is_ascii_whitespace())
+    {
+        return Err(AuthFailure::WrongScheme);
+    }
+    Ok(token)
+}
+
+/// True for `Content-Type: application/x-protobuf`, ignoring case and parameters.
+fn is_protobuf(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-protobuf"))
+}
+
+/// True when `Accept-Encoding` lets us gzip the response (`gzip`, `x-gzip` or `*`, q > 0).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or_default().trim();
+            let wanted = coding.eq_ignore_ascii_case("gzip")
+                || coding.eq_ignore_ascii_case("x-gzip")
+                || coding == "*";
+            wanted && parts.all(|p| !is_zero_q(p))
+        })
+}
+
+/// `q=0` (or `q=0.0`, `q=0.000`) means "not acceptable".
+fn is_zero_q(param: &str) -> bool {
+    let Some((name, value)) = param.split_once('=') else {
+        return false;
+    };
+    name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses.
+
+fn text(status: StatusCode, body: &str) -> Response {
+    (
+        status,
+        [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.to_owned(),
+    )
+        .into_response()
+}
+
+/// 401, counted and logged. `reason` is the audit-style code, `message` the body.
+fn unauthorized(source_ip: IpAddr, reason: &str, message: &str) -> Response {
+    count_rejected("auth_failed");
+    tracing::warn!(source_ip = %source_ip, reason, "authentication failed");
+    let mut resp = text(StatusCode::UNAUTHORIZED, message);
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    resp
+}
+
+fn service_unavailable(body: &str) -> Response {
+    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, body);
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(RETRY_AFTER.as_secs()),
+    );
+    resp
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    resp.headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+#[cfg(test)]
+mod helper_tests {
+    use super::*;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).expect("valid header value")
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(parse_bearer(Some(&hv("Bearer abc"))), Ok("abc"));
+        assert_eq!(parse_bearer(Some(&hv("bearer abc"))), Ok("abc"));
+        assert_eq!(parse_bearer(Some(&hv("BEARER  abc"))), Ok("abc"));
+        assert_eq!(
+            parse_bearer(Some(&hv("Bearer amp-bs.ABC.123 "))),
+            Ok("amp-bs.ABC.123")
+        );
+        assert_eq!(parse_bearer(None), Err(AuthFailure::MissingCredentials));
+        for bad in [
+            "amp-bs.abc.123",
+            "Basic abc",
+            "Bearer",
+            "Bearer ",
+            "Bearer a b",
+            "Bearerabc",
+            "Token abc",
+        ] {
+            assert_eq!(
+                parse_bearer(Some(&hv(bad))),
+                Err(AuthFailure::WrongScheme),
+                "{bad:?}"
+            );
+        }
+        let non_ascii = HeaderValue::from_bytes(b"Bearer \xff").expect("opaque bytes allowed");
+        assert_eq!(
+            parse_bearer(Some(&non_ascii)),
+            Err(AuthFailure::WrongScheme)
+        );
+    }
+
+    fn headers(name: HeaderName, values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(name.clone(), hv(v));
+        }
+        h
+    }
+
+    #[test]
+    fn content_type_check_is_lenient() {
+        for ok in [
+            "application/x-protobuf",
+            "Application/X-Protobuf",
+            "application/x-protobuf; charset=binary",
+            " application/x-protobuf ;proto=opamp",
+        ] {
+            assert!(is_protobuf(&headers(CONTENT_TYPE, &[ok])), "{ok:?}");
+        }
+        for bad in [
+            "application/protobuf",
+            "text/plain",
+            "application/x-protobufx",
+            "",
+        ] {
+            assert!(!is_protobuf(&headers(CONTENT_TYPE, &[bad])), "{bad:?}");
+        }
+        assert!(!is_protobuf(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn accept_encoding_gzip() {
+        for ok in [
+            &["gzip"][..],
+            &["deflate, gzip;q=0.5"],
+            &["GZIP"],
+            &["br", "x-gzip"],
+            &["*"],
+            &["gzip; q=1.0"],
+        ] {
+            assert!(accepts_gzip(&headers(ACCEPT_ENCODING, ok)), "{ok:?}");
+        }
+        for bad in [
+            &[][..],
+            &["identity"],
+            &["gzip;q=0"],
+            &["gzip; q=0.000"],
+            &["deflate, br"],
+            &["gzipx"],
+        ] {
+            assert!(!accepts_gzip(&headers(ACCEPT_ENCODING, bad)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn uid_header_parsing() {
+        assert_eq!(parse_uid_header(&HeaderMap::new()), Ok(None));
+        let uid = InstanceUid::new_v7();
+        let h = headers(INSTANCE_UID_HEADER, &[&uid.to_string()]);
+        assert_eq!(parse_uid_header(&h), Ok(Some(uid)));
+        let h = headers(INSTANCE_UID_HEADER, &["not-a-uuid"]);
+        assert_eq!(parse_uid_header(&h), Err(()));
+    }
+
+    #[test]
+    fn auth_close_prefix() {
+        assert_eq!(
+            auth_close_reason("auth: token revoked"),
+            Some("token revoked")
+        );
+        assert_eq!(auth_close_reason("auth:x"), Some("x"));
+        assert_eq!(auth_close_reason("superseded"), None);
+    }
+
+    #[test]
+    fn partitions_default_to_zero() {
+        assert_eq!(partition_of(&[1, 2, 3]), 0);
+        let uid = InstanceUid::new_v7();
+        assert_eq!(partition_of(uid.as_bytes()), uid.partition());
+    }
+}

@@ -1,0 +1,111 @@
+//! Health, metrics, the OpenAPI document, operator authentication and persistence.
+
+use serde_json::{json, Value};
+use tests::{parse_metric, TestServer};
+
+#[tokio::test]
+async fn health_metrics_and_openapi_are_served() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let live = http.get(format!("{base}/health/live")).send().await?;
+    assert_eq!(live.status(), 200);
+    let ready = http.get(format!("{base}/health/ready")).send().await?;
+    assert_eq!(ready.status(), 200);
+
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for reason in ["oversize", "malformed", "cap_mismatch", "auth_failed"] {
+        let series = format!("ampora_opamp_frames_rejected_total{{reason=\"{reason}\"}}");
+        assert!(text.contains(&series), "missing {series} in /metrics");
+    }
+    for name in [
+        "ampora_agents_connected",
+        "ampora_config_remote_status_total",
+        "ampora_opamp_connections",
+    ] {
+        assert!(text.contains(name), "missing {name} in /metrics");
+    }
+    assert!(parse_metric(&text, "ampora_agents_connected") >= 0.0);
+
+    let doc: Value = http
+        .get(format!("{base}/api/v1/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    for path in [
+        "/api/v1/agents",
+        "/api/v1/configs",
+        "/api/v1/assignments",
+        "/api/v1/tokens",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "openapi lacks {path}");
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn the_api_requires_an_operator_token() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let url = format!("http://{}/api/v1/agents", server.addr);
+    let http = reqwest::Client::new();
+    let none = http.get(&url).send().await?;
+    assert_eq!(none.status(), 401);
+    let wrong = http
+        .get(&url)
+        .bearer_auth("amp-api.nottherightone")
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+    // A bootstrap token is not an API token.
+    let agent_token = server.api.token("x").await?;
+    let as_agent = http.get(&url).bearer_auth(agent_token).send().await?;
+    assert_eq!(as_agent.status(), 401);
+
+    let mode = std::fs::metadata(server.dir.path().join("admin-token"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let (id, hash) = server.api.config("kept", "k: v\n").await?;
+    let token = server
+        .api
+        .post("/api/v1/tokens", json!({ "name": "kept" }))
+        .await?;
+    let dir = server.dir.path().to_path_buf();
+    let api_token = server.api.token.clone();
+    let TestServer {
+        running, dir: tmp, ..
+    } = server;
+    running.expect("running").stop().await?;
+
+    let mut cfg = coordinator::config::Config::default();
+    cfg.server.data_dir = dir;
+    cfg.self_agent.enabled = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let again = coordinator::serve::start(cfg, listener).await?;
+    assert_eq!(again.admin_token.as_deref(), Some(api_token.as_str()));
+    let api = tests::Api::new(again.addr, api_token);
+    let v = api.get(&format!("/api/v1/configs/{id}")).await?;
+    assert_eq!(v["hash"], hash);
+    let tokens = api.get("/api/v1/tokens").await?;
+    assert!(tokens
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t["id"] == token["record"]["id"])));
+    again.stop().await?;
+    drop(tmp);
+    Ok(())
+}

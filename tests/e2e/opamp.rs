@@ -1,0 +1,281 @@
+//! Agents over WebSocket and plain HTTP: connect with a token, show up in the API, receive a
+//! pushed config, report it applied.
+
+use gateway::client::{wait_for, Agent, AgentOptions, AgentStatus};
+use serde_json::{json, Value};
+use shared::ids::InstanceUid;
+use tests::{eventually, TestServer, DEADLINE};
+
+fn opts(endpoint: String, token: String, name: &str) -> AgentOptions {
+    AgentOptions {
+        endpoint,
+        token: Some(token),
+        instance_uid: Some(InstanceUid::new_v7().0),
+        description: vec![
+            ("service.name".into(), name.into()),
+            ("service.version".into(), "1.2.3".into()),
+        ],
+        non_identifying: vec![("env".into(), "test".into())],
+        ..AgentOptions::default()
+    }
+}
+
+fn uid_of(s: &AgentStatus) -> String {
+    s.instance_uid
+        .map(|u| InstanceUid(u).to_string())
+        .unwrap_or_default()
+}
+
+async fn wait_state(server: &TestServer, uid: &str, state: &str) -> anyhow::Result<Value> {
+    eventually(
+        &format!("agent {uid} config_state {state}"),
+        DEADLINE,
+        || async {
+            Ok(server
+                .api
+                .agent(uid)
+                .await?
+                .filter(|a| a["config_state"] == state))
+        },
+    )
+    .await
+}
+
+async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let token = server.api.token("e2e").await?;
+    let agent = Agent::start(opts(endpoint(&server), token, "collector-a"));
+    let mut st = agent.status();
+    let s = wait_for(&mut st, DEADLINE, |s| s.connected && s.replies > 0).await?;
+    let uid = uid_of(&s);
+    assert_ne!(
+        s.server_capabilities & 0x1,
+        0,
+        "server must advertise AcceptsStatus"
+    );
+
+    let shown = eventually("agent in API", DEADLINE, || async {
+        Ok(server
+            .api
+            .agent(&uid)
+            .await?
+            .filter(|a| a["connected"] == true))
+    })
+    .await?;
+    assert_eq!(
+        shown["description"]["identifying"]["service.name"],
+        "collector-a"
+    );
+    assert_eq!(shown["config_state"], "none");
+    assert!(shown["capability_names"]
+        .as_array()
+        .is_some_and(|c| c.contains(&json!("AcceptsRemoteConfig"))));
+
+    let body = "receivers:\n  otlp: {}\n";
+    let (id, hash) = server.api.config("base", body).await?;
+    let res = server
+        .api
+        .assign(json!({ "config_id": id, "agent": uid }))
+        .await?;
+    assert_eq!(res["matched_agents"], 1);
+
+    let s = wait_for(&mut st, DEADLINE, |s| s.applied_configs >= 1).await?;
+    assert_eq!(
+        s.last_remote_config_hash.as_deref().map(hex_of),
+        Some(hash.clone())
+    );
+    assert_eq!(s.effective_config, body);
+    let a = wait_state(&server, &uid, "applied").await?;
+    assert_eq!(a["remote_config"]["status"], "APPLIED");
+    assert_eq!(a["remote_config"]["hash"], hash);
+    assert_eq!(a["effective_config"][""]["body"], body);
+
+    agent.stop().await;
+    eventually("agent offline after goodbye", DEADLINE, || async {
+        Ok(server
+            .api
+            .agent(&uid)
+            .await?
+            .filter(|a| a["connected"] == false))
+    })
+    .await?;
+    server.stop().await
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test]
+async fn websocket_agent_receives_config_and_reports_applied() -> anyhow::Result<()> {
+    connect_and_apply(TestServer::ws_url).await
+}
+
+#[tokio::test]
+async fn http_agent_receives_config_at_next_poll_and_reports_applied() -> anyhow::Result<()> {
+    connect_and_apply(TestServer::http_url).await
+}
+
+#[tokio::test]
+async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
+) -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let mut prod = opts(
+        server.ws_url(),
+        server.api.token("p").await?,
+        "prod-collector",
+    );
+    prod.non_identifying = vec![("env".into(), "prod".into())];
+    let mut dev = opts(
+        server.ws_url(),
+        server.api.token("d").await?,
+        "dev-collector",
+    );
+    dev.non_identifying = vec![("env".into(), "dev".into())];
+    let mut failing = opts(
+        server.ws_url(),
+        server.api.token("f").await?,
+        "bad-collector",
+    );
+    failing.non_identifying = vec![("env".into(), "prod".into())];
+    failing.fail_configs = true;
+    let agents = [Agent::start(prod), Agent::start(dev), Agent::start(failing)];
+    let mut uids = Vec::new();
+    for a in &agents {
+        let s = wait_for(&mut a.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+        uids.push(uid_of(&s));
+    }
+    for uid in &uids {
+        eventually("agent listed", DEADLINE, || async {
+            Ok(server
+                .api
+                .agent(uid)
+                .await?
+                .filter(|a| a["connected"] == true))
+        })
+        .await?;
+    }
+    let failed_before = server
+        .api
+        .metric("ampora_config_remote_status_total{status=\"failed\"}")
+        .await?;
+
+    let (id, _) = server.api.config("prod", "exporters: {}\n").await?;
+    let res = server
+        .api
+        .assign(json!({ "config_id": id, "labels": { "env": "prod" } }))
+        .await?;
+    assert_eq!(res["matched_agents"], 2);
+
+    wait_state(&server, &uids[0], "applied").await?;
+    let failed = wait_state(&server, &uids[2], "failed").await?;
+    assert_eq!(failed["remote_config"]["status"], "FAILED");
+    assert!(failed["remote_config"]["error_message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    let dev_view = server.api.agent(&uids[1]).await?.expect("dev agent");
+    assert_eq!(dev_view["config_state"], "none");
+    let failed_after = server
+        .api
+        .metric("ampora_config_remote_status_total{status=\"failed\"}")
+        .await?;
+    assert!(
+        failed_after >= failed_before + 1.0,
+        "FAILED must be counted"
+    );
+
+    let filtered = server
+        .api
+        .get("/api/v1/agents?config_state=applied")
+        .await?;
+    let listed: Vec<&str> = filtered
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["instance_uid"].as_str())
+        .collect();
+    assert_eq!(listed, vec![uids[0].as_str()]);
+
+    for a in agents {
+        a.stop().await;
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn agent_without_uid_gets_one_assigned() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let mut o = opts(server.ws_url(), server.api.token("n").await?, "nameless");
+    o.instance_uid = None;
+    let agent = Agent::start(o);
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connected && s.instance_uid.is_some() && s.replies > 1
+    })
+    .await?;
+    let uid = uid_of(&s);
+    eventually("assigned uid in API", DEADLINE, || async {
+        Ok(server.api.agent(&uid).await?.filter(|a| {
+            a["connected"] == true && a["description"]["identifying"]["service.name"] == "nameless"
+        }))
+    })
+    .await?;
+    let all = server.api.get("/api/v1/agents").await?;
+    assert_eq!(
+        all.as_array().map(Vec::len),
+        Some(1),
+        "no ghost agent for the temporary uid: {all}"
+    );
+    agent.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn static_header_http_client_keeps_working_and_token_stays_bound() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let token = server.api.token("static").await?;
+    let mut o = opts(server.http_url(), token.clone(), "poller");
+    o.heartbeat = std::time::Duration::from_millis(100);
+    let agent = Agent::start(o);
+    let mut st = agent.status();
+    let s = wait_for(&mut st, DEADLINE, |s| s.replies >= 5).await?;
+    assert!(
+        s.last_error.is_none(),
+        "polls must keep working: {:?}",
+        s.last_error
+    );
+
+    // A different agent presenting the same (now redeemed) token is refused.
+    let other = Agent::start(opts(server.http_url(), token, "intruder"));
+    let s2 = wait_for(&mut other.status(), DEADLINE, |s| s.last_error.is_some()).await?;
+    assert!(
+        s2.last_error.as_deref().is_some_and(|e| e.contains("401")),
+        "expected a 401, got {:?}",
+        s2.last_error
+    );
+    assert_eq!(s2.replies, 0);
+    other.stop().await;
+    let before = st.borrow().replies;
+    wait_for(&mut st, DEADLINE, |s| s.replies > before + 2).await?;
+    agent.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn self_agent_shows_up_in_the_fleet() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| c.self_agent.enabled = true).await?;
+    let found = eventually("self agent connected", DEADLINE, || async {
+        let all = server.api.get("/api/v1/agents").await?;
+        Ok(all.as_array().and_then(|list| {
+            list.iter()
+                .find(|a| {
+                    a["description"]["identifying"]["service.name"] == "ampora-self-agent"
+                        && a["connected"] == true
+                        && a["health"]["healthy"] == true
+                })
+                .cloned()
+        }))
+    })
+    .await?;
+    assert_eq!(found["transport"], "websocket");
+    server.stop().await
+}
