@@ -42,9 +42,12 @@ async fn wait_state(server: &TestServer, uid: &str, state: &str) -> anyhow::Resu
 }
 
 async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::Result<()> {
-    let server = TestServer::start().await?;
+    // A one-second heartbeat, offered to the agent, is also the HTTP poll interval.
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
     let token = server.api.token("e2e").await?;
-    let agent = Agent::start(opts(endpoint(&server), token, "collector-a"));
+    let mut o = opts(endpoint(&server), token, "collector-a");
+    o.heartbeat = std::time::Duration::from_millis(200);
+    let agent = Agent::start(o);
     let mut st = agent.status();
     let s = wait_for(&mut st, DEADLINE, |s| s.connected && s.replies > 0).await?;
     let uid = uid_of(&s);
@@ -231,7 +234,7 @@ async fn agent_without_uid_gets_one_assigned() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn static_header_http_client_keeps_working_and_token_stays_bound() -> anyhow::Result<()> {
-    let server = TestServer::start().await?;
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
     let token = server.api.token("static").await?;
     let mut o = opts(server.http_url(), token.clone(), "poller");
     o.heartbeat = std::time::Duration::from_millis(100);

@@ -16,6 +16,8 @@
 mod agent;
 mod core;
 mod http;
+#[cfg(test)]
+mod tests;
 mod url;
 mod wire;
 mod ws;

@@ -374,7 +374,8 @@ async fn recv(ws: &mut Ws) -> anyhow::Result<Received> {
         let frame = within(ws.read_frame()).await?;
         match frame.opcode {
             OpCode::Binary => {
-                return Ok(Received::Msg(codec::decode_ws(&frame.payload, usize::MAX)?))
+                let msg = codec::decode_ws::<ServerToAgent>(&frame.payload, usize::MAX)?;
+                return Ok(Received::Msg(Box::new(msg)));
             }
             OpCode::Close => {
                 let code = frame

@@ -49,8 +49,8 @@ const MAX_UIDS_PER_CONN: usize = 16;
 /// A write that doesn't finish in this time means the peer stopped reading; we give up on it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// After a Close frame, how long we keep reading (and discarding) while the peer finishes its
-/// side. Closing a socket with unread input makes the kernel send RST, which can destroy our
+/// After our Close frame, how long we wait for the peer's Close (or EOF) before dropping the
+/// socket. Closing a socket with unread input makes the kernel send RST, which can destroy our
 /// Close frame (and its code) before the peer reads it.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -65,6 +65,7 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const MAX_CLOSE_REASON: usize = 123;
 
 const SUPERSEDED: &str = "superseded by a newer connection";
+const TOO_BIG: &str = "message too big";
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<DetachableRead<tokio::io::ReadHalf<Io>>>;
@@ -145,6 +146,9 @@ enum Exit {
     PeerClosed,
     /// We close with this code and reason.
     Close(u16, String),
+    /// We close, but the read side stopped mid-frame (an oversize frame was refused unread),
+    /// so the peer's answer can't be parsed, only drained.
+    CloseDesynced(u16, String),
     /// The transport is gone (EOF, I/O error, stalled writes): nothing more can be said.
     Gone,
 }
@@ -183,27 +187,41 @@ impl Session {
 
         let exit = self.serve_frames(&mut rd, &mut wr).await;
         let linger = match exit {
-            Exit::Gone => false,
-            Exit::PeerClosed => write_close(&mut wr, CLOSE_NORMAL, "").await.is_ok(),
+            Exit::Gone => Linger::No,
+            // The peer's Close was the last thing it sends: the handshake is complete.
+            Exit::PeerClosed => {
+                let _ = write_close(&mut wr, CLOSE_NORMAL, "").await;
+                Linger::No
+            }
             Exit::Close(code, reason) => {
                 tracing::debug!(code, reason = %reason, "closing connection");
-                write_close(&mut wr, code, &reason).await.is_ok()
+                match write_close(&mut wr, code, &reason).await {
+                    Ok(()) => Linger::AwaitClose,
+                    Err(_) => Linger::No,
+                }
+            }
+            Exit::CloseDesynced(code, reason) => {
+                tracing::debug!(code, reason = %reason, "closing connection");
+                match write_close(&mut wr, code, &reason).await {
+                    Ok(()) => Linger::Drain,
+                    Err(_) => Linger::No,
+                }
             }
         };
         // Stop routing to this connection and hand the agents back before lingering, so a
         // reconnect elsewhere isn't kept waiting.
         self.release_all().await;
-        if linger {
-            drain(detach).await;
+        match linger {
+            Linger::No => {}
+            Linger::AwaitClose => await_peer_close(&mut rd).await,
+            Linger::Drain => drain(detach).await,
         }
         // `self.conn` drops here: the connection leaves the registry last.
     }
 
     async fn serve_frames(&mut self, rd: &mut Reader, wr: &mut Writer) -> Exit {
         let max = self.inner.cfg.max_frame_bytes;
-        // Never called: with auto-pong and auto-close off the read half has nothing to send.
-        let mut no_obligations =
-            |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
+        let mut no_obligations = no_obligations;
         loop {
             // The read future is kept across select iterations (not restarted): reading a frame
             // is not cancel-safe, pushes and close requests are served while it is pending.
@@ -231,7 +249,10 @@ impl Session {
             };
             let (opcode, fin, payload) = match read {
                 Ok(frame) => frame,
-                Err(WebSocketError::FrameTooLarge) => return too_big(),
+                Err(WebSocketError::FrameTooLarge) => {
+                    count_rejected("oversize");
+                    return Exit::CloseDesynced(CLOSE_TOO_BIG, TOO_BIG.into());
+                }
                 Err(
                     WebSocketError::UnexpectedEOF
                     | WebSocketError::IoError(_)
@@ -455,9 +476,37 @@ impl Session {
     }
 }
 
+/// What to do between our Close frame and dropping the socket.
+enum Linger {
+    No,
+    /// Read (and discard) frames until the peer's Close.
+    AwaitClose,
+    /// Read (and discard) raw bytes until EOF.
+    Drain,
+}
+
+/// The read half's callback for frames it must send (pongs, close echoes). Never called: with
+/// auto-pong and auto-close off it has nothing to send; this task answers those itself.
+fn no_obligations(_: Frame<'_>) -> std::future::Ready<Result<(), std::convert::Infallible>> {
+    std::future::ready(Ok(()))
+}
+
+/// A complete message over the limit: the read side is still in sync.
 fn too_big() -> Exit {
     count_rejected("oversize");
-    Exit::Close(CLOSE_TOO_BIG, "message too big".into())
+    Exit::Close(CLOSE_TOO_BIG, TOO_BIG.into())
+}
+
+/// Waits, at most [`CLOSE_LINGER`], for the peer to answer our Close.
+async fn await_peer_close(rd: &mut Reader) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Ok(frame) = rd.read_frame(&mut no_obligations).await {
+            if frame.opcode == OpCode::Close {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn send(wr: &mut Writer, msg: &ServerToAgent) -> Result<(), Exit> {
