@@ -33,11 +33,6 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
                 .await
                 .with_context(|| format!("binding {}", cfg.server.listen))?;
-            println!(
-                "ampora {} listening on {}",
-                coordinator::serve::VERSION,
-                listener.local_addr()?
-            );
             coordinator::serve::run(cfg, listener, shutdown_signal()).await
         }
         Command::Openapi => {
@@ -55,7 +50,9 @@ fn toml_string(s: &str) -> String {
 
 fn init_tracing(log: &config::LogSection) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if log.format == "json" {
         builder.json().init();
     } else {

@@ -217,6 +217,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let running = start(config, listener).await?;
+    // Printed only once everything is up: scripts wait for this line.
+    println!("ampora {VERSION} listening on {}", running.addr);
     tracing::info!(addr = %running.addr, version = VERSION, "ampora is serving (embedded mode)");
     shutdown.await;
     tracing::info!("shutting down");
