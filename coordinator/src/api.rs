@@ -30,9 +30,9 @@ use crate::service::{Coordinator, ServiceError};
     info(title = "Ampora API", description = "Fleet management for OpAMP agents"),
     paths(
         list_agents, show_agent, create_config, list_configs, show_config, create_assignment,
-        list_assignments, create_token, list_tokens, revoke_token, list_audit
+        list_assignments, create_token, create_tokens, list_tokens, revoke_token, list_audit
     ),
-    components(schemas(AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, ErrorBody)),
+    components(schemas(AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, ErrorBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -67,6 +67,7 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
             post(create_assignment).get(list_assignments),
         )
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
+        .route("/api/v1/tokens/batch", post(create_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(list_audit))
         .with_state(coord)
@@ -405,6 +406,46 @@ async fn create_token(
         .create_token(body.name, body.ttl_secs.map(Duration::from_secs), &actor)
         .await?;
     Ok(Json(CreatedToken { token, record }))
+}
+
+/// Many tokens at once, for provisioning a fleet (or a load test) in one call.
+#[derive(Deserialize, ToSchema)]
+pub struct NewTokens {
+    #[serde(default)]
+    name: String,
+    ttl_secs: Option<u64>,
+    /// How many tokens, 1 to 100,000.
+    count: u32,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedTokens {
+    /// The tokens themselves, shown only here.
+    tokens: Vec<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens/batch", request_body = NewTokens,
+    responses((status = 200, body = CreatedTokens)), security(("api_token" = [])))]
+async fn create_tokens(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Json(body): Json<NewTokens>,
+) -> ApiResult<CreatedTokens> {
+    let actor = authorize(&c, &headers, Role::Admin).await?;
+    if body.ttl_secs == Some(0) || !(1..=100_000).contains(&body.count) {
+        return Err(ApiError::BadRequest(
+            "ttl_secs must be positive and count between 1 and 100000".into(),
+        ));
+    }
+    let tokens = c
+        .create_tokens(
+            body.name,
+            body.ttl_secs.map(Duration::from_secs),
+            body.count,
+            &actor,
+        )
+        .await?;
+    Ok(Json(CreatedTokens { tokens }))
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens",

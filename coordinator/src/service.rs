@@ -726,11 +726,43 @@ impl Coordinator {
         ttl: Option<Duration>,
         author: &str,
     ) -> Result<(String, TokenRecord), ServiceError> {
+        let (text, rec) = self.new_token(name, ttl);
+        self.store.create_token(&rec).await?;
+        self.audit_token_created(author, &[rec.id.clone()], &rec)
+            .await;
+        Ok((text, rec))
+    }
+
+    /// Creates `count` tokens in one call; one audit entry names them all.
+    pub async fn create_tokens(
+        &self,
+        name: String,
+        ttl: Option<Duration>,
+        count: u32,
+        author: &str,
+    ) -> Result<Vec<String>, ServiceError> {
+        let mut texts = Vec::with_capacity(count as usize);
+        let mut ids = Vec::with_capacity(count as usize);
+        let mut last = None;
+        for _ in 0..count {
+            let (text, rec) = self.new_token(name.clone(), ttl);
+            self.store.create_token(&rec).await?;
+            texts.push(text);
+            ids.push(rec.id.clone());
+            last = Some(rec);
+        }
+        if let Some(rec) = last {
+            self.audit_token_created(author, &ids, &rec).await;
+        }
+        Ok(texts)
+    }
+
+    fn new_token(&self, name: String, ttl: Option<Duration>) -> (String, TokenRecord) {
         let text = token::new_bootstrap_token();
         let now = now_ms();
         let ttl = ttl.unwrap_or(self.cfg.default_token_ttl);
         let rec = TokenRecord {
-            id: uuid::Uuid::now_v7().simple().to_string()[..12].to_string(),
+            id: uuid::Uuid::now_v7().simple().to_string(),
             name,
             prefix: token::display_prefix(&text),
             hash: token::hash_token(&text),
@@ -740,17 +772,19 @@ impl Coordinator {
             redeemed_ms: None,
             bound_uid: None,
         };
-        self.store.create_token(&rec).await?;
+        (text, rec)
+    }
+
+    async fn audit_token_created(&self, author: &str, ids: &[String], rec: &TokenRecord) {
         self.audit(
             author,
             "token.create",
             None,
             None,
             None,
-            serde_json::json!({ "token_id": rec.id, "name": rec.name, "expires_ms": rec.expires_ms }),
+            serde_json::json!({ "token_ids": ids, "name": rec.name, "expires_ms": rec.expires_ms }),
         )
         .await;
-        Ok((text, rec))
     }
 
     pub async fn revoke_token(&self, id: &str, author: &str) -> Result<(), ServiceError> {

@@ -789,6 +789,54 @@ mod tests {
         store.close().await;
     }
 
+    /// Two stores on one file stand in for two processes: their write gates are separate, so
+    /// only SQLite's locking (BEGIN IMMEDIATE + busy timeout) and the conditional UPDATE keep
+    /// the redemption single-winner.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redemption_race_across_stores() {
+        let db = TempDb::new();
+        let stores = [
+            Arc::new(SqliteStore::open(&db.0).await.expect("open")),
+            Arc::new(SqliteStore::open(&db.0).await.expect("open again")),
+        ];
+        let token = TokenRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: "race".into(),
+            prefix: "amp-bs.race…".into(),
+            hash: [9; 32],
+            created_ms: 1,
+            expires_ms: i64::MAX,
+            revoked_ms: None,
+            redeemed_ms: None,
+            bound_uid: None,
+        };
+        stores[0].create_token(&token).await.expect("create_token");
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let store = stores[i % 2].clone();
+                let (barrier, id) = (barrier.clone(), token.id.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.redeem_token(&id, InstanceUid::new_v7(), 2).await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.expect("join").expect("redeem"));
+        }
+        let bound = outcomes.iter().filter(|o| **o == Redemption::Bound).count();
+        let other = outcomes
+            .iter()
+            .filter(|o| **o == Redemption::BoundToOther)
+            .count();
+        assert_eq!((bound, other), (1, 31), "{outcomes:?}");
+        for store in stores {
+            store.close().await;
+        }
+    }
+
     #[tokio::test]
     async fn file_pragmas_are_set() {
         let db = TempDb::new();
@@ -928,7 +976,7 @@ mod tests {
             },
         )]));
         a.effective_config_hash = Some("ab".repeat(32));
-        a.connected = i % 3 != 0;
+        a.connected = i % 3 != 1;
         a.transport = Some(Transport::WebSocket);
         a.gateway = Some("gw-1".into());
         a.sequence_num = i as u64;

@@ -200,7 +200,9 @@ enum SessionEnd {
         retry_after: Option<Duration>,
     },
     /// The server is unavailable: say goodbye, close, back off.
-    Unavailable { retry_after: Option<Duration> },
+    Unavailable {
+        retry_after: Option<Duration>,
+    },
 }
 
 async fn run_ws(

@@ -433,7 +433,10 @@ mod tests {
             .expect("effective config")
             .config_map;
         assert_eq!(map.len(), 1);
-        map.values().next().map(|f| f.body.clone()).unwrap_or_default()
+        map.values()
+            .next()
+            .map(|f| f.body.clone())
+            .unwrap_or_default()
     }
 
     fn remote(hash: &[u8], files: &[(&str, &str)]) -> ServerToAgent {
@@ -631,7 +634,11 @@ mod tests {
         let first = core.full_state();
         assert_eq!(first.flags, agent_flags::REQUEST_INSTANCE_UID);
         assert_eq!(first.instance_uid.len(), 16);
-        assert_eq!(rx.borrow().instance_uid, None, "temporary uid is not published");
+        assert_eq!(
+            rx.borrow().instance_uid,
+            None,
+            "temporary uid is not published"
+        );
         // Wrong length: ignored, still asking.
         let out = core.on_message(ServerToAgent {
             agent_identification: Some(AgentIdentification {

@@ -189,7 +189,10 @@ impl HttpTransport {
         body: Bytes,
         extra: &[(String, String)],
     ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
-        let ep = self.endpoint.as_ref().map_err(|e| ClientError::Url(e.clone()))?;
+        let ep = self
+            .endpoint
+            .as_ref()
+            .map_err(|e| ClientError::Url(e.clone()))?;
         let build = || {
             let mut req = Request::builder()
                 .method(Method::POST)
@@ -203,7 +206,10 @@ impl HttpTransport {
         };
         // Taken out for the duration of the request: if this future is dropped half-way, the
         // connection goes with it instead of being reused in an unknown state.
-        let idle = self.conn.take().and_then(|mut c| (!c.is_dead()).then_some(c));
+        let idle = self
+            .conn
+            .take()
+            .and_then(|mut c| (!c.is_dead()).then_some(c));
         let (mut conn, was_reused) = match idle {
             Some(c) => (c, true),
             None => (HttpConn::open(ep, self.source_ip).await?, false),

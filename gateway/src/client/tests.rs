@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ::http::{Request, Response, StatusCode};
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
-use ::http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -75,9 +75,8 @@ impl FakeServer {
                 };
                 let (log, script) = (log.clone(), script.clone());
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        handle(req, conn_no, log.clone(), script.clone())
-                    });
+                    let svc =
+                        service_fn(move |req| handle(req, conn_no, log.clone(), script.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
                         .with_upgrades()
@@ -332,8 +331,14 @@ async fn ws_agent_gets_uid_applies_config_heartbeats_and_says_goodbye() {
     assert_eq!(msgs[1].1.instance_uid, NEW_UID.to_vec());
     assert_eq!(msgs[1].1.flags, 0);
     assert!(msgs[1].1.agent_description.is_some());
-    assert_eq!(status_of(&msgs[2].1), Some(RemoteConfigStatuses::Applying as i32));
-    assert_eq!(status_of(&msgs[3].1), Some(RemoteConfigStatuses::Applied as i32));
+    assert_eq!(
+        status_of(&msgs[2].1),
+        Some(RemoteConfigStatuses::Applying as i32)
+    );
+    assert_eq!(
+        status_of(&msgs[3].1),
+        Some(RemoteConfigStatuses::Applied as i32)
+    );
     // Heartbeats: header only.
     let hb = &msgs[4].1;
     assert!(hb.agent_description.is_none() && hb.remote_config_status.is_none());
@@ -380,9 +385,11 @@ async fn ws_agent_reconnects_after_server_close_and_resends_full_state() {
         instance_uid: Some([2; 16]),
         ..AgentOptions::default()
     });
-    let s = wait_for(&mut agent.status(), DEADLINE, |s| s.connected && s.replies >= 2)
-        .await
-        .expect("reconnected");
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connected && s.replies >= 2
+    })
+    .await
+    .expect("reconnected");
     assert!(
         s.last_error.as_deref().is_some_and(|e| e.contains("1001")),
         "{:?}",
@@ -391,9 +398,18 @@ async fn ws_agent_reconnects_after_server_close_and_resends_full_state() {
     agent.stop().await;
     let msgs = srv.msgs();
     assert_consecutive(&msgs);
-    let second = msgs.iter().find(|(c, _)| *c == 2).expect("second connection");
-    assert!(second.1.agent_description.is_some(), "full state on reconnect");
-    assert!(second.1.sequence_num > 0, "sequence continues across reconnects");
+    let second = msgs
+        .iter()
+        .find(|(c, _)| *c == 2)
+        .expect("second connection");
+    assert!(
+        second.1.agent_description.is_some(),
+        "full state on reconnect"
+    );
+    assert!(
+        second.1.sequence_num > 0,
+        "sequence continues across reconnects"
+    );
 }
 
 #[tokio::test]
@@ -405,7 +421,10 @@ async fn ws_refusals_carry_status_body_and_retry_after() {
             retry_after,
             body,
         }) => {
-            assert_eq!((status, retry_after, body.as_str()), (401, None, "unknown token"));
+            assert_eq!(
+                (status, retry_after, body.as_str()),
+                (401, None, "unknown token")
+            );
         }
         other => panic!("expected 401, got {:?}", other.map(|_| ())),
     }
@@ -497,9 +516,15 @@ async fn http_errors_and_closed_connections() {
     .await;
     let mut t = HttpTransport::new(&srv.http_url("/v1/opamp"), vec![], false);
     for _ in 0..2 {
-        t.exchange(&AgentToServer::default()).await.expect("exchange");
+        t.exchange(&AgentToServer::default())
+            .await
+            .expect("exchange");
     }
-    assert_eq!(srv.log.lock().expect("lock").connections, 2, "reconnects after close");
+    assert_eq!(
+        srv.log.lock().expect("lock").connections,
+        2,
+        "reconnects after close"
+    );
 
     let mut busy = HttpTransport::new(&srv.http_url("/busy"), vec![], false);
     match busy.exchange(&AgentToServer::default()).await {
@@ -548,11 +573,22 @@ async fn http_agent_polls_applies_config_promptly_and_says_goodbye() {
     let msgs = srv.msgs();
     assert_consecutive(&msgs);
     assert!(msgs[0].1.agent_description.is_some());
-    assert_eq!(status_of(&msgs[3].1), Some(RemoteConfigStatuses::Applying as i32));
-    assert_eq!(status_of(&msgs[4].1), Some(RemoteConfigStatuses::Applied as i32));
-    assert!(msgs.last().is_some_and(|(_, m)| m.agent_disconnect.is_some()));
+    assert_eq!(
+        status_of(&msgs[3].1),
+        Some(RemoteConfigStatuses::Applying as i32)
+    );
+    assert_eq!(
+        status_of(&msgs[4].1),
+        Some(RemoteConfigStatuses::Applied as i32)
+    );
+    assert!(msgs
+        .last()
+        .is_some_and(|(_, m)| m.agent_disconnect.is_some()));
     let log = srv.log.lock().expect("lock");
-    assert_eq!(log.connections, 1, "one kept-alive connection for all polls");
+    assert_eq!(
+        log.connections, 1,
+        "one kept-alive connection for all polls"
+    );
     assert_eq!(
         log.headers[0][4].as_deref(),
         Some("04040404-0404-0404-0404-040404040404")

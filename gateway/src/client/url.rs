@@ -37,7 +37,9 @@ impl Endpoint {
             Some("ws") => Scheme::Ws,
             Some("http") => Scheme::Http,
             Some(s @ ("wss" | "https")) => {
-                return Err(format!("{url}: scheme {s} needs TLS, which is not supported yet"))
+                return Err(format!(
+                    "{url}: scheme {s} needs TLS, which is not supported yet"
+                ))
             }
             Some(s) => return Err(format!("{url}: unsupported scheme {s}")),
             None => return Err(format!("{url}: missing scheme (ws:// or http://)")),

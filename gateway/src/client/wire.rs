@@ -76,8 +76,7 @@ fn parse_imf_fixdate(s: &str) -> Option<u64> {
     let h: u64 = hms.next()?.parse().ok()?;
     let m: u64 = hms.next()?.parse().ok()?;
     let sec: u64 = hms.next()?.parse().ok()?;
-    if it.next()? != "GMT" || it.next().is_some() || !(1..=31).contains(&day) || h > 23 || m > 59
-    {
+    if it.next()? != "GMT" || it.next().is_some() || !(1..=31).contains(&day) || h > 23 || m > 59 {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).

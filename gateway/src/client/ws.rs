@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{
-    FragmentCollectorRead, Frame, OpCode, Payload, Role, WebSocket, WebSocketError,
-    WebSocketWrite,
+    FragmentCollectorRead, Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketWrite,
 };
 use futures::{Stream, StreamExt};
 use http::header::{

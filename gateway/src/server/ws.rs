@@ -260,7 +260,7 @@ impl Session {
                 ) => return Exit::Gone,
                 Err(e) => {
                     tracing::debug!(error = %e, "websocket protocol error");
-                    return Exit::Close(CLOSE_PROTOCOL_ERROR, "protocol error".into());
+                    return Exit::CloseDesynced(CLOSE_PROTOCOL_ERROR, "protocol error".into());
                 }
             };
             // Our own reassembly rather than fastwebsockets' FragmentCollector: it bounds the
