@@ -728,7 +728,7 @@ impl Coordinator {
     ) -> Result<(String, TokenRecord), ServiceError> {
         let (text, rec) = self.new_token(name, ttl);
         self.store.create_token(&rec).await?;
-        self.audit_token_created(author, &[rec.id.clone()], &rec)
+        self.audit_token_created(author, std::slice::from_ref(&rec.id), &rec)
             .await;
         Ok((text, rec))
     }

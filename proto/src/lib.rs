@@ -40,14 +40,23 @@ pub mod agent_caps {
         (REPORTS_OWN_TRACES, "ReportsOwnTraces"),
         (REPORTS_OWN_METRICS, "ReportsOwnMetrics"),
         (REPORTS_OWN_LOGS, "ReportsOwnLogs"),
-        (ACCEPTS_OPAMP_CONNECTION_SETTINGS, "AcceptsOpAMPConnectionSettings"),
-        (ACCEPTS_OTHER_CONNECTION_SETTINGS, "AcceptsOtherConnectionSettings"),
+        (
+            ACCEPTS_OPAMP_CONNECTION_SETTINGS,
+            "AcceptsOpAMPConnectionSettings",
+        ),
+        (
+            ACCEPTS_OTHER_CONNECTION_SETTINGS,
+            "AcceptsOtherConnectionSettings",
+        ),
         (ACCEPTS_RESTART_COMMAND, "AcceptsRestartCommand"),
         (REPORTS_HEALTH, "ReportsHealth"),
         (REPORTS_REMOTE_CONFIG, "ReportsRemoteConfig"),
         (REPORTS_HEARTBEAT, "ReportsHeartbeat"),
         (REPORTS_AVAILABLE_COMPONENTS, "ReportsAvailableComponents"),
-        (REPORTS_CONNECTION_SETTINGS_STATUS, "ReportsConnectionSettingsStatus"),
+        (
+            REPORTS_CONNECTION_SETTINGS_STATUS,
+            "ReportsConnectionSettingsStatus",
+        ),
     ];
 
     /// Every bit the specification defines; anything else is invalid from an agent.

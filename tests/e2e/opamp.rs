@@ -16,6 +16,8 @@ fn opts(endpoint: String, token: String, name: &str) -> AgentOptions {
             ("service.version".into(), "1.2.3".into()),
         ],
         non_identifying: vec![("env".into(), "test".into())],
+        // Frequent heartbeats so "the agent is still talking" can be waited on quickly.
+        heartbeat: std::time::Duration::from_millis(200),
         ..AgentOptions::default()
     }
 }
@@ -280,5 +282,103 @@ async fn self_agent_shows_up_in_the_fleet() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(found["transport"], "websocket");
+    server.stop().await
+}
+
+#[tokio::test]
+async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection() -> anyhow::Result<()>
+{
+    let server = TestServer::start().await?;
+    let uid = InstanceUid::new_v7();
+    let mut first = opts(server.ws_url(), server.api.token("a").await?, "original");
+    first.instance_uid = Some(uid.0);
+    let first = Agent::start(first);
+    let mut first_st = first.status();
+    wait_for(&mut first_st, DEADLINE, |s| s.connected && s.replies > 0).await?;
+
+    // A clone: same uid, its own token, while the original is live.
+    let mut clone = opts(server.ws_url(), server.api.token("b").await?, "clone");
+    clone.instance_uid = Some(uid.0);
+    let clone = Agent::start(clone);
+    let s = wait_for(&mut clone.status(), DEADLINE, |s| {
+        s.connected && s.instance_uid.is_some_and(|u| u != uid.0)
+    })
+    .await?;
+    let new_uid = uid_of(&s);
+    eventually("clone under its new uid", DEADLINE, || async {
+        Ok(server.api.agent(&new_uid).await?.filter(|a| {
+            a["connected"] == true && a["description"]["identifying"]["service.name"] == "clone"
+        }))
+    })
+    .await?;
+    let replies = first_st.borrow().replies;
+    wait_for(&mut first_st, DEADLINE, |s| {
+        s.connected && s.replies > replies
+    })
+    .await?;
+    let original = server.api.agent(&uid.to_string()).await?.expect("original");
+    assert_eq!(
+        original["description"]["identifying"]["service.name"],
+        "original"
+    );
+    assert_eq!(original["connected"], true);
+    clone.stop().await;
+    first.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn capabilities_gate_what_is_sent() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 7).await?;
+    // Accepts connection settings and reports heartbeats: gets the heartbeat interval.
+    let mut hb = opts(server.ws_url(), server.api.token("hb").await?, "hb");
+    hb.capabilities = 0x1 | 0x2 | 0x4 | 0x100 | 0x800 | 0x1000 | 0x2000;
+    let hb = Agent::start(hb);
+    wait_for(&mut hb.status(), DEADLINE, |s| s.heartbeat_secs == 7).await?;
+
+    // Reports status (and heartbeats) only: never gets a remote config; the refusal is counted.
+    let mut mute = opts(server.ws_url(), server.api.token("m").await?, "mute");
+    mute.capabilities = 0x1 | 0x2000;
+    let mute = Agent::start(mute);
+    let mut mute_st = mute.status();
+    let s = wait_for(&mut mute_st, DEADLINE, |s| s.connected && s.replies > 0).await?;
+    let uid = uid_of(&s);
+    eventually("mute agent listed", DEADLINE, || async {
+        Ok(server
+            .api
+            .agent(&uid)
+            .await?
+            .filter(|a| a["connected"] == true))
+    })
+    .await?;
+    let before = server
+        .api
+        .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")
+        .await?;
+    let (id, _) = server.api.config("gated", "g: 1\n").await?;
+    server
+        .api
+        .assign(json!({ "config_id": id, "agent": uid }))
+        .await?;
+    eventually("cap_mismatch counted", DEADLINE, || async {
+        let now = server
+            .api
+            .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")
+            .await?;
+        Ok((now > before).then_some(()))
+    })
+    .await?;
+    let replies = mute_st.borrow().replies;
+    wait_for(&mut mute_st, DEADLINE, |s| s.replies > replies).await?;
+    let s = mute_st.borrow().clone();
+    assert_eq!(
+        s.last_remote_config_hash, None,
+        "no config for an agent that does not accept one"
+    );
+    assert_eq!(s.applied_configs, 0);
+    let view = server.api.agent(&uid).await?.expect("agent");
+    assert_eq!(view["config_state"], "pending");
+    mute.stop().await;
+    hb.stop().await;
     server.stop().await
 }

@@ -108,11 +108,31 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Spawns the agent task on the current tokio runtime.
+    /// Spawns the agent task on the current tokio runtime. An invalid endpoint ends the task
+    /// at once with the reason in [`AgentStatus::last_error`].
     pub fn start(opts: AgentOptions) -> Agent {
         let (core, status) = AgentCore::new(opts);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(core, stop_rx));
+        // The transport loop is spawned directly (not behind a dispatching async fn) so the
+        // task stores its arguments once.
+        let task = match Endpoint::parse(&core.options().endpoint) {
+            Err(e) => {
+                core.set_error(e);
+                tokio::spawn(async move { drop(core) })
+            }
+            Ok(ep) => {
+                let headers: Vec<(String, String)> = core
+                    .options()
+                    .token
+                    .iter()
+                    .map(|t| ("Authorization".to_string(), format!("Bearer {t}")))
+                    .collect();
+                match ep.scheme {
+                    Scheme::Ws => tokio::spawn(run_ws(core, ep, headers, stop_rx)),
+                    Scheme::Http => tokio::spawn(run_http(core, ep, headers, stop_rx)),
+                }
+            }
+        };
         Agent {
             stop: Some(stop_tx),
             task,
@@ -171,26 +191,6 @@ async fn pause(d: Duration, stop: &mut oneshot::Receiver<()>) -> bool {
     }
 }
 
-async fn run(core: AgentCore, stop: oneshot::Receiver<()>) {
-    let ep = match Endpoint::parse(&core.options().endpoint) {
-        Ok(ep) => ep,
-        Err(e) => {
-            core.set_error(e);
-            return;
-        }
-    };
-    let headers: Vec<(String, String)> = core
-        .options()
-        .token
-        .iter()
-        .map(|t| ("Authorization".to_string(), format!("Bearer {t}")))
-        .collect();
-    match ep.scheme {
-        Scheme::Ws => run_ws(core, ep, headers, stop).await,
-        Scheme::Http => run_http(core, ep, headers, stop).await,
-    }
-}
-
 /// Why a WebSocket session ended.
 enum SessionEnd {
     Stop,
@@ -216,7 +216,9 @@ async fn run_ws(
     loop {
         let connected = tokio::select! {
             _ = &mut stop => return,
-            c = WsConnection::connect_endpoint(&ep, &headers, source) => c,
+            // Boxed here and below: the handshake and the goodbye are big futures that only
+            // live briefly; inline they would bloat every idle agent's task.
+            c = Box::pin(WsConnection::connect_endpoint(&ep, &headers, source)) => c,
         };
         let mut conn = match connected {
             Ok(c) => c,
@@ -234,7 +236,7 @@ async fn run_ws(
         core.set_connected(false);
         let retry_after = match end {
             SessionEnd::Stop => {
-                goodbye(&mut core, conn).await;
+                Box::pin(goodbye(&mut core, conn)).await;
                 return;
             }
             SessionEnd::Lost { error, retry_after } => {
@@ -242,7 +244,7 @@ async fn run_ws(
                 retry_after
             }
             SessionEnd::Unavailable { retry_after } => {
-                goodbye(&mut core, conn).await;
+                Box::pin(goodbye(&mut core, conn)).await;
                 retry_after
             }
         };
@@ -259,8 +261,10 @@ async fn goodbye(core: &mut AgentCore, mut conn: WsConnection) {
     conn.close(1000, "agent stopping").await;
 }
 
+/// Sends with a deadline. The send future is boxed: it only exists while sending, and inline
+/// it would enlarge every idle agent's task.
 async fn ws_send(conn: &mut WsConnection, msg: &AgentToServer) -> Result<(), SessionEnd> {
-    match timeout(SEND_TIMEOUT, conn.send(msg)).await {
+    match timeout(SEND_TIMEOUT, Box::pin(conn.send(msg))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(lost(e)),
         Err(_) => Err(lost(ClientError::Timeout)),
@@ -274,6 +278,15 @@ fn lost(e: ClientError) -> SessionEnd {
     }
 }
 
+/// What the session loop does next. Decided without awaiting, so that received messages
+/// (ServerToAgent is ~1.5 KiB inline) are consumed before the next await point and don't
+/// take space in the task's state.
+enum Step {
+    Send(Vec<AgentToServer>, Option<SessionEnd>),
+    End(SessionEnd),
+    Idle,
+}
+
 async fn ws_session(
     core: &mut AgentCore,
     conn: &mut WsConnection,
@@ -281,52 +294,57 @@ async fn ws_session(
     backoff: &mut Backoff,
 ) -> SessionEnd {
     // The client speaks first, with everything: the server may know nothing about us.
-    let first = core.full_state();
-    if let Err(end) = ws_send(conn, &first).await {
-        return end;
-    }
-    drop(first);
+    let mut step = Step::Send(vec![core.full_state()], None);
     let mut last_sent = Instant::now();
     loop {
+        match step {
+            Step::Send(msgs, then) => {
+                for m in &msgs {
+                    if let Err(end) = ws_send(conn, m).await {
+                        return end;
+                    }
+                    last_sent = Instant::now();
+                }
+                if let Some(end) = then {
+                    return end;
+                }
+            }
+            Step::End(end) => return end,
+            Step::Idle => {}
+        }
         let due = last_sent + core.heartbeat();
         let heartbeats = core.heartbeats_enabled();
-        tokio::select! {
+        step = tokio::select! {
             biased;
-            _ = &mut *stop => return SessionEnd::Stop,
+            _ = &mut *stop => Step::End(SessionEnd::Stop),
             r = conn.recv() => match r {
                 Ok(Some(msg)) => {
                     // A full exchange worked: the next failure retries at once again.
                     backoff.reset();
                     let out = core.on_message(msg);
-                    for m in &out.send {
-                        if let Err(end) = ws_send(conn, m).await {
-                            return end;
-                        }
-                        last_sent = Instant::now();
-                    }
-                    if out.reconnect {
-                        return SessionEnd::Unavailable { retry_after: out.retry_after };
-                    }
+                    let then = out
+                        .reconnect
+                        .then_some(SessionEnd::Unavailable { retry_after: out.retry_after });
+                    Step::Send(out.send, then)
                 }
                 Ok(None) => {
                     let error = match conn.close_info() {
                         Some((code, reason)) => format!("closed by server: {code} {reason}"),
                         None => "closed by server".to_string(),
                     };
-                    return SessionEnd::Lost { error, retry_after: None };
+                    Step::End(SessionEnd::Lost { error, retry_after: None })
                 }
-                // A malformed message is not fatal: log it, keep the connection.
-                Err(ClientError::Protocol(p)) => core.set_error(format!("protocol: {p}")),
-                Err(e) => return lost(e),
+                // A malformed message is not fatal: record it, keep the connection.
+                Err(ClientError::Protocol(p)) => {
+                    core.set_error(format!("protocol: {p}"));
+                    Step::Idle
+                }
+                Err(e) => Step::End(lost(e)),
             },
             _ = tokio::time::sleep_until(due), if heartbeats => {
-                let hb = core.heartbeat_message();
-                if let Err(end) = ws_send(conn, &hb).await {
-                    return end;
-                }
-                last_sent = Instant::now();
+                Step::Send(vec![core.heartbeat_message()], None)
             }
-        }
+        };
     }
 }
 
@@ -343,53 +361,80 @@ async fn run_http(
     // Messages waiting to go out; polls are made up on the spot when this is empty.
     let mut queue: VecDeque<AgentToServer> = VecDeque::from([core.full_state()]);
     loop {
-        let msg = match queue.pop_front() {
-            Some(m) => m,
-            None => {
-                if !pause(core.heartbeat(), &mut stop).await {
-                    break;
+        if queue.is_empty() {
+            if !pause(core.heartbeat(), &mut stop).await {
+                break;
+            }
+            queue.push_back(core.heartbeat_message());
+        }
+        // Sent from the front of the queue and only removed once answered, so a failed
+        // message is retried as is (a repeated sequence number reads as a retry).
+        let Some(msg) = queue.front() else { continue };
+        // Handled in a block without awaiting (see `Step`): the reply is dropped before the
+        // pause below, and only the delay survives.
+        let wait = {
+            let res = tokio::select! {
+                _ = &mut stop => break,
+                r = timeout(EXCHANGE_TIMEOUT, Box::pin(transport.exchange(msg))) => {
+                    r.unwrap_or(Err(ClientError::Timeout))
                 }
-                core.heartbeat_message()
+            };
+            match res {
+                Ok(reply) => {
+                    queue.pop_front();
+                    backoff.reset();
+                    core.set_connected(true);
+                    let out = core.on_message(reply);
+                    // Sent right away, without waiting for the next poll: e.g. APPLYING, APPLIED.
+                    queue.extend(out.send);
+                    out.reconnect.then(|| backoff.next(out.retry_after))
+                }
+                Err(e) => {
+                    core.set_connected(false);
+                    core.set_error(e.to_string());
+                    Some(backoff.next(e.retry_after()))
+                }
             }
         };
-        let res = tokio::select! {
-            _ = &mut stop => break,
-            r = timeout(EXCHANGE_TIMEOUT, transport.exchange(&msg)) => {
-                r.unwrap_or(Err(ClientError::Timeout))
-            }
-        };
-        match res {
-            Ok(reply) => {
-                backoff.reset();
-                core.set_connected(true);
-                let out = core.on_message(reply);
-                // Sent right away (no poll wait): e.g. APPLYING then APPLIED.
-                queue.extend(out.send);
-                if out.reconnect && !pause(backoff.next(out.retry_after), &mut stop).await {
-                    break;
-                }
-            }
-            Err(e) => {
-                core.set_connected(false);
-                let wait = backoff.next(e.retry_after());
-                core.set_error(e.to_string());
-                // Retried as is: a repeated sequence number reads as a retry to the server.
-                queue.push_front(msg);
-                if !pause(wait, &mut stop).await {
-                    break;
-                }
+        if let Some(wait) = wait {
+            if !pause(wait, &mut stop).await {
+                break;
             }
         }
     }
     // Stopping: the spec recommends agent_disconnect in the last HTTP message too.
-    let bye = core.disconnect_message();
-    let _ = timeout(GOODBYE_TIMEOUT, transport.exchange(&bye)).await;
+    let bye = Box::new(core.disconnect_message());
+    let _ = timeout(GOODBYE_TIMEOUT, Box::pin(transport.exchange(&bye))).await;
     core.set_connected(false);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guards the per-agent footprint the load generator depends on: big, short-lived
+    /// futures (handshake, sends, HTTP exchanges) are boxed and received messages are dropped
+    /// before awaits. Bounds are generous; a jump past them means something large got inlined
+    /// into the idle state.
+    #[tokio::test]
+    async fn agent_task_state_stays_small() {
+        let core = || AgentCore::new(AgentOptions::default()).0;
+        let ep = |u| Endpoint::parse(u).expect("valid");
+        let (_tx, rx) = oneshot::channel();
+        let ws = run_ws(core(), ep("ws://h/"), Vec::new(), rx);
+        assert!(
+            std::mem::size_of_val(&ws) < 2048,
+            "{}",
+            std::mem::size_of_val(&ws)
+        );
+        let (_tx, rx) = oneshot::channel();
+        let http = run_http(core(), ep("http://h/"), Vec::new(), rx);
+        assert!(
+            std::mem::size_of_val(&http) < 3072,
+            "{}",
+            std::mem::size_of_val(&http)
+        );
+    }
 
     #[test]
     fn backoff_is_immediate_then_exponential_capped_and_honours_retry_after() {

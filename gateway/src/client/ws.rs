@@ -232,7 +232,8 @@ impl WsConnection {
                         "text message (OpAMP uses binary messages)".into(),
                     ))
                 }
-                OpCode::Ping => self.write(Frame::pong(frame.payload)).await?,
+                // Boxed: rare, and inline it would enlarge every pending recv().
+                OpCode::Ping => Box::pin(self.write(Frame::pong(frame.payload))).await?,
                 OpCode::Pong | OpCode::Continuation => {}
                 OpCode::Close => {
                     self.ended = true;
@@ -241,7 +242,7 @@ impl WsConnection {
                     if !self.writer.is_closed() {
                         // Complete the closing handshake; the peer may already be gone.
                         let echo = if code == 1005 { 1000 } else { code };
-                        let _ = self.write(Frame::close(echo, b"")).await;
+                        let _ = Box::pin(self.write(Frame::close(echo, b""))).await;
                     }
                     return Ok(None);
                 }
