@@ -472,6 +472,31 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// The README's reference block is the documentation of every key: it must parse, and it
+    /// must show the real defaults.
+    #[test]
+    fn readme_documents_every_key_with_its_default() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml block") + 8;
+        let block = &readme[start..];
+        let block = &block[..block.find("```").expect("closed block")];
+        let path = std::env::temp_dir().join(format!("ampora-readme-{}.toml", std::process::id()));
+        std::fs::write(&path, block).expect("write");
+        let parsed = load(Some(&path), env(&[]), &[]);
+        std::fs::remove_file(&path).ok();
+        assert_eq!(parsed, Ok(Config::default()));
+        let documented: toml::Table = block.parse().expect("toml");
+        let all = toml::Value::try_from(Config::default()).expect("defaults");
+        for (section, keys) in all.as_table().expect("table") {
+            for key in keys.as_table().expect("section").keys() {
+                assert!(
+                    documented.get(section).and_then(|s| s.get(key)).is_some(),
+                    "README does not document {section}.{key}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn public_endpoint_is_derived() {
         let c = Config::default();

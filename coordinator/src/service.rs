@@ -822,6 +822,17 @@ impl CoordinatorHandler for Coordinator {
                 gateway,
                 epoch,
             } => self.disconnected(uid, gateway, epoch).await,
+            CoordinatorEvent::AuthFailed { source_ip, reason } => {
+                self.audit(
+                    "agent",
+                    "auth.failed",
+                    None,
+                    Some(source_ip),
+                    Some(&reason),
+                    serde_json::Value::Null,
+                )
+                .await
+            }
         }
     }
 }

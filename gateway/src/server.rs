@@ -33,8 +33,8 @@ use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use proto::ServerToAgent;
 use shared::bus::{
-    AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorReply, CoordinatorRequest, Credential,
-    GatewayMessage, Route,
+    AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorEvent, CoordinatorReply,
+    CoordinatorRequest, Credential, GatewayMessage, Route,
 };
 use shared::domain::Transport;
 use shared::ids::{GatewayId, InstanceUid};
@@ -486,11 +486,15 @@ async fn authenticate(
     };
     let token = match parse_bearer(headers.get(AUTHORIZATION)) {
         Ok(token) => token.to_owned(),
-        Err(f) => return Err(unauthorized(source_ip, f.as_str(), f.message())),
+        Err(f) => {
+            report_auth_failure(inner, source_ip, f.as_str()).await;
+            return Err(unauthorized(source_ip, f.as_str(), f.message()));
+        }
     };
     // Refused before the coordinator sees it: redeeming a single-use token over a channel
     // that may have leaked it would burn it for nothing.
     if !inner.cfg.bootstrap_plaintext_allowed {
+        report_auth_failure(inner, source_ip, "plaintext_bootstrap").await;
         return Err(unauthorized(
             source_ip,
             "plaintext_bootstrap",
@@ -527,6 +531,18 @@ async fn authenticate(
             tracing::warn!("authentication request timed out");
             Err(service_unavailable("authentication unavailable"))
         }
+    }
+}
+
+/// Failures decided here never reach a coordinator, so tell one for the audit log. Best effort:
+/// a lost notice loses an audit line, never a decision.
+async fn report_auth_failure(inner: &Inner, source_ip: IpAddr, reason: &str) {
+    let ev = CoordinatorEvent::AuthFailed {
+        source_ip,
+        reason: reason.to_owned(),
+    };
+    if let Err(e) = inner.bus.notify(Route::Any, ev).await {
+        tracing::debug!(error = %e, "auth failure notice not delivered");
     }
 }
 

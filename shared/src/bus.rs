@@ -142,6 +142,9 @@ pub enum CoordinatorEvent {
         gateway: GatewayId,
         epoch: u64,
     },
+    /// A gateway refused a request before any coordinator saw it (no or malformed
+    /// `Authorization`, plaintext bootstrap refused); coordinators audit it.
+    AuthFailed { source_ip: IpAddr, reason: String },
 }
 
 /// Coordinator → gateway.

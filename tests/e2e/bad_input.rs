@@ -134,7 +134,8 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
         "then the connection closes"
     );
     assert_eq!(ws.close_info().map(|(code, _)| code), Some(1008));
-    counted(&server, "auth_failed", before + 7.0).await?;
+    // Seven refusals above: no header, no scheme, truncated, CRC, revoked, HTTP and WS reuse.
+    counted(&server, "auth_failed", before + 6.0).await?;
 
     let audit = server.api.get("/api/v1/audit?reason=revoked").await?;
     assert!(
@@ -143,6 +144,23 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
             .is_some_and(|a| a.iter().any(|e| e["source_ip"] == "127.0.0.1")),
         "auth failures are audited with the source ip: {audit}"
     );
+    for reason in [
+        "missing_credentials",
+        "wrong_scheme",
+        "malformed_token",
+        "already_redeemed",
+    ] {
+        let audit = server
+            .api
+            .get(&format!("/api/v1/audit?reason={reason}"))
+            .await?;
+        assert!(
+            audit.as_array().is_some_and(|a| a
+                .iter()
+                .any(|e| e["action"] == "auth.failed" && e["source_ip"] == "127.0.0.1")),
+            "{reason} must be audited: {audit}"
+        );
+    }
 
     // --- Frames --------------------------------------------------------------------------
     let token = server.api.token("frames").await?;

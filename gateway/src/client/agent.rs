@@ -159,12 +159,12 @@ impl Agent {
 /// Reconnect delays like opamp-go: the first retry is immediate, then exponential with
 /// jitter, never shorter than a server-requested Retry-After.
 #[derive(Debug, Default)]
-pub(crate) struct Backoff {
+struct Backoff {
     attempt: u32,
 }
 
 impl Backoff {
-    pub(crate) fn next(&mut self, retry_after: Option<Duration>) -> Duration {
+    fn next(&mut self, retry_after: Option<Duration>) -> Duration {
         let base = match self.attempt {
             0 => Duration::ZERO,
             n => BACKOFF_START
@@ -178,7 +178,7 @@ impl Backoff {
         jittered.max(retry_after.unwrap_or(Duration::ZERO))
     }
 
-    pub(crate) fn reset(&mut self) {
+    fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -201,7 +201,11 @@ impl WsConnection {
     }
 
     /// Next `ServerToAgent`; `Ok(None)` once the connection is closed (see
-    /// [`close_info`](Self::close_info)). Pings are answered here. Cancel-safe.
+    /// [`close_info`](Self::close_info)). Pings are answered here.
+    ///
+    /// Cancel-safe while waiting for a frame (a partly read frame stays in the stream). The
+    /// only non-cancel-safe moment is the write of a pong or close echo, a few bytes that a
+    /// socket with room in its send buffer takes in one poll.
     pub async fn recv(&mut self) -> Result<Option<proto::ServerToAgent>, ClientError> {
         loop {
             if self.ended {
