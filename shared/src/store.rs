@@ -47,7 +47,9 @@ pub struct NewAssignment {
     pub created_ms: i64,
 }
 
-/// Filters for listing audit entries; `None` means "any".
+/// Filters for listing audit entries; `None` means "any". `since_ms` is inclusive, `until_ms`
+/// exclusive; results are newest first and at most `limit` (so a limit of 0 returns nothing,
+/// never "everything").
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub since_ms: Option<i64>,
@@ -64,6 +66,7 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 
     // Agents. Status is written in batches by the coordinator; records are whole rows.
+    /// One transaction; when a uid appears twice in `agents`, the last record wins.
     async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()>;
     async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>>;
     async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>>;
@@ -81,6 +84,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>>;
     /// Marks the token revoked; false when there is no such token.
+    /// Revoking twice keeps the first revocation time.
     async fn revoke_token(&self, id: &str, at_ms: i64) -> StoreResult<bool>;
     /// Atomically binds the token to `uid` unless it is revoked, expired or bound to another
     /// agent. Of many concurrent calls for one token, exactly one gets [`Redemption::Bound`].

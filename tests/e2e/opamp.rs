@@ -29,18 +29,11 @@ fn uid_of(s: &AgentStatus) -> String {
 }
 
 async fn wait_state(server: &TestServer, uid: &str, state: &str) -> anyhow::Result<Value> {
-    eventually(
-        &format!("agent {uid} config_state {state}"),
-        DEADLINE,
-        || async {
-            Ok(server
-                .api
-                .agent(uid)
-                .await?
-                .filter(|a| a["config_state"] == state))
-        },
-    )
-    .await
+    let what = format!("config_state {state}");
+    server
+        .api
+        .wait_agent(uid, &what, |a| a["config_state"] == state)
+        .await
 }
 
 async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::Result<()> {
@@ -59,14 +52,10 @@ async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::
         "server must advertise AcceptsStatus"
     );
 
-    let shown = eventually("agent in API", DEADLINE, || async {
-        Ok(server
-            .api
-            .agent(&uid)
-            .await?
-            .filter(|a| a["connected"] == true))
-    })
-    .await?;
+    let shown = server
+        .api
+        .wait_agent(&uid, "in the API", |a| a["connected"] == true)
+        .await?;
     assert_eq!(
         shown["description"]["identifying"]["service.name"],
         "collector-a"
@@ -96,14 +85,10 @@ async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::
     assert_eq!(a["effective_config"][""]["body"], body);
 
     agent.stop().await;
-    eventually("agent offline after goodbye", DEADLINE, || async {
-        Ok(server
-            .api
-            .agent(&uid)
-            .await?
-            .filter(|a| a["connected"] == false))
-    })
-    .await?;
+    server
+        .api
+        .wait_agent(&uid, "offline after goodbye", |a| a["connected"] == false)
+        .await?;
     server.stop().await
 }
 
@@ -151,14 +136,10 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
         uids.push(uid_of(&s));
     }
     for uid in &uids {
-        eventually("agent listed", DEADLINE, || async {
-            Ok(server
-                .api
-                .agent(uid)
-                .await?
-                .filter(|a| a["connected"] == true))
-        })
-        .await?;
+        server
+            .api
+            .wait_agent(uid, "listed", |a| a["connected"] == true)
+            .await?;
     }
     let failed_before = server
         .api
@@ -218,12 +199,12 @@ async fn agent_without_uid_gets_one_assigned() -> anyhow::Result<()> {
     })
     .await?;
     let uid = uid_of(&s);
-    eventually("assigned uid in API", DEADLINE, || async {
-        Ok(server.api.agent(&uid).await?.filter(|a| {
+    server
+        .api
+        .wait_agent(&uid, "assigned uid in API", |a| {
             a["connected"] == true && a["description"]["identifying"]["service.name"] == "nameless"
-        }))
-    })
-    .await?;
+        })
+        .await?;
     let all = server.api.get("/api/v1/agents").await?;
     assert_eq!(
         all.as_array().map(Vec::len),
@@ -305,12 +286,12 @@ async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection() ->
     })
     .await?;
     let new_uid = uid_of(&s);
-    eventually("clone under its new uid", DEADLINE, || async {
-        Ok(server.api.agent(&new_uid).await?.filter(|a| {
+    server
+        .api
+        .wait_agent(&new_uid, "clone under its new uid", |a| {
             a["connected"] == true && a["description"]["identifying"]["service.name"] == "clone"
-        }))
-    })
-    .await?;
+        })
+        .await?;
     let replies = first_st.borrow().replies;
     wait_for(&mut first_st, DEADLINE, |s| {
         s.connected && s.replies > replies
@@ -343,14 +324,10 @@ async fn capabilities_gate_what_is_sent() -> anyhow::Result<()> {
     let mut mute_st = mute.status();
     let s = wait_for(&mut mute_st, DEADLINE, |s| s.connected && s.replies > 0).await?;
     let uid = uid_of(&s);
-    eventually("mute agent listed", DEADLINE, || async {
-        Ok(server
-            .api
-            .agent(&uid)
-            .await?
-            .filter(|a| a["connected"] == true))
-    })
-    .await?;
+    server
+        .api
+        .wait_agent(&uid, "listed", |a| a["connected"] == true)
+        .await?;
     let before = server
         .api
         .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")

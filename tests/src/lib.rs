@@ -164,6 +164,19 @@ impl Api {
         }
     }
 
+    /// Waits until the API shows agent `uid` in a state satisfying `pred`; returns that view.
+    pub async fn wait_agent(
+        &self,
+        uid: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        eventually(&format!("agent {uid}: {what}"), DEADLINE, || async {
+            Ok(self.agent(uid).await?.filter(|a| pred(a)))
+        })
+        .await
+    }
+
     /// The value of one Prometheus series (0 when absent), e.g.
     /// `ampora_opamp_frames_rejected_total{reason="oversize"}`.
     pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
