@@ -22,9 +22,9 @@ use shared::domain::{
 };
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::Ownership;
-use shared::store::{NewAssignment, NewConfigVersion, Store, StoreError};
+use shared::store::{NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError};
 use shared::{now_ms, token};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::session::{self, AgentState, Context, Desired, Event, OpampOffer};
 
@@ -66,6 +66,34 @@ pub struct Coordinator {
     desired: RwLock<HashMap<i64, Arc<Desired>>>,
     /// All assignments, oldest first; the newest match wins.
     assignments: RwLock<Vec<Assignment>>,
+    /// Token redemptions go through one batching task (see [`run_redeemer`]).
+    redeemer: mpsc::Sender<RedeemJob>,
+}
+
+type RedeemJob = (RedeemRequest, oneshot::Sender<Result<Redemption, String>>);
+
+/// Most redemptions committed in one transaction.
+const REDEEM_BATCH: usize = 512;
+
+/// Group commit for token redemptions: each waits for a commit (they must never be lost), but
+/// whatever queued up while one batch was committing goes into the next transaction together.
+async fn run_redeemer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<RedeemJob>) {
+    let mut jobs = Vec::with_capacity(REDEEM_BATCH);
+    while rx.recv_many(&mut jobs, REDEEM_BATCH).await > 0 {
+        let (reqs, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
+        match store.redeem_tokens(&reqs, now_ms()).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -102,7 +130,10 @@ impl Coordinator {
             endpoint: cfg.opamp_endpoint.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs.max(1),
         };
+        let (redeemer, jobs) = mpsc::channel(4 * REDEEM_BATCH);
+        tokio::spawn(run_redeemer(store.clone(), jobs));
         let this = Arc::new(Self {
+            redeemer,
             store: store.clone(),
             bus,
             ownership,
@@ -392,7 +423,27 @@ impl Coordinator {
                 return Err(AuthFailure::AlreadyRedeemed);
             }
         }
-        let outcome = match self.store.redeem_token(token_id, uid, now_ms()).await {
+        let audit = AuditEntry {
+            id: 0,
+            at_ms: now_ms(),
+            actor: "agent".into(),
+            action: "token.redeem".into(),
+            instance_uid: Some(uid),
+            source_ip: Some(frame.source_ip),
+            reason: None,
+            detail: serde_json::json!({ "token_id": token_id }),
+        };
+        let (reply, outcome) = oneshot::channel();
+        let req = RedeemRequest {
+            token_id: token_id.clone(),
+            uid,
+            audit,
+        };
+        let outcome = match self.redeemer.send((req, reply)).await {
+            Ok(()) => outcome.await.map_err(|e| e.to_string()).and_then(|r| r),
+            Err(e) => Err(e.to_string()),
+        };
+        let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "token redemption failed");
@@ -402,15 +453,6 @@ impl Coordinator {
         match outcome {
             Redemption::Bound => {
                 metrics::counter!("ampora_tokens_redeemed_total").increment(1);
-                self.audit(
-                    "agent",
-                    "token.redeem",
-                    Some(uid),
-                    Some(frame.source_ip),
-                    None,
-                    serde_json::json!({ "token_id": token_id }),
-                )
-                .await;
             }
             Redemption::AlreadyBoundToSame => {}
             Redemption::BoundToOther => return Err(AuthFailure::AlreadyRedeemed),

@@ -47,6 +47,14 @@ pub struct NewAssignment {
     pub created_ms: i64,
 }
 
+/// One redemption in a batch: bind `token_id` to `uid`; if it binds, append `audit`.
+#[derive(Debug, Clone)]
+pub struct RedeemRequest {
+    pub token_id: String,
+    pub uid: InstanceUid,
+    pub audit: AuditEntry,
+}
+
 /// Filters for listing audit entries; `None` means "any". `since_ms` is inclusive, `until_ms`
 /// exclusive; results are newest first and at most `limit` (so a limit of 0 returns nothing,
 /// never "everything").
@@ -94,6 +102,25 @@ pub trait Store: Send + Sync + 'static {
         uid: InstanceUid,
         now_ms: i64,
     ) -> StoreResult<Redemption>;
+
+    /// [`Store::redeem_token`] for many tokens at once, each binding audited, ideally in one
+    /// transaction (a connect storm redeems thousands of tokens per second). Results are in
+    /// request order. The default does them one by one.
+    async fn redeem_tokens(
+        &self,
+        reqs: &[RedeemRequest],
+        now_ms: i64,
+    ) -> StoreResult<Vec<Redemption>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let outcome = self.redeem_token(&r.token_id, r.uid, now_ms).await?;
+            if outcome == Redemption::Bound {
+                self.append_audit(&r.audit).await?;
+            }
+            out.push(outcome);
+        }
+        Ok(out)
+    }
 
     // Operator API tokens.
     async fn create_api_token(&self, token: &ApiTokenRecord) -> StoreResult<()>;

@@ -39,6 +39,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     tokens(store.as_ref()).await;
     redemption(store.as_ref()).await;
     redemption_race(store.clone()).await;
+    batch_redemption(store.as_ref()).await;
     api_tokens(store.as_ref()).await;
     audit(store.as_ref()).await;
 }
@@ -491,6 +492,57 @@ pub async fn tokens(store: &dyn Store) {
 }
 
 /// Redemption outcomes, one by one.
+/// A batch binds in request order, audits each binding exactly once, and refuses the rest.
+pub async fn batch_redemption(store: &dyn Store) {
+    let now = 1_700_000_000_000;
+    let (a, b) = (InstanceUid::new_v7(), InstanceUid::new_v7());
+    let t = new_token(now + 3_600_000);
+    store.create_token(&t).await.expect("create_token");
+    let actor = unique("batch");
+    let req = |uid: InstanceUid| shared::store::RedeemRequest {
+        token_id: t.id.clone(),
+        uid,
+        audit: shared::domain::AuditEntry {
+            id: 0,
+            at_ms: now,
+            actor: actor.clone(),
+            action: "token.redeem".into(),
+            instance_uid: Some(uid),
+            source_ip: None,
+            reason: None,
+            detail: serde_json::json!({ "token_id": t.id }),
+        },
+    };
+    let missing = shared::store::RedeemRequest {
+        token_id: unique("missing"),
+        ..req(b)
+    };
+    let outcomes = store
+        .redeem_tokens(&[req(a), req(b), req(a), missing], now)
+        .await
+        .expect("redeem_tokens");
+    assert_eq!(
+        outcomes,
+        vec![
+            Redemption::Bound,
+            Redemption::BoundToOther,
+            Redemption::AlreadyBoundToSame,
+            Redemption::NotFound
+        ]
+    );
+    assert_eq!(find(store, &t).await.bound_uid, Some(a));
+    let audited = store
+        .query_audit(&shared::store::AuditQuery {
+            actor: Some(actor.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("query_audit");
+    assert_eq!(audited.len(), 1, "only the binding is audited");
+    assert_eq!(audited[0].instance_uid, Some(a));
+}
+
 pub async fn redemption(store: &dyn Store) {
     let now = 1_700_000_000_000;
     let (a, b) = (InstanceUid::new_v7(), InstanceUid::new_v7());

@@ -34,7 +34,9 @@ use shared::domain::{
     Role, Target, TokenRecord,
 };
 use shared::ids::InstanceUid;
-use shared::store::{AuditQuery, NewAssignment, NewConfigVersion, Store, StoreError, StoreResult};
+use shared::store::{
+    AuditQuery, NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError, StoreResult,
+};
 use sqlx::error::ErrorKind;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -143,6 +145,73 @@ impl SqliteStore {
             }
         }
     }
+}
+
+/// The single winner: only an unbound, live token changes here, and SQLite runs one write
+/// transaction at a time.
+async fn redeem_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &str,
+    uid: InstanceUid,
+    now_ms: i64,
+) -> Result<Redemption, sqlx::Error> {
+    let bound = sqlx::query(
+        "UPDATE tokens SET bound_uid = ?, redeemed_ms = ? \
+         WHERE id = ? AND bound_uid IS NULL AND revoked_ms IS NULL \
+         AND expires_ms > ?",
+    )
+    .bind(uid.as_bytes().as_slice())
+    .bind(now_ms)
+    .bind(id)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    if bound.rows_affected() == 1 {
+        return Ok(Redemption::Bound);
+    }
+    // Nothing changed: say why, from the row as this transaction sees it.
+    let row: Option<(Option<i64>, i64, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT revoked_ms, expires_ms, bound_uid FROM tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    // Revoked and expired come first: a dead token is refused even to its own agent.
+    Ok(match row {
+        None => Redemption::NotFound,
+        Some((Some(_), _, _)) => Redemption::Revoked,
+        Some((None, expires_ms, _)) if now_ms >= expires_ms => Redemption::Expired,
+        Some((None, _, Some(bound))) if bound.as_slice() == uid.as_bytes() => {
+            Redemption::AlreadyBoundToSame
+        }
+        Some((None, _, Some(_))) => Redemption::BoundToOther,
+        // Live and unbound, yet the update matched nothing: cannot happen inside one write
+        // transaction.
+        Some((None, _, None)) => {
+            return Err(sqlx::Error::Protocol(
+                "token is live and unbound but did not bind".into(),
+            ))
+        }
+    })
+}
+
+async fn insert_audit(
+    tx: &mut Transaction<'static, Sqlite>,
+    e: &AuditEntry,
+    detail: String,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO audit (at_ms, actor, action, instance_uid, source_ip, reason, detail) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(e.at_ms)
+    .bind(e.actor.as_str())
+    .bind(e.action.as_str())
+    .bind(e.instance_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+    .bind(e.source_ip.map(|ip| ip.to_string()))
+    .bind(e.reason.as_deref())
+    .bind(detail)
+    .fetch_one(&mut **tx)
+    .await
 }
 
 /// An error before `COMMIT` was sent: nothing took effect.
@@ -594,48 +663,32 @@ impl Store for SqliteStore {
     ) -> StoreResult<Redemption> {
         let id = id.to_owned();
         self.in_tx("redeem_token", move |tx| {
+            Box::pin(async move { redeem_in(tx, &id, uid, now_ms).await })
+        })
+        .await
+    }
+
+    /// All in one transaction: a connect storm commits once per batch, not once per agent.
+    async fn redeem_tokens(
+        &self,
+        reqs: &[RedeemRequest],
+        now_ms: i64,
+    ) -> StoreResult<Vec<Redemption>> {
+        let mut owned = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            owned.push((r.clone(), to_json("redeem_tokens", &r.audit.detail)?));
+        }
+        self.in_tx("redeem_tokens", move |tx| {
             Box::pin(async move {
-                // The single winner: only an unbound, live token changes here, and SQLite runs
-                // one write transaction at a time.
-                let bound = sqlx::query(
-                    "UPDATE tokens SET bound_uid = ?, redeemed_ms = ? \
-                     WHERE id = ? AND bound_uid IS NULL AND revoked_ms IS NULL \
-                     AND expires_ms > ?",
-                )
-                .bind(uid.as_bytes().as_slice())
-                .bind(now_ms)
-                .bind(id.as_str())
-                .bind(now_ms)
-                .execute(&mut **tx)
-                .await?;
-                if bound.rows_affected() == 1 {
-                    return Ok(Redemption::Bound);
+                let mut out = Vec::with_capacity(owned.len());
+                for (r, detail) in &owned {
+                    let outcome = redeem_in(tx, &r.token_id, r.uid, now_ms).await?;
+                    if outcome == Redemption::Bound {
+                        insert_audit(tx, &r.audit, detail.clone()).await?;
+                    }
+                    out.push(outcome);
                 }
-                // Nothing changed: say why, from the row as this transaction sees it.
-                let row: Option<(Option<i64>, i64, Option<Vec<u8>>)> = sqlx::query_as(
-                    "SELECT revoked_ms, expires_ms, bound_uid FROM tokens WHERE id = ?",
-                )
-                .bind(id.as_str())
-                .fetch_optional(&mut **tx)
-                .await?;
-                // Revoked and expired come first: a dead token is refused even to its own
-                // agent.
-                Ok(match row {
-                    None => Redemption::NotFound,
-                    Some((Some(_), _, _)) => Redemption::Revoked,
-                    Some((None, expires_ms, _)) if now_ms >= expires_ms => Redemption::Expired,
-                    Some((None, _, Some(bound))) if bound.as_slice() == uid.as_bytes() => {
-                        Redemption::AlreadyBoundToSame
-                    }
-                    Some((None, _, Some(_))) => Redemption::BoundToOther,
-                    // Live and unbound, yet the update matched nothing: cannot happen inside
-                    // one write transaction.
-                    Some((None, _, None)) => {
-                        return Err(sqlx::Error::Protocol(
-                            "token is live and unbound but did not bind".into(),
-                        ))
-                    }
-                })
+                Ok(out)
             })
         })
         .await
@@ -686,21 +739,7 @@ impl Store for SqliteStore {
         let detail = to_json("append_audit", &entry.detail)?;
         let e = entry.clone();
         self.in_tx("append_audit", move |tx| {
-            Box::pin(async move {
-                sqlx::query_scalar(
-                    "INSERT INTO audit (at_ms, actor, action, instance_uid, source_ip, reason, \
-                     detail) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                )
-                .bind(e.at_ms)
-                .bind(e.actor.as_str())
-                .bind(e.action.as_str())
-                .bind(e.instance_uid.as_ref().map(|u| u.as_bytes().as_slice()))
-                .bind(e.source_ip.map(|ip| ip.to_string()))
-                .bind(e.reason.as_deref())
-                .bind(detail)
-                .fetch_one(&mut **tx)
-                .await
-            })
+            Box::pin(async move { insert_audit(tx, &e, detail).await })
         })
         .await
     }
