@@ -604,10 +604,12 @@ impl Coordinator {
         }
     }
 
-    async fn disconnected(&self, uid: InstanceUid, gateway: GatewayId, epoch: u64) {
+    /// Only the connection the agent currently talks through can take it offline: a late
+    /// notice from a connection it already replaced changes nothing.
+    async fn disconnected(&self, uid: InstanceUid, gateway: GatewayId, conn_id: u64) {
         let Some(slot) = self.slot(&uid) else { return };
         let mut e = slot.lock().await;
-        let current = matches!(&e.conn, Some((gw, _, ep)) if *gw == gateway && *ep <= epoch);
+        let current = matches!(&e.conn, Some((gw, c, _)) if *gw == gateway && *c == conn_id);
         if current {
             e.conn = None;
             e.state.record.connected = false;
@@ -862,8 +864,9 @@ impl CoordinatorHandler for Coordinator {
             CoordinatorEvent::Disconnected {
                 uid,
                 gateway,
-                epoch,
-            } => self.disconnected(uid, gateway, epoch).await,
+                conn_id,
+                ..
+            } => self.disconnected(uid, gateway, conn_id).await,
             CoordinatorEvent::AuthFailed { source_ip, reason } => {
                 self.audit(
                     "agent",

@@ -1,1 +1,14 @@
-//! placeholder
+//! `ampora-loadtest`: simulated OpAMP agents, the benchmark scenarios and the baseline
+//! server. See BENCHMARKS.md for how to run them and what they measured.
+
+pub mod agent;
+pub mod api;
+pub mod baseline;
+pub mod config;
+pub mod fleet;
+pub mod hist;
+pub mod procs;
+pub mod scenario;
+pub mod worker;
+
+pub use scenario::{run, Comparison, Phase, Report, RunOptions};

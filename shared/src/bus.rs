@@ -136,10 +136,11 @@ pub enum CoordinatorReply {
 /// Fire-and-forget news for coordinators.
 #[derive(Debug, Clone)]
 pub enum CoordinatorEvent {
-    /// A connection that held `uid` at `epoch` closed.
+    /// Connection `conn_id` of `gateway`, which held `uid` at `epoch`, closed.
     Disconnected {
         uid: InstanceUid,
         gateway: GatewayId,
+        conn_id: u64,
         epoch: u64,
     },
     /// A gateway refused a request before any coordinator saw it (no or malformed

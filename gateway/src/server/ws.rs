@@ -453,6 +453,7 @@ impl Session {
         let event = CoordinatorEvent::Disconnected {
             uid,
             gateway: self.inner.id.clone(),
+            conn_id: self.conn.conn_id,
             epoch,
         };
         if let Err(e) = self

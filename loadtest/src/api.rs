@@ -1,0 +1,105 @@
+//! The few Ampora REST calls the harness needs, with the admin API token.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+
+/// Largest batch asked for in one request (the API allows 100,000).
+const TOKEN_BATCH: usize = 20_000;
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    pub fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| what.to_string())?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{what}: {status}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("{what}: bad JSON"))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        self.send(req, &format!("POST {path}")).await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let req = self.http.get(format!("{}{path}", self.base));
+        self.send(req, &format!("GET {path}")).await
+    }
+
+    /// `n` single-use bootstrap tokens, created in bulk the way a fleet is provisioned.
+    pub async fn bootstrap_tokens(&self, n: usize, ttl_secs: u64) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let count = (n - out.len()).min(TOKEN_BATCH);
+            let v = self
+                .post(
+                    "/api/v1/tokens/batch",
+                    json!({ "name": "loadtest", "ttl_secs": ttl_secs, "count": count }),
+                )
+                .await?;
+            let tokens = v["tokens"].as_array().context("no tokens in response")?;
+            for t in tokens {
+                out.push(t.as_str().context("token is not a string")?.to_string());
+            }
+            if tokens.is_empty() {
+                bail!("the server returned no tokens");
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a YAML config version; returns its id.
+    pub async fn create_config(&self, name: &str, body: &str) -> anyhow::Result<i64> {
+        let v = self
+            .post(
+                "/api/v1/configs",
+                json!({ "name": name, "body": body, "content_type": "text/yaml" }),
+            )
+            .await?;
+        v["id"].as_i64().context("config id")
+    }
+
+    /// Assigns a config to every agent; returns the number of matched agents.
+    pub async fn assign_all(&self, config_id: i64) -> anyhow::Result<u64> {
+        let v = self
+            .post(
+                "/api/v1/assignments",
+                json!({ "config_id": config_id, "all": true }),
+            )
+            .await?;
+        Ok(v["matched_agents"].as_u64().unwrap_or(0))
+    }
+
+    /// Number of agents in a config state (none, pending, applied, failed, drifted).
+    pub async fn count_in_state(&self, state: &str) -> anyhow::Result<usize> {
+        let v = self
+            .get(&format!("/api/v1/agents?config_state={state}"))
+            .await?;
+        Ok(v.as_array().context("agent list")?.len())
+    }
+}

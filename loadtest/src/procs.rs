@@ -1,0 +1,152 @@
+//! Server processes: spawning `ampora serve` or the baseline, and reading their memory and
+//! CPU from /proc.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Clock ticks per second of /proc/<pid>/stat times (USER_HZ, 100 on Linux).
+const CLK_TCK: f64 = 100.0;
+
+/// Resident set size of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// User + system CPU seconds used so far by `pid`.
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces; fields after it are fixed.
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: f64 = f.get(11).context("utime")?.parse()?;
+    let stime: f64 = f.get(12).context("stime")?.parse()?;
+    Ok((utime + stime) / CLK_TCK)
+}
+
+/// A server process the harness started; killed when dropped.
+#[derive(Debug)]
+pub struct Spawned {
+    pub child: Child,
+    pub pid: u32,
+    /// `host:port` it listens on.
+    pub addr: String,
+    /// The admin API token (Ampora only).
+    pub admin_token: Option<String>,
+    /// Kept for the process's lifetime (Ampora's data directory, logs).
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Spawned {
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// Reads the child's stdout until `ampora … listening on ADDR` (both servers print it), then
+/// keeps draining it so the child never blocks on a full pipe.
+async fn wait_listening(child: &mut Child) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some((_, addr)) = line.split_once("listening on ") {
+                return Ok(addr.trim().to_string());
+            }
+        }
+        bail!("the server exited before listening")
+    })
+    .await
+    .context("the server did not start within 60 s")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(found)
+}
+
+/// `ampora serve` on 127.0.0.1 with a fresh data directory and the Self-Agent off.
+pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned> {
+    let dir = tempfile::Builder::new().prefix("ampora-lt-").tempdir()?;
+    let data: PathBuf = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("server.log"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--set", "self_agent.enabled=false"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let pid = child.id().context("server pid")?;
+    let addr = wait_listening(&mut child).await?;
+    let token = std::fs::read_to_string(data.join("admin-token")).context("admin token")?;
+    Ok(Spawned {
+        child,
+        pid,
+        addr,
+        admin_token: Some(token.trim().to_string()),
+        _dir: Some(dir),
+    })
+}
+
+/// `<exe> baseline --listen 127.0.0.1:0` (this binary).
+pub async fn spawn_baseline(exe: &Path) -> anyhow::Result<Spawned> {
+    let mut child = Command::new(exe)
+        .args(["baseline", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} baseline", exe.display()))?;
+    let pid = child.id().context("baseline pid")?;
+    let addr = wait_listening(&mut child).await?;
+    Ok(Spawned {
+        child,
+        pid,
+        addr,
+        admin_token: None,
+        _dir: None,
+    })
+}
+
+/// Memory and CPU of one server process over a hold.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcSample {
+    pub pid: u32,
+    pub rss_before_kib: u64,
+    pub rss_held_kib: u64,
+    /// (held − before) / agents.
+    pub kib_per_agent: f64,
+    /// CPU used while idle, in % of one core, over the window.
+    pub idle_cpu_percent: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_own_rss_and_cpu() {
+        let pid = std::process::id();
+        assert!(super::rss_kib(pid).expect("rss") > 0);
+        assert!(super::cpu_secs(pid).expect("cpu") >= 0.0);
+    }
+}

@@ -1,0 +1,590 @@
+//! The scenarios: connect, then optionally hold / rollout / steady / churn on the same fleet,
+//! and the report.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{unix_ms, unix_us, AgentSpec, Mode, Params, Stats};
+use crate::api::Api;
+use crate::fleet::Fleet;
+use crate::hist::{percentile, summarize, Latency};
+use crate::procs::{cpu_secs, rss_kib, ProcSample};
+
+/// What runs after every agent connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Hold,
+    Rollout,
+    Steady,
+    Churn,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Name in the report (connect, hold, …).
+    pub scenario: String,
+    pub phases: Vec<Phase>,
+    /// OpAMP URLs (`ws://…/v1/opamp`); agents are spread over them round-robin.
+    pub targets: Vec<String>,
+    /// Ampora's API (tokens, pushes). Required unless `no_auth`.
+    pub api: Option<Api>,
+    /// No credentials: only allowed against the baseline server (checked).
+    pub no_auth: bool,
+    pub agents: usize,
+    pub http_share: f64,
+    pub fail_share: f64,
+    pub config_bytes: usize,
+    /// Window of hold (CPU), steady and churn.
+    pub duration: Duration,
+    /// Wait after connecting before memory is read (hold).
+    pub settle: Duration,
+    pub heartbeat_secs: u64,
+    pub http_poll_secs: u64,
+    /// Worker processes; `None`: in-process up to `per_worker` agents, else enough processes.
+    pub workers: Option<usize>,
+    pub per_worker: usize,
+    /// Agents are spread over 127.0.0.2 … 127.0.0.(1+n) when the target is on loopback.
+    pub source_ips: u8,
+    pub server_pids: Vec<u32>,
+    /// Bound of every wait for the fleet (connect, rollout).
+    pub timeout: Duration,
+    /// The binary to run as `worker` (default: this executable).
+    pub worker_exe: Option<PathBuf>,
+    pub progress: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            scenario: "connect".into(),
+            phases: Vec::new(),
+            targets: Vec::new(),
+            api: None,
+            no_auth: false,
+            agents: 1000,
+            http_share: 0.0,
+            fail_share: 0.0,
+            config_bytes: 2048,
+            duration: Duration::from_secs(10),
+            settle: Duration::from_secs(3),
+            heartbeat_secs: 30,
+            http_poll_secs: 5,
+            workers: None,
+            per_worker: 8000,
+            source_ips: 16,
+            server_pids: Vec::new(),
+            timeout: Duration::from_secs(120),
+            worker_exe: None,
+            progress: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectReport {
+    pub connected: usize,
+    /// From the start signal until the last agent's first reply.
+    pub seconds: f64,
+    pub rate_per_sec: f64,
+    /// Per agent: start signal → first reply.
+    pub latency: Latency,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub servers: Vec<ProcSample>,
+    /// Sum over the server processes.
+    pub kib_per_agent: f64,
+    pub idle_cpu_percent: f64,
+    pub window_secs: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RolloutReport {
+    /// Duration of the assignment request itself.
+    pub request_ms: f64,
+    pub matched_agents: u64,
+    /// Agents that reported APPLIED or FAILED.
+    pub reported: usize,
+    pub applied: usize,
+    pub failed: usize,
+    /// From the assignment request to the agents' APPLIED/FAILED reports.
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p100_ms: f64,
+    /// What the API shows once the agents reported.
+    pub api_applied: usize,
+    pub api_failed: usize,
+    /// From the assignment request until the API showed every agent's outcome.
+    pub api_confirmed_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SteadyReport {
+    pub seconds: f64,
+    pub messages: u64,
+    pub rate_per_sec: f64,
+    /// Per exchange: status report sent → reply received.
+    pub latency: Latency,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChurnReport {
+    pub seconds: f64,
+    pub connects: u64,
+    pub connects_per_sec: f64,
+    pub errors: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    pub targets: Vec<String>,
+    pub agents: usize,
+    pub http_agents: usize,
+    pub failing_agents: usize,
+    pub config_bytes: usize,
+    pub worker_processes: usize,
+    pub started_unix_ms: u64,
+    /// Every phase reached its goal (all connected, rollout 100 %).
+    pub complete: bool,
+    pub connect: ConnectReport,
+    pub hold: Option<HoldReport>,
+    pub rollout: Option<RolloutReport>,
+    pub steady: Option<SteadyReport>,
+    pub churn: Option<ChurnReport>,
+    /// Every error of the run, by kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// Agent `i` of `n` gets the trait when the running share crosses an integer: an even spread.
+fn picked(i: usize, share: f64) -> bool {
+    let s = share.clamp(0.0, 1.0);
+    ((i + 1) as f64 * s).floor() > (i as f64 * s).floor()
+}
+
+fn http_url(ws: &str) -> String {
+    match ws.strip_prefix("ws://") {
+        Some(rest) => format!("http://{rest}"),
+        None => ws.to_string(),
+    }
+}
+
+fn is_loopback_v4(url: &str) -> bool {
+    url.split("//")
+        .nth(1)
+        .is_some_and(|rest| rest.starts_with("127.") || rest.starts_with("localhost"))
+}
+
+fn bar(progress: bool, len: u64, what: &str) -> Option<ProgressBar> {
+    if !progress {
+        return None;
+    }
+    let b = ProgressBar::new(len);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len}")
+    {
+        b.set_style(style);
+    }
+    b.set_message(what.to_string());
+    Some(b)
+}
+
+/// Runs a timed window with a seconds bar.
+async fn window(fleet: &mut Fleet, d: Duration, progress: bool, what: &str) {
+    let b = bar(progress, d.as_secs().max(1), what);
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        let step = end
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        fleet.pump_for(step).await;
+        if let Some(b) = &b {
+            b.inc(1);
+        }
+    }
+    if let Some(b) = b {
+        b.finish_and_clear();
+    }
+}
+
+/// Checks that a `--no-auth` target is the baseline server, never Ampora.
+async fn ensure_baseline(target: &str) -> anyhow::Result<()> {
+    let url = http_url(target);
+    let body = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .text()
+        .await?;
+    if body.trim() != crate::baseline::BANNER {
+        bail!("--no-auth is only for the baseline server; {target} is not one");
+    }
+    Ok(())
+}
+
+/// Runs one scenario; the fleet is stopped and every worker gone when it returns.
+pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
+    anyhow::ensure!(!opts.targets.is_empty(), "no --target");
+    anyhow::ensure!(opts.agents > 0, "--agents must be positive");
+    let n = opts.agents;
+    let tokens: Vec<Option<String>> = if opts.no_auth {
+        for t in &opts.targets {
+            ensure_baseline(t).await?;
+        }
+        vec![None; n]
+    } else {
+        let api = opts
+            .api
+            .as_ref()
+            .context("the API (--api and --api-token, or --data-dir) is needed for tokens")?;
+        api.bootstrap_tokens(n, 86_400)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect()
+    };
+    let loopback = opts.targets.iter().all(|t| is_loopback_v4(t));
+    let specs: Vec<AgentSpec> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let target = &opts.targets[i % opts.targets.len()];
+            let http = picked(i, opts.http_share);
+            AgentSpec {
+                index: i,
+                endpoint: if http {
+                    http_url(target)
+                } else {
+                    target.clone()
+                },
+                token,
+                source_ip: (loopback && opts.source_ips > 0).then(|| {
+                    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % opts.source_ips as usize) as u8))
+                }),
+                fail_configs: picked(i, opts.fail_share),
+            }
+        })
+        .collect();
+    let params = Params {
+        config_bytes: opts.config_bytes,
+        heartbeat_secs: opts.heartbeat_secs,
+        http_poll_secs: opts.http_poll_secs,
+    };
+    let processes = opts
+        .workers
+        .unwrap_or(if n > opts.per_worker { n.div_ceil(opts.per_worker) } else { 0 });
+
+    let mut fleet = Fleet::launch(n, processes, opts.worker_exe.clone()).await?;
+    let mut report = Report {
+        scenario: opts.scenario.clone(),
+        targets: opts.targets.clone(),
+        agents: n,
+        http_agents: specs.iter().filter(|s| s.endpoint.starts_with("http:")).count(),
+        failing_agents: specs.iter().filter(|s| s.fail_configs).count(),
+        config_bytes: opts.config_bytes,
+        worker_processes: processes,
+        started_unix_ms: unix_ms(),
+        ..Report::default()
+    };
+    let result = phases(opts, &mut fleet, &specs, &params, &mut report).await;
+    let mut stats = fleet.stop().await;
+    stats.merge(&Stats {
+        errors: std::mem::take(&mut report.errors),
+        ..Stats::default()
+    });
+    report.errors = stats.errors;
+    result.map(|complete| {
+        report.complete = complete;
+        report
+    })
+}
+
+/// Connect, then the phases; true if every goal was reached.
+async fn phases(
+    opts: &RunOptions,
+    fleet: &mut Fleet,
+    specs: &[AgentSpec],
+    params: &Params,
+    report: &mut Report,
+) -> anyhow::Result<bool> {
+    let n = specs.len();
+    let rss_before: Vec<(u32, u64)> = opts
+        .server_pids
+        .iter()
+        .map(|&p| Ok((p, rss_kib(p)?)))
+        .collect::<anyhow::Result<_>>()?;
+
+    // connect: every agent at once; the clock runs until the last first reply.
+    let b = bar(opts.progress, n as u64, "connect");
+    let t0 = unix_us();
+    fleet.start(specs, params)?;
+    let mut complete = fleet
+        .pump_until(opts.timeout, b.as_ref().map(|b| (b, (|f: &Fleet| f.connected as u64) as fn(&Fleet) -> u64)), |f| f.connected == n)
+        .await;
+    if let Some(b) = b {
+        b.finish_and_clear();
+    }
+    let times: Vec<f64> = fleet
+        .connected_at
+        .iter()
+        .flatten()
+        .map(|&t| t.saturating_sub(t0) as f64 / 1000.0)
+        .collect();
+    let seconds = times.iter().copied().fold(0.0, f64::max) / 1000.0;
+    report.connect = ConnectReport {
+        connected: fleet.connected,
+        seconds,
+        rate_per_sec: if seconds > 0.0 { fleet.connected as f64 / seconds } else { 0.0 },
+        latency: summarize(times),
+    };
+    let mut errors = fleet.collect().await?.errors;
+
+    for phase in &opts.phases {
+        match phase {
+            Phase::Hold => {
+                window(fleet, opts.settle, opts.progress, "settle").await;
+                let held: Vec<u64> = rss_before
+                    .iter()
+                    .map(|&(p, _)| rss_kib(p))
+                    .collect::<anyhow::Result<_>>()?;
+                let cpu0: Vec<f64> = rss_before
+                    .iter()
+                    .map(|&(p, _)| cpu_secs(p))
+                    .collect::<anyhow::Result<_>>()?;
+                let w = Instant::now();
+                window(fleet, opts.duration, opts.progress, "hold").await;
+                let secs = w.elapsed().as_secs_f64();
+                let mut servers = Vec::new();
+                for (i, &(pid, before)) in rss_before.iter().enumerate() {
+                    let cpu = cpu_secs(pid)? - cpu0[i];
+                    servers.push(ProcSample {
+                        pid,
+                        rss_before_kib: before,
+                        rss_held_kib: held[i],
+                        kib_per_agent: (held[i] as f64 - before as f64) / n as f64,
+                        idle_cpu_percent: 100.0 * cpu / secs,
+                    });
+                }
+                report.hold = Some(HoldReport {
+                    kib_per_agent: servers.iter().map(|s| s.kib_per_agent).sum(),
+                    idle_cpu_percent: servers.iter().map(|s| s.idle_cpu_percent).sum(),
+                    servers,
+                    window_secs: secs,
+                });
+            }
+            Phase::Rollout => {
+                let (r, ok) = rollout(opts, fleet, n).await?;
+                complete &= ok;
+                report.rollout = Some(r);
+            }
+            Phase::Steady => {
+                fleet.collect().await?;
+                let start = Instant::now();
+                fleet.set_mode(Mode::Steady {
+                    until_ms: unix_ms() + opts.duration.as_millis() as u64,
+                })?;
+                window(fleet, opts.duration, opts.progress, "steady").await;
+                fleet.set_mode(Mode::Idle)?;
+                let secs = start.elapsed().as_secs_f64();
+                let s = fleet.collect().await?;
+                report.steady = Some(SteadyReport {
+                    seconds: secs,
+                    messages: s.messages,
+                    rate_per_sec: s.messages as f64 / secs,
+                    latency: s.steady_latency.summary(),
+                });
+                merge_errors(&mut errors, s.errors);
+            }
+            Phase::Churn => {
+                fleet.collect().await?;
+                let start = Instant::now();
+                fleet.set_mode(Mode::Churn {
+                    until_ms: unix_ms() + opts.duration.as_millis() as u64,
+                })?;
+                window(fleet, opts.duration, opts.progress, "churn").await;
+                fleet.set_mode(Mode::Idle)?;
+                let secs = start.elapsed().as_secs_f64();
+                let s = fleet.collect().await?;
+                report.churn = Some(ChurnReport {
+                    seconds: secs,
+                    connects: s.connects,
+                    connects_per_sec: s.connects as f64 / secs,
+                    errors: s.errors.clone(),
+                });
+                merge_errors(&mut errors, s.errors);
+            }
+        }
+    }
+    report.errors = errors;
+    Ok(complete)
+}
+
+fn merge_errors(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}
+
+/// One config to all through the API; agent-side times to APPLIED, then the API's view.
+async fn rollout(opts: &RunOptions, fleet: &mut Fleet, n: usize) -> anyhow::Result<(RolloutReport, bool)> {
+    let api = opts.api.as_ref().context("rollout needs the API")?;
+    let body = crate::config::effective_config_with(
+        opts.config_bytes,
+        &format!("rollout {}", uuid::Uuid::new_v4()),
+    );
+    let config_id = api.create_config("loadtest-rollout", &body).await?;
+    fleet.reset_applied();
+    let b = bar(opts.progress, n as u64, "rollout");
+    let t0 = unix_us();
+    let started = Instant::now();
+    let matched = api.assign_all(config_id).await?;
+    let request_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let all = fleet
+        .pump_until(opts.timeout, b.as_ref().map(|b| (b, (|f: &Fleet| f.applied as u64) as fn(&Fleet) -> u64)), |f| f.applied == n)
+        .await;
+    if let Some(b) = b {
+        b.finish_and_clear();
+    }
+    let mut times: Vec<f64> = fleet
+        .applied_at
+        .iter()
+        .flatten()
+        .map(|&(t, _)| t.saturating_sub(t0) as f64 / 1000.0)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let failed = fleet.applied_at.iter().flatten().filter(|a| a.1).count();
+    let applied = fleet.applied - failed;
+    // The server's view: every outcome recorded (bounded wait; it may lag the agents).
+    let mut api_applied = 0;
+    let mut api_failed = 0;
+    let deadline = Instant::now() + opts.timeout;
+    while Instant::now() < deadline {
+        api_applied = api.count_in_state("applied").await?;
+        api_failed = api.count_in_state("failed").await?;
+        if api_applied >= applied && api_failed >= failed {
+            break;
+        }
+        fleet.pump_for(Duration::from_millis(50)).await;
+    }
+    let confirmed = started.elapsed().as_secs_f64() * 1000.0;
+    let ok = all && api_applied >= applied && api_failed >= failed;
+    Ok((
+        RolloutReport {
+            request_ms,
+            matched_agents: matched,
+            reported: fleet.applied,
+            applied,
+            failed,
+            p50_ms: percentile(&times, 0.5),
+            p90_ms: percentile(&times, 0.9),
+            p99_ms: percentile(&times, 0.99),
+            p100_ms: times.last().copied().unwrap_or(0.0),
+            api_applied,
+            api_failed,
+            api_confirmed_ms: confirmed,
+        },
+        ok,
+    ))
+}
+
+/// The human summary.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "scenario {} — {} agents ({} http, {} failing), {} worker process(es), target {}\n",
+        r.scenario,
+        r.agents,
+        r.http_agents,
+        r.failing_agents,
+        r.worker_processes.max(1),
+        r.targets.join(", ")
+    );
+    let c = &r.connect;
+    s += &format!(
+        "connect: {}/{} in {:.3} s ({:.0}/s); per agent p50 {:.1} ms p90 {:.1} p99 {:.1} max {:.1}\n",
+        c.connected, r.agents, c.seconds, c.rate_per_sec, c.latency.p50_ms, c.latency.p90_ms,
+        c.latency.p99_ms, c.latency.max_ms
+    );
+    if let Some(h) = &r.hold {
+        s += &format!(
+            "hold: {:.2} KiB RSS per agent, idle CPU {:.1} % of a core over {:.1} s\n",
+            h.kib_per_agent, h.idle_cpu_percent, h.window_secs
+        );
+        for p in &h.servers {
+            s += &format!(
+                "  pid {}: {} KiB → {} KiB ({:.2} KiB/agent), CPU {:.1} %\n",
+                p.pid, p.rss_before_kib, p.rss_held_kib, p.kib_per_agent, p.idle_cpu_percent
+            );
+        }
+    }
+    if let Some(ro) = &r.rollout {
+        s += &format!(
+            "rollout: request {:.1} ms, {} matched; APPLIED {} FAILED {}; p50 {:.1} ms p90 {:.1} p99 {:.1} p100 {:.1}; API shows {} applied {} failed after {:.0} ms\n",
+            ro.request_ms, ro.matched_agents, ro.applied, ro.failed, ro.p50_ms, ro.p90_ms,
+            ro.p99_ms, ro.p100_ms, ro.api_applied, ro.api_failed, ro.api_confirmed_ms
+        );
+    }
+    if let Some(st) = &r.steady {
+        s += &format!(
+            "steady: {} messages in {:.1} s = {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} p99 {:.2} max {:.1}\n",
+            st.messages, st.seconds, st.rate_per_sec, st.latency.p50_ms, st.latency.p90_ms,
+            st.latency.p99_ms, st.latency.max_ms
+        );
+    }
+    if let Some(ch) = &r.churn {
+        s += &format!(
+            "churn: {} connects in {:.1} s = {:.0}/s; errors {:?}\n",
+            ch.connects, ch.seconds, ch.connects_per_sec, ch.errors
+        );
+    }
+    s += &format!(
+        "errors: {:?}; complete: {}\n",
+        r.errors, r.complete
+    );
+    s
+}
+
+/// Ampora against the baseline, measured in the same run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Comparison {
+    pub ampora: Report,
+    pub baseline: Report,
+    /// Ampora / baseline.
+    pub kib_per_agent_ratio: f64,
+    pub connect_seconds_ratio: f64,
+    pub steady_rate_ratio: f64,
+}
+
+impl Comparison {
+    pub fn new(ampora: Report, baseline: Report) -> Self {
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let kib = |r: &Report| r.hold.as_ref().map_or(0.0, |h| h.kib_per_agent);
+        let rate = |r: &Report| r.steady.as_ref().map_or(0.0, |s| s.rate_per_sec);
+        Self {
+            kib_per_agent_ratio: ratio(kib(&ampora), kib(&baseline)),
+            connect_seconds_ratio: ratio(ampora.connect.seconds, baseline.connect.seconds),
+            steady_rate_ratio: ratio(rate(&ampora), rate(&baseline)),
+            ampora,
+            baseline,
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "== baseline ==\n{}== ampora ==\n{}== ratios (ampora / baseline) ==\nRSS per agent {:.2}×, connect time {:.2}×, steady msg/s {:.2}×\n",
+            summary(&self.baseline),
+            summary(&self.ampora),
+            self.kib_per_agent_ratio,
+            self.connect_seconds_ratio,
+            self.steady_rate_ratio
+        )
+    }
+}
