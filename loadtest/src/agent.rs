@@ -53,9 +53,13 @@ pub enum Mode {
     /// Connected, heartbeating, applying pushed configs.
     Idle,
     /// Status report → reply in a loop until the wall clock reaches `until_ms`.
-    Steady { until_ms: u64 },
+    Steady {
+        until_ms: u64,
+    },
     /// Disconnect and reconnect in a loop until `until_ms`.
-    Churn { until_ms: u64 },
+    Churn {
+        until_ms: u64,
+    },
     Stop,
 }
 
@@ -132,7 +136,8 @@ pub fn error_kind(e: &ClientError) -> String {
 
 enum Conn {
     Ws(WsConnection),
-    Http(HttpTransport),
+    /// Boxed: most agents are WebSocket agents, and the enum is part of every idle task.
+    Http(Box<HttpTransport>),
 }
 
 /// Why a connected session ended.
@@ -151,7 +156,7 @@ impl Conn {
             // Connects lazily with the first request.
             let t = HttpTransport::new(&spec.endpoint, headers.to_vec(), false)
                 .with_source_ip(spec.source_ip);
-            return Ok(Conn::Http(t));
+            return Ok(Conn::Http(Box::new(t)));
         }
         let ws = Box::pin(WsConnection::connect_from(
             &spec.endpoint,
@@ -206,12 +211,18 @@ fn options(spec: &AgentSpec, params: &Params, config: &str) -> AgentOptions {
             (s("service.instance.id"), format!("loadtest-{i:06}")),
         ],
         non_identifying: vec![
-            (s("host.name"), format!("lt-node-{i:06}.prod.example.internal")),
+            (
+                s("host.name"),
+                format!("lt-node-{i:06}.prod.example.internal"),
+            ),
             (s("host.arch"), s("amd64")),
             (s("os.type"), s("linux")),
             (s("os.description"), s("Ubuntu 24.04.1 LTS")),
             (s("env"), s(["prod", "staging", "dev"][i % 3])),
-            (s("region"), s(["eu-west-1", "us-east-1", "ap-south-1"][i % 3])),
+            (
+                s("region"),
+                s(["eu-west-1", "us-east-1", "ap-south-1"][i % 3]),
+            ),
             (s("team"), format!("team-{}", i % 17)),
             (s("loadtest"), s("true")),
         ],

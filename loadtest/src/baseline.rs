@@ -46,7 +46,9 @@ async fn handle(
     reply: Bytes,
 ) -> Result<Response<Full<Bytes>>, WebSocketError> {
     if !upgrade::is_upgrade_request(&req) {
-        return Ok(Response::new(Full::new(Bytes::from_static(BANNER.as_bytes()))));
+        return Ok(Response::new(Full::new(Bytes::from_static(
+            BANNER.as_bytes(),
+        ))));
     }
     let (resp, fut) = upgrade::upgrade(&mut req)?;
     tokio::spawn(async move {

@@ -12,6 +12,9 @@ use tokio::time::Instant;
 use crate::agent::{AgentSpec, Mode, Params, Stats};
 use crate::worker::{Cmd, Event, WorkerLink};
 
+/// A progress bar and the counter it shows.
+pub type Bar<'a> = Option<(&'a ProgressBar, fn(&Fleet) -> u64)>;
+
 #[derive(Debug)]
 pub struct Fleet {
     links: Vec<WorkerLink>,
@@ -124,7 +127,7 @@ impl Fleet {
     pub async fn pump_until(
         &mut self,
         limit: Duration,
-        bar: Option<(&ProgressBar, fn(&Fleet) -> u64)>,
+        bar: Bar<'_>,
         done: impl Fn(&Fleet) -> bool,
     ) -> bool {
         let deadline = Instant::now() + limit;

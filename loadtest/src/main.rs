@@ -1,1 +1,233 @@
-fn main() {}
+//! `ampora-loadtest`: see BENCHMARKS.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use loadtest::api::Api;
+use loadtest::procs::{self, Spawned};
+use loadtest::{Comparison, Phase, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "ampora-loadtest",
+    version,
+    about = "Simulated OpAMP fleets and benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// N agents connect at once; time until all are acknowledged.
+    Connect(Common),
+    /// N idle agents; server RSS per agent and idle CPU.
+    Hold(Common),
+    /// One config pushed to all; time to 50/90/99/100 % APPLIED.
+    Rollout(Common),
+    /// Status report → reply loops for --duration; messages per second.
+    Steady(Common),
+    /// Agents disconnect and reconnect for --duration; connects/s and errors.
+    Churn(Common),
+    /// Spawns the baseline and Ampora (--spawn-server) and runs hold + steady on each.
+    Compare(Common),
+    /// The bare fastwebsockets server used as this machine's limit.
+    Baseline {
+        #[arg(long, default_value = "127.0.0.1:4330")]
+        listen: String,
+    },
+    /// Internal: a worker process driven over stdin/stdout.
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// OpAMP URL (repeatable; agents are spread over them).
+    #[arg(long)]
+    target: Vec<String>,
+    /// Ampora's API base URL, e.g. http://127.0.0.1:4320.
+    #[arg(long)]
+    api: Option<String>,
+    #[arg(long, env = "AMPORA_API_TOKEN")]
+    api_token: Option<String>,
+    /// Read the admin token from DIR/admin-token.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Start `PATH serve` on 127.0.0.1 with a fresh data dir and the Self-Agent off.
+    #[arg(long)]
+    spawn_server: Option<PathBuf>,
+    /// `--set` for the spawned server (repeatable), e.g. opamp.heartbeat_interval_secs=60.
+    #[arg(long)]
+    server_set: Vec<String>,
+    /// Server process to measure (repeatable).
+    #[arg(long)]
+    server_pid: Vec<u32>,
+    /// No credentials: only accepted against the baseline server.
+    #[arg(long)]
+    no_auth: bool,
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Share of agents using plain HTTP instead of WebSocket.
+    #[arg(long, default_value_t = 0.0)]
+    http_share: f64,
+    /// Share of agents that report FAILED for remote configs.
+    #[arg(long, default_value_t = 0.0)]
+    fail_share: f64,
+    #[arg(long, default_value_t = 2048)]
+    config_bytes: usize,
+    /// Seconds: hold CPU window, steady and churn duration.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait after connecting before reading memory.
+    #[arg(long, default_value_t = 3.0)]
+    settle: f64,
+    #[arg(long, default_value_t = 30)]
+    heartbeat_secs: u64,
+    #[arg(long, default_value_t = 5)]
+    http_poll_secs: u64,
+    /// Worker processes (default: in-process up to --per-worker agents).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long, default_value_t = 8000)]
+    per_worker: usize,
+    /// Spread agents over 127.0.0.2 … 127.0.0.(1+N) (loopback targets; 0: off).
+    #[arg(long, default_value_t = 16)]
+    source_ips: u8,
+    /// Seconds any wait on the fleet may take.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+impl Common {
+    /// Resolves the target, API and server pids, spawning the server if asked.
+    async fn options(
+        &self,
+        scenario: &str,
+        phases: Vec<Phase>,
+    ) -> anyhow::Result<(RunOptions, Option<Spawned>)> {
+        let mut opts = RunOptions {
+            scenario: scenario.into(),
+            phases,
+            targets: self.target.clone(),
+            no_auth: self.no_auth,
+            agents: self.agents,
+            http_share: self.http_share,
+            fail_share: self.fail_share,
+            config_bytes: self.config_bytes,
+            duration: Duration::from_secs_f64(self.duration),
+            settle: Duration::from_secs_f64(self.settle),
+            heartbeat_secs: self.heartbeat_secs,
+            http_poll_secs: self.http_poll_secs,
+            workers: self.workers,
+            per_worker: self.per_worker.max(1),
+            source_ips: self.source_ips,
+            server_pids: self.server_pid.clone(),
+            timeout: Duration::from_secs_f64(self.timeout),
+            ..RunOptions::default()
+        };
+        let mut spawned = None;
+        let mut api_url = self.api.clone();
+        let mut token = self.api_token.clone();
+        if let Some(dir) = &self.data_dir {
+            let path = dir.join("admin-token");
+            token = Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
+        if let Some(exe) = &self.spawn_server {
+            let s = procs::spawn_ampora(exe, &self.server_set).await?;
+            eprintln!("started {} (pid {}) on {}", exe.display(), s.pid, s.addr);
+            opts.targets = vec![format!("ws://{}/v1/opamp", s.addr)];
+            opts.server_pids.push(s.pid);
+            api_url = Some(format!("http://{}", s.addr));
+            token = s.admin_token.clone();
+            spawned = Some(s);
+        }
+        if let (Some(url), Some(token)) = (api_url, token) {
+            opts.api = Some(Api::new(&url, &token)?);
+        }
+        Ok((opts, spawned))
+    }
+}
+
+fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_vec_pretty(value)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+async fn scenario(c: Common, name: &str, phases: Vec<Phase>) -> anyhow::Result<()> {
+    let (opts, spawned) = c.options(name, phases).await?;
+    let res = loadtest::run(&opts).await;
+    if let Some(s) = spawned {
+        s.stop().await;
+    }
+    let report = res?;
+    print!("{}", loadtest::scenario::summary(&report));
+    write_json(&c.json_out, &report)
+}
+
+async fn compare(c: Common) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        c.spawn_server.is_some(),
+        "compare needs --spawn-server PATH_TO_AMPORA"
+    );
+    let phases = vec![Phase::Hold, Phase::Steady];
+    let exe = std::env::current_exe()?;
+    let base = procs::spawn_baseline(&exe).await?;
+    eprintln!("baseline (pid {}) on {}", base.pid, base.addr);
+    let mut bopts = RunOptions {
+        targets: vec![format!("ws://{}/", base.addr)],
+        server_pids: vec![base.pid],
+        no_auth: true,
+        ..c.options("compare", phases.clone()).await.map(|(o, _)| o)?
+    };
+    bopts.api = None;
+    let baseline = loadtest::run(&bopts).await;
+    base.stop().await;
+    let baseline = baseline?;
+    let (opts, spawned) = c.options("compare", phases).await?;
+    let ampora = loadtest::run(&opts).await;
+    if let Some(s) = spawned {
+        s.stop().await;
+    }
+    let cmp = Comparison::new(ampora?, baseline);
+    print!("{}", cmp.summary());
+    write_json(&c.json_out, &cmp)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Command::Connect(c) => scenario(c, "connect", vec![]).await,
+        Command::Hold(c) => scenario(c, "hold", vec![Phase::Hold]).await,
+        Command::Rollout(c) => scenario(c, "rollout", vec![Phase::Rollout]).await,
+        Command::Steady(c) => scenario(c, "steady", vec![Phase::Steady]).await,
+        Command::Churn(c) => scenario(c, "churn", vec![Phase::Churn]).await,
+        Command::Compare(c) => compare(c).await,
+        Command::Baseline { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            println!(
+                "ampora-loadtest baseline listening on {}",
+                listener.local_addr()?
+            );
+            loadtest::baseline::serve(listener).await?;
+            Ok(())
+        }
+        Command::Worker => {
+            loadtest::worker::serve_stdio().await?;
+            // Don't wait for the blocking stdin reader: the parent may keep the pipe open.
+            std::process::exit(0)
+        }
+    }
+}

@@ -82,10 +82,12 @@ pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned
     let data: PathBuf = dir.path().join("data");
     let log = std::fs::File::create(dir.path().join("server.log"))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--set", "self_agent.enabled=false"]);
+    cmd.arg("serve").arg("--data-dir").arg(&data).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--set",
+        "self_agent.enabled=false",
+    ]);
     for s in sets {
         cmd.args(["--set", s]);
     }

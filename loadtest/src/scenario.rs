@@ -268,7 +268,12 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 },
                 token,
                 source_ip: (loopback && opts.source_ips > 0).then(|| {
-                    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % opts.source_ips as usize) as u8))
+                    IpAddr::V4(Ipv4Addr::new(
+                        127,
+                        0,
+                        0,
+                        2 + (i % opts.source_ips as usize) as u8,
+                    ))
                 }),
                 fail_configs: picked(i, opts.fail_share),
             }
@@ -279,16 +284,21 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         heartbeat_secs: opts.heartbeat_secs,
         http_poll_secs: opts.http_poll_secs,
     };
-    let processes = opts
-        .workers
-        .unwrap_or(if n > opts.per_worker { n.div_ceil(opts.per_worker) } else { 0 });
+    let processes = opts.workers.unwrap_or(if n > opts.per_worker {
+        n.div_ceil(opts.per_worker)
+    } else {
+        0
+    });
 
     let mut fleet = Fleet::launch(n, processes, opts.worker_exe.clone()).await?;
     let mut report = Report {
         scenario: opts.scenario.clone(),
         targets: opts.targets.clone(),
         agents: n,
-        http_agents: specs.iter().filter(|s| s.endpoint.starts_with("http:")).count(),
+        http_agents: specs
+            .iter()
+            .filter(|s| s.endpoint.starts_with("http:"))
+            .count(),
         failing_agents: specs.iter().filter(|s| s.fail_configs).count(),
         config_bytes: opts.config_bytes,
         worker_processes: processes,
@@ -328,7 +338,12 @@ async fn phases(
     let t0 = unix_us();
     fleet.start(specs, params)?;
     let mut complete = fleet
-        .pump_until(opts.timeout, b.as_ref().map(|b| (b, (|f: &Fleet| f.connected as u64) as fn(&Fleet) -> u64)), |f| f.connected == n)
+        .pump_until(
+            opts.timeout,
+            b.as_ref()
+                .map(|b| (b, (|f: &Fleet| f.connected as u64) as fn(&Fleet) -> u64)),
+            |f| f.connected == n,
+        )
         .await;
     if let Some(b) = b {
         b.finish_and_clear();
@@ -343,7 +358,11 @@ async fn phases(
     report.connect = ConnectReport {
         connected: fleet.connected,
         seconds,
-        rate_per_sec: if seconds > 0.0 { fleet.connected as f64 / seconds } else { 0.0 },
+        rate_per_sec: if seconds > 0.0 {
+            fleet.connected as f64 / seconds
+        } else {
+            0.0
+        },
         latency: summarize(times),
     };
     let mut errors = fleet.collect().await?.errors;
@@ -435,7 +454,11 @@ fn merge_errors(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
 }
 
 /// One config to all through the API; agent-side times to APPLIED, then the API's view.
-async fn rollout(opts: &RunOptions, fleet: &mut Fleet, n: usize) -> anyhow::Result<(RolloutReport, bool)> {
+async fn rollout(
+    opts: &RunOptions,
+    fleet: &mut Fleet,
+    n: usize,
+) -> anyhow::Result<(RolloutReport, bool)> {
     let api = opts.api.as_ref().context("rollout needs the API")?;
     let body = crate::config::effective_config_with(
         opts.config_bytes,
@@ -449,7 +472,12 @@ async fn rollout(opts: &RunOptions, fleet: &mut Fleet, n: usize) -> anyhow::Resu
     let matched = api.assign_all(config_id).await?;
     let request_ms = started.elapsed().as_secs_f64() * 1000.0;
     let all = fleet
-        .pump_until(opts.timeout, b.as_ref().map(|b| (b, (|f: &Fleet| f.applied as u64) as fn(&Fleet) -> u64)), |f| f.applied == n)
+        .pump_until(
+            opts.timeout,
+            b.as_ref()
+                .map(|b| (b, (|f: &Fleet| f.applied as u64) as fn(&Fleet) -> u64)),
+            |f| f.applied == n,
+        )
         .await;
     if let Some(b) = b {
         b.finish_and_clear();
@@ -545,10 +573,7 @@ pub fn summary(r: &Report) -> String {
             ch.connects, ch.seconds, ch.connects_per_sec, ch.errors
         );
     }
-    s += &format!(
-        "errors: {:?}; complete: {}\n",
-        r.errors, r.complete
-    );
+    s += &format!("errors: {:?}; complete: {}\n", r.errors, r.complete);
     s
 }
 

@@ -44,10 +44,19 @@ pub enum Cmd {
 pub enum Event {
     Ready,
     /// The agent's first hello was answered.
-    Connected { idx: usize, at_us: u64 },
+    Connected {
+        idx: usize,
+        at_us: u64,
+    },
     /// The agent sent APPLIED (or FAILED) for a pushed config.
-    Applied { idx: usize, at_us: u64, failed: bool },
-    Stats { stats: Stats },
+    Applied {
+        idx: usize,
+        at_us: u64,
+        failed: bool,
+    },
+    Stats {
+        stats: Stats,
+    },
     Stopped,
 }
 
@@ -219,8 +228,16 @@ impl WorkerLink {
     }
 
     /// Waits for the worker to end (after `Stop`), killing it if it takes too long.
-    pub async fn finish(mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub async fn finish(self) {
+        let WorkerLink {
+            cmds,
+            child,
+            mut tasks,
+        } = self;
+        // Closes the worker's stdin once the writer drains: a worker's stdin reader (a
+        // blocking thread) only ends at EOF, and its runtime waits for it.
+        drop(cmds);
+        if let Some(mut child) = child {
             if tokio::time::timeout(STOP_GRACE * 2, child.wait())
                 .await
                 .is_err()
@@ -228,9 +245,12 @@ impl WorkerLink {
                 let _ = child.kill().await;
             }
         }
-        for t in self.tasks.drain(..) {
+        for t in tasks.drain(..) {
             let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }

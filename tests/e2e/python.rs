@@ -157,7 +157,7 @@ fn python() -> anyhow::Result<String> {
 #[tokio::test]
 async fn python_opamp_client_receives_config_and_reports_applied() -> anyhow::Result<()> {
     let python = python()?;
-    let server = TestServer::start().await?;
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
     let token = server.api.token("python-interop").await?;
     let service = "python-interop";
     let mut agent = PyAgent::spawn(&python, &server.http_url(), &token, service)?;
@@ -246,7 +246,9 @@ async fn python_opamp_client_receives_config_and_reports_applied() -> anyhow::Re
     })
     .await?;
 
-    // The library's stop() sends AgentDisconnect before the process exits.
+    // The library's stop() sends AgentDisconnect before the process exits; its poll thread may
+    // still get one last poll in after it, in which case liveness (three missed one-second
+    // polls, as configured above) takes the agent offline instead.
     let status = agent.stop().await?;
     assert!(
         status.success(),
@@ -254,7 +256,7 @@ async fn python_opamp_client_receives_config_and_reports_applied() -> anyhow::Re
         agent.transcript()
     );
     eventually(
-        "python agent offline after AgentDisconnect",
+        "python agent offline after it stopped",
         DEADLINE,
         || async {
             Ok(server
