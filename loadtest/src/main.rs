@@ -185,13 +185,21 @@ async fn compare(c: Common) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let base = procs::spawn_baseline(&exe).await?;
     eprintln!("baseline (pid {}) on {}", base.pid, base.addr);
-    let mut bopts = RunOptions {
+    // The same options without the Ampora side (no server spawned, no API).
+    let plain = Common {
+        spawn_server: None,
+        api: None,
+        data_dir: None,
+        server_pid: Vec::new(),
+        ..c.clone()
+    };
+    let bopts = RunOptions {
         targets: vec![format!("ws://{}/", base.addr)],
         server_pids: vec![base.pid],
         no_auth: true,
-        ..c.options("compare", phases.clone()).await.map(|(o, _)| o)?
+        api: None,
+        ..plain.options("compare", phases.clone()).await?.0
     };
-    bopts.api = None;
     let baseline = loadtest::run(&bopts).await;
     base.stop().await;
     let baseline = baseline?;
