@@ -30,8 +30,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             init_tracing(&cfg.log);
-            let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
-                .await
+            let listener = coordinator::serve::bind(&cfg.server.listen)
                 .with_context(|| format!("binding {}", cfg.server.listen))?;
             coordinator::serve::run(cfg, listener, shutdown_signal()).await
         }
