@@ -173,7 +173,9 @@ impl AgentCore {
             msg.effective_config = Some(self.effective_config());
         }
         if caps & agent_caps::REPORTS_REMOTE_CONFIG != 0 {
-            msg.remote_config_status = self.remote_status.clone();
+            // Before any remote config the status is UNSET: saying so makes the report
+            // complete, so the server need not ask for full state again.
+            msg.remote_config_status = Some(self.remote_status.clone().unwrap_or_default());
         }
         msg
     }
@@ -484,7 +486,12 @@ mod tests {
         assert!(h.healthy);
         assert_eq!(h.status, "running");
         assert_eq!(single_body(&m), b"a: 1\n");
-        assert!(m.remote_config_status.is_none(), "nothing received yet");
+        let rcs = m.remote_config_status.as_ref().expect("status is always reported");
+        assert_eq!(
+            (rcs.status, rcs.last_remote_config_hash.len()),
+            (RemoteConfigStatuses::Unset as i32, 0),
+            "nothing received yet"
+        );
         assert!(m.agent_disconnect.is_none());
         assert_eq!(rx.borrow().instance_uid, Some(UID));
         assert_eq!(rx.borrow().effective_config, "a: 1\n");
