@@ -66,8 +66,32 @@ pub struct Coordinator {
     desired: RwLock<HashMap<i64, Arc<Desired>>>,
     /// All assignments, oldest first; the newest match wins.
     assignments: RwLock<Vec<Assignment>>,
+    /// Bootstrap tokens, write-through: every create, redeem and revoke in this process updates
+    /// it after the store, so authentication needs no database round trip. (A coordinator
+    /// that did not make a change learns it only on a cache miss; cluster mode has to
+    /// broadcast revocations.)
+    tokens: RwLock<TokenCache>,
     /// Token redemptions go through one batching task (see [`run_redeemer`]).
     redeemer: mpsc::Sender<RedeemJob>,
+}
+
+#[derive(Default)]
+struct TokenCache {
+    by_hash: HashMap<[u8; 32], TokenRecord>,
+    hash_of: HashMap<String, [u8; 32]>,
+}
+
+impl TokenCache {
+    fn insert(&mut self, rec: TokenRecord) {
+        self.hash_of.insert(rec.id.clone(), rec.hash);
+        self.by_hash.insert(rec.hash, rec);
+    }
+
+    fn update(&mut self, id: &str, f: impl FnOnce(&mut TokenRecord)) {
+        if let Some(rec) = self.hash_of.get(id).and_then(|h| self.by_hash.get_mut(h)) {
+            f(rec);
+        }
+    }
 }
 
 type RedeemJob = (RedeemRequest, oneshot::Sender<Result<Redemption, String>>);
@@ -132,7 +156,12 @@ impl Coordinator {
         };
         let (redeemer, jobs) = mpsc::channel(4 * REDEEM_BATCH);
         tokio::spawn(run_redeemer(store.clone(), jobs));
+        let mut tokens = TokenCache::default();
+        for t in store.list_tokens().await? {
+            tokens.insert(t);
+        }
         let this = Arc::new(Self {
+            tokens: RwLock::new(tokens),
             redeemer,
             store: store.clone(),
             bus,
@@ -379,13 +408,27 @@ impl Coordinator {
         if token::check_bootstrap_token(&req.token).is_err() {
             return AuthDecision::Reject(AuthFailure::MalformedToken);
         }
-        let rec = match self.store.find_token(&token::hash_token(&req.token)).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return AuthDecision::Reject(AuthFailure::UnknownToken),
-            Err(e) => {
-                tracing::error!(error = %e, "token lookup failed");
-                return AuthDecision::Reject(AuthFailure::UnknownToken);
-            }
+        let hash = token::hash_token(&req.token);
+        let cached = self
+            .tokens
+            .read()
+            .ok()
+            .and_then(|c| c.by_hash.get(&hash).cloned());
+        let rec = match cached {
+            Some(r) => r,
+            None => match self.store.find_token(&hash).await {
+                Ok(Some(r)) => {
+                    if let Ok(mut c) = self.tokens.write() {
+                        c.insert(r.clone());
+                    }
+                    r
+                }
+                Ok(None) => return AuthDecision::Reject(AuthFailure::UnknownToken),
+                Err(e) => {
+                    tracing::error!(error = %e, "token lookup failed");
+                    return AuthDecision::Reject(AuthFailure::UnknownToken);
+                }
+            },
         };
         if rec.revoked_ms.is_some() {
             return AuthDecision::Reject(AuthFailure::Revoked);
@@ -453,6 +496,12 @@ impl Coordinator {
         match outcome {
             Redemption::Bound => {
                 metrics::counter!("ampora_tokens_redeemed_total").increment(1);
+                if let Ok(mut c) = self.tokens.write() {
+                    c.update(token_id, |t| {
+                        t.bound_uid = Some(uid);
+                        t.redeemed_ms = Some(now_ms());
+                    });
+                }
             }
             Redemption::AlreadyBoundToSame => {}
             Redemption::BoundToOther => return Err(AuthFailure::AlreadyRedeemed),
@@ -772,6 +821,7 @@ impl Coordinator {
     ) -> Result<(String, TokenRecord), ServiceError> {
         let (text, rec) = self.new_token(name, ttl);
         self.store.create_token(&rec).await?;
+        self.cache_token(rec.clone());
         self.audit_token_created(author, std::slice::from_ref(&rec.id), &rec)
             .await;
         Ok((text, rec))
@@ -791,6 +841,7 @@ impl Coordinator {
         for _ in 0..count {
             let (text, rec) = self.new_token(name.clone(), ttl);
             self.store.create_token(&rec).await?;
+            self.cache_token(rec.clone());
             texts.push(text);
             ids.push(rec.id.clone());
             last = Some(rec);
@@ -799,6 +850,12 @@ impl Coordinator {
             self.audit_token_created(author, &ids, &rec).await;
         }
         Ok(texts)
+    }
+
+    fn cache_token(&self, rec: TokenRecord) {
+        if let Ok(mut c) = self.tokens.write() {
+            c.insert(rec);
+        }
     }
 
     fn new_token(&self, name: String, ttl: Option<Duration>) -> (String, TokenRecord) {
@@ -832,8 +889,14 @@ impl Coordinator {
     }
 
     pub async fn revoke_token(&self, id: &str, author: &str) -> Result<(), ServiceError> {
-        if !self.store.revoke_token(id, now_ms()).await? {
+        let now = now_ms();
+        if !self.store.revoke_token(id, now).await? {
             return Err(ServiceError::NotFound(format!("token {id}")));
+        }
+        if let Ok(mut c) = self.tokens.write() {
+            c.update(id, |t| {
+                t.revoked_ms.get_or_insert(now);
+            });
         }
         self.audit(
             author,

@@ -486,7 +486,10 @@ mod tests {
         assert!(h.healthy);
         assert_eq!(h.status, "running");
         assert_eq!(single_body(&m), b"a: 1\n");
-        let rcs = m.remote_config_status.as_ref().expect("status is always reported");
+        let rcs = m
+            .remote_config_status
+            .as_ref()
+            .expect("status is always reported");
         assert_eq!(
             (rcs.status, rcs.last_remote_config_hash.len()),
             (RemoteConfigStatuses::Unset as i32, 0),
