@@ -421,18 +421,21 @@ mod tests {
         }
     }
 
+    /// `load` with `toml` as the configuration file.
+    fn load_file(
+        toml: &str,
+        env: Vec<(String, String)>,
+        sets: &[String],
+    ) -> Result<Config, ConfigErrors> {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), toml).expect("write");
+        load(Some(file.path()), env, sets)
+    }
+
     #[test]
     fn every_error_is_reported_at_once() {
-        let dir = std::env::temp_dir().join(format!("ampora-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("bad.toml");
-        std::fs::write(
-            &path,
+        let errs = load_file(
             "[server]\nlisten = 5\nbogus = 1\n[opamp]\nheartbeat_interval_secs = 0\n[nope]\nx = 1\n",
-        )
-        .expect("write");
-        let errs = load(
-            Some(&path),
             env(&[("AMPORA_LOG__FORMAT", "xml")]),
             &["store.flush_interval_ms=fast".into()],
         )
@@ -448,28 +451,18 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
     fn file_then_env_then_flags() {
-        let dir = std::env::temp_dir().join(format!("ampora-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("ok.toml");
-        std::fs::write(
-            &path,
+        let c = load_file(
             "[server]\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\n",
-        )
-        .expect("write");
-        let c = load(
-            Some(&path),
             env(&[("AMPORA_SERVER__LISTEN", "127.0.0.1:2")]),
             &["server.data_dir=/y".into()],
         )
         .expect("valid");
         assert_eq!(c.server.listen, "127.0.0.1:2");
         assert_eq!(c.server.data_dir, PathBuf::from("/y"));
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// The README's reference block is the documentation of every key: it must parse, and it
@@ -480,11 +473,7 @@ mod tests {
         let start = readme.find("```toml\n").expect("README has a toml block") + 8;
         let block = &readme[start..];
         let block = &block[..block.find("```").expect("closed block")];
-        let path = std::env::temp_dir().join(format!("ampora-readme-{}.toml", std::process::id()));
-        std::fs::write(&path, block).expect("write");
-        let parsed = load(Some(&path), env(&[]), &[]);
-        std::fs::remove_file(&path).ok();
-        assert_eq!(parsed, Ok(Config::default()));
+        assert_eq!(load_file(block, env(&[]), &[]), Ok(Config::default()));
         let documented: toml::Table = block.parse().expect("toml");
         let all = toml::Value::try_from(Config::default()).expect("defaults");
         for (section, keys) in all.as_table().expect("table") {

@@ -74,24 +74,12 @@ fn describe_metrics() {
     metrics::gauge!("ampora_agents_connected").set(0.0);
 }
 
-/// Pending connections the kernel may queue (capped by `net.core.somaxconn`). Tokio's default
-/// of 1024 overflows in a reconnect storm, and every overflowed SYN costs its agent a
-/// one-second retransmit.
-pub const LISTEN_BACKLOG: u32 = 16_384;
-
-/// Binds `addr` (HOST:PORT) with [`LISTEN_BACKLOG`].
+/// Binds `addr` (HOST:PORT) for agents: see [`gateway::server::listen`].
 pub fn bind(addr: &str) -> std::io::Result<TcpListener> {
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    gateway::server::listen(addr)
 }
 
 /// A running embedded server.

@@ -467,6 +467,23 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     ws::serve(inner, req, source_ip).await
 }
 
+/// Pending connections the kernel may queue (capped by `net.core.somaxconn`). Tokio's default
+/// of 1024 overflows in a reconnect storm, and every overflowed SYN costs its agent a
+/// one-second retransmit.
+pub const LISTEN_BACKLOG: u32 = 16_384;
+
+/// A listener for agent connections on `addr`, with [`LISTEN_BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Authenticates a request: `Ok((credential, uid_hint))` or the response refusing it.
 async fn authenticate(
     inner: &Inner,

@@ -224,16 +224,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Churn(c) => scenario(c, "churn", vec![Phase::Churn]).await,
         Command::Compare(c) => compare(c).await,
         Command::Baseline { listen } => {
-            // Same listen backlog as `ampora serve`, so the two are compared like for like.
-            let addr: std::net::SocketAddr = listen.parse()?;
-            let socket = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            socket.set_reuseaddr(true)?;
-            socket.bind(addr)?;
-            let listener = socket.listen(16_384)?;
+            // Same listener as `ampora serve`, so the two are compared like for like.
+            let listener = gateway::server::listen(listen.parse()?)?;
             println!(
                 "ampora-loadtest baseline listening on {}",
                 listener.local_addr()?
