@@ -9,6 +9,8 @@ use loadtest::api::Api;
 use loadtest::{Phase, Report, RunOptions};
 
 const AGENTS: usize = 200;
+/// Pause between two checks of a condition.
+const POLL: Duration = Duration::from_millis(50);
 
 struct Server {
     running: Running,
@@ -71,7 +73,7 @@ impl Server {
                 tokio::time::Instant::now() < deadline,
                 "{left} agents still connected"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL).await;
         }
         self.running.stop().await.expect("server stops");
     }

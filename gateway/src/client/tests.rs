@@ -23,6 +23,10 @@ use super::*;
 use crate::codec;
 
 const DEADLINE: Duration = Duration::from_secs(10);
+/// Pause between two checks of a condition.
+const POLL: Duration = Duration::from_millis(10);
+/// How long "nothing more arrives" is watched for.
+const QUIET_WINDOW: Duration = Duration::from_millis(400);
 const NEW_UID: [u8; 16] = [0xAB; 16];
 
 /// What the fake server does beyond acknowledging every message.
@@ -106,7 +110,7 @@ impl FakeServer {
                 if pred(&self.log.lock().expect("lock")) {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(POLL).await;
             }
         })
         .await;
@@ -367,8 +371,19 @@ async fn ws_agent_adopts_server_heartbeat() {
         .await
         .expect("adopted");
     assert_eq!(s.replies, 1);
-    // With a one-hour interval no heartbeat follows the first exchange.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // With a one-hour interval no heartbeat follows the first exchange: over a window of
+    // several of the old 150 ms intervals, a second message never arrives.
+    let second = tokio::time::timeout(QUIET_WINDOW, async {
+        while srv.msgs().len() < 2 {
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    assert!(
+        second.is_err(),
+        "a heartbeat was sent: {:?}",
+        srv.msgs().len()
+    );
     assert_eq!(srv.msgs().len(), 1);
     agent.stop().await;
 }

@@ -411,9 +411,12 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
+
+/// Pause between two checks in [`eventually`].
+const POLL: Duration = Duration::from_millis(10);
 
 #[tokio::test]
 async fn websocket_transport() -> anyhow::Result<()> {
