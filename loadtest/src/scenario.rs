@@ -318,6 +318,23 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     })
 }
 
+/// Puts the fleet in `mode(until_ms)` for `opts.duration`, then back to idle; returns the
+/// window's length in seconds and what the agents did in it (counters reset at its start).
+async fn busy_window(
+    fleet: &mut Fleet,
+    opts: &RunOptions,
+    what: &str,
+    mode: impl FnOnce(u64) -> Mode,
+) -> anyhow::Result<(f64, Stats)> {
+    fleet.collect().await?;
+    let start = Instant::now();
+    fleet.set_mode(mode(unix_ms() + opts.duration.as_millis() as u64))?;
+    window(fleet, opts.duration, opts.progress, what).await;
+    fleet.set_mode(Mode::Idle)?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok((secs, fleet.collect().await?))
+}
+
 /// Connect, then the phases; true if every goal was reached.
 async fn phases(
     opts: &RunOptions,
@@ -406,15 +423,9 @@ async fn phases(
                 report.rollout = Some(r);
             }
             Phase::Steady => {
-                fleet.collect().await?;
-                let start = Instant::now();
-                fleet.set_mode(Mode::Steady {
-                    until_ms: unix_ms() + opts.duration.as_millis() as u64,
-                })?;
-                window(fleet, opts.duration, opts.progress, "steady").await;
-                fleet.set_mode(Mode::Idle)?;
-                let secs = start.elapsed().as_secs_f64();
-                let s = fleet.collect().await?;
+                let (secs, s) =
+                    busy_window(fleet, opts, "steady", |until_ms| Mode::Steady { until_ms })
+                        .await?;
                 report.steady = Some(SteadyReport {
                     seconds: secs,
                     messages: s.messages,
@@ -424,15 +435,8 @@ async fn phases(
                 merge_errors(&mut errors, s.errors);
             }
             Phase::Churn => {
-                fleet.collect().await?;
-                let start = Instant::now();
-                fleet.set_mode(Mode::Churn {
-                    until_ms: unix_ms() + opts.duration.as_millis() as u64,
-                })?;
-                window(fleet, opts.duration, opts.progress, "churn").await;
-                fleet.set_mode(Mode::Idle)?;
-                let secs = start.elapsed().as_secs_f64();
-                let s = fleet.collect().await?;
+                let (secs, s) =
+                    busy_window(fleet, opts, "churn", |until_ms| Mode::Churn { until_ms }).await?;
                 report.churn = Some(ChurnReport {
                     seconds: secs,
                     connects: s.connects,
