@@ -17,8 +17,8 @@ use shared::bus::{
     CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
 };
 use shared::domain::{
-    AgentRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption, Target, TokenRecord,
-    Transport,
+    AgentRecord, Assignment, AuditEntry, ConfigMap, ConfigState, ConfigVersion, Redemption, Target,
+    TokenRecord, Transport,
 };
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::Ownership;
@@ -198,7 +198,7 @@ impl Coordinator {
                 if let Err(e) = c.flush().await {
                     tracing::error!(error = %e, "agent status flush failed");
                 }
-                c.reap_http_agents().await;
+                c.sweep().await;
             }
         });
         Ok(this)
@@ -320,11 +320,14 @@ impl Coordinator {
         Ok(records.len())
     }
 
-    /// HTTP agents have no connection to lose: they count as gone after three missed polls.
-    async fn reap_http_agents(&self) {
+    /// Once per flush: takes HTTP agents that missed three polls offline (they have no
+    /// connection to lose) and refreshes the fleet gauges, in one pass over the agents.
+    async fn sweep(&self) {
         let cutoff = now_ms()
             - i64::try_from(self.cfg.heartbeat_interval_secs.saturating_mul(3_000))
                 .unwrap_or(i64::MAX);
+        let mut connected = 0u64;
+        let mut states: HashMap<ConfigState, u64> = HashMap::new();
         for slot in self.all_slots() {
             let mut e = slot.lock().await;
             let r = &mut e.state.record;
@@ -334,31 +337,14 @@ impl Coordinator {
                 e.conn = None;
                 self.mark_dirty(uid);
             }
-        }
-        self.update_gauges().await;
-    }
-
-    async fn update_gauges(&self) {
-        let mut connected = 0u64;
-        let mut states: HashMap<&'static str, u64> = HashMap::new();
-        for slot in self.all_slots() {
-            let e = slot.lock().await;
-            if e.state.record.connected {
-                connected += 1;
-            }
-            let s = match e.state.record.config_state() {
-                shared::domain::ConfigState::None => "none",
-                shared::domain::ConfigState::Pending => "pending",
-                shared::domain::ConfigState::Applied => "applied",
-                shared::domain::ConfigState::Failed => "failed",
-                shared::domain::ConfigState::Drifted => "drifted",
-            };
-            *states.entry(s).or_default() += 1;
+            let r = &e.state.record;
+            connected += u64::from(r.connected);
+            *states.entry(r.config_state()).or_default() += 1;
         }
         metrics::gauge!("ampora_agents_connected").set(connected as f64);
-        for s in ["none", "pending", "applied", "failed", "drifted"] {
-            metrics::gauge!("ampora_agents_config_state", "state" => s)
-                .set(states.get(s).copied().unwrap_or(0) as f64);
+        for state in ConfigState::ALL {
+            let n = states.get(&state).copied().unwrap_or(0);
+            metrics::gauge!("ampora_agents_config_state", "state" => state.as_str()).set(n as f64);
         }
     }
 

@@ -101,7 +101,7 @@ pub struct RemoteConfigReport {
 }
 
 /// Where an agent stands against the config assigned to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConfigState {
     /// No config is assigned.
@@ -115,6 +115,27 @@ pub enum ConfigState {
     /// The agent applied the assigned config, then its effective config changed without a new
     /// offer from us, or it reports a remote config we did not assign.
     Drifted,
+}
+
+impl ConfigState {
+    pub const ALL: [Self; 5] = [
+        Self::None,
+        Self::Pending,
+        Self::Applied,
+        Self::Failed,
+        Self::Drifted,
+    ];
+
+    /// The same name the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Pending => "pending",
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Drifted => "drifted",
+        }
+    }
 }
 
 /// Everything Ampora knows about one agent. Survives connections and restarts.
