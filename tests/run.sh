@@ -17,6 +17,41 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import opentelemetry.
 fi
 export AMPORA_TEST_PYTHON="$PWD/$venv/bin/python"
 
+# Cluster tests talk to real Postgres, Redis and NATS on their standard local ports, and the
+# deploy test runs Debian's nginx. Install and start whatever is missing; if one still cannot
+# be reached the tests that need it fail loudly.
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+  }
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done
+  echo "!! $2 did not come up on port $1" >&2
+}
+command -v nginx >/dev/null || { echo "==> installing nginx"; apt_install nginx-light || apt_install nginx; }
+if ! port_open 5432; then
+  echo "==> starting PostgreSQL"
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  wait_port 5432 PostgreSQL
+fi
+if ! port_open 6379; then
+  echo "==> starting Redis"
+  command -v redis-server >/dev/null || apt_install redis-server
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  wait_port 6379 Redis
+fi
+if ! port_open 4222; then
+  echo "==> starting NATS"
+  command -v nats-server >/dev/null || apt_install nats-server
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server
+  wait_port 4222 NATS
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

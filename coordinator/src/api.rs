@@ -30,9 +30,10 @@ use crate::service::{Coordinator, ServiceError};
     info(title = "Ampora API", description = "Fleet management for OpAMP agents"),
     paths(
         list_agents, show_agent, create_config, list_configs, show_config, create_assignment,
-        list_assignments, create_token, create_tokens, list_tokens, revoke_token, list_audit
+        list_assignments, create_token, create_tokens, list_tokens, revoke_token, list_audit,
+        show_cluster
     ),
-    components(schemas(AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, ErrorBody)),
+    components(schemas(ClusterView, PartitionLease, AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, ErrorBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -70,8 +71,14 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/api/v1/tokens/batch", post(create_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/cluster", get(show_cluster))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY_BYTES))
         .with_state(coord)
 }
+
+/// Config versions of several MiB are normal (the bus carries them in chunks); axum's default
+/// of 2 MB would refuse them.
+const MAX_API_BODY_BYTES: usize = 64 << 20;
 
 async fn openapi() -> Response {
     (
@@ -231,7 +238,7 @@ async fn list_agents(
         .transpose()?;
     let agents = c
         .agents()
-        .await
+        .await?
         .into_iter()
         .filter(|a| f.connected.is_none_or(|want| a.connected == want))
         .filter(|a| labels.as_ref().is_none_or(|l| a.description.matches(l)))
@@ -256,7 +263,7 @@ async fn show_agent(
     authorize(&c, &headers, Role::Viewer).await?;
     let uid = parse_uid(&uid)?;
     c.agent(uid)
-        .await
+        .await?
         .map(|a| Json(a.into()))
         .ok_or_else(|| ApiError::NotFound(format!("agent {uid}")))
 }
@@ -478,6 +485,47 @@ struct AuditParams {
     actor: Option<String>,
     reason: Option<String>,
     limit: Option<u32>,
+}
+
+/// Which coordinator serves which partition of agents.
+#[derive(Serialize, ToSchema)]
+pub struct ClusterView {
+    /// The coordinator that answered.
+    node: String,
+    partitions: Vec<PartitionLease>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PartitionLease {
+    partition: u16,
+    holder: String,
+    fence: i64,
+    expires_ms: i64,
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster",
+    responses((status = 200, body = ClusterView)), security(("api_token" = [])))]
+async fn show_cluster(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+) -> ApiResult<ClusterView> {
+    authorize(&c, &headers, Role::Viewer).await?;
+    let partitions = c
+        .store()
+        .list_leases()
+        .await?
+        .into_iter()
+        .map(|l| PartitionLease {
+            partition: l.partition,
+            holder: l.holder,
+            fence: l.fence,
+            expires_ms: l.expires_ms,
+        })
+        .collect();
+    Ok(Json(ClusterView {
+        node: c.node().to_string(),
+        partitions,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditParams),

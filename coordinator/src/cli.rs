@@ -17,6 +17,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the embedded default: gateway and coordinator in one process on SQLite.
     Serve(ServeArgs),
+    /// Run a cluster gateway: holds agent connections, relays over NATS, ownership in Redis.
+    Gateway(ServeArgs),
+    /// Run a cluster coordinator: agent state, configs, tokens and the API, on Postgres.
+    Coordinator(ServeArgs),
     /// Agents in the fleet.
     #[command(subcommand)]
     Agents(AgentsCmd),
@@ -297,7 +301,9 @@ fn agent_name(a: &Value) -> String {
 pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
-        Command::Serve(_) | Command::Openapi => unreachable_serve(),
+        Command::Serve(_) | Command::Gateway(_) | Command::Coordinator(_) | Command::Openapi => {
+            unreachable_serve()
+        }
         Command::Agents(AgentsCmd::List {
             api,
             label,

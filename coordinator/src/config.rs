@@ -20,6 +20,7 @@ pub struct Config {
     pub self_agent: SelfAgentSection,
     pub store: StoreSection,
     pub tokens: TokensSection,
+    pub cluster: ClusterSection,
     pub log: LogSection,
 }
 
@@ -71,6 +72,35 @@ pub struct TokensSection {
     pub default_ttl_secs: u64,
 }
 
+/// Cluster mode (`ampora gateway`, `ampora coordinator`); `ampora serve` ignores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// This node's id (gateway or coordinator); empty: hostname plus a random suffix.
+    pub node_id: String,
+    pub nats_url: String,
+    /// Prefix of every NATS subject, so several clusters can share one NATS.
+    pub subject_prefix: String,
+    pub redis_url: String,
+    /// Prefix of every Redis key, for the same reason.
+    pub redis_key_prefix: String,
+    /// Coordinators only; gateways never open a database connection.
+    pub postgres_url: String,
+    pub postgres_max_connections: u64,
+    /// Coordinator partition leases live this long unless renewed (every third of it). A
+    /// crashed coordinator's partitions move to the others within about this time.
+    pub lease_ttl_ms: u64,
+    /// Redis agent-ownership entries live this long unless the gateway refreshes them (every
+    /// third of it); a crashed gateway's entries vanish after it.
+    pub ownership_ttl_secs: u64,
+    /// A stopping gateway closes its agents spread over this window, so they reconnect to the
+    /// other gateways gradually instead of all at once.
+    pub drain_window_secs: u64,
+    /// Largest message on the bus (configs and effective configs travel in chunks above
+    /// NATS's own payload limit; beyond this they are refused).
+    pub max_bus_message_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
@@ -120,6 +150,24 @@ impl Default for TokensSection {
     fn default() -> Self {
         Self {
             default_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: "ampora".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_key_prefix: "ampora".into(),
+            postgres_url: "postgres://postgres@127.0.0.1:5432/ampora".into(),
+            postgres_max_connections: 16,
+            lease_ttl_ms: 10_000,
+            ownership_ttl_secs: 60,
+            drain_window_secs: 30,
+            max_bus_message_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -357,6 +405,17 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.tokens.default_ttl_secs == 0 {
         errors.push("tokens.default_ttl_secs: must be at least 1".into());
+    }
+    if c.cluster.lease_ttl_ms < 300 {
+        errors.push("cluster.lease_ttl_ms: must be at least 300".into());
+    }
+    if c.cluster.ownership_ttl_secs < 3 {
+        errors.push("cluster.ownership_ttl_secs: must be at least 3".into());
+    }
+    if c.cluster.max_bus_message_bytes < c.opamp.max_frame_bytes {
+        errors.push(
+            "cluster.max_bus_message_bytes: must be at least opamp.max_frame_bytes".into(),
+        );
     }
     if !matches!(c.log.format.as_str(), "text" | "json") {
         errors.push(format!(

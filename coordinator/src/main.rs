@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use coordinator::cli::{Cli, Command};
+use coordinator::cli::{Cli, Command, ServeArgs};
 use coordinator::config;
 use tracing_subscriber::EnvFilter;
 
@@ -12,27 +12,16 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let mut sets = args.sets;
-            if let Some(d) = args.data_dir {
-                sets.push(format!(
-                    "server.data_dir={}",
-                    toml_string(&d.to_string_lossy())
-                ));
-            }
-            if let Some(l) = args.listen {
-                sets.push(format!("server.listen={}", toml_string(&l)));
-            }
-            let cfg = match config::load(args.config.as_deref(), std::env::vars(), &sets) {
-                Ok(c) => c,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    std::process::exit(2);
-                }
-            };
-            init_tracing(&cfg.log);
-            let listener = coordinator::serve::bind(&cfg.server.listen)
-                .with_context(|| format!("binding {}", cfg.server.listen))?;
+            let (cfg, listener) = prepare(args)?;
             coordinator::serve::run(cfg, listener, shutdown_signal()).await
+        }
+        Command::Gateway(args) => {
+            let (cfg, listener) = prepare(args)?;
+            coordinator::cluster::run_gateway(cfg, listener, shutdown_signal()).await
+        }
+        Command::Coordinator(args) => {
+            let (cfg, listener) = prepare(args)?;
+            coordinator::cluster::run_coordinator(cfg, listener, shutdown_signal()).await
         }
         Command::Openapi => {
             println!("{}", coordinator::api::openapi_json());
@@ -40,6 +29,32 @@ async fn main() -> anyhow::Result<()> {
         }
         other => coordinator::cli::run_client(other).await,
     }
+}
+
+/// Loads the configuration (exiting with every problem listed if it is invalid), sets up
+/// logging and binds the listener.
+fn prepare(args: ServeArgs) -> anyhow::Result<(config::Config, tokio::net::TcpListener)> {
+    let mut sets = args.sets;
+    if let Some(d) = args.data_dir {
+        sets.push(format!(
+            "server.data_dir={}",
+            toml_string(&d.to_string_lossy())
+        ));
+    }
+    if let Some(l) = args.listen {
+        sets.push(format!("server.listen={}", toml_string(&l)));
+    }
+    let cfg = match config::load(args.config.as_deref(), std::env::vars(), &sets) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprint!("{errors}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing(&cfg.log);
+    let listener = coordinator::serve::bind(&cfg.server.listen)
+        .with_context(|| format!("binding {}", cfg.server.listen))?;
+    Ok((cfg, listener))
 }
 
 /// Quotes a string as a TOML basic string for `--set` values.

@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use gateway::client::{Agent, AgentOptions};
-use gateway::{Gateway, GatewayConfig};
+use gateway::Gateway;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use shared::bus::{Bus, InProcessBus};
 use shared::domain::{ApiTokenRecord, Role};
@@ -134,42 +134,29 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             heartbeat_interval_secs: config.opamp.heartbeat_interval_secs,
             flush_interval: Duration::from_millis(config.store.flush_interval_ms),
             default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
+            // One coordinator, always the same name: a restart renews its own leases.
+            node: "embedded".into(),
+            lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
         },
     )
     .await
     .context("starting the coordinator")?;
-    bus.serve_coordinator(coordinator.clone()).await?;
 
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
     let gateway = Gateway::start(
         gateway_id,
         bus.clone(),
         ownership,
-        GatewayConfig {
-            max_frame_bytes: usize::try_from(config.opamp.max_frame_bytes).unwrap_or(usize::MAX),
-            request_timeout: Duration::from_secs(config.opamp.request_timeout_secs),
-            write_queue: usize::try_from(config.opamp.write_queue).unwrap_or(16),
-            bootstrap_plaintext_allowed: config.opamp.bootstrap_plaintext_allowed,
-        },
+        crate::cluster::gateway_config(&config),
     )
     .await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
 
-    let state = AppState {
-        coordinator: coordinator.clone(),
-        metrics,
-    };
     let app = Router::new()
         .merge(gateway.router())
         .merge(crate::api::router(coordinator.clone()))
-        .merge(
-            Router::new()
-                .route("/health/live", get(|| async { "ok" }))
-                .route("/health/ready", get(ready))
-                .route("/metrics", get(render_metrics))
-                .with_state(state),
-        );
+        .merge(health_router(coordinator.clone(), metrics));
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(
@@ -213,7 +200,7 @@ impl Running {
             Ok(joined) => joined??,
             Err(_) => tracing::warn!("listener did not stop within 10 s"),
         }
-        self.coordinator.flush().await?;
+        self.coordinator.shutdown().await;
         Ok(())
     }
 }
@@ -233,6 +220,19 @@ pub async fn run(
     running.stop().await
 }
 
+/// `/health/live`, `/health/ready` (the store answers) and `/metrics` of a coordinator.
+pub(crate) fn health_router(coordinator: Arc<Coordinator>, metrics: PrometheusHandle) -> Router {
+    let state = AppState {
+        coordinator,
+        metrics,
+    };
+    Router::new()
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(|State(s): State<AppState>| render(s.metrics)))
+        .with_state(state)
+}
+
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     if s.coordinator.ready().await {
         (StatusCode::OK, "ready")
@@ -241,13 +241,14 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
+/// The Prometheus text exposition of this process's metrics.
+pub(crate) async fn render(metrics: PrometheusHandle) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        s.metrics.render(),
+        metrics.render(),
     )
 }
 
@@ -268,7 +269,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 /// On first start, creates the admin API token and writes it to `<data_dir>/admin-token`.
-async fn ensure_admin_token(
+pub(crate) async fn ensure_admin_token(
     store: &dyn Store,
     data_dir: &Path,
 ) -> anyhow::Result<(Option<String>, PathBuf)> {

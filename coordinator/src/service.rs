@@ -1,12 +1,18 @@
 //! The coordinator runtime around the sans-I/O session core.
 //!
-//! It keeps every agent's [`AgentState`] in memory (the database is the source of truth; this
-//! is a cache rebuilt from it at start), serialises each agent's messages through a per-agent
-//! async mutex, writes changed agents to the store in batches, and writes token redemptions,
-//! config versions, assignments and audit entries synchronously.
+//! It serves the partitions of agents it holds leases for ([`leases`]; in the embedded default
+//! that is all of them), keeps those agents' [`AgentState`] in memory (the database is the
+//! source of truth; this is a cache loaded when a partition is taken over), serialises each
+//! agent's messages through a per-agent async mutex, writes changed agents to the store in
+//! batches, and writes token redemptions, config versions, assignments and audit entries
+//! synchronously. Operator changes made through any coordinator reach the owners of the
+//! affected agents as [`ControlEvent`]s, and periodically from the store in case one was lost.
+
+mod leases;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 
@@ -14,13 +20,13 @@ use async_trait::async_trait;
 use proto::v1::ServerErrorResponseType;
 use shared::bus::{
     AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorEvent, CoordinatorHandler,
-    CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
+    ControlEvent, CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
 };
 use shared::domain::{
     AgentRecord, Assignment, AuditEntry, ConfigMap, ConfigState, ConfigVersion, Redemption, Target,
     TokenRecord, Transport,
 };
-use shared::ids::{GatewayId, InstanceUid};
+use shared::ids::{GatewayId, InstanceUid, PARTITIONS};
 use shared::ownership::Ownership;
 use shared::store::{NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError};
 use shared::{now_ms, token};
@@ -35,6 +41,12 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_secs: u64,
     pub flush_interval: Duration,
     pub default_token_ttl: Duration,
+    /// This coordinator's name in the membership and on its partition leases; unique in the
+    /// cluster and stable across restarts where possible (a restarted coordinator with the
+    /// same name renews its old leases instead of waiting for them to expire).
+    pub node: String,
+    /// Partition lease TTL; leases are renewed every third of it.
+    pub lease_ttl: Duration,
 }
 
 /// One agent as the coordinator holds it.
@@ -73,6 +85,13 @@ pub struct Coordinator {
     tokens: RwLock<TokenCache>,
     /// Token redemptions go through one batching task (see [`run_redeemer`]).
     redeemer: mpsc::Sender<RedeemJob>,
+    /// Partitions this coordinator holds a lease on, with the lease's fence. Written only by
+    /// [`leases::rebalance`] and [`Coordinator::shutdown`].
+    held: StdMutex<HashMap<u16, i64>>,
+    /// Lease rounds never overlap (the timer and membership events both start them).
+    rebalancing: Mutex<()>,
+    /// Set by `shutdown`: no more lease rounds, partitions are being handed over.
+    stopping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -120,6 +139,45 @@ async fn run_redeemer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<RedeemJob>) 
     }
 }
 
+/// Acts on control events from any coordinator (this one's own included).
+async fn run_control(
+    weak: std::sync::Weak<Coordinator>,
+    mut events: mpsc::Receiver<ControlEvent>,
+) {
+    while let Some(ev) = events.recv().await {
+        let Some(c) = weak.upgrade() else { return };
+        match ev {
+            ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
+            ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
+            ControlEvent::MembershipChanged => {
+                if let Err(e) = leases::rebalance(&c).await {
+                    tracing::error!(error = %e, "partition rebalance failed");
+                }
+            }
+        }
+    }
+}
+
+/// Renews leases every third of their TTL; also picks up assignments whose control event was
+/// lost (the bus is at-most-once).
+async fn run_leases(weak: std::sync::Weak<Coordinator>) {
+    loop {
+        let period = match weak.upgrade() {
+            Some(c) => c.cfg.lease_ttl / 3,
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        let Some(c) = weak.upgrade() else { return };
+        if c.is_stopping() {
+            return;
+        }
+        if let Err(e) = leases::rebalance(&c).await {
+            tracing::error!(error = %e, "partition lease renewal failed");
+        }
+        c.sync_assignments().await;
+    }
+}
+
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Coordinator").finish_non_exhaustive()
@@ -161,6 +219,9 @@ impl Coordinator {
             tokens.insert(t);
         }
         let this = Arc::new(Self {
+            held: StdMutex::new(HashMap::new()),
+            rebalancing: Mutex::new(()),
+            stopping: AtomicBool::new(false),
             tokens: RwLock::new(tokens),
             redeemer,
             store: store.clone(),
@@ -180,12 +241,21 @@ impl Coordinator {
         if let Ok(mut w) = this.assignments.write() {
             *w = assignments;
         }
-        for mut record in store.load_agents().await? {
-            // Nobody is connected to a process that just started.
-            record.connected = false;
-            record.gateway = None;
-            this.insert_entry(record);
-        }
+        let control = this
+            .bus
+            .subscribe_control()
+            .await
+            .map_err(|e| StoreError::NotApplied(format!("bus: {e}")))?;
+        this.bus
+            .serve_coordinator(this.clone())
+            .await
+            .map_err(|e| StoreError::NotApplied(format!("bus: {e}")))?;
+        // Ready only once this coordinator holds its share: the first round also tells the
+        // others (through the membership) that it joined.
+        leases::rebalance(&this).await?;
+        let _ = this.bus.broadcast(ControlEvent::MembershipChanged).await;
+        tokio::spawn(run_control(Arc::downgrade(&this), control));
+        tokio::spawn(run_leases(Arc::downgrade(&this)));
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
             loop {
@@ -202,6 +272,194 @@ impl Coordinator {
             }
         });
         Ok(this)
+    }
+
+    // ---- Partitions ----------------------------------------------------------------------
+
+    fn held(&self) -> HashMap<u16, i64> {
+        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    fn set_held(&self, held: HashMap<u16, i64>) {
+        metrics::gauge!("ampora_coordinator_partitions").set(held.len() as f64);
+        if let Ok(mut h) = self.held.lock() {
+            *h = held;
+        }
+    }
+
+    fn held_count(&self) -> usize {
+        self.held.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    fn holds(&self, partition: u16) -> bool {
+        self.held
+            .lock()
+            .is_ok_and(|h| h.contains_key(&partition))
+    }
+
+    fn holds_all(&self) -> bool {
+        self.held_count() == usize::from(PARTITIONS)
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Slots of the agents in `partitions`.
+    fn slots_in(&self, partitions: &[u16]) -> Vec<(InstanceUid, Slot)> {
+        let wanted: HashSet<u16> = partitions.iter().copied().collect();
+        self.agents
+            .iter()
+            .filter_map(|s| s.lock().ok().map(|s| s.iter().filter(|(u, _)| wanted.contains(&u.partition())).map(|(u, s)| (*u, s.clone())).collect::<Vec<_>>()))
+            .flatten()
+            .collect()
+    }
+
+    /// Graceful hand-over: stop taking their frames, write their agents, forget them.
+    async fn hand_over(&self, partitions: &[u16]) {
+        if let Err(e) = self.bus.unserve_partitions(partitions).await {
+            tracing::warn!(error = %e, "unsubscribing partitions failed");
+        }
+        if let Err(e) = self.flush().await {
+            tracing::error!(error = %e, "flush before partition hand-over failed");
+        }
+        self.forget_partitions(partitions);
+        if let Ok(mut h) = self.held.lock() {
+            for p in partitions {
+                h.remove(p);
+            }
+        }
+    }
+
+    /// The leases are gone (expired under us, or someone else holds them now): whatever we
+    /// have in memory may be older than the new owner's, so it is dropped, not written.
+    async fn drop_partitions(&self, partitions: &[u16]) {
+        if let Err(e) = self.bus.unserve_partitions(partitions).await {
+            tracing::warn!(error = %e, "unsubscribing partitions failed");
+        }
+        self.forget_partitions(partitions);
+    }
+
+    fn forget_partitions(&self, partitions: &[u16]) {
+        let gone: Vec<InstanceUid> = self.slots_in(partitions).into_iter().map(|(u, _)| u).collect();
+        for uid in &gone {
+            self.forget(uid);
+        }
+        if let Ok(mut d) = self.dirty.lock() {
+            for uid in &gone {
+                d.remove(uid);
+            }
+        }
+    }
+
+    /// Loads the agents of newly leased partitions and starts serving them. Agents whose
+    /// connection no gateway holds any more are taken offline (a disconnect notice sent while
+    /// nobody served the partition was lost).
+    async fn take_partitions(&self, partitions: &[u16]) -> Result<(), StoreError> {
+        let records = self.store.load_agents_in(partitions).await?;
+        let mut check = Vec::new();
+        for record in records {
+            if record.connected && record.transport == Some(Transport::WebSocket) {
+                check.push(record.instance_uid);
+            }
+            // The live connection is learnt again from the agent's next frame.
+            self.insert_entry(record);
+        }
+        if let Err(e) = self.bus.serve_partitions(partitions).await {
+            return Err(StoreError::NotApplied(format!("bus: {e}")));
+        }
+        for uid in check {
+            if matches!(self.ownership.lookup(uid).await, Ok(None)) {
+                self.disconnected_any(uid).await;
+            }
+        }
+        self.reconcile(partitions).await;
+        Ok(())
+    }
+
+    /// Brings the agents of `partitions` in line with the current assignments and pushes
+    /// their desired config to those connected over WebSocket that don't report it yet (the
+    /// previous owner may have died before pushing). Pushes are idempotent by config hash.
+    async fn reconcile(&self, partitions: &[u16]) {
+        let mut pushes = Vec::new();
+        for (uid, slot) in self.slots_in(partitions) {
+            let mut e = slot.lock().await;
+            if self.reassign(&mut e.state) {
+                self.mark_dirty(uid);
+            }
+            let r = &e.state.record;
+            if !r.connected || r.transport != Some(Transport::WebSocket) {
+                continue;
+            }
+            if let Some(d) = self.desired_of(r) {
+                if let Some(msg) = session::push_config(&mut e.state, &d) {
+                    pushes.push((uid, msg));
+                }
+            }
+        }
+        for (uid, msg) in pushes {
+            self.deliver(uid, msg).await;
+        }
+    }
+
+    /// Hands every partition over and leaves the membership, so the other coordinators take
+    /// the agents at once instead of after the lease TTL. Flushes changed agents.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _round = self.rebalancing.lock().await;
+        if let Err(e) = self.store.coordinator_leave(&self.cfg.node).await {
+            tracing::warn!(error = %e, "leaving the coordinator membership failed");
+        }
+        let all: Vec<u16> = self.held().into_keys().collect();
+        self.hand_over(&all).await;
+        if let Err(e) = self.store.release_leases(&self.cfg.node, &all).await {
+            tracing::warn!(error = %e, "releasing partition leases failed");
+        }
+        self.set_held(HashMap::new());
+        let _ = self.bus.broadcast(ControlEvent::MembershipChanged).await;
+    }
+
+    /// Loads assignments created by any coordinator since we last looked and applies them to
+    /// our agents (pushing configs). Idempotent: pushes go by config hash.
+    async fn sync_assignments(&self) {
+        let all = match self.store.list_assignments().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "loading assignments failed");
+                return;
+            }
+        };
+        let known: HashSet<i64> = self
+            .assignments
+            .read()
+            .map(|a| a.iter().map(|a| a.id).collect())
+            .unwrap_or_default();
+        for a in all.into_iter().filter(|a| !known.contains(&a.id)) {
+            if let Err(e) = self.load_desired(a.config_id).await {
+                tracing::warn!(error = %e, config_id = a.config_id, "loading assigned config failed");
+                continue;
+            }
+            if let Ok(mut w) = self.assignments.write() {
+                w.push(a.clone());
+                w.sort_by_key(|a| a.id);
+            }
+            self.apply_assignment(&a).await;
+        }
+    }
+
+    /// Another coordinator changed a token: reload our cached copy, if we have one.
+    async fn reload_token(&self, token_id: &str) {
+        let hash = self
+            .tokens
+            .read()
+            .ok()
+            .and_then(|c| c.hash_of.get(token_id).copied());
+        let Some(hash) = hash else { return };
+        match self.store.find_token(&hash).await {
+            Ok(Some(rec)) => self.cache_token(rec),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, token_id, "reloading token failed"),
+        }
     }
 
     fn insert_entry(&self, record: AgentRecord) -> Slot {
@@ -508,6 +766,17 @@ impl Coordinator {
         let token_id = match &frame.credential {
             Credential::BootstrapToken { token_id, .. } => token_id.clone(),
         };
+        // The gateway routed this frame by the partition of the uid it carries (0 without
+        // one). Right after a hand-over it may reach a coordinator that no longer serves that
+        // partition: the agent retries and finds the new owner.
+        let routed = claimed.map_or(0, |u| u.partition());
+        if !self.holds(routed) {
+            return FrameReply {
+                msg: session::unavailable_reply(&msg.instance_uid, "partition is moving, retry"),
+                bind: None,
+                close: None,
+            };
+        }
 
         // Decide which uid this message is about.
         let (uid, assigned) = match claimed {
@@ -524,7 +793,8 @@ impl Coordinator {
                     None => false,
                 };
                 if collides {
-                    (InstanceUid::new_v7(), true)
+                    // Same partition, so the clone stays with this coordinator.
+                    (InstanceUid::new_v7_in(uid.partition()), true)
                 } else {
                     (uid, false)
                 }
@@ -571,7 +841,18 @@ impl Coordinator {
             (None, Transport::WebSocket) => true,
         };
         if new_conn {
+            // After a move between gateways, frames in flight on the old path may have been
+            // lost (the bus is at-most-once): unless this one is a full report, ask for it.
+            let moved = entry
+                .state
+                .record
+                .gateway
+                .as_deref()
+                .is_some_and(|g| g != frame.gateway.0);
             entry.state.connection_started();
+            if moved {
+                entry.state.complete = false;
+            }
         }
         entry.conn = Some((frame.gateway.clone(), frame.conn_id, frame.epoch));
         entry.state.record.gateway = Some(frame.gateway.0.clone());
@@ -619,7 +900,15 @@ impl Coordinator {
                 }
             }
         }
-        self.mark_dirty(uid);
+        if assigned && !self.holds(uid.partition()) {
+            // A fresh uid belongs to whichever coordinator serves its partition: that one
+            // gets the agent's next frame, finds it new and asks for its full state.
+            drop(entry);
+            self.forget(&uid);
+            outcome.reply.flags |= proto::server_flags::REPORT_FULL_STATE;
+        } else {
+            self.mark_dirty(uid);
+        }
 
         let bind = (frame.transport == Transport::WebSocket
             && !assigned
@@ -636,6 +925,18 @@ impl Coordinator {
     fn forget(&self, uid: &InstanceUid) {
         if let Ok(mut s) = self.agents[shard_of(uid)].lock() {
             s.remove(uid);
+        }
+    }
+
+    /// Takes the agent offline whatever connection it had (no gateway holds it any more).
+    async fn disconnected_any(&self, uid: InstanceUid) {
+        let Some(slot) = self.slot(&uid) else { return };
+        let mut e = slot.lock().await;
+        if e.state.record.connected {
+            e.conn = None;
+            e.state.record.connected = false;
+            e.state.record.gateway = None;
+            self.mark_dirty(uid);
         }
     }
 
@@ -659,23 +960,42 @@ impl Coordinator {
         self.store.ping().await.is_ok()
     }
 
+    /// This coordinator's node name (its name on partition leases).
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
-    pub async fn agents(&self) -> Vec<AgentRecord> {
-        let mut out = Vec::new();
-        for slot in self.all_slots() {
-            out.push(slot.lock().await.state.record.clone());
+    /// Every agent, sorted by uid. The ones this coordinator serves come from memory; in a
+    /// cluster the others come from the store, as fresh as their owner's last batch write.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut by_uid: HashMap<InstanceUid, AgentRecord> = HashMap::new();
+        if !self.holds_all() {
+            for r in self.store.load_agents().await? {
+                by_uid.insert(r.instance_uid, r);
+            }
         }
+        for slot in self.all_slots() {
+            let r = slot.lock().await.state.record.clone();
+            by_uid.insert(r.instance_uid, r);
+        }
+        let mut out: Vec<AgentRecord> = by_uid.into_values().collect();
         out.sort_by_key(|r| r.instance_uid);
-        out
+        Ok(out)
     }
 
-    pub async fn agent(&self, uid: InstanceUid) -> Option<AgentRecord> {
-        let slot = self.slot(&uid)?;
-        let r = slot.lock().await.state.record.clone();
-        Some(r)
+    /// One agent: from memory when this coordinator serves it, else from the store.
+    pub async fn agent(&self, uid: InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
+        if let Some(slot) = self.slot(&uid) {
+            return Ok(Some(slot.lock().await.state.record.clone()));
+        }
+        if self.holds(uid.partition()) {
+            return Ok(None);
+        }
+        self.store.get_agent(uid).await
     }
 
     pub async fn create_config(
@@ -721,8 +1041,8 @@ impl Coordinator {
         target: Target,
         author: &str,
     ) -> Result<(Assignment, usize), ServiceError> {
-        let desired = match self.load_desired(config_id).await {
-            Ok(d) => d,
+        match self.load_desired(config_id).await {
+            Ok(_) => {}
             Err(StoreError::NotFound(m)) => return Err(ServiceError::NotFound(m)),
             Err(e) => return Err(e.into()),
         };
@@ -738,6 +1058,15 @@ impl Coordinator {
         if let Ok(mut a) = self.assignments.write() {
             a.push(assignment.clone());
         }
+        self.apply_assignment(&assignment).await;
+        // The owners of the other partitions apply it too (and find it in the store on their
+        // next lease round if this is lost).
+        let _ = self
+            .bus
+            .broadcast(ControlEvent::AssignmentCreated {
+                assignment_id: assignment.id,
+            })
+            .await;
         self.audit(
             author,
             "config.assign",
@@ -750,15 +1079,33 @@ impl Coordinator {
             serde_json::json!({ "config_id": config_id, "assignment_id": assignment.id }),
         )
         .await;
+        let matched = self
+            .agents()
+            .await?
+            .iter()
+            .filter(|r| target.matches(r))
+            .count();
+        Ok((assignment, matched))
+    }
 
-        let mut matched = 0;
+    /// Points every agent this coordinator serves that `a` matches at its config and pushes
+    /// it to those connected over WebSocket.
+    async fn apply_assignment(&self, a: &Assignment) {
+        let Some(desired) = self
+            .desired
+            .read()
+            .ok()
+            .and_then(|m| m.get(&a.config_id).cloned())
+        else {
+            return;
+        };
+        let (target, config_id) = (&a.target, a.config_id);
         let mut pushes = Vec::new();
         for slot in self.all_slots() {
             let mut e = slot.lock().await;
             if !target.matches(&e.state.record) {
                 continue;
             }
-            matched += 1;
             let uid = e.state.record.instance_uid;
             e.state.record.assigned_config = Some(config_id);
             e.state.record.assigned_config_hash = Some(desired.hash_hex.clone());
@@ -778,7 +1125,6 @@ impl Coordinator {
         for (uid, msg) in pushes {
             self.deliver(uid, msg).await;
         }
-        Ok((assignment, matched))
     }
 
     async fn deliver(&self, uid: InstanceUid, msg: proto::ServerToAgent) {
@@ -884,6 +1230,12 @@ impl Coordinator {
                 t.revoked_ms.get_or_insert(now);
             });
         }
+        let _ = self
+            .bus
+            .broadcast(ControlEvent::TokenChanged {
+                token_id: id.to_string(),
+            })
+            .await;
         self.audit(
             author,
             "token.revoke",

@@ -520,6 +520,23 @@ pub fn error_reply(
     }
 }
 
+/// "Try again shortly": an `error_response{Unavailable}` with retry info, sent when this
+/// coordinator cannot serve the agent right now (its partition is changing hands).
+pub fn unavailable_reply(instance_uid: &[u8], message: &str) -> ServerToAgent {
+    use proto::v1::server_error_response::Details;
+    let mut reply = error_reply(instance_uid, ServerErrorResponseType::Unavailable, message);
+    if let Some(e) = reply.error_response.as_mut() {
+        e.details = Some(Details::RetryInfo(proto::v1::RetryInfo {
+            retry_after_nanoseconds: UNAVAILABLE_RETRY_NANOS,
+        }));
+    }
+    reply
+}
+
+/// Long enough for a partition hand-over to finish (a lease round), short enough that the
+/// agent barely notices.
+const UNAVAILABLE_RETRY_NANOS: u64 = 2_000_000_000;
+
 // ---- Wire → domain conversions -------------------------------------------------------------
 
 /// Attribute values become JSON: bytes as a hex string, kvlists as objects, unset as null.

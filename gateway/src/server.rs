@@ -38,7 +38,7 @@ use shared::bus::{
 };
 use shared::domain::Transport;
 use shared::ids::{GatewayId, InstanceUid};
-use shared::ownership::Ownership;
+use shared::ownership::{Owner, Ownership};
 use tokio::sync::{mpsc, Notify};
 
 /// The OpAMP endpoint path (spec default).
@@ -136,6 +136,9 @@ pub struct GatewayConfig {
     /// `OpAmp:BootstrapPlaintextAllowed`. Every listener is plaintext for now, so when false
     /// bearer (bootstrap token) authentication is refused with 401.
     pub bootstrap_plaintext_allowed: bool,
+    /// How often this gateway extends the ownership TTL of every agent it holds (a third of
+    /// the TTL). Claims it finds lost are closed: another gateway holds the agent now.
+    pub ownership_refresh: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -145,6 +148,7 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_secs(10),
             write_queue: 16,
             bootstrap_plaintext_allowed: false,
+            ownership_refresh: Duration::from_secs(20),
         }
     }
 }
@@ -153,8 +157,10 @@ impl Default for GatewayConfig {
 /// dispatcher task that delivers coordinator pushes to them.
 pub struct Gateway {
     inner: Arc<Inner>,
-    /// The dispatcher holds its own `Arc<Inner>`; aborting it on drop breaks that cycle.
+    /// The dispatcher and the refresher hold their own `Arc<Inner>`; aborting them on drop
+    /// breaks that cycle.
     dispatcher: tokio::task::AbortHandle,
+    refresher: tokio::task::AbortHandle,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -169,6 +175,7 @@ impl std::fmt::Debug for Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.dispatcher.abort();
+        self.refresher.abort();
     }
 }
 
@@ -191,7 +198,22 @@ impl Gateway {
             conn_ended: Notify::new(),
         });
         let dispatcher = tokio::spawn(dispatch(inner.clone(), deliveries)).abort_handle();
-        Ok(Arc::new(Self { inner, dispatcher }))
+        let refresher = tokio::spawn(refresh_ownership(inner.clone())).abort_handle();
+        Ok(Arc::new(Self {
+            inner,
+            dispatcher,
+            refresher,
+        }))
+    }
+
+    pub fn id(&self) -> &GatewayId {
+        &self.inner.id
+    }
+
+    /// True once [`Gateway::drain`] (or `shutdown`) began: readiness should fail so load
+    /// balancers stop sending new agents here.
+    pub fn is_draining(&self) -> bool {
+        self.inner.conns().shutting_down
     }
 
     /// The `/v1/opamp` route (GET = WebSocket upgrade, POST = plain HTTP). Serve it with
@@ -207,16 +229,27 @@ impl Gateway {
         self.inner.conns().open.len()
     }
 
-    /// Closes every WebSocket connection with 1001 (going away) and waits, at most 5 s, for
-    /// their tasks to finish (ownership released, coordinators told). New upgrades are refused
-    /// with 503 from now on.
+    /// Closes every WebSocket connection with 1001 (going away) at once and waits, at most
+    /// 5 s, for their tasks to finish. See [`Gateway::drain`].
     pub async fn shutdown(&self) {
+        self.drain(Duration::ZERO).await;
+    }
+
+    /// Graceful stop: refuses new connections (503) from now on, closes the open ones with
+    /// 1001 (going away) spread evenly over `window` so their agents reconnect to the other
+    /// gateways gradually rather than in one storm, and waits (at most 5 s past the window)
+    /// for their tasks to finish: ownership released, coordinators told.
+    pub async fn drain(&self, window: Duration) {
         let open: Vec<Arc<ConnControl>> = {
             let mut conns = self.inner.conns();
             conns.shutting_down = true;
             conns.open.values().cloned().collect()
         };
-        for control in &open {
+        let start = tokio::time::Instant::now();
+        let n = u32::try_from(open.len()).unwrap_or(u32::MAX).max(1);
+        for (i, control) in open.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            tokio::time::sleep_until(start + window.mul_f64(f64::from(i) / f64::from(n))).await;
             control.request_close(1001, "server shutting down");
         }
         drop(open);
@@ -387,6 +420,44 @@ impl Inner {
                 Some(b) if b.epoch != epoch => count_dropped("stale"),
                 Some(b) => b.control.request_close(1008, &reason),
             },
+        }
+    }
+}
+
+/// Most claims refreshed in one ownership call.
+const REFRESH_BATCH: usize = 1000;
+
+/// Keeps this gateway's ownership claims alive; a claim found lost means another gateway took
+/// the agent (or the entry expired while we stalled), so the connection here is closed and the
+/// agent's next connection claims it afresh.
+async fn refresh_ownership(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(inner.cfg.ownership_refresh).await;
+        let held: Vec<(InstanceUid, Owner)> = inner
+            .conns()
+            .bound
+            .iter()
+            .map(|(uid, b)| {
+                let owner = Owner {
+                    gateway: inner.id.clone(),
+                    epoch: b.epoch,
+                };
+                (*uid, owner)
+            })
+            .collect();
+        for batch in held.chunks(REFRESH_BATCH) {
+            match inner.ownership.refresh(batch).await {
+                Ok(lost) => {
+                    for uid in lost {
+                        let epoch = batch.iter().find(|(u, _)| *u == uid).map(|(_, o)| o.epoch);
+                        let conns = inner.conns();
+                        if let Some(b) = conns.bound.get(&uid).filter(|b| Some(b.epoch) == epoch) {
+                            b.control.request_close(1008, "ownership lost");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ownership refresh failed"),
+            }
         }
     }
 }

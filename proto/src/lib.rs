@@ -8,6 +8,13 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/opamp.proto.v1.rs"));
 }
 
+/// Ampora's bus envelopes (`ampora.bus.v1`, `bus.proto`): what gateways and coordinators send
+/// each other over NATS. They embed the OpAMP messages of [`v1`] unchanged.
+#[allow(clippy::all, missing_docs)]
+pub mod bus {
+    include!(concat!(env!("OUT_DIR"), "/ampora.bus.v1.rs"));
+}
+
 pub use prost::{DecodeError, EncodeError, Message};
 pub use v1::{AgentToServer, ServerToAgent};
 

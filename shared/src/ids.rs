@@ -19,6 +19,21 @@ impl InstanceUid {
         Self(*uuid::Uuid::now_v7().as_bytes())
     }
 
+    /// A fresh UUID v7 in `partition`, so a UID the server assigns stays with the coordinator
+    /// that owns the agent's current partition. Only the last (random) byte is chosen: FNV-1a's
+    /// last step multiplies by an odd number, a bijection modulo 256, so exactly one of the
+    /// 256 values of that byte lands in each partition.
+    pub fn new_v7_in(partition: u16) -> Self {
+        let mut uid = Self::new_v7();
+        for b in 0..=u8::MAX {
+            uid.0[15] = b;
+            if uid.partition() == partition {
+                break;
+            }
+        }
+        uid
+    }
+
     /// `None` unless `bytes` is exactly 16 bytes long.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
         <[u8; 16]>::try_from(bytes).ok().map(Self)
@@ -97,6 +112,15 @@ mod tests {
         let back: InstanceUid = uid.to_string().parse().expect("parses");
         assert_eq!(uid, back);
         assert!(InstanceUid::from_slice(&[1; 15]).is_none());
+    }
+
+    #[test]
+    fn new_uids_land_in_the_asked_partition() {
+        for p in [0, 1, 17, 255] {
+            for _ in 0..20 {
+                assert_eq!(InstanceUid::new_v7_in(p).partition(), p);
+            }
+        }
     }
 
     #[test]

@@ -68,6 +68,17 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// A coordinator's lease on one partition of agents. `fence` grows by one every time the
+/// partition changes hands (or is re-acquired after expiring), so a holder can tell a lease it
+/// kept from one it lost and got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub partition: u16,
+    pub holder: String,
+    pub fence: i64,
+    pub expires_ms: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip; readiness depends on it.
@@ -78,6 +89,33 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()>;
     async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>>;
     async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>>;
+    /// The agents whose uid falls in one of `partitions` ([`InstanceUid::partition`]).
+    async fn load_agents_in(&self, partitions: &[u16]) -> StoreResult<Vec<AgentRecord>>;
+
+    // Coordinator membership and partition leases (see `coordinator::leases`).
+    /// Marks coordinator `node` alive until `now_ms + ttl_ms` and returns every coordinator
+    /// alive at `now_ms` (this one included), sorted.
+    async fn coordinator_heartbeat(
+        &self,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<Vec<String>>;
+    /// Removes `node` from the membership at once (graceful leave).
+    async fn coordinator_leave(&self, node: &str) -> StoreResult<()>;
+    /// In one transaction: extends every unexpired lease `node` holds to `now_ms + ttl_ms`,
+    /// then takes each partition of `want` that has no lease or whose lease has expired
+    /// (bumping its fence). Returns every lease `node` holds afterwards, by partition.
+    async fn acquire_leases(
+        &self,
+        node: &str,
+        want: &[u16],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<Vec<Lease>>;
+    /// Gives up `node`'s leases on `partitions` (others may take them at once).
+    async fn release_leases(&self, node: &str, partitions: &[u16]) -> StoreResult<()>;
+    async fn list_leases(&self) -> StoreResult<Vec<Lease>>;
 
     // Config versions are immutable once created.
     async fn create_config(&self, new: NewConfigVersion) -> StoreResult<ConfigVersion>;

@@ -3,5 +3,7 @@
 
 mod api;
 mod bad_input;
+mod cluster;
+mod nginx;
 mod opamp;
 mod python;

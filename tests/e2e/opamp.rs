@@ -1,12 +1,49 @@
-//! Agents over WebSocket and plain HTTP: connect with a token, show up in the API, receive a
-//! pushed config, report it applied.
+//! The behaviour suite: agents over WebSocket and plain HTTP connect with a token, show up in
+//! the API, receive pushed configs and report them applied. Every behaviour runs twice, against
+//! the embedded default and against a cluster sandbox (2 gateways, 2 coordinators on the real
+//! NATS, Redis and Postgres), which is what makes the two modes equivalent.
 
 use gateway::client::{wait_for, Agent, AgentOptions, AgentStatus};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::{eventually, TestServer, DEADLINE};
+use coordinator::config::Config;
+use tests::{eventually, Fleet, TestServer, DEADLINE};
 
-fn opts(endpoint: String, token: String, name: &str) -> AgentOptions {
+/// Runs `$name(&fleet)` in both modes, with `$tweak` applied to the configuration.
+macro_rules! both_modes {
+    ($name:ident, $tweak:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn embedded() -> anyhow::Result<()> {
+                let fleet = TestServer::start_with($tweak).await?;
+                super::$name(&fleet).await?;
+                fleet.stop().await
+            }
+
+            #[tokio::test]
+            async fn cluster() -> anyhow::Result<()> {
+                let fleet = tests::cluster::Cluster::start(2, 2, $tweak).await?;
+                super::$name(&fleet).await?;
+                fleet.stop().await
+            }
+        }
+    };
+}
+
+fn defaults(_: &mut Config) {}
+
+fn seven_second_heartbeat(c: &mut Config) {
+    c.opamp.heartbeat_interval_secs = 7;
+}
+
+/// A one-second heartbeat, offered to agents, is also the HTTP poll interval.
+fn fast_heartbeat(c: &mut Config) {
+    c.opamp.heartbeat_interval_secs = 1;
+}
+
+pub(crate) fn opts(endpoint: String, token: String, name: &str) -> AgentOptions {
     AgentOptions {
         endpoint,
         token: Some(token),
@@ -22,24 +59,22 @@ fn opts(endpoint: String, token: String, name: &str) -> AgentOptions {
     }
 }
 
-fn uid_of(s: &AgentStatus) -> String {
+pub(crate) fn uid_of(s: &AgentStatus) -> String {
     s.instance_uid
         .map(|u| InstanceUid(u).to_string())
         .unwrap_or_default()
 }
 
-async fn wait_state(server: &TestServer, uid: &str, state: &str) -> anyhow::Result<Value> {
+async fn wait_state(server: &impl Fleet, uid: &str, state: &str) -> anyhow::Result<Value> {
     let what = format!("config_state {state}");
     server
-        .api
+        .api()
         .wait_agent(uid, &what, |a| a["config_state"] == state)
         .await
 }
 
-async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::Result<()> {
-    // A one-second heartbeat, offered to the agent, is also the HTTP poll interval.
-    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
-    let token = server.api.token("e2e").await?;
+async fn connect_and_apply<F: Fleet>(server: &F, endpoint: fn(&F) -> String) -> anyhow::Result<()> {
+    let token = server.api().token("e2e").await?;
     let mut o = opts(endpoint(&server), token, "collector-a");
     o.heartbeat = std::time::Duration::from_millis(200);
     let agent = Agent::start(o);
@@ -53,7 +88,7 @@ async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::
     );
 
     let shown = server
-        .api
+        .api()
         .wait_agent(&uid, "in the API", |a| a["connected"] == true)
         .await?;
     assert_eq!(
@@ -66,9 +101,9 @@ async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::
         .is_some_and(|c| c.contains(&json!("AcceptsRemoteConfig"))));
 
     let body = "receivers:\n  otlp: {}\n";
-    let (id, hash) = server.api.config("base", body).await?;
+    let (id, hash) = server.api().config("base", body).await?;
     let res = server
-        .api
+        .api()
         .assign(json!({ "config_id": id, "agent": uid }))
         .await?;
     assert_eq!(res["matched_agents"], 1);
@@ -79,52 +114,51 @@ async fn connect_and_apply(endpoint: impl Fn(&TestServer) -> String) -> anyhow::
         Some(hash.clone())
     );
     assert_eq!(s.effective_config, body);
-    let a = wait_state(&server, &uid, "applied").await?;
+    let a = wait_state(server, &uid, "applied").await?;
     assert_eq!(a["remote_config"]["status"], "APPLIED");
     assert_eq!(a["remote_config"]["hash"], hash);
     assert_eq!(a["effective_config"][""]["body"], body);
 
     agent.stop().await;
     server
-        .api
+        .api()
         .wait_agent(&uid, "offline after goodbye", |a| a["connected"] == false)
         .await?;
-    server.stop().await
+    Ok(())
 }
 
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-#[tokio::test]
-async fn websocket_agent_receives_config_and_reports_applied() -> anyhow::Result<()> {
-    connect_and_apply(TestServer::ws_url).await
+async fn websocket_agent_receives_config_and_reports_applied(f: &impl Fleet) -> anyhow::Result<()> {
+    connect_and_apply(f, |f| f.ws_url()).await
 }
+both_modes!(websocket_agent_receives_config_and_reports_applied, fast_heartbeat);
 
-#[tokio::test]
-async fn http_agent_receives_config_at_next_poll_and_reports_applied() -> anyhow::Result<()> {
-    connect_and_apply(TestServer::http_url).await
-}
-
-#[tokio::test]
-async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
+async fn http_agent_receives_config_at_next_poll_and_reports_applied(
+    f: &impl Fleet,
 ) -> anyhow::Result<()> {
-    let server = TestServer::start().await?;
+    connect_and_apply(f, |f| f.http_url()).await
+}
+both_modes!(http_agent_receives_config_at_next_poll_and_reports_applied, fast_heartbeat);
+
+async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(server: &impl Fleet) -> anyhow::Result<()> {
     let mut prod = opts(
         server.ws_url(),
-        server.api.token("p").await?,
+        server.api().token("p").await?,
         "prod-collector",
     );
     prod.non_identifying = vec![("env".into(), "prod".into())];
     let mut dev = opts(
         server.ws_url(),
-        server.api.token("d").await?,
+        server.api().token("d").await?,
         "dev-collector",
     );
     dev.non_identifying = vec![("env".into(), "dev".into())];
     let mut failing = opts(
         server.ws_url(),
-        server.api.token("f").await?,
+        server.api().token("f").await?,
         "bad-collector",
     );
     failing.non_identifying = vec![("env".into(), "prod".into())];
@@ -137,32 +171,32 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
     }
     for uid in &uids {
         server
-            .api
+            .api()
             .wait_agent(uid, "listed", |a| a["connected"] == true)
             .await?;
     }
     let failed_before = server
-        .api
+        .api()
         .metric("ampora_config_remote_status_total{status=\"failed\"}")
         .await?;
 
-    let (id, _) = server.api.config("prod", "exporters: {}\n").await?;
+    let (id, _) = server.api().config("prod", "exporters: {}\n").await?;
     let res = server
-        .api
+        .api()
         .assign(json!({ "config_id": id, "labels": { "env": "prod" } }))
         .await?;
     assert_eq!(res["matched_agents"], 2);
 
-    wait_state(&server, &uids[0], "applied").await?;
-    let failed = wait_state(&server, &uids[2], "failed").await?;
+    wait_state(server, &uids[0], "applied").await?;
+    let failed = wait_state(server, &uids[2], "failed").await?;
     assert_eq!(failed["remote_config"]["status"], "FAILED");
     assert!(failed["remote_config"]["error_message"]
         .as_str()
         .is_some_and(|m| !m.is_empty()));
-    let dev_view = server.api.agent(&uids[1]).await?.expect("dev agent");
+    let dev_view = server.api().agent(&uids[1]).await?.expect("dev agent");
     assert_eq!(dev_view["config_state"], "none");
     let failed_after = server
-        .api
+        .api()
         .metric("ampora_config_remote_status_total{status=\"failed\"}")
         .await?;
     assert!(
@@ -171,7 +205,7 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
     );
 
     let filtered = server
-        .api
+        .api()
         .get("/api/v1/agents?config_state=applied")
         .await?;
     let listed: Vec<&str> = filtered
@@ -185,13 +219,12 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
     for a in agents {
         a.stop().await;
     }
-    server.stop().await
+    Ok(())
 }
+both_modes!(label_assignment_reaches_only_matching_agents_and_failures_are_visible, defaults);
 
-#[tokio::test]
-async fn agent_without_uid_gets_one_assigned() -> anyhow::Result<()> {
-    let server = TestServer::start().await?;
-    let mut o = opts(server.ws_url(), server.api.token("n").await?, "nameless");
+async fn agent_without_uid_gets_one_assigned(server: &impl Fleet) -> anyhow::Result<()> {
+    let mut o = opts(server.ws_url(), server.api().token("n").await?, "nameless");
     o.instance_uid = None;
     let agent = Agent::start(o);
     let s = wait_for(&mut agent.status(), DEADLINE, |s| {
@@ -200,25 +233,24 @@ async fn agent_without_uid_gets_one_assigned() -> anyhow::Result<()> {
     .await?;
     let uid = uid_of(&s);
     server
-        .api
+        .api()
         .wait_agent(&uid, "assigned uid in API", |a| {
             a["connected"] == true && a["description"]["identifying"]["service.name"] == "nameless"
         })
         .await?;
-    let all = server.api.get("/api/v1/agents").await?;
+    let all = server.api().get("/api/v1/agents").await?;
     assert_eq!(
         all.as_array().map(Vec::len),
         Some(1),
         "no ghost agent for the temporary uid: {all}"
     );
     agent.stop().await;
-    server.stop().await
+    Ok(())
 }
+both_modes!(agent_without_uid_gets_one_assigned, defaults);
 
-#[tokio::test]
-async fn static_header_http_client_keeps_working_and_token_stays_bound() -> anyhow::Result<()> {
-    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
-    let token = server.api.token("static").await?;
+async fn static_header_http_client_keeps_working_and_token_stays_bound(server: &impl Fleet) -> anyhow::Result<()> {
+    let token = server.api().token("static").await?;
     let mut o = opts(server.http_url(), token.clone(), "poller");
     o.heartbeat = std::time::Duration::from_millis(100);
     let agent = Agent::start(o);
@@ -243,8 +275,9 @@ async fn static_header_http_client_keeps_working_and_token_stays_bound() -> anyh
     let before = st.borrow().replies;
     wait_for(&mut st, DEADLINE, |s| s.replies > before + 2).await?;
     agent.stop().await;
-    server.stop().await
+    Ok(())
 }
+both_modes!(static_header_http_client_keeps_working_and_token_stays_bound, fast_heartbeat);
 
 #[tokio::test]
 async fn self_agent_shows_up_in_the_fleet() -> anyhow::Result<()> {
@@ -266,19 +299,16 @@ async fn self_agent_shows_up_in_the_fleet() -> anyhow::Result<()> {
     server.stop().await
 }
 
-#[tokio::test]
-async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection() -> anyhow::Result<()>
-{
-    let server = TestServer::start().await?;
+async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection(server: &impl Fleet) -> anyhow::Result<()> {
     let uid = InstanceUid::new_v7();
-    let mut first = opts(server.ws_url(), server.api.token("a").await?, "original");
+    let mut first = opts(server.ws_url(), server.api().token("a").await?, "original");
     first.instance_uid = Some(uid.0);
     let first = Agent::start(first);
     let mut first_st = first.status();
     wait_for(&mut first_st, DEADLINE, |s| s.connected && s.replies > 0).await?;
 
     // A clone: same uid, its own token, while the original is live.
-    let mut clone = opts(server.ws_url(), server.api.token("b").await?, "clone");
+    let mut clone = opts(server.ws_url(), server.api().token("b").await?, "clone");
     clone.instance_uid = Some(uid.0);
     let clone = Agent::start(clone);
     let s = wait_for(&mut clone.status(), DEADLINE, |s| {
@@ -287,7 +317,7 @@ async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection() ->
     .await?;
     let new_uid = uid_of(&s);
     server
-        .api
+        .api()
         .wait_agent(&new_uid, "clone under its new uid", |a| {
             a["connected"] == true && a["description"]["identifying"]["service.name"] == "clone"
         })
@@ -297,7 +327,7 @@ async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection() ->
         s.connected && s.replies > replies
     })
     .await?;
-    let original = server.api.agent(&uid.to_string()).await?.expect("original");
+    let original = server.api().agent(&uid.to_string()).await?.expect("original");
     assert_eq!(
         original["description"]["identifying"]["service.name"],
         "original"
@@ -305,41 +335,40 @@ async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection() ->
     assert_eq!(original["connected"], true);
     clone.stop().await;
     first.stop().await;
-    server.stop().await
+    Ok(())
 }
+both_modes!(colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection, defaults);
 
-#[tokio::test]
-async fn capabilities_gate_what_is_sent() -> anyhow::Result<()> {
-    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 7).await?;
+async fn capabilities_gate_what_is_sent(server: &impl Fleet) -> anyhow::Result<()> {
     // Accepts connection settings and reports heartbeats: gets the heartbeat interval.
-    let mut hb = opts(server.ws_url(), server.api.token("hb").await?, "hb");
+    let mut hb = opts(server.ws_url(), server.api().token("hb").await?, "hb");
     hb.capabilities = 0x1 | 0x2 | 0x4 | 0x100 | 0x800 | 0x1000 | 0x2000;
     let hb = Agent::start(hb);
     wait_for(&mut hb.status(), DEADLINE, |s| s.heartbeat_secs == 7).await?;
 
     // Reports status (and heartbeats) only: never gets a remote config; the refusal is counted.
-    let mut mute = opts(server.ws_url(), server.api.token("m").await?, "mute");
+    let mut mute = opts(server.ws_url(), server.api().token("m").await?, "mute");
     mute.capabilities = 0x1 | 0x2000;
     let mute = Agent::start(mute);
     let mut mute_st = mute.status();
     let s = wait_for(&mut mute_st, DEADLINE, |s| s.connected && s.replies > 0).await?;
     let uid = uid_of(&s);
     server
-        .api
+        .api()
         .wait_agent(&uid, "listed", |a| a["connected"] == true)
         .await?;
     let before = server
-        .api
+        .api()
         .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")
         .await?;
-    let (id, _) = server.api.config("gated", "g: 1\n").await?;
+    let (id, _) = server.api().config("gated", "g: 1\n").await?;
     server
-        .api
+        .api()
         .assign(json!({ "config_id": id, "agent": uid }))
         .await?;
     eventually("cap_mismatch counted", DEADLINE, || async {
         let now = server
-            .api
+            .api()
             .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")
             .await?;
         Ok((now > before).then_some(()))
@@ -353,9 +382,10 @@ async fn capabilities_gate_what_is_sent() -> anyhow::Result<()> {
         "no config for an agent that does not accept one"
     );
     assert_eq!(s.applied_configs, 0);
-    let view = server.api.agent(&uid).await?.expect("agent");
+    let view = server.api().agent(&uid).await?.expect("agent");
     assert_eq!(view["config_state"], "pending");
     mute.stop().await;
     hb.stop().await;
-    server.stop().await
+    Ok(())
 }
+both_modes!(capabilities_gate_what_is_sent, seven_second_heartbeat);

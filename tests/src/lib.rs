@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+pub mod cluster;
 use coordinator::config::Config;
 use coordinator::serve::{self, Running};
 use serde_json::{json, Value};
@@ -66,6 +68,28 @@ impl TestServer {
             r.stop().await?;
         }
         Ok(())
+    }
+}
+
+/// Where agents connect and operators call the API: the embedded default ([`TestServer`]) or a
+/// cluster sandbox ([`cluster::Cluster`]). The behaviour suite runs against both.
+pub trait Fleet {
+    fn ws_url(&self) -> String;
+    fn http_url(&self) -> String;
+    fn api(&self) -> &Api;
+}
+
+impl Fleet for TestServer {
+    fn ws_url(&self) -> String {
+        TestServer::ws_url(self)
+    }
+
+    fn http_url(&self) -> String {
+        TestServer::http_url(self)
+    }
+
+    fn api(&self) -> &Api {
+        &self.api
     }
 }
 

@@ -20,33 +20,50 @@
 //!   have reached the file, so callers must reload before assuming either;
 //! - read-only calls have nothing to apply; their failures are reported as `NotApplied`
 //!   (safe to retry).
+//!
+//! The classification and the row conversions live in the private `store::sql` module,
+//! shared with the Postgres store.
+//!
+//! # Partitions
+//!
+//! Each agent row carries its partition ([`InstanceUid::partition`], FNV-1a over the uid),
+//! which SQL cannot compute. Migration `0002_cluster` added the column with `-1` ("unknown")
+//! for the rows already there; [`SqliteStore::open`] fills those in from Rust right after
+//! migrating, and every later write sets it.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use shared::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption,
-    Role, Target, TokenRecord,
+    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion, Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
 use shared::store::{
-    AuditQuery, NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError, StoreResult,
+    AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError,
+    StoreResult,
 };
-use sqlx::error::ErrorKind;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 use tokio::sync::Mutex;
 
-/// Rows per multi-row `INSERT` when upserting agents: 4 binds each, far below SQLite's limit
-/// of 32766 bound parameters per statement.
-const UPSERT_CHUNK: usize = 500;
+use super::sql::{
+    agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from, redemption,
+    role_str, sorted_partitions, to_json, uid_from, ApiTokenRow, AssignmentRow, AuditRow,
+    ConfigRow, LeaseRow, TokenRow, TokenState, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS,
+    TOKEN_COLUMNS,
+};
+
+/// Rows per multi-row statement (agent upserts, partition backfill, `IN` lists): at most 5
+/// binds each, far below SQLite's limit of 32766 bound parameters per statement.
+const CHUNK: usize = 500;
+
+/// The `partition` of agent rows written before migration `0002_cluster`.
+const UNKNOWN_PARTITION: i64 = -1;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,10 +125,50 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::NotApplied(format!("migrating database: {e}")))?;
-        Ok(Self {
+        let store = Self {
             pool,
             write_gate: Mutex::new(()),
-        })
+        };
+        store.backfill_partitions().await?;
+        Ok(store)
+    }
+
+    /// Sets the partition of agent rows that predate the column (see the module docs). Cheap
+    /// when there are none (an index lookup), so it simply runs at every open; it is
+    /// idempotent and, being one write transaction, safe with other processes doing the same.
+    async fn backfill_partitions(&self) -> StoreResult<()> {
+        let filled = self
+            .in_tx("backfill_partitions", |tx| {
+                Box::pin(async move {
+                    let uids: Vec<Vec<u8>> =
+                        sqlx::query_scalar("SELECT instance_uid FROM agents WHERE partition = ?")
+                            .bind(UNKNOWN_PARTITION)
+                            .fetch_all(&mut **tx)
+                            .await?;
+                    let mut rows = Vec::with_capacity(uids.len());
+                    for uid in uids {
+                        let partition = uid_from(&uid)
+                            .map_err(|e| sqlx::Error::Decode(e.into()))?
+                            .partition();
+                        rows.push((uid, i64::from(partition)));
+                    }
+                    for chunk in rows.chunks(CHUNK) {
+                        let mut q: QueryBuilder<'_, Sqlite> =
+                            QueryBuilder::new("UPDATE agents SET partition = v.column2 FROM (");
+                        q.push_values(chunk, |mut b, (uid, partition)| {
+                            b.push_bind(uid.as_slice()).push_bind(*partition);
+                        });
+                        q.push(") AS v WHERE agents.instance_uid = v.column1");
+                        q.build().execute(&mut **tx).await?;
+                    }
+                    Ok(rows.len())
+                })
+            })
+            .await?;
+        if filled > 0 {
+            tracing::info!(agents = filled, "agent partitions backfilled");
+        }
+        Ok(())
     }
 
     /// Closes all connections (checkpointing the WAL); later calls fail with `NotApplied`.
@@ -170,28 +227,19 @@ async fn redeem_in(
         return Ok(Redemption::Bound);
     }
     // Nothing changed: say why, from the row as this transaction sees it.
-    let row: Option<(Option<i64>, i64, Option<Vec<u8>>)> =
+    let state: Option<TokenState> =
         sqlx::query_as("SELECT revoked_ms, expires_ms, bound_uid FROM tokens WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?;
-    // Revoked and expired come first: a dead token is refused even to its own agent.
-    Ok(match row {
-        None => Redemption::NotFound,
-        Some((Some(_), _, _)) => Redemption::Revoked,
-        Some((None, expires_ms, _)) if now_ms >= expires_ms => Redemption::Expired,
-        Some((None, _, Some(bound))) if bound.as_slice() == uid.as_bytes() => {
-            Redemption::AlreadyBoundToSame
-        }
-        Some((None, _, Some(_))) => Redemption::BoundToOther,
+    match redemption(state.as_ref(), uid, now_ms) {
         // Live and unbound, yet the update matched nothing: cannot happen inside one write
         // transaction.
-        Some((None, _, None)) => {
-            return Err(sqlx::Error::Protocol(
-                "token is live and unbound but did not bind".into(),
-            ))
-        }
-    })
+        Redemption::Bound => Err(sqlx::Error::Protocol(
+            "token is live and unbound but did not bind".into(),
+        )),
+        refused => Ok(refused),
+    }
 }
 
 async fn insert_audit(
@@ -214,210 +262,10 @@ async fn insert_audit(
     .await
 }
 
-/// An error before `COMMIT` was sent: nothing took effect.
-fn before_commit(what: &str, e: sqlx::Error) -> StoreError {
-    let missing = match &e {
-        sqlx::Error::RowNotFound => true,
-        sqlx::Error::Database(db) => db.kind() == ErrorKind::ForeignKeyViolation,
-        _ => false,
-    };
-    if missing {
-        StoreError::NotFound(format!("{what}: {e}"))
-    } else {
-        StoreError::NotApplied(format!("{what}: {e}"))
-    }
-}
-
-/// An error from `COMMIT` itself: the outcome is unknown.
-fn during_commit(what: &str, e: sqlx::Error) -> StoreError {
-    StoreError::MaybeApplied(format!("{what}: commit failed: {e}"))
-}
-
-/// A stored row that does not decode into its domain type.
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::NotApplied(format!("{what}: corrupt row: {e}"))
-}
-
-fn uid_from(bytes: &[u8]) -> Result<InstanceUid, String> {
-    InstanceUid::from_slice(bytes).ok_or_else(|| format!("instance uid of {} bytes", bytes.len()))
-}
-
-fn hash_from(bytes: &[u8]) -> Result<[u8; 32], String> {
-    <[u8; 32]>::try_from(bytes).map_err(|_| format!("token hash of {} bytes", bytes.len()))
-}
-
-fn role_str(role: Role) -> &'static str {
-    match role {
-        Role::Viewer => "viewer",
-        Role::Operator => "operator",
-        Role::Admin => "admin",
-    }
-}
-
-fn role_from(s: &str) -> Result<Role, String> {
-    match s {
-        "viewer" => Ok(Role::Viewer),
-        "operator" => Ok(Role::Operator),
-        "admin" => Ok(Role::Admin),
-        other => Err(format!("unknown role {other:?}")),
-    }
-}
-
-fn to_json<T: serde::Serialize>(what: &str, value: &T) -> StoreResult<String> {
-    serde_json::to_string(value)
-        .map_err(|e| StoreError::NotApplied(format!("{what}: encoding JSON: {e}")))
-}
-
-fn agent_from(what: &str, json: &str) -> StoreResult<AgentRecord> {
-    serde_json::from_str(json).map_err(|e| corrupt(what, e))
-}
-
-#[derive(sqlx::FromRow)]
-struct ConfigRow {
-    id: i64,
-    name: String,
-    files: String,
-    hash: String,
-    author: String,
-    created_ms: i64,
-}
-
-impl ConfigRow {
-    fn into_domain(self) -> StoreResult<ConfigVersion> {
-        let files: ConfigMap =
-            serde_json::from_str(&self.files).map_err(|e| corrupt("config version", e))?;
-        Ok(ConfigVersion {
-            id: self.id,
-            name: self.name,
-            files,
-            hash: self.hash,
-            author: self.author,
-            created_ms: self.created_ms,
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct AssignmentRow {
-    id: i64,
-    config_id: i64,
-    target: String,
-    author: String,
-    created_ms: i64,
-}
-
-impl AssignmentRow {
-    fn into_domain(self) -> StoreResult<Assignment> {
-        let target: Target =
-            serde_json::from_str(&self.target).map_err(|e| corrupt("assignment", e))?;
-        Ok(Assignment {
-            id: self.id,
-            config_id: self.config_id,
-            target,
-            author: self.author,
-            created_ms: self.created_ms,
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct TokenRow {
-    id: String,
-    name: String,
-    prefix: String,
-    hash: Vec<u8>,
-    created_ms: i64,
-    expires_ms: i64,
-    revoked_ms: Option<i64>,
-    redeemed_ms: Option<i64>,
-    bound_uid: Option<Vec<u8>>,
-}
-
-impl TokenRow {
-    fn into_domain(self) -> StoreResult<TokenRecord> {
-        Ok(TokenRecord {
-            hash: hash_from(&self.hash).map_err(|e| corrupt("token", e))?,
-            bound_uid: self
-                .bound_uid
-                .as_deref()
-                .map(uid_from)
-                .transpose()
-                .map_err(|e| corrupt("token", e))?,
-            id: self.id,
-            name: self.name,
-            prefix: self.prefix,
-            created_ms: self.created_ms,
-            expires_ms: self.expires_ms,
-            revoked_ms: self.revoked_ms,
-            redeemed_ms: self.redeemed_ms,
-        })
-    }
-}
-
-const TOKEN_COLUMNS: &str =
-    "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid";
-
-#[derive(sqlx::FromRow)]
-struct ApiTokenRow {
-    id: String,
-    name: String,
-    role: String,
-    hash: Vec<u8>,
-    created_ms: i64,
-}
-
-impl ApiTokenRow {
-    fn into_domain(self) -> StoreResult<ApiTokenRecord> {
-        Ok(ApiTokenRecord {
-            role: role_from(&self.role).map_err(|e| corrupt("api token", e))?,
-            hash: hash_from(&self.hash).map_err(|e| corrupt("api token", e))?,
-            id: self.id,
-            name: self.name,
-            created_ms: self.created_ms,
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct AuditRow {
-    id: i64,
-    at_ms: i64,
-    actor: String,
-    action: String,
-    instance_uid: Option<Vec<u8>>,
-    source_ip: Option<String>,
-    reason: Option<String>,
-    detail: String,
-}
-
-impl AuditRow {
-    fn into_domain(self) -> StoreResult<AuditEntry> {
-        Ok(AuditEntry {
-            instance_uid: self
-                .instance_uid
-                .as_deref()
-                .map(uid_from)
-                .transpose()
-                .map_err(|e| corrupt("audit entry", e))?,
-            source_ip: self
-                .source_ip
-                .as_deref()
-                .map(IpAddr::from_str)
-                .transpose()
-                .map_err(|e| corrupt("audit entry", e))?,
-            detail: serde_json::from_str(&self.detail).map_err(|e| corrupt("audit entry", e))?,
-            id: self.id,
-            at_ms: self.at_ms,
-            actor: self.actor,
-            action: self.action,
-            reason: self.reason,
-        })
-    }
-}
-
 /// An agent row ready to bind.
 struct AgentRow {
     uid: Vec<u8>,
+    partition: i64,
     record: String,
     connected: bool,
     last_seen_ms: i64,
@@ -438,11 +286,12 @@ impl Store for SqliteStore {
             return Ok(());
         }
         // Serialise before taking the write lock, to keep the transaction short.
-        let rows = agents
-            .iter()
+        let rows = latest_per_uid(agents)
+            .into_iter()
             .map(|a| {
                 Ok(AgentRow {
                     uid: a.instance_uid.as_bytes().to_vec(),
+                    partition: i64::from(a.instance_uid.partition()),
                     record: to_json("upsert_agents", a)?,
                     connected: a.connected,
                     last_seen_ms: a.last_seen_ms,
@@ -451,20 +300,23 @@ impl Store for SqliteStore {
             .collect::<StoreResult<Vec<_>>>()?;
         self.in_tx("upsert_agents", move |tx| {
             Box::pin(async move {
-                for chunk in rows.chunks(UPSERT_CHUNK) {
+                for chunk in rows.chunks(CHUNK) {
                     let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                        "INSERT INTO agents (instance_uid, record, connected, last_seen_ms) ",
+                        "INSERT INTO agents \
+                         (instance_uid, partition, record, connected, last_seen_ms) ",
                     );
                     q.push_values(chunk, |mut b, r| {
                         b.push_bind(r.uid.as_slice())
+                            .push_bind(r.partition)
                             .push_bind(r.record.as_str())
                             .push_bind(r.connected)
                             .push_bind(r.last_seen_ms);
                     });
-                    // Within one statement a repeated uid updates the row just inserted, so
-                    // the last record for a uid wins.
+                    // A uid's partition never changes; setting it anyway also fixes a row
+                    // still at the pre-migration -1.
                     q.push(
-                        " ON CONFLICT (instance_uid) DO UPDATE SET record = excluded.record, \
+                        " ON CONFLICT (instance_uid) DO UPDATE SET \
+                         partition = excluded.partition, record = excluded.record, \
                          connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
                     );
                     q.build().execute(&mut **tx).await?;
@@ -494,6 +346,175 @@ impl Store for SqliteStore {
                 .map_err(|e| before_commit("get_agent", e))?;
         row.map(|(json,)| agent_from("get_agent", &json))
             .transpose()
+    }
+
+    async fn load_agents_in(&self, partitions: &[u16]) -> StoreResult<Vec<AgentRecord>> {
+        let mut agents = Vec::new();
+        // Deduplicated, so an agent is returned once however often its partition is named.
+        for chunk in sorted_partitions(partitions).chunks(CHUNK) {
+            let mut q: QueryBuilder<'_, Sqlite> =
+                QueryBuilder::new("SELECT record FROM agents WHERE partition IN (");
+            let mut list = q.separated(", ");
+            for p in chunk {
+                list.push_bind(i64::from(*p));
+            }
+            q.push(")");
+            let rows: Vec<(String,)> = q
+                .build_query_as()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| before_commit("load_agents_in", e))?;
+            for (json,) in &rows {
+                agents.push(agent_from("load_agents_in", json)?);
+            }
+        }
+        Ok(agents)
+    }
+
+    async fn coordinator_heartbeat(
+        &self,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<Vec<String>> {
+        let node = node.to_owned();
+        let mut alive = self
+            .in_tx("coordinator_heartbeat", move |tx| {
+                Box::pin(async move {
+                    sqlx::query("DELETE FROM coordinators WHERE expires_ms < ?")
+                        .bind(now_ms.saturating_sub(PRUNE_DEAD_AFTER_MS))
+                        .execute(&mut **tx)
+                        .await?;
+                    sqlx::query(
+                        "INSERT INTO coordinators (node, expires_ms) VALUES (?, ?) \
+                         ON CONFLICT (node) DO UPDATE SET expires_ms = excluded.expires_ms",
+                    )
+                    .bind(node.as_str())
+                    .bind(now_ms.saturating_add(ttl_ms))
+                    .execute(&mut **tx)
+                    .await?;
+                    sqlx::query_scalar::<_, String>(
+                        "SELECT node FROM coordinators WHERE expires_ms > ?",
+                    )
+                    .bind(now_ms)
+                    .fetch_all(&mut **tx)
+                    .await
+                })
+            })
+            .await?;
+        // Sorted here rather than by SQL, so both stores order names the same (bytewise).
+        alive.sort_unstable();
+        Ok(alive)
+    }
+
+    async fn coordinator_leave(&self, node: &str) -> StoreResult<()> {
+        let node = node.to_owned();
+        self.in_tx("coordinator_leave", move |tx| {
+            Box::pin(async move {
+                sqlx::query("DELETE FROM coordinators WHERE node = ?")
+                    .bind(node)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// A lease is live while `now_ms < expires_ms`. Rows are never deleted, so a partition's
+    /// fence only grows; a new row starts at fence 1.
+    async fn acquire_leases(
+        &self,
+        node: &str,
+        want: &[u16],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<Vec<Lease>> {
+        let node = node.to_owned();
+        let want = sorted_partitions(want);
+        let expires_ms = now_ms.saturating_add(ttl_ms);
+        let rows = self
+            .in_tx("acquire_leases", move |tx| {
+                Box::pin(async move {
+                    // Renew first, so the take below sees our own live leases as taken (no
+                    // fence bump for a lease we kept).
+                    sqlx::query(
+                        "UPDATE partition_leases SET expires_ms = ? \
+                         WHERE holder = ? AND expires_ms > ?",
+                    )
+                    .bind(expires_ms)
+                    .bind(node.as_str())
+                    .bind(now_ms)
+                    .execute(&mut **tx)
+                    .await?;
+                    for chunk in want.chunks(CHUNK) {
+                        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                            "INSERT INTO partition_leases (partition, holder, fence, expires_ms) ",
+                        );
+                        q.push_values(chunk, |mut b, p| {
+                            b.push_bind(i64::from(*p))
+                                .push_bind(node.as_str())
+                                .push_bind(1_i64)
+                                .push_bind(expires_ms);
+                        });
+                        // Only a free (expired or released) lease changes hands, and every
+                        // change of hands, including re-taking our own expired lease, bumps
+                        // the fence.
+                        q.push(
+                            " ON CONFLICT (partition) DO UPDATE SET holder = excluded.holder, \
+                             fence = partition_leases.fence + 1, \
+                             expires_ms = excluded.expires_ms \
+                             WHERE partition_leases.expires_ms <= ",
+                        )
+                        .push_bind(now_ms);
+                        q.build().execute(&mut **tx).await?;
+                    }
+                    sqlx::query_as::<_, LeaseRow>(
+                        "SELECT partition, holder, fence, expires_ms FROM partition_leases \
+                         WHERE holder = ? AND expires_ms > ?",
+                    )
+                    .bind(node.as_str())
+                    .bind(now_ms)
+                    .fetch_all(&mut **tx)
+                    .await
+                })
+            })
+            .await?;
+        leases_from(rows)
+    }
+
+    async fn release_leases(&self, node: &str, partitions: &[u16]) -> StoreResult<()> {
+        let node = node.to_owned();
+        let partitions = sorted_partitions(partitions);
+        self.in_tx("release_leases", move |tx| {
+            Box::pin(async move {
+                for chunk in partitions.chunks(CHUNK) {
+                    let mut q: QueryBuilder<'_, Sqlite> =
+                        QueryBuilder::new("UPDATE partition_leases SET expires_ms = ");
+                    q.push_bind(RELEASED_EXPIRES_MS)
+                        .push(" WHERE holder = ")
+                        .push_bind(node.as_str())
+                        .push(" AND partition IN (");
+                    let mut list = q.separated(", ");
+                    for p in chunk {
+                        list.push_bind(i64::from(*p));
+                    }
+                    q.push(")");
+                    q.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_leases(&self) -> StoreResult<Vec<Lease>> {
+        let rows: Vec<LeaseRow> =
+            sqlx::query_as("SELECT partition, holder, fence, expires_ms FROM partition_leases")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| before_commit("list_leases", e))?;
+        leases_from(rows)
     }
 
     async fn create_config(&self, new: NewConfigVersion) -> StoreResult<ConfigVersion> {
@@ -876,6 +897,81 @@ mod tests {
         }
     }
 
+    /// Two stores on one file race for every partition lease (see above).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn lease_race_across_stores() {
+        let db = TempDb::new();
+        let stores: [Arc<dyn Store>; 2] = [
+            Arc::new(SqliteStore::open(&db.0).await.expect("open")),
+            Arc::new(SqliteStore::open(&db.0).await.expect("open again")),
+        ];
+        conformance::lease_race_between(&stores).await;
+    }
+
+    /// Agents written before migration 0002 get their partition when the store opens.
+    #[tokio::test]
+    async fn partitions_are_backfilled() {
+        let db = TempDb::new();
+        let agents: Vec<AgentRecord> = (0..1_200)
+            .map(|i| AgentRecord::new(InstanceUid::new_v7(), i))
+            .collect();
+        {
+            // The schema as it was before 0002: migrate with 0001 alone.
+            let only_first = tempfile::tempdir().expect("tempdir");
+            std::fs::copy(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite/0001_init.sql"),
+                only_first.path().join("0001_init.sql"),
+            )
+            .expect("copy 0001");
+            let options = SqliteConnectOptions::new()
+                .filename(&db.0)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .expect("open");
+            sqlx::migrate::Migrator::new(only_first.path())
+                .await
+                .expect("read 0001")
+                .run(&pool)
+                .await
+                .expect("migrate to 0001");
+            for a in &agents {
+                sqlx::query(
+                    "INSERT INTO agents (instance_uid, record, connected, last_seen_ms) \
+                     VALUES (?, ?, ?, ?)",
+                )
+                .bind(a.instance_uid.as_bytes().as_slice())
+                .bind(serde_json::to_string(a).expect("json"))
+                .bind(a.connected)
+                .bind(a.last_seen_ms)
+                .execute(&pool)
+                .await
+                .expect("insert old row");
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&db.0).await.expect("open and migrate");
+        let unknown: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE partition = -1")
+            .fetch_one(&store.pool)
+            .await
+            .expect("count");
+        assert_eq!(unknown, 0, "every old row has its partition");
+        let all: Vec<u16> = (0..shared::ids::PARTITIONS).collect();
+        assert_eq!(
+            store.load_agents_in(&all).await.expect("load").len(),
+            agents.len()
+        );
+        for a in agents.iter().take(20) {
+            let found = store
+                .load_agents_in(&[a.instance_uid.partition()])
+                .await
+                .expect("load_agents_in");
+            assert!(found.contains(a), "{} in its partition", a.instance_uid);
+        }
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn file_pragmas_are_set() {
         let db = TempDb::new();
@@ -1057,22 +1153,6 @@ mod tests {
         let store = SqliteStore::open(&db.0).await.expect("open");
         upsert_10k(&store, "file").await;
         store.close().await;
-    }
-
-    #[test]
-    fn errors_are_classified_by_phase() {
-        assert!(matches!(
-            before_commit("x", sqlx::Error::PoolTimedOut),
-            StoreError::NotApplied(_)
-        ));
-        assert!(matches!(
-            before_commit("x", sqlx::Error::RowNotFound),
-            StoreError::NotFound(_)
-        ));
-        assert!(matches!(
-            during_commit("x", sqlx::Error::WorkerCrashed),
-            StoreError::MaybeApplied(_)
-        ));
     }
 
     #[tokio::test]

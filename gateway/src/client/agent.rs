@@ -55,6 +55,10 @@ pub struct AgentOptions {
     pub fail_configs: bool,
     /// Local address to connect from (the load generator spreads over 127.0.0.x).
     pub source_ip: Option<IpAddr>,
+    /// On WebSocket reconnects, open with a compact message instead of the full state, as
+    /// agents that trust the server to remember them do (the server must then ask for full
+    /// state when its memory may be stale, e.g. after a move between gateways).
+    pub compact_reconnect: bool,
 }
 
 impl AgentOptions {
@@ -75,6 +79,7 @@ impl Default for AgentOptions {
             initial_config: String::new(),
             fail_configs: false,
             source_ip: None,
+            compact_reconnect: false,
         }
     }
 }
@@ -294,7 +299,7 @@ async fn ws_session(
     backoff: &mut Backoff,
 ) -> SessionEnd {
     // The client speaks first, with everything: the server may know nothing about us.
-    let mut step = Step::Send(vec![core.full_state()], None);
+    let mut step = Step::Send(vec![core.connect_message()], None);
     let mut last_sent = Instant::now();
     loop {
         match step {

@@ -56,6 +56,8 @@ pub struct AgentCore {
     remote_status: Option<RemoteConfigStatus>,
     layout: Vec<FileLayout>,
     start_time_ns: u64,
+    /// A connection was opened before (see [`AgentOptions::compact_reconnect`]).
+    reconnecting: bool,
     status: watch::Sender<AgentStatus>,
 }
 
@@ -94,6 +96,7 @@ impl AgentCore {
             remote_status: None,
             layout,
             start_time_ns: now_ns(),
+            reconnecting: false,
             status,
         };
         (core, rx)
@@ -148,6 +151,19 @@ impl AgentCore {
                 0
             },
             ..AgentToServer::default()
+        }
+    }
+
+    /// The first message of a connection: the full state, except on reconnects of an agent
+    /// with [`AgentOptions::compact_reconnect`], which sends only the header and relies on
+    /// the server to ask for the rest if it needs it.
+    pub fn connect_message(&mut self) -> AgentToServer {
+        let compact = self.reconnecting && self.opts.compact_reconnect;
+        self.reconnecting = true;
+        if compact {
+            self.base()
+        } else {
+            self.full_state()
         }
     }
 

@@ -84,6 +84,8 @@ async fn start(plaintext_allowed: bool) -> anyhow::Result<Harness> {
     let bus = Arc::new(InProcessBus::new());
     let coordinator = Arc::new(FakeCoordinator::default());
     bus.serve_coordinator(coordinator.clone()).await?;
+    let all: Vec<u16> = (0..shared::ids::PARTITIONS).collect();
+    bus.serve_partitions(&all).await?;
     let ownership = Arc::new(MemoryOwnership::new());
     let gateway = Gateway::start(
         GatewayId("gw-test".into()),
@@ -94,6 +96,7 @@ async fn start(plaintext_allowed: bool) -> anyhow::Result<Harness> {
             request_timeout: Duration::from_secs(2),
             write_queue: 4,
             bootstrap_plaintext_allowed: plaintext_allowed,
+            ..GatewayConfig::default()
         },
     )
     .await?;

@@ -8,9 +8,11 @@
 //!
 //! The bus is at-most-once. Nothing relies on a delivery arriving: the session core asks for
 //! full state on sequence gaps and reconciles desired config on every report.
-//! Embedded mode uses [`InProcessBus`]; cluster mode NATS.
+//! Embedded mode uses [`InProcessBus`]; cluster mode [`nats::NatsBus`], whose module docs
+//! describe its subjects, wire format (`proto/bus.proto`) and how large messages travel.
+//! [`conformance::run_all`] is the behaviour both must show.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -19,6 +21,10 @@ use tokio::sync::mpsc;
 
 use crate::domain::Transport;
 use crate::ids::{GatewayId, InstanceUid};
+
+pub mod conformance;
+pub mod nats;
+mod wire;
 
 /// Where a coordinator request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +172,19 @@ pub enum GatewayMessage {
     },
 }
 
+/// News every coordinator must hear (not routed by partition): changes one coordinator made
+/// through its API that the owners of the affected agents must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// An assignment was created; owners apply it to their agents and push the config.
+    AssignmentCreated { assignment_id: i64 },
+    /// A bootstrap token changed in the store (revoked); caches must reload it.
+    TokenChanged { token_id: String },
+    /// A coordinator joined or is leaving; every coordinator re-balances partition leases now
+    /// instead of at its next lease tick.
+    MembershipChanged,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("no coordinator is serving this route")]
@@ -174,6 +193,9 @@ pub enum BusError {
     Timeout,
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The encoded message exceeds the bus's configured maximum; it was not sent.
+    #[error("bus message of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// What a coordinator does with bus traffic.
@@ -192,9 +214,18 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<CoordinatorReply, BusError>;
     async fn notify(&self, route: Route, ev: CoordinatorEvent) -> Result<(), BusError>;
     async fn deliver(&self, gateway: &GatewayId, msg: GatewayMessage) -> Result<(), BusError>;
-    /// Starts serving coordinator traffic with `handler`.
+    /// Starts serving [`Route::Any`] traffic with `handler`, and remembers it for the
+    /// partitions this coordinator will serve. Called once per coordinator.
     async fn serve_coordinator(&self, handler: Arc<dyn CoordinatorHandler>)
         -> Result<(), BusError>;
+    /// Starts delivering [`Route::Partition`] traffic for `partitions` to the handler given to
+    /// `serve_coordinator`. Requests for a partition nobody serves fail with `NoResponder`.
+    async fn serve_partitions(&self, partitions: &[u16]) -> Result<(), BusError>;
+    /// Stops serving `partitions` (handed over to another coordinator).
+    async fn unserve_partitions(&self, partitions: &[u16]) -> Result<(), BusError>;
+    /// Sends `ev` to every coordinator's control subscription, this one's included.
+    async fn broadcast(&self, ev: ControlEvent) -> Result<(), BusError>;
+    async fn subscribe_control(&self) -> Result<mpsc::Receiver<ControlEvent>, BusError>;
     /// Subscribes a gateway to its deliveries.
     async fn subscribe_gateway(
         &self,
@@ -206,12 +237,18 @@ pub trait Bus: Send + Sync + 'static {
 /// which the protocol heals (see the module docs); it never blocks a coordinator.
 const GATEWAY_QUEUE: usize = 65_536;
 
+/// Control events queued per subscriber; they are rare (one per operator action).
+const CONTROL_QUEUE: usize = 1024;
+
 /// The single-process bus: requests are direct calls into the one coordinator, deliveries go
 /// through a bounded channel per gateway. No serialisation on either path.
 #[derive(Default)]
 pub struct InProcessBus {
     coordinator: RwLock<Option<Arc<dyn CoordinatorHandler>>>,
+    /// Partitions the coordinator serves, so an unserved one answers `NoResponder` as on NATS.
+    served: RwLock<HashSet<u16>>,
     gateways: RwLock<HashMap<GatewayId, mpsc::Sender<GatewayMessage>>>,
+    control: RwLock<Vec<mpsc::Sender<ControlEvent>>>,
 }
 
 impl std::fmt::Debug for InProcessBus {
@@ -225,7 +262,16 @@ impl InProcessBus {
         Self::default()
     }
 
-    fn handler(&self) -> Result<Arc<dyn CoordinatorHandler>, BusError> {
+    fn handler(&self, route: Route) -> Result<Arc<dyn CoordinatorHandler>, BusError> {
+        if let Route::Partition(p) = route {
+            let served = self
+                .served
+                .read()
+                .map_err(|_| BusError::Unavailable("poisoned".into()))?;
+            if !served.contains(&p) {
+                return Err(BusError::NoResponder);
+            }
+        }
         self.coordinator
             .read()
             .map_err(|_| BusError::Unavailable("poisoned".into()))?
@@ -238,14 +284,14 @@ impl InProcessBus {
 impl Bus for InProcessBus {
     async fn request(
         &self,
-        _route: Route,
+        route: Route,
         req: CoordinatorRequest,
     ) -> Result<CoordinatorReply, BusError> {
-        Ok(self.handler()?.handle(req).await)
+        Ok(self.handler(route)?.handle(req).await)
     }
 
-    async fn notify(&self, _route: Route, ev: CoordinatorEvent) -> Result<(), BusError> {
-        self.handler()?.event(ev).await;
+    async fn notify(&self, route: Route, ev: CoordinatorEvent) -> Result<(), BusError> {
+        self.handler(route)?.event(ev).await;
         Ok(())
     }
 
@@ -272,6 +318,47 @@ impl Bus for InProcessBus {
         Ok(())
     }
 
+    async fn serve_partitions(&self, partitions: &[u16]) -> Result<(), BusError> {
+        self.served
+            .write()
+            .map_err(|_| BusError::Unavailable("poisoned".into()))?
+            .extend(partitions);
+        Ok(())
+    }
+
+    async fn unserve_partitions(&self, partitions: &[u16]) -> Result<(), BusError> {
+        let mut served = self
+            .served
+            .write()
+            .map_err(|_| BusError::Unavailable("poisoned".into()))?;
+        for p in partitions {
+            served.remove(p);
+        }
+        Ok(())
+    }
+
+    async fn broadcast(&self, ev: ControlEvent) -> Result<(), BusError> {
+        let mut subs = self
+            .control
+            .write()
+            .map_err(|_| BusError::Unavailable("poisoned".into()))?;
+        subs.retain(|tx| !tx.is_closed());
+        for tx in subs.iter() {
+            // A subscriber this far behind loses the event; owners also reconcile periodically.
+            let _ = tx.try_send(ev.clone());
+        }
+        Ok(())
+    }
+
+    async fn subscribe_control(&self) -> Result<mpsc::Receiver<ControlEvent>, BusError> {
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        self.control
+            .write()
+            .map_err(|_| BusError::Unavailable("poisoned".into()))?
+            .push(tx);
+        Ok(rx)
+    }
+
     async fn subscribe_gateway(
         &self,
         gateway: &GatewayId,
@@ -282,5 +369,16 @@ impl Bus for InProcessBus {
             .map_err(|_| BusError::Unavailable("poisoned".into()))?
             .insert(gateway.clone(), tx);
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_process_bus_conforms() {
+        let bus: Arc<dyn Bus> = Arc::new(InProcessBus::new());
+        conformance::run_all(bus.clone(), bus).await;
     }
 }

@@ -1,0 +1,282 @@
+//! Cluster mode: `ampora gateway` and `ampora coordinator`, any number of each.
+//!
+//! The same [`Gateway`] and [`Coordinator`] as the embedded default, on the production side of
+//! the seams: NATS for the bus, Redis for agent ownership, Postgres for the store. A gateway
+//! never opens a database connection; a coordinator never holds an agent's socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use gateway::{Gateway, GatewayConfig};
+use shared::bus::nats::{NatsBus, NatsBusOptions};
+use shared::bus::Bus;
+use shared::ids::GatewayId;
+use shared::ownership::redis::RedisOwnership;
+use shared::ownership::Ownership;
+use shared::store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::serve::{self, metrics_handle, VERSION};
+use crate::service::{Coordinator, CoordinatorConfig};
+use crate::store::PgStore;
+
+/// This node's id: the configured one, else the host name with a random suffix (two
+/// processes on one host must never share an id: gateway ids address deliveries).
+pub fn node_id(config: &Config, role: &str) -> String {
+    if !config.cluster.node_id.is_empty() {
+        return config.cluster.node_id.clone();
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{role}-{host}-{}", &suffix[..8])
+}
+
+async fn connect_bus(config: &Config, node: &str) -> anyhow::Result<Arc<dyn Bus>> {
+    let opts = NatsBusOptions {
+        url: config.cluster.nats_url.clone(),
+        subject_prefix: config.cluster.subject_prefix.clone(),
+        node: node.to_string(),
+        request_timeout: Duration::from_secs(config.opamp.request_timeout_secs),
+        max_message_bytes: usize::try_from(config.cluster.max_bus_message_bytes)
+            .unwrap_or(usize::MAX),
+    };
+    let bus = NatsBus::connect(opts)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.cluster.nats_url))?;
+    Ok(Arc::new(bus))
+}
+
+async fn connect_ownership(config: &Config) -> anyhow::Result<Arc<dyn Ownership>> {
+    let own = RedisOwnership::connect(
+        &config.cluster.redis_url,
+        &config.cluster.redis_key_prefix,
+        Duration::from_secs(config.cluster.ownership_ttl_secs),
+    )
+    .await
+    .with_context(|| format!("connecting to Redis at {}", config.cluster.redis_url))?;
+    Ok(Arc::new(own))
+}
+
+/// The gateway settings shared by both modes.
+pub fn gateway_config(config: &Config) -> GatewayConfig {
+    GatewayConfig {
+        max_frame_bytes: usize::try_from(config.opamp.max_frame_bytes).unwrap_or(usize::MAX),
+        request_timeout: Duration::from_secs(config.opamp.request_timeout_secs),
+        write_queue: usize::try_from(config.opamp.write_queue).unwrap_or(16),
+        bootstrap_plaintext_allowed: config.opamp.bootstrap_plaintext_allowed,
+        ownership_refresh: Duration::from_secs(config.cluster.ownership_ttl_secs) / 3,
+    }
+}
+
+/// A running node's HTTP server, stopped through `stop`.
+struct Server {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    fn spawn(listener: TcpListener, app: Router) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(10), self.task).await {
+            Ok(joined) => joined??,
+            Err(_) => tracing::warn!("listener did not stop within 10 s"),
+        }
+        Ok(())
+    }
+}
+
+/// A running gateway node.
+pub struct GatewayNode {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    drain_window: Duration,
+    server: Server,
+}
+
+impl std::fmt::Debug for GatewayNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayNode")
+            .field("addr", &self.addr)
+            .field("id", self.gateway.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a gateway on `listener`: `/v1/opamp`, `/health/live`, `/health/ready` (fails while
+/// draining), `/metrics`.
+pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Result<GatewayNode> {
+    let metrics = metrics_handle();
+    let addr = listener.local_addr()?;
+    let node = node_id(config, "gateway");
+    let bus = connect_bus(config, &node).await?;
+    let ownership = connect_ownership(config).await?;
+    let gateway = Gateway::start(GatewayId(node), bus, ownership, gateway_config(config)).await?;
+    let health = Router::new()
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(gateway_ready))
+        .with_state(gateway.clone())
+        .route("/metrics", get(move || serve::render(metrics.clone())));
+    let app = Router::new().merge(gateway.router()).merge(health);
+    Ok(GatewayNode {
+        addr,
+        gateway,
+        drain_window: Duration::from_secs(config.cluster.drain_window_secs),
+        server: Server::spawn(listener, app),
+    })
+}
+
+async fn gateway_ready(State(g): State<Arc<Gateway>>) -> impl IntoResponse {
+    if g.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}
+
+impl GatewayNode {
+    /// Graceful stop: not ready, no new agents, open agents closed over the drain window
+    /// (ownership released, coordinators told), then the listener stops.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let window = self.drain_window;
+        self.stop_within(window).await
+    }
+
+    pub async fn stop_within(self, drain_window: Duration) -> anyhow::Result<()> {
+        self.gateway.drain(drain_window).await;
+        self.server.stop().await
+    }
+}
+
+/// A running coordinator node.
+pub struct CoordinatorNode {
+    pub addr: SocketAddr,
+    pub node: String,
+    pub coordinator: Arc<Coordinator>,
+    pub admin_token: Option<String>,
+    pub admin_token_path: PathBuf,
+    server: Server,
+}
+
+impl std::fmt::Debug for CoordinatorNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorNode")
+            .field("addr", &self.addr)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a coordinator on `listener`: the REST API, `/health/live`, `/health/ready`,
+/// `/metrics`. Returns once it holds its share of the partitions.
+pub async fn start_coordinator(
+    config: &Config,
+    listener: TcpListener,
+) -> anyhow::Result<CoordinatorNode> {
+    let metrics = metrics_handle();
+    let addr = listener.local_addr()?;
+    let node = node_id(config, "coordinator");
+    let store: Arc<dyn Store> = Arc::new(
+        PgStore::connect(
+            &config.cluster.postgres_url,
+            u32::try_from(config.cluster.postgres_max_connections).unwrap_or(16),
+        )
+        .await
+        .context("connecting to Postgres")?,
+    );
+    let bus = connect_bus(config, &node).await?;
+    let ownership = connect_ownership(config).await?;
+    let coordinator = Coordinator::start(
+        store.clone(),
+        bus,
+        ownership,
+        CoordinatorConfig {
+            opamp_endpoint: config.server.public_endpoint.clone(),
+            heartbeat_interval_secs: config.opamp.heartbeat_interval_secs,
+            flush_interval: Duration::from_millis(config.store.flush_interval_ms),
+            default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
+            node: node.clone(),
+            lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
+        },
+    )
+    .await
+    .context("starting the coordinator")?;
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let (admin_token, admin_token_path) = serve::ensure_admin_token(&*store, &data_dir).await?;
+    let app = Router::new()
+        .merge(crate::api::router(coordinator.clone()))
+        .merge(serve::health_router(coordinator.clone(), metrics));
+    Ok(CoordinatorNode {
+        addr,
+        node,
+        coordinator,
+        admin_token,
+        admin_token_path,
+        server: Server::spawn(listener, app),
+    })
+}
+
+impl CoordinatorNode {
+    /// Graceful stop: the listener stops, partitions are handed over (changed agents written
+    /// first) and the membership is left, so the other coordinators take over at once.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let stopped = self.server.stop().await;
+        self.coordinator.shutdown().await;
+        stopped
+    }
+}
+
+/// `ampora gateway`: runs until `shutdown` resolves, then drains.
+pub async fn run_gateway(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let node = start_gateway(&config, listener).await?;
+    println!("ampora {VERSION} gateway {} listening on {}", node.gateway.id(), node.addr);
+    shutdown.await;
+    tracing::info!(window_secs = node.drain_window.as_secs(), "draining");
+    node.stop().await
+}
+
+/// `ampora coordinator`: runs until `shutdown` resolves, then hands its partitions over.
+pub async fn run_coordinator(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let node = start_coordinator(&config, listener).await?;
+    println!("ampora {VERSION} coordinator {} listening on {}", node.node, node.addr);
+    shutdown.await;
+    tracing::info!("handing partitions over");
+    node.stop().await
+}

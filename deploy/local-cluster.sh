@@ -1,0 +1,431 @@
+#!/usr/bin/env bash
+# A local Ampora cluster on this machine: 2 gateways and 2 coordinators (the `ampora` binary)
+# over the local NATS, Redis and PostgreSQL, behind nginx on one port.
+#
+#   deploy/local-cluster.sh [up]   build if needed, start what is not running, wait until ready
+#   deploy/local-cluster.sh status what runs, and whether each node is ready
+#   deploy/local-cluster.sh down   stop everything this script started (by its pid files)
+#   deploy/local-cluster.sh reset  down, then drop the database and delete the state directory
+#
+# Environment:
+#   LOCAL_CLUSTER_PORT  nginx port (default 4320); the nodes use the next four ports
+#   LOCAL_CLUSTER_BIND  nginx's address (default 127.0.0.1; the nodes listen on 127.0.0.1 only)
+#   LOCAL_CLUSTER_DIR   state: configs, logs, pids, nginx prefix, data (default target/local-cluster)
+#   LOCAL_CLUSTER_DB    PostgreSQL database (default ampora)
+#   LOCAL_CLUSTER_BIN   an `ampora` binary to use instead of building target/release/ampora
+#   LOCAL_CLUSTER_WAIT  seconds to wait for readiness (default 90)
+# NATS (4222), Redis (6379) and PostgreSQL (5432, trust auth, user postgres) are started, and
+# installed with apt-get, when nothing answers on their port; `down` stops them again only if
+# this script started them.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+port="${LOCAL_CLUSTER_PORT:-4320}"
+bind="${LOCAL_CLUSTER_BIND:-127.0.0.1}"
+# Where clients reach nginx: a wildcard bind is reached over loopback.
+case "$bind" in 0.0.0.0 | "[::]" | "::") host=127.0.0.1 ;; *) host="$bind" ;; esac
+db="${LOCAL_CLUSTER_DB:-ampora}"
+wait_secs="${LOCAL_CLUSTER_WAIT:-90}"
+state="${LOCAL_CLUSTER_DIR:-target/local-cluster}"
+mkdir -p "$state"
+state="$(cd "$state" && pwd)"
+run="$state/run"
+logs="$state/logs"
+prefix="$state/nginx"
+template="$root/deploy/nginx/ampora.conf.template"
+
+nats_port=4222
+redis_port=6379
+pg_port=5432
+# Short enough that `down` is quick; in production the window spreads reconnects out.
+drain_window_secs=3
+
+# name:role:port, coordinators first: coordinator-1 starts alone so that it, and only it,
+# creates the admin token.
+nodes=(
+  "coordinator-1:coordinator:$((port + 3))"
+  "coordinator-2:coordinator:$((port + 4))"
+  "gateway-1:gateway:$((port + 1))"
+  "gateway-2:gateway:$((port + 2))"
+)
+
+say() { printf '==> %s\n' "$*"; }
+warn() { printf '!! %s\n' "$*" >&2; }
+die() {
+  warn "$*"
+  exit 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+  }
+}
+
+wait_port() {
+  local deadline=$((SECONDS + 20))
+  until port_open "$1"; do
+    ((SECONDS < deadline)) || die "$2 did not come up on port $1"
+    sleep 0.1
+  done
+}
+
+# The pid in pid file $1 if that process is alive and its command line contains $2 (so a
+# recycled pid is never mistaken for ours); fails otherwise.
+live_pid() {
+  local pid
+  [[ -s $1 ]] || return 1
+  pid="$(<"$1")"
+  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2" || return 1
+  echo "$pid"
+}
+
+node_name() { echo "${1%%:*}"; }
+node_role() { local r="${1#*:}"; echo "${r%%:*}"; }
+node_port() { echo "${1##*:}"; }
+node_conf() { echo "$state/$1/ampora.toml"; }
+node_pid() { live_pid "$run/$1.pid" "$(node_conf "$1")"; }
+nginx_pid() { live_pid "$prefix/logs/nginx.pid" "$prefix/"; }
+
+# ready PORT [HOST]: the node (or nginx) answers /health/ready with 200.
+ready() { curl -fsS -m 2 -o /dev/null "http://${2:-127.0.0.1}:$1/health/ready" 2>/dev/null; }
+
+nginx_bin() {
+  if [[ -x /usr/sbin/nginx ]]; then
+    echo /usr/sbin/nginx
+  else
+    command -v nginx
+  fi
+}
+
+ampora_bin() {
+  if [[ -n ${LOCAL_CLUSTER_BIN:-} ]]; then
+    [[ -x $LOCAL_CLUSTER_BIN ]] || die "LOCAL_CLUSTER_BIN=$LOCAL_CLUSTER_BIN is not executable"
+    echo "$LOCAL_CLUSTER_BIN"
+    return
+  fi
+  # cargo decides whether the binary is stale; when it is fresh this takes a second.
+  say "cargo build --release -p coordinator --bin ampora" >&2
+  cargo build --release -p coordinator --bin ampora >&2
+  echo "$root/target/release/ampora"
+}
+
+admin_token_path() {
+  local spec
+  for spec in "${nodes[@]}"; do
+    local f
+    f="$state/$(node_name "$spec")/data/admin-token"
+    if [[ -s $f ]]; then
+      echo "$f"
+      return
+    fi
+  done
+  return 1
+}
+
+# --- backing services -----------------------------------------------------------------------
+
+start_postgres() {
+  if ! port_open "$pg_port"; then
+    say "starting PostgreSQL"
+    command -v pg_ctlcluster >/dev/null || apt_install postgresql
+    local version
+    version="$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n1)"
+    [[ -n $version ]] || die "no PostgreSQL cluster under /etc/postgresql"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    echo "$version" >"$run/postgres.started"
+    wait_port "$pg_port" PostgreSQL
+  fi
+  command -v psql >/dev/null || apt_install postgresql-client
+  local psql=(psql -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA)
+  if [[ -z "$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]]; then
+    say "creating database $db"
+    "${psql[@]}" -c "CREATE DATABASE \"$db\""
+  fi
+}
+
+start_redis() {
+  port_open "$redis_port" && return
+  say "starting Redis"
+  command -v redis-server >/dev/null || apt_install redis-server
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --save "" \
+    --appendonly no --pidfile "$run/redis.pid" --logfile "$logs/redis.log"
+  wait_port "$redis_port" Redis
+}
+
+start_nats() {
+  port_open "$nats_port" && return
+  say "starting NATS"
+  command -v nats-server >/dev/null || apt_install nats-server
+  mkdir -p "$state/nats"
+  setsid nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$state/nats" \
+    -P "$run/nats.pid" -l "$logs/nats.log" </dev/null >/dev/null 2>&1 &
+  wait_port "$nats_port" NATS
+}
+
+# --- Ampora nodes ---------------------------------------------------------------------------
+
+write_node_config() {
+  local name="$1" port_="$2"
+  mkdir -p "$state/$name/data"
+  cat >"$(node_conf "$name")" <<EOF
+# Written by deploy/local-cluster.sh; rewritten on every start of $name.
+[server]
+listen = "127.0.0.1:$port_"
+data_dir = "$state/$name/data"
+public_endpoint = "ws://$host:$port/v1/opamp"
+
+[opamp]
+bootstrap_plaintext_allowed = true
+
+[cluster]
+node_id = "$name"
+nats_url = "nats://127.0.0.1:$nats_port"
+subject_prefix = "ampora"
+redis_url = "redis://127.0.0.1:$redis_port"
+redis_key_prefix = "ampora"
+postgres_url = "postgres://postgres@127.0.0.1:$pg_port/$db"
+drain_window_secs = $drain_window_secs
+EOF
+}
+
+start_node() {
+  local spec="$1" bin="$2" name role port_ pid
+  name="$(node_name "$spec")"
+  role="$(node_role "$spec")"
+  port_="$(node_port "$spec")"
+  if pid="$(node_pid "$name")"; then
+    echo "    $name already running (pid $pid)"
+    return
+  fi
+  port_open "$port_" && die "port $port_ for $name is taken by another process (LOCAL_CLUSTER_PORT)"
+  write_node_config "$name" "$port_"
+  # setsid: the node outlives this script and a Ctrl-C in its terminal.
+  setsid "$bin" "$role" --config "$(node_conf "$name")" \
+    </dev/null >>"$logs/$name.log" 2>&1 &
+  echo $! >"$run/$name.pid"
+  echo "    $name ($role) on 127.0.0.1:$port_, pid $!"
+}
+
+# Waits (bounded) until every node in "$@" answers /health/ready; fails early with the log tail
+# of a node that exited.
+wait_ready() {
+  local deadline=$((SECONDS + wait_secs)) spec name pending
+  while :; do
+    pending=()
+    for spec in "$@"; do
+      name="$(node_name "$spec")"
+      if ! node_pid "$name" >/dev/null; then
+        warn "$name exited; last lines of $logs/$name.log:"
+        tail -n 20 "$logs/$name.log" >&2 || true
+        exit 1
+      fi
+      ready "$(node_port "$spec")" || pending+=("$name")
+    done
+    ((${#pending[@]} == 0)) && return
+    if ((SECONDS >= deadline)); then
+      die "not ready after ${wait_secs}s: ${pending[*]} (see $logs/)"
+    fi
+    sleep 0.2
+  done
+}
+
+# --- nginx ----------------------------------------------------------------------------------
+
+start_nginx() {
+  local pid servers_gw="" servers_co="" spec bin
+  if pid="$(nginx_pid)"; then
+    echo "    nginx already running (pid $pid)"
+    return
+  fi
+  port_open "$port" && die "port $port for nginx is taken by another process (LOCAL_CLUSTER_PORT)"
+  bin="$(nginx_bin)" || {
+    say "installing nginx"
+    apt_install nginx-light || apt_install nginx
+    bin="$(nginx_bin)"
+  }
+  for spec in "${nodes[@]}"; do
+    case "$(node_role "$spec")" in
+      gateway) servers_gw+="server 127.0.0.1:$(node_port "$spec"); " ;;
+      coordinator) servers_co+="server 127.0.0.1:$(node_port "$spec"); " ;;
+    esac
+  done
+  mkdir -p "$prefix/logs"
+  # shellcheck disable=SC2016 # the single-quoted names are envsubst's list, not expansions
+  NGINX_LISTEN="$bind:$port" GATEWAY_SERVERS="$servers_gw" COORDINATOR_SERVERS="$servers_co" \
+    envsubst '${NGINX_LISTEN} ${GATEWAY_SERVERS} ${COORDINATOR_SERVERS}' \
+    <"$template" >"$prefix/nginx.conf"
+  local args=(-p "$prefix/" -c "$prefix/nginx.conf" -e "$prefix/logs/error.log")
+  "$bin" -t -q "${args[@]}" || die "nginx rejected $prefix/nginx.conf"
+  # Daemonises; the master's pid lands in $prefix/logs/nginx.pid.
+  "$bin" "${args[@]}"
+  local deadline=$((SECONDS + 20))
+  until pid="$(nginx_pid)" && ready "$port" "$host"; do
+    ((SECONDS < deadline)) || die "nginx did not come up (see $prefix/logs/error.log)"
+    sleep 0.1
+  done
+  echo "    nginx on $bind:$port, pid $pid"
+}
+
+# --- commands -------------------------------------------------------------------------------
+
+all_up() {
+  local spec
+  nginx_pid >/dev/null || return 1
+  for spec in "${nodes[@]}"; do
+    node_pid "$(node_name "$spec")" >/dev/null || return 1
+  done
+}
+
+print_endpoints() {
+  local token data_dir
+  if token="$(admin_token_path)"; then
+    data_dir="$(dirname "$token")"
+  else
+    token="none written: the database already had an API token ('reset' starts afresh)"
+    data_dir="DIR-WITH-admin-token"
+  fi
+  cat <<EOF
+
+Ampora local cluster is up.
+  agent endpoint:  ws://$host:$port/v1/opamp   (plain HTTP: http://$host:$port/v1/opamp)
+  API:             http://$host:$port/api/v1
+  admin token:     $token
+  nodes:           gateways :$((port + 1)) :$((port + 2)), coordinators :$((port + 3)) :$((port + 4))
+                   (each serves /health/live, /health/ready, /metrics)
+  logs:            $logs/ and $prefix/logs/
+For example:
+  target/release/ampora tokens create --name laptop --server http://$host:$port --data-dir $data_dir
+EOF
+}
+
+cmd_up() {
+  mkdir -p "$run" "$logs"
+  if all_up; then
+    say "already up"
+    print_endpoints
+    return
+  fi
+  local bin
+  bin="$(ampora_bin)"
+  start_nats
+  start_redis
+  start_postgres
+  say "starting nodes"
+  start_node "${nodes[0]}" "$bin"
+  wait_ready "${nodes[0]}"
+  local spec
+  for spec in "${nodes[@]:1}"; do
+    start_node "$spec" "$bin"
+  done
+  wait_ready "${nodes[@]}"
+  say "starting nginx"
+  start_nginx
+  print_endpoints
+}
+
+# Sends SIGTERM to pid file $1's process (checked against $2) and waits up to $3 seconds
+# before SIGKILL.
+stop_pid() {
+  local file="$1" match="$2" grace="$3" what="$4" pid
+  if ! pid="$(live_pid "$file" "$match")"; then
+    rm -f "$file"
+    return
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + grace))
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then
+      warn "$what (pid $pid) still running after ${grace}s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+  done
+  rm -f "$file"
+  echo "    stopped $what (pid $pid)"
+}
+
+cmd_down() {
+  say "stopping"
+  stop_pid "$prefix/logs/nginx.pid" "$prefix/" 10 nginx
+  local spec name role
+  # Gateways drain in parallel, then the coordinators go.
+  for role in gateway coordinator; do
+    for spec in "${nodes[@]}"; do
+      [[ $(node_role "$spec") == "$role" ]] || continue
+      name="$(node_name "$spec")"
+      stop_pid "$run/$name.pid" "$(node_conf "$name")" $((drain_window_secs + 15)) "$name" &
+    done
+    wait
+  done
+  stop_pid "$run/nats.pid" nats-server 10 "NATS (started by up)"
+  stop_pid "$run/redis.pid" redis-server 10 "Redis (started by up)"
+  if [[ -s $run/postgres.started ]]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(<"$run/postgres.started")" main stop || true
+    rm -f "$run/postgres.started"
+    echo "    stopped PostgreSQL (started by up)"
+  fi
+}
+
+cmd_status() {
+  local spec name pid health token rc=0
+  printf '%-14s %-8s %-22s %-8s %s\n' COMPONENT PID ADDRESS STATE HEALTH
+  for spec in "${nodes[@]}"; do
+    name="$(node_name "$spec")"
+    health=-
+    if pid="$(node_pid "$name")"; then
+      health=unready
+      ready "$(node_port "$spec")" && health=ready
+    else
+      pid=- rc=3
+    fi
+    [[ $health == ready ]] || rc=3
+    printf '%-14s %-8s %-22s %-8s %s\n' "$name" "$pid" "127.0.0.1:$(node_port "$spec")" \
+      "$([[ $pid == - ]] && echo stopped || echo running)" "$health"
+  done
+  health=-
+  if pid="$(nginx_pid)"; then
+    health=unready
+    ready "$port" "$host" && health=ready
+  else
+    pid=- rc=3
+  fi
+  [[ $health == ready ]] || rc=3
+  printf '%-14s %-8s %-22s %-8s %s\n' nginx "$pid" "$bind:$port" \
+    "$([[ $pid == - ]] && echo stopped || echo running)" "$health"
+  local svc
+  for svc in "NATS:$nats_port" "Redis:$redis_port" "PostgreSQL:$pg_port"; do
+    printf '%-14s %-8s %-22s %s\n' "${svc%%:*}" - "127.0.0.1:${svc##*:}" \
+      "$(port_open "${svc##*:}" && echo open || echo closed)"
+  done
+  if token="$(admin_token_path)"; then
+    echo "admin token: $token"
+  fi
+  return "$rc"
+}
+
+cmd_reset() {
+  cmd_down
+  if port_open "$pg_port"; then
+    say "dropping database $db"
+    psql -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA \
+      -c "DROP DATABASE IF EXISTS \"$db\""
+  fi
+  say "removing $state"
+  rm -rf "$state"
+}
+
+case "${1:-up}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  reset) cmd_reset ;;
+  -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$1' (up, down, status, reset)" ;;
+esac

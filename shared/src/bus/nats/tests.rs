@@ -1,0 +1,551 @@
+//! Tests of the NATS bus: the shared conformance suite against a real server, what is specific
+//! to NATS (chunking through queue groups, size limits, malformed input), and the pure
+//! reassembly / outbox bookkeeping.
+//!
+//! They need NATS at `AMPORA_TEST_NATS_URL` (default `nats://127.0.0.1:4222`) and fail, never
+//! skip, when it is not there. Each test uses its own random subject prefix.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::bus::conformance::{self, WAIT};
+use crate::bus::{AgentFrame, AuthDecision, AuthFailure, Credential, FrameReply};
+use crate::domain::Transport;
+use crate::ids::InstanceUid;
+
+fn nats_url() -> String {
+    std::env::var("AMPORA_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn options(prefix: &str, node: &str) -> NatsBusOptions {
+    NatsBusOptions {
+        subject_prefix: prefix.into(),
+        node: node.into(),
+        ..NatsBusOptions::new(nats_url())
+    }
+}
+
+fn random_prefix() -> String {
+    format!("ampora-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn connect(opts: NatsBusOptions) -> NatsBus {
+    let url = opts.url.clone();
+    match NatsBus::connect(opts).await {
+        Ok(bus) => bus,
+        Err(e) => panic!(
+            "these tests need a NATS server at {url} (set AMPORA_TEST_NATS_URL to use another): {e}"
+        ),
+    }
+}
+
+/// A coordinator side and a gateway side on one fresh prefix: two processes, as far as NATS
+/// can tell.
+async fn pair() -> (String, Arc<NatsBus>, Arc<NatsBus>) {
+    let prefix = random_prefix();
+    let c = connect(options(&prefix, "coord-1")).await;
+    let g = connect(options(&prefix, "gw-1")).await;
+    (prefix, Arc::new(c), Arc::new(g))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_bus_conforms() {
+    let (_, c, g) = pair().await;
+    conformance::run_all(c, g).await;
+}
+
+#[tokio::test]
+async fn unreachable_nats_is_an_error_not_a_hang() {
+    let mut opts = options(&random_prefix(), "n");
+    opts.url = "nats://127.0.0.1:1".into();
+    let res = tokio::time::timeout(WAIT, NatsBus::connect(opts))
+        .await
+        .expect("connect must give up on a refused connection");
+    match res {
+        Err(BusError::Unavailable(msg)) => assert!(msg.contains("127.0.0.1:1"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_prefixes_are_refused() {
+    for prefix in ["", "a..b", "a.*", "a.>", "has space", ".a", "a."] {
+        assert!(
+            matches!(
+                NatsBus::connect(options(prefix, "n")).await,
+                Err(BusError::Unavailable(_))
+            ),
+            "{prefix:?} must be refused"
+        );
+    }
+}
+
+/// Counts requests and answers a frame with the SHA-256 and length of its effective config.
+#[derive(Default)]
+struct Hasher {
+    handled: AtomicUsize,
+}
+
+#[async_trait]
+impl CoordinatorHandler for Hasher {
+    async fn handle(&self, req: CoordinatorRequest) -> CoordinatorReply {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        let CoordinatorRequest::Frame(f) = req else {
+            return CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken));
+        };
+        let body = effective_body(&f.msg);
+        CoordinatorReply::Frame(Box::new(FrameReply {
+            msg: proto::ServerToAgent {
+                instance_uid: Sha256::digest(&body).to_vec(),
+                capabilities: body.len() as u64,
+                ..Default::default()
+            },
+            bind: None,
+            close: None,
+        }))
+    }
+
+    async fn event(&self, _ev: CoordinatorEvent) {}
+}
+
+fn effective_body(msg: &proto::AgentToServer) -> Vec<u8> {
+    msg.effective_config
+        .as_ref()
+        .and_then(|c| c.config_map.as_ref())
+        .and_then(|m| m.config_map.get("c"))
+        .map(|f| f.body.clone())
+        .unwrap_or_default()
+}
+
+fn frame_with_config(body: Vec<u8>) -> CoordinatorRequest {
+    let uid = InstanceUid::new_v7();
+    CoordinatorRequest::Frame(Box::new(AgentFrame {
+        gateway: GatewayId("gw".into()),
+        conn_id: 1,
+        epoch: 1,
+        transport: Transport::WebSocket,
+        credential: Credential::BootstrapToken {
+            token_id: "t".into(),
+            bound_uid: None,
+        },
+        source_ip: "127.0.0.1".parse().expect("ip"),
+        msg: proto::AgentToServer {
+            instance_uid: uid.0.to_vec(),
+            effective_config: Some(proto::v1::EffectiveConfig {
+                config_map: Some(proto::v1::AgentConfigMap {
+                    config_map: [(
+                        "c".to_string(),
+                        proto::v1::AgentConfigFile {
+                            body,
+                            content_type: String::new(),
+                        },
+                    )]
+                    .into(),
+                }),
+            }),
+            ..Default::default()
+        },
+    }))
+}
+
+fn body_of(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// The queue-group case of chunking: while two coordinators serve one partition (a hand-over),
+/// each large request is still received whole by exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_requests_to_a_shared_partition_are_handled_once_and_whole() {
+    let prefix = random_prefix();
+    let c1 = connect(options(&prefix, "coord-1")).await;
+    let c2 = connect(options(&prefix, "coord-2")).await;
+    let g = connect(options(&prefix, "gw-1")).await;
+    let h1 = Arc::new(Hasher::default());
+    let h2 = Arc::new(Hasher::default());
+    for (c, h) in [(&c1, &h1), (&c2, &h2)] {
+        c.serve_coordinator(h.clone()).await.expect("serve");
+        c.serve_partitions(&[9]).await.expect("serve partition");
+    }
+    const N: usize = 12;
+    let requests = (0..N).map(|i| {
+        let body = body_of(i as u8, 2 * 1024 * 1024 + i * 1000);
+        let g = &g;
+        async move {
+            let want = (Sha256::digest(&body).to_vec(), body.len() as u64);
+            let reply = tokio::time::timeout(
+                WAIT,
+                g.request(Route::Partition(9), frame_with_config(body)),
+            )
+            .await
+            .expect("large request timed out");
+            (want, reply)
+        }
+    });
+    for ((hash, len), reply) in futures::future::join_all(requests).await {
+        match reply {
+            Ok(CoordinatorReply::Frame(f)) => {
+                assert_eq!(f.msg.capabilities, len);
+                assert_eq!(f.msg.instance_uid, hash, "body corrupted in transit");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (n1, n2) = (
+        h1.handled.load(Ordering::Relaxed),
+        h2.handled.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        n1 + n2,
+        N,
+        "each request handled exactly once ({n1} + {n2})"
+    );
+}
+
+#[tokio::test]
+async fn messages_above_the_limit_are_refused_before_sending() {
+    let prefix = random_prefix();
+    let mut opts = options(&prefix, "gw-1");
+    opts.max_message_bytes = 1024 * 1024;
+    let g = connect(opts).await;
+    let res = g
+        .request(
+            Route::Partition(1),
+            frame_with_config(vec![0; 2 * 1024 * 1024]),
+        )
+        .await;
+    assert!(
+        matches!(res, Err(BusError::TooLarge { limit, .. }) if limit == 1024 * 1024),
+        "{res:?}"
+    );
+    let res = g
+        .deliver(
+            &GatewayId("x".into()),
+            GatewayMessage::Close {
+                uid: InstanceUid::new_v7(),
+                epoch: 1,
+                reason: "r".repeat(2 * 1024 * 1024),
+            },
+        )
+        .await;
+    assert!(matches!(res, Err(BusError::TooLarge { .. })), "{res:?}");
+}
+
+/// A coordinator with a smaller limit than its gateway refuses the large request at once
+/// (an error reply), instead of leaving the gateway to time out.
+#[tokio::test]
+async fn a_receiver_refuses_what_exceeds_its_own_limit_and_says_so() {
+    let prefix = random_prefix();
+    let mut copts = options(&prefix, "coord-1");
+    copts.max_message_bytes = 1536 * 1024;
+    // Long enough that answering by timeout would fail the assertion below.
+    copts.request_timeout = Duration::from_secs(60);
+    let c = connect(copts).await;
+    let mut gopts = options(&prefix, "gw-1");
+    gopts.request_timeout = Duration::from_secs(60);
+    let g = connect(gopts).await;
+    let h = Arc::new(Hasher::default());
+    c.serve_coordinator(h.clone()).await.expect("serve");
+    c.serve_partitions(&[2]).await.expect("serve partition");
+    let res = tokio::time::timeout(
+        WAIT,
+        g.request(
+            Route::Partition(2),
+            frame_with_config(vec![1; 3 * 1024 * 1024]),
+        ),
+    )
+    .await
+    .expect("refusal must be immediate");
+    assert!(matches!(res, Err(BusError::Unavailable(_))), "{res:?}");
+    assert_eq!(h.handled.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn malformed_messages_are_dropped_answered_and_survived() {
+    let (prefix, c, g) = pair().await;
+    let h = Arc::new(Hasher::default());
+    c.serve_coordinator(h.clone()).await.expect("serve");
+    c.serve_partitions(&[5]).await.expect("serve partition");
+    let gw = GatewayId("gw-m".into());
+    let mut deliveries = g.subscribe_gateway(&gw).await.expect("subscribe");
+
+    let raw = async_nats::connect(nats_url()).await.expect("raw client");
+    let inbox = format!("{prefix}.rawinbox");
+    let mut replies = raw.subscribe(inbox.clone()).await.expect("subscribe");
+    raw.flush().await.expect("flush");
+    for garbage in [&b"\xff\xff\xff"[..], &b""[..]] {
+        raw.publish_with_reply(
+            format!("{prefix}.a2s.5"),
+            inbox.clone(),
+            Bytes::copy_from_slice(garbage),
+        )
+        .await
+        .expect("publish");
+        let reply = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .expect("malformed request must be answered")
+            .expect("subscription open");
+        assert!(
+            header(&reply, H_ERROR).is_some(),
+            "expected an error header, got {reply:?}"
+        );
+    }
+    // A bad chunk header and an undecodable delivery, then a good delivery: the gateway's
+    // first message is the good one.
+    let mut bad_chunk = HeaderMap::new();
+    bad_chunk.insert(H_CHUNK, "nonsense");
+    raw.publish_with_headers(
+        format!("{prefix}.gw.gw-m"),
+        bad_chunk,
+        Bytes::from_static(b"x"),
+    )
+    .await
+    .expect("publish");
+    raw.publish(format!("{prefix}.gw.gw-m"), Bytes::from_static(b"\x0a\x01"))
+        .await
+        .expect("publish");
+    raw.flush().await.expect("flush");
+    let uid = InstanceUid::new_v7();
+    c.deliver(
+        &gw,
+        GatewayMessage::Close {
+            uid,
+            epoch: 7,
+            reason: "ok".into(),
+        },
+    )
+    .await
+    .expect("deliver");
+    match tokio::time::timeout(WAIT, deliveries.recv()).await {
+        Ok(Some(GatewayMessage::Close { epoch: 7, .. })) => {}
+        other => panic!("expected the good delivery, got {other:?}"),
+    }
+    // And the coordinator still answers.
+    let res = g
+        .request(Route::Partition(5), frame_with_config(b"fine".to_vec()))
+        .await;
+    assert!(matches!(res, Ok(CoordinatorReply::Frame(_))), "{res:?}");
+    assert_eq!(h.handled.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn serve_partitions_needs_a_handler() {
+    let (_, c, _) = pair().await;
+    assert!(matches!(
+        c.serve_partitions(&[1]).await,
+        Err(BusError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_dropped_gateway_receiver_stops_its_subscription() {
+    let (_, c, g) = pair().await;
+    let gw = GatewayId("gw-d".into());
+    let rx = g.subscribe_gateway(&gw).await.expect("subscribe");
+    drop(rx);
+    // Deliveries to it are harmless (at most once, nobody listening) ...
+    for _ in 0..3 {
+        c.deliver(
+            &gw,
+            GatewayMessage::Close {
+                uid: InstanceUid::new_v7(),
+                epoch: 1,
+                reason: String::new(),
+            },
+        )
+        .await
+        .expect("deliver");
+    }
+    // ... and subscribing again works.
+    let mut rx = g.subscribe_gateway(&gw).await.expect("subscribe again");
+    c.deliver(
+        &gw,
+        GatewayMessage::Close {
+            uid: InstanceUid::new_v7(),
+            epoch: 2,
+            reason: String::new(),
+        },
+    )
+    .await
+    .expect("deliver");
+    match tokio::time::timeout(WAIT, rx.recv()).await {
+        Ok(Some(GatewayMessage::Close { epoch: 2, .. })) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---- pure bookkeeping ----------------------------------------------------------------------
+
+fn key(id: &str) -> ChunkKey {
+    ("subj".into(), id.into())
+}
+
+fn hdr(id: &str, index: usize, count: usize, total: usize) -> ChunkHeader<'_> {
+    ChunkHeader {
+        msg_id: id,
+        index,
+        count,
+        total,
+    }
+}
+
+#[test]
+fn chunk_headers_parse_strictly() {
+    assert_eq!(ChunkHeader::parse("m-1 0 3 10"), Some(hdr("m-1", 0, 3, 10)));
+    for bad in [
+        "",
+        "m-1 0 3",
+        "m-1 3 3 10",
+        "m-1 0 3 10 x",
+        "m-1 a 3 10",
+        " 0 1 1",
+    ] {
+        assert_eq!(ChunkHeader::parse(bad), None, "{bad:?}");
+    }
+    let pull = Pull::parse("p.inbox.n.fetch m-2 99").expect("pull");
+    assert_eq!(
+        (pull.fetch, pull.msg_id, pull.len),
+        ("p.inbox.n.fetch", "m-2", 99)
+    );
+    assert!(Pull::parse("p.inbox.n.fetch m-2").is_none());
+}
+
+#[test]
+fn chunks_reassemble_in_order() {
+    let mut r = Reassembler::new(100, 50);
+    let now = Instant::now();
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 0, 3, 7), b"abc", now),
+        Chunk::Pending
+    );
+    assert_eq!(r.reserved, 7);
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 1, 3, 7), b"de", now),
+        Chunk::Pending
+    );
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 2, 3, 7), b"fg", now),
+        Chunk::Complete(Bytes::from_static(b"abcdefg"))
+    );
+    assert_eq!(r.reserved, 0);
+    assert!(r.partial.is_empty() && r.dropped.is_empty());
+}
+
+#[test]
+fn a_gap_drops_the_message_once() {
+    let mut r = Reassembler::new(100, 50);
+    let now = Instant::now();
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 0, 4, 8), b"ab", now),
+        Chunk::Pending
+    );
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 2, 4, 8), b"ef", now),
+        Chunk::Dropped("incomplete_chunks")
+    );
+    assert_eq!(r.reserved, 0);
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 3, 4, 8), b"gh", now),
+        Chunk::Ignored
+    );
+    assert!(r.dropped.is_empty(), "forgotten after its last chunk");
+    // A lost first chunk: counted once, at the first chunk that does arrive.
+    assert_eq!(
+        r.add(key("b"), &hdr("b", 1, 3, 6), b"cd", now),
+        Chunk::Dropped("incomplete_chunks")
+    );
+    assert_eq!(
+        r.add(key("b"), &hdr("b", 2, 3, 6), b"ef", now),
+        Chunk::Ignored
+    );
+}
+
+#[test]
+fn reassembly_is_bounded() {
+    let mut r = Reassembler::new(10, 8);
+    let now = Instant::now();
+    assert_eq!(
+        r.add(key("big"), &hdr("big", 0, 3, 9), b"abc", now),
+        Chunk::Dropped("too_large")
+    );
+    assert_eq!(
+        r.add(key("big"), &hdr("big", 1, 3, 9), b"def", now),
+        Chunk::Ignored
+    );
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 0, 2, 6), b"abc", now),
+        Chunk::Pending
+    );
+    assert_eq!(
+        r.add(key("b"), &hdr("b", 0, 2, 6), b"abc", now),
+        Chunk::Dropped("buffer_full")
+    );
+    // Chunks that do not add up to their declared total are malformed.
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 1, 2, 6), b"defg", now),
+        Chunk::Dropped("malformed")
+    );
+    assert_eq!(r.reserved, 0);
+}
+
+#[test]
+fn stale_partial_messages_expire() {
+    let mut r = Reassembler::new(100, 50);
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(5);
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 0, 2, 4), b"ab", t0),
+        Chunk::Pending
+    );
+    assert_eq!(r.expire(t0 + Duration::from_secs(1), timeout), 0);
+    assert_eq!(r.expire(t0 + timeout, timeout), 1);
+    assert_eq!(r.reserved, 0);
+    // Its last chunk, arriving late, is counted as incomplete rather than completing garbage.
+    assert_eq!(
+        r.add(key("a"), &hdr("a", 1, 2, 4), b"cd", t0 + timeout),
+        Chunk::Dropped("incomplete_chunks")
+    );
+}
+
+#[test]
+fn the_outbox_is_bounded_and_expires() {
+    let mut o = Outbox::new(10);
+    let t0 = Instant::now();
+    assert!(o.put("a".into(), Bytes::from_static(b"123456"), t0));
+    assert!(
+        !o.put("b".into(), Bytes::from_static(b"123456"), t0),
+        "over the limit"
+    );
+    assert_eq!(o.take("a"), Some(Bytes::from_static(b"123456")));
+    assert_eq!(o.take("a"), None, "fetched once");
+    assert!(o.put("c".into(), Bytes::from_static(b"1234"), t0));
+    assert_eq!(
+        o.expire(t0 + Duration::from_secs(1), Duration::from_secs(2)),
+        0
+    );
+    assert_eq!(
+        o.expire(t0 + Duration::from_secs(2), Duration::from_secs(2)),
+        1
+    );
+    assert_eq!(o.held, 0);
+}
+
+#[test]
+fn ids_become_single_subject_tokens() {
+    assert_eq!(token("host.example.com"), "host_example_com");
+    assert_eq!(token("a*b>c d"), "a_b_c_d");
+    assert_eq!(token(""), "_");
+    let s = Subjects::new("ampora", "gateway-h.x-1");
+    assert_eq!(s.reply(3), "ampora.inbox.gateway-h_x-1.r.3");
+    assert_eq!(s.fetch, "ampora.inbox.gateway-h_x-1.fetch");
+    assert_eq!(s.partition(17), "ampora.a2s.17");
+    assert_eq!(s.route(Route::Any), "ampora.any");
+    assert_eq!(s.gateway(&GatewayId("g.1".into())), "ampora.gw.g_1");
+    assert!(s.is_inbox("ampora.inbox.other.fetch"));
+    assert!(!s.is_inbox("amporax.inbox.other.fetch"));
+    assert!(!s.is_inbox("elsewhere.fetch"));
+}

@@ -1,0 +1,508 @@
+//! Conversions between the bus types of this module and their protobuf envelopes
+//! (`proto::bus`, package `ampora.bus.v1`).
+//!
+//! Encoding cannot fail. Decoding validates everything the Rust types promise and the
+//! protobuf types do not: every `oneof` is set, UIDs are exactly 16 bytes, addresses parse,
+//! enums are known values. A message that fails any of these is [`Malformed`]; the caller
+//! counts and drops it, nothing panics on input from the wire.
+
+use std::net::IpAddr;
+
+use proto::bus as pb;
+use proto::Message;
+
+use super::{
+    AgentFrame, AuthDecision, AuthFailure, AuthRequest, ControlEvent, CoordinatorEvent,
+    CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
+};
+use crate::domain::Transport;
+use crate::ids::{GatewayId, InstanceUid};
+
+/// Why a received message could not be decoded; `'static` so it never allocates on a flood of
+/// garbage, and precise enough for a debug log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed bus message: {0}")]
+pub(crate) struct Malformed(pub(crate) &'static str);
+
+/// What travels on the coordinator subjects: a request expecting one reply, or an event.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    Request(CoordinatorRequest),
+    Event(CoordinatorEvent),
+}
+
+// ---- encoding ------------------------------------------------------------------------------
+
+pub(crate) fn encode_request(req: CoordinatorRequest) -> Vec<u8> {
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Request(request_to_pb(req))),
+    }
+    .encode_to_vec()
+}
+
+pub(crate) fn encode_event(ev: CoordinatorEvent) -> Vec<u8> {
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Event(event_to_pb(ev))),
+    }
+    .encode_to_vec()
+}
+
+pub(crate) fn encode_reply(reply: CoordinatorReply) -> Vec<u8> {
+    use pb::coordinator_reply::Kind;
+    let kind = match reply {
+        CoordinatorReply::Auth(d) => Kind::Auth(decision_to_pb(d)),
+        CoordinatorReply::Frame(f) => {
+            let f = *f;
+            Kind::Frame(pb::FrameReply {
+                msg: Some(f.msg),
+                bind: f.bind.map(|u| u.0.to_vec()),
+                close: f.close,
+            })
+        }
+    };
+    pb::CoordinatorReply { kind: Some(kind) }.encode_to_vec()
+}
+
+pub(crate) fn encode_gateway(msg: GatewayMessage) -> Vec<u8> {
+    use pb::gateway_message::Kind;
+    let kind = match msg {
+        GatewayMessage::Deliver { uid, epoch, msg } => Kind::Deliver(pb::Deliver {
+            uid: uid.0.to_vec(),
+            epoch,
+            msg: Some(*msg),
+        }),
+        GatewayMessage::Close { uid, epoch, reason } => Kind::Close(pb::Close {
+            uid: uid.0.to_vec(),
+            epoch,
+            reason,
+        }),
+    };
+    pb::GatewayMessage { kind: Some(kind) }.encode_to_vec()
+}
+
+pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
+    use pb::control_event::Kind;
+    let kind = match ev {
+        ControlEvent::AssignmentCreated { assignment_id } => {
+            Kind::AssignmentCreated(pb::AssignmentCreated { assignment_id })
+        }
+        ControlEvent::TokenChanged { token_id } => {
+            Kind::TokenChanged(pb::TokenChanged { token_id })
+        }
+        ControlEvent::MembershipChanged => Kind::MembershipChanged(pb::MembershipChanged {}),
+    };
+    pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
+}
+
+fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
+    use pb::coordinator_request::Kind;
+    let kind = match req {
+        CoordinatorRequest::Authenticate(a) => Kind::Authenticate(pb::AuthRequest {
+            token: a.token,
+            source_ip: a.source_ip.to_string(),
+            uid_hint: a.uid_hint.map(|u| u.0.to_vec()),
+            transport: transport_to_pb(a.transport) as i32,
+        }),
+        CoordinatorRequest::Frame(f) => {
+            let f = *f;
+            Kind::Frame(pb::AgentFrame {
+                gateway: f.gateway.0,
+                conn_id: f.conn_id,
+                epoch: f.epoch,
+                transport: transport_to_pb(f.transport) as i32,
+                credential: Some(credential_to_pb(f.credential)),
+                source_ip: f.source_ip.to_string(),
+                msg: Some(f.msg),
+            })
+        }
+    };
+    pb::CoordinatorRequest { kind: Some(kind) }
+}
+
+fn event_to_pb(ev: CoordinatorEvent) -> pb::CoordinatorEvent {
+    use pb::coordinator_event::Kind;
+    let kind = match ev {
+        CoordinatorEvent::Disconnected {
+            uid,
+            gateway,
+            conn_id,
+            epoch,
+        } => Kind::Disconnected(pb::Disconnected {
+            uid: uid.0.to_vec(),
+            gateway: gateway.0,
+            conn_id,
+            epoch,
+        }),
+        CoordinatorEvent::AuthFailed { source_ip, reason } => Kind::AuthFailed(pb::AuthFailed {
+            source_ip: source_ip.to_string(),
+            reason,
+        }),
+    };
+    pb::CoordinatorEvent { kind: Some(kind) }
+}
+
+fn decision_to_pb(d: AuthDecision) -> pb::AuthDecision {
+    use pb::auth_decision::Kind;
+    let kind = match d {
+        AuthDecision::Accept(c) => Kind::Accept(credential_to_pb(c)),
+        AuthDecision::Reject(f) => Kind::Reject(failure_to_pb(f) as i32),
+    };
+    pb::AuthDecision { kind: Some(kind) }
+}
+
+fn credential_to_pb(c: Credential) -> pb::Credential {
+    match c {
+        Credential::BootstrapToken {
+            token_id,
+            bound_uid,
+        } => pb::Credential {
+            kind: Some(pb::credential::Kind::BootstrapToken(pb::BootstrapToken {
+                token_id,
+                bound_uid: bound_uid.map(|u| u.0.to_vec()),
+            })),
+        },
+    }
+}
+
+fn transport_to_pb(t: Transport) -> pb::Transport {
+    match t {
+        Transport::WebSocket => pb::Transport::WebSocket,
+        Transport::Http => pb::Transport::Http,
+    }
+}
+
+fn failure_to_pb(f: AuthFailure) -> pb::AuthFailure {
+    match f {
+        AuthFailure::MissingCredentials => pb::AuthFailure::MissingCredentials,
+        AuthFailure::WrongScheme => pb::AuthFailure::WrongScheme,
+        AuthFailure::MalformedToken => pb::AuthFailure::MalformedToken,
+        AuthFailure::UnknownToken => pb::AuthFailure::UnknownToken,
+        AuthFailure::Expired => pb::AuthFailure::Expired,
+        AuthFailure::Revoked => pb::AuthFailure::Revoked,
+        AuthFailure::AlreadyRedeemed => pb::AuthFailure::AlreadyRedeemed,
+    }
+}
+
+// ---- decoding ------------------------------------------------------------------------------
+
+pub(crate) fn decode_inbound(bytes: &[u8]) -> Result<Inbound, Malformed> {
+    use pb::coordinator_message::Kind;
+    let msg =
+        pb::CoordinatorMessage::decode(bytes).map_err(|_| Malformed("coordinator message"))?;
+    match msg.kind.ok_or(Malformed("coordinator message kind"))? {
+        Kind::Request(r) => request_from_pb(r).map(Inbound::Request),
+        Kind::Event(e) => event_from_pb(e).map(Inbound::Event),
+    }
+}
+
+pub(crate) fn decode_reply(bytes: &[u8]) -> Result<CoordinatorReply, Malformed> {
+    use pb::coordinator_reply::Kind;
+    let msg = pb::CoordinatorReply::decode(bytes).map_err(|_| Malformed("coordinator reply"))?;
+    Ok(match msg.kind.ok_or(Malformed("coordinator reply kind"))? {
+        Kind::Auth(d) => CoordinatorReply::Auth(decision_from_pb(d)?),
+        Kind::Frame(f) => CoordinatorReply::Frame(Box::new(FrameReply {
+            msg: f.msg.ok_or(Malformed("frame reply without message"))?,
+            bind: f.bind.as_deref().map(uid_from_pb).transpose()?,
+            close: f.close,
+        })),
+    })
+}
+
+pub(crate) fn decode_gateway(bytes: &[u8]) -> Result<GatewayMessage, Malformed> {
+    use pb::gateway_message::Kind;
+    let msg = pb::GatewayMessage::decode(bytes).map_err(|_| Malformed("gateway message"))?;
+    Ok(match msg.kind.ok_or(Malformed("gateway message kind"))? {
+        Kind::Deliver(d) => GatewayMessage::Deliver {
+            uid: uid_from_pb(&d.uid)?,
+            epoch: d.epoch,
+            msg: Box::new(d.msg.ok_or(Malformed("delivery without message"))?),
+        },
+        Kind::Close(c) => GatewayMessage::Close {
+            uid: uid_from_pb(&c.uid)?,
+            epoch: c.epoch,
+            reason: c.reason,
+        },
+    })
+}
+
+pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
+    use pb::control_event::Kind;
+    let msg = pb::ControlEvent::decode(bytes).map_err(|_| Malformed("control event"))?;
+    Ok(match msg.kind.ok_or(Malformed("control event kind"))? {
+        Kind::AssignmentCreated(a) => ControlEvent::AssignmentCreated {
+            assignment_id: a.assignment_id,
+        },
+        Kind::TokenChanged(t) => ControlEvent::TokenChanged {
+            token_id: t.token_id,
+        },
+        Kind::MembershipChanged(_) => ControlEvent::MembershipChanged,
+    })
+}
+
+fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Malformed> {
+    use pb::coordinator_request::Kind;
+    Ok(match req.kind.ok_or(Malformed("request kind"))? {
+        Kind::Authenticate(a) => CoordinatorRequest::Authenticate(AuthRequest {
+            token: a.token,
+            source_ip: ip_from_pb(&a.source_ip)?,
+            uid_hint: a.uid_hint.as_deref().map(uid_from_pb).transpose()?,
+            transport: transport_from_pb(a.transport)?,
+        }),
+        Kind::Frame(f) => CoordinatorRequest::Frame(Box::new(AgentFrame {
+            gateway: GatewayId(f.gateway),
+            conn_id: f.conn_id,
+            epoch: f.epoch,
+            transport: transport_from_pb(f.transport)?,
+            credential: credential_from_pb(f.credential.ok_or(Malformed("frame credential"))?)?,
+            source_ip: ip_from_pb(&f.source_ip)?,
+            msg: f.msg.ok_or(Malformed("frame without message"))?,
+        })),
+    })
+}
+
+fn event_from_pb(ev: pb::CoordinatorEvent) -> Result<CoordinatorEvent, Malformed> {
+    use pb::coordinator_event::Kind;
+    Ok(match ev.kind.ok_or(Malformed("event kind"))? {
+        Kind::Disconnected(d) => CoordinatorEvent::Disconnected {
+            uid: uid_from_pb(&d.uid)?,
+            gateway: GatewayId(d.gateway),
+            conn_id: d.conn_id,
+            epoch: d.epoch,
+        },
+        Kind::AuthFailed(a) => CoordinatorEvent::AuthFailed {
+            source_ip: ip_from_pb(&a.source_ip)?,
+            reason: a.reason,
+        },
+    })
+}
+
+fn decision_from_pb(d: pb::AuthDecision) -> Result<AuthDecision, Malformed> {
+    use pb::auth_decision::Kind;
+    Ok(match d.kind.ok_or(Malformed("auth decision kind"))? {
+        Kind::Accept(c) => AuthDecision::Accept(credential_from_pb(c)?),
+        Kind::Reject(f) => AuthDecision::Reject(failure_from_pb(f)?),
+    })
+}
+
+fn credential_from_pb(c: pb::Credential) -> Result<Credential, Malformed> {
+    match c.kind.ok_or(Malformed("credential kind"))? {
+        pb::credential::Kind::BootstrapToken(t) => Ok(Credential::BootstrapToken {
+            token_id: t.token_id,
+            bound_uid: t.bound_uid.as_deref().map(uid_from_pb).transpose()?,
+        }),
+    }
+}
+
+fn uid_from_pb(bytes: &[u8]) -> Result<InstanceUid, Malformed> {
+    InstanceUid::from_slice(bytes).ok_or(Malformed("instance uid is not 16 bytes"))
+}
+
+fn ip_from_pb(s: &str) -> Result<IpAddr, Malformed> {
+    s.parse().map_err(|_| Malformed("source ip"))
+}
+
+fn transport_from_pb(v: i32) -> Result<Transport, Malformed> {
+    match pb::Transport::try_from(v) {
+        Ok(pb::Transport::WebSocket) => Ok(Transport::WebSocket),
+        Ok(pb::Transport::Http) => Ok(Transport::Http),
+        Ok(pb::Transport::Unspecified) | Err(_) => Err(Malformed("transport")),
+    }
+}
+
+fn failure_from_pb(v: i32) -> Result<AuthFailure, Malformed> {
+    Ok(match pb::AuthFailure::try_from(v) {
+        Ok(pb::AuthFailure::MissingCredentials) => AuthFailure::MissingCredentials,
+        Ok(pb::AuthFailure::WrongScheme) => AuthFailure::WrongScheme,
+        Ok(pb::AuthFailure::MalformedToken) => AuthFailure::MalformedToken,
+        Ok(pb::AuthFailure::UnknownToken) => AuthFailure::UnknownToken,
+        Ok(pb::AuthFailure::Expired) => AuthFailure::Expired,
+        Ok(pb::AuthFailure::Revoked) => AuthFailure::Revoked,
+        Ok(pb::AuthFailure::AlreadyRedeemed) => AuthFailure::AlreadyRedeemed,
+        Ok(pb::AuthFailure::Unspecified) | Err(_) => return Err(Malformed("auth failure")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uid() -> InstanceUid {
+        InstanceUid([7; 16])
+    }
+
+    fn frame() -> AgentFrame {
+        AgentFrame {
+            gateway: GatewayId("gw-1".into()),
+            conn_id: 42,
+            epoch: 9,
+            transport: Transport::Http,
+            credential: Credential::BootstrapToken {
+                token_id: "tok".into(),
+                bound_uid: Some(uid()),
+            },
+            source_ip: "2001:db8::1".parse().expect("ip"),
+            msg: proto::AgentToServer {
+                instance_uid: uid().0.to_vec(),
+                sequence_num: 3,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let auth = AuthRequest {
+            token: "amp-bs.x.y".into(),
+            source_ip: "10.0.0.1".parse().expect("ip"),
+            uid_hint: Some(uid()),
+            transport: Transport::WebSocket,
+        };
+        match decode_inbound(&encode_request(CoordinatorRequest::Authenticate(
+            auth.clone(),
+        ))) {
+            Ok(Inbound::Request(CoordinatorRequest::Authenticate(back))) => {
+                assert_eq!(back.token, auth.token);
+                assert_eq!(back.source_ip, auth.source_ip);
+                assert_eq!(back.uid_hint, auth.uid_hint);
+                assert_eq!(back.transport, auth.transport);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let f = frame();
+        match decode_inbound(&encode_request(CoordinatorRequest::Frame(Box::new(
+            f.clone(),
+        )))) {
+            Ok(Inbound::Request(CoordinatorRequest::Frame(back))) => {
+                assert_eq!(back.gateway, f.gateway);
+                assert_eq!((back.conn_id, back.epoch), (f.conn_id, f.epoch));
+                assert_eq!(back.transport, f.transport);
+                assert_eq!(back.credential, f.credential);
+                assert_eq!(back.source_ip, f.source_ip);
+                assert_eq!(back.msg, f.msg);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_replies_deliveries_and_control_round_trip() {
+        let ev = CoordinatorEvent::Disconnected {
+            uid: uid(),
+            gateway: GatewayId("gw".into()),
+            conn_id: 1,
+            epoch: 2,
+        };
+        match decode_inbound(&encode_event(ev)) {
+            Ok(Inbound::Event(CoordinatorEvent::Disconnected {
+                uid: u,
+                conn_id: 1,
+                epoch: 2,
+                ..
+            })) => assert_eq!(u, uid()),
+            other => panic!("unexpected {other:?}"),
+        }
+        for failure in [
+            AuthFailure::MissingCredentials,
+            AuthFailure::WrongScheme,
+            AuthFailure::MalformedToken,
+            AuthFailure::UnknownToken,
+            AuthFailure::Expired,
+            AuthFailure::Revoked,
+            AuthFailure::AlreadyRedeemed,
+        ] {
+            match decode_reply(&encode_reply(CoordinatorReply::Auth(AuthDecision::Reject(
+                failure,
+            )))) {
+                Ok(CoordinatorReply::Auth(AuthDecision::Reject(back))) => {
+                    assert_eq!(back, failure)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let reply = FrameReply {
+            msg: proto::ServerToAgent {
+                capabilities: 5,
+                ..Default::default()
+            },
+            bind: Some(uid()),
+            close: Some("bye".into()),
+        };
+        match decode_reply(&encode_reply(CoordinatorReply::Frame(Box::new(
+            reply.clone(),
+        )))) {
+            Ok(CoordinatorReply::Frame(back)) => {
+                assert_eq!(back.msg, reply.msg);
+                assert_eq!(back.bind, reply.bind);
+                assert_eq!(back.close, reply.close);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match decode_gateway(&encode_gateway(GatewayMessage::Close {
+            uid: uid(),
+            epoch: 4,
+            reason: "moved".into(),
+        })) {
+            Ok(GatewayMessage::Close {
+                epoch: 4, reason, ..
+            }) => assert_eq!(reason, "moved"),
+            other => panic!("unexpected {other:?}"),
+        }
+        for ev in [
+            ControlEvent::AssignmentCreated { assignment_id: -3 },
+            ControlEvent::TokenChanged {
+                token_id: "t".into(),
+            },
+            ControlEvent::MembershipChanged,
+        ] {
+            assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        assert!(decode_inbound(b"\xff\xff\xff").is_err());
+        assert!(decode_inbound(&[]).is_err(), "an empty oneof is malformed");
+        assert!(decode_reply(&[]).is_err());
+        assert!(decode_gateway(&[]).is_err());
+        assert!(decode_control(&[]).is_err());
+
+        // Well-formed protobuf, invalid content.
+        let short_uid = pb::GatewayMessage {
+            kind: Some(pb::gateway_message::Kind::Close(pb::Close {
+                uid: vec![1; 15],
+                epoch: 1,
+                reason: String::new(),
+            })),
+        }
+        .encode_to_vec();
+        assert!(decode_gateway(&short_uid).is_err());
+        let mut bad_ip = request_to_pb(CoordinatorRequest::Frame(Box::new(frame())));
+        if let Some(pb::coordinator_request::Kind::Frame(f)) = bad_ip.kind.as_mut() {
+            f.source_ip = "not an address".into();
+        }
+        let bytes = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Request(bad_ip)),
+        }
+        .encode_to_vec();
+        assert_eq!(decode_inbound(&bytes).err(), Some(Malformed("source ip")));
+        let bad_transport = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Request(
+                pb::CoordinatorRequest {
+                    kind: Some(pb::coordinator_request::Kind::Authenticate(
+                        pb::AuthRequest {
+                            token: String::new(),
+                            source_ip: "127.0.0.1".into(),
+                            uid_hint: None,
+                            transport: 99,
+                        },
+                    )),
+                },
+            )),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            decode_inbound(&bad_transport).err(),
+            Some(Malformed("transport"))
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Cluster mode under failure, in the in-process sandbox (real NATS, Redis and Postgres):
+//! routing across coordinators, a crashed gateway, a crashed or stopping coordinator, duplicate
+//! connections and payloads larger than NATS's own limit.
+
+use std::time::{Duration, Instant};
+
+use gateway::client::{wait_for, Agent, AgentStatus, WsConnection};
+use serde_json::json;
+use shared::ids::InstanceUid;
+use tests::cluster::{Balancer, Cluster};
+use tests::{eventually, Fleet, DEADLINE};
+
+use crate::opamp::{opts, uid_of};
+
+/// Starts `n` WebSocket agents labelled `fleet=<label>` on `endpoint`; returns them with
+/// their uids once each has had a reply.
+async fn fleet_of(
+    c: &Cluster,
+    endpoint: &str,
+    n: usize,
+    label: &str,
+    compact_reconnect: bool,
+) -> anyhow::Result<Vec<(Agent, String)>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut o = opts(
+            endpoint.to_string(),
+            c.api().token(&format!("{label}-{i}")).await?,
+            &format!("{label}-{i}"),
+        );
+        o.non_identifying = vec![("fleet".into(), label.into())];
+        o.compact_reconnect = compact_reconnect;
+        let agent = Agent::start(o);
+        let s = wait_for(&mut agent.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+        out.push((agent, uid_of(&s)));
+    }
+    Ok(out)
+}
+
+async fn wait_all(
+    c: &Cluster,
+    uids: &[String],
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool + Copy,
+) -> anyhow::Result<()> {
+    for uid in uids {
+        c.api().wait_agent(uid, what, pred).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn config_pushed_through_a_coordinator_that_does_not_own_the_agent_arrives(
+) -> anyhow::Result<()> {
+    let c = Cluster::start(2, 2, |_| {}).await?;
+    let agents = fleet_of(&c, &c.ws_url_of(0)?, 1, "remote", false).await?;
+    let uid = agents[0].1.clone();
+    let view = c
+        .api()
+        .wait_agent(&uid, "connected", |a| a["connected"] == true)
+        .await?;
+    assert_eq!(view["gateway"], "gw-0", "the API shows which gateway holds it");
+
+    let partition = uid.parse::<InstanceUid>()?.partition();
+    let holders = c.partition_holders().await?;
+    let owner = holders
+        .iter()
+        .find(|(p, _)| *p == partition)
+        .map(|(_, h)| h.clone())
+        .expect("every partition is leased");
+    let other = if owner == "coord-0" { 1 } else { 0 };
+    let api = c.api_of(other)?;
+    let (id, hash) = api.config("remote", "processors: {}\n").await?;
+    api.assign(json!({ "config_id": id, "agent": uid })).await?;
+
+    let mut st = agents[0].0.status();
+    let s = wait_for(&mut st, DEADLINE, |s| s.applied_configs >= 1).await?;
+    assert_eq!(s.effective_config, "processors: {}\n");
+    let a = api
+        .wait_agent(&uid, "applied, seen from the other coordinator", |a| {
+            a["config_state"] == "applied"
+        })
+        .await?;
+    assert_eq!(a["remote_config"]["hash"], hash);
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
+#[tokio::test]
+async fn agents_of_a_killed_gateway_reconnect_through_another_with_state_intact(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start(2, 2, |_| {}).await?;
+    let lb = Balancer::start(vec![c.gateway_addr(0)?, c.gateway_addr(1)?]).await?;
+    let agents = fleet_of(&c, &lb.ws_url(), 6, "movers", true).await?;
+    let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
+    wait_all(&c, &uids, "on gw-0", |a| {
+        a["connected"] == true && a["gateway"] == "gw-0"
+    })
+    .await?;
+    let (id, hash) = c.api().config("movers", "exporters: {}\n").await?;
+    c.api()
+        .assign(json!({ "config_id": id, "labels": { "fleet": "movers" } }))
+        .await?;
+    wait_all(&c, &uids, "applied", |a| a["config_state"] == "applied").await?;
+    let asked_before: Vec<u64> = agents
+        .iter()
+        .map(|(a, _)| a.status().borrow().full_state_requests)
+        .collect();
+
+    c.kill_gateway(0);
+
+    wait_all(&c, &uids, "reconnected through gw-1", |a| {
+        a["connected"] == true && a["gateway"] == "gw-1"
+    })
+    .await?;
+    assert_eq!(c.gateway_connections(1), agents.len());
+    for ((agent, uid), before) in agents.iter().zip(asked_before) {
+        let mut st = agent.status();
+        // The agent reconnected with a compact message; the coordinator, seeing it arrive
+        // through another gateway, asked for the full state.
+        let s: AgentStatus =
+            wait_for(&mut st, DEADLINE, |s| s.full_state_requests > before).await?;
+        assert_eq!(s.applied_configs, 1, "no second push: the config is applied");
+        let a = c
+            .api()
+            .wait_agent(uid, "intact", |a| a["config_state"] == "applied")
+            .await?;
+        assert_eq!(a["remote_config"]["hash"], hash);
+        assert!(a["description"]["identifying"]["service.name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("movers-")));
+    }
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
+#[tokio::test]
+async fn a_crashed_coordinators_partitions_are_taken_over_and_pushes_still_arrive(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, 2, |_| {}).await?;
+    let lease_ttl = Duration::from_millis(c.base.cluster.lease_ttl_ms);
+    let agents = fleet_of(&c, &c.ws_url_of(0)?, 12, "rollout", false).await?;
+    let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
+    wait_all(&c, &uids, "connected", |a| a["connected"] == true).await?;
+    let holders = c.partition_holders().await?;
+    assert!(
+        holders.iter().any(|(_, h)| h == "coord-1"),
+        "both coordinators hold partitions: {holders:?}"
+    );
+
+    // Mid-rollout: the assignment goes in through coordinator 0 and coordinator 1 dies
+    // right after, before (or while) pushing to its agents.
+    let (id, hash) = c.api().config("rollout", "receivers: {}\n").await?;
+    c.api()
+        .assign(json!({ "config_id": id, "labels": { "fleet": "rollout" } }))
+        .await?;
+    c.kill_coordinator(1);
+    let killed = Instant::now();
+
+    eventually("coord-0 holds every partition", DEADLINE, || async {
+        let holders = c.partition_holders().await?;
+        Ok((holders.len() == 256 && holders.iter().all(|(_, h)| h == "coord-0")).then_some(()))
+    })
+    .await?;
+    let took = killed.elapsed();
+    // Its leases expire at most one TTL after the kill; the survivor's next round (every
+    // third of the TTL) takes them.
+    assert!(
+        took <= lease_ttl + lease_ttl / 3 + Duration::from_secs(2),
+        "take-over took {took:?} with a lease TTL of {lease_ttl:?}"
+    );
+    for (agent, _) in &agents {
+        let s = wait_for(&mut agent.status(), DEADLINE, |s| s.applied_configs >= 1).await?;
+        assert_eq!(s.effective_config, "receivers: {}\n");
+    }
+    for uid in &uids {
+        let a = c
+            .api()
+            .wait_agent(uid, "applied", |a| a["config_state"] == "applied")
+            .await?;
+        assert_eq!(a["remote_config"]["hash"], hash);
+    }
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
+#[tokio::test]
+async fn a_stopping_coordinator_hands_its_partitions_over_at_once() -> anyhow::Result<()> {
+    // A long TTL: the hand-over must not wait for it.
+    let mut c = Cluster::start(1, 2, |cfg| cfg.cluster.lease_ttl_ms = 60_000).await?;
+    let agents = fleet_of(&c, &c.ws_url_of(0)?, 6, "handover", false).await?;
+    let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
+    wait_all(&c, &uids, "connected", |a| a["connected"] == true).await?;
+    c.stop_coordinator(1).await?;
+    eventually("coord-0 holds every partition", DEADLINE, || async {
+        let holders = c.partition_holders().await?;
+        Ok((holders.len() == 256 && holders.iter().all(|(_, h)| h == "coord-0")).then_some(()))
+    })
+    .await?;
+    let (id, _) = c.api().config("after", "a: 1\n").await?;
+    c.api()
+        .assign(json!({ "config_id": id, "labels": { "fleet": "handover" } }))
+        .await?;
+    for (agent, _) in &agents {
+        wait_for(&mut agent.status(), DEADLINE, |s| s.applied_configs >= 1).await?;
+    }
+    wait_all(&c, &uids, "still connected and applied", |a| {
+        a["connected"] == true && a["config_state"] == "applied"
+    })
+    .await?;
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
+#[tokio::test]
+async fn a_draining_gateway_moves_its_agents_to_the_others() -> anyhow::Result<()> {
+    let mut c = Cluster::start(2, 1, |_| {}).await?;
+    let lb = Balancer::start(vec![c.gateway_addr(0)?, c.gateway_addr(1)?]).await?;
+    let agents = fleet_of(&c, &lb.ws_url(), 6, "drain", false).await?;
+    let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
+    wait_all(&c, &uids, "on gw-0", |a| a["gateway"] == "gw-0").await?;
+    let ready = format!("http://{}/health/ready", c.gateway_addr(0)?);
+    assert_eq!(reqwest::get(&ready).await?.status(), 200);
+    c.stop_gateway(0, Duration::from_secs(1)).await?;
+    wait_all(&c, &uids, "moved to gw-1", |a| {
+        a["connected"] == true && a["gateway"] == "gw-1"
+    })
+    .await?;
+    assert_eq!(c.gateway_connections(1), agents.len());
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
+#[tokio::test]
+async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> anyhow::Result<()>
+{
+    let c = Cluster::start(2, 1, |_| {}).await?;
+    let token = c.api().token("dup").await?;
+    let uid = InstanceUid::new_v7();
+    let auth = vec![("Authorization".to_string(), format!("Bearer {token}"))];
+
+    // A stale socket of the agent on gw-0 (it never reconnects by itself)...
+    let mut stale = WsConnection::connect(&c.ws_url_of(0)?, &auth).await?;
+    let hello = proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: 0x1,
+        ..Default::default()
+    };
+    stale.send(&hello).await?;
+    assert!(stale.recv().await?.is_some(), "first reply");
+    eventually("gw-0 holds the agent", DEADLINE, || async {
+        Ok((c.gateway_connections(0) == 1).then_some(()))
+    })
+    .await?;
+    c.api()
+        .wait_agent(&uid.to_string(), "on gw-0", |a| a["gateway"] == "gw-0")
+        .await?;
+
+    // ...and the same agent connecting through gw-1.
+    let mut o = opts(c.ws_url_of(1)?, token, "dup");
+    o.instance_uid = Some(uid.0);
+    let agent = Agent::start(o);
+    wait_for(&mut agent.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+
+    // gw-1's claim bumped the epoch and told gw-0 to close the old socket.
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stale.recv().await {
+                Ok(Some(_)) => continue,
+                _ => return stale.close_info(),
+            }
+        }
+    })
+    .await?;
+    if let Some((code, reason)) = closed {
+        assert_eq!(code, 1008, "policy close: {reason}");
+    }
+    eventually("exactly one live session", DEADLINE, || async {
+        Ok((c.gateway_connections(0) == 0 && c.gateway_connections(1) == 1).then_some(()))
+    })
+    .await?;
+    c.api()
+        .wait_agent(&uid.to_string(), "held by gw-1", |a| {
+            a["connected"] == true && a["gateway"] == "gw-1"
+        })
+        .await?;
+    agent.stop().await;
+    c.stop().await
+}
+
+#[tokio::test]
+async fn configs_larger_than_the_nats_payload_limit_travel_both_ways() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1, |_| {}).await?;
+    let agents = fleet_of(&c, &c.ws_url_of(0)?, 1, "big", false).await?;
+    let uid = agents[0].1.clone();
+    // 3 MiB: three times NATS's default max_payload; the agent reports it back as its
+    // effective config, so it crosses the bus in both directions.
+    let line = "# padding padding padding padding padding padding padding padding\n";
+    let body: String = line.repeat((3 << 20) / line.len());
+    let (id, hash) = c.api().config("big", &body).await?;
+    c.api().assign(json!({ "config_id": id, "agent": uid })).await?;
+    let s = wait_for(&mut agents[0].0.status(), DEADLINE, |s| s.applied_configs >= 1).await?;
+    assert_eq!(s.effective_config.len(), body.len());
+    let a = c
+        .api()
+        .wait_agent(&uid, "applied", |a| a["config_state"] == "applied")
+        .await?;
+    assert_eq!(a["remote_config"]["hash"], hash);
+    assert_eq!(
+        a["effective_config"][""]["body"].as_str().map(str::len),
+        Some(body.len())
+    );
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}

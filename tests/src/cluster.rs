@@ -1,0 +1,332 @@
+//! The in-process cluster sandbox: gateways and coordinators on port 0 against the real NATS,
+//! Redis and Postgres, each node in its own tokio runtime so that killing one drops every task
+//! and socket it owns at once, as a crashed process would.
+//!
+//! Every sandbox gets its own NATS subject prefix, Redis key prefix and Postgres database, so
+//! sandboxes of parallel tests never see each other.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use coordinator::cluster::{self, CoordinatorNode, GatewayNode};
+use coordinator::config::Config;
+use coordinator::store::postgres::{test_admin_url, TestDatabase};
+use tokio::runtime::Runtime;
+
+use crate::{Api, Fleet};
+
+
+/// One node and the runtime it lives in.
+pub struct Node<T> {
+    pub addr: SocketAddr,
+    pub id: String,
+    node: Option<T>,
+    rt: Option<Runtime>,
+}
+
+impl<T> Node<T> {
+    /// Drops the runtime with every task and socket of the node, without any goodbye.
+    fn kill(mut self) {
+        self.node = None;
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl<T> Drop for Node<T> {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Starts `start` on a fresh runtime and waits for it from the caller's runtime.
+async fn spawn_node<T, F, Fut>(start: F) -> anyhow::Result<(Runtime, T)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let node = rt.spawn(start()).await??;
+    Ok((rt, node))
+}
+
+pub struct Cluster {
+    /// The configuration every node starts from (node ids and listeners aside).
+    pub base: Config,
+    pub gateways: Vec<Option<Node<GatewayNode>>>,
+    pub coordinators: Vec<Option<Node<CoordinatorNode>>>,
+    admin_token: String,
+    api: Api,
+    /// Dropped (best effort) even when a test fails half-way.
+    db: Option<TestDatabase>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `coordinators` coordinators (one after the other: the first creates the admin
+    /// token) and `gateways` gateways, with `tweak` applied to the shared configuration.
+    pub async fn start(
+        gateways: usize,
+        coordinators: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(coordinators > 0, "a cluster needs a coordinator");
+        let dir = tempfile::tempdir()?;
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let tag = &tag[..12];
+        let db = TestDatabase::create(&test_admin_url())
+            .await
+            .context("creating the sandbox database (is Postgres running on 127.0.0.1:5432?)")?;
+        let mut base = Config::default();
+        base.server.data_dir = dir.path().to_path_buf();
+        base.server.listen = "127.0.0.1:0".into();
+        base.self_agent.enabled = false;
+        base.store.flush_interval_ms = 100;
+        base.cluster.subject_prefix = format!("t{tag}");
+        base.cluster.redis_key_prefix = format!("t{tag}");
+        base.cluster.postgres_url = db.url().to_string();
+        base.cluster.postgres_max_connections = 8;
+        base.cluster.lease_ttl_ms = 3_000;
+        base.cluster.ownership_ttl_secs = 6;
+        base.cluster.drain_window_secs = 1;
+        tweak(&mut base);
+
+        let mut this = Self {
+            base,
+            gateways: Vec::new(),
+            coordinators: Vec::new(),
+            admin_token: String::new(),
+            api: Api::new(SocketAddr::from(([127, 0, 0, 1], 0)), String::new()),
+            db: Some(db),
+            _dir: dir,
+        };
+        for _ in 0..coordinators {
+            this.add_coordinator().await?;
+        }
+        for _ in 0..gateways {
+            this.add_gateway().await?;
+        }
+        Ok(this)
+    }
+
+    fn node_config(&self, id: &str) -> Config {
+        let mut cfg = self.base.clone();
+        cfg.cluster.node_id = id.to_string();
+        cfg
+    }
+
+    /// Starts one more coordinator; returns its index.
+    pub async fn add_coordinator(&mut self) -> anyhow::Result<usize> {
+        let i = self.coordinators.len();
+        let id = format!("coord-{i}");
+        let cfg = self.node_config(&id);
+        let (rt, node) = spawn_node(|| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            cluster::start_coordinator(&cfg, listener).await
+        })
+        .await
+        .with_context(|| format!("starting {id} (are NATS, Redis and Postgres running?)"))?;
+        if let Some(t) = &node.admin_token {
+            self.admin_token = t.clone();
+        }
+        anyhow::ensure!(
+            !self.admin_token.is_empty(),
+            "the first coordinator must create the admin token"
+        );
+        if self.live_coordinator().is_none() {
+            self.api = Api::new(node.addr, self.admin_token.clone());
+        }
+        self.coordinators.push(Some(Node {
+            addr: node.addr,
+            id,
+            node: Some(node),
+            rt: Some(rt),
+        }));
+        Ok(i)
+    }
+
+    /// Starts one more gateway; returns its index.
+    pub async fn add_gateway(&mut self) -> anyhow::Result<usize> {
+        let i = self.gateways.len();
+        let id = format!("gw-{i}");
+        let cfg = self.node_config(&id);
+        let (rt, node) = spawn_node(|| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            cluster::start_gateway(&cfg, listener).await
+        })
+        .await
+        .with_context(|| format!("starting {id} (are NATS and Redis running?)"))?;
+        self.gateways.push(Some(Node {
+            addr: node.addr,
+            id,
+            node: Some(node),
+            rt: Some(rt),
+        }));
+        Ok(i)
+    }
+
+    fn live_coordinator(&self) -> Option<&Node<CoordinatorNode>> {
+        self.coordinators.iter().flatten().next()
+    }
+
+    /// An API client talking to coordinator `i`.
+    pub fn api_of(&self, i: usize) -> anyhow::Result<Api> {
+        let n = self.coordinators[i].as_ref().context("coordinator is gone")?;
+        Ok(Api::new(n.addr, self.admin_token.clone()))
+    }
+
+    pub fn gateway_addr(&self, i: usize) -> anyhow::Result<SocketAddr> {
+        Ok(self.gateways[i].as_ref().context("gateway is gone")?.addr)
+    }
+
+    pub fn ws_url_of(&self, i: usize) -> anyhow::Result<String> {
+        Ok(format!("ws://{}/v1/opamp", self.gateway_addr(i)?))
+    }
+
+    pub fn http_url_of(&self, i: usize) -> anyhow::Result<String> {
+        Ok(format!("http://{}/v1/opamp", self.gateway_addr(i)?))
+    }
+
+    /// Kills gateway `i` like a crash: sockets drop, nothing is released.
+    pub fn kill_gateway(&mut self, i: usize) {
+        if let Some(n) = self.gateways[i].take() {
+            n.kill();
+        }
+    }
+
+    /// Kills coordinator `i` like a crash: its leases stay until they expire.
+    pub fn kill_coordinator(&mut self, i: usize) {
+        if let Some(n) = self.coordinators[i].take() {
+            n.kill();
+        }
+        self.repoint_api();
+    }
+
+    fn repoint_api(&mut self) {
+        if let Some(addr) = self.live_coordinator().map(|n| n.addr) {
+            self.api = Api::new(addr, self.admin_token.clone());
+        }
+    }
+
+    /// Stops gateway `i` gracefully, draining its agents over `window`.
+    pub async fn stop_gateway(&mut self, i: usize, window: Duration) -> anyhow::Result<()> {
+        if let Some(mut n) = self.gateways[i].take() {
+            if let (Some(node), Some(rt)) = (n.node.take(), n.rt.as_ref()) {
+                rt.spawn(node.stop_within(window)).await??;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops coordinator `i` gracefully: it hands its partitions over.
+    pub async fn stop_coordinator(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut n) = self.coordinators[i].take() {
+            if let (Some(node), Some(rt)) = (n.node.take(), n.rt.as_ref()) {
+                rt.spawn(node.stop()).await??;
+            }
+        }
+        self.repoint_api();
+        Ok(())
+    }
+
+    /// Stops every node gracefully (gateways first) and drops the sandbox database.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for i in 0..self.gateways.len() {
+            self.stop_gateway(i, Duration::ZERO).await?;
+        }
+        for i in 0..self.coordinators.len() {
+            self.stop_coordinator(i).await?;
+        }
+        if let Some(db) = self.db.take() {
+            db.remove().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Fleet for Cluster {
+    fn ws_url(&self) -> String {
+        self.ws_url_of(0).unwrap_or_default()
+    }
+
+    fn http_url(&self) -> String {
+        self.http_url_of(0).unwrap_or_default()
+    }
+
+    fn api(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// A TCP load balancer for the failure tests: each connection goes to the first backend, in
+/// the given order, that accepts it; so agents all land on the first live gateway and move to
+/// the next when it dies, as behind a real balancer with health checks.
+pub struct Balancer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    pub async fn start(backends: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let backends = backends.clone();
+                tokio::spawn(async move {
+                    for b in backends {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(b).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/opamp", self.addr)
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Cluster {
+    /// Open WebSocket connections on gateway `i` (0 once it is gone).
+    pub fn gateway_connections(&self, i: usize) -> usize {
+        self.gateways[i]
+            .as_ref()
+            .and_then(|n| n.node.as_ref())
+            .map_or(0, |n| n.gateway.connected())
+    }
+
+    /// The lease holder of every partition, as the API reports it.
+    pub async fn partition_holders(&self) -> anyhow::Result<Vec<(u16, String)>> {
+        let v = self.api.get("/api/v1/cluster").await?;
+        Ok(v["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| {
+                Some((
+                    u16::try_from(l["partition"].as_u64()?).ok()?,
+                    l["holder"].as_str()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+}
