@@ -124,7 +124,14 @@ async fn run_redeemer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<RedeemJob>) 
     let mut jobs = Vec::with_capacity(REDEEM_BATCH);
     while rx.recv_many(&mut jobs, REDEEM_BATCH).await > 0 {
         let (reqs, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
-        match store.redeem_tokens(&reqs, now_ms()).await {
+        let mut outcome = store.redeem_tokens(&reqs, now_ms()).await;
+        if matches!(outcome, Err(StoreError::MaybeApplied(_))) {
+            // The commit's fate is unknown: ask again. Redemption is idempotent per uid, so
+            // a batch that did commit now reads back as `AlreadyBoundToSame` (and its audit
+            // entries are not written twice).
+            outcome = store.redeem_tokens(&reqs, now_ms()).await;
+        }
+        match outcome {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
@@ -1046,7 +1053,7 @@ impl Coordinator {
             Err(StoreError::NotFound(m)) => return Err(ServiceError::NotFound(m)),
             Err(e) => return Err(e.into()),
         };
-        let assignment = self
+        let created = self
             .store
             .create_assignment(NewAssignment {
                 config_id,
@@ -1054,7 +1061,16 @@ impl Coordinator {
                 author: author.to_string(),
                 created_ms: now_ms(),
             })
-            .await?;
+            .await;
+        let assignment = match created {
+            Ok(a) => a,
+            Err(e @ StoreError::MaybeApplied(_)) => {
+                // It may exist after all: reload, so our agents follow the store either way.
+                self.sync_assignments().await;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Ok(mut a) = self.assignments.write() {
             a.push(assignment.clone());
         }

@@ -325,3 +325,38 @@ async fn configs_larger_than_the_nats_payload_limit_travel_both_ways() -> anyhow
     }
     c.stop().await
 }
+
+#[tokio::test]
+async fn a_token_revoked_through_one_coordinator_is_refused_by_all() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 2, |_| {}).await?;
+    // Created through coord-0, so its cache holds the token as valid.
+    let created = c
+        .api_of(0)?
+        .post("/api/v1/tokens", json!({ "name": "revoked" }))
+        .await?;
+    let token = created["token"].as_str().expect("token").to_string();
+    let id = created["record"]["id"].as_str().expect("id").to_string();
+    let (status, _) = c
+        .api_of(1)?
+        .raw(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+        .await?;
+    assert_eq!(status, 204);
+    // Authentication is answered by either coordinator (a queue group). Once the revocation
+    // has been seen, every attempt must be refused: a coordinator answering from a stale
+    // cache would let one through (each attempt has even odds of reaching either).
+    let auth = vec![("Authorization".to_string(), format!("Bearer {token}"))];
+    let attempt = || async {
+        match WsConnection::connect(&c.ws_url_of(0)?, &auth).await {
+            Err(gateway::client::ConnectError::Status { status, body, .. }) => {
+                Ok(Some((status, body)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(anyhow::Error::from(e)),
+        }
+    };
+    eventually("the revocation is seen", DEADLINE, attempt).await?;
+    for _ in 0..12 {
+        assert_eq!(attempt().await?, Some((401, "token revoked".to_string())));
+    }
+    c.stop().await
+}

@@ -49,6 +49,15 @@
 //! request in flight per agent connection. Events are handled in arrival order, inline in
 //! their subscription's task.
 //!
+//! `serve_partitions`, `unserve_partitions`, `subscribe_gateway` and `subscribe_control`
+//! return once the server has processed the (un)subscription: they end with a message to the
+//! process's own inbox, which the server handles after everything the connection sent before
+//! (async-nats' `flush` only writes the socket). So a request sent after `serve_partitions`
+//! returns finds the coordinator, and one sent after `unserve_partitions` returns gets
+//! `NoResponder` unless another coordinator serves the partition. (In a NATS cluster the
+//! interest reaches the other servers shortly after, asynchronously.) Messages a coordinator
+//! had already received when it unserves a partition are still handled, not dropped.
+//!
 //! # Large messages
 //!
 //! A NATS message must fit the server's `max_payload` (1 MiB by default), headers included;
@@ -68,25 +77,25 @@
 //!   hold unchanged; the cost is one extra round trip, for large messages only. An event
 //!   fetched this way is handled after the fetch, so it may overtake smaller events sent later.
 //!
-//! Partial messages are buffered up to 4 × `max_message_bytes` in total per process and
-//! dropped after `request_timeout` (`reason="incomplete_chunks"`, as are chunk sequences with a
-//! gap, e.g. after a reconnect); a message that would overflow the buffer is refused at its
-//! first chunk (`reason="buffer_full"`). Outbox entries nobody fetched within `request_timeout`
-//! are dropped too (`reason="unfetched"`); a full outbox refuses new large messages. A message
-//! whose encoding exceeds `max_message_bytes` is never sent: the caller gets
-//! [`BusError::TooLarge`] (`reason="too_large"`), and a receiver refuses chunks that announce
-//! more.
+//! Partial messages are buffered up to 4 × `max_message_bytes` in total per process and dropped
+//! after `request_timeout` (`reason="incomplete_chunks"`, as are chunk sequences with a gap, e.g.
+//! after a reconnect); a message that would overflow the buffer is refused at its first chunk
+//! (`reason="buffer_full"`). Outbox entries nobody fetched within `request_timeout` are dropped too
+//! (`reason="unfetched"`); the outbox has the same bound, and when full, sending another large
+//! message fails with [`BusError::Unavailable`]. A message whose encoding exceeds
+//! `max_message_bytes` is never sent: the caller gets [`BusError::TooLarge`]
+//! (`reason="too_large"`), and a receiver refuses chunks that announce more.
 //!
 //! # Failure semantics
 //!
 //! At most once, like the bus contract: no retries, no persistence. `notify`, `deliver` and
-//! `broadcast` return once the message is handed to the client; unlike [`InProcessBus`]
-//! (super::InProcessBus) they cannot report that nobody was listening. The connection is
-//! named after the node and reconnects forever; while disconnected, publishes queue in the
-//! client and requests time out. A subscriber that falls behind loses messages (the client
-//! reports a slow consumer, counted as `reason="slow_consumer"`), and a local queue that is
-//! full drops the message (`reason="queue_full"`). All of this the protocol heals, as the
-//! module docs of [`super`] explain.
+//! `broadcast` return once the message is handed to the client; unlike
+//! [`InProcessBus`](super::InProcessBus) they cannot report that nobody was listening. The
+//! connection is named after the node and reconnects forever; while disconnected, publishes queue
+//! in the client and requests time out. A subscriber that falls behind loses messages (the client
+//! reports a slow consumer, counted as `reason="slow_consumer"`), and a local queue that is full
+//! drops the message (`reason="queue_full"`). All of this the protocol heals, as the module docs of
+//! [`super`] explain.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
