@@ -301,7 +301,19 @@ async fn create_config(
             ))
         }
     };
+    check_name(&body.name)?;
     Ok(Json(c.create_config(body.name, files, &actor).await?))
+}
+
+/// Names are shown in tables and logs, and Postgres text cannot hold NUL: no control
+/// characters, and a sane length.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.chars().any(char::is_control) || name.len() > 256 {
+        return Err(ApiError::BadRequest(
+            "name must be at most 256 bytes without control characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/v1/configs",
@@ -409,6 +421,7 @@ async fn create_token(
     if body.ttl_secs == Some(0) {
         return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
     }
+    check_name(&body.name)?;
     let (token, record) = c
         .create_token(body.name, body.ttl_secs.map(Duration::from_secs), &actor)
         .await?;
@@ -444,6 +457,7 @@ async fn create_tokens(
             "ttl_secs must be positive and count between 1 and 100000".into(),
         ));
     }
+    check_name(&body.name)?;
     let tokens = c
         .create_tokens(
             body.name,

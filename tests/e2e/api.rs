@@ -109,3 +109,22 @@ async fn state_survives_a_restart() -> anyhow::Result<()> {
     drop(tmp);
     Ok(())
 }
+
+#[tokio::test]
+async fn names_with_control_characters_are_refused() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    for (path, body) in [
+        ("/api/v1/tokens", serde_json::json!({ "name": "a\u{0}b" })),
+        (
+            "/api/v1/configs",
+            serde_json::json!({ "name": "bad\nname", "body": "a: 1\n" }),
+        ),
+    ] {
+        let (status, v) = server
+            .api
+            .raw(reqwest::Method::POST, path, Some(body))
+            .await?;
+        assert_eq!(status, 400, "{path}: {v}");
+    }
+    server.stop().await
+}
