@@ -220,7 +220,8 @@ wait_ready() {
     pending=()
     for spec in "$@"; do
       name="$(node_name "$spec")"
-      if ! node_pid "$name" >/dev/null; then
+      # kill -0 only: just after the fork the child may not have exec'd ampora yet.
+      if ! kill -0 "$(cat "$run/$name.pid" 2>/dev/null)" 2>/dev/null; then
         warn "$name exited; last lines of $logs/$name.log:"
         tail -n 20 "$logs/$name.log" >&2 || true
         exit 1

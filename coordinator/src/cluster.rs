@@ -262,7 +262,11 @@ pub async fn run_gateway(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let node = start_gateway(&config, listener).await?;
-    println!("ampora {VERSION} gateway {} listening on {}", node.gateway.id(), node.addr);
+    println!(
+        "ampora {VERSION} gateway {} listening on {}",
+        node.gateway.id(),
+        node.addr
+    );
     shutdown.await;
     tracing::info!(window_secs = node.drain_window.as_secs(), "draining");
     node.stop().await
@@ -275,7 +279,10 @@ pub async fn run_coordinator(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let node = start_coordinator(&config, listener).await?;
-    println!("ampora {VERSION} coordinator {} listening on {}", node.node, node.addr);
+    println!(
+        "ampora {VERSION} coordinator {} listening on {}",
+        node.node, node.addr
+    );
     shutdown.await;
     tracing::info!("handing partitions over");
     node.stop().await

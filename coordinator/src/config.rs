@@ -413,9 +413,7 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
         errors.push("cluster.ownership_ttl_secs: must be at least 3".into());
     }
     if c.cluster.max_bus_message_bytes < c.opamp.max_frame_bytes {
-        errors.push(
-            "cluster.max_bus_message_bytes: must be at least opamp.max_frame_bytes".into(),
-        );
+        errors.push("cluster.max_bus_message_bytes: must be at least opamp.max_frame_bytes".into());
     }
     if !matches!(c.log.format.as_str(), "text" | "json") {
         errors.push(format!(

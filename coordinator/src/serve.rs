@@ -229,7 +229,10 @@ pub(crate) fn health_router(coordinator: Arc<Coordinator>, metrics: PrometheusHa
     Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(|State(s): State<AppState>| render(s.metrics)))
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| render(s.metrics)),
+        )
         .with_state(state)
 }
 

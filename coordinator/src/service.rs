@@ -19,8 +19,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use proto::v1::ServerErrorResponseType;
 use shared::bus::{
-    AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorEvent, CoordinatorHandler,
-    ControlEvent, CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
+    AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, ControlEvent, CoordinatorEvent,
+    CoordinatorHandler, CoordinatorReply, CoordinatorRequest, Credential, FrameReply,
+    GatewayMessage,
 };
 use shared::domain::{
     AgentRecord, Assignment, AuditEntry, ConfigMap, ConfigState, ConfigVersion, Redemption, Target,
@@ -147,10 +148,7 @@ async fn run_redeemer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<RedeemJob>) 
 }
 
 /// Acts on control events from any coordinator (this one's own included).
-async fn run_control(
-    weak: std::sync::Weak<Coordinator>,
-    mut events: mpsc::Receiver<ControlEvent>,
-) {
+async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Receiver<ControlEvent>) {
     while let Some(ev) = events.recv().await {
         let Some(c) = weak.upgrade() else { return };
         match ev {
@@ -299,9 +297,7 @@ impl Coordinator {
     }
 
     fn holds(&self, partition: u16) -> bool {
-        self.held
-            .lock()
-            .is_ok_and(|h| h.contains_key(&partition))
+        self.held.lock().is_ok_and(|h| h.contains_key(&partition))
     }
 
     fn holds_all(&self) -> bool {
@@ -317,7 +313,14 @@ impl Coordinator {
         let wanted: HashSet<u16> = partitions.iter().copied().collect();
         self.agents
             .iter()
-            .filter_map(|s| s.lock().ok().map(|s| s.iter().filter(|(u, _)| wanted.contains(&u.partition())).map(|(u, s)| (*u, s.clone())).collect::<Vec<_>>()))
+            .filter_map(|s| {
+                s.lock().ok().map(|s| {
+                    s.iter()
+                        .filter(|(u, _)| wanted.contains(&u.partition()))
+                        .map(|(u, s)| (*u, s.clone()))
+                        .collect::<Vec<_>>()
+                })
+            })
             .flatten()
             .collect()
     }
@@ -348,7 +351,11 @@ impl Coordinator {
     }
 
     fn forget_partitions(&self, partitions: &[u16]) {
-        let gone: Vec<InstanceUid> = self.slots_in(partitions).into_iter().map(|(u, _)| u).collect();
+        let gone: Vec<InstanceUid> = self
+            .slots_in(partitions)
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect();
         for uid in &gone {
             self.forget(uid);
         }
@@ -569,7 +576,9 @@ impl Coordinator {
             return Ok(0);
         }
         let mut records = Vec::with_capacity(uids.len());
-        for uid in &uids {
+        // Only partitions still held: a frame in flight while a lease was lost may have
+        // touched an agent that is someone else's now.
+        for uid in uids.iter().filter(|u| self.holds(u.partition())) {
             if let Some(slot) = self.slot(uid) {
                 records.push(slot.lock().await.state.record.clone());
             }

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod baseline;
+pub mod cluster;
 pub mod config;
 pub mod fleet;
 pub mod hist;

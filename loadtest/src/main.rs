@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use loadtest::api::Api;
-use loadtest::procs::{self, Spawned};
+use loadtest::cluster::{self, Cluster, ClusterSpec, Servers};
+use loadtest::procs;
 use loadtest::{Comparison, Phase, RunOptions};
 
 #[derive(Parser)]
@@ -32,7 +33,8 @@ enum Command {
     Steady(Common),
     /// Agents disconnect and reconnect for --duration; connects/s and errors.
     Churn(Common),
-    /// Spawns the baseline and Ampora (--spawn-server) and runs hold + steady on each.
+    /// Spawns the baseline and Ampora (--spawn-server or --spawn-cluster) and runs hold +
+    /// steady on each.
     Compare(Common),
     /// The bare fastwebsockets server used as this machine's limit.
     Baseline {
@@ -58,9 +60,30 @@ struct Common {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Start `PATH serve` on 127.0.0.1 with a fresh data dir and the Self-Agent off.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "spawn_cluster")]
     spawn_server: Option<PathBuf>,
-    /// `--set` for the spawned server (repeatable), e.g. opamp.heartbeat_interval_secs=60.
+    /// Start a local cluster of `PATH coordinator` and `PATH gateway` processes on 127.0.0.1
+    /// (fresh Postgres database, random NATS subject and Redis key prefixes); agents are
+    /// spread round-robin over the gateways, the API is the first coordinator's.
+    #[arg(long)]
+    spawn_cluster: Option<PathBuf>,
+    /// Gateway processes of --spawn-cluster.
+    #[arg(long, default_value_t = 2)]
+    gateways: usize,
+    /// Coordinator processes of --spawn-cluster.
+    #[arg(long, default_value_t = 2)]
+    coordinators: usize,
+    /// --spawn-cluster: Postgres server (and credentials) to create the fresh database on.
+    #[arg(long, default_value = cluster::DEFAULT_POSTGRES_URL)]
+    postgres_url: String,
+    /// --spawn-cluster: Redis for agent ownership.
+    #[arg(long, default_value = cluster::DEFAULT_REDIS_URL)]
+    redis_url: String,
+    /// --spawn-cluster: NATS for the bus.
+    #[arg(long, default_value = cluster::DEFAULT_NATS_URL)]
+    nats_url: String,
+    /// `--set` for the spawned server or every cluster node (repeatable), e.g.
+    /// opamp.heartbeat_interval_secs=60.
     #[arg(long)]
     server_set: Vec<String>,
     /// Server process to measure (repeatable).
@@ -110,7 +133,7 @@ impl Common {
         &self,
         scenario: &str,
         phases: Vec<Phase>,
-    ) -> anyhow::Result<(RunOptions, Option<Spawned>)> {
+    ) -> anyhow::Result<(RunOptions, Option<Servers>)> {
         let mut opts = RunOptions {
             scenario: scenario.into(),
             phases,
@@ -148,7 +171,34 @@ impl Common {
             opts.server_pids.push(s.pid);
             api_url = Some(format!("http://{}", s.addr));
             token = s.admin_token.clone();
-            spawned = Some(s);
+            spawned = Some(Servers::Server(s));
+        }
+        if let Some(exe) = &self.spawn_cluster {
+            cluster::check_fd_budget(self.agents, self.gateways)?;
+            let spec = ClusterSpec {
+                sets: self.server_set.clone(),
+                postgres_url: self.postgres_url.clone(),
+                redis_url: self.redis_url.clone(),
+                nats_url: self.nats_url.clone(),
+                ..ClusterSpec::new(exe, self.gateways, self.coordinators)
+            };
+            let c = Cluster::start(&spec).await?;
+            eprintln!(
+                "started a cluster: coordinators {:?} (pids {:?}), gateways {:?} (pids {:?}); database {}, prefix {}, logs in {}",
+                c.coordinators.iter().map(|n| &n.addr).collect::<Vec<_>>(),
+                c.coordinator_pids(),
+                c.gateways.iter().map(|n| &n.addr).collect::<Vec<_>>(),
+                c.gateway_pids(),
+                c.database,
+                c.prefix,
+                c.dir().display()
+            );
+            opts.targets = c.ws_urls();
+            opts.gateway_pids = c.gateway_pids();
+            opts.coordinator_pids = c.coordinator_pids();
+            api_url = Some(c.api_url());
+            token = Some(c.admin_token.clone());
+            spawned = Some(Servers::Cluster(c));
         }
         if let (Some(url), Some(token)) = (api_url, token) {
             opts.api = Some(Api::new(&url, &token)?);
@@ -165,9 +215,30 @@ fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::
     Ok(())
 }
 
+/// Runs `opts`; on Ctrl-C the run is abandoned (its workers are killed) with an error.
+async fn run_interruptible(opts: &RunOptions) -> anyhow::Result<loadtest::Report> {
+    tokio::select! {
+        r = loadtest::run(opts) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
+/// Spawns what `c` asks for; stopped again even when startup is interrupted.
+async fn options_interruptible(
+    c: &Common,
+    name: &str,
+    phases: Vec<Phase>,
+) -> anyhow::Result<(RunOptions, Option<Servers>)> {
+    tokio::select! {
+        r = c.options(name, phases) => r,
+        // Dropping the half-started cluster kills its processes (kill_on_drop).
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
 async fn scenario(c: Common, name: &str, phases: Vec<Phase>) -> anyhow::Result<()> {
-    let (opts, spawned) = c.options(name, phases).await?;
-    let res = loadtest::run(&opts).await;
+    let (opts, spawned) = options_interruptible(&c, name, phases).await?;
+    let res = run_interruptible(&opts).await;
     if let Some(s) = spawned {
         s.stop().await;
     }
@@ -178,8 +249,8 @@ async fn scenario(c: Common, name: &str, phases: Vec<Phase>) -> anyhow::Result<(
 
 async fn compare(c: Common) -> anyhow::Result<()> {
     anyhow::ensure!(
-        c.spawn_server.is_some(),
-        "compare needs --spawn-server PATH_TO_AMPORA"
+        c.spawn_server.is_some() || c.spawn_cluster.is_some(),
+        "compare needs --spawn-server or --spawn-cluster PATH_TO_AMPORA"
     );
     let phases = vec![Phase::Hold, Phase::Steady];
     let exe = std::env::current_exe()?;
@@ -188,6 +259,7 @@ async fn compare(c: Common) -> anyhow::Result<()> {
     // The same options without the Ampora side (no server spawned, no API).
     let plain = Common {
         spawn_server: None,
+        spawn_cluster: None,
         api: None,
         data_dir: None,
         server_pid: Vec::new(),
@@ -200,11 +272,11 @@ async fn compare(c: Common) -> anyhow::Result<()> {
         api: None,
         ..plain.options("compare", phases.clone()).await?.0
     };
-    let baseline = loadtest::run(&bopts).await;
+    let baseline = run_interruptible(&bopts).await;
     base.stop().await;
     let baseline = baseline?;
-    let (opts, spawned) = c.options("compare", phases).await?;
-    let ampora = loadtest::run(&opts).await;
+    let (opts, spawned) = options_interruptible(&c, "compare", phases).await?;
+    let ampora = run_interruptible(&opts).await;
     if let Some(s) = spawned {
         s.stop().await;
     }

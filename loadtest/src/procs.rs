@@ -76,11 +76,45 @@ async fn wait_listening(child: &mut Child) -> anyhow::Result<String> {
     Ok(found)
 }
 
+/// The last `n` lines of a log file, for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Starts `cmd` with stderr to `log` and waits for its `listening on ADDR` line. If it fails
+/// to come up, the error carries the end of its log.
+pub async fn spawn_listening(mut cmd: Command, log: &Path) -> anyhow::Result<Spawned> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(file))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.as_std().get_program()))?;
+    let pid = child.id().context("server pid")?;
+    match wait_listening(&mut child).await {
+        Ok(addr) => Ok(Spawned {
+            child,
+            pid,
+            addr,
+            admin_token: None,
+            _dir: None,
+        }),
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(e.context(format!("{} said:\n{}", log.display(), log_tail(log, 20))))
+        }
+    }
+}
+
 /// `ampora serve` on 127.0.0.1 with a fresh data directory and the Self-Agent off.
 pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned> {
     let dir = tempfile::Builder::new().prefix("ampora-lt-").tempdir()?;
     let data: PathBuf = dir.path().join("data");
-    let log = std::fs::File::create(dir.path().join("server.log"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve").arg("--data-dir").arg(&data).args([
         "--listen",
@@ -91,23 +125,11 @@ pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned
     for s in sets {
         cmd.args(["--set", s]);
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", exe.display()))?;
-    let pid = child.id().context("server pid")?;
-    let addr = wait_listening(&mut child).await?;
+    let mut s = spawn_listening(cmd, &dir.path().join("server.log")).await?;
     let token = std::fs::read_to_string(data.join("admin-token")).context("admin token")?;
-    Ok(Spawned {
-        child,
-        pid,
-        addr,
-        admin_token: Some(token.trim().to_string()),
-        _dir: Some(dir),
-    })
+    s.admin_token = Some(token.trim().to_string());
+    s._dir = Some(dir);
+    Ok(s)
 }
 
 /// `<exe> baseline --listen 127.0.0.1:0` (this binary).
@@ -131,16 +153,42 @@ pub async fn spawn_baseline(exe: &Path) -> anyhow::Result<Spawned> {
     })
 }
 
+/// What a measured process is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A whole server (`ampora serve`, the baseline): every agent is on it.
+    #[default]
+    Server,
+    /// A cluster gateway: the agents of its target.
+    Gateway,
+    /// A cluster coordinator: holds a share of every agent's state.
+    Coordinator,
+}
+
 /// Memory and CPU of one server process over a hold.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProcSample {
     pub pid: u32,
+    #[serde(default)]
+    pub role: Role,
+    /// Agents the per-agent figure divides by: those connected to this gateway, else all.
+    #[serde(default)]
+    pub agents: usize,
     pub rss_before_kib: u64,
     pub rss_held_kib: u64,
     /// (held − before) / agents.
     pub kib_per_agent: f64,
     /// CPU used while idle, in % of one core, over the window.
     pub idle_cpu_percent: f64,
+}
+
+/// CPU of one process over a busy window (steady, churn), in % of one core.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CpuSample {
+    pub pid: u32,
+    pub role: Role,
+    pub cpu_percent: f64,
 }
 
 #[cfg(test)]

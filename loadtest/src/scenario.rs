@@ -15,7 +15,7 @@ use crate::agent::{unix_ms, unix_us, AgentSpec, Mode, Params, Stats};
 use crate::api::Api;
 use crate::fleet::Fleet;
 use crate::hist::{percentile, summarize, Latency};
-use crate::procs::{cpu_secs, rss_kib, ProcSample};
+use crate::procs::{cpu_secs, rss_kib, CpuSample, ProcSample, Role};
 
 /// What runs after every agent connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +53,12 @@ pub struct RunOptions {
     pub per_worker: usize,
     /// Agents are spread over 127.0.0.2 … 127.0.0.(1+n) when the target is on loopback.
     pub source_ips: u8,
+    /// Whole servers to measure (every agent is on each).
     pub server_pids: Vec<u32>,
+    /// Cluster gateways to measure: gateway `i` serves `targets[i]` (same length, or empty).
+    pub gateway_pids: Vec<u32>,
+    /// Cluster coordinators to measure.
+    pub coordinator_pids: Vec<u32>,
     /// Bound of every wait for the fleet (connect, rollout).
     pub timeout: Duration,
     /// The binary to run as `worker` (default: this executable).
@@ -81,6 +86,8 @@ impl Default for RunOptions {
             per_worker: 8000,
             source_ips: 16,
             server_pids: Vec::new(),
+            gateway_pids: Vec::new(),
+            coordinator_pids: Vec::new(),
             timeout: Duration::from_secs(120),
             worker_exe: None,
             progress: std::io::stderr().is_terminal(),
@@ -100,10 +107,24 @@ pub struct ConnectReport {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HoldReport {
+    /// Every measured process (servers, gateways, coordinators).
     pub servers: Vec<ProcSample>,
-    /// Sum over the server processes.
+    /// RSS growth of all measured processes together / agents.
     pub kib_per_agent: f64,
+    /// Sum over the measured processes, in % of one core.
     pub idle_cpu_percent: f64,
+    /// Cluster: mean over the gateways of (gateway's growth / agents on that gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_kib_per_agent: Option<f64>,
+    /// Cluster: sum over the gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_idle_cpu_percent: Option<f64>,
+    /// Cluster: the coordinators' growth together / agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_kib_per_agent: Option<f64>,
+    /// Cluster: sum over the coordinators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_idle_cpu_percent: Option<f64>,
     pub window_secs: f64,
 }
 
@@ -135,6 +156,9 @@ pub struct SteadyReport {
     pub rate_per_sec: f64,
     /// Per exchange: status report sent → reply received.
     pub latency: Latency,
+    /// CPU of each measured process over the window.
+    #[serde(default)]
+    pub cpu: Vec<CpuSample>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -143,6 +167,9 @@ pub struct ChurnReport {
     pub connects: u64,
     pub connects_per_sec: f64,
     pub errors: BTreeMap<String, u64>,
+    /// CPU of each measured process over the window.
+    #[serde(default)]
+    pub cpu: Vec<CpuSample>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -235,6 +262,12 @@ async fn ensure_baseline(target: &str) -> anyhow::Result<()> {
 pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(!opts.targets.is_empty(), "no --target");
     anyhow::ensure!(opts.agents > 0, "--agents must be positive");
+    anyhow::ensure!(
+        opts.gateway_pids.is_empty() || opts.gateway_pids.len() == opts.targets.len(),
+        "one gateway pid per target is needed ({} pids, {} targets)",
+        opts.gateway_pids.len(),
+        opts.targets.len()
+    );
     let n = opts.agents;
     let tokens: Vec<Option<String>> = if opts.no_auth {
         for t in &opts.targets {
@@ -323,16 +356,115 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
 async fn busy_window(
     fleet: &mut Fleet,
     opts: &RunOptions,
+    measured: &[Measured],
     what: &str,
     mode: impl FnOnce(u64) -> Mode,
-) -> anyhow::Result<(f64, Stats)> {
+) -> anyhow::Result<(f64, Stats, Vec<CpuSample>)> {
     fleet.collect().await?;
+    let cpu0 = cpu_of(measured)?;
     let start = Instant::now();
     fleet.set_mode(mode(unix_ms() + opts.duration.as_millis() as u64))?;
     window(fleet, opts.duration, opts.progress, what).await;
     fleet.set_mode(Mode::Idle)?;
     let secs = start.elapsed().as_secs_f64();
-    Ok((secs, fleet.collect().await?))
+    let cpu = cpu_of(measured)?
+        .iter()
+        .zip(&cpu0)
+        .zip(measured)
+        .map(|((c1, c0), m)| CpuSample {
+            pid: m.pid,
+            role: m.role,
+            cpu_percent: 100.0 * (c1 - c0) / secs,
+        })
+        .collect();
+    Ok((secs, fleet.collect().await?, cpu))
+}
+
+/// A process whose memory and CPU the report shows.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    pid: u32,
+    role: Role,
+    /// What its per-agent memory divides by.
+    agents: usize,
+}
+
+/// Servers, then gateways (with the agents of their target), then coordinators.
+fn measured(opts: &RunOptions, specs: &[AgentSpec]) -> Vec<Measured> {
+    let n = specs.len();
+    let t = opts.targets.len().max(1);
+    let on_target = |g: usize| specs.iter().filter(|s| s.index % t == g).count();
+    let mut out: Vec<Measured> = opts
+        .server_pids
+        .iter()
+        .map(|&pid| Measured {
+            pid,
+            role: Role::Server,
+            agents: n,
+        })
+        .collect();
+    out.extend(
+        opts.gateway_pids
+            .iter()
+            .enumerate()
+            .map(|(g, &pid)| Measured {
+                pid,
+                role: Role::Gateway,
+                agents: on_target(g),
+            }),
+    );
+    out.extend(opts.coordinator_pids.iter().map(|&pid| Measured {
+        pid,
+        role: Role::Coordinator,
+        agents: n,
+    }));
+    out
+}
+
+fn cpu_of(measured: &[Measured]) -> anyhow::Result<Vec<f64>> {
+    measured.iter().map(|m| cpu_secs(m.pid)).collect()
+}
+
+/// The hold figures from RSS before connecting, RSS held, and CPU over the window.
+fn hold_report(
+    measured: &[Measured],
+    before: &[u64],
+    held: &[u64],
+    cpu: &[f64],
+    secs: f64,
+    n: usize,
+) -> HoldReport {
+    let servers: Vec<ProcSample> = measured
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ProcSample {
+            pid: m.pid,
+            role: m.role,
+            agents: m.agents,
+            rss_before_kib: before[i],
+            rss_held_kib: held[i],
+            kib_per_agent: (held[i] as f64 - before[i] as f64) / m.agents.max(1) as f64,
+            idle_cpu_percent: 100.0 * cpu[i] / secs,
+        })
+        .collect();
+    let growth = |s: &&ProcSample| s.rss_held_kib as f64 - s.rss_before_kib as f64;
+    let of = |role: Role| servers.iter().filter(move |s| s.role == role);
+    let gateways = of(Role::Gateway).count();
+    let coordinators = of(Role::Coordinator).count();
+    HoldReport {
+        kib_per_agent: servers.iter().map(|s| growth(&s)).sum::<f64>() / n.max(1) as f64,
+        idle_cpu_percent: servers.iter().map(|s| s.idle_cpu_percent).sum(),
+        gateway_kib_per_agent: (gateways > 0)
+            .then(|| of(Role::Gateway).map(|s| s.kib_per_agent).sum::<f64>() / gateways as f64),
+        gateway_idle_cpu_percent: (gateways > 0)
+            .then(|| of(Role::Gateway).map(|s| s.idle_cpu_percent).sum()),
+        coordinator_kib_per_agent: (coordinators > 0)
+            .then(|| of(Role::Coordinator).map(|s| growth(&s)).sum::<f64>() / n.max(1) as f64),
+        coordinator_idle_cpu_percent: (coordinators > 0)
+            .then(|| of(Role::Coordinator).map(|s| s.idle_cpu_percent).sum()),
+        servers,
+        window_secs: secs,
+    }
 }
 
 /// Connect, then the phases; true if every goal was reached.
@@ -344,10 +476,10 @@ async fn phases(
     report: &mut Report,
 ) -> anyhow::Result<bool> {
     let n = specs.len();
-    let rss_before: Vec<(u32, u64)> = opts
-        .server_pids
+    let measured = measured(opts, specs);
+    let rss_before: Vec<u64> = measured
         .iter()
-        .map(|&p| Ok((p, rss_kib(p)?)))
+        .map(|m| rss_kib(m.pid))
         .collect::<anyhow::Result<_>>()?;
 
     // connect: every agent at once; the clock runs until the last first reply.
@@ -388,34 +520,20 @@ async fn phases(
         match phase {
             Phase::Hold => {
                 window(fleet, opts.settle, opts.progress, "settle").await;
-                let held: Vec<u64> = rss_before
+                let held: Vec<u64> = measured
                     .iter()
-                    .map(|&(p, _)| rss_kib(p))
+                    .map(|m| rss_kib(m.pid))
                     .collect::<anyhow::Result<_>>()?;
-                let cpu0: Vec<f64> = rss_before
-                    .iter()
-                    .map(|&(p, _)| cpu_secs(p))
-                    .collect::<anyhow::Result<_>>()?;
+                let cpu0 = cpu_of(&measured)?;
                 let w = Instant::now();
                 window(fleet, opts.duration, opts.progress, "hold").await;
                 let secs = w.elapsed().as_secs_f64();
-                let mut servers = Vec::new();
-                for (i, &(pid, before)) in rss_before.iter().enumerate() {
-                    let cpu = cpu_secs(pid)? - cpu0[i];
-                    servers.push(ProcSample {
-                        pid,
-                        rss_before_kib: before,
-                        rss_held_kib: held[i],
-                        kib_per_agent: (held[i] as f64 - before as f64) / n as f64,
-                        idle_cpu_percent: 100.0 * cpu / secs,
-                    });
-                }
-                report.hold = Some(HoldReport {
-                    kib_per_agent: servers.iter().map(|s| s.kib_per_agent).sum(),
-                    idle_cpu_percent: servers.iter().map(|s| s.idle_cpu_percent).sum(),
-                    servers,
-                    window_secs: secs,
-                });
+                let cpu: Vec<f64> = cpu_of(&measured)?
+                    .iter()
+                    .zip(&cpu0)
+                    .map(|(c1, c0)| c1 - c0)
+                    .collect();
+                report.hold = Some(hold_report(&measured, &rss_before, &held, &cpu, secs, n));
             }
             Phase::Rollout => {
                 let (r, ok) = rollout(opts, fleet, n).await?;
@@ -423,25 +541,30 @@ async fn phases(
                 report.rollout = Some(r);
             }
             Phase::Steady => {
-                let (secs, s) =
-                    busy_window(fleet, opts, "steady", |until_ms| Mode::Steady { until_ms })
-                        .await?;
+                let (secs, s, cpu) = busy_window(fleet, opts, &measured, "steady", |until_ms| {
+                    Mode::Steady { until_ms }
+                })
+                .await?;
                 report.steady = Some(SteadyReport {
                     seconds: secs,
                     messages: s.messages,
                     rate_per_sec: s.messages as f64 / secs,
                     latency: s.steady_latency.summary(),
+                    cpu,
                 });
                 merge_errors(&mut errors, s.errors);
             }
             Phase::Churn => {
-                let (secs, s) =
-                    busy_window(fleet, opts, "churn", |until_ms| Mode::Churn { until_ms }).await?;
+                let (secs, s, cpu) = busy_window(fleet, opts, &measured, "churn", |until_ms| {
+                    Mode::Churn { until_ms }
+                })
+                .await?;
                 report.churn = Some(ChurnReport {
                     seconds: secs,
                     connects: s.connects,
                     connects_per_sec: s.connects as f64 / secs,
                     errors: s.errors.clone(),
+                    cpu,
                 });
                 merge_errors(&mut errors, s.errors);
             }
@@ -528,6 +651,18 @@ async fn rollout(
     ))
 }
 
+/// `  CPU: Gateway 1234 45.0 %, …` (empty when nothing was measured).
+fn cpu_line(cpu: &[CpuSample]) -> String {
+    if cpu.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = cpu
+        .iter()
+        .map(|c| format!("{:?} {} {:.1} %", c.role, c.pid, c.cpu_percent))
+        .collect();
+    format!("  CPU (% of a core): {}\n", parts.join(", "))
+}
+
 /// The human summary.
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
@@ -550,10 +685,28 @@ pub fn summary(r: &Report) -> String {
             "hold: {:.2} KiB RSS per agent, idle CPU {:.1} % of a core over {:.1} s\n",
             h.kib_per_agent, h.idle_cpu_percent, h.window_secs
         );
+        if let (Some(kib), Some(cpu)) = (h.gateway_kib_per_agent, h.gateway_idle_cpu_percent) {
+            s += &format!(
+                "  gateways: {kib:.2} KiB RSS per agent on each (mean), idle CPU {cpu:.1} % together\n"
+            );
+        }
+        if let (Some(kib), Some(cpu)) =
+            (h.coordinator_kib_per_agent, h.coordinator_idle_cpu_percent)
+        {
+            s += &format!(
+                "  coordinators: {kib:.2} KiB RSS per agent together, idle CPU {cpu:.1} % together\n"
+            );
+        }
         for p in &h.servers {
             s += &format!(
-                "  pid {}: {} KiB → {} KiB ({:.2} KiB/agent), CPU {:.1} %\n",
-                p.pid, p.rss_before_kib, p.rss_held_kib, p.kib_per_agent, p.idle_cpu_percent
+                "  {:?} pid {}: {} KiB → {} KiB ({:.2} KiB/agent over {} agents), CPU {:.1} %\n",
+                p.role,
+                p.pid,
+                p.rss_before_kib,
+                p.rss_held_kib,
+                p.kib_per_agent,
+                p.agents,
+                p.idle_cpu_percent
             );
         }
     }
@@ -570,12 +723,14 @@ pub fn summary(r: &Report) -> String {
             st.messages, st.seconds, st.rate_per_sec, st.latency.p50_ms, st.latency.p90_ms,
             st.latency.p99_ms, st.latency.max_ms
         );
+        s += &cpu_line(&st.cpu);
     }
     if let Some(ch) = &r.churn {
         s += &format!(
             "churn: {} connects in {:.1} s = {:.0}/s; errors {:?}\n",
             ch.connects, ch.seconds, ch.connects_per_sec, ch.errors
         );
+        s += &cpu_line(&ch.cpu);
     }
     s += &format!("errors: {:?}; complete: {}\n", r.errors, r.complete);
     s

@@ -1,11 +1,17 @@
 //! Small runs of every scenario against an in-process embedded Ampora (and one against the
-//! baseline): correctness, not speed. Every wait is bounded; nothing is left running.
+//! baseline), and of connect, hold, rollout and steady against a spawned cluster (2 gateways,
+//! 2 coordinators on the local NATS, Redis and Postgres): correctness, not speed. Every wait
+//! is bounded; nothing is left running.
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use coordinator::config::Config;
 use coordinator::serve::{self, Running};
 use loadtest::api::Api;
+use loadtest::cluster::{Cluster, ClusterSpec};
+use loadtest::procs::Role;
 use loadtest::{Phase, Report, RunOptions};
 
 const AGENTS: usize = 200;
@@ -228,4 +234,221 @@ async fn no_auth_is_refused_against_ampora() {
     let err = loadtest::run(&opts).await.expect_err("must refuse");
     assert!(err.to_string().contains("baseline"), "{err}");
     s.finish().await;
+}
+
+// ---- Cluster mode: the harness spawns `ampora coordinator` / `ampora gateway` processes ----
+
+/// Settings for the small cluster runs: few Postgres connections (parallel tests share the
+/// server), fast flushes so the API catches up quickly.
+const CLUSTER_SETS: [&str; 2] = [
+    "cluster.postgres_max_connections=4",
+    "store.flush_interval_ms=100",
+];
+
+/// The `ampora` binary: `$AMPORA_BIN`, else built once by cargo in this test's profile (it is
+/// another package's binary, so cargo does not build it for this package's tests).
+fn ampora_exe() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        if let Some(p) = std::env::var_os("AMPORA_BIN") {
+            return p.into();
+        }
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "coordinator", "--bin", "ampora"])
+            .arg("--message-format=json-render-diagnostics")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(std::process::Stdio::inherit());
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("running cargo build");
+        assert!(out.status.success(), "cargo build of ampora failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"]["name"] == "ampora")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported the ampora executable")
+    })
+    .clone()
+}
+
+async fn ampora() -> PathBuf {
+    tokio::task::spawn_blocking(ampora_exe)
+        .await
+        .expect("locating ampora")
+}
+
+async fn start_cluster() -> Cluster {
+    let mut spec = ClusterSpec::new(ampora().await, 2, 2);
+    spec.sets = CLUSTER_SETS.iter().map(|s| s.to_string()).collect();
+    Cluster::start(&spec)
+        .await
+        .expect("cluster starts (are NATS, Redis and Postgres running?)")
+}
+
+fn cluster_options(c: &Cluster, api: &Api, scenario: &str, phases: Vec<Phase>) -> RunOptions {
+    RunOptions {
+        scenario: scenario.into(),
+        phases,
+        targets: c.ws_urls(),
+        api: Some(api.clone()),
+        agents: AGENTS,
+        duration: Duration::from_millis(800),
+        settle: Duration::ZERO,
+        gateway_pids: c.gateway_pids(),
+        coordinator_pids: c.coordinator_pids(),
+        timeout: Duration::from_secs(60),
+        http_poll_secs: 1,
+        progress: false,
+        ..RunOptions::default()
+    }
+}
+
+/// No agent of a finished run is still connected, as any coordinator's API reports it.
+async fn none_connected(api: &Api) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = api
+            .get("/api/v1/agents?connected=true")
+            .await
+            .expect("list");
+        let left = v.as_array().map_or(0, Vec::len);
+        if left == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} agents still connected"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// connect + hold, rollout (WebSocket and HTTP agents) and steady, one after another on one
+/// spawned cluster of 2 gateways and 2 coordinators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_connect_hold_rollout_steady() {
+    let c = start_cluster().await;
+    assert_eq!((c.gateways.len(), c.coordinators.len()), (2, 2));
+    let api = Api::new(&c.api_url(), &c.admin_token).expect("api");
+    // The second coordinator's API sees the same cluster.
+    let api2 = Api::new(
+        &format!("http://{}", c.coordinators[1].addr),
+        &c.admin_token,
+    )
+    .expect("api");
+
+    // connect + hold: memory per agent of each gateway, over the agents on it.
+    let r = loadtest::run(&cluster_options(&c, &api, "hold", vec![Phase::Hold]))
+        .await
+        .expect("hold run");
+    all_connected(&r);
+    assert!(r.complete);
+    assert_eq!(r.targets.len(), 2);
+    let h = r.hold.as_ref().expect("hold report");
+    let roles: Vec<Role> = h.servers.iter().map(|s| s.role).collect();
+    assert_eq!(
+        roles,
+        [
+            Role::Gateway,
+            Role::Gateway,
+            Role::Coordinator,
+            Role::Coordinator
+        ]
+    );
+    for (g, s) in h.servers[..2].iter().enumerate() {
+        assert_eq!(s.pid, c.gateways[g].pid);
+        assert_eq!(s.agents, AGENTS / 2, "round-robin over the gateways");
+        assert!(s.rss_held_kib > 0);
+    }
+    assert!(h.servers[2..].iter().all(|s| s.agents == AGENTS));
+    assert!(h.gateway_kib_per_agent.is_some() && h.coordinator_kib_per_agent.is_some());
+    let v = check_json(&r);
+    assert!(v["hold"]["gateway_kib_per_agent"].is_number());
+    none_connected(&api2).await;
+
+    // rollout through NATS, state in Postgres; 10 % over HTTP, 10 % failing.
+    let opts = RunOptions {
+        http_share: 0.1,
+        fail_share: 0.1,
+        ..cluster_options(&c, &api, "rollout", vec![Phase::Rollout])
+    };
+    let r = loadtest::run(&opts).await.expect("rollout run");
+    all_connected(&r);
+    let ro = r.rollout.as_ref().expect("rollout report");
+    assert_eq!(ro.reported, AGENTS, "100 % reported");
+    assert_eq!((ro.applied, ro.failed), (180, 20));
+    assert_eq!((ro.api_applied, ro.api_failed), (180, 20), "server agrees");
+    assert!(r.complete, "{}", loadtest::scenario::summary(&r));
+    none_connected(&api2).await;
+
+    // steady: status reports through the gateways and NATS; CPU of every node measured.
+    let r = loadtest::run(&cluster_options(&c, &api, "steady", vec![Phase::Steady]))
+        .await
+        .expect("steady run");
+    all_connected(&r);
+    let st = r.steady.as_ref().expect("steady report");
+    assert!(st.messages > AGENTS as u64, "{st:?}");
+    assert_eq!(st.cpu.len(), 4);
+    check_json(&r);
+    none_connected(&api2).await;
+
+    let (db, prefix) = (c.database.clone(), c.prefix.clone());
+    c.stop().await;
+    assert!(!database_exists(&db).await, "{db} was dropped");
+    assert!(prefix.starts_with("lt"));
+}
+
+async fn database_exists(name: &str) -> bool {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(loadtest::cluster::DEFAULT_POSTGRES_URL)
+        .await
+        .expect("postgres");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    n > 0
+}
+
+/// The command line end to end: `connect --spawn-cluster` starts the cluster, runs, writes the
+/// report and tears everything down (processes, database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_spawn_cluster_connect() {
+    let exe = ampora().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("connect.json");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ampora-loadtest"));
+    cmd.arg("connect")
+        .arg("--spawn-cluster")
+        .arg(&exe)
+        .args(["--gateways", "2", "--coordinators", "2", "--agents", "200"])
+        .args(["--timeout", "60"])
+        .arg("--json-out")
+        .arg(&json)
+        .kill_on_drop(true);
+    for s in CLUSTER_SETS {
+        cmd.args(["--server-set", s]);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("finishes within 180 s")
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Report =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("json");
+    all_connected(&r);
+    assert_eq!(r.targets.len(), 2);
+    assert!(r.targets.iter().all(|t| t.starts_with("ws://127.0.0.1:")));
+    // The database it announced is gone.
+    let db = stderr
+        .split("database ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("the database is announced");
+    assert!(db.starts_with("ampora_lt_"), "{db}");
+    assert!(!database_exists(db).await, "{db} was dropped");
 }

@@ -31,7 +31,10 @@ async fn fleet_of(
         o.non_identifying = vec![("fleet".into(), label.into())];
         o.compact_reconnect = compact_reconnect;
         let agent = Agent::start(o);
-        let s = wait_for(&mut agent.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+        let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+            s.connected && s.replies > 0
+        })
+        .await?;
         out.push((agent, uid_of(&s)));
     }
     Ok(out)
@@ -59,7 +62,10 @@ async fn config_pushed_through_a_coordinator_that_does_not_own_the_agent_arrives
         .api()
         .wait_agent(&uid, "connected", |a| a["connected"] == true)
         .await?;
-    assert_eq!(view["gateway"], "gw-0", "the API shows which gateway holds it");
+    assert_eq!(
+        view["gateway"], "gw-0",
+        "the API shows which gateway holds it"
+    );
 
     let partition = uid.parse::<InstanceUid>()?.partition();
     let holders = c.partition_holders().await?;
@@ -122,7 +128,10 @@ async fn agents_of_a_killed_gateway_reconnect_through_another_with_state_intact(
         // through another gateway, asked for the full state.
         let s: AgentStatus =
             wait_for(&mut st, DEADLINE, |s| s.full_state_requests > before).await?;
-        assert_eq!(s.applied_configs, 1, "no second push: the config is applied");
+        assert_eq!(
+            s.applied_configs, 1,
+            "no second push: the config is applied"
+        );
         let a = c
             .api()
             .wait_agent(uid, "intact", |a| a["config_state"] == "applied")
@@ -242,8 +251,7 @@ async fn a_draining_gateway_moves_its_agents_to_the_others() -> anyhow::Result<(
 }
 
 #[tokio::test]
-async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> anyhow::Result<()>
-{
+async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> anyhow::Result<()> {
     let c = Cluster::start(2, 1, |_| {}).await?;
     let token = c.api().token("dup").await?;
     let uid = InstanceUid::new_v7();
@@ -270,7 +278,10 @@ async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> 
     let mut o = opts(c.ws_url_of(1)?, token, "dup");
     o.instance_uid = Some(uid.0);
     let agent = Agent::start(o);
-    wait_for(&mut agent.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+    wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connected && s.replies > 0
+    })
+    .await?;
 
     // gw-1's claim bumped the epoch and told gw-0 to close the old socket.
     let closed = tokio::time::timeout(DEADLINE, async {
@@ -308,8 +319,13 @@ async fn configs_larger_than_the_nats_payload_limit_travel_both_ways() -> anyhow
     let line = "# padding padding padding padding padding padding padding padding\n";
     let body: String = line.repeat((3 << 20) / line.len());
     let (id, hash) = c.api().config("big", &body).await?;
-    c.api().assign(json!({ "config_id": id, "agent": uid })).await?;
-    let s = wait_for(&mut agents[0].0.status(), DEADLINE, |s| s.applied_configs >= 1).await?;
+    c.api()
+        .assign(json!({ "config_id": id, "agent": uid }))
+        .await?;
+    let s = wait_for(&mut agents[0].0.status(), DEADLINE, |s| {
+        s.applied_configs >= 1
+    })
+    .await?;
     assert_eq!(s.effective_config.len(), body.len());
     let a = c
         .api()
@@ -338,7 +354,11 @@ async fn a_token_revoked_through_one_coordinator_is_refused_by_all() -> anyhow::
     let id = created["record"]["id"].as_str().expect("id").to_string();
     let (status, _) = c
         .api_of(1)?
-        .raw(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+        .raw(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            None,
+        )
         .await?;
     assert_eq!(status, 204);
     // Authentication is answered by either coordinator (a queue group). Once the revocation

@@ -3,10 +3,10 @@
 //! the embedded default and against a cluster sandbox (2 gateways, 2 coordinators on the real
 //! NATS, Redis and Postgres), which is what makes the two modes equivalent.
 
+use coordinator::config::Config;
 use gateway::client::{wait_for, Agent, AgentOptions, AgentStatus};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use coordinator::config::Config;
 use tests::{eventually, Fleet, TestServer, DEADLINE};
 
 /// Runs `$name(&fleet)` in both modes, with `$tweak` applied to the configuration.
@@ -134,16 +134,24 @@ fn hex_of(b: &[u8]) -> String {
 async fn websocket_agent_receives_config_and_reports_applied(f: &impl Fleet) -> anyhow::Result<()> {
     connect_and_apply(f, |f| f.ws_url()).await
 }
-both_modes!(websocket_agent_receives_config_and_reports_applied, fast_heartbeat);
+both_modes!(
+    websocket_agent_receives_config_and_reports_applied,
+    fast_heartbeat
+);
 
 async fn http_agent_receives_config_at_next_poll_and_reports_applied(
     f: &impl Fleet,
 ) -> anyhow::Result<()> {
     connect_and_apply(f, |f| f.http_url()).await
 }
-both_modes!(http_agent_receives_config_at_next_poll_and_reports_applied, fast_heartbeat);
+both_modes!(
+    http_agent_receives_config_at_next_poll_and_reports_applied,
+    fast_heartbeat
+);
 
-async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(server: &impl Fleet) -> anyhow::Result<()> {
+async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
+    server: &impl Fleet,
+) -> anyhow::Result<()> {
     let mut prod = opts(
         server.ws_url(),
         server.api().token("p").await?,
@@ -221,7 +229,10 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
     }
     Ok(())
 }
-both_modes!(label_assignment_reaches_only_matching_agents_and_failures_are_visible, defaults);
+both_modes!(
+    label_assignment_reaches_only_matching_agents_and_failures_are_visible,
+    defaults
+);
 
 async fn agent_without_uid_gets_one_assigned(server: &impl Fleet) -> anyhow::Result<()> {
     let mut o = opts(server.ws_url(), server.api().token("n").await?, "nameless");
@@ -249,7 +260,9 @@ async fn agent_without_uid_gets_one_assigned(server: &impl Fleet) -> anyhow::Res
 }
 both_modes!(agent_without_uid_gets_one_assigned, defaults);
 
-async fn static_header_http_client_keeps_working_and_token_stays_bound(server: &impl Fleet) -> anyhow::Result<()> {
+async fn static_header_http_client_keeps_working_and_token_stays_bound(
+    server: &impl Fleet,
+) -> anyhow::Result<()> {
     let token = server.api().token("static").await?;
     let mut o = opts(server.http_url(), token.clone(), "poller");
     o.heartbeat = std::time::Duration::from_millis(100);
@@ -277,7 +290,10 @@ async fn static_header_http_client_keeps_working_and_token_stays_bound(server: &
     agent.stop().await;
     Ok(())
 }
-both_modes!(static_header_http_client_keeps_working_and_token_stays_bound, fast_heartbeat);
+both_modes!(
+    static_header_http_client_keeps_working_and_token_stays_bound,
+    fast_heartbeat
+);
 
 #[tokio::test]
 async fn self_agent_shows_up_in_the_fleet() -> anyhow::Result<()> {
@@ -299,7 +315,9 @@ async fn self_agent_shows_up_in_the_fleet() -> anyhow::Result<()> {
     server.stop().await
 }
 
-async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection(server: &impl Fleet) -> anyhow::Result<()> {
+async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection(
+    server: &impl Fleet,
+) -> anyhow::Result<()> {
     let uid = InstanceUid::new_v7();
     let mut first = opts(server.ws_url(), server.api().token("a").await?, "original");
     first.instance_uid = Some(uid.0);
@@ -327,7 +345,11 @@ async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection(serv
         s.connected && s.replies > replies
     })
     .await?;
-    let original = server.api().agent(&uid.to_string()).await?.expect("original");
+    let original = server
+        .api()
+        .agent(&uid.to_string())
+        .await?
+        .expect("original");
     assert_eq!(
         original["description"]["identifying"]["service.name"],
         "original"
@@ -337,7 +359,10 @@ async fn colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection(serv
     first.stop().await;
     Ok(())
 }
-both_modes!(colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection, defaults);
+both_modes!(
+    colliding_uid_gets_a_new_one_and_the_original_keeps_its_connection,
+    defaults
+);
 
 async fn capabilities_gate_what_is_sent(server: &impl Fleet) -> anyhow::Result<()> {
     // Accepts connection settings and reports heartbeats: gets the heartbeat interval.

@@ -16,7 +16,6 @@ use tokio::runtime::Runtime;
 
 use crate::{Api, Fleet};
 
-
 /// One node and the runtime it lives in.
 pub struct Node<T> {
     pub addr: SocketAddr,
@@ -114,7 +113,37 @@ impl Cluster {
         for _ in 0..gateways {
             this.add_gateway().await?;
         }
+        this.settled().await?;
         Ok(this)
+    }
+
+    /// Waits until every partition has a live lease and every live coordinator holds some:
+    /// the hand-overs a join starts are over.
+    pub async fn settled(&self) -> anyhow::Result<()> {
+        let live: std::collections::BTreeSet<String> = self
+            .coordinators
+            .iter()
+            .flatten()
+            .map(|n| n.id.clone())
+            .collect();
+        crate::eventually("partition leases settled", crate::DEADLINE, || async {
+            let v = self.api.get("/api/v1/cluster").await?;
+            let now = shared::now_ms();
+            let leases: Vec<(String, i64)> = v["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| {
+                    Some((l["holder"].as_str()?.to_string(), l["expires_ms"].as_i64()?))
+                })
+                .collect();
+            let holders: std::collections::BTreeSet<String> =
+                leases.iter().map(|(h, _)| h.clone()).collect();
+            let all_live = leases.len() == usize::from(shared::ids::PARTITIONS)
+                && leases.iter().all(|(_, exp)| *exp > now);
+            Ok((all_live && holders == live).then_some(()))
+        })
+        .await
     }
 
     fn node_config(&self, id: &str) -> Config {
@@ -179,7 +208,9 @@ impl Cluster {
 
     /// An API client talking to coordinator `i`.
     pub fn api_of(&self, i: usize) -> anyhow::Result<Api> {
-        let n = self.coordinators[i].as_ref().context("coordinator is gone")?;
+        let n = self.coordinators[i]
+            .as_ref()
+            .context("coordinator is gone")?;
         Ok(Api::new(n.addr, self.admin_token.clone()))
     }
 

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+use shared::bus::ControlEvent;
 use shared::ids::PARTITIONS;
 use shared::now_ms;
 use shared::store::StoreError;
@@ -65,6 +66,9 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
     if !give.is_empty() {
         c.hand_over(&give).await;
         c.store.release_leases(&c.cfg.node, &give).await?;
+        // The takers act at once instead of at their next round. Converges: a round that
+        // gives nothing away broadcasts nothing.
+        let _ = c.bus.broadcast(ControlEvent::MembershipChanged).await;
     }
 
     let leases = c
@@ -74,9 +78,7 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
     let after: HashMap<u16, i64> = leases.iter().map(|l| (l.partition, l.fence)).collect();
     // A lease we got back after it expired keeps our memory only if nobody held it in between
     // (the fence moved by exactly our own re-acquisition).
-    let kept = |p: &u16| {
-        matches!((before.get(p), after.get(p)), (Some(old), Some(new)) if new == old || *new == old + 1)
-    };
+    let kept = |p: &u16| matches!((before.get(p), after.get(p)), (Some(old), Some(new)) if new == old || *new == old + 1);
     let lost: Vec<u16> = before
         .keys()
         .copied()
