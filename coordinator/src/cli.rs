@@ -325,8 +325,8 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             let v = c.call(Method::GET, &path, None).await?;
             c.print(&v, |v| {
                 println!(
-                    "{:<36}  {:<24}  {:<9}  {:<8}  HEALTH",
-                    "INSTANCE UID", "SERVICE", "CONNECTED", "CONFIG"
+                    "{:<36}  {:<24}  {:<9}  {:<8}  {:<9}  GATEWAY",
+                    "INSTANCE UID", "SERVICE", "CONNECTED", "CONFIG", "HEALTH"
                 );
                 for a in v.as_array().into_iter().flatten() {
                     let health = match a["health"]["healthy"].as_bool() {
@@ -335,12 +335,13 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
                         None => "unknown",
                     };
                     println!(
-                        "{:<36}  {:<24}  {:<9}  {:<8}  {}",
+                        "{:<36}  {:<24}  {:<9}  {:<8}  {:<9}  {}",
                         s(a, "instance_uid"),
                         agent_name(a),
                         a["connected"].as_bool().unwrap_or(false),
                         s(a, "config_state"),
-                        health
+                        health,
+                        a["gateway"].as_str().unwrap_or("-")
                     );
                 }
             })

@@ -75,7 +75,7 @@ async fn wait_state(server: &impl Fleet, uid: &str, state: &str) -> anyhow::Resu
 
 async fn connect_and_apply<F: Fleet>(server: &F, endpoint: fn(&F) -> String) -> anyhow::Result<()> {
     let token = server.api().token("e2e").await?;
-    let mut o = opts(endpoint(&server), token, "collector-a");
+    let mut o = opts(endpoint(server), token, "collector-a");
     o.heartbeat = std::time::Duration::from_millis(200);
     let agent = Agent::start(o);
     let mut st = agent.status();
