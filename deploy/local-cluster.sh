@@ -11,7 +11,8 @@
 #   LOCAL_CLUSTER_PORT  nginx port (default 4320); the nodes use the next four ports
 #   LOCAL_CLUSTER_BIND  nginx's address (default 127.0.0.1; the nodes listen on 127.0.0.1 only)
 #   LOCAL_CLUSTER_DIR   state: configs, logs, pids, nginx prefix, data (default target/local-cluster)
-#   LOCAL_CLUSTER_DB    PostgreSQL database (default ampora)
+#   LOCAL_CLUSTER_DB    PostgreSQL database, also the NATS subject and Redis key prefix
+#                       (default ampora; a second cluster needs its own, and its own port and dir)
 #   LOCAL_CLUSTER_BIN   an `ampora` binary to use instead of building target/release/ampora
 #   LOCAL_CLUSTER_WAIT  seconds to wait for readiness (default 90)
 # NATS (4222), Redis (6379) and PostgreSQL (5432, trust auth, user postgres) are started, and
@@ -27,6 +28,7 @@ bind="${LOCAL_CLUSTER_BIND:-127.0.0.1}"
 # Where clients reach nginx: a wildcard bind is reached over loopback.
 case "$bind" in 0.0.0.0 | "[::]" | "::") host=127.0.0.1 ;; *) host="$bind" ;; esac
 db="${LOCAL_CLUSTER_DB:-ampora}"
+[[ $db =~ ^[a-z_][a-z0-9_]*$ ]] || { echo "!! LOCAL_CLUSTER_DB must match [a-z_][a-z0-9_]*" >&2; exit 1; }
 wait_secs="${LOCAL_CLUSTER_WAIT:-90}"
 state="${LOCAL_CLUSTER_DIR:-target/local-cluster}"
 mkdir -p "$state"
@@ -186,9 +188,9 @@ bootstrap_plaintext_allowed = true
 [cluster]
 node_id = "$name"
 nats_url = "nats://127.0.0.1:$nats_port"
-subject_prefix = "ampora"
+subject_prefix = "$db"
 redis_url = "redis://127.0.0.1:$redis_port"
-redis_key_prefix = "ampora"
+redis_key_prefix = "$db"
 postgres_url = "postgres://postgres@127.0.0.1:$pg_port/$db"
 drain_window_secs = $drain_window_secs
 EOF
@@ -307,6 +309,8 @@ EOF
 
 cmd_up() {
   mkdir -p "$run" "$logs"
+  # Every agent is a file descriptor in a gateway and two in nginx: allow as many as we may.
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   if all_up; then
     say "already up"
     print_endpoints

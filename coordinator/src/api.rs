@@ -355,7 +355,10 @@ pub struct NewAssignmentBody {
 pub struct AssignmentResult {
     #[schema(value_type = Object)]
     assignment: Assignment,
-    /// Agents the assignment applies to now.
+    /// Agents the assignment applies to now. In cluster mode, agents served by other
+    /// coordinators are counted as of their last batch write (`store.flush_interval_ms`), so
+    /// agents that connected within that time may be missing from the count (the assignment
+    /// still reaches them).
     matched_agents: usize,
 }
 

@@ -304,6 +304,14 @@ fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Resu
         );
     }
 
+    // A draining gateway's 503 sends a reconnecting agent to another gateway.
+    assert!(
+        directives(opamp, "proxy_next_upstream")
+            .first()
+            .is_some_and(|v| v.split_whitespace().any(|w| w == "http_503")),
+        "/v1/opamp must retry a 503 on the next gateway"
+    );
+
     let server = block(&code, "server {")?;
     assert_eq!(directives(server, "proxy_http_version"), ["1.1"]);
     let headers = directives(server, "proxy_set_header");
