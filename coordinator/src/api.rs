@@ -1,25 +1,27 @@
 //! The REST API under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
 //! Every route but the document itself needs an operator API token (`Authorization: Bearer
-//! amp-api.…`); reads need the viewer role, config changes operator, tokens admin. Errors are
-//! JSON `{"error": "..."}` with the status chosen in one place, [`ApiError::into_response`].
+//! amp-api.…`); reads need the viewer role, config changes operator, bootstrap tokens and API
+//! tokens admin. Errors are JSON `{"error": "..."}` with the status chosen in one place,
+//! [`ApiError::into_response`]. Every change made through the API is audited with its actor,
+//! `api:<API token name>`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shared::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap, ConfigState,
-    ConfigVersion, Role, Target, TokenRecord,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap,
+    ConfigState, ConfigVersion, Role, Target, TokenRecord, TokenScope,
 };
 use shared::ids::InstanceUid;
-use shared::store::{AuditQuery, StoreError};
+use shared::store::{AuditCursor, AuditQuery, StoreError};
 use shared::token;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -30,10 +32,11 @@ use crate::service::{Coordinator, ServiceError};
     info(title = "Ampora API", description = "Fleet management for OpAMP agents"),
     paths(
         list_agents, show_agent, create_config, list_configs, show_config, create_assignment,
-        list_assignments, create_token, create_tokens, list_tokens, revoke_token, list_audit,
+        list_assignments, create_token, create_tokens, list_tokens, revoke_token,
+        create_api_token, list_api_tokens, revoke_api_token, list_audit, export_audit,
         show_cluster
     ),
-    components(schemas(ClusterView, PartitionLease, AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, ErrorBody)),
+    components(schemas(ClusterView, PartitionLease, AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, NewScope, NewApiToken, CreatedApiToken, ApiTokenView, ErrorBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -70,7 +73,16 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/batch", post(create_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route(
+            "/api/v1/api-tokens",
+            post(create_api_token).get(list_api_tokens),
+        )
+        .route(
+            "/api/v1/api-tokens/{id}",
+            axum::routing::delete(revoke_api_token),
+        )
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/audit/export", get(export_audit))
         .route("/api/v1/cluster", get(show_cluster))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY_BYTES))
         .with_state(coord)
@@ -100,6 +112,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("storage error: {0}")]
     Store(StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 #[derive(Serialize, ToSchema)]
@@ -132,7 +146,7 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Store(StoreError::MaybeApplied(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Store(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp = (
             status,
@@ -403,6 +417,39 @@ pub struct NewToken {
     name: String,
     /// Lifetime in seconds; the configured default when absent.
     ttl_secs: Option<u64>,
+    /// Only agents matching the scope may redeem the token; any agent when absent.
+    scope: Option<NewScope>,
+}
+
+/// A bootstrap token's scope: the agent redeeming it must report every label as an attribute
+/// (identifying or non-identifying) with that value in its first message, or it is refused
+/// with reason `scope_mismatch`. A first message without a description is refused too.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewScope {
+    /// `key: value` pairs, at least one.
+    labels: BTreeMap<String, String>,
+}
+
+fn scope_of(scope: Option<NewScope>) -> Result<Option<TokenScope>, ApiError> {
+    let Some(NewScope { labels }) = scope else {
+        return Ok(None);
+    };
+    if labels.is_empty() {
+        return Err(ApiError::BadRequest(
+            "scope.labels needs at least one label (omit scope for an unscoped token)".into(),
+        ));
+    }
+    for (k, v) in &labels {
+        if k.is_empty() {
+            return Err(ApiError::BadRequest(
+                "scope label keys must not be empty".into(),
+            ));
+        }
+        check_name(k)?;
+        check_name(v)?;
+    }
+    Ok(Some(TokenScope { labels }))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -425,8 +472,14 @@ async fn create_token(
         return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
     }
     check_name(&body.name)?;
+    let scope = scope_of(body.scope)?;
     let (token, record) = c
-        .create_token(body.name, body.ttl_secs.map(Duration::from_secs), &actor)
+        .create_scoped_token(
+            body.name,
+            body.ttl_secs.map(Duration::from_secs),
+            scope,
+            &actor,
+        )
         .await?;
     Ok(Json(CreatedToken { token, record }))
 }
@@ -439,6 +492,8 @@ pub struct NewTokens {
     ttl_secs: Option<u64>,
     /// How many tokens, 1 to 100,000.
     count: u32,
+    /// The scope of every token in the batch; see `NewToken`.
+    scope: Option<NewScope>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -461,17 +516,20 @@ async fn create_tokens(
         ));
     }
     check_name(&body.name)?;
+    let scope = scope_of(body.scope)?;
     let tokens = c
         .create_tokens(
             body.name,
             body.ttl_secs.map(Duration::from_secs),
             body.count,
+            scope,
             &actor,
         )
         .await?;
     Ok(Json(CreatedTokens { tokens }))
 }
 
+/// Every bootstrap token (never the token text), with its state and scope.
 #[utoipa::path(get, path = "/api/v1/tokens",
     responses((status = 200, body = [Object])), security(("api_token" = [])))]
 async fn list_tokens(
@@ -494,14 +552,250 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A new operator API token.
+#[derive(Deserialize, ToSchema)]
+pub struct NewApiToken {
+    /// Unique among all API tokens ever created; the audit log names its actions
+    /// `api:<name>`.
+    name: String,
+    /// `viewer` (read only), `operator` (also configs and assignments) or `admin` (also
+    /// bootstrap tokens and API tokens).
+    #[schema(value_type = String, example = "operator")]
+    role: Role,
+}
+
+/// An API token as listed: never the token text.
+#[derive(Serialize, ToSchema)]
+pub struct ApiTokenView {
+    id: String,
+    name: String,
+    #[schema(value_type = String, example = "viewer")]
+    role: Role,
+    created_ms: i64,
+    /// When it was revoked; a revoked token gets 401.
+    revoked_ms: Option<i64>,
+}
+
+impl From<ApiTokenListing> for ApiTokenView {
+    fn from(l: ApiTokenListing) -> Self {
+        Self {
+            id: l.token.id,
+            name: l.token.name,
+            role: l.token.role,
+            created_ms: l.token.created_ms,
+            revoked_ms: l.revoked_ms,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedApiToken {
+    /// The token itself. Shown only here, once: Ampora stores only its hash.
+    token: String,
+    api_token: ApiTokenView,
+}
+
+#[utoipa::path(post, path = "/api/v1/api-tokens", request_body = NewApiToken,
+    responses((status = 200, body = CreatedApiToken), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("api_token" = [])))]
+async fn create_api_token(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Json(body): Json<NewApiToken>,
+) -> ApiResult<CreatedApiToken> {
+    let actor = authorize(&c, &headers, Role::Admin).await?;
+    if body.name.is_empty() {
+        return Err(ApiError::BadRequest("an api token needs a name".into()));
+    }
+    check_name(&body.name)?;
+    let (token, record) = c.create_api_token(body.name, body.role, &actor).await?;
+    Ok(Json(CreatedApiToken {
+        token,
+        api_token: ApiTokenListing {
+            token: record,
+            revoked_ms: None,
+        }
+        .into(),
+    }))
+}
+
+/// Every API token ever created, oldest first, revoked ones included.
+#[utoipa::path(get, path = "/api/v1/api-tokens",
+    responses((status = 200, body = [ApiTokenView]), (status = 403, body = ErrorBody)),
+    security(("api_token" = [])))]
+async fn list_api_tokens(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+) -> ApiResult<Vec<ApiTokenView>> {
+    authorize(&c, &headers, Role::Admin).await?;
+    Ok(Json(
+        c.list_api_tokens()
+            .await?
+            .into_iter()
+            .map(ApiTokenView::from)
+            .collect(),
+    ))
+}
+
+/// Revokes an API token at once, on every coordinator. The last live admin token cannot be
+/// revoked (400).
+#[utoipa::path(delete, path = "/api/v1/api-tokens/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_token" = [])))]
+async fn revoke_api_token(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let actor = authorize(&c, &headers, Role::Admin).await?;
+    c.revoke_api_token(&id, &actor).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Deserialize, IntoParams)]
 struct AuditParams {
+    /// Entries at or after this time (Unix ms).
     since_ms: Option<i64>,
+    /// Entries before this time (Unix ms).
+    until_ms: Option<i64>,
+    instance_uid: Option<String>,
+    /// E.g. `api:admin`, `agent`, `system`.
+    actor: Option<String>,
+    /// E.g. `revoked`, `scope_mismatch`.
+    reason: Option<String>,
+    /// At most this many, newest first (default 100, at most 10,000).
+    limit: Option<u32>,
+}
+
+/// The filters the list and the export share.
+fn audit_filters(
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    instance_uid: Option<&str>,
+    actor: Option<String>,
+    reason: Option<String>,
+    limit: u32,
+) -> Result<AuditQuery, ApiError> {
+    Ok(AuditQuery {
+        since_ms,
+        until_ms,
+        instance_uid: instance_uid.map(parse_uid).transpose()?,
+        actor,
+        reason,
+        limit,
+    })
+}
+
+/// Entries per export response, and the default. A page is one indexed query and at most a
+/// few MB of text; a larger export follows the `next` links.
+const EXPORT_PAGE_MAX: u32 = 10_000;
+
+#[derive(Deserialize, IntoParams)]
+struct ExportParams {
+    /// Entries at or after this time (Unix ms).
+    since_ms: Option<i64>,
+    /// Entries before this time (Unix ms).
     until_ms: Option<i64>,
     instance_uid: Option<String>,
     actor: Option<String>,
     reason: Option<String>,
+    /// Entries in this response, 1 to 10,000 (default 10,000).
     limit: Option<u32>,
+    /// Continue after this entry: `<at_ms>.<id>` of the last line already received (the
+    /// `next` link carries it).
+    after: Option<String>,
+}
+
+fn parse_cursor(s: &str) -> Result<AuditCursor, ApiError> {
+    s.split_once('.')
+        .and_then(|(at, id)| {
+            Some(AuditCursor {
+                at_ms: at.parse().ok()?,
+                id: id.parse().ok()?,
+            })
+        })
+        .ok_or_else(|| ApiError::BadRequest(format!("`after` must be <at_ms>.<id>, not `{s}`")))
+}
+
+/// The `Link` header value pointing at the page after `cursor`, with the same filters.
+fn next_link(p: &ExportParams, limit: u32, cursor: AuditCursor) -> Result<String, ApiError> {
+    let mut url = reqwest::Url::parse("http://ampora.invalid/api/v1/audit/export")
+        .map_err(|e| ApiError::Internal(format!("building the next link: {e}")))?;
+    {
+        let mut q = url.query_pairs_mut();
+        let numbers = [("since_ms", p.since_ms), ("until_ms", p.until_ms)];
+        for (k, v) in numbers {
+            if let Some(v) = v {
+                q.append_pair(k, &v.to_string());
+            }
+        }
+        let texts = [
+            ("instance_uid", &p.instance_uid),
+            ("actor", &p.actor),
+            ("reason", &p.reason),
+        ];
+        for (k, v) in texts {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        }
+        q.append_pair("limit", &limit.to_string());
+        q.append_pair("after", &format!("{}.{}", cursor.at_ms, cursor.id));
+    }
+    Ok(format!(
+        "<{}?{}>; rel=\"next\"",
+        url.path(),
+        url.query().unwrap_or_default()
+    ))
+}
+
+/// The audit log as JSON lines (`application/x-ndjson`), oldest first, one page per request:
+/// when the page is full, a `Link: <…>; rel="next"` header names the request for the next one
+/// (same filters, `after` the last entry). Entries appended meanwhile with a time behind the
+/// cursor are not included.
+#[utoipa::path(get, path = "/api/v1/audit/export", params(ExportParams),
+    responses((status = 200, description = "one audit entry per line, oldest first",
+        content_type = "application/x-ndjson", body = String,
+        headers(("Link" = String, description = "the next page, when this one is full")))),
+    security(("api_token" = [])))]
+async fn export_audit(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Query(p): Query<ExportParams>,
+) -> Result<Response, ApiError> {
+    authorize(&c, &headers, Role::Viewer).await?;
+    let limit = p.limit.unwrap_or(EXPORT_PAGE_MAX);
+    if !(1..=EXPORT_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {EXPORT_PAGE_MAX}"
+        )));
+    }
+    let after = p.after.as_deref().map(parse_cursor).transpose()?;
+    let q = audit_filters(
+        p.since_ms,
+        p.until_ms,
+        p.instance_uid.as_deref(),
+        p.actor.clone(),
+        p.reason.clone(),
+        limit,
+    )?;
+    let entries = c.store().scan_audit(&q, after).await?;
+    let mut body = Vec::with_capacity(entries.len() * 256);
+    for e in &entries {
+        serde_json::to_writer(&mut body, e)
+            .map_err(|e| ApiError::Internal(format!("encoding an audit entry: {e}")))?;
+        body.push(b'\n');
+    }
+    let mut resp = ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
+    // A full page may have a successor; a short one is the end.
+    if let (true, Some(last)) = (entries.len() == limit as usize, entries.last()) {
+        let link = next_link(&p, limit, AuditCursor::after(last))?;
+        let value = HeaderValue::from_str(&link)
+            .map_err(|e| ApiError::Internal(format!("building the next link: {e}")))?;
+        resp.headers_mut().insert(header::LINK, value);
+    }
+    Ok(resp)
 }
 
 /// Which coordinator serves which partition of agents.
@@ -545,6 +839,7 @@ async fn show_cluster(
     }))
 }
 
+/// The newest audit entries matching the filters, as one JSON array.
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditParams),
     responses((status = 200, body = [Object])), security(("api_token" = [])))]
 async fn list_audit(
@@ -553,13 +848,13 @@ async fn list_audit(
     Query(p): Query<AuditParams>,
 ) -> ApiResult<Vec<AuditEntry>> {
     authorize(&c, &headers, Role::Viewer).await?;
-    let q = AuditQuery {
-        since_ms: p.since_ms,
-        until_ms: p.until_ms,
-        instance_uid: p.instance_uid.as_deref().map(parse_uid).transpose()?,
-        actor: p.actor,
-        reason: p.reason,
-        limit: p.limit.unwrap_or(100).min(10_000),
-    };
+    let q = audit_filters(
+        p.since_ms,
+        p.until_ms,
+        p.instance_uid.as_deref(),
+        p.actor,
+        p.reason,
+        p.limit.unwrap_or(100).min(10_000),
+    )?;
     Ok(Json(c.store().query_audit(&q).await?))
 }

@@ -1,5 +1,6 @@
 //! The `ampora` command line: `serve` plus operator commands that call the REST API.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
@@ -27,6 +28,9 @@ pub enum Command {
     /// Bootstrap tokens for agents.
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// Operator API tokens and their roles (viewer, operator, admin).
+    #[command(subcommand)]
+    ApiTokens(ApiTokensCmd),
     /// Config versions and assignments.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -108,11 +112,42 @@ pub enum TokensCmd {
         /// Lifetime, e.g. `30m`, `24h`, `7d` or seconds.
         #[arg(long)]
         ttl: Option<String>,
+        /// Scope the token: only an agent whose first message reports every one of these
+        /// attributes (`key=value`, repeatable) may redeem it.
+        #[arg(long)]
+        label: Vec<String>,
     },
     List {
         #[command(flatten)]
         api: ApiArgs,
     },
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokensCmd {
+    /// Create an API token and print it (it is shown only once).
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Unique, never reused; audit entries name the token's actions `api:<name>`.
+        #[arg(long)]
+        name: String,
+        /// viewer (read only), operator (also configs and assignments) or admin (also tokens
+        /// and API tokens).
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+    /// List API tokens (never their text), revoked ones included.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke an API token: it gets 401 from then on.
     Revoke {
         #[command(flatten)]
         api: ApiArgs,
@@ -174,14 +209,71 @@ pub enum ConfigCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
+    /// The newest entries matching the filters.
     List {
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        filter: AuditFilterArgs,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        #[arg(long)]
-        reason: Option<String>,
     },
+    /// Every entry matching the filters as JSON lines, oldest first, to stdout
+    /// (`ampora audit export --since 24h > audit.jsonl`).
+    Export {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        /// Stop after this many entries (default: all).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+}
+
+/// Audit filters. Times are an RFC 3339 timestamp (`2025-06-01T12:00:00Z`,
+/// `2025-06-01T14:00:00+02:00`) or a duration before now (`90s`, `15m`, `1h`, `7d`).
+#[derive(Debug, Args, Clone)]
+pub struct AuditFilterArgs {
+    /// Entries at or after this time: RFC 3339, or a duration ago such as `1h`.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Entries before this time: RFC 3339, or a duration ago such as `10m`.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Entries about this agent (instance uid).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Entries by this actor, e.g. `api:admin`, `agent`, `system`.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Entries with this reason code, e.g. `revoked`, `scope_mismatch`.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+impl AuditFilterArgs {
+    /// The API's query parameters for these filters, times resolved against `now_ms`.
+    fn params(&self, now_ms: i64) -> anyhow::Result<Vec<(&'static str, String)>> {
+        let mut q = Vec::new();
+        if let Some(t) = &self.since {
+            q.push(("since_ms", parse_time(t, now_ms)?.to_string()));
+        }
+        if let Some(t) = &self.until {
+            q.push(("until_ms", parse_time(t, now_ms)?.to_string()));
+        }
+        let texts = [
+            ("instance_uid", &self.agent),
+            ("actor", &self.actor),
+            ("reason", &self.reason),
+        ];
+        for (k, v) in texts {
+            if let Some(v) = v {
+                q.push((k, v.clone()));
+            }
+        }
+        Ok(q)
+    }
 }
 
 /// Parses `90`, `30s`, `15m`, `24h`, `7d` into seconds.
@@ -197,6 +289,102 @@ pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
         _ => bail!("bad duration unit in `{s}` (use s, m, h or d)"),
     };
     Ok(n * mult)
+}
+
+/// A point in time as Unix ms: an RFC 3339 timestamp, or a duration (`parse_ttl` form) before
+/// `now_ms`.
+pub fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
+    let s = s.trim();
+    if s.contains('-') || s.contains(':') {
+        return parse_rfc3339(s);
+    }
+    let secs = parse_ttl(s).with_context(|| {
+        format!("`{s}` is neither an RFC 3339 time nor a duration such as 15m, 1h or 7d")
+    })?;
+    let ms = i64::try_from(secs.saturating_mul(1_000)).unwrap_or(i64::MAX);
+    Ok(now_ms.saturating_sub(ms))
+}
+
+/// Parses `YYYY-MM-DD(T| )HH:MM:SS[.frac](Z|±HH:MM)` (RFC 3339) into Unix ms.
+fn parse_rfc3339(s: &str) -> anyhow::Result<i64> {
+    let bad = || anyhow::anyhow!("`{s}` is not an RFC 3339 time such as 2025-06-01T12:00:00Z");
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return Err(bad());
+    }
+    let num = |from: usize, to: usize| -> anyhow::Result<i64> {
+        let part = s.get(from..to).ok_or_else(bad)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        part.parse().map_err(|_| bad())
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    let mut rest = &s[19..];
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        // Milliseconds: the first three digits, padded; finer ones are dropped.
+        let first3: String = frac[..digits].chars().chain("00".chars()).take(3).collect();
+        millis = first3.parse::<i64>().map_err(|_| bad())?;
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let rb = rest.as_bytes();
+            if rb.len() != 6 || !matches!(rb[0], b'+' | b'-') || rb[3] != b':' {
+                return Err(bad());
+            }
+            let digits = |r: std::ops::Range<usize>| -> anyhow::Result<i64> {
+                let part = rest.get(r).ok_or_else(bad)?;
+                if !part.bytes().all(|c| c.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                part.parse().map_err(|_| bad())
+            };
+            let (h, m) = (digits(1..3)?, digits(4..6)?);
+            if h > 23 || m > 59 {
+                return Err(bad());
+            }
+            let sign = if rb[0] == b'-' { -1 } else { 1 };
+            sign * (h * 3600 + m * 60)
+        }
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => 0,
+    };
+    let valid_day = (1..=month_days).contains(&day);
+    // Second 60 is a leap second; Unix time folds it into the next one.
+    if !valid_day || hour > 23 || minute > 59 || second > 60 {
+        return Err(bad());
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Ok(secs * 1_000 + millis)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 fn labels(pairs: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
@@ -248,10 +436,38 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+        self.call_with(method, path, &[], body).await
+    }
+
+    /// [`Client::call`] with query parameters (encoded here, so any value is safe to pass).
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let text = self.text(method, path, query, body).await?;
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The body of a successful response as text; an error status becomes the error.
+    async fn text(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> anyhow::Result<String> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .with_context(|| format!("bad server url {}", self.base))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let mut req = self.http.request(method, url).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -268,10 +484,7 @@ impl Client {
                 .unwrap_or(text);
             bail!("{status}: {msg}");
         }
-        if text.is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(serde_json::from_str(&text)?)
+        Ok(text)
     }
 
     fn print(&self, v: &Value, table: impl Fn(&Value)) -> anyhow::Result<()> {
@@ -354,16 +567,19 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
-        Command::Tokens(TokensCmd::Create { api, name, ttl }) => {
+        Command::Tokens(TokensCmd::Create {
+            api,
+            name,
+            ttl,
+            label,
+        }) => {
             let c = Client::new(&api)?;
             let ttl_secs = ttl.as_deref().map(parse_ttl).transpose()?;
-            let v = c
-                .call(
-                    Method::POST,
-                    "/api/v1/tokens",
-                    Some(json!({ "name": name, "ttl_secs": ttl_secs })),
-                )
-                .await?;
+            let mut body = json!({ "name": name, "ttl_secs": ttl_secs });
+            if !label.is_empty() {
+                body["scope"] = json!({ "labels": Value::Object(labels(&label)?) });
+            }
+            let v = c.call(Method::POST, "/api/v1/tokens", Some(body)).await?;
             c.print(&v, |v| println!("{}", s(v, "token")))
         }
         Command::Tokens(TokensCmd::List { api }) => {
@@ -371,8 +587,8 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             let v = c.call(Method::GET, "/api/v1/tokens", None).await?;
             c.print(&v, |v| {
                 println!(
-                    "{:<12}  {:<16}  {:<18}  {:<8}  BOUND TO",
-                    "ID", "NAME", "PREFIX", "STATE"
+                    "{:<32}  {:<16}  {:<18}  {:<8}  {:<36}  SCOPE",
+                    "ID", "NAME", "PREFIX", "STATE", "BOUND TO"
                 );
                 let now = shared::now_ms();
                 for t in v.as_array().into_iter().flatten() {
@@ -385,13 +601,23 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
                     } else {
                         "active"
                     };
+                    let scope = t["scope"]["labels"]
+                        .as_object()
+                        .map(|l| {
+                            l.iter()
+                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<12}  {:<16}  {:<18}  {:<8}  {}",
+                        "{:<32}  {:<16}  {:<18}  {:<8}  {:<36}  {}",
                         s(t, "id"),
                         s(t, "name"),
                         s(t, "prefix"),
                         state,
-                        s(t, "bound_uid")
+                        s(t, "bound_uid"),
+                        scope
                     );
                 }
             })
@@ -399,6 +625,45 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
         Command::Tokens(TokensCmd::Revoke { api, id }) => {
             let c = Client::new(&api)?;
             c.call(Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+                .await?;
+            println!("revoked {id}");
+            Ok(())
+        }
+        Command::ApiTokens(ApiTokensCmd::Create { api, name, role }) => {
+            let c = Client::new(&api)?;
+            let v = c
+                .call(
+                    Method::POST,
+                    "/api/v1/api-tokens",
+                    Some(json!({ "name": name, "role": role })),
+                )
+                .await?;
+            c.print(&v, |v| println!("{}", s(v, "token")))
+        }
+        Command::ApiTokens(ApiTokensCmd::List { api }) => {
+            let c = Client::new(&api)?;
+            let v = c.call(Method::GET, "/api/v1/api-tokens", None).await?;
+            c.print(&v, |v| {
+                println!("{:<32}  {:<20}  {:<8}  STATE", "ID", "NAME", "ROLE");
+                for t in v.as_array().into_iter().flatten() {
+                    let state = if t["revoked_ms"].is_null() {
+                        "active"
+                    } else {
+                        "revoked"
+                    };
+                    println!(
+                        "{:<32}  {:<20}  {:<8}  {}",
+                        s(t, "id"),
+                        s(t, "name"),
+                        s(t, "role"),
+                        state
+                    );
+                }
+            })
+        }
+        Command::ApiTokens(ApiTokensCmd::Revoke { api, id }) => {
+            let c = Client::new(&api)?;
+            c.call(Method::DELETE, &format!("/api/v1/api-tokens/{id}"), None)
                 .await?;
             println!("revoked {id}");
             Ok(())
@@ -472,13 +737,13 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
                 )
             })
         }
-        Command::Audit(AuditCmd::List { api, limit, reason }) => {
+        Command::Audit(AuditCmd::List { api, filter, limit }) => {
             let c = Client::new(&api)?;
-            let mut path = format!("/api/v1/audit?limit={limit}");
-            if let Some(r) = reason {
-                path.push_str(&format!("&reason={r}"));
-            }
-            let v = c.call(Method::GET, &path, None).await?;
+            let mut query = filter.params(shared::now_ms())?;
+            query.push(("limit", limit.to_string()));
+            let v = c
+                .call_with(Method::GET, "/api/v1/audit", &query, None)
+                .await?;
             c.print(&v, |v| {
                 for e in v.as_array().into_iter().flatten() {
                     println!(
@@ -493,6 +758,59 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
                 }
             })
         }
+        Command::Audit(AuditCmd::Export { api, filter, limit }) => {
+            let c = Client::new(&api)?;
+            export_audit(&c, &filter, limit).await
+        }
+    }
+}
+
+/// Entries asked for per export request: the server's largest page.
+const EXPORT_PAGE: u64 = 10_000;
+
+/// Writes every matching audit entry to stdout as JSON lines, oldest first, one page per
+/// request, each page continuing after the last line of the one before. Times are resolved
+/// once, so every page has the same window.
+async fn export_audit(
+    c: &Client,
+    filter: &AuditFilterArgs,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let base = filter.params(shared::now_ms())?;
+    let mut after: Option<String> = None;
+    let mut written = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let want = limit.map_or(EXPORT_PAGE, |l| (l - written).min(EXPORT_PAGE));
+        if want == 0 {
+            return Ok(());
+        }
+        let mut query = base.clone();
+        query.push(("limit", want.to_string()));
+        if let Some(a) = &after {
+            query.push(("after", a.clone()));
+        }
+        let text = c
+            .text(reqwest::Method::GET, "/api/v1/audit/export", &query, None)
+            .await?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        let mut out = stdout.lock();
+        for line in &lines {
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+        written += lines.len() as u64;
+        if (lines.len() as u64) < want {
+            return Ok(());
+        }
+        let Some(last) = lines.last() else {
+            return Ok(());
+        };
+        let last: Value = serde_json::from_str(last).context("export returned a bad line")?;
+        let (Some(at_ms), Some(id)) = (last["at_ms"].as_i64(), last["id"].as_i64()) else {
+            bail!("export line without at_ms and id");
+        };
+        after = Some(format!("{at_ms}.{id}"));
     }
 }
 
@@ -536,6 +854,45 @@ mod tests {
     }
 
     #[test]
+    fn times_are_rfc3339_or_durations_ago() {
+        let now = 1_750_000_000_000;
+        assert_eq!(parse_time("1h", now).expect("ok"), now - 3_600_000);
+        assert_eq!(parse_time("90", now).expect("ok"), now - 90_000);
+        assert_eq!(parse_time("7d", now).expect("ok"), now - 604_800_000);
+        assert_eq!(parse_time("1970-01-01T00:00:00Z", now).expect("ok"), 0);
+        assert_eq!(
+            parse_time("2025-06-01T12:00:00Z", now).expect("ok"),
+            1_748_779_200_000
+        );
+        assert_eq!(
+            parse_time("2025-06-01T14:00:00+02:00", now).expect("ok"),
+            1_748_779_200_000
+        );
+        assert_eq!(
+            parse_time("2025-06-01 11:30:00.25-00:30", now).expect("ok"),
+            1_748_779_200_250
+        );
+        assert_eq!(
+            parse_time("2024-02-29T00:00:00.123456Z", now).expect("ok"),
+            1_709_164_800_123
+        );
+        assert_eq!(parse_time("1969-12-31T23:59:59Z", now).expect("ok"), -1_000);
+        for bad in [
+            "2025-02-29T00:00:00Z",
+            "2025-13-01T00:00:00Z",
+            "2025-06-01T24:00:00Z",
+            "2025-06-01T12:00:00",
+            "2025-06-01T12:00:00+2:00",
+            "2025-06-01",
+            "yesterday",
+            "1w",
+            "2025-06-01T12:00:00.Z",
+        ] {
+            assert!(parse_time(bad, now).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
@@ -546,6 +903,53 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Config(ConfigCmd::Push { .. })
+        ));
+        let cli = Cli::try_parse_from([
+            "ampora", "audit", "export", "--since", "1h", "--agent", "x", "--actor", "api:ci",
+            "--reason", "revoked",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditCmd::Export { .. })
+        ));
+        let cli = Cli::try_parse_from([
+            "ampora",
+            "api-tokens",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "viewer",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::ApiTokens(ApiTokensCmd::Create { .. })
+        ));
+        assert!(Cli::try_parse_from([
+            "ampora",
+            "api-tokens",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "root",
+        ])
+        .is_err());
+        let cli = Cli::try_parse_from([
+            "ampora",
+            "tokens",
+            "create",
+            "--label",
+            "env=prod",
+            "--label",
+            "region=eu",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Tokens(TokensCmd::Create { ref label, .. }) if label.len() == 2
         ));
     }
 }

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use gateway::tls::{AgentListener, Peer, ServerTls};
 use gateway::{Gateway, GatewayConfig};
 use shared::bus::nats::{NatsBus, NatsBusOptions};
 use shared::bus::Bus;
@@ -78,6 +79,15 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
         write_queue: usize::try_from(config.opamp.write_queue).unwrap_or(16),
         bootstrap_plaintext_allowed: config.opamp.bootstrap_plaintext_allowed,
         ownership_refresh: Duration::from_secs(config.cluster.ownership_ttl_secs) / 3,
+        // Out-of-range values saturate: a limit that large is no limit.
+        admission: gateway::server::AdmissionConfig {
+            max_connections: usize::try_from(config.admission.max_connections)
+                .unwrap_or(usize::MAX),
+            accept_rate_per_sec: u32::try_from(config.admission.accept_rate_per_sec)
+                .unwrap_or(u32::MAX),
+            accept_burst: u32::try_from(config.admission.accept_burst).unwrap_or(u32::MAX),
+            warmup: Duration::from_secs(config.admission.warmup_secs),
+        },
     }
 }
 
@@ -88,17 +98,16 @@ struct Server {
 }
 
 impl Server {
-    fn spawn(listener: TcpListener, app: Router) -> Self {
+    /// Serves `app` on `listener` (a TCP listener is plaintext only).
+    fn spawn(listener: impl Into<AgentListener>, app: Router) -> Self {
+        let listener = listener.into();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
+            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
         });
         Self { stop, task }
     }
@@ -131,10 +140,23 @@ impl std::fmt::Debug for GatewayNode {
 }
 
 /// Starts a gateway on `listener`: `/v1/opamp`, `/health/live`, `/health/ready` (fails while
-/// draining), `/metrics`.
+/// draining), `/metrics`. With `[tls]` files it serves TLS and plaintext on the one port;
+/// without, plaintext only (a gateway behind a TLS-terminating proxy).
 pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Result<GatewayNode> {
     let metrics = metrics_handle();
     let addr = listener.local_addr()?;
+    let tls = match config.tls.files() {
+        Some((cert, key)) => Some(
+            ServerTls::from_files(
+                cert,
+                key,
+                Duration::from_secs(config.tls.reload_interval_secs),
+            )
+            .context("loading the TLS certificate")?,
+        ),
+        None => None,
+    };
+    let listener = AgentListener::new(listener, tls)?;
     let node = node_id(config, "gateway");
     let bus = connect_bus(config, &node).await?;
     let ownership = connect_ownership(config).await?;

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerSection,
+    pub tls: TlsSection,
     pub opamp: OpampSection,
+    pub admission: AdmissionSection,
     pub self_agent: SelfAgentSection,
     pub store: StoreSection,
     pub tokens: TokensSection,
@@ -36,6 +38,40 @@ pub struct ServerSection {
     pub public_endpoint: String,
 }
 
+/// TLS on the agent listener, which serves TLS and plaintext on the one port. Without files,
+/// `ampora serve` creates a local CA in `<data_dir>/tls/` and serves a certificate from it;
+/// `ampora gateway` serves plaintext only (for a gateway behind a TLS-terminating proxy);
+/// `ampora coordinator` ignores the section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first. Set together with `key_file`, or neither.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the chain's leaf.
+    pub key_file: PathBuf,
+    /// How often the two files are checked for changes; a changed, valid pair is served to
+    /// new connections without a restart.
+    pub reload_interval_secs: u64,
+}
+
+impl TlsSection {
+    /// The configured certificate and key files; `None` when neither is set.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        (!self.cert_file.as_os_str().is_empty() && !self.key_file.as_os_str().is_empty())
+            .then_some((self.cert_file.as_path(), self.key_file.as_path()))
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            reload_interval_secs: 5,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpampSection {
@@ -50,6 +86,22 @@ pub struct OpampSection {
     pub request_timeout_secs: u64,
     /// Outbound pushes queued per WebSocket connection before new ones are dropped.
     pub write_queue: u64,
+}
+
+/// Gateway admission control, per gateway process: how many agent connections it holds and how
+/// fast it takes on new ones, so a reconnect storm is served at a pace it can take. Refusals
+/// (503 at the cap, 429 over the rate, both with `Retry-After`) happen before authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    /// Open WebSocket connections; upgrades beyond it get 503. 0: unlimited.
+    pub max_connections: u64,
+    /// New WebSocket upgrades plus plain-HTTP requests per second; beyond it 429. 0: unlimited.
+    pub accept_rate_per_sec: u64,
+    /// How many of those may arrive at once (the token bucket's size); at least 1.
+    pub accept_burst: u64,
+    /// After a gateway starts, its accept rate ramps from 10 % to full over this time. 0: none.
+    pub warmup_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,6 +180,21 @@ impl Default for OpampSection {
             heartbeat_interval_secs: 30,
             request_timeout_secs: 10,
             write_queue: 16,
+        }
+    }
+}
+
+impl Default for AdmissionSection {
+    /// A gateway is designed for 100k agents. 2,000 accepts/s is about what one gateway and
+    /// coordinator sustain on a small (2-core) machine, token redemption included; the burst
+    /// of 10,000 lets a fleet of that size (and the connect benchmark) in at once, and a
+    /// restart takes the rest back over the 30 s warmup instead of all at once.
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            accept_rate_per_sec: 2_000,
+            accept_burst: 10_000,
+            warmup_secs: 30,
         }
     }
 }
@@ -385,6 +452,12 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
             c.server.listen
         ));
     }
+    if c.tls.cert_file.as_os_str().is_empty() != c.tls.key_file.as_os_str().is_empty() {
+        errors.push("tls.cert_file, tls.key_file: set both or neither".into());
+    }
+    if c.tls.reload_interval_secs == 0 {
+        errors.push("tls.reload_interval_secs: must be at least 1".into());
+    }
     if c.opamp.max_frame_bytes < 1024 {
         errors.push("opamp.max_frame_bytes: must be at least 1024".into());
     }
@@ -399,6 +472,12 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.opamp.write_queue == 0 {
         errors.push("opamp.write_queue: must be at least 1".into());
+    }
+    if c.admission.accept_rate_per_sec > 0 && c.admission.accept_burst == 0 {
+        errors.push(
+            "admission.accept_burst: must be at least 1 when accept_rate_per_sec is set (0 would refuse every connection)"
+                .into(),
+        );
     }
     if c.store.flush_interval_ms == 0 {
         errors.push("store.flush_interval_ms: must be at least 1".into());
@@ -541,6 +620,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        let errs = load(
+            None,
+            env(&[("AMPORA_TLS__CERT_FILE", "/etc/ampora/cert.pem")]),
+            &["tls.reload_interval_secs=0".into()],
+        )
+        .expect_err("invalid")
+        .to_string();
+        assert!(errs.contains("set both or neither"), "{errs}");
+        assert!(errs.contains("reload_interval_secs"), "{errs}");
+        let c = load(
+            None,
+            env(&[]),
+            &["tls.cert_file=/c.pem".into(), "Tls:KeyFile=/k.pem".into()],
+        )
+        .expect("valid");
+        assert_eq!(
+            c.tls.files(),
+            Some((Path::new("/c.pem"), Path::new("/k.pem")))
+        );
+        assert_eq!(Config::default().tls.files(), None);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use gateway::client::{Agent, AgentOptions};
+use gateway::client::{Agent, AgentOptions, ClientTls, Endpoint};
+use gateway::tls::{AgentListener, LocalCa, Peer, ServerTls};
 use gateway::Gateway;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use shared::bus::{Bus, InProcessBus};
@@ -44,6 +45,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // renders nothing; there is no other recorder in Ampora.
             let _ = metrics::set_global_recorder(recorder);
             gateway::server::describe_metrics();
+            gateway::tls::describe_metrics();
             describe_metrics();
             handle
         })
@@ -89,6 +91,9 @@ pub struct Running {
     /// the data directory).
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
+    /// The local CA's certificate, which agents must trust, when no certificate is configured
+    /// (`<data_dir>/tls/ca.pem`); `None` when serving the configured files.
+    pub tls_ca_cert: Option<PathBuf>,
     pub coordinator: Arc<Coordinator>,
     pub gateway: Arc<Gateway>,
     self_agent: Option<Agent>,
@@ -117,6 +122,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // First, so a certificate problem stops the start before anything runs.
+    let tls = server_tls(&config, &data_dir, addr)?;
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&data_dir.join("ampora.db"))
             .await
@@ -152,6 +159,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     .await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
+    let listener = AgentListener::new(listener, Some(tls.server.clone()))?;
 
     let app = Router::new()
         .merge(gateway.router())
@@ -159,18 +167,15 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         .merge(health_router(coordinator.clone(), metrics));
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stopped.await;
-        })
-        .await
+        axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
     });
 
     let self_agent = if config.self_agent.enabled {
-        Some(start_self_agent(&coordinator, &data_dir, addr).await?)
+        Some(start_self_agent(&coordinator, &data_dir, addr, &tls).await?)
     } else {
         None
     };
@@ -179,6 +184,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         addr,
         admin_token,
         admin_token_path,
+        tls_ca_cert: tls.ca_cert,
         coordinator,
         gateway,
         self_agent,
@@ -212,6 +218,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let running = start(config, listener).await?;
+    if let Some(ca) = &running.tls_ca_cert {
+        println!("agents must trust the CA at {}", ca.display());
+    }
     // Printed only once everything is up: scripts wait for this line.
     println!("ampora {VERSION} listening on {}", running.addr);
     tracing::info!(addr = %running.addr, version = VERSION, "ampora is serving (embedded mode)");
@@ -298,6 +307,54 @@ pub(crate) async fn ensure_admin_token(
     Ok((Some(text), path))
 }
 
+/// The agent listener's TLS side, and where its CA certificate is when it is the local CA.
+struct AgentTls {
+    server: ServerTls,
+    ca_cert: Option<PathBuf>,
+}
+
+/// TLS from the configured files, else from the local CA in `<data_dir>/tls/`, created on
+/// first start (its server certificate renewed before it expires, also while running).
+fn server_tls(config: &Config, data_dir: &Path, bound: SocketAddr) -> anyhow::Result<AgentTls> {
+    let every = Duration::from_secs(config.tls.reload_interval_secs);
+    if let Some((cert, key)) = config.tls.files() {
+        let server =
+            ServerTls::from_files(cert, key, every).context("loading the TLS certificate")?;
+        return Ok(AgentTls {
+            server,
+            ca_cert: None,
+        });
+    }
+    let mut names = LocalCa::default_names(&host_name());
+    // The Self-Agent connects to the listen address, and agents to the public endpoint.
+    let listen_ip = bound.ip();
+    let extra = [
+        (!listen_ip.is_unspecified() && !listen_ip.is_loopback()).then(|| listen_ip.to_string()),
+        Endpoint::parse(&config.server.public_endpoint)
+            .ok()
+            .map(|ep| ep.host),
+    ];
+    for name in extra.into_iter().flatten() {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let ca = LocalCa::new(&data_dir.join("tls"), names);
+    ca.ensure().context("creating the local TLS CA")?;
+    let server =
+        ServerTls::from_local_ca(&ca, every).context("loading the local TLS certificate")?;
+    Ok(AgentTls {
+        server,
+        ca_cert: Some(ca.ca_cert_path),
+    })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// The Self-Agent: an ordinary OpAMP agent in this process that goes through the network path
 /// like any other. Its identity and (bound) bootstrap token live in the data directory so it
 /// stays the same agent across restarts.
@@ -305,6 +362,7 @@ async fn start_self_agent(
     coordinator: &Coordinator,
     data_dir: &Path,
     addr: SocketAddr,
+    tls: &AgentTls,
 ) -> anyhow::Result<Agent> {
     let uid_path = data_dir.join("self-agent-uid");
     let uid = match std::fs::read_to_string(&uid_path)
@@ -337,11 +395,16 @@ async fn start_self_agent(
     if target.ip().is_unspecified() {
         target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    // Over TLS like any agent should (bootstrap tokens may be refused over plaintext): trusting
+    // the local CA as external agents do, or, with an operator's certificate (which rarely
+    // names a loopback address), exactly the certificate this server presents.
+    let client_tls = match &tls.ca_cert {
+        Some(ca) => ClientTls::from_ca_file(ca)?,
+        None => tls.server.pinned_client()?,
+    };
     Ok(Agent::start(AgentOptions {
-        endpoint: format!("ws://{target}/v1/opamp"),
+        endpoint: format!("wss://{target}/v1/opamp"),
+        tls: Some(client_tls),
         token: Some(token),
         instance_uid: Some(uid.0),
         description: vec![
@@ -349,7 +412,7 @@ async fn start_self_agent(
             ("service.version".into(), VERSION.into()),
         ],
         non_identifying: vec![
-            ("host.name".into(), host),
+            ("host.name".into(), host_name()),
             ("os.type".into(), std::env::consts::OS.into()),
             ("ampora.self_agent".into(), "true".into()),
         ],

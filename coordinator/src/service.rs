@@ -24,8 +24,8 @@ use shared::bus::{
     GatewayMessage,
 };
 use shared::domain::{
-    AgentRecord, Assignment, AuditEntry, ConfigMap, ConfigState, ConfigVersion, Redemption, Target,
-    TokenRecord, Transport,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigState,
+    ConfigVersion, Redemption, Role, Target, TokenRecord, TokenScope, Transport,
 };
 use shared::ids::{GatewayId, InstanceUid, PARTITIONS};
 use shared::ownership::Ownership;
@@ -115,6 +115,41 @@ impl TokenCache {
 }
 
 type RedeemJob = (RedeemRequest, oneshot::Sender<Result<Redemption, String>>);
+
+/// Why an agent's frame was refused at redemption: its token, or the token's scope. Scope
+/// mismatches are decided here, in the coordinator, so they need no place in the bus's
+/// [`AuthFailure`] (which the gateway decides on before any frame exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Auth(AuthFailure),
+    /// The token is scoped and the agent's first frame does not describe it with every label
+    /// of the scope (or carries no description at all).
+    ScopeMismatch,
+}
+
+impl Refusal {
+    /// The audited reason code.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Auth(f) => f.as_str(),
+            Self::ScopeMismatch => "scope_mismatch",
+        }
+    }
+
+    /// Human text for the error reply and the close reason.
+    fn message(self) -> &'static str {
+        match self {
+            Self::Auth(f) => f.message(),
+            Self::ScopeMismatch => "agent description does not match the token scope",
+        }
+    }
+}
+
+impl From<AuthFailure> for Refusal {
+    fn from(f: AuthFailure) -> Self {
+        Self::Auth(f)
+    }
+}
 
 /// Most redemptions committed in one transaction.
 const REDEEM_BATCH: usize = 512;
@@ -713,7 +748,7 @@ impl Coordinator {
         entry: &mut Entry,
         frame: &AgentFrame,
         uid: InstanceUid,
-    ) -> Result<(), AuthFailure> {
+    ) -> Result<(), Refusal> {
         let Credential::BootstrapToken {
             token_id,
             bound_uid,
@@ -723,9 +758,10 @@ impl Coordinator {
         }
         if let Some(b) = bound_uid {
             if *b != uid {
-                return Err(AuthFailure::AlreadyRedeemed);
+                return Err(AuthFailure::AlreadyRedeemed.into());
             }
         }
+        self.check_scope(token_id, frame, uid).await?;
         let audit = AuditEntry {
             id: 0,
             at_ms: now_ms(),
@@ -750,7 +786,7 @@ impl Coordinator {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "token redemption failed");
-                return Err(AuthFailure::UnknownToken);
+                return Err(AuthFailure::UnknownToken.into());
             }
         };
         match outcome {
@@ -764,13 +800,61 @@ impl Coordinator {
                 }
             }
             Redemption::AlreadyBoundToSame => {}
-            Redemption::BoundToOther => return Err(AuthFailure::AlreadyRedeemed),
-            Redemption::Revoked => return Err(AuthFailure::Revoked),
-            Redemption::Expired => return Err(AuthFailure::Expired),
-            Redemption::NotFound => return Err(AuthFailure::UnknownToken),
+            Redemption::BoundToOther => return Err(AuthFailure::AlreadyRedeemed.into()),
+            Redemption::Revoked => return Err(AuthFailure::Revoked.into()),
+            Redemption::Expired => return Err(AuthFailure::Expired.into()),
+            Redemption::NotFound => return Err(AuthFailure::UnknownToken.into()),
         }
         entry.token_id = Some(token_id.clone());
         Ok(())
+    }
+
+    /// A scoped token binds only to an agent whose first frame describes it with every label
+    /// of the scope, identifying or not. A first frame without a description is refused too:
+    /// the agent has not shown it matches, and the binding, once made, is never checked again.
+    ///
+    /// Only a token not yet bound is checked (a bound one passed when it was bound). The scope
+    /// never changes, so a cached copy tells whether there is one; whether the token is bound
+    /// yet, only the store knows for sure (another coordinator may have bound it), so a scoped
+    /// token not known here to be bound to `uid` is read from the store.
+    async fn check_scope(
+        &self,
+        token_id: &str,
+        frame: &AgentFrame,
+        uid: InstanceUid,
+    ) -> Result<(), Refusal> {
+        let cached = self.tokens.read().ok().and_then(|c| {
+            c.hash_of
+                .get(token_id)
+                .and_then(|h| c.by_hash.get(h))
+                .cloned()
+        });
+        match &cached {
+            Some(t) if t.scope.is_none() || t.bound_uid == Some(uid) => return Ok(()),
+            _ => {}
+        }
+        let rec = match self.store.get_token(token_id).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Err(AuthFailure::UnknownToken.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "token lookup failed");
+                return Err(AuthFailure::UnknownToken.into());
+            }
+        };
+        // Bound already: the redemption decides (same agent: fine; another: refused).
+        let (None, Some(scope)) = (rec.bound_uid, &rec.scope) else {
+            return Ok(());
+        };
+        let admitted = frame
+            .msg
+            .agent_description
+            .as_ref()
+            .is_some_and(|d| scope.admits(&session::description_from_proto(d)));
+        if admitted {
+            Ok(())
+        } else {
+            Err(Refusal::ScopeMismatch)
+        }
     }
 
     // ---- Agent frames ---------------------------------------------------------------------
@@ -818,15 +902,16 @@ impl Coordinator {
             _ => (InstanceUid::new_v7(), true),
         };
 
-        let slot = match self.slot(&uid) {
-            Some(s) => s,
-            None => self.insert_entry(AgentRecord::new(uid, now_ms())),
+        let (slot, fresh) = match self.slot(&uid) {
+            Some(s) => (s, false),
+            None => (self.insert_entry(AgentRecord::new(uid, now_ms())), true),
         };
         let mut entry = slot.lock().await;
 
         if let Err(f) = self.redeem(&mut entry, &frame, uid).await {
             drop(entry);
-            if assigned {
+            // A refused newcomer leaves no record behind (it never got in).
+            if assigned || fresh {
                 self.forget(&uid);
             }
             self.audit(
@@ -1176,7 +1261,18 @@ impl Coordinator {
         ttl: Option<Duration>,
         author: &str,
     ) -> Result<(String, TokenRecord), ServiceError> {
-        let (text, rec) = self.new_token(name, ttl);
+        self.create_scoped_token(name, ttl, None, author).await
+    }
+
+    /// [`Coordinator::create_token`] for a token only agents matching `scope` may redeem.
+    pub async fn create_scoped_token(
+        &self,
+        name: String,
+        ttl: Option<Duration>,
+        scope: Option<TokenScope>,
+        author: &str,
+    ) -> Result<(String, TokenRecord), ServiceError> {
+        let (text, rec) = self.new_token(name, ttl, scope);
         self.store.create_token(&rec).await?;
         self.cache_token(rec.clone());
         self.audit_token_created(author, std::slice::from_ref(&rec.id), &rec)
@@ -1190,13 +1286,14 @@ impl Coordinator {
         name: String,
         ttl: Option<Duration>,
         count: u32,
+        scope: Option<TokenScope>,
         author: &str,
     ) -> Result<Vec<String>, ServiceError> {
         let mut texts = Vec::with_capacity(count as usize);
         let mut ids = Vec::with_capacity(count as usize);
         let mut last = None;
         for _ in 0..count {
-            let (text, rec) = self.new_token(name.clone(), ttl);
+            let (text, rec) = self.new_token(name.clone(), ttl, scope.clone());
             self.store.create_token(&rec).await?;
             self.cache_token(rec.clone());
             texts.push(text);
@@ -1215,7 +1312,12 @@ impl Coordinator {
         }
     }
 
-    fn new_token(&self, name: String, ttl: Option<Duration>) -> (String, TokenRecord) {
+    fn new_token(
+        &self,
+        name: String,
+        ttl: Option<Duration>,
+        scope: Option<TokenScope>,
+    ) -> (String, TokenRecord) {
         let text = token::new_bootstrap_token();
         let now = now_ms();
         let ttl = ttl.unwrap_or(self.cfg.default_token_ttl);
@@ -1229,6 +1331,7 @@ impl Coordinator {
             revoked_ms: None,
             redeemed_ms: None,
             bound_uid: None,
+            scope,
         };
         (text, rec)
     }
@@ -1240,7 +1343,12 @@ impl Coordinator {
             None,
             None,
             None,
-            serde_json::json!({ "token_ids": ids, "name": rec.name, "expires_ms": rec.expires_ms }),
+            serde_json::json!({
+                "token_ids": ids,
+                "name": rec.name,
+                "expires_ms": rec.expires_ms,
+                "scope": rec.scope,
+            }),
         )
         .await;
     }
@@ -1268,6 +1376,88 @@ impl Coordinator {
             None,
             None,
             serde_json::json!({ "token_id": id }),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Creates an operator API token; returns its text (shown once, only the hash is kept)
+    /// and record. Names are unique for good (see [`ApiTokenRecord`]): the check here gives a
+    /// clear error, the database's unique index settles races.
+    pub async fn create_api_token(
+        &self,
+        name: String,
+        role: Role,
+        author: &str,
+    ) -> Result<(String, ApiTokenRecord), ServiceError> {
+        if name.is_empty() {
+            return Err(ServiceError::Invalid("an api token needs a name".into()));
+        }
+        let taken = self
+            .store
+            .list_api_tokens()
+            .await?
+            .iter()
+            .any(|t| t.token.name == name);
+        if taken {
+            return Err(ServiceError::Invalid(format!(
+                "an api token named `{name}` exists already (names are never reused)"
+            )));
+        }
+        let text = token::new_api_token();
+        let rec = ApiTokenRecord {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            name,
+            role,
+            hash: token::hash_token(&text),
+            created_ms: now_ms(),
+        };
+        self.store.create_api_token(&rec).await?;
+        self.audit(
+            author,
+            "api_token.create",
+            None,
+            None,
+            None,
+            serde_json::json!({ "api_token_id": rec.id, "name": rec.name, "role": rec.role }),
+        )
+        .await;
+        Ok((text, rec))
+    }
+
+    pub async fn list_api_tokens(&self) -> Result<Vec<ApiTokenListing>, ServiceError> {
+        Ok(self.store.list_api_tokens().await?)
+    }
+
+    /// Revokes an API token: every coordinator refuses it from the next request on, since API
+    /// tokens are looked up in the store on every request and never cached. The last live
+    /// admin token cannot be revoked, so the API is not locked out by accident. (The check
+    /// reads, then writes: two admins revoking each other at the same instant can still both
+    /// succeed.)
+    pub async fn revoke_api_token(&self, id: &str, author: &str) -> Result<(), ServiceError> {
+        let tokens = self.store.list_api_tokens().await?;
+        let Some(target) = tokens.iter().find(|t| t.token.id == id) else {
+            return Err(ServiceError::NotFound(format!("api token {id}")));
+        };
+        let live_admins = tokens
+            .iter()
+            .filter(|t| t.token.role == Role::Admin && t.revoked_ms.is_none())
+            .count();
+        if target.token.role == Role::Admin && target.revoked_ms.is_none() && live_admins <= 1 {
+            return Err(ServiceError::Invalid(
+                "cannot revoke the last admin api token".into(),
+            ));
+        }
+        if !self.store.revoke_api_token(id, now_ms()).await? {
+            return Err(ServiceError::NotFound(format!("api token {id}")));
+        }
+        self.audit(
+            author,
+            "api_token.revoke",
+            None,
+            None,
+            None,
+            serde_json::json!({ "api_token_id": id, "name": target.token.name }),
         )
         .await;
         Ok(())

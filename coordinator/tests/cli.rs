@@ -1,5 +1,6 @@
-//! The README's quick start, through the real `ampora` binary: serve on the embedded default,
-//! see the Self-Agent, create a token, push a config and see it applied.
+//! The README's quick start, through the real `ampora` binary: serve on the embedded default
+//! (which prints where its TLS CA is), see the Self-Agent, create a token, push a config and
+//! see it applied.
 //! (Separate from the e2e binary because only this package's tests can run its binary.)
 
 use std::io::{BufRead, BufReader};
@@ -59,14 +60,24 @@ fn quick_start_through_the_cli() {
     let stdout = child.stdout.take().expect("stdout");
     let server = Server(child);
     let mut addr = None;
+    let mut ca = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("line");
+        if let Some(rest) = line.strip_prefix("agents must trust the CA at ") {
+            ca = Some(std::path::PathBuf::from(rest.trim()));
+        }
         if let Some(rest) = line.split(" listening on ").nth(1) {
             addr = Some(rest.trim().to_string());
             break;
         }
     }
     let url = format!("http://{}", addr.expect("server prints its address"));
+    // TLS on the same port from the first start: the local CA agents must trust.
+    let ca = ca.expect("server prints where the CA certificate is");
+    assert_eq!(ca, dir.path().join("tls").join("ca.pem"));
+    assert!(std::fs::read_to_string(&ca)
+        .expect("CA certificate")
+        .starts_with("-----BEGIN CERTIFICATE-----"));
     let common = ["--server", &url, "--data-dir", &data, "--json"];
     let with = |extra: &[&str]| -> Value {
         let mut args: Vec<&str> = extra.to_vec();

@@ -2,6 +2,9 @@
 //! authentication of the upgrade / request (delegated to a coordinator over the bus),
 //! ownership claims, and delivery of coordinator pushes to sockets.
 //!
+//! [`tls`] is the agent listener: TLS and plaintext on one port, the server certificate
+//! (reloaded when its files change, or from a local CA).
+//!
 //! [`client`] is the other end of the same framing: the OpAMP client that the Self-Agent, the
 //! test agent and the load generator use.
 //!
@@ -11,5 +14,6 @@
 pub mod client;
 pub mod codec;
 pub mod server;
+pub mod tls;
 
 pub use server::{Gateway, GatewayConfig};

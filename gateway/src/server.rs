@@ -11,10 +11,14 @@
 //! ownership of the agent (fenced by an epoch) so coordinator pushes can reach them; the
 //! dispatcher task routes those pushes and drops any addressed to an epoch we no longer hold.
 //!
-//! Submodules: `ws` (the per-connection task), `plain` (the plain HTTP transport).
+//! Submodules: `ws` (the per-connection task), `plain` (the plain HTTP transport),
+//! `admission` (connection cap and accept rate, checked before anything else).
 
+mod admission;
 mod plain;
 mod ws;
+
+pub use admission::{AdmissionConfig, WARMUP_FLOOR};
 
 #[cfg(test)]
 mod tests;
@@ -23,7 +27,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +44,8 @@ use shared::domain::Transport;
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::{Owner, Ownership};
 use tokio::sync::{mpsc, Notify};
+
+use crate::tls::Peer;
 
 /// The OpAMP endpoint path (spec default).
 pub const OPAMP_PATH: &str = "/v1/opamp";
@@ -64,6 +70,8 @@ const FRAMES_SENT: &str = "ampora_opamp_frames_sent_total";
 const FRAMES_REJECTED: &str = "ampora_opamp_frames_rejected_total";
 const CONNECTIONS: &str = "ampora_opamp_connections";
 const DELIVERIES_DROPPED: &str = "ampora_gateway_deliveries_dropped_total";
+const ADMISSION_REFUSED: &str = "ampora_gateway_admission_refused_total";
+const ADMISSION_MAX_CONNECTIONS: &str = "ampora_gateway_admission_max_connections";
 
 /// Every `reason` of `ampora_opamp_frames_rejected_total` (cap_mismatch is counted by the
 /// coordinator, the others here).
@@ -90,6 +98,17 @@ pub fn describe_metrics() {
         DELIVERIES_DROPPED,
         "Coordinator deliveries the gateway dropped, by reason (stale, queue_full, gone)"
     );
+    metrics::describe_counter!(
+        ADMISSION_REFUSED,
+        "Connections and requests refused before authentication, by reason (connection_cap: 503, rate: 429)"
+    );
+    metrics::describe_gauge!(
+        ADMISSION_MAX_CONNECTIONS,
+        "This gateway's cap on open WebSocket connections (0: unlimited)"
+    );
+    for reason in admission::REFUSAL_REASONS {
+        metrics::counter!(ADMISSION_REFUSED, "reason" => reason).increment(0);
+    }
     for reason in REJECT_REASONS {
         metrics::counter!(FRAMES_REJECTED, "reason" => reason).increment(0);
     }
@@ -133,12 +152,14 @@ pub struct GatewayConfig {
     /// Per-connection bound on queued coordinator pushes; a push that doesn't fit is dropped
     /// (and counted) rather than slowing the dispatcher down. Default 16.
     pub write_queue: usize,
-    /// `OpAmp:BootstrapPlaintextAllowed`. Every listener is plaintext for now, so when false
-    /// bearer (bootstrap token) authentication is refused with 401.
+    /// `OpAmp:BootstrapPlaintextAllowed`. When false, bearer (bootstrap token) authentication
+    /// over a plaintext connection is refused with 401; over TLS it is always allowed.
     pub bootstrap_plaintext_allowed: bool,
     /// How often this gateway extends the ownership TTL of every agent it holds (a third of
     /// the TTL). Claims it finds lost are closed: another gateway holds the agent now.
     pub ownership_refresh: Duration,
+    /// Connection cap and accept rate, checked before authentication (see `admission`).
+    pub admission: AdmissionConfig,
 }
 
 impl Default for GatewayConfig {
@@ -149,6 +170,7 @@ impl Default for GatewayConfig {
             write_queue: 16,
             bootstrap_plaintext_allowed: false,
             ownership_refresh: Duration::from_secs(20),
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -188,10 +210,13 @@ impl Gateway {
         cfg: GatewayConfig,
     ) -> anyhow::Result<Arc<Self>> {
         let deliveries = bus.subscribe_gateway(&id).await?;
+        // Shows the cap next to `ampora_opamp_connections`, so "how close to full" is a ratio.
+        metrics::gauge!(ADMISSION_MAX_CONNECTIONS).set(cfg.admission.max_connections as f64);
         let inner = Arc::new(Inner {
             id,
             bus,
             ownership,
+            accept: admission::TokenBucket::new(&cfg.admission, Instant::now()),
             cfg,
             next_conn_id: AtomicU64::new(1),
             conns: Mutex::new(Conns::default()),
@@ -216,8 +241,9 @@ impl Gateway {
         self.inner.conns().shutting_down
     }
 
-    /// The `/v1/opamp` route (GET = WebSocket upgrade, POST = plain HTTP). Serve it with
-    /// `into_make_service_with_connect_info::<SocketAddr>()` so source IPs are known.
+    /// The `/v1/opamp` route (GET = WebSocket upgrade, POST = plain HTTP). Serve it on a
+    /// [`crate::tls::AgentListener`] with `into_make_service_with_connect_info::<Peer>()` so
+    /// source IPs and TLS are known (`::<SocketAddr>()` on a TCP listener: all plaintext).
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route(OPAMP_PATH, any(handle))
@@ -287,6 +313,8 @@ struct Inner {
     conns: Mutex<Conns>,
     /// Woken (notify_waiters) whenever a connection leaves `open`; `shutdown` waits on it.
     conn_ended: Notify,
+    /// The accept-rate bucket (`None`: unlimited); its warmup counts from `Gateway::start`.
+    accept: Option<admission::TokenBucket>,
 }
 
 #[derive(Default)]
@@ -297,6 +325,10 @@ struct Conns {
     open: HashMap<u64, Arc<ConnControl>>,
     /// Which connection holds which agent, at which epoch: the dispatcher's routing table.
     bound: HashMap<InstanceUid, Binding>,
+    /// WebSocket upgrades admitted by `handle` and not answered yet: they count against the
+    /// connection cap next to `open`, so the cap is checked and the slot taken under this
+    /// lock, before authentication (see `admission::SlotReservation`).
+    admitting: usize,
 }
 
 struct Binding {
@@ -350,13 +382,20 @@ impl Inner {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Admits a new WebSocket connection; `None` once shutting down.
+    /// Admits a new WebSocket connection; `None` once shutting down or at the connection cap.
     fn open_conn(&self) -> Option<(u64, Arc<ConnControl>)> {
         let id = self.next_conn_id();
         let control = Arc::new(ConnControl::new());
         {
             let mut conns = self.conns();
             if conns.shutting_down {
+                return None;
+            }
+            // A backstop: upgrades through `handle` reserved their slot before authenticating,
+            // so this only refuses a connection that bypassed admission.
+            if !conns.has_room_to_open(self.cfg.admission.max_connections) {
+                drop(conns);
+                count_admission_refused(admission::Refusal::ConnectionCap);
                 return None;
             }
             conns.open.insert(id, control.clone());
@@ -514,15 +553,19 @@ fn auth_close_reason(reason: &str) -> Option<&str> {
 // Request handling common to both transports.
 
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
-    // Without connect info (a router served without it, e.g. in some tests) the source is
-    // unknown; 0.0.0.0 says so plainly in logs and audit.
-    let source_ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let (source_ip, tls) = connection_of(&req);
     if is_protobuf(req.headers()) {
         if req.method() != Method::POST {
             return method_not_allowed("POST");
+        }
+        // Admission comes before the body is read and before authentication: a refusal must
+        // cost next to nothing, or refusing a storm would itself be the overload.
+        if let Err(refusal) = inner.admit_request(Instant::now()) {
+            return admission_refused(refusal);
+        }
+        if let Err(refused) = check_plaintext_bootstrap(&inner, req.headers(), source_ip, tls).await
+        {
+            return refused;
         }
         return plain::serve(inner, req, source_ip).await;
     }
@@ -535,7 +578,56 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     if req.method() != Method::GET {
         return method_not_allowed("GET");
     }
+    // Held until the upgrade is answered; an admitted connection is in the registry by then.
+    let _slot = match inner.admit_upgrade(Instant::now()) {
+        Ok(slot) => slot,
+        Err(refusal) => return admission_refused(refusal),
+    };
+    if let Err(refused) = check_plaintext_bootstrap(&inner, req.headers(), source_ip, tls).await {
+        return refused;
+    }
     ws::serve(inner, req, source_ip).await
+}
+
+/// The source IP and whether the connection is TLS, from the connect info of an
+/// [`AgentListener`](crate::tls::AgentListener) ([`Peer`]) or of a plain TCP listener
+/// (`SocketAddr`: plaintext). Without either (a router served without connect info) the
+/// source is unknown, which 0.0.0.0 says plainly in logs and audit, and the connection counts
+/// as plaintext.
+fn connection_of(req: &Request) -> (IpAddr, bool) {
+    let ext = req.extensions();
+    if let Some(ConnectInfo(peer)) = ext.get::<ConnectInfo<Peer>>() {
+        return (peer.addr.ip(), peer.tls);
+    }
+    let ip = ext
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    (ip, false)
+}
+
+/// `OpAmp:BootstrapPlaintextAllowed`: unless allowed, a bearer (bootstrap) token over a
+/// plaintext connection is refused (401, audited, counted as `auth_failed`). Refused before a
+/// coordinator sees it: redeeming a single-use token over a channel that may have leaked it
+/// would burn it for nothing. Requests without a usable bearer token pass on, for
+/// [`authenticate`] to refuse with the precise reason.
+async fn check_plaintext_bootstrap(
+    inner: &Inner,
+    headers: &HeaderMap,
+    source_ip: IpAddr,
+    tls: bool,
+) -> Result<(), Response> {
+    if tls
+        || inner.cfg.bootstrap_plaintext_allowed
+        || parse_bearer(headers.get(AUTHORIZATION)).is_err()
+    {
+        return Ok(());
+    }
+    report_auth_failure(inner, source_ip, "plaintext_bootstrap").await;
+    Err(unauthorized(
+        source_ip,
+        "plaintext_bootstrap",
+        "bootstrap over plaintext is not allowed",
+    ))
 }
 
 /// Pending connections the kernel may queue (capped by `net.core.somaxconn`). Tokio's default
@@ -579,16 +671,8 @@ async fn authenticate(
             return Err(unauthorized(source_ip, f.as_str(), f.message()));
         }
     };
-    // Refused before the coordinator sees it: redeeming a single-use token over a channel
-    // that may have leaked it would burn it for nothing.
-    if !inner.cfg.bootstrap_plaintext_allowed {
-        report_auth_failure(inner, source_ip, "plaintext_bootstrap").await;
-        return Err(unauthorized(
-            source_ip,
-            "plaintext_bootstrap",
-            "bootstrap over plaintext is not allowed",
-        ));
-    }
+    // Over plaintext, `handle` has already applied `OpAmp:BootstrapPlaintextAllowed`
+    // (`check_plaintext_bootstrap`).
     let req = CoordinatorRequest::Authenticate(AuthRequest {
         token,
         source_ip,
@@ -730,6 +814,35 @@ fn service_unavailable(body: &str) -> Response {
     resp
 }
 
+fn count_admission_refused(refusal: admission::Refusal) {
+    metrics::counter!(ADMISSION_REFUSED, "reason" => refusal.reason()).increment(1);
+}
+
+/// 503 at the connection cap, 429 without an accept token; counted, never logged (a storm of
+/// refusals would be a storm of log lines; the counter says the same). `Retry-After` is what
+/// opamp-go clients wait before reconnecting.
+fn admission_refused(refusal: admission::Refusal) -> Response {
+    count_admission_refused(refusal);
+    let (status, body, retry_after) = match refusal {
+        admission::Refusal::ConnectionCap => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached, retry later",
+            RETRY_AFTER,
+        ),
+        admission::Refusal::Rate { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many new connections, retry later",
+            retry_after,
+        ),
+    };
+    let mut resp = text(status, body);
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(retry_after.as_secs().max(1)),
+    );
+    resp
+}
+
 fn method_not_allowed(allow: &'static str) -> Response {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
     resp.headers_mut()
@@ -848,6 +961,22 @@ mod helper_tests {
         );
         assert_eq!(auth_close_reason("auth:x"), Some("x"));
         assert_eq!(auth_close_reason("superseded"), None);
+    }
+
+    #[test]
+    fn admission_refusals_say_when_to_retry() {
+        let resp = admission_refused(admission::Refusal::ConnectionCap);
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "5");
+        let resp = admission_refused(admission::Refusal::Rate {
+            retry_after: Duration::from_secs(3),
+        });
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "3");
+        let resp = admission_refused(admission::Refusal::Rate {
+            retry_after: Duration::ZERO,
+        });
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1", "never 0");
     }
 
     #[test]

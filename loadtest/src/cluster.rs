@@ -24,6 +24,8 @@ pub struct ClusterSpec {
     pub postgres_url: String,
     pub redis_url: String,
     pub nats_url: String,
+    /// Keep the nodes' logs here (else in the cluster's temporary directory, removed at stop).
+    pub log_dir: Option<PathBuf>,
 }
 
 impl ClusterSpec {
@@ -36,6 +38,7 @@ impl ClusterSpec {
             postgres_url: DEFAULT_POSTGRES_URL.into(),
             redis_url: DEFAULT_REDIS_URL.into(),
             nats_url: DEFAULT_NATS_URL.into(),
+            log_dir: None,
         }
     }
 }
@@ -62,8 +65,9 @@ pub struct Cluster {
     pub prefix: String,
     postgres_url: String,
     redis_url: String,
-    /// Shared data directory (admin token) and the nodes' logs.
+    /// Shared data directory (admin token) and, unless `log_dir`, the nodes' logs.
     dir: tempfile::TempDir,
+    log_dir: Option<PathBuf>,
 }
 
 /// `url` with its path (the database) replaced by `db`; the query string is kept.
@@ -153,6 +157,9 @@ impl Cluster {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let tag = &tag[..12];
         let database = format!("{DATABASE_PREFIX}{tag}");
+        if let Some(d) = &spec.log_dir {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
         create_database(&spec.postgres_url, &database)
             .await
             .context("creating the load-test database (is Postgres running?)")?;
@@ -167,6 +174,7 @@ impl Cluster {
             dir: tempfile::Builder::new()
                 .prefix("ampora-lt-cluster-")
                 .tempdir()?,
+            log_dir: spec.log_dir.clone(),
         };
         match this.start_nodes(spec).await {
             Ok(()) => Ok(this),
@@ -181,9 +189,14 @@ impl Cluster {
         self.dir.path().join("data")
     }
 
+    /// Where the nodes write their stderr.
+    pub fn log_dir(&self) -> &Path {
+        self.log_dir.as_deref().unwrap_or(self.dir.path())
+    }
+
     /// Where node `id` writes its stderr.
     pub fn log_path(&self, id: &str) -> PathBuf {
-        self.dir.path().join(format!("{id}.log"))
+        self.log_dir().join(format!("{id}.log"))
     }
 
     async fn start_nodes(&mut self, spec: &ClusterSpec) -> anyhow::Result<()> {
@@ -263,10 +276,6 @@ impl Cluster {
 
     pub fn coordinator_pids(&self) -> Vec<u32> {
         self.coordinators.iter().map(|c| c.pid).collect()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Kills every node (gateways first), then drops the database and deletes the Redis keys,

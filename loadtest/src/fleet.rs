@@ -79,9 +79,27 @@ impl Fleet {
 
     /// Hands every worker its agents; they start connecting at once.
     pub fn start(&self, specs: &[AgentSpec], params: &Params) -> anyhow::Result<()> {
+        self.start_step(specs, params, 0, 1)
+    }
+
+    /// Step `k` of `steps` of a ramp: every worker starts the `k`-th of `steps` equal slices
+    /// of its agents, so each step spreads over all workers (and, round-robin, all targets).
+    pub fn start_step(
+        &self,
+        specs: &[AgentSpec],
+        params: &Params,
+        k: usize,
+        steps: usize,
+    ) -> anyhow::Result<()> {
+        let steps = steps.max(1);
         for (link, range) in self.links.iter().zip(&self.chunks) {
+            let len = range.len();
+            let slice = (range.start + len * k / steps)..(range.start + len * (k + 1) / steps);
+            if slice.is_empty() {
+                continue;
+            }
             link.send(Cmd::Start {
-                agents: specs[range.clone()].to_vec(),
+                agents: specs[slice].to_vec(),
                 params: params.clone(),
             })?;
         }

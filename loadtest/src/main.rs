@@ -123,6 +123,12 @@ struct Common {
     /// Seconds any wait on the fleet may take.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
+    /// Start agents at this many per second instead of all at once (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    connect_rate: f64,
+    /// --spawn-cluster: keep the nodes' logs (stderr) in DIR as <node id>.log.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
     #[arg(long)]
     json_out: Option<PathBuf>,
 }
@@ -152,6 +158,7 @@ impl Common {
             source_ips: self.source_ips,
             server_pids: self.server_pid.clone(),
             timeout: Duration::from_secs_f64(self.timeout),
+            connect_rate: self.connect_rate.max(0.0),
             ..RunOptions::default()
         };
         let mut spawned = None;
@@ -180,6 +187,7 @@ impl Common {
                 postgres_url: self.postgres_url.clone(),
                 redis_url: self.redis_url.clone(),
                 nats_url: self.nats_url.clone(),
+                log_dir: self.log_dir.clone(),
                 ..ClusterSpec::new(exe, self.gateways, self.coordinators)
             };
             let c = Cluster::start(&spec).await?;
@@ -191,7 +199,7 @@ impl Common {
                 c.gateway_pids(),
                 c.database,
                 c.prefix,
-                c.dir().display()
+                c.log_dir().display()
             );
             opts.targets = c.ws_urls();
             opts.gateway_pids = c.gateway_pids();

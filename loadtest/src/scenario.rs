@@ -61,6 +61,8 @@ pub struct RunOptions {
     pub coordinator_pids: Vec<u32>,
     /// Bound of every wait for the fleet (connect, rollout).
     pub timeout: Duration,
+    /// Agents started per second (0: all at once, the connect storm).
+    pub connect_rate: f64,
     /// The binary to run as `worker` (default: this executable).
     pub worker_exe: Option<PathBuf>,
     pub progress: bool,
@@ -89,6 +91,7 @@ impl Default for RunOptions {
             gateway_pids: Vec::new(),
             coordinator_pids: Vec::new(),
             timeout: Duration::from_secs(120),
+            connect_rate: 0.0,
             worker_exe: None,
             progress: std::io::stderr().is_terminal(),
         }
@@ -181,6 +184,9 @@ pub struct Report {
     pub failing_agents: usize,
     pub config_bytes: usize,
     pub worker_processes: usize,
+    /// Agents started per second; 0: all at once.
+    #[serde(default)]
+    pub connect_rate: f64,
     pub started_unix_ms: u64,
     /// Every phase reached its goal (all connected, rollout 100 %).
     pub complete: bool,
@@ -335,6 +341,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         failing_agents: specs.iter().filter(|s| s.fail_configs).count(),
         config_bytes: opts.config_bytes,
         worker_processes: processes,
+        connect_rate: opts.connect_rate,
         started_unix_ms: unix_ms(),
         ..Report::default()
     };
@@ -482,10 +489,27 @@ async fn phases(
         .map(|m| rss_kib(m.pid))
         .collect::<anyhow::Result<_>>()?;
 
-    // connect: every agent at once; the clock runs until the last first reply.
+    // connect: every agent at once (or ramped at connect_rate); the clock runs until the last
+    // first reply.
     let b = bar(opts.progress, n as u64, "connect");
     let t0 = unix_us();
-    fleet.start(specs, params)?;
+    if opts.connect_rate > 0.0 {
+        let step = Duration::from_millis(100);
+        let steps = (n as f64 / opts.connect_rate / step.as_secs_f64()).ceil() as usize;
+        let start = Instant::now();
+        for k in 0..steps.max(1) {
+            fleet.start_step(specs, params, k, steps)?;
+            if let Some(b) = &b {
+                b.set_position(fleet.connected as u64);
+            }
+            let next = start + step * (k as u32 + 1);
+            fleet
+                .pump_for(next.saturating_duration_since(Instant::now()))
+                .await;
+        }
+    } else {
+        fleet.start(specs, params)?;
+    }
     let mut complete = fleet
         .pump_until(
             opts.timeout,
@@ -674,6 +698,9 @@ pub fn summary(r: &Report) -> String {
         r.worker_processes.max(1),
         r.targets.join(", ")
     );
+    if r.connect_rate > 0.0 {
+        s += &format!("connect ramp: {:.0} agents/s\n", r.connect_rate);
+    }
     let c = &r.connect;
     s += &format!(
         "connect: {}/{} in {:.3} s ({:.0}/s); per agent p50 {:.1} ms p90 {:.1} p99 {:.1} max {:.1}\n",

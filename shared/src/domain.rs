@@ -262,6 +262,24 @@ pub struct TokenRecord {
     pub redeemed_ms: Option<i64>,
     /// The agent that redeemed the token; only it may use the token from then on.
     pub bound_uid: Option<InstanceUid>,
+    /// Which agents may redeem the token; `None` admits any agent.
+    #[serde(default)]
+    pub scope: Option<TokenScope>,
+}
+
+/// A bootstrap token's scope: the agent redeeming it must describe itself with every one of
+/// these labels, matched as assignment labels are ([`Description::matches`]). It is checked
+/// once, when the token is bound; the binding then stands whatever the agent reports later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenScope {
+    pub labels: BTreeMap<String, String>,
+}
+
+impl TokenScope {
+    /// True when `description` has every label of the scope.
+    pub fn admits(&self, description: &Description) -> bool {
+        description.matches(&self.labels)
+    }
 }
 
 /// Outcome of an atomic redemption attempt.
@@ -287,6 +305,9 @@ pub enum Role {
     Admin,
 }
 
+/// An operator API token as stored: never the token itself. Its name is unique among all API
+/// tokens ever created (revoked ones included), so `api:<name>` names one actor in the audit
+/// log for good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiTokenRecord {
     pub id: String,
@@ -297,12 +318,21 @@ pub struct ApiTokenRecord {
     pub created_ms: i64,
 }
 
+/// An API token as listed: the record and, once revoked, when. (Lookups for authentication
+/// never return revoked tokens, so they need no such field.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenListing {
+    #[serde(flatten)]
+    pub token: ApiTokenRecord,
+    pub revoked_ms: Option<i64>,
+}
+
 /// One append-only audit entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub id: i64,
     pub at_ms: i64,
-    /// Who acted: an API token id, `agent`, or `system`.
+    /// Who acted: `api:<API token name>`, `agent`, or `system`.
     pub actor: String,
     /// What happened, e.g. `token.create`, `token.redeem`, `auth.failed`.
     pub action: String,
@@ -336,6 +366,20 @@ mod tests {
         assert!(Target::Labels(l("service.name", "otelcol")).matches(&a));
         assert!(!Target::Labels(l("env", "dev")).matches(&a));
         assert!(Target::All.matches(&a));
+    }
+
+    #[test]
+    fn scopes_admit_matching_descriptions_only() {
+        let a = agent();
+        let scope = |pairs: &[(&str, &str)]| TokenScope {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert!(scope(&[("env", "prod"), ("service.name", "otelcol")]).admits(&a.description));
+        assert!(!scope(&[("env", "prod"), ("region", "eu")]).admits(&a.description));
+        assert!(!scope(&[("env", "prod")]).admits(&Description::default()));
     }
 
     #[test]

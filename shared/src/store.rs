@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 
 use crate::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption,
-    Target, TokenRecord,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion,
+    Redemption, Target, TokenRecord,
 };
 use crate::ids::InstanceUid;
 
@@ -66,6 +66,24 @@ pub struct AuditQuery {
     pub actor: Option<String>,
     pub reason: Option<String>,
     pub limit: u32,
+}
+
+/// A position in the audit log's oldest-first order ([`Store::scan_audit`]): the `at_ms` and
+/// `id` of the last entry already read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditCursor {
+    pub at_ms: i64,
+    pub id: i64,
+}
+
+impl AuditCursor {
+    /// The cursor just past `entry`.
+    pub fn after(entry: &AuditEntry) -> Self {
+        Self {
+            at_ms: entry.at_ms,
+            id: entry.id,
+        }
+    }
 }
 
 /// A coordinator's lease on one partition of agents. `fence` grows by one every time the
@@ -129,6 +147,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()>;
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>>;
+    /// The token with this id, whatever its state.
+    async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>>;
     /// Marks the token revoked; false when there is no such token.
     /// Revoking twice keeps the first revocation time.
     async fn revoke_token(&self, id: &str, at_ms: i64) -> StoreResult<bool>;
@@ -161,11 +181,30 @@ pub trait Store: Send + Sync + 'static {
     }
 
     // Operator API tokens.
+    /// Fails with [`StoreError::NotApplied`] when the id, hash or name is taken (by a revoked
+    /// token too: names are never reused, so an audit actor names one token for good).
     async fn create_api_token(&self, token: &ApiTokenRecord) -> StoreResult<()>;
+    /// The live token with this hash: a revoked token is not found.
     async fn find_api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>>;
+    /// Every API token ever created, revoked ones included, oldest first.
+    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenListing>>;
+    /// Marks the API token revoked; false when there is no such token.
+    /// Revoking twice keeps the first revocation time.
+    async fn revoke_api_token(&self, id: &str, at_ms: i64) -> StoreResult<bool>;
+    /// All API tokens ever created, revoked ones included.
     async fn count_api_tokens(&self) -> StoreResult<u64>;
 
-    // Audit: append-only.
+    // Audit: append-only. The SQL stores have the database enforce it (triggers refuse any
+    // UPDATE or DELETE of an entry), so not even a bug here can rewrite history.
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<i64>;
     async fn query_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+    /// Entries matching `query`'s filters, oldest first (by `at_ms`, then id), strictly after
+    /// `after` when given, at most `query.limit`: one bounded query per page, so a whole log
+    /// can be exported page by page. Entries appended during such an export with an `at_ms`
+    /// behind the cursor are not seen by it.
+    async fn scan_audit(
+        &self,
+        query: &AuditQuery,
+        after: Option<AuditCursor>,
+    ) -> StoreResult<Vec<AuditEntry>>;
 }

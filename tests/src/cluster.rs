@@ -96,6 +96,9 @@ impl Cluster {
         base.cluster.lease_ttl_ms = 3_000;
         base.cluster.ownership_ttl_secs = 6;
         base.cluster.drain_window_secs = 1;
+        // Gateways here are plaintext (as behind a TLS-terminating proxy); explicit, so the
+        // tests keep working whatever the default.
+        base.opamp.bootstrap_plaintext_allowed = true;
         tweak(&mut base);
 
         let mut this = Self {

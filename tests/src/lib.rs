@@ -39,6 +39,9 @@ impl TestServer {
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.self_agent.enabled = false;
         cfg.store.flush_interval_ms = 100;
+        // The tests' agents mostly speak plaintext; explicit, so they keep working whatever
+        // the default (tests of the refusal turn it off).
+        cfg.opamp.bootstrap_plaintext_allowed = true;
         tweak(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let running = serve::start(cfg, listener).await?;
@@ -61,6 +64,26 @@ impl TestServer {
 
     pub fn http_url(&self) -> String {
         format!("http://{}/v1/opamp", self.addr)
+    }
+
+    /// The same port over TLS (the server tells TLS from plaintext by the first byte).
+    pub fn wss_url(&self) -> String {
+        format!("wss://{}/v1/opamp", self.addr)
+    }
+
+    pub fn https_url(&self) -> String {
+        format!("https://{}/v1/opamp", self.addr)
+    }
+
+    /// Client TLS trusting the server's local CA (`<data_dir>/tls/ca.pem`), as an agent that
+    /// was given that file would.
+    pub fn client_tls(&self) -> anyhow::Result<gateway::client::ClientTls> {
+        let ca = self
+            .running
+            .as_ref()
+            .and_then(|r| r.tls_ca_cert.clone())
+            .context("the server has no local CA (TLS files configured)")?;
+        Ok(gateway::client::ClientTls::from_ca_file(&ca)?)
     }
 
     pub async fn stop(mut self) -> anyhow::Result<()> {
@@ -249,5 +272,24 @@ where
             bail!("timed out after {deadline:?} waiting for {what} (last error: {last_err:?})");
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+impl Api {
+    /// `GET path` for a body that is not one JSON value (JSON lines, say): the status, the
+    /// headers and the text.
+    pub async fn get_text(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        Ok((status, headers, resp.text().await?))
     }
 }

@@ -9,12 +9,16 @@
 //! Semantics pinned here beyond the trait docs:
 //! - `upsert_agents` with the same uid twice in one batch keeps the last record;
 //! - `create_assignment` with an unknown config id fails with [`StoreError::NotFound`];
-//! - creating a token or API token with a duplicate id or hash fails with
-//!   [`StoreError::NotApplied`];
-//! - `revoke_token` on an already revoked token returns true and keeps the first time;
+//! - creating a token or API token with a duplicate id or hash, or an API token with a name
+//!   any other API token has (revoked or not), fails with [`StoreError::NotApplied`];
+//! - `revoke_token` and `revoke_api_token` on an already revoked token return true and keep
+//!   the first time; `find_api_token` does not find a revoked API token, `list_api_tokens`
+//!   and `count_api_tokens` still count it;
 //! - `redeem_token` checks revoked, then expired (`now_ms >= expires_ms`), then binding;
 //! - `query_audit`: `since_ms` inclusive, `until_ms` exclusive, newest first by `at_ms` then
 //!   id, at most `limit` entries (0 yields none); `append_audit` ignores `entry.id`;
+//! - `scan_audit`: the same filters, oldest first by `at_ms` then id, strictly after the
+//!   cursor; paging with the last entry's cursor visits every match exactly once;
 //! - strings an agent reports may contain NUL characters and still round-trip;
 //! - a coordinator is alive, and a lease live, while `now_ms < expires_ms`;
 //! - a partition's first lease has fence 1; renewing a live lease keeps its fence;
@@ -32,11 +36,14 @@ use std::sync::Arc;
 
 use serde_json::json;
 use shared::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap, Health, Redemption,
-    RemoteConfigReport, RemoteStatus, Role, Target, TokenRecord, Transport,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap,
+    Health, Redemption, RemoteConfigReport, RemoteStatus, Role, Target, TokenRecord, TokenScope,
+    Transport,
 };
 use shared::ids::{InstanceUid, PARTITIONS};
-use shared::store::{AuditQuery, Lease, NewAssignment, NewConfigVersion, Store, StoreError};
+use shared::store::{
+    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, Store, StoreError,
+};
 
 /// Runs every check against `store`.
 pub async fn run_all(store: Arc<dyn Store>) {
@@ -55,7 +62,9 @@ pub async fn run_all(store: Arc<dyn Store>) {
     redemption_race(store.clone()).await;
     batch_redemption(store.as_ref()).await;
     api_tokens(store.as_ref()).await;
+    api_token_revocation(store.as_ref()).await;
     audit(store.as_ref()).await;
+    audit_scan(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {
@@ -765,6 +774,7 @@ fn new_token(expires_ms: i64) -> TokenRecord {
         revoked_ms: None,
         redeemed_ms: None,
         bound_uid: None,
+        scope: None,
     }
 }
 
@@ -783,17 +793,40 @@ pub async fn tokens(store: &dyn Store) {
     pre_bound.bound_uid = Some(InstanceUid::new_v7());
     pre_bound.redeemed_ms = Some(1_700_000_000_500);
     pre_bound.revoked_ms = Some(1_700_000_000_600);
+    let mut scoped = new_token(i64::MAX);
+    scoped.scope = Some(TokenScope {
+        labels: BTreeMap::from([
+            ("env".to_string(), "prod".to_string()),
+            ("service.name".to_string(), "ünï ✓ \"quoted\"".to_string()),
+        ]),
+    });
     store.create_token(&t).await.expect("create_token");
     store.create_token(&pre_bound).await.expect("create_token");
+    store.create_token(&scoped).await.expect("create_token");
 
     assert_eq!(find(store, &t).await, t);
     assert_eq!(find(store, &pre_bound).await, pre_bound);
+    assert_eq!(find(store, &scoped).await, scoped, "a scope round-trips");
     assert_eq!(
         store.find_token(&random_hash()).await.expect("find_token"),
         None
     );
+    for want in [&t, &pre_bound, &scoped] {
+        assert_eq!(
+            store.get_token(&want.id).await.expect("get_token"),
+            Some(want.clone()),
+            "get_token by id"
+        );
+    }
+    assert_eq!(
+        store
+            .get_token(&unique("missing"))
+            .await
+            .expect("get_token"),
+        None
+    );
     let list = store.list_tokens().await.expect("list_tokens");
-    for want in [&t, &pre_bound] {
+    for want in [&t, &pre_bound, &scoped] {
         let found: Vec<_> = list.iter().filter(|x| x.id == want.id).collect();
         assert_eq!(
             found,
@@ -1103,9 +1136,92 @@ pub async fn api_tokens(store: &dyn Store) {
         matches!(res, Err(StoreError::NotApplied(_))),
         "duplicate api token hash: {res:?}"
     );
+    let mut dup = tokens[2].clone();
+    dup.id = uuid::Uuid::new_v4().to_string();
+    dup.hash = random_hash();
+    let res = store.create_api_token(&dup).await;
+    assert!(
+        matches!(res, Err(StoreError::NotApplied(_))),
+        "duplicate api token name: {res:?}"
+    );
     assert_eq!(
         store.count_api_tokens().await.expect("count_api_tokens"),
         before + 3
+    );
+    let listed = store.list_api_tokens().await.expect("list_api_tokens");
+    assert!(
+        listed
+            .windows(2)
+            .all(|w| (w[0].token.created_ms, &w[0].token.id)
+                <= (w[1].token.created_ms, &w[1].token.id)),
+        "list_api_tokens is oldest first"
+    );
+    for t in &tokens {
+        let found: Vec<_> = listed.iter().filter(|l| l.token.id == t.id).collect();
+        assert_eq!(
+            found,
+            vec![&ApiTokenListing {
+                token: t.clone(),
+                revoked_ms: None
+            }],
+            "list_api_tokens shows each token once, intact"
+        );
+    }
+}
+
+/// Revoked API tokens are no longer found for authentication, but stay listed and counted,
+/// and keep their name.
+pub async fn api_token_revocation(store: &dyn Store) {
+    let t = ApiTokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: unique("revoked"),
+        role: Role::Operator,
+        hash: random_hash(),
+        created_ms: 1_700_000_000_000,
+    };
+    store.create_api_token(&t).await.expect("create_api_token");
+    let before = store.count_api_tokens().await.expect("count_api_tokens");
+    assert!(!store
+        .revoke_api_token(&unique("missing"), 1)
+        .await
+        .expect("revoke_api_token"));
+    assert!(store
+        .revoke_api_token(&t.id, 1_700_000_001_000)
+        .await
+        .expect("revoke_api_token"));
+    assert_eq!(
+        store.find_api_token(&t.hash).await.expect("find_api_token"),
+        None,
+        "a revoked token does not authenticate"
+    );
+    assert!(store
+        .revoke_api_token(&t.id, 1_700_000_002_000)
+        .await
+        .expect("revoke again"));
+    let listed = store.list_api_tokens().await.expect("list_api_tokens");
+    let found: Vec<_> = listed.iter().filter(|l| l.token.id == t.id).collect();
+    assert_eq!(
+        found,
+        vec![&ApiTokenListing {
+            token: t.clone(),
+            revoked_ms: Some(1_700_000_001_000),
+        }],
+        "listed with the first revocation time"
+    );
+    assert_eq!(
+        store.count_api_tokens().await.expect("count_api_tokens"),
+        before,
+        "revoked tokens still count"
+    );
+    let reuse = ApiTokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        hash: random_hash(),
+        ..t.clone()
+    };
+    let res = store.create_api_token(&reuse).await;
+    assert!(
+        matches!(res, Err(StoreError::NotApplied(_))),
+        "a revoked token's name is not reused: {res:?}"
     );
 }
 
@@ -1297,4 +1413,159 @@ pub async fn audit(store: &dyn Store) {
     assert!(newest
         .windows(2)
         .all(|w| (w[0].at_ms, w[0].id) > (w[1].at_ms, w[1].id)));
+}
+
+/// `scan_audit`: oldest first, the same filters as `query_audit`, and cursor paging that
+/// visits every match exactly once.
+pub async fn audit_scan(store: &dyn Store) {
+    let base: i64 = 3_000_000_000_000 + rand::random_range(0..1_000_000_000_000i64) * 16;
+    let (actor_a, actor_b) = (unique("scan-a"), unique("scan-b"));
+    let reason = unique("scan-reason");
+    let uid = InstanceUid::new_v7();
+    let mut entries = Vec::new();
+    // Times out of append order, and ties, so order by (at_ms, id) is really exercised.
+    for (i, at) in [3, 0, 2, 2, 5, 1, 2, 4].into_iter().enumerate() {
+        let mut e = AuditEntry {
+            id: 0,
+            at_ms: base + at,
+            actor: if i % 2 == 0 { &actor_a } else { &actor_b }.clone(),
+            action: unique("action"),
+            instance_uid: (i % 3 == 0).then_some(uid),
+            source_ip: None,
+            reason: (i % 4 != 1).then(|| reason.clone()),
+            detail: json!({ "i": i }),
+        };
+        e.id = store.append_audit(&e).await.expect("append_audit");
+        entries.push(e);
+    }
+    let oldest_first = |pred: &dyn Fn(&AuditEntry) -> bool| {
+        let mut v: Vec<AuditEntry> = entries.iter().filter(|e| pred(e)).cloned().collect();
+        v.sort_by_key(|e| (e.at_ms, e.id));
+        v
+    };
+    let scan = |q: AuditQuery, after: Option<AuditCursor>| async move {
+        store.scan_audit(&q, after).await.expect("scan_audit")
+    };
+    let ours = AuditQuery {
+        since_ms: Some(base),
+        until_ms: Some(base + 6),
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    let all = oldest_first(&|_| true);
+    assert_eq!(
+        scan(ours.clone(), None).await,
+        all,
+        "the window, oldest first"
+    );
+    assert_eq!(
+        scan(
+            AuditQuery {
+                actor: Some(actor_b.clone()),
+                ..ours.clone()
+            },
+            None
+        )
+        .await,
+        oldest_first(&|e| e.actor == actor_b),
+        "by actor"
+    );
+    assert_eq!(
+        scan(
+            AuditQuery {
+                instance_uid: Some(uid),
+                reason: Some(reason.clone()),
+                since_ms: None,
+                until_ms: None,
+                ..ours.clone()
+            },
+            None
+        )
+        .await,
+        oldest_first(&|e| e.instance_uid == Some(uid) && e.reason.as_ref() == Some(&reason)),
+        "by instance uid and reason"
+    );
+    assert_eq!(
+        scan(
+            AuditQuery {
+                since_ms: Some(base + 2),
+                until_ms: Some(base + 4),
+                ..ours.clone()
+            },
+            None
+        )
+        .await,
+        oldest_first(&|e| (base + 2..base + 4).contains(&e.at_ms)),
+        "since inclusive, until exclusive"
+    );
+    assert_eq!(
+        scan(
+            AuditQuery {
+                limit: 0,
+                ..ours.clone()
+            },
+            None
+        )
+        .await,
+        Vec::<AuditEntry>::new(),
+        "limit 0 yields nothing"
+    );
+
+    // Pages of three, each after the last entry of the one before, through a tie at base + 2.
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = scan(
+            AuditQuery {
+                limit: 3,
+                ..ours.clone()
+            },
+            cursor,
+        )
+        .await;
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        cursor = Some(AuditCursor::after(last));
+        paged.extend(page);
+    }
+    assert_eq!(paged, all, "paging visits every entry once, in order");
+    // A cursor in the middle of a tie resumes right after that entry.
+    let tie: Vec<&AuditEntry> = all.iter().filter(|e| e.at_ms == base + 2).collect();
+    assert_eq!(tie.len(), 3);
+    let rest = scan(ours.clone(), Some(AuditCursor::after(tie[0]))).await;
+    assert_eq!(rest.first(), Some(tie[1]));
+    assert_eq!(
+        rest.len(),
+        all.len() - all.iter().position(|e| e == tie[0]).unwrap_or(0) - 1
+    );
+}
+
+/// Appends one entry with a unique actor, for each store's own append-only test; check it
+/// afterwards with [`assert_audit_intact`].
+pub async fn audit_probe(store: &dyn Store) -> AuditEntry {
+    let mut entry = AuditEntry {
+        id: 0,
+        at_ms: 1_700_000_000_000,
+        actor: unique("probe"),
+        action: "probe".into(),
+        instance_uid: Some(InstanceUid::new_v7()),
+        source_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        reason: Some("probe".into()),
+        detail: json!({ "kept": true }),
+    };
+    entry.id = store.append_audit(&entry).await.expect("append_audit");
+    entry
+}
+
+/// The entry [`audit_probe`] appended is still there, unchanged, and alone under its actor.
+pub async fn assert_audit_intact(store: &dyn Store, entry: &AuditEntry) {
+    let found = store
+        .query_audit(&AuditQuery {
+            actor: Some(entry.actor.clone()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("query_audit");
+    assert_eq!(found, vec![entry.clone()], "the audit entry is intact");
 }

@@ -45,20 +45,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use shared::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion, Redemption, TokenRecord,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion,
+    Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
 use shared::store::{
-    AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError,
-    StoreResult,
+    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store,
+    StoreError, StoreResult,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres, QueryBuilder, Transaction};
 
 use super::sql::{
-    agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from, redemption,
-    role_str, sorted_partitions, to_json, ApiTokenRow, AssignmentRow, AuditRow, ConfigRow,
-    LeaseRow, TokenRow, TokenState, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS, TOKEN_COLUMNS,
+    agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from,
+    push_audit_filters, push_audit_page, redemption, role_str, scope_json, sorted_partitions,
+    to_json, ApiTokenListingRow, ApiTokenRow, AssignmentRow, AuditRow, ConfigRow, LeaseRow,
+    TokenRow, TokenState, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS, TOKEN_COLUMNS,
 };
 
 /// Agents per upsert statement. The arrays are bound as single parameters, so this only bounds
@@ -734,12 +736,13 @@ impl Store for PgStore {
 
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()> {
         let t = token.clone();
+        let scope = scope_json(token)?;
         self.in_tx("create_token", move |tx| {
             Box::pin(async move {
                 sqlx::query(
                     "INSERT INTO tokens (id, name, prefix, hash, created_ms, expires_ms, \
-                     revoked_ms, redeemed_ms, bound_uid) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     revoked_ms, redeemed_ms, bound_uid, scope) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::json)",
                 )
                 .bind(t.id.as_str())
                 .bind(t.name.as_str())
@@ -750,6 +753,7 @@ impl Store for PgStore {
                 .bind(t.revoked_ms)
                 .bind(t.redeemed_ms)
                 .bind(t.bound_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+                .bind(scope)
                 .execute(&mut **tx)
                 .await?;
                 Ok(())
@@ -760,7 +764,7 @@ impl Store for PgStore {
 
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
         let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_ms, id"
+            "SELECT {TOKEN_COLUMNS}, scope::text AS scope FROM tokens ORDER BY created_ms, id"
         ))
         .fetch_all(&self.pool)
         .await
@@ -770,12 +774,23 @@ impl Store for PgStore {
 
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>> {
         let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"
+            "SELECT {TOKEN_COLUMNS}, scope::text AS scope FROM tokens WHERE hash = $1"
         ))
         .bind(hash.as_slice())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| before_commit("find_token", e))?;
+        row.map(TokenRow::into_domain).transpose()
+    }
+
+    async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
+        let row: Option<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS}, scope::text AS scope FROM tokens WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| before_commit("get_token", e))?;
         row.map(TokenRow::into_domain).transpose()
     }
 
@@ -870,13 +885,45 @@ impl Store for PgStore {
 
     async fn find_api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>> {
         let row: Option<ApiTokenRow> = sqlx::query_as(
-            "SELECT id, name, role, hash, created_ms FROM api_tokens WHERE hash = $1",
+            "SELECT id, name, role, hash, created_ms FROM api_tokens \
+             WHERE hash = $1 AND revoked_ms IS NULL",
         )
         .bind(hash.as_slice())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| before_commit("find_api_token", e))?;
         row.map(ApiTokenRow::into_domain).transpose()
+    }
+
+    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenListing>> {
+        let rows: Vec<ApiTokenListingRow> = sqlx::query_as(
+            "SELECT id, name, role, hash, created_ms, revoked_ms FROM api_tokens \
+             ORDER BY created_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("list_api_tokens", e))?;
+        rows.into_iter()
+            .map(ApiTokenListingRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_api_token(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
+        let id = id.to_owned();
+        // Revoking twice keeps the first revocation time.
+        self.in_tx("revoke_api_token", move |tx| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE api_tokens SET revoked_ms = COALESCE(revoked_ms, $1) WHERE id = $2",
+                )
+                .bind(at_ms)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
     }
 
     async fn count_api_tokens(&self) -> StoreResult<u64> {
@@ -919,22 +966,7 @@ impl Store for PgStore {
             "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, \
              detail::text AS detail FROM audit WHERE TRUE",
         );
-        if let Some(since) = query.since_ms {
-            q.push(" AND at_ms >= ").push_bind(since);
-        }
-        if let Some(until) = query.until_ms {
-            q.push(" AND at_ms < ").push_bind(until);
-        }
-        if let Some(uid) = &query.instance_uid {
-            q.push(" AND instance_uid = ")
-                .push_bind(uid.as_bytes().as_slice());
-        }
-        if let Some(actor) = &query.actor {
-            q.push(" AND actor = ").push_bind(actor.as_str());
-        }
-        if let Some(reason) = &query.reason {
-            q.push(" AND reason = ").push_bind(reason.as_str());
-        }
+        push_audit_filters(&mut q, query);
         q.push(" ORDER BY at_ms DESC, id DESC LIMIT ")
             .push_bind(i64::from(query.limit));
         let rows: Vec<AuditRow> = q
@@ -942,6 +974,25 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| before_commit("query_audit", e))?;
+        rows.into_iter().map(AuditRow::into_domain).collect()
+    }
+
+    async fn scan_audit(
+        &self,
+        query: &AuditQuery,
+        after: Option<AuditCursor>,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        let mut q: QueryBuilder<'_, Postgres> = QueryBuilder::new(
+            "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, \
+             detail::text AS detail FROM audit WHERE TRUE",
+        );
+        push_audit_filters(&mut q, query);
+        push_audit_page(&mut q, after, query.limit);
+        let rows: Vec<AuditRow> = q
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| before_commit("scan_audit", e))?;
         rows.into_iter().map(AuditRow::into_domain).collect()
     }
 }
@@ -1000,6 +1051,7 @@ mod tests {
             revoked_ms: None,
             redeemed_ms: None,
             bound_uid: None,
+            scope: None,
         };
         stores[0].create_token(&token).await.expect("create_token");
         let barrier = Arc::new(tokio::sync::Barrier::new(32));
@@ -1022,6 +1074,34 @@ mod tests {
             }
         }
         assert_eq!(bound, 1);
+        db.remove().await.expect("drop test database");
+    }
+
+    /// The database itself refuses to change or remove audit entries (migration 0002), whoever
+    /// sends the SQL; TRUNCATE, which row triggers would not see, included.
+    #[tokio::test]
+    async fn audit_is_append_only() {
+        let db = test_database().await;
+        let store = connect(&db).await;
+        let entry = conformance::audit_probe(&store).await;
+        for sql in [
+            "UPDATE audit SET actor = 'mallory' WHERE id = $1",
+            "UPDATE audit SET detail = '{}'::json WHERE id = $1",
+            "DELETE FROM audit WHERE id = $1",
+        ] {
+            let err = sqlx::query(sql)
+                .bind(entry.id)
+                .execute(&store.pool)
+                .await
+                .expect_err(sql);
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
+        for sql in ["DELETE FROM audit", "TRUNCATE audit"] {
+            let err = sqlx::query(sql).execute(&store.pool).await.expect_err(sql);
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
+        conformance::assert_audit_intact(&store, &entry).await;
+        store.close().await;
         db.remove().await.expect("drop test database");
     }
 

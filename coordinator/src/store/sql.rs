@@ -9,12 +9,13 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use shared::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion, Redemption,
-    Role, Target, TokenRecord,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion,
+    Redemption, Role, Target, TokenRecord, TokenScope,
 };
 use shared::ids::InstanceUid;
-use shared::store::{Lease, StoreError, StoreResult};
+use shared::store::{AuditCursor, AuditQuery, Lease, StoreError, StoreResult};
 use sqlx::error::ErrorKind;
+use sqlx::{Database, QueryBuilder};
 
 /// The `expires_ms` a released lease is given. The row is kept rather than deleted so the
 /// partition's fence keeps growing across hand-overs; an expiry at the Unix epoch means "free"
@@ -191,11 +192,18 @@ pub(super) struct TokenRow {
     revoked_ms: Option<i64>,
     redeemed_ms: Option<i64>,
     bound_uid: Option<Vec<u8>>,
+    scope: Option<String>,
 }
 
 impl TokenRow {
     pub(super) fn into_domain(self) -> StoreResult<TokenRecord> {
         Ok(TokenRecord {
+            scope: self
+                .scope
+                .as_deref()
+                .map(serde_json::from_str::<TokenScope>)
+                .transpose()
+                .map_err(|e| corrupt("token", e))?,
             hash: hash_from(&self.hash).map_err(|e| corrupt("token", e))?,
             bound_uid: self
                 .bound_uid
@@ -214,8 +222,19 @@ impl TokenRow {
     }
 }
 
+/// The `tokens` columns a [`TokenRow`] reads, but for `scope`, which each store selects in its
+/// own way (Postgres as `scope::text`).
 pub(super) const TOKEN_COLUMNS: &str =
     "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid";
+
+/// A token's scope as stored: JSON text, or NULL for none.
+pub(super) fn scope_json(token: &TokenRecord) -> StoreResult<Option<String>> {
+    token
+        .scope
+        .as_ref()
+        .map(|s| to_json("token scope", s))
+        .transpose()
+}
 
 #[derive(sqlx::FromRow)]
 pub(super) struct ApiTokenRow {
@@ -236,6 +255,73 @@ impl ApiTokenRow {
             created_ms: self.created_ms,
         })
     }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ApiTokenListingRow {
+    #[sqlx(flatten)]
+    token: ApiTokenRow,
+    revoked_ms: Option<i64>,
+}
+
+impl ApiTokenListingRow {
+    pub(super) fn into_domain(self) -> StoreResult<ApiTokenListing> {
+        Ok(ApiTokenListing {
+            token: self.token.into_domain()?,
+            revoked_ms: self.revoked_ms,
+        })
+    }
+}
+
+/// Appends `query`'s filters to a `… WHERE <condition>` already in `q`, one `AND` each.
+/// Both stores bind the same types, so one function serves both.
+pub(super) fn push_audit_filters<'a, DB>(q: &mut QueryBuilder<'a, DB>, query: &'a AuditQuery)
+where
+    DB: Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(since) = query.since_ms {
+        q.push(" AND at_ms >= ").push_bind(since);
+    }
+    if let Some(until) = query.until_ms {
+        q.push(" AND at_ms < ").push_bind(until);
+    }
+    if let Some(uid) = &query.instance_uid {
+        q.push(" AND instance_uid = ")
+            .push_bind(uid.as_bytes().as_slice());
+    }
+    if let Some(actor) = &query.actor {
+        q.push(" AND actor = ").push_bind(actor.as_str());
+    }
+    if let Some(reason) = &query.reason {
+        q.push(" AND reason = ").push_bind(reason.as_str());
+    }
+}
+
+/// Appends the oldest-first page condition and order of [`shared::store::Store::scan_audit`].
+/// Written as `at_ms > t OR (at_ms = t AND id > i)` rather than a row comparison, which
+/// SQLite's planner uses indexes for less reliably.
+pub(super) fn push_audit_page<'a, DB>(
+    q: &mut QueryBuilder<'a, DB>,
+    after: Option<AuditCursor>,
+    limit: u32,
+) where
+    DB: Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(c) = after {
+        q.push(" AND (at_ms > ")
+            .push_bind(c.at_ms)
+            .push(" OR (at_ms = ")
+            .push_bind(c.at_ms)
+            .push(" AND id > ")
+            .push_bind(c.id)
+            .push("))");
+    }
+    q.push(" ORDER BY at_ms ASC, id ASC LIMIT ")
+        .push_bind(i64::from(limit));
 }
 
 #[derive(sqlx::FromRow)]

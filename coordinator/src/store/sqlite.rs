@@ -38,12 +38,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use shared::domain::{
-    AgentRecord, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion, Redemption, TokenRecord,
+    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion,
+    Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
 use shared::store::{
-    AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError,
-    StoreResult,
+    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store,
+    StoreError, StoreResult,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -52,10 +53,10 @@ use sqlx::{QueryBuilder, Sqlite, Transaction};
 use tokio::sync::Mutex;
 
 use super::sql::{
-    agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from, redemption,
-    role_str, sorted_partitions, to_json, uid_from, ApiTokenRow, AssignmentRow, AuditRow,
-    ConfigRow, LeaseRow, TokenRow, TokenState, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS,
-    TOKEN_COLUMNS,
+    agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from,
+    push_audit_filters, push_audit_page, redemption, role_str, scope_json, sorted_partitions,
+    to_json, uid_from, ApiTokenListingRow, ApiTokenRow, AssignmentRow, AuditRow, ConfigRow,
+    LeaseRow, TokenRow, TokenState, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS, TOKEN_COLUMNS,
 };
 
 /// Rows per multi-row statement (agent upserts, partition backfill, `IN` lists): at most 5
@@ -614,11 +615,13 @@ impl Store for SqliteStore {
 
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()> {
         let t = token.clone();
+        let scope = scope_json(token)?;
         self.in_tx("create_token", move |tx| {
             Box::pin(async move {
                 sqlx::query(
                     "INSERT INTO tokens (id, name, prefix, hash, created_ms, expires_ms, \
-                     revoked_ms, redeemed_ms, bound_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     revoked_ms, redeemed_ms, bound_uid, scope) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(t.id.as_str())
                 .bind(t.name.as_str())
@@ -629,6 +632,7 @@ impl Store for SqliteStore {
                 .bind(t.revoked_ms)
                 .bind(t.redeemed_ms)
                 .bind(t.bound_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+                .bind(scope)
                 .execute(&mut **tx)
                 .await?;
                 Ok(())
@@ -639,7 +643,7 @@ impl Store for SqliteStore {
 
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
         let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_ms, id"
+            "SELECT {TOKEN_COLUMNS}, scope FROM tokens ORDER BY created_ms, id"
         ))
         .fetch_all(&self.pool)
         .await
@@ -649,12 +653,23 @@ impl Store for SqliteStore {
 
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>> {
         let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?"
+            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE hash = ?"
         ))
         .bind(hash.as_slice())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| before_commit("find_token", e))?;
+        row.map(TokenRow::into_domain).transpose()
+    }
+
+    async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
+        let row: Option<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| before_commit("get_token", e))?;
         row.map(TokenRow::into_domain).transpose()
     }
 
@@ -738,13 +753,45 @@ impl Store for SqliteStore {
 
     async fn find_api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>> {
         let row: Option<ApiTokenRow> = sqlx::query_as(
-            "SELECT id, name, role, hash, created_ms FROM api_tokens WHERE hash = ?",
+            "SELECT id, name, role, hash, created_ms FROM api_tokens \
+             WHERE hash = ? AND revoked_ms IS NULL",
         )
         .bind(hash.as_slice())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| before_commit("find_api_token", e))?;
         row.map(ApiTokenRow::into_domain).transpose()
+    }
+
+    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenListing>> {
+        let rows: Vec<ApiTokenListingRow> = sqlx::query_as(
+            "SELECT id, name, role, hash, created_ms, revoked_ms FROM api_tokens \
+             ORDER BY created_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("list_api_tokens", e))?;
+        rows.into_iter()
+            .map(ApiTokenListingRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_api_token(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
+        let id = id.to_owned();
+        // Revoking twice keeps the first revocation time.
+        self.in_tx("revoke_api_token", move |tx| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE api_tokens SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?",
+                )
+                .bind(at_ms)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
     }
 
     async fn count_api_tokens(&self) -> StoreResult<u64> {
@@ -772,22 +819,7 @@ impl Store for SqliteStore {
             "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, detail \
              FROM audit WHERE 1 = 1",
         );
-        if let Some(since) = query.since_ms {
-            q.push(" AND at_ms >= ").push_bind(since);
-        }
-        if let Some(until) = query.until_ms {
-            q.push(" AND at_ms < ").push_bind(until);
-        }
-        if let Some(uid) = &query.instance_uid {
-            q.push(" AND instance_uid = ")
-                .push_bind(uid.as_bytes().as_slice());
-        }
-        if let Some(actor) = &query.actor {
-            q.push(" AND actor = ").push_bind(actor.as_str());
-        }
-        if let Some(reason) = &query.reason {
-            q.push(" AND reason = ").push_bind(reason.as_str());
-        }
+        push_audit_filters(&mut q, query);
         q.push(" ORDER BY at_ms DESC, id DESC LIMIT ")
             .push_bind(i64::from(query.limit));
         let rows: Vec<AuditRow> = q
@@ -795,6 +827,25 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| before_commit("query_audit", e))?;
+        rows.into_iter().map(AuditRow::into_domain).collect()
+    }
+
+    async fn scan_audit(
+        &self,
+        query: &AuditQuery,
+        after: Option<AuditCursor>,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+            "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, detail \
+             FROM audit WHERE 1 = 1",
+        );
+        push_audit_filters(&mut q, query);
+        push_audit_page(&mut q, after, query.limit);
+        let rows: Vec<AuditRow> = q
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| before_commit("scan_audit", e))?;
         rows.into_iter().map(AuditRow::into_domain).collect()
     }
 }
@@ -869,6 +920,7 @@ mod tests {
             revoked_ms: None,
             redeemed_ms: None,
             bound_uid: None,
+            scope: None,
         };
         stores[0].create_token(&token).await.expect("create_token");
         let barrier = Arc::new(tokio::sync::Barrier::new(32));
@@ -972,6 +1024,33 @@ mod tests {
         store.close().await;
     }
 
+    /// The database itself refuses to change or remove audit entries (migration 0003), whoever
+    /// sends the SQL; a DELETE without WHERE (which SQLite would otherwise run as a truncate)
+    /// included.
+    #[tokio::test]
+    async fn audit_is_append_only() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        let entry = conformance::audit_probe(&store).await;
+        for sql in [
+            "UPDATE audit SET actor = 'mallory' WHERE id = ?",
+            "UPDATE audit SET detail = '{}' WHERE id = ?",
+            "DELETE FROM audit WHERE id = ?",
+        ] {
+            let err = sqlx::query(sql)
+                .bind(entry.id)
+                .execute(&store.pool)
+                .await
+                .expect_err(sql);
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
+        let err = sqlx::query("DELETE FROM audit")
+            .execute(&store.pool)
+            .await
+            .expect_err("delete all");
+        assert!(err.to_string().contains("append-only"), "{err}");
+        conformance::assert_audit_intact(&store, &entry).await;
+    }
+
     #[tokio::test]
     async fn file_pragmas_are_set() {
         let db = TempDb::new();
@@ -1018,6 +1097,7 @@ mod tests {
             revoked_ms: None,
             redeemed_ms: None,
             bound_uid: None,
+            scope: None,
         };
         let config_id = {
             let store = SqliteStore::open(&db.0).await.expect("open");

@@ -11,7 +11,8 @@ use tokio::time::{sleep, timeout, Instant};
 
 use super::core::AgentCore;
 use super::http::HttpTransport;
-use super::url::{Endpoint, Scheme};
+use super::tls::ClientTls;
+use super::url::{missing_tls, Endpoint, Scheme};
 use super::ws::WsConnection;
 use super::ClientError;
 
@@ -35,8 +36,11 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// `ws://…` or `http://…`; the scheme picks the transport.
+    /// `ws://…`, `wss://…`, `http://…` or `https://…`; the scheme picks the transport.
     pub endpoint: String,
+    /// What to trust for `wss://` and `https://` (required for them: there is no built-in
+    /// trust store), e.g. `ClientTls::from_ca_file("ampora-data/tls/ca.pem")`.
+    pub tls: Option<ClientTls>,
     /// Sent as `Authorization: Bearer <token>`.
     pub token: Option<String>,
     /// `None`: ask the server for one (RequestInstanceUid) and adopt what it assigns.
@@ -70,6 +74,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         Self {
             endpoint: "ws://127.0.0.1:4320/v1/opamp".into(),
+            tls: None,
             token: None,
             instance_uid: None,
             description: Vec::new(),
@@ -120,7 +125,14 @@ impl Agent {
         let (stop_tx, stop_rx) = oneshot::channel();
         // The transport loop is spawned directly (not behind a dispatching async fn) so the
         // task stores its arguments once.
-        let task = match Endpoint::parse(&core.options().endpoint) {
+        let endpoint = Endpoint::parse(&core.options().endpoint).and_then(|ep| {
+            if ep.tls && core.options().tls.is_none() {
+                Err(missing_tls(&ep))
+            } else {
+                Ok(ep)
+            }
+        });
+        let task = match endpoint {
             Err(e) => {
                 core.set_error(e);
                 tokio::spawn(async move { drop(core) })
@@ -217,13 +229,14 @@ async fn run_ws(
     mut stop: oneshot::Receiver<()>,
 ) {
     let source = core.options().source_ip;
+    let tls = core.options().tls.clone();
     let mut backoff = Backoff::default();
     loop {
         let connected = tokio::select! {
             _ = &mut stop => return,
             // Boxed here and below: the handshake and the goodbye are big futures that only
             // live briefly; inline they would bloat every idle agent's task.
-            c = Box::pin(WsConnection::connect_endpoint(&ep, &headers, source)) => c,
+            c = Box::pin(WsConnection::connect_endpoint(&ep, &headers, source, tls.as_ref())) => c,
         };
         let mut conn = match connected {
             Ok(c) => c,
@@ -359,9 +372,9 @@ async fn run_http(
     headers: Vec<(String, String)>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let url = format!("http://{}{}", ep.authority, ep.path_and_query);
-    let mut transport =
-        HttpTransport::new(&url, headers, false).with_source_ip(core.options().source_ip);
+    let mut transport = HttpTransport::from_endpoint(ep, headers)
+        .with_source_ip(core.options().source_ip)
+        .with_tls(core.options().tls.clone());
     let mut backoff = Backoff::default();
     // Messages waiting to go out; polls are made up on the spot when this is empty.
     let mut queue: VecDeque<AgentToServer> = VecDeque::from([core.full_state()]);

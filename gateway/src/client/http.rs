@@ -1,4 +1,5 @@
-//! Plain-HTTP OpAMP transport: one kept-alive HTTP/1.1 connection, one request at a time.
+//! Plain-HTTP OpAMP transport: one kept-alive HTTP/1.1 connection (TCP, or TLS for
+//! `https://`), one request at a time.
 //!
 //! The hyper connection future is driven inline while a request is in flight instead of on a
 //! spawned task, so an idle agent costs one socket and no task beyond its own.
@@ -14,9 +15,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use proto::Message;
-use tokio::net::TcpStream;
 
-use super::url::{Endpoint, Scheme};
+use super::tls::{ClientStream, ClientTls};
+use super::url::{missing_tls, Endpoint, Scheme};
 use super::wire::{gunzip, gzip, parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
 use super::ClientError;
 
@@ -49,13 +50,17 @@ where
 
 struct HttpConn {
     sender: SendRequest<Full<Bytes>>,
-    conn: Connection<TokioIo<TcpStream>, Full<Bytes>>,
+    conn: Connection<TokioIo<ClientStream>, Full<Bytes>>,
 }
 
 impl HttpConn {
-    async fn open(ep: &Endpoint, source: Option<IpAddr>) -> Result<Self, ClientError> {
-        let tcp = ep.connect(source).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    async fn open(
+        ep: &Endpoint,
+        source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let stream = ep.open(source, tls).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         Ok(Self { sender, conn })
     }
 
@@ -94,6 +99,8 @@ pub struct HttpTransport {
     headers: Vec<(String, String)>,
     gzip: bool,
     source_ip: Option<IpAddr>,
+    /// Needed for `https://`.
+    tls: Option<ClientTls>,
     conn: Option<HttpConn>,
 }
 
@@ -109,19 +116,43 @@ impl std::fmt::Debug for HttpTransport {
 
 impl HttpTransport {
     /// `headers` go on every request (e.g. Authorization). An invalid `url` is reported by the
-    /// first request, so construction cannot fail.
+    /// first request, so construction cannot fail. `https://` needs [`with_tls`](Self::with_tls).
     pub fn new(url: &str, headers: Vec<(String, String)>, gzip: bool) -> Self {
         let endpoint = Endpoint::parse(url).and_then(|e| match e.scheme {
             Scheme::Http => Ok(e),
-            Scheme::Ws => Err(format!("{url}: not an http:// URL")),
+            Scheme::Ws => Err(format!("{url}: not an http:// or https:// URL")),
         });
         Self {
             endpoint,
             headers,
             gzip,
             source_ip: None,
+            tls: None,
             conn: None,
         }
+    }
+
+    /// Like [`new`](Self::new) for an `https://` URL, trusting what `tls` trusts.
+    pub fn new_tls(url: &str, headers: Vec<(String, String)>, gzip: bool, tls: ClientTls) -> Self {
+        Self::new(url, headers, gzip).with_tls(Some(tls))
+    }
+
+    /// The agent's transport, from an endpoint already parsed (and known to be HTTP).
+    pub(crate) fn from_endpoint(ep: Endpoint, headers: Vec<(String, String)>) -> Self {
+        Self {
+            endpoint: Ok(ep),
+            headers,
+            gzip: false,
+            source_ip: None,
+            tls: None,
+            conn: None,
+        }
+    }
+
+    /// TLS settings for `https://` (ignored for `http://`).
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Binds the local side of the connection to `ip` (load generator).
@@ -193,6 +224,9 @@ impl HttpTransport {
             .endpoint
             .as_ref()
             .map_err(|e| ClientError::Url(e.clone()))?;
+        if ep.tls && self.tls.is_none() {
+            return Err(ClientError::Url(missing_tls(ep)));
+        }
         let build = || {
             let mut req = Request::builder()
                 .method(Method::POST)
@@ -212,14 +246,17 @@ impl HttpTransport {
             .and_then(|mut c| (!c.is_dead()).then_some(c));
         let (mut conn, was_reused) = match idle {
             Some(c) => (c, true),
-            None => (HttpConn::open(ep, self.source_ip).await?, false),
+            None => (
+                HttpConn::open(ep, self.source_ip, self.tls.as_ref()).await?,
+                false,
+            ),
         };
         let res = match conn.round_trip(build()?).await {
             Err(e) if was_reused => {
                 // The server may have closed the kept-alive connection just as we reused it.
                 // OpAMP tolerates a repeated message (same sequence number), so retry once.
                 tracing::debug!("retrying on a fresh connection after: {e}");
-                conn = HttpConn::open(ep, self.source_ip).await?;
+                conn = HttpConn::open(ep, self.source_ip, self.tls.as_ref()).await?;
                 conn.round_trip(build()?).await
             }
             other => other,

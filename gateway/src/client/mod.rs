@@ -12,12 +12,16 @@
 //!   remote config handling). Unit-tested without sockets.
 //! * [`Agent`]: the task that glues the two together and adds heartbeats, polling,
 //!   reconnects with backoff and a clean shutdown.
+//!
+//! `wss://` and `https://` endpoints need a [`ClientTls`] naming the CA to trust; plaintext
+//! connections do not go through rustls at all.
 
 mod agent;
 mod core;
 mod http;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod url;
 mod wire;
 mod ws;
@@ -29,6 +33,7 @@ use tokio::sync::watch;
 pub use self::agent::{Agent, AgentOptions, AgentStatus, DEFAULT_CAPABILITIES};
 pub use self::core::{AgentCore, Outcome};
 pub use self::http::HttpTransport;
+pub use self::tls::ClientTls;
 pub use self::url::{Endpoint, Scheme};
 pub use self::ws::WsConnection;
 

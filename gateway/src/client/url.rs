@@ -1,4 +1,5 @@
-//! Endpoint URL parsing (`ws://host:port/path`, `http://host:port/path`).
+//! Endpoint URL parsing (`ws://`, `wss://`, `http://`, `https://` `host:port/path`) and
+//! connection establishment.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -6,17 +7,23 @@ use std::time::Duration;
 use http::Uri;
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Which OpAMP transport an endpoint selects.
+use super::tls::{ClientStream, ClientTls};
+use crate::tls::MaybeTls;
+
+/// Which OpAMP transport an endpoint selects (`ws`/`wss`: WebSocket, `http`/`https`: plain
+/// HTTP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     Ws,
     Http,
 }
 
-/// A parsed OpAMP endpoint. Only plain-text schemes: there is no TLS in the client yet.
+/// A parsed OpAMP endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub scheme: Scheme,
+    /// `wss://` or `https://`: TLS over the TCP connection.
+    pub tls: bool,
     /// Host name or IP address, without IPv6 brackets (what a resolver wants).
     pub host: String,
     pub port: u16,
@@ -30,17 +37,14 @@ pub struct Endpoint {
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Endpoint {
-    /// Parses `url`; `wss`/`https` are refused explicitly rather than silently sent in clear.
+    /// Parses `url` (`ws`, `wss`, `http` or `https`).
     pub fn parse(url: &str) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        let scheme = match uri.scheme_str() {
-            Some("ws") => Scheme::Ws,
-            Some("http") => Scheme::Http,
-            Some(s @ ("wss" | "https")) => {
-                return Err(format!(
-                    "{url}: scheme {s} needs TLS, which is not supported yet"
-                ))
-            }
+        let (scheme, tls) = match uri.scheme_str() {
+            Some("ws") => (Scheme::Ws, false),
+            Some("wss") => (Scheme::Ws, true),
+            Some("http") => (Scheme::Http, false),
+            Some("https") => (Scheme::Http, true),
             Some(s) => return Err(format!("{url}: unsupported scheme {s}")),
             None => return Err(format!("{url}: missing scheme (ws:// or http://)")),
         };
@@ -71,11 +75,36 @@ impl Endpoint {
         };
         Ok(Self {
             scheme,
+            tls,
             host,
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.as_str().to_string(),
             path_and_query,
         })
+    }
+
+    /// Opens the connection: TCP, then the TLS handshake for `wss://` / `https://`, which
+    /// needs `tls` (the CA to trust).
+    pub(crate) async fn open(
+        &self,
+        source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
+    ) -> std::io::Result<ClientStream> {
+        if !self.tls {
+            return Ok(MaybeTls::Plain(self.connect(source).await?));
+        }
+        let Some(tls) = tls else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                missing_tls(self),
+            ));
+        };
+        let tcp = self.connect(source).await?;
+        tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(&self.host, tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "tls handshake timed out")
+            })?
     }
 
     /// Opens a TCP connection, optionally from a given local address (the load generator
@@ -103,6 +132,14 @@ impl Endpoint {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     }
+}
+
+/// The error for a TLS endpoint without TLS settings.
+pub(crate) fn missing_tls(ep: &Endpoint) -> String {
+    format!(
+        "{}:{}: a TLS endpoint needs client TLS settings (the CA to trust)",
+        ep.host, ep.port
+    )
 }
 
 async fn connect_one(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
@@ -154,10 +191,18 @@ mod tests {
     }
 
     #[test]
-    fn refuses_tls_unknown_and_relative() {
+    fn parses_tls_schemes_with_default_port() {
+        let e = Endpoint::parse("wss://h/v1/opamp").expect("valid");
+        assert_eq!((e.scheme, e.tls, e.port), (Scheme::Ws, true, 443));
+        let e = Endpoint::parse("https://h:4320/v1/opamp").expect("valid");
+        assert_eq!((e.scheme, e.tls, e.port), (Scheme::Http, true, 4320));
+        let e = Endpoint::parse("ws://h/v1/opamp").expect("valid");
+        assert!(!e.tls);
+    }
+
+    #[test]
+    fn refuses_unknown_and_relative() {
         for bad in [
-            "wss://h/v1/opamp",
-            "https://h/v1/opamp",
             "ftp://h/",
             "/v1/opamp",
             "h:4320",

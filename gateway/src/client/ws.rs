@@ -1,4 +1,4 @@
-//! WebSocket OpAMP transport (fastwebsockets over a plain TCP stream).
+//! WebSocket OpAMP transport (fastwebsockets over TCP, or TLS over TCP for `wss://`).
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -19,7 +19,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::WriteHalf;
 
 use super::http::{drive, error_text};
-use super::url::{Endpoint, Scheme, CONNECT_TIMEOUT};
+use super::tls::ClientTls;
+use super::url::{missing_tls, Endpoint, Scheme, CONNECT_TIMEOUT};
 use super::wire::{parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
 use super::{ClientError, ConnectError};
 use crate::codec;
@@ -55,7 +56,7 @@ impl std::fmt::Debug for WsConnection {
 impl WsConnection {
     /// Connects and upgrades. `headers` are extra request headers (e.g. Authorization).
     pub async fn connect(url: &str, headers: &[(String, String)]) -> Result<Self, ConnectError> {
-        Self::connect_from(url, headers, None).await
+        Self::connect_with(url, headers, None, None).await
     }
 
     /// Like [`connect`](Self::connect), binding the local address to `source` if given.
@@ -64,19 +65,44 @@ impl WsConnection {
         headers: &[(String, String)],
         source: Option<IpAddr>,
     ) -> Result<Self, ConnectError> {
+        Self::connect_with(url, headers, source, None).await
+    }
+
+    /// Like [`connect`](Self::connect) for a `wss://` URL, trusting what `tls` trusts.
+    pub async fn connect_tls(
+        url: &str,
+        headers: &[(String, String)],
+        tls: &ClientTls,
+    ) -> Result<Self, ConnectError> {
+        Self::connect_with(url, headers, None, Some(tls)).await
+    }
+
+    /// The general form: `ws://` or `wss://` (which needs `tls`), from `source` if given.
+    pub async fn connect_with(
+        url: &str,
+        headers: &[(String, String)],
+        source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ConnectError> {
         let ep = Endpoint::parse(url).map_err(ConnectError::Url)?;
         if ep.scheme != Scheme::Ws {
-            return Err(ConnectError::Url(format!("{url}: not a ws:// URL")));
+            return Err(ConnectError::Url(format!(
+                "{url}: not a ws:// or wss:// URL"
+            )));
         }
-        Self::connect_endpoint(&ep, headers, source).await
+        if ep.tls && tls.is_none() {
+            return Err(ConnectError::Url(missing_tls(&ep)));
+        }
+        Self::connect_endpoint(&ep, headers, source, tls).await
     }
 
     pub(crate) async fn connect_endpoint(
         ep: &Endpoint,
         headers: &[(String, String)],
         source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
     ) -> Result<Self, ConnectError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::handshake(ep, headers, source))
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::handshake(ep, headers, source, tls))
             .await
             .map_err(|_| ConnectError::Timeout)?
     }
@@ -85,11 +111,12 @@ impl WsConnection {
         ep: &Endpoint,
         headers: &[(String, String)],
         source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
     ) -> Result<Self, ConnectError> {
         let hs = |e: hyper::Error| ConnectError::Handshake(e.to_string());
-        let tcp = ep.connect(source).await?;
+        let stream = ep.open(source, tls).await?;
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
                 .await
                 .map_err(hs)?;
         let mut conn = conn.with_upgrades();

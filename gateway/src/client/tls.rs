@@ -1,0 +1,125 @@
+//! TLS for `wss://` and `https://` endpoints.
+//!
+//! There is no built-in trust: the client runs where the web PKI's root store may not exist
+//! (and Ampora's own servers use a local CA), so a TLS endpoint needs a [`ClientTls`] naming
+//! the CA to trust.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+
+use crate::tls::{parse_certs_pem, provider, MaybeTls, TlsError};
+
+/// A client connection: plain TCP or TLS over TCP.
+pub(crate) type ClientStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Client TLS settings: which CA(s) to trust and, optionally, a client certificate. Cheap to
+/// clone; share one between many agents (the load generator) rather than building one each.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field(
+                "client_cert",
+                &self.config.client_auth_cert_resolver.has_certs(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates in `ca_pem` (e.g. the `ca.pem` of `ampora serve`'s data
+    /// directory) and nothing else.
+    pub fn from_ca_pem(ca_pem: &str) -> Result<Self, TlsError> {
+        let config = builder(ca_pem)?.with_no_client_auth();
+        Ok(Self::from_config(Arc::new(with_alpn(config))))
+    }
+
+    /// [`from_ca_pem`](Self::from_ca_pem) with the PEM file at `path`.
+    pub fn from_ca_file(path: &Path) -> Result<Self, TlsError> {
+        let pem = std::fs::read_to_string(path).map_err(|e| TlsError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::from_ca_pem(&pem)
+    }
+
+    /// Trusts `ca_pem` and presents the client certificate chain `chain_pem` (leaf first)
+    /// with its key `key_pem`, for servers that ask for one (mTLS).
+    pub fn from_ca_pem_with_identity(
+        ca_pem: &str,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, TlsError> {
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            TlsError::Invalid(format!("client {what}: {e}"))
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            parse_certs_pem(chain_pem.as_bytes()).map_err(|e| invalid("certificate", &e))?;
+        if chain.is_empty() {
+            return Err(TlsError::Invalid(
+                "client certificate: none in the PEM".into(),
+            ));
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
+        let config = builder(ca_pem)?.with_client_auth_cert(chain, key)?;
+        Ok(Self::from_config(Arc::new(with_alpn(config))))
+    }
+
+    /// Any rustls client configuration (custom verifiers, pinning).
+    pub fn from_config(config: Arc<rustls::ClientConfig>) -> Self {
+        Self { config }
+    }
+
+    pub fn config(&self) -> &Arc<rustls::ClientConfig> {
+        &self.config
+    }
+
+    /// The TLS handshake over `tcp` for `host` (a DNS name or an IP address).
+    pub(crate) async fn connect(
+        &self,
+        host: &str,
+        tcp: TcpStream,
+    ) -> std::io::Result<ClientStream> {
+        let name = ServerName::try_from(host.to_string()).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}"))
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await?;
+        Ok(MaybeTls::Tls(Box::new(tls)))
+    }
+}
+
+fn builder(
+    ca_pem: &str,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
+{
+    let certs = parse_certs_pem(ca_pem.as_bytes())
+        .map_err(|e| TlsError::Invalid(format!("CA certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid("CA certificates: none in the PEM".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert)?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots))
+}
+
+/// OpAMP speaks HTTP/1.1 (WebSocket upgrades need it); saying so lets a server that also
+/// speaks HTTP/2 pick the right one.
+fn with_alpn(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}

@@ -1,0 +1,385 @@
+//! TLS on the agent port: one port for TLS and plaintext, the `OpAmp:BootstrapPlaintextAllowed`
+//! rule, the local CA, certificate files reloaded without a restart, and handshake failures
+//! that are counted without disturbing anyone else.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use gateway::client::{
+    wait_for, Agent, AgentOptions, ClientError, ClientTls, ConnectError, HttpTransport,
+    WsConnection,
+};
+use rustls::pki_types::CertificateDer;
+use serde_json::json;
+use shared::ids::InstanceUid;
+use tests::{eventually, Fleet, TestServer, DEADLINE};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const REFUSED: &str = "bootstrap over plaintext is not allowed";
+
+fn bearer(t: &str) -> Vec<(String, String)> {
+    vec![("Authorization".into(), format!("Bearer {t}"))]
+}
+
+fn hello(uid: InstanceUid) -> proto::AgentToServer {
+    proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: 0x1,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    }
+}
+
+fn agent(endpoint: String, token: String, tls: Option<ClientTls>) -> Agent {
+    Agent::start(AgentOptions {
+        endpoint,
+        tls,
+        token: Some(token),
+        instance_uid: Some(InstanceUid::new_v7().0),
+        description: vec![("service.name".into(), "tls-collector".into())],
+        heartbeat: std::time::Duration::from_millis(200),
+        ..AgentOptions::default()
+    })
+}
+
+async fn metric(f: &impl Fleet, series: &str) -> anyhow::Result<f64> {
+    f.api().metric(series).await
+}
+
+async fn reaches(f: &impl Fleet, series: &str, at_least: f64) -> anyhow::Result<()> {
+    eventually(&format!("{series} >= {at_least}"), DEADLINE, || async {
+        Ok((metric(f, series).await? >= at_least).then_some(()))
+    })
+    .await
+}
+
+fn failures(reason: &str) -> String {
+    format!("ampora_tls_handshake_failures_total{{reason=\"{reason}\"}}")
+}
+
+const AUTH_FAILED: &str = "ampora_opamp_frames_rejected_total{reason=\"auth_failed\"}";
+
+/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, made with rcgen as an
+/// operator's tooling would: (CA PEM, chain PEM, key PEM, leaf DER).
+struct Issued {
+    ca_pem: String,
+    chain_pem: String,
+    key_pem: String,
+    leaf: CertificateDer<'static>,
+}
+
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new() -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ampora test CA");
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    fn issue(&self) -> anyhow::Result<Issued> {
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            ca_pem: self.cert.pem(),
+            chain_pem: format!("{}{}", cert.pem(), self.cert.pem()),
+            key_pem: key.serialize_pem(),
+            leaf: cert.der().clone(),
+        })
+    }
+}
+
+fn write_pair(dir: &Path, issued: &Issued) -> anyhow::Result<()> {
+    // Key first, then the certificate, as a renewal script might: the server must not mind
+    // the mismatched pair in between.
+    std::fs::write(dir.join("key.pem"), &issued.key_pem)?;
+    std::fs::write(dir.join("cert.pem"), &issued.chain_pem)?;
+    Ok(())
+}
+
+/// The leaf certificate a fresh TLS connection to `addr` is shown.
+async fn served_leaf(addr: SocketAddr, tls: &ClientTls) -> anyhow::Result<CertificateDer<'static>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(tls.config().clone())
+        .connect(name, tcp)
+        .await?;
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned();
+    leaf.ok_or_else(|| anyhow::anyhow!("no server certificate"))
+}
+
+/// Pushes a config to `uid` and waits until the API shows it applied.
+async fn push_and_wait_applied(f: &impl Fleet, uid: &str) -> anyhow::Result<()> {
+    let (id, hash) = f.api().config("tls", "receivers: {}\n").await?;
+    let res = f
+        .api()
+        .assign(json!({ "config_id": id, "agent": uid }))
+        .await?;
+    assert_eq!(res["matched_agents"], 1);
+    let a = f
+        .api()
+        .wait_agent(uid, "config applied", |a| a["config_state"] == "applied")
+        .await?;
+    assert_eq!(a["remote_config"]["status"], "APPLIED");
+    assert_eq!(a["remote_config"]["hash"], hash);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bootstrap_tokens_are_refused_over_plaintext_and_accepted_over_tls() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| c.opamp.bootstrap_plaintext_allowed = false).await?;
+    let token = server.api.token("tls-only").await?;
+    let before = metric(&server, AUTH_FAILED).await?;
+
+    match WsConnection::connect(&server.ws_url(), &bearer(&token)).await {
+        Err(ConnectError::Status { status, body, .. }) => {
+            assert_eq!((status, body.as_str()), (401, REFUSED));
+        }
+        other => anyhow::bail!("plaintext WebSocket bootstrap must get 401, got {other:?}"),
+    }
+    let mut http = HttpTransport::new(&server.http_url(), bearer(&token), false);
+    match http.exchange(&hello(InstanceUid::new_v7())).await {
+        Err(ClientError::Status { status, body, .. }) => {
+            assert_eq!((status, body.as_str()), (401, REFUSED));
+        }
+        other => anyhow::bail!("plaintext HTTP bootstrap must get 401, got {other:?}"),
+    }
+    reaches(&server, AUTH_FAILED, before + 2.0).await?;
+    let audit = server
+        .api
+        .get("/api/v1/audit?reason=plaintext_bootstrap")
+        .await?;
+    let audited = audit.as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|e| e["action"] == "auth.failed" && e["source_ip"] == "127.0.0.1")
+            .count()
+    });
+    assert!(audited >= 2, "both refusals are audited: {audit}");
+
+    // The same token over TLS, trusting the CA the server created in its data directory: the
+    // refusals above did not burn it.
+    let ca = server.dir.path().join("tls").join("ca.pem");
+    assert!(ca.exists(), "the local CA is in <data_dir>/tls/ca.pem");
+    let tls = ClientTls::from_ca_file(&ca)?;
+    let a = agent(server.wss_url(), token, Some(tls.clone()));
+    let s = wait_for(&mut a.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+    let uid = InstanceUid(s.instance_uid.expect("uid")).to_string();
+    push_and_wait_applied(&server, &uid).await?;
+    let s = wait_for(&mut a.status(), DEADLINE, |s| s.applied_configs >= 1).await?;
+    assert!(s.last_error.is_none(), "{s:?}");
+
+    // And the plain-HTTP transport over TLS.
+    let token = server.api.token("tls-http").await?;
+    let mut https = HttpTransport::new_tls(&server.https_url(), bearer(&token), false, tls);
+    let uid = InstanceUid::new_v7();
+    let reply = https.exchange(&hello(uid)).await?;
+    assert_eq!(reply.instance_uid, uid.0.to_vec());
+    assert!(reply.error_response.is_none(), "{reply:?}");
+
+    a.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn plaintext_bootstrap_works_when_allowed() -> anyhow::Result<()> {
+    // The harness allows it explicitly; TLS works on the same port all the same.
+    let server = TestServer::start().await?;
+    let plain = agent(server.ws_url(), server.api.token("plain").await?, None);
+    wait_for(&mut plain.status(), DEADLINE, |s| {
+        s.connected && s.replies > 0
+    })
+    .await?;
+    let mut http = HttpTransport::new(
+        &server.http_url(),
+        bearer(&server.api.token("h").await?),
+        false,
+    );
+    http.exchange(&hello(InstanceUid::new_v7())).await?;
+    let tls = agent(
+        server.wss_url(),
+        server.api.token("tls").await?,
+        Some(server.client_tls()?),
+    );
+    wait_for(&mut tls.status(), DEADLINE, |s| {
+        s.connected && s.replies > 0
+    })
+    .await?;
+
+    // Without client TLS settings a TLS endpoint is refused up front, never sent in clear.
+    let no_trust = agent(server.wss_url(), server.api.token("x").await?, None);
+    let s = wait_for(&mut no_trust.status(), DEADLINE, |s| s.last_error.is_some()).await?;
+    assert!(!s.connected);
+    plain.stop().await;
+    tls.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn replaced_certificate_files_are_served_without_restart() -> anyhow::Result<()> {
+    let files = tempfile::tempdir()?;
+    let ca = TestCa::new()?;
+    let first = ca.issue()?;
+    write_pair(files.path(), &first)?;
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    let server = TestServer::start_with(|c| {
+        c.tls.cert_file = cert.clone();
+        c.tls.key_file = key.clone();
+        c.tls.reload_interval_secs = 1;
+        c.opamp.bootstrap_plaintext_allowed = false;
+        // The Self-Agent must reach its own server over TLS with an operator's certificate.
+        c.self_agent.enabled = true;
+    })
+    .await?;
+    assert!(
+        server
+            .running
+            .as_ref()
+            .is_some_and(|r| r.tls_ca_cert.is_none()),
+        "no local CA when files are configured"
+    );
+    assert!(!server.dir.path().join("tls").exists());
+    let tls = ClientTls::from_ca_pem(&first.ca_pem)?;
+    assert_eq!(served_leaf(server.addr, &tls).await?, first.leaf);
+
+    let held = agent(
+        server.wss_url(),
+        server.api.token("held").await?,
+        Some(tls.clone()),
+    );
+    let s = wait_for(&mut held.status(), DEADLINE, |s| {
+        s.connected && s.replies > 0
+    })
+    .await?;
+    let held_uid = InstanceUid(s.instance_uid.expect("uid")).to_string();
+
+    let second = ca.issue()?;
+    write_pair(files.path(), &second)?;
+    eventually(
+        "the replaced certificate on new connections",
+        DEADLINE,
+        || async { Ok((served_leaf(server.addr, &tls).await? == second.leaf).then_some(())) },
+    )
+    .await?;
+
+    // The connection made before the swap carries on; new agents connect with the new one.
+    push_and_wait_applied(&server, &held_uid).await?;
+    let fresh = agent(
+        server.wss_url(),
+        server.api.token("fresh").await?,
+        Some(tls),
+    );
+    wait_for(&mut fresh.status(), DEADLINE, |s| {
+        s.connected && s.replies > 0
+    })
+    .await?;
+
+    let listed = eventually("the Self-Agent connected over TLS", DEADLINE, || async {
+        let agents = server.api.get("/api/v1/agents").await?;
+        Ok(agents.as_array().and_then(|l| {
+            l.iter()
+                .find(|a| {
+                    a["description"]["identifying"]["service.name"] == "ampora-self-agent"
+                        && a["connected"] == true
+                })
+                .cloned()
+        }))
+    })
+    .await?;
+    assert!(listed["instance_uid"].is_string());
+    held.stop().await;
+    fresh.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn failed_handshakes_are_counted_and_the_server_carries_on() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let before: Vec<f64> = {
+        let mut v = Vec::new();
+        for reason in ["protocol", "aborted", "bad_certificate"] {
+            v.push(metric(&server, &failures(reason)).await?);
+        }
+        v
+    };
+
+    // Garbage after the TLS record byte.
+    let mut garbage = TcpStream::connect(server.addr).await?;
+    garbage
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00])
+        .await?;
+    let _ = garbage.read_to_end(&mut Vec::new()).await;
+    // A client that gives up half-way through its hello.
+    let mut aborted = TcpStream::connect(server.addr).await?;
+    aborted.write_all(&[0x16, 0x03, 0x01]).await?;
+    drop(aborted);
+    // A client that does not trust the server's certificate.
+    let stranger = TestCa::new()?.issue()?;
+    assert!(
+        served_leaf(server.addr, &ClientTls::from_ca_pem(&stranger.ca_pem)?)
+            .await
+            .is_err()
+    );
+
+    reaches(&server, &failures("protocol"), before[0] + 1.0).await?;
+    reaches(&server, &failures("aborted"), before[1] + 1.0).await?;
+    reaches(&server, &failures("bad_certificate"), before[2] + 1.0).await?;
+
+    let a = agent(
+        server.wss_url(),
+        server.api.token("after").await?,
+        Some(server.client_tls()?),
+    );
+    wait_for(&mut a.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+    let plain = agent(server.ws_url(), server.api.token("plain").await?, None);
+    wait_for(&mut plain.status(), DEADLINE, |s| {
+        s.connected && s.replies > 0
+    })
+    .await?;
+    a.stop().await;
+    plain.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn cluster_gateways_serve_tls_from_the_configured_files() -> anyhow::Result<()> {
+    let files = tempfile::tempdir()?;
+    let issued = TestCa::new()?.issue()?;
+    write_pair(files.path(), &issued)?;
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    let c = tests::cluster::Cluster::start(1, 1, |c| {
+        c.tls.cert_file = cert.clone();
+        c.tls.key_file = key.clone();
+        c.opamp.bootstrap_plaintext_allowed = false;
+    })
+    .await?;
+    let tls = ClientTls::from_ca_pem(&issued.ca_pem)?;
+    assert_eq!(served_leaf(c.gateway_addr(0)?, &tls).await?, issued.leaf);
+
+    let token = c.api().token("gw-tls").await?;
+    match WsConnection::connect(&c.ws_url_of(0)?, &bearer(&token)).await {
+        Err(ConnectError::Status { status, .. }) => assert_eq!(status, 401),
+        other => anyhow::bail!("plaintext bootstrap must get 401, got {other:?}"),
+    }
+    let wss = c.ws_url_of(0)?.replacen("ws://", "wss://", 1);
+    let a = agent(wss, token, Some(tls));
+    let s = wait_for(&mut a.status(), DEADLINE, |s| s.connected && s.replies > 0).await?;
+    push_and_wait_applied(&c, &InstanceUid(s.instance_uid.expect("uid")).to_string()).await?;
+    a.stop().await;
+    c.stop().await
+}
