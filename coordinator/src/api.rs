@@ -1,6 +1,7 @@
 //! The REST API under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
-//! Every route but the document itself needs an operator API token (`Authorization: Bearer
+//! Every route but the document itself and the agent CA's CRL (`/api/v1/identities/crl`,
+//! fetched by agents and proxies) needs an operator API token (`Authorization: Bearer
 //! amp-api.…`); reads need the viewer role, config changes operator, bootstrap tokens and API
 //! tokens admin. Errors are JSON `{"error": "..."}` with the status chosen in one place,
 //! [`ApiError::into_response`]. Every change made through the API is audited with its actor,
@@ -18,7 +19,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shared::domain::{
     AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap,
-    ConfigState, ConfigVersion, Role, Target, TokenRecord, TokenScope,
+    ConfigState, ConfigVersion, IdentityRecord, Role, Target, TokenRecord, TokenScope,
 };
 use shared::ids::InstanceUid;
 use shared::store::{AuditCursor, AuditQuery, StoreError};
@@ -34,9 +35,9 @@ use crate::service::{Coordinator, ServiceError};
         list_agents, show_agent, create_config, list_configs, show_config, create_assignment,
         list_assignments, create_token, create_tokens, list_tokens, revoke_token,
         create_api_token, list_api_tokens, revoke_api_token, list_audit, export_audit,
-        show_cluster
+        show_cluster, list_identities, show_identity, revoke_identity, identities_crl
     ),
-    components(schemas(ClusterView, PartitionLease, AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, NewScope, NewApiToken, CreatedApiToken, ApiTokenView, ErrorBody)),
+    components(schemas(IdentityView, ClusterView, PartitionLease, AgentView, NewConfig, NewAssignmentBody, AssignmentResult, NewToken, CreatedToken, NewTokens, CreatedTokens, NewScope, NewApiToken, CreatedApiToken, ApiTokenView, ErrorBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -84,6 +85,12 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/api/v1/audit", get(list_audit))
         .route("/api/v1/audit/export", get(export_audit))
         .route("/api/v1/cluster", get(show_cluster))
+        .route("/api/v1/identities", get(list_identities))
+        .route("/api/v1/identities/crl", get(identities_crl))
+        .route(
+            "/api/v1/identities/{serial}",
+            get(show_identity).delete(revoke_identity),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY_BYTES))
         .with_state(coord)
 }
@@ -857,4 +864,174 @@ async fn list_audit(
         p.limit.unwrap_or(100).min(10_000),
     )?;
     Ok(Json(c.store().query_audit(&q).await?))
+}
+
+/// An agent identity (mTLS client certificate) as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct IdentityView {
+    /// The certificate's serial number, lowercase hex (what the CRL and revocations name).
+    serial: String,
+    #[schema(value_type = String)]
+    instance_uid: InstanceUid,
+    created_ms: i64,
+    /// The certificate's notAfter.
+    not_after_ms: i64,
+    /// When the agent first connected with it; from then on bootstrap tokens are refused
+    /// for the agent.
+    confirmed_ms: Option<i64>,
+    revoked_ms: Option<i64>,
+    /// `issued` (not used yet), `confirmed`, `revoked` or `expired`.
+    state: &'static str,
+    /// SHA-256 of the certificate DER, lowercase hex.
+    fingerprint: String,
+    /// The certificate (PEM); never a private key.
+    cert_pem: String,
+}
+
+impl From<IdentityRecord> for IdentityView {
+    fn from(i: IdentityRecord) -> Self {
+        let state = if i.revoked_ms.is_some() {
+            "revoked"
+        } else if i.not_after_ms <= shared::now_ms() {
+            "expired"
+        } else if i.confirmed_ms.is_some() {
+            "confirmed"
+        } else {
+            "issued"
+        };
+        Self {
+            serial: i.serial,
+            instance_uid: i.instance_uid,
+            created_ms: i.created_ms,
+            not_after_ms: i.not_after_ms,
+            confirmed_ms: i.confirmed_ms,
+            revoked_ms: i.revoked_ms,
+            state,
+            fingerprint: i.fingerprint,
+            cert_pem: i.cert_pem,
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+struct IdentityFilter {
+    /// Only the identities issued to this agent.
+    instance_uid: Option<String>,
+}
+
+/// Every agent identity ever issued (revoked ones included), oldest first.
+#[utoipa::path(get, path = "/api/v1/identities", params(IdentityFilter),
+    responses((status = 200, body = [IdentityView])), security(("api_token" = [])))]
+async fn list_identities(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Query(f): Query<IdentityFilter>,
+) -> ApiResult<Vec<IdentityView>> {
+    authorize(&c, &headers, Role::Viewer).await?;
+    let uid = f.instance_uid.as_deref().map(parse_uid).transpose()?;
+    let ids = match uid {
+        Some(uid) => c.store().identities_of(uid).await?,
+        None => c.identities().await?,
+    };
+    Ok(Json(ids.into_iter().map(IdentityView::from).collect()))
+}
+
+#[utoipa::path(get, path = "/api/v1/identities/{serial}", params(("serial" = String, Path)),
+    responses((status = 200, body = IdentityView), (status = 404, body = ErrorBody)),
+    security(("api_token" = [])))]
+async fn show_identity(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Path(serial): Path<String>,
+) -> ApiResult<IdentityView> {
+    authorize(&c, &headers, Role::Viewer).await?;
+    Ok(Json(
+        c.get_identity(&normalize_serial(&serial)).await?.into(),
+    ))
+}
+
+/// Revokes an identity: every gateway refuses its certificate from then on (within seconds)
+/// and the agent's live connection is closed. To re-bootstrap the agent, give it a new
+/// bootstrap token.
+#[utoipa::path(delete, path = "/api/v1/identities/{serial}", params(("serial" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("api_token" = [])))]
+async fn revoke_identity(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Path(serial): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let actor = authorize(&c, &headers, Role::Admin).await?;
+    c.revoke_identity(&normalize_serial(&serial), &actor)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Serials are stored as lowercase hex without leading zero bytes; accept `AB:CD`, `0xabcd`
+/// and upper case as well (as openssl and browsers show them).
+fn normalize_serial(s: &str) -> String {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    match ::hex::decode(&hex) {
+        Ok(bytes) => gateway::tls::serial_hex(&bytes),
+        Err(_) => hex,
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+struct CrlParams {
+    /// `der` (default, `application/pkix-crl`) or `pem`.
+    format: Option<String>,
+}
+
+/// The certificate revocation list of the agent CA: every revoked identity, signed afresh on
+/// each request (valid 24 h). No API token needed: agents and TLS-terminating proxies fetch it.
+#[utoipa::path(get, path = "/api/v1/identities/crl", params(CrlParams),
+    responses((status = 200, description = "the CRL, DER (default) or PEM",
+        content_type = "application/pkix-crl", body = Vec<u8>),
+        (status = 400, body = ErrorBody),
+        (status = 404, description = "identities are off (no agent CA)", body = ErrorBody)))]
+async fn identities_crl(
+    State(c): State<Arc<Coordinator>>,
+    Query(p): Query<CrlParams>,
+) -> Result<Response, ApiError> {
+    let pem = match p.format.as_deref() {
+        None | Some("der") => false,
+        Some("pem") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be `der` or `pem`, not `{other}`"
+            )))
+        }
+    };
+    let ca = c.agent_ca().cloned().ok_or_else(|| {
+        ApiError::NotFound(
+            "agent identities are off: no agent CA is configured \
+             (tls.agent_ca_cert_file / tls.agent_ca_key_file), so there is no CRL"
+                .into(),
+        )
+    })?;
+    let revoked = c.revoked_identities().await?;
+    // CRL numbers must grow: the signing time in ms does, across coordinators too.
+    let number = u64::try_from(shared::now_ms()).unwrap_or_default();
+    let signed = tokio::task::spawn_blocking(move || {
+        if pem {
+            ca.crl_pem(&revoked, number).map(|text| {
+                ([(header::CONTENT_TYPE, "application/x-pem-file")], text).into_response()
+            })
+        } else {
+            ca.crl(&revoked, number)
+                .map(|der| ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response())
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("signing the CRL: {e}")))?;
+    signed.map_err(|e| ApiError::Internal(format!("signing the CRL: {e}")))
 }

@@ -37,6 +37,9 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Agent identities (mTLS client certificates issued after the bootstrap token).
+    #[command(subcommand)]
+    Identities(IdentitiesCmd),
     /// Print the OpenAPI document of the REST API.
     Openapi,
 }
@@ -152,6 +155,31 @@ pub enum ApiTokensCmd {
         #[command(flatten)]
         api: ApiArgs,
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentitiesCmd {
+    /// List identities, revoked ones included, oldest first.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only the identities of this agent (instance uid).
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Show one identity, with its certificate.
+    Show {
+        #[command(flatten)]
+        api: ApiArgs,
+        serial: String,
+    },
+    /// Revoke an identity: gateways refuse its certificate and its agent is disconnected.
+    /// Give the agent a new bootstrap token to re-bootstrap it.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        serial: String,
     },
 }
 
@@ -762,6 +790,48 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             let c = Client::new(&api)?;
             export_audit(&c, &filter, limit).await
         }
+        Command::Identities(IdentitiesCmd::List { api, agent }) => {
+            let c = Client::new(&api)?;
+            let query: Vec<(&str, String)> =
+                agent.into_iter().map(|a| ("instance_uid", a)).collect();
+            let v = c
+                .call_with(Method::GET, "/api/v1/identities", &query, None)
+                .await?;
+            c.print(&v, |v| {
+                println!(
+                    "{:<32}  {:<36}  {:<9}  EXPIRES (ms)",
+                    "SERIAL", "INSTANCE UID", "STATE"
+                );
+                for i in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32}  {:<36}  {:<9}  {}",
+                        s(i, "serial"),
+                        s(i, "instance_uid"),
+                        s(i, "state"),
+                        i["not_after_ms"]
+                    );
+                }
+            })
+        }
+        Command::Identities(IdentitiesCmd::Show { api, serial }) => {
+            let c = Client::new(&api)?;
+            let v = c
+                .call(Method::GET, &format!("/api/v1/identities/{serial}"), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Identities(IdentitiesCmd::Revoke { api, serial }) => {
+            let c = Client::new(&api)?;
+            c.call(
+                Method::DELETE,
+                &format!("/api/v1/identities/{serial}"),
+                None,
+            )
+            .await?;
+            println!("revoked {serial}");
+            Ok(())
+        }
     }
 }
 
@@ -950,6 +1020,17 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Tokens(TokensCmd::Create { ref label, .. }) if label.len() == 2
+        ));
+        let cli =
+            Cli::try_parse_from(["ampora", "identities", "list", "--agent", "x"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Identities(IdentitiesCmd::List { agent: Some(_), .. })
+        ));
+        let cli = Cli::try_parse_from(["ampora", "identities", "revoke", "4abc"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Identities(IdentitiesCmd::Revoke { .. })
         ));
     }
 }

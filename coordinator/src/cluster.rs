@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use gateway::tls::{AgentListener, Peer, ServerTls};
+use gateway::tls::{AgentCa, AgentListener, AgentTrust, Peer, ServerTls};
 use gateway::{Gateway, GatewayConfig};
 use shared::bus::nats::{NatsBus, NatsBusOptions};
 use shared::bus::Bus;
@@ -88,7 +88,50 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
             accept_burst: u32::try_from(config.admission.accept_burst).unwrap_or(u32::MAX),
             warmup: Duration::from_secs(config.admission.warmup_secs),
         },
+        identity: None,
+        client_cert_header: (!config.tls.client_cert_header.is_empty())
+            .then(|| {
+                axum::http::HeaderName::from_bytes(config.tls.client_cert_header.as_bytes()).ok()
+            })
+            .flatten(),
+        // Validated with the configuration: every entry parses.
+        trusted_proxies: config
+            .tls
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
     }
+}
+
+/// A gateway's agent CA (`tls.agent_ca_cert_file`), for verifying client certificates;
+/// `None` without one (identities off).
+pub(crate) fn gateway_agent_trust(config: &Config) -> anyhow::Result<Option<AgentTrust>> {
+    let cert = &config.tls.agent_ca_cert_file;
+    if cert.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        AgentTrust::from_ca_file(cert).context("loading the agent CA certificate")?,
+    ))
+}
+
+/// A coordinator's agent CA with its key; `None` unless both files are set.
+pub(crate) fn coordinator_agent_ca(config: &Config) -> anyhow::Result<Option<Arc<AgentCa>>> {
+    let (cert, key) = (
+        &config.tls.agent_ca_cert_file,
+        &config.tls.agent_ca_key_file,
+    );
+    if cert.as_os_str().is_empty() || key.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(
+        AgentCa::from_files(cert, key).context("loading the agent CA")?,
+    )))
+}
+
+pub(crate) fn identity_validity(config: &Config) -> Duration {
+    Duration::from_secs(config.tls.identity_validity_days.saturating_mul(24 * 3600))
 }
 
 /// A running node's HTTP server, stopped through `stop`.
@@ -156,11 +199,18 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
         ),
         None => None,
     };
+    let trust = gateway_agent_trust(config)?;
+    let tls = match (tls, &trust) {
+        (Some(tls), Some(trust)) => Some(tls.with_agent_trust(trust)?),
+        (tls, _) => tls,
+    };
     let listener = AgentListener::new(listener, tls)?;
     let node = node_id(config, "gateway");
     let bus = connect_bus(config, &node).await?;
     let ownership = connect_ownership(config).await?;
-    let gateway = Gateway::start(GatewayId(node), bus, ownership, gateway_config(config)).await?;
+    let mut gw_config = gateway_config(config);
+    gw_config.identity = trust;
+    let gateway = Gateway::start(GatewayId(node), bus, ownership, gw_config).await?;
     let health = Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(gateway_ready))
@@ -246,6 +296,8 @@ pub async fn start_coordinator(
             default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
             node: node.clone(),
             lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
+            agent_ca: coordinator_agent_ca(config)?,
+            identity_validity: identity_validity(config),
         },
     )
     .await

@@ -52,6 +52,18 @@ pub struct TlsSection {
     /// How often the two files are checked for changes; a changed, valid pair is served to
     /// new connections without a restart.
     pub reload_interval_secs: u64,
+    /// The agent CA (PEM) that signs agent identities (coordinators) and that client
+    /// certificates are verified against (gateways). Empty: `serve` uses its local CA when it
+    /// has one; cluster nodes run without identities (agents keep their bound tokens).
+    pub agent_ca_cert_file: PathBuf,
+    /// The agent CA's private key (PEM); coordinators only.
+    pub agent_ca_key_file: PathBuf,
+    /// Lifetime of an issued identity; it is renewed after two thirds of it.
+    pub identity_validity_days: u64,
+    /// The header a TLS-terminating proxy puts the client certificate in (URL-encoded PEM).
+    pub client_cert_header: String,
+    /// Addresses or CIDRs of proxies trusted to set `client_cert_header`.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl TlsSection {
@@ -68,6 +80,11 @@ impl Default for TlsSection {
             cert_file: PathBuf::new(),
             key_file: PathBuf::new(),
             reload_interval_secs: 5,
+            agent_ca_cert_file: PathBuf::new(),
+            agent_ca_key_file: PathBuf::new(),
+            identity_validity_days: 30,
+            client_cert_header: "X-SSL-Client-Cert".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -457,6 +474,27 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.tls.reload_interval_secs == 0 {
         errors.push("tls.reload_interval_secs: must be at least 1".into());
+    }
+    if c.tls.agent_ca_cert_file.as_os_str().is_empty()
+        && !c.tls.agent_ca_key_file.as_os_str().is_empty()
+    {
+        errors.push("tls.agent_ca_key_file: needs tls.agent_ca_cert_file".into());
+    }
+    if c.tls.identity_validity_days == 0 {
+        errors.push("tls.identity_validity_days: must be at least 1".into());
+    }
+    if !c.tls.client_cert_header.is_empty()
+        && axum::http::HeaderName::from_bytes(c.tls.client_cert_header.as_bytes()).is_err()
+    {
+        errors.push(format!(
+            "tls.client_cert_header: `{}` is not a header name",
+            c.tls.client_cert_header
+        ));
+    }
+    for p in &c.tls.trusted_proxies {
+        if let Err(e) = p.parse::<gateway::server::IpNet>() {
+            errors.push(format!("tls.trusted_proxies: {e}"));
+        }
     }
     if c.opamp.max_frame_bytes < 1024 {
         errors.push("opamp.max_frame_bytes: must be at least 1024".into());

@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use gateway::client::{Agent, AgentOptions, ClientTls, Endpoint};
-use gateway::tls::{AgentListener, LocalCa, Peer, ServerTls};
+use gateway::tls::{AgentCa, AgentListener, AgentTrust, LocalCa, Peer, ServerTls};
 use gateway::Gateway;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use shared::bus::{Bus, InProcessBus};
@@ -123,7 +123,25 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     // First, so a certificate problem stops the start before anything runs.
-    let tls = server_tls(&config, &data_dir, addr)?;
+    let mut tls = server_tls(&config, &data_dir, addr)?;
+    // Agent identities: the configured agent CA, else the local CA (its key is right here).
+    let (agent_ca, trust) = match (
+        crate::cluster::coordinator_agent_ca(&config)?,
+        &tls.local_ca,
+    ) {
+        (Some(ca), _) => (Some(ca), crate::cluster::gateway_agent_trust(&config)?),
+        (None, Some(local)) => (
+            Some(Arc::new(
+                AgentCa::from_files(&local.ca_cert_path, &local.ca_key_path)
+                    .context("loading the local CA as agent CA")?,
+            )),
+            Some(AgentTrust::from_ca_file(&local.ca_cert_path)?),
+        ),
+        (None, None) => (None, None),
+    };
+    if let Some(trust) = &trust {
+        tls.server = tls.server.clone().with_agent_trust(trust)?;
+    }
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&data_dir.join("ampora.db"))
             .await
@@ -144,19 +162,17 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             // One coordinator, always the same name: a restart renews its own leases.
             node: "embedded".into(),
             lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
+            agent_ca,
+            identity_validity: crate::cluster::identity_validity(&config),
         },
     )
     .await
     .context("starting the coordinator")?;
 
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
-    let gateway = Gateway::start(
-        gateway_id,
-        bus.clone(),
-        ownership,
-        crate::cluster::gateway_config(&config),
-    )
-    .await?;
+    let mut gw_config = crate::cluster::gateway_config(&config);
+    gw_config.identity = trust;
+    let gateway = Gateway::start(gateway_id, bus.clone(), ownership, gw_config).await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
     let listener = AgentListener::new(listener, Some(tls.server.clone()))?;
@@ -311,6 +327,8 @@ pub(crate) async fn ensure_admin_token(
 struct AgentTls {
     server: ServerTls,
     ca_cert: Option<PathBuf>,
+    /// The local CA, when the listener serves its certificate.
+    local_ca: Option<LocalCa>,
 }
 
 /// TLS from the configured files, else from the local CA in `<data_dir>/tls/`, created on
@@ -323,6 +341,7 @@ fn server_tls(config: &Config, data_dir: &Path, bound: SocketAddr) -> anyhow::Re
         return Ok(AgentTls {
             server,
             ca_cert: None,
+            local_ca: None,
         });
     }
     let mut names = LocalCa::default_names(&host_name());
@@ -345,7 +364,8 @@ fn server_tls(config: &Config, data_dir: &Path, bound: SocketAddr) -> anyhow::Re
         ServerTls::from_local_ca(&ca, every).context("loading the local TLS certificate")?;
     Ok(AgentTls {
         server,
-        ca_cert: Some(ca.ca_cert_path),
+        ca_cert: Some(ca.ca_cert_path.clone()),
+        local_ca: Some(ca),
     })
 }
 

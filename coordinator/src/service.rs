@@ -25,7 +25,7 @@ use shared::bus::{
 };
 use shared::domain::{
     AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigState,
-    ConfigVersion, Redemption, Role, Target, TokenRecord, TokenScope, Transport,
+    ConfigVersion, IdentityRecord, Redemption, Role, Target, TokenRecord, TokenScope, Transport,
 };
 use shared::ids::{GatewayId, InstanceUid, PARTITIONS};
 use shared::ownership::Ownership;
@@ -33,7 +33,7 @@ use shared::store::{NewAssignment, NewConfigVersion, RedeemRequest, Store, Store
 use shared::{now_ms, token};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::session::{self, AgentState, Context, Desired, Event, OpampOffer};
+use crate::session::{self, AgentState, Context, Desired, Event, IdentityOffer, OpampOffer};
 
 /// Settings the coordinator needs from the configuration.
 #[derive(Debug, Clone)]
@@ -48,6 +48,10 @@ pub struct CoordinatorConfig {
     pub node: String,
     /// Partition lease TTL; leases are renewed every third of it.
     pub lease_ttl: Duration,
+    /// The agent CA that signs identities; `None`: identities off.
+    pub agent_ca: Option<Arc<gateway::tls::AgentCa>>,
+    /// Lifetime of an issued identity; renewed after two thirds of it.
+    pub identity_validity: Duration,
 }
 
 /// One agent as the coordinator holds it.
@@ -56,6 +60,9 @@ struct Entry {
     /// The bootstrap token this agent was admitted with and already redeemed: later frames
     /// with it need no store round trip.
     token_id: Option<String>,
+    /// The identity offered on this agent's connections (the certificate it must repeat,
+    /// facts §5.1); set when issued or first needed.
+    identity: Option<session::IdentityOffer>,
     /// The live connection (gateway, connection id, epoch) if any. Used to tell a reconnect
     /// from a UID collision and to ignore stale disconnect notices.
     conn: Option<(GatewayId, u64, u64)>,
@@ -93,6 +100,13 @@ pub struct Coordinator {
     rebalancing: Mutex<()>,
     /// Set by `shutdown`: no more lease rounds, partitions are being handed over.
     stopping: AtomicBool,
+    /// Partitions held and served (agents loaded, subscribed) as of the end of the last lease
+    /// round; for readiness checks and tests.
+    serving: std::sync::atomic::AtomicUsize,
+    /// Agent identities by agent (every one ever issued, oldest first): write-through for this
+    /// coordinator's changes, reloaded from the store on every lease round for the others'
+    /// (so a confirmation or revocation made elsewhere is seen within a third of the lease TTL).
+    identities: RwLock<HashMap<InstanceUid, Vec<IdentityRecord>>>,
 }
 
 #[derive(Default)]
@@ -125,6 +139,8 @@ enum Refusal {
     /// The token is scoped and the agent's first frame does not describe it with every label
     /// of the scope (or carries no description at all).
     ScopeMismatch,
+    /// A certificate-authenticated frame about another agent than the certificate names.
+    IdentityMismatch,
 }
 
 impl Refusal {
@@ -133,6 +149,7 @@ impl Refusal {
         match self {
             Self::Auth(f) => f.as_str(),
             Self::ScopeMismatch => "scope_mismatch",
+            Self::IdentityMismatch => "identity_mismatch",
         }
     }
 
@@ -141,6 +158,7 @@ impl Refusal {
         match self {
             Self::Auth(f) => f.message(),
             Self::ScopeMismatch => "agent description does not match the token scope",
+            Self::IdentityMismatch => "instance uid does not match the client certificate",
         }
     }
 }
@@ -189,6 +207,7 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
         match ev {
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
+            ControlEvent::IdentityRevoked { .. } => c.reload_identities().await,
             ControlEvent::MembershipChanged => {
                 if let Err(e) = leases::rebalance(&c).await {
                     tracing::error!(error = %e, "partition rebalance failed");
@@ -215,6 +234,7 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
             tracing::error!(error = %e, "partition lease renewal failed");
         }
         c.sync_assignments().await;
+        c.reload_identities().await;
     }
 }
 
@@ -262,6 +282,8 @@ impl Coordinator {
             held: StdMutex::new(HashMap::new()),
             rebalancing: Mutex::new(()),
             stopping: AtomicBool::new(false),
+            serving: std::sync::atomic::AtomicUsize::new(0),
+            identities: RwLock::new(HashMap::new()),
             tokens: RwLock::new(tokens),
             redeemer,
             store: store.clone(),
@@ -274,6 +296,7 @@ impl Coordinator {
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
         });
+        this.reload_identities().await;
         let assignments = store.list_assignments().await?;
         for a in &assignments {
             this.load_desired(a.config_id).await?;
@@ -465,6 +488,7 @@ impl Coordinator {
             tracing::warn!(error = %e, "releasing partition leases failed");
         }
         self.set_held(HashMap::new());
+        self.serving.store(0, Ordering::Relaxed);
         let _ = self.bus.broadcast(ControlEvent::MembershipChanged).await;
     }
 
@@ -514,6 +538,7 @@ impl Coordinator {
     fn insert_entry(&self, record: AgentRecord) -> Slot {
         let uid = record.instance_uid;
         let slot = Arc::new(Mutex::new(Entry {
+            identity: None,
             state: AgentState::new(record),
             token_id: None,
             conn: None,
@@ -684,7 +709,10 @@ impl Coordinator {
     // ---- Authentication -------------------------------------------------------------------
 
     async fn authenticate(&self, req: AuthRequest) -> AuthDecision {
-        let decision = self.check_token(&req).await;
+        let decision = match &req.certificate {
+            Some(cert) => self.check_certificate(cert.uid, &cert.serial),
+            None => self.check_token(&req).await,
+        };
         if let AuthDecision::Reject(f) = &decision {
             self.audit(
                 "agent",
@@ -736,10 +764,303 @@ impl Coordinator {
                 return AuthDecision::Reject(AuthFailure::AlreadyRedeemed);
             }
         }
+        // After its first mTLS connection an agent is on the certificate path for good.
+        if rec
+            .bound_uid
+            .or(req.uid_hint)
+            .is_some_and(|u| self.identity_confirmed(u))
+        {
+            return AuthDecision::Reject(AuthFailure::IdentityRequired);
+        }
         AuthDecision::Accept(Credential::BootstrapToken {
             token_id: rec.id,
             bound_uid: rec.bound_uid,
         })
+    }
+
+    // ---- Identities -----------------------------------------------------------------------
+
+    async fn reload_identities(&self) {
+        match self.store.list_identities().await {
+            Ok(all) => {
+                let mut by_uid: HashMap<InstanceUid, Vec<IdentityRecord>> = HashMap::new();
+                for i in all {
+                    by_uid.entry(i.instance_uid).or_default().push(i);
+                }
+                if let Ok(mut w) = self.identities.write() {
+                    *w = by_uid;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "loading identities failed"),
+        }
+    }
+
+    fn identity(&self, serial: &str, uid: InstanceUid) -> Option<IdentityRecord> {
+        let cache = self.identities.read().ok()?;
+        cache
+            .get(&uid)?
+            .iter()
+            .find(|i| i.serial == serial)
+            .cloned()
+    }
+
+    /// True when `uid` has a live identity it has connected with: bootstrap tokens are then
+    /// refused for it.
+    fn identity_confirmed(&self, uid: InstanceUid) -> bool {
+        self.identities.read().is_ok_and(|c| {
+            c.get(&uid).is_some_and(|ids| {
+                ids.iter()
+                    .any(|i| i.confirmed_ms.is_some() && i.revoked_ms.is_none())
+            })
+        })
+    }
+
+    /// The newest live identity of `uid` that is not due for renewal (two thirds of its
+    /// validity left behind).
+    fn current_identity(&self, uid: InstanceUid, now: i64) -> Option<IdentityRecord> {
+        let cache = self.identities.read().ok()?;
+        let newest = cache
+            .get(&uid)?
+            .iter()
+            .rev()
+            .find(|i| i.revoked_ms.is_none())?;
+        let renew_at = newest.created_ms + (newest.not_after_ms - newest.created_ms) * 2 / 3;
+        (now < renew_at).then(|| newest.clone())
+    }
+
+    /// A certificate the gateway verified: its identity must be known here and not revoked
+    /// (the gateway's revocation set may lag by a broadcast).
+    fn check_certificate(&self, uid: InstanceUid, serial: &str) -> AuthDecision {
+        match self.identity(serial, uid) {
+            Some(i) if i.revoked_ms.is_none() => AuthDecision::Accept(Credential::Certificate {
+                uid,
+                serial: serial.to_string(),
+            }),
+            _ => AuthDecision::Reject(AuthFailure::IdentityRevoked),
+        }
+    }
+
+    /// Issues a new identity for `uid` (from `csr` when the agent sent one), stores and
+    /// audits it. `Err(message)` for a bad CSR: the agent gets `BadRequest` (facts §5.3).
+    async fn issue_identity(
+        &self,
+        uid: InstanceUid,
+        csr: Option<&str>,
+        source_ip: IpAddr,
+    ) -> Result<Option<IdentityOffer>, String> {
+        let Some(ca) = self.cfg.agent_ca.clone() else {
+            return Ok(None);
+        };
+        let validity = self.cfg.identity_validity;
+        let csr_owned = csr.map(str::to_string);
+        // Key generation and signing are CPU work; keep them off the async workers.
+        let issued = tokio::task::spawn_blocking(move || {
+            ca.issue(uid, csr_owned.as_deref(), validity)
+                .map(|i| (i, ca.ca_pem().to_string()))
+        })
+        .await;
+        let (issued, ca_pem) = match issued {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(gateway::tls::IssueError::BadCsr(m))) => return Err(m),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "issuing an identity failed");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "issuing an identity failed");
+                return Ok(None);
+            }
+        };
+        let record = IdentityRecord {
+            serial: issued.serial.clone(),
+            instance_uid: uid,
+            created_ms: now_ms(),
+            not_after_ms: issued.not_after_ms,
+            confirmed_ms: None,
+            revoked_ms: None,
+            fingerprint: issued.fingerprint.clone(),
+            cert_pem: issued.cert_pem.clone(),
+        };
+        if let Err(e) = self.store.create_identity(&record).await {
+            tracing::error!(error = %e, "storing an identity failed");
+            return Ok(None);
+        }
+        if let Ok(mut c) = self.identities.write() {
+            c.entry(uid).or_default().push(record);
+        }
+        self.audit(
+            "agent",
+            "identity.issue",
+            Some(uid),
+            Some(source_ip),
+            None,
+            serde_json::json!({ "serial": issued.serial, "csr": csr.is_some() }),
+        )
+        .await;
+        Ok(Some(IdentityOffer {
+            serial: issued.serial,
+            cert_pem: issued.cert_pem,
+            ca_pem,
+            private_key_pem: issued.private_key_pem,
+        }))
+    }
+
+    /// The identity to offer this agent on this frame: the one it holds, or a new one when it
+    /// came in with a bootstrap token and accepts OpAMP connection settings but has none
+    /// (or it is due for renewal, or it sent a CSR).
+    async fn identity_offer(
+        &self,
+        entry: &mut Entry,
+        frame: &AgentFrame,
+        uid: InstanceUid,
+    ) -> Result<(), String> {
+        let msg = &frame.msg;
+        let caps = if msg.capabilities != 0 {
+            msg.capabilities
+        } else {
+            entry.state.record.capabilities
+        };
+        if self.cfg.agent_ca.is_none()
+            || caps & proto::agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS == 0
+            || msg.agent_disconnect.is_some()
+        {
+            return Ok(());
+        }
+        let csr = msg
+            .connection_settings_request
+            .as_ref()
+            .and_then(|r| r.opamp.as_ref())
+            .and_then(|o| o.certificate_request.as_ref())
+            .map(|c| String::from_utf8_lossy(&c.csr).into_owned());
+        let current = self.current_identity(uid, now_ms());
+        let held = entry
+            .identity
+            .as_ref()
+            .filter(|o| current.as_ref().is_some_and(|c| c.serial == o.serial))
+            .is_some();
+        if csr.is_none() && held {
+            return Ok(());
+        }
+        if csr.is_none() && matches!(frame.credential, Credential::Certificate { .. }) {
+            // On the certificate path: repeat the current certificate (from the store, without
+            // the key, which is never kept) so that no offer tells the agent to drop it (§5.1).
+            // None current (due for renewal): a new one is issued below.
+            if let (Some(c), Some(ca)) = (&current, &self.cfg.agent_ca) {
+                entry.identity = Some(IdentityOffer {
+                    serial: c.serial.clone(),
+                    cert_pem: c.cert_pem.clone(),
+                    ca_pem: ca.ca_pem().to_string(),
+                    private_key_pem: None,
+                });
+                return Ok(());
+            }
+        }
+        entry.identity = self
+            .issue_identity(uid, csr.as_deref(), frame.source_ip)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the identity confirmed on its first mTLS frame (facts §5.1 step 7): from then on
+    /// bootstrap tokens are refused for the agent.
+    async fn confirm_identity(&self, uid: InstanceUid, serial: &str, source_ip: IpAddr) {
+        let confirmed = self
+            .identity(serial, uid)
+            .is_some_and(|i| i.confirmed_ms.is_some());
+        if confirmed {
+            return;
+        }
+        let at = now_ms();
+        match self.store.confirm_identity(serial, at).await {
+            Ok(_) => {
+                if let Ok(mut c) = self.identities.write() {
+                    if let Some(i) = c
+                        .get_mut(&uid)
+                        .and_then(|ids| ids.iter_mut().find(|i| i.serial == serial))
+                    {
+                        i.confirmed_ms.get_or_insert(at);
+                    }
+                }
+                self.audit(
+                    "agent",
+                    "identity.confirm",
+                    Some(uid),
+                    Some(source_ip),
+                    None,
+                    serde_json::json!({ "serial": serial }),
+                )
+                .await;
+            }
+            Err(e) => tracing::error!(error = %e, "confirming an identity failed"),
+        }
+    }
+
+    /// Every identity, oldest first.
+    pub async fn identities(&self) -> Result<Vec<IdentityRecord>, ServiceError> {
+        Ok(self.store.list_identities().await?)
+    }
+
+    pub async fn get_identity(&self, serial: &str) -> Result<IdentityRecord, ServiceError> {
+        self.store
+            .get_identity(serial)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("identity {serial}")))
+    }
+
+    /// Revokes an identity: stored, audited, broadcast (gateways refuse it at the handshake
+    /// from then on) and the agent's live connection closed.
+    pub async fn revoke_identity(&self, serial: &str, author: &str) -> Result<(), ServiceError> {
+        let identity = self.get_identity(serial).await?;
+        self.store.revoke_identity(serial, now_ms()).await?;
+        self.reload_identities().await;
+        self.audit(
+            author,
+            "identity.revoke",
+            Some(identity.instance_uid),
+            None,
+            None,
+            serde_json::json!({ "serial": serial }),
+        )
+        .await;
+        if let Err(e) = self
+            .bus
+            .broadcast(ControlEvent::IdentityRevoked {
+                serial: serial.to_string(),
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "identity revocation broadcast failed");
+        }
+        match self.ownership.lookup(identity.instance_uid).await {
+            Ok(Some(owner)) => {
+                let close = GatewayMessage::Close {
+                    uid: identity.instance_uid,
+                    epoch: owner.epoch,
+                    reason: "auth: identity revoked".into(),
+                };
+                if let Err(e) = self.bus.deliver(&owner.gateway, close).await {
+                    tracing::warn!(error = %e, "closing a revoked agent failed");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "ownership lookup failed"),
+        }
+        Ok(())
+    }
+
+    /// Revoked identities for a CRL: (serial, revoked at ms).
+    pub async fn revoked_identities(&self) -> Result<Vec<(String, i64)>, ServiceError> {
+        Ok(self
+            .store
+            .revoked_identities()
+            .await?
+            .into_iter()
+            .filter_map(|i| i.revoked_ms.map(|at| (i.serial, at)))
+            .collect())
+    }
+
+    pub fn agent_ca(&self) -> Option<&Arc<gateway::tls::AgentCa>> {
+        self.cfg.agent_ca.as_ref()
     }
 
     /// Binds the connection's token to `uid` on first use; `Err` carries the refusal.
@@ -749,10 +1070,23 @@ impl Coordinator {
         frame: &AgentFrame,
         uid: InstanceUid,
     ) -> Result<(), Refusal> {
-        let Credential::BootstrapToken {
-            token_id,
-            bound_uid,
-        } = &frame.credential;
+        let (token_id, bound_uid) = match &frame.credential {
+            Credential::BootstrapToken {
+                token_id,
+                bound_uid,
+            } => (token_id, bound_uid),
+            Credential::Certificate { uid: cert_uid, .. } => {
+                // The certificate names the agent; the message must be about that agent.
+                return if *cert_uid == uid {
+                    Ok(())
+                } else {
+                    Err(Refusal::IdentityMismatch)
+                };
+            }
+        };
+        if self.identity_confirmed(uid) {
+            return Err(AuthFailure::IdentityRequired.into());
+        }
         if entry.token_id.as_deref() == Some(token_id.as_str()) {
             return Ok(());
         }
@@ -865,6 +1199,7 @@ impl Coordinator {
         let claimed = InstanceUid::from_slice(&msg.instance_uid);
         let token_id = match &frame.credential {
             Credential::BootstrapToken { token_id, .. } => token_id.clone(),
+            Credential::Certificate { serial, .. } => format!("certificate:{serial}"),
         };
         // The gateway routed this frame by the partition of the uid it carries (0 without
         // one). Right after a hand-over it may reach a coordinator that no longer serves that
@@ -958,12 +1293,37 @@ impl Coordinator {
         entry.conn = Some((frame.gateway.clone(), frame.conn_id, frame.epoch));
         entry.state.record.gateway = Some(frame.gateway.0.clone());
 
+        if let Credential::Certificate { serial, .. } = &frame.credential {
+            self.confirm_identity(uid, serial, frame.source_ip).await;
+        }
+        if let Err(bad_csr) = self.identity_offer(&mut entry, &frame, uid).await {
+            self.audit(
+                "agent",
+                "identity.issue",
+                Some(uid),
+                Some(frame.source_ip),
+                Some("bad_csr"),
+                serde_json::json!({ "error": bad_csr }),
+            )
+            .await;
+            return FrameReply {
+                msg: session::error_reply(
+                    &msg.instance_uid,
+                    ServerErrorResponseType::BadRequest,
+                    &format!("certificate request refused: {bad_csr}"),
+                ),
+                bind: None,
+                close: None,
+            };
+        }
         let desired = self.desired_of(&entry.state.record);
+        let identity = entry.identity.clone();
         let ctx = Context {
             now_ms: now_ms(),
             transport: frame.transport,
             desired: desired.as_deref(),
             opamp_offer: Some(&self.offer),
+            identity: identity.as_ref(),
             assign_uid: assigned.then_some(uid),
         };
         let mut outcome = session::handle(&mut entry.state, msg, &ctx);
@@ -1059,6 +1419,11 @@ impl Coordinator {
 
     pub async fn ready(&self) -> bool {
         self.store.ping().await.is_ok()
+    }
+
+    /// How many partitions this coordinator fully serves (see `serving`).
+    pub fn partitions_served(&self) -> usize {
+        self.serving.load(Ordering::Relaxed)
     }
 
     /// This coordinator's node name (its name on partition leases).
@@ -1470,6 +1835,27 @@ impl CoordinatorHandler for Coordinator {
         match req {
             CoordinatorRequest::Authenticate(a) => {
                 CoordinatorReply::Auth(self.authenticate(a).await)
+            }
+            CoordinatorRequest::RevokedSerials => {
+                let serials = match self.store.revoked_identities().await {
+                    Ok(all) => all.into_iter().map(|i| i.serial).collect(),
+                    Err(e) => {
+                        // Never answer an empty set for an unknown one: it would un-revoke
+                        // everything at the gateway. The cache is at most a lease round old.
+                        tracing::warn!(error = %e, "loading revoked identities failed");
+                        self.identities.read().map_or_else(
+                            |_| Vec::new(),
+                            |c| {
+                                c.values()
+                                    .flatten()
+                                    .filter(|i| i.revoked_ms.is_some())
+                                    .map(|i| i.serial.clone())
+                                    .collect()
+                            },
+                        )
+                    }
+                };
+                CoordinatorReply::RevokedSerials(serials)
             }
             CoordinatorRequest::Frame(f) => CoordinatorReply::Frame(Box::new(self.frame(*f).await)),
         }

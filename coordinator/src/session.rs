@@ -24,8 +24,9 @@ use shared::ids::InstanceUid;
 use std::collections::BTreeMap;
 
 /// Server capabilities Ampora advertises in every reply: AcceptsStatus | OffersRemoteConfig |
-/// AcceptsEffectiveConfig | OffersConnectionSettings.
-pub const SERVER_CAPABILITIES: u64 = 0x27;
+/// AcceptsEffectiveConfig | OffersConnectionSettings | AcceptsConnectionSettingsRequest (CSRs
+/// for agent identities, facts §5.3; without an agent CA a CSR is simply not acted on).
+pub const SERVER_CAPABILITIES: u64 = 0x67;
 
 /// Nesting limit for agent-supplied trees (AnyValue, ComponentHealth). prost already caps decode
 /// depth at 100; we stay well below so the JSON we store can always be read back.
@@ -114,6 +115,31 @@ impl OpampOffer {
     }
 }
 
+/// The agent's current mTLS identity, offered in `connection_settings.opamp.certificate`
+/// (facts §5.1: every `opamp` offer repeats it). Issued and stored by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityOffer {
+    pub serial: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Only in the offer that delivers a server-generated key; later offers repeat the
+    /// certificate without it (the agent has the key, we keep none).
+    pub private_key_pem: Option<String>,
+}
+
+/// The offer's `hash`: the endpoint and interval ([`OpampOffer::hash`]) plus the certificate,
+/// so it changes whenever the certificate does (rotation) and not when only the key is left
+/// out of a repeat.
+fn settings_hash(o: &OpampOffer, identity: Option<&IdentityOffer>) -> Vec<u8> {
+    let base = o.hash();
+    let Some(id) = identity else { return base };
+    let mut h = Sha256::new();
+    update_prefixed(&mut h, &base);
+    update_prefixed(&mut h, id.serial.as_bytes());
+    update_prefixed(&mut h, id.cert_pem.as_bytes());
+    h.finalize().to_vec()
+}
+
 /// Per-agent state kept by the coordinator between messages (in memory). `record` is what gets
 /// persisted.
 #[derive(Debug, Clone)]
@@ -179,6 +205,8 @@ pub struct Context<'a> {
     pub transport: Transport,
     pub desired: Option<&'a Desired>,
     pub opamp_offer: Option<&'a OpampOffer>,
+    /// The agent's identity certificate to offer (with `opamp_offer`), if it has one.
+    pub identity: Option<&'a IdentityOffer>,
     /// Set by the caller when the agent must get a new instance uid (it asked via
     /// RequestInstanceUid, its uid is not 16 bytes, or its uid collides with another live agent).
     /// The state passed in is already keyed to this uid.
@@ -395,7 +423,7 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
             offer_config(state, d, status.is_some(), &mut reply, &mut events);
         }
         if let Some(o) = ctx.opamp_offer {
-            offer_settings(state, o, &mut reply);
+            offer_settings(state, o, ctx.identity, &mut reply);
         }
     }
 
@@ -456,20 +484,42 @@ fn offer_config(
     }
 }
 
-/// Heartbeat interval via `connection_settings.opamp` (facts §3.5, §3.8), only to agents that
-/// both accept OpAMP connection settings and heartbeat.
-fn offer_settings(state: &mut AgentState, o: &OpampOffer, reply: &mut ServerToAgent) {
-    let need = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS | agent_caps::REPORTS_HEARTBEAT;
+/// `connection_settings.opamp` (facts §3.5, §3.8, §5.1) to agents that accept OpAMP
+/// connection settings: the heartbeat interval to those that heartbeat, and the identity
+/// certificate (with the interval, never 0) to those that have one.
+fn offer_settings(
+    state: &mut AgentState,
+    o: &OpampOffer,
+    identity: Option<&IdentityOffer>,
+    reply: &mut ServerToAgent,
+) {
+    let mut need = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
+    if identity.is_none() {
+        need |= agent_caps::REPORTS_HEARTBEAT;
+    }
     if state.caps() & need != need {
         return;
     }
-    let hash = o.hash();
+    let hash = settings_hash(o, identity);
     if state.reported_settings.as_ref() == Some(&hash)
         || state.offered_settings.as_ref() == Some(&hash)
     {
         return;
     }
-    reply.connection_settings = Some(o.to_proto());
+    let mut offer = o.to_proto();
+    offer.hash = hash.clone();
+    if let (Some(id), Some(op)) = (identity, offer.opamp.as_mut()) {
+        op.certificate = Some(proto::v1::TlsCertificate {
+            cert: id.cert_pem.clone().into_bytes(),
+            private_key: id
+                .private_key_pem
+                .clone()
+                .map(String::into_bytes)
+                .unwrap_or_default(),
+            ca_cert: id.ca_pem.clone().into_bytes(),
+        });
+    }
+    reply.connection_settings = Some(offer);
     state.offered_settings = Some(hash);
 }
 
@@ -672,6 +722,7 @@ mod tests {
             transport: Transport::WebSocket,
             desired: None,
             opamp_offer: None,
+            identity: None,
             assign_uid: None,
         }
     }
@@ -781,6 +832,7 @@ mod tests {
                 | server_caps::OFFERS_REMOTE_CONFIG
                 | server_caps::ACCEPTS_EFFECTIVE_CONFIG
                 | server_caps::OFFERS_CONNECTION_SETTINGS
+                | server_caps::ACCEPTS_CONNECTION_SETTINGS_REQUEST
         );
     }
 
@@ -1370,6 +1422,7 @@ mod tests {
     fn with_offer(o: &OpampOffer) -> Context<'_> {
         Context {
             opamp_offer: Some(o),
+            identity: None,
             ..ctx()
         }
     }
@@ -1378,6 +1431,69 @@ mod tests {
         let mut m = beat(seq);
         m.capabilities = CAPS | HB;
         m
+    }
+
+    fn identity(serial: &str, key: bool) -> IdentityOffer {
+        IdentityOffer {
+            serial: serial.into(),
+            cert_pem: format!("CERT {serial}"),
+            ca_pem: "CA".into(),
+            private_key_pem: key.then(|| "KEY".into()),
+        }
+    }
+
+    #[test]
+    fn identity_is_offered_with_interval_and_repeated_under_the_same_hash() {
+        let off = offer();
+        let id = identity("4a01", true);
+        let mut s = known();
+        let mut msg = beat(1);
+        // AcceptsOpAMPConnectionSettings alone suffices for a certificate offer.
+        msg.capabilities = CAPS | agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
+        let c = Context {
+            opamp_offer: Some(&off),
+            identity: Some(&id),
+            ..ctx()
+        };
+        let first = handle(&mut s, &msg, &c).reply.connection_settings;
+        let first = first.expect("offered");
+        let op = first.opamp.clone().expect("opamp");
+        assert_eq!(op.heartbeat_interval_seconds, 30, "never 0 (facts §4.6)");
+        let cert = op.certificate.expect("certificate");
+        assert_eq!(cert.cert, b"CERT 4a01");
+        assert_eq!(cert.private_key, b"KEY");
+        assert_eq!(cert.ca_cert, b"CA");
+        assert_ne!(first.hash, off.hash(), "the certificate is in the hash");
+
+        // A new connection repeats the certificate (without the key) under the same hash.
+        s.connection_started();
+        let repeat = identity("4a01", false);
+        let c = Context {
+            opamp_offer: Some(&off),
+            identity: Some(&repeat),
+            ..ctx()
+        };
+        msg.sequence_num = 2;
+        let again = handle(&mut s, &msg, &c)
+            .reply
+            .connection_settings
+            .expect("repeated");
+        assert_eq!(again.hash, first.hash);
+        assert!(again.opamp.and_then(|o| o.certificate).is_some());
+
+        // Rotation: a new certificate, a new hash.
+        let rotated = identity("4a02", true);
+        let c = Context {
+            opamp_offer: Some(&off),
+            identity: Some(&rotated),
+            ..ctx()
+        };
+        msg.sequence_num = 3;
+        let third = handle(&mut s, &msg, &c)
+            .reply
+            .connection_settings
+            .expect("rotated");
+        assert_ne!(third.hash, first.hash);
     }
 
     #[test]
@@ -1507,6 +1623,7 @@ mod tests {
         let c = Context {
             desired: Some(&d),
             opamp_offer: Some(&off),
+            identity: None,
             ..ctx()
         };
         let o = handle(&mut s, &m, &c);
@@ -1769,6 +1886,7 @@ mod tests {
         let c = Context {
             desired: Some(&d),
             opamp_offer: Some(&off),
+            identity: None,
             assign_uid: Some(InstanceUid([1; 16])),
             ..ctx()
         };

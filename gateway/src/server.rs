@@ -37,15 +37,15 @@ use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use proto::ServerToAgent;
 use shared::bus::{
-    AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorEvent, CoordinatorReply,
-    CoordinatorRequest, Credential, GatewayMessage, Route,
+    AuthDecision, AuthFailure, AuthRequest, Bus, CertificateId, ControlEvent, CoordinatorEvent,
+    CoordinatorReply, CoordinatorRequest, Credential, GatewayMessage, Route,
 };
 use shared::domain::Transport;
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::{Owner, Ownership};
 use tokio::sync::{mpsc, Notify};
 
-use crate::tls::Peer;
+use crate::tls::{AgentTrust, Peer};
 
 /// The OpAMP endpoint path (spec default).
 pub const OPAMP_PATH: &str = "/v1/opamp";
@@ -72,6 +72,11 @@ const CONNECTIONS: &str = "ampora_opamp_connections";
 const DELIVERIES_DROPPED: &str = "ampora_gateway_deliveries_dropped_total";
 const ADMISSION_REFUSED: &str = "ampora_gateway_admission_refused_total";
 const ADMISSION_MAX_CONNECTIONS: &str = "ampora_gateway_admission_max_connections";
+const UNTRUSTED_CERT_HEADER: &str = "ampora_gateway_untrusted_cert_header_total";
+
+/// How often a gateway with agent identities reloads the whole revocation set from a
+/// coordinator, beside the `IdentityRevoked` broadcasts (which the bus may lose).
+const REVOCATION_REFRESH: Duration = Duration::from_secs(30);
 
 /// Every `reason` of `ampora_opamp_frames_rejected_total` (cap_mismatch is counted by the
 /// coordinator, the others here).
@@ -116,6 +121,11 @@ pub fn describe_metrics() {
         metrics::counter!(DELIVERIES_DROPPED, "reason" => reason).increment(0);
     }
     metrics::gauge!(CONNECTIONS, "transport" => "ws").increment(0.0);
+    metrics::describe_counter!(
+        UNTRUSTED_CERT_HEADER,
+        "Requests carrying the client-certificate header from an address that is not a trusted proxy (header ignored)"
+    );
+    metrics::counter!(UNTRUSTED_CERT_HEADER).increment(0);
 }
 
 fn count_rejected(reason: &'static str) {
@@ -160,6 +170,71 @@ pub struct GatewayConfig {
     pub ownership_refresh: Duration,
     /// Connection cap and accept rate, checked before authentication (see `admission`).
     pub admission: AdmissionConfig,
+    /// The agent CA and revocation set: client certificates verified against it authenticate
+    /// agents (mTLS identities). `None`: identities off, certificates ignored.
+    pub identity: Option<AgentTrust>,
+    /// The header a TLS-terminating proxy puts the client certificate in (URL-encoded PEM,
+    /// nginx's `$ssl_client_escaped_cert`); honoured only from `trusted_proxies`.
+    pub client_cert_header: Option<HeaderName>,
+    /// Addresses (networks) of proxies trusted to set `client_cert_header`.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// An IP network: an address and a prefix length (`10.0.0.0/8`, `::1/128`; a bare address
+/// is the single address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -171,6 +246,9 @@ impl Default for GatewayConfig {
             bootstrap_plaintext_allowed: false,
             ownership_refresh: Duration::from_secs(20),
             admission: AdmissionConfig::default(),
+            identity: None,
+            client_cert_header: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -183,6 +261,8 @@ pub struct Gateway {
     /// breaks that cycle.
     dispatcher: tokio::task::AbortHandle,
     refresher: tokio::task::AbortHandle,
+    /// Keeps the identity revocation set current (`None` without identities).
+    revocations: Option<tokio::task::AbortHandle>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -198,6 +278,9 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.dispatcher.abort();
         self.refresher.abort();
+        if let Some(r) = &self.revocations {
+            r.abort();
+        }
     }
 }
 
@@ -224,10 +307,19 @@ impl Gateway {
         });
         let dispatcher = tokio::spawn(dispatch(inner.clone(), deliveries)).abort_handle();
         let refresher = tokio::spawn(refresh_ownership(inner.clone())).abort_handle();
+        let revocations = match &inner.cfg.identity {
+            Some(trust) => {
+                let control = inner.bus.subscribe_control().await?;
+                let task = track_revocations(inner.bus.clone(), trust.clone(), control);
+                Some(tokio::spawn(task).abort_handle())
+            }
+            None => None,
+        };
         Ok(Arc::new(Self {
             inner,
             dispatcher,
             refresher,
+            revocations,
         }))
     }
 
@@ -501,6 +593,45 @@ async fn refresh_ownership(inner: Arc<Inner>) {
     }
 }
 
+/// Keeps `trust.revoked` current: each `IdentityRevoked` broadcast adds its serial at once, and
+/// a full reload from a coordinator at start and every [`REVOCATION_REFRESH`] catches any
+/// broadcast the bus lost. Holds no `Inner`, so it cannot keep the gateway alive.
+async fn track_revocations(
+    bus: Arc<dyn Bus>,
+    trust: AgentTrust,
+    mut control: mpsc::Receiver<ControlEvent>,
+) {
+    let mut tick = tokio::time::interval(REVOCATION_REFRESH);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                match bus.request(Route::Any, CoordinatorRequest::RevokedSerials).await {
+                    Ok(CoordinatorReply::RevokedSerials(serials)) => {
+                        trust.revoked.replace(serials.into_iter().collect());
+                    }
+                    Ok(_) => tracing::error!("coordinator answered revoked serials with another reply"),
+                    Err(e) => tracing::warn!(error = %e, "loading revoked identities failed"),
+                }
+            }
+            ev = control.recv() => match ev {
+                Some(ControlEvent::IdentityRevoked { serial }) => trust.revoked.insert(serial),
+                Some(_) => {}
+                None => {
+                    tracing::warn!("control subscription ended; revocations only by refresh");
+                    loop {
+                        tick.tick().await;
+                        if let Ok(CoordinatorReply::RevokedSerials(s)) =
+                            bus.request(Route::Any, CoordinatorRequest::RevokedSerials).await
+                        {
+                            trust.revoked.replace(s.into_iter().collect());
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
 async fn dispatch(inner: Arc<Inner>, mut deliveries: mpsc::Receiver<GatewayMessage>) {
     while let Some(msg) = deliveries.recv().await {
         inner.route(msg);
@@ -554,6 +685,11 @@ fn auth_close_reason(reason: &str) -> Option<&str> {
 
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let (source_ip, tls) = connection_of(&req);
+    let chain = presented_chain(&inner, &req, source_ip);
+    let cert = match client_identity(&inner, chain, source_ip).await {
+        Ok(cert) => cert,
+        Err(refused) => return refused,
+    };
     if is_protobuf(req.headers()) {
         if req.method() != Method::POST {
             return method_not_allowed("POST");
@@ -563,11 +699,14 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         if let Err(refusal) = inner.admit_request(Instant::now()) {
             return admission_refused(refusal);
         }
-        if let Err(refused) = check_plaintext_bootstrap(&inner, req.headers(), source_ip, tls).await
-        {
-            return refused;
+        if cert.is_none() {
+            if let Err(refused) =
+                check_plaintext_bootstrap(&inner, req.headers(), source_ip, tls).await
+            {
+                return refused;
+            }
         }
-        return plain::serve(inner, req, source_ip).await;
+        return plain::serve(inner, req, source_ip, cert).await;
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return text(
@@ -583,10 +722,89 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         Ok(slot) => slot,
         Err(refusal) => return admission_refused(refusal),
     };
-    if let Err(refused) = check_plaintext_bootstrap(&inner, req.headers(), source_ip, tls).await {
-        return refused;
+    if cert.is_none() {
+        if let Err(refused) = check_plaintext_bootstrap(&inner, req.headers(), source_ip, tls).await
+        {
+            return refused;
+        }
     }
-    ws::serve(inner, req, source_ip).await
+    ws::serve(inner, req, source_ip, cert).await
+}
+
+/// The agent identity a request carries, if any: the client certificate of its TLS
+/// handshake, or the one a trusted proxy put in `client_cert_header`. Both are verified the
+/// same way (agent CA, revocation set); the handshake already refused invalid and revoked
+/// ones, so this repeats the check for the header path and for a revocation that arrived
+/// since. A certificate that fails is refused (401, audited): the agent meant to use it.
+/// The header from any other address is ignored and counted.
+async fn client_identity(
+    inner: &Inner,
+    chain: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    source_ip: IpAddr,
+) -> Result<Option<CertificateId>, Response> {
+    let (Some(trust), Some(chain)) = (&inner.cfg.identity, chain) else {
+        return Ok(None);
+    };
+    match trust.verify(&chain) {
+        Ok(id) => Ok(Some(CertificateId {
+            uid: id.uid,
+            serial: id.serial,
+        })),
+        Err(rejection) => {
+            report_auth_failure(inner, source_ip, rejection.as_str()).await;
+            Err(unauthorized(
+                source_ip,
+                rejection.as_str(),
+                "client certificate not accepted",
+            ))
+        }
+    }
+}
+
+/// The client certificate chain a request presents to [`client_identity`]: its handshake's,
+/// else a trusted proxy's header. Synchronous, so the request is not held across an await.
+fn presented_chain(
+    inner: &Inner,
+    req: &Request,
+    source_ip: IpAddr,
+) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    inner.cfg.identity.as_ref()?;
+    let from_handshake = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .and_then(|c| c.0.client_certs.clone());
+    match from_handshake {
+        Some(chain) => Some(chain.to_vec()),
+        None => match inner
+            .cfg
+            .client_cert_header
+            .as_ref()
+            .and_then(|h| req.headers().get(h))
+        {
+            None => None,
+            Some(value) => {
+                if !inner
+                    .cfg
+                    .trusted_proxies
+                    .iter()
+                    .any(|n| n.contains(source_ip))
+                {
+                    metrics::counter!(UNTRUSTED_CERT_HEADER).increment(1);
+                    tracing::debug!(source_ip = %source_ip, "client certificate header from an untrusted address ignored");
+                    None
+                } else {
+                    Some(header_chain(value))
+                }
+            }
+        },
+    }
+}
+
+/// The certificate chain of a proxy's header: URL-encoded PEM (an unencoded PEM works too);
+/// empty when it holds none, which verification then refuses.
+fn header_chain(value: &HeaderValue) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let decoded = percent_encoding::percent_decode(value.as_bytes()).collect::<Vec<u8>>();
+    crate::tls::parse_certs_pem(&decoded).unwrap_or_default()
 }
 
 /// The source IP and whether the connection is TLS, from the connect info of an
@@ -653,6 +871,7 @@ async fn authenticate(
     headers: &HeaderMap,
     source_ip: IpAddr,
     transport: Transport,
+    cert: Option<CertificateId>,
 ) -> Result<(Credential, Option<InstanceUid>), Response> {
     let uid_hint = match parse_uid_header(headers) {
         Ok(hint) => hint,
@@ -664,7 +883,10 @@ async fn authenticate(
             ));
         }
     };
+    // A verified certificate needs no Authorization header (and its token, if any, is not
+    // looked at: the certificate is the stronger credential).
     let token = match parse_bearer(headers.get(AUTHORIZATION)) {
+        _ if cert.is_some() => String::new(),
         Ok(token) => token.to_owned(),
         Err(f) => {
             report_auth_failure(inner, source_ip, f.as_str()).await;
@@ -678,6 +900,7 @@ async fn authenticate(
         source_ip,
         uid_hint,
         transport,
+        certificate: cert,
     });
     let reply = tokio::time::timeout(
         inner.cfg.request_timeout,
@@ -691,8 +914,8 @@ async fn authenticate(
         Ok(Ok(CoordinatorReply::Auth(AuthDecision::Reject(f)))) => {
             Err(unauthorized(source_ip, f.as_str(), f.message()))
         }
-        Ok(Ok(CoordinatorReply::Frame(_))) => {
-            tracing::error!("coordinator answered an authentication request with a frame reply");
+        Ok(Ok(CoordinatorReply::Frame(_) | CoordinatorReply::RevokedSerials(_))) => {
+            tracing::error!("coordinator answered an authentication request with another reply");
             Err(service_unavailable("authentication unavailable"))
         }
         Ok(Err(e)) => {
@@ -977,6 +1200,21 @@ mod helper_tests {
             retry_after: Duration::ZERO,
         });
         assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1", "never 0");
+    }
+
+    #[test]
+    fn trusted_proxy_networks() {
+        let net: IpNet = "10.1.0.0/16".parse().expect("cidr");
+        assert!(net.contains("10.1.2.3".parse().expect("ip")));
+        assert!(!net.contains("10.2.0.1".parse().expect("ip")));
+        assert!(net.contains("::ffff:10.1.0.9".parse().expect("mapped")));
+        let one: IpNet = "::1".parse().expect("address");
+        assert!(one.contains("::1".parse().expect("ip")));
+        assert!(!one.contains("::2".parse().expect("ip")));
+        let all: IpNet = "0.0.0.0/0".parse().expect("all");
+        assert!(all.contains("192.0.2.1".parse().expect("ip")));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("proxy".parse::<IpNet>().is_err());
     }
 
     #[test]

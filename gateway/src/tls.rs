@@ -16,6 +16,7 @@
 //! in [`Peer::client_certs`] after rustls checked the client holds its key; its chain is not
 //! verified against any CA yet, so it is not an identity (see [`Peer::client_certs`]).
 
+mod agent_ca;
 mod certs;
 mod listener;
 mod local_ca;
@@ -29,6 +30,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub use self::agent_ca::{
+    serial_hex, AgentCa, AgentTrust, CertIdentity, CertRejection, IssueError, IssuedIdentity,
+    RevokedSerials,
+};
 pub use self::certs::ServerTls;
 pub use self::listener::{AgentListener, AgentStream, Peer, HANDSHAKE_TIMEOUT};
 pub use self::local_ca::LocalCa;
@@ -109,7 +114,7 @@ pub enum TlsError {
 }
 
 impl TlsError {
-    fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
             source,
@@ -207,7 +212,7 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Parses every certificate of a PEM text (other PEM sections are skipped).
-pub(crate) fn parse_certs_pem(
+pub fn parse_certs_pem(
     pem: &[u8],
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::pem::Error> {
     use rustls::pki_types::pem::PemObject as _;

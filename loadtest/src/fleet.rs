@@ -1,6 +1,7 @@
 //! The parent's view of the fleet: workers (in-process or child processes), the events
 //! they report, and bounded waits on them.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +13,12 @@ use tokio::time::Instant;
 use crate::agent::{AgentSpec, Mode, Params, Stats};
 use crate::worker::{Cmd, Event, WorkerLink};
 
+/// The `k`-th of `steps` equal consecutive slices of `range` (the last ones may be empty).
+fn step_slice(range: &Range<usize>, k: usize, steps: usize) -> Range<usize> {
+    let (len, steps) = (range.len(), steps.max(1));
+    (range.start + len * k / steps)..(range.start + len * (k + 1) / steps)
+}
+
 /// A progress bar and the counter it shows.
 pub type Bar<'a> = Option<(&'a ProgressBar, fn(&Fleet) -> u64)>;
 
@@ -19,7 +26,7 @@ pub type Bar<'a> = Option<(&'a ProgressBar, fn(&Fleet) -> u64)>;
 pub struct Fleet {
     links: Vec<WorkerLink>,
     /// Agent index range of each worker.
-    chunks: Vec<std::ops::Range<usize>>,
+    chunks: Vec<Range<usize>>,
     events: mpsc::UnboundedReceiver<Event>,
     ready: usize,
     stopped: usize,
@@ -91,10 +98,8 @@ impl Fleet {
         k: usize,
         steps: usize,
     ) -> anyhow::Result<()> {
-        let steps = steps.max(1);
         for (link, range) in self.links.iter().zip(&self.chunks) {
-            let len = range.len();
-            let slice = (range.start + len * k / steps)..(range.start + len * (k + 1) / steps);
+            let slice = step_slice(range, k, steps);
             if slice.is_empty() {
                 continue;
             }
@@ -209,5 +214,29 @@ impl Fleet {
             link.finish().await;
         }
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_slice;
+
+    #[test]
+    fn ramp_steps_cover_every_agent_once() {
+        for (range, steps) in [
+            (0..10, 3),
+            (5..12, 1),
+            (100..101, 4),
+            (0..0, 2),
+            (3..1003, 7),
+        ] {
+            let mut next = range.start;
+            for k in 0..steps {
+                let s = step_slice(&range, k, steps);
+                assert_eq!(s.start, next, "{range:?} {k}/{steps}");
+                next = s.end;
+            }
+            assert_eq!(next, range.end, "{range:?} in {steps} steps");
+        }
     }
 }

@@ -339,11 +339,15 @@ async fn cluster_connect_hold_rollout_steady() {
     )
     .expect("api");
 
-    // connect + hold: memory per agent of each gateway, over the agents on it.
-    let r = loadtest::run(&cluster_options(&c, &api, "hold", vec![Phase::Hold]))
-        .await
-        .expect("hold run");
+    // connect (ramped: 2 steps of 100 agents) + hold: memory per agent of each gateway, over
+    // the agents on it.
+    let opts = RunOptions {
+        connect_rate: 1000.0,
+        ..cluster_options(&c, &api, "hold", vec![Phase::Hold])
+    };
+    let r = loadtest::run(&opts).await.expect("hold run");
     all_connected(&r);
+    assert_eq!(r.connect_rate, 1000.0);
     assert!(r.complete);
     assert_eq!(r.targets.len(), 2);
     let h = r.hold.as_ref().expect("hold report");

@@ -267,6 +267,26 @@ pub struct TokenRecord {
     pub scope: Option<TokenScope>,
 }
 
+/// An agent's mTLS identity: a client certificate the coordinator issued from the agent CA.
+/// Issued after a bootstrap-token connection; once `confirmed_ms` is set (the agent connected
+/// with it) bootstrap tokens are refused for `instance_uid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    /// The certificate's serial number, lowercase hex (what CRLs and revocations name).
+    pub serial: String,
+    pub instance_uid: InstanceUid,
+    pub created_ms: i64,
+    /// The certificate's notAfter.
+    pub not_after_ms: i64,
+    /// When the agent first connected with this certificate.
+    pub confirmed_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub fingerprint: String,
+    /// The certificate (PEM), repeated in every later offer; never the private key.
+    pub cert_pem: String,
+}
+
 /// A bootstrap token's scope: the agent redeeming it must describe itself with every one of
 /// these labels, matched as assignment labels are ([`Description::matches`]). It is checked
 /// once, when the token is bound; the binding then stands whatever the agent reports later.

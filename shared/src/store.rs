@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use crate::domain::{
     AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion,
-    Redemption, Target, TokenRecord,
+    IdentityRecord, Redemption, Target, TokenRecord,
 };
 use crate::ids::InstanceUid;
 
@@ -193,6 +193,23 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_api_token(&self, id: &str, at_ms: i64) -> StoreResult<bool>;
     /// All API tokens ever created, revoked ones included.
     async fn count_api_tokens(&self) -> StoreResult<u64>;
+
+    // Agent identities (mTLS client certificates issued by the coordinator).
+    /// Fails with [`StoreError::NotApplied`] when the serial is taken.
+    async fn create_identity(&self, identity: &IdentityRecord) -> StoreResult<()>;
+    /// Every identity ever issued, revoked ones included, oldest first.
+    async fn list_identities(&self) -> StoreResult<Vec<IdentityRecord>>;
+    async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>>;
+    /// The identities issued to `uid`, oldest first.
+    async fn identities_of(&self, uid: InstanceUid) -> StoreResult<Vec<IdentityRecord>>;
+    /// Records the first mTLS connection with the identity; false when there is no such
+    /// identity. Confirming twice keeps the first time.
+    async fn confirm_identity(&self, serial: &str, at_ms: i64) -> StoreResult<bool>;
+    /// Marks the identity revoked; false when there is no such identity. Revoking twice keeps
+    /// the first revocation time.
+    async fn revoke_identity(&self, serial: &str, at_ms: i64) -> StoreResult<bool>;
+    /// Every revoked identity (for CRLs and the gateways' revocation sets).
+    async fn revoked_identities(&self) -> StoreResult<Vec<IdentityRecord>>;
 
     // Audit: append-only. The SQL stores have the database enforce it (triggers refuse any
     // UPDATE or DELETE of an entry), so not even a bug here can rewrite history.

@@ -6,6 +6,7 @@ mod api;
 mod audit;
 mod bad_input;
 mod cluster;
+mod identity;
 mod nginx;
 mod opamp;
 mod python;

@@ -144,7 +144,18 @@ impl Cluster {
                 leases.iter().map(|(h, _)| h.clone()).collect();
             let all_live = leases.len() == usize::from(shared::ids::PARTITIONS)
                 && leases.iter().all(|(_, exp)| *exp > now);
-            Ok((all_live && holders == live).then_some(()))
+            // ...and each coordinator has finished taking its share (agents loaded, subjects
+            // subscribed), not just won the leases.
+            let served: Vec<usize> = self
+                .coordinators
+                .iter()
+                .flatten()
+                .filter_map(|n| n.node.as_ref())
+                .map(|n| n.coordinator.partitions_served())
+                .collect();
+            let all_served = served.iter().sum::<usize>() == usize::from(shared::ids::PARTITIONS)
+                && served.iter().all(|&n| n > 0);
+            Ok((all_live && holders == live && all_served).then_some(()))
         })
         .await
     }

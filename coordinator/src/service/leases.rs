@@ -93,6 +93,8 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
     if !gained.is_empty() {
         c.take_partitions(&gained).await?;
     }
+    c.serving
+        .store(c.held_count(), std::sync::atomic::Ordering::Relaxed);
     if !give.is_empty() || !gained.is_empty() || !lost.is_empty() {
         tracing::info!(
             members = members.len(),

@@ -37,8 +37,8 @@ use std::sync::Arc;
 use serde_json::json;
 use shared::domain::{
     AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap,
-    Health, Redemption, RemoteConfigReport, RemoteStatus, Role, Target, TokenRecord, TokenScope,
-    Transport,
+    Health, IdentityRecord, Redemption, RemoteConfigReport, RemoteStatus, Role, Target,
+    TokenRecord, TokenScope, Transport,
 };
 use shared::ids::{InstanceUid, PARTITIONS};
 use shared::store::{
@@ -63,6 +63,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     batch_redemption(store.as_ref()).await;
     api_tokens(store.as_ref()).await;
     api_token_revocation(store.as_ref()).await;
+    identities(store.as_ref()).await;
     audit(store.as_ref()).await;
     audit_scan(store.as_ref()).await;
 }
@@ -1223,6 +1224,100 @@ pub async fn api_token_revocation(store: &dyn Store) {
         matches!(res, Err(StoreError::NotApplied(_))),
         "a revoked token's name is not reused: {res:?}"
     );
+}
+
+/// Identities: create, read back by serial and by agent, confirm and revoke keep their first
+/// time, revoked ones are listed; a serial is never reused.
+pub async fn identities(store: &dyn Store) {
+    let uid = InstanceUid::new_v7();
+    let a = IdentityRecord {
+        serial: unique("a"),
+        instance_uid: uid,
+        created_ms: 1_700_000_000_000,
+        not_after_ms: 1_702_592_000_000,
+        confirmed_ms: None,
+        revoked_ms: None,
+        fingerprint: "ab".repeat(32),
+        cert_pem: "-----BEGIN CERTIFICATE-----\n…\n-----END CERTIFICATE-----\n".into(),
+    };
+    let b = IdentityRecord {
+        serial: unique("b"),
+        created_ms: 1_700_000_100_000,
+        ..a.clone()
+    };
+    store.create_identity(&a).await.expect("create_identity");
+    store.create_identity(&b).await.expect("create_identity");
+    let dup = store.create_identity(&a).await;
+    assert!(
+        matches!(dup, Err(StoreError::NotApplied(_))),
+        "a serial is unique: {dup:?}"
+    );
+    assert_eq!(
+        store.get_identity(&a.serial).await.expect("get_identity"),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store.get_identity(&unique("missing")).await.expect("get"),
+        None
+    );
+    assert_eq!(
+        store.identities_of(uid).await.expect("identities_of"),
+        vec![a.clone(), b.clone()],
+        "oldest first"
+    );
+    assert!(store
+        .identities_of(InstanceUid::new_v7())
+        .await
+        .expect("identities_of")
+        .is_empty());
+    let all = store.list_identities().await.expect("list_identities");
+    assert!(all.contains(&a) && all.contains(&b));
+
+    assert!(!store
+        .confirm_identity(&unique("missing"), 1)
+        .await
+        .expect("confirm"));
+    assert!(store
+        .confirm_identity(&a.serial, 1_700_000_001_000)
+        .await
+        .expect("confirm"));
+    assert!(store
+        .confirm_identity(&a.serial, 1_700_000_002_000)
+        .await
+        .expect("confirm again"));
+    assert!(!store
+        .revoke_identity(&unique("missing"), 1)
+        .await
+        .expect("revoke"));
+    assert!(store
+        .revoke_identity(&a.serial, 1_700_000_003_000)
+        .await
+        .expect("revoke"));
+    assert!(store
+        .revoke_identity(&a.serial, 1_700_000_004_000)
+        .await
+        .expect("revoke again"));
+    let back = store
+        .get_identity(&a.serial)
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!(
+        back.confirmed_ms,
+        Some(1_700_000_001_000),
+        "first confirmation kept"
+    );
+    assert_eq!(
+        back.revoked_ms,
+        Some(1_700_000_003_000),
+        "first revocation kept"
+    );
+    let revoked = store
+        .revoked_identities()
+        .await
+        .expect("revoked_identities");
+    assert!(revoked.iter().any(|i| i.serial == a.serial));
+    assert!(!revoked.iter().any(|i| i.serial == b.serial));
 }
 
 /// Audit: append returns growing ids; queries filter and order strictly.

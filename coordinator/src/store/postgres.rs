@@ -46,7 +46,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use shared::domain::{
     AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion,
-    Redemption, TokenRecord,
+    IdentityRecord, Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
 use shared::store::{
@@ -59,8 +59,9 @@ use sqlx::{Connection, Postgres, QueryBuilder, Transaction};
 use super::sql::{
     agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from,
     push_audit_filters, push_audit_page, redemption, role_str, scope_json, sorted_partitions,
-    to_json, ApiTokenListingRow, ApiTokenRow, AssignmentRow, AuditRow, ConfigRow, LeaseRow,
-    TokenRow, TokenState, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS, TOKEN_COLUMNS,
+    to_json, ApiTokenListingRow, ApiTokenRow, AssignmentRow, AuditRow, ConfigRow, IdentityRow,
+    LeaseRow, TokenRow, TokenState, IDENTITY_COLUMNS, PRUNE_DEAD_AFTER_MS, RELEASED_EXPIRES_MS,
+    TOKEN_COLUMNS,
 };
 
 /// Agents per upsert statement. The arrays are bound as single parameters, so this only bounds
@@ -932,6 +933,110 @@ impl Store for PgStore {
             .await
             .map_err(|e| before_commit("count_api_tokens", e))?;
         u64::try_from(n).map_err(|e| corrupt("count_api_tokens", e))
+    }
+
+    async fn create_identity(&self, identity: &IdentityRecord) -> StoreResult<()> {
+        let i = identity.clone();
+        self.in_tx("create_identity", move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO identities (serial, instance_uid, created_ms, not_after_ms, \
+                     confirmed_ms, revoked_ms, fingerprint, cert_pem) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(i.serial.as_str())
+                .bind(i.instance_uid.as_bytes().as_slice())
+                .bind(i.created_ms)
+                .bind(i.not_after_ms)
+                .bind(i.confirmed_ms)
+                .bind(i.revoked_ms)
+                .bind(i.fingerprint.as_str())
+                .bind(i.cert_pem.as_str())
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_identities(&self) -> StoreResult<Vec<IdentityRecord>> {
+        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities ORDER BY created_ms, serial"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("list_identities", e))?;
+        rows.into_iter().map(IdentityRow::into_domain).collect()
+    }
+
+    async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>> {
+        let row: Option<IdentityRow> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE serial = $1"
+        ))
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| before_commit("get_identity", e))?;
+        row.map(IdentityRow::into_domain).transpose()
+    }
+
+    async fn identities_of(&self, uid: InstanceUid) -> StoreResult<Vec<IdentityRecord>> {
+        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE instance_uid = $1 \
+             ORDER BY created_ms, serial"
+        ))
+        .bind(uid.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("identities_of", e))?;
+        rows.into_iter().map(IdentityRow::into_domain).collect()
+    }
+
+    async fn confirm_identity(&self, serial: &str, at_ms: i64) -> StoreResult<bool> {
+        let serial = serial.to_owned();
+        self.in_tx("confirm_identity", move |tx| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE identities SET confirmed_ms = COALESCE(confirmed_ms, $1) \
+                     WHERE serial = $2",
+                )
+                .bind(at_ms)
+                .bind(serial)
+                .execute(&mut **tx)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn revoke_identity(&self, serial: &str, at_ms: i64) -> StoreResult<bool> {
+        let serial = serial.to_owned();
+        self.in_tx("revoke_identity", move |tx| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE identities SET revoked_ms = COALESCE(revoked_ms, $1) \
+                     WHERE serial = $2",
+                )
+                .bind(at_ms)
+                .bind(serial)
+                .execute(&mut **tx)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn revoked_identities(&self) -> StoreResult<Vec<IdentityRecord>> {
+        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE revoked_ms IS NOT NULL \
+             ORDER BY revoked_ms, serial"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("revoked_identities", e))?;
+        rows.into_iter().map(IdentityRow::into_domain).collect()
     }
 
     /// Appends `entry` and returns its new id; `entry.id` is ignored.

@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use shared::domain::{
     AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigVersion,
-    Redemption, Role, Target, TokenRecord, TokenScope,
+    IdentityRecord, Redemption, Role, Target, TokenRecord, TokenScope,
 };
 use shared::ids::InstanceUid;
 use shared::store::{AuditCursor, AuditQuery, Lease, StoreError, StoreResult};
@@ -218,6 +218,38 @@ impl TokenRow {
             expires_ms: self.expires_ms,
             revoked_ms: self.revoked_ms,
             redeemed_ms: self.redeemed_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct IdentityRow {
+    serial: String,
+    instance_uid: Vec<u8>,
+    created_ms: i64,
+    not_after_ms: i64,
+    confirmed_ms: Option<i64>,
+    revoked_ms: Option<i64>,
+    fingerprint: String,
+    cert_pem: String,
+}
+
+/// The `identities` columns an [`IdentityRow`] reads.
+pub(super) const IDENTITY_COLUMNS: &str =
+    "serial, instance_uid, created_ms, not_after_ms, confirmed_ms, revoked_ms, fingerprint, \
+     cert_pem";
+
+impl IdentityRow {
+    pub(super) fn into_domain(self) -> StoreResult<IdentityRecord> {
+        Ok(IdentityRecord {
+            instance_uid: uid_from(&self.instance_uid).map_err(|e| corrupt("identity", e))?,
+            serial: self.serial,
+            created_ms: self.created_ms,
+            not_after_ms: self.not_after_ms,
+            confirmed_ms: self.confirmed_ms,
+            revoked_ms: self.revoked_ms,
+            fingerprint: self.fingerprint,
+            cert_pem: self.cert_pem,
         })
     }
 }

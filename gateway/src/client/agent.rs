@@ -63,6 +63,11 @@ pub struct AgentOptions {
     /// agents that trust the server to remember them do (the server must then ask for full
     /// state when its memory may be stale, e.g. after a move between gateways).
     pub compact_reconnect: bool,
+    /// Declare AcceptsOpAMPConnectionSettings (0x100) and take up a client certificate the
+    /// server offers in `connection_settings.opamp` (with its private key): reconnect with it
+    /// (mTLS, no `Authorization` header from then on). Declaring 0x100 in `capabilities` does
+    /// the same. Needs a `wss://` / `https://` endpoint.
+    pub accept_identity: bool,
 }
 
 impl AgentOptions {
@@ -85,6 +90,7 @@ impl Default for AgentOptions {
             fail_configs: false,
             source_ip: None,
             compact_reconnect: false,
+            accept_identity: false,
         }
     }
 }
@@ -106,6 +112,9 @@ pub struct AgentStatus {
     pub heartbeat_secs: u64,
     pub server_capabilities: u64,
     pub full_state_requests: u64,
+    /// Serial (lowercase hex) of the client certificate the agent connects with, once a
+    /// connection with an offered certificate succeeded; `None` on the bootstrap token.
+    pub client_cert_serial: Option<String>,
 }
 
 /// Handle to a running agent task. Dropping it stops the agent like [`Agent::stop`], without
@@ -137,18 +146,10 @@ impl Agent {
                 core.set_error(e);
                 tokio::spawn(async move { drop(core) })
             }
-            Ok(ep) => {
-                let headers: Vec<(String, String)> = core
-                    .options()
-                    .token
-                    .iter()
-                    .map(|t| ("Authorization".to_string(), format!("Bearer {t}")))
-                    .collect();
-                match ep.scheme {
-                    Scheme::Ws => tokio::spawn(run_ws(core, ep, headers, stop_rx)),
-                    Scheme::Http => tokio::spawn(run_http(core, ep, headers, stop_rx)),
-                }
-            }
+            Ok(ep) => match ep.scheme {
+                Scheme::Ws => tokio::spawn(run_ws(core, ep, stop_rx)),
+                Scheme::Http => tokio::spawn(run_http(core, ep, stop_rx)),
+            },
         };
         Agent {
             stop: Some(stop_tx),
@@ -220,35 +221,50 @@ enum SessionEnd {
     Unavailable {
         retry_after: Option<Duration>,
     },
+    /// New connection settings to try: close and reconnect at once with them.
+    Switch,
 }
 
-async fn run_ws(
-    mut core: AgentCore,
-    ep: Endpoint,
-    headers: Vec<(String, String)>,
-    mut stop: oneshot::Receiver<()>,
-) {
+async fn run_ws(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<()>) {
     let source = core.options().source_ip;
-    let tls = core.options().tls.clone();
     let mut backoff = Backoff::default();
     loop {
+        // The configured endpoint, TLS and token, or an offered client certificate.
+        let settings = core.connection();
+        let target = settings.endpoint.unwrap_or_else(|| ep.clone());
+        // Boxed here and below: the handshake and the goodbye are big futures that only live
+        // briefly; inline they would bloat every idle agent's task.
+        let connect = Box::pin(async move {
+            WsConnection::connect_endpoint(
+                &target,
+                &settings.headers,
+                source,
+                settings.tls.as_ref(),
+            )
+            .await
+        });
         let connected = tokio::select! {
             _ = &mut stop => return,
-            // Boxed here and below: the handshake and the goodbye are big futures that only
-            // live briefly; inline they would bloat every idle agent's task.
-            c = Box::pin(WsConnection::connect_endpoint(&ep, &headers, source, tls.as_ref())) => c,
+            c = connect => c,
         };
         let mut conn = match connected {
             Ok(c) => c,
             Err(e) => {
+                let error = e.to_string();
+                if core.connection_failed(&error) {
+                    // The offered certificate did not work: back to the previous settings.
+                    core.set_error(error);
+                    continue;
+                }
                 let wait = backoff.next(e.retry_after());
-                core.set_error(e.to_string());
+                core.set_error(error);
                 if !pause(wait, &mut stop).await {
                     return;
                 }
                 continue;
             }
         };
+        core.connection_succeeded();
         core.set_connected(true);
         let end = ws_session(&mut core, &mut conn, &mut stop, &mut backoff).await;
         core.set_connected(false);
@@ -264,6 +280,11 @@ async fn run_ws(
             SessionEnd::Unavailable { retry_after } => {
                 Box::pin(goodbye(&mut core, conn)).await;
                 retry_after
+            }
+            SessionEnd::Switch => {
+                Box::pin(conn.close(1000, "switching connection settings")).await;
+                backoff.reset();
+                continue;
             }
         };
         if !pause(backoff.next(retry_after), &mut stop).await {
@@ -340,9 +361,12 @@ async fn ws_session(
                     // A full exchange worked: the next failure retries at once again.
                     backoff.reset();
                     let out = core.on_message(msg);
-                    let then = out
-                        .reconnect
-                        .then_some(SessionEnd::Unavailable { retry_after: out.retry_after });
+                    let then = if out.switch {
+                        Some(SessionEnd::Switch)
+                    } else {
+                        out.reconnect
+                            .then_some(SessionEnd::Unavailable { retry_after: out.retry_after })
+                    };
                     Step::Send(out.send, then)
                 }
                 Ok(None) => {
@@ -366,15 +390,20 @@ async fn ws_session(
     }
 }
 
-async fn run_http(
-    mut core: AgentCore,
-    ep: Endpoint,
-    headers: Vec<(String, String)>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let mut transport = HttpTransport::from_endpoint(ep, headers)
-        .with_source_ip(core.options().source_ip)
-        .with_tls(core.options().tls.clone());
+/// The HTTP transport for the configured endpoint, TLS and token, or an offered client
+/// certificate.
+fn http_transport(core: &AgentCore, ep: &Endpoint) -> HttpTransport {
+    let settings = core.connection();
+    HttpTransport::from_endpoint(
+        settings.endpoint.unwrap_or_else(|| ep.clone()),
+        settings.headers,
+    )
+    .with_source_ip(core.options().source_ip)
+    .with_tls(settings.tls)
+}
+
+async fn run_http(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<()>) {
+    let mut transport = http_transport(&core, &ep);
     let mut backoff = Backoff::default();
     // Messages waiting to go out; polls are made up on the spot when this is empty.
     let mut queue: VecDeque<AgentToServer> = VecDeque::from([core.full_state()]);
@@ -401,16 +430,29 @@ async fn run_http(
                 Ok(reply) => {
                     queue.pop_front();
                     backoff.reset();
+                    core.connection_succeeded();
                     core.set_connected(true);
                     let out = core.on_message(reply);
                     // Sent right away, without waiting for the next poll: e.g. APPLYING, APPLIED.
                     queue.extend(out.send);
+                    if out.switch {
+                        // An offered client certificate: the next request is made with it.
+                        transport = http_transport(&core, &ep);
+                    }
                     out.reconnect.then(|| backoff.next(out.retry_after))
                 }
                 Err(e) => {
                     core.set_connected(false);
-                    core.set_error(e.to_string());
-                    Some(backoff.next(e.retry_after()))
+                    let error = e.to_string();
+                    let reverted = core.connection_failed(&error);
+                    core.set_error(error);
+                    if reverted {
+                        // The offered certificate did not work: back to the previous settings.
+                        transport = http_transport(&core, &ep);
+                        None
+                    } else {
+                        Some(backoff.next(e.retry_after()))
+                    }
                 }
             }
         };
@@ -439,14 +481,14 @@ mod tests {
         let core = || AgentCore::new(AgentOptions::default()).0;
         let ep = |u| Endpoint::parse(u).expect("valid");
         let (_tx, rx) = oneshot::channel();
-        let ws = run_ws(core(), ep("ws://h/"), Vec::new(), rx);
+        let ws = run_ws(core(), ep("ws://h/"), rx);
         assert!(
             std::mem::size_of_val(&ws) < 2048,
             "{}",
             std::mem::size_of_val(&ws)
         );
         let (_tx, rx) = oneshot::channel();
-        let http = run_http(core(), ep("http://h/"), Vec::new(), rx);
+        let http = run_http(core(), ep("http://h/"), rx);
         assert!(
             std::mem::size_of_val(&http) < 3072,
             "{}",

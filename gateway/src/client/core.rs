@@ -9,13 +9,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proto::v1::{
     any_value, server_error_response, AgentConfigFile, AgentConfigMap, AgentDescription,
-    AgentDisconnect, AgentRemoteConfig, AnyValue, ComponentHealth, EffectiveConfig, KeyValue,
+    AgentDisconnect, AgentRemoteConfig, AnyValue, ComponentHealth, ConnectionSettingsStatus,
+    ConnectionSettingsStatuses, EffectiveConfig, KeyValue, OpAmpConnectionSettings,
     RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponseType,
 };
 use proto::{agent_caps, agent_flags, server_flags, AgentToServer, ServerToAgent};
 use tokio::sync::watch;
 
 use super::agent::{AgentOptions, AgentStatus};
+use super::tls::ClientTls;
+use super::url::Endpoint;
 
 /// Content type of the initial (local) effective config.
 const INITIAL_CONTENT_TYPE: &str = "text/yaml";
@@ -32,6 +35,33 @@ pub struct Outcome {
     pub reconnect: bool,
     /// Delay the server asked for with `retry_info`, if any.
     pub retry_after: Option<Duration>,
+    /// New connection settings were accepted (a client certificate): send `send`, close the
+    /// connection and reconnect at once with [`AgentCore::connection`] (facts §5.1 step 4).
+    pub switch: bool,
+}
+
+/// A client certificate taken from a `connection_settings.opamp` offer (facts §5.1).
+#[derive(Debug, Clone)]
+struct Identity {
+    /// The offer's hash.
+    hash: Vec<u8>,
+    /// The certificate as offered (PEM), to recognise a repeat of it.
+    cert: Vec<u8>,
+    serial: String,
+    /// The trust to use, presenting the certificate.
+    tls: ClientTls,
+    /// The offered endpoint, when it is one this agent can use with a certificate.
+    endpoint: Option<Endpoint>,
+}
+
+/// How to open the next connection: [`AgentCore::connection`].
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// `None`: the configured endpoint.
+    pub endpoint: Option<Endpoint>,
+    pub tls: Option<ClientTls>,
+    /// `Authorization: Bearer <token>` until the agent is on a client certificate.
+    pub headers: Vec<(String, String)>,
 }
 
 /// One file of the effective config. The bodies live concatenated in
@@ -58,6 +88,17 @@ pub struct AgentCore {
     start_time_ns: u64,
     /// A connection was opened before (see [`AgentOptions::compact_reconnect`]).
     reconnecting: bool,
+    /// The client certificate in use (committed after a connection with it succeeded).
+    identity: Option<Box<Identity>>,
+    /// A client certificate offered and being tried on the next connection.
+    candidate: Option<Box<Identity>>,
+    /// Hash of the last connection-settings offer acted on (a repeat is skipped, like
+    /// opamp-go does).
+    settings_seen: Option<Vec<u8>>,
+    /// What `connection_settings_status` says (agents with ReportsConnectionSettingsStatus).
+    settings_status: Option<Box<ConnectionSettingsStatus>>,
+    /// `settings_status` changed and goes out with the next message.
+    settings_status_pending: bool,
     status: watch::Sender<AgentStatus>,
 }
 
@@ -65,6 +106,9 @@ impl AgentCore {
     /// Builds the core and the status channel it publishes to. `opts.initial_config` is moved
     /// into the status, not copied.
     pub fn new(mut opts: AgentOptions) -> (Self, watch::Receiver<AgentStatus>) {
+        if opts.accept_identity {
+            opts.capabilities |= agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
+        }
         let heartbeat = if opts.heartbeat.is_zero() {
             AgentOptions::DEFAULT_HEARTBEAT
         } else {
@@ -97,6 +141,11 @@ impl AgentCore {
             layout,
             start_time_ns: now_ns(),
             reconnecting: false,
+            identity: None,
+            candidate: None,
+            settings_seen: None,
+            settings_status: None,
+            settings_status_pending: false,
             status,
         };
         (core, rx)
@@ -137,11 +186,12 @@ impl AgentCore {
         self.status.send_modify(|s| s.last_error = Some(error));
     }
 
-    /// The header every message carries: uid, next sequence number, capabilities, flags.
+    /// The header every message carries: uid, next sequence number, capabilities, flags;
+    /// plus a connection-settings status not reported yet.
     fn base(&mut self) -> AgentToServer {
         let seq = self.next_seq;
         self.next_seq += 1;
-        AgentToServer {
+        let mut msg = AgentToServer {
             instance_uid: self.uid.to_vec(),
             sequence_num: seq,
             capabilities: self.opts.capabilities,
@@ -151,7 +201,81 @@ impl AgentCore {
                 0
             },
             ..AgentToServer::default()
+        };
+        if self.settings_status_pending && self.reports_settings_status() {
+            msg.connection_settings_status = self.settings_status.as_deref().cloned();
         }
+        self.settings_status_pending = false;
+        msg
+    }
+
+    fn reports_settings_status(&self) -> bool {
+        self.opts.capabilities & agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS != 0
+    }
+
+    /// How to open the next connection: with the certificate being tried, else the one in
+    /// use (no `Authorization` header then), else as configured.
+    pub fn connection(&self) -> Connection {
+        match self.candidate.as_ref().or(self.identity.as_ref()) {
+            Some(id) => Connection {
+                endpoint: id.endpoint.clone(),
+                tls: Some(id.tls.clone()),
+                headers: Vec::new(),
+            },
+            None => Connection {
+                endpoint: None,
+                tls: self.opts.tls.clone(),
+                headers: self
+                    .opts
+                    .token
+                    .iter()
+                    .map(|t| ("Authorization".to_string(), format!("Bearer {t}")))
+                    .collect(),
+            },
+        }
+    }
+
+    /// A connection made with [`AgentCore::connection`] was accepted by the server (WebSocket
+    /// upgraded, HTTP answered 200): a certificate being tried becomes the one in use and is
+    /// reported APPLIED (facts §5.1 steps 6–8).
+    pub fn connection_succeeded(&mut self) {
+        let Some(id) = self.candidate.take() else {
+            return;
+        };
+        self.set_settings_status(&id.hash, ConnectionSettingsStatuses::Applied, String::new());
+        let serial = id.serial.clone();
+        self.identity = Some(id);
+        self.status
+            .send_modify(|s| s.client_cert_serial = Some(serial));
+    }
+
+    /// A connection made with [`AgentCore::connection`] failed. With a certificate being
+    /// tried, goes back to the previous settings and reports FAILED (facts §5.1 step 9); true
+    /// when it did (the caller retries at once).
+    pub fn connection_failed(&mut self, error: &str) -> bool {
+        let Some(id) = self.candidate.take() else {
+            return false;
+        };
+        self.set_settings_status(
+            &id.hash,
+            ConnectionSettingsStatuses::Failed,
+            format!("connecting with the offered client certificate failed: {error}"),
+        );
+        true
+    }
+
+    fn set_settings_status(
+        &mut self,
+        hash: &[u8],
+        status: ConnectionSettingsStatuses,
+        error_message: String,
+    ) {
+        self.settings_status = Some(Box::new(ConnectionSettingsStatus {
+            last_connection_settings_hash: hash.to_vec(),
+            status: status as i32,
+            error_message,
+        }));
+        self.settings_status_pending = true;
     }
 
     /// The first message of a connection: the full state, except on reconnects of an agent
@@ -192,6 +316,9 @@ impl AgentCore {
             // Before any remote config the status is UNSET: saying so makes the report
             // complete, so the server need not ask for full state again.
             msg.remote_config_status = Some(self.remote_status.clone().unwrap_or_default());
+        }
+        if self.reports_settings_status() {
+            msg.connection_settings_status = self.settings_status.as_deref().cloned();
         }
         msg
     }
@@ -258,9 +385,12 @@ impl AgentCore {
         }
         // Like opamp-go: the interval applies to agents that heartbeat; 0 is ignored (it would
         // disable WS heartbeats and is invalid as an HTTP poll interval).
-        let interval = msg
+        let (hash, opamp) = msg
             .connection_settings
-            .and_then(|c| c.opamp)
+            .map(|c| (c.hash, c.opamp))
+            .unwrap_or_default();
+        let interval = opamp
+            .as_ref()
             .map(|o| o.heartbeat_interval_seconds)
             .unwrap_or(0);
         if interval > 0 && self.heartbeats_enabled() {
@@ -270,12 +400,144 @@ impl AgentCore {
         if full {
             out.send.push(self.full_state());
         }
+        if let Some(opamp) = opamp {
+            if self.opts.capabilities & agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS != 0 {
+                self.on_opamp_settings(hash, opamp, &mut out);
+            }
+        }
         if let Some(rc) = msg.remote_config {
             if self.opts.capabilities & agent_caps::ACCEPTS_REMOTE_CONFIG != 0 {
                 self.apply_remote_config(rc, &mut out.send);
             }
         }
         out
+    }
+
+    /// An `opamp` connection-settings offer (facts §5.1): a client certificate (with its key,
+    /// this agent sends no CSR) is tried on a new connection: APPLYING now, APPLIED or FAILED
+    /// once that connection is made. A repeat of the certificate in use changes nothing.
+    /// Offers without a hash are skipped, as opamp-go does; so are offers already acted on.
+    fn on_opamp_settings(&mut self, hash: Vec<u8>, op: OpAmpConnectionSettings, out: &mut Outcome) {
+        if hash.is_empty() || self.settings_seen.as_ref() == Some(&hash) {
+            return;
+        }
+        self.settings_seen = Some(hash.clone());
+        let Some(cert) = op.certificate else {
+            // Nothing this agent applies (the interval is taken above). A missing certificate
+            // would mean "stop using one"; an agent on its certificate keeps it, as the
+            // bootstrap token no longer admits it.
+            self.report_settings(
+                &hash,
+                ConnectionSettingsStatuses::Applied,
+                String::new(),
+                out,
+            );
+            return;
+        };
+        if let Some(id) = self.identity.as_mut().filter(|id| id.cert == cert.cert) {
+            // The certificate in use, repeated (facts §5.1: every offer must repeat it).
+            id.hash = hash.clone();
+            self.report_settings(
+                &hash,
+                ConnectionSettingsStatuses::Applied,
+                String::new(),
+                out,
+            );
+            return;
+        }
+        match self.candidate_from(&hash, &op.destination_endpoint, &cert) {
+            Ok(id) => {
+                self.candidate = Some(Box::new(id));
+                self.report_settings(
+                    &hash,
+                    ConnectionSettingsStatuses::Applying,
+                    String::new(),
+                    out,
+                );
+                out.switch = true;
+            }
+            Err(e) => {
+                self.set_error(format!("connection settings refused: {e}"));
+                self.report_settings(&hash, ConnectionSettingsStatuses::Failed, e, out);
+            }
+        }
+    }
+
+    /// Records the status and, for agents that report it, sends it now.
+    fn report_settings(
+        &mut self,
+        hash: &[u8],
+        status: ConnectionSettingsStatuses,
+        error: String,
+        out: &mut Outcome,
+    ) {
+        self.set_settings_status(hash, status, error);
+        if self.reports_settings_status() {
+            let msg = self.base();
+            out.send.push(msg);
+        } else {
+            self.settings_status_pending = false;
+        }
+    }
+
+    /// Checks an offered certificate and builds the settings to try it with.
+    fn candidate_from(
+        &self,
+        hash: &[u8],
+        destination: &str,
+        cert: &proto::v1::TlsCertificate,
+    ) -> Result<Identity, String> {
+        let cert_pem = std::str::from_utf8(&cert.cert)
+            .map_err(|_| "the offered certificate is not PEM text".to_string())?;
+        if cert.private_key.is_empty() {
+            return Err(
+                "the offered certificate comes without a private key and this agent sent no CSR"
+                    .into(),
+            );
+        }
+        let key_pem = std::str::from_utf8(&cert.private_key)
+            .map_err(|_| "the offered private key is not PEM text".to_string())?;
+        let serial = crate::tls::parse_certs_pem(cert_pem.as_bytes())
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .and_then(|der| {
+                x509_parser::parse_x509_certificate(&der)
+                    .ok()
+                    .map(|(_, c)| crate::tls::serial_hex(c.raw_serial()))
+            })
+            .ok_or_else(|| "the offered certificate does not parse".to_string())?;
+        // The endpoint: the offered one when this agent can use it with a certificate (same
+        // transport, TLS), else the one it uses now, which must be TLS.
+        let current = self
+            .identity
+            .as_ref()
+            .and_then(|i| i.endpoint.clone())
+            .or_else(|| Endpoint::parse(&self.opts.endpoint).ok());
+        let offered = Endpoint::parse(destination)
+            .ok()
+            .filter(|e| e.tls && Some(e.scheme) == current.as_ref().map(|c| c.scheme));
+        let endpoint = offered.clone().or(current);
+        if !endpoint.as_ref().is_some_and(|e| e.tls) {
+            return Err("a client certificate needs a wss:// or https:// endpoint".into());
+        }
+        // Trust: what the agent was configured with, else the offered CA.
+        let tls = match &self.opts.tls {
+            Some(t) => t.with_identity(cert_pem, key_pem),
+            None if !cert.ca_cert.is_empty() => {
+                let ca = std::str::from_utf8(&cert.ca_cert)
+                    .map_err(|_| "the offered CA is not PEM text".to_string())?;
+                ClientTls::from_ca_pem_with_identity(ca, cert_pem, key_pem)
+            }
+            None => return Err("no CA to verify the server with".into()),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(Identity {
+            hash: hash.to_vec(),
+            cert: cert.cert.clone(),
+            serial,
+            tls,
+            endpoint: offered.or_else(|| self.identity.as_ref().and_then(|i| i.endpoint.clone())),
+        })
     }
 
     /// APPLYING, then APPLIED with the new effective config (or FAILED when configured to).
@@ -745,5 +1007,200 @@ mod tests {
             ..ServerToAgent::default()
         });
         assert!(!out.reconnect, "bad request is not retried");
+    }
+
+    mod identity {
+        use super::*;
+        use crate::tls::{AgentCa, LocalCa};
+        use proto::v1::TlsCertificate;
+
+        struct Fixture {
+            _dir: tempfile::TempDir,
+            ca: AgentCa,
+            ca_pem: String,
+        }
+
+        fn fixture() -> Fixture {
+            let dir = tempfile::tempdir().expect("dir");
+            let local = LocalCa::new(dir.path(), vec!["localhost".into()]);
+            local.ensure().expect("ca");
+            let ca = AgentCa::from_files(&local.ca_cert_path, &local.ca_key_path).expect("ca");
+            let ca_pem = ca.ca_pem().to_string();
+            Fixture {
+                _dir: dir,
+                ca,
+                ca_pem,
+            }
+        }
+
+        fn tls_opts(f: &Fixture, caps: u64) -> AgentOptions {
+            AgentOptions {
+                endpoint: "wss://127.0.0.1:4320/v1/opamp".into(),
+                tls: Some(ClientTls::from_ca_pem(&f.ca_pem).expect("tls")),
+                token: Some("amp-bs.x".into()),
+                accept_identity: true,
+                capabilities: caps,
+                ..opts()
+            }
+        }
+
+        fn offer(hash: &[u8], cert: &str, key: Option<&str>, ca: &str) -> ServerToAgent {
+            ServerToAgent {
+                connection_settings: Some(ConnectionSettingsOffers {
+                    hash: hash.to_vec(),
+                    opamp: Some(OpAmpConnectionSettings {
+                        destination_endpoint: "ws://127.0.0.1:4320/v1/opamp".into(),
+                        heartbeat_interval_seconds: 30,
+                        certificate: Some(TlsCertificate {
+                            cert: cert.as_bytes().to_vec(),
+                            private_key: key.unwrap_or_default().as_bytes().to_vec(),
+                            ca_cert: ca.as_bytes().to_vec(),
+                        }),
+                        ..OpAmpConnectionSettings::default()
+                    }),
+                    ..ConnectionSettingsOffers::default()
+                }),
+                ..ServerToAgent::default()
+            }
+        }
+
+        fn status_of(msg: &AgentToServer) -> (i32, Vec<u8>) {
+            let s = msg
+                .connection_settings_status
+                .as_ref()
+                .expect("connection settings status");
+            (s.status, s.last_connection_settings_hash.clone())
+        }
+
+        #[test]
+        fn offered_certificate_is_tried_then_committed_and_replaces_the_token() {
+            let f = fixture();
+            let caps = DEFAULT_CAPABILITIES | agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS;
+            let (mut core, rx) = AgentCore::new(tls_opts(&f, caps));
+            let first = core.full_state();
+            assert_ne!(
+                first.capabilities & agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS,
+                0,
+                "the opt-in declares 0x100"
+            );
+            assert!(
+                first.connection_settings_status.is_none(),
+                "nothing to report yet"
+            );
+            assert_eq!(core.connection().headers.len(), 1, "the token");
+
+            let uid = shared::ids::InstanceUid(UID);
+            let issued =
+                f.ca.issue(uid, None, Duration::from_secs(3600))
+                    .expect("issue");
+            let key = issued.private_key_pem.clone().expect("key");
+            let out = core.on_message(offer(b"h1", &issued.cert_pem, Some(&key), &f.ca_pem));
+            assert!(out.switch, "reconnect with the certificate");
+            assert_eq!(out.send.len(), 1);
+            assert_eq!(
+                status_of(&out.send[0]),
+                (ConnectionSettingsStatuses::Applying as i32, b"h1".to_vec())
+            );
+            let c = core.connection();
+            assert!(
+                c.headers.is_empty(),
+                "no Authorization header with a certificate"
+            );
+            assert!(c.tls.as_ref().is_some_and(ClientTls::has_client_cert));
+            assert_eq!(rx.borrow().client_cert_serial, None, "not committed yet");
+
+            core.connection_succeeded();
+            assert_eq!(
+                rx.borrow().client_cert_serial.as_deref(),
+                Some(&*issued.serial)
+            );
+            let next = core.connect_message();
+            assert_eq!(
+                status_of(&next),
+                (ConnectionSettingsStatuses::Applied as i32, b"h1".to_vec())
+            );
+            assert!(!core.connection_failed("later failures keep the certificate"));
+            assert!(core.connection().headers.is_empty());
+
+            // The same offer again: skipped. The certificate repeated without its key under a
+            // new hash: nothing to change, APPLIED.
+            let out = core.on_message(offer(b"h1", &issued.cert_pem, Some(&key), &f.ca_pem));
+            assert!(!out.switch && out.send.is_empty());
+            let out = core.on_message(offer(b"h2", &issued.cert_pem, None, &f.ca_pem));
+            assert!(!out.switch);
+            assert_eq!(
+                status_of(&out.send[0]),
+                (ConnectionSettingsStatuses::Applied as i32, b"h2".to_vec())
+            );
+
+            // A new certificate that does not work: back to the one in use, FAILED.
+            let renewed =
+                f.ca.issue(uid, None, Duration::from_secs(3600))
+                    .expect("issue");
+            let key2 = renewed.private_key_pem.clone().expect("key");
+            let out = core.on_message(offer(b"h3", &renewed.cert_pem, Some(&key2), &f.ca_pem));
+            assert!(out.switch);
+            assert!(core.connection_failed("handshake refused"));
+            let msg = core.heartbeat_message();
+            assert_eq!(
+                status_of(&msg),
+                (ConnectionSettingsStatuses::Failed as i32, b"h3".to_vec())
+            );
+            assert_eq!(
+                rx.borrow().client_cert_serial.as_deref(),
+                Some(&*issued.serial)
+            );
+            assert!(
+                core.connection().headers.is_empty(),
+                "still on the first certificate"
+            );
+
+            // Another certificate without a key (this agent sends no CSR): refused.
+            let out = core.on_message(offer(b"h4", &renewed.cert_pem, None, &f.ca_pem));
+            assert!(!out.switch);
+            assert_eq!(
+                status_of(&out.send[0]).0,
+                ConnectionSettingsStatuses::Failed as i32
+            );
+        }
+
+        #[test]
+        fn offers_are_ignored_without_the_opt_in_and_refused_over_plaintext() {
+            let f = fixture();
+            let uid = shared::ids::InstanceUid(UID);
+            let issued =
+                f.ca.issue(uid, None, Duration::from_secs(3600))
+                    .expect("issue");
+            let key = issued.private_key_pem.clone().expect("key");
+            let o = || offer(b"h1", &issued.cert_pem, Some(&key), &f.ca_pem);
+
+            let (mut core, _rx) = AgentCore::new(AgentOptions {
+                accept_identity: false,
+                ..tls_opts(&f, DEFAULT_CAPABILITIES)
+            });
+            assert_eq!(
+                core.full_state().capabilities & agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS,
+                0
+            );
+            let out = core.on_message(o());
+            assert!(!out.switch && out.send.is_empty());
+            assert_eq!(core.connection().headers.len(), 1);
+
+            // ws:// with no TLS endpoint offered: the certificate cannot be used.
+            let (mut core, rx) = AgentCore::new(AgentOptions {
+                endpoint: "ws://127.0.0.1:4320/v1/opamp".into(),
+                tls: None,
+                ..tls_opts(&f, DEFAULT_CAPABILITIES)
+            });
+            let out = core.on_message(o());
+            assert!(!out.switch, "no status sent without 0x8000 either");
+            assert!(out.send.is_empty());
+            assert_eq!(core.connection().headers.len(), 1, "keeps the token");
+            assert!(rx
+                .borrow()
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("wss://")));
+        }
     }
 }

@@ -74,6 +74,33 @@ impl ClientTls {
         Ok(Self::from_config(Arc::new(with_alpn(config))))
     }
 
+    /// The same trust as `self`, presenting the client certificate chain `chain_pem` (leaf
+    /// first) with its key `key_pem`: how an agent takes up an identity offered by the server
+    /// while keeping the CA it was configured to trust.
+    pub fn with_identity(&self, chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            TlsError::Invalid(format!("client {what}: {e}"))
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            parse_certs_pem(chain_pem.as_bytes()).map_err(|e| invalid("certificate", &e))?;
+        if chain.is_empty() {
+            return Err(TlsError::Invalid(
+                "client certificate: none in the PEM".into(),
+            ));
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
+        let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider())?;
+        let mut config = (*self.config).clone();
+        config.client_auth_cert_resolver = Arc::new(OneClientCert(Arc::new(certified)));
+        Ok(Self::from_config(Arc::new(config)))
+    }
+
+    /// Whether this configuration presents a client certificate.
+    pub fn has_client_cert(&self) -> bool {
+        self.config.client_auth_cert_resolver.has_certs()
+    }
+
     /// Any rustls client configuration (custom verifiers, pinning).
     pub fn from_config(config: Arc<rustls::ClientConfig>) -> Self {
         Self { config }
@@ -96,6 +123,24 @@ impl ClientTls {
             .connect(name, tcp)
             .await?;
         Ok(MaybeTls::Tls(Box::new(tls)))
+    }
+}
+
+/// Always presents the one certificate (rustls' own equivalent is not public).
+#[derive(Debug)]
+struct OneClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OneClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

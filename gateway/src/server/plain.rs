@@ -16,7 +16,9 @@ use http::header::{CONTENT_ENCODING, CONTENT_TYPE, VARY};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use proto::{AgentToServer, Message};
-use shared::bus::{AgentFrame, CoordinatorReply, CoordinatorRequest, FrameReply, Route};
+use shared::bus::{
+    AgentFrame, CertificateId, CoordinatorReply, CoordinatorRequest, FrameReply, Route,
+};
 use shared::domain::Transport;
 use shared::ids::InstanceUid;
 
@@ -97,10 +99,15 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish()
 }
 
-pub(super) async fn serve(inner: Arc<Inner>, req: Request, source_ip: IpAddr) -> Response {
+pub(super) async fn serve(
+    inner: Arc<Inner>,
+    req: Request,
+    source_ip: IpAddr,
+    cert: Option<CertificateId>,
+) -> Response {
     let (parts, body) = req.into_parts();
     let (credential, uid_hint) =
-        match authenticate(&inner, &parts.headers, source_ip, Transport::Http).await {
+        match authenticate(&inner, &parts.headers, source_ip, Transport::Http, cert).await {
             Ok(ok) => ok,
             Err(resp) => return resp,
         };
@@ -168,8 +175,8 @@ pub(super) async fn serve(inner: Arc<Inner>, req: Request, source_ip: IpAddr) ->
     .await;
     let reply: FrameReply = match reply {
         Ok(Ok(CoordinatorReply::Frame(r))) => *r,
-        Ok(Ok(CoordinatorReply::Auth(_))) => {
-            tracing::error!("coordinator answered a frame with an authentication reply");
+        Ok(Ok(CoordinatorReply::Auth(_) | CoordinatorReply::RevokedSerials(_))) => {
+            tracing::error!("coordinator answered a frame with another reply");
             return service_unavailable("coordinator unavailable");
         }
         Ok(Err(e)) => {

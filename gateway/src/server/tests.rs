@@ -51,6 +51,7 @@ impl CoordinatorHandler for FakeCoordinator {
             CoordinatorRequest::Authenticate(_) => {
                 CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken))
             }
+            CoordinatorRequest::RevokedSerials => CoordinatorReply::RevokedSerials(Vec::new()),
             CoordinatorRequest::Frame(f) => {
                 // A frame asking for this capability value gets refused, to test closes.
                 let close = (f.msg.capabilities == 0xDEAD).then(|| "auth: token revoked".into());

@@ -26,8 +26,8 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use proto::{AgentToServer, ServerToAgent};
 use shared::bus::{
-    AgentFrame, CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential, GatewayMessage,
-    Route,
+    AgentFrame, CertificateId, CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential,
+    GatewayMessage, Route,
 };
 use shared::domain::Transport;
 use shared::ids::InstanceUid;
@@ -72,7 +72,12 @@ type Reader = WebSocketRead<DetachableRead<tokio::io::ReadHalf<Io>>>;
 type Writer = WebSocketWrite<tokio::io::WriteHalf<Io>>;
 
 /// Authenticates and upgrades; the connection then lives in its own task.
-pub(super) async fn serve(inner: Arc<Inner>, mut req: Request, source_ip: IpAddr) -> Response {
+pub(super) async fn serve(
+    inner: Arc<Inner>,
+    mut req: Request,
+    source_ip: IpAddr,
+    cert: Option<CertificateId>,
+) -> Response {
     // Validate the handshake before authenticating: a bad upgrade must not redeem a token.
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -87,7 +92,7 @@ pub(super) async fn serve(inner: Arc<Inner>, mut req: Request, source_ip: IpAddr
         return service_unavailable("server shutting down");
     }
     let credential =
-        match authenticate(&inner, req.headers(), source_ip, Transport::WebSocket).await {
+        match authenticate(&inner, req.headers(), source_ip, Transport::WebSocket, cert).await {
             Ok((credential, _hint)) => credential,
             Err(resp) => return resp,
         };

@@ -105,6 +105,19 @@ impl ServerTls {
         })
     }
 
+    /// Verifies client certificates against the agent CA (optional: clients without one
+    /// still connect, for bootstrap tokens) and refuses revoked ones at the handshake, instead
+    /// of passing any presented chain on unverified.
+    pub fn with_agent_trust(mut self, trust: &super::AgentTrust) -> Result<Self, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(trust.verifier())
+            .with_cert_resolver(self.store.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        self.config = Arc::new(config);
+        Ok(self)
+    }
+
     pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
@@ -272,8 +285,8 @@ fn check(
 /// still checks the handshake signature, i.e. that the client holds the leaf's key) and handed
 /// to the request handler in [`super::Peer::client_certs`].
 ///
-/// This is the hook for mTLS identities: replace it with rustls' `WebPkiClientVerifier` over
-/// the agent CA, built with `allow_unauthenticated()` so bootstrap-token agents still connect.
+/// Used without agent identities; with them, [`ServerTls::with_agent_trust`] replaces it by
+/// the WebPKI verifier over the agent CA.
 #[derive(Debug)]
 struct OptionalClientCerts {
     provider: Arc<CryptoProvider>,

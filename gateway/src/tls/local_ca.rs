@@ -34,7 +34,8 @@ pub struct LocalCa {
     pub dir: PathBuf,
     /// The CA certificate: what agents must trust.
     pub ca_cert_path: PathBuf,
-    ca_key_path: PathBuf,
+    /// The CA's private key: what signs agent identities in `ampora serve`.
+    pub ca_key_path: PathBuf,
     /// The server's certificate chain and key, what the listener serves.
     pub cert_path: PathBuf,
     pub key_path: PathBuf,

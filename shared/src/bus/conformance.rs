@@ -92,6 +92,9 @@ impl CoordinatorHandler for TestCoordinator {
                 CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken))
             }
             CoordinatorRequest::Frame(f) => CoordinatorReply::Frame(Box::new(answer(&f))),
+            CoordinatorRequest::RevokedSerials => {
+                CoordinatorReply::RevokedSerials(vec!["4a01".into(), "7fff".into()])
+            }
         }
     }
 
@@ -275,6 +278,7 @@ async fn any_route_authenticates(g: &dyn Bus) {
         source_ip: "2001:db8::5".parse().expect("ip"),
         uid_hint: Some(uid),
         transport: Transport::Http,
+        certificate: None,
     };
     let expected = describe_auth(&good);
     let reply = within(
@@ -298,7 +302,18 @@ async fn any_route_authenticates(g: &dyn Bus) {
         source_ip: ip(),
         uid_hint: None,
         transport: Transport::WebSocket,
+        certificate: None,
     };
+    let revoked = within(
+        "revoked serials",
+        g.request(Route::Any, CoordinatorRequest::RevokedSerials),
+    )
+    .await
+    .expect("revoked serials");
+    assert!(
+        matches!(&revoked, CoordinatorReply::RevokedSerials(s) if s == &["4a01", "7fff"]),
+        "{revoked:?}"
+    );
     let reply = within(
         "authenticate",
         g.request(Route::Any, CoordinatorRequest::Authenticate(bad)),

@@ -43,6 +43,9 @@ pub enum Credential {
         token_id: String,
         bound_uid: Option<InstanceUid>,
     },
+    /// A client certificate from the agent CA, verified by the gateway (at the TLS handshake
+    /// or from a trusted proxy's header): the agent's mTLS identity.
+    Certificate { uid: InstanceUid, serial: String },
 }
 
 /// Why authentication failed. `as_str` values are the audited reason codes.
@@ -55,6 +58,11 @@ pub enum AuthFailure {
     Expired,
     Revoked,
     AlreadyRedeemed,
+    /// A bootstrap token presented for an agent that has a confirmed mTLS identity: only its
+    /// certificate is accepted now.
+    IdentityRequired,
+    /// The client certificate's identity is revoked or unknown.
+    IdentityRevoked,
 }
 
 impl AuthFailure {
@@ -67,6 +75,8 @@ impl AuthFailure {
             Self::Expired => "expired",
             Self::Revoked => "revoked",
             Self::AlreadyRedeemed => "already_redeemed",
+            Self::IdentityRequired => "identity_required",
+            Self::IdentityRevoked => "identity_revoked",
         }
     }
 
@@ -80,6 +90,8 @@ impl AuthFailure {
             Self::Expired => "token expired",
             Self::Revoked => "token revoked",
             Self::AlreadyRedeemed => "token already redeemed by another agent",
+            Self::IdentityRequired => "agent has a certificate identity; bootstrap token refused",
+            Self::IdentityRevoked => "client certificate revoked",
         }
     }
 }
@@ -87,12 +99,23 @@ impl AuthFailure {
 /// "May this request in?", asked before a WebSocket upgrade or HTTP request is accepted.
 #[derive(Debug, Clone)]
 pub struct AuthRequest {
-    /// The bearer token, scheme already checked and stripped by the gateway.
+    /// The bearer token, scheme already checked and stripped by the gateway; empty when
+    /// `certificate` authenticates the request.
     pub token: String,
+    /// The verified client certificate's identity, when the request came with one.
+    pub certificate: Option<CertificateId>,
     pub source_ip: IpAddr,
     /// The instance UID the client declared up front (`OpAMP-Instance-UID`), if any.
     pub uid_hint: Option<InstanceUid>,
     pub transport: Transport,
+}
+
+/// What a gateway read from a verified agent certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateId {
+    pub uid: InstanceUid,
+    /// Lowercase hex without leading zero bytes.
+    pub serial: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,12 +154,16 @@ pub struct FrameReply {
 pub enum CoordinatorRequest {
     Authenticate(AuthRequest),
     Frame(Box<AgentFrame>),
+    /// Every revoked identity serial ([`Route::Any`]): a gateway's full refresh of its
+    /// revocation set, at start and periodically, beside the `IdentityRevoked` broadcasts.
+    RevokedSerials,
 }
 
 #[derive(Debug, Clone)]
 pub enum CoordinatorReply {
     Auth(AuthDecision),
     Frame(Box<FrameReply>),
+    RevokedSerials(Vec<String>),
 }
 
 /// Fire-and-forget news for coordinators.
@@ -172,7 +199,7 @@ pub enum GatewayMessage {
     },
 }
 
-/// News every coordinator must hear (not routed by partition): changes one coordinator made
+/// News every coordinator (and every gateway) must hear (not routed by partition): changes one coordinator made
 /// through its API that the owners of the affected agents must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlEvent {
@@ -183,6 +210,8 @@ pub enum ControlEvent {
     /// A coordinator joined or is leaving; every coordinator re-balances partition leases now
     /// instead of at its next lease tick.
     MembershipChanged,
+    /// An agent identity was revoked: gateways refuse its certificate from now on.
+    IdentityRevoked { serial: String },
 }
 
 #[derive(Debug, thiserror::Error)]

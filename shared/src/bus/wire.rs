@@ -12,8 +12,8 @@ use proto::bus as pb;
 use proto::Message;
 
 use super::{
-    AgentFrame, AuthDecision, AuthFailure, AuthRequest, ControlEvent, CoordinatorEvent,
-    CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
+    AgentFrame, AuthDecision, AuthFailure, AuthRequest, CertificateId, ControlEvent,
+    CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
 };
 use crate::domain::Transport;
 use crate::ids::{GatewayId, InstanceUid};
@@ -59,6 +59,9 @@ pub(crate) fn encode_reply(reply: CoordinatorReply) -> Vec<u8> {
                 close: f.close,
             })
         }
+        CoordinatorReply::RevokedSerials(serials) => {
+            Kind::RevokedSerials(pb::RevokedSerials { serials })
+        }
     };
     pb::CoordinatorReply { kind: Some(kind) }.encode_to_vec()
 }
@@ -90,6 +93,9 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
             Kind::TokenChanged(pb::TokenChanged { token_id })
         }
         ControlEvent::MembershipChanged => Kind::MembershipChanged(pb::MembershipChanged {}),
+        ControlEvent::IdentityRevoked { serial } => {
+            Kind::IdentityRevoked(pb::IdentityRevoked { serial })
+        }
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -102,6 +108,10 @@ fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
             source_ip: a.source_ip.to_string(),
             uid_hint: a.uid_hint.map(|u| u.0.to_vec()),
             transport: transport_to_pb(a.transport) as i32,
+            certificate: a.certificate.map(|c| pb::Certificate {
+                uid: c.uid.0.to_vec(),
+                serial: c.serial,
+            }),
         }),
         CoordinatorRequest::Frame(f) => {
             let f = *f;
@@ -115,6 +125,7 @@ fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
                 msg: Some(f.msg),
             })
         }
+        CoordinatorRequest::RevokedSerials => Kind::RevokedSerials(pb::RevokedSerialsRequest {}),
     };
     pb::CoordinatorRequest { kind: Some(kind) }
 }
@@ -161,6 +172,12 @@ fn credential_to_pb(c: Credential) -> pb::Credential {
                 bound_uid: bound_uid.map(|u| u.0.to_vec()),
             })),
         },
+        Credential::Certificate { uid, serial } => pb::Credential {
+            kind: Some(pb::credential::Kind::Certificate(pb::Certificate {
+                uid: uid.0.to_vec(),
+                serial,
+            })),
+        },
     }
 }
 
@@ -180,6 +197,8 @@ fn failure_to_pb(f: AuthFailure) -> pb::AuthFailure {
         AuthFailure::Expired => pb::AuthFailure::Expired,
         AuthFailure::Revoked => pb::AuthFailure::Revoked,
         AuthFailure::AlreadyRedeemed => pb::AuthFailure::AlreadyRedeemed,
+        AuthFailure::IdentityRequired => pb::AuthFailure::IdentityRequired,
+        AuthFailure::IdentityRevoked => pb::AuthFailure::IdentityRevoked,
     }
 }
 
@@ -205,6 +224,7 @@ pub(crate) fn decode_reply(bytes: &[u8]) -> Result<CoordinatorReply, Malformed> 
             bind: f.bind.as_deref().map(uid_from_pb).transpose()?,
             close: f.close,
         })),
+        Kind::RevokedSerials(r) => CoordinatorReply::RevokedSerials(r.serials),
     })
 }
 
@@ -236,6 +256,7 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
             token_id: t.token_id,
         },
         Kind::MembershipChanged(_) => ControlEvent::MembershipChanged,
+        Kind::IdentityRevoked(r) => ControlEvent::IdentityRevoked { serial: r.serial },
     })
 }
 
@@ -247,6 +268,15 @@ fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Ma
             source_ip: ip_from_pb(&a.source_ip)?,
             uid_hint: a.uid_hint.as_deref().map(uid_from_pb).transpose()?,
             transport: transport_from_pb(a.transport)?,
+            certificate: a
+                .certificate
+                .map(|c| {
+                    Ok::<_, Malformed>(CertificateId {
+                        uid: uid_from_pb(&c.uid)?,
+                        serial: c.serial,
+                    })
+                })
+                .transpose()?,
         }),
         Kind::Frame(f) => CoordinatorRequest::Frame(Box::new(AgentFrame {
             gateway: GatewayId(f.gateway),
@@ -257,6 +287,7 @@ fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Ma
             source_ip: ip_from_pb(&f.source_ip)?,
             msg: f.msg.ok_or(Malformed("frame without message"))?,
         })),
+        Kind::RevokedSerials(_) => CoordinatorRequest::RevokedSerials,
     })
 }
 
@@ -290,6 +321,10 @@ fn credential_from_pb(c: pb::Credential) -> Result<Credential, Malformed> {
             token_id: t.token_id,
             bound_uid: t.bound_uid.as_deref().map(uid_from_pb).transpose()?,
         }),
+        pb::credential::Kind::Certificate(c) => Ok(Credential::Certificate {
+            uid: uid_from_pb(&c.uid)?,
+            serial: c.serial,
+        }),
     }
 }
 
@@ -318,6 +353,8 @@ fn failure_from_pb(v: i32) -> Result<AuthFailure, Malformed> {
         Ok(pb::AuthFailure::Expired) => AuthFailure::Expired,
         Ok(pb::AuthFailure::Revoked) => AuthFailure::Revoked,
         Ok(pb::AuthFailure::AlreadyRedeemed) => AuthFailure::AlreadyRedeemed,
+        Ok(pb::AuthFailure::IdentityRequired) => AuthFailure::IdentityRequired,
+        Ok(pb::AuthFailure::IdentityRevoked) => AuthFailure::IdentityRevoked,
         Ok(pb::AuthFailure::Unspecified) | Err(_) => return Err(Malformed("auth failure")),
     })
 }
@@ -356,6 +393,10 @@ mod tests {
             source_ip: "10.0.0.1".parse().expect("ip"),
             uid_hint: Some(uid()),
             transport: Transport::WebSocket,
+            certificate: Some(CertificateId {
+                uid: uid(),
+                serial: "4abc".into(),
+            }),
         };
         match decode_inbound(&encode_request(CoordinatorRequest::Authenticate(
             auth.clone(),
@@ -365,6 +406,7 @@ mod tests {
                 assert_eq!(back.source_ip, auth.source_ip);
                 assert_eq!(back.uid_hint, auth.uid_hint);
                 assert_eq!(back.transport, auth.transport);
+                assert_eq!(back.certificate, auth.certificate);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -409,6 +451,8 @@ mod tests {
             AuthFailure::Expired,
             AuthFailure::Revoked,
             AuthFailure::AlreadyRedeemed,
+            AuthFailure::IdentityRequired,
+            AuthFailure::IdentityRevoked,
         ] {
             match decode_reply(&encode_reply(CoordinatorReply::Auth(AuthDecision::Reject(
                 failure,
@@ -437,6 +481,27 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+        let serials = vec!["4a".to_string(), "7f00".to_string()];
+        match decode_reply(&encode_reply(CoordinatorReply::RevokedSerials(
+            serials.clone(),
+        ))) {
+            Ok(CoordinatorReply::RevokedSerials(back)) => assert_eq!(back, serials),
+            other => panic!("unexpected {other:?}"),
+        }
+        match decode_inbound(&encode_request(CoordinatorRequest::RevokedSerials)) {
+            Ok(Inbound::Request(CoordinatorRequest::RevokedSerials)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        let cert = Credential::Certificate {
+            uid: uid(),
+            serial: "4abc".into(),
+        };
+        match decode_reply(&encode_reply(CoordinatorReply::Auth(AuthDecision::Accept(
+            cert.clone(),
+        )))) {
+            Ok(CoordinatorReply::Auth(AuthDecision::Accept(back))) => assert_eq!(back, cert),
+            other => panic!("unexpected {other:?}"),
+        }
         match decode_gateway(&encode_gateway(GatewayMessage::Close {
             uid: uid(),
             epoch: 4,
@@ -453,6 +518,9 @@ mod tests {
                 token_id: "t".into(),
             },
             ControlEvent::MembershipChanged,
+            ControlEvent::IdentityRevoked {
+                serial: "4abc".into(),
+            },
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
         }
@@ -494,6 +562,7 @@ mod tests {
                             source_ip: "127.0.0.1".into(),
                             uid_hint: None,
                             transport: 99,
+                            certificate: None,
                         },
                     )),
                 },
