@@ -169,6 +169,9 @@ impl From<AuthFailure> for Refusal {
     }
 }
 
+/// Pushes in flight at once during a rollout (each waits on Redis and NATS round trips).
+const DELIVERY_CONCURRENCY: usize = 256;
+
 /// Most redemptions committed in one transaction.
 const REDEEM_BATCH: usize = 512;
 
@@ -469,9 +472,7 @@ impl Coordinator {
                 }
             }
         }
-        for (uid, msg) in pushes {
-            self.deliver(uid, msg).await;
-        }
+        self.deliver_all(pushes).await;
     }
 
     /// Hands every partition over and leaves the membership, so the other coordinators take
@@ -1533,15 +1534,15 @@ impl Coordinator {
         if let Ok(mut a) = self.assignments.write() {
             a.push(assignment.clone());
         }
-        self.apply_assignment(&assignment).await;
-        // The owners of the other partitions apply it too (and find it in the store on their
-        // next lease round if this is lost).
+        // Tell the owners of the other partitions first, so they push in parallel with us
+        // (they also find it in the store on their next lease round if this is lost).
         let _ = self
             .bus
             .broadcast(ControlEvent::AssignmentCreated {
                 assignment_id: assignment.id,
             })
             .await;
+        self.apply_assignment(&assignment).await;
         self.audit(
             author,
             "config.assign",
@@ -1597,9 +1598,16 @@ impl Coordinator {
                 pushes.push((uid, msg));
             }
         }
-        for (uid, msg) in pushes {
-            self.deliver(uid, msg).await;
-        }
+        self.deliver_all(pushes).await;
+    }
+
+    /// Delivers many pushes with bounded concurrency: each is an ownership lookup and a bus
+    /// publish, and awaiting them one by one made a rollout as slow as their sum.
+    async fn deliver_all(&self, pushes: Vec<(InstanceUid, proto::ServerToAgent)>) {
+        use futures::StreamExt as _;
+        futures::stream::iter(pushes)
+            .for_each_concurrent(DELIVERY_CONCURRENCY, |(uid, msg)| self.deliver(uid, msg))
+            .await;
     }
 
     async fn deliver(&self, uid: InstanceUid, msg: proto::ServerToAgent) {
