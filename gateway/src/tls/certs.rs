@@ -430,11 +430,16 @@ mod tests {
         (chain, key, leaf)
     }
 
+    /// Pause between two checks in `eventually`.
+    const POLL: Duration = Duration::from_millis(10);
+    /// Several reload periods (20 ms) during which a refused file must stay refused.
+    const QUIET_WINDOW: Duration = Duration::from_millis(100);
+
     async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !f() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -452,7 +457,7 @@ mod tests {
         // in between is refused, the complete one taken.
         let (chain2, key2, leaf2) = pair();
         std::fs::write(&key, &key2).expect("write");
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::sleep(QUIET_WINDOW).await;
         assert_eq!(
             tls.certificate(),
             Some(leaf1),
@@ -465,7 +470,7 @@ mod tests {
         .await;
 
         std::fs::write(&cert, "garbage").expect("write");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(QUIET_WINDOW).await;
         assert_eq!(tls.certificate(), Some(leaf2), "a broken file is not used");
     }
 

@@ -328,6 +328,10 @@ fn classify(e: &io::Error) -> FailureReason {
 /// Accept errors: per-connection ones (the client gave up in the backlog) are skipped; others
 /// (out of file descriptors) get a pause so the loop does not spin, as axum's own listener
 /// does.
+/// Pause after an accept error that is not the peer's doing (e.g. out of descriptors), so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
+
 async fn handle_accept_error(e: io::Error) {
     if matches!(
         e.kind(),
@@ -338,7 +342,7 @@ async fn handle_accept_error(e: io::Error) {
         return;
     }
     tracing::error!(error = %e, "accepting an agent connection failed");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
 }
 
 #[cfg(test)]

@@ -311,6 +311,9 @@ fn decode(raw: &[u8]) -> Option<Owner> {
 
 #[cfg(test)]
 mod tests {
+    /// Pause between two lookups while waiting for an expiry.
+    const LOOKUP_POLL: Duration = Duration::from_millis(20);
+
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -399,7 +402,7 @@ mod tests {
             if Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(LOOKUP_POLL).await;
         }
     }
 
