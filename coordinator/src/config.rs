@@ -62,7 +62,8 @@ pub struct TlsSection {
     pub identity_validity_days: u64,
     /// The header a TLS-terminating proxy puts the client certificate in (URL-encoded PEM).
     pub client_cert_header: String,
-    /// Addresses or CIDRs of proxies trusted to set `client_cert_header`.
+    /// Addresses or CIDRs of proxies trusted to set `client_cert_header`, `X-Real-IP` /
+    /// `X-Forwarded-For` (the agent's address) and `X-Forwarded-Proto` (https: it spoke TLS).
     pub trusted_proxies: Vec<String>,
 }
 
@@ -93,7 +94,9 @@ impl Default for TlsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct OpampSection {
     /// `OpAmp:BootstrapPlaintextAllowed`: accept bootstrap tokens over plain ws:// and http://.
-    /// All listeners are plaintext until TLS lands, so this is on by default for now.
+    /// Off by default: a token sent in the clear can be read and redeemed by someone else, so
+    /// only local development should turn it on. Over TLS (also a trusted proxy's) tokens are
+    /// always accepted.
     pub bootstrap_plaintext_allowed: bool,
     /// Largest accepted AgentToServer, after decompression.
     pub max_frame_bytes: u64,
@@ -192,7 +195,7 @@ impl Default for ServerSection {
 impl Default for OpampSection {
     fn default() -> Self {
         Self {
-            bootstrap_plaintext_allowed: true,
+            bootstrap_plaintext_allowed: false,
             max_frame_bytes: 4 * 1024 * 1024,
             heartbeat_interval_secs: 30,
             request_timeout_secs: 10,
@@ -568,30 +571,34 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(load(None, env(&[]), &[]), Ok(Config::default()));
+        assert!(
+            !Config::default().opamp.bootstrap_plaintext_allowed,
+            "secure by default: bootstrap over plaintext is for local development"
+        );
     }
 
     #[test]
     fn operator_guide_key_works_in_every_form() {
         for (e, s) in [
+            (env(&[("OpAmp__BootstrapPlaintextAllowed", "true")]), vec![]),
             (
-                env(&[("OpAmp__BootstrapPlaintextAllowed", "false")]),
-                vec![],
-            ),
-            (
-                env(&[("AMPORA_OPAMP__BOOTSTRAP_PLAINTEXT_ALLOWED", "false")]),
+                env(&[("AMPORA_OPAMP__BOOTSTRAP_PLAINTEXT_ALLOWED", "true")]),
                 vec![],
             ),
             (
                 env(&[]),
-                vec!["OpAmp:BootstrapPlaintextAllowed=false".to_string()],
+                vec!["OpAmp:BootstrapPlaintextAllowed=true".to_string()],
             ),
             (
                 env(&[]),
-                vec!["opamp.bootstrap_plaintext_allowed=false".to_string()],
+                vec!["opamp.bootstrap_plaintext_allowed=true".to_string()],
             ),
         ] {
             let c = load(None, e, &s).expect("valid");
-            assert!(!c.opamp.bootstrap_plaintext_allowed);
+            assert!(
+                c.opamp.bootstrap_plaintext_allowed,
+                "the operator guide's key turns on what is off by default"
+            );
         }
     }
 

@@ -210,7 +210,10 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
         match ev {
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
-            ControlEvent::IdentityRevoked { .. } => c.reload_identities().await,
+            ControlEvent::IdentityRevoked { serial }
+            | ControlEvent::IdentityConfirmed { serial } => {
+                c.load_identity(&serial).await;
+            }
             ControlEvent::MembershipChanged => {
                 if let Err(e) = leases::rebalance(&c).await {
                     tracing::error!(error = %e, "partition rebalance failed");
@@ -220,9 +223,16 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
     }
 }
 
+/// How often a coordinator re-reads every identity from the store, the safety net for lost
+/// confirmation and revocation broadcasts (each of which reads its one identity at once). Not
+/// every lease round: the table holds a certificate per agent, and gateways refresh their
+/// revoked set this often too.
+const IDENTITY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Renews leases every third of their TTL; also picks up assignments whose control event was
 /// lost (the bus is at-most-once).
 async fn run_leases(weak: std::sync::Weak<Coordinator>) {
+    let mut identities_loaded = tokio::time::Instant::now();
     loop {
         let period = match weak.upgrade() {
             Some(c) => c.cfg.lease_ttl / 3,
@@ -237,7 +247,10 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
             tracing::error!(error = %e, "partition lease renewal failed");
         }
         c.sync_assignments().await;
-        c.reload_identities().await;
+        if identities_loaded.elapsed() >= IDENTITY_RELOAD_INTERVAL {
+            c.reload_identities().await;
+            identities_loaded = tokio::time::Instant::now();
+        }
     }
 }
 
@@ -711,7 +724,7 @@ impl Coordinator {
 
     async fn authenticate(&self, req: AuthRequest) -> AuthDecision {
         let decision = match &req.certificate {
-            Some(cert) => self.check_certificate(cert.uid, &cert.serial),
+            Some(cert) => self.check_certificate(cert.uid, &cert.serial).await,
             None => self.check_token(&req).await,
         };
         if let AuthDecision::Reject(f) = &decision {
@@ -781,7 +794,7 @@ impl Coordinator {
 
     // ---- Identities -----------------------------------------------------------------------
 
-    async fn reload_identities(&self) {
+    pub(crate) async fn reload_identities(&self) {
         match self.store.list_identities().await {
             Ok(all) => {
                 let mut by_uid: HashMap<InstanceUid, Vec<IdentityRecord>> = HashMap::new();
@@ -803,6 +816,36 @@ impl Coordinator {
             .iter()
             .find(|i| i.serial == serial)
             .cloned()
+    }
+
+    /// Identity `serial` as the store has it, merged into the cache (another coordinator
+    /// issued or confirmed it); `None` when the store does not have it.
+    async fn load_identity(&self, serial: &str) -> Option<IdentityRecord> {
+        let record = match self.store.get_identity(serial).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "identity lookup failed");
+                return None;
+            }
+        };
+        if let Ok(mut c) = self.identities.write() {
+            let ids = c.entry(record.instance_uid).or_default();
+            match ids.iter_mut().find(|i| i.serial == record.serial) {
+                // Confirmation and revocation only ever get set: a read that raced with a
+                // local change must not undo it.
+                Some(i) => {
+                    i.confirmed_ms = i.confirmed_ms.or(record.confirmed_ms);
+                    i.revoked_ms = i.revoked_ms.or(record.revoked_ms);
+                }
+                // In creation order, as the newest-last lookups expect.
+                None => {
+                    let at = ids.partition_point(|i| i.created_ms <= record.created_ms);
+                    ids.insert(at, record.clone());
+                }
+            }
+        }
+        Some(record)
     }
 
     /// True when `uid` has a live identity it has connected with: bootstrap tokens are then
@@ -830,9 +873,18 @@ impl Coordinator {
     }
 
     /// A certificate the gateway verified: its identity must be known here and not revoked
-    /// (the gateway's revocation set may lag by a broadcast).
-    fn check_certificate(&self, uid: InstanceUid, serial: &str) -> AuthDecision {
-        match self.identity(serial, uid) {
+    /// (the gateway's revocation set may lag by a broadcast). In a cluster, one unknown here
+    /// was usually issued a moment ago by another coordinator, before this one's next reload
+    /// (the agent reconnects with it at once), so it is looked up in the store.
+    async fn check_certificate(&self, uid: InstanceUid, serial: &str) -> AuthDecision {
+        let known = match self.identity(serial, uid) {
+            Some(i) => Some(i),
+            None => self
+                .load_identity(serial)
+                .await
+                .filter(|i| i.instance_uid == uid),
+        };
+        match known {
             Some(i) if i.revoked_ms.is_none() => AuthDecision::Accept(Credential::Certificate {
                 uid,
                 serial: serial.to_string(),
@@ -886,9 +938,19 @@ impl Coordinator {
             tracing::error!(error = %e, "storing an identity failed");
             return Ok(None);
         }
-        if let Ok(mut c) = self.identities.write() {
-            c.entry(uid).or_default().push(record);
-        }
+        let superseded = match self.identities.write() {
+            Ok(mut c) => {
+                let ids = c.entry(uid).or_default();
+                let stale = ids
+                    .iter()
+                    .filter(|i| i.confirmed_ms.is_none() && i.revoked_ms.is_none())
+                    .map(|i| i.serial.clone())
+                    .collect::<Vec<_>>();
+                ids.push(record);
+                stale
+            }
+            Err(_) => Vec::new(),
+        };
         self.audit(
             "agent",
             "identity.issue",
@@ -898,6 +960,9 @@ impl Coordinator {
             serde_json::json!({ "serial": issued.serial, "csr": csr.is_some() }),
         )
         .await;
+        for serial in superseded {
+            self.supersede_identity(uid, &serial).await;
+        }
         Ok(Some(IdentityOffer {
             serial: issued.serial,
             cert_pem: issued.cert_pem,
@@ -982,6 +1047,15 @@ impl Coordinator {
                         i.confirmed_ms.get_or_insert(at);
                     }
                 }
+                // The other coordinators refuse the bootstrap token from now on too, not only
+                // after their next full reload (this one hears it as well, in case it did not
+                // hold the record).
+                let event = ControlEvent::IdentityConfirmed {
+                    serial: serial.to_string(),
+                };
+                if let Err(e) = self.bus.broadcast(event).await {
+                    tracing::warn!(error = %e, "identity confirmation broadcast failed");
+                }
                 self.audit(
                     "agent",
                     "identity.confirm",
@@ -1013,7 +1087,7 @@ impl Coordinator {
     pub async fn revoke_identity(&self, serial: &str, author: &str) -> Result<(), ServiceError> {
         let identity = self.get_identity(serial).await?;
         self.store.revoke_identity(serial, now_ms()).await?;
-        self.reload_identities().await;
+        self.load_identity(serial).await;
         self.audit(
             author,
             "identity.revoke",
@@ -1047,6 +1121,42 @@ impl Coordinator {
             Err(e) => tracing::warn!(error = %e, "ownership lookup failed"),
         }
         Ok(())
+    }
+
+    /// Revokes an identity issued but never used, now that a newer one replaces it: an agent
+    /// that came back with its token before switching to its certificate gets a new one (a
+    /// server-generated key cannot be sent twice), and the first must not stay valid beside
+    /// it. Unlike [`revoke_identity`](Self::revoke_identity) the connection stays open: the
+    /// agent is on it, with its token, receiving the new certificate.
+    async fn supersede_identity(&self, uid: InstanceUid, serial: &str) {
+        let at = now_ms();
+        if let Err(e) = self.store.revoke_identity(serial, at).await {
+            tracing::warn!(error = %e, "revoking a superseded identity failed");
+            return;
+        }
+        if let Ok(mut c) = self.identities.write() {
+            if let Some(i) = c
+                .get_mut(&uid)
+                .and_then(|ids| ids.iter_mut().find(|i| i.serial == serial))
+            {
+                i.revoked_ms.get_or_insert(at);
+            }
+        }
+        self.audit(
+            "agent",
+            "identity.revoke",
+            Some(uid),
+            None,
+            None,
+            serde_json::json!({ "serial": serial, "reason": "superseded" }),
+        )
+        .await;
+        let event = ControlEvent::IdentityRevoked {
+            serial: serial.to_string(),
+        };
+        if let Err(e) = self.bus.broadcast(event).await {
+            tracing::warn!(error = %e, "identity revocation broadcast failed");
+        }
     }
 
     /// Revoked identities for a CRL: (serial, revoked at ms).

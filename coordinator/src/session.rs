@@ -509,6 +509,9 @@ fn offer_settings(
     let mut offer = o.to_proto();
     offer.hash = hash.clone();
     if let (Some(id), Some(op)) = (identity, offer.opamp.as_mut()) {
+        // A client certificate is only usable over TLS: an agent that takes the endpoint
+        // literally (opamp-go does) must not be sent to ws:// with it.
+        op.destination_endpoint = tls_endpoint(&op.destination_endpoint);
         op.certificate = Some(proto::v1::TlsCertificate {
             cert: id.cert_pem.clone().into_bytes(),
             private_key: id
@@ -521,6 +524,17 @@ fn offer_settings(
     }
     reply.connection_settings = Some(offer);
     state.offered_settings = Some(hash);
+}
+
+/// `endpoint` with its plaintext scheme replaced by the TLS one (`ws` → `wss`,
+/// `http` → `https`); any other endpoint as it is.
+fn tls_endpoint(endpoint: &str) -> String {
+    for (plain, secure) in [("ws://", "wss://"), ("http://", "https://")] {
+        if endpoint.len() >= plain.len() && endpoint[..plain.len()].eq_ignore_ascii_case(plain) {
+            return format!("{secure}{}", &endpoint[plain.len()..]);
+        }
+    }
+    endpoint.to_string()
 }
 
 /// Build a push (WS server-initiated message) for a newly assigned desired config.
@@ -1494,6 +1508,37 @@ mod tests {
             .connection_settings
             .expect("rotated");
         assert_ne!(third.hash, first.hash);
+    }
+
+    #[test]
+    fn identity_offers_send_the_agent_to_tls() {
+        let off = OpampOffer {
+            endpoint: "ws://127.0.0.1:4320/v1/opamp".into(),
+            heartbeat_interval_secs: 30,
+        };
+        let id = identity("4a01", false);
+        let mut s = known();
+        let mut msg = beat(1);
+        msg.capabilities = CAPS | HB;
+        let plain = handle(&mut s, &msg, &with_offer(&off)).reply;
+        let plain = plain.connection_settings.and_then(|c| c.opamp);
+        assert_eq!(
+            plain.expect("heartbeat offer").destination_endpoint,
+            off.endpoint,
+            "without a certificate the endpoint is offered as configured"
+        );
+        s.connection_started();
+        msg.sequence_num = 2;
+        let c = Context {
+            opamp_offer: Some(&off),
+            identity: Some(&id),
+            ..ctx()
+        };
+        let op = handle(&mut s, &msg, &c).reply.connection_settings;
+        let op = op.and_then(|c| c.opamp).expect("identity offer");
+        assert_eq!(op.destination_endpoint, "wss://127.0.0.1:4320/v1/opamp");
+        assert_eq!(tls_endpoint("HTTP://h:1/v1/opamp"), "https://h:1/v1/opamp");
+        assert_eq!(tls_endpoint("wss://h/v1/opamp"), "wss://h/v1/opamp");
     }
 
     #[test]

@@ -176,7 +176,8 @@ pub struct GatewayConfig {
     /// The header a TLS-terminating proxy puts the client certificate in (URL-encoded PEM,
     /// nginx's `$ssl_client_escaped_cert`); honoured only from `trusted_proxies`.
     pub client_cert_header: Option<HeaderName>,
-    /// Addresses (networks) of proxies trusted to set `client_cert_header`.
+    /// Addresses (networks) of proxies trusted to set `client_cert_header` and to say who the
+    /// agent is and whether it spoke TLS (`X-Real-IP` / `X-Forwarded-For`, `X-Forwarded-Proto`).
     pub trusted_proxies: Vec<IpNet>,
 }
 
@@ -684,8 +685,10 @@ fn auth_close_reason(reason: &str) -> Option<&str> {
 // Request handling common to both transports.
 
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
-    let (source_ip, tls) = connection_of(&req);
-    let chain = presented_chain(&inner, &req, source_ip);
+    let origin = origin_of(&inner.cfg.trusted_proxies, &req);
+    let source_ip = origin.source_ip;
+    let tls = origin.tls;
+    let chain = presented_chain(&inner, &req, &origin);
     let cert = match client_identity(&inner, chain, source_ip).await {
         Ok(cert) => cert,
         Err(refused) => return refused,
@@ -766,7 +769,7 @@ async fn client_identity(
 fn presented_chain(
     inner: &Inner,
     req: &Request,
-    source_ip: IpAddr,
+    origin: &Origin,
 ) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
     inner.cfg.identity.as_ref()?;
     let from_handshake = req
@@ -783,14 +786,9 @@ fn presented_chain(
         {
             None => None,
             Some(value) => {
-                if !inner
-                    .cfg
-                    .trusted_proxies
-                    .iter()
-                    .any(|n| n.contains(source_ip))
-                {
+                if !origin.via_trusted_proxy {
                     metrics::counter!(UNTRUSTED_CERT_HEADER).increment(1);
-                    tracing::debug!(source_ip = %source_ip, "client certificate header from an untrusted address ignored");
+                    tracing::debug!(peer = %origin.peer, "client certificate header from an untrusted address ignored");
                     None
                 } else {
                     Some(header_chain(value))
@@ -807,20 +805,65 @@ fn header_chain(value: &HeaderValue) -> Vec<rustls::pki_types::CertificateDer<'s
     crate::tls::parse_certs_pem(&decoded).unwrap_or_default()
 }
 
-/// The source IP and whether the connection is TLS, from the connect info of an
+/// Where a request comes from.
+struct Origin {
+    /// The address of the TCP peer: the agent, or a proxy in front of it.
+    peer: IpAddr,
+    /// Whether `peer` is one of `tls.trusted_proxies`.
+    via_trusted_proxy: bool,
+    /// The agent's address, for logs, audit and metrics: the peer's, or the one a trusted
+    /// proxy names (`X-Real-IP`, else the last `X-Forwarded-For` entry, which that proxy
+    /// appended).
+    source_ip: IpAddr,
+    /// Whether the agent's connection is TLS: this one's, or, behind a trusted proxy, the
+    /// proxy's (`X-Forwarded-Proto: https`/`wss`: it terminated TLS).
+    tls: bool,
+}
+
+/// The [`Origin`] of a request, from the connect info of an
 /// [`AgentListener`](crate::tls::AgentListener) ([`Peer`]) or of a plain TCP listener
 /// (`SocketAddr`: plaintext). Without either (a router served without connect info) the
-/// source is unknown, which 0.0.0.0 says plainly in logs and audit, and the connection counts
-/// as plaintext.
-fn connection_of(req: &Request) -> (IpAddr, bool) {
+/// peer is unknown, which 0.0.0.0 says plainly in logs and audit, and the connection counts
+/// as plaintext. Forwarding headers from anyone but a trusted proxy are ignored: an agent
+/// could otherwise claim TLS it does not have, or another agent's address.
+fn origin_of(trusted_proxies: &[IpNet], req: &Request) -> Origin {
     let ext = req.extensions();
-    if let Some(ConnectInfo(peer)) = ext.get::<ConnectInfo<Peer>>() {
-        return (peer.addr.ip(), peer.tls);
+    let (peer, peer_tls) = match ext.get::<ConnectInfo<Peer>>() {
+        Some(ConnectInfo(peer)) => (peer.addr.ip(), peer.tls),
+        None => (
+            ext.get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
+            false,
+        ),
+    };
+    let via_trusted_proxy = trusted_proxies.iter().any(|n| n.contains(peer));
+    if !via_trusted_proxy {
+        return Origin {
+            peer,
+            via_trusted_proxy,
+            source_ip: peer,
+            tls: peer_tls,
+        };
     }
-    let ip = ext
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-    (ip, false)
+    let headers = req.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let forwarded_ip = header("x-real-ip")
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| {
+            header("x-forwarded-for")
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse().ok())
+        });
+    let forwarded_tls = header("x-forwarded-proto").is_some_and(|p| {
+        let p = p.trim();
+        p.eq_ignore_ascii_case("https") || p.eq_ignore_ascii_case("wss")
+    });
+    Origin {
+        peer,
+        via_trusted_proxy,
+        source_ip: forwarded_ip.unwrap_or(peer),
+        tls: peer_tls || forwarded_tls,
+    }
 }
 
 /// `OpAmp:BootstrapPlaintextAllowed`: unless allowed, a bearer (bootstrap) token over a
@@ -1200,6 +1243,54 @@ mod helper_tests {
             retry_after: Duration::ZERO,
         });
         assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1", "never 0");
+    }
+
+    #[test]
+    fn forwarding_headers_count_only_from_trusted_proxies() {
+        let proxy: IpNet = "10.0.0.5".parse().expect("address");
+        let request = |peer: &str, forwarded: &[(&str, &str)]| {
+            let mut b = Request::builder().uri("/v1/opamp");
+            for (k, v) in forwarded {
+                b = b.header(*k, *v);
+            }
+            let mut req = b.body(axum::body::Body::empty()).expect("request");
+            let peer: SocketAddr = peer.parse().expect("peer");
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        };
+        let via_proxy = [
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-for", "192.0.2.1, 198.51.100.7"),
+        ];
+        let o = origin_of(&[proxy], &request("10.0.0.5:9000", &via_proxy));
+        assert!(o.via_trusted_proxy && o.tls);
+        assert_eq!(
+            o.source_ip.to_string(),
+            "198.51.100.7",
+            "the entry the proxy appended"
+        );
+        assert_eq!(o.peer.to_string(), "10.0.0.5");
+
+        let mut real_ip = via_proxy.to_vec();
+        real_ip.push(("x-real-ip", "203.0.113.9"));
+        let o = origin_of(&[proxy], &request("10.0.0.5:9000", &real_ip));
+        assert_eq!(o.source_ip.to_string(), "203.0.113.9", "X-Real-IP first");
+
+        let o = origin_of(
+            &[proxy],
+            &request("10.0.0.5:9000", &[("x-forwarded-proto", "http")]),
+        );
+        assert!(!o.tls, "the proxy says it received plaintext");
+        assert_eq!(
+            o.source_ip.to_string(),
+            "10.0.0.5",
+            "no forwarded address: the peer"
+        );
+
+        // Anyone else claims nothing: not TLS, its own address.
+        let o = origin_of(&[proxy], &request("10.0.0.6:9000", &real_ip));
+        assert!(!o.via_trusted_proxy && !o.tls);
+        assert_eq!(o.source_ip.to_string(), "10.0.0.6");
     }
 
     #[test]

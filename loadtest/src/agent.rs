@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gateway::client::{AgentCore, AgentOptions, ClientError, HttpTransport, WsConnection};
+use gateway::client::{
+    AgentCore, AgentOptions, ClientError, ClientTls, HttpTransport, WsConnection,
+};
 use proto::v1::{ComponentHealth, RemoteConfigStatuses};
 use proto::{AgentToServer, ServerToAgent};
 use serde::{Deserialize, Serialize};
@@ -29,7 +31,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 pub struct AgentSpec {
     /// Index in the whole fleet (events carry it back).
     pub index: usize,
-    /// `ws://…` or `http://…`.
+    /// `ws://…`, `http://…`, or with TLS `wss://…`, `https://…`.
     pub endpoint: String,
     pub token: Option<String>,
     pub source_ip: Option<IpAddr>,
@@ -44,6 +46,9 @@ pub struct Params {
     /// Heartbeat until the server offers its own interval; also the HTTP poll interval.
     pub heartbeat_secs: u64,
     pub http_poll_secs: u64,
+    /// PEM of the CA(s) `wss://` / `https://` endpoints are trusted by.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 /// What all agents of a worker do now.
@@ -93,6 +98,8 @@ pub struct Shared {
     pub stats: Mutex<Stats>,
     /// The realistic effective config every agent starts with.
     pub config: String,
+    /// For `wss://` / `https://`: one client config for every agent of the worker.
+    pub tls: Option<ClientTls>,
 }
 
 impl Shared {
@@ -151,17 +158,23 @@ enum End {
 }
 
 impl Conn {
-    async fn open(spec: &AgentSpec, headers: &[(String, String)]) -> Result<Conn, ClientError> {
-        if spec.endpoint.starts_with("http://") {
+    async fn open(
+        spec: &AgentSpec,
+        headers: &[(String, String)],
+        tls: Option<&ClientTls>,
+    ) -> Result<Conn, ClientError> {
+        if spec.endpoint.starts_with("http") {
             // Connects lazily with the first request.
             let t = HttpTransport::new(&spec.endpoint, headers.to_vec(), false)
+                .with_tls(tls.cloned())
                 .with_source_ip(spec.source_ip);
             return Ok(Conn::Http(Box::new(t)));
         }
-        let ws = Box::pin(WsConnection::connect_from(
+        let ws = Box::pin(WsConnection::connect_with(
             &spec.endpoint,
             headers,
             spec.source_ip,
+            tls,
         ))
         .await?;
         Ok(Conn::Ws(ws))
@@ -281,7 +294,7 @@ pub async fn run(spec: AgentSpec, params: Arc<Params>, shared: Arc<Shared>) {
             return;
         }
         let hello = async {
-            let mut conn = Conn::open(&spec, &headers).await?;
+            let mut conn = Conn::open(&spec, &headers, shared.tls.as_ref()).await?;
             let msg = core.full_state();
             let reply = conn.exchange(&msg).await?;
             Ok::<_, ClientError>((conn, reply))

@@ -10,6 +10,7 @@ use sqlx::Connection as _;
 use tokio::process::Command;
 
 use crate::procs::{self, Spawned};
+use crate::tls::GatewayCerts;
 
 /// Where the cluster's backing services are and what it runs.
 #[derive(Debug, Clone)]
@@ -26,6 +27,9 @@ pub struct ClusterSpec {
     pub nats_url: String,
     /// Keep the nodes' logs here (else in the cluster's temporary directory, removed at stop).
     pub log_dir: Option<PathBuf>,
+    /// Agents connect over TLS: the gateways serve a certificate of a CA created for the
+    /// cluster ([`Cluster::ca_file`]). Else plaintext, with bootstrap tokens allowed over it.
+    pub tls: bool,
 }
 
 impl ClusterSpec {
@@ -39,6 +43,7 @@ impl ClusterSpec {
             redis_url: DEFAULT_REDIS_URL.into(),
             nats_url: DEFAULT_NATS_URL.into(),
             log_dir: None,
+            tls: false,
         }
     }
 }
@@ -68,6 +73,8 @@ pub struct Cluster {
     /// Shared data directory (admin token) and, unless `log_dir`, the nodes' logs.
     dir: tempfile::TempDir,
     log_dir: Option<PathBuf>,
+    /// The CA agents must trust when the gateways serve TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `url` with its path (the database) replaced by `db`; the query string is kept.
@@ -175,6 +182,7 @@ impl Cluster {
                 .prefix("ampora-lt-cluster-")
                 .tempdir()?,
             log_dir: spec.log_dir.clone(),
+            ca_file: None,
         };
         match this.start_nodes(spec).await {
             Ok(()) => Ok(this),
@@ -201,8 +209,15 @@ impl Cluster {
 
     async fn start_nodes(&mut self, spec: &ClusterSpec) -> anyhow::Result<()> {
         let db_url = with_database(&spec.postgres_url, &self.database)?;
+        let mut gateway_sets = Vec::new();
+        if spec.tls {
+            let certs = GatewayCerts::create(&self.dir.path().join("tls"))?;
+            gateway_sets = certs.sets();
+            self.ca_file = Some(certs.ca_file);
+        }
         let common = [
             "self_agent.enabled=false".to_string(),
+            procs::plaintext_bootstrap_set(spec.tls),
             format!("cluster.nats_url={}", spec.nats_url),
             format!("cluster.redis_url={}", spec.redis_url),
             format!("cluster.postgres_url={db_url}"),
@@ -212,7 +227,7 @@ impl Cluster {
         for i in 0..spec.coordinators {
             let id = format!("{}-coord-{i}", self.prefix);
             let node = self
-                .start_node(spec, "coordinator", &id, &common)
+                .start_node(spec, "coordinator", &id, &common, &[])
                 .await
                 .with_context(|| format!("starting coordinator {id}"))?;
             self.coordinators.push(node);
@@ -227,7 +242,7 @@ impl Cluster {
         for i in 0..spec.gateways {
             let id = format!("{}-gw-{i}", self.prefix);
             let node = self
-                .start_node(spec, "gateway", &id, &common)
+                .start_node(spec, "gateway", &id, &common, &gateway_sets)
                 .await
                 .with_context(|| format!("starting gateway {id}"))?;
             self.gateways.push(node);
@@ -241,6 +256,7 @@ impl Cluster {
         role: &str,
         id: &str,
         common: &[String],
+        own: &[String],
     ) -> anyhow::Result<Spawned> {
         let mut cmd = Command::new(&spec.exe);
         cmd.arg(role)
@@ -248,17 +264,18 @@ impl Cluster {
             .arg(self.data_dir())
             .args(["--listen", "127.0.0.1:0"])
             .args(["--set", &format!("cluster.node_id={id}")]);
-        for s in common.iter().chain(&spec.sets) {
+        for s in common.iter().chain(own).chain(&spec.sets) {
             cmd.args(["--set", s]);
         }
         procs::spawn_listening(cmd, &self.log_path(id)).await
     }
 
-    /// The gateways' OpAMP WebSocket URLs, in gateway order.
+    /// The gateways' OpAMP WebSocket URLs (`wss://` when they serve TLS), in gateway order.
     pub fn ws_urls(&self) -> Vec<String> {
+        let scheme = if self.ca_file.is_some() { "wss" } else { "ws" };
         self.gateways
             .iter()
-            .map(|g| format!("ws://{}/v1/opamp", g.addr))
+            .map(|g| format!("{scheme}://{}/v1/opamp", g.addr))
             .collect()
     }
 

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use loadtest::api::Api;
 use loadtest::cluster::{self, Cluster, ClusterSpec, Servers};
 use loadtest::procs;
+use loadtest::tls;
 use loadtest::{Comparison, Phase, RunOptions};
 
 #[derive(Parser)]
@@ -51,6 +52,14 @@ struct Common {
     /// OpAMP URL (repeatable; agents are spread over them).
     #[arg(long)]
     target: Vec<String>,
+    /// Agents connect over TLS (wss://, https://): to a spawned server trusting the local CA
+    /// it creates in <data_dir>/tls/ca.pem, to spawned gateways with a CA created for the
+    /// cluster, to --target URLs (ws:// becomes wss://) trusting --ca-file.
+    #[arg(long)]
+    tls: bool,
+    /// The CA (PEM) that wss:// / https:// --target servers are trusted by.
+    #[arg(long, conflicts_with_all = ["spawn_server", "spawn_cluster"])]
+    ca_file: Option<PathBuf>,
     /// Ampora's API base URL, e.g. http://127.0.0.1:4320.
     #[arg(long)]
     api: Option<String>,
@@ -143,7 +152,12 @@ impl Common {
         let mut opts = RunOptions {
             scenario: scenario.into(),
             phases,
-            targets: self.target.clone(),
+            targets: if self.tls {
+                self.target.iter().map(|t| tls::secure_url(t)).collect()
+            } else {
+                self.target.clone()
+            },
+            ca_pem: self.ca_file.as_deref().map(tls::read_ca_pem).transpose()?,
             no_auth: self.no_auth,
             agents: self.agents,
             http_share: self.http_share,
@@ -172,9 +186,14 @@ impl Common {
             );
         }
         if let Some(exe) = &self.spawn_server {
-            let s = procs::spawn_ampora(exe, &self.server_set).await?;
+            let s = procs::spawn_ampora(exe, &self.server_set, self.tls).await?;
             eprintln!("started {} (pid {}) on {}", exe.display(), s.pid, s.addr);
-            opts.targets = vec![format!("ws://{}/v1/opamp", s.addr)];
+            let scheme = if self.tls { "wss" } else { "ws" };
+            opts.targets = vec![format!("{scheme}://{}/v1/opamp", s.addr)];
+            if self.tls {
+                let ca = s.ca_file.as_deref().context("the server's CA")?;
+                opts.ca_pem = Some(tls::read_ca_pem(ca)?);
+            }
             opts.server_pids.push(s.pid);
             api_url = Some(format!("http://{}", s.addr));
             token = s.admin_token.clone();
@@ -188,9 +207,13 @@ impl Common {
                 redis_url: self.redis_url.clone(),
                 nats_url: self.nats_url.clone(),
                 log_dir: self.log_dir.clone(),
+                tls: self.tls,
                 ..ClusterSpec::new(exe, self.gateways, self.coordinators)
             };
             let c = Cluster::start(&spec).await?;
+            if let Some(ca) = &c.ca_file {
+                opts.ca_pem = Some(tls::read_ca_pem(ca)?);
+            }
             eprintln!(
                 "started a cluster: coordinators {:?} (pids {:?}), gateways {:?} (pids {:?}); database {}, prefix {}, logs in {}",
                 c.coordinators.iter().map(|n| &n.addr).collect::<Vec<_>>(),
@@ -260,6 +283,8 @@ async fn compare(c: Common) -> anyhow::Result<()> {
         c.spawn_server.is_some() || c.spawn_cluster.is_some(),
         "compare needs --spawn-server or --spawn-cluster PATH_TO_AMPORA"
     );
+    // The baseline speaks plaintext only; TLS on one side would skew every ratio.
+    anyhow::ensure!(!c.tls, "compare runs in plaintext; --tls is not supported");
     let phases = vec![Phase::Hold, Phase::Steady];
     let exe = std::env::current_exe()?;
     let base = procs::spawn_baseline(&exe).await?;

@@ -46,6 +46,8 @@ pub struct Spawned {
     pub addr: String,
     /// The admin API token (Ampora only).
     pub admin_token: Option<String>,
+    /// The CA agents must trust for `wss://` (`ampora serve` only: its local CA).
+    pub ca_file: Option<PathBuf>,
     /// Kept for the process's lifetime (Ampora's data directory, logs).
     _dir: Option<tempfile::TempDir>,
 }
@@ -101,6 +103,7 @@ pub async fn spawn_listening(mut cmd: Command, log: &Path) -> anyhow::Result<Spa
             pid,
             addr,
             admin_token: None,
+            ca_file: None,
             _dir: None,
         }),
         Err(e) => {
@@ -111,8 +114,17 @@ pub async fn spawn_listening(mut cmd: Command, log: &Path) -> anyhow::Result<Spa
     }
 }
 
-/// `ampora serve` on 127.0.0.1 with a fresh data directory and the Self-Agent off.
-pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned> {
+/// The setting that lets bootstrap tokens in over plaintext: on when the agents connect in
+/// plaintext (the server refuses them by default), off with TLS, so that a plaintext agent
+/// would show up as `http_401` instead of passing unnoticed.
+pub fn plaintext_bootstrap_set(tls: bool) -> String {
+    format!("opamp.bootstrap_plaintext_allowed={}", !tls)
+}
+
+/// `ampora serve` on 127.0.0.1 with a fresh data directory and the Self-Agent off. `tls`: the
+/// agents will connect over TLS (trusting [`Spawned::ca_file`]); else in plaintext. `sets`
+/// come last, so they win.
+pub async fn spawn_ampora(exe: &Path, sets: &[String], tls: bool) -> anyhow::Result<Spawned> {
     let dir = tempfile::Builder::new().prefix("ampora-lt-").tempdir()?;
     let data: PathBuf = dir.path().join("data");
     let mut cmd = Command::new(exe);
@@ -121,6 +133,8 @@ pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned
         "127.0.0.1:0",
         "--set",
         "self_agent.enabled=false",
+        "--set",
+        &plaintext_bootstrap_set(tls),
     ]);
     for s in sets {
         cmd.args(["--set", s]);
@@ -128,6 +142,8 @@ pub async fn spawn_ampora(exe: &Path, sets: &[String]) -> anyhow::Result<Spawned
     let mut s = spawn_listening(cmd, &dir.path().join("server.log")).await?;
     let token = std::fs::read_to_string(data.join("admin-token")).context("admin token")?;
     s.admin_token = Some(token.trim().to_string());
+    // Created by `serve` before it listens.
+    s.ca_file = Some(data.join("tls").join("ca.pem"));
     s._dir = Some(dir);
     Ok(s)
 }
@@ -149,6 +165,7 @@ pub async fn spawn_baseline(exe: &Path) -> anyhow::Result<Spawned> {
         pid,
         addr,
         admin_token: None,
+        ca_file: None,
         _dir: None,
     })
 }

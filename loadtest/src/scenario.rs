@@ -32,8 +32,11 @@ pub struct RunOptions {
     /// Name in the report (connect, hold, …).
     pub scenario: String,
     pub phases: Vec<Phase>,
-    /// OpAMP URLs (`ws://…/v1/opamp`); agents are spread over them round-robin.
+    /// OpAMP URLs (`ws://…/v1/opamp`, `wss://…` with `ca_pem`); agents are spread over them
+    /// round-robin.
     pub targets: Vec<String>,
+    /// PEM of the CA(s) that `wss://` targets are trusted by.
+    pub ca_pem: Option<String>,
     /// Ampora's API (tokens, pushes). Required unless `no_auth`.
     pub api: Option<Api>,
     /// No credentials: only allowed against the baseline server (checked).
@@ -74,6 +77,7 @@ impl Default for RunOptions {
             scenario: "connect".into(),
             phases: Vec::new(),
             targets: Vec::new(),
+            ca_pem: None,
             api: None,
             no_auth: false,
             agents: 1000,
@@ -205,10 +209,14 @@ fn picked(i: usize, share: f64) -> bool {
     ((i + 1) as f64 * s).floor() > (i as f64 * s).floor()
 }
 
+/// The plain-HTTP OpAMP URL of a WebSocket one (`ws` → `http`, `wss` → `https`).
 fn http_url(ws: &str) -> String {
-    match ws.strip_prefix("ws://") {
-        Some(rest) => format!("http://{rest}"),
-        None => ws.to_string(),
+    if let Some(rest) = ws.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = ws.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else {
+        ws.to_string()
     }
 }
 
@@ -274,6 +282,17 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         opts.gateway_pids.len(),
         opts.targets.len()
     );
+    let tls_targets = opts.targets.iter().any(|t| t.starts_with("wss://"));
+    match &opts.ca_pem {
+        None => anyhow::ensure!(
+            !tls_targets,
+            "wss:// targets need the CA to trust (--ca-file, or --tls with --spawn-server)"
+        ),
+        // Fails here, once, rather than in every agent of every worker.
+        Some(pem) => {
+            crate::tls::client_tls(pem)?;
+        }
+    }
     let n = opts.agents;
     let tokens: Vec<Option<String>> = if opts.no_auth {
         for t in &opts.targets {
@@ -322,6 +341,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         config_bytes: opts.config_bytes,
         heartbeat_secs: opts.heartbeat_secs,
         http_poll_secs: opts.http_poll_secs,
+        ca_pem: opts.ca_pem.clone(),
     };
     let processes = opts.workers.unwrap_or(if n > opts.per_worker {
         n.div_ceil(opts.per_worker)
@@ -336,7 +356,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         agents: n,
         http_agents: specs
             .iter()
-            .filter(|s| s.endpoint.starts_with("http:"))
+            .filter(|s| s.endpoint.starts_with("http"))
             .count(),
         failing_agents: specs.iter().filter(|s| s.fail_configs).count(),
         config_bytes: opts.config_bytes,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use gateway::client::ClientTls;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -60,6 +61,15 @@ pub enum Event {
     Stopped,
 }
 
+/// The worker's one TLS client config. The parent checked the PEM already; should it still
+/// fail here, TLS agents report `bad_url` (no CA) instead of connecting.
+fn worker_tls(params: &Params) -> Option<ClientTls> {
+    let pem = params.ca_pem.as_deref()?;
+    crate::tls::client_tls(pem)
+        .map_err(|e| eprintln!("worker: {e:#}"))
+        .ok()
+}
+
 /// Runs a worker until `Stop` or until the command channel closes.
 pub async fn run(mut cmds: mpsc::UnboundedReceiver<Cmd>, events: mpsc::UnboundedSender<Event>) {
     let (mode_tx, mode_rx) = watch::channel(Mode::Idle);
@@ -82,6 +92,7 @@ pub async fn run(mut cmds: mpsc::UnboundedReceiver<Cmd>, events: mpsc::Unbounded
                             mode: mode_rx.clone(),
                             stats: Mutex::new(Stats::default()),
                             config: config::effective_config(params.config_bytes),
+                            tls: worker_tls(&params),
                         })
                     })
                     .clone();

@@ -25,13 +25,19 @@ struct Server {
 }
 
 impl Server {
+    /// For plaintext agents: bootstrap tokens over plaintext allowed, whatever the default.
     async fn start() -> Server {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(plaintext_bootstrap: bool) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = Config::default();
         cfg.server.data_dir = dir.path().to_path_buf();
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.self_agent.enabled = false;
         cfg.store.flush_interval_ms = 100;
+        cfg.opamp.bootstrap_plaintext_allowed = plaintext_bootstrap;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -222,6 +228,44 @@ async fn baseline_connect_hold_steady() {
     assert!(r.steady.as_ref().is_some_and(|s| s.messages > 0));
     check_json(&r);
     server.abort();
+}
+
+/// wss:// and https:// agents trusting the server's local CA, against a server that refuses
+/// bootstrap tokens over plaintext: every agent connecting and applying proves none of them
+/// fell back to plaintext. Two worker processes: the CA travels to them with the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_agents_over_wss_and_https() {
+    let s = Server::start_with(false).await;
+    let ca = s.running.tls_ca_cert.clone().expect("local CA");
+    let opts = RunOptions {
+        targets: vec![format!("wss://{}/v1/opamp", s.running.addr)],
+        ca_pem: Some(std::fs::read_to_string(ca).expect("ca.pem")),
+        http_share: 0.1,
+        workers: Some(2),
+        worker_exe: Some(env!("CARGO_BIN_EXE_ampora-loadtest").into()),
+        ..s.options("rollout", vec![Phase::Rollout])
+    };
+    let r = loadtest::run(&opts).await.expect("run");
+    all_connected(&r);
+    assert_eq!(r.http_agents, 20);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let ro = r.rollout.as_ref().expect("rollout report");
+    assert_eq!((ro.applied, ro.api_applied), (AGENTS, AGENTS));
+    assert!(r.complete);
+    s.finish().await;
+}
+
+/// A wss:// target without a CA is refused before any agent starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_without_a_ca_is_refused() {
+    let s = Server::start().await;
+    let opts = RunOptions {
+        targets: vec![format!("wss://{}/v1/opamp", s.running.addr)],
+        ..s.options("connect", vec![])
+    };
+    let err = loadtest::run(&opts).await.expect_err("must refuse");
+    assert!(err.to_string().contains("CA"), "{err}");
+    s.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,34 +461,56 @@ async fn database_exists(name: &str) -> bool {
     n > 0
 }
 
-/// The command line end to end: `connect --spawn-cluster` starts the cluster, runs, writes the
-/// report and tears everything down (processes, database).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_spawn_cluster_connect() {
-    let exe = ampora().await;
+/// Runs `ampora-loadtest connect ARGS --agents 200 --json-out …` and returns its report and
+/// stderr. The spawned servers' default refuses bootstrap tokens over plaintext (through the
+/// environment, which their `--set`s override), so plaintext runs pass only if the harness
+/// opts in to plaintext itself.
+async fn cli_connect(args: &[&str]) -> (Report, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("connect.json");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ampora-loadtest"));
     cmd.arg("connect")
-        .arg("--spawn-cluster")
-        .arg(&exe)
-        .args(["--gateways", "2", "--coordinators", "2", "--agents", "200"])
-        .args(["--timeout", "60"])
+        .args(args)
+        .args(["--agents", "200", "--timeout", "60"])
         .arg("--json-out")
         .arg(&json)
+        .env("AMPORA_OPAMP__BOOTSTRAP_PLAINTEXT_ALLOWED", "false")
         .kill_on_drop(true);
-    for s in CLUSTER_SETS {
-        cmd.args(["--server-set", s]);
-    }
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
         .await
         .expect("finishes within 180 s")
         .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
     let r: Report =
         serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("json");
     all_connected(&r);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    (r, stderr)
+}
+
+/// `connect --spawn-server`, in plaintext and with `--tls` (wss://, the server's local CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_spawn_server_connect_plaintext_and_tls() {
+    let exe = ampora().await;
+    let exe = exe.to_str().expect("utf-8 path");
+    let (r, _) = cli_connect(&["--spawn-server", exe]).await;
+    assert!(r.targets.iter().all(|t| t.starts_with("ws://127.0.0.1:")));
+    let (r, _) = cli_connect(&["--spawn-server", exe, "--tls"]).await;
+    assert!(r.targets.iter().all(|t| t.starts_with("wss://127.0.0.1:")));
+}
+
+/// The command line end to end: `connect --spawn-cluster` starts the cluster, runs, writes the
+/// report and tears everything down (processes, database); then the same with `--tls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_spawn_cluster_connect() {
+    let exe = ampora().await;
+    let mut args = vec!["--spawn-cluster", exe.to_str().expect("utf-8 path")];
+    args.extend(["--gateways", "2", "--coordinators", "2"]);
+    for s in CLUSTER_SETS {
+        args.extend(["--server-set", s]);
+    }
+    let (r, stderr) = cli_connect(&args).await;
     assert_eq!(r.targets.len(), 2);
     assert!(r.targets.iter().all(|t| t.starts_with("ws://127.0.0.1:")));
     // The database it announced is gone.
@@ -455,4 +521,8 @@ async fn cli_spawn_cluster_connect() {
         .expect("the database is announced");
     assert!(db.starts_with("ampora_lt_"), "{db}");
     assert!(!database_exists(db).await, "{db} was dropped");
+
+    args.push("--tls");
+    let (r, _) = cli_connect(&args).await;
+    assert!(r.targets.iter().all(|t| t.starts_with("wss://127.0.0.1:")));
 }

@@ -7,20 +7,7 @@ use gateway::client::{wait_for, Agent, AgentOptions, HttpTransport, WsConnection
 use proto::Message;
 use serde_json::json;
 use shared::ids::InstanceUid;
-use tests::{eventually, TestServer, DEADLINE};
-
-fn bearer(t: &str) -> Vec<(String, String)> {
-    vec![("Authorization".into(), format!("Bearer {t}"))]
-}
-
-fn hello(uid: InstanceUid) -> proto::AgentToServer {
-    proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: 0x1,
-        agent_description: Some(Default::default()),
-        ..Default::default()
-    }
-}
+use tests::{bearer, eventually, hello, TestServer, DEADLINE};
 
 async fn rejected(server: &TestServer, reason: &str) -> anyhow::Result<f64> {
     server

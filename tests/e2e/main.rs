@@ -1,13 +1,38 @@
 //! The one end-to-end test binary: real listeners on port 0, real WebSockets and HTTP, the
 //! Rust test agent and a third-party Python client.
 
+/// Runs `$name(&fleet)` in both modes, with `$tweak` applied to the configuration.
+macro_rules! both_modes {
+    ($name:ident, $tweak:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn embedded() -> anyhow::Result<()> {
+                let fleet = TestServer::start_with($tweak).await?;
+                super::$name(&fleet).await?;
+                fleet.stop().await
+            }
+
+            #[tokio::test]
+            async fn cluster() -> anyhow::Result<()> {
+                let fleet = tests::cluster::Cluster::start(2, 2, $tweak).await?;
+                super::$name(&fleet).await?;
+                fleet.stop().await
+            }
+        }
+    };
+}
+
 mod admission;
 mod api;
 mod audit;
 mod bad_input;
 mod cluster;
+mod cluster_identity;
 mod identity;
 mod nginx;
 mod opamp;
 mod python;
 mod tls;
+mod tokens;

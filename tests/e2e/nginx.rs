@@ -1,26 +1,35 @@
 //! Ampora behind nginx, configured from the template that `deploy/` ships
 //! (`deploy/nginx/ampora.conf.template`): agents over WebSocket and plain HTTP and the REST API
 //! all go through a real nginx, and the rendered configuration keeps idle agent connections open.
+//! Rendered with TLS, nginx terminates it and checks agents' client certificates, and Ampora,
+//! trusting nginx (`tls.trusted_proxies`), takes the agent's certificate, address and TLS from
+//! nginx's headers; a client cannot forge those headers through nginx.
 //!
 //! nginx is required: if it is not installed these tests fail (tests/run.sh installs it).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use gateway::client::{wait_for, Agent, AgentOptions};
-use serde_json::json;
+use gateway::client::{
+    wait_for, Agent, AgentOptions, ClientError, ClientTls, ConnectError, HttpTransport,
+    WsConnection,
+};
+use serde_json::{json, Value};
 use shared::ids::InstanceUid;
+use tests::identity::{url_encode, CLIENT_CERT_HEADER};
 use tests::{eventually, Api, TestServer, DEADLINE};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The template, read at build time so the test always renders the file that is deployed.
 const TEMPLATE: &str = include_str!("../../deploy/nginx/ampora.conf.template");
 
-/// The placeholders the template documents; all three must be substituted.
-const PLACEHOLDERS: [&str; 3] = [
+/// The placeholders the template documents; all four must be substituted.
+const PLACEHOLDERS: [&str; 4] = [
     "${NGINX_LISTEN}",
+    "${NGINX_TLS}",
     "${GATEWAY_SERVERS}",
     "${COORDINATOR_SERVERS}",
 ];
@@ -28,8 +37,67 @@ const PLACEHOLDERS: [&str; 3] = [
 /// The longest silence a long-lived agent connection must survive through the proxy.
 const MIN_AGENT_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Renders the template the way deploy/local-cluster.sh does (envsubst of the three names).
-fn render(listen: &str, gateways: &[SocketAddr], coordinators: &[SocketAddr]) -> String {
+/// Where nginx's connections to Ampora come from (both on loopback): the trusted proxy.
+const PROXY_IP: &str = "127.0.0.1";
+
+/// Agents' own addresses, other loopback addresses than nginx's, so that the address Ampora
+/// audits shows whose it is: an agent straight to Ampora, and one through nginx.
+const AGENT_DIRECT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const AGENT_VIA_NGINX: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+/// An address a client claims in forwarding headers (TEST-NET-1: nobody's).
+const FORGED_IP: &str = "192.0.2.1";
+
+/// Agents' heartbeat, and the interval Ampora offers them: short, so "it keeps talking" is quick
+/// to see.
+const HEARTBEAT: Duration = Duration::from_millis(200);
+const OFFERED_HEARTBEAT_SECS: u64 = 1;
+
+/// What `NGINX_TLS` is rendered with: the server certificate, the agent CA that client
+/// certificates are checked against, and that CA's CRL.
+struct NginxTls {
+    cert: PathBuf,
+    key: PathBuf,
+    agent_ca: PathBuf,
+    crl: PathBuf,
+    /// What clients trust to reach nginx.
+    trust: ClientTls,
+}
+
+impl NginxTls {
+    /// The embedded server's local CA (`<data_dir>/tls/`): it issued the server certificate
+    /// (valid for 127.0.0.1) that nginx presents, and it is the agent CA as well. Its CRL is
+    /// fetched as README § Reverse proxies says, so the documented setup is the one tested.
+    async fn local_ca(server: &TestServer) -> anyhow::Result<Self> {
+        let dir = server.dir.path().join("tls");
+        let url = format!("http://{}/api/v1/identities/crl?format=pem", server.addr);
+        let resp = reqwest::get(&url).await?.error_for_status()?;
+        let crl = dir.join("agents.crl.pem");
+        std::fs::write(&crl, resp.bytes().await?)?;
+        Ok(Self {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            agent_ca: dir.join("ca.pem"),
+            crl,
+            trust: server.client_tls()?,
+        })
+    }
+
+    /// The directives, as the template's header describes them.
+    fn directives(&self) -> String {
+        format!(
+            "ssl_certificate {}; ssl_certificate_key {}; ssl_client_certificate {}; \
+             ssl_verify_client optional; ssl_verify_depth 2; ssl_crl {};",
+            self.cert.display(),
+            self.key.display(),
+            self.agent_ca.display(),
+            self.crl.display(),
+        )
+    }
+}
+
+/// Renders the template the way deploy/local-cluster.sh does (envsubst of the four names).
+fn render(listen: &str, tls: &str, gateways: &[SocketAddr], coordinators: &[SocketAddr]) -> String {
     let servers = |addrs: &[SocketAddr]| {
         addrs
             .iter()
@@ -39,8 +107,9 @@ fn render(listen: &str, gateways: &[SocketAddr], coordinators: &[SocketAddr]) ->
     };
     TEMPLATE
         .replace(PLACEHOLDERS[0], listen)
-        .replace(PLACEHOLDERS[1], &servers(gateways))
-        .replace(PLACEHOLDERS[2], &servers(coordinators))
+        .replace(PLACEHOLDERS[1], tls)
+        .replace(PLACEHOLDERS[2], &servers(gateways))
+        .replace(PLACEHOLDERS[3], &servers(coordinators))
 }
 
 /// Debian puts nginx in /usr/sbin, which is not on every user's PATH.
@@ -66,16 +135,19 @@ struct Nginx {
     child: Child,
     addr: SocketAddr,
     prefix: tempfile::TempDir,
+    /// Trust for its TLS port, when it terminates TLS.
+    tls: Option<ClientTls>,
 }
 
 impl Nginx {
-    /// Starts nginx with `upstream` as the only gateway and the only coordinator. The port is
-    /// picked free just before; if another process takes it first, nginx exits and we retry.
+    /// Starts nginx, plaintext, with `upstream` as the only gateway and the only coordinator.
+    /// The port is picked free just before; if another process takes it first, nginx exits and
+    /// we retry.
     async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
         let bin = nginx_binary()?;
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start(&bin, upstream).await {
+            match Self::start_on(&bin, free_addr()?, upstream, None).await {
                 Ok(n) => return Ok(n),
                 Err(e) => last = Some(e),
             }
@@ -83,17 +155,24 @@ impl Nginx {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("nginx did not start")))
     }
 
-    async fn try_start(bin: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    /// Starts nginx on `addr`, terminating TLS with `tls` if given; fails if nginx cannot
+    /// listen there.
+    async fn start_on(
+        bin: &Path,
+        addr: SocketAddr,
+        upstream: SocketAddr,
+        tls: Option<&NginxTls>,
+    ) -> anyhow::Result<Self> {
         let prefix = tempfile::tempdir()?;
         std::fs::create_dir(prefix.path().join("logs"))?;
         let conf_path = prefix.path().join("nginx.conf");
+        let (listen, directives) = match tls {
+            Some(t) => (format!("{addr} ssl"), t.directives()),
+            None => (addr.to_string(), String::new()),
+        };
         std::fs::write(
             &conf_path,
-            render(&addr.to_string(), &[upstream], &[upstream]),
+            render(&listen, &directives, &[upstream], &[upstream]),
         )?;
         // Master and worker in one process: killing the child then stops all of nginx.
         let child = Command::new(bin)
@@ -113,6 +192,7 @@ impl Nginx {
             child,
             addr,
             prefix,
+            tls: tls.map(|t| t.trust.clone()),
         };
         nginx.wait_ready().await?;
         Ok(nginx)
@@ -124,33 +204,105 @@ impl Nginx {
         let url = format!("http://{}/health/ready", self.addr);
         let http = reqwest::Client::new();
         let log = self.prefix.path().join("logs/error.log");
+        let (addr, tls) = (self.addr, self.tls.clone());
         let child = &mut self.child;
         eventually("nginx proxies /health/ready", DEADLINE, || {
             let exited = child.try_wait();
-            let req = http.get(&url).send();
-            let log = &log;
+            let http = &http;
+            let (url, log, tls) = (&url, &log, &tls);
             async move {
                 if let Some(status) = exited? {
                     let errors = std::fs::read_to_string(log).unwrap_or_default();
                     bail!("nginx exited with {status}: {errors}");
                 }
-                Ok(req.await.ok().filter(|r| r.status() == 200).map(|_| ()))
+                let status = match tls {
+                    Some(tls) => https_status(addr, tls, "/health/ready").await.ok(),
+                    None => http.get(url).send().await.ok().map(|r| r.status().as_u16()),
+                };
+                Ok((status == Some(200)).then_some(()))
             }
         })
         .await
     }
 
+    /// The OpAMP URL over WebSocket: `wss://` when nginx terminates TLS.
     fn ws_url(&self) -> String {
-        format!("ws://{}/v1/opamp", self.addr)
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("ws{s}://{}/v1/opamp", self.addr)
     }
 
+    /// The OpAMP URL over plain HTTP: `https://` when nginx terminates TLS.
     fn http_url(&self) -> String {
-        format!("http://{}/v1/opamp", self.addr)
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("http{s}://{}/v1/opamp", self.addr)
     }
 
     fn access_log(&self) -> String {
         std::fs::read_to_string(self.prefix.path().join("logs/access.log")).unwrap_or_default()
     }
+}
+
+/// A loopback address with a port free right now (a listener bound and closed again).
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// Ampora configured by `tweak` behind nginx terminating TLS (see [`NginxTls::local_ca`]), and
+/// offering agents nginx's URL (`server.public_endpoint`): an agent that takes up a certificate
+/// moves to the offered endpoint. So nginx's port is chosen before Ampora starts; if another
+/// process takes it before nginx listens, both start again.
+async fn behind_tls_nginx(
+    tweak: fn(&mut coordinator::config::Config),
+) -> anyhow::Result<(TestServer, Nginx, NginxTls)> {
+    let bin = nginx_binary()?;
+    let mut last = None;
+    for _ in 0..3 {
+        let addr = free_addr()?;
+        let server = TestServer::start_with(|c| {
+            tweak(c);
+            c.server.public_endpoint = format!("wss://{addr}/v1/opamp");
+        })
+        .await?;
+        let tls = NginxTls::local_ca(&server).await?;
+        match Nginx::start_on(&bin, addr, server.addr, Some(&tls)).await {
+            Ok(nginx) => return Ok((server, nginx, tls)),
+            Err(e) => {
+                last = Some(e);
+                server.stop().await?;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("nginx did not start")))
+}
+
+/// The status code of `GET path` over TLS (the tests' reqwest has no TLS).
+async fn https_status(addr: SocketAddr, tls: &ClientTls, path: &str) -> anyhow::Result<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let mut stream = tokio_rustls::TlsConnector::from(tls.config().clone())
+        .connect(name, tcp)
+        .await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    // Only the status line is needed: read until it is complete.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            bail!("connection closed before a status line");
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status in {line:?}"))
 }
 
 impl Drop for Nginx {
@@ -229,6 +381,269 @@ async fn http_agent_through_nginx_receives_config_and_reports_applied() -> anyho
     apply_through_nginx(Nginx::http_url, "\"POST /v1/opamp HTTP/1.1\" 200 ").await
 }
 
+/// Ampora as it runs behind a TLS-terminating proxy: the proxy's address trusted, bootstrap
+/// tokens refused over plaintext (which the hop from nginx is).
+fn behind_tls_proxy(c: &mut coordinator::config::Config) {
+    c.tls.trusted_proxies = vec![PROXY_IP.into()];
+    c.opamp.bootstrap_plaintext_allowed = false;
+    c.opamp.heartbeat_interval_secs = OFFERED_HEARTBEAT_SECS;
+}
+
+/// `Authorization: Bearer <token>`, plus any further headers.
+fn with_bearer(token: &str, more: &[(&str, &str)]) -> Vec<(String, String)> {
+    std::iter::once(("Authorization", format!("Bearer {token}").as_str()))
+        .chain(more.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The smallest first message of agent `uid`.
+fn first_message(uid: InstanceUid) -> proto::AgentToServer {
+    proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The source addresses of the audited authentication failures with `reason`.
+async fn audited_sources(api: &Api, reason: &str) -> anyhow::Result<Vec<String>> {
+    let entries = api.get(&format!("/api/v1/audit?reason={reason}")).await?;
+    Ok(entries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["action"] == "auth.failed")
+        .filter_map(|e| e["source_ip"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Waits until a failure with `reason` from each of `sources` is audited; on timeout says which
+/// addresses were audited instead.
+async fn wait_audited_from(api: &Api, reason: &str, sources: &[IpAddr]) -> anyhow::Result<()> {
+    let want: Vec<String> = sources.iter().map(IpAddr::to_string).collect();
+    let waited = eventually(
+        &format!("{reason} audited from {want:?}"),
+        DEADLINE,
+        || async {
+            let got = audited_sources(api, reason).await?;
+            Ok(want.iter().all(|w| got.contains(w)).then_some(()))
+        },
+    )
+    .await;
+    if let Err(e) = waited {
+        let got = audited_sources(api, reason).await?;
+        bail!("{e}; audited source addresses for {reason}: {got:?}");
+    }
+    Ok(())
+}
+
+/// The production setup: nginx terminates TLS and checks client certificates against the agent
+/// CA; Ampora behind it, reached over plaintext, trusts nginx and refuses bootstrap tokens over
+/// plaintext. An agent bootstraps over wss through nginx (let in because nginx says https),
+/// takes up the certificate it is issued and reconnects with it: nginx verifies it and passes
+/// it on in its header, the only way Ampora sees it. From then on its token is refused.
+#[tokio::test]
+async fn agent_bootstraps_through_tls_nginx_then_authenticates_with_its_certificate(
+) -> anyhow::Result<()> {
+    let (server, nginx, tls) = behind_tls_nginx(behind_tls_proxy).await?;
+    let token = server.api.token("behind-tls-nginx").await?;
+    let uid = InstanceUid::new_v7();
+    let agent = Agent::start(AgentOptions {
+        endpoint: nginx.ws_url(),
+        tls: Some(tls.trust.clone()),
+        token: Some(token.clone()),
+        instance_uid: Some(uid.0),
+        heartbeat: HEARTBEAT,
+        accept_identity: true,
+        ..AgentOptions::default()
+    });
+    let mut st = agent.status();
+    let s = wait_for(&mut st, DEADLINE, |s| {
+        s.connected && s.client_cert_serial.is_some()
+    })
+    .await?;
+    let serial = s.client_cert_serial.context("serial")?;
+
+    // Confirmed by the agent's first message on the certificate, which Ampora only had from
+    // nginx's header.
+    let identity = eventually("identity confirmed through nginx", DEADLINE, || async {
+        let v = server
+            .api
+            .get(&format!("/api/v1/identities/{serial}"))
+            .await?;
+        Ok((v["state"] == "confirmed").then_some(v))
+    })
+    .await?;
+    assert_eq!(identity["instance_uid"], uid.to_string().as_str());
+    // It keeps talking on the certificate.
+    let replies = st.borrow().replies;
+    let s = wait_for(&mut st, DEADLINE, |s| {
+        s.connected && s.replies > replies + 2
+    })
+    .await?;
+    assert_eq!(s.client_cert_serial.as_deref(), Some(serial.as_str()));
+    // Both connections went through nginx: the bootstrap one, closed for the switch, and the
+    // one on the certificate (nginx logs a WebSocket when it ends).
+    agent.stop().await;
+    eventually("nginx logged both WebSockets", DEADLINE, || async {
+        let upgrades = nginx
+            .access_log()
+            .matches("\"GET /v1/opamp HTTP/1.1\" 101 ")
+            .count();
+        Ok((upgrades >= 2).then_some(()))
+    })
+    .await?;
+
+    // The token, through nginx over TLS, no longer admits this agent.
+    let headers = with_bearer(
+        &token,
+        &[(
+            gateway::server::INSTANCE_UID_HEADER.as_str(),
+            &uid.to_string(),
+        )],
+    );
+    let connected = WsConnection::connect_with(
+        &nginx.ws_url(),
+        &headers,
+        Some(AGENT_VIA_NGINX),
+        Some(&tls.trust),
+    )
+    .await;
+    match connected {
+        Err(ConnectError::Status { status, body, .. }) => assert_eq!(status, 401, "{body}"),
+        Err(e) => bail!("expected 401, got {e}"),
+        Ok(mut conn) => {
+            // Refused on the first message instead: an error and a close.
+            conn.send(&first_message(uid)).await?;
+            let reply = conn.recv().await?;
+            assert!(
+                reply.is_none_or(|r| r.error_response.is_some()),
+                "the token must be refused"
+            );
+        }
+    }
+    // Audited with the address nginx saw.
+    wait_audited_from(&server.api, "identity_required", &[AGENT_VIA_NGINX]).await?;
+
+    drop(nginx);
+    server.stop().await
+}
+
+/// The address Ampora audits for a refused agent is the agent's own: through nginx the one
+/// nginx names (it is trusted), directly the peer's, whatever forwarding headers the agent
+/// sends itself.
+#[tokio::test]
+async fn refused_agent_is_audited_with_its_own_address_through_nginx() -> anyhow::Result<()> {
+    let (server, nginx, tls) = behind_tls_nginx(behind_tls_proxy).await?;
+    let uid = InstanceUid::new_v7();
+    let refused = |mut http: HttpTransport| async move {
+        match http.exchange(&first_message(uid)).await {
+            Err(ClientError::Status { status: 401, .. }) => Ok(()),
+            other => bail!("expected 401 without credentials, got {other:?}"),
+        }
+    };
+    // Straight to Ampora from an address it does not trust, claiming another.
+    let forged = [("X-Real-IP", FORGED_IP), ("X-Forwarded-For", FORGED_IP)]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec();
+    refused(
+        HttpTransport::new(&server.http_url(), forged, false).with_source_ip(Some(AGENT_DIRECT)),
+    )
+    .await?;
+    // Through nginx over TLS, from another address.
+    refused(
+        HttpTransport::new_tls(&nginx.http_url(), Vec::new(), false, tls.trust.clone())
+            .with_source_ip(Some(AGENT_VIA_NGINX)),
+    )
+    .await?;
+
+    wait_audited_from(
+        &server.api,
+        "missing_credentials",
+        &[AGENT_DIRECT, AGENT_VIA_NGINX],
+    )
+    .await?;
+    let got = audited_sources(&server.api, "missing_credentials").await?;
+    assert!(
+        !got.iter().any(|ip| ip == FORGED_IP || ip == PROXY_IP),
+        "neither the forged address nor nginx's may be audited: {got:?}"
+    );
+    drop(nginx);
+    server.stop().await
+}
+
+/// nginx replaces the forwarding headers a client sends with its own, so the trust Ampora puts
+/// in nginx cannot be borrowed: through plaintext nginx a forged certificate header and a
+/// forged `X-Forwarded-Proto: https` count for nothing, though the same headers sent to Ampora
+/// from nginx's (trusted) address would be believed.
+#[tokio::test]
+async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Result<()> {
+    let server = TestServer::start_with(behind_tls_proxy).await?;
+    let nginx = Nginx::start(server.addr).await?;
+
+    // A real agent certificate: an agent bootstraps over TLS straight to Ampora and takes one
+    // up; its PEM is in the API.
+    let token = server.api.token("certificate-owner").await?;
+    let uid = InstanceUid::new_v7();
+    let agent = Agent::start(AgentOptions {
+        endpoint: server.wss_url(),
+        tls: Some(server.client_tls()?),
+        token: Some(token),
+        instance_uid: Some(uid.0),
+        heartbeat: HEARTBEAT,
+        accept_identity: true,
+        ..AgentOptions::default()
+    });
+    let mut st = agent.status();
+    let s = wait_for(&mut st, DEADLINE, |s| s.client_cert_serial.is_some()).await?;
+    agent.stop().await;
+    let serial = s.client_cert_serial.context("serial")?;
+    let identity: Value = server
+        .api
+        .get(&format!("/api/v1/identities/{serial}"))
+        .await?;
+    let cert_pem = identity["cert_pem"].as_str().context("cert_pem")?;
+    let cert_header = vec![(CLIENT_CERT_HEADER.to_string(), url_encode(cert_pem))];
+
+    // From nginx's address the header alone authenticates...
+    let mut direct = HttpTransport::new(&server.http_url(), cert_header.clone(), false);
+    let reply = direct.exchange(&first_message(uid)).await?;
+    assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
+    // ...but nginx sends no certificate header of a client's: this one has no credentials.
+    let mut via = HttpTransport::new(&nginx.http_url(), cert_header, false);
+    match via.exchange(&first_message(uid)).await {
+        Err(ClientError::Status { status, body, .. }) => {
+            assert_eq!(status, 401, "{body}");
+            assert!(
+                body.contains("Authorization"),
+                "refused for no credentials: {body}"
+            );
+        }
+        other => bail!("a forged certificate header must not pass nginx, got {other:?}"),
+    }
+
+    // Likewise a claim of TLS: nginx says http, so the token is refused as plaintext bootstrap
+    // (and not used up)...
+    let token = server.api.token("forged-proto").await?;
+    let claim = with_bearer(&token, &[("X-Forwarded-Proto", "https")]);
+    let new_agent = InstanceUid::new_v7();
+    let mut via = HttpTransport::new(&nginx.http_url(), claim.clone(), false);
+    match via.exchange(&first_message(new_agent)).await {
+        Err(ClientError::Status { status, body, .. }) => {
+            assert_eq!(status, 401, "{body}");
+            assert!(body.contains("plaintext"), "refused as plaintext: {body}");
+        }
+        other => bail!("a forged X-Forwarded-Proto must not pass nginx, got {other:?}"),
+    }
+    // ...while from nginx's address the same claim lets the same token in.
+    let mut direct = HttpTransport::new(&server.http_url(), claim, false);
+    let reply = direct.exchange(&first_message(new_agent)).await?;
+    assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
+
+    drop(nginx);
+    server.stop().await
+}
+
 /// The text of the block that follows `opening` (e.g. `location = /v1/opamp`), comments removed.
 fn block<'a>(conf: &'a str, opening: &str) -> anyhow::Result<&'a str> {
     let start = conf
@@ -284,7 +699,7 @@ fn nginx_duration(v: &str) -> anyhow::Result<Duration> {
 #[test]
 fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Result<()> {
     let up: SocketAddr = "127.0.0.1:4321".parse()?;
-    let conf = render("127.0.0.1:4320", &[up], &[up]);
+    let conf = render("127.0.0.1:4320", "", &[up], &[up]);
     for p in PLACEHOLDERS {
         assert!(!conf.contains(p), "{p} left in the rendered config");
     }
@@ -320,6 +735,8 @@ fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Resu
         "Connection $connection_upgrade",
         "X-Forwarded-For $proxy_add_x_forwarded_for",
         "X-Real-IP $remote_addr",
+        "X-Forwarded-Proto $scheme",
+        "X-SSL-Client-Cert $ssl_client_escaped_cert",
     ] {
         assert!(headers.contains(&h), "missing proxy_set_header {h}");
     }

@@ -9,29 +9,6 @@ use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::{eventually, Fleet, TestServer, DEADLINE};
 
-/// Runs `$name(&fleet)` in both modes, with `$tweak` applied to the configuration.
-macro_rules! both_modes {
-    ($name:ident, $tweak:expr) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test]
-            async fn embedded() -> anyhow::Result<()> {
-                let fleet = TestServer::start_with($tweak).await?;
-                super::$name(&fleet).await?;
-                fleet.stop().await
-            }
-
-            #[tokio::test]
-            async fn cluster() -> anyhow::Result<()> {
-                let fleet = tests::cluster::Cluster::start(2, 2, $tweak).await?;
-                super::$name(&fleet).await?;
-                fleet.stop().await
-            }
-        }
-    };
-}
-
 fn defaults(_: &mut Config) {}
 
 fn seven_second_heartbeat(c: &mut Config) {

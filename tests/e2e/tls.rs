@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use coordinator::config::Config;
 use gateway::client::{
     wait_for, Agent, AgentOptions, ClientError, ClientTls, ConnectError, HttpTransport,
     WsConnection,
@@ -12,24 +13,11 @@ use gateway::client::{
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use shared::ids::InstanceUid;
-use tests::{eventually, Fleet, TestServer, DEADLINE};
+use tests::{bearer, eventually, hello, Fleet, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 const REFUSED: &str = "bootstrap over plaintext is not allowed";
-
-fn bearer(t: &str) -> Vec<(String, String)> {
-    vec![("Authorization".into(), format!("Bearer {t}"))]
-}
-
-fn hello(uid: InstanceUid) -> proto::AgentToServer {
-    proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: 0x1,
-        agent_description: Some(Default::default()),
-        ..Default::default()
-    }
-}
 
 fn agent(endpoint: String, token: String, tls: Option<ClientTls>) -> Agent {
     Agent::start(AgentOptions {
@@ -143,7 +131,11 @@ async fn push_and_wait_applied(f: &impl Fleet, uid: &str) -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn bootstrap_tokens_are_refused_over_plaintext_and_accepted_over_tls() -> anyhow::Result<()> {
-    let server = TestServer::start_with(|c| c.opamp.bootstrap_plaintext_allowed = false).await?;
+    // The shipped default, which the harness overrides for its plaintext agents.
+    let server = TestServer::start_with(|c| {
+        c.opamp.bootstrap_plaintext_allowed = Config::default().opamp.bootstrap_plaintext_allowed;
+    })
+    .await?;
     let token = server.api.token("tls-only").await?;
     let before = metric(&server, AUTH_FAILED).await?;
 

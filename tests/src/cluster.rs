@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use coordinator::cluster::{self, CoordinatorNode, GatewayNode};
 use coordinator::config::Config;
 use coordinator::store::postgres::{test_admin_url, TestDatabase};
+use shared::ids::InstanceUid;
 use tokio::runtime::Runtime;
 
 use crate::{Api, Fleet};
@@ -198,11 +199,23 @@ impl Cluster {
 
     /// Starts one more gateway; returns its index.
     pub async fn add_gateway(&mut self) -> anyhow::Result<usize> {
+        self.add_gateway_on(std::net::TcpListener::bind("127.0.0.1:0")?)
+            .await
+    }
+
+    /// Starts one more gateway on a listener bound beforehand, so its address can go into the
+    /// configuration (`server.public_endpoint`, say) before the cluster starts.
+    pub async fn add_gateway_on(
+        &mut self,
+        listener: std::net::TcpListener,
+    ) -> anyhow::Result<usize> {
         let i = self.gateways.len();
         let id = format!("gw-{i}");
         let cfg = self.node_config(&id);
+        listener.set_nonblocking(true)?;
         let (rt, node) = spawn_node(|| async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            // Registered with the node's own runtime, which owns the socket from then on.
+            let listener = tokio::net::TcpListener::from_std(listener)?;
             cluster::start_gateway(&cfg, listener).await
         })
         .await
@@ -228,6 +241,13 @@ impl Cluster {
         Ok(Api::new(n.addr, self.admin_token.clone()))
     }
 
+    pub fn coordinator_addr(&self, i: usize) -> anyhow::Result<SocketAddr> {
+        Ok(self.coordinators[i]
+            .as_ref()
+            .context("coordinator is gone")?
+            .addr)
+    }
+
     pub fn gateway_addr(&self, i: usize) -> anyhow::Result<SocketAddr> {
         Ok(self.gateways[i].as_ref().context("gateway is gone")?.addr)
     }
@@ -238,6 +258,19 @@ impl Cluster {
 
     pub fn http_url_of(&self, i: usize) -> anyhow::Result<String> {
         Ok(format!("http://{}/v1/opamp", self.gateway_addr(i)?))
+    }
+
+    /// Gateway `i` over TLS (it serves TLS only with `[tls]` files configured).
+    pub fn wss_url_of(&self, i: usize) -> anyhow::Result<String> {
+        Ok(format!("wss://{}/v1/opamp", self.gateway_addr(i)?))
+    }
+
+    /// One series from gateway `i`'s `/metrics`. (Every node of the sandbox shares the
+    /// process's metrics recorder, so this counts the whole process.)
+    pub async fn gateway_metric(&self, i: usize, series: &str) -> anyhow::Result<f64> {
+        Api::new(self.gateway_addr(i)?, String::new())
+            .metric(series)
+            .await
     }
 
     /// Kills gateway `i` like a crash: sockets drop, nothing is released.
@@ -373,5 +406,21 @@ impl Cluster {
                 ))
             })
             .collect())
+    }
+
+    /// The index of the coordinator that holds `uid`'s partition (node ids are `coord-<i>`).
+    pub async fn owner_of(&self, uid: InstanceUid) -> anyhow::Result<usize> {
+        let partition = uid.partition();
+        let holder = self
+            .partition_holders()
+            .await?
+            .into_iter()
+            .find(|(p, _)| *p == partition)
+            .map(|(_, h)| h)
+            .with_context(|| format!("partition {partition} has no holder"))?;
+        holder
+            .strip_prefix("coord-")
+            .and_then(|i| i.parse().ok())
+            .with_context(|| format!("holder {holder} is not a sandbox coordinator"))
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 pub mod cluster;
+pub mod identity;
 use coordinator::config::Config;
 use coordinator::serve::{self, Running};
 use serde_json::{json, Value};
@@ -96,6 +97,21 @@ impl TestServer {
 
 /// Where agents connect and operators call the API: the embedded default ([`TestServer`]) or a
 /// cluster sandbox ([`cluster::Cluster`]). The behaviour suite runs against both.
+/// `Authorization: Bearer <token>`, as agents send their bootstrap token.
+pub fn bearer(token: &str) -> Vec<(String, String)> {
+    vec![("Authorization".into(), format!("Bearer {token}"))]
+}
+
+/// A first message of agent `uid` that reports status and nothing else.
+pub fn hello(uid: shared::ids::InstanceUid) -> proto::AgentToServer {
+    proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: 0x1,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    }
+}
+
 pub trait Fleet {
     fn ws_url(&self) -> String;
     fn http_url(&self) -> String;

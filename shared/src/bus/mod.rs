@@ -212,6 +212,9 @@ pub enum ControlEvent {
     MembershipChanged,
     /// An agent identity was revoked: gateways refuse its certificate from now on.
     IdentityRevoked { serial: String },
+    /// An agent used its identity for the first time: every coordinator refuses its bootstrap
+    /// token from now on (whichever answers the authentication).
+    IdentityConfirmed { serial: String },
 }
 
 #[derive(Debug, thiserror::Error)]

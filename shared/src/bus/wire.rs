@@ -96,6 +96,9 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         ControlEvent::IdentityRevoked { serial } => {
             Kind::IdentityRevoked(pb::IdentityRevoked { serial })
         }
+        ControlEvent::IdentityConfirmed { serial } => {
+            Kind::IdentityConfirmed(pb::IdentityConfirmed { serial })
+        }
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -257,6 +260,7 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         },
         Kind::MembershipChanged(_) => ControlEvent::MembershipChanged,
         Kind::IdentityRevoked(r) => ControlEvent::IdentityRevoked { serial: r.serial },
+        Kind::IdentityConfirmed(c) => ControlEvent::IdentityConfirmed { serial: c.serial },
     })
 }
 
@@ -520,6 +524,9 @@ mod tests {
             ControlEvent::MembershipChanged,
             ControlEvent::IdentityRevoked {
                 serial: "4abc".into(),
+            },
+            ControlEvent::IdentityConfirmed {
+                serial: "4abd".into(),
             },
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
