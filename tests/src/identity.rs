@@ -222,11 +222,9 @@ pub async fn handshake_alert(
 ) -> anyhow::Result<Option<rustls::AlertDescription>> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    // Always a full handshake: a resumed session carries the client certificate over from
-    // the earlier one instead of presenting it (gateways re-check it over HTTP then).
-    let mut config = (**tls.config()).clone();
-    config.resumption = rustls::client::Resumption::disabled();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    // With the client's session cache, filled by its earlier handshakes: a resumed session
+    // would skip the certificate check, so gateways must not offer one.
+    let connector = tokio_rustls::TlsConnector::from(tls.config().clone());
     let name = rustls::pki_types::ServerName::from(addr.ip());
     let mut stream = match connector.connect(name, tcp).await {
         Ok(s) => s,

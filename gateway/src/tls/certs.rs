@@ -79,12 +79,7 @@ impl ServerTls {
         let verifier = Arc::new(OptionalClientCerts {
             provider: provider.clone(),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(store.clone());
-        // WebSocket upgrades need HTTP/1.1; the listener speaks nothing else.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = server_config(provider, verifier, store.clone())?;
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(watch(
@@ -109,11 +104,7 @@ impl ServerTls {
     /// still connect, for bootstrap tokens) and refuses revoked ones at the handshake, instead
     /// of passing any presented chain on unverified.
     pub fn with_agent_trust(mut self, trust: &super::AgentTrust) -> Result<Self, TlsError> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(trust.verifier())
-            .with_cert_resolver(self.store.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = server_config(provider(), trust.verifier(), self.store.clone())?;
         self.config = Arc::new(config);
         Ok(self)
     }
@@ -395,6 +386,26 @@ impl ServerCertVerifier for PinnedServerCert {
         let algs = &self.provider.signature_verification_algorithms;
         algs.supported_schemes()
     }
+}
+
+/// The agent port's TLS settings. No session resumption: a resumed session skips the
+/// client-certificate check, so a certificate revoked since its first handshake would get
+/// past the handshake. Agents reconnect rarely, and opamp-go keeps no session cache anyway, so
+/// full handshakes cost little; the tickets no one uses are not sent either.
+fn server_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    // WebSocket upgrades need HTTP/1.1; the listener speaks nothing else.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 #[cfg(test)]
