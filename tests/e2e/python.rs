@@ -1,7 +1,10 @@
 //! Interoperability with a third-party OpAMP client: the PyPI package
 //! `opentelemetry-opamp-client` (0.5b0, plain-HTTP transport), driven by
 //! `tests/python/opamp_agent.py`. The agent polls Ampora over HTTP with a bootstrap token, shows
-//! up in the API, receives an assigned config and reports it APPLIED, then says goodbye.
+//! up in the API, receives an assigned config and reports it APPLIED, then says goodbye. With
+//! the shipped default it is refused over `http://`, bootstraps over `https://` trusting the
+//! server's local CA, and authenticates with a client certificate Ampora issued (mTLS, no
+//! token).
 //!
 //! Needs `AMPORA_TEST_PYTHON`: a Python with that package installed (`tests/run.sh` prepares
 //! `target/pyenv` and exports it). Without it the test fails; it never skips.
@@ -10,7 +13,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context as _};
+use coordinator::config::Config;
 use serde_json::{json, Value};
+use tests::identity::CsrIdentity;
 use tests::{eventually, TestServer, DEADLINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -34,10 +39,21 @@ struct PyAgent {
 
 impl PyAgent {
     fn spawn(python: &str, endpoint: &str, token: &str, service: &str) -> anyhow::Result<Self> {
+        Self::spawn_with(python, endpoint, service, &["--token", token])
+    }
+
+    /// The agent with further script arguments (`--token`, `--ca-file`, `--client-cert`, …).
+    fn spawn_with(
+        python: &str,
+        endpoint: &str,
+        service: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(python)
             .arg("-u")
             .arg(SCRIPT)
-            .args(["--endpoint", endpoint, "--token", token])
+            .args(["--endpoint", endpoint])
+            .args(extra)
             .args(["--service-name", service, "--poll-secs", "0.2"])
             .args(["--max-secs", MAX_SECS])
             .stdin(Stdio::piped())
@@ -268,5 +284,98 @@ async fn python_opamp_client_receives_config_and_reports_applied() -> anyhow::Re
     )
     .await?;
 
+    server.stop().await
+}
+
+#[tokio::test]
+async fn python_opamp_client_bootstraps_over_https_only_and_connects_with_its_certificate(
+) -> anyhow::Result<()> {
+    let python = python()?;
+    // The shipped default, which the harness overrides for its plaintext agents.
+    let server = TestServer::start_with(|c| {
+        c.opamp.bootstrap_plaintext_allowed = Config::default().opamp.bootstrap_plaintext_allowed;
+    })
+    .await?;
+    let ca_file = server.dir.path().join("tls").join("ca.pem");
+    let ca_arg = ca_file.to_str().context("CA path")?.to_string();
+    let token = server.api.token("python-tls").await?;
+
+    // Over http:// the token is refused, and not used up.
+    let mut plain = PyAgent::spawn(&python, &server.http_url(), &token, "python-plain")?;
+    let refused = plain
+        .wait_event("refusal", |v| v["event"] == "connect_failed")
+        .await?;
+    assert!(
+        refused["error"].as_str().is_some_and(|e| e.contains("401")),
+        "{}",
+        plain.transcript()
+    );
+    plain.stop().await?;
+
+    // Over https://, trusting the CA the server created, the same token gets it in.
+    let mut tls = PyAgent::spawn_with(
+        &python,
+        &server.https_url(),
+        "python-tls",
+        &["--token", &token, "--ca-file", &ca_arg],
+    )?;
+    let uid = tls
+        .wait_event("instance_uid", |v| v["event"] == "instance_uid")
+        .await?["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
+    tls.wait_event("first successful exchange", |v| v["event"] == "connected")
+        .await?;
+    server
+        .api
+        .wait_agent(&uid, "python agent over https", |a| a["connected"] == true)
+        .await?;
+    assert!(tls.stop().await?.success(), "{}", tls.transcript());
+
+    // mTLS: a certificate issued for an agent (here through a CSR on another connection, as
+    // this client does not take connection settings) authenticates the Python client with no
+    // token at all.
+    let enrolled = CsrIdentity::enroll(
+        &server.wss_url(),
+        &std::fs::read_to_string(&ca_file)?,
+        &server.api.token("python-mtls").await?,
+    )
+    .await?;
+    let files = tempfile::tempdir()?;
+    let cert = files.path().join("agent.pem");
+    let key = files.path().join("agent-key.pem");
+    std::fs::write(&cert, &enrolled.cert_pem)?;
+    std::fs::write(&key, &enrolled.key_pem)?;
+    let uid = enrolled.uid.to_string();
+    let mut mtls = PyAgent::spawn_with(
+        &python,
+        &server.https_url(),
+        "python-mtls",
+        &[
+            "--ca-file",
+            &ca_arg,
+            "--client-cert",
+            cert.to_str().context("cert path")?,
+            "--client-key",
+            key.to_str().context("key path")?,
+            "--instance-uid",
+            &uid,
+        ],
+    )?;
+    mtls.wait_event("first successful exchange", |v| v["event"] == "connected")
+        .await?;
+    server
+        .api
+        .wait_agent(&uid, "python agent over mTLS", |a| {
+            a["connected"] == true
+                && a["description"]["identifying"]["service.name"] == "python-mtls"
+        })
+        .await?;
+    server
+        .api
+        .wait_identity(&uid, &enrolled.serial, "confirmed")
+        .await?;
+    assert!(mtls.stop().await?.success(), "{}", mtls.transcript());
     server.stop().await
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A small OpAMP agent built on the third-party PyPI client `opentelemetry-opamp-client`
-(tested with 0.5b0, plain-HTTP transport), used by Ampora's interoperability test.
+(tested with 0.5b0, plain-HTTP transport, over http:// or https://, optionally with a client
+certificate), used by Ampora's interoperability tests.
 
 It drives the library's own classes, never hand-built protobuf posts:
 
@@ -179,6 +180,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--endpoint", required=True, help="e.g. http://127.0.0.1:4320/v1/opamp")
     parser.add_argument("--token", help="bearer token, sent as 'Authorization: Bearer TOKEN'")
+    parser.add_argument("--ca-file", help="CA (PEM) to verify an https:// server with; default: the system's")
+    parser.add_argument("--client-cert", help="client certificate (PEM) for mTLS")
+    parser.add_argument("--client-key", help="its private key (PEM)")
+    parser.add_argument("--instance-uid", help="the agent's instance uid (default: one the library generates)")
     parser.add_argument("--service-name", default="python-opamp-agent")
     parser.add_argument("--service-version", default="0.0.1")
     parser.add_argument("--poll-secs", type=float, default=0.2, help="heartbeat (poll) interval")
@@ -223,7 +228,15 @@ def main() -> int:
             | opamp_pb2.AgentCapabilities.AgentCapabilities_ReportsRemoteConfig
             | opamp_pb2.AgentCapabilities.AgentCapabilities_ReportsHeartbeat
         ),
+        tls_certificate=args.ca_file or True,
+        tls_client_certificate=args.client_cert,
+        tls_client_key=args.client_key,
     )
+    if args.instance_uid:
+        # A client certificate names its agent's instance uid, which the library generates
+        # at random and offers no parameter for: an agent that keeps its identity across
+        # restarts (as a real one does) sets it here.
+        client._instance_uid = uuid.UUID(args.instance_uid).bytes
 
     # The library generates the instance uid itself and does not expose it; read it back from a
     # message it builds (building does not send nor consume a sequence number).
