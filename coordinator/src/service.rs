@@ -212,7 +212,8 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             ControlEvent::IdentityRevoked { serial }
             | ControlEvent::IdentityConfirmed { serial } => {
-                c.load_identity(&serial).await;
+                // A failed read is logged; the next full reload catches up.
+                let _ = c.load_identity(&serial).await;
             }
             ControlEvent::MembershipChanged => {
                 if let Err(e) = leases::rebalance(&c).await {
@@ -762,8 +763,9 @@ impl Coordinator {
                 }
                 Ok(None) => return AuthDecision::Reject(AuthFailure::UnknownToken),
                 Err(e) => {
+                    // The token may well be good: "retry later", not 401.
                     tracing::error!(error = %e, "token lookup failed");
-                    return AuthDecision::Reject(AuthFailure::UnknownToken);
+                    return AuthDecision::Unavailable;
                 }
             },
         };
@@ -820,14 +822,12 @@ impl Coordinator {
 
     /// Identity `serial` as the store has it, merged into the cache (another coordinator
     /// issued or confirmed it); `None` when the store does not have it.
-    async fn load_identity(&self, serial: &str) -> Option<IdentityRecord> {
-        let record = match self.store.get_identity(serial).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::warn!(error = %e, "identity lookup failed");
-                return None;
-            }
+    async fn load_identity(&self, serial: &str) -> Result<Option<IdentityRecord>, StoreError> {
+        let Some(record) = self.store.get_identity(serial).await.inspect_err(|e| {
+            tracing::warn!(error = %e, "identity lookup failed");
+        })?
+        else {
+            return Ok(None);
         };
         if let Ok(mut c) = self.identities.write() {
             let ids = c.entry(record.instance_uid).or_default();
@@ -845,7 +845,7 @@ impl Coordinator {
                 }
             }
         }
-        Some(record)
+        Ok(Some(record))
     }
 
     /// True when `uid` has a live identity it has connected with: bootstrap tokens are then
@@ -879,10 +879,11 @@ impl Coordinator {
     async fn check_certificate(&self, uid: InstanceUid, serial: &str) -> AuthDecision {
         let known = match self.identity(serial, uid) {
             Some(i) => Some(i),
-            None => self
-                .load_identity(serial)
-                .await
-                .filter(|i| i.instance_uid == uid),
+            None => match self.load_identity(serial).await {
+                Ok(found) => found.filter(|i| i.instance_uid == uid),
+                // A certificate the gateway verified may well be good: "retry later".
+                Err(_) => return AuthDecision::Unavailable,
+            },
         };
         match known {
             Some(i) if i.revoked_ms.is_none() => AuthDecision::Accept(Credential::Certificate {
@@ -1087,7 +1088,7 @@ impl Coordinator {
     pub async fn revoke_identity(&self, serial: &str, author: &str) -> Result<(), ServiceError> {
         let identity = self.get_identity(serial).await?;
         self.store.revoke_identity(serial, now_ms()).await?;
-        self.load_identity(serial).await;
+        self.load_identity(serial).await?;
         self.audit(
             author,
             "identity.revoke",

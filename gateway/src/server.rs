@@ -957,6 +957,9 @@ async fn authenticate(
         Ok(Ok(CoordinatorReply::Auth(AuthDecision::Reject(f)))) => {
             Err(unauthorized(source_ip, f.as_str(), f.message()))
         }
+        Ok(Ok(CoordinatorReply::Auth(AuthDecision::Unavailable))) => {
+            Err(service_unavailable("authentication unavailable"))
+        }
         Ok(Ok(CoordinatorReply::Frame(_) | CoordinatorReply::RevokedSerials(_))) => {
             tracing::error!("coordinator answered an authentication request with another reply");
             Err(service_unavailable("authentication unavailable"))

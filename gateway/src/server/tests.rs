@@ -48,6 +48,10 @@ impl CoordinatorHandler for FakeCoordinator {
                     bound_uid: None,
                 }))
             }
+            // As a coordinator whose store failed answers.
+            CoordinatorRequest::Authenticate(a) if a.token == "undecided" => {
+                CoordinatorReply::Auth(AuthDecision::Unavailable)
+            }
             CoordinatorRequest::Authenticate(_) => {
                 CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken))
             }
@@ -326,6 +330,23 @@ async fn bootstrap_over_plaintext_can_be_refused() -> anyhow::Result<()> {
     .await?;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.text(), "bootstrap over plaintext is not allowed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn undecided_authentication_is_retry_later_not_401() -> anyhow::Result<()> {
+    let h = start(true).await?;
+    let r = post(
+        h.addr,
+        "POST",
+        &[PB, ("Authorization", "Bearer undecided")],
+        hello(InstanceUid::new_v7()).encode_to_vec(),
+    )
+    .await?;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(r.headers.contains_key(http::header::RETRY_AFTER));
+    let refused = within(connect(h.addr, Some("Bearer undecided"))).await;
+    assert!(refused.is_err(), "no upgrade without a decision");
     Ok(())
 }
 

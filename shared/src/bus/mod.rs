@@ -122,6 +122,9 @@ pub struct CertificateId {
 pub enum AuthDecision {
     Accept(Credential),
     Reject(AuthFailure),
+    /// The coordinator could not decide (its store failed): "retry later", not a refusal, and
+    /// not an authentication failure in the audit log.
+    Unavailable,
 }
 
 /// One `AgentToServer`, with what the gateway knows about the connection it came on.

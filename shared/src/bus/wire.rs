@@ -160,6 +160,7 @@ fn decision_to_pb(d: AuthDecision) -> pb::AuthDecision {
     let kind = match d {
         AuthDecision::Accept(c) => Kind::Accept(credential_to_pb(c)),
         AuthDecision::Reject(f) => Kind::Reject(failure_to_pb(f) as i32),
+        AuthDecision::Unavailable => Kind::Unavailable(true),
     };
     pb::AuthDecision { kind: Some(kind) }
 }
@@ -316,6 +317,7 @@ fn decision_from_pb(d: pb::AuthDecision) -> Result<AuthDecision, Malformed> {
     Ok(match d.kind.ok_or(Malformed("auth decision kind"))? {
         Kind::Accept(c) => AuthDecision::Accept(credential_from_pb(c)?),
         Kind::Reject(f) => AuthDecision::Reject(failure_from_pb(f)?),
+        Kind::Unavailable(_) => AuthDecision::Unavailable,
     })
 }
 
@@ -467,6 +469,12 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+        assert!(matches!(
+            decode_reply(&encode_reply(CoordinatorReply::Auth(
+                AuthDecision::Unavailable
+            ))),
+            Ok(CoordinatorReply::Auth(AuthDecision::Unavailable))
+        ));
         let reply = FrameReply {
             msg: proto::ServerToAgent {
                 capabilities: 5,
