@@ -131,7 +131,7 @@ pub(crate) fn coordinator_agent_ca(config: &Config) -> anyhow::Result<Option<Arc
 }
 
 pub(crate) fn identity_validity(config: &Config) -> Duration {
-    Duration::from_secs(config.tls.identity_validity_days.saturating_mul(24 * 3600))
+    Duration::from_secs(config.tls.identity_validity_secs)
 }
 
 /// A running node's HTTP server, stopped through `stop`.

@@ -59,7 +59,7 @@ pub struct TlsSection {
     /// The agent CA's private key (PEM); coordinators only.
     pub agent_ca_key_file: PathBuf,
     /// Lifetime of an issued identity; it is renewed after two thirds of it.
-    pub identity_validity_days: u64,
+    pub identity_validity_secs: u64,
     /// The header a TLS-terminating proxy puts the client certificate in (URL-encoded PEM).
     pub client_cert_header: String,
     /// Addresses or CIDRs of proxies trusted to set `client_cert_header`, `X-Real-IP` /
@@ -83,7 +83,7 @@ impl Default for TlsSection {
             reload_interval_secs: 5,
             agent_ca_cert_file: PathBuf::new(),
             agent_ca_key_file: PathBuf::new(),
-            identity_validity_days: 30,
+            identity_validity_secs: 30 * 24 * 3600,
             client_cert_header: "X-SSL-Client-Cert".into(),
             trusted_proxies: Vec::new(),
         }
@@ -483,8 +483,8 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     {
         errors.push("tls.agent_ca_key_file: needs tls.agent_ca_cert_file".into());
     }
-    if c.tls.identity_validity_days == 0 {
-        errors.push("tls.identity_validity_days: must be at least 1".into());
+    if c.tls.identity_validity_secs == 0 {
+        errors.push("tls.identity_validity_secs: must be at least 1".into());
     }
     if !c.tls.client_cert_header.is_empty()
         && axum::http::HeaderName::from_bytes(c.tls.client_cert_header.as_bytes()).is_err()

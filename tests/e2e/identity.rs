@@ -249,3 +249,68 @@ async fn trusted_proxy_header_authenticates_and_untrusted_is_ignored() -> anyhow
     assert!(after > before, "{UNTRUSTED_HEADER}: {before} -> {after}");
     server.stop().await
 }
+
+/// A certificate lifetime short enough to see a renewal (after two thirds of it) within a test.
+const SHORT_VALIDITY_SECS: u64 = 6;
+
+#[tokio::test]
+async fn certificates_are_renewed_before_they_expire() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| {
+        c.opamp.heartbeat_interval_secs = 1;
+        c.tls.identity_validity_secs = SHORT_VALIDITY_SECS;
+    })
+    .await?;
+    let token = server.api.token("renewal").await?;
+    let uid = InstanceUid::new_v7();
+    let agent = Agent::start(AgentOptions {
+        endpoint: server.wss_url(),
+        tls: Some(server.client_tls()?),
+        token: Some(token),
+        instance_uid: Some(uid.0),
+        accept_identity: true,
+        ..AgentOptions::default()
+    });
+    let mut rx = agent.status();
+    let first = wait_for(&mut rx, DEADLINE, |s| {
+        s.connected && s.client_cert_serial.is_some()
+    })
+    .await?
+    .client_cert_serial
+    .clone()
+    .unwrap_or_default();
+
+    // Before the first expires, the agent is offered a new one on its certificate connection
+    // and moves to it.
+    let second = wait_for(&mut rx, DEADLINE, |s| {
+        s.connected && s.client_cert_serial.as_ref().is_some_and(|c| *c != first)
+    })
+    .await?
+    .client_cert_serial
+    .clone()
+    .unwrap_or_default();
+    let uid_text = uid.to_string();
+    server
+        .api
+        .wait_identity(&uid_text, &second, "confirmed")
+        .await?;
+    let audit = server
+        .api
+        .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
+        .await?;
+    let issued: Vec<&str> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["action"] == "identity.issue")
+        .filter_map(|e| e["detail"]["serial"].as_str())
+        .collect();
+    assert!(
+        issued.contains(&first.as_str()) && issued.contains(&second.as_str()),
+        "both issues audited: {audit}"
+    );
+    // The renewed agent never needed its token again: it is still on certificates.
+    let shown = server.api.agent(&uid_text).await?.expect("listed");
+    assert_eq!(shown["connected"], true, "{shown}");
+    agent.stop().await;
+    server.stop().await
+}
