@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway::client::{wait_for, Agent, ConnectError, WsConnection};
-use tests::{eventually, TestServer, DEADLINE};
+use tests::cluster::Cluster;
+use tests::{bearer, eventually, Fleet, TestServer, DEADLINE};
 
 use crate::opamp::opts;
 
@@ -19,10 +20,6 @@ const CAP: u64 = 8;
 const AGENTS: usize = 3;
 const STORM_WS: usize = 200;
 const STORM_HTTP: usize = 100;
-
-fn bearer(token: &str) -> Vec<(String, String)> {
-    vec![("Authorization".into(), format!("Bearer {token}"))]
-}
 
 async fn refused(server: &TestServer, reason: &str) -> anyhow::Result<f64> {
     server
@@ -294,4 +291,56 @@ async fn a_fresh_gateway_warms_up() -> anyhow::Result<()> {
         "at full rate {at_full_rate} were admitted, warming up {warming}"
     );
     Ok(())
+}
+
+/// The connection cap of the cluster test's gateway: its agents fill it.
+const CLUSTER_CAP: usize = 4;
+const CLUSTER_STORM: usize = 60;
+
+#[tokio::test]
+async fn a_cluster_gateway_refuses_beyond_its_cap_while_its_agents_carry_on() -> anyhow::Result<()>
+{
+    let c = Cluster::start(1, 1, |cfg| {
+        cfg.admission.max_connections = CLUSTER_CAP as u64;
+        cfg.admission.warmup_secs = 0;
+    })
+    .await?;
+    let gateway = c.gateway_of(0)?;
+    let mut agents = Vec::new();
+    for i in 0..CLUSTER_CAP {
+        let token = c.api().token(&format!("cluster-agent-{i}")).await?;
+        let agent = Agent::start(opts(c.ws_url_of(0)?, token, &format!("capped-{i}")));
+        let mut st = agent.status();
+        wait_for(&mut st, DEADLINE, |s| s.connected && s.replies > 0).await?;
+        agents.push((agent, st));
+    }
+    assert_eq!(gateway.connected(), CLUSTER_CAP);
+
+    let look_valid = vec![("Authorization".to_string(), LOOKS_VALID.to_string())];
+    let storm: Vec<_> = (0..CLUSTER_STORM)
+        .map(|_| {
+            let url = c.ws_url_of(0);
+            let headers = look_valid.clone();
+            tokio::spawn(async move { try_upgrade(&url?, &headers).await })
+        })
+        .collect();
+    for upgrade in storm {
+        match upgrade.await?? {
+            Some((503, Some(retry))) if retry >= Duration::from_secs(1) => {}
+            other => {
+                anyhow::bail!("beyond the cap an upgrade must get 503 + Retry-After: {other:?}")
+            }
+        }
+    }
+    let ready = reqwest::get(format!("http://{}/health/ready", c.gateway_addr(0)?)).await?;
+    assert_eq!(ready.status().as_u16(), 200, "the gateway stays ready");
+    assert_eq!(gateway.connected(), CLUSTER_CAP, "refusals took no slot");
+    for (_, st) in &mut agents {
+        let before = st.borrow().replies;
+        wait_for(st, DEADLINE, |s| s.connected && s.replies >= before + 2).await?;
+    }
+    for (agent, _) in agents {
+        agent.stop().await;
+    }
+    c.stop().await
 }

@@ -267,6 +267,16 @@ impl Cluster {
 
     /// One series from gateway `i`'s `/metrics`. (Every node of the sandbox shares the
     /// process's metrics recorder, so this counts the whole process.)
+    /// Gateway `i` itself (its open connections, …).
+    pub fn gateway_of(&self, i: usize) -> anyhow::Result<std::sync::Arc<gateway::Gateway>> {
+        self.gateways
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|n| n.node.as_ref())
+            .map(|n| n.gateway.clone())
+            .with_context(|| format!("gateway {i} is not running"))
+    }
+
     pub async fn gateway_metric(&self, i: usize, series: &str) -> anyhow::Result<f64> {
         Api::new(self.gateway_addr(i)?, String::new())
             .metric(series)
