@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use coordinator::config::Config;
 use gateway::client::{
-    wait_for, Agent, AgentOptions, ClientError, ConnectError, HttpTransport, WsConnection,
+    Agent, AgentOptions, ClientError, ConnectError, HttpTransport, WsConnection,
 };
 use rustls::AlertDescription;
 use shared::bus::AuthFailure;
 use shared::ids::InstanceUid;
 use tests::cluster::Cluster;
 use tests::identity::{
-    bearer, crl_serials, handshake_alert, hello, CsrIdentity, TlsFiles, UNTRUSTED_HEADER,
+    bearer, connected_on_certificate, crl_serials, handshake_alert, hello, CsrIdentity, TlsFiles,
+    UNTRUSTED_HEADER,
 };
 use tests::{eventually, Fleet, DEADLINE};
 
@@ -65,11 +66,7 @@ async fn agent_bootstraps_on_one_gateway_moves_to_mtls_on_the_other_and_its_toke
         ..AgentOptions::default()
     });
     let mut rx = agent.status();
-    let st = wait_for(&mut rx, DEADLINE, |s| {
-        s.connected && s.client_cert_serial.is_some()
-    })
-    .await?;
-    let serial = st.client_cert_serial.clone().unwrap_or_default();
+    let serial = connected_on_certificate(&mut rx).await?;
 
     // On gateway 1 now, and nowhere else.
     c.api()
@@ -231,6 +228,22 @@ async fn revocation_on_one_coordinator_closes_the_agent_and_every_gateway_refuse
     c.stop().await
 }
 
+/// A connection with `token` and the reply to agent `uid`'s first message.
+async fn bootstrap(
+    wss_url: &str,
+    token: &str,
+    tls: &gateway::client::ClientTls,
+    uid: InstanceUid,
+) -> anyhow::Result<(WsConnection, proto::ServerToAgent)> {
+    let mut conn = WsConnection::connect_tls(wss_url, &bearer(token), tls).await?;
+    conn.send(&hello(uid)).await?;
+    let reply = conn
+        .recv()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    Ok((conn, reply))
+}
+
 /// The certificate and key of an offer made to an agent without a CSR.
 fn offered_identity(reply: &proto::ServerToAgent) -> anyhow::Result<(String, String, String)> {
     let cert = reply
@@ -262,12 +275,7 @@ async fn an_unused_identity_is_revoked_when_a_coordinator_issues_another() -> an
 
     // An agent without a CSR is offered a certificate with a generated key, and goes away
     // before it uses it.
-    let mut conn = WsConnection::connect_tls(&c.wss_url_of(0)?, &bearer(&token), &tls).await?;
-    conn.send(&hello(uid)).await?;
-    let reply = conn
-        .recv()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    let (conn, reply) = bootstrap(&c.wss_url_of(0)?, &token, &tls, uid).await?;
     let (first, cert_pem, key_pem) = offered_identity(&reply)?;
     conn.close(1000, "restarting").await;
 
@@ -275,12 +283,7 @@ async fn an_unused_identity_is_revoked_when_a_coordinator_issues_another() -> an
     // and, having no key to repeat, issues a new certificate when it comes back.
     c.stop_coordinator(c.owner_of(uid).await?).await?;
     c.settled().await?;
-    let mut conn = WsConnection::connect_tls(&c.wss_url_of(0)?, &bearer(&token), &tls).await?;
-    conn.send(&hello(uid)).await?;
-    let reply = conn
-        .recv()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    let (mut conn, reply) = bootstrap(&c.wss_url_of(0)?, &token, &tls, uid).await?;
     let (second, _, _) = offered_identity(&reply)?;
     assert_ne!(second, first, "a new certificate");
 

@@ -8,7 +8,9 @@ use gateway::client::{
 };
 use proto::v1::ServerErrorResponseType;
 use shared::ids::InstanceUid;
-use tests::identity::{bearer, crl_serials, hello, with_csr, CsrIdentity, UNTRUSTED_HEADER};
+use tests::identity::{
+    bearer, connected_on_certificate, crl_serials, hello, with_csr, CsrIdentity, UNTRUSTED_HEADER,
+};
 use tests::{eventually, TestServer, DEADLINE};
 
 /// The local CA's certificate (PEM): what agents are given to trust the server.
@@ -46,11 +48,7 @@ async fn bootstrap_agent_moves_to_mtls_and_its_token_is_refused_after() -> anyho
         ..AgentOptions::default()
     });
     let mut rx = agent.status();
-    let st = wait_for(&mut rx, DEADLINE, |s| {
-        s.connected && s.client_cert_serial.is_some()
-    })
-    .await?;
-    let serial = st.client_cert_serial.clone().unwrap_or_default();
+    let serial = connected_on_certificate(&mut rx).await?;
     let uid_text = uid.to_string();
 
     // Confirmed by its first mTLS frame.
@@ -271,13 +269,7 @@ async fn certificates_are_renewed_before_they_expire() -> anyhow::Result<()> {
         ..AgentOptions::default()
     });
     let mut rx = agent.status();
-    let first = wait_for(&mut rx, DEADLINE, |s| {
-        s.connected && s.client_cert_serial.is_some()
-    })
-    .await?
-    .client_cert_serial
-    .clone()
-    .unwrap_or_default();
+    let first = connected_on_certificate(&mut rx).await?;
 
     // Before the first expires, the agent is offered a new one on its certificate connection
     // and moves to it.

@@ -19,7 +19,7 @@ use gateway::client::{
 };
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::identity::{url_encode, CLIENT_CERT_HEADER};
+use tests::identity::{connected_on_certificate, url_encode, CLIENT_CERT_HEADER};
 use tests::{eventually, Api, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -458,11 +458,7 @@ async fn agent_bootstraps_through_tls_nginx_then_authenticates_with_its_certific
         ..AgentOptions::default()
     });
     let mut st = agent.status();
-    let s = wait_for(&mut st, DEADLINE, |s| {
-        s.connected && s.client_cert_serial.is_some()
-    })
-    .await?;
-    let serial = s.client_cert_serial.context("serial")?;
+    let serial = connected_on_certificate(&mut st).await?;
 
     // Confirmed by the agent's first message on the certificate, which Ampora only had from
     // nginx's header.

@@ -195,6 +195,18 @@ impl Api {
     }
 }
 
+/// Waits until an agent started with `accept_identity` is connected on the certificate it
+/// was issued; returns that certificate's serial.
+pub async fn connected_on_certificate(
+    status: &mut tokio::sync::watch::Receiver<gateway::client::AgentStatus>,
+) -> anyhow::Result<String> {
+    let s = gateway::client::wait_for(status, DEADLINE, |s| {
+        s.connected && s.client_cert_serial.is_some()
+    })
+    .await?;
+    s.client_cert_serial.clone().context("serial")
+}
+
 /// The serials the CRL of the API at `addr` lists, fetched as agents and proxies do (PEM, no
 /// API token).
 pub async fn crl_serials(addr: SocketAddr) -> anyhow::Result<Vec<String>> {
