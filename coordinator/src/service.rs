@@ -962,7 +962,7 @@ impl Coordinator {
         )
         .await;
         for serial in superseded {
-            self.supersede_identity(uid, &serial).await;
+            self.retire_identity(uid, &serial, "superseded").await;
         }
         Ok(Some(IdentityOffer {
             serial: issued.serial,
@@ -1040,13 +1040,22 @@ impl Coordinator {
         let at = now_ms();
         match self.store.confirm_identity(serial, at).await {
             Ok(_) => {
-                if let Ok(mut c) = self.identities.write() {
-                    if let Some(i) = c
-                        .get_mut(&uid)
-                        .and_then(|ids| ids.iter_mut().find(|i| i.serial == serial))
-                    {
-                        i.confirmed_ms.get_or_insert(at);
-                    }
+                // The agent's other live identities are older (a newer one would have been
+                // offered instead of this): they go now that this one works.
+                let replaced = match self.identities.write() {
+                    Ok(mut c) => c.get_mut(&uid).map_or_else(Vec::new, |ids| {
+                        if let Some(i) = ids.iter_mut().find(|i| i.serial == serial) {
+                            i.confirmed_ms.get_or_insert(at);
+                        }
+                        ids.iter()
+                            .filter(|i| i.serial != serial && i.revoked_ms.is_none())
+                            .map(|i| i.serial.clone())
+                            .collect()
+                    }),
+                    Err(_) => Vec::new(),
+                };
+                for old in replaced {
+                    self.retire_identity(uid, &old, "replaced").await;
                 }
                 // The other coordinators refuse the bootstrap token from now on too, not only
                 // after their next full reload (this one hears it as well, in case it did not
@@ -1124,12 +1133,13 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Revokes an identity issued but never used, now that a newer one replaces it: an agent
-    /// that came back with its token before switching to its certificate gets a new one (a
-    /// server-generated key cannot be sent twice), and the first must not stay valid beside
-    /// it. Unlike [`revoke_identity`](Self::revoke_identity) the connection stays open: the
-    /// agent is on it, with its token, receiving the new certificate.
-    async fn supersede_identity(&self, uid: InstanceUid, serial: &str) {
+    /// Revokes an identity that a newer one of the same agent makes redundant: `superseded`,
+    /// issued but never used (an agent that came back with its token before switching to its
+    /// certificate gets a new one, as a server-generated key cannot be sent twice), or
+    /// `replaced`, once the agent has connected with its renewed certificate (facts §5.1
+    /// step 7: the old credentials go). Unlike [`revoke_identity`](Self::revoke_identity) no
+    /// connection is closed: the agent is on its current credentials.
+    async fn retire_identity(&self, uid: InstanceUid, serial: &str, reason: &str) {
         let at = now_ms();
         if let Err(e) = self.store.revoke_identity(serial, at).await {
             tracing::warn!(error = %e, "revoking a superseded identity failed");
@@ -1149,7 +1159,7 @@ impl Coordinator {
             Some(uid),
             None,
             None,
-            serde_json::json!({ "serial": serial, "reason": "superseded" }),
+            serde_json::json!({ "serial": serial, "reason": reason }),
         )
         .await;
         let event = ControlEvent::IdentityRevoked {

@@ -252,7 +252,8 @@ async fn trusted_proxy_header_authenticates_and_untrusted_is_ignored() -> anyhow
 const SHORT_VALIDITY_SECS: u64 = 6;
 
 #[tokio::test]
-async fn certificates_are_renewed_before_they_expire() -> anyhow::Result<()> {
+async fn certificates_are_renewed_before_they_expire_and_the_old_one_is_revoked(
+) -> anyhow::Result<()> {
     let server = TestServer::start_with(|c| {
         c.opamp.heartbeat_interval_secs = 1;
         c.tls.identity_validity_secs = SHORT_VALIDITY_SECS;
@@ -285,10 +286,23 @@ async fn certificates_are_renewed_before_they_expire() -> anyhow::Result<()> {
         .api
         .wait_identity(&uid_text, &second, "confirmed")
         .await?;
+    // Once the renewed certificate works, the old one is revoked (facts §5.1 step 7).
+    server
+        .api
+        .wait_identity(&uid_text, &first, "revoked")
+        .await?;
     let audit = server
         .api
         .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
         .await?;
+    assert!(
+        audit
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["action"] == "identity.revoke"
+                && e["detail"]["serial"] == first.as_str()
+                && e["detail"]["reason"] == "replaced")),
+        "{audit}"
+    );
     let issued: Vec<&str> = audit
         .as_array()
         .into_iter()
