@@ -67,6 +67,10 @@ fn describe_metrics() {
         "Bootstrap tokens redeemed by their first agent"
     );
     metrics::describe_counter!(
+        "ampora_coordinator_token_cache_misses_total",
+        "Bootstrap tokens not in the coordinator's cache, looked up in the store"
+    );
+    metrics::describe_counter!(
         "ampora_store_agent_writes_total",
         "Agent records written to the store in batches"
     );

@@ -12,7 +12,7 @@ mod leases;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 
@@ -87,10 +87,20 @@ pub struct Coordinator {
     /// All assignments, oldest first; the newest match wins.
     assignments: RwLock<Vec<Assignment>>,
     /// Bootstrap tokens, write-through: every create, redeem and revoke in this process updates
-    /// it after the store, so authentication needs no database round trip. (A coordinator
-    /// that did not make a change learns it only on a cache miss; cluster mode has to
-    /// broadcast revocations.)
+    /// it after the store, so authentication needs no database round trip. Tokens another
+    /// coordinator created are loaded by [`Coordinator::sync_tokens`] (on `TokensCreated` and
+    /// every lease round), with a lookup on a miss as the fallback; revocations are broadcast.
     tokens: RwLock<TokenCache>,
+    /// What [`Coordinator::sync_tokens`] has read: the later of the newest `created_ms` loaded
+    /// and the local time a read started. The lock keeps syncs from overlapping.
+    token_watermark: Mutex<i64>,
+    /// Asks [`run_token_sync`] for a sync (capacity 1: one pending sync covers any number of
+    /// `TokensCreated` events).
+    token_sync: mpsc::Sender<()>,
+    /// Authentications answered from the token cache, and those that had to look the token
+    /// up in the store (per coordinator, for tests; the miss count is also a metric).
+    token_hits: AtomicU64,
+    token_misses: AtomicU64,
     /// Token redemptions go through one batching task (see [`run_redeemer`]).
     redeemer: mpsc::Sender<RedeemJob>,
     /// Partitions this coordinator holds a lease on, with the lease's fence. Written only by
@@ -116,7 +126,15 @@ struct TokenCache {
 }
 
 impl TokenCache {
-    fn insert(&mut self, rec: TokenRecord) {
+    fn insert(&mut self, mut rec: TokenRecord) {
+        // A token only moves forward (bound, revoked; never back), so a copy read before a
+        // change this cache already has (a sync racing a redemption or revocation) must not
+        // undo it.
+        if let Some(old) = self.by_hash.get(&rec.hash) {
+            rec.revoked_ms = rec.revoked_ms.or(old.revoked_ms);
+            rec.redeemed_ms = rec.redeemed_ms.or(old.redeemed_ms);
+            rec.bound_uid = rec.bound_uid.or(old.bound_uid);
+        }
         self.hash_of.insert(rec.id.clone(), rec.hash);
         self.by_hash.insert(rec.hash, rec);
     }
@@ -210,6 +228,8 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
         match ev {
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
+            // Full: a sync is pending already and will see these tokens too.
+            ControlEvent::TokensCreated => drop(c.token_sync.try_send(())),
             ControlEvent::IdentityRevoked { serial }
             | ControlEvent::IdentityConfirmed { serial } => {
                 // A failed read is logged; the next full reload catches up.
@@ -248,10 +268,35 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
             tracing::error!(error = %e, "partition lease renewal failed");
         }
         c.sync_assignments().await;
+        c.sync_tokens().await;
         if identities_loaded.elapsed() >= IDENTITY_RELOAD_INTERVAL {
             c.reload_identities().await;
             identities_loaded = tokio::time::Instant::now();
         }
+    }
+}
+
+/// How far back from its watermark a token sync reads again. A token created elsewhere can
+/// commit after a newer one was read (a slow insert under load) or carry an older time (its
+/// creator's clock is behind); this covers both. Whatever slips past is still found by a
+/// lookup on a miss.
+const TOKEN_SYNC_OVERLAP: Duration = Duration::from_secs(30);
+
+/// Least time between two syncs started by `TokensCreated` events, so that tokens created one
+/// API call at a time cost a few syncs per second rather than one each.
+const TOKEN_SYNC_SPACING: Duration = Duration::from_millis(100);
+
+/// Tokens merged into the cache per write-lock hold, so that authentications are not held
+/// up while a large batch is loaded.
+const TOKEN_SYNC_CHUNK: usize = 1024;
+
+/// Runs the token syncs `TokensCreated` events ask for, one at a time and spaced.
+async fn run_token_sync(weak: std::sync::Weak<Coordinator>, mut wanted: mpsc::Receiver<()>) {
+    while wanted.recv().await.is_some() {
+        let Some(c) = weak.upgrade() else { return };
+        c.sync_tokens().await;
+        drop(c);
+        tokio::time::sleep(TOKEN_SYNC_SPACING).await;
     }
 }
 
@@ -292,9 +337,12 @@ impl Coordinator {
         let (redeemer, jobs) = mpsc::channel(4 * REDEEM_BATCH);
         tokio::spawn(run_redeemer(store.clone(), jobs));
         let mut tokens = TokenCache::default();
+        let mut token_watermark = now_ms();
         for t in store.list_tokens().await? {
+            token_watermark = token_watermark.max(t.created_ms);
             tokens.insert(t);
         }
+        let (token_sync, token_sync_wanted) = mpsc::channel(1);
         let this = Arc::new(Self {
             held: StdMutex::new(HashMap::new()),
             rebalancing: Mutex::new(()),
@@ -302,6 +350,10 @@ impl Coordinator {
             serving: std::sync::atomic::AtomicUsize::new(0),
             identities: RwLock::new(HashMap::new()),
             tokens: RwLock::new(tokens),
+            token_watermark: Mutex::new(token_watermark),
+            token_sync,
+            token_hits: AtomicU64::new(0),
+            token_misses: AtomicU64::new(0),
             redeemer,
             store: store.clone(),
             bus,
@@ -336,6 +388,7 @@ impl Coordinator {
         let _ = this.bus.broadcast(ControlEvent::MembershipChanged).await;
         tokio::spawn(run_control(Arc::downgrade(&this), control));
         tokio::spawn(run_leases(Arc::downgrade(&this)));
+        tokio::spawn(run_token_sync(Arc::downgrade(&this), token_sync_wanted));
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
             loop {
@@ -753,21 +806,28 @@ impl Coordinator {
             .ok()
             .and_then(|c| c.by_hash.get(&hash).cloned());
         let rec = match cached {
-            Some(r) => r,
-            None => match self.store.find_token(&hash).await {
-                Ok(Some(r)) => {
-                    if let Ok(mut c) = self.tokens.write() {
-                        c.insert(r.clone());
+            Some(r) => {
+                self.token_hits.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+            None => {
+                self.token_misses.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("ampora_coordinator_token_cache_misses_total").increment(1);
+                match self.store.find_token(&hash).await {
+                    Ok(Some(r)) => {
+                        if let Ok(mut c) = self.tokens.write() {
+                            c.insert(r.clone());
+                        }
+                        r
                     }
-                    r
+                    Ok(None) => return AuthDecision::Reject(AuthFailure::UnknownToken),
+                    Err(e) => {
+                        // The token may well be good: "retry later", not 401.
+                        tracing::error!(error = %e, "token lookup failed");
+                        return AuthDecision::Unavailable;
+                    }
                 }
-                Ok(None) => return AuthDecision::Reject(AuthFailure::UnknownToken),
-                Err(e) => {
-                    // The token may well be good: "retry later", not 401.
-                    tracing::error!(error = %e, "token lookup failed");
-                    return AuthDecision::Unavailable;
-                }
-            },
+            }
         };
         if rec.revoked_ms.is_some() {
             return AuthDecision::Reject(AuthFailure::Revoked);
@@ -1769,9 +1829,70 @@ impl Coordinator {
         let (text, rec) = self.new_token(name, ttl, scope);
         self.store.create_token(&rec).await?;
         self.cache_token(rec.clone());
+        self.announce_tokens().await;
         self.audit_token_created(author, std::slice::from_ref(&rec.id), &rec)
             .await;
         Ok((text, rec))
+    }
+
+    /// Loads the tokens created since the watermark (less [`TOKEN_SYNC_OVERLAP`]) into the
+    /// cache: how a coordinator learns the tokens others created before their agents
+    /// connect. Cheap when few are being created: an index range scan that returns only the
+    /// tokens created within the overlap.
+    pub(crate) async fn sync_tokens(&self) {
+        let mut watermark = self.token_watermark.lock().await;
+        let overlap = i64::try_from(TOKEN_SYNC_OVERLAP.as_millis()).unwrap_or(i64::MAX);
+        let started = now_ms();
+        let fresh = match self
+            .store
+            .tokens_created_since(watermark.saturating_sub(overlap))
+            .await
+        {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // The next lease round tries again; misses meanwhile are looked up.
+                tracing::warn!(error = %e, "loading new tokens failed");
+                return;
+            }
+        };
+        // A token that commits after this read began carries a creation time no earlier than
+        // `started` (or the newest one read) less the overlap, as long as clock skew and
+        // commit delays stay within it; so the next read starts from the later of the two.
+        // (Not from the newest token alone: the overlap's worth of tokens before it would
+        // then be read again on every round until a newer one is created.)
+        *watermark = fresh
+            .iter()
+            .map(|t| t.created_ms)
+            .fold(watermark.max(started), i64::max);
+        let mut fresh = fresh.into_iter();
+        loop {
+            let Ok(mut c) = self.tokens.write() else {
+                return;
+            };
+            let mut merged = 0;
+            for rec in fresh.by_ref().take(TOKEN_SYNC_CHUNK) {
+                c.insert(rec);
+                merged += 1;
+            }
+            if merged < TOKEN_SYNC_CHUNK {
+                return;
+            }
+        }
+    }
+
+    /// Token cache (hits, misses) of this coordinator's authentications so far.
+    pub fn token_cache_stats(&self) -> (u64, u64) {
+        (
+            self.token_hits.load(Ordering::Relaxed),
+            self.token_misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether the token with this hash is in this coordinator's cache.
+    pub fn token_cached(&self, hash: &[u8; 32]) -> bool {
+        self.tokens
+            .read()
+            .is_ok_and(|c| c.by_hash.contains_key(hash))
     }
 
     /// Creates `count` tokens in one call; one audit entry names them all.
@@ -1795,9 +1916,16 @@ impl Coordinator {
             last = Some(rec);
         }
         if let Some(rec) = last {
+            self.announce_tokens().await;
             self.audit_token_created(author, &ids, &rec).await;
         }
         Ok(texts)
+    }
+
+    /// Tells the other coordinators that tokens were created (committed, so a sync finds
+    /// them). Best effort: their next lease round syncs anyway.
+    async fn announce_tokens(&self) {
+        let _ = self.bus.broadcast(ControlEvent::TokensCreated).await;
     }
 
     fn cache_token(&self, rec: TokenRecord) {

@@ -146,6 +146,10 @@ pub trait Store: Send + Sync + 'static {
     // Bootstrap tokens.
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()>;
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
+    /// Tokens with `created_ms >= since_ms`, in their current state, oldest first (by
+    /// `created_ms`, then id). How a coordinator learns the tokens another one created
+    /// without a lookup per token.
+    async fn tokens_created_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>>;
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>>;
     /// The token with this id, whatever its state.
     async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>>;

@@ -380,3 +380,113 @@ async fn a_token_revoked_through_one_coordinator_is_refused_by_all() -> anyhow::
     }
     c.stop().await
 }
+
+/// Agents per token-cache test: enough that both coordinators answer some authentications
+/// (each goes to either, like a coin toss).
+const WARM_AGENTS: usize = 24;
+
+/// Lease TTL for the broadcast test: its lease rounds (every third) come too late to warm the
+/// cache within [`BROADCAST_WARMS_WITHIN`], so only the `TokensCreated` broadcast can.
+const SLOW_LEASE_TTL_MS: u64 = 60_000;
+
+/// How soon a broadcast must have warmed the other coordinator's cache: a bus hop and one
+/// query, with room for a loaded machine; well short of a slow lease round.
+const BROADCAST_WARMS_WITHIN: Duration = Duration::from_secs(8);
+
+/// Waits until coordinator `i` of `c` has every token in `tokens` cached.
+async fn cached_by(
+    c: &Cluster,
+    i: usize,
+    tokens: &[String],
+    within: Duration,
+) -> anyhow::Result<()> {
+    let coord = c.coordinator_of(i)?;
+    let what = format!("coord-{i} caches the new tokens");
+    eventually(&what, within, || async {
+        Ok(tokens
+            .iter()
+            .all(|t| coord.token_cached(&shared::token::hash_token(t)))
+            .then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn tokens_created_through_one_coordinator_are_cached_by_the_other_before_agents_connect(
+) -> anyhow::Result<()> {
+    let c = Cluster::start(1, 2, |cfg| cfg.cluster.lease_ttl_ms = SLOW_LEASE_TTL_MS).await?;
+    let created = c
+        .api_of(0)?
+        .post(
+            "/api/v1/tokens/batch",
+            json!({ "name": "warm", "count": WARM_AGENTS }),
+        )
+        .await?;
+    let tokens: Vec<String> = created["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(tokens.len(), WARM_AGENTS);
+    // coord-1 did not create them: without the broadcast it would learn them only by looking
+    // each one up as its agent connects (or at a lease round, far later here).
+    cached_by(&c, 1, &tokens, BROADCAST_WARMS_WITHIN).await?;
+
+    let coord1 = c.coordinator_of(1)?;
+    let (hits_before, misses_before) = coord1.token_cache_stats();
+    let mut agents = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let agent = Agent::start(opts(c.ws_url_of(0)?, token.clone(), &format!("warm-{i}")));
+        wait_for(&mut agent.status(), DEADLINE, |s| {
+            s.connected && s.replies > 0
+        })
+        .await?;
+        agents.push(agent);
+    }
+    let (hits, misses) = coord1.token_cache_stats();
+    assert!(
+        hits > hits_before,
+        "coord-1 answered none of {WARM_AGENTS} authentications"
+    );
+    assert_eq!(
+        misses, misses_before,
+        "coord-1 looked tokens up in the store"
+    );
+    for a in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
+#[tokio::test]
+async fn a_token_created_without_a_broadcast_is_cached_by_every_coordinator_at_a_lease_round(
+) -> anyhow::Result<()> {
+    // The bus is at-most-once: a lost `TokensCreated` must cost a lease round, not a lookup
+    // per agent. Writing the token straight into the store sends no broadcast at all.
+    let c = Cluster::start(0, 2, |_| {}).await?;
+    let store =
+        coordinator::store::postgres::PgStore::connect(&c.base.cluster.postgres_url, 1).await?;
+    let text = shared::token::new_bootstrap_token();
+    let now = shared::now_ms();
+    let rec = shared::domain::TokenRecord {
+        id: uuid::Uuid::now_v7().simple().to_string(),
+        name: "unannounced".into(),
+        prefix: shared::token::display_prefix(&text),
+        hash: shared::token::hash_token(&text),
+        created_ms: now,
+        expires_ms: now + 3_600_000,
+        revoked_ms: None,
+        redeemed_ms: None,
+        bound_uid: None,
+        scope: None,
+    };
+    shared::store::Store::create_token(&store, &rec).await?;
+    // A lease round is a third of the sandbox's lease TTL; DEADLINE is many of them.
+    let tokens = [text];
+    for i in 0..2 {
+        cached_by(&c, i, &tokens, DEADLINE).await?;
+    }
+    drop(store);
+    c.stop().await
+}

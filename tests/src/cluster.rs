@@ -277,6 +277,19 @@ impl Cluster {
             .with_context(|| format!("gateway {i} is not running"))
     }
 
+    /// Coordinator `i` itself (its token cache, …): per node, unlike the process-wide metrics.
+    pub fn coordinator_of(
+        &self,
+        i: usize,
+    ) -> anyhow::Result<std::sync::Arc<coordinator::service::Coordinator>> {
+        self.coordinators
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|n| n.node.as_ref())
+            .map(|n| n.coordinator.clone())
+            .with_context(|| format!("coordinator {i} is not running"))
+    }
+
     pub async fn gateway_metric(&self, i: usize, series: &str) -> anyhow::Result<f64> {
         Api::new(self.gateway_addr(i)?, String::new())
             .metric(series)

@@ -14,6 +14,8 @@
 //! - `revoke_token` and `revoke_api_token` on an already revoked token return true and keep
 //!   the first time; `find_api_token` does not find a revoked API token, `list_api_tokens`
 //!   and `count_api_tokens` still count it;
+//! - `tokens_created_since`: `since_ms` inclusive, oldest first by `created_ms` then id, each
+//!   token in its current state (revoked, bound);
 //! - `redeem_token` checks revoked, then expired (`now_ms >= expires_ms`), then binding;
 //! - `query_audit`: `since_ms` inclusive, `until_ms` exclusive, newest first by `at_ms` then
 //!   id, at most `limit` entries (0 yields none); `append_audit` ignores `entry.id`;
@@ -58,6 +60,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     configs(store.as_ref()).await;
     assignments(store.as_ref()).await;
     tokens(store.as_ref()).await;
+    tokens_created_since(store.as_ref()).await;
     redemption(store.as_ref()).await;
     redemption_race(store.clone()).await;
     batch_redemption(store.as_ref()).await;
@@ -879,6 +882,70 @@ pub async fn tokens(store: &dyn Store) {
         Some(1_700_000_001_000),
         "a second revocation keeps the first time"
     );
+}
+
+/// `tokens_created_since`: inclusive lower bound, oldest first, current state. Runs in a time
+/// range of its own (after every token already in the store), so earlier data only adds
+/// tokens at or after it, which the checks allow for.
+pub async fn tokens_created_since(store: &dyn Store) {
+    let newest = store
+        .list_tokens()
+        .await
+        .expect("list_tokens")
+        .iter()
+        .map(|t| t.created_ms)
+        .max()
+        .unwrap_or(0);
+    let base = newest.max(1_700_000_000_000) + 1_000;
+    let at = |offset: i64| {
+        let mut t = new_token(i64::MAX);
+        t.created_ms = base + offset;
+        t
+    };
+    let (early, mid, late) = (at(0), at(10), at(20));
+    // Created out of order: the order is by created_ms, not insertion.
+    for t in [&late, &early, &mid] {
+        store.create_token(t).await.expect("create_token");
+    }
+    let mut revoked_mid = mid.clone();
+    revoked_mid.revoked_ms = Some(base + 15);
+    assert!(store
+        .revoke_token(&mid.id, base + 15)
+        .await
+        .expect("revoke"));
+
+    let ids = [early.id.clone(), mid.id.clone(), late.id.clone()];
+    let ids = &ids;
+    let ours = |since: i64| async move {
+        let got = store
+            .tokens_created_since(since)
+            .await
+            .expect("tokens_created_since");
+        assert!(
+            got.windows(2)
+                .all(|w| (w[0].created_ms, &w[0].id) <= (w[1].created_ms, &w[1].id)),
+            "oldest first"
+        );
+        assert!(
+            got.iter().all(|t| t.created_ms >= since),
+            "nothing created before since_ms"
+        );
+        got.into_iter()
+            .filter(|t| ids.contains(&t.id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ours(base).await,
+        vec![early.clone(), revoked_mid.clone(), late.clone()],
+        "since is inclusive; each token in its current state"
+    );
+    assert_eq!(
+        ours(base + 10).await,
+        vec![revoked_mid, late.clone()],
+        "an exact created_ms is included"
+    );
+    assert_eq!(ours(base + 11).await, vec![late]);
+    assert_eq!(ours(base + 21).await, Vec::<TokenRecord>::new());
 }
 
 /// A batch binds in request order, audits each binding exactly once, and refuses the rest.

@@ -218,6 +218,10 @@ pub enum ControlEvent {
     /// An agent used its identity for the first time: every coordinator refuses its bootstrap
     /// token from now on (whichever answers the authentication).
     IdentityConfirmed { serial: String },
+    /// Bootstrap tokens were created (and committed): coordinators load the newly created
+    /// tokens into their caches now rather than at their next lease round, so the agents
+    /// about to use them need no lookup each.
+    TokensCreated,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -99,6 +99,7 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         ControlEvent::IdentityConfirmed { serial } => {
             Kind::IdentityConfirmed(pb::IdentityConfirmed { serial })
         }
+        ControlEvent::TokensCreated => Kind::TokensCreated(pb::TokensCreated {}),
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -262,6 +263,7 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         Kind::MembershipChanged(_) => ControlEvent::MembershipChanged,
         Kind::IdentityRevoked(r) => ControlEvent::IdentityRevoked { serial: r.serial },
         Kind::IdentityConfirmed(c) => ControlEvent::IdentityConfirmed { serial: c.serial },
+        Kind::TokensCreated(_) => ControlEvent::TokensCreated,
     })
 }
 
@@ -536,6 +538,7 @@ mod tests {
             ControlEvent::IdentityConfirmed {
                 serial: "4abd".into(),
             },
+            ControlEvent::TokensCreated,
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
         }
