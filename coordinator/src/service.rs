@@ -590,12 +590,22 @@ impl Coordinator {
 
     /// Another coordinator changed a token: reload our cached copy, if we have one.
     async fn reload_token(&self, token_id: &str) {
-        let hash = self
-            .tokens
-            .read()
-            .ok()
-            .and_then(|c| c.hash_of.get(token_id).copied());
-        let Some(hash) = hash else { return };
+        let cached_hash = || {
+            self.tokens
+                .read()
+                .ok()
+                .and_then(|c| c.hash_of.get(token_id).copied())
+        };
+        let hash = match cached_hash() {
+            Some(hash) => hash,
+            None => {
+                // Not cached, unless a sync is loading it right now, from a read made before
+                // this change: wait for that sync (it holds the watermark) and look again.
+                drop(self.token_watermark.lock().await);
+                let Some(hash) = cached_hash() else { return };
+                hash
+            }
+        };
         match self.store.find_token(&hash).await {
             Ok(Some(rec)) => self.cache_token(rec),
             Ok(None) => {}
