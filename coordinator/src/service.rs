@@ -113,10 +113,13 @@ pub struct Coordinator {
     /// Partitions held and served (agents loaded, subscribed) as of the end of the last lease
     /// round; for readiness checks and tests.
     serving: std::sync::atomic::AtomicUsize,
-    /// Agent identities by agent (every one ever issued, oldest first): write-through for this
-    /// coordinator's changes, reloaded from the store on every lease round for the others'
-    /// (so a confirmation or revocation made elsewhere is seen within a third of the lease TTL).
+    /// Agent identities by agent (every one ever issued, oldest first): loaded at start,
+    /// write-through for this coordinator's changes; others' arrive by broadcast (one identity
+    /// read each), on first sight of an unknown certificate, and by [`Coordinator::sync_identities`].
     identities: RwLock<HashMap<InstanceUid, Vec<IdentityRecord>>>,
+    /// When [`Coordinator::sync_identities`] last read (local clock); the lock keeps syncs
+    /// from overlapping.
+    identity_watermark: Mutex<i64>,
 }
 
 #[derive(Default)]
@@ -244,16 +247,19 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
     }
 }
 
-/// How often a coordinator re-reads every identity from the store, the safety net for lost
-/// confirmation and revocation broadcasts (each of which reads its one identity at once). Not
-/// every lease round: the table holds a certificate per agent, and gateways refresh their
-/// revoked set this often too.
-const IDENTITY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a coordinator reads the identities changed in the store since its last look, the
+/// safety net for lost confirmation and revocation broadcasts (each of which reads its one
+/// identity at once); gateways refresh their revoked set this often too.
+const IDENTITY_SYNC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How far back from its last look an identity sync reads again: changes are stamped with
+/// the clock of the coordinator that made them, which may be behind, and may commit late.
+const IDENTITY_SYNC_OVERLAP: Duration = Duration::from_secs(30);
 
 /// Renews leases every third of their TTL; also picks up assignments whose control event was
 /// lost (the bus is at-most-once).
 async fn run_leases(weak: std::sync::Weak<Coordinator>) {
-    let mut identities_loaded = tokio::time::Instant::now();
+    let mut identities_synced = tokio::time::Instant::now();
     loop {
         let period = match weak.upgrade() {
             Some(c) => c.cfg.lease_ttl / 3,
@@ -269,9 +275,9 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
         }
         c.sync_assignments().await;
         c.sync_tokens().await;
-        if identities_loaded.elapsed() >= IDENTITY_RELOAD_INTERVAL {
-            c.reload_identities().await;
-            identities_loaded = tokio::time::Instant::now();
+        if identities_synced.elapsed() >= IDENTITY_SYNC_INTERVAL {
+            c.sync_identities().await;
+            identities_synced = tokio::time::Instant::now();
         }
     }
 }
@@ -343,12 +349,19 @@ impl Coordinator {
             tokens.insert(t);
         }
         let (token_sync, token_sync_wanted) = mpsc::channel(1);
+        // Every identity, once; later only what changed (`sync_identities`).
+        let identities_read_at = now_ms();
+        let mut identities: HashMap<InstanceUid, Vec<IdentityRecord>> = HashMap::new();
+        for i in store.list_identities().await? {
+            identities.entry(i.instance_uid).or_default().push(i);
+        }
         let this = Arc::new(Self {
             held: StdMutex::new(HashMap::new()),
             rebalancing: Mutex::new(()),
             stopping: AtomicBool::new(false),
             serving: std::sync::atomic::AtomicUsize::new(0),
-            identities: RwLock::new(HashMap::new()),
+            identities: RwLock::new(identities),
+            identity_watermark: Mutex::new(identities_read_at),
             tokens: RwLock::new(tokens),
             token_watermark: Mutex::new(token_watermark),
             token_sync,
@@ -365,7 +378,6 @@ impl Coordinator {
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
         });
-        this.reload_identities().await;
         let assignments = store.list_assignments().await?;
         for a in &assignments {
             this.load_desired(a.config_id).await?;
@@ -866,18 +878,45 @@ impl Coordinator {
 
     // ---- Identities -----------------------------------------------------------------------
 
-    pub(crate) async fn reload_identities(&self) {
-        match self.store.list_identities().await {
-            Ok(all) => {
-                let mut by_uid: HashMap<InstanceUid, Vec<IdentityRecord>> = HashMap::new();
-                for i in all {
-                    by_uid.entry(i.instance_uid).or_default().push(i);
+    /// Merges the identities issued, confirmed or revoked since the last sync (less
+    /// [`IDENTITY_SYNC_OVERLAP`]) into the cache: only what changed, not the whole table with
+    /// a certificate per agent. A failed read is retried from the same point next time.
+    pub(crate) async fn sync_identities(&self) {
+        let mut watermark = self.identity_watermark.lock().await;
+        let started = now_ms();
+        let overlap = i64::try_from(IDENTITY_SYNC_OVERLAP.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .store
+            .identities_changed_since(watermark.saturating_sub(overlap))
+            .await
+        {
+            Ok(changed) => {
+                self.merge_identities(changed);
+                *watermark = started;
+            }
+            Err(e) => tracing::warn!(error = %e, "loading changed identities failed"),
+        }
+    }
+
+    /// Puts identities read from the store into the cache. Confirmation and revocation only
+    /// ever get set: a read that raced with a local change must not undo it.
+    fn merge_identities(&self, records: impl IntoIterator<Item = IdentityRecord>) {
+        let Ok(mut c) = self.identities.write() else {
+            return;
+        };
+        for record in records {
+            let ids = c.entry(record.instance_uid).or_default();
+            match ids.iter_mut().find(|i| i.serial == record.serial) {
+                Some(i) => {
+                    i.confirmed_ms = i.confirmed_ms.or(record.confirmed_ms);
+                    i.revoked_ms = i.revoked_ms.or(record.revoked_ms);
                 }
-                if let Ok(mut w) = self.identities.write() {
-                    *w = by_uid;
+                // In creation order, as the newest-last lookups expect.
+                None => {
+                    let at = ids.partition_point(|i| i.created_ms <= record.created_ms);
+                    ids.insert(at, record);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "loading identities failed"),
         }
     }
 
@@ -899,22 +938,7 @@ impl Coordinator {
         else {
             return Ok(None);
         };
-        if let Ok(mut c) = self.identities.write() {
-            let ids = c.entry(record.instance_uid).or_default();
-            match ids.iter_mut().find(|i| i.serial == record.serial) {
-                // Confirmation and revocation only ever get set: a read that raced with a
-                // local change must not undo it.
-                Some(i) => {
-                    i.confirmed_ms = i.confirmed_ms.or(record.confirmed_ms);
-                    i.revoked_ms = i.revoked_ms.or(record.revoked_ms);
-                }
-                // In creation order, as the newest-last lookups expect.
-                None => {
-                    let at = ids.partition_point(|i| i.created_ms <= record.created_ms);
-                    ids.insert(at, record.clone());
-                }
-            }
-        }
+        self.merge_identities([record.clone()]);
         Ok(Some(record))
     }
 

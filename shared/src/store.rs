@@ -203,6 +203,9 @@ pub trait Store: Send + Sync + 'static {
     async fn create_identity(&self, identity: &IdentityRecord) -> StoreResult<()>;
     /// Every identity ever issued, revoked ones included, oldest first.
     async fn list_identities(&self) -> StoreResult<Vec<IdentityRecord>>;
+    /// The identities issued, confirmed or revoked at or after `since_ms`, oldest first, in
+    /// their current state.
+    async fn identities_changed_since(&self, since_ms: i64) -> StoreResult<Vec<IdentityRecord>>;
     async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>>;
     /// The identities issued to `uid`, oldest first.
     async fn identities_of(&self, uid: InstanceUid) -> StoreResult<Vec<IdentityRecord>>;

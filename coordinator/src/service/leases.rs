@@ -92,7 +92,7 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
     c.set_held(after);
     if !gained.is_empty() {
         // Identities confirmed through the previous owner refuse their agents' tokens here too.
-        c.reload_identities().await;
+        c.sync_identities().await;
         c.take_partitions(&gained).await?;
     }
     c.serving

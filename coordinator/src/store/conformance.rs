@@ -16,6 +16,8 @@
 //!   and `count_api_tokens` still count it;
 //! - `tokens_created_since`: `since_ms` inclusive, oldest first by `created_ms` then id, each
 //!   token in its current state (revoked, bound);
+//! - `identities_changed_since`: identities created, confirmed or revoked at or after
+//!   `since_ms` (inclusive), oldest first by `created_ms` then serial, in their current state;
 //! - `redeem_token` checks revoked, then expired (`now_ms >= expires_ms`), then binding;
 //! - `query_audit`: `since_ms` inclusive, `until_ms` exclusive, newest first by `at_ms` then
 //!   id, at most `limit` entries (0 yields none); `append_audit` ignores `entry.id`;
@@ -1385,6 +1387,42 @@ pub async fn identities(store: &dyn Store) {
         .expect("revoked_identities");
     assert!(revoked.iter().any(|i| i.serial == a.serial));
     assert!(!revoked.iter().any(|i| i.serial == b.serial));
+
+    // Changed since: by creation, confirmation or revocation, inclusive, in current state.
+    let changed = |since: i64| async move {
+        let got = store
+            .identities_changed_since(since)
+            .await
+            .expect("identities_changed_since");
+        assert!(
+            got.windows(2)
+                .all(|w| (w[0].created_ms, &w[0].serial) <= (w[1].created_ms, &w[1].serial)),
+            "oldest first"
+        );
+        got.into_iter()
+            .filter(|i| i.instance_uid == uid)
+            .map(|i| i.serial)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        changed(1_700_000_000_000).await,
+        vec![a.serial.clone(), b.serial.clone()]
+    );
+    // a was created before but revoked at 1_700_000_003_000 (inclusive); b created later.
+    assert_eq!(
+        changed(1_700_000_003_000).await,
+        vec![a.serial.clone(), b.serial.clone()]
+    );
+    assert_eq!(changed(1_700_000_003_001).await, vec![b.serial.clone()]);
+    assert!(changed(1_700_000_100_001).await.is_empty());
+    let current = store
+        .identities_changed_since(1_700_000_003_000)
+        .await
+        .expect("identities_changed_since")
+        .into_iter()
+        .find(|i| i.serial == a.serial)
+        .expect("a");
+    assert_eq!(current, back, "in its current state");
 }
 
 /// Audit: append returns growing ids; queries filter and order strictly.

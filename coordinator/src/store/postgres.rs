@@ -981,6 +981,19 @@ impl Store for PgStore {
         rows.into_iter().map(IdentityRow::into_domain).collect()
     }
 
+    async fn identities_changed_since(&self, since_ms: i64) -> StoreResult<Vec<IdentityRecord>> {
+        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities \
+             WHERE created_ms >= $1 OR confirmed_ms >= $1 OR revoked_ms >= $1 \
+             ORDER BY created_ms, serial"
+        ))
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("identities_changed_since", e))?;
+        rows.into_iter().map(IdentityRow::into_domain).collect()
+    }
+
     async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>> {
         let row: Option<IdentityRow> = sqlx::query_as(&format!(
             "SELECT {IDENTITY_COLUMNS} FROM identities WHERE serial = $1"

@@ -849,6 +849,21 @@ impl Store for SqliteStore {
         rows.into_iter().map(IdentityRow::into_domain).collect()
     }
 
+    async fn identities_changed_since(&self, since_ms: i64) -> StoreResult<Vec<IdentityRecord>> {
+        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities \
+             WHERE created_ms >= ? OR confirmed_ms >= ? OR revoked_ms >= ? \
+             ORDER BY created_ms, serial"
+        ))
+        .bind(since_ms)
+        .bind(since_ms)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("identities_changed_since", e))?;
+        rows.into_iter().map(IdentityRow::into_domain).collect()
+    }
+
     async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>> {
         let row: Option<IdentityRow> = sqlx::query_as(&format!(
             "SELECT {IDENTITY_COLUMNS} FROM identities WHERE serial = ?"
