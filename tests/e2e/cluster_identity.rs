@@ -16,8 +16,8 @@ use shared::bus::AuthFailure;
 use shared::ids::InstanceUid;
 use tests::cluster::Cluster;
 use tests::identity::{
-    bearer, connected_on_certificate, crl_serials, handshake_alert, hello, CsrIdentity, TlsFiles,
-    UNTRUSTED_HEADER,
+    bearer, connected_on_certificate, crl_serials, handshake_alert, hello, retired_for,
+    CsrIdentity, TlsFiles, UNTRUSTED_HEADER,
 };
 use tests::{eventually, Fleet, DEADLINE};
 
@@ -297,14 +297,7 @@ async fn an_unused_identity_is_revoked_when_a_coordinator_issues_another() -> an
         .api()
         .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
         .await?;
-    assert!(
-        audit
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["action"] == "identity.revoke"
-                && e["detail"]["serial"] == first.as_str()
-                && e["detail"]["reason"] == "superseded")),
-        "{audit}"
-    );
+    assert!(retired_for(&audit, &first, "superseded"), "{audit}");
     let old = gateway::client::ClientTls::from_ca_pem_with_identity(&ca, &cert_pem, &key_pem)?;
     let gw = c.gateway_addr(0)?;
     eventually(

@@ -9,7 +9,8 @@ use gateway::client::{
 use proto::v1::ServerErrorResponseType;
 use shared::ids::InstanceUid;
 use tests::identity::{
-    bearer, connected_on_certificate, crl_serials, hello, with_csr, CsrIdentity, UNTRUSTED_HEADER,
+    bearer, connected_on_certificate, crl_serials, hello, retired_for, with_csr, CsrIdentity,
+    UNTRUSTED_HEADER,
 };
 use tests::{eventually, TestServer, DEADLINE};
 
@@ -295,14 +296,7 @@ async fn certificates_are_renewed_before_they_expire_and_the_old_one_is_revoked(
         .api
         .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
         .await?;
-    assert!(
-        audit
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["action"] == "identity.revoke"
-                && e["detail"]["serial"] == first.as_str()
-                && e["detail"]["reason"] == "replaced")),
-        "{audit}"
-    );
+    assert!(retired_for(&audit, &first, "replaced"), "{audit}");
     let issued: Vec<&str> = audit
         .as_array()
         .into_iter()

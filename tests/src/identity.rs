@@ -207,6 +207,18 @@ pub async fn connected_on_certificate(
     s.client_cert_serial.clone().context("serial")
 }
 
+/// Whether `audit` (entries as `GET /api/v1/audit` lists them) records identity `serial`
+/// revoked by Ampora itself for `reason` (`superseded`, `replaced`).
+pub fn retired_for(audit: &Value, serial: &str, reason: &str) -> bool {
+    audit.as_array().is_some_and(|a| {
+        a.iter().any(|e| {
+            e["action"] == "identity.revoke"
+                && e["detail"]["serial"] == serial
+                && e["detail"]["reason"] == reason
+        })
+    })
+}
+
 /// The serials the CRL of the API at `addr` lists, fetched as agents and proxies do (PEM, no
 /// API token).
 pub async fn crl_serials(addr: SocketAddr) -> anyhow::Result<Vec<String>> {
