@@ -58,20 +58,7 @@ impl ClientTls {
         chain_pem: &str,
         key_pem: &str,
     ) -> Result<Self, TlsError> {
-        let invalid = |what: &str, e: &dyn std::fmt::Display| {
-            TlsError::Invalid(format!("client {what}: {e}"))
-        };
-        let chain: Vec<CertificateDer<'static>> =
-            parse_certs_pem(chain_pem.as_bytes()).map_err(|e| invalid("certificate", &e))?;
-        if chain.is_empty() {
-            return Err(TlsError::Invalid(
-                "client certificate: none in the PEM".into(),
-            ));
-        }
-        let key =
-            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
-        let config = builder(ca_pem)?.with_client_auth_cert(chain, key)?;
-        Ok(Self::from_config(Arc::new(with_alpn(config))))
+        Self::from_ca_pem(ca_pem)?.with_identity(chain_pem, key_pem)
     }
 
     /// The same trust as `self`, presenting the client certificate chain `chain_pem` (leaf
