@@ -20,7 +20,7 @@ use gateway::client::{
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::identity::{connected_on_certificate, url_encode, CLIENT_CERT_HEADER};
-use tests::{eventually, Api, TestServer, DEADLINE};
+use tests::{bearer, eventually, hello, Api, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The template, read at build time so the test always renders the file that is deployed.
@@ -391,18 +391,9 @@ fn behind_tls_proxy(c: &mut coordinator::config::Config) {
 
 /// `Authorization: Bearer <token>`, plus any further headers.
 fn with_bearer(token: &str, more: &[(&str, &str)]) -> Vec<(String, String)> {
-    std::iter::once(("Authorization", format!("Bearer {token}").as_str()))
-        .chain(more.iter().copied())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// The smallest first message of agent `uid`.
-fn first_message(uid: InstanceUid) -> proto::AgentToServer {
-    proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        ..Default::default()
-    }
+    let mut headers = bearer(token);
+    headers.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    headers
 }
 
 /// The source addresses of the audited authentication failures with `reason`.
@@ -510,7 +501,7 @@ async fn agent_bootstraps_through_tls_nginx_then_authenticates_with_its_certific
         Err(e) => bail!("expected 401, got {e}"),
         Ok(mut conn) => {
             // Refused on the first message instead: an error and a close.
-            conn.send(&first_message(uid)).await?;
+            conn.send(&hello(uid)).await?;
             let reply = conn.recv().await?;
             assert!(
                 reply.is_none_or(|r| r.error_response.is_some()),
@@ -533,7 +524,7 @@ async fn refused_agent_is_audited_with_its_own_address_through_nginx() -> anyhow
     let (server, nginx, tls) = behind_tls_nginx(behind_tls_proxy).await?;
     let uid = InstanceUid::new_v7();
     let refused = |mut http: HttpTransport| async move {
-        match http.exchange(&first_message(uid)).await {
+        match http.exchange(&hello(uid)).await {
             Err(ClientError::Status { status: 401, .. }) => Ok(()),
             other => bail!("expected 401 without credentials, got {other:?}"),
         }
@@ -603,11 +594,11 @@ async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Res
 
     // From nginx's address the header alone authenticates...
     let mut direct = HttpTransport::new(&server.http_url(), cert_header.clone(), false);
-    let reply = direct.exchange(&first_message(uid)).await?;
+    let reply = direct.exchange(&hello(uid)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
     // ...but nginx sends no certificate header of a client's: this one has no credentials.
     let mut via = HttpTransport::new(&nginx.http_url(), cert_header, false);
-    match via.exchange(&first_message(uid)).await {
+    match via.exchange(&hello(uid)).await {
         Err(ClientError::Status { status, body, .. }) => {
             assert_eq!(status, 401, "{body}");
             assert!(
@@ -624,7 +615,7 @@ async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Res
     let claim = with_bearer(&token, &[("X-Forwarded-Proto", "https")]);
     let new_agent = InstanceUid::new_v7();
     let mut via = HttpTransport::new(&nginx.http_url(), claim.clone(), false);
-    match via.exchange(&first_message(new_agent)).await {
+    match via.exchange(&hello(new_agent)).await {
         Err(ClientError::Status { status, body, .. }) => {
             assert_eq!(status, 401, "{body}");
             assert!(body.contains("plaintext"), "refused as plaintext: {body}");
@@ -633,7 +624,7 @@ async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Res
     }
     // ...while from nginx's address the same claim lets the same token in.
     let mut direct = HttpTransport::new(&server.http_url(), claim, false);
-    let reply = direct.exchange(&first_message(new_agent)).await?;
+    let reply = direct.exchange(&hello(new_agent)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
 
     drop(nginx);
