@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use gateway::tls::{AgentCa, AgentListener, AgentTrust, Peer, ServerTls};
+use gateway::tls::{AgentCa, AgentListener, AgentTrust, ServerTls};
 use gateway::{Gateway, GatewayConfig};
 use shared::bus::nats::{NatsBus, NatsBusOptions};
 use shared::bus::Bus;
@@ -87,6 +87,15 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
                 .unwrap_or(u32::MAX),
             accept_burst: u32::try_from(config.admission.accept_burst).unwrap_or(u32::MAX),
             warmup: Duration::from_secs(config.admission.warmup_secs),
+            max_connections_per_ip: saturate(config.admission.max_connections_per_ip),
+            max_connections_per_credential: saturate(
+                config.admission.max_connections_per_credential,
+            ),
+            accept_rate_per_ip_per_sec: u32::try_from(config.admission.accept_rate_per_ip_per_sec)
+                .unwrap_or(u32::MAX),
+            accept_burst_per_ip: u32::try_from(config.admission.accept_burst_per_ip)
+                .unwrap_or(u32::MAX),
+            first_message_timeout: Duration::from_secs(config.admission.first_message_timeout_secs),
         },
         identity: None,
         client_cert_header: (!config.tls.client_cert_header.is_empty())
@@ -96,6 +105,31 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
             .flatten(),
         // Validated with the configuration: every entry parses.
         trusted_proxies: config
+            .tls
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+    }
+}
+
+fn saturate(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The `[connections]` limits of a listener; trusted proxies are exempt from the per-address
+/// ones (every agent behind a proxy shares its address).
+pub fn connection_limits(config: &Config) -> gateway::serve::ConnectionLimits {
+    let c = &config.connections;
+    gateway::serve::ConnectionLimits {
+        max_pending: saturate(c.max_pending),
+        max_pending_per_ip: saturate(c.max_pending_per_ip),
+        first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
+        handshake_timeout: Duration::from_millis(c.handshake_timeout_ms),
+        header_read_timeout: Duration::from_secs(c.header_read_timeout_secs),
+        max_connections: saturate(c.max_connections),
+        max_connections_per_ip: saturate(c.max_connections_per_ip),
+        exempt: config
             .tls
             .trusted_proxies
             .iter()
@@ -141,17 +175,17 @@ struct Server {
 }
 
 impl Server {
-    /// Serves `app` on `listener` (a TCP listener is plaintext only).
-    fn spawn(listener: impl Into<AgentListener>, app: Router) -> Self {
+    /// Serves `app` on `listener` (a TCP listener is plaintext only) within `limits`.
+    fn spawn(
+        listener: impl Into<AgentListener>,
+        app: Router,
+        limits: gateway::serve::ConnectionLimits,
+    ) -> Self {
         let listener = listener.into();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let task = tokio::spawn(gateway::serve::serve(listener, app, limits, async move {
+            let _ = stopped.await;
+        }));
         Self { stop, task }
     }
 
@@ -204,7 +238,8 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
         (Some(tls), Some(trust)) => Some(tls.with_agent_trust(trust)?),
         (tls, _) => tls,
     };
-    let listener = AgentListener::new(listener, tls)?;
+    let limits = connection_limits(config);
+    let listener = AgentListener::with_limits(listener, tls, &limits)?;
     let node = node_id(config, "gateway");
     let bus = connect_bus(config, &node).await?;
     let ownership = connect_ownership(config).await?;
@@ -221,7 +256,7 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
         addr,
         gateway,
         drain_window: Duration::from_secs(config.cluster.drain_window_secs),
-        server: Server::spawn(listener, app),
+        server: Server::spawn(listener, app, limits),
     })
 }
 
@@ -315,7 +350,7 @@ pub async fn start_coordinator(
         coordinator,
         admin_token,
         admin_token_path,
-        server: Server::spawn(listener, app),
+        server: Server::spawn(listener, app, connection_limits(config)),
     })
 }
 

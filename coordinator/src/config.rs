@@ -19,6 +19,7 @@ pub struct Config {
     pub tls: TlsSection,
     pub opamp: OpampSection,
     pub admission: AdmissionSection,
+    pub connections: ConnectionsSection,
     pub self_agent: SelfAgentSection,
     pub store: StoreSection,
     pub tokens: TokensSection,
@@ -122,6 +123,58 @@ pub struct AdmissionSection {
     pub accept_burst: u64,
     /// After a gateway starts, its accept rate ramps from 10 % to full over this time. 0: none.
     pub warmup_secs: u64,
+    /// Open WebSockets from one source address (a trusted proxy's agent address); beyond it
+    /// 429. 0: unlimited.
+    pub max_connections_per_ip: u64,
+    /// Open WebSockets on one credential (bootstrap token or certificate UID); beyond it 429.
+    /// 0: unlimited.
+    pub max_connections_per_credential: u64,
+    /// Each source address's own accept rate, taken before the gateway's; beyond it 429.
+    /// 0: unlimited.
+    pub accept_rate_per_ip_per_sec: u64,
+    /// How many of those one address may make at once; at least 1.
+    pub accept_burst_per_ip: u64,
+    /// A WebSocket that sends no AgentToServer within this time is closed. 0: no limit.
+    pub first_message_timeout_secs: u64,
+}
+
+/// Connection-level limits of every listener (agent port, coordinator API), on the TCP peer
+/// address: what a client can hold before it has sent a request. 0: unlimited / no limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsSection {
+    /// Connections waiting for their first byte or TLS handshake; when full the oldest is
+    /// closed, so accepting never stops.
+    pub max_pending: u64,
+    /// Of those, from one peer address (trusted proxies exempt); beyond it the newest is closed.
+    pub max_pending_per_ip: u64,
+    /// Time to a new connection's first byte (TLS-sniffing listener).
+    pub first_byte_timeout_ms: u64,
+    /// Time from accept to the end of the TLS handshake.
+    pub handshake_timeout_ms: u64,
+    /// Time to receive a request's headers, and to wait for the next request on a keep-alive
+    /// connection.
+    pub header_read_timeout_secs: u64,
+    /// Open HTTP connections (upgraded WebSockets excluded: `admission.max_connections`).
+    pub max_connections: u64,
+    /// Open HTTP connections from one peer address (trusted proxies exempt).
+    pub max_connections_per_ip: u64,
+}
+
+impl Default for ConnectionsSection {
+    /// Silent connections cost a few KiB each: 4,096 pending is a few MiB, and a newcomer
+    /// always gets in. Agents send their first byte at once; 5 s allows slow links.
+    fn default() -> Self {
+        Self {
+            max_pending: 4096,
+            max_pending_per_ip: 256,
+            first_byte_timeout_ms: 5_000,
+            handshake_timeout_ms: 10_000,
+            header_read_timeout_secs: 10,
+            max_connections: 50_000,
+            max_connections_per_ip: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +268,13 @@ impl Default for AdmissionSection {
             accept_rate_per_sec: 2_000,
             accept_burst: 10_000,
             warmup_secs: 30,
+            // A NAT or site may hold thousands of agents; one address still cannot take the
+            // gateway (a tenth of it), nor a token more than a reconnect overlap.
+            max_connections_per_ip: 10_000,
+            max_connections_per_credential: 8,
+            accept_rate_per_ip_per_sec: 200,
+            accept_burst_per_ip: 1_000,
+            first_message_timeout_secs: 15,
         }
     }
 }
@@ -513,6 +573,14 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.opamp.write_queue == 0 {
         errors.push("opamp.write_queue: must be at least 1".into());
+    }
+    if c.admission.accept_rate_per_ip_per_sec > 0 && c.admission.accept_burst_per_ip == 0 {
+        errors.push("admission.accept_burst_per_ip: must be at least 1 when accept_rate_per_ip_per_sec is set".into());
+    }
+    if c.connections.handshake_timeout_ms == 0 || c.connections.first_byte_timeout_ms == 0 {
+        errors.push(
+            "connections.first_byte_timeout_ms, handshake_timeout_ms: must be at least 1".into(),
+        );
     }
     if c.admission.accept_rate_per_sec > 0 && c.admission.accept_burst == 0 {
         errors.push(

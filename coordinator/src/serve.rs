@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use gateway::client::{Agent, AgentOptions, ClientTls, Endpoint};
-use gateway::tls::{AgentCa, AgentListener, AgentTrust, LocalCa, Peer, ServerTls};
+use gateway::tls::{AgentCa, AgentListener, AgentTrust, LocalCa, ServerTls};
 use gateway::Gateway;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use shared::bus::{Bus, InProcessBus};
@@ -179,20 +179,17 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let gateway = Gateway::start(gateway_id, bus.clone(), ownership, gw_config).await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
-    let listener = AgentListener::new(listener, Some(tls.server.clone()))?;
+    let limits = crate::cluster::connection_limits(&config);
+    let listener = AgentListener::with_limits(listener, Some(tls.server.clone()), &limits)?;
 
     let app = Router::new()
         .merge(gateway.router())
         .merge(crate::api::router(coordinator.clone()))
         .merge(health_router(coordinator.clone(), metrics));
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let server = tokio::spawn(gateway::serve::serve(listener, app, limits, async move {
+        let _ = stopped.await;
+    }));
 
     let self_agent = if config.self_agent.enabled {
         Some(start_self_agent(&coordinator, &data_dir, addr, &tls).await?)

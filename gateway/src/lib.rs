@@ -5,6 +5,9 @@
 //! [`tls`] is the agent listener: TLS and plaintext on one port, the server certificate
 //! (reloaded when its files change, or from a local CA).
 //!
+//! [`serve`] serves the agent port: connection-level limits (pending connections, header
+//! timeout, open connections per address) and the HTTP/1.1 loop.
+//!
 //! [`client`] is the other end of the same framing: the OpAMP client that the Self-Agent, the
 //! test agent and the load generator use.
 //!
@@ -13,6 +16,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod serve;
 pub mod server;
 pub mod tls;
 

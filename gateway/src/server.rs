@@ -12,9 +12,11 @@
 //! dispatcher task routes those pushes and drops any addressed to an epoch we no longer hold.
 //!
 //! Submodules: `ws` (the per-connection task), `plain` (the plain HTTP transport),
-//! `admission` (connection cap and accept rate, checked before anything else).
+//! `admission` (connection cap and accept rate, checked before anything else), `limits` (the
+//! same per source address and per credential).
 
 mod admission;
+mod limits;
 mod plain;
 mod ws;
 
@@ -105,7 +107,7 @@ pub fn describe_metrics() {
     );
     metrics::describe_counter!(
         ADMISSION_REFUSED,
-        "Connections and requests refused before authentication, by reason (connection_cap: 503, rate: 429)"
+        "Connections and requests refused before the upgrade, by reason (connection_cap: 503; rate, ip_connection_cap, credential_connection_cap, ip_rate: 429)"
     );
     metrics::describe_gauge!(
         ADMISSION_MAX_CONNECTIONS,
@@ -126,6 +128,7 @@ pub fn describe_metrics() {
         "Requests carrying the client-certificate header from an address that is not a trusted proxy (header ignored)"
     );
     metrics::counter!(UNTRUSTED_CERT_HEADER).increment(0);
+    crate::serve::describe_metrics();
 }
 
 fn count_rejected(reason: &'static str) {
@@ -301,6 +304,7 @@ impl Gateway {
             bus,
             ownership,
             accept: admission::TokenBucket::new(&cfg.admission, Instant::now()),
+            clients: limits::ClientLimits::new(&cfg.admission),
             cfg,
             next_conn_id: AtomicU64::new(1),
             conns: Mutex::new(Conns::default()),
@@ -408,6 +412,8 @@ struct Inner {
     conn_ended: Notify,
     /// The accept-rate bucket (`None`: unlimited); its warmup counts from `Gateway::start`.
     accept: Option<admission::TokenBucket>,
+    /// Connections per source address and per credential, accept rate per address.
+    clients: limits::ClientLimits,
 }
 
 #[derive(Default)]
@@ -699,7 +705,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         }
         // Admission comes before the body is read and before authentication: a refusal must
         // cost next to nothing, or refusing a storm would itself be the overload.
-        if let Err(refusal) = inner.admit_request(Instant::now()) {
+        if let Err(refusal) = inner.admit_request(source_ip, Instant::now()) {
             return admission_refused(refusal);
         }
         if cert.is_none() {
@@ -721,8 +727,8 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         return method_not_allowed("GET");
     }
     // Held until the upgrade is answered; an admitted connection is in the registry by then.
-    let _slot = match inner.admit_upgrade(Instant::now()) {
-        Ok(slot) => slot,
+    let (_slot, ip_slot) = match inner.admit_upgrade(source_ip, Instant::now()) {
+        Ok(slots) => slots,
         Err(refusal) => return admission_refused(refusal),
     };
     if cert.is_none() {
@@ -731,7 +737,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             return refused;
         }
     }
-    ws::serve(inner, req, source_ip, cert).await
+    ws::serve(inner, req, source_ip, cert, ip_slot).await
 }
 
 /// The agent identity a request carries, if any: the client certificate of its TLS
@@ -1102,6 +1108,21 @@ fn admission_refused(refusal: admission::Refusal) -> Response {
             StatusCode::TOO_MANY_REQUESTS,
             "too many new connections, retry later",
             retry_after,
+        ),
+        admission::Refusal::IpRate { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many new connections from this address, retry later",
+            retry_after,
+        ),
+        admission::Refusal::IpConnectionCap => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address, retry later",
+            RETRY_AFTER,
+        ),
+        admission::Refusal::CredentialConnectionCap => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections with this credential, retry later",
+            RETRY_AFTER,
         ),
     };
     let mut resp = text(status, body);

@@ -215,7 +215,7 @@ impl Cluster {
             gateway_sets = certs.sets();
             self.ca_file = Some(certs.ca_file);
         }
-        let common = [
+        let mut common = vec![
             "self_agent.enabled=false".to_string(),
             procs::plaintext_bootstrap_set(spec.tls),
             format!("cluster.nats_url={}", spec.nats_url),
@@ -224,6 +224,7 @@ impl Cluster {
             format!("cluster.subject_prefix={}", self.prefix),
             format!("cluster.redis_key_prefix={}", self.prefix),
         ];
+        common.extend(procs::per_ip_limits_off().map(String::from));
         for i in 0..spec.coordinators {
             let id = format!("{}-coord-{i}", self.prefix);
             let node = self

@@ -121,6 +121,17 @@ pub fn plaintext_bootstrap_set(tls: bool) -> String {
     format!("opamp.bootstrap_plaintext_allowed={}", !tls)
 }
 
+/// The per-address limits off: a load test's agents come from a handful of loopback
+/// addresses, unlike a fleet's (the `hostile` scenario turns them back on).
+pub fn per_ip_limits_off() -> [&'static str; 4] {
+    [
+        "admission.max_connections_per_ip=0",
+        "admission.accept_rate_per_ip_per_sec=0",
+        "connections.max_pending_per_ip=0",
+        "connections.max_connections_per_ip=0",
+    ]
+}
+
 /// `ampora serve` on 127.0.0.1 with a fresh data directory and the Self-Agent off. `tls`: the
 /// agents will connect over TLS (trusting [`Spawned::ca_file`]); else in plaintext. `sets`
 /// come last, so they win.
@@ -136,6 +147,9 @@ pub async fn spawn_ampora(exe: &Path, sets: &[String], tls: bool) -> anyhow::Res
         "--set",
         &plaintext_bootstrap_set(tls),
     ]);
+    for s in per_ip_limits_off() {
+        cmd.args(["--set", s]);
+    }
     for s in sets {
         cmd.args(["--set", s]);
     }

@@ -30,6 +30,7 @@ mod audit;
 mod bad_input;
 mod cluster;
 mod cluster_identity;
+mod hostile;
 mod identity;
 mod nginx;
 mod opamp;

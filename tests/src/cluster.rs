@@ -100,6 +100,7 @@ impl Cluster {
         // Gateways here are plaintext (as behind a TLS-terminating proxy); explicit, so the
         // tests keep working whatever the default.
         base.opamp.bootstrap_plaintext_allowed = true;
+        crate::per_ip_limits_off(&mut base);
         tweak(&mut base);
 
         let mut this = Self {

@@ -43,6 +43,7 @@ impl TestServer {
         // The tests' agents mostly speak plaintext; explicit, so they keep working whatever
         // the default (tests of the refusal turn it off).
         cfg.opamp.bootstrap_plaintext_allowed = true;
+        per_ip_limits_off(&mut cfg);
         tweak(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let running = serve::start(cfg, listener).await?;
@@ -93,6 +94,15 @@ impl TestServer {
         }
         Ok(())
     }
+}
+
+/// Every test client connects from 127.0.0.1, so the per-address limits are off in the
+/// harness; the tests of those limits (`e2e/hostile.rs`) turn them back on.
+pub fn per_ip_limits_off(cfg: &mut Config) {
+    cfg.admission.max_connections_per_ip = 0;
+    cfg.admission.accept_rate_per_ip_per_sec = 0;
+    cfg.connections.max_pending_per_ip = 0;
+    cfg.connections.max_connections_per_ip = 0;
 }
 
 /// Where agents connect and operators call the API: the embedded default ([`TestServer`]) or a

@@ -15,11 +15,16 @@
 //!   [`WARMUP_FLOOR`] of the full rate up to it, so a restarted gateway takes its agents back
 //!   gradually. The bucket starts full: `burst` is by definition what the gateway takes at once.
 //!
+//! Per-client limits (connections per address and per credential, a bucket per address) are
+//! in `limits`; they refuse with 429 + `Retry-After` and are counted under the same metric.
+//!
 //! The bucket is pure arithmetic over an explicit [`Instant`], so its tests need no sleeping.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::limits::IpSlot;
 use super::{Conns, Inner};
 
 /// Share of the full accept rate a gateway starts with when warming up.
@@ -37,6 +42,18 @@ pub struct AdmissionConfig {
     pub accept_burst: u32,
     /// After start, the rate ramps from [`WARMUP_FLOOR`] to full over this time. Zero: none.
     pub warmup: Duration,
+    /// Most open WebSocket connections from one source address (429 beyond). 0: unlimited.
+    pub max_connections_per_ip: usize,
+    /// Most open WebSocket connections on one credential, a bootstrap token or a certificate
+    /// UID (429 beyond). 0: unlimited.
+    pub max_connections_per_credential: usize,
+    /// Tokens per second of each source address's own bucket, taken before the gateway's
+    /// (429 beyond). 0: unlimited.
+    pub accept_rate_per_ip_per_sec: u32,
+    /// Size of each source address's bucket; at least 1 when its rate is limited.
+    pub accept_burst_per_ip: u32,
+    /// A WebSocket that sends no `AgentToServer` within this time is closed. Zero: no limit.
+    pub first_message_timeout: Duration,
 }
 
 impl Default for AdmissionConfig {
@@ -47,6 +64,11 @@ impl Default for AdmissionConfig {
             accept_rate_per_sec: 2_000,
             accept_burst: 10_000,
             warmup: Duration::from_secs(30),
+            max_connections_per_ip: 10_000,
+            max_connections_per_credential: 8,
+            accept_rate_per_ip_per_sec: 200,
+            accept_burst_per_ip: 1_000,
+            first_message_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -58,6 +80,12 @@ pub(super) enum Refusal {
     ConnectionCap,
     /// No token; one will be there in `retry_after` (whole seconds, at least 1).
     Rate { retry_after: Duration },
+    /// The source address has `max_connections_per_ip` open (WebSocket only).
+    IpConnectionCap,
+    /// The credential has `max_connections_per_credential` open (WebSocket only).
+    CredentialConnectionCap,
+    /// No token in the source address's own bucket.
+    IpRate { retry_after: Duration },
 }
 
 impl Refusal {
@@ -66,12 +94,21 @@ impl Refusal {
         match self {
             Self::ConnectionCap => "connection_cap",
             Self::Rate { .. } => "rate",
+            Self::IpConnectionCap => "ip_connection_cap",
+            Self::CredentialConnectionCap => "credential_connection_cap",
+            Self::IpRate { .. } => "ip_rate",
         }
     }
 }
 
 /// Every `reason` of `ampora_gateway_admission_refused_total`.
-pub(super) const REFUSAL_REASONS: [&str; 2] = ["connection_cap", "rate"];
+pub(super) const REFUSAL_REASONS: [&str; 5] = [
+    "connection_cap",
+    "rate",
+    "ip_connection_cap",
+    "credential_connection_cap",
+    "ip_rate",
+];
 
 /// True when one more connection fits next to `in_use` (open plus reserved) under `max`.
 fn cap_allows(max: usize, in_use: usize) -> bool {
@@ -205,13 +242,16 @@ impl Conns {
 }
 
 impl Inner {
-    /// Admission of a new WebSocket upgrade: a connection slot (checked and reserved under the
-    /// registry lock, so it cannot race) and then an accept token. The cap goes first so a
-    /// full gateway does not spend tokens on upgrades it cannot take.
+    /// Admission of a new WebSocket upgrade from `ip`: a connection slot (checked and reserved
+    /// under the registry lock, so it cannot race), one of `ip`'s connections, and then an
+    /// accept token. The caps go first so a full gateway does not spend tokens on upgrades it
+    /// cannot take. The address's slot is the connection's to hold until it ends.
     pub(super) fn admit_upgrade(
         self: &Arc<Self>,
+        ip: IpAddr,
         now: Instant,
-    ) -> Result<SlotReservation, Refusal> {
+    ) -> Result<(SlotReservation, IpSlot), Refusal> {
+        let ip_slot = self.clients.connection_from(ip)?;
         {
             let mut conns = self.conns();
             if !cap_allows(self.cfg.admission.max_connections, conns.in_use()) {
@@ -222,13 +262,16 @@ impl Inner {
         let slot = SlotReservation {
             inner: self.clone(),
         };
-        // On refusal `slot` is dropped here and gives its slot back.
-        self.admit_request(now)?;
-        Ok(slot)
+        // On refusal both slots are dropped here and given back.
+        self.admit_request(ip, now)?;
+        Ok((slot, ip_slot))
     }
 
-    /// Admission of a plain-HTTP request (and the rate half of an upgrade's): one token.
-    pub(super) fn admit_request(&self, now: Instant) -> Result<(), Refusal> {
+    /// Admission of a plain-HTTP request from `ip` (and the rate half of an upgrade's): one
+    /// token of the address's bucket, then one of the gateway's, so a flooding address spends
+    /// only its own.
+    pub(super) fn admit_request(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        self.clients.accept_from(ip, now)?;
         match &self.accept {
             None => Ok(()),
             Some(bucket) => bucket
@@ -248,6 +291,7 @@ mod tests {
             accept_rate_per_sec: rate,
             accept_burst: burst,
             warmup: Duration::from_secs(warmup_secs),
+            ..AdmissionConfig::default()
         }
     }
 
@@ -401,8 +445,17 @@ mod tests {
         let rate = Refusal::Rate {
             retry_after: Duration::from_secs(1),
         };
+        let ip_rate = Refusal::IpRate {
+            retry_after: Duration::from_secs(1),
+        };
         assert_eq!(
-            [Refusal::ConnectionCap.reason(), rate.reason()],
+            [
+                Refusal::ConnectionCap.reason(),
+                rate.reason(),
+                Refusal::IpConnectionCap.reason(),
+                Refusal::CredentialConnectionCap.reason(),
+                ip_rate.reason(),
+            ],
             REFUSAL_REASONS
         );
     }

@@ -5,6 +5,10 @@
 //! decode, one bus request, exactly one reply. Pushes are only ever queued for a connection
 //! after its first `AgentToServer` bound it to an agent, so nothing is sent before that.
 //!
+//! A connection that sends no `AgentToServer` within `admission.first_message_timeout` is
+//! closed (1008), so an authenticated but silent socket cannot be held for free; after the
+//! first message OpAMP heartbeats govern it.
+//!
 //! Memory per idle connection stays small: fastwebsockets' 8 KiB read buffer, a bounded push
 //! queue that allocates on use, and a few words of bookkeeping.
 
@@ -36,11 +40,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::limits::{CredentialSlot, IpSlot};
 use super::{
-    auth_close_reason, authenticate, bad_request_msg, count_received, count_rejected, count_sent,
-    service_unavailable, text, unavailable_msg, Binding, ConnControl, Inner,
+    admission_refused, auth_close_reason, authenticate, bad_request_msg, count_received,
+    count_rejected, count_sent, service_unavailable, text, unavailable_msg, Binding, ConnControl,
+    Inner,
 };
 use crate::codec::{self, FrameError};
+use crate::serve::{count_closed, CloseReason};
 
 /// A connection may hold a few agents (a multiplexing proxy, or an agent the coordinator gave
 /// a new UID). Beyond this many, the oldest binding is released.
@@ -71,12 +78,14 @@ type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<DetachableRead<tokio::io::ReadHalf<Io>>>;
 type Writer = WebSocketWrite<tokio::io::WriteHalf<Io>>;
 
-/// Authenticates and upgrades; the connection then lives in its own task.
+/// Authenticates and upgrades; the connection then lives in its own task, holding `ip_slot`
+/// (its place under `max_connections_per_ip`) and its credential's.
 pub(super) async fn serve(
     inner: Arc<Inner>,
     mut req: Request,
     source_ip: IpAddr,
     cert: Option<CertificateId>,
+    ip_slot: IpSlot,
 ) -> Response {
     // Validate the handshake before authenticating: a bad upgrade must not redeem a token.
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -96,6 +105,10 @@ pub(super) async fn serve(
             Ok((credential, _hint)) => credential,
             Err(resp) => return resp,
         };
+    let credential_slot = match inner.clients.connection_of(&credential) {
+        Ok(slot) => slot,
+        Err(refusal) => return admission_refused(refusal),
+    };
     let Some((conn_id, control)) = inner.open_conn() else {
         return service_unavailable("server shutting down");
     };
@@ -117,6 +130,8 @@ pub(super) async fn serve(
         pending_bind: None,
         partial: None,
         recorded_uid: None,
+        awaiting_first: true,
+        _slots: (ip_slot, credential_slot),
     };
     tokio::spawn(
         async move {
@@ -173,6 +188,10 @@ struct Session {
     partial: Option<Vec<u8>>,
     /// The instance UID last written into the session span.
     recorded_uid: Option<InstanceUid>,
+    /// True until the first `AgentToServer` arrives (see `first_message_timeout`).
+    awaiting_first: bool,
+    /// This connection's places under the per-address and per-credential caps.
+    _slots: (IpSlot, CredentialSlot),
 }
 
 impl Session {
@@ -227,6 +246,11 @@ impl Session {
     async fn serve_frames(&mut self, rd: &mut Reader, wr: &mut Writer) -> Exit {
         let max = self.inner.cfg.max_frame_bytes;
         let mut no_obligations = no_obligations;
+        let first_timeout = self.inner.cfg.admission.first_message_timeout;
+        let first_deadline = tokio::time::Instant::now() + first_timeout;
+        if first_timeout.is_zero() {
+            self.awaiting_first = false;
+        }
         loop {
             // The read future is kept across select iterations (not restarted): reading a frame
             // is not cancel-safe, pushes and close requests are served while it is pending.
@@ -248,6 +272,13 @@ impl Session {
                         }
                         r = &mut read => {
                             break r.map(|f| (f.opcode, f.fin, Vec::<u8>::from(f.payload)));
+                        }
+                        () = tokio::time::sleep_until(first_deadline), if self.awaiting_first => {
+                            count_closed(CloseReason::FirstMessageTimeout);
+                            return Exit::Close(
+                                CLOSE_POLICY_VIOLATION,
+                                "no AgentToServer within the first-message deadline".into(),
+                            );
                         }
                     }
                 }
@@ -329,6 +360,7 @@ impl Session {
             }
         };
         drop(data);
+        self.awaiting_first = false;
         let uid = InstanceUid::from_slice(&msg.instance_uid);
         if let Some(uid) = uid {
             self.record_uid(uid);

@@ -1,30 +1,34 @@
 //! The agent listener: TLS and plaintext on one port, told apart by the first byte.
+//!
+//! Connections wait here, off the accept path, until they are ready to serve (first byte in,
+//! TLS handshake done). The wait is bounded in time (`first_byte_timeout`,
+//! `handshake_timeout`) and in number: per peer address (`max_pending_per_ip`, beyond it the
+//! newest is closed) and in total (`max_pending`, beyond it the oldest is closed), so silent
+//! connections, from one address or many, never stop accepting for everyone.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{count_failure, FailureReason, MaybeTls, ServerTls};
+use crate::serve::{count_closed, CloseReason, ConnectionLimits};
 
-/// How long a new connection may take to send its first byte and, if it starts TLS, to finish
-/// the handshake. A connection that has not by then is closed.
+/// Default of how long a new connection may take to send its first byte and, if it starts
+/// TLS, to finish the handshake (`ConnectionLimits::handshake_timeout`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first byte of a TLS connection: a handshake record (content type 22). No HTTP request
 /// starts with it (methods are letters), so it alone tells the two apart.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
-/// Connections being sniffed or handshaking at once. Bounds the memory a flood of silent or
-/// slow connections can hold; beyond it accepting waits (the kernel backlog queues meanwhile).
-const MAX_PENDING: usize = 4096;
 
 /// Connections handed from the handshake tasks to axum's accept loop, which takes them at once.
 const READY_QUEUE: usize = 1024;
@@ -112,23 +116,43 @@ impl AgentListener {
         })
     }
 
-    /// TLS and plaintext on `tcp` when `tls` is given, else plaintext only. Starts the
-    /// accepting task on the current tokio runtime.
+    /// TLS and plaintext on `tcp` when `tls` is given, else plaintext only, with the default
+    /// [`ConnectionLimits`]. Starts the accepting task on the current tokio runtime.
     pub fn new(tcp: TcpListener, tls: Option<ServerTls>) -> io::Result<Self> {
+        Self::with_limits(tcp, tls, &ConnectionLimits::default())
+    }
+
+    /// As [`AgentListener::new`], with the pending limits of `limits` (TLS only: without it,
+    /// hyper's header timeout bounds a silent connection).
+    pub fn with_limits(
+        tcp: TcpListener,
+        tls: Option<ServerTls>,
+        limits: &ConnectionLimits,
+    ) -> io::Result<Self> {
         match tls {
             None => Self::plain(tcp),
-            Some(tls) => Self::with_timeout(tcp, tls, HANDSHAKE_TIMEOUT),
+            Some(tls) => Self::sniffing(tcp, tls, limits.clone()),
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn with_timeout(
         tcp: TcpListener,
         tls: ServerTls,
         timeout: Duration,
     ) -> io::Result<Self> {
+        let limits = ConnectionLimits {
+            first_byte_timeout: timeout,
+            handshake_timeout: timeout,
+            ..ConnectionLimits::default()
+        };
+        Self::sniffing(tcp, tls, limits)
+    }
+
+    fn sniffing(tcp: TcpListener, tls: ServerTls, limits: ConnectionLimits) -> io::Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
-        let acceptor = tokio::spawn(accept_loop(tcp, tls, tx, timeout)).abort_handle();
+        let acceptor = tokio::spawn(accept_loop(tcp, tls, tx, limits)).abort_handle();
         Ok(Self {
             local,
             mode: Mode::Sniffing { ready, acceptor },
@@ -198,54 +222,159 @@ async fn accept_loop(
     tcp: TcpListener,
     tls: ServerTls,
     ready: mpsc::Sender<(AgentStream, Peer)>,
-    timeout: Duration,
+    limits: ConnectionLimits,
 ) {
     let acceptor = tls.acceptor();
-    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let pending = Arc::new(Pending::new(&limits));
+    let limits = Arc::new(limits);
     loop {
-        let permit = tokio::select! {
-            p = pending.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = ready.closed() => return,
-        };
+        // Never waits for room: a full budget sheds the oldest pending connection instead.
         let accepted = tokio::select! {
             r = tcp.accept() => r,
             () = ready.closed() => return,
         };
         match accepted {
-            Ok((stream, addr)) => {
-                tokio::spawn(sniff(
-                    stream,
-                    addr,
-                    acceptor.clone(),
-                    ready.clone(),
-                    timeout,
-                    permit,
-                ));
-            }
+            Ok((stream, addr)) => match pending.enter(addr.ip()) {
+                Ok((ticket, shed)) => {
+                    let task = sniff(
+                        stream,
+                        addr,
+                        acceptor.clone(),
+                        ready.clone(),
+                        limits.clone(),
+                    );
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            // Shed: the stream drops with `task`, closing it.
+                            _ = shed => {}
+                            () = task => {}
+                        }
+                        drop(ticket);
+                    });
+                }
+                Err(reason) => count_closed(reason),
+            },
             Err(e) => handle_accept_error(e).await,
         }
     }
 }
 
+/// The connections waiting for their first byte or handshake, oldest first, and how many of
+/// them each peer address has. Locked only for map operations.
+struct Pending {
+    max: usize,
+    max_per_ip: usize,
+    exempt: Vec<crate::server::IpNet>,
+    state: Mutex<PendingState>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    next: u64,
+    /// By arrival: dropping an entry's sender tells its task to close the connection.
+    order: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl PendingState {
+    fn forget(&mut self, seq: u64) {
+        let Some((ip, _shed)) = self.order.remove(&seq) else {
+            return;
+        };
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A pending connection's place in [`Pending`]; dropping it leaves.
+struct PendingTicket {
+    pending: Arc<Pending>,
+    seq: u64,
+}
+
+impl Drop for PendingTicket {
+    fn drop(&mut self) {
+        self.pending.lock().forget(self.seq);
+    }
+}
+
+impl Pending {
+    fn new(limits: &ConnectionLimits) -> Self {
+        Self {
+            max: limits.max_pending,
+            max_per_ip: limits.max_pending_per_ip,
+            exempt: limits.exempt.clone(),
+            state: Mutex::new(PendingState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a new connection from `ip` in, or says why not. At the per-address limit the new
+    /// one is refused (the heaviest address pays); at the total limit the oldest is shed, so a
+    /// newcomer always gets in.
+    fn enter(
+        self: &Arc<Self>,
+        ip: IpAddr,
+    ) -> Result<(PendingTicket, oneshot::Receiver<()>), CloseReason> {
+        let exempt = self.exempt.iter().any(|n| n.contains(ip));
+        let mut state = self.lock();
+        if !exempt
+            && self.max_per_ip > 0
+            && state.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip
+        {
+            return Err(CloseReason::PendingPerIp);
+        }
+        let mut shed = 0;
+        while self.max > 0 && state.order.len() >= self.max {
+            let Some(oldest) = state.order.keys().next().copied() else {
+                break;
+            };
+            state.forget(oldest);
+            shed += 1;
+        }
+        let seq = state.next;
+        state.next += 1;
+        let (tx, rx) = oneshot::channel();
+        state.order.insert(seq, (ip, tx));
+        *state.per_ip.entry(ip).or_insert(0) += 1;
+        drop(state);
+        for _ in 0..shed {
+            count_closed(CloseReason::PendingShed);
+        }
+        let ticket = PendingTicket {
+            pending: self.clone(),
+            seq,
+        };
+        Ok((ticket, rx))
+    }
+}
+
 /// Waits for the first byte, runs the TLS handshake if it opens one, and hands the connection
-/// to axum. Everything within `timeout` of the accept.
+/// to axum: the first byte within `first_byte_timeout`, everything within
+/// `handshake_timeout`, of the accept.
 async fn sniff(
     stream: TcpStream,
     addr: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     ready: mpsc::Sender<(AgentStream, Peer)>,
-    timeout: Duration,
-    _permit: OwnedSemaphorePermit,
+    limits: Arc<ConnectionLimits>,
 ) {
-    let deadline = Instant::now() + timeout;
-    let first = match tokio::time::timeout_at(deadline, first_byte(&stream)).await {
+    let start = Instant::now();
+    let deadline = start + limits.handshake_timeout;
+    let first_deadline = deadline.min(start + limits.first_byte_timeout);
+    let first = match tokio::time::timeout_at(first_deadline, first_byte(&stream)).await {
         Ok(Ok(Some(b))) => b,
         // Closed (or failed) before saying anything: nothing to serve, nothing to count.
         Ok(Ok(None) | Err(_)) => return,
         Err(_) => {
+            count_closed(CloseReason::FirstByteTimeout);
             tracing::debug!(peer = %addr, "connection sent nothing; closed");
             return;
         }
