@@ -342,7 +342,7 @@ pub async fn start_coordinator(
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let (admin_token, admin_token_path) = serve::ensure_admin_token(&*store, &data_dir).await?;
     let app = Router::new()
-        .merge(crate::api::router(coordinator.clone()))
+        .merge(crate::api::router(coordinator.clone(), config))
         .merge(serve::health_router(coordinator.clone(), metrics));
     Ok(CoordinatorNode {
         addr,

@@ -24,6 +24,7 @@ pub struct Config {
     pub store: StoreSection,
     pub tokens: TokensSection,
     pub cluster: ClusterSection,
+    pub api: ApiSection,
     pub log: LogSection,
 }
 
@@ -224,6 +225,37 @@ pub struct ClusterSection {
     /// Largest message on the bus (configs and effective configs travel in chunks above
     /// NATS's own payload limit; beyond this they are refused).
     pub max_bus_message_bytes: u64,
+}
+
+/// The REST API's own limits (`/api/v1`), on every coordinator. Refusals are counted in
+/// `ampora_api_requests_refused_total{reason}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Largest request body, except config creation; beyond it 413.
+    pub max_body_bytes: u64,
+    /// Largest body of `POST /api/v1/configs` (config versions of several MiB are normal).
+    pub max_config_body_bytes: u64,
+    /// Time to receive a whole request body once it is being read; then 408.
+    pub body_timeout_secs: u64,
+    /// API requests in progress at once; beyond it 503 + Retry-After. 0: unlimited.
+    pub max_concurrent_requests: u64,
+    /// Accept API tokens over plaintext from non-loopback addresses. Off by default: a token
+    /// sent in the clear can be read and used by anyone on the path. Over TLS (also a trusted
+    /// proxy's `X-Forwarded-Proto: https`) and from loopback they are always accepted.
+    pub token_plaintext_allowed: bool,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_config_body_bytes: 64 * 1024 * 1024,
+            body_timeout_secs: 30,
+            max_concurrent_requests: 64,
+            token_plaintext_allowed: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -590,6 +622,15 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.store.flush_interval_ms == 0 {
         errors.push("store.flush_interval_ms: must be at least 1".into());
+    }
+    if c.api.max_body_bytes < 1024 || c.api.max_config_body_bytes < c.api.max_body_bytes {
+        errors.push(
+            "api.max_body_bytes: must be at least 1024, and api.max_config_body_bytes at least that"
+                .into(),
+        );
+    }
+    if c.api.body_timeout_secs == 0 {
+        errors.push("api.body_timeout_secs: must be at least 1".into());
     }
     if c.tokens.default_ttl_secs == 0 {
         errors.push("tokens.default_ttl_secs: must be at least 1".into());

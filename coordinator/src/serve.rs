@@ -46,6 +46,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             gateway::server::describe_metrics();
             gateway::tls::describe_metrics();
+            crate::api::describe_metrics();
             describe_metrics();
             handle
         })
@@ -184,7 +185,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
 
     let app = Router::new()
         .merge(gateway.router())
-        .merge(crate::api::router(coordinator.clone()))
+        .merge(crate::api::router(coordinator.clone(), &config))
         .merge(health_router(coordinator.clone(), metrics));
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(gateway::serve::serve(listener, app, limits, async move {

@@ -26,6 +26,7 @@ macro_rules! both_modes {
 
 mod admission;
 mod api;
+mod api_security;
 mod audit;
 mod bad_input;
 mod cluster;

@@ -1,32 +1,43 @@
-//! The REST API under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
+//! The REST API under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`:
+//! its routes and handlers. What a request passes before a handler runs (concurrency limit,
+//! API token and role, body size and time) is [`guard`]; the mapping of failures to statuses
+//! is [`error`].
 //!
 //! Every route but the document itself and the agent CA's CRL (`/api/v1/identities/crl`,
 //! fetched by agents and proxies) needs an operator API token (`Authorization: Bearer
-//! amp-api.…`); reads need the viewer role, config changes operator, bootstrap tokens and API
-//! tokens admin. Errors are JSON `{"error": "..."}` with the status chosen in one place,
-//! [`ApiError::into_response`]. Every change made through the API is audited with its actor,
-//! `api:<API token name>`.
+//! amp-api.…`); reads need the viewer role, except the two token lists (admin: they name
+//! every token and its prefix); config and assignment changes need operator; bootstrap
+//! tokens, API tokens and identity revocations admin. The role is in each handler's
+//! signature (`Caller<Viewer>`). Errors are JSON `{"error": "..."}`. Every change made
+//! through the API is audited with its actor, `api:<API token name>`.
+
+mod error;
+mod guard;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shared::domain::{
-    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigFile, ConfigMap,
-    ConfigState, ConfigVersion, IdentityRecord, Role, Target, TokenRecord, TokenScope,
+    AgentRecord, ApiTokenListing, Assignment, AuditEntry, ConfigFile, ConfigMap, ConfigState,
+    ConfigVersion, IdentityRecord, Role, Target, TokenRecord, TokenScope,
 };
 use shared::ids::InstanceUid;
-use shared::store::{AuditCursor, AuditQuery, StoreError};
-use shared::token;
+use shared::store::{AuditCursor, AuditQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::service::{Coordinator, ServiceError};
+pub use error::{ApiError, ErrorBody};
+pub use guard::describe_metrics;
+use guard::{Admin, ApiJson, ApiState, Caller, ConfigSized, Guard, Operator, Viewer};
+
+use crate::config::Config;
+use crate::service::Coordinator;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -60,7 +71,12 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
-pub fn router(coord: Arc<Coordinator>) -> Router {
+/// The API's routes with their guard, configured by `[api]` (and `[tls] trusted_proxies`).
+pub fn router(coord: Arc<Coordinator>, config: &Config) -> Router {
+    let guard = Arc::new(Guard::new(config));
+    // `ApiJson` enforces the per-route limits; this bounds any other body extractor.
+    let body_limit = axum::extract::DefaultBodyLimit::max(guard.largest_body());
+    let state = ApiState { coord, guard };
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agents", get(list_agents))
@@ -91,13 +107,13 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
             "/api/v1/identities/{serial}",
             get(show_identity).delete(revoke_identity),
         )
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY_BYTES))
-        .with_state(coord)
+        .layer(body_limit)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::limit_concurrency,
+        ))
+        .with_state(state)
 }
-
-/// Config versions of several MiB are normal (the bus carries them in chunks); axum's default
-/// of 2 MB would refuse them.
-const MAX_API_BODY_BYTES: usize = 64 << 20;
 
 async fn openapi() -> Response {
     (
@@ -107,97 +123,7 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("missing or invalid API token")]
-    Unauthorized,
-    #[error("this action needs the {0:?} role")]
-    Forbidden(Role),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("storage error: {0}")]
-    Store(StoreError),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-#[derive(Serialize, ToSchema)]
-struct ErrorBody {
-    error: String,
-}
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::NotFound(m) => Self::NotFound(m),
-            ServiceError::Invalid(m) => Self::BadRequest(m),
-            ServiceError::Store(StoreError::NotFound(m)) => Self::NotFound(m),
-            ServiceError::Store(s) => Self::Store(s),
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ServiceError::Store(e).into()
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Store(StoreError::MaybeApplied(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Store(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let mut resp = (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-        }
-        resp
-    }
-}
-
 type ApiResult<T> = Result<Json<T>, ApiError>;
-
-/// Checks the operator's API token and role; returns the actor name for the audit log.
-async fn authorize(
-    coord: &Coordinator,
-    headers: &HeaderMap,
-    need: Role,
-) -> Result<String, ApiError> {
-    let text = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .filter(|t| token::is_api_token(t))
-        .ok_or(ApiError::Unauthorized)?;
-    let rec: ApiTokenRecord = coord
-        .store()
-        .find_api_token(&token::hash_token(text))
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
-    if rec.role < need {
-        return Err(ApiError::Forbidden(need));
-    }
-    Ok(format!("api:{}", rec.name))
-}
 
 /// An agent as the API shows it: the stored record plus derived fields.
 #[derive(Serialize, ToSchema)]
@@ -245,10 +171,9 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
     responses((status = 200, body = [AgentView])), security(("api_token" = [])))]
 async fn list_agents(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Query(f): Query<AgentFilter>,
 ) -> ApiResult<Vec<AgentView>> {
-    authorize(&c, &headers, Role::Viewer).await?;
     let labels = f.label.as_deref().map(parse_labels).transpose()?;
     let state = f
         .config_state
@@ -278,10 +203,9 @@ fn parse_uid(s: &str) -> Result<InstanceUid, ApiError> {
     responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)), security(("api_token" = [])))]
 async fn show_agent(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Path(uid): Path<String>,
 ) -> ApiResult<AgentView> {
-    authorize(&c, &headers, Role::Viewer).await?;
     let uid = parse_uid(&uid)?;
     c.agent(uid)
         .await?
@@ -303,10 +227,10 @@ pub struct NewConfig {
     responses((status = 200, body = Object)), security(("api_token" = [])))]
 async fn create_config(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    Json(body): Json<NewConfig>,
+    caller: Caller<Operator>,
+    ApiJson(body, _): ApiJson<NewConfig, ConfigSized>,
 ) -> ApiResult<ConfigVersion> {
-    let actor = authorize(&c, &headers, Role::Operator).await?;
+    let actor = caller.actor;
     let files: ConfigMap = match (body.body, body.files) {
         (Some(text), None) => BTreeMap::from([(
             String::new(),
@@ -323,16 +247,54 @@ async fn create_config(
         }
     };
     check_name(&body.name)?;
+    check_files(&files)?;
     Ok(Json(c.create_config(body.name, files, &actor).await?))
 }
 
-/// Names are shown in tables and logs, and Postgres text cannot hold NUL: no control
-/// characters, and a sane length.
+/// Names, file names, content types and labels are shown in tables and logs, and Postgres
+/// text cannot hold NUL: no control characters, and a sane length.
+fn check_text(what: &str, value: &str) -> Result<(), ApiError> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(ApiError::BadRequest(format!(
+            "{what} must not contain control characters (found U+{:04X})",
+            u32::from(c)
+        )));
+    }
+    if value.len() > 256 {
+        return Err(ApiError::BadRequest(format!(
+            "{what} must be at most 256 bytes (is {})",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.chars().any(char::is_control) || name.len() > 256 {
-        return Err(ApiError::BadRequest(
-            "name must be at most 256 bytes without control characters".into(),
-        ));
+    check_text("name", name)
+}
+
+/// Label keys (never empty) and values, of assignments and token scopes.
+fn check_labels(what: &str, labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in labels {
+        if k.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "{what} keys must not be empty"
+            )));
+        }
+        check_text(&format!("{what} key `{}`", k.escape_default()), k)?;
+        check_text(&format!("{what} value of `{}`", k.escape_default()), v)?;
+    }
+    Ok(())
+}
+
+/// File names (`""` is the single unnamed file) and content types of a new config version.
+fn check_files(files: &ConfigMap) -> Result<(), ApiError> {
+    for (name, file) in files {
+        check_text(&format!("file name `{}`", name.escape_default()), name)?;
+        check_text(
+            &format!("content type of file `{}`", name.escape_default()),
+            &file.content_type,
+        )?;
     }
     Ok(())
 }
@@ -341,9 +303,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     responses((status = 200, body = [Object])), security(("api_token" = [])))]
 async fn list_configs(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
 ) -> ApiResult<Vec<ConfigVersion>> {
-    authorize(&c, &headers, Role::Viewer).await?;
     Ok(Json(c.store().list_configs().await?))
 }
 
@@ -351,10 +312,9 @@ async fn list_configs(
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)), security(("api_token" = [])))]
 async fn show_config(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Path(id): Path<i64>,
 ) -> ApiResult<ConfigVersion> {
-    authorize(&c, &headers, Role::Viewer).await?;
     c.store()
         .get_config(id)
         .await?
@@ -387,13 +347,16 @@ pub struct AssignmentResult {
     responses((status = 200, body = AssignmentResult)), security(("api_token" = [])))]
 async fn create_assignment(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    Json(body): Json<NewAssignmentBody>,
+    caller: Caller<Operator>,
+    ApiJson(body, _): ApiJson<NewAssignmentBody>,
 ) -> ApiResult<AssignmentResult> {
-    let actor = authorize(&c, &headers, Role::Operator).await?;
+    let actor = caller.actor;
     let target = match (body.agent, body.labels, body.all) {
         (Some(uid), None, false) => Target::Agent(parse_uid(&uid)?),
-        (None, Some(labels), false) if !labels.is_empty() => Target::Labels(labels),
+        (None, Some(labels), false) if !labels.is_empty() => {
+            check_labels("label", &labels)?;
+            Target::Labels(labels)
+        }
         (None, None, true) => Target::All,
         _ => {
             return Err(ApiError::BadRequest(
@@ -412,9 +375,8 @@ async fn create_assignment(
     responses((status = 200, body = [Object])), security(("api_token" = [])))]
 async fn list_assignments(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
 ) -> ApiResult<Vec<Assignment>> {
-    authorize(&c, &headers, Role::Viewer).await?;
     Ok(Json(c.store().list_assignments().await?))
 }
 
@@ -447,15 +409,7 @@ fn scope_of(scope: Option<NewScope>) -> Result<Option<TokenScope>, ApiError> {
             "scope.labels needs at least one label (omit scope for an unscoped token)".into(),
         ));
     }
-    for (k, v) in &labels {
-        if k.is_empty() {
-            return Err(ApiError::BadRequest(
-                "scope label keys must not be empty".into(),
-            ));
-        }
-        check_name(k)?;
-        check_name(v)?;
-    }
+    check_labels("scope label", &labels)?;
     Ok(Some(TokenScope { labels }))
 }
 
@@ -471,10 +425,10 @@ pub struct CreatedToken {
     responses((status = 200, body = CreatedToken)), security(("api_token" = [])))]
 async fn create_token(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    Json(body): Json<NewToken>,
+    caller: Caller<Admin>,
+    ApiJson(body, _): ApiJson<NewToken>,
 ) -> ApiResult<CreatedToken> {
-    let actor = authorize(&c, &headers, Role::Admin).await?;
+    let actor = caller.actor;
     if body.ttl_secs == Some(0) {
         return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
     }
@@ -513,10 +467,10 @@ pub struct CreatedTokens {
     responses((status = 200, body = CreatedTokens)), security(("api_token" = [])))]
 async fn create_tokens(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    Json(body): Json<NewTokens>,
+    caller: Caller<Admin>,
+    ApiJson(body, _): ApiJson<NewTokens>,
 ) -> ApiResult<CreatedTokens> {
-    let actor = authorize(&c, &headers, Role::Admin).await?;
+    let actor = caller.actor;
     if body.ttl_secs == Some(0) || !(1..=100_000).contains(&body.count) {
         return Err(ApiError::BadRequest(
             "ttl_secs must be positive and count between 1 and 100000".into(),
@@ -541,9 +495,8 @@ async fn create_tokens(
     responses((status = 200, body = [Object])), security(("api_token" = [])))]
 async fn list_tokens(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Admin>,
 ) -> ApiResult<Vec<TokenRecord>> {
-    authorize(&c, &headers, Role::Admin).await?;
     Ok(Json(c.store().list_tokens().await?))
 }
 
@@ -551,10 +504,10 @@ async fn list_tokens(
     responses((status = 204), (status = 404, body = ErrorBody)), security(("api_token" = [])))]
 async fn revoke_token(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    caller: Caller<Admin>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let actor = authorize(&c, &headers, Role::Admin).await?;
+    let actor = caller.actor;
     c.revoke_token(&id, &actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -608,10 +561,10 @@ pub struct CreatedApiToken {
     security(("api_token" = [])))]
 async fn create_api_token(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
-    Json(body): Json<NewApiToken>,
+    caller: Caller<Admin>,
+    ApiJson(body, _): ApiJson<NewApiToken>,
 ) -> ApiResult<CreatedApiToken> {
-    let actor = authorize(&c, &headers, Role::Admin).await?;
+    let actor = caller.actor;
     if body.name.is_empty() {
         return Err(ApiError::BadRequest("an api token needs a name".into()));
     }
@@ -633,9 +586,8 @@ async fn create_api_token(
     security(("api_token" = [])))]
 async fn list_api_tokens(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Admin>,
 ) -> ApiResult<Vec<ApiTokenView>> {
-    authorize(&c, &headers, Role::Admin).await?;
     Ok(Json(
         c.list_api_tokens()
             .await?
@@ -652,10 +604,10 @@ async fn list_api_tokens(
     security(("api_token" = [])))]
 async fn revoke_api_token(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    caller: Caller<Admin>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let actor = authorize(&c, &headers, Role::Admin).await?;
+    let actor = caller.actor;
     c.revoke_api_token(&id, &actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -768,10 +720,9 @@ fn next_link(p: &ExportParams, limit: u32, cursor: AuditCursor) -> Result<String
     security(("api_token" = [])))]
 async fn export_audit(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Query(p): Query<ExportParams>,
 ) -> Result<Response, ApiError> {
-    authorize(&c, &headers, Role::Viewer).await?;
     let limit = p.limit.unwrap_or(EXPORT_PAGE_MAX);
     if !(1..=EXPORT_PAGE_MAX).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -825,9 +776,8 @@ pub struct PartitionLease {
     responses((status = 200, body = ClusterView)), security(("api_token" = [])))]
 async fn show_cluster(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
 ) -> ApiResult<ClusterView> {
-    authorize(&c, &headers, Role::Viewer).await?;
     let partitions = c
         .store()
         .list_leases()
@@ -851,10 +801,9 @@ async fn show_cluster(
     responses((status = 200, body = [Object])), security(("api_token" = [])))]
 async fn list_audit(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Query(p): Query<AuditParams>,
 ) -> ApiResult<Vec<AuditEntry>> {
-    authorize(&c, &headers, Role::Viewer).await?;
     let q = audit_filters(
         p.since_ms,
         p.until_ms,
@@ -924,10 +873,9 @@ struct IdentityFilter {
     responses((status = 200, body = [IdentityView])), security(("api_token" = [])))]
 async fn list_identities(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Query(f): Query<IdentityFilter>,
 ) -> ApiResult<Vec<IdentityView>> {
-    authorize(&c, &headers, Role::Viewer).await?;
     let uid = f.instance_uid.as_deref().map(parse_uid).transpose()?;
     let ids = match uid {
         Some(uid) => c.store().identities_of(uid).await?,
@@ -941,10 +889,9 @@ async fn list_identities(
     security(("api_token" = [])))]
 async fn show_identity(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    _caller: Caller<Viewer>,
     Path(serial): Path<String>,
 ) -> ApiResult<IdentityView> {
-    authorize(&c, &headers, Role::Viewer).await?;
     Ok(Json(
         c.get_identity(&normalize_serial(&serial)).await?.into(),
     ))
@@ -957,10 +904,10 @@ async fn show_identity(
     responses((status = 204), (status = 404, body = ErrorBody)), security(("api_token" = [])))]
 async fn revoke_identity(
     State(c): State<Arc<Coordinator>>,
-    headers: HeaderMap,
+    caller: Caller<Admin>,
     Path(serial): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let actor = authorize(&c, &headers, Role::Admin).await?;
+    let actor = caller.actor;
     c.revoke_identity(&normalize_serial(&serial), &actor)
         .await?;
     Ok(StatusCode::NO_CONTENT)
