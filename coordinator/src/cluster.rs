@@ -54,9 +54,12 @@ async fn connect_bus(config: &Config, node: &str) -> anyhow::Result<Arc<dyn Bus>
         max_message_bytes: usize::try_from(config.cluster.max_bus_message_bytes)
             .unwrap_or(usize::MAX),
     };
-    let bus = NatsBus::connect(opts)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", config.cluster.nats_url))?;
+    let bus = NatsBus::connect(opts).await.with_context(|| {
+        format!(
+            "connecting to NATS at {}",
+            redact_url(&config.cluster.nats_url)
+        )
+    })?;
     Ok(Arc::new(bus))
 }
 
@@ -67,7 +70,12 @@ async fn connect_ownership(config: &Config) -> anyhow::Result<Arc<dyn Ownership>
         Duration::from_secs(config.cluster.ownership_ttl_secs),
     )
     .await
-    .with_context(|| format!("connecting to Redis at {}", config.cluster.redis_url))?;
+    .with_context(|| {
+        format!(
+            "connecting to Redis at {}",
+            redact_url(&config.cluster.redis_url)
+        )
+    })?;
     Ok(Arc::new(own))
 }
 
@@ -333,6 +341,7 @@ pub async fn start_coordinator(
             lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
             agent_ca: coordinator_agent_ca(config)?,
             identity_validity: identity_validity(config),
+            refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
         },
     )
     .await
@@ -395,4 +404,37 @@ pub async fn run_coordinator(
     shutdown.await;
     tracing::info!("handing partitions over");
     node.stop().await
+}
+
+/// `url` with any password in it replaced, for error messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let host_start = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_start].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("redis://app:s3cret@cache:6379/0"),
+            "redis://app:***@cache:6379/0"
+        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("postgres://u:p@db/x?sslmode=require"),
+            "postgres://u:***@db/x?sslmode=require"
+        );
+    }
 }

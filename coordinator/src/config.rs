@@ -23,6 +23,7 @@ pub struct Config {
     pub self_agent: SelfAgentSection,
     pub store: StoreSection,
     pub tokens: TokensSection,
+    pub audit: AuditSection,
     pub cluster: ClusterSection,
     pub api: ApiSection,
     pub log: LogSection,
@@ -196,6 +197,22 @@ pub struct StoreSection {
 pub struct TokensSection {
     /// TTL of bootstrap tokens created without an explicit one.
     pub default_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Refused agent authentications are audited once per source address and reason per
+    /// window, plus one row with the count of the repeats when the window ends.
+    pub refusal_window_secs: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            refusal_window_secs: 60,
+        }
+    }
 }
 
 /// Cluster mode (`ampora gateway`, `ampora coordinator`); `ampora serve` ignores it.
@@ -631,6 +648,9 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.api.body_timeout_secs == 0 {
         errors.push("api.body_timeout_secs: must be at least 1".into());
+    }
+    if c.audit.refusal_window_secs == 0 {
+        errors.push("audit.refusal_window_secs: must be at least 1".into());
     }
     if c.tokens.default_ttl_secs == 0 {
         errors.push("tokens.default_ttl_secs: must be at least 1".into());

@@ -127,6 +127,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // Keys, tokens and the database live here: the owner's only.
+    restrict(&data_dir, 0o700)?;
     // First, so a certificate problem stops the start before anything runs.
     let mut tls = server_tls(&config, &data_dir, addr)?;
     // Agent identities: the configured agent CA, else the local CA (its key is right here).
@@ -152,6 +154,12 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .await
             .context("opening the embedded database")?,
     );
+    for file in ["ampora.db", "ampora.db-wal", "ampora.db-shm"] {
+        let path = data_dir.join(file);
+        if path.exists() {
+            restrict(&path, 0o600)?;
+        }
+    }
     let bus: Arc<dyn Bus> = Arc::new(InProcessBus::new());
     let ownership = Arc::new(MemoryOwnership::new());
 
@@ -169,6 +177,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
             agent_ca,
             identity_validity: crate::cluster::identity_validity(&config),
+            refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
         },
     )
     .await
@@ -280,6 +289,19 @@ pub(crate) async fn render(metrics: PrometheusHandle) -> impl IntoResponse {
         )],
         metrics.render(),
     )
+}
+
+/// Sets the permission bits of `path` (owner-only modes; a no-op off Unix).
+fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
 }
 
 /// Writes `contents` to `path` readable by the owner only.

@@ -8,7 +8,11 @@
 //! synchronously. Operator changes made through any coordinator reach the owners of the
 //! affected agents as [`ControlEvent`]s, and periodically from the store in case one was lost.
 
+mod issuance;
 mod leases;
+mod refusals;
+mod scope;
+mod token_sessions;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -34,6 +38,7 @@ use shared::{now_ms, token};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::session::{self, AgentState, Context, Desired, Event, IdentityOffer, OpampOffer};
+use refusals::{Refusals, Refused};
 
 /// Settings the coordinator needs from the configuration.
 #[derive(Debug, Clone)]
@@ -52,6 +57,9 @@ pub struct CoordinatorConfig {
     pub agent_ca: Option<Arc<gateway::tls::AgentCa>>,
     /// Lifetime of an issued identity; renewed after two thirds of it.
     pub identity_validity: Duration,
+    /// Refused authentications are audited once per source and reason per window, with the
+    /// count of repeats ([`refusals`]).
+    pub refusal_window: Duration,
 }
 
 /// One agent as the coordinator holds it.
@@ -66,6 +74,13 @@ struct Entry {
     /// The live connection (gateway, connection id, epoch) if any. Used to tell a reconnect
     /// from a UID collision and to ignore stale disconnect notices.
     conn: Option<(GatewayId, u64, u64)>,
+    /// The bootstrap token the live connection authenticated with (`None` on a certificate):
+    /// revoking or expiring it ends the connection.
+    conn_token: Option<String>,
+    /// When identities were last issued to this agent, for the issuance limit.
+    issued_ms: Vec<i64>,
+    /// The generated key of `identity` has been sent (and dropped).
+    key_spent: bool,
 }
 
 type Slot = Arc<Mutex<Entry>>;
@@ -120,12 +135,19 @@ pub struct Coordinator {
     /// When [`Coordinator::sync_identities`] last read (local clock); the lock keeps syncs
     /// from overlapping.
     identity_watermark: Mutex<i64>,
+    /// Refused authentications, counted and aggregated for the audit log.
+    refusals: Refusals,
+    /// Where the last re-read of revoked tokens started (the lock keeps reads from
+    /// overlapping); see [`Coordinator::sync_token_revocations`].
+    revocation_watermark: Mutex<i64>,
 }
 
 #[derive(Default)]
 struct TokenCache {
     by_hash: HashMap<[u8; 32], TokenRecord>,
     hash_of: HashMap<String, [u8; 32]>,
+    /// Scopes of bound tokens by agent (token id, scope): see [`scope`].
+    scopes: HashMap<InstanceUid, Vec<(String, TokenScope)>>,
 }
 
 impl TokenCache {
@@ -138,6 +160,7 @@ impl TokenCache {
             rec.redeemed_ms = rec.redeemed_ms.or(old.redeemed_ms);
             rec.bound_uid = rec.bound_uid.or(old.bound_uid);
         }
+        self.index_scope(&rec);
         self.hash_of.insert(rec.id.clone(), rec.hash);
         self.by_hash.insert(rec.hash, rec);
     }
@@ -145,6 +168,8 @@ impl TokenCache {
     fn update(&mut self, id: &str, f: impl FnOnce(&mut TokenRecord)) {
         if let Some(rec) = self.hash_of.get(id).and_then(|h| self.by_hash.get_mut(h)) {
             f(rec);
+            let rec = rec.clone();
+            self.index_scope(&rec);
         }
     }
 }
@@ -275,6 +300,7 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
         }
         c.sync_assignments().await;
         c.sync_tokens().await;
+        c.sync_token_revocations().await;
         if identities_synced.elapsed() >= IDENTITY_SYNC_INTERVAL {
             c.sync_identities().await;
             identities_synced = tokio::time::Instant::now();
@@ -323,6 +349,20 @@ pub enum ServiceError {
     Store(#[from] StoreError),
 }
 
+/// `text` with control characters escaped and at most `max` characters kept, for logging
+/// what an agent wrote.
+fn log_safe(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push_str("…");
+    }
+    out
+}
+
 fn shard_of(uid: &InstanceUid) -> usize {
     usize::from(uid.0[15]) % SHARDS
 }
@@ -362,6 +402,8 @@ impl Coordinator {
             serving: std::sync::atomic::AtomicUsize::new(0),
             identities: RwLock::new(identities),
             identity_watermark: Mutex::new(identities_read_at),
+            refusals: Refusals::new(cfg.refusal_window),
+            revocation_watermark: Mutex::new(now_ms()),
             tokens: RwLock::new(tokens),
             token_watermark: Mutex::new(token_watermark),
             token_sync,
@@ -414,6 +456,7 @@ impl Coordinator {
                     tracing::error!(error = %e, "agent status flush failed");
                 }
                 c.sweep().await;
+                c.write_refusal_summaries(now_ms()).await;
             }
         });
         Ok(this)
@@ -570,6 +613,7 @@ impl Coordinator {
         self.set_held(HashMap::new());
         self.serving.store(0, Ordering::Relaxed);
         let _ = self.bus.broadcast(ControlEvent::MembershipChanged).await;
+        self.write_refusal_summaries(i64::MAX).await;
     }
 
     /// Loads assignments created by any coordinator since we last looked and applies them to
@@ -600,26 +644,17 @@ impl Coordinator {
         }
     }
 
-    /// Another coordinator changed a token: reload our cached copy, if we have one.
+    /// A coordinator changed a token: reload our copy (a sync racing this keeps the change,
+    /// see [`TokenCache::insert`]) and end the sessions of a revoked one.
     async fn reload_token(&self, token_id: &str) {
-        let cached_hash = || {
-            self.tokens
-                .read()
-                .ok()
-                .and_then(|c| c.hash_of.get(token_id).copied())
-        };
-        let hash = match cached_hash() {
-            Some(hash) => hash,
-            None => {
-                // Not cached, unless a sync is loading it right now, from a read made before
-                // this change: wait for that sync (it holds the watermark) and look again.
-                drop(self.token_watermark.lock().await);
-                let Some(hash) = cached_hash() else { return };
-                hash
+        match self.store.get_token(token_id).await {
+            Ok(Some(rec)) => {
+                let revoked = rec.revoked_ms.is_some();
+                self.cache_token(rec);
+                if revoked {
+                    self.close_token_sessions(token_id).await;
+                }
             }
-        };
-        match self.store.find_token(&hash).await {
-            Ok(Some(rec)) => self.cache_token(rec),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, token_id, "reloading token failed"),
         }
@@ -632,6 +667,9 @@ impl Coordinator {
             state: AgentState::new(record),
             token_id: None,
             conn: None,
+            conn_token: None,
+            issued_ms: Vec::new(),
+            key_spent: false,
         }));
         if let Ok(mut shard) = self.agents[shard_of(&uid)].lock() {
             shard.insert(uid, slot.clone());
@@ -695,7 +733,7 @@ impl Coordinator {
         let all = self.assignments.read().ok()?;
         all.iter()
             .rev()
-            .find(|a| a.target.matches(record))
+            .find(|a| self.target_admits(&a.target, record))
             .map(|a| a.config_id)
     }
 
@@ -752,8 +790,19 @@ impl Coordinator {
                 .unwrap_or(i64::MAX);
         let mut connected = 0u64;
         let mut states: HashMap<ConfigState, u64> = HashMap::new();
+        let now = now_ms();
+        let (mut expired, mut revoked) = (Vec::new(), Vec::new());
         for slot in self.all_slots() {
             let mut e = slot.lock().await;
+            // HTTP agents have no socket to close: their next poll is refused.
+            let ws = e.state.record.transport == Some(Transport::WebSocket);
+            if let (true, Some(t), Some(_)) = (ws, &e.conn_token, &e.conn) {
+                match self.token_unusable(t, now) {
+                    Some(AuthFailure::Expired) => expired.push(e.state.record.instance_uid),
+                    Some(_) => revoked.push(e.state.record.instance_uid),
+                    None => {}
+                }
+            }
             let r = &mut e.state.record;
             if r.connected && r.transport == Some(Transport::Http) && r.last_seen_ms < cutoff {
                 r.connected = false;
@@ -765,6 +814,8 @@ impl Coordinator {
             connected += u64::from(r.connected);
             *states.entry(r.config_state()).or_default() += 1;
         }
+        self.close_sessions(expired, "auth: token expired").await;
+        self.close_sessions(revoked, "auth: token revoked").await;
         metrics::gauge!("ampora_agents_connected").set(connected as f64);
         for state in ConfigState::ALL {
             let n = states.get(&state).copied().unwrap_or(0);
@@ -791,8 +842,69 @@ impl Coordinator {
             reason: reason.map(str::to_string),
             detail,
         };
-        if let Err(e) = self.store.append_audit(&entry).await {
+        if let Err(e) = self.append_audit(&entry).await {
             tracing::error!(error = %e, action, "audit write failed");
+        }
+    }
+
+    /// [`Coordinator::audit`] for an operator's change: the change is already made, so a
+    /// failed audit write fails the call (the operator sees an error and can look) instead of
+    /// passing unrecorded.
+    async fn audit_op(
+        &self,
+        actor: &str,
+        action: &str,
+        uid: Option<InstanceUid>,
+        detail: serde_json::Value,
+    ) -> Result<(), ServiceError> {
+        let entry = AuditEntry {
+            id: 0,
+            at_ms: now_ms(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            instance_uid: uid,
+            source_ip: None,
+            reason: None,
+            detail,
+        };
+        self.append_audit(&entry).await.map_err(ServiceError::from)
+    }
+
+    /// Writes an audit entry, retrying a failed write twice (a database restart, a lost
+    /// connection); counts writes that still failed.
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let mut last = None;
+        for backoff_ms in [0u64, 50, 250] {
+            if backoff_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            }
+            // A retry after `MaybeApplied` may write the row twice: better than losing it.
+            match self.store.append_audit(entry).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        metrics::counter!("ampora_audit_write_failures_total").increment(1);
+        Err(last.unwrap_or_else(|| StoreError::NotApplied("audit write".into())))
+    }
+
+    /// Counts a refused authentication and audits it (aggregated, see [`refusals`]).
+    async fn refused(&self, r: Refused) {
+        tracing::debug!(source_ip = %r.ip, reason = r.reason, "authentication refused");
+        if let Some(row) = self.refusals.note(r, now_ms()) {
+            if let Err(e) = self.append_audit(&row).await {
+                tracing::error!(error = %e, "audit write failed");
+            }
+        }
+    }
+
+    /// Writes the summary rows of refusal windows that have ended (all of them with
+    /// `i64::MAX`, at shutdown).
+    async fn write_refusal_summaries(&self, now: i64) {
+        for row in self.refusals.due(now) {
+            if let Err(e) = self.append_audit(&row).await {
+                tracing::error!(error = %e, "audit write failed");
+            }
         }
     }
 
@@ -804,14 +916,16 @@ impl Coordinator {
             None => self.check_token(&req).await,
         };
         if let AuthDecision::Reject(f) = &decision {
-            self.audit(
-                "agent",
-                "auth.failed",
-                req.uid_hint,
-                Some(req.source_ip),
-                Some(f.as_str()),
-                serde_json::json!({ "token": token::display_prefix(&req.token) }),
-            )
+            let detail = match &req.certificate {
+                Some(cert) => serde_json::json!({ "certificate": cert.serial }),
+                None => serde_json::json!({ "token": token::display_prefix(&req.token) }),
+            };
+            self.refused(Refused {
+                ip: req.source_ip,
+                reason: refusals::reason_label(f.as_str()),
+                uid_hint: req.uid_hint,
+                detail,
+            })
             .await;
         }
         decision
@@ -1074,6 +1188,7 @@ impl Coordinator {
         entry: &mut Entry,
         frame: &AgentFrame,
         uid: InstanceUid,
+        new_conn: bool,
     ) -> Result<(), String> {
         let msg = &frame.msg;
         let caps = if msg.capabilities != 0 {
@@ -1099,27 +1214,61 @@ impl Coordinator {
             .as_ref()
             .filter(|o| current.as_ref().is_some_and(|c| c.serial == o.serial))
             .is_some();
-        if csr.is_none() && held {
-            return Ok(());
+        // Back with its token on a new connection after its generated key went out: the key
+        // is gone (never kept), so only a new identity can help.
+        let key_lost = entry.key_spent
+            && new_conn
+            && matches!(frame.credential, Credential::BootstrapToken { .. });
+        match (&csr, &current) {
+            (Some(csr), Some(c)) => {
+                // The key of the current certificate again: nothing new to sign.
+                if issuance::same_key(csr, &c.cert_pem)? {
+                    if !held {
+                        entry.identity = self.repeat_offer(c);
+                    }
+                    return Ok(());
+                }
+            }
+            (Some(csr), None) => issuance::check_csr(csr)?,
+            (None, _) if held && !key_lost => return Ok(()),
+            (None, _) => {}
         }
         if csr.is_none() && matches!(frame.credential, Credential::Certificate { .. }) {
             // On the certificate path: repeat the current certificate (from the store, without
             // the key, which is never kept) so that no offer tells the agent to drop it (§5.1).
             // None current (due for renewal): a new one is issued below.
-            if let (Some(c), Some(ca)) = (&current, &self.cfg.agent_ca) {
-                entry.identity = Some(IdentityOffer {
-                    serial: c.serial.clone(),
-                    cert_pem: c.cert_pem.clone(),
-                    ca_pem: ca.ca_pem().to_string(),
-                    private_key_pem: None,
-                });
+            if let Some(offer) = current.as_ref().and_then(|c| self.repeat_offer(c)) {
+                entry.identity = Some(offer);
                 return Ok(());
             }
+        }
+        let now = now_ms();
+        if !issuance::allowed(&mut entry.issued_ms, now) {
+            metrics::counter!("ampora_identity_issue_throttled_total").increment(1);
+            if key_lost {
+                entry.identity = None;
+            }
+            return Ok(());
         }
         entry.identity = self
             .issue_identity(uid, csr.as_deref(), frame.source_ip)
             .await?;
+        if entry.identity.is_some() {
+            entry.issued_ms.push(now);
+            entry.key_spent = false;
+        }
         Ok(())
+    }
+
+    /// An offer repeating identity `c` (its certificate; the key is never kept).
+    fn repeat_offer(&self, c: &IdentityRecord) -> Option<IdentityOffer> {
+        let ca = self.cfg.agent_ca.as_ref()?;
+        Some(IdentityOffer {
+            serial: c.serial.clone(),
+            cert_pem: c.cert_pem.clone(),
+            ca_pem: ca.ca_pem().to_string(),
+            private_key_pem: None,
+        })
     }
 
     /// Marks the identity confirmed on its first mTLS frame (facts §5.1 step 7): from then on
@@ -1192,15 +1341,16 @@ impl Coordinator {
         let identity = self.get_identity(serial).await?;
         self.store.revoke_identity(serial, now_ms()).await?;
         self.load_identity(serial).await?;
-        self.audit(
-            author,
-            "identity.revoke",
-            Some(identity.instance_uid),
-            None,
-            None,
-            serde_json::json!({ "serial": serial }),
-        )
-        .await;
+        // The revocation stands whatever happens to its audit row; its error is returned
+        // once the gateways have been told.
+        let audited = self
+            .audit_op(
+                author,
+                "identity.revoke",
+                Some(identity.instance_uid),
+                serde_json::json!({ "serial": serial }),
+            )
+            .await;
         if let Err(e) = self
             .bus
             .broadcast(ControlEvent::IdentityRevoked {
@@ -1224,7 +1374,7 @@ impl Coordinator {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "ownership lookup failed"),
         }
-        Ok(())
+        audited
     }
 
     /// Revokes an identity that a newer one of the same agent makes redundant: `superseded`,
@@ -1429,20 +1579,60 @@ impl Coordinator {
             };
         }
 
+        // A token that can no longer be used ends the session that rests on it, at once,
+        // whatever the gateway's (older) authentication said.
+        if let Credential::BootstrapToken { token_id, .. } = &frame.credential {
+            if let Some(f) = self.token_unusable(token_id, now_ms()) {
+                return self.refuse_frame(&frame, claimed, f.into()).await;
+            }
+        }
+
         // Decide which uid this message is about.
         let (uid, assigned) = match claimed {
             Some(uid) if !asked => {
-                let collides = match self.slot(&uid) {
-                    Some(slot) => {
-                        let e = slot.lock().await;
-                        // Live elsewhere under another credential: a clone, not a reconnect.
-                        e.conn.as_ref().is_some_and(|(gw, conn, _)| {
-                            (gw, *conn) != (&frame.gateway, frame.conn_id)
-                        }) && e.state.record.transport == Some(Transport::WebSocket)
-                            && e.token_id.as_deref().is_some_and(|t| t != token_id)
-                    }
-                    None => false,
+                // A spare token never takes over a UID that exists: the agent gets a new one.
+                let may_claim = match &frame.credential {
+                    Credential::BootstrapToken {
+                        token_id,
+                        bound_uid,
+                    } => match self.token_may_claim(token_id, *bound_uid, uid).await {
+                        Ok(may) => may,
+                        Err(()) => {
+                            return FrameReply {
+                                msg: session::unavailable_reply(
+                                    &msg.instance_uid,
+                                    "authentication unavailable, retry",
+                                ),
+                                bind: None,
+                                close: None,
+                            }
+                        }
+                    },
+                    Credential::Certificate { .. } => true,
                 };
+                if !may_claim {
+                    metrics::counter!("ampora_agent_uid_reassigned_total", "reason" => "uid_taken")
+                        .increment(1);
+                    self.refused(Refused {
+                        ip: frame.source_ip,
+                        reason: "uid_taken",
+                        uid_hint: Some(uid),
+                        detail: serde_json::json!({ "token_id": token_id, "outcome": "new_uid" }),
+                    })
+                    .await;
+                }
+                let collides = !may_claim
+                    || match self.slot(&uid) {
+                        Some(slot) => {
+                            let e = slot.lock().await;
+                            // Live elsewhere under another credential: a clone, not a reconnect.
+                            e.conn.as_ref().is_some_and(|(gw, conn, _)| {
+                                (gw, *conn) != (&frame.gateway, frame.conn_id)
+                            }) && e.state.record.transport == Some(Transport::WebSocket)
+                                && e.token_id.as_deref().is_some_and(|t| t != token_id)
+                        }
+                        None => false,
+                    };
                 if collides {
                     // Same partition, so the clone stays with this coordinator.
                     (InstanceUid::new_v7_in(uid.partition()), true)
@@ -1465,25 +1655,12 @@ impl Coordinator {
             if assigned || fresh {
                 self.forget(&uid);
             }
-            self.audit(
-                "agent",
-                "auth.failed",
-                Some(uid),
-                Some(frame.source_ip),
-                Some(f.as_str()),
-                serde_json::json!({ "token_id": token_id }),
-            )
-            .await;
-            return FrameReply {
-                msg: session::error_reply(
-                    &msg.instance_uid,
-                    ServerErrorResponseType::BadRequest,
-                    f.message(),
-                ),
-                bind: None,
-                close: Some(format!("auth: {}", f.message())),
-            };
+            return self.refuse_frame(&frame, Some(uid), f).await;
         }
+        entry.conn_token = match &frame.credential {
+            Credential::BootstrapToken { token_id, .. } => Some(token_id.clone()),
+            Credential::Certificate { .. } => None,
+        };
 
         let new_conn = match (&entry.conn, frame.transport) {
             (_, Transport::Http) => entry.conn.is_none(),
@@ -1512,15 +1689,13 @@ impl Coordinator {
         if let Credential::Certificate { serial, .. } = &frame.credential {
             self.confirm_identity(uid, serial, frame.source_ip).await;
         }
-        if let Err(bad_csr) = self.identity_offer(&mut entry, &frame, uid).await {
-            self.audit(
-                "agent",
-                "identity.issue",
-                Some(uid),
-                Some(frame.source_ip),
-                Some("bad_csr"),
-                serde_json::json!({ "error": bad_csr }),
-            )
+        if let Err(bad_csr) = self.identity_offer(&mut entry, &frame, uid, new_conn).await {
+            self.refused(Refused {
+                ip: frame.source_ip,
+                reason: "bad_csr",
+                uid_hint: Some(uid),
+                detail: serde_json::json!({ "error": bad_csr }),
+            })
             .await;
             return FrameReply {
                 msg: session::error_reply(
@@ -1543,12 +1718,32 @@ impl Coordinator {
             assign_uid: assigned.then_some(uid),
         };
         let mut outcome = session::handle(&mut entry.state, msg, &ctx);
+        // A generated key goes out in one offer, then is forgotten.
+        let key_sent = outcome
+            .reply
+            .connection_settings
+            .as_ref()
+            .and_then(|c| c.opamp.as_ref())
+            .and_then(|o| o.certificate.as_ref())
+            .is_some_and(|c| !c.private_key.is_empty());
+        if key_sent {
+            if let Some(mut key) = entry
+                .identity
+                .as_mut()
+                .and_then(|i| i.private_key_pem.take())
+            {
+                zeroize::Zeroize::zeroize(&mut key);
+            }
+            entry.key_spent = true;
+        }
 
         for ev in &outcome.events {
             match ev {
                 Event::ConfigFailed { hash, error } => {
                     metrics::counter!("ampora_config_remote_status_total", "status" => "failed")
                         .increment(1);
+                    // The agent wrote `error`: escaped (no forged log lines) and cut short.
+                    let error = log_safe(error, 512);
                     tracing::warn!(instance_uid = %uid, config_hash = %hash, error = %error, "agent failed to apply remote config");
                 }
                 Event::ConfigApplied { .. } => {
@@ -1596,6 +1791,37 @@ impl Coordinator {
             msg: outcome.reply,
             bind,
             close: None,
+        }
+    }
+
+    /// The reply to a refused frame (the connection is closed after it), audited.
+    async fn refuse_frame(
+        &self,
+        frame: &AgentFrame,
+        uid: Option<InstanceUid>,
+        f: Refusal,
+    ) -> FrameReply {
+        let presented = match &frame.credential {
+            Credential::BootstrapToken { token_id, .. } => {
+                serde_json::json!({ "token_id": token_id })
+            }
+            Credential::Certificate { serial, .. } => serde_json::json!({ "certificate": serial }),
+        };
+        self.refused(Refused {
+            ip: frame.source_ip,
+            reason: refusals::reason_label(f.as_str()),
+            uid_hint: uid,
+            detail: presented,
+        })
+        .await;
+        FrameReply {
+            msg: session::error_reply(
+                &frame.msg.instance_uid,
+                ServerErrorResponseType::BadRequest,
+                f.message(),
+            ),
+            bind: None,
+            close: Some(format!("auth: {}", f.message())),
         }
     }
 
@@ -1702,15 +1928,13 @@ impl Coordinator {
                 created_ms: now_ms(),
             })
             .await?;
-        self.audit(
+        self.audit_op(
             author,
             "config.create",
             None,
-            None,
-            None,
             serde_json::json!({ "config_id": v.id, "hash": v.hash }),
         )
-        .await;
+        .await?;
         Ok(v)
     }
 
@@ -1758,23 +1982,22 @@ impl Coordinator {
             })
             .await;
         self.apply_assignment(&assignment).await;
-        self.audit(
+        let uid = match &target {
+            Target::Agent(u) => Some(*u),
+            _ => None,
+        };
+        self.audit_op(
             author,
             "config.assign",
-            match &target {
-                Target::Agent(u) => Some(*u),
-                _ => None,
-            },
-            None,
-            None,
+            uid,
             serde_json::json!({ "config_id": config_id, "assignment_id": assignment.id }),
         )
-        .await;
+        .await?;
         let matched = self
             .agents()
             .await?
             .iter()
-            .filter(|r| target.matches(r))
+            .filter(|r| self.target_admits(&target, r))
             .count();
         Ok((assignment, matched))
     }
@@ -1794,7 +2017,7 @@ impl Coordinator {
         let mut pushes = Vec::new();
         for slot in self.all_slots() {
             let mut e = slot.lock().await;
-            if !target.matches(&e.state.record) {
+            if !self.target_admits(target, &e.state.record) {
                 continue;
             }
             let uid = e.state.record.instance_uid;
@@ -1865,7 +2088,27 @@ impl Coordinator {
         self.cache_token(rec.clone());
         self.announce_tokens().await;
         self.audit_token_created(author, std::slice::from_ref(&rec.id), &rec)
-            .await;
+            .await?;
+        Ok((text, rec))
+    }
+
+    /// A re-bootstrap token: minted for agent `uid` (bound from the start), so it may speak
+    /// for that agent, which a spare token never may once the agent exists. The agent's old
+    /// identity must be revoked first, else the token is refused (`identity_required`).
+    pub async fn create_token_for(
+        &self,
+        uid: InstanceUid,
+        name: String,
+        ttl: Option<Duration>,
+        author: &str,
+    ) -> Result<(String, TokenRecord), ServiceError> {
+        let (text, mut rec) = self.new_token(name, ttl, None);
+        rec.bound_uid = Some(uid);
+        self.store.create_token(&rec).await?;
+        self.cache_token(rec.clone());
+        self.announce_tokens().await;
+        self.audit_token_created(author, std::slice::from_ref(&rec.id), &rec)
+            .await?;
         Ok((text, rec))
     }
 
@@ -1951,7 +2194,7 @@ impl Coordinator {
         }
         if let Some(rec) = last {
             self.announce_tokens().await;
-            self.audit_token_created(author, &ids, &rec).await;
+            self.audit_token_created(author, &ids, &rec).await?;
         }
         Ok(texts)
     }
@@ -1992,13 +2235,16 @@ impl Coordinator {
         (text, rec)
     }
 
-    async fn audit_token_created(&self, author: &str, ids: &[String], rec: &TokenRecord) {
-        self.audit(
+    async fn audit_token_created(
+        &self,
+        author: &str,
+        ids: &[String],
+        rec: &TokenRecord,
+    ) -> Result<(), ServiceError> {
+        self.audit_op(
             author,
             "token.create",
-            None,
-            None,
-            None,
+            rec.bound_uid,
             serde_json::json!({
                 "token_ids": ids,
                 "name": rec.name,
@@ -2006,7 +2252,7 @@ impl Coordinator {
                 "scope": rec.scope,
             }),
         )
-        .await;
+        .await
     }
 
     pub async fn revoke_token(&self, id: &str, author: &str) -> Result<(), ServiceError> {
@@ -2025,16 +2271,16 @@ impl Coordinator {
                 token_id: id.to_string(),
             })
             .await;
-        self.audit(
-            author,
-            "token.revoke",
-            None,
-            None,
-            None,
-            serde_json::json!({ "token_id": id }),
-        )
-        .await;
-        Ok(())
+        let audited = self
+            .audit_op(
+                author,
+                "token.revoke",
+                None,
+                serde_json::json!({ "token_id": id }),
+            )
+            .await;
+        self.close_token_sessions(id).await;
+        audited
     }
 
     /// Creates an operator API token; returns its text (shown once, only the hash is kept)
@@ -2069,15 +2315,13 @@ impl Coordinator {
             created_ms: now_ms(),
         };
         self.store.create_api_token(&rec).await?;
-        self.audit(
+        self.audit_op(
             author,
             "api_token.create",
             None,
-            None,
-            None,
             serde_json::json!({ "api_token_id": rec.id, "name": rec.name, "role": rec.role }),
         )
-        .await;
+        .await?;
         Ok((text, rec))
     }
 
@@ -2107,15 +2351,13 @@ impl Coordinator {
         if !self.store.revoke_api_token(id, now_ms()).await? {
             return Err(ServiceError::NotFound(format!("api token {id}")));
         }
-        self.audit(
+        self.audit_op(
             author,
             "api_token.revoke",
             None,
-            None,
-            None,
             serde_json::json!({ "api_token_id": id, "name": target.token.name }),
         )
-        .await;
+        .await?;
         Ok(())
     }
 }
@@ -2161,14 +2403,12 @@ impl CoordinatorHandler for Coordinator {
                 ..
             } => self.disconnected(uid, gateway, conn_id).await,
             CoordinatorEvent::AuthFailed { source_ip, reason } => {
-                self.audit(
-                    "agent",
-                    "auth.failed",
-                    None,
-                    Some(source_ip),
-                    Some(&reason),
-                    serde_json::Value::Null,
-                )
+                self.refused(Refused {
+                    ip: source_ip,
+                    reason: refusals::reason_label(&reason),
+                    uid_hint: None,
+                    detail: serde_json::Value::Null,
+                })
                 .await
             }
         }

@@ -150,6 +150,9 @@ pub trait Store: Send + Sync + 'static {
     /// `created_ms`, then id). How a coordinator learns the tokens another one created
     /// without a lookup per token.
     async fn tokens_created_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>>;
+    /// Tokens with `revoked_ms >= since_ms`: how a coordinator that missed a revocation
+    /// broadcast still learns of it within a lease round.
+    async fn tokens_revoked_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>>;
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>>;
     /// The token with this id, whatever its state.
     async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>>;

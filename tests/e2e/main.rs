@@ -36,5 +36,6 @@ mod identity;
 mod nginx;
 mod opamp;
 mod python;
+mod security;
 mod tls;
 mod tokens;

@@ -63,6 +63,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     assignments(store.as_ref()).await;
     tokens(store.as_ref()).await;
     tokens_created_since(store.as_ref()).await;
+    tokens_revoked_since(store.as_ref()).await;
     redemption(store.as_ref()).await;
     redemption_race(store.clone()).await;
     batch_redemption(store.as_ref()).await;
@@ -948,6 +949,39 @@ pub async fn tokens_created_since(store: &dyn Store) {
     );
     assert_eq!(ours(base + 11).await, vec![late]);
     assert_eq!(ours(base + 21).await, Vec::<TokenRecord>::new());
+}
+
+/// `tokens_revoked_since`: only revoked tokens, inclusive lower bound on `revoked_ms`.
+pub async fn tokens_revoked_since(store: &dyn Store) {
+    let base = 1_900_000_000_000 + i64::from(rand::random::<u16>()) * 1_000_000;
+    let (kept, gone, older) = (
+        new_token(i64::MAX),
+        new_token(i64::MAX),
+        new_token(i64::MAX),
+    );
+    for t in [&kept, &gone, &older] {
+        store.create_token(t).await.expect("create_token");
+    }
+    assert!(store
+        .revoke_token(&older.id, base - 1)
+        .await
+        .expect("revoke"));
+    assert!(store.revoke_token(&gone.id, base).await.expect("revoke"));
+    let got = store
+        .tokens_revoked_since(base)
+        .await
+        .expect("tokens_revoked_since");
+    let ids: Vec<&str> = got
+        .iter()
+        .filter(|t| [&kept.id, &gone.id, &older.id].contains(&&t.id))
+        .map(|t| t.id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![gone.id.as_str()],
+        "revoked at or after since_ms only"
+    );
+    assert!(got.iter().all(|t| t.revoked_ms.is_some_and(|r| r >= base)));
 }
 
 /// A batch binds in request order, audits each binding exactly once, and refuses the rest.

@@ -664,6 +664,18 @@ impl Store for SqliteStore {
         rows.into_iter().map(TokenRow::into_domain).collect()
     }
 
+    async fn tokens_revoked_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>> {
+        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE revoked_ms >= ? \
+             ORDER BY revoked_ms, id"
+        ))
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| before_commit("tokens_revoked_since", e))?;
+        rows.into_iter().map(TokenRow::into_domain).collect()
+    }
+
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>> {
         let row: Option<TokenRow> = sqlx::query_as(&format!(
             "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE hash = ?"

@@ -147,6 +147,7 @@ impl AgentCa {
         params.not_after = now + validity;
         let (cert, private_key_pem) = match csr_pem {
             Some(pem) => {
+                csr_public_key(pem)?;
                 let csr = CertificateSigningRequestParams::from_pem(pem)
                     .map_err(|e| IssueError::BadCsr(e.to_string()))?;
                 check_csr_names(&csr.params, uid)?;
@@ -217,6 +218,60 @@ impl AgentCa {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         Ok(params.signed_by(&self.cert, &self.key)?)
+    }
+}
+
+/// The public key (SubjectPublicKeyInfo DER) a PEM CSR asks to certify, once its type and
+/// size are ones Ampora signs: ECDSA P-256 or P-384, Ed25519, or RSA of 2048 to 8192 bits.
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, IssueError> {
+    use x509_parser::prelude::FromDer;
+    let bad = |m: String| IssueError::BadCsr(m);
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| bad(e.to_string()))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    check_key(spki)?;
+    Ok(spki.raw.to_vec())
+}
+
+/// The public key (SubjectPublicKeyInfo DER) of a PEM certificate.
+pub fn cert_public_key(cert_pem: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+    Some(cert.public_key().raw.to_vec())
+}
+
+fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), IssueError> {
+    use x509_parser::oid_registry::{OID_EC_P256, OID_NIST_EC_P384, OID_SIG_ED25519};
+    use x509_parser::public_key::PublicKey;
+    const ACCEPTED: &str = "ECDSA P-256 or P-384, Ed25519, or RSA of 2048 to 8192 bits";
+    if spki.algorithm.algorithm == OID_SIG_ED25519 {
+        return Ok(());
+    }
+    match spki.parsed() {
+        Ok(PublicKey::RSA(k)) if (2048..=8192).contains(&k.key_size()) => Ok(()),
+        Ok(PublicKey::RSA(k)) => Err(IssueError::BadCsr(format!(
+            "an RSA key of {} bits; accepted: {ACCEPTED}",
+            k.key_size()
+        ))),
+        Ok(PublicKey::EC(_)) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok());
+            match curve {
+                Some(c) if c == OID_EC_P256 || c == OID_NIST_EC_P384 => Ok(()),
+                _ => Err(IssueError::BadCsr(format!(
+                    "an elliptic curve key on another curve; accepted: {ACCEPTED}"
+                ))),
+            }
+        }
+        _ => Err(IssueError::BadCsr(format!(
+            "an unsupported key type; accepted: {ACCEPTED}"
+        ))),
     }
 }
 
