@@ -259,11 +259,12 @@ start_nginx() {
     esac
   done
   mkdir -p "$prefix/logs"
-  # Plaintext: NGINX_TLS stays empty (the template's header says what TLS would take).
+  # Plaintext: NGINX_TLS stays empty (the template's header says what TLS would take). The
+  # nodes trust no proxy here, so there is no proxy secret to send either.
   # shellcheck disable=SC2016 # the single-quoted names are envsubst's list, not expansions
   NGINX_LISTEN="$bind:$port" NGINX_TLS="" GATEWAY_SERVERS="$servers_gw" \
-    COORDINATOR_SERVERS="$servers_co" \
-    envsubst '${NGINX_LISTEN} ${NGINX_TLS} ${GATEWAY_SERVERS} ${COORDINATOR_SERVERS}' \
+    COORDINATOR_SERVERS="$servers_co" AMPORA_PROXY_SECRET="" \
+    envsubst '${NGINX_LISTEN} ${NGINX_TLS} ${GATEWAY_SERVERS} ${COORDINATOR_SERVERS} ${AMPORA_PROXY_SECRET}' \
     <"$template" >"$prefix/nginx.conf"
   local args=(-p "$prefix/" -c "$prefix/nginx.conf" -e "$prefix/logs/error.log")
   "$bin" -t -q "${args[@]}" || die "nginx rejected $prefix/nginx.conf"

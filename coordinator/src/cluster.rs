@@ -118,6 +118,16 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect(),
+        // A file to read: `gateway_proxy_secret`.
+        proxy_secret: None,
+        frame_limits: gateway::server::FrameLimits {
+            attributes: usize::try_from(config.opamp.max_attributes).unwrap_or(usize::MAX),
+            components: usize::try_from(config.opamp.max_components).unwrap_or(usize::MAX),
+            config_files: usize::try_from(config.opamp.max_config_files).unwrap_or(usize::MAX),
+            entries: usize::try_from(config.opamp.max_entries).unwrap_or(usize::MAX),
+        },
+        decode_budget_bytes: usize::try_from(config.opamp.decode_budget_bytes)
+            .unwrap_or(usize::MAX),
     }
 }
 
@@ -156,6 +166,22 @@ pub(crate) fn gateway_agent_trust(config: &Config) -> anyhow::Result<Option<Agen
     Ok(Some(
         AgentTrust::from_ca_file(cert).context("loading the agent CA certificate")?,
     ))
+}
+
+/// The secret trusted proxies must present (`tls.trusted_proxy_secret_file`); `None` without
+/// one.
+pub(crate) fn gateway_proxy_secret(
+    config: &Config,
+) -> anyhow::Result<Option<gateway::server::ProxySecret>> {
+    let path = &config.tls.trusted_proxy_secret_file;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading tls.trusted_proxy_secret_file {}", path.display()))?;
+    let secret = gateway::server::ProxySecret::parse(&text)
+        .map_err(|e| anyhow::anyhow!("tls.trusted_proxy_secret_file {}: {e}", path.display()))?;
+    Ok(Some(secret))
 }
 
 /// A coordinator's agent CA with its key; `None` unless both files are set.
@@ -253,6 +279,7 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
     let ownership = connect_ownership(config).await?;
     let mut gw_config = gateway_config(config);
     gw_config.identity = trust;
+    gw_config.proxy_secret = gateway_proxy_secret(config)?;
     let gateway = Gateway::start(GatewayId(node), bus, ownership, gw_config).await?;
     let health = Router::new()
         .route("/health/live", get(|| async { "ok" }))

@@ -68,6 +68,11 @@ pub struct TlsSection {
     /// Addresses or CIDRs of proxies trusted to set `client_cert_header`, `X-Real-IP` /
     /// `X-Forwarded-For` (the agent's address) and `X-Forwarded-Proto` (https: it spoke TLS).
     pub trusted_proxies: Vec<String>,
+    /// A file holding the secret (one per line while rotating; at least 16 visible ASCII
+    /// characters) that trusted proxies must send in `X-Ampora-Proxy-Secret` for any of those
+    /// headers to count. Empty: addresses and TLS are believed from `trusted_proxies` alone,
+    /// forwarded client certificates never.
+    pub trusted_proxy_secret_file: PathBuf,
 }
 
 impl TlsSection {
@@ -89,6 +94,7 @@ impl Default for TlsSection {
             identity_validity_secs: 30 * 24 * 3600,
             client_cert_header: "X-SSL-Client-Cert".into(),
             trusted_proxies: Vec::new(),
+            trusted_proxy_secret_file: PathBuf::new(),
         }
     }
 }
@@ -109,6 +115,18 @@ pub struct OpampSection {
     pub request_timeout_secs: u64,
     /// Outbound pushes queued per WebSocket connection before new ones are dropped.
     pub write_queue: u64,
+    /// Attributes (key-values, array values) in one AgentToServer, nested ones included.
+    pub max_attributes: u64,
+    /// Components (health and available-component entries, nested ones included) in one
+    /// AgentToServer.
+    pub max_components: u64,
+    /// Files in one AgentToServer's effective config.
+    pub max_config_files: u64,
+    /// Repeated and map entries of any kind in one AgentToServer.
+    pub max_entries: u64,
+    /// Memory a gateway may spend decoding AgentToServer messages at once (their estimated
+    /// decoded size, held until the coordinator answered); beyond it, 503 / Unavailable.
+    pub decode_budget_bytes: u64,
 }
 
 /// Gateway admission control, per gateway process: how many agent connections it holds and how
@@ -302,6 +320,11 @@ impl Default for OpampSection {
             heartbeat_interval_secs: 30,
             request_timeout_secs: 10,
             write_queue: 16,
+            max_attributes: 4096,
+            max_components: 4096,
+            max_config_files: 256,
+            max_entries: 16_384,
+            decode_budget_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -622,6 +645,19 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.opamp.write_queue == 0 {
         errors.push("opamp.write_queue: must be at least 1".into());
+    }
+    if [
+        c.opamp.max_attributes,
+        c.opamp.max_components,
+        c.opamp.max_config_files,
+        c.opamp.max_entries,
+    ]
+    .contains(&0)
+    {
+        errors.push("opamp.max_attributes, max_components, max_config_files, max_entries: must be at least 1".into());
+    }
+    if c.opamp.decode_budget_bytes < c.opamp.max_frame_bytes {
+        errors.push("opamp.decode_budget_bytes: must be at least opamp.max_frame_bytes".into());
     }
     if c.admission.accept_rate_per_ip_per_sec > 0 && c.admission.accept_burst_per_ip == 0 {
         errors.push("admission.accept_burst_per_ip: must be at least 1 when accept_rate_per_ip_per_sec is set".into());

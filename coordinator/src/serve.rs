@@ -186,6 +186,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
     let mut gw_config = crate::cluster::gateway_config(&config);
     gw_config.identity = trust;
+    gw_config.proxy_secret = crate::cluster::gateway_proxy_secret(&config)?;
     let gateway = Gateway::start(gateway_id, bus.clone(), ownership, gw_config).await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;

@@ -92,7 +92,7 @@ fn decode_body<M: Message + Default>(data: &[u8]) -> Result<M, FrameError> {
 
 /// Reads a base-128 varint from the front of `buf`: `(value, bytes used)`, or `None` when it
 /// is truncated, longer than 10 bytes or overflows u64.
-fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
+pub(crate) fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
     let mut value: u64 = 0;
     for (i, &byte) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
         let bits = u64::from(byte & 0x7F);

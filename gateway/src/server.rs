@@ -16,11 +16,15 @@
 //! same per source address and per credential).
 
 mod admission;
+mod decode;
 mod limits;
 mod plain;
+mod proxy;
 mod ws;
 
 pub use admission::{AdmissionConfig, WARMUP_FLOOR};
+pub use decode::{DecodeBudget, FrameLimits, DEFAULT_DECODE_BUDGET_BYTES};
+pub use proxy::{ProxySecret, PROXY_SECRET_HEADER};
 
 #[cfg(test)]
 mod tests;
@@ -82,7 +86,14 @@ const REVOCATION_REFRESH: Duration = Duration::from_secs(30);
 
 /// Every `reason` of `ampora_opamp_frames_rejected_total` (cap_mismatch is counted by the
 /// coordinator, the others here).
-const REJECT_REASONS: [&str; 4] = ["oversize", "malformed", "cap_mismatch", "auth_failed"];
+const REJECT_REASONS: [&str; 6] = [
+    "oversize",
+    "malformed",
+    "cap_mismatch",
+    "auth_failed",
+    "too_many_fields",
+    "memory_budget",
+];
 const DROP_REASONS: [&str; 3] = ["stale", "queue_full", "gone"];
 
 /// Registers descriptions for the gateway's metrics and creates the bounded-label series at
@@ -98,7 +109,7 @@ pub fn describe_metrics() {
     );
     metrics::describe_counter!(
         FRAMES_REJECTED,
-        "OpAMP messages or requests refused, by reason (oversize, malformed, cap_mismatch, auth_failed)"
+        "OpAMP messages or requests refused, by reason (oversize, malformed, cap_mismatch, auth_failed, too_many_fields, memory_budget)"
     );
     metrics::describe_gauge!(CONNECTIONS, "Open OpAMP WebSocket connections");
     metrics::describe_counter!(
@@ -129,6 +140,7 @@ pub fn describe_metrics() {
     );
     metrics::counter!(UNTRUSTED_CERT_HEADER).increment(0);
     crate::serve::describe_metrics();
+    proxy::describe_metrics();
 }
 
 fn count_rejected(reason: &'static str) {
@@ -182,6 +194,14 @@ pub struct GatewayConfig {
     /// Addresses (networks) of proxies trusted to set `client_cert_header` and to say who the
     /// agent is and whether it spoke TLS (`X-Real-IP` / `X-Forwarded-For`, `X-Forwarded-Proto`).
     pub trusted_proxies: Vec<IpNet>,
+    /// The shared secret a trusted proxy must also present (see `proxy`). `None`: forwarded
+    /// addresses and TLS are believed from `trusted_proxies`, forwarded certificates never.
+    pub proxy_secret: Option<ProxySecret>,
+    /// Repeated-field entries one `AgentToServer` may hold (see `decode`).
+    pub frame_limits: FrameLimits,
+    /// Memory this gateway lets messages being decoded (and awaiting their reply) take at
+    /// once. Default [`DEFAULT_DECODE_BUDGET_BYTES`] (256 MiB).
+    pub decode_budget_bytes: usize,
 }
 
 /// An IP network: an address and a prefix length (`10.0.0.0/8`, `::1/128`; a bare address
@@ -253,6 +273,9 @@ impl Default for GatewayConfig {
             identity: None,
             client_cert_header: None,
             trusted_proxies: Vec::new(),
+            proxy_secret: None,
+            frame_limits: FrameLimits::default(),
+            decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
         }
     }
 }
@@ -299,11 +322,15 @@ impl Gateway {
         let deliveries = bus.subscribe_gateway(&id).await?;
         // Shows the cap next to `ampora_opamp_connections`, so "how close to full" is a ratio.
         metrics::gauge!(ADMISSION_MAX_CONNECTIONS).set(cfg.admission.max_connections as f64);
+        if cfg.identity.is_some() && !cfg.trusted_proxies.is_empty() && cfg.proxy_secret.is_none() {
+            tracing::warn!("tls.trusted_proxies without tls.trusted_proxy_secret_file: client certificates forwarded by a proxy are refused");
+        }
         let inner = Arc::new(Inner {
             id,
             bus,
             ownership,
             accept: admission::TokenBucket::new(&cfg.admission, Instant::now()),
+            decode_budget: DecodeBudget::new(cfg.decode_budget_bytes),
             clients: limits::ClientLimits::new(&cfg.admission),
             cfg,
             next_conn_id: AtomicU64::new(1),
@@ -412,6 +439,8 @@ struct Inner {
     conn_ended: Notify,
     /// The accept-rate bucket (`None`: unlimited); its warmup counts from `Gateway::start`.
     accept: Option<admission::TokenBucket>,
+    /// Memory for messages being decoded (see `decode`).
+    decode_budget: DecodeBudget,
     /// Connections per source address and per credential, accept rate per address.
     clients: limits::ClientLimits,
 }
@@ -691,7 +720,11 @@ fn auth_close_reason(reason: &str) -> Option<&str> {
 // Request handling common to both transports.
 
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
-    let origin = origin_of(&inner.cfg.trusted_proxies, &req);
+    let origin = origin_of(
+        &inner.cfg.trusted_proxies,
+        inner.cfg.proxy_secret.as_ref(),
+        &req,
+    );
     let source_ip = origin.source_ip;
     let tls = origin.tls;
     let chain = presented_chain(&inner, &req, &origin);
@@ -792,9 +825,9 @@ fn presented_chain(
         {
             None => None,
             Some(value) => {
-                if !origin.via_trusted_proxy {
+                if origin.proxy != proxy::ProxyTrust::Authenticated {
                     metrics::counter!(UNTRUSTED_CERT_HEADER).increment(1);
-                    tracing::debug!(peer = %origin.peer, "client certificate header from an untrusted address ignored");
+                    tracing::debug!(peer = %origin.peer, "client certificate header not from an authenticated proxy ignored");
                     None
                 } else {
                     Some(header_chain(value))
@@ -815,8 +848,8 @@ fn header_chain(value: &HeaderValue) -> Vec<rustls::pki_types::CertificateDer<'s
 struct Origin {
     /// The address of the TCP peer: the agent, or a proxy in front of it.
     peer: IpAddr,
-    /// Whether `peer` is one of `tls.trusted_proxies`.
-    via_trusted_proxy: bool,
+    /// How far `peer` is trusted as a proxy (`tls.trusted_proxies`, the proxy secret).
+    proxy: proxy::ProxyTrust,
     /// The agent's address, for logs, audit and metrics: the peer's, or the one a trusted
     /// proxy names (`X-Real-IP`, else the last `X-Forwarded-For` entry, which that proxy
     /// appended).
@@ -830,9 +863,10 @@ struct Origin {
 /// [`AgentListener`](crate::tls::AgentListener) ([`Peer`]) or of a plain TCP listener
 /// (`SocketAddr`: plaintext). Without either (a router served without connect info) the
 /// peer is unknown, which 0.0.0.0 says plainly in logs and audit, and the connection counts
-/// as plaintext. Forwarding headers from anyone but a trusted proxy are ignored: an agent
-/// could otherwise claim TLS it does not have, or another agent's address.
-fn origin_of(trusted_proxies: &[IpNet], req: &Request) -> Origin {
+/// as plaintext. Forwarding headers from anyone but a trusted proxy (with the proxy secret,
+/// when one is set) are ignored: an agent could otherwise claim TLS it does not have, or
+/// another agent's address.
+fn origin_of(trusted_proxies: &[IpNet], secret: Option<&ProxySecret>, req: &Request) -> Origin {
     let ext = req.extensions();
     let (peer, peer_tls) = match ext.get::<ConnectInfo<Peer>>() {
         Some(ConnectInfo(peer)) => (peer.addr.ip(), peer.tls),
@@ -842,16 +876,16 @@ fn origin_of(trusted_proxies: &[IpNet], req: &Request) -> Origin {
             false,
         ),
     };
-    let via_trusted_proxy = trusted_proxies.iter().any(|n| n.contains(peer));
-    if !via_trusted_proxy {
+    let headers = req.headers();
+    let proxy = proxy::trust(trusted_proxies, secret, peer, headers);
+    if proxy == proxy::ProxyTrust::None {
         return Origin {
             peer,
-            via_trusted_proxy,
+            proxy,
             source_ip: peer,
             tls: peer_tls,
         };
     }
-    let headers = req.headers();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let forwarded_ip = header("x-real-ip")
         .and_then(|v| v.trim().parse().ok())
@@ -866,7 +900,7 @@ fn origin_of(trusted_proxies: &[IpNet], req: &Request) -> Origin {
     });
     Origin {
         peer,
-        via_trusted_proxy,
+        proxy,
         source_ip: forwarded_ip.unwrap_or(peer),
         tls: peer_tls || forwarded_tls,
     }
@@ -1286,8 +1320,8 @@ mod helper_tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-for", "192.0.2.1, 198.51.100.7"),
         ];
-        let o = origin_of(&[proxy], &request("10.0.0.5:9000", &via_proxy));
-        assert!(o.via_trusted_proxy && o.tls);
+        let o = origin_of(&[proxy], None, &request("10.0.0.5:9000", &via_proxy));
+        assert!(o.proxy == proxy::ProxyTrust::Address && o.tls);
         assert_eq!(
             o.source_ip.to_string(),
             "198.51.100.7",
@@ -1297,11 +1331,12 @@ mod helper_tests {
 
         let mut real_ip = via_proxy.to_vec();
         real_ip.push(("x-real-ip", "203.0.113.9"));
-        let o = origin_of(&[proxy], &request("10.0.0.5:9000", &real_ip));
+        let o = origin_of(&[proxy], None, &request("10.0.0.5:9000", &real_ip));
         assert_eq!(o.source_ip.to_string(), "203.0.113.9", "X-Real-IP first");
 
         let o = origin_of(
             &[proxy],
+            None,
             &request("10.0.0.5:9000", &[("x-forwarded-proto", "http")]),
         );
         assert!(!o.tls, "the proxy says it received plaintext");
@@ -1312,9 +1347,24 @@ mod helper_tests {
         );
 
         // Anyone else claims nothing: not TLS, its own address.
-        let o = origin_of(&[proxy], &request("10.0.0.6:9000", &real_ip));
-        assert!(!o.via_trusted_proxy && !o.tls);
+        let o = origin_of(&[proxy], None, &request("10.0.0.6:9000", &real_ip));
+        assert!(o.proxy == proxy::ProxyTrust::None && !o.tls);
         assert_eq!(o.source_ip.to_string(), "10.0.0.6");
+
+        // With a proxy secret, the address alone claims nothing; with the secret, all counts.
+        let secret = ProxySecret::parse("proxy-secret-0123456789").expect("secret");
+        let o = origin_of(&[proxy], Some(&secret), &request("10.0.0.5:9000", &real_ip));
+        assert!(o.proxy == proxy::ProxyTrust::None && !o.tls);
+        assert_eq!(o.source_ip.to_string(), "10.0.0.5");
+        let mut with_secret = real_ip.clone();
+        with_secret.push(("x-ampora-proxy-secret", "proxy-secret-0123456789"));
+        let o = origin_of(
+            &[proxy],
+            Some(&secret),
+            &request("10.0.0.5:9000", &with_secret),
+        );
+        assert!(o.proxy == proxy::ProxyTrust::Authenticated && o.tls);
+        assert_eq!(o.source_ip.to_string(), "203.0.113.9");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use shared::bus::AuthFailure;
 use shared::ids::InstanceUid;
 use tests::cluster::Cluster;
 use tests::identity::{
-    bearer, connected_on_certificate, crl_serials, handshake_alert, hello, retired_for,
-    CsrIdentity, TlsFiles, UNTRUSTED_HEADER,
+    bearer, connected_on_certificate, crl_serials, handshake_alert, hello, proxy_secret_header,
+    retired_for, trust_proxy, CsrIdentity, TlsFiles, UNTRUSTED_HEADER,
 };
 use tests::{eventually, Fleet, DEADLINE};
 
@@ -385,10 +385,7 @@ async fn plaintext_bootstrap_is_refused_without_using_the_token_up() -> anyhow::
 #[tokio::test]
 async fn proxy_header_authenticates_only_from_a_trusted_address() -> anyhow::Result<()> {
     let files = TlsFiles::create()?;
-    let c = start(&files, 2, |cfg| {
-        cfg.tls.trusted_proxies = vec![PROXY_IP.to_string()];
-    })
-    .await?;
+    let c = start(&files, 2, |cfg| trust_proxy(cfg, &PROXY_IP.to_string())).await?;
     let ca = files.ca_pem()?;
     let token = c.api().token("proxied").await?;
     let id = CsrIdentity::enroll(&c.wss_url_of(0)?, &ca, &token).await?;
@@ -404,9 +401,11 @@ async fn proxy_header_authenticates_only_from_a_trusted_address() -> anyhow::Res
     let after = c.gateway_metric(1, UNTRUSTED_HEADER).await?;
     assert!(after > before, "{UNTRUSTED_HEADER}: {before} -> {after}");
 
-    // From the proxy's address the header alone authenticates (plain HTTP, no token).
-    let mut http = HttpTransport::new(&c.http_url_of(1)?, vec![id.proxy_header()], false)
-        .with_source_ip(Some(PROXY_IP));
+    // From the proxy's address, with its secret, the header alone authenticates (plain HTTP,
+    // no token).
+    let headers = vec![id.proxy_header(), proxy_secret_header()];
+    let mut http =
+        HttpTransport::new(&c.http_url_of(1)?, headers, false).with_source_ip(Some(PROXY_IP));
     let reply = http.exchange(&hello(id.uid)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
     let uid_text = id.uid.to_string();

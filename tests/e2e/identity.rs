@@ -9,8 +9,8 @@ use gateway::client::{
 use proto::v1::ServerErrorResponseType;
 use shared::ids::InstanceUid;
 use tests::identity::{
-    bearer, connected_on_certificate, crl_serials, hello, retired_for, with_csr, CsrIdentity,
-    UNTRUSTED_HEADER,
+    bearer, connected_on_certificate, crl_serials, hello, proxy_secret_header, retired_for,
+    trust_proxy, with_csr, CsrIdentity, UNTRUSTED_HEADER,
 };
 use tests::{eventually, TestServer, DEADLINE};
 
@@ -219,13 +219,11 @@ async fn csr_is_signed_for_its_key_and_the_certificate_authenticates() -> anyhow
 
 #[tokio::test]
 async fn trusted_proxy_header_authenticates_and_untrusted_is_ignored() -> anyhow::Result<()> {
-    // Trusted: the header alone authenticates a plain-HTTP request.
-    let server = TestServer::start_with(|c| {
-        c.tls.trusted_proxies = vec!["127.0.0.1".into()];
-    })
-    .await?;
+    // Trusted (address and proxy secret): the header alone authenticates a plain-HTTP request.
+    let server = TestServer::start_with(|c| trust_proxy(c, "127.0.0.1")).await?;
     let id = enroll_with_csr(&server).await?;
-    let mut http = HttpTransport::new(&server.http_url(), vec![id.proxy_header()], false);
+    let headers = vec![id.proxy_header(), proxy_secret_header()];
+    let mut http = HttpTransport::new(&server.http_url(), headers, false);
     let reply = http.exchange(&hello(id.uid)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
     let uid_text = id.uid.to_string();

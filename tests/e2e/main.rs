@@ -35,6 +35,7 @@ mod hostile;
 mod identity;
 mod nginx;
 mod opamp;
+mod proxy_trust;
 mod python;
 mod security;
 mod tls;

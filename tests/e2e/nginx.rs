@@ -17,21 +17,26 @@ use gateway::client::{
     wait_for, Agent, AgentOptions, ClientError, ClientTls, ConnectError, HttpTransport,
     WsConnection,
 };
+use gateway::server::PROXY_SECRET_HEADER;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::identity::{connected_on_certificate, url_encode, CLIENT_CERT_HEADER};
+use tests::identity::{
+    connected_on_certificate, proxy_secret_header, trust_proxy, url_encode, CLIENT_CERT_HEADER,
+    PROXY_SECRET,
+};
 use tests::{bearer, eventually, hello, Api, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The template, read at build time so the test always renders the file that is deployed.
 const TEMPLATE: &str = include_str!("../../deploy/nginx/ampora.conf.template");
 
-/// The placeholders the template documents; all four must be substituted.
-const PLACEHOLDERS: [&str; 4] = [
+/// The placeholders the template documents; all five must be substituted.
+const PLACEHOLDERS: [&str; 5] = [
     "${NGINX_LISTEN}",
     "${NGINX_TLS}",
     "${GATEWAY_SERVERS}",
     "${COORDINATOR_SERVERS}",
+    "${AMPORA_PROXY_SECRET}",
 ];
 
 /// The longest silence a long-lived agent connection must survive through the proxy.
@@ -96,8 +101,15 @@ impl NginxTls {
     }
 }
 
-/// Renders the template the way deploy/local-cluster.sh does (envsubst of the four names).
-fn render(listen: &str, tls: &str, gateways: &[SocketAddr], coordinators: &[SocketAddr]) -> String {
+/// Renders the template the way deploy/local-cluster.sh does (envsubst of the five names);
+/// `secret` is the proxy secret nginx sends (empty: none).
+fn render(
+    listen: &str,
+    tls: &str,
+    gateways: &[SocketAddr],
+    coordinators: &[SocketAddr],
+    secret: &str,
+) -> String {
     let servers = |addrs: &[SocketAddr]| {
         addrs
             .iter()
@@ -110,6 +122,7 @@ fn render(listen: &str, tls: &str, gateways: &[SocketAddr], coordinators: &[Sock
         .replace(PLACEHOLDERS[1], tls)
         .replace(PLACEHOLDERS[2], &servers(gateways))
         .replace(PLACEHOLDERS[3], &servers(coordinators))
+        .replace(PLACEHOLDERS[4], secret)
 }
 
 /// Debian puts nginx in /usr/sbin, which is not on every user's PATH.
@@ -140,14 +153,14 @@ struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx, plaintext, with `upstream` as the only gateway and the only coordinator.
-    /// The port is picked free just before; if another process takes it first, nginx exits and
-    /// we retry.
-    async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+    /// Starts nginx, plaintext, with `upstream` as the only gateway and the only coordinator,
+    /// sending the proxy `secret` (empty: none). The port is picked free just before; if
+    /// another process takes it first, nginx exits and we retry.
+    async fn start(upstream: SocketAddr, secret: &str) -> anyhow::Result<Self> {
         let bin = nginx_binary()?;
         let mut last = None;
         for _ in 0..3 {
-            match Self::start_on(&bin, free_addr()?, upstream, None).await {
+            match Self::start_on(&bin, free_addr()?, upstream, None, secret).await {
                 Ok(n) => return Ok(n),
                 Err(e) => last = Some(e),
             }
@@ -162,6 +175,7 @@ impl Nginx {
         addr: SocketAddr,
         upstream: SocketAddr,
         tls: Option<&NginxTls>,
+        secret: &str,
     ) -> anyhow::Result<Self> {
         let prefix = tempfile::tempdir()?;
         std::fs::create_dir(prefix.path().join("logs"))?;
@@ -172,7 +186,7 @@ impl Nginx {
         };
         std::fs::write(
             &conf_path,
-            render(&listen, &directives, &[upstream], &[upstream]),
+            render(&listen, &directives, &[upstream], &[upstream], secret),
         )?;
         // Master and worker in one process: killing the child then stops all of nginx.
         let child = Command::new(bin)
@@ -267,7 +281,7 @@ async fn behind_tls_nginx(
         })
         .await?;
         let tls = NginxTls::local_ca(&server).await?;
-        match Nginx::start_on(&bin, addr, server.addr, Some(&tls)).await {
+        match Nginx::start_on(&bin, addr, server.addr, Some(&tls), PROXY_SECRET).await {
             Ok(nginx) => return Ok((server, nginx, tls)),
             Err(e) => {
                 last = Some(e);
@@ -321,7 +335,8 @@ async fn apply_through_nginx(
 ) -> anyhow::Result<()> {
     // A one-second heartbeat, offered to the agent, is also the HTTP poll interval.
     let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
-    let nginx = Nginx::start(server.addr).await?;
+    // This Ampora trusts no proxy: nginx has no secret to send.
+    let nginx = Nginx::start(server.addr, "").await?;
     let api = Api::new(nginx.addr, server.api.token.clone());
 
     let token = api.token("behind-nginx").await?;
@@ -381,10 +396,10 @@ async fn http_agent_through_nginx_receives_config_and_reports_applied() -> anyho
     apply_through_nginx(Nginx::http_url, "\"POST /v1/opamp HTTP/1.1\" 200 ").await
 }
 
-/// Ampora as it runs behind a TLS-terminating proxy: the proxy's address trusted, bootstrap
-/// tokens refused over plaintext (which the hop from nginx is).
+/// Ampora as it runs behind a TLS-terminating proxy: the proxy's address trusted when it sends
+/// the proxy secret, bootstrap tokens refused over plaintext (which the hop from nginx is).
 fn behind_tls_proxy(c: &mut coordinator::config::Config) {
-    c.tls.trusted_proxies = vec![PROXY_IP.into()];
+    trust_proxy(c, PROXY_IP);
     c.opamp.bootstrap_plaintext_allowed = false;
     c.opamp.heartbeat_interval_secs = OFFERED_HEARTBEAT_SECS;
 }
@@ -562,11 +577,11 @@ async fn refused_agent_is_audited_with_its_own_address_through_nginx() -> anyhow
 /// nginx replaces the forwarding headers a client sends with its own, so the trust Ampora puts
 /// in nginx cannot be borrowed: through plaintext nginx a forged certificate header and a
 /// forged `X-Forwarded-Proto: https` count for nothing, though the same headers sent to Ampora
-/// from nginx's (trusted) address would be believed.
+/// from nginx's (trusted) address with the proxy secret would be believed.
 #[tokio::test]
 async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Result<()> {
     let server = TestServer::start_with(behind_tls_proxy).await?;
-    let nginx = Nginx::start(server.addr).await?;
+    let nginx = Nginx::start(server.addr, PROXY_SECRET).await?;
 
     // A real agent certificate: an agent bootstraps over TLS straight to Ampora and takes one
     // up; its PEM is in the API.
@@ -592,12 +607,25 @@ async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Res
     let cert_pem = identity["cert_pem"].as_str().context("cert_pem")?;
     let cert_header = vec![(CLIENT_CERT_HEADER.to_string(), url_encode(cert_pem))];
 
-    // From nginx's address the header alone authenticates...
-    let mut direct = HttpTransport::new(&server.http_url(), cert_header.clone(), false);
+    // From nginx's address with the proxy secret the header alone authenticates...
+    let mut direct = HttpTransport::new(
+        &server.http_url(),
+        [cert_header.clone(), vec![proxy_secret_header()]].concat(),
+        false,
+    );
     let reply = direct.exchange(&hello(uid)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
-    // ...but nginx sends no certificate header of a client's: this one has no credentials.
-    let mut via = HttpTransport::new(&nginx.http_url(), cert_header, false);
+    // ...but nginx sends no certificate header of a client's (nor a secret of a client's: it
+    // sends its own): this one has no credentials.
+    let forged_secret = (
+        PROXY_SECRET_HEADER.to_string(),
+        "guessed-secret-0123456789".into(),
+    );
+    let mut via = HttpTransport::new(
+        &nginx.http_url(),
+        [cert_header, vec![forged_secret]].concat(),
+        false,
+    );
     match via.exchange(&hello(uid)).await {
         Err(ClientError::Status { status, body, .. }) => {
             assert_eq!(status, 401, "{body}");
@@ -622,8 +650,12 @@ async fn clients_cannot_forge_the_trusted_headers_through_nginx() -> anyhow::Res
         }
         other => bail!("a forged X-Forwarded-Proto must not pass nginx, got {other:?}"),
     }
-    // ...while from nginx's address the same claim lets the same token in.
-    let mut direct = HttpTransport::new(&server.http_url(), claim, false);
+    // ...while from nginx's address with its secret the same claim lets the same token in.
+    let mut direct = HttpTransport::new(
+        &server.http_url(),
+        [claim, vec![proxy_secret_header()]].concat(),
+        false,
+    );
     let reply = direct.exchange(&hello(new_agent)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
 
@@ -686,7 +718,7 @@ fn nginx_duration(v: &str) -> anyhow::Result<Duration> {
 #[test]
 fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Result<()> {
     let up: SocketAddr = "127.0.0.1:4321".parse()?;
-    let conf = render("127.0.0.1:4320", "", &[up], &[up]);
+    let conf = render("127.0.0.1:4320", "", &[up], &[up], "s3cret");
     for p in PLACEHOLDERS {
         assert!(!conf.contains(p), "{p} left in the rendered config");
     }
@@ -724,6 +756,7 @@ fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Resu
         "X-Real-IP $remote_addr",
         "X-Forwarded-Proto $scheme",
         "X-SSL-Client-Cert $ssl_client_escaped_cert",
+        "X-Ampora-Proxy-Secret \"s3cret\"",
     ] {
         assert!(headers.contains(&h), "missing proxy_set_header {h}");
     }

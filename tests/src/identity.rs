@@ -28,6 +28,28 @@ pub const UNTRUSTED_HEADER: &str = "ampora_gateway_untrusted_cert_header_total";
 /// `tls.client_cert_header`).
 pub const CLIENT_CERT_HEADER: &str = "X-SSL-Client-Cert";
 
+/// The secret the tests' trusted proxies prove themselves with (`tls.trusted_proxy_secret_file`).
+pub const PROXY_SECRET: &str = "test-proxy-secret-0123456789abcdef";
+
+/// Trusts `proxy` (an address or CIDR) as a proxy that sends [`PROXY_SECRET`]: the secret file is
+/// written into the node's data directory.
+pub fn trust_proxy(cfg: &mut Config, proxy: &str) {
+    let dir = &cfg.server.data_dir;
+    std::fs::create_dir_all(dir).expect("data directory");
+    let file = dir.join("proxy-secret");
+    std::fs::write(&file, format!("{PROXY_SECRET}\n")).expect("writing the proxy secret");
+    cfg.tls.trusted_proxies = vec![proxy.into()];
+    cfg.tls.trusted_proxy_secret_file = file;
+}
+
+/// The header that proves a request comes from the trusted proxy.
+pub fn proxy_secret_header() -> (String, String) {
+    (
+        gateway::server::PROXY_SECRET_HEADER.as_str().into(),
+        PROXY_SECRET.into(),
+    )
+}
+
 pub use crate::bearer;
 
 /// A first message of an agent that accepts OpAMP connection settings.

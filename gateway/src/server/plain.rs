@@ -15,13 +15,14 @@ use flate2::Compression;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, VARY};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use proto::{AgentToServer, Message};
+use proto::Message;
 use shared::bus::{
     AgentFrame, CertificateId, CoordinatorReply, CoordinatorRequest, FrameReply, Route,
 };
 use shared::domain::Transport;
 use shared::ids::InstanceUid;
 
+use super::decode::{self, DecodeError, Framing};
 use super::{
     accepts_gzip, auth_close_reason, authenticate, count_received, count_rejected, count_sent,
     partition_of, service_unavailable, text, unauthorized, Inner,
@@ -134,17 +135,20 @@ pub(super) async fn serve(
         }
     };
     count_received(Transport::Http);
-    let msg = match AgentToServer::decode(bytes.as_slice()) {
-        Ok(m) => m,
-        Err(e) => {
-            count_rejected("malformed");
-            return text(
-                StatusCode::BAD_REQUEST,
-                &format!("malformed AgentToServer: {e}"),
-            );
-        }
-    };
-    drop(bytes);
+    let limits = inner.cfg.frame_limits;
+    // The permit is this message's share of the decode budget, held until it is answered.
+    let (msg, _permit) =
+        match decode::decode(bytes, Framing::Plain, limits, &inner.decode_budget).await {
+            Ok(d) => (d.msg, d.permit),
+            Err(DecodeError::Busy) => {
+                count_rejected("memory_budget");
+                return service_unavailable("server busy, retry later");
+            }
+            Err(e) => {
+                count_rejected(e.reason());
+                return text(StatusCode::BAD_REQUEST, &e.to_string());
+            }
+        };
     if let Some(hint) = uid_hint {
         if !msg.instance_uid.is_empty() && InstanceUid::from_slice(&msg.instance_uid) != Some(hint)
         {

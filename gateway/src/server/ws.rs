@@ -28,7 +28,7 @@ use fastwebsockets::{
 use http::StatusCode;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use proto::{AgentToServer, ServerToAgent};
+use proto::ServerToAgent;
 use shared::bus::{
     AgentFrame, CertificateId, CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential,
     GatewayMessage, Route,
@@ -40,13 +40,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::decode::{self, DecodeError, Framing};
 use super::limits::{CredentialSlot, IpSlot};
 use super::{
     admission_refused, auth_close_reason, authenticate, bad_request_msg, count_received,
     count_rejected, count_sent, service_unavailable, text, unavailable_msg, Binding, ConnControl,
     Inner,
 };
-use crate::codec::{self, FrameError};
+use crate::codec;
 use crate::serve::{count_closed, CloseReason};
 
 /// A connection may hold a few agents (a multiplexing proxy, or an agent the coordinator gave
@@ -349,17 +350,31 @@ impl Session {
     /// One complete inbound message: decode, ask the coordinator, answer exactly once.
     async fn handle_message(&mut self, data: Vec<u8>, wr: &mut Writer) -> Result<(), Exit> {
         count_received(Transport::WebSocket);
-        let msg = match codec::decode_ws::<AgentToServer>(&data, self.inner.cfg.max_frame_bytes) {
-            Ok(msg) => msg,
-            Err(FrameError::Oversize { .. }) => return Err(too_big()),
-            Err(e) => {
-                count_rejected(e.reason());
-                tracing::debug!(error = %e, "malformed message");
-                // We can't know which agent sent it, so the instance_uid stays empty.
-                return send(wr, &bad_request_msg(Vec::new(), e.to_string())).await;
-            }
-        };
-        drop(data);
+        if data.len() > self.inner.cfg.max_frame_bytes {
+            return Err(too_big());
+        }
+        let limits = self.inner.cfg.frame_limits;
+        // The permit is this message's share of the decode budget, held until it is answered.
+        let (msg, _permit) =
+            match decode::decode(data, Framing::WebSocket, limits, &self.inner.decode_budget).await
+            {
+                Ok(d) => (d.msg, d.permit),
+                Err(DecodeError::Busy) => {
+                    count_rejected("memory_budget");
+                    let busy = unavailable_msg(Vec::new(), "server busy, retry later");
+                    return send(wr, &busy).await;
+                }
+                Err(e) => {
+                    count_rejected(e.reason());
+                    tracing::debug!(error = %e, "message refused");
+                    // Only a message over a limit may say which agent sent it.
+                    let uid = match &e {
+                        DecodeError::TooMany { instance_uid, .. } => instance_uid.clone(),
+                        _ => Vec::new(),
+                    };
+                    return send(wr, &bad_request_msg(uid, e.to_string())).await;
+                }
+            };
         self.awaiting_first = false;
         let uid = InstanceUid::from_slice(&msg.instance_uid);
         if let Some(uid) = uid {
