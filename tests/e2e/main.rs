@@ -32,6 +32,7 @@ mod bad_input;
 mod cluster;
 mod cluster_identity;
 mod hostile;
+mod hostile_input;
 mod identity;
 mod nginx;
 mod opamp;
