@@ -119,6 +119,10 @@ pub enum TokensCmd {
         /// attributes (`key=value`, repeatable) may redeem it.
         #[arg(long)]
         label: Vec<String>,
+        /// Re-bootstrap one agent: the token may be used by this instance uid only (revoke
+        /// the agent's identity first).
+        #[arg(long)]
+        agent: Option<String>,
     },
     List {
         #[command(flatten)]
@@ -600,12 +604,16 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
             name,
             ttl,
             label,
+            agent,
         }) => {
             let c = Client::new(&api)?;
             let ttl_secs = ttl.as_deref().map(parse_ttl).transpose()?;
             let mut body = json!({ "name": name, "ttl_secs": ttl_secs });
             if !label.is_empty() {
                 body["scope"] = json!({ "labels": Value::Object(labels(&label)?) });
+            }
+            if let Some(uid) = agent {
+                body["instance_uid"] = json!(uid);
             }
             let v = c.call(Method::POST, "/api/v1/tokens", Some(body)).await?;
             c.print(&v, |v| println!("{}", s(v, "token")))

@@ -358,7 +358,7 @@ fn log_safe(text: &str, max: usize) -> String {
         .flat_map(char::escape_debug)
         .collect();
     if text.chars().nth(max).is_some() {
-        out.push_str("…");
+        out.push('…');
     }
     out
 }

@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub use self::agent_ca::{
-    cert_public_key, csr_public_key, serial_hex, AgentCa, AgentTrust, CertIdentity,
-    CertRejection, IssueError, IssuedIdentity, RevokedSerials,
+    cert_public_key, csr_public_key, serial_hex, AgentCa, AgentTrust, CertIdentity, CertRejection,
+    IssueError, IssuedIdentity, RevokedSerials,
 };
 pub use self::certs::ServerTls;
 pub use self::listener::{AgentListener, AgentStream, Peer, HANDSHAKE_TIMEOUT};

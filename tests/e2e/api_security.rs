@@ -12,7 +12,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::{eventually, parse_metric, Api, Fleet, TestServer, DEADLINE};
+use tests::{eventually, Api, Fleet, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 

@@ -119,25 +119,24 @@ async fn agent_bootstraps_on_one_gateway_moves_to_mtls_on_the_other_and_its_toke
             "gw-{i}: {body}"
         );
     }
-    // Both refusals are audited (the audit is written before the 401 goes out).
-    let (status, _, lines) = c
-        .api_of(1)?
-        .get_text("/api/v1/audit/export?reason=identity_required")
-        .await?;
-    assert_eq!(status, 200, "{lines}");
+    // Both refusals are audited: the first at once, the repeat in its window's summary.
     let prefix = shared::token::display_prefix(&token);
-    let refused: Vec<serde_json::Value> = lines
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    assert_eq!(
-        refused
-            .iter()
-            .filter(|e| e["action"] == "auth.failed" && e["detail"]["token"] == prefix.as_str())
-            .count(),
-        2,
-        "{lines}"
-    );
+    eventually("both refusals audited", DEADLINE, || async {
+        let (status, _, lines) = c
+            .api_of(1)?
+            .get_text("/api/v1/audit/export?reason=identity_required")
+            .await?;
+        anyhow::ensure!(status == 200, "{lines}");
+        let rows: Vec<serde_json::Value> = lines
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        // (More than two when a first try reached a coordinator that had not heard of the
+        // confirmation yet and was refused at its first frame instead.)
+        let named = rows.iter().any(|e| tests::presented(e, "token", &prefix));
+        Ok((tests::refusals(&rows) >= 2 && named).then_some(()))
+    })
+    .await?;
 
     assert!(rx.borrow().connected, "the refusals leave the agent alone");
     agent.stop().await;
@@ -211,9 +210,16 @@ async fn revocation_on_one_coordinator_closes_the_agent_and_every_gateway_refuse
         assert!(serials.contains(&id.serial), "coord-{i}: {serials:?}");
     }
 
-    // Re-bootstrap: a new token for the same agent gets it a new certificate, which works
-    // through every gateway while the old one stays refused.
-    let token = c.api_of(1 - other)?.token("re-bootstrap").await?;
+    // Re-bootstrap: a new token minted for the same agent gets it a new certificate, which
+    // works through every gateway while the old one stays refused.
+    let created = c
+        .api_of(1 - other)?
+        .post(
+            "/api/v1/tokens",
+            serde_json::json!({ "name": "re-bootstrap", "instance_uid": uid_text }),
+        )
+        .await?;
+    let token = created["token"].as_str().unwrap_or_default().to_string();
     let again = CsrIdentity::enroll_as(id.uid, &c.wss_url_of(1)?, &ca, &token).await?;
     assert_ne!(again.serial, id.serial);
     for i in 0..2 {
@@ -357,7 +363,8 @@ async fn plaintext_bootstrap_is_refused_without_using_the_token_up() -> anyhow::
             .api_of(1)?
             .get("/api/v1/audit?reason=plaintext_bootstrap")
             .await?;
-        Ok((v.as_array().map_or(0, Vec::len) >= 3).then_some(()))
+        let rows = v.as_array().cloned().unwrap_or_default();
+        Ok((tests::refusals(&rows) >= 3).then_some(()))
     })
     .await?;
 

@@ -10,6 +10,7 @@ use coordinator::config::Config;
 use gateway::client::{ClientError, HttpTransport, WsConnection};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
+use tests::identity::CsrIdentity;
 use tests::{bearer, eventually, hello, Fleet, TestServer, DEADLINE};
 
 /// AcceptsRemoteConfig | ReportsStatus.
@@ -371,3 +372,44 @@ async fn a_token_scope_holds_after_binding(f: &impl Fleet) -> anyhow::Result<()>
     Ok(())
 }
 both_modes!(a_token_scope_holds_after_binding, |_: &mut Config| {});
+
+#[tokio::test]
+async fn only_a_token_minted_for_an_agent_re_bootstraps_it() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let ca = std::fs::read_to_string(server.dir.path().join("tls").join("ca.pem"))?;
+    let first = server.api.token("first").await?;
+    let id = CsrIdentity::enroll(&server.wss_url(), &ca, &first).await?;
+    let uid = id.uid.to_string();
+    id.connect(&server.wss_url(), &ca)
+        .await?
+        .close(1000, "done")
+        .await;
+    server
+        .api
+        .wait_identity(&uid, &id.serial, "confirmed")
+        .await?;
+    assert_eq!(server.api.revoke_identity(&id.serial).await?, 204);
+
+    // A spare token is no way back in for that agent: its CSR names the agent, which the
+    // spare token cannot speak for.
+    let spare = server.api.token("spare").await?;
+    let refused = CsrIdentity::enroll_as(id.uid, &server.wss_url(), &ca, &spare).await;
+    assert!(
+        refused.is_err(),
+        "a spare token re-bootstrapped an existing agent"
+    );
+
+    // A token minted for it is.
+    let created = server
+        .api
+        .post(
+            "/api/v1/tokens",
+            json!({ "name": "re-bootstrap", "instance_uid": uid }),
+        )
+        .await?;
+    let minted = created["token"].as_str().unwrap_or_default().to_string();
+    assert_eq!(created["record"]["bound_uid"], uid.as_str());
+    let again = CsrIdentity::enroll_as(id.uid, &server.wss_url(), &ca, &minted).await?;
+    assert_ne!(again.serial, id.serial);
+    server.stop().await
+}

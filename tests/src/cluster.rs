@@ -90,6 +90,7 @@ impl Cluster {
         base.server.listen = "127.0.0.1:0".into();
         base.self_agent.enabled = false;
         base.store.flush_interval_ms = 100;
+        base.audit.refusal_window_secs = 1;
         base.cluster.subject_prefix = format!("t{tag}");
         base.cluster.redis_key_prefix = format!("t{tag}");
         base.cluster.postgres_url = db.url().to_string();

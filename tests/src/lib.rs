@@ -40,6 +40,8 @@ impl TestServer {
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.self_agent.enabled = false;
         cfg.store.flush_interval_ms = 100;
+        // Repeated refusals are summarised when their window ends: soon, in tests.
+        cfg.audit.refusal_window_secs = 1;
         // The tests' agents mostly speak plaintext; explicit, so they keep working whatever
         // the default (tests of the refusal turn it off).
         cfg.opamp.bootstrap_plaintext_allowed = true;
@@ -273,6 +275,24 @@ pub fn parse_metric(text: &str, series: &str) -> f64 {
             (name == series).then(|| value.parse().ok()).flatten()
         })
         .unwrap_or(0.0)
+}
+
+/// How many refused authentications the audit rows record: a source's first refusal of a
+/// reason in a window is a row of its own (`count` 1), its repeats one row with their count.
+pub fn refusals(rows: &[Value]) -> u64 {
+    rows.iter()
+        .filter(|r| r["action"] == "auth.failed")
+        .map(|r| r["detail"]["count"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Whether an audit row of refusals shows `field: value` among what was presented (the first
+/// refusal's own detail, or the samples of a summary).
+pub fn presented(row: &Value, field: &str, value: &str) -> bool {
+    row["detail"][field] == value
+        || row["detail"]["presented"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p[field] == value))
 }
 
 /// Polls `check` until it yields `Some`, or fails after `deadline`. Never a fixed sleep: the

@@ -388,6 +388,10 @@ pub struct NewToken {
     ttl_secs: Option<u64>,
     /// Only agents matching the scope may redeem the token; any agent when absent.
     scope: Option<NewScope>,
+    /// Re-bootstrap: the token is for this agent only, bound from the start. Once an agent
+    /// exists, no other token may speak for it (revoke its identity first, or the token is
+    /// refused with `identity_required`). Not combined with `scope`.
+    instance_uid: Option<String>,
 }
 
 /// A bootstrap token's scope: the agent redeeming it must report every label as an attribute
@@ -433,15 +437,19 @@ async fn create_token(
         return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
     }
     check_name(&body.name)?;
-    let scope = scope_of(body.scope)?;
-    let (token, record) = c
-        .create_scoped_token(
-            body.name,
-            body.ttl_secs.map(Duration::from_secs),
-            scope,
-            &actor,
-        )
-        .await?;
+    let ttl = body.ttl_secs.map(Duration::from_secs);
+    let (token, record) = match body.instance_uid.as_deref().map(parse_uid).transpose()? {
+        Some(_) if body.scope.is_some() => {
+            return Err(ApiError::BadRequest(
+                "a token for one agent (instance_uid) takes no scope".into(),
+            ))
+        }
+        Some(uid) => c.create_token_for(uid, body.name, ttl, &actor).await?,
+        None => {
+            let scope = scope_of(body.scope)?;
+            c.create_scoped_token(body.name, ttl, scope, &actor).await?
+        }
+    };
     Ok(Json(CreatedToken { token, record }))
 }
 

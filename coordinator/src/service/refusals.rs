@@ -60,7 +60,13 @@ struct Window {
     last_ms: i64,
     /// Refusals after the first one (the first has its own row).
     repeats: u64,
+    /// What the repeats presented (token prefixes, certificate serials), a few distinct
+    /// ones, so the summary says which credentials were tried.
+    presented: Vec<serde_json::Value>,
 }
+
+/// Distinct presented credentials kept per window.
+const MAX_SAMPLES: usize = 5;
 
 /// One refusal to record.
 #[derive(Debug, Clone)]
@@ -96,6 +102,15 @@ impl Refusals {
     /// Counts `r`; the audit row to write now when it opens a window, else `None`.
     pub fn note(&self, r: Refused, now_ms: i64) -> Option<AuditEntry> {
         metrics::counter!("ampora_auth_failures_total", "reason" => r.reason).increment(1);
+        // What was presented, as the row (or the window's samples) shows it.
+        let mut presented = match r.detail {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => serde_json::Map::from_iter([("presented".to_string(), other)]),
+        };
+        if let Some(uid) = r.uid_hint {
+            presented.insert("uid_hint".into(), uid.to_string().into());
+        }
         let mut open = self.open.lock().ok()?;
         let mut key = Key {
             ip: Some(r.ip),
@@ -108,6 +123,10 @@ impl Refusals {
             if now_ms < w.started_ms + self.window_ms {
                 w.repeats += 1;
                 w.last_ms = now_ms;
+                let sample = serde_json::Value::Object(presented);
+                if w.presented.len() < MAX_SAMPLES && !w.presented.contains(&sample) {
+                    w.presented.push(sample);
+                }
                 return None;
             }
         }
@@ -119,24 +138,14 @@ impl Refusals {
                 started_ms: now_ms,
                 last_ms: now_ms,
                 repeats: 0,
+                presented: Vec::new(),
             },
         );
         drop(open);
         if let Some(w) = closed.filter(|w| w.repeats > 0) {
             self.pending_summary(key, w);
         }
-        let mut detail = match r.detail {
-            serde_json::Value::Object(m) => m,
-            serde_json::Value::Null => serde_json::Map::new(),
-            other => {
-                let mut m = serde_json::Map::new();
-                m.insert("presented".into(), other);
-                m
-            }
-        };
-        if let Some(uid) = r.uid_hint {
-            detail.insert("uid_hint".into(), uid.to_string().into());
-        }
+        let mut detail = presented;
         detail.insert("count".into(), 1.into());
         if key.ip.is_none() {
             detail.insert("source_ip".into(), r.ip.to_string().into());
@@ -186,6 +195,7 @@ fn summary(key: Key, w: &Window, window_ms: i64) -> AuditEntry {
         "first_ms": w.started_ms,
         "last_ms": w.last_ms,
         "folded": key.ip.is_none(),
+        "presented": w.presented,
     });
     entry(key, key.reason, w.last_ms, detail)
 }
@@ -200,5 +210,81 @@ fn entry(key: Key, reason: &str, at_ms: i64, detail: serde_json::Value) -> Audit
         source_ip: key.ip,
         reason: Some(reason.to_string()),
         detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn refused(ip: &str, reason: &'static str) -> Refused {
+        Refused {
+            ip: ip.parse().expect("ip"),
+            reason,
+            uid_hint: None,
+            detail: serde_json::json!({ "token": "amp-bs.ab" }),
+        }
+    }
+
+    fn count(rows: &[AuditEntry]) -> u64 {
+        rows.iter()
+            .map(|r| r.detail["count"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    #[test]
+    fn repeats_in_a_window_become_one_summary_row() {
+        let r = Refusals::new(Duration::from_secs(60));
+        let first = r.note(refused("10.0.0.1", "unknown_token"), 1_000);
+        assert!(first.is_some(), "the first refusal is written at once");
+        for t in 0..99 {
+            assert!(r
+                .note(refused("10.0.0.1", "unknown_token"), 1_001 + t)
+                .is_none());
+        }
+        // Another reason or source opens its own window.
+        assert!(r.note(refused("10.0.0.1", "expired"), 1_200).is_some());
+        assert!(r
+            .note(refused("10.0.0.2", "unknown_token"), 1_200)
+            .is_some());
+        assert!(r.due(50_000).is_empty(), "nothing before the window ends");
+        let summary = r.due(61_000);
+        assert_eq!(summary.len(), 1, "only windows with repeats: {summary:?}");
+        assert_eq!(count(&summary), 99);
+        assert_eq!(count(&[first.expect("row")]) + count(&summary), 100);
+        assert!(r.due(i64::MAX).is_empty(), "each window is summarised once");
+    }
+
+    #[test]
+    fn a_window_replaced_before_due_keeps_its_count() {
+        let r = Refusals::new(Duration::from_secs(1));
+        r.note(refused("10.0.0.1", "revoked"), 0);
+        r.note(refused("10.0.0.1", "revoked"), 10);
+        // The next window opens before `due` ran.
+        assert!(r.note(refused("10.0.0.1", "revoked"), 5_000).is_some());
+        assert_eq!(count(&r.due(5_001)), 1);
+    }
+
+    #[test]
+    fn sources_beyond_the_cap_are_folded_per_reason() {
+        let r = Refusals::new(Duration::from_secs(60));
+        for i in 0..MAX_KEYS {
+            let ip = std::net::IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
+            let mut x = refused("::1", "unknown_token");
+            x.ip = ip;
+            r.note(x, 0);
+        }
+        let folded = r.note(refused("10.9.9.9", "unknown_token"), 1);
+        let row = folded.expect("the first folded refusal is written");
+        assert_eq!(row.source_ip, None);
+        assert_eq!(row.detail["folded"], true);
+        assert!(r.note(refused("10.9.9.8", "unknown_token"), 2).is_none());
+    }
+
+    #[test]
+    fn unknown_reasons_are_one_label() {
+        assert_eq!(reason_label("revoked"), "revoked");
+        assert_eq!(reason_label("anything\nelse"), "other");
     }
 }

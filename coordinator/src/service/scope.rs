@@ -88,7 +88,11 @@ mod tests {
             !admits(&prod, &agent, std::slice::from_ref(&dev_scope)),
             "an env=dev agent never matches env=prod"
         );
-        assert!(admits(&Target::All, &agent, &[dev_scope.clone()]));
+        assert!(admits(
+            &Target::All,
+            &agent,
+            std::slice::from_ref(&dev_scope)
+        ));
         let other = Target::Labels(labels("service.name", "x"));
         agent
             .description

@@ -607,4 +607,45 @@ mod tests {
             .collect();
         assert_eq!(serials, vec!["4abc".to_string()]);
     }
+
+    /// A CSR made by the system's `openssl` (keys rcgen cannot generate).
+    fn openssl_csr(newkey: &[&str]) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("k.pem");
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-new", "-nodes", "-subj", "/CN=agent", "-keyout"])
+            .arg(&key)
+            .args(newkey)
+            .output()
+            .expect("openssl must be installed for this test");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).expect("pem")
+    }
+
+    #[test]
+    fn csr_keys_must_be_of_an_accepted_type_and_size() {
+        let uid = InstanceUid::new_v7();
+        let (ca, _) = ca();
+        let weak = openssl_csr(&["-newkey", "rsa:1024"]);
+        let refused = ca.issue(uid, Some(&weak), Duration::from_secs(60));
+        assert!(
+            matches!(&refused, Err(IssueError::BadCsr(m)) if m.contains("1024 bits")),
+            "{refused:?}"
+        );
+        let odd_curve = openssl_csr(&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"]);
+        assert!(matches!(
+            ca.issue(uid, Some(&odd_curve), Duration::from_secs(60)),
+            Err(IssueError::BadCsr(_))
+        ));
+        let good = openssl_csr(&["-newkey", "rsa:2048"]);
+        assert!(ca.issue(uid, Some(&good), Duration::from_secs(60)).is_ok());
+        // The key a CSR asks for is the key the certificate carries.
+        let issued = ca
+            .issue(uid, Some(&good), Duration::from_secs(60))
+            .expect("issued");
+        assert_eq!(
+            cert_public_key(&issued.cert_pem),
+            csr_public_key(&good).ok()
+        );
+    }
 }
