@@ -49,9 +49,13 @@ pub enum FailureReason {
     Timeout,
     /// The client closed or reset the connection in the middle of the handshake.
     Aborted,
-    /// The client refused our certificate (it does not trust the CA, the name does not match,
-    /// it expired) or sent one rustls could not accept.
-    BadCertificate,
+    /// The client refused our certificate: it sent a certificate alert (`bad_certificate`,
+    /// `unknown_ca`, `certificate_expired`, …) because it does not trust our CA, the name does
+    /// not match or the certificate expired.
+    ServerCertificateRefused,
+    /// We refused the client's certificate: it does not chain to the agent CA, expired, is
+    /// revoked, or its signature does not verify.
+    ClientCertificateRefused,
     /// Not TLS after all, an unsupported version or cipher suite, or a malformed message.
     Protocol,
     /// Anything else (local I/O errors).
@@ -59,10 +63,11 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 5] = [
+    pub const ALL: [FailureReason; 6] = [
         Self::Timeout,
         Self::Aborted,
-        Self::BadCertificate,
+        Self::ServerCertificateRefused,
+        Self::ClientCertificateRefused,
         Self::Protocol,
         Self::Other,
     ];
@@ -71,7 +76,8 @@ impl FailureReason {
         match self {
             Self::Timeout => "timeout",
             Self::Aborted => "aborted",
-            Self::BadCertificate => "bad_certificate",
+            Self::ServerCertificateRefused => "server_certificate_refused",
+            Self::ClientCertificateRefused => "client_certificate_refused",
             Self::Protocol => "protocol",
             Self::Other => "other",
         }
@@ -86,7 +92,7 @@ fn count_failure(reason: FailureReason) {
 pub fn describe_metrics() {
     metrics::describe_counter!(
         HANDSHAKE_FAILURES,
-        "TLS handshakes on the agent listener that failed, by reason (timeout, aborted, bad_certificate, protocol, other)"
+        "TLS handshakes on the agent listener that failed, by reason (timeout, aborted, server_certificate_refused: the client refused ours, client_certificate_refused: we refused the client's, protocol, other)"
     );
     for reason in FailureReason::ALL {
         metrics::counter!(HANDSHAKE_FAILURES, "reason" => reason.as_str()).increment(0);

@@ -13,6 +13,7 @@ use gateway::client::{
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use shared::ids::InstanceUid;
+use tests::identity::handshake_alert;
 use tests::{bearer, eventually, hello, Fleet, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -310,7 +311,12 @@ async fn failed_handshakes_are_counted_and_the_server_carries_on() -> anyhow::Re
     let server = TestServer::start().await?;
     let before: Vec<f64> = {
         let mut v = Vec::new();
-        for reason in ["protocol", "aborted", "bad_certificate"] {
+        for reason in [
+            "protocol",
+            "aborted",
+            "server_certificate_refused",
+            "client_certificate_refused",
+        ] {
             v.push(metric(&server, &failures(reason)).await?);
         }
         v
@@ -334,9 +340,38 @@ async fn failed_handshakes_are_counted_and_the_server_carries_on() -> anyhow::Re
             .is_err()
     );
 
+    // A client that trusts the server but presents a certificate from another CA than the
+    // agent CA: the server refuses it at the handshake.
+    let ca_pem = std::fs::read_to_string(server.dir.path().join("tls").join("ca.pem"))?;
+    let foreign =
+        ClientTls::from_ca_pem_with_identity(&ca_pem, &stranger.chain_pem, &stranger.key_pem)?;
+    assert!(
+        handshake_alert(server.addr, &foreign).await?.is_some(),
+        "a foreign client certificate is refused at the handshake"
+    );
+
+    // Each under its own reason (other tests share the process's counters: at least one
+    // more each). That a refusal lands under its reason and not the other is pinned by the
+    // gateway's unit test `refused_certificates_are_told_apart_by_whose_they_are`.
     reaches(&server, &failures("protocol"), before[0] + 1.0).await?;
     reaches(&server, &failures("aborted"), before[1] + 1.0).await?;
-    reaches(&server, &failures("bad_certificate"), before[2] + 1.0).await?;
+    reaches(
+        &server,
+        &failures("server_certificate_refused"),
+        before[2] + 1.0,
+    )
+    .await?;
+    reaches(
+        &server,
+        &failures("client_certificate_refused"),
+        before[3] + 1.0,
+    )
+    .await?;
+    assert_eq!(
+        metric(&server, &failures("bad_certificate")).await?,
+        0.0,
+        "the ambiguous reason is gone"
+    );
 
     let a = agent(
         server.wss_url(),

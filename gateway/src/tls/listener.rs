@@ -431,9 +431,12 @@ fn classify(e: &io::Error) -> FailureReason {
         return FailureReason::Other;
     };
     match tls {
+        // Our client-certificate verifier said no (or a certificate was required and none
+        // came): what the server decides about the client.
         rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
-            FailureReason::BadCertificate
+            FailureReason::ClientCertificateRefused
         }
+        // The client's alert about the certificate we presented.
         rustls::Error::AlertReceived(
             A::BadCertificate
             | A::UnsupportedCertificate
@@ -441,7 +444,7 @@ fn classify(e: &io::Error) -> FailureReason {
             | A::CertificateExpired
             | A::CertificateUnknown
             | A::UnknownCA,
-        ) => FailureReason::BadCertificate,
+        ) => FailureReason::ServerCertificateRefused,
         rustls::Error::AlertReceived(_)
         | rustls::Error::InvalidMessage(_)
         | rustls::Error::InappropriateMessage { .. }
@@ -606,6 +609,65 @@ mod tests {
         assert_eq!(get_over(plain).await, "tls=false certs=0");
     }
 
+    /// The reason the server side of one real handshake from `client` fails with.
+    async fn failure_of(server: &ServerTls, client: &ClientTls) -> FailureReason {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        let acceptor = server.acceptor();
+        let server_side = tokio::spawn(async move {
+            let (stream, _) = tcp.accept().await.expect("accept");
+            acceptor.accept(stream).await.map(drop)
+        });
+        // In TLS 1.3 the client finishes before the server checks its certificate: the
+        // refusal reaches it on its first read.
+        if let Ok(mut s) = tls_connect(addr, client).await {
+            let _ = s.read(&mut [0u8; 1]).await;
+        }
+        let e = server_side
+            .await
+            .expect("join")
+            .expect_err("handshake fails");
+        classify(&e)
+    }
+
+    #[tokio::test]
+    async fn refused_certificates_are_told_apart_by_whose_they_are() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = LocalCa::new(dir.path(), LocalCa::default_names("test.invalid"));
+        ca.ensure().expect("ca");
+        let ca_pem = std::fs::read_to_string(&ca.ca_cert_path).expect("ca");
+        let agents = tempfile::tempdir().expect("dir");
+        let agent_ca = LocalCa::new(agents.path(), vec!["agent-ca".into()]);
+        agent_ca.ensure().expect("agent ca");
+        let trust = super::super::AgentTrust::from_ca_file(&agent_ca.ca_cert_path).expect("trust");
+        let server = ServerTls::from_local_ca(&ca, Duration::from_secs(60))
+            .expect("tls")
+            .with_agent_trust(&trust)
+            .expect("agent trust");
+        let elsewhere = tempfile::tempdir().expect("dir");
+        let stranger = LocalCa::new(elsewhere.path(), vec!["localhost".into()]);
+        stranger.ensure().expect("stranger");
+
+        // The client does not trust our certificate: its alert says so.
+        let distrusting =
+            ClientTls::from_ca_pem(&std::fs::read_to_string(&stranger.ca_cert_path).expect("ca"))
+                .expect("client");
+        assert_eq!(
+            failure_of(&server, &distrusting).await,
+            FailureReason::ServerCertificateRefused
+        );
+
+        // The client trusts us, but its certificate is not from the agent CA: our verifier
+        // refuses it.
+        let chain = std::fs::read_to_string(&stranger.cert_path).expect("chain");
+        let key = std::fs::read_to_string(&stranger.key_path).expect("key");
+        let foreign = ClientTls::from_ca_pem_with_identity(&ca_pem, &chain, &key).expect("id");
+        assert_eq!(
+            failure_of(&server, &foreign).await,
+            FailureReason::ClientCertificateRefused
+        );
+    }
+
     #[test]
     fn failures_are_sorted_into_bounded_reasons() {
         let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
@@ -622,13 +684,13 @@ mod tests {
                 tls(rustls::Error::AlertReceived(
                     rustls::AlertDescription::UnknownCA,
                 )),
-                FailureReason::BadCertificate,
+                FailureReason::ServerCertificateRefused,
             ),
             (
                 tls(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::Expired,
                 )),
-                FailureReason::BadCertificate,
+                FailureReason::ClientCertificateRefused,
             ),
             (
                 tls(rustls::Error::InvalidMessage(
