@@ -14,7 +14,7 @@ use super::http::HttpTransport;
 use super::tls::ClientTls;
 use super::url::{missing_tls, Endpoint, Scheme};
 use super::ws::WsConnection;
-use super::ClientError;
+use super::{ClientError, ConnectError};
 
 /// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth |
 /// ReportsRemoteConfig | ReportsHeartbeat.
@@ -33,6 +33,11 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// opamp-go's back-off between failed connection attempts of one connection cycle
+/// ([`AgentOptions::reconnect_at_once_after_close`]): 0.5 s doubling to 60 s, each delay
+/// randomised by ±50 % (the randomisation factor of the back-off library it uses).
+const GO_BACKOFF_START: Duration = Duration::from_millis(500);
+const GO_BACKOFF_CAP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -68,6 +73,28 @@ pub struct AgentOptions {
     /// (mTLS, no `Authorization` header from then on). Declaring 0x100 in `capabilities` does
     /// the same. Needs a `wss://` / `https://` endpoint.
     pub accept_identity: bool,
+    /// Reconnect like opamp-go: every connection cycle starts a fresh back-off, so once an
+    /// established WebSocket is closed by the server (or lost) the agent reconnects at once;
+    /// a `ServerErrorResponse` (even Unavailable) is only recorded, never waited on. Failed
+    /// attempts within a cycle (refusals at the upgrade: 401 / 403 / 429 / 503, connect
+    /// errors) back off 0.5 s doubling to 60 s, at least the `Retry-After`. Plain HTTP: the
+    /// same back-off for refused requests, none for error responses.
+    pub reconnect_at_once_after_close: bool,
+    /// Like the Collector's supervisor and opamp-go's example agent: on every
+    /// `connection_settings.opamp` offer (certificate or not, new or repeated) tear the client
+    /// down and start it again at once with the offered settings (a certificate with its key
+    /// replaces the token; the offered endpoint when usable). Never reports
+    /// ConnectionSettingsStatus and keeps no offer's hash across the restart; a certificate
+    /// that fails is retried, not reverted. Declares AcceptsOpAMPConnectionSettings.
+    pub restart_on_settings_offer: bool,
+    /// An offered certificate (and endpoint) lives only in the process's memory:
+    /// [`Agent::restart_process`] brings the agent back on its bootstrap token, as a
+    /// restarted supervisor comes back. Without it a restart keeps them (as if persisted).
+    pub forget_identity_on_restart: bool,
+    /// Pick WebSocket or plain HTTP from the scheme of an offered endpoint (`ws`/`wss` →
+    /// WebSocket, `http`/`https` → HTTP), as opamp-go picks its client from the URL it is
+    /// given. Without it an offered endpoint of the other transport is not taken.
+    pub transport_from_offer_scheme: bool,
 }
 
 impl AgentOptions {
@@ -91,6 +118,10 @@ impl Default for AgentOptions {
             source_ip: None,
             compact_reconnect: false,
             accept_identity: false,
+            reconnect_at_once_after_close: false,
+            restart_on_settings_offer: false,
+            forget_identity_on_restart: false,
+            transport_from_offer_scheme: false,
         }
     }
 }
@@ -115,6 +146,27 @@ pub struct AgentStatus {
     /// Serial (lowercase hex) of the client certificate the agent connects with, once a
     /// connection with an offered certificate succeeded; `None` on the bootstrap token.
     pub client_cert_serial: Option<String>,
+    /// Connections attempted: WebSocket handshakes started, HTTP connections opened.
+    pub connections_attempted: u64,
+    /// Of those, established: upgraded (101), or connected (HTTP).
+    pub connections_established: u64,
+    /// The transport of the last established connection.
+    pub transport: Option<Scheme>,
+    /// Refused before any OpAMP exchange: the upgrade answered with a status other than 101,
+    /// an HTTP request with one other than 200 (401, 403, 429, 503, …).
+    pub upgrade_refusals: u64,
+    /// The server's last WebSocket Close: `"<code> <reason>"`.
+    pub last_close_reason: Option<String>,
+    /// `connection_settings.opamp` offers received (whether acted on or not).
+    pub settings_offers: u64,
+    /// Of those, offers whose certificate carried a private key.
+    pub settings_offers_with_key: u64,
+    /// Every distinct non-empty `destination_endpoint` offered, in order of first offer.
+    pub offered_endpoints: Vec<String>,
+    /// Client restarts on settings offers ([`AgentOptions::restart_on_settings_offer`]).
+    pub client_restarts: u64,
+    /// Simulated process restarts ([`Agent::restart_process`]).
+    pub process_restarts: u64,
 }
 
 /// Handle to a running agent task. Dropping it stops the agent like [`Agent::stop`], without
@@ -122,40 +174,49 @@ pub struct AgentStatus {
 #[derive(Debug)]
 pub struct Agent {
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    /// Hands the core back when it ends, for [`Agent::restart_process`].
+    task: JoinHandle<AgentCore>,
     status: watch::Receiver<AgentStatus>,
+    /// To start from scratch should the core not come back.
+    opts: AgentOptions,
 }
 
 impl Agent {
     /// Spawns the agent task on the current tokio runtime. An invalid endpoint ends the task
     /// at once with the reason in [`AgentStatus::last_error`].
     pub fn start(opts: AgentOptions) -> Agent {
-        let (core, status) = AgentCore::new(opts);
-        let (stop_tx, stop_rx) = oneshot::channel();
-        // The transport loop is spawned directly (not behind a dispatching async fn) so the
-        // task stores its arguments once.
-        let endpoint = Endpoint::parse(&core.options().endpoint).and_then(|ep| {
-            if ep.tls && core.options().tls.is_none() {
-                Err(missing_tls(&ep))
-            } else {
-                Ok(ep)
-            }
-        });
-        let task = match endpoint {
-            Err(e) => {
-                core.set_error(e);
-                tokio::spawn(async move { drop(core) })
-            }
-            Ok(ep) => match ep.scheme {
-                Scheme::Ws => tokio::spawn(run_ws(core, ep, stop_rx)),
-                Scheme::Http => tokio::spawn(run_http(core, ep, stop_rx)),
-            },
-        };
+        let (core, status) = AgentCore::new(opts.clone());
+        let (stop, task) = spawn(core);
         Agent {
-            stop: Some(stop_tx),
+            stop: Some(stop),
             task,
             status,
+            opts,
         }
+    }
+
+    /// Simulates a restart of the agent's process: stops it as [`Agent::stop`] does, then
+    /// starts it again with its options, its instance UID and its config, numbering messages
+    /// from 0. An offered certificate survives unless
+    /// [`AgentOptions::forget_identity_on_restart`]. The status channel (and its counters)
+    /// carries on; [`AgentStatus::process_restarts`] counts restarts.
+    pub async fn restart_process(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let ended = timeout(GOODBYE_TIMEOUT * 3, &mut self.task).await;
+        let core = match ended {
+            Ok(Ok(core)) => core.process_restarted(self.opts.forget_identity_on_restart),
+            _ => {
+                self.task.abort();
+                let (core, status) = AgentCore::new(self.opts.clone());
+                self.status = status;
+                core
+            }
+        };
+        let (stop, task) = spawn(core);
+        self.stop = Some(stop);
+        self.task = task;
     }
 
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
@@ -174,26 +235,89 @@ impl Agent {
     }
 }
 
-/// Reconnect delays like opamp-go: the first retry is immediate, then exponential with
-/// jitter, never shorter than a server-requested Retry-After.
+/// Spawns the agent task for `core`: the transport loop for its endpoint.
+fn spawn(core: AgentCore) -> (oneshot::Sender<()>, JoinHandle<AgentCore>) {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let endpoint = Endpoint::parse(&core.options().endpoint).and_then(|ep| {
+        if ep.tls && core.options().tls.is_none() {
+            Err(missing_tls(&ep))
+        } else {
+            Ok(ep)
+        }
+    });
+    let task = match endpoint {
+        Err(e) => {
+            core.set_error(e);
+            tokio::spawn(async move { core })
+        }
+        Ok(ep) => tokio::spawn(run(core, ep, stop_rx)),
+    };
+    (stop_tx, task)
+}
+
+/// Why a transport loop returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    Stop,
+    /// The next connection is over the other transport.
+    Transport,
+}
+
+/// The agent task: the transport loop of the endpoint in use, another when offered settings
+/// move the agent to the other transport. The loops are boxed, so the task stores the core
+/// once and only the running loop's state.
+async fn run(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<()>) -> AgentCore {
+    loop {
+        let exit = match core.next_scheme(&ep) {
+            Scheme::Ws => Box::pin(run_ws(&mut core, &ep, &mut stop)).await,
+            Scheme::Http => Box::pin(run_http(&mut core, &ep, &mut stop)).await,
+        };
+        if exit == Exit::Stop {
+            return core;
+        }
+    }
+}
+
+/// Reconnect delays. By default like opamp-go once was: the first retry is immediate, then
+/// exponential with jitter, never shorter than a server-requested Retry-After. With
+/// [`AgentOptions::reconnect_at_once_after_close`], opamp-go's current policy (see
+/// [`GO_BACKOFF_START`]); the loops then reset it for every connection cycle.
 #[derive(Debug, Default)]
 struct Backoff {
     attempt: u32,
+    go: bool,
 }
 
 impl Backoff {
+    fn new(opts: &AgentOptions) -> Self {
+        Self {
+            attempt: 0,
+            go: opts.reconnect_at_once_after_close,
+        }
+    }
+
     fn next(&mut self, retry_after: Option<Duration>) -> Duration {
-        let base = match self.attempt {
-            0 => Duration::ZERO,
-            n => BACKOFF_START
-                .saturating_mul(1 << (n - 1).min(16))
-                .min(BACKOFF_CAP),
-        };
+        let n = self.attempt;
         self.attempt = self.attempt.saturating_add(1);
-        // "Equal jitter": half fixed, half random, so agents that dropped together spread out.
-        let half = base / 2;
-        let jittered = half + half.mul_f64(rand::random::<f64>());
-        jittered.max(retry_after.unwrap_or(Duration::ZERO))
+        let delay = if self.go {
+            // A cycle's first attempt is made without asking: its first retry already waits.
+            let base = GO_BACKOFF_START
+                .saturating_mul(1 << n.min(16))
+                .min(GO_BACKOFF_CAP);
+            // ±50 %: between half and one and a half times the interval.
+            base / 2 + base.mul_f64(rand::random::<f64>())
+        } else if n == 0 {
+            Duration::ZERO
+        } else {
+            let base = BACKOFF_START
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(BACKOFF_CAP);
+            // "Equal jitter": half fixed, half random, so agents that dropped together spread
+            // out.
+            let half = base / 2;
+            half + half.mul_f64(rand::random::<f64>())
+        };
+        delay.max(retry_after.unwrap_or(Duration::ZERO))
     }
 
     fn reset(&mut self) {
@@ -223,15 +347,22 @@ enum SessionEnd {
     },
     /// New connection settings to try: close and reconnect at once with them.
     Switch,
+    /// Settings offered to an agent that restarts on offers: close, restart the client.
+    Restart,
 }
 
-async fn run_ws(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<()>) {
+async fn run_ws(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Receiver<()>) -> Exit {
     let source = core.options().source_ip;
-    let mut backoff = Backoff::default();
+    let at_once = core.options().reconnect_at_once_after_close;
+    let mut backoff = Backoff::new(core.options());
     loop {
         // The configured endpoint, TLS and token, or an offered client certificate.
         let settings = core.connection();
         let target = settings.endpoint.unwrap_or_else(|| ep.clone());
+        if target.scheme != Scheme::Ws {
+            return Exit::Transport;
+        }
+        core.count_connections(1, 0, Scheme::Ws);
         // Boxed here and below: the handshake and the goodbye are big futures that only live
         // briefly; inline they would bloat every idle agent's task.
         let connect = Box::pin(async move {
@@ -244,12 +375,15 @@ async fn run_ws(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<(
             .await
         });
         let connected = tokio::select! {
-            _ = &mut stop => return,
+            _ = &mut *stop => return Exit::Stop,
             c = connect => c,
         };
         let mut conn = match connected {
             Ok(c) => c,
             Err(e) => {
+                if matches!(e, ConnectError::Status { .. }) {
+                    core.count_upgrade_refusal();
+                }
                 let error = e.to_string();
                 if core.connection_failed(&error) {
                     // The offered certificate did not work: back to the previous settings.
@@ -258,27 +392,28 @@ async fn run_ws(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<(
                 }
                 let wait = backoff.next(e.retry_after());
                 core.set_error(error);
-                if !pause(wait, &mut stop).await {
-                    return;
+                if !pause(wait, stop).await {
+                    return Exit::Stop;
                 }
                 continue;
             }
         };
+        core.count_connections(0, 1, Scheme::Ws);
         core.connection_succeeded();
         core.set_connected(true);
-        let end = ws_session(&mut core, &mut conn, &mut stop, &mut backoff).await;
+        let end = ws_session(core, &mut conn, stop, &mut backoff).await;
         core.set_connected(false);
         let retry_after = match end {
             SessionEnd::Stop => {
-                Box::pin(goodbye(&mut core, conn)).await;
-                return;
+                Box::pin(goodbye(core, conn)).await;
+                return Exit::Stop;
             }
             SessionEnd::Lost { error, retry_after } => {
                 core.set_error(error);
                 retry_after
             }
             SessionEnd::Unavailable { retry_after } => {
-                Box::pin(goodbye(&mut core, conn)).await;
+                Box::pin(goodbye(core, conn)).await;
                 retry_after
             }
             SessionEnd::Switch => {
@@ -286,9 +421,20 @@ async fn run_ws(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<(
                 backoff.reset();
                 continue;
             }
+            SessionEnd::Restart => {
+                Box::pin(conn.close(1000, "restarting with new connection settings")).await;
+                core.client_restarted();
+                backoff.reset();
+                continue;
+            }
         };
-        if !pause(backoff.next(retry_after), &mut stop).await {
-            return;
+        if at_once {
+            // A new connection cycle: its first attempt is immediate.
+            backoff.reset();
+            continue;
+        }
+        if !pause(backoff.next(retry_after), stop).await {
+            return Exit::Stop;
         }
     }
 }
@@ -332,6 +478,7 @@ async fn ws_session(
     stop: &mut oneshot::Receiver<()>,
     backoff: &mut Backoff,
 ) -> SessionEnd {
+    let at_once = core.options().reconnect_at_once_after_close;
     // The client speaks first, with everything: the server may know nothing about us.
     let mut step = Step::Send(vec![core.connect_message()], None);
     let mut last_sent = Instant::now();
@@ -364,14 +511,23 @@ async fn ws_session(
                     let then = if out.switch {
                         Some(SessionEnd::Switch)
                     } else {
-                        out.reconnect
+                        // opamp-go only records an error response; it does not disconnect.
+                        (out.reconnect && !at_once)
                             .then_some(SessionEnd::Unavailable { retry_after: out.retry_after })
                     };
-                    Step::Send(out.send, then)
+                    if out.restart {
+                        // A restarting client sends nothing more on this connection.
+                        Step::End(SessionEnd::Restart)
+                    } else {
+                        Step::Send(out.send, then)
+                    }
                 }
                 Ok(None) => {
                     let error = match conn.close_info() {
-                        Some((code, reason)) => format!("closed by server: {code} {reason}"),
+                        Some((code, reason)) => {
+                            core.set_close_reason(format!("{code} {reason}"));
+                            format!("closed by server: {code} {reason}")
+                        }
                         None => "closed by server".to_string(),
                     };
                     Step::End(SessionEnd::Lost { error, retry_after: None })
@@ -402,14 +558,26 @@ fn http_transport(core: &AgentCore, ep: &Endpoint) -> HttpTransport {
     .with_tls(settings.tls)
 }
 
-async fn run_http(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<()>) {
-    let mut transport = http_transport(&core, &ep);
-    let mut backoff = Backoff::default();
+/// Publishes the connections `transport` opened since `seen` (which it updates).
+fn count_http(core: &AgentCore, transport: &HttpTransport, seen: &mut (u64, u64)) {
+    let now = transport.connections();
+    core.count_connections(now.0 - seen.0, now.1 - seen.1, Scheme::Http);
+    *seen = now;
+}
+
+async fn run_http(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Receiver<()>) -> Exit {
+    if core.next_scheme(ep) != Scheme::Http {
+        return Exit::Transport;
+    }
+    let at_once = core.options().reconnect_at_once_after_close;
+    let mut transport = http_transport(core, ep);
+    let mut seen = (0, 0);
+    let mut backoff = Backoff::new(core.options());
     // Messages waiting to go out; polls are made up on the spot when this is empty.
     let mut queue: VecDeque<AgentToServer> = VecDeque::from([core.full_state()]);
     loop {
         if queue.is_empty() {
-            if !pause(core.heartbeat(), &mut stop).await {
+            if !pause(core.heartbeat(), stop).await {
                 break;
             }
             queue.push_back(core.heartbeat_message());
@@ -421,11 +589,12 @@ async fn run_http(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver
         // pause below, and only the delay survives.
         let wait = {
             let res = tokio::select! {
-                _ = &mut stop => break,
+                _ = &mut *stop => break,
                 r = timeout(EXCHANGE_TIMEOUT, Box::pin(transport.exchange(msg))) => {
                     r.unwrap_or(Err(ClientError::Timeout))
                 }
             };
+            count_http(core, &transport, &mut seen);
             match res {
                 Ok(reply) => {
                     queue.pop_front();
@@ -433,22 +602,46 @@ async fn run_http(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver
                     core.connection_succeeded();
                     core.set_connected(true);
                     let out = core.on_message(reply);
+                    if out.restart {
+                        // A new client: nothing of the old one's queue, its full state first,
+                        // over the offered settings (maybe the other transport).
+                        core.set_connected(false);
+                        core.client_restarted();
+                        if core.next_scheme(ep) != Scheme::Http {
+                            return Exit::Transport;
+                        }
+                        transport = http_transport(core, ep);
+                        seen = (0, 0);
+                        queue.clear();
+                        queue.push_back(core.full_state());
+                        continue;
+                    }
                     // Sent right away, without waiting for the next poll: e.g. APPLYING, APPLIED.
                     queue.extend(out.send);
                     if out.switch {
+                        if core.next_scheme(ep) != Scheme::Http {
+                            // The certificate comes with the other transport's endpoint.
+                            core.set_connected(false);
+                            return Exit::Transport;
+                        }
                         // An offered client certificate: the next request is made with it.
-                        transport = http_transport(&core, &ep);
+                        transport = http_transport(core, ep);
+                        seen = (0, 0);
                     }
-                    out.reconnect.then(|| backoff.next(out.retry_after))
+                    (out.reconnect && !at_once).then(|| backoff.next(out.retry_after))
                 }
                 Err(e) => {
                     core.set_connected(false);
+                    if matches!(e, ClientError::Status { .. }) {
+                        core.count_upgrade_refusal();
+                    }
                     let error = e.to_string();
                     let reverted = core.connection_failed(&error);
                     core.set_error(error);
                     if reverted {
                         // The offered certificate did not work: back to the previous settings.
-                        transport = http_transport(&core, &ep);
+                        transport = http_transport(core, ep);
+                        seen = (0, 0);
                         None
                     } else {
                         Some(backoff.next(e.retry_after()))
@@ -457,7 +650,7 @@ async fn run_http(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver
             }
         };
         if let Some(wait) = wait {
-            if !pause(wait, &mut stop).await {
+            if !pause(wait, stop).await {
                 break;
             }
         }
@@ -466,6 +659,7 @@ async fn run_http(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver
     let bye = Box::new(core.disconnect_message());
     let _ = timeout(GOODBYE_TIMEOUT, Box::pin(transport.exchange(&bye))).await;
     core.set_connected(false);
+    Exit::Stop
 }
 
 #[cfg(test)]
@@ -480,19 +674,29 @@ mod tests {
     async fn agent_task_state_stays_small() {
         let core = || AgentCore::new(AgentOptions::default()).0;
         let ep = |u| Endpoint::parse(u).expect("valid");
-        let (_tx, rx) = oneshot::channel();
-        let ws = run_ws(core(), ep("ws://h/"), rx);
+        let (_tx, mut rx) = oneshot::channel();
+        let (mut c, e) = (core(), ep("ws://h/"));
+        let ws = run_ws(&mut c, &e, &mut rx);
         assert!(
             std::mem::size_of_val(&ws) < 2048,
             "{}",
             std::mem::size_of_val(&ws)
         );
-        let (_tx, rx) = oneshot::channel();
-        let http = run_http(core(), ep("http://h/"), rx);
+        drop(ws);
+        let e = ep("http://h/");
+        let http = run_http(&mut c, &e, &mut rx);
         assert!(
             std::mem::size_of_val(&http) < 3072,
             "{}",
             std::mem::size_of_val(&http)
+        );
+        drop(http);
+        // The task: the core and the endpoint once, the running loop boxed.
+        let task = run(core(), e, rx);
+        assert!(
+            std::mem::size_of_val(&task) < 2048,
+            "{}",
+            std::mem::size_of_val(&task)
         );
     }
 
@@ -518,5 +722,24 @@ mod tests {
             Duration::from_secs(3),
             "Retry-After wins over a short backoff"
         );
+    }
+
+    #[test]
+    fn opamp_go_backoff_starts_at_half_a_second_doubles_to_a_minute() {
+        let mut b = Backoff::new(&AgentOptions {
+            reconnect_at_once_after_close: true,
+            ..AgentOptions::default()
+        });
+        let mut base = GO_BACKOFF_START;
+        for _ in 0..12 {
+            let d = b.next(None);
+            assert!(d >= base / 2 && d <= base * 3 / 2, "{d:?} around {base:?}");
+            base = (base * 2).min(GO_BACKOFF_CAP);
+        }
+        assert_eq!(base, GO_BACKOFF_CAP);
+        assert!(b.next(Some(Duration::from_secs(120))) >= Duration::from_secs(120));
+        b.reset();
+        let d = b.next(Some(Duration::from_secs(2)));
+        assert_eq!(d, Duration::from_secs(2), "Retry-After wins");
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::agent::{AgentOptions, AgentStatus};
 use super::tls::ClientTls;
-use super::url::Endpoint;
+use super::url::{Endpoint, Scheme};
 
 /// Content type of the initial (local) effective config.
 const INITIAL_CONTENT_TYPE: &str = "text/yaml";
@@ -38,6 +38,11 @@ pub struct Outcome {
     /// New connection settings were accepted (a client certificate): send `send`, close the
     /// connection and reconnect at once with [`AgentCore::connection`] (facts §5.1 step 4).
     pub switch: bool,
+    /// [`AgentOptions::restart_on_settings_offer`]: a settings offer was taken; tear the
+    /// client down (close the connection, drop what is queued), call
+    /// [`AgentCore::client_restarted`] and start again at once with
+    /// [`AgentCore::connection`].
+    pub restart: bool,
 }
 
 /// A client certificate taken from a `connection_settings.opamp` offer (facts §5.1).
@@ -97,6 +102,9 @@ pub struct AgentCore {
     settings_seen: Option<Vec<u8>>,
     /// What `connection_settings_status` says (agents with ReportsConnectionSettingsStatus).
     settings_status: Option<Box<ConnectionSettingsStatus>>,
+    /// An offered endpoint taken without a certificate
+    /// ([`AgentOptions::restart_on_settings_offer`]): used with the configured credentials.
+    endpoint_override: Option<Endpoint>,
     /// `settings_status` changed and goes out with the next message.
     settings_status_pending: bool,
     status: watch::Sender<AgentStatus>,
@@ -106,7 +114,7 @@ impl AgentCore {
     /// Builds the core and the status channel it publishes to. `opts.initial_config` is moved
     /// into the status, not copied.
     pub fn new(mut opts: AgentOptions) -> (Self, watch::Receiver<AgentStatus>) {
-        if opts.accept_identity {
+        if opts.accept_identity || opts.restart_on_settings_offer {
             opts.capabilities |= agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
         }
         let heartbeat = if opts.heartbeat.is_zero() {
@@ -145,6 +153,7 @@ impl AgentCore {
             candidate: None,
             settings_seen: None,
             settings_status: None,
+            endpoint_override: None,
             settings_status_pending: false,
             status,
         };
@@ -209,8 +218,11 @@ impl AgentCore {
         msg
     }
 
+    /// Agents that restart on every offer never report it (like opamp-go's older releases,
+    /// whose application is not told the offer's hash).
     fn reports_settings_status(&self) -> bool {
         self.opts.capabilities & agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS != 0
+            && !self.opts.restart_on_settings_offer
     }
 
     /// How to open the next connection: with the certificate being tried, else the one in
@@ -218,12 +230,15 @@ impl AgentCore {
     pub fn connection(&self) -> Connection {
         match self.candidate.as_ref().or(self.identity.as_ref()) {
             Some(id) => Connection {
-                endpoint: id.endpoint.clone(),
+                endpoint: id
+                    .endpoint
+                    .clone()
+                    .or_else(|| self.endpoint_override.clone()),
                 tls: Some(id.tls.clone()),
                 headers: Vec::new(),
             },
             None => Connection {
-                endpoint: None,
+                endpoint: self.endpoint_override.clone(),
                 tls: self.opts.tls.clone(),
                 headers: self
                     .opts
@@ -252,7 +267,13 @@ impl AgentCore {
     /// A connection made with [`AgentCore::connection`] failed. With a certificate being
     /// tried, goes back to the previous settings and reports FAILED (facts §5.1 step 9); true
     /// when it did (the caller retries at once).
+    ///
+    /// An agent that restarts on every offer keeps trying the offered settings (as the
+    /// supervisor does once its new client started): never reverts, false.
     pub fn connection_failed(&mut self, error: &str) -> bool {
+        if self.opts.restart_on_settings_offer {
+            return false;
+        }
         let Some(id) = self.candidate.take() else {
             return false;
         };
@@ -262,6 +283,88 @@ impl AgentCore {
             format!("connecting with the offered client certificate failed: {error}"),
         );
         true
+    }
+
+    /// The transport the agent uses next: the scheme of [`AgentCore::connection`]'s
+    /// endpoint, else of `configured`.
+    pub fn next_scheme(&self, configured: &Endpoint) -> Scheme {
+        self.candidate
+            .as_ref()
+            .or(self.identity.as_ref())
+            .and_then(|id| id.endpoint.as_ref())
+            .or(self.endpoint_override.as_ref())
+            .unwrap_or(configured)
+            .scheme
+    }
+
+    /// Counts connection attempts (WebSocket handshakes, HTTP connections opened) and the
+    /// ones that were established (upgraded; connected), over `scheme`.
+    pub fn count_connections(&self, attempted: u64, established: u64, scheme: Scheme) {
+        if attempted == 0 && established == 0 {
+            return;
+        }
+        self.status.send_modify(|s| {
+            s.connections_attempted += attempted;
+            s.connections_established += established;
+            if established > 0 {
+                s.transport = Some(scheme);
+            }
+        });
+    }
+
+    /// The server refused the connection before any OpAMP exchange: a status other than 101
+    /// to the upgrade, or other than 200 to an HTTP request.
+    pub fn count_upgrade_refusal(&self) {
+        self.status.send_modify(|s| s.upgrade_refusals += 1);
+    }
+
+    /// The server closed the WebSocket: `"<code> <reason>"`.
+    pub fn set_close_reason(&self, reason: String) {
+        self.status
+            .send_modify(|s| s.last_close_reason = Some(reason));
+    }
+
+    /// The client was torn down and started again in the same process
+    /// ([`Outcome::restart`]): a new client numbers its messages from 0, opens with its full
+    /// state and remembers no offer's hash. The offered settings stay.
+    pub fn client_restarted(&mut self) {
+        self.next_seq = 0;
+        self.reconnecting = false;
+        self.settings_seen = None;
+        self.settings_status = None;
+        self.settings_status_pending = false;
+        self.status.send_modify(|s| {
+            s.client_restarts += 1;
+            s.connected = false;
+        });
+    }
+
+    /// The agent's process restarted: what a new process has is its options, its instance
+    /// UID and its config (which agents persist); an offered certificate too unless
+    /// `forget_identity` (kept only in memory: the agent is back on its bootstrap token),
+    /// nothing of offers being tried and no offer's hash. The status channel carries on.
+    pub fn process_restarted(mut self, forget_identity: bool) -> Self {
+        self.client_restarted();
+        self.candidate = None;
+        self.start_time_ns = now_ns();
+        self.heartbeat = if self.opts.heartbeat.is_zero() {
+            AgentOptions::DEFAULT_HEARTBEAT
+        } else {
+            self.opts.heartbeat
+        };
+        if forget_identity {
+            self.identity = None;
+            self.endpoint_override = None;
+        }
+        let (heartbeat, forgot) = (self.heartbeat.as_secs(), self.identity.is_none());
+        self.status.send_modify(|s| {
+            s.process_restarts += 1;
+            s.heartbeat_secs = heartbeat;
+            if forgot {
+                s.client_cert_serial = None;
+            }
+        });
+        self
     }
 
     fn set_settings_status(
@@ -389,6 +492,9 @@ impl AgentCore {
             .connection_settings
             .map(|c| (c.hash, c.opamp))
             .unwrap_or_default();
+        if let Some(op) = &opamp {
+            self.count_offer(op);
+        }
         let interval = opamp
             .as_ref()
             .map(|o| o.heartbeat_interval_seconds)
@@ -418,6 +524,10 @@ impl AgentCore {
     /// once that connection is made. A repeat of the certificate in use changes nothing.
     /// Offers without a hash are skipped, as opamp-go does; so are offers already acted on.
     fn on_opamp_settings(&mut self, hash: Vec<u8>, op: OpAmpConnectionSettings, out: &mut Outcome) {
+        if self.opts.restart_on_settings_offer {
+            self.restart_with(&hash, op, out);
+            return;
+        }
         if hash.is_empty() || self.settings_seen.as_ref() == Some(&hash) {
             return;
         }
@@ -461,6 +571,72 @@ impl AgentCore {
                 self.report_settings(&hash, ConnectionSettingsStatuses::Failed, e, out);
             }
         }
+    }
+
+    /// Counts an `opamp` offer in the status, whatever is done with it.
+    fn count_offer(&self, op: &OpAmpConnectionSettings) {
+        let with_key = op
+            .certificate
+            .as_ref()
+            .is_some_and(|c| !c.private_key.is_empty());
+        let endpoint = &op.destination_endpoint;
+        self.status.send_modify(|s| {
+            s.settings_offers += 1;
+            s.settings_offers_with_key += u64::from(with_key);
+            if !endpoint.is_empty() && !s.offered_endpoints.contains(endpoint) {
+                s.offered_endpoints.push(endpoint.clone());
+            }
+        });
+    }
+
+    /// [`AgentOptions::restart_on_settings_offer`]: every offer (hash or not, the same as
+    /// before or not) is taken and the client restarted with it, as the Collector's
+    /// supervisor and opamp-go's example agent do. A certificate (with its key) replaces the
+    /// token; an offer without one keeps the credentials and takes the offered endpoint when
+    /// the agent can use it. Settings the agent cannot use leave it as it is.
+    fn restart_with(&mut self, hash: &[u8], op: OpAmpConnectionSettings, out: &mut Outcome) {
+        match op.certificate.filter(|c| !c.cert.is_empty()) {
+            Some(cert) => match self.candidate_from(hash, &op.destination_endpoint, &cert) {
+                Ok(id) => self.candidate = Some(Box::new(id)),
+                Err(e) => {
+                    self.set_error(format!("connection settings refused: {e}"));
+                    return;
+                }
+            },
+            None => {
+                if let Some(ep) = self.usable_endpoint(&op.destination_endpoint, false) {
+                    self.endpoint_override = Some(ep);
+                }
+            }
+        }
+        out.restart = true;
+    }
+
+    /// The endpoint the agent uses now: of its certificate, else offered before, else
+    /// configured.
+    fn current_endpoint(&self) -> Option<Endpoint> {
+        self.identity
+            .as_ref()
+            .and_then(|i| i.endpoint.clone())
+            .or_else(|| self.endpoint_override.clone())
+            .or_else(|| Endpoint::parse(&self.opts.endpoint).ok())
+    }
+
+    /// `destination` when this agent can use it: the transport it uses now (or either, with
+    /// [`AgentOptions::transport_from_offer_scheme`]); TLS when `needs_tls` (a client
+    /// certificate), and never TLS without something to trust.
+    fn usable_endpoint(&self, destination: &str, needs_tls: bool) -> Option<Endpoint> {
+        let current = self.current_endpoint();
+        Endpoint::parse(destination).ok().filter(|e| {
+            let transport = self.opts.transport_from_offer_scheme
+                || Some(e.scheme) == current.as_ref().map(|c| c.scheme);
+            let tls_ok = if e.tls {
+                needs_tls || self.opts.tls.is_some()
+            } else {
+                !needs_tls
+            };
+            transport && tls_ok
+        })
     }
 
     /// Records the status and, for agents that report it, sends it now.
@@ -508,14 +684,8 @@ impl AgentCore {
             .ok_or_else(|| "the offered certificate does not parse".to_string())?;
         // The endpoint: the offered one when this agent can use it with a certificate (same
         // transport, TLS), else the one it uses now, which must be TLS.
-        let current = self
-            .identity
-            .as_ref()
-            .and_then(|i| i.endpoint.clone())
-            .or_else(|| Endpoint::parse(&self.opts.endpoint).ok());
-        let offered = Endpoint::parse(destination)
-            .ok()
-            .filter(|e| e.tls && Some(e.scheme) == current.as_ref().map(|c| c.scheme));
+        let current = self.current_endpoint();
+        let offered = self.usable_endpoint(destination, true);
         let endpoint = offered.clone().or(current);
         if !endpoint.as_ref().is_some_and(|e| e.tls) {
             return Err("a client certificate needs a wss:// or https:// endpoint".into());
@@ -536,7 +706,12 @@ impl AgentCore {
             cert: cert.cert.clone(),
             serial,
             tls,
-            endpoint: offered.or_else(|| self.identity.as_ref().and_then(|i| i.endpoint.clone())),
+            endpoint: offered.or_else(|| {
+                self.identity
+                    .as_ref()
+                    .and_then(|i| i.endpoint.clone())
+                    .or_else(|| self.endpoint_override.clone())
+            }),
         })
     }
 

@@ -102,6 +102,8 @@ pub struct HttpTransport {
     /// Needed for `https://`.
     tls: Option<ClientTls>,
     conn: Option<HttpConn>,
+    /// Connections this transport tried to open, and opened.
+    opens: (u64, u64),
 }
 
 impl std::fmt::Debug for HttpTransport {
@@ -129,6 +131,7 @@ impl HttpTransport {
             source_ip: None,
             tls: None,
             conn: None,
+            opens: (0, 0),
         }
     }
 
@@ -146,6 +149,7 @@ impl HttpTransport {
             source_ip: None,
             tls: None,
             conn: None,
+            opens: (0, 0),
         }
     }
 
@@ -159,6 +163,12 @@ impl HttpTransport {
     pub fn with_source_ip(mut self, ip: Option<IpAddr>) -> Self {
         self.source_ip = ip;
         self
+    }
+
+    /// Connections opened so far: (attempted, established), counting reopenings after the
+    /// server closed a kept-alive one.
+    pub fn connections(&self) -> (u64, u64) {
+        self.opens
     }
 
     /// POSTs one `AgentToServer` and returns the decoded `ServerToAgent`.
@@ -246,17 +256,21 @@ impl HttpTransport {
             .and_then(|mut c| (!c.is_dead()).then_some(c));
         let (mut conn, was_reused) = match idle {
             Some(c) => (c, true),
-            None => (
-                HttpConn::open(ep, self.source_ip, self.tls.as_ref()).await?,
-                false,
-            ),
+            None => {
+                self.opens.0 += 1;
+                let c = HttpConn::open(ep, self.source_ip, self.tls.as_ref()).await?;
+                self.opens.1 += 1;
+                (c, false)
+            }
         };
         let res = match conn.round_trip(build()?).await {
             Err(e) if was_reused => {
                 // The server may have closed the kept-alive connection just as we reused it.
                 // OpAMP tolerates a repeated message (same sequence number), so retry once.
                 tracing::debug!("retrying on a fresh connection after: {e}");
+                self.opens.0 += 1;
                 conn = HttpConn::open(ep, self.source_ip, self.tls.as_ref()).await?;
+                self.opens.1 += 1;
                 conn.round_trip(build()?).await
             }
             other => other,

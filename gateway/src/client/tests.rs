@@ -12,8 +12,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use proto::v1::{
-    AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig,
-    ConnectionSettingsOffers, OpAmpConnectionSettings, RemoteConfigStatuses,
+    server_error_response, AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig,
+    ConnectionSettingsOffers, OpAmpConnectionSettings, RemoteConfigStatuses, RetryInfo,
+    ServerErrorResponse, ServerErrorResponseType,
 };
 use proto::{agent_flags, AgentToServer, Message, ServerToAgent};
 use tokio::net::TcpListener;
@@ -42,6 +43,14 @@ struct Script {
     close_first_with: Option<u16>,
     /// HTTP: answer with `Connection: close`.
     http_close: bool,
+    /// WS: answer the first message of every connection with this error response type
+    /// (retry 30 s for Unavailable), then close with this code and `identity_required`.
+    error_then_close: Option<(ServerErrorResponseType, u16)>,
+    /// Offer `connection_settings.opamp` (always the same hash) in the first reply of each
+    /// of the first `.0` connections, with endpoint `.1` (`{addr}`: the server's address).
+    offer_first_connections: Option<(usize, &'static str)>,
+    /// Set by [`FakeServer::start`].
+    addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default)]
@@ -53,6 +62,8 @@ struct Log {
     /// content-encoding, accept-encoding, OpAMP-Instance-UID).
     headers: Vec<[Option<String>; 5]>,
     close_codes: Vec<u16>,
+    /// When each TCP connection was accepted.
+    accepted: Vec<tokio::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -62,9 +73,10 @@ struct FakeServer {
 }
 
 impl FakeServer {
-    async fn start(script: Script) -> Self {
+    async fn start(mut script: Script) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        script.addr = Some(addr);
         let log = Arc::new(Mutex::new(Log::default()));
         let srv = Self {
             addr,
@@ -75,6 +87,7 @@ impl FakeServer {
                 let conn_no = {
                     let mut l = log.lock().expect("lock");
                     l.connections += 1;
+                    l.accepted.push(tokio::time::Instant::now());
                     l.connections
                 };
                 let (log, script) = (log.clone(), script.clone());
@@ -125,13 +138,44 @@ fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The server's answer to message number `n` (0-based over the whole test).
-fn reply(msg: &AgentToServer, n: usize, script: &Script) -> ServerToAgent {
+/// The server's answer to message number `n` (0-based over the whole test), the first
+/// (`first`) or a later one on connection `conn`.
+fn reply(
+    msg: &AgentToServer,
+    n: usize,
+    conn: usize,
+    first: bool,
+    script: &Script,
+) -> ServerToAgent {
     let mut out = ServerToAgent {
         instance_uid: msg.instance_uid.clone(),
         capabilities: 0x67,
         ..ServerToAgent::default()
     };
+    if let (Some((kind, _)), true) = (script.error_then_close, first) {
+        out.error_response = Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: "refused".into(),
+            details: Some(server_error_response::Details::RetryInfo(RetryInfo {
+                retry_after_nanoseconds: 30_000_000_000,
+            })),
+        });
+        return out;
+    }
+    if let Some((upto, endpoint)) = script.offer_first_connections {
+        if first && conn <= upto {
+            let addr = script.addr.map(|a| a.to_string()).unwrap_or_default();
+            out.connection_settings = Some(ConnectionSettingsOffers {
+                hash: vec![7],
+                opamp: Some(OpAmpConnectionSettings {
+                    destination_endpoint: endpoint.replace("{addr}", &addr),
+                    heartbeat_interval_seconds: 3600,
+                    ..OpAmpConnectionSettings::default()
+                }),
+                ..ConnectionSettingsOffers::default()
+            });
+        }
+    }
     if script.assign_uid && msg.flags & agent_flags::REQUEST_INSTANCE_UID != 0 {
         out.agent_identification = Some(AgentIdentification {
             new_instance_uid: NEW_UID.to_vec(),
@@ -190,6 +234,7 @@ async fn handle(
     match req.uri().path() {
         "/deny" => return status(401, None, "unknown token"),
         "/busy" => return status(503, Some("7"), "overloaded"),
+        "/busy1" => return status(503, Some("1"), "overloaded"),
         _ => {}
     }
     log.lock().expect("lock").headers.push([
@@ -216,7 +261,7 @@ async fn handle(
                             return;
                         };
                         let n = record(&log, conn, msg.clone());
-                        let out = codec::encode_ws_message(&reply(&msg, n, &script));
+                        let out = codec::encode_ws_message(&reply(&msg, n, conn, first, &script));
                         if ws
                             .write_frame(Frame::binary(Payload::Owned(out)))
                             .await
@@ -226,6 +271,11 @@ async fn handle(
                         }
                         if let (Some(code), true, 1) = (script.close_first_with, first, conn) {
                             let _ = ws.write_frame(Frame::close(code, b"go away")).await;
+                        }
+                        if let (Some((_, code)), true) = (script.error_then_close, first) {
+                            let _ = ws
+                                .write_frame(Frame::close(code, b"identity_required"))
+                                .await;
                         }
                         first = false;
                     }
@@ -262,8 +312,15 @@ async fn handle(
     let Ok(msg) = AgentToServer::decode(body) else {
         return status(400, None, "decode");
     };
+    // Every HTTP request is the first of its "connection" for the script: HTTP has none.
+    let first = log
+        .lock()
+        .expect("lock")
+        .msgs
+        .iter()
+        .all(|(c, _)| *c != conn);
     let n = record(&log, conn, msg.clone());
-    let out = reply(&msg, n, &script).encode_to_vec();
+    let out = reply(&msg, n, conn, first, &script).encode_to_vec();
     let mut b = Response::builder()
         .status(StatusCode::OK)
         .header("Content-Type", "application/x-protobuf");
@@ -629,4 +686,446 @@ async fn unreachable_endpoint_backs_off_and_stops_promptly() {
     tokio::time::timeout(Duration::from_secs(1), agent.stop())
         .await
         .expect("stop does not wait for the backoff");
+}
+
+// ---- opamp-go client behaviours (issue 18) ----
+
+/// Messages the server received on connection `conn`.
+fn on_conn(msgs: &[(usize, AgentToServer)], conn: usize) -> Vec<AgentToServer> {
+    msgs.iter()
+        .filter(|(c, _)| *c == conn)
+        .map(|(_, m)| m.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn reconnect_at_once_after_server_close_and_error_responses() {
+    // Every connection: an Unavailable error (retry in 30 s), then Close 1008.
+    let srv = FakeServer::start(Script {
+        error_then_close: Some((ServerErrorResponseType::Unavailable, 1008)),
+        ..Script::default()
+    })
+    .await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/v1/opamp"),
+        instance_uid: Some([0x21; 16]),
+        reconnect_at_once_after_close: true,
+        ..AgentOptions::default()
+    });
+    // Neither the error's retry delay nor a growing back-off holds it back: a new connection
+    // cycle starts at once after every close.
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connections_established >= 6
+    })
+    .await
+    .expect("reconnects at once");
+    assert_eq!(
+        s.last_close_reason.as_deref(),
+        Some("1008 identity_required")
+    );
+    assert!(s.connections_attempted >= s.connections_established);
+    assert_eq!(s.upgrade_refusals, 0);
+    assert_eq!(s.transport, Some(Scheme::Ws));
+    agent.stop().await;
+    let msgs = srv.msgs();
+    for conn in 1..=5 {
+        let m = on_conn(&msgs, conn);
+        assert!(
+            m.iter().all(|m| m.agent_disconnect.is_none()),
+            "an error response does not make it leave: connection {conn}"
+        );
+        assert!(m[0].agent_description.is_some(), "full state first");
+    }
+    // Accepted back to back: no gap of a back-off step between the first five.
+    let log = srv.log.lock().expect("lock");
+    let gaps: Vec<Duration> = log.accepted.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().take(4).all(|g| *g < Duration::from_millis(200)),
+        "{gaps:?}"
+    );
+}
+
+#[tokio::test]
+async fn reconnect_at_once_backs_off_refusals_at_the_upgrade_and_honours_retry_after() {
+    let srv = FakeServer::start(Script::default()).await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/deny"),
+        instance_uid: Some([0x22; 16]),
+        reconnect_at_once_after_close: true,
+        ..AgentOptions::default()
+    });
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| s.upgrade_refusals >= 3)
+        .await
+        .expect("refused three times");
+    agent.stop().await;
+    assert_eq!(s.connections_established, 0);
+    assert!(s.connections_attempted >= 3);
+    assert_eq!(s.transport, None);
+    let accepted = srv.log.lock().expect("lock").accepted.clone();
+    // 0.5 s then 1 s, each ±50 % (a little slack above for a loaded machine).
+    let (g1, g2) = (accepted[1] - accepted[0], accepted[2] - accepted[1]);
+    assert!(
+        g1 >= Duration::from_millis(250) && g1 <= Duration::from_millis(1000),
+        "first retry after 0.5 s ± 50 %: {g1:?}"
+    );
+    assert!(
+        g2 >= Duration::from_millis(500) && g2 <= Duration::from_millis(2000),
+        "then 1 s ± 50 %: {g2:?}"
+    );
+
+    // 503 with Retry-After: 1 s wins over the 0.25–0.75 s step.
+    let srv = FakeServer::start(Script::default()).await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/busy1"),
+        instance_uid: Some([0x23; 16]),
+        reconnect_at_once_after_close: true,
+        ..AgentOptions::default()
+    });
+    wait_for(&mut agent.status(), DEADLINE, |s| s.upgrade_refusals >= 2)
+        .await
+        .expect("refused twice");
+    agent.stop().await;
+    let accepted = srv.log.lock().expect("lock").accepted.clone();
+    assert!(
+        accepted[1] - accepted[0] >= Duration::from_secs(1),
+        "Retry-After honoured: {:?}",
+        accepted[1] - accepted[0]
+    );
+
+    // Plain HTTP: refused requests back off the same way and count as refusals.
+    let srv = FakeServer::start(Script::default()).await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.http_url("/deny"),
+        instance_uid: Some([0x24; 16]),
+        reconnect_at_once_after_close: true,
+        ..AgentOptions::default()
+    });
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| s.upgrade_refusals >= 2)
+        .await
+        .expect("refused twice");
+    agent.stop().await;
+    assert!(s.connections_attempted >= 1 && s.connections_established >= 1);
+    assert_eq!(s.replies, 0);
+}
+
+#[tokio::test]
+async fn restart_on_settings_offer_restarts_the_client_on_every_offer() {
+    // The same offer (same hash) on the first reply of the first two connections.
+    let srv = FakeServer::start(Script {
+        offer_first_connections: Some((2, "")),
+        ..Script::default()
+    })
+    .await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/v1/opamp"),
+        instance_uid: Some([0x25; 16]),
+        // It would report ConnectionSettingsStatus were it not restarting on offers.
+        capabilities: DEFAULT_CAPABILITIES | proto::agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS,
+        restart_on_settings_offer: true,
+        ..AgentOptions::default()
+    });
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connected && s.connections_established == 3
+    })
+    .await
+    .expect("restarted twice");
+    assert_eq!((s.settings_offers, s.client_restarts), (2, 2));
+    assert_eq!(s.settings_offers_with_key, 0);
+    agent.stop().await;
+    let msgs = srv.msgs();
+    for conn in 1..=3 {
+        let m = on_conn(&msgs, conn);
+        assert_eq!(m[0].sequence_num, 0, "a new client numbers from 0: {conn}");
+        assert!(m[0].agent_description.is_some(), "full state first: {conn}");
+        assert_ne!(
+            m[0].capabilities & proto::agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS,
+            0
+        );
+    }
+    assert_eq!(
+        on_conn(&msgs, 1).len(),
+        1,
+        "nothing more on a connection torn down"
+    );
+    assert!(
+        msgs.iter()
+            .all(|(_, m)| m.connection_settings_status.is_none()),
+        "never reports ConnectionSettingsStatus"
+    );
+    assert_eq!(srv.log.lock().expect("lock").connections, 3);
+}
+
+#[tokio::test]
+async fn transport_from_offer_scheme_moves_between_websocket_and_http() {
+    // WebSocket agent offered an http:// endpoint.
+    let srv = FakeServer::start(Script {
+        offer_first_connections: Some((1, "http://{addr}/v1/opamp")),
+        ..Script::default()
+    })
+    .await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/v1/opamp"),
+        instance_uid: Some([0x26; 16]),
+        heartbeat: Duration::from_millis(50),
+        restart_on_settings_offer: true,
+        transport_from_offer_scheme: true,
+        ..AgentOptions::default()
+    });
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+        // One reply over WebSocket, one over HTTP (then polls every offered hour).
+        s.connected && s.transport == Some(Scheme::Http) && s.replies >= 2
+    })
+    .await
+    .expect("on HTTP");
+    assert_eq!(s.offered_endpoints, vec![srv.http_url("/v1/opamp")]);
+    assert_eq!(s.client_restarts, 1);
+    agent.stop().await;
+    {
+        let log = srv.log.lock().expect("lock");
+        // Request 0 was the upgrade; the rest are POSTs with a protobuf body.
+        assert!(log.headers[1..]
+            .iter()
+            .all(|h| h[1].as_deref() == Some("application/x-protobuf")));
+        let on_http = on_conn(&log.msgs, 2);
+        assert_eq!(on_http[0].sequence_num, 0);
+        assert!(on_http[0].agent_description.is_some());
+    }
+
+    // HTTP agent offered a ws:// endpoint.
+    let srv = FakeServer::start(Script {
+        offer_first_connections: Some((1, "ws://{addr}/v1/opamp")),
+        ..Script::default()
+    })
+    .await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.http_url("/v1/opamp"),
+        instance_uid: Some([0x27; 16]),
+        restart_on_settings_offer: true,
+        transport_from_offer_scheme: true,
+        ..AgentOptions::default()
+    });
+    wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connected && s.transport == Some(Scheme::Ws)
+    })
+    .await
+    .expect("on WebSocket");
+    agent.stop().await;
+
+    // Without the option the other transport's endpoint is not taken.
+    let srv = FakeServer::start(Script {
+        offer_first_connections: Some((1, "http://{addr}/v1/opamp")),
+        ..Script::default()
+    })
+    .await;
+    let agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/v1/opamp"),
+        instance_uid: Some([0x28; 16]),
+        restart_on_settings_offer: true,
+        ..AgentOptions::default()
+    });
+    let s = wait_for(&mut agent.status(), DEADLINE, |s| {
+        s.connected && s.client_restarts == 1
+    })
+    .await
+    .expect("restarted");
+    assert_eq!(s.transport, Some(Scheme::Ws));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn restart_process_starts_a_new_client_with_the_same_uid() {
+    let srv = FakeServer::start(Script {
+        assign_uid: true,
+        ..Script::default()
+    })
+    .await;
+    let mut agent = Agent::start(AgentOptions {
+        endpoint: srv.ws_url("/v1/opamp"),
+        token: Some("tok".into()),
+        forget_identity_on_restart: true,
+        ..AgentOptions::default()
+    });
+    let mut st = agent.status();
+    wait_for(&mut st, DEADLINE, |s| {
+        s.connected && s.instance_uid == Some(NEW_UID) && s.replies >= 2
+    })
+    .await
+    .expect("up");
+    agent.restart_process().await;
+    let s = wait_for(&mut st, DEADLINE, |s| {
+        s.connected && s.connections_established == 2
+    })
+    .await
+    .expect("back");
+    assert_eq!(s.process_restarts, 1);
+    assert_eq!(s.connections_attempted, 2, "the counters carry on");
+    agent.stop().await;
+    let msgs = srv.msgs();
+    assert!(
+        on_conn(&msgs, 1)
+            .last()
+            .is_some_and(|m| m.agent_disconnect.is_some()),
+        "the old process said goodbye"
+    );
+    let second = on_conn(&msgs, 2);
+    assert_eq!(second[0].sequence_num, 0, "a new process numbers from 0");
+    assert_eq!(second[0].instance_uid, NEW_UID.to_vec(), "its uid is kept");
+    assert_eq!(second[0].flags, 0, "no new uid asked for");
+    assert!(second[0].agent_description.is_some());
+    let log = srv.log.lock().expect("lock");
+    assert_eq!(log.headers[1][0].as_deref(), Some("Bearer tok"));
+}
+
+/// Certificates without sockets: [`AgentCore`] under the opamp-go options.
+mod identity {
+    use super::*;
+    use crate::tls::{AgentCa, LocalCa};
+    use proto::v1::TlsCertificate;
+
+    const UID: [u8; 16] = [0x31; 16];
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ca: AgentCa,
+        ca_pem: String,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("dir");
+        let local = LocalCa::new(dir.path(), vec!["localhost".into()]);
+        local.ensure().expect("ca");
+        let ca = AgentCa::from_files(&local.ca_cert_path, &local.ca_key_path).expect("ca");
+        let ca_pem = ca.ca_pem().to_string();
+        Fixture {
+            _dir: dir,
+            ca,
+            ca_pem,
+        }
+    }
+
+    fn opts(f: &Fixture, endpoint: &str) -> AgentOptions {
+        AgentOptions {
+            endpoint: endpoint.into(),
+            tls: Some(ClientTls::from_ca_pem(&f.ca_pem).expect("tls")),
+            token: Some("amp-bs.x".into()),
+            instance_uid: Some(UID),
+            accept_identity: true,
+            capabilities: DEFAULT_CAPABILITIES
+                | proto::agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS,
+            ..AgentOptions::default()
+        }
+    }
+
+    /// An offer of a freshly issued certificate with its key; (offer, serial).
+    fn offer(f: &Fixture, hash: &[u8], endpoint: &str) -> (ServerToAgent, String) {
+        let issued =
+            f.ca.issue(
+                shared::ids::InstanceUid(UID),
+                None,
+                Duration::from_secs(3600),
+            )
+            .expect("issue");
+        let msg = ServerToAgent {
+            connection_settings: Some(ConnectionSettingsOffers {
+                hash: hash.to_vec(),
+                opamp: Some(OpAmpConnectionSettings {
+                    destination_endpoint: endpoint.into(),
+                    heartbeat_interval_seconds: 30,
+                    certificate: Some(TlsCertificate {
+                        cert: issued.cert_pem.as_bytes().to_vec(),
+                        private_key: issued.private_key_pem.clone().expect("key").into_bytes(),
+                        ca_cert: f.ca_pem.as_bytes().to_vec(),
+                    }),
+                    ..OpAmpConnectionSettings::default()
+                }),
+                ..ConnectionSettingsOffers::default()
+            }),
+            ..ServerToAgent::default()
+        };
+        (msg, issued.serial)
+    }
+
+    fn on_certificate(core: &AgentCore) -> bool {
+        let c = core.connection();
+        c.headers.is_empty() && c.tls.as_ref().is_some_and(ClientTls::has_client_cert)
+    }
+
+    #[test]
+    fn restart_on_offer_takes_every_certificate_offer_and_reports_nothing() {
+        let f = fixture();
+        let (mut core, rx) = AgentCore::new(AgentOptions {
+            restart_on_settings_offer: true,
+            ..opts(&f, "wss://127.0.0.1:1/v1/opamp")
+        });
+        let (o, serial) = offer(&f, b"h1", "wss://127.0.0.1:1/v1/opamp");
+        let out = core.on_message(o.clone());
+        assert!(out.restart && !out.switch);
+        assert!(out.send.is_empty(), "no ConnectionSettingsStatus");
+        assert!(on_certificate(&core));
+        // A certificate that does not work is kept (the supervisor retries its new client).
+        assert!(!core.connection_failed("handshake"));
+        assert!(on_certificate(&core));
+        core.connection_succeeded();
+        core.client_restarted();
+        assert_eq!(rx.borrow().client_cert_serial.as_deref(), Some(&*serial));
+        let first = core.connect_message();
+        assert_eq!(first.sequence_num, 0);
+        assert!(first.connection_settings_status.is_none());
+        // The very same offer again: no hash is remembered, so it restarts again.
+        let out = core.on_message(o);
+        assert!(out.restart && out.send.is_empty());
+        let s = rx.borrow().clone();
+        assert_eq!((s.settings_offers, s.settings_offers_with_key), (2, 2));
+        assert_eq!(s.client_restarts, 1);
+    }
+
+    #[test]
+    fn process_restart_forgets_the_certificate_only_when_asked() {
+        let f = fixture();
+        for forget in [false, true] {
+            let (mut core, rx) = AgentCore::new(AgentOptions {
+                forget_identity_on_restart: forget,
+                ..opts(&f, "wss://127.0.0.1:1/v1/opamp")
+            });
+            let (o, serial) = offer(&f, b"h1", "wss://127.0.0.1:1/v1/opamp");
+            assert!(core.on_message(o).switch);
+            core.connection_succeeded();
+            assert!(on_certificate(&core));
+            core.heartbeat_message();
+            let mut core = core.process_restarted(forget);
+            let s = rx.borrow().clone();
+            assert_eq!(s.process_restarts, 1);
+            assert_eq!(core.connect_message().sequence_num, 0);
+            if forget {
+                assert_eq!(
+                    core.connection().headers,
+                    vec![("Authorization".to_string(), "Bearer amp-bs.x".to_string())],
+                    "back on the bootstrap token"
+                );
+                assert!(!core.connection().tls.is_some_and(|t| t.has_client_cert()));
+                assert_eq!(s.client_cert_serial, None);
+            } else {
+                assert!(on_certificate(&core), "kept, as if persisted");
+                assert_eq!(s.client_cert_serial.as_deref(), Some(&*serial));
+            }
+        }
+    }
+
+    #[test]
+    fn offered_scheme_picks_the_transport_only_with_the_option() {
+        let f = fixture();
+        let https = "https://127.0.0.1:1/v1/opamp";
+        for pick in [false, true] {
+            let (mut core, rx) = AgentCore::new(AgentOptions {
+                transport_from_offer_scheme: pick,
+                ..opts(&f, "wss://127.0.0.1:1/v1/opamp")
+            });
+            let configured = Endpoint::parse(&core.options().endpoint).expect("endpoint");
+            let (o, _) = offer(&f, b"h1", https);
+            assert!(core.on_message(o).switch);
+            let expect = if pick { Scheme::Http } else { Scheme::Ws };
+            assert_eq!(core.next_scheme(&configured), expect, "option {pick}");
+            assert_eq!(rx.borrow().offered_endpoints, vec![https.to_string()]);
+        }
+    }
 }
