@@ -168,8 +168,8 @@ pub(crate) fn gateway_agent_trust(config: &Config) -> anyhow::Result<Option<Agen
     ))
 }
 
-/// The secret trusted proxies must present (`tls.trusted_proxy_secret_file`); `None` without
-/// one.
+/// The secret trusted proxies must present (`tls.trusted_proxy_secret_file`) to gateways and
+/// to the API alike; `None` without one.
 pub(crate) fn gateway_proxy_secret(
     config: &Config,
 ) -> anyhow::Result<Option<gateway::server::ProxySecret>> {
@@ -342,6 +342,8 @@ pub async fn start_coordinator(
     config: &Config,
     listener: TcpListener,
 ) -> anyhow::Result<CoordinatorNode> {
+    // The API believes a proxy's forwarding headers by the gateways' rule.
+    let proxy_secret = gateway_proxy_secret(config)?;
     let metrics = metrics_handle();
     let addr = listener.local_addr()?;
     let node = node_id(config, "coordinator");
@@ -378,7 +380,11 @@ pub async fn start_coordinator(
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let (admin_token, admin_token_path) = serve::ensure_admin_token(&*store, &data_dir).await?;
     let app = Router::new()
-        .merge(crate::api::router(coordinator.clone(), config))
+        .merge(crate::api::router(
+            coordinator.clone(),
+            config,
+            proxy_secret,
+        ))
         .merge(serve::health_router(coordinator.clone(), metrics));
     Ok(CoordinatorNode {
         addr,

@@ -186,7 +186,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
     let mut gw_config = crate::cluster::gateway_config(&config);
     gw_config.identity = trust;
-    gw_config.proxy_secret = crate::cluster::gateway_proxy_secret(&config)?;
+    let proxy_secret = crate::cluster::gateway_proxy_secret(&config)?;
+    gw_config.proxy_secret = proxy_secret.clone();
     let gateway = Gateway::start(gateway_id, bus.clone(), ownership, gw_config).await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
@@ -195,7 +196,11 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
 
     let app = Router::new()
         .merge(gateway.router())
-        .merge(crate::api::router(coordinator.clone(), &config))
+        .merge(crate::api::router(
+            coordinator.clone(),
+            &config,
+            proxy_secret,
+        ))
         .merge(health_router(coordinator.clone(), metrics));
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(gateway::serve::serve(listener, app, limits, async move {

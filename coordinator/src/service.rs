@@ -918,7 +918,10 @@ impl Coordinator {
         if let AuthDecision::Reject(f) = &decision {
             let detail = match &req.certificate {
                 Some(cert) => serde_json::json!({ "certificate": cert.serial }),
-                None => serde_json::json!({ "token": token::display_prefix(&req.token) }),
+                None => match &req.token {
+                    Some(t) => serde_json::json!({ "token": t.prefix }),
+                    None => serde_json::Value::Null,
+                },
             };
             self.refused(Refused {
                 ip: req.source_ip,
@@ -931,11 +934,12 @@ impl Coordinator {
         decision
     }
 
+    /// A bootstrap token, known here only by its hash: the gateway checked its format (and
+    /// refused a malformed one itself) and never sends its text.
     async fn check_token(&self, req: &AuthRequest) -> AuthDecision {
-        if token::check_bootstrap_token(&req.token).is_err() {
-            return AuthDecision::Reject(AuthFailure::MalformedToken);
-        }
-        let hash = token::hash_token(&req.token);
+        let Some(hash) = req.token.as_ref().map(|t| t.hash) else {
+            return AuthDecision::Reject(AuthFailure::MissingCredentials);
+        };
         let cached = self
             .tokens
             .read()

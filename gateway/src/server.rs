@@ -19,7 +19,7 @@ mod admission;
 mod decode;
 mod limits;
 mod plain;
-mod proxy;
+pub mod proxy;
 mod ws;
 
 pub use admission::{AdmissionConfig, WARMUP_FLOOR};
@@ -44,7 +44,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use proto::ServerToAgent;
 use shared::bus::{
     AuthDecision, AuthFailure, AuthRequest, Bus, CertificateId, ControlEvent, CoordinatorEvent,
-    CoordinatorReply, CoordinatorRequest, Credential, GatewayMessage, Route,
+    CoordinatorReply, CoordinatorRequest, Credential, GatewayMessage, PresentedToken, Route,
 };
 use shared::domain::Transport;
 use shared::ids::{GatewayId, InstanceUid};
@@ -748,7 +748,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
                 return refused;
             }
         }
-        return plain::serve(inner, req, source_ip, cert).await;
+        return plain::serve(inner, req, source_ip, tls, cert).await;
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return text(
@@ -770,7 +770,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             return refused;
         }
     }
-    ws::serve(inner, req, source_ip, cert, ip_slot).await
+    ws::serve(inner, req, source_ip, tls, cert, ip_slot).await
 }
 
 /// The agent identity a request carries, if any: the client certificate of its TLS
@@ -878,31 +878,12 @@ fn origin_of(trusted_proxies: &[IpNet], secret: Option<&ProxySecret>, req: &Requ
     };
     let headers = req.headers();
     let proxy = proxy::trust(trusted_proxies, secret, peer, headers);
-    if proxy == proxy::ProxyTrust::None {
-        return Origin {
-            peer,
-            proxy,
-            source_ip: peer,
-            tls: peer_tls,
-        };
-    }
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let forwarded_ip = header("x-real-ip")
-        .and_then(|v| v.trim().parse().ok())
-        .or_else(|| {
-            header("x-forwarded-for")
-                .and_then(|v| v.rsplit(',').next())
-                .and_then(|v| v.trim().parse().ok())
-        });
-    let forwarded_tls = header("x-forwarded-proto").is_some_and(|p| {
-        let p = p.trim();
-        p.eq_ignore_ascii_case("https") || p.eq_ignore_ascii_case("wss")
-    });
+    let (source_ip, tls) = proxy::forwarded(proxy, peer, peer_tls, headers);
     Origin {
         peer,
         proxy,
-        source_ip: forwarded_ip.unwrap_or(peer),
-        tls: peer_tls || forwarded_tls,
+        source_ip,
+        tls,
     }
 }
 
@@ -967,10 +948,19 @@ async fn authenticate(
         }
     };
     // A verified certificate needs no Authorization header (and its token, if any, is not
-    // looked at: the certificate is the stronger credential).
+    // looked at: the certificate is the stronger credential). A token's format is checked
+    // here, and only its hash and display prefix go to a coordinator: neither the token
+    // itself nor a malformed one crosses the bus.
     let token = match parse_bearer(headers.get(AUTHORIZATION)) {
-        _ if cert.is_some() => String::new(),
-        Ok(token) => token.to_owned(),
+        _ if cert.is_some() => None,
+        Ok(token) => match PresentedToken::from_bootstrap_token(token) {
+            Ok(presented) => Some(presented),
+            Err(_) => {
+                let f = AuthFailure::MalformedToken;
+                report_auth_failure(inner, source_ip, f.as_str()).await;
+                return Err(unauthorized(source_ip, f.as_str(), f.message()));
+            }
+        },
         Err(f) => {
             report_auth_failure(inner, source_ip, f.as_str()).await;
             return Err(unauthorized(source_ip, f.as_str(), f.message()));
@@ -1102,10 +1092,13 @@ fn text(status: StatusCode, body: &str) -> Response {
         .into_response()
 }
 
-/// 401, counted and logged. `reason` is the audit-style code, `message` the body.
+/// 401, counted and logged. `reason` is the audit-style code, `message` the body. Logged at
+/// debug only: a looping or hostile client would turn a line per attempt into a log flood,
+/// and every refusal is already counted here and by the coordinator
+/// (`ampora_auth_failures_total{reason}`) and audited there, aggregated.
 fn unauthorized(source_ip: IpAddr, reason: &str, message: &str) -> Response {
     count_rejected("auth_failed");
-    tracing::warn!(source_ip = %source_ip, reason, "authentication failed");
+    tracing::debug!(source_ip = %source_ip, reason, "authentication failed");
     let mut resp = text(StatusCode::UNAUTHORIZED, message);
     resp.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,

@@ -14,7 +14,7 @@
 //! [`ApiError::refusal_reason`]).
 
 use std::marker::PhantomData;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt as _;
-use gateway::server::IpNet;
+use gateway::server::proxy;
+use gateway::server::{IpNet, ProxySecret};
 use gateway::tls::Peer;
 use serde::de::DeserializeOwned;
 use shared::domain::{ApiTokenRecord, Role};
@@ -73,7 +74,7 @@ impl FromRef<ApiState> for Arc<Coordinator> {
     }
 }
 
-/// The `[api]` settings, plus the trusted proxies of `[tls]`.
+/// The `[api]` settings, plus the trusted proxies and their secret of `[tls]`.
 pub struct Guard {
     max_body: usize,
     max_config_body: usize,
@@ -82,10 +83,15 @@ pub struct Guard {
     slots: Option<Arc<Semaphore>>,
     token_plaintext_allowed: bool,
     trusted_proxies: Vec<IpNet>,
+    /// `tls.trusted_proxy_secret_file`: with one, a trusted proxy's headers count only when
+    /// it presents the secret, as at the gateway.
+    proxy_secret: Option<ProxySecret>,
 }
 
 impl Guard {
-    pub fn new(config: &Config) -> Self {
+    /// `proxy_secret`: the one read from `tls.trusted_proxy_secret_file`
+    /// (`cluster::gateway_proxy_secret`).
+    pub fn new(config: &Config, proxy_secret: Option<ProxySecret>) -> Self {
         let api = &config.api;
         // Out-of-range values saturate: a limit that large is no limit.
         let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
@@ -106,6 +112,7 @@ impl Guard {
                 .iter()
                 .filter_map(|p| p.parse().ok())
                 .collect(),
+            proxy_secret,
         }
     }
 
@@ -116,7 +123,9 @@ impl Guard {
 
     /// Whether a token may be presented on this request: it came over TLS (this connection,
     /// or a trusted proxy's `X-Forwarded-Proto: https`) or from a loopback client (the peer,
-    /// or the client a trusted proxy names), where plaintext never leaves the host. Without
+    /// or the client a trusted proxy names), where plaintext never leaves the host. A trusted
+    /// proxy is believed by the gateway's rule ([`proxy::classify`]): from a
+    /// `tls.trusted_proxies` address, and with the proxy secret when one is set. Without
     /// connect info the peer is unknown, which is not loopback.
     fn channel_ok(&self, parts: &Parts) -> bool {
         if self.token_plaintext_allowed {
@@ -130,33 +139,15 @@ impl Guard {
                 None => return false,
             },
         };
-        let (client, tls) = if self.trusted_proxies.iter().any(|n| n.contains(peer)) {
-            forwarded(&parts.headers, peer, peer_tls)
-        } else {
-            (peer, peer_tls)
-        };
+        let trust = proxy::classify(
+            &self.trusted_proxies,
+            self.proxy_secret.as_ref(),
+            peer,
+            &parts.headers,
+        );
+        let (client, tls) = proxy::forwarded(trust, peer, peer_tls, &parts.headers);
         tls || client.to_canonical().is_loopback()
     }
-}
-
-/// The client and TLS as a trusted proxy reports them: `X-Real-IP`, else the last
-/// `X-Forwarded-For` entry (the one that proxy appended); `X-Forwarded-Proto: https`. The
-/// same reading as the gateway's.
-fn forwarded(headers: &HeaderMap, peer: IpAddr, peer_tls: bool) -> (IpAddr, bool) {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let client = header("x-real-ip")
-        .and_then(|v| v.trim().parse().ok())
-        .or_else(|| {
-            header("x-forwarded-for")
-                .and_then(|v| v.rsplit(',').next())
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(peer);
-    let tls = header("x-forwarded-proto").is_some_and(|p| {
-        let p = p.trim();
-        p.eq_ignore_ascii_case("https") || p.eq_ignore_ascii_case("wss")
-    });
-    (client, peer_tls || tls)
 }
 
 /// Router layer: one of `api.max_concurrent_requests` slots for the whole request, or 503.
@@ -333,10 +324,15 @@ mod tests {
     use super::*;
 
     fn guard(trusted: &[&str], allowed: bool) -> Guard {
+        guard_with_secret(trusted, allowed, None)
+    }
+
+    fn guard_with_secret(trusted: &[&str], allowed: bool, secret: Option<&str>) -> Guard {
         let mut cfg = Config::default();
         cfg.tls.trusted_proxies = trusted.iter().map(|s| s.to_string()).collect();
         cfg.api.token_plaintext_allowed = allowed;
-        Guard::new(&cfg)
+        let secret = secret.map(|s| ProxySecret::parse(s).expect("secret"));
+        Guard::new(&cfg, secret)
     }
 
     fn parts(peer: &str, tls: bool, headers: &[(&str, &str)]) -> Parts {
@@ -396,5 +392,43 @@ mod tests {
         // The setting allows it all.
         let open = guard(&[], true);
         assert!(open.channel_ok(&parts("192.0.2.1:1000", false, &[])));
+    }
+
+    /// With a proxy secret, a trusted address is believed only with it, as at the gateway.
+    #[test]
+    fn with_a_proxy_secret_a_trusted_address_needs_it() {
+        const SECRET: &str = "0123456789abcdef-api-secret";
+        let g = guard_with_secret(&["10.0.0.5"], false, Some(SECRET));
+        let header = gateway::server::PROXY_SECRET_HEADER;
+        let header = header.as_str();
+        let remote_tls = [("x-forwarded-proto", "https"), ("x-real-ip", "192.0.2.9")];
+        let local = [("x-forwarded-proto", "http"), ("x-real-ip", "127.0.0.1")];
+        assert!(
+            !g.channel_ok(&parts("10.0.0.5:1000", false, &remote_tls)),
+            "a trusted address without the secret claims TLS in vain"
+        );
+        assert!(
+            !g.channel_ok(&parts("10.0.0.5:1000", false, &local)),
+            "... and a loopback client in vain"
+        );
+        let wrong = [
+            remote_tls[0],
+            remote_tls[1],
+            (header, "0123456789abcdef-wrong"),
+        ];
+        assert!(!g.channel_ok(&parts("10.0.0.5:1000", false, &wrong)));
+        let proven = [remote_tls[0], remote_tls[1], (header, SECRET)];
+        assert!(
+            g.channel_ok(&parts("10.0.0.5:1000", false, &proven)),
+            "with the secret it is believed"
+        );
+        assert!(
+            !g.channel_ok(&parts("192.0.2.1:1000", false, &proven)),
+            "the secret from an untrusted address is not enough"
+        );
+        assert!(
+            g.channel_ok(&parts("127.0.0.1:1000", false, &[])),
+            "loopback"
+        );
     }
 }

@@ -71,9 +71,14 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
-/// The API's routes with their guard, configured by `[api]` (and `[tls] trusted_proxies`).
-pub fn router(coord: Arc<Coordinator>, config: &Config) -> Router {
-    let guard = Arc::new(Guard::new(config));
+/// The API's routes with their guard, configured by `[api]` (and `[tls] trusted_proxies`,
+/// with `proxy_secret` read from `tls.trusted_proxy_secret_file`).
+pub fn router(
+    coord: Arc<Coordinator>,
+    config: &Config,
+    proxy_secret: Option<gateway::server::ProxySecret>,
+) -> Router {
+    let guard = Arc::new(Guard::new(config, proxy_secret));
     // `ApiJson` enforces the per-route limits; this bounds any other body extractor.
     let body_limit = axum::extract::DefaultBodyLimit::max(guard.largest_body());
     let state = ApiState { coord, guard };

@@ -100,10 +100,13 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish()
 }
 
+/// `secure`: whether the agent's connection is TLS (its own, or at a trusted proxy), as
+/// [`Origin::tls`](super::Origin) says; passed on in every frame.
 pub(super) async fn serve(
     inner: Arc<Inner>,
     req: Request,
     source_ip: IpAddr,
+    secure: bool,
     cert: Option<CertificateId>,
 ) -> Response {
     let (parts, body) = req.into_parts();
@@ -168,6 +171,7 @@ pub(super) async fn serve(
         transport: Transport::Http,
         credential,
         source_ip,
+        secure,
         msg,
     };
     let reply = tokio::time::timeout(

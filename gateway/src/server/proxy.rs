@@ -8,6 +8,9 @@
 //! it in [`PROXY_SECRET_HEADER`] (compared in constant time) before any forwarding header
 //! counts. Without one, forwarded addresses and TLS are still believed from a trusted address,
 //! but a forwarded client certificate never is: it would make the header alone a credential.
+//!
+//! The coordinator's API guard applies the same rule ([`classify`], [`forwarded`]) to decide
+//! whether an API token came over TLS or from the host itself.
 
 use std::net::IpAddr;
 
@@ -92,7 +95,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// How far a request's forwarding headers may be believed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ProxyTrust {
+pub enum ProxyTrust {
     /// Not from a trusted proxy: forwarding headers are ignored.
     None,
     /// From a trusted address, no secret configured: forwarded address and TLS count, a
@@ -102,8 +105,9 @@ pub(super) enum ProxyTrust {
     Authenticated,
 }
 
-/// Classifies a request from `peer` with `headers`.
-pub(super) fn trust(
+/// Classifies a request from `peer` with `headers`. Counts nothing: the gateway's [`trust`]
+/// also counts a trusted address without the secret.
+pub fn classify(
     trusted_proxies: &[IpNet],
     secret: Option<&ProxySecret>,
     peer: IpAddr,
@@ -119,9 +123,56 @@ pub(super) fn trust(
     if presented.is_some_and(|v| secret.accepts(v.as_bytes())) {
         return ProxyTrust::Authenticated;
     }
-    metrics::counter!(PROXY_UNAUTHENTICATED).increment(1);
-    tracing::debug!(%peer, presented = presented.is_some(), "request from a trusted proxy address without the proxy secret: forwarding headers ignored");
     ProxyTrust::None
+}
+
+/// [`classify`], counting and logging (debug) a request from a trusted address without the
+/// right secret.
+pub(super) fn trust(
+    trusted_proxies: &[IpNet],
+    secret: Option<&ProxySecret>,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> ProxyTrust {
+    let trust = classify(trusted_proxies, secret, peer, headers);
+    if trust == ProxyTrust::None
+        && secret.is_some()
+        && trusted_proxies.iter().any(|n| n.contains(peer))
+    {
+        metrics::counter!(PROXY_UNAUTHENTICATED).increment(1);
+        let presented = headers.contains_key(PROXY_SECRET_HEADER);
+        tracing::debug!(%peer, presented, "request from a trusted proxy address without the proxy secret: forwarding headers ignored");
+    }
+    trust
+}
+
+/// The client's address and whether it spoke TLS, as far as `trust` lets the headers say:
+/// with [`ProxyTrust::None`] the peer's own; otherwise the proxy's `X-Real-IP` (else the last
+/// `X-Forwarded-For` entry, the one that proxy appended) and TLS when the peer's connection
+/// is TLS or the proxy says `X-Forwarded-Proto: https` (or `wss`): it terminated TLS.
+pub fn forwarded(
+    trust: ProxyTrust,
+    peer: IpAddr,
+    peer_tls: bool,
+    headers: &HeaderMap,
+) -> (IpAddr, bool) {
+    if trust == ProxyTrust::None {
+        return (peer, peer_tls);
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let client = header("x-real-ip")
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| {
+            header("x-forwarded-for")
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(peer);
+    let tls = header("x-forwarded-proto").is_some_and(|p| {
+        let p = p.trim();
+        p.eq_ignore_ascii_case("https") || p.eq_ignore_ascii_case("wss")
+    });
+    (client, peer_tls || tls)
 }
 
 #[cfg(test)]

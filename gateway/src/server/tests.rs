@@ -9,9 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocket};
-use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE, UPGRADE, WWW_AUTHENTICATE,
-};
+use http::header::{CONNECTION, CONTENT_ENCODING, CONTENT_TYPE, UPGRADE, WWW_AUTHENTICATE};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::upgrade::Upgraded;
@@ -19,8 +17,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proto::{AgentToServer, Message, ServerToAgent};
 use shared::bus::{
-    AuthDecision, AuthFailure, Bus, CoordinatorEvent, CoordinatorHandler, CoordinatorReply,
-    CoordinatorRequest, Credential, FrameReply, GatewayMessage, InProcessBus,
+    AuthDecision, AuthFailure, AuthRequest, Bus, CoordinatorEvent, CoordinatorHandler,
+    CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage, InProcessBus,
+    PresentedToken,
 };
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::{MemoryOwnership, Ownership};
@@ -32,24 +31,44 @@ use crate::codec;
 const MAX: usize = 1024;
 const WAIT: Duration = Duration::from_secs(5);
 
-/// Accepts the token "good"; answers every frame with an ack echoing the UID and binding it.
+/// Well-formed bootstrap tokens (prefix, secret, CRC) the fake coordinator tells apart.
+const GOOD_TOKEN: &str = "amp-bs.goodgood.0baee47d";
+const BAD_TOKEN: &str = "amp-bs.badtoken.c1d177a2";
+const UNDECIDED_TOKEN: &str = "amp-bs.undecide.dbfc0254";
+
+fn presented(token: &str) -> Option<PresentedToken> {
+    Some(PresentedToken::from_bootstrap_token(token).expect("well-formed test token"))
+}
+
+/// Accepts [`GOOD_TOKEN`]; answers every frame with an ack echoing the UID and binding it.
+/// Keeps what it was asked and told.
 #[derive(Default)]
 struct FakeCoordinator {
     events: Mutex<Vec<CoordinatorEvent>>,
+    auths: Mutex<Vec<AuthRequest>>,
+    /// `secure` of every frame, in order.
+    secure: Mutex<Vec<bool>>,
 }
 
 #[async_trait]
 impl CoordinatorHandler for FakeCoordinator {
     async fn handle(&self, req: CoordinatorRequest) -> CoordinatorReply {
+        match &req {
+            CoordinatorRequest::Authenticate(a) => {
+                self.auths.lock().expect("auths").push(a.clone())
+            }
+            CoordinatorRequest::Frame(f) => self.secure.lock().expect("secure").push(f.secure),
+            CoordinatorRequest::RevokedSerials => {}
+        }
         match req {
-            CoordinatorRequest::Authenticate(a) if a.token == "good" => {
+            CoordinatorRequest::Authenticate(a) if a.token == presented(GOOD_TOKEN) => {
                 CoordinatorReply::Auth(AuthDecision::Accept(Credential::BootstrapToken {
                     token_id: "t1".into(),
                     bound_uid: None,
                 }))
             }
             // As a coordinator whose store failed answers.
-            CoordinatorRequest::Authenticate(a) if a.token == "undecided" => {
+            CoordinatorRequest::Authenticate(a) if a.token == presented(UNDECIDED_TOKEN) => {
                 CoordinatorReply::Auth(AuthDecision::Unavailable)
             }
             CoordinatorRequest::Authenticate(_) => {
@@ -86,6 +105,21 @@ struct Harness {
 }
 
 async fn start(plaintext_allowed: bool) -> anyhow::Result<Harness> {
+    start_with(plaintext_allowed, |_| {}).await
+}
+
+async fn start_with(
+    plaintext_allowed: bool,
+    configure: impl FnOnce(&mut GatewayConfig),
+) -> anyhow::Result<Harness> {
+    let mut config = GatewayConfig {
+        max_frame_bytes: MAX,
+        request_timeout: Duration::from_secs(2),
+        write_queue: 4,
+        bootstrap_plaintext_allowed: plaintext_allowed,
+        ..GatewayConfig::default()
+    };
+    configure(&mut config);
     let bus = Arc::new(InProcessBus::new());
     let coordinator = Arc::new(FakeCoordinator::default());
     bus.serve_coordinator(coordinator.clone()).await?;
@@ -96,13 +130,7 @@ async fn start(plaintext_allowed: bool) -> anyhow::Result<Harness> {
         GatewayId("gw-test".into()),
         bus.clone(),
         ownership.clone(),
-        GatewayConfig {
-            max_frame_bytes: MAX,
-            request_timeout: Duration::from_secs(2),
-            write_queue: 4,
-            bootstrap_plaintext_allowed: plaintext_allowed,
-            ..GatewayConfig::default()
-        },
+        config,
     )
     .await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -178,7 +206,7 @@ async fn post(
 }
 
 const PB: (&str, &str) = ("Content-Type", "application/x-protobuf");
-const GOOD: (&str, &str) = ("Authorization", "Bearer good");
+const GOOD: (&str, &str) = ("Authorization", "Bearer amp-bs.goodgood.0baee47d");
 
 #[tokio::test]
 async fn plain_http_transport() -> anyhow::Result<()> {
@@ -236,7 +264,7 @@ async fn plain_http_transport() -> anyhow::Result<()> {
     let r = post(
         h.addr,
         "POST",
-        &[PB, ("Authorization", "Bearer bad")],
+        &[PB, ("Authorization", "Bearer amp-bs.badtoken.c1d177a2")],
         body.clone(),
     )
     .await?;
@@ -339,14 +367,198 @@ async fn undecided_authentication_is_retry_later_not_401() -> anyhow::Result<()>
     let r = post(
         h.addr,
         "POST",
-        &[PB, ("Authorization", "Bearer undecided")],
+        &[PB, ("Authorization", "Bearer amp-bs.undecide.dbfc0254")],
         hello(InstanceUid::new_v7()).encode_to_vec(),
     )
     .await?;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     assert!(r.headers.contains_key(http::header::RETRY_AFTER));
-    let refused = within(connect(h.addr, Some("Bearer undecided"))).await;
+    let refused = within(connect(h.addr, Some("Bearer amp-bs.undecide.dbfc0254"))).await;
     assert!(refused.is_err(), "no upgrade without a decision");
+    Ok(())
+}
+
+/// Issue 17: a malformed token is refused by the gateway itself (401, reported for the audit),
+/// and of a well-formed one only its hash and display prefix reach a coordinator.
+#[tokio::test]
+async fn tokens_cross_the_bus_only_hashed_and_well_formed() -> anyhow::Result<()> {
+    let h = start(true).await?;
+    let body = hello(InstanceUid::new_v7()).encode_to_vec();
+    // Right prefix, wrong CRC; and no CRC at all.
+    for malformed in ["amp-bs.goodgood.0baee47e", "amp-bs.goodgood"] {
+        let auth = format!("Bearer {malformed}");
+        let r = post(
+            h.addr,
+            "POST",
+            &[PB, ("Authorization", &auth)],
+            body.clone(),
+        )
+        .await?;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (StatusCode::UNAUTHORIZED, "malformed token")
+        );
+        let refused = connect(h.addr, Some(&auth)).await.err();
+        assert!(matches!(
+            refused,
+            Some(fastwebsockets::WebSocketError::InvalidStatusCode(401))
+        ));
+    }
+    assert!(
+        h.coordinator.auths.lock().expect("auths").is_empty(),
+        "a malformed token must not be sent to a coordinator"
+    );
+    let reported = h
+        .coordinator
+        .events
+        .lock()
+        .expect("events")
+        .iter()
+        .filter(|e| {
+            matches!(e, CoordinatorEvent::AuthFailed { reason, .. } if reason == "malformed_token")
+        })
+        .count();
+    assert_eq!(
+        reported, 4,
+        "every malformed token is reported for the audit"
+    );
+
+    let bad = format!("Bearer {BAD_TOKEN}");
+    let r = post(h.addr, "POST", &[PB, ("Authorization", &bad)], body.clone()).await?;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = post(h.addr, "POST", &[PB, GOOD], body).await?;
+    assert_eq!(r.status, StatusCode::OK);
+    let auths = h.coordinator.auths.lock().expect("auths").clone();
+    assert_eq!(auths.len(), 2);
+    let sent = auths[0].token.clone().expect("a token");
+    assert_eq!(sent.hash, shared::token::hash_token(BAD_TOKEN));
+    assert_eq!(sent.prefix, "amp-bs.badt…");
+    assert!(auths[0].certificate.is_none());
+    assert!(!format!("{auths:?}").contains("badtoken"), "{auths:?}");
+    Ok(())
+}
+
+/// Issue 18: every frame says whether the agent's connection is TLS: plaintext here, unless a
+/// trusted proxy that presents the secret says it terminated TLS.
+#[tokio::test]
+async fn frames_say_whether_the_agent_connection_is_tls() -> anyhow::Result<()> {
+    const SECRET: &str = "0123456789abcdef-gateway-test";
+    let h = start_with(true, |c| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().expect("net")];
+        c.proxy_secret = Some(super::ProxySecret::parse(SECRET).expect("secret"));
+    })
+    .await?;
+    let secret = super::PROXY_SECRET_HEADER;
+    let secret = secret.as_str();
+    let body = hello(InstanceUid::new_v7()).encode_to_vec();
+    let https = ("X-Forwarded-Proto", "https");
+    let cases: [(&[(&str, &str)], bool); 4] = [
+        (&[PB, GOOD], false),
+        (&[PB, GOOD, https], false),
+        (
+            &[PB, GOOD, https, (secret, "0123456789abcdef-wrong")],
+            false,
+        ),
+        (&[PB, GOOD, https, (secret, SECRET)], true),
+    ];
+    for (i, (headers, _)) in cases.iter().enumerate() {
+        let r = post(h.addr, "POST", headers, body.clone()).await?;
+        assert_eq!(r.status, StatusCode::OK, "case {i}: {}", r.text());
+    }
+    let want: Vec<bool> = cases.iter().map(|(_, secure)| *secure).collect();
+    assert_eq!(*h.coordinator.secure.lock().expect("secure"), want);
+
+    // A WebSocket's frames too.
+    for (headers, secure) in [
+        (&[GOOD, https][..], false),
+        (&[GOOD, https, (secret, SECRET)][..], true),
+    ] {
+        let mut ws = connect_with(h.addr, headers).await?;
+        send(&mut ws, &hello(InstanceUid::new_v7())).await?;
+        recv_msg(&mut ws).await?;
+        assert_eq!(
+            h.coordinator.secure.lock().expect("secure").last(),
+            Some(&secure)
+        );
+    }
+    Ok(())
+}
+
+/// What [`LogRecorder`] saw: level and message of every event.
+type Logged = Arc<Mutex<Vec<(tracing::Level, String)>>>;
+
+/// A subscriber keeping every event's level and message (tests run on one thread, so one
+/// set as this thread's default sees the server's tasks too).
+struct LogRecorder(Logged);
+
+impl tracing::Subscriber for LogRecorder {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        let level = *event.metadata().level();
+        self.0.lock().expect("log").push((level, m.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A refused attempt is counted (`auth_failed`) and audited by the coordinator; a WARN line
+/// per attempt would let a looping or hostile client flood the log, so it is a debug line.
+#[tokio::test]
+async fn refused_attempts_are_not_logged_at_warn() -> anyhow::Result<()> {
+    let logged: Logged = Arc::default();
+    let _log = tracing::subscriber::set_default(LogRecorder(logged.clone()));
+    let h = start(true).await?;
+    let body = hello(InstanceUid::new_v7()).encode_to_vec();
+    let bad = format!("Bearer {BAD_TOKEN}");
+    let refusals: [&[(&str, &str)]; 3] = [
+        &[PB],
+        &[PB, ("Authorization", "Bearer amp-bs.x.00000000")],
+        &[PB, ("Authorization", &bad)],
+    ];
+    for headers in refusals {
+        let r = post(h.addr, "POST", headers, body.clone()).await?;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert!(connect(h.addr, Some(&bad)).await.is_err());
+    // Refused by the coordinator after the upgrade, at the first frame.
+    let mut ws = connect(h.addr, Some(GOOD.1)).await?;
+    let refused = AgentToServer {
+        capabilities: 0xDEAD,
+        ..hello(InstanceUid::new_v7())
+    };
+    send(&mut ws, &refused).await?;
+    recv_msg(&mut ws).await?;
+    assert_eq!(recv_close(&mut ws).await?.0, 1008);
+
+    let failed: Vec<tracing::Level> = logged
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|(_, m)| m == "authentication failed")
+        .map(|(level, _)| *level)
+        .collect();
+    assert_eq!(failed.len(), 5, "each refusal still logged: {failed:?}");
+    assert!(
+        failed.iter().all(|l| *l == tracing::Level::DEBUG),
+        "at debug only: {failed:?}"
+    );
     Ok(())
 }
 
@@ -355,6 +567,14 @@ type Ws = WebSocket<TokioIo<Upgraded>>;
 async fn connect(
     addr: SocketAddr,
     auth: Option<&str>,
+) -> Result<Ws, fastwebsockets::WebSocketError> {
+    let auth: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    connect_with(addr, &auth).await
+}
+
+async fn connect_with(
+    addr: SocketAddr,
+    headers: &[(&str, &str)],
 ) -> Result<Ws, fastwebsockets::WebSocketError> {
     let stream = TcpStream::connect(addr).await?;
     let mut req = Request::builder()
@@ -368,8 +588,8 @@ async fn connect(
             fastwebsockets::handshake::generate_key(),
         )
         .header("Sec-WebSocket-Version", "13");
-    if let Some(auth) = auth {
-        req = req.header(AUTHORIZATION, auth);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let req = req
         .body(Empty::<Bytes>::new())
@@ -454,14 +674,16 @@ async fn websocket_transport() -> anyhow::Result<()> {
         refused,
         Some(fastwebsockets::WebSocketError::InvalidStatusCode(401))
     ));
-    let refused = connect(h.addr, Some("Bearer bad")).await.err();
+    let refused = connect(h.addr, Some("Bearer amp-bs.badtoken.c1d177a2"))
+        .await
+        .err();
     assert!(matches!(
         refused,
         Some(fastwebsockets::WebSocketError::InvalidStatusCode(401))
     ));
 
     // First exchange binds the agent to this connection.
-    let mut ws = connect(h.addr, Some("Bearer good")).await?;
+    let mut ws = connect(h.addr, Some(GOOD.1)).await?;
     let uid = InstanceUid::new_v7();
     send(&mut ws, &hello(uid)).await?;
     let ack = recv_msg(&mut ws).await?;
@@ -508,7 +730,7 @@ async fn websocket_transport() -> anyhow::Result<()> {
     assert_eq!(recv_msg(&mut ws).await?.instance_uid, uid.0.to_vec());
 
     // A second connection for the same agent supersedes the first.
-    let mut ws2 = connect(h.addr, Some("Bearer good")).await?;
+    let mut ws2 = connect(h.addr, Some(GOOD.1)).await?;
     send(&mut ws2, &hello(uid)).await?;
     assert_eq!(recv_msg(&mut ws2).await?.instance_uid, uid.0.to_vec());
     let (code, reason) = recv_close(&mut ws).await?;
@@ -548,7 +770,7 @@ async fn websocket_transport() -> anyhow::Result<()> {
     );
 
     // A coordinator close ends the connection with 1008 after the reply.
-    let mut ws3 = connect(h.addr, Some("Bearer good")).await?;
+    let mut ws3 = connect(h.addr, Some(GOOD.1)).await?;
     send(
         &mut ws3,
         &AgentToServer {
@@ -564,17 +786,17 @@ async fn websocket_transport() -> anyhow::Result<()> {
     );
 
     // Text frames are refused with 1003.
-    let mut ws4 = connect(h.addr, Some("Bearer good")).await?;
+    let mut ws4 = connect(h.addr, Some(GOOD.1)).await?;
     ws4.write_frame(Frame::text(b"hi".to_vec().into())).await?;
     assert_eq!(recv_close(&mut ws4).await?.0, 1003);
 
     // Shutdown says "going away" to everyone, even before their first message.
-    let mut ws5 = connect(h.addr, Some("Bearer good")).await?;
+    let mut ws5 = connect(h.addr, Some(GOOD.1)).await?;
     eventually("connection registered", || h.gateway.connected() == 1).await;
     within(h.gateway.shutdown()).await;
     assert_eq!(h.gateway.connected(), 0);
     assert_eq!(recv_close(&mut ws5).await?.0, 1001);
-    let refused = connect(h.addr, Some("Bearer good")).await.err();
+    let refused = connect(h.addr, Some(GOOD.1)).await.err();
     assert!(matches!(
         refused,
         Some(fastwebsockets::WebSocketError::InvalidStatusCode(503))

@@ -81,10 +81,14 @@ type Writer = WebSocketWrite<tokio::io::WriteHalf<Io>>;
 
 /// Authenticates and upgrades; the connection then lives in its own task, holding `ip_slot`
 /// (its place under `max_connections_per_ip`) and its credential's.
+///
+/// `secure`: whether the agent's connection is TLS (its own, or at a trusted proxy), as
+/// [`Origin::tls`](super::Origin) says; passed on in every frame.
 pub(super) async fn serve(
     inner: Arc<Inner>,
     mut req: Request,
     source_ip: IpAddr,
+    secure: bool,
     cert: Option<CertificateId>,
     ip_slot: IpSlot,
 ) -> Response {
@@ -126,6 +130,7 @@ pub(super) async fn serve(
         control,
         credential,
         source_ip,
+        secure,
         push_tx,
         push_rx,
         pending_bind: None,
@@ -180,6 +185,8 @@ struct Session {
     control: Arc<ConnControl>,
     credential: Credential,
     source_ip: IpAddr,
+    /// Whether the agent's connection is TLS (see [`AgentFrame::secure`]).
+    secure: bool,
     /// Cloned into each [`Binding`] so the dispatcher can queue pushes for us.
     push_tx: mpsc::Sender<Box<ServerToAgent>>,
     push_rx: mpsc::Receiver<Box<ServerToAgent>>,
@@ -388,6 +395,7 @@ impl Session {
             transport: Transport::WebSocket,
             credential: self.credential.clone(),
             source_ip: self.source_ip,
+            secure: self.secure,
             msg,
         };
         let route = Route::Partition(uid.map_or(0, |u| u.partition()));
@@ -421,7 +429,8 @@ impl Session {
         if let Some(reason) = reply.close {
             if let Some(why) = auth_close_reason(&reason) {
                 count_rejected("auth_failed");
-                tracing::warn!(source_ip = %self.source_ip, reason = why, "authentication failed");
+                // Debug, as in `unauthorized`: counted and audited, not a line per attempt.
+                tracing::debug!(source_ip = %self.source_ip, reason = why, "authentication failed");
             }
             return Err(Exit::Close(
                 CLOSE_POLICY_VIOLATION,

@@ -19,9 +19,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::{
-    AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, BusError, ControlEvent,
+    AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, BusError, CertificateId, ControlEvent,
     CoordinatorEvent, CoordinatorHandler, CoordinatorReply, CoordinatorRequest, Credential,
-    FrameReply, GatewayMessage, Route,
+    FrameReply, GatewayMessage, PresentedToken, Route,
 };
 use crate::domain::Transport;
 use crate::ids::{GatewayId, InstanceUid};
@@ -36,8 +36,9 @@ const UNSERVED: u16 = 77;
 /// Served, then handed away, within one check.
 const HANDED_OVER: u16 = 150;
 
-/// The token the suite's coordinator accepts.
-const GOOD_TOKEN: &str = "amp-bs.conformance.good";
+/// The hash of the token the suite's coordinator accepts (any 32 bytes do: the bus never
+/// looks inside).
+const GOOD_TOKEN_HASH: [u8; 32] = *b"conformance-good-token-hash-0123";
 
 /// Large enough to exceed NATS's default 1 MiB `max_payload` several times over.
 const LARGE: usize = 3 * 1024 * 1024;
@@ -82,11 +83,16 @@ impl CoordinatorHandler for TestCoordinator {
     async fn handle(&self, req: CoordinatorRequest) -> CoordinatorReply {
         self.handled.fetch_add(1, Ordering::Relaxed);
         match req {
-            CoordinatorRequest::Authenticate(a) if a.token == GOOD_TOKEN => {
+            CoordinatorRequest::Authenticate(a)
+                if a.token.as_ref().is_some_and(|t| t.hash == GOOD_TOKEN_HASH) =>
+            {
                 CoordinatorReply::Auth(AuthDecision::Accept(Credential::BootstrapToken {
                     token_id: describe_auth(&a),
                     bound_uid: a.uid_hint,
                 }))
+            }
+            CoordinatorRequest::Authenticate(a) if a.token.is_none() => {
+                CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::MissingCredentials))
             }
             CoordinatorRequest::Authenticate(_) => {
                 CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken))
@@ -130,14 +136,18 @@ fn answer(f: &AgentFrame) -> FrameReply {
     }
 }
 
+/// Every field of an authentication request, so the reply shows whether all arrived intact.
 fn describe_auth(a: &AuthRequest) -> String {
-    format!("{}|{}|{:?}", a.token, a.source_ip, a.transport)
+    format!(
+        "{:?}|{:?}|{}|{:?}|{:?}",
+        a.token, a.certificate, a.source_ip, a.uid_hint, a.transport
+    )
 }
 
 fn describe_frame(f: &AgentFrame) -> String {
     format!(
-        "{}|{}|{}|{:?}|{:?}|{}",
-        f.gateway, f.conn_id, f.epoch, f.transport, f.credential, f.source_ip
+        "{}|{}|{}|{:?}|{:?}|{}|{}",
+        f.gateway, f.conn_id, f.epoch, f.transport, f.credential, f.source_ip, f.secure
     )
 }
 
@@ -182,6 +192,8 @@ fn frame(uid: InstanceUid, seq: u64) -> AgentFrame {
             bound_uid: Some(uid),
         },
         source_ip: ip(),
+        // Varies, so both values are seen to arrive.
+        secure: seq % 2 == 1,
         msg: proto::AgentToServer {
             instance_uid: uid.0.to_vec(),
             sequence_num: seq,
@@ -273,12 +285,19 @@ async fn unserve_stops_the_partition(c: &dyn Bus, g: &dyn Bus) {
 
 async fn any_route_authenticates(g: &dyn Bus) {
     let uid = InstanceUid::new_v7();
+    // Both credentials at once (a gateway sends one or the other), so every field is seen.
     let good = AuthRequest {
-        token: GOOD_TOKEN.into(),
+        token: Some(PresentedToken {
+            hash: GOOD_TOKEN_HASH,
+            prefix: "amp-bs.good…".into(),
+        }),
         source_ip: "2001:db8::5".parse().expect("ip"),
         uid_hint: Some(uid),
         transport: Transport::Http,
-        certificate: None,
+        certificate: Some(CertificateId {
+            uid,
+            serial: "4abc".into(),
+        }),
     };
     let expected = describe_auth(&good);
     let reply = within(
@@ -298,7 +317,10 @@ async fn any_route_authenticates(g: &dyn Bus) {
         other => panic!("expected accept, got {other:?}"),
     }
     let bad = AuthRequest {
-        token: "amp-bs.nope".into(),
+        token: Some(PresentedToken {
+            hash: [9; 32],
+            prefix: "amp-bs.nope…".into(),
+        }),
         source_ip: ip(),
         uid_hint: None,
         transport: Transport::WebSocket,
@@ -326,6 +348,26 @@ async fn any_route_authenticates(g: &dyn Bus) {
             CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken))
         ),
         "{reply:?}"
+    );
+    let neither = AuthRequest {
+        token: None,
+        source_ip: ip(),
+        uid_hint: None,
+        transport: Transport::WebSocket,
+        certificate: None,
+    };
+    let reply = within(
+        "authenticate",
+        g.request(Route::Any, CoordinatorRequest::Authenticate(neither)),
+    )
+    .await
+    .expect("authenticate");
+    assert!(
+        matches!(
+            reply,
+            CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::MissingCredentials))
+        ),
+        "an absent token must arrive absent: {reply:?}"
     );
 }
 

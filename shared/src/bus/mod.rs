@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::Transport;
 use crate::ids::{GatewayId, InstanceUid};
+use crate::token::{self, TokenHash};
 
 pub mod conformance;
 pub mod nats;
@@ -99,15 +100,38 @@ impl AuthFailure {
 /// "May this request in?", asked before a WebSocket upgrade or HTTP request is accepted.
 #[derive(Debug, Clone)]
 pub struct AuthRequest {
-    /// The bearer token, scheme already checked and stripped by the gateway; empty when
-    /// `certificate` authenticates the request.
-    pub token: String,
+    /// The bootstrap token presented, as its hash and display prefix: the token itself never
+    /// crosses the bus. `None` when `certificate` authenticates the request.
+    pub token: Option<PresentedToken>,
     /// The verified client certificate's identity, when the request came with one.
     pub certificate: Option<CertificateId>,
     pub source_ip: IpAddr,
     /// The instance UID the client declared up front (`OpAMP-Instance-UID`), if any.
     pub uid_hint: Option<InstanceUid>,
     pub transport: Transport,
+}
+
+/// A bootstrap token as a coordinator needs it: the SHA-256 of its text (what the store keys
+/// tokens by) and its display prefix (for the audit log). Built by the gateway with
+/// [`PresentedToken::from_bootstrap_token`], which refuses a malformed token, so neither the
+/// raw token nor a malformed one is ever sent to a coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentedToken {
+    pub hash: TokenHash,
+    /// [`token::display_prefix`]: short and not secret.
+    pub prefix: String,
+}
+
+impl PresentedToken {
+    /// Checks the token's shape and CRC ([`token::check_bootstrap_token`]) and keeps only its
+    /// hash and display prefix.
+    pub fn from_bootstrap_token(text: &str) -> Result<Self, token::TokenFormatError> {
+        let text = token::check_bootstrap_token(text)?;
+        Ok(Self {
+            hash: token::hash_token(text),
+            prefix: token::display_prefix(text),
+        })
+    }
 }
 
 /// What a gateway read from a verified agent certificate.
@@ -138,6 +162,10 @@ pub struct AgentFrame {
     pub transport: Transport,
     pub credential: Credential,
     pub source_ip: IpAddr,
+    /// Whether the agent's connection is TLS: to the gateway's agent port, or to a trusted
+    /// proxy in front of it that says so (`X-Forwarded-Proto: https`, believed under the
+    /// gateway's proxy rules: `tls.trusted_proxies`, with the proxy secret when one is set).
+    pub secure: bool,
     pub msg: proto::AgentToServer,
 }
 

@@ -2,8 +2,8 @@
 //! (`proto::bus`, package `ampora.bus.v1`).
 //!
 //! Encoding cannot fail. Decoding validates everything the Rust types promise and the
-//! protobuf types do not: every `oneof` is set, UIDs are exactly 16 bytes, addresses parse,
-//! enums are known values. A message that fails any of these is [`Malformed`]; the caller
+//! protobuf types do not: every `oneof` is set, UIDs are exactly 16 bytes, token hashes 32,
+//! addresses parse, enums are known values. A message that fails any of these is [`Malformed`]; the caller
 //! counts and drops it, nothing panics on input from the wire.
 
 use std::net::IpAddr;
@@ -14,6 +14,7 @@ use proto::Message;
 use super::{
     AgentFrame, AuthDecision, AuthFailure, AuthRequest, CertificateId, ControlEvent,
     CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
+    PresentedToken,
 };
 use crate::domain::Transport;
 use crate::ids::{GatewayId, InstanceUid};
@@ -108,7 +109,10 @@ fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
     use pb::coordinator_request::Kind;
     let kind = match req {
         CoordinatorRequest::Authenticate(a) => Kind::Authenticate(pb::AuthRequest {
-            token: a.token,
+            presented_token: a.token.map(|t| pb::PresentedToken {
+                hash: t.hash.to_vec(),
+                prefix: t.prefix,
+            }),
             source_ip: a.source_ip.to_string(),
             uid_hint: a.uid_hint.map(|u| u.0.to_vec()),
             transport: transport_to_pb(a.transport) as i32,
@@ -127,6 +131,7 @@ fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
                 credential: Some(credential_to_pb(f.credential)),
                 source_ip: f.source_ip.to_string(),
                 msg: Some(f.msg),
+                secure: f.secure,
             })
         }
         CoordinatorRequest::RevokedSerials => Kind::RevokedSerials(pb::RevokedSerialsRequest {}),
@@ -271,7 +276,7 @@ fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Ma
     use pb::coordinator_request::Kind;
     Ok(match req.kind.ok_or(Malformed("request kind"))? {
         Kind::Authenticate(a) => CoordinatorRequest::Authenticate(AuthRequest {
-            token: a.token,
+            token: a.presented_token.map(token_from_pb).transpose()?,
             source_ip: ip_from_pb(&a.source_ip)?,
             uid_hint: a.uid_hint.as_deref().map(uid_from_pb).transpose()?,
             transport: transport_from_pb(a.transport)?,
@@ -292,6 +297,7 @@ fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Ma
             transport: transport_from_pb(f.transport)?,
             credential: credential_from_pb(f.credential.ok_or(Malformed("frame credential"))?)?,
             source_ip: ip_from_pb(&f.source_ip)?,
+            secure: f.secure,
             msg: f.msg.ok_or(Malformed("frame without message"))?,
         })),
         Kind::RevokedSerials(_) => CoordinatorRequest::RevokedSerials,
@@ -336,6 +342,17 @@ fn credential_from_pb(c: pb::Credential) -> Result<Credential, Malformed> {
     }
 }
 
+fn token_from_pb(t: pb::PresentedToken) -> Result<PresentedToken, Malformed> {
+    Ok(PresentedToken {
+        hash: t
+            .hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| Malformed("token hash is not 32 bytes"))?,
+        prefix: t.prefix,
+    })
+}
+
 fn uid_from_pb(bytes: &[u8]) -> Result<InstanceUid, Malformed> {
     InstanceUid::from_slice(bytes).ok_or(Malformed("instance uid is not 16 bytes"))
 }
@@ -370,6 +387,7 @@ fn failure_from_pb(v: i32) -> Result<AuthFailure, Malformed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token;
 
     fn uid() -> InstanceUid {
         InstanceUid([7; 16])
@@ -386,6 +404,7 @@ mod tests {
                 bound_uid: Some(uid()),
             },
             source_ip: "2001:db8::1".parse().expect("ip"),
+            secure: true,
             msg: proto::AgentToServer {
                 instance_uid: uid().0.to_vec(),
                 sequence_num: 3,
@@ -396,8 +415,9 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
+        let raw = token::new_bootstrap_token();
         let auth = AuthRequest {
-            token: "amp-bs.x.y".into(),
+            token: Some(PresentedToken::from_bootstrap_token(&raw).expect("well-formed")),
             source_ip: "10.0.0.1".parse().expect("ip"),
             uid_hint: Some(uid()),
             transport: Transport::WebSocket,
@@ -419,6 +439,16 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         let f = frame();
+        let plaintext = AgentFrame {
+            secure: false,
+            ..frame()
+        };
+        match decode_inbound(&encode_request(CoordinatorRequest::Frame(Box::new(
+            plaintext,
+        )))) {
+            Ok(Inbound::Request(CoordinatorRequest::Frame(back))) => assert!(!back.secure),
+            other => panic!("unexpected {other:?}"),
+        }
         match decode_inbound(&encode_request(CoordinatorRequest::Frame(Box::new(
             f.clone(),
         )))) {
@@ -428,6 +458,7 @@ mod tests {
                 assert_eq!(back.transport, f.transport);
                 assert_eq!(back.credential, f.credential);
                 assert_eq!(back.source_ip, f.source_ip);
+                assert_eq!(back.secure, f.secure);
                 assert_eq!(back.msg, f.msg);
             }
             other => panic!("unexpected {other:?}"),
@@ -576,7 +607,7 @@ mod tests {
                 pb::CoordinatorRequest {
                     kind: Some(pb::coordinator_request::Kind::Authenticate(
                         pb::AuthRequest {
-                            token: String::new(),
+                            presented_token: None,
                             source_ip: "127.0.0.1".into(),
                             uid_hint: None,
                             transport: 99,
@@ -591,5 +622,66 @@ mod tests {
             decode_inbound(&bad_transport).err(),
             Some(Malformed("transport"))
         );
+        let short_hash = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Request(
+                pb::CoordinatorRequest {
+                    kind: Some(pb::coordinator_request::Kind::Authenticate(
+                        pb::AuthRequest {
+                            presented_token: Some(pb::PresentedToken {
+                                hash: vec![0; 31],
+                                prefix: "amp-bs.abcd…".into(),
+                            }),
+                            source_ip: "127.0.0.1".into(),
+                            uid_hint: None,
+                            transport: pb::Transport::Http as i32,
+                            certificate: None,
+                        },
+                    )),
+                },
+            )),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            decode_inbound(&short_hash).err(),
+            Some(Malformed("token hash is not 32 bytes"))
+        );
+    }
+
+    /// Issue 17: only the hash and the display prefix of a bootstrap token cross the bus,
+    /// never its text, nor the secret part of it in any form.
+    #[test]
+    fn auth_request_does_not_carry_the_raw_token() {
+        let raw = token::new_bootstrap_token();
+        let presented = PresentedToken::from_bootstrap_token(&raw).expect("well-formed");
+        let bytes = encode_request(CoordinatorRequest::Authenticate(AuthRequest {
+            token: Some(presented.clone()),
+            certificate: None,
+            source_ip: "10.0.0.1".parse().expect("ip"),
+            uid_hint: None,
+            transport: Transport::WebSocket,
+        }));
+        let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        let secret = raw
+            .strip_prefix("amp-bs.")
+            .and_then(|r| r.rsplit_once('.'))
+            .map(|(secret, _crc)| secret)
+            .expect("token shape");
+        assert!(!contains(raw.as_bytes()), "the raw token crossed the bus");
+        // Anything past the display prefix of the secret (which is not secret) is absent too.
+        let shown = token::display_prefix(&raw).trim_end_matches('…').len() - "amp-bs.".len();
+        assert!(
+            !contains(&secret.as_bytes()[shown..]),
+            "the token's secret crossed the bus"
+        );
+        assert!(
+            contains(&token::hash_token(&raw)),
+            "its hash is what crosses"
+        );
+        match decode_inbound(&bytes) {
+            Ok(Inbound::Request(CoordinatorRequest::Authenticate(back))) => {
+                assert_eq!(back.token, Some(presented));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

@@ -132,6 +132,7 @@ fn frame_with_config(body: Vec<u8>) -> CoordinatorRequest {
             bound_uid: None,
         },
         source_ip: "127.0.0.1".parse().expect("ip"),
+        secure: false,
         msg: proto::AgentToServer {
             instance_uid: uid.0.to_vec(),
             effective_config: Some(proto::v1::EffectiveConfig {
