@@ -328,15 +328,18 @@ impl AgentCore {
     /// ([`Outcome::restart`]): a new client numbers its messages from 0, opens with its full
     /// state and remembers no offer's hash. The offered settings stay.
     pub fn client_restarted(&mut self) {
+        self.new_client();
+        self.status.send_modify(|s| s.client_restarts += 1);
+    }
+
+    /// What a new client starts without: message numbers, an offer's hash, a status to report.
+    fn new_client(&mut self) {
         self.next_seq = 0;
         self.reconnecting = false;
         self.settings_seen = None;
         self.settings_status = None;
         self.settings_status_pending = false;
-        self.status.send_modify(|s| {
-            s.client_restarts += 1;
-            s.connected = false;
-        });
+        self.set_connected(false);
     }
 
     /// The agent's process restarted: what a new process has is its options, its instance
@@ -344,7 +347,7 @@ impl AgentCore {
     /// `forget_identity` (kept only in memory: the agent is back on its bootstrap token),
     /// nothing of offers being tried and no offer's hash. The status channel carries on.
     pub fn process_restarted(mut self, forget_identity: bool) -> Self {
-        self.client_restarted();
+        self.new_client();
         self.candidate = None;
         self.start_time_ns = now_ns();
         self.heartbeat = if self.opts.heartbeat.is_zero() {

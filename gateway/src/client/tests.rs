@@ -1094,7 +1094,7 @@ mod identity {
             core.heartbeat_message();
             let mut core = core.process_restarted(forget);
             let s = rx.borrow().clone();
-            assert_eq!(s.process_restarts, 1);
+            assert_eq!((s.process_restarts, s.client_restarts), (1, 0));
             assert_eq!(core.connect_message().sequence_num, 0);
             if forget {
                 assert_eq!(
