@@ -342,6 +342,8 @@ pub async fn start_coordinator(
     config: &Config,
     listener: TcpListener,
 ) -> anyhow::Result<CoordinatorNode> {
+    let agent_ca = coordinator_agent_ca(config)?;
+    check_offered_endpoint(&config.server.public_endpoint, agent_ca.is_some())?;
     // The API believes a proxy's forwarding headers by the gateways' rule.
     let proxy_secret = gateway_proxy_secret(config)?;
     let metrics = metrics_handle();
@@ -368,7 +370,7 @@ pub async fn start_coordinator(
             default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
             node: node.clone(),
             lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
-            agent_ca: coordinator_agent_ca(config)?,
+            agent_ca,
             identity_validity: identity_validity(config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
         },
@@ -439,6 +441,31 @@ pub async fn run_coordinator(
     node.stop().await
 }
 
+/// A coordinator offers agents `server.public_endpoint` (in the agent's own transport): it
+/// must be set, and when identities are on (certificates are offered with it, and usable
+/// only over TLS) it must be a TLS one, since it is never rewritten to a scheme its port may
+/// not speak.
+pub(crate) fn check_offered_endpoint(endpoint: &str, identities: bool) -> anyhow::Result<()> {
+    let scheme = endpoint
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        None => anyhow::bail!(
+            "server.public_endpoint must be set on coordinators (e.g. wss://opamp.example.com/v1/opamp): \
+             it is the endpoint offered to agents, and an offer may not be empty"
+        ),
+        Some("ws" | "http") if identities => anyhow::bail!(
+            "server.public_endpoint is {endpoint}, but agent identities are on \
+             (tls.agent_ca_cert_file / tls.agent_ca_key_file): certificates are offered only \
+             with a wss:// or https:// endpoint, so give the TLS endpoint agents reach"
+        ),
+        Some("ws" | "wss" | "http" | "https") => Ok(()),
+        Some(other) => anyhow::bail!(
+            "server.public_endpoint has the scheme `{other}`: use ws, wss, http or https"
+        ),
+    }
+}
+
 /// `url` with any password in it replaced, for error messages and logs.
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -457,6 +484,17 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod redact_tests {
     use super::redact_url;
+
+    #[test]
+    fn coordinators_refuse_an_endpoint_they_could_not_offer() {
+        use super::check_offered_endpoint as check;
+        assert!(check("", false).is_err(), "empty");
+        assert!(check("ws://h:1/v1/opamp", false).is_ok());
+        let e = check("ws://h:1/v1/opamp", true).expect_err("plaintext with identities");
+        assert!(e.to_string().contains("server.public_endpoint"), "{e}");
+        assert!(check("wss://h/v1/opamp", true).is_ok());
+        assert!(check("ftp://h", false).is_err());
+    }
 
     #[test]
     fn passwords_are_redacted_from_urls() {

@@ -8,6 +8,7 @@
 //! synchronously. Operator changes made through any coordinator reach the owners of the
 //! affected agents as [`ControlEvent`]s, and periodically from the store in case one was lost.
 
+mod crl;
 mod issuance;
 mod leases;
 mod refusals;
@@ -79,8 +80,6 @@ struct Entry {
     conn_token: Option<String>,
     /// When identities were last issued to this agent, for the issuance limit.
     issued_ms: Vec<i64>,
-    /// The generated key of `identity` has been sent (and dropped).
-    key_spent: bool,
 }
 
 type Slot = Arc<Mutex<Entry>>;
@@ -137,6 +136,8 @@ pub struct Coordinator {
     identity_watermark: Mutex<i64>,
     /// Refused authentications, counted and aggregated for the audit log.
     refusals: Refusals,
+    /// The last signed CRL ([`crl`]); the lock also keeps two requests from signing at once.
+    crl_cache: Mutex<Option<Arc<crl::SignedCrl>>>,
     /// Where the last re-read of revoked tokens started (the lock keeps reads from
     /// overlapping); see [`Coordinator::sync_token_revocations`].
     revocation_watermark: Mutex<i64>,
@@ -258,9 +259,12 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             // Full: a sync is pending already and will see these tokens too.
             ControlEvent::TokensCreated => drop(c.token_sync.try_send(())),
-            ControlEvent::IdentityRevoked { serial }
-            | ControlEvent::IdentityConfirmed { serial } => {
+            ControlEvent::IdentityRevoked { serial } => {
+                c.crl_changed().await;
                 // A failed read is logged; the next full reload catches up.
+                let _ = c.load_identity(&serial).await;
+            }
+            ControlEvent::IdentityConfirmed { serial } => {
                 let _ = c.load_identity(&serial).await;
             }
             ControlEvent::MembershipChanged => {
@@ -345,6 +349,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Ours, not the caller's (a signature that failed, say).
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -404,6 +411,7 @@ impl Coordinator {
             identity_watermark: Mutex::new(identities_read_at),
             refusals: Refusals::new(cfg.refusal_window),
             revocation_watermark: Mutex::new(now_ms()),
+            crl_cache: Mutex::new(None),
             tokens: RwLock::new(tokens),
             token_watermark: Mutex::new(token_watermark),
             token_sync,
@@ -669,7 +677,6 @@ impl Coordinator {
             conn: None,
             conn_token: None,
             issued_ms: Vec::new(),
-            key_spent: false,
         }));
         if let Ok(mut shard) = self.agents[shard_of(&uid)].lock() {
             shard.insert(uid, slot.clone());
@@ -1200,8 +1207,7 @@ impl Coordinator {
         } else {
             entry.state.record.capabilities
         };
-        if self.cfg.agent_ca.is_none()
-            || caps & proto::agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS == 0
+        if caps & proto::agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS == 0
             || msg.agent_disconnect.is_some()
         {
             return Ok(());
@@ -1212,54 +1218,66 @@ impl Coordinator {
             .and_then(|r| r.opamp.as_ref())
             .and_then(|o| o.certificate_request.as_ref())
             .map(|c| String::from_utf8_lossy(&c.csr).into_owned());
+        if self.cfg.agent_ca.is_none() {
+            // Say so, rather than leave the agent waiting for a certificate that never comes.
+            return match csr {
+                Some(_) => Err("not supported here: no agent CA is configured".into()),
+                None => Ok(()),
+            };
+        }
         let current = self.current_identity(uid, now_ms());
-        let held = entry
-            .identity
-            .as_ref()
-            .filter(|o| current.as_ref().is_some_and(|c| c.serial == o.serial))
-            .is_some();
-        // Back with its token on a new connection after its generated key went out: the key
-        // is gone (never kept), so only a new identity can help.
-        let key_lost = entry.key_spent
-            && new_conn
-            && matches!(frame.credential, Credential::BootstrapToken { .. });
+        let offers = |e: &Entry, c: &IdentityRecord| {
+            e.identity.as_ref().is_some_and(|i| i.serial == c.serial)
+        };
         match (&csr, &current) {
             (Some(csr), Some(c)) => {
                 // The key of the current certificate again: nothing new to sign.
                 if issuance::same_key(csr, &c.cert_pem)? {
-                    if !held {
+                    if !offers(entry, c) {
                         entry.identity = self.repeat_offer(c);
                     }
                     return Ok(());
                 }
             }
             (Some(csr), None) => issuance::check_csr(csr)?,
-            (None, _) if held && !key_lost => return Ok(()),
-            (None, _) => {}
-        }
-        if csr.is_none() && matches!(frame.credential, Credential::Certificate { .. }) {
-            // On the certificate path: repeat the current certificate (from the store, without
-            // the key, which is never kept) so that no offer tells the agent to drop it (§5.1).
-            // None current (due for renewal): a new one is issued below.
-            if let Some(offer) = current.as_ref().and_then(|c| self.repeat_offer(c)) {
-                entry.identity = Some(offer);
-                return Ok(());
+            (None, Some(c)) => {
+                let using = matches!(&frame.credential,
+                    Credential::Certificate { serial, .. } if *serial == c.serial);
+                // Its generated key is here, not sent yet (or sent on this very connection:
+                // the agent has yet to switch).
+                let key_pending = offers(entry, c)
+                    && entry
+                        .identity
+                        .as_ref()
+                        .is_some_and(|i| i.private_key_pem.is_some());
+                // Back on a new connection without it, after its key went out (or was never
+                // known here: a restart, another coordinator): the agent lost it, and a key is
+                // never kept to be sent again.
+                let lost = !using && new_conn && !key_pending && c.confirmed_ms.is_none();
+                if !lost {
+                    if !offers(entry, c) {
+                        entry.identity = self.repeat_offer(c);
+                    }
+                    return Ok(());
+                }
             }
+            (None, None) => {}
+        }
+        // A generated private key never travels over plaintext.
+        if csr.is_none() && !frame.secure {
+            return Ok(());
         }
         let now = now_ms();
         if !issuance::allowed(&mut entry.issued_ms, now) {
             metrics::counter!("ampora_identity_issue_throttled_total").increment(1);
-            if key_lost {
-                entry.identity = None;
-            }
             return Ok(());
         }
-        entry.identity = self
+        if let Some(offer) = self
             .issue_identity(uid, csr.as_deref(), frame.source_ip)
-            .await?;
-        if entry.identity.is_some() {
+            .await?
+        {
+            entry.identity = Some(offer);
             entry.issued_ms.push(now);
-            entry.key_spent = false;
         }
         Ok(())
     }
@@ -1344,6 +1362,7 @@ impl Coordinator {
     pub async fn revoke_identity(&self, serial: &str, author: &str) -> Result<(), ServiceError> {
         let identity = self.get_identity(serial).await?;
         self.store.revoke_identity(serial, now_ms()).await?;
+        self.crl_changed().await;
         self.load_identity(serial).await?;
         // The revocation stands whatever happens to its audit row; its error is returned
         // once the gateways have been told.
@@ -1393,6 +1412,7 @@ impl Coordinator {
             tracing::warn!(error = %e, "revoking a superseded identity failed");
             return;
         }
+        self.crl_changed().await;
         if let Ok(mut c) = self.identities.write() {
             if let Some(i) = c
                 .get_mut(&uid)
@@ -1418,12 +1438,10 @@ impl Coordinator {
         }
     }
 
-    /// Revoked identities for a CRL: (serial, revoked at ms).
+    /// Revoked identities not expired yet, for a CRL: (serial, revoked at ms).
     pub async fn revoked_identities(&self) -> Result<Vec<(String, i64)>, ServiceError> {
-        Ok(self
-            .store
-            .revoked_identities()
-            .await?
+        let revoked = self.store.revoked_identities().await?;
+        Ok(crl::still_revoked(revoked, now_ms())
             .into_iter()
             .filter_map(|i| i.revoked_ms.map(|at| (i.serial, at)))
             .collect())
@@ -1712,7 +1730,18 @@ impl Coordinator {
             };
         }
         let desired = self.desired_of(&entry.state.record);
-        let identity = entry.identity.clone();
+        if let (Credential::Certificate { serial, .. }, Some(id)) =
+            (&frame.credential, entry.identity.clone())
+        {
+            if *serial == id.serial {
+                session::identity_in_use(&mut entry.state, &self.offer, &id, frame.transport);
+            }
+        }
+        // A key still to be sent waits for a TLS connection.
+        let identity = entry
+            .identity
+            .clone()
+            .filter(|i| frame.secure || i.private_key_pem.is_none());
         let ctx = Context {
             now_ms: now_ms(),
             transport: frame.transport,
@@ -1738,7 +1767,6 @@ impl Coordinator {
             {
                 zeroize::Zeroize::zeroize(&mut key);
             }
-            entry.key_spent = true;
         }
 
         for ev in &outcome.events {
@@ -2375,7 +2403,10 @@ impl CoordinatorHandler for Coordinator {
             }
             CoordinatorRequest::RevokedSerials => {
                 let serials = match self.store.revoked_identities().await {
-                    Ok(all) => all.into_iter().map(|i| i.serial).collect(),
+                    Ok(all) => crl::still_revoked(all, now_ms())
+                        .into_iter()
+                        .map(|i| i.serial)
+                        .collect(),
                     Err(e) => {
                         // Never answer an empty set for an unknown one: it would un-revoke
                         // everything at the gateway. The cache is at most a lease round old.

@@ -88,6 +88,29 @@ pub struct OpampOffer {
 }
 
 impl OpampOffer {
+    /// The offer as made to one agent: the endpoint in the agent's own transport (`http(s)://`
+    /// for plain-HTTP agents, `ws(s)://` for WebSocket ones, which opamp-go picks from the
+    /// scheme), and in its TLS form when it carries a certificate (usable over TLS only; the
+    /// server makes sure the endpoint speaks TLS then).
+    pub fn for_agent(&self, transport: Transport, tls: bool) -> OpampOffer {
+        let scheme_end = self.endpoint.find("://");
+        let (scheme, rest) = match scheme_end {
+            Some(i) => (self.endpoint[..i].to_ascii_lowercase(), &self.endpoint[i..]),
+            None => return self.clone(),
+        };
+        let secure = tls || matches!(scheme.as_str(), "wss" | "https");
+        let scheme = match (transport, secure) {
+            (Transport::Http, true) => "https",
+            (Transport::Http, false) => "http",
+            (Transport::WebSocket, true) => "wss",
+            (Transport::WebSocket, false) => "ws",
+        };
+        OpampOffer {
+            endpoint: format!("{scheme}{rest}"),
+            heartbeat_interval_secs: self.heartbeat_interval_secs,
+        }
+    }
+
     fn interval(&self) -> u64 {
         self.heartbeat_interval_secs.max(1)
     }
@@ -152,14 +175,9 @@ pub struct AgentState {
     pub last_seq: Option<u64>,
     /// Config hash (hex) we last offered on the current connection; reset by `connection_started`.
     pub offered_config: Option<String>,
-    /// Connection-settings hash we last offered on the current connection.
-    pub offered_settings: Option<Vec<u8>>,
     /// Config hash (hex) we held back on this connection because the agent lacks
     /// AcceptsRemoteConfig; keeps the CapMismatch event to one per connection.
     pub refused_config: Option<String>,
-    /// Last `ConnectionSettingsStatus` hash the agent reported. Kept across connections because
-    /// the status is compressed: a reconnecting agent need not repeat it.
-    pub reported_settings: Option<Vec<u8>>,
     /// Sequence number of the message whose reply asked for full state. The agent's next message
     /// is its answer and is accepted as complete even if parts are missing: an agent that claims
     /// e.g. ReportsHealth but has no health yet cannot send it, and asking again would make the
@@ -177,9 +195,7 @@ impl AgentState {
             complete: false,
             last_seq: None,
             offered_config: None,
-            offered_settings: None,
             refused_config: None,
-            reported_settings: None,
             full_state_requested_at: None,
             applied_effective_pending: false,
         }
@@ -189,7 +205,6 @@ impl AgentState {
     /// gone). Forgets what was offered so level-triggered offers are made again.
     pub fn connection_started(&mut self) {
         self.offered_config = None;
-        self.offered_settings = None;
         self.refused_config = None;
         // A full-state request on the old connection may never have reached the agent.
         self.full_state_requested_at = None;
@@ -380,8 +395,10 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
         "connection_settings_status",
         &mut events,
     );
+    // Kept across connections: the status is compressed, a reconnecting agent need not
+    // repeat it.
     if let Some(s) = settings_status {
-        state.reported_settings = Some(s.last_connection_settings_hash.clone());
+        state.record.settings_in_use = Some(hex::encode(&s.last_connection_settings_hash));
     }
 
     // Full state (facts §3.3): ask when our stored state can't be trusted and this message
@@ -423,7 +440,8 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
             offer_config(state, d, status.is_some(), &mut reply, &mut events);
         }
         if let Some(o) = ctx.opamp_offer {
-            offer_settings(state, o, ctx.identity, &mut reply);
+            let o = o.for_agent(ctx.transport, ctx.identity.is_some());
+            offer_settings(state, &o, ctx.identity, &mut reply);
         }
     }
 
@@ -486,7 +504,8 @@ fn offer_config(
 
 /// `connection_settings.opamp` (facts §3.5, §3.8, §5.1) to agents that accept OpAMP
 /// connection settings: the heartbeat interval to those that heartbeat, and the identity
-/// certificate (with the interval, never 0) to those that have one.
+/// certificate (with the interval, never 0) to those that have one. `o` is the offer as made
+/// to this agent ([`OpampOffer::for_agent`]).
 fn offer_settings(
     state: &mut AgentState,
     o: &OpampOffer,
@@ -501,17 +520,17 @@ fn offer_settings(
         return;
     }
     let hash = settings_hash(o, identity);
-    if state.reported_settings.as_ref() == Some(&hash)
-        || state.offered_settings.as_ref() == Some(&hash)
+    let hex = hex::encode(&hash);
+    // Once per change, across connections (and restarts, the record is stored): an agent
+    // that restarts on every offer, as opamp-go based ones do, would otherwise loop.
+    if state.record.settings_in_use.as_ref() == Some(&hex)
+        || state.record.settings_offered.as_ref() == Some(&hex)
     {
         return;
     }
     let mut offer = o.to_proto();
     offer.hash = hash.clone();
     if let (Some(id), Some(op)) = (identity, offer.opamp.as_mut()) {
-        // A client certificate is only usable over TLS: an agent that takes the endpoint
-        // literally (opamp-go does) must not be sent to ws:// with it.
-        op.destination_endpoint = tls_endpoint(&op.destination_endpoint);
         op.certificate = Some(proto::v1::TlsCertificate {
             cert: id.cert_pem.clone().into_bytes(),
             private_key: id
@@ -523,18 +542,21 @@ fn offer_settings(
         });
     }
     reply.connection_settings = Some(offer);
-    state.offered_settings = Some(hash);
+    state.record.settings_offered = Some(hex);
 }
 
-/// `endpoint` with its plaintext scheme replaced by the TLS one (`ws` → `wss`,
-/// `http` → `https`); any other endpoint as it is.
-fn tls_endpoint(endpoint: &str) -> String {
-    for (plain, secure) in [("ws://", "wss://"), ("http://", "https://")] {
-        if endpoint.len() >= plain.len() && endpoint[..plain.len()].eq_ignore_ascii_case(plain) {
-            return format!("{secure}{}", &endpoint[plain.len()..]);
-        }
+/// The agent connected with `identity`'s certificate over `transport`: the settings that
+/// carry it are in use, so they are not offered again.
+pub fn identity_in_use(
+    state: &mut AgentState,
+    o: &OpampOffer,
+    identity: &IdentityOffer,
+    transport: Transport,
+) {
+    let hex = hex::encode(settings_hash(&o.for_agent(transport, true), Some(identity)));
+    if state.record.settings_in_use.as_ref() != Some(&hex) {
+        state.record.settings_in_use = Some(hex);
     }
-    endpoint.to_string()
 }
 
 /// Build a push (WS server-initiated message) for a newly assigned desired config.
@@ -1479,7 +1501,8 @@ mod tests {
         assert_eq!(cert.ca_cert, b"CA");
         assert_ne!(first.hash, off.hash(), "the certificate is in the hash");
 
-        // A new connection repeats the certificate (without the key) under the same hash.
+        // Once per change: a new connection (an agent restarting on every offer, say) is not
+        // offered the same settings again.
         s.connection_started();
         let repeat = identity("4a01", false);
         let c = Context {
@@ -1488,12 +1511,12 @@ mod tests {
             ..ctx()
         };
         msg.sequence_num = 2;
-        let again = handle(&mut s, &msg, &c)
-            .reply
-            .connection_settings
-            .expect("repeated");
-        assert_eq!(again.hash, first.hash);
-        assert!(again.opamp.and_then(|o| o.certificate).is_some());
+        let again = handle(&mut s, &msg, &c).reply.connection_settings;
+        assert!(again.is_none(), "the same offer went out again: {again:?}");
+        assert_eq!(
+            s.record.settings_offered.as_deref(),
+            Some(hex::encode(&first.hash).as_str())
+        );
 
         // Rotation: a new certificate, a new hash.
         let rotated = identity("4a02", true);
@@ -1537,8 +1560,28 @@ mod tests {
         let op = handle(&mut s, &msg, &c).reply.connection_settings;
         let op = op.and_then(|c| c.opamp).expect("identity offer");
         assert_eq!(op.destination_endpoint, "wss://127.0.0.1:4320/v1/opamp");
-        assert_eq!(tls_endpoint("HTTP://h:1/v1/opamp"), "https://h:1/v1/opamp");
-        assert_eq!(tls_endpoint("wss://h/v1/opamp"), "wss://h/v1/opamp");
+        let o = |e: &str| OpampOffer {
+            endpoint: e.into(),
+            heartbeat_interval_secs: 1,
+        };
+        let at = |e: &str, t, tls| o(e).for_agent(t, tls).endpoint;
+        assert_eq!(
+            at("HTTP://h:1/v1/opamp", Transport::Http, true),
+            "https://h:1/v1/opamp"
+        );
+        assert_eq!(
+            at("wss://h/v1/opamp", Transport::WebSocket, false),
+            "wss://h/v1/opamp"
+        );
+        assert_eq!(
+            at("ws://h/v1/opamp", Transport::Http, false),
+            "http://h/v1/opamp",
+            "a plain-HTTP agent is never sent to WebSocket"
+        );
+        assert_eq!(
+            at("https://h/v1/opamp", Transport::WebSocket, false),
+            "wss://h/v1/opamp"
+        );
     }
 
     #[test]
@@ -1601,7 +1644,7 @@ mod tests {
     }
 
     #[test]
-    fn heartbeat_offer_not_resent_on_same_connection() {
+    fn settings_are_offered_once_per_change_not_per_connection() {
         let off = offer();
         let mut s = known();
         assert!(handle(&mut s, &hb_beat(1), &with_offer(&off))
@@ -1614,6 +1657,14 @@ mod tests {
             .is_none());
         s.connection_started();
         assert!(handle(&mut s, &hb_beat(3), &with_offer(&off))
+            .reply
+            .connection_settings
+            .is_none());
+        let changed = OpampOffer {
+            heartbeat_interval_secs: 60,
+            ..offer()
+        };
+        assert!(handle(&mut s, &hb_beat(4), &with_offer(&changed))
             .reply
             .connection_settings
             .is_some());

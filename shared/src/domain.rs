@@ -162,6 +162,15 @@ pub struct AgentRecord {
     pub sequence_num: u64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    /// Hash (hex) of the last connection settings offered to the agent: an offer goes out
+    /// once per change, not once per connection (agents that restart on every offer would
+    /// otherwise loop).
+    #[serde(default)]
+    pub settings_offered: Option<String>,
+    /// Hash (hex) of the connection settings the agent has shown it uses: reported in
+    /// `ConnectionSettingsStatus`, or the offer whose certificate it connected with.
+    #[serde(default)]
+    pub settings_in_use: Option<String>,
 }
 
 impl AgentRecord {
@@ -183,6 +192,8 @@ impl AgentRecord {
             sequence_num: 0,
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
+            settings_offered: None,
+            settings_in_use: None,
         }
     }
 

@@ -290,11 +290,15 @@ async fn certificates_are_renewed_before_they_expire_and_the_old_one_is_revoked(
         .api
         .wait_identity(&uid_text, &first, "revoked")
         .await?;
-    let audit = server
-        .api
-        .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
-        .await?;
-    assert!(retired_for(&audit, &first, "replaced"), "{audit}");
+    // Its audit row follows the revocation.
+    let audit = eventually("the retirement audited", DEADLINE, || async {
+        let audit = server
+            .api
+            .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
+            .await?;
+        Ok(retired_for(&audit, &first, "replaced").then_some(audit))
+    })
+    .await?;
     let issued: Vec<&str> = audit
         .as_array()
         .into_iter()

@@ -35,6 +35,7 @@ mod hostile;
 mod hostile_input;
 mod identity;
 mod nginx;
+mod offers;
 mod opamp;
 mod proxy_trust;
 mod python;

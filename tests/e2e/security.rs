@@ -413,3 +413,36 @@ async fn only_a_token_minted_for_an_agent_re_bootstraps_it() -> anyhow::Result<(
     assert_ne!(again.serial, id.serial);
     server.stop().await
 }
+
+async fn crl_der(server: &TestServer) -> anyhow::Result<Vec<u8>> {
+    let url = format!("http://{}/api/v1/identities/crl", server.addr);
+    Ok(reqwest::get(url).await?.bytes().await?.to_vec())
+}
+
+#[tokio::test]
+async fn the_crl_is_signed_per_change_and_forgets_expired_certificates() -> anyhow::Result<()> {
+    // Certificates that expire within the test.
+    let server = TestServer::start_with(|c| c.tls.identity_validity_secs = 3).await?;
+    let ca = std::fs::read_to_string(server.dir.path().join("tls").join("ca.pem"))?;
+    // Unauthenticated callers get the same signed bytes, not a signature each.
+    let (a, b) = (crl_der(&server).await?, crl_der(&server).await?);
+    assert_eq!(a, b, "the CRL was signed again for a second request");
+
+    let token = server.api.token("crl").await?;
+    let id = CsrIdentity::enroll(&server.wss_url(), &ca, &token).await?;
+    assert_eq!(server.api.revoke_identity(&id.serial).await?, 204);
+    let listed = tests::identity::crl_serials(server.addr).await?;
+    assert!(listed.contains(&id.serial), "a revocation shows at once");
+
+    // Once the certificate has expired it fails validation anyway: it leaves the list.
+    eventually(
+        "the expired certificate leaves the CRL",
+        DEADLINE,
+        || async {
+            let listed = tests::identity::crl_serials(server.addr).await?;
+            Ok((!listed.contains(&id.serial)).then_some(()))
+        },
+    )
+    .await?;
+    server.stop().await
+}

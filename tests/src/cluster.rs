@@ -103,6 +103,21 @@ impl Cluster {
         base.opamp.bootstrap_plaintext_allowed = true;
         crate::per_ip_limits_off(&mut base);
         tweak(&mut base);
+        // Coordinators offer agents an endpoint, as a balancer's address would be: here the
+        // first gateway's, bound before they start.
+        let mut first_gateway = None;
+        if base.server.public_endpoint.is_empty() {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let scheme = if base.tls.cert_file.as_os_str().is_empty() {
+                "ws"
+            } else {
+                "wss"
+            };
+            base.server.public_endpoint = format!("{scheme}://{}/v1/opamp", listener.local_addr()?);
+            if gateways > 0 {
+                first_gateway = Some(listener);
+            }
+        }
 
         let mut this = Self {
             base,
@@ -117,7 +132,12 @@ impl Cluster {
             this.add_coordinator().await?;
         }
         for _ in 0..gateways {
-            this.add_gateway().await?;
+            this.add_gateway_on(
+                first_gateway
+                    .take()
+                    .map_or_else(|| std::net::TcpListener::bind("127.0.0.1:0"), Ok)?,
+            )
+            .await?;
         }
         this.settled().await?;
         Ok(this)

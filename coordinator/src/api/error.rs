@@ -55,6 +55,7 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::NotFound(m) => Self::NotFound(m),
             ServiceError::Invalid(m) => Self::BadRequest(m),
+            ServiceError::Internal(m) => Self::Internal(m),
             ServiceError::Store(StoreError::NotFound(m)) => Self::NotFound(m),
             ServiceError::Store(s) => Self::Store(s),
         }
