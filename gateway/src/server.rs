@@ -20,6 +20,7 @@ mod decode;
 mod limits;
 mod plain;
 pub mod proxy;
+mod refusal_hold;
 mod ws;
 
 pub use admission::{AdmissionConfig, WARMUP_FLOOR};
@@ -332,6 +333,7 @@ impl Gateway {
             accept: admission::TokenBucket::new(&cfg.admission, Instant::now()),
             decode_budget: DecodeBudget::new(cfg.decode_budget_bytes),
             clients: limits::ClientLimits::new(&cfg.admission),
+            refusal_holds: refusal_hold::RefusalHolds::default(),
             cfg,
             next_conn_id: AtomicU64::new(1),
             conns: Mutex::new(Conns::default()),
@@ -443,6 +445,8 @@ struct Inner {
     decode_budget: DecodeBudget,
     /// Connections per source address and per credential, accept rate per address.
     clients: limits::ClientLimits,
+    /// How long refused WebSockets are held before they are closed ([`refusal_hold`]).
+    refusal_holds: refusal_hold::RefusalHolds,
 }
 
 #[derive(Default)]

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::decode::{self, DecodeError, Framing};
-use super::limits::{CredentialSlot, IpSlot};
+use super::limits::{CredentialKey, CredentialSlot, IpSlot};
 use super::{
     admission_refused, auth_close_reason, authenticate, bad_request_msg, count_received,
     count_rejected, count_sent, service_unavailable, text, unavailable_msg, Binding, ConnControl,
@@ -431,6 +431,16 @@ impl Session {
                 count_rejected("auth_failed");
                 // Debug, as in `unauthorized`: counted and audited, not a line per attempt.
                 tracing::debug!(source_ip = %self.source_ip, reason = why, "authentication failed");
+                // The refusal is sent; the close waits, so a client that reconnects the moment
+                // it is closed is refused about once per hold, not twenty times a second.
+                let hold = self
+                    .inner
+                    .refusal_holds
+                    .next(self.source_ip, CredentialKey::from(&self.credential));
+                tokio::select! {
+                    () = tokio::time::sleep(hold) => {}
+                    () = self.control.wake.notified() => {}
+                }
             }
             return Err(Exit::Close(
                 CLOSE_POLICY_VIOLATION,
