@@ -84,7 +84,10 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
         let t0 = Instant::now();
         let got: Vec<u64> = (0..8)
-            .map(|i| h.next_at(ip, token("a"), t0 + Duration::from_secs(i)).as_secs())
+            .map(|i| {
+                h.next_at(ip, token("a"), t0 + Duration::from_secs(i))
+                    .as_secs()
+            })
             .collect();
         assert_eq!(got, vec![1, 2, 4, 8, 16, 32, 60, 60]);
         // Another credential from the same address, or another address: their own holds.
