@@ -83,7 +83,8 @@ pub struct AgentOptions {
     /// Like the Collector's supervisor and opamp-go's example agent: on every
     /// `connection_settings.opamp` offer (certificate or not, new or repeated) tear the client
     /// down and start it again at once with the offered settings (a certificate with its key
-    /// replaces the token; the offered endpoint when usable). Never reports
+    /// replaces the token; the offered endpoint when usable; settings it cannot use restart
+    /// it with the previous ones, as the supervisor's failed start does). Never reports
     /// ConnectionSettingsStatus and keeps no offer's hash across the restart; a certificate
     /// that fails is retried, not reverted. Declares AcceptsOpAMPConnectionSettings.
     pub restart_on_settings_offer: bool,

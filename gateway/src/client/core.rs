@@ -596,15 +596,14 @@ impl AgentCore {
     /// before or not) is taken and the client restarted with it, as the Collector's
     /// supervisor and opamp-go's example agent do. A certificate (with its key) replaces the
     /// token; an offer without one keeps the credentials and takes the offered endpoint when
-    /// the agent can use it. Settings the agent cannot use leave it as it is.
+    /// the agent can use it. Settings the agent cannot use (a certificate without its key,
+    /// say) still restart it: the supervisor stops its client first and, when the new one
+    /// does not start, starts it again with the previous settings.
     fn restart_with(&mut self, hash: &[u8], op: OpAmpConnectionSettings, out: &mut Outcome) {
         match op.certificate.filter(|c| !c.cert.is_empty()) {
             Some(cert) => match self.candidate_from(hash, &op.destination_endpoint, &cert) {
                 Ok(id) => self.candidate = Some(Box::new(id)),
-                Err(e) => {
-                    self.set_error(format!("connection settings refused: {e}"));
-                    return;
-                }
+                Err(e) => self.set_error(format!("connection settings refused: {e}")),
             },
             None => {
                 if let Some(ep) = self.usable_endpoint(&op.destination_endpoint, false) {

@@ -1072,11 +1072,27 @@ mod identity {
         assert_eq!(first.sequence_num, 0);
         assert!(first.connection_settings_status.is_none());
         // The very same offer again: no hash is remembered, so it restarts again.
-        let out = core.on_message(o);
+        let out = core.on_message(o.clone());
         assert!(out.restart && out.send.is_empty());
         let s = rx.borrow().clone();
         assert_eq!((s.settings_offers, s.settings_offers_with_key), (2, 2));
         assert_eq!(s.client_restarts, 1);
+        // The certificate in use repeated without its key cannot be started on its own: the
+        // client restarts anyway, on the settings it had.
+        core.connection_succeeded();
+        let mut keyless = o;
+        if let Some(c) = keyless
+            .connection_settings
+            .as_mut()
+            .and_then(|c| c.opamp.as_mut())
+            .and_then(|o| o.certificate.as_mut())
+        {
+            c.private_key.clear();
+        }
+        let out = core.on_message(keyless);
+        assert!(out.restart && out.send.is_empty());
+        assert!(on_certificate(&core), "still on its certificate");
+        assert_eq!(rx.borrow().settings_offers_with_key, 2);
     }
 
     #[test]
