@@ -2449,3 +2449,20 @@ impl CoordinatorHandler for Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::log_safe;
+
+    #[test]
+    fn agent_text_is_escaped_and_cut_for_the_log() {
+        assert_eq!(
+            log_safe("bad\nlevel=ERROR forged", 100),
+            "bad\\nlevel=ERROR forged"
+        );
+        let long = "x".repeat(10_000);
+        let cut = log_safe(&long, 512);
+        assert_eq!(cut.chars().count(), 513, "512 characters and an ellipsis");
+        assert!(cut.ends_with('…'));
+    }
+}

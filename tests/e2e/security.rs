@@ -446,3 +446,19 @@ async fn the_crl_is_signed_per_change_and_forgets_expired_certificates() -> anyh
     .await?;
     server.stop().await
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_is_the_owners_only() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    let data_for_cfg = data.clone();
+    let server = TestServer::start_with(move |c| c.server.data_dir = data_for_cfg).await?;
+    let mode = |p: &std::path::Path| -> anyhow::Result<u32> {
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+    };
+    assert_eq!(mode(&data)?, 0o700, "data directory");
+    assert_eq!(mode(&data.join("ampora.db"))?, 0o600, "database");
+    server.stop().await
+}

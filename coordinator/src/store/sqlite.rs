@@ -1044,6 +1044,40 @@ mod tests {
         store.close().await;
     }
 
+    /// `INSERT OR REPLACE` deletes the old row without firing the delete trigger: refused.
+    #[tokio::test]
+    async fn audit_rows_cannot_be_replaced() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        let entry = AuditEntry {
+            id: 0,
+            at_ms: 1,
+            actor: "api:admin".into(),
+            action: "config.create".into(),
+            instance_uid: None,
+            source_ip: None,
+            reason: None,
+            detail: serde_json::json!({}),
+        };
+        let id = store.append_audit(&entry).await.expect("append");
+        let replaced = sqlx::query(
+            "INSERT OR REPLACE INTO audit (id, at_ms, actor, action, detail) \
+             VALUES (?, 2, 'forger', 'nothing', '{}')",
+        )
+        .bind(id)
+        .execute(&store.pool)
+        .await;
+        assert!(replaced.is_err(), "an audit row was replaced");
+        let rows = store
+            .query_audit(&AuditQuery {
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .expect("query");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].actor, "api:admin");
+    }
+
     /// Two stores on one file stand in for two processes: their write gates are separate, so
     /// only SQLite's locking (BEGIN IMMEDIATE + busy timeout) and the conditional UPDATE keep
     /// the redemption single-winner.
