@@ -255,14 +255,18 @@ impl Api {
     /// The value of one Prometheus series (0 when absent), e.g.
     /// `ampora_opamp_frames_rejected_total{reason="oversize"}`.
     pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        let text = self
+        Ok(parse_metric(&self.metrics_text().await?, series))
+    }
+
+    /// The whole `/metrics` page (Prometheus text).
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        let resp = self
             .http
             .get(format!("{}/metrics", self.base))
             .send()
-            .await?
-            .text()
             .await?;
-        Ok(parse_metric(&text, series))
+        anyhow::ensure!(resp.status() == 200, "GET /metrics: {}", resp.status());
+        Ok(resp.text().await?)
     }
 }
 
