@@ -1,6 +1,7 @@
 //! The server's certificate: loaded from PEM files, swapped in place when they change.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -75,6 +76,7 @@ impl ServerTls {
         let store = Arc::new(CertStore {
             files,
             current: RwLock::new(Arc::new(key)),
+            generation: AtomicU64::new(0),
         });
         let verifier = Arc::new(OptionalClientCerts {
             provider: provider.clone(),
@@ -189,6 +191,10 @@ struct CertStore {
     files: Files,
     /// Replaced whole by the watch task; handshakes clone the `Arc` under a read lock.
     current: RwLock<Arc<CertifiedKey>>,
+    /// Changes of the files the watch task has dealt with (the pair loaded, or refused and the
+    /// current one kept); bumped after `current` is settled. What a test waits on before it
+    /// asserts that a change was refused.
+    generation: AtomicU64,
 }
 
 impl CertStore {
@@ -201,6 +207,16 @@ impl CertStore {
 
     fn replace(&self, key: CertifiedKey) {
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+    }
+
+    /// See [`CertStore::generation`].
+    #[cfg(test)]
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn dealt_with_change(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -245,12 +261,14 @@ async fn watch(
             Ok(Some((stamp, Ok(key)))) => {
                 seen = stamp;
                 store.replace(key);
+                store.dealt_with_change();
                 tracing::info!(cert_file = %store.files.cert.display(), "tls certificate reloaded");
             }
             Ok(Some((stamp, Err(e)))) => {
                 // Remembered, so a broken pair is reported once, not every poll; fixing either
                 // file changes its stamp and is picked up.
                 seen = stamp;
+                store.dealt_with_change();
                 tracing::warn!(error = %e, "tls certificate files changed but cannot be used; keeping the current certificate");
             }
             Ok(None) => {}
@@ -425,8 +443,6 @@ mod tests {
 
     /// Pause between two checks in `eventually`.
     const POLL: Duration = Duration::from_millis(10);
-    /// Several reload periods (20 ms) during which a refused file must stay refused.
-    const QUIET_WINDOW: Duration = Duration::from_millis(100);
 
     async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -434,6 +450,24 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Replaces `path` whole (write aside, rename over), as a deployment tool does: the watch
+    /// task sees one change, never a half-written file.
+    fn replace_file(path: &Path, contents: impl AsRef<[u8]>) {
+        let aside = path.with_extension("new");
+        std::fs::write(&aside, contents).expect("write");
+        std::fs::rename(&aside, path).expect("rename");
+    }
+
+    /// Waits until the watch task has dealt with one more change than `before`; returns the
+    /// new generation.
+    async fn next_generation(tls: &ServerTls, before: u64) -> u64 {
+        eventually("the watch task to deal with the change", || {
+            tls.store.generation() > before
+        })
+        .await;
+        tls.store.generation()
     }
 
     #[tokio::test]
@@ -446,24 +480,29 @@ mod tests {
         let tls = ServerTls::from_files(&cert, &key, Duration::from_millis(20)).expect("load");
         assert_eq!(tls.certificate(), Some(leaf1.clone()));
 
+        assert_eq!(tls.store.generation(), 0, "nothing changed yet");
+
         // Key first, certificate second, as a careless operator would: the half-written pair
-        // in between is refused, the complete one taken.
+        // in between is refused, the complete one taken. Each change is asserted on once the
+        // watch task has dealt with it, so a refusal is never mistaken for a slow poll.
         let (chain2, key2, leaf2) = pair();
-        std::fs::write(&key, &key2).expect("write");
-        tokio::time::sleep(QUIET_WINDOW).await;
+        replace_file(&key, &key2);
+        let g = next_generation(&tls, 0).await;
         assert_eq!(
             tls.certificate(),
             Some(leaf1),
             "a mismatched pair is not used"
         );
-        std::fs::write(&cert, &chain2).expect("write");
-        eventually("the new certificate", || {
-            tls.certificate().as_ref() == Some(&leaf2)
-        })
-        .await;
+        replace_file(&cert, &chain2);
+        let g = next_generation(&tls, g).await;
+        assert_eq!(
+            tls.certificate(),
+            Some(leaf2.clone()),
+            "the new pair is used"
+        );
 
-        std::fs::write(&cert, "garbage").expect("write");
-        tokio::time::sleep(QUIET_WINDOW).await;
+        replace_file(&cert, "garbage");
+        next_generation(&tls, g).await;
         assert_eq!(tls.certificate(), Some(leaf2), "a broken file is not used");
     }
 
