@@ -342,13 +342,35 @@ async fn serve_partitions_needs_a_handler() {
     ));
 }
 
+/// Whether the NATS server has any subscriber on `subject`, asked from a connection of its
+/// own: a request to a subject nobody subscribes to is answered "no responders" at once,
+/// while one a subscriber gets (the bus ignores it as malformed) is never answered.
+async fn has_subscriber(raw: &async_nats::Client, subject: &str) -> bool {
+    let request = async_nats::Request::new()
+        .payload(Bytes::from_static(b"probe"))
+        .timeout(Some(std::time::Duration::from_millis(300)));
+    match raw.send_request(subject.to_string(), request).await {
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => false,
+        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => true,
+        other => panic!("unexpected answer to the probe: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_dropped_gateway_receiver_stops_its_subscription() {
-    let (_, c, g) = pair().await;
+    let (prefix, c, g) = pair().await;
     let gw = GatewayId("gw-d".into());
+    let subject = format!("{prefix}.gw.gw-d");
+    let raw = async_nats::connect(nats_url()).await.expect("raw client");
+    assert!(!has_subscriber(&raw, &subject).await, "nobody yet");
     let rx = g.subscribe_gateway(&gw).await.expect("subscribe");
+    assert!(
+        has_subscriber(&raw, &subject).await,
+        "the probe sees a subscription"
+    );
     drop(rx);
-    // Deliveries to it are harmless (at most once, nobody listening) ...
+    // Deliveries to it are harmless (at most once, nobody listening) and end the
+    // subscription: the server no longer routes the subject to this process ...
     for _ in 0..3 {
         c.deliver(
             &gw,
@@ -360,6 +382,13 @@ async fn a_dropped_gateway_receiver_stops_its_subscription() {
         )
         .await
         .expect("deliver");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while has_subscriber(&raw, &subject).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the subscription outlived its receiver"
+        );
     }
     // ... and subscribing again works.
     let mut rx = g.subscribe_gateway(&gw).await.expect("subscribe again");
