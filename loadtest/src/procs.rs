@@ -17,24 +17,36 @@ const CLK_TCK: f64 = 100.0;
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
+    vm_rss_kib(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The `VmRSS:` line of a `/proc/<pid>/status` text, in KiB (the kernel writes `kB`).
+pub fn vm_rss_kib(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
 }
 
 /// User + system CPU seconds used so far by `pid`.
 pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces; fields after it are fixed.
-    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    stat_cpu_secs(&stat).with_context(|| format!("bad /proc/{pid}/stat: {stat}"))
+}
+
+/// User + system CPU seconds of a `/proc/<pid>/stat` text: its own time only, not its waited-for
+/// children's.
+pub fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    // The command name (field 2) may contain spaces and parentheses; the fields after its last
+    // ")" are fixed.
+    let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let utime: f64 = f.get(11).context("utime")?.parse()?;
-    let stime: f64 = f.get(12).context("stime")?.parse()?;
-    Ok((utime + stime) / CLK_TCK)
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / CLK_TCK)
 }
 
 /// A server process the harness started; killed when dropped.
@@ -224,10 +236,178 @@ pub struct CpuSample {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::agent::AgentSpec;
+    use crate::scenario::{
+        hold_report, measured, Comparison, ConnectReport, HoldReport, Report, RunOptions,
+        SteadyReport,
+    };
+
+    /// `/proc/<pid>/stat` of a process whose name holds spaces and parentheses, with distinct
+    /// numbers in every field around the CPU times: utime 1234 and stime 567 ticks (fields 14,
+    /// 15); its children's 8 and 9 (16, 17) and the faults before (10-13) must not count.
+    const STAT: &str = "4242 (ampora (rt) 1) S 1 4242 4242 0 -1 4194560 9000 17 3 5 1234 567 8 \
+                        9 20 0 12 0 5000 123456789 2500 18446744073709551615 1 1 0 0 0 0 0 \
+                        4096 17640 0 0 0 17 1 0 0 0 0 0";
+
+    /// `/proc/<pid>/status` around VmRSS: the peak and the virtual size must not be taken.
+    const STATUS: &str = "Name:\tampora\nState:\tS (sleeping)\nVmPeak:\t  912340 kB\n\
+                          VmSize:\t  901234 kB\nVmHWM:\t   65432 kB\nVmRSS:\t   54321 kB\n\
+                          RssAnon:\t   40000 kB\nThreads:\t12\n";
+
+    #[test]
+    fn cpu_is_user_plus_system_ticks_of_the_process_itself() {
+        assert_eq!(stat_cpu_secs(STAT), Some((1234.0 + 567.0) / 100.0));
+        assert_eq!(stat_cpu_secs("4242 (truncated) S 1 2"), None);
+        assert_eq!(stat_cpu_secs("no parenthesis at all"), None);
+    }
+
+    #[test]
+    fn rss_is_the_vmrss_line() {
+        assert_eq!(vm_rss_kib(STATUS), Some(54_321));
+        assert_eq!(vm_rss_kib("Name:\tx\nVmHWM:\t1 kB\n"), None);
+    }
+
     #[test]
     fn reads_own_rss_and_cpu() {
         let pid = std::process::id();
-        assert!(super::rss_kib(pid).expect("rss") > 0);
-        assert!(super::cpu_secs(pid).expect("cpu") >= 0.0);
+        // A test binary with a tokio runtime linked in is resident in more than a MiB; the
+        // CPU time grows with work done.
+        let rss = rss_kib(pid).expect("rss");
+        assert!(rss > 1024, "{rss} KiB");
+        let before = cpu_secs(pid).expect("cpu");
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_secs(pid).expect("cpu");
+        assert!(
+            after > before,
+            "100 ms of spinning used no CPU: {before} → {after}"
+        );
+    }
+
+    fn spec(index: usize) -> AgentSpec {
+        AgentSpec {
+            index,
+            endpoint: String::new(),
+            token: None,
+            source_ip: None,
+            fail_configs: false,
+        }
+    }
+
+    /// A cluster of 2 gateways and 2 coordinators with 5 agents, round-robin over the gateways'
+    /// targets (3 on the first, 2 on the second); RSS in KiB before and held, CPU seconds over
+    /// a 2 s window.
+    fn cluster_hold() -> HoldReport {
+        let opts = RunOptions {
+            targets: vec!["ws://a/v1/opamp".into(), "ws://b/v1/opamp".into()],
+            gateway_pids: vec![10, 11],
+            coordinator_pids: vec![20, 21],
+            ..RunOptions::default()
+        };
+        let specs: Vec<AgentSpec> = (0..5).map(spec).collect();
+        let m = measured(&opts, &specs);
+        let before = [100_000, 100_000, 200_000, 300_000];
+        let held = [100_300, 100_100, 200_500, 301_000];
+        let cpu = [0.5, 0.25, 1.0, 0.0];
+        hold_report(&m, &before, &held, &cpu, 2.0, specs.len())
+    }
+
+    #[test]
+    fn hold_figures_of_a_cluster() {
+        let h = cluster_hold();
+        let per_process: Vec<(u32, Role, usize, f64, f64)> = h
+            .servers
+            .iter()
+            .map(|s| (s.pid, s.role, s.agents, s.kib_per_agent, s.idle_cpu_percent))
+            .collect();
+        assert_eq!(
+            per_process,
+            [
+                // A gateway's growth over the agents on it; a coordinator's over all of them.
+                (10, Role::Gateway, 3, 100.0, 25.0),
+                (11, Role::Gateway, 2, 50.0, 12.5),
+                (20, Role::Coordinator, 5, 100.0, 50.0),
+                (21, Role::Coordinator, 5, 200.0, 0.0),
+            ]
+        );
+        // All growth over all agents: (300 + 100 + 500 + 1000) / 5.
+        assert_eq!(h.kib_per_agent, 380.0);
+        // The gateway figure is the mean of the gateways' own; the coordinator one their
+        // growth together over all agents.
+        assert_eq!(h.gateway_kib_per_agent, Some(75.0));
+        assert_eq!(h.coordinator_kib_per_agent, Some(300.0));
+        assert_eq!(h.idle_cpu_percent, 87.5);
+        assert_eq!(h.gateway_idle_cpu_percent, Some(37.5));
+        assert_eq!(h.coordinator_idle_cpu_percent, Some(50.0));
+        assert_eq!(h.window_secs, 2.0);
+    }
+
+    #[test]
+    fn hold_figures_of_one_server() {
+        let opts = RunOptions {
+            targets: vec!["ws://a/v1/opamp".into()],
+            server_pids: vec![7],
+            ..RunOptions::default()
+        };
+        let specs: Vec<AgentSpec> = (0..4).map(spec).collect();
+        let m = measured(&opts, &specs);
+        let h = hold_report(&m, &[50_000], &[50_400], &[0.1], 0.5, 4);
+        assert_eq!(h.servers.len(), 1);
+        assert_eq!((h.servers[0].role, h.servers[0].agents), (Role::Server, 4));
+        assert_eq!(h.servers[0].rss_before_kib, 50_000);
+        assert_eq!(h.servers[0].rss_held_kib, 50_400);
+        assert_eq!(h.kib_per_agent, 100.0);
+        assert_eq!(h.servers[0].kib_per_agent, 100.0);
+        assert_eq!(h.idle_cpu_percent, 20.0);
+        assert_eq!(
+            (h.gateway_kib_per_agent, h.coordinator_kib_per_agent),
+            (None, None),
+            "no split without a cluster"
+        );
+    }
+
+    #[test]
+    fn comparison_ratios_are_ampora_over_baseline() {
+        let report = |kib: f64, connect_secs: f64, rate: f64| Report {
+            hold: Some(HoldReport {
+                kib_per_agent: kib,
+                ..HoldReport::default()
+            }),
+            connect: ConnectReport {
+                seconds: connect_secs,
+                ..ConnectReport::default()
+            },
+            steady: Some(SteadyReport {
+                rate_per_sec: rate,
+                ..SteadyReport::default()
+            }),
+            ..Report::default()
+        };
+        let c = Comparison::new(report(30.0, 2.0, 500.0), report(10.0, 4.0, 1000.0));
+        assert_eq!(
+            (
+                c.kib_per_agent_ratio,
+                c.connect_seconds_ratio,
+                c.steady_rate_ratio
+            ),
+            (3.0, 0.5, 0.5)
+        );
+        assert!(c
+            .summary()
+            .contains("RSS per agent 3.00×, connect time 0.50×, steady msg/s 0.50×"));
+        // A baseline figure that is missing or zero gives 0, not infinity.
+        let c = Comparison::new(report(30.0, 2.0, 500.0), Report::default());
+        assert_eq!(
+            (
+                c.kib_per_agent_ratio,
+                c.connect_seconds_ratio,
+                c.steady_rate_ratio
+            ),
+            (0.0, 0.0, 0.0)
+        );
     }
 }

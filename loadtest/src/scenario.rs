@@ -409,7 +409,7 @@ async fn busy_window(
 
 /// A process whose memory and CPU the report shows.
 #[derive(Debug, Clone, Copy)]
-struct Measured {
+pub(crate) struct Measured {
     pid: u32,
     role: Role,
     /// What its per-agent memory divides by.
@@ -417,7 +417,7 @@ struct Measured {
 }
 
 /// Servers, then gateways (with the agents of their target), then coordinators.
-fn measured(opts: &RunOptions, specs: &[AgentSpec]) -> Vec<Measured> {
+pub(crate) fn measured(opts: &RunOptions, specs: &[AgentSpec]) -> Vec<Measured> {
     let n = specs.len();
     let t = opts.targets.len().max(1);
     let on_target = |g: usize| specs.iter().filter(|s| s.index % t == g).count();
@@ -453,7 +453,7 @@ fn cpu_of(measured: &[Measured]) -> anyhow::Result<Vec<f64>> {
 }
 
 /// The hold figures from RSS before connecting, RSS held, and CPU over the window.
-fn hold_report(
+pub(crate) fn hold_report(
     measured: &[Measured],
     before: &[u64],
     held: &[u64],

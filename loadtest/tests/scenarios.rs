@@ -107,6 +107,32 @@ fn check_json(r: &Report) -> serde_json::Value {
     v
 }
 
+/// A CPU figure in % of one core that this machine can have produced: at most every core busy
+/// (with a little room for the clock ticks' granularity).
+fn plausible_cpu_percent(p: f64) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    (0.0..=100.0 * cores + 10.0).contains(&p)
+}
+
+/// Every figure of a hold report follows from its samples by the formulas BENCHMARKS.md
+/// states; each sample is a real process's (more than a MiB resident).
+fn hold_consistent(h: &loadtest::scenario::HoldReport, agents: usize) {
+    let mut growth = 0.0;
+    for s in &h.servers {
+        assert!(
+            s.rss_before_kib > 1024 && s.rss_held_kib > 1024,
+            "not a process's RSS: {s:?}"
+        );
+        let grew = s.rss_held_kib as f64 - s.rss_before_kib as f64;
+        assert_eq!(s.kib_per_agent, grew / s.agents as f64, "{s:?}");
+        assert!(plausible_cpu_percent(s.idle_cpu_percent), "{s:?}");
+        growth += grew;
+    }
+    assert_eq!(h.kib_per_agent, growth / agents as f64, "{h:?}");
+    let cpu: f64 = h.servers.iter().map(|s| s.idle_cpu_percent).sum();
+    assert_eq!(h.idle_cpu_percent, cpu);
+}
+
 fn all_connected(r: &Report) {
     assert_eq!(
         r.connect.connected,
@@ -128,9 +154,17 @@ async fn connect_and_hold() {
     assert!(r.complete);
     let h = r.hold.as_ref().expect("hold report");
     assert_eq!(h.servers.len(), 1);
-    assert!(h.servers[0].rss_held_kib > 0 && h.window_secs > 0.0);
+    assert_eq!(
+        (h.servers[0].pid, h.servers[0].role, h.servers[0].agents),
+        (std::process::id(), Role::Server, AGENTS)
+    );
+    // The window is the hold's duration (800 ms), measured.
+    assert!((0.8..60.0).contains(&h.window_secs), "{h:?}");
+    // (The server shares this process with the agents and with the other tests, so its growth
+    // can have any sign; the figures must still follow from the samples.)
+    hold_consistent(h, AGENTS);
     let v = check_json(&r);
-    assert!(v["hold"]["kib_per_agent"].is_number());
+    assert_eq!(v["hold"]["kib_per_agent"].as_f64(), Some(h.kib_per_agent));
     s.finish().await;
 }
 
@@ -166,6 +200,14 @@ async fn steady() {
     let st = r.steady.as_ref().expect("steady report");
     assert!(st.messages > AGENTS as u64, "{st:?}");
     assert!(st.rate_per_sec > 0.0 && st.latency.count == st.messages);
+    assert_eq!(st.rate_per_sec, st.messages as f64 / st.seconds);
+    // The server (this process) was busy answering: its CPU over the window is real work.
+    assert_eq!(st.cpu.len(), 1);
+    assert_eq!(st.cpu[0].pid, std::process::id());
+    assert!(
+        st.cpu[0].cpu_percent > 0.0 && plausible_cpu_percent(st.cpu[0].cpu_percent),
+        "{st:?}"
+    );
     check_json(&r);
     s.finish().await;
 }
@@ -408,12 +450,26 @@ async fn cluster_connect_hold_rollout_steady() {
     for (g, s) in h.servers[..2].iter().enumerate() {
         assert_eq!(s.pid, c.gateways[g].pid);
         assert_eq!(s.agents, AGENTS / 2, "round-robin over the gateways");
-        assert!(s.rss_held_kib > 0);
+        // A gateway process of its own holding 100 WebSockets more than before.
+        assert!(s.kib_per_agent > 0.0, "{s:?}");
     }
-    assert!(h.servers[2..].iter().all(|s| s.agents == AGENTS));
-    assert!(h.gateway_kib_per_agent.is_some() && h.coordinator_kib_per_agent.is_some());
+    for (i, s) in h.servers[2..].iter().enumerate() {
+        assert_eq!((s.pid, s.agents), (c.coordinators[i].pid, AGENTS));
+    }
+    hold_consistent(h, AGENTS);
+    // The split: the gateways' own figures averaged, the coordinators' growth over all agents.
+    let gw = (h.servers[0].kib_per_agent + h.servers[1].kib_per_agent) / 2.0;
+    assert_eq!(h.gateway_kib_per_agent, Some(gw));
+    let coord_growth: f64 = h.servers[2..]
+        .iter()
+        .map(|s| s.rss_held_kib as f64 - s.rss_before_kib as f64)
+        .sum();
+    assert_eq!(
+        h.coordinator_kib_per_agent,
+        Some(coord_growth / AGENTS as f64)
+    );
     let v = check_json(&r);
-    assert!(v["hold"]["gateway_kib_per_agent"].is_number());
+    assert_eq!(v["hold"]["gateway_kib_per_agent"].as_f64(), Some(gw));
     none_connected(&api2).await;
 
     // rollout through NATS, state in Postgres; 10 % over HTTP, 10 % failing.
@@ -439,6 +495,15 @@ async fn cluster_connect_hold_rollout_steady() {
     let st = r.steady.as_ref().expect("steady report");
     assert!(st.messages > AGENTS as u64, "{st:?}");
     assert_eq!(st.cpu.len(), 4);
+    let pids: Vec<u32> = st.cpu.iter().map(|s| s.pid).collect();
+    assert_eq!(pids, [c.gateway_pids(), c.coordinator_pids()].concat());
+    // Every node relayed or answered the reports: real CPU, within what the machine has.
+    for s in &st.cpu {
+        assert!(
+            s.cpu_percent > 0.0 && plausible_cpu_percent(s.cpu_percent),
+            "{s:?}"
+        );
+    }
     check_json(&r);
     none_connected(&api2).await;
 
