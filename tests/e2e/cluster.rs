@@ -4,11 +4,16 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use gateway::client::{wait_for, Agent, AgentStatus, WsConnection};
 use serde_json::json;
 use shared::ids::InstanceUid;
 use tests::cluster::{Balancer, Cluster};
-use tests::{eventually, Fleet, DEADLINE};
+use tests::{
+    eventually, Fleet, DEADLINE, DRAIN_GRACE, HANDOVER_WITHIN, RECONNECT_AFTER_CRASH,
+    REVOCATION_SEEN_WITHIN, SUPERSEDED_CLOSE_WITHIN,
+};
 
 use crate::opamp::{opts, uid_of};
 
@@ -50,6 +55,29 @@ async fn wait_all(
         c.api().wait_agent(uid, what, pred).await?;
     }
     Ok(())
+}
+
+/// [`wait_all`] with one bound for the whole wait, counted from `since`: for promises of
+/// "at once".
+async fn all_within(
+    c: &Cluster,
+    uids: &[String],
+    what: &str,
+    since: Instant,
+    bound: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool + Copy,
+) -> anyhow::Result<()> {
+    let left = bound.saturating_sub(since.elapsed());
+    eventually(what, left, || async {
+        for uid in uids {
+            if !c.api().agent(uid).await?.is_some_and(|a| pred(&a)) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+    .with_context(|| format!("{what}: not within {bound:?}"))
 }
 
 #[tokio::test]
@@ -116,10 +144,17 @@ async fn agents_of_a_killed_gateway_reconnect_through_another_with_state_intact(
         .collect();
 
     c.kill_gateway(0);
-
-    wait_all(&c, &uids, "reconnected through gw-1", |a| {
-        a["connected"] == true && a["gateway"] == "gw-1"
-    })
+    let killed = Instant::now();
+    // At once: not after the dead gateway's claims expire (the ownership TTL, longer).
+    assert!(RECONNECT_AFTER_CRASH < Duration::from_secs(c.base.cluster.ownership_ttl_secs));
+    all_within(
+        &c,
+        &uids,
+        "reconnected through gw-1",
+        killed,
+        RECONNECT_AFTER_CRASH,
+        |a| a["connected"] == true && a["gateway"] == "gw-1",
+    )
     .await?;
     assert_eq!(c.gateway_connections(1), agents.len());
     for ((agent, uid), before) in agents.iter().zip(asked_before) {
@@ -207,7 +242,7 @@ async fn a_stopping_coordinator_hands_its_partitions_over_at_once() -> anyhow::R
     let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
     wait_all(&c, &uids, "connected", |a| a["connected"] == true).await?;
     c.stop_coordinator(1).await?;
-    eventually("coord-0 holds every partition", DEADLINE, || async {
+    eventually("coord-0 holds every partition", HANDOVER_WITHIN, || async {
         let holders = c.partition_holders().await?;
         Ok((holders.len() == 256 && holders.iter().all(|(_, h)| h == "coord-0")).then_some(()))
     })
@@ -229,6 +264,10 @@ async fn a_stopping_coordinator_hands_its_partitions_over_at_once() -> anyhow::R
     c.stop().await
 }
 
+/// The drain window of the drain test: long enough that closes spread over it are told apart
+/// from closes all at once, even on a loaded machine.
+const DRAIN_WINDOW: Duration = Duration::from_secs(2);
+
 #[tokio::test]
 async fn a_draining_gateway_moves_its_agents_to_the_others() -> anyhow::Result<()> {
     let mut c = Cluster::start(2, 1, |_| {}).await?;
@@ -236,9 +275,66 @@ async fn a_draining_gateway_moves_its_agents_to_the_others() -> anyhow::Result<(
     let agents = fleet_of(&c, &lb.ws_url(), 6, "drain", false).await?;
     let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
     wait_all(&c, &uids, "on gw-0", |a| a["gateway"] == "gw-0").await?;
-    let ready = format!("http://{}/health/ready", c.gateway_addr(0)?);
+    let gw0 = c.gateway_of(0)?;
+    let addr = c.gateway_addr(0)?;
+    let ready = format!("http://{addr}/health/ready");
     assert_eq!(reqwest::get(&ready).await?.status(), 200);
-    c.stop_gateway(0, Duration::from_secs(1)).await?;
+    let newcomer_token = c.api().token("drain-newcomer").await?;
+
+    // When each agent sees its connection end (watched from before the stop begins).
+    let disconnects: Vec<_> = agents
+        .iter()
+        .map(|(agent, _)| {
+            let mut st = agent.status();
+            tokio::spawn(async move {
+                wait_for(&mut st, DRAIN_WINDOW + DRAIN_GRACE, |s| !s.connected).await?;
+                anyhow::Ok(Instant::now())
+            })
+        })
+        .collect();
+    let began = Instant::now();
+    let stopping = c.begin_stop_gateway(0, DRAIN_WINDOW);
+
+    // While the stop is in progress (agents still on gw-0): not ready, and a newcomer with a
+    // good token is refused before the upgrade. A crash would answer neither.
+    eventually("gw-0 not ready", DRAIN_WINDOW, || async {
+        Ok((reqwest::get(&ready).await?.status() == 503).then_some(()))
+    })
+    .await?;
+    let auth = tests::bearer(&newcomer_token);
+    match WsConnection::connect(&format!("ws://{addr}/v1/opamp"), &auth).await {
+        Err(gateway::client::ConnectError::Status { status, body, .. }) => {
+            assert_eq!((status, body.as_str()), (503, "server shutting down"));
+        }
+        Ok(_) => anyhow::bail!("a draining gateway admitted a new connection"),
+        Err(e) => anyhow::bail!("a draining gateway must refuse with 503: {e}"),
+    }
+    assert!(
+        gw0.connected() > 0 && !stopping.is_finished(),
+        "the drain was over before its checks ({:?} after it began)",
+        began.elapsed()
+    );
+
+    // The agents went one by one over the window, each told why (1001), not all at once.
+    let mut at = Vec::new();
+    for d in disconnects {
+        at.push(d.await??.duration_since(began));
+    }
+    at.sort();
+    let spread = at[at.len() - 1] - at[0];
+    assert!(
+        spread >= DRAIN_WINDOW / 2,
+        "disconnects within {spread:?} of each other, not spread over {DRAIN_WINDOW:?}: {at:?}"
+    );
+    stopping.await??;
+    for (agent, _) in &agents {
+        assert_eq!(
+            agent.status().borrow().last_close_reason.as_deref(),
+            Some("1001 server shutting down"),
+            "closed with a goodbye"
+        );
+    }
+
     wait_all(&c, &uids, "moved to gw-1", |a| {
         a["connected"] == true && a["gateway"] == "gw-1"
     })
@@ -284,7 +380,7 @@ async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> 
     .await?;
 
     // gw-1's claim bumped the epoch and told gw-0 to close the old socket.
-    let closed = tokio::time::timeout(DEADLINE, async {
+    let closed = tokio::time::timeout(SUPERSEDED_CLOSE_WITHIN, async {
         loop {
             match stale.recv().await {
                 Ok(Some(_)) => continue,
@@ -292,10 +388,11 @@ async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> 
             }
         }
     })
-    .await?;
-    if let Some((code, reason)) = closed {
-        assert_eq!(code, 1008, "policy close: {reason}");
-    }
+    .await
+    .context("the old socket was not closed at once")?;
+    // A Close frame with the policy code, not a dropped socket (reported locally as 1006).
+    let (code, reason) = closed.context("the old socket ended without any close")?;
+    assert_eq!(code, 1008, "policy close: {reason}");
     eventually("exactly one live session", DEADLINE, || async {
         Ok((c.gateway_connections(0) == 0 && c.gateway_connections(1) == 1).then_some(()))
     })
@@ -374,7 +471,7 @@ async fn a_token_revoked_through_one_coordinator_is_refused_by_all() -> anyhow::
             Err(e) => Err(anyhow::Error::from(e)),
         }
     };
-    eventually("the revocation is seen", DEADLINE, attempt).await?;
+    eventually("the revocation is seen", REVOCATION_SEEN_WITHIN, attempt).await?;
     for _ in 0..12 {
         assert_eq!(attempt().await?, Some((401, "token revoked".to_string())));
     }

@@ -254,6 +254,67 @@ impl Nginx {
     fn access_log(&self) -> String {
         std::fs::read_to_string(self.prefix.path().join("logs/access.log")).unwrap_or_default()
     }
+
+    /// The access log's entries for `request` (`"GET /v1/opamp HTTP/1.1"`, say).
+    fn accesses(&self, request: &str) -> Vec<Access> {
+        self.access_log()
+            .lines()
+            .filter_map(Access::parse)
+            .filter(|a| a.request == request)
+            .collect()
+    }
+}
+
+/// One entry of the template's `ampora` access log format: the request line, the status nginx
+/// answered and the one the upstream answered (`-` when nginx answered alone: no upstream).
+#[derive(Debug, PartialEq)]
+struct Access {
+    request: String,
+    status: u16,
+    upstream_status: Option<u16>,
+}
+
+impl Access {
+    /// `$remote_addr - $remote_user [$time_local] "$request" $status … upstream_status=$upstream_status …`
+    fn parse(line: &str) -> Option<Self> {
+        let (_, rest) = line.split_once('"')?;
+        let (request, rest) = rest.split_once('"')?;
+        let mut fields = rest.split_whitespace();
+        let status = fields.next()?.parse().ok()?;
+        let upstream_status = fields
+            .find_map(|f| f.strip_prefix("upstream_status="))
+            .and_then(|v| v.parse().ok());
+        Some(Self {
+            request: request.to_string(),
+            status,
+            upstream_status,
+        })
+    }
+
+    /// Answered `status` by Ampora and passed on as such by nginx.
+    fn answered(&self, status: u16) -> bool {
+        self.status == status && self.upstream_status == Some(status)
+    }
+}
+
+#[test]
+fn access_log_lines_parse() {
+    let line = "127.0.0.1 - - [05/Dec/2025:22:20:01 +0000] \"GET /v1/opamp HTTP/1.1\" 101 1234 \
+                \"-\" \"ampora-agent\" upstream=127.0.0.1:4320 upstream_status=101 \
+                request_time=3.201";
+    assert_eq!(
+        Access::parse(line),
+        Some(Access {
+            request: "GET /v1/opamp HTTP/1.1".into(),
+            status: 101,
+            upstream_status: Some(101),
+        })
+    );
+    // nginx answering alone (no upstream reached): no upstream status.
+    let alone = "127.0.0.1 - - [05/Dec/2025:22:20:01 +0000] \"GET /v1/opamp HTTP/1.1\" 502 157 \
+                 \"-\" \"-\" upstream=- upstream_status=- request_time=0.001";
+    let a = Access::parse(alone).expect("parses");
+    assert!(!a.answered(502) && a.status == 502 && a.upstream_status.is_none());
 }
 
 /// A loopback address with a port free right now (a listener bound and closed again).
@@ -327,11 +388,13 @@ impl Drop for Nginx {
 }
 
 /// An agent connects through nginx with a bootstrap token, shows up in the API (read through
-/// nginx), gets a config assigned through nginx and reports it applied. `access` is the line
-/// nginx must have logged for the agent's transport.
+/// nginx), gets a config assigned through nginx and reports it applied. `request` is the
+/// request line of the agent's transport, which nginx must have logged with `status` from
+/// Ampora for each of the agent's connections (a WebSocket) or exchanges (plain HTTP).
 async fn apply_through_nginx(
     endpoint: impl Fn(&Nginx) -> String,
-    access: &str,
+    request: &str,
+    status: u16,
 ) -> anyhow::Result<()> {
     // A one-second heartbeat, offered to the agent, is also the HTTP poll interval.
     let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_secs = 1).await?;
@@ -377,23 +440,40 @@ async fn apply_through_nginx(
     agent.stop().await;
     api.wait_agent(&uid, "offline after goodbye", |a| a["connected"] == false)
         .await?;
-    // The agent's traffic really went through nginx (a WebSocket is logged once it closes).
-    eventually("nginx logged the agent", DEADLINE, || async {
-        Ok(nginx.access_log().contains(access).then_some(()))
+    // The agent's traffic really went through nginx (a WebSocket is logged once it closes):
+    // every connection it established (a WebSocket's 101), or every reply it had (plain
+    // HTTP), is an entry answered by Ampora and passed on by nginx.
+    let s = st.borrow().clone();
+    let expected = if status == 101 {
+        s.connections_established
+    } else {
+        s.replies
+    };
+    let logged = eventually("nginx logged the agent", DEADLINE, || async {
+        let logged = nginx.accesses(request);
+        Ok((logged.len() as u64 >= expected).then_some(logged))
     })
     .await?;
+    assert!(expected > 0, "{s:?}");
+    assert!(
+        logged.iter().all(|a| a.answered(status)),
+        "every {request} answered {status} by Ampora: {logged:?}"
+    );
+    if status == 101 {
+        assert_eq!(logged.len() as u64, expected, "one entry per upgrade");
+    }
     drop(nginx);
     server.stop().await
 }
 
 #[tokio::test]
 async fn websocket_agent_through_nginx_receives_config_and_reports_applied() -> anyhow::Result<()> {
-    apply_through_nginx(Nginx::ws_url, "\"GET /v1/opamp HTTP/1.1\" 101 ").await
+    apply_through_nginx(Nginx::ws_url, "GET /v1/opamp HTTP/1.1", 101).await
 }
 
 #[tokio::test]
 async fn http_agent_through_nginx_receives_config_and_reports_applied() -> anyhow::Result<()> {
-    apply_through_nginx(Nginx::http_url, "\"POST /v1/opamp HTTP/1.1\" 200 ").await
+    apply_through_nginx(Nginx::http_url, "POST /v1/opamp HTTP/1.1", 200).await
 }
 
 /// Ampora as it runs behind a TLS-terminating proxy: the proxy's address trusted when it sends
@@ -485,16 +565,21 @@ async fn agent_bootstraps_through_tls_nginx_then_authenticates_with_its_certific
     .await?;
     assert_eq!(s.client_cert_serial.as_deref(), Some(serial.as_str()));
     // Both connections went through nginx: the bootstrap one, closed for the switch, and the
-    // one on the certificate (nginx logs a WebSocket when it ends).
+    // one on the certificate (nginx logs a WebSocket when it ends). Each upgrade the agent saw
+    // is one entry that Ampora answered 101, and there is no other.
     agent.stop().await;
-    eventually("nginx logged both WebSockets", DEADLINE, || async {
-        let upgrades = nginx
-            .access_log()
-            .matches("\"GET /v1/opamp HTTP/1.1\" 101 ")
-            .count();
-        Ok((upgrades >= 2).then_some(()))
+    let established = st.borrow().connections_established;
+    assert!(established >= 2, "bootstrap and certificate: {established}");
+    let upgrades = eventually("nginx logged both WebSockets", DEADLINE, || async {
+        let logged = nginx.accesses("GET /v1/opamp HTTP/1.1");
+        Ok((logged.len() as u64 >= established).then_some(logged))
     })
     .await?;
+    assert_eq!(upgrades.len() as u64, established, "{upgrades:?}");
+    assert!(
+        upgrades.iter().all(|a| a.answered(101)),
+        "every upgrade answered 101 by Ampora: {upgrades:?}"
+    );
 
     // The token, through nginx over TLS, no longer admits this agent.
     let headers = with_bearer(

@@ -349,6 +349,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts stopping gateway `i` gracefully over `window` and returns at once, so a test can
+    /// watch the drain while it runs; the handle ends with the stop. (Take what the test needs
+    /// of the gateway, its address or [`Cluster::gateway_of`], before: it is gone from here.)
+    pub fn begin_stop_gateway(
+        &mut self,
+        i: usize,
+        window: Duration,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let taken = self.gateways[i].take();
+        tokio::spawn(async move {
+            if let Some(mut n) = taken {
+                if let (Some(node), Some(rt)) = (n.node.take(), n.rt.as_ref()) {
+                    rt.spawn(node.stop_within(window)).await??;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Stops coordinator `i` gracefully: it hands its partitions over.
     pub async fn stop_coordinator(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(mut n) = self.coordinators[i].take() {
@@ -386,6 +405,15 @@ impl Fleet for Cluster {
 
     fn api(&self) -> &Api {
         &self.api
+    }
+
+    fn coordinator(&self) -> anyhow::Result<std::sync::Arc<coordinator::service::Coordinator>> {
+        let i = self
+            .coordinators
+            .iter()
+            .position(Option::is_some)
+            .context("no coordinator is running")?;
+        self.coordinator_of(i)
     }
 }
 

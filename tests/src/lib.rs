@@ -14,7 +14,31 @@ use coordinator::serve::{self, Running};
 use serde_json::{json, Value};
 
 /// Default deadline for a condition in these tests: generous for a loaded 2-core CI machine.
+/// For what is genuinely slow or promises no time (a fleet starting, a rollout applied); a
+/// promise of "at once" or "within seconds" gets its own bound below, so that breaking it fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Agents of a crashed gateway reconnect through another one "at once" (README, cluster mode):
+/// the client retries at once, then after 250 ms doubling. Below the sandbox's ownership TTL
+/// (6 s, [`cluster::Cluster::start`]), so a move that waited for the dead gateway's claims to
+/// expire would miss it.
+pub const RECONNECT_AFTER_CRASH: Duration = Duration::from_secs(5);
+
+/// A stopping coordinator hands its partitions over "at once": well under one lease TTL (the
+/// hand-over test sets 60 s), which a take-over by lease expiry would need.
+pub const HANDOVER_WITHIN: Duration = Duration::from_secs(5);
+
+/// A revoked token gets 401 "at once on every coordinator" (README, bootstrap tokens): one
+/// `ctl` broadcast; a second of promise plus room for a loaded machine.
+pub const REVOCATION_SEEN_WITHIN: Duration = Duration::from_secs(2);
+
+/// The gateway holding an agent's old socket closes it once another gateway claimed the agent
+/// (README, cluster mode: one live session): one delivery over the bus, so seconds at most.
+pub const SUPERSEDED_CLOSE_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long past its drain window a stopping gateway may take to finish: the closing
+/// handshakes and the release of its agents (the gateway's own grace is 5 s).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Pause between two checks of a condition in [`eventually`].
 const POLL: Duration = Duration::from_millis(25);
@@ -128,6 +152,9 @@ pub trait Fleet {
     fn ws_url(&self) -> String;
     fn http_url(&self) -> String;
     fn api(&self) -> &Api;
+    /// A live coordinator of the fleet (its store, its caches): for tests that must set up what
+    /// the API cannot make, such as a token that has already expired.
+    fn coordinator(&self) -> anyhow::Result<std::sync::Arc<coordinator::service::Coordinator>>;
 }
 
 impl Fleet for TestServer {
@@ -141,6 +168,13 @@ impl Fleet for TestServer {
 
     fn api(&self) -> &Api {
         &self.api
+    }
+
+    fn coordinator(&self) -> anyhow::Result<std::sync::Arc<coordinator::service::Coordinator>> {
+        self.running
+            .as_ref()
+            .map(|r| r.coordinator.clone())
+            .context("the server is stopped")
     }
 }
 
