@@ -225,10 +225,17 @@ impl Cluster {
             format!("cluster.redis_key_prefix={}", self.prefix),
         ];
         common.extend(procs::per_ip_limits_off().map(String::from));
+        // Coordinators must offer agents an endpoint (they refuse to start without one): the
+        // first gateway's, as a balancer's would be. Its port is picked here and handed to it.
+        let first_gateway = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let scheme = if spec.tls { "wss" } else { "ws" };
+        common.push(format!(
+            "server.public_endpoint={scheme}://{first_gateway}/v1/opamp"
+        ));
         for i in 0..spec.coordinators {
             let id = format!("{}-coord-{i}", self.prefix);
             let node = self
-                .start_node(spec, "coordinator", &id, &common, &[])
+                .start_node(spec, "coordinator", &id, "127.0.0.1:0", &common, &[])
                 .await
                 .with_context(|| format!("starting coordinator {id}"))?;
             self.coordinators.push(node);
@@ -242,8 +249,13 @@ impl Cluster {
         }
         for i in 0..spec.gateways {
             let id = format!("{}-gw-{i}", self.prefix);
+            let listen = if i == 0 {
+                first_gateway.to_string()
+            } else {
+                "127.0.0.1:0".to_string()
+            };
             let node = self
-                .start_node(spec, "gateway", &id, &common, &gateway_sets)
+                .start_node(spec, "gateway", &id, &listen, &common, &gateway_sets)
                 .await
                 .with_context(|| format!("starting gateway {id}"))?;
             self.gateways.push(node);
@@ -256,6 +268,7 @@ impl Cluster {
         spec: &ClusterSpec,
         role: &str,
         id: &str,
+        listen: &str,
         common: &[String],
         own: &[String],
     ) -> anyhow::Result<Spawned> {
@@ -263,7 +276,7 @@ impl Cluster {
         cmd.arg(role)
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(["--set", &format!("cluster.node_id={id}")]);
         for s in common.iter().chain(own).chain(&spec.sets) {
             cmd.args(["--set", s]);
