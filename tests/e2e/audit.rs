@@ -362,16 +362,9 @@ async fn export_is_json_lines_oldest_first_with_every_filter() -> anyhow::Result
 
 #[tokio::test]
 async fn scoped_tokens_admit_matching_agents_only_embedded() -> anyhow::Result<()> {
+    // How scope refusals are counted: the `metrics` test binary.
     let server = TestServer::start().await?;
-    let before = auth_failures(&server.api).await?;
     scoped_tokens(&server).await?;
-    // Refusals for scope are counted like every other authentication failure.
-    eventually(
-        "scope refusals counted as auth failures",
-        DEADLINE,
-        || async { Ok((auth_failures(&server.api).await? >= before + 2.0).then_some(())) },
-    )
-    .await?;
     server.stop().await
 }
 
@@ -419,11 +412,6 @@ async fn scoped_tokens_admit_matching_agents_only_cluster() -> anyhow::Result<()
         "{revoked:?}"
     );
     cluster.stop().await
-}
-
-async fn auth_failures(api: &Api) -> anyhow::Result<f64> {
-    api.metric("ampora_opamp_frames_rejected_total{reason=\"auth_failed\"}")
-        .await
 }
 
 async fn scoped_tokens(fleet: &impl Fleet) -> anyhow::Result<()> {

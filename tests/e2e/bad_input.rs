@@ -1,5 +1,6 @@
-//! Bad input is refused with the right status and metric reason, and a well-behaved agent on
-//! the same server keeps working throughout.
+//! Bad input is refused with the right status, and a well-behaved agent on the same server
+//! keeps working throughout. (How each refusal is counted: the `metrics` test binary, whose
+//! tests do not share the process's counters with others running at the same time.)
 
 use std::time::Duration;
 
@@ -8,23 +9,6 @@ use proto::Message;
 use serde_json::json;
 use shared::ids::InstanceUid;
 use tests::{bearer, eventually, hello, TestServer, DEADLINE};
-
-async fn rejected(server: &TestServer, reason: &str) -> anyhow::Result<f64> {
-    server
-        .api
-        .metric(&format!(
-            "ampora_opamp_frames_rejected_total{{reason=\"{reason}\"}}"
-        ))
-        .await
-}
-
-/// Asserts that `reason` was counted at least once more than `before`.
-async fn counted(server: &TestServer, reason: &str, before: f64) -> anyhow::Result<()> {
-    eventually(&format!("{reason} counted"), DEADLINE, || async {
-        Ok((rejected(server, reason).await? > before).then_some(()))
-    })
-    .await
-}
 
 /// Status of a refused WebSocket upgrade with these headers.
 async fn ws_refusal(
@@ -39,7 +23,7 @@ async fn ws_refusal(
 }
 
 #[tokio::test]
-async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> anyhow::Result<()> {
+async fn bad_input_is_refused_while_a_good_agent_keeps_working() -> anyhow::Result<()> {
     let server = TestServer::start_with(|c| c.opamp.max_frame_bytes = 64 * 1024).await?;
 
     // The well-behaved agent.
@@ -56,7 +40,6 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
     let good_uid = InstanceUid(s.instance_uid.expect("uid")).to_string();
 
     // --- Authentication ------------------------------------------------------------------
-    let before = rejected(&server, "auth_failed").await?;
     let (status, _) = ws_refusal(&server, vec![]).await?;
     assert_eq!(status, 401, "no Authorization header");
     let token = server.api.token("bare").await?;
@@ -121,8 +104,6 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
         "then the connection closes"
     );
     assert_eq!(ws.close_info().map(|(code, _)| code), Some(1008));
-    // Seven refusals above: no header, no scheme, truncated, CRC, revoked, HTTP and WS reuse.
-    counted(&server, "auth_failed", before + 6.0).await?;
 
     let audit = server.api.get("/api/v1/audit?reason=revoked").await?;
     assert!(
@@ -156,7 +137,6 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
     ws.send(&hello(uid)).await?;
     assert!(ws.recv().await?.is_some());
 
-    let before = rejected(&server, "malformed").await?;
     ws.send_raw(&[0x00, 0xFF, 0xFF, 0xFF], true).await?;
     let reply = ws.recv().await?.expect("malformed frame gets an answer");
     assert_eq!(
@@ -166,7 +146,6 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
     // A non-zero varint header is malformed too.
     ws.send_raw(&[0x05, 0x0A, 0x00], true).await?;
     assert!(ws.recv().await?.is_some_and(|r| r.error_response.is_some()));
-    counted(&server, "malformed", before + 1.0).await?;
 
     // The connection survives malformed frames.
     let mut ok = hello(uid);
@@ -174,7 +153,6 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
     ws.send(&ok).await?;
     assert!(ws.recv().await?.is_some_and(|r| r.error_response.is_none()));
 
-    let before = rejected(&server, "oversize").await?;
     let mut big = hello(uid);
     big.sequence_num = 2;
     big.agent_description = Some(proto::v1::AgentDescription {
@@ -195,7 +173,6 @@ async fn bad_input_is_refused_and_counted_while_a_good_agent_keeps_working() -> 
         "oversize closes the connection"
     );
     assert_eq!(ws.close_info().map(|(c, _)| c), Some(1009));
-    counted(&server, "oversize", before).await?;
 
     // Plain HTTP: oversize → 413, garbage → 400, header/body uid mismatch → 400.
     let mut http = HttpTransport::new(&server.http_url(), bearer(&token), false);

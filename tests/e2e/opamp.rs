@@ -160,11 +160,6 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
             .wait_agent(uid, "listed", |a| a["connected"] == true)
             .await?;
     }
-    let failed_before = server
-        .api()
-        .metric("ampora_config_remote_status_total{status=\"failed\"}")
-        .await?;
-
     let (id, _) = server.api().config("prod", "exporters: {}\n").await?;
     let res = server
         .api()
@@ -180,14 +175,7 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
         .is_some_and(|m| !m.is_empty()));
     let dev_view = server.api().agent(&uids[1]).await?.expect("dev agent");
     assert_eq!(dev_view["config_state"], "none");
-    let failed_after = server
-        .api()
-        .metric("ampora_config_remote_status_total{status=\"failed\"}")
-        .await?;
-    assert!(
-        failed_after >= failed_before + 1.0,
-        "FAILED must be counted"
-    );
+    // How FAILED is counted, and the config-state gauges: the `metrics` test binary.
 
     let filtered = server
         .api()
@@ -350,7 +338,8 @@ async fn capabilities_gate_what_is_sent(server: &impl Fleet) -> anyhow::Result<(
     let hb = Agent::start(hb);
     wait_for(&mut hb.status(), DEADLINE, |s| s.heartbeat_secs == 7).await?;
 
-    // Reports status (and heartbeats) only: never gets a remote config; the refusal is counted.
+    // Reports status (and heartbeats) only: never gets a remote config (the refusal's count:
+    // the `metrics` test binary).
     let mut mute = opts(server.ws_url(), server.api().token("m").await?, "mute");
     mute.capabilities = 0x1 | 0x2000;
     let mute = Agent::start(mute);
@@ -361,23 +350,11 @@ async fn capabilities_gate_what_is_sent(server: &impl Fleet) -> anyhow::Result<(
         .api()
         .wait_agent(&uid, "listed", |a| a["connected"] == true)
         .await?;
-    let before = server
-        .api()
-        .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")
-        .await?;
     let (id, _) = server.api().config("gated", "g: 1\n").await?;
     server
         .api()
         .assign(json!({ "config_id": id, "agent": uid }))
         .await?;
-    eventually("cap_mismatch counted", DEADLINE, || async {
-        let now = server
-            .api()
-            .metric("ampora_opamp_frames_rejected_total{reason=\"cap_mismatch\"}")
-            .await?;
-        Ok((now > before).then_some(()))
-    })
-    .await?;
     let replies = mute_st.borrow().replies;
     wait_for(&mut mute_st, DEADLINE, |s| s.replies > replies).await?;
     let s = mute_st.borrow().clone();
