@@ -61,6 +61,12 @@ pub enum Mode {
     Steady {
         until_ms: u64,
     },
+    /// One status report every `every_ms` per agent (each agent at its own random offset)
+    /// until `until_ms`: a steady rate, for latency under a fixed load.
+    Paced {
+        until_ms: u64,
+        every_ms: u64,
+    },
     /// Disconnect and reconnect in a loop until `until_ms`.
     Churn {
         until_ms: u64,
@@ -211,7 +217,7 @@ impl Conn {
     }
 }
 
-fn options(spec: &AgentSpec, params: &Params, config: &str) -> AgentOptions {
+pub(crate) fn options(spec: &AgentSpec, params: &Params, config: &str) -> AgentOptions {
     let i = spec.index;
     let s = |v: &str| v.to_string();
     AgentOptions {
@@ -392,6 +398,57 @@ async fn handle(
     Ok(())
 }
 
+/// Status report → reply until the wall clock reaches `until_ms`, recording each round trip:
+/// back to back (`every` is `None`), or one every `every`, the first after a random part of
+/// it so that agents spread over the interval. A late reply delays the next report, never
+/// queues several. `Err` when the session ends (connection lost, told to stop).
+async fn reports(
+    core: &mut AgentCore,
+    conn: &mut Conn,
+    spec: &AgentSpec,
+    shared: &Shared,
+    mode: &mut watch::Receiver<Mode>,
+    until_ms: u64,
+    every: Option<Duration>,
+) -> Result<(), End> {
+    let mut degraded = false;
+    let mut next = Instant::now() + every.map_or(Duration::ZERO, |e| e.mul_f64(rand::random()));
+    while unix_ms() < until_ms {
+        if every.is_some() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                r = mode.changed() => {
+                    if r.is_err() || *mode.borrow() == Mode::Stop {
+                        return Err(End::Stop);
+                    }
+                    continue;
+                }
+            }
+        }
+        // A status report that changes health, as a flapping component would.
+        degraded = !degraded;
+        let mut msg = core.heartbeat_message();
+        msg.health = Some(ComponentHealth {
+            healthy: true,
+            status: if degraded { "degraded" } else { "running" }.into(),
+            status_time_unix_nano: unix_us() * 1000,
+            ..ComponentHealth::default()
+        });
+        let t = Instant::now();
+        let reply = conn.exchange(&msg).await.map_err(End::Lost)?;
+        let us = t.elapsed().as_micros() as u64;
+        shared.with_stats(|s| {
+            s.messages += 1;
+            s.steady_latency.record(us);
+        });
+        handle(core, conn, reply, spec, shared).await?;
+        if let Some(e) = every {
+            next = (next + e).max(Instant::now());
+        }
+    }
+    Ok(())
+}
+
 /// A connected agent: heartbeats (WS) or polls (HTTP), applies pushes, and follows the mode.
 async fn session(
     core: &mut AgentCore,
@@ -403,36 +460,22 @@ async fn session(
 ) -> End {
     let poll = Duration::from_secs(params.http_poll_secs.max(1));
     let mut last_sent = Instant::now();
-    let mut degraded = false;
     loop {
         let current = *mode.borrow_and_update();
         match current {
             Mode::Stop => return End::Stop,
             Mode::Churn { until_ms } if unix_ms() < until_ms => return End::Churn,
             Mode::Steady { until_ms } if unix_ms() < until_ms => {
-                while unix_ms() < until_ms {
-                    // A status report that changes health, as a flapping component would.
-                    degraded = !degraded;
-                    let mut msg = core.heartbeat_message();
-                    msg.health = Some(ComponentHealth {
-                        healthy: true,
-                        status: if degraded { "degraded" } else { "running" }.into(),
-                        status_time_unix_nano: unix_us() * 1000,
-                        ..ComponentHealth::default()
-                    });
-                    let t = Instant::now();
-                    let reply = match conn.exchange(&msg).await {
-                        Ok(r) => r,
-                        Err(e) => return End::Lost(e),
-                    };
-                    let us = t.elapsed().as_micros() as u64;
-                    shared.with_stats(|s| {
-                        s.messages += 1;
-                        s.steady_latency.record(us);
-                    });
-                    if let Err(end) = handle(core, conn, reply, spec, shared).await {
-                        return end;
-                    }
+                if let Err(end) = reports(core, conn, spec, shared, mode, until_ms, None).await {
+                    return end;
+                }
+                last_sent = Instant::now();
+                continue;
+            }
+            Mode::Paced { until_ms, every_ms } if unix_ms() < until_ms => {
+                let every = Some(Duration::from_millis(every_ms.max(1)));
+                if let Err(end) = reports(core, conn, spec, shared, mode, until_ms, every).await {
+                    return end;
                 }
                 last_sent = Instant::now();
                 continue;

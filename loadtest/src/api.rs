@@ -53,13 +53,23 @@ impl Api {
 
     /// `n` single-use bootstrap tokens, created in bulk the way a fleet is provisioned.
     pub async fn bootstrap_tokens(&self, n: usize, ttl_secs: u64) -> anyhow::Result<Vec<String>> {
+        self.bootstrap_tokens_named("loadtest", n, ttl_secs).await
+    }
+
+    /// [`Api::bootstrap_tokens`] under `name` (which [`Api::token_ids_named`] finds again).
+    pub async fn bootstrap_tokens_named(
+        &self,
+        name: &str,
+        n: usize,
+        ttl_secs: u64,
+    ) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let count = (n - out.len()).min(TOKEN_BATCH);
             let v = self
                 .post(
                     "/api/v1/tokens/batch",
-                    json!({ "name": "loadtest", "ttl_secs": ttl_secs, "count": count }),
+                    json!({ "name": name, "ttl_secs": ttl_secs, "count": count }),
                 )
                 .await?;
             let tokens = v["tokens"].as_array().context("no tokens in response")?;
@@ -71,6 +81,46 @@ impl Api {
             }
         }
         Ok(out)
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {path}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            bail!("DELETE {path}: {status}: {}", resp.text().await?);
+        }
+        Ok(())
+    }
+
+    /// The ids of the bootstrap tokens named `name`.
+    pub async fn token_ids_named(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let v = self.get("/api/v1/tokens").await?;
+        let list = v.as_array().context("token list")?;
+        Ok(list
+            .iter()
+            .filter(|t| t["name"] == name)
+            .filter_map(|t| t["id"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> anyhow::Result<()> {
+        self.delete(&format!("/api/v1/tokens/{id}")).await
+    }
+
+    /// Audit rows with `reason` at or after `since_ms` (at most 10,000, newest first).
+    pub async fn audit(&self, reason: &str, since_ms: u64) -> anyhow::Result<Vec<Value>> {
+        let v = self
+            .get(&format!(
+                "/api/v1/audit?reason={reason}&since_ms={since_ms}&limit=10000"
+            ))
+            .await?;
+        Ok(v.as_array().context("audit list")?.clone())
     }
 
     /// Creates a YAML config version; returns its id.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod fleet;
 pub mod hist;
 pub mod procs;
+pub mod refused;
 pub mod scenario;
 pub mod tls;
 pub mod worker;

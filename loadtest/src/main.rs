@@ -34,6 +34,9 @@ enum Command {
     Steady(Common),
     /// Agents disconnect and reconnect for --duration; connects/s and errors.
     Churn(Common),
+    /// Admitted agents' report latency for --duration, then again with --refused agents
+    /// refused by the server and looping as opamp-go clients do.
+    Refused(RefusedArgs),
     /// Spawns the baseline and Ampora (--spawn-server or --spawn-cluster) and runs hold +
     /// steady on each.
     Compare(Common),
@@ -140,6 +143,19 @@ struct Common {
     log_dir: Option<PathBuf>,
     #[arg(long)]
     json_out: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct RefusedArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Refused agents started at once for the second window: half with a token bound to
+    /// another agent, a quarter with a revoked and a quarter with an unknown token.
+    #[arg(long, default_value_t = 1000)]
+    refused: usize,
+    /// Each admitted agent sends a status report every this many milliseconds.
+    #[arg(long, default_value_t = 200)]
+    report_every_ms: u64,
 }
 
 impl Common {
@@ -267,8 +283,15 @@ async fn options_interruptible(
     }
 }
 
-async fn scenario(c: Common, name: &str, phases: Vec<Phase>) -> anyhow::Result<()> {
-    let (opts, spawned) = options_interruptible(&c, name, phases).await?;
+/// `tune` sets what only this scenario has options for.
+async fn scenario(
+    c: Common,
+    name: &str,
+    phases: Vec<Phase>,
+    tune: impl FnOnce(&mut RunOptions),
+) -> anyhow::Result<()> {
+    let (mut opts, spawned) = options_interruptible(&c, name, phases).await?;
+    tune(&mut opts);
     let res = run_interruptible(&opts).await;
     if let Some(s) = spawned {
         s.stop().await;
@@ -322,11 +345,23 @@ async fn compare(c: Common) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Command::Connect(c) => scenario(c, "connect", vec![]).await,
-        Command::Hold(c) => scenario(c, "hold", vec![Phase::Hold]).await,
-        Command::Rollout(c) => scenario(c, "rollout", vec![Phase::Rollout]).await,
-        Command::Steady(c) => scenario(c, "steady", vec![Phase::Steady]).await,
-        Command::Churn(c) => scenario(c, "churn", vec![Phase::Churn]).await,
+        Command::Connect(c) => scenario(c, "connect", vec![], |_| {}).await,
+        Command::Hold(c) => scenario(c, "hold", vec![Phase::Hold], |_| {}).await,
+        Command::Rollout(c) => scenario(c, "rollout", vec![Phase::Rollout], |_| {}).await,
+        Command::Steady(c) => scenario(c, "steady", vec![Phase::Steady], |_| {}).await,
+        Command::Churn(c) => scenario(c, "churn", vec![Phase::Churn], |_| {}).await,
+        Command::Refused(a) => {
+            // The admitted agents in a worker process of their own (unless --workers says
+            // otherwise): the refused agents run in this one, and must not share a runtime
+            // with the agents whose latency is measured.
+            let workers = a.common.workers.or(Some(1));
+            scenario(a.common, "refused", vec![Phase::Refused], |o| {
+                o.refused_agents = a.refused;
+                o.report_every = Duration::from_millis(a.report_every_ms.max(1));
+                o.workers = workers;
+            })
+            .await
+        }
         Command::Compare(c) => compare(c).await,
         Command::Baseline { listen } => {
             // Same listener as `ampora serve`, so the two are compared like for like.

@@ -16,6 +16,7 @@ use crate::api::Api;
 use crate::fleet::Fleet;
 use crate::hist::{percentile, summarize, Latency};
 use crate::procs::{cpu_secs, rss_kib, CpuSample, ProcSample, Role};
+use crate::refused::RefusedReport;
 
 /// What runs after every agent connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +26,8 @@ pub enum Phase {
     Rollout,
     Steady,
     Churn,
+    /// A paced baseline window, then the same with refused agents looping (see `refused`).
+    Refused,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +72,10 @@ pub struct RunOptions {
     /// The binary to run as `worker` (default: this executable).
     pub worker_exe: Option<PathBuf>,
     pub progress: bool,
+    /// `refused`: agents refused by the server, looping as opamp-go clients do.
+    pub refused_agents: usize,
+    /// `refused`: each admitted agent sends a status report this often.
+    pub report_every: Duration,
 }
 
 impl Default for RunOptions {
@@ -98,6 +105,8 @@ impl Default for RunOptions {
             connect_rate: 0.0,
             worker_exe: None,
             progress: std::io::stderr().is_terminal(),
+            refused_agents: 1000,
+            report_every: Duration::from_millis(200),
         }
     }
 }
@@ -199,6 +208,8 @@ pub struct Report {
     pub rollout: Option<RolloutReport>,
     pub steady: Option<SteadyReport>,
     pub churn: Option<ChurnReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<RefusedReport>,
     /// Every error of the run, by kind.
     pub errors: BTreeMap<String, u64>,
 }
@@ -226,6 +237,20 @@ fn is_loopback_v4(url: &str) -> bool {
         .is_some_and(|rest| rest.starts_with("127.") || rest.starts_with("localhost"))
 }
 
+/// Agent `i`'s source address: 127.0.0.2 … 127.0.0.(1+`source_ips`) round-robin when every
+/// target is on loopback, else the system's choice.
+pub(crate) fn source_ip(opts: &RunOptions, i: usize) -> Option<IpAddr> {
+    let loopback = opts.targets.iter().all(|t| is_loopback_v4(t));
+    (loopback && opts.source_ips > 0).then(|| {
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (i % opts.source_ips as usize) as u8,
+        ))
+    })
+}
+
 fn bar(progress: bool, len: u64, what: &str) -> Option<ProgressBar> {
     if !progress {
         return None;
@@ -241,7 +266,7 @@ fn bar(progress: bool, len: u64, what: &str) -> Option<ProgressBar> {
 }
 
 /// Runs a timed window with a seconds bar.
-async fn window(fleet: &mut Fleet, d: Duration, progress: bool, what: &str) {
+pub(crate) async fn window(fleet: &mut Fleet, d: Duration, progress: bool, what: &str) {
     let b = bar(progress, d.as_secs().max(1), what);
     let end = Instant::now() + d;
     while Instant::now() < end {
@@ -310,7 +335,6 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             .map(Some)
             .collect()
     };
-    let loopback = opts.targets.iter().all(|t| is_loopback_v4(t));
     let specs: Vec<AgentSpec> = tokens
         .into_iter()
         .enumerate()
@@ -325,14 +349,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                     target.clone()
                 },
                 token,
-                source_ip: (loopback && opts.source_ips > 0).then(|| {
-                    IpAddr::V4(Ipv4Addr::new(
-                        127,
-                        0,
-                        0,
-                        2 + (i % opts.source_ips as usize) as u8,
-                    ))
-                }),
+                source_ip: source_ip(opts, i),
                 fail_configs: picked(i, opts.fail_share),
             }
         })
@@ -380,7 +397,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
 
 /// Puts the fleet in `mode(until_ms)` for `opts.duration`, then back to idle; returns the
 /// window's length in seconds and what the agents did in it (counters reset at its start).
-async fn busy_window(
+pub(crate) async fn busy_window(
     fleet: &mut Fleet,
     opts: &RunOptions,
     measured: &[Measured],
@@ -410,8 +427,8 @@ async fn busy_window(
 /// A process whose memory and CPU the report shows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Measured {
-    pid: u32,
-    role: Role,
+    pub(crate) pid: u32,
+    pub(crate) role: Role,
     /// What its per-agent memory divides by.
     agents: usize,
 }
@@ -598,6 +615,11 @@ async fn phases(
                 });
                 merge_errors(&mut errors, s.errors);
             }
+            Phase::Refused => {
+                let (r, errs) = crate::refused::phase(opts, fleet, &measured).await?;
+                report.refused = Some(r);
+                merge_errors(&mut errors, errs);
+            }
             Phase::Churn => {
                 let (secs, s, cpu) = busy_window(fleet, opts, &measured, "churn", |until_ms| {
                     Mode::Churn { until_ms }
@@ -618,7 +640,7 @@ async fn phases(
     Ok(complete)
 }
 
-fn merge_errors(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+pub(crate) fn merge_errors(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
     for (k, v) in from {
         *into.entry(k).or_default() += v;
     }
@@ -778,6 +800,9 @@ pub fn summary(r: &Report) -> String {
             ch.connects, ch.seconds, ch.connects_per_sec, ch.errors
         );
         s += &cpu_line(&ch.cpu);
+    }
+    if let Some(rf) = &r.refused {
+        s += &crate::refused::summary(rf);
     }
     s += &format!("errors: {:?}; complete: {}\n", r.errors, r.complete);
     s

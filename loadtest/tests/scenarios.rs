@@ -31,13 +31,19 @@ impl Server {
     }
 
     async fn start_with(plaintext_bootstrap: bool) -> Server {
+        Self::start_tuned(|cfg| cfg.opamp.bootstrap_plaintext_allowed = plaintext_bootstrap).await
+    }
+
+    /// Plaintext bootstrap allowed, then `tune`.
+    async fn start_tuned(tune: impl FnOnce(&mut Config)) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = Config::default();
         cfg.server.data_dir = dir.path().to_path_buf();
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.self_agent.enabled = false;
         cfg.store.flush_interval_ms = 100;
-        cfg.opamp.bootstrap_plaintext_allowed = plaintext_bootstrap;
+        cfg.opamp.bootstrap_plaintext_allowed = true;
+        tune(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -208,6 +214,44 @@ async fn steady() {
         st.cpu[0].cpu_percent > 0.0 && plausible_cpu_percent(st.cpu[0].cpu_percent),
         "{st:?}"
     );
+    check_json(&r);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused() {
+    // A short audit window, so that the summary rows with the repeat counts come in time.
+    let s = Server::start_tuned(|cfg| cfg.audit.refusal_window_secs = 1).await;
+    let opts = RunOptions {
+        refused_agents: 20,
+        duration: Duration::from_secs(2),
+        ..s.options("refused", vec![Phase::Refused])
+    };
+    let r = loadtest::run(&opts).await.expect("run");
+    all_connected(&r);
+    let rf = r.refused.as_ref().expect("refused report");
+    let summary = loadtest::scenario::summary(&r);
+    for w in [&rf.baseline, &rf.with_refused] {
+        assert!(w.messages > 0 && w.latency.count == w.messages, "{summary}");
+    }
+    assert!(rf.p99_ratio > 0.0, "{summary}");
+    let agents: Vec<usize> = rf.kinds.iter().map(|k| k.agents).collect();
+    assert_eq!(agents, [10, 5, 5], "{summary}");
+    for k in &rf.kinds {
+        let after_upgrade = k.reason == "already_redeemed";
+        assert!(k.refusals() >= k.agents as u64, "{summary}");
+        assert_eq!(k.refused_after_upgrade > 0, after_upgrade, "{summary}");
+        assert_eq!(k.refused_at_upgrade > 0, !after_upgrade, "{summary}");
+        let audit = rf
+            .audit
+            .iter()
+            .find(|a| a.reason == k.reason)
+            .expect("audit");
+        assert!(
+            audit.rows_at_end >= 1 && audit.count >= k.refusals(),
+            "{summary}"
+        );
+    }
     check_json(&r);
     s.finish().await;
 }
