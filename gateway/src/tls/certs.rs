@@ -486,13 +486,15 @@ mod tests {
         // in between is refused, the complete one taken. Each change is asserted on once the
         // watch task has dealt with it, so a refusal is never mistaken for a slow poll.
         let (chain2, key2, leaf2) = pair();
+        let first = tls.store.current();
         replace_file(&key, &key2);
         let g = next_generation(&tls, 0).await;
-        assert_eq!(
-            tls.certificate(),
-            Some(leaf1),
+        // Not swapped at all: the leaf alone would not show a new key beside the old leaf.
+        assert!(
+            Arc::ptr_eq(&first, &tls.store.current()),
             "a mismatched pair is not used"
         );
+        assert_eq!(tls.certificate(), Some(leaf1));
         replace_file(&cert, &chain2);
         let g = next_generation(&tls, g).await;
         assert_eq!(
@@ -501,9 +503,14 @@ mod tests {
             "the new pair is used"
         );
 
+        let second = tls.store.current();
         replace_file(&cert, "garbage");
         next_generation(&tls, g).await;
-        assert_eq!(tls.certificate(), Some(leaf2), "a broken file is not used");
+        assert!(
+            Arc::ptr_eq(&second, &tls.store.current()),
+            "a broken file is not used"
+        );
+        assert_eq!(tls.certificate(), Some(leaf2));
     }
 
     #[test]
