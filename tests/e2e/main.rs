@@ -39,6 +39,7 @@ mod offers;
 mod opamp;
 mod proxy_trust;
 mod python;
+mod reference_client;
 mod refused;
 mod security;
 mod tls;

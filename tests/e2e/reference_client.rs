@@ -425,3 +425,67 @@ async fn cluster_generated_key_is_offered_once() -> anyhow::Result<()> {
     generated_key_is_offered_once(&Target::cluster(&c, &files)?).await?;
     c.stop().await
 }
+
+/// Agents in the restarting fleet.
+const FLEET: usize = 12;
+/// How long the fleet gets to settle after restarting together.
+const FLEET_SETTLE: Duration = Duration::from_secs(60);
+
+/// A fleet of opamp-go style agents that restart together settles within a minute with no
+/// loop: those that kept their certificates are back on them after a connection or two,
+/// those that forgot them are refused (`identity_required`) a handful of times, spaced by
+/// their back-off, and none is offered anything again.
+async fn a_fleet_restarting_together_settles(t: &Target) -> anyhow::Result<()> {
+    let mut fleet = Vec::new();
+    for i in 0..FLEET {
+        let token = t.api.token(&format!("fleet-{i}")).await?;
+        let mut opts = opamp_go(t.agent(&t.wss, &token, InstanceUid::new_v7()));
+        opts.forget_identity_on_restart = i % 2 == 0;
+        let agent = Agent::start(opts);
+        let mut rx = agent.status();
+        let serial = connected_on_certificate(&mut rx).await?;
+        fleet.push((agent, rx, serial));
+    }
+    let before: Vec<u64> = fleet
+        .iter()
+        .map(|(_, rx, _)| rx.borrow().connections_attempted)
+        .collect();
+    for (agent, _, _) in &mut fleet {
+        agent.restart_process().await;
+    }
+    let started = tokio::time::Instant::now();
+    // Those that kept their certificates reconnect on them.
+    for (i, (_, rx, serial)) in fleet.iter_mut().enumerate().filter(|(i, _)| i % 2 == 1) {
+        let back = tokio::time::timeout_at(
+            started + FLEET_SETTLE,
+            rx.wait_for(|s| s.connected && s.client_cert_serial.as_deref() == Some(serial)),
+        )
+        .await;
+        assert!(back.is_ok(), "agent {i} is not back on its certificate");
+    }
+    // Watch the rest of the minute: no agent loops.
+    tokio::time::sleep_until(started + FLEET_SETTLE).await;
+    for (i, (agent, rx, _)) in fleet.into_iter().enumerate() {
+        let s = rx.borrow().clone();
+        let attempts = s.connections_attempted - before[i];
+        let bound = if i % 2 == 0 { REFUSAL_BOUND + 4 } else { 3 };
+        assert!(
+            attempts <= bound,
+            "agent {i} ({}) made {attempts} connections in {FLEET_SETTLE:?}: {s:?}",
+            if i % 2 == 0 {
+                "forgot its certificate"
+            } else {
+                "kept it"
+            }
+        );
+        agent.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_a_fleet_restarting_together_settles() -> anyhow::Result<()> {
+    let server = embedded().await?;
+    a_fleet_restarting_together_settles(&Target::embedded(&server)?).await?;
+    server.stop().await
+}
