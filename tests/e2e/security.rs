@@ -316,6 +316,25 @@ async fn a_generated_key_is_sent_once() -> anyhow::Result<()> {
         assert!(offered(&reply).is_none_or(|c| c.private_key.is_empty()));
         conn.close(1000, "restart").await;
     }
+    // Nowhere in the store either: no line of either key's body is in the database files.
+    let mut stored = Vec::new();
+    for file in ["ampora.db", "ampora.db-wal"] {
+        if let Ok(bytes) = std::fs::read(server.dir.path().join(file)) {
+            stored.extend(bytes);
+        }
+    }
+    let stored = String::from_utf8_lossy(&stored);
+    for key in &seen_keys {
+        let body = String::from_utf8_lossy(key);
+        let line = body
+            .lines()
+            .find(|l| !l.starts_with("-----") && l.len() > 40)
+            .unwrap_or_default();
+        assert!(
+            !line.is_empty() && !stored.contains(line),
+            "a key is stored"
+        );
+    }
     server.stop().await
 }
 
