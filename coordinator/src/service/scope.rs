@@ -10,7 +10,8 @@
 use shared::domain::{AgentRecord, Target, TokenRecord, TokenScope};
 use shared::ids::InstanceUid;
 
-use super::{Coordinator, TokenCache};
+use super::tokens::TokenCache;
+use super::Coordinator;
 
 impl TokenCache {
     /// Records the scope of `rec` under the agent it is bound to, if both are set.

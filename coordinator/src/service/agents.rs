@@ -1,0 +1,179 @@
+//! The agent cache: one entry per agent of the held partitions, behind a per-agent async
+//! mutex, written to the store in batches (`flush`), swept for HTTP agents gone quiet and for
+//! sessions whose token expired. The database is the source of truth; this is its cache.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Coordinator {
+    pub(super) fn insert_entry(&self, record: AgentRecord) -> Slot {
+        let uid = record.instance_uid;
+        let slot = Arc::new(Mutex::new(Entry {
+            identity: None,
+            state: AgentState::new(record),
+            token_id: None,
+            conn: None,
+            conn_token: None,
+            issued_ms: Vec::new(),
+        }));
+        if let Ok(mut shard) = self.agents[shard_of(&uid)].lock() {
+            shard.insert(uid, slot.clone());
+        }
+        slot
+    }
+
+    pub(super) fn slot(&self, uid: &InstanceUid) -> Option<Slot> {
+        self.agents[shard_of(uid)]
+            .lock()
+            .ok()
+            .and_then(|s| s.get(uid).cloned())
+    }
+
+    pub(super) fn all_slots(&self) -> Vec<Slot> {
+        self.agents
+            .iter()
+            .filter_map(|s| {
+                s.lock()
+                    .ok()
+                    .map(|s| s.values().cloned().collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect()
+    }
+
+    pub(super) fn mark_dirty(&self, uid: InstanceUid) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(uid);
+        }
+    }
+
+    /// Writes every changed agent in one batch.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        let uids: Vec<InstanceUid> = match self.dirty.lock() {
+            Ok(mut d) => d.drain().collect(),
+            Err(_) => return Ok(0),
+        };
+        if uids.is_empty() {
+            return Ok(0);
+        }
+        let mut records = Vec::with_capacity(uids.len());
+        // Only partitions still held: a frame in flight while a lease was lost may have
+        // touched an agent that is someone else's now.
+        for uid in uids.iter().filter(|u| self.holds(u.partition())) {
+            if let Some(slot) = self.slot(uid) {
+                records.push(slot.lock().await.state.record.clone());
+            }
+        }
+        if let Err(e) = self.store.upsert_agents(&records).await {
+            // Keep them dirty: the next flush retries the whole batch (upserts are idempotent).
+            if let Ok(mut d) = self.dirty.lock() {
+                d.extend(uids);
+            }
+            return Err(e);
+        }
+        metrics::counter!("ampora_store_agent_writes_total").increment(records.len() as u64);
+        Ok(records.len())
+    }
+
+    /// Once per flush: takes HTTP agents that missed three polls offline (they have no
+    /// connection to lose) and refreshes the fleet gauges, in one pass over the agents.
+    pub(super) async fn sweep(&self) {
+        let cutoff = now_ms()
+            - i64::try_from(self.cfg.heartbeat_interval_secs.saturating_mul(3_000))
+                .unwrap_or(i64::MAX);
+        let mut connected = 0u64;
+        let mut states: HashMap<ConfigState, u64> = HashMap::new();
+        let now = now_ms();
+        let (mut expired, mut revoked) = (Vec::new(), Vec::new());
+        for slot in self.all_slots() {
+            let mut e = slot.lock().await;
+            // HTTP agents have no socket to close: their next poll is refused.
+            let ws = e.state.record.transport == Some(Transport::WebSocket);
+            if let (true, Some(t), Some(_)) = (ws, &e.conn_token, &e.conn) {
+                match self.token_unusable(t, now) {
+                    Some(AuthFailure::Expired) => expired.push(e.state.record.instance_uid),
+                    Some(_) => revoked.push(e.state.record.instance_uid),
+                    None => {}
+                }
+            }
+            let r = &mut e.state.record;
+            if r.connected && r.transport == Some(Transport::Http) && r.last_seen_ms < cutoff {
+                r.connected = false;
+                let uid = r.instance_uid;
+                e.conn = None;
+                self.mark_dirty(uid);
+            }
+            let r = &e.state.record;
+            connected += u64::from(r.connected);
+            *states.entry(r.config_state()).or_default() += 1;
+        }
+        self.close_sessions(expired, "auth: token expired").await;
+        self.close_sessions(revoked, "auth: token revoked").await;
+        metrics::gauge!("ampora_agents_connected").set(connected as f64);
+        for state in ConfigState::ALL {
+            let n = states.get(&state).copied().unwrap_or(0);
+            metrics::gauge!("ampora_agents_config_state", "state" => state.as_str()).set(n as f64);
+        }
+    }
+
+    pub(super) fn forget(&self, uid: &InstanceUid) {
+        if let Ok(mut s) = self.agents[shard_of(uid)].lock() {
+            s.remove(uid);
+        }
+    }
+
+    /// Takes the agent offline whatever connection it had (no gateway holds it any more).
+    pub(super) async fn disconnected_any(&self, uid: InstanceUid) {
+        let Some(slot) = self.slot(&uid) else { return };
+        let mut e = slot.lock().await;
+        if e.state.record.connected {
+            e.conn = None;
+            e.state.record.connected = false;
+            e.state.record.gateway = None;
+            self.mark_dirty(uid);
+        }
+    }
+
+    /// Only the connection the agent currently talks through can take it offline: a late
+    /// notice from a connection it already replaced changes nothing.
+    pub(super) async fn disconnected(&self, uid: InstanceUid, gateway: GatewayId, conn_id: u64) {
+        let Some(slot) = self.slot(&uid) else { return };
+        let mut e = slot.lock().await;
+        let current = matches!(&e.conn, Some((gw, c, _)) if *gw == gateway && *c == conn_id);
+        if current {
+            e.conn = None;
+            e.state.record.connected = false;
+            e.state.record.last_seen_ms = now_ms();
+            self.mark_dirty(uid);
+        }
+    }
+
+    /// Every agent, sorted by uid. The ones this coordinator serves come from memory; in a
+    /// cluster the others come from the store, as fresh as their owner's last batch write.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut by_uid: HashMap<InstanceUid, AgentRecord> = HashMap::new();
+        if !self.holds_all() {
+            for r in self.store.load_agents().await? {
+                by_uid.insert(r.instance_uid, r);
+            }
+        }
+        for slot in self.all_slots() {
+            let r = slot.lock().await.state.record.clone();
+            by_uid.insert(r.instance_uid, r);
+        }
+        let mut out: Vec<AgentRecord> = by_uid.into_values().collect();
+        out.sort_by_key(|r| r.instance_uid);
+        Ok(out)
+    }
+
+    /// One agent: from memory when this coordinator serves it, else from the store.
+    pub async fn agent(&self, uid: InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
+        if let Some(slot) = self.slot(&uid) {
+            return Ok(Some(slot.lock().await.state.record.clone()));
+        }
+        if self.holds(uid.partition()) {
+            return Ok(None);
+        }
+        self.store.get_agent(uid).await
+    }
+}
