@@ -344,6 +344,9 @@ impl Gateway {
         let revocations = match &inner.cfg.identity {
             Some(trust) => {
                 let control = inner.bus.subscribe_control().await?;
+                // Before the first handshake: a revocation broadcast before this gateway
+                // started never reaches it.
+                load_revoked(&inner.bus, trust, inner.cfg.request_timeout).await;
                 let task = track_revocations(inner.bus.clone(), trust.clone(), control);
                 Some(tokio::spawn(task).abort_handle())
             }
@@ -630,6 +633,24 @@ async fn refresh_ownership(inner: Arc<Inner>) {
                 Err(e) => tracing::warn!(error = %e, "ownership refresh failed"),
             }
         }
+    }
+}
+
+/// Loads the full set of revoked serials once, within `within`; a failure is logged (no
+/// coordinator yet is no reason not to start) and left to the periodic reload.
+async fn load_revoked(bus: &Arc<dyn Bus>, trust: &AgentTrust, within: Duration) {
+    let reply = tokio::time::timeout(
+        within,
+        bus.request(Route::Any, CoordinatorRequest::RevokedSerials),
+    )
+    .await;
+    match reply {
+        Ok(Ok(CoordinatorReply::RevokedSerials(serials))) => {
+            trust.revoked.replace(serials.into_iter().collect());
+        }
+        Ok(Ok(_)) => tracing::error!("coordinator answered revoked serials with another reply"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "loading revoked identities at start failed"),
+        Err(_) => tracing::warn!("loading revoked identities at start timed out"),
     }
 }
 

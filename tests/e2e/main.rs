@@ -37,6 +37,7 @@ mod identity;
 mod nginx;
 mod offers;
 mod opamp;
+mod promises;
 mod proxy_trust;
 mod python;
 mod reference_client;
