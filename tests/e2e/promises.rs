@@ -681,3 +681,53 @@ async fn without_an_agent_ca_there_is_no_crl_cluster() -> anyhow::Result<()> {
     }
     c.stop().await
 }
+
+#[tokio::test]
+async fn a_first_message_while_the_store_does_not_answer_is_told_to_retry_cluster(
+) -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1, |_| {}).await?;
+    // A token the coordinator has cached (created through its API): the upgrade needs no
+    // store, but binding it to the agent does.
+    let token = c.api().token("outage-redeem").await?;
+    let uid = InstanceUid::new_v7();
+    let mut conn = WsConnection::connect(&c.ws_url_of(0)?, &bearer(&token)).await?;
+    let outage = StoreOutage::begin(&c)?;
+    conn.send(&hello(uid)).await?;
+    let reply = conn
+        .recv()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    outage.end()?;
+    let err = reply
+        .error_response
+        .ok_or_else(|| anyhow::anyhow!("answered as if bound while the store is down"))?;
+    assert_eq!(
+        err.r#type,
+        ServerErrorResponseType::Unavailable as i32,
+        "a false refusal while the store cannot decide: {err:?}"
+    );
+    // Not closed, not used up: a later message binds it once the store answers.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    for seq in 1.. {
+        let mut msg = hello(uid);
+        msg.sequence_num = seq;
+        conn.send(&msg).await?;
+        let reply = conn
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("closed"))?;
+        if reply.error_response.is_none() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still not bound after the outage: {:?}",
+            reply.error_response
+        );
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    c.stop().await
+}
+
+/// Between an agent's retries in [`a_first_message_while_the_store_does_not_answer_is_told_to_retry_cluster`].
+const RETRY_PAUSE: Duration = Duration::from_millis(100);

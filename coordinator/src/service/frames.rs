@@ -16,6 +16,9 @@ pub(super) enum Refusal {
     ScopeMismatch,
     /// A certificate-authenticated frame about another agent than the certificate names.
     IdentityMismatch,
+    /// Not a refusal: the store could not be asked (redemption, scope lookup). The agent is
+    /// told to retry, never refused for it.
+    Unavailable,
 }
 
 impl Refusal {
@@ -25,6 +28,7 @@ impl Refusal {
             Self::Auth(f) => f.as_str(),
             Self::ScopeMismatch => "scope_mismatch",
             Self::IdentityMismatch => "identity_mismatch",
+            Self::Unavailable => "unavailable",
         }
     }
 
@@ -34,6 +38,7 @@ impl Refusal {
             Self::Auth(f) => f.message(),
             Self::ScopeMismatch => "agent description does not match the token scope",
             Self::IdentityMismatch => "instance uid does not match the client certificate",
+            Self::Unavailable => "authentication unavailable, retry later",
         }
     }
 }
@@ -140,6 +145,13 @@ impl Coordinator {
             // A refused newcomer leaves no record behind (it never got in).
             if assigned || fresh {
                 self.forget(&uid);
+            }
+            if f == Refusal::Unavailable {
+                return FrameReply {
+                    msg: session::unavailable_reply(&msg.instance_uid, f.message()),
+                    bind: None,
+                    close: None,
+                };
             }
             return self.refuse_frame(&frame, Some(uid), f).await;
         }

@@ -255,8 +255,9 @@ impl Coordinator {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                // The token may well be good: "retry later", never a false refusal.
                 tracing::error!(error = %e, "token redemption failed");
-                return Err(AuthFailure::UnknownToken.into());
+                return Err(Refusal::Unavailable);
             }
         };
         match outcome {
@@ -308,7 +309,7 @@ impl Coordinator {
             Ok(None) => return Err(AuthFailure::UnknownToken.into()),
             Err(e) => {
                 tracing::error!(error = %e, "token lookup failed");
-                return Err(AuthFailure::UnknownToken.into());
+                return Err(Refusal::Unavailable);
             }
         };
         // Bound already: the redemption decides (same agent: fine; another: refused).
