@@ -38,12 +38,17 @@ enum Command {
     /// refused by the server and looping as opamp-go clients do.
     Refused(RefusedArgs),
     /// Spawns the baseline and Ampora (--spawn-server or --spawn-cluster) and runs hold +
-    /// steady on each.
+    /// steady on each; with --tls both serve TLS (the baseline with Ampora's handshake
+    /// settings and a local CA of its own).
     Compare(Common),
     /// The bare fastwebsockets server used as this machine's limit.
     Baseline {
         #[arg(long, default_value = "127.0.0.1:4330")]
         listen: String,
+        /// Serve TLS only, with a local CA and server certificate for 127.0.0.1 / localhost
+        /// kept in DIR (created if missing; agents trust DIR/ca.pem).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
     },
     /// Internal: a worker process driven over stdin/stdout.
     #[command(hide = true)]
@@ -306,14 +311,22 @@ async fn compare(c: Common) -> anyhow::Result<()> {
         c.spawn_server.is_some() || c.spawn_cluster.is_some(),
         "compare needs --spawn-server or --spawn-cluster PATH_TO_AMPORA"
     );
-    // The baseline speaks plaintext only; TLS on one side would skew every ratio.
-    anyhow::ensure!(!c.tls, "compare runs in plaintext; --tls is not supported");
+    // Both sides use the same transport: TLS on one side only would skew every ratio.
     let phases = vec![Phase::Hold, Phase::Steady];
     let exe = std::env::current_exe()?;
-    let base = procs::spawn_baseline(&exe).await?;
-    eprintln!("baseline (pid {}) on {}", base.pid, base.addr);
+    let certs_dir = tempfile::Builder::new()
+        .prefix("ampora-lt-baseline-")
+        .tempdir()?;
+    let base = if c.tls {
+        loadtest::baseline::spawn_tls(&exe, certs_dir.path()).await?
+    } else {
+        procs::spawn_baseline(&exe).await?
+    };
+    let scheme = if c.tls { "wss" } else { "ws" };
+    eprintln!("baseline (pid {}) on {scheme}://{}/", base.pid, base.addr);
+    let base_ca = base.ca_file.as_deref().map(tls::read_ca_pem).transpose()?;
     // The same options without the Ampora side (no server spawned, no API).
-    let plain = Common {
+    let bare = Common {
         spawn_server: None,
         spawn_cluster: None,
         api: None,
@@ -322,11 +335,12 @@ async fn compare(c: Common) -> anyhow::Result<()> {
         ..c.clone()
     };
     let bopts = RunOptions {
-        targets: vec![format!("ws://{}/", base.addr)],
+        targets: vec![format!("{scheme}://{}/", base.addr)],
+        ca_pem: base_ca,
         server_pids: vec![base.pid],
         no_auth: true,
         api: None,
-        ..plain.options("compare", phases.clone()).await?.0
+        ..bare.options("compare", phases.clone()).await?.0
     };
     let baseline = run_interruptible(&bopts).await;
     base.stop().await;
@@ -363,14 +377,23 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Compare(c) => compare(c).await,
-        Command::Baseline { listen } => {
+        Command::Baseline { listen, tls_dir } => {
             // Same listener as `ampora serve`, so the two are compared like for like.
             let listener = gateway::server::listen(listen.parse()?)?;
+            let config = match &tls_dir {
+                Some(dir) => Some(loadtest::baseline::server_config(
+                    &tls::GatewayCerts::create(dir)?,
+                )?),
+                None => None,
+            };
             println!(
                 "ampora-loadtest baseline listening on {}",
                 listener.local_addr()?
             );
-            loadtest::baseline::serve(listener).await?;
+            match config {
+                Some(config) => loadtest::baseline::serve_tls(listener, config).await?,
+                None => loadtest::baseline::serve(listener).await?,
+            }
             Ok(())
         }
         Command::Worker => {

@@ -283,14 +283,19 @@ pub(crate) async fn window(fleet: &mut Fleet, d: Duration, progress: bool, what:
     }
 }
 
-/// Checks that a `--no-auth` target is the baseline server, never Ampora.
-async fn ensure_baseline(target: &str) -> anyhow::Result<()> {
+/// Checks that a `--no-auth` target is the baseline server, never Ampora; a `wss://` one
+/// through a client trusting `ca_pem`.
+async fn ensure_baseline(target: &str, ca_pem: Option<&str>) -> anyhow::Result<()> {
     let url = http_url(target);
-    let body = reqwest::get(&url)
-        .await
-        .with_context(|| format!("GET {url}"))?
-        .text()
-        .await?;
+    let body = match (url.starts_with("https://"), ca_pem) {
+        (true, Some(pem)) => crate::baseline::get_https(&url, pem).await,
+        (true, None) => Err(anyhow::anyhow!("no CA to trust")),
+        (false, _) => match reqwest::get(&url).await {
+            Ok(resp) => resp.text().await.map_err(Into::into),
+            Err(e) => Err(e.into()),
+        },
+    }
+    .with_context(|| format!("GET {url}"))?;
     if body.trim() != crate::baseline::BANNER {
         bail!("--no-auth is only for the baseline server; {target} is not one");
     }
@@ -321,7 +326,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let n = opts.agents;
     let tokens: Vec<Option<String>> = if opts.no_auth {
         for t in &opts.targets {
-            ensure_baseline(t).await?;
+            ensure_baseline(t, opts.ca_pem.as_deref()).await?;
         }
         vec![None; n]
     } else {
@@ -808,11 +813,29 @@ pub fn summary(r: &Report) -> String {
     s
 }
 
+/// How the agents of both sides of a comparison connected: `tls`, `plaintext` or `mixed`.
+fn transport(a: &Report, b: &Report) -> &'static str {
+    let all = |r: &Report, scheme: &str| {
+        !r.targets.is_empty() && r.targets.iter().all(|t| t.starts_with(scheme))
+    };
+    if all(a, "wss://") && all(b, "wss://") {
+        "tls"
+    } else if all(a, "ws://") && all(b, "ws://") {
+        "plaintext"
+    } else {
+        "mixed"
+    }
+}
+
 /// Ampora against the baseline, measured in the same run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Comparison {
     pub ampora: Report,
     pub baseline: Report,
+    /// `tls` when both sides' agents used `wss://`, `plaintext` when both used `ws://`, else
+    /// `mixed` (the ratios then compare unlike things).
+    #[serde(default)]
+    pub transport: String,
     /// Ampora / baseline.
     pub kib_per_agent_ratio: f64,
     pub connect_seconds_ratio: f64,
@@ -825,6 +848,7 @@ impl Comparison {
         let kib = |r: &Report| r.hold.as_ref().map_or(0.0, |h| h.kib_per_agent);
         let rate = |r: &Report| r.steady.as_ref().map_or(0.0, |s| s.rate_per_sec);
         Self {
+            transport: transport(&ampora, &baseline).into(),
             kib_per_agent_ratio: ratio(kib(&ampora), kib(&baseline)),
             connect_seconds_ratio: ratio(ampora.connect.seconds, baseline.connect.seconds),
             steady_rate_ratio: ratio(rate(&ampora), rate(&baseline)),
@@ -835,12 +859,48 @@ impl Comparison {
 
     pub fn summary(&self) -> String {
         format!(
-            "== baseline ==\n{}== ampora ==\n{}== ratios (ampora / baseline) ==\nRSS per agent {:.2}×, connect time {:.2}×, steady msg/s {:.2}×\n",
+            "== baseline ==\n{}== ampora ==\n{}== ratios (ampora / baseline, {}) ==\nRSS per agent {:.2}×, connect time {:.2}×, steady msg/s {:.2}×\n",
             summary(&self.baseline),
             summary(&self.ampora),
+            self.transport,
             self.kib_per_agent_ratio,
             self.connect_seconds_ratio,
             self.steady_rate_ratio
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(targets: &[&str]) -> Report {
+        Report {
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn comparison_names_the_transport_of_both_sides() {
+        let tls = Comparison::new(
+            at(&["wss://127.0.0.1:1/v1/opamp"]),
+            at(&["wss://127.0.0.1:2/"]),
+        );
+        assert_eq!(tls.transport, "tls");
+        assert!(tls.summary().contains("(ampora / baseline, tls)"));
+        let plain = Comparison::new(
+            at(&["ws://a/v1/opamp", "ws://b/v1/opamp"]),
+            at(&["ws://c/"]),
+        );
+        assert_eq!(plain.transport, "plaintext");
+        let mixed = Comparison::new(at(&["wss://a/v1/opamp"]), at(&["ws://c/"]));
+        assert_eq!(mixed.transport, "mixed");
+        let half = Comparison::new(
+            at(&["wss://a/v1/opamp", "ws://b/v1/opamp"]),
+            at(&["wss://c/"]),
+        );
+        assert_eq!(half.transport, "mixed");
+        assert_eq!(Comparison::new(at(&[]), at(&[])).transport, "mixed");
     }
 }
