@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -36,15 +36,9 @@ fn ampora(args: &[&str]) -> Value {
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&out.stdout).trim().to_string()))
 }
 
-fn until(what: &str, mut f: impl FnMut() -> Option<Value>) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(POLL);
-    }
+fn until(what: &str, f: impl FnMut() -> Option<Value>) -> Value {
+    shared::testing::poll_blocking(DEADLINE, POLL, f)
+        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
 #[test]

@@ -13,6 +13,7 @@ use loadtest::api::Api;
 use loadtest::cluster::{Cluster, ClusterSpec};
 use loadtest::procs::Role;
 use loadtest::{Phase, Report, RunOptions};
+use shared::testing::poll;
 
 const AGENTS: usize = 200;
 /// Pause between two checks of a condition.
@@ -76,23 +77,7 @@ impl Server {
 
     /// After a run no agent may still be connected (the fleet said goodbye), then stops.
     async fn finish(self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let v = self
-                .api
-                .get("/api/v1/agents?connected=true")
-                .await
-                .expect("list");
-            let left = v.as_array().map_or(0, Vec::len);
-            if left == 0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{left} agents still connected"
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        none_connected(&self.api).await;
         self.running.stop().await.expect("server stops");
     }
 }
@@ -437,22 +422,18 @@ fn cluster_options(c: &Cluster, api: &Api, scenario: &str, phases: Vec<Phase>) -
 
 /// No agent of a finished run is still connected, as any coordinator's API reports it.
 async fn none_connected(api: &Api) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let left = std::cell::Cell::new(0);
+    let seen = &left;
+    let gone = poll(Duration::from_secs(20), POLL, || async move {
         let v = api
             .get("/api/v1/agents?connected=true")
             .await
             .expect("list");
-        let left = v.as_array().map_or(0, Vec::len);
-        if left == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{left} agents still connected"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        seen.set(v.as_array().map_or(0, Vec::len));
+        (seen.get() == 0).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "{} agents still connected", left.get());
 }
 
 /// connect + hold, rollout (WebSocket and HTTP agents) and steady, one after another on one

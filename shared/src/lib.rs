@@ -14,6 +14,8 @@ pub mod domain;
 pub mod ids;
 pub mod ownership;
 pub mod store;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod token;
 
 /// Milliseconds since the Unix epoch: the one clock unit of stored timestamps.

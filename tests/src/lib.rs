@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
@@ -344,18 +344,27 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
-    let start = Instant::now();
-    let mut last_err = None;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
+    let last_err = std::sync::Mutex::new(None);
+    let last = &last_err;
+    let got = shared::testing::poll(deadline, POLL, || {
+        let fut = check();
+        async move {
+            match fut.await {
+                Ok(v) => v,
+                Err(e) => {
+                    *last.lock().expect("last error") = Some(e);
+                    None
+                }
+            }
         }
-        if start.elapsed() > deadline {
-            bail!("timed out after {deadline:?} waiting for {what} (last error: {last_err:?})");
+    })
+    .await;
+    match got {
+        Some(v) => Ok(v),
+        None => {
+            let last_err = last_err.into_inner().expect("last error");
+            bail!("timed out after {deadline:?} waiting for {what} (last error: {last_err:?})")
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 

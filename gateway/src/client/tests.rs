@@ -17,6 +17,7 @@ use proto::v1::{
     ServerErrorResponse, ServerErrorResponseType,
 };
 use proto::{agent_flags, AgentToServer, Message, ServerToAgent};
+use shared::testing::{eventually, poll};
 use tokio::net::TcpListener;
 
 use super::wire::{gunzip, gzip};
@@ -118,16 +119,11 @@ impl FakeServer {
 
     /// Polls the log until `pred` holds (the server side has no watch channel).
     async fn until(&self, what: &str, pred: impl Fn(&Log) -> bool) {
-        let ok = tokio::time::timeout(DEADLINE, async {
-            loop {
-                if pred(&self.log.lock().expect("lock")) {
-                    return;
-                }
-                tokio::time::sleep(POLL).await;
-            }
+        let what = format!("the server to see: {what}");
+        eventually(&what, DEADLINE, POLL, || {
+            pred(&self.log.lock().expect("lock"))
         })
         .await;
-        assert!(ok.is_ok(), "server never saw: {what}");
     }
 }
 
@@ -430,14 +426,12 @@ async fn ws_agent_adopts_server_heartbeat() {
     assert_eq!(s.replies, 1);
     // With a one-hour interval no heartbeat follows the first exchange: over a window of
     // several of the old 150 ms intervals, a second message never arrives.
-    let second = tokio::time::timeout(QUIET_WINDOW, async {
-        while srv.msgs().len() < 2 {
-            tokio::time::sleep(POLL).await;
-        }
+    let second = poll(QUIET_WINDOW, POLL, || {
+        std::future::ready((srv.msgs().len() >= 2).then_some(()))
     })
     .await;
     assert!(
-        second.is_err(),
+        second.is_none(),
         "a heartbeat was sent: {:?}",
         srv.msgs().len()
     );

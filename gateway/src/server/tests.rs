@@ -23,6 +23,7 @@ use shared::bus::{
 };
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::{MemoryOwnership, Ownership};
+use shared::testing::eventually;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Gateway, GatewayConfig, OPAMP_PATH};
@@ -649,17 +650,6 @@ async fn recv_close(ws: &mut Ws) -> anyhow::Result<(u16, String)> {
     }
 }
 
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// Pause between two checks in [`eventually`].
 const POLL: Duration = Duration::from_millis(10);
 
@@ -740,7 +730,10 @@ async fn websocket_transport() -> anyhow::Result<()> {
     );
     let owner2 = h.ownership.lookup(uid).await?.expect("claimed");
     assert!(owner2.epoch > owner.epoch);
-    eventually("old connection gone", || h.gateway.connected() == 1).await;
+    eventually("old connection gone", WAIT, POLL, || {
+        h.gateway.connected() == 1
+    })
+    .await;
     // The old connection's release was fenced out: the new one still owns the agent.
     assert_eq!(h.ownership.lookup(uid).await?, Some(owner2.clone()));
 
@@ -754,7 +747,10 @@ async fn websocket_transport() -> anyhow::Result<()> {
     };
     send(&mut ws2, &big).await?;
     assert_eq!(recv_close(&mut ws2).await?.0, 1009);
-    eventually("connection released", || h.gateway.connected() == 0).await;
+    eventually("connection released", WAIT, POLL, || {
+        h.gateway.connected() == 0
+    })
+    .await;
     assert_eq!(h.ownership.lookup(uid).await?, None);
     let disconnected = h
         .coordinator
@@ -792,7 +788,10 @@ async fn websocket_transport() -> anyhow::Result<()> {
 
     // Shutdown says "going away" to everyone, even before their first message.
     let mut ws5 = connect(h.addr, Some(GOOD.1)).await?;
-    eventually("connection registered", || h.gateway.connected() == 1).await;
+    eventually("connection registered", WAIT, POLL, || {
+        h.gateway.connected() == 1
+    })
+    .await;
     within(h.gateway.shutdown()).await;
     assert_eq!(h.gateway.connected(), 0);
     assert_eq!(recv_close(&mut ws5).await?.0, 1001);

@@ -428,6 +428,8 @@ fn server_config(
 
 #[cfg(test)]
 mod tests {
+    use shared::testing::eventually;
+
     use super::*;
 
     /// A fresh certificate pair (each from its own throwaway CA): (chain PEM, key PEM, leaf).
@@ -441,16 +443,9 @@ mod tests {
         (chain, key, leaf)
     }
 
-    /// Pause between two checks in `eventually`.
+    /// Pause between two checks in `eventually`, and the bound on the whole wait.
     const POLL: Duration = Duration::from_millis(10);
-
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(POLL).await;
-        }
-    }
+    const WAIT: Duration = Duration::from_secs(10);
 
     /// Replaces `path` whole (write aside, rename over), as a deployment tool does: the watch
     /// task sees one change, never a half-written file.
@@ -463,7 +458,7 @@ mod tests {
     /// Waits until the watch task has dealt with one more change than `before`; returns the
     /// new generation.
     async fn next_generation(tls: &ServerTls, before: u64) -> u64 {
-        eventually("the watch task to deal with the change", || {
+        eventually("the watch task to deal with the change", WAIT, POLL, || {
             tls.store.generation() > before
         })
         .await;

@@ -394,16 +394,11 @@ mod tests {
         want: Option<&Owner>,
         within: Duration,
     ) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            if own.lookup(uid).await.expect("lookup").as_ref() == want {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(LOOKUP_POLL).await;
-        }
+        crate::testing::poll(within, LOOKUP_POLL, || async move {
+            (own.lookup(uid).await.expect("lookup").as_ref() == want).then_some(())
+        })
+        .await
+        .is_some()
     }
 
     #[test]
