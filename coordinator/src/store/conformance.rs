@@ -1146,14 +1146,23 @@ pub async fn redemption(store: &dyn Store) {
 
 /// Of 32 concurrent redemptions of one token by different agents, exactly one binds.
 pub async fn redemption_race(store: Arc<dyn Store>) {
+    redemption_race_between(&[store]).await;
+}
+
+/// [`redemption_race`] with the racers spread over `stores` (several handles on one database
+/// stand in for several processes): every other racer is told `BoundToOther`, and the token
+/// ends bound to the winner.
+pub async fn redemption_race_between(stores: &[Arc<dyn Store>]) {
     const RACERS: usize = 32;
     let now = 1_700_000_000_000;
     let t = new_token(now + 3_600_000);
+    let store = &stores[0];
     store.create_token(&t).await.expect("create_token");
     let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
     let tasks: Vec<_> = (0..RACERS)
-        .map(|_| {
-            let (store, barrier, id) = (store.clone(), barrier.clone(), t.id.clone());
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let (barrier, id) = (barrier.clone(), t.id.clone());
             let uid = InstanceUid::new_v7();
             tokio::spawn(async move {
                 barrier.wait().await;

@@ -1182,40 +1182,7 @@ mod tests {
         let stores: [Arc<dyn Store>; 2] =
             [Arc::new(connect(&db).await), Arc::new(connect(&db).await)];
         conformance::lease_race_between(&stores).await;
-
-        let token = TokenRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: "race".into(),
-            prefix: "amp-bs.race…".into(),
-            hash: [9; 32],
-            created_ms: 1,
-            expires_ms: i64::MAX,
-            revoked_ms: None,
-            redeemed_ms: None,
-            bound_uid: None,
-            scope: None,
-        };
-        stores[0].create_token(&token).await.expect("create_token");
-        let barrier = Arc::new(tokio::sync::Barrier::new(32));
-        let tasks: Vec<_> = (0..32)
-            .map(|i| {
-                let store = stores[i % 2].clone();
-                let (barrier, id) = (barrier.clone(), token.id.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    store.redeem_token(&id, InstanceUid::new_v7(), 2).await
-                })
-            })
-            .collect();
-        let mut bound = 0;
-        for task in tasks {
-            match task.await.expect("join").expect("redeem") {
-                Redemption::Bound => bound += 1,
-                Redemption::BoundToOther => {}
-                other => panic!("unexpected outcome in race: {other:?}"),
-            }
-        }
-        assert_eq!(bound, 1);
+        conformance::redemption_race_between(&stores).await;
         db.remove().await.expect("drop test database");
     }
 

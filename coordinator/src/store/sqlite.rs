@@ -1088,40 +1088,7 @@ mod tests {
             Arc::new(SqliteStore::open(&db.0).await.expect("open")),
             Arc::new(SqliteStore::open(&db.0).await.expect("open again")),
         ];
-        let token = TokenRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: "race".into(),
-            prefix: "amp-bs.race…".into(),
-            hash: [9; 32],
-            created_ms: 1,
-            expires_ms: i64::MAX,
-            revoked_ms: None,
-            redeemed_ms: None,
-            bound_uid: None,
-            scope: None,
-        };
-        stores[0].create_token(&token).await.expect("create_token");
-        let barrier = Arc::new(tokio::sync::Barrier::new(32));
-        let tasks: Vec<_> = (0..32)
-            .map(|i| {
-                let store = stores[i % 2].clone();
-                let (barrier, id) = (barrier.clone(), token.id.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    store.redeem_token(&id, InstanceUid::new_v7(), 2).await
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for task in tasks {
-            outcomes.push(task.await.expect("join").expect("redeem"));
-        }
-        let bound = outcomes.iter().filter(|o| **o == Redemption::Bound).count();
-        let other = outcomes
-            .iter()
-            .filter(|o| **o == Redemption::BoundToOther)
-            .count();
-        assert_eq!((bound, other), (1, 31), "{outcomes:?}");
+        conformance::redemption_race_between(&stores.clone().map(|s| s as Arc<dyn Store>)).await;
         for store in stores {
             store.close().await;
         }
