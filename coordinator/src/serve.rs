@@ -133,10 +133,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let mut tls = server_tls(&config, &data_dir, addr)?;
     // Agent identities: the configured agent CA, else the local CA (its key is right here).
     let (agent_ca, trust) = match (
-        crate::cluster::coordinator_agent_ca(&config)?,
+        crate::node_config::coordinator_agent_ca(&config)?,
         &tls.local_ca,
     ) {
-        (Some(ca), _) => (Some(ca), crate::cluster::gateway_agent_trust(&config)?),
+        (Some(ca), _) => (Some(ca), crate::node_config::gateway_agent_trust(&config)?),
         (None, Some(local)) => (
             Some(Arc::new(
                 AgentCa::from_files(&local.ca_cert_path, &local.ca_key_path)
@@ -176,7 +176,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             node: "embedded".into(),
             lease_ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
             agent_ca,
-            identity_validity: crate::cluster::identity_validity(&config),
+            identity_validity: crate::node_config::identity_validity(&config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
         },
     )
@@ -184,14 +184,14 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     .context("starting the coordinator")?;
 
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
-    let mut gw_config = crate::cluster::gateway_config(&config);
+    let mut gw_config = crate::node_config::gateway_config(&config);
     gw_config.identity = trust;
-    let proxy_secret = crate::cluster::gateway_proxy_secret(&config)?;
+    let proxy_secret = crate::node_config::gateway_proxy_secret(&config)?;
     gw_config.proxy_secret = proxy_secret.clone();
     let gateway = Gateway::start(gateway_id, bus.clone(), ownership, gw_config).await?;
 
     let (admin_token, admin_token_path) = ensure_admin_token(&*store, &data_dir).await?;
-    let limits = crate::cluster::connection_limits(&config);
+    let limits = crate::node_config::connection_limits(&config);
     let listener = AgentListener::with_limits(listener, Some(tls.server.clone()), &limits)?;
 
     let app = Router::new()

@@ -90,7 +90,7 @@ pub struct Guard {
 
 impl Guard {
     /// `proxy_secret`: the one read from `tls.trusted_proxy_secret_file`
-    /// (`cluster::gateway_proxy_secret`).
+    /// (`node_config::gateway_proxy_secret`).
     pub fn new(config: &Config, proxy_secret: Option<ProxySecret>) -> Self {
         let api = &config.api;
         // Out-of-range values saturate: a limit that large is no limit.

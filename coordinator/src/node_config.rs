@@ -1,0 +1,136 @@
+//! What a node's configuration turns into, for both ways of running Ampora (`serve`, the
+//! embedded default, and the cluster roles in `cluster`): the gateway's settings and
+//! connection limits, the agent CA a coordinator signs with, the trust a gateway verifies
+//! agents with, and the proxy secret. Both depend on this module, never on each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gateway::tls::{AgentCa, AgentTrust};
+use gateway::GatewayConfig;
+
+use crate::config::Config;
+
+/// The gateway settings shared by both modes.
+pub fn gateway_config(config: &Config) -> GatewayConfig {
+    GatewayConfig {
+        max_frame_bytes: usize::try_from(config.opamp.max_frame_bytes).unwrap_or(usize::MAX),
+        request_timeout: Duration::from_secs(config.opamp.request_timeout_secs),
+        write_queue: usize::try_from(config.opamp.write_queue).unwrap_or(16),
+        bootstrap_plaintext_allowed: config.opamp.bootstrap_plaintext_allowed,
+        ownership_refresh: Duration::from_secs(config.cluster.ownership_ttl_secs) / 3,
+        // Out-of-range values saturate: a limit that large is no limit.
+        admission: gateway::server::AdmissionConfig {
+            max_connections: usize::try_from(config.admission.max_connections)
+                .unwrap_or(usize::MAX),
+            accept_rate_per_sec: u32::try_from(config.admission.accept_rate_per_sec)
+                .unwrap_or(u32::MAX),
+            accept_burst: u32::try_from(config.admission.accept_burst).unwrap_or(u32::MAX),
+            warmup: Duration::from_secs(config.admission.warmup_secs),
+            max_connections_per_ip: saturate(config.admission.max_connections_per_ip),
+            max_connections_per_credential: saturate(
+                config.admission.max_connections_per_credential,
+            ),
+            accept_rate_per_ip_per_sec: u32::try_from(config.admission.accept_rate_per_ip_per_sec)
+                .unwrap_or(u32::MAX),
+            accept_burst_per_ip: u32::try_from(config.admission.accept_burst_per_ip)
+                .unwrap_or(u32::MAX),
+            first_message_timeout: Duration::from_secs(config.admission.first_message_timeout_secs),
+        },
+        identity: None,
+        client_cert_header: (!config.tls.client_cert_header.is_empty())
+            .then(|| {
+                axum::http::HeaderName::from_bytes(config.tls.client_cert_header.as_bytes()).ok()
+            })
+            .flatten(),
+        // Validated with the configuration: every entry parses.
+        trusted_proxies: config
+            .tls
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        // A file to read: `gateway_proxy_secret`.
+        proxy_secret: None,
+        frame_limits: gateway::server::FrameLimits {
+            attributes: usize::try_from(config.opamp.max_attributes).unwrap_or(usize::MAX),
+            components: usize::try_from(config.opamp.max_components).unwrap_or(usize::MAX),
+            config_files: usize::try_from(config.opamp.max_config_files).unwrap_or(usize::MAX),
+            entries: usize::try_from(config.opamp.max_entries).unwrap_or(usize::MAX),
+        },
+        decode_budget_bytes: usize::try_from(config.opamp.decode_budget_bytes)
+            .unwrap_or(usize::MAX),
+    }
+}
+
+fn saturate(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The `[connections]` limits of a listener; trusted proxies are exempt from the per-address
+/// ones (every agent behind a proxy shares its address).
+pub fn connection_limits(config: &Config) -> gateway::serve::ConnectionLimits {
+    let c = &config.connections;
+    gateway::serve::ConnectionLimits {
+        max_pending: saturate(c.max_pending),
+        max_pending_per_ip: saturate(c.max_pending_per_ip),
+        first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
+        handshake_timeout: Duration::from_millis(c.handshake_timeout_ms),
+        header_read_timeout: Duration::from_secs(c.header_read_timeout_secs),
+        max_connections: saturate(c.max_connections),
+        max_connections_per_ip: saturate(c.max_connections_per_ip),
+        exempt: config
+            .tls
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+    }
+}
+
+/// A gateway's agent CA (`tls.agent_ca_cert_file`), for verifying client certificates;
+/// `None` without one (identities off).
+pub fn gateway_agent_trust(config: &Config) -> anyhow::Result<Option<AgentTrust>> {
+    let cert = &config.tls.agent_ca_cert_file;
+    if cert.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        AgentTrust::from_ca_file(cert).context("loading the agent CA certificate")?,
+    ))
+}
+
+/// The secret trusted proxies must present (`tls.trusted_proxy_secret_file`) to gateways and
+/// to the API alike; `None` without one.
+pub fn gateway_proxy_secret(
+    config: &Config,
+) -> anyhow::Result<Option<gateway::server::ProxySecret>> {
+    let path = &config.tls.trusted_proxy_secret_file;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading tls.trusted_proxy_secret_file {}", path.display()))?;
+    let secret = gateway::server::ProxySecret::parse(&text)
+        .map_err(|e| anyhow::anyhow!("tls.trusted_proxy_secret_file {}: {e}", path.display()))?;
+    Ok(Some(secret))
+}
+
+/// A coordinator's agent CA with its key; `None` unless both files are set.
+pub fn coordinator_agent_ca(config: &Config) -> anyhow::Result<Option<Arc<AgentCa>>> {
+    let (cert, key) = (
+        &config.tls.agent_ca_cert_file,
+        &config.tls.agent_ca_key_file,
+    );
+    if cert.as_os_str().is_empty() || key.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(
+        AgentCa::from_files(cert, key).context("loading the agent CA")?,
+    )))
+}
+
+pub fn identity_validity(config: &Config) -> Duration {
+    Duration::from_secs(config.tls.identity_validity_secs)
+}
