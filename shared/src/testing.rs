@@ -1,10 +1,20 @@
-//! Test support shared by every crate's tests: the one bounded poll. Compiled for this crate's
+//! Test support shared by every crate's tests: the one bounded poll and the one first message. Compiled for this crate's
 //! own tests and, through the `test-support` feature, for the dev-dependencies of `gateway`,
 //! `coordinator`, `loadtest` and the `tests` harness (which `gateway` and `shared` unit tests
 //! cannot depend on: it depends on them).
 
 use std::future::Future;
 use std::time::Duration;
+
+/// A first message of agent `uid` that reports status and nothing else (not even a
+/// description): the smallest message a server must accept from a new agent.
+pub fn first_message(uid: crate::ids::InstanceUid) -> proto::AgentToServer {
+    proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: 0x1,
+        ..Default::default()
+    }
+}
 
 /// Polls `check` every `pause` until it yields `Some`, for at most `within`; `None` if it never
 /// did. Never a fixed sleep: the pause between polls is short and `within` bounds the whole

@@ -355,11 +355,7 @@ async fn a_duplicate_connection_on_two_gateways_ends_with_one_live_session() -> 
 
     // A stale socket of the agent on gw-0 (it never reconnects by itself)...
     let mut stale = WsConnection::connect(&c.ws_url_of(0)?, &auth).await?;
-    let hello = proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: 0x1,
-        ..Default::default()
-    };
+    let hello = shared::testing::first_message(uid);
     stale.send(&hello).await?;
     assert!(stale.recv().await?.is_some(), "first reply");
     eventually("gw-0 holds the agent", DEADLINE, || async {

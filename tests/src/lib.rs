@@ -140,13 +140,11 @@ pub fn bearer(token: &str) -> Vec<(String, String)> {
     vec![("Authorization".into(), format!("Bearer {token}"))]
 }
 
-/// A first message of agent `uid` that reports status and nothing else.
+/// A first message of agent `uid` that reports status and an (empty) description.
 pub fn hello(uid: shared::ids::InstanceUid) -> proto::AgentToServer {
     proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: 0x1,
         agent_description: Some(Default::default()),
-        ..Default::default()
+        ..shared::testing::first_message(uid)
     }
 }
 

@@ -23,7 +23,7 @@ use shared::bus::{
 };
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::{MemoryOwnership, Ownership};
-use shared::testing::eventually;
+use shared::testing::{eventually, first_message as hello};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Gateway, GatewayConfig, OPAMP_PATH};
@@ -155,14 +155,6 @@ async fn start_with(
 
 async fn within<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, fut).await.expect("timed out")
-}
-
-fn hello(uid: InstanceUid) -> AgentToServer {
-    AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: 0x1,
-        ..Default::default()
-    }
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {
