@@ -16,7 +16,7 @@ use proto::v1::{
 use proto::{agent_caps, agent_flags, server_flags, AgentToServer, ServerToAgent};
 use tokio::sync::watch;
 
-use super::agent::{AgentOptions, AgentStatus};
+use super::options::{AgentOptions, AgentStatus};
 use super::tls::ClientTls;
 use super::url::{Endpoint, Scheme};
 

@@ -19,6 +19,7 @@
 mod agent;
 mod core;
 mod http;
+mod options;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -30,9 +31,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use self::agent::{Agent, AgentOptions, AgentStatus, DEFAULT_CAPABILITIES};
+pub use self::agent::Agent;
 pub use self::core::{AgentCore, Outcome};
 pub use self::http::HttpTransport;
+pub use self::options::{AgentOptions, AgentStatus, DEFAULT_CAPABILITIES};
 pub use self::tls::ClientTls;
 pub use self::url::{Endpoint, Scheme};
 pub use self::ws::WsConnection;
