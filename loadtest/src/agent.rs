@@ -4,7 +4,6 @@
 //! client's, while the load generator controls timing: it stamps the moment each agent got
 //! its first reply and sent APPLIED, and runs the steady and churn loops.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,8 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::hist::Histogram;
-use crate::worker::Event;
+use crate::report::{Event, Stats};
 
 /// A reply that takes longer than this counts as lost.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,28 +70,6 @@ pub enum Mode {
         until_ms: u64,
     },
     Stop,
-}
-
-/// Counters of one worker, merged by the parent.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Stats {
-    /// Steady-state exchanges completed (report sent, reply received).
-    pub messages: u64,
-    pub steady_latency: Histogram,
-    /// Successful connects (hello answered), first ones included.
-    pub connects: u64,
-    pub errors: BTreeMap<String, u64>,
-}
-
-impl Stats {
-    pub fn merge(&mut self, o: &Stats) {
-        self.messages += o.messages;
-        self.steady_latency.merge(&o.steady_latency);
-        self.connects += o.connects;
-        for (k, v) in &o.errors {
-            *self.errors.entry(k.clone()).or_default() += v;
-        }
-    }
 }
 
 /// What a worker's agents share.

@@ -10,7 +10,8 @@ use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::agent::{AgentSpec, Mode, Params, Stats};
+use crate::agent::{AgentSpec, Mode, Params};
+use crate::report::Stats;
 use crate::worker::{Cmd, Event, WorkerLink};
 
 /// The `k`-th of `steps` equal consecutive slices of `range` (the last ones may be empty).

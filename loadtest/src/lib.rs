@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod hist;
 pub mod procs;
 pub mod refused;
+pub mod report;
 pub mod scenario;
 pub mod tls;
 pub mod worker;

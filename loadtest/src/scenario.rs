@@ -11,12 +11,13 @@ use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{unix_ms, unix_us, AgentSpec, Mode, Params, Stats};
+use crate::agent::{unix_ms, unix_us, AgentSpec, Mode, Params};
 use crate::api::Api;
 use crate::fleet::Fleet;
 use crate::hist::{percentile, summarize, Latency};
 use crate::procs::{cpu_secs, rss_kib, CpuSample, ProcSample, Role};
 use crate::refused::RefusedReport;
+use crate::report::Stats;
 
 /// What runs after every agent connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

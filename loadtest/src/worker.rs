@@ -16,8 +16,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::agent::{self, AgentSpec, Mode, Params, Shared, Stats};
+use crate::agent::{self, AgentSpec, Mode, Params, Shared};
 use crate::config;
+pub use crate::report::Event;
+use crate::report::Stats;
 
 /// How long agents get to say goodbye when stopping.
 const STOP_GRACE: Duration = Duration::from_secs(15);
@@ -37,28 +39,6 @@ pub enum Cmd {
     /// Report the counters (and reset them).
     Collect,
     Stop,
-}
-
-/// Worker → parent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    Ready,
-    /// The agent's first hello was answered.
-    Connected {
-        idx: usize,
-        at_us: u64,
-    },
-    /// The agent sent APPLIED (or FAILED) for a pushed config.
-    Applied {
-        idx: usize,
-        at_us: u64,
-        failed: bool,
-    },
-    Stats {
-        stats: Stats,
-    },
-    Stopped,
 }
 
 /// The worker's one TLS client config. The parent checked the PEM already; should it still
