@@ -356,10 +356,7 @@ async fn behind_tls_nginx(
 /// The status code of `GET path` over TLS (the tests' reqwest has no TLS).
 async fn https_status(addr: SocketAddr, tls: &ClientTls, path: &str) -> anyhow::Result<u16> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::from(addr.ip());
-    let mut stream = tokio_rustls::TlsConnector::from(tls.config().clone())
-        .connect(name, tcp)
-        .await?;
+    let mut stream = tls.handshake(&addr.ip().to_string(), tcp).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await?;

@@ -14,7 +14,7 @@ use gateway::client::{
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use shared::ids::InstanceUid;
-use tests::identity::handshake_alert;
+use tests::identity::{handshake_alert, Issued, TestCa};
 use tests::{bearer, eventually, hello, Fleet, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -33,46 +33,6 @@ fn agent(endpoint: String, token: String, tls: Option<ClientTls>) -> Agent {
     })
 }
 
-/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, made with rcgen as an
-/// operator's tooling would: (CA PEM, chain PEM, key PEM, leaf DER).
-struct Issued {
-    ca_pem: String,
-    chain_pem: String,
-    key_pem: String,
-    leaf: CertificateDer<'static>,
-}
-
-struct TestCa {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl TestCa {
-    fn new() -> anyhow::Result<Self> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "ampora test CA");
-        let cert = params.self_signed(&key)?;
-        Ok(Self { cert, key })
-    }
-
-    fn issue(&self) -> anyhow::Result<Issued> {
-        let key = rcgen::KeyPair::generate()?;
-        let params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        Ok(Issued {
-            ca_pem: self.cert.pem(),
-            chain_pem: format!("{}{}", cert.pem(), self.cert.pem()),
-            key_pem: key.serialize_pem(),
-            leaf: cert.der().clone(),
-        })
-    }
-}
-
 fn write_pair(dir: &Path, issued: &Issued) -> anyhow::Result<()> {
     // Key first, then the certificate, as a renewal script might: the server must not mind
     // the mismatched pair in between.
@@ -83,10 +43,8 @@ fn write_pair(dir: &Path, issued: &Issued) -> anyhow::Result<()> {
 
 /// The leaf certificate a fresh TLS connection to `addr` is shown.
 async fn served_leaf(addr: SocketAddr, tls: &ClientTls) -> anyhow::Result<CertificateDer<'static>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost")?;
-    let stream = tokio_rustls::TlsConnector::from(tls.config().clone())
-        .connect(name, tcp)
+    let stream = tls
+        .handshake("localhost", TcpStream::connect(addr).await?)
         .await?;
     let leaf = stream
         .get_ref()

@@ -270,9 +270,7 @@ pub async fn handshake_alert(
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     // With the client's session cache, filled by its earlier handshakes: a resumed session
     // would skip the certificate check, so gateways must not offer one.
-    let connector = tokio_rustls::TlsConnector::from(tls.config().clone());
-    let name = rustls::pki_types::ServerName::from(addr.ip());
-    let mut stream = match connector.connect(name, tcp).await {
+    let mut stream = match tls.handshake(&addr.ip().to_string(), tcp).await {
         Ok(s) => s,
         Err(e) => return Ok(alert_of(&e)),
     };
@@ -298,6 +296,48 @@ fn alert_of(e: &std::io::Error) -> Option<rustls::AlertDescription> {
     match e.get_ref()?.downcast_ref::<rustls::Error>()? {
         rustls::Error::AlertReceived(a) => Some(*a),
         _ => None,
+    }
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, made with rcgen as an
+/// operator's tooling would: (CA PEM, chain PEM, key PEM, leaf DER).
+pub struct Issued {
+    pub ca_pem: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub leaf: rustls::pki_types::CertificateDer<'static>,
+}
+
+/// A CA of its own, made with rcgen as an operator's tooling would (not Ampora's local CA).
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new() -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ampora test CA");
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// A server certificate for localhost / 127.0.0.1.
+    pub fn issue(&self) -> anyhow::Result<Issued> {
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            ca_pem: self.cert.pem(),
+            chain_pem: format!("{}{}", cert.pem(), self.cert.pem()),
+            key_pem: key.serialize_pem(),
+            leaf: cert.der().clone(),
+        })
     }
 }
 

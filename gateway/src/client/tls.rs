@@ -103,13 +103,23 @@ impl ClientTls {
         host: &str,
         tcp: TcpStream,
     ) -> std::io::Result<ClientStream> {
+        Ok(MaybeTls::Tls(Box::new(self.handshake(host, tcp).await?)))
+    }
+
+    /// The bare TLS stream of [`connect`](Self::connect): for probes that speak their own bytes
+    /// over it or look at the handshake (the tests, the load generator's banner check). A
+    /// refusal at the handshake is the `rustls::Error` inside the `io::Error`.
+    pub async fn handshake(
+        &self,
+        host: &str,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = ServerName::try_from(host.to_string()).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}"))
         })?;
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+        tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(name, tcp)
-            .await?;
-        Ok(MaybeTls::Tls(Box::new(tls)))
+            .await
     }
 }
 

@@ -525,10 +525,7 @@ mod tests {
         addr: SocketAddr,
         tls: &ClientTls,
     ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(addr).await?;
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        tokio_rustls::TlsConnector::from(tls.config().clone())
-            .connect(name, tcp)
+        tls.handshake("localhost", TcpStream::connect(addr).await?)
             .await
     }
 
