@@ -287,8 +287,6 @@ impl Cluster {
         Ok(format!("wss://{}/v1/opamp", self.gateway_addr(i)?))
     }
 
-    /// One series from gateway `i`'s `/metrics`. (Every node of the sandbox shares the
-    /// process's metrics recorder, so this counts the whole process.)
     /// Gateway `i` itself (its open connections, …).
     pub fn gateway_of(&self, i: usize) -> anyhow::Result<std::sync::Arc<gateway::Gateway>> {
         self.gateways
@@ -312,6 +310,8 @@ impl Cluster {
             .with_context(|| format!("coordinator {i} is not running"))
     }
 
+    /// One series from gateway `i`'s `/metrics`. (Every node of the sandbox shares the
+    /// process's metrics recorder, so this counts the whole process.)
     pub async fn gateway_metric(&self, i: usize, series: &str) -> anyhow::Result<f64> {
         Api::new(self.gateway_addr(i)?, String::new())
             .metric(series)
