@@ -1,6 +1,7 @@
 //! Admission control: a storm of new connections and requests is refused cheaply (503 at the
-//! connection cap, 429 over the accept rate, both with `Retry-After`), counted by reason, while
-//! readiness and the agents already connected carry on; and a fresh gateway warms up.
+//! connection cap, 429 over the accept rate, both with `Retry-After`), while readiness and the
+//! agents already connected carry on; and a fresh gateway warms up. How each refusal is counted
+//! is asserted in the serial metrics binary (`tests/metrics/admission.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,15 +25,6 @@ const RATE: u64 = 2;
 const AGENTS: usize = 3;
 const STORM_WS: usize = 200;
 const STORM_HTTP: usize = 100;
-
-async fn refused(server: &TestServer, reason: &str) -> anyhow::Result<f64> {
-    server
-        .api
-        .metric(&format!(
-            "ampora_gateway_admission_refused_total{{reason=\"{reason}\"}}"
-        ))
-        .await
-}
 
 /// A refused upgrade's status and `Retry-After`, or `None` when it was admitted (and dropped).
 async fn try_upgrade(
@@ -128,8 +120,6 @@ async fn a_storm_is_refused_cheaply_while_connected_agents_carry_on() -> anyhow:
         held.push(conn);
     }
     assert_eq!(gateway.connected(), usize::try_from(CAP)?);
-    let cap_before = refused(&server, "connection_cap").await?;
-    let rate_before = refused(&server, "rate").await?;
 
     // Empty the accept bucket: from the first 429 on it holds less than one token, so during the
     // storm only what refills (accept_rate_per_sec) can be admitted. Upgrades at the cap never
@@ -223,15 +213,6 @@ async fn a_storm_is_refused_cheaply_while_connected_agents_carry_on() -> anyhow:
         "{admitted} of {STORM_HTTP} requests admitted with {refill:.1} tokens refilled: \
          {http_outcomes:?}"
     );
-    // Counted by reason (other tests in this binary may add to the counters, never take).
-    let cap_counted = refused(&server, "connection_cap").await? - cap_before;
-    let rate_counted = refused(&server, "rate").await? - rate_before;
-    assert!(
-        cap_counted >= STORM_WS as f64,
-        "connection_cap {cap_counted}"
-    );
-    assert!(rate_counted >= throttled as f64, "rate {rate_counted}");
-
     assert!(
         health.iter().all(|s| *s == 200),
         "readiness flapped during the storm: {health:?}"

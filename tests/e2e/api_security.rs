@@ -5,6 +5,8 @@
 //!
 //! The tests that must observe the server before the body is complete speak HTTP/1.1 over a raw
 //! socket: an HTTP client library would not let a request stop half-way through its body.
+//! How each refusal is counted is asserted in the serial metrics binary
+//! (`tests/metrics/api.rs`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -79,17 +81,12 @@ async fn api_token(server: &TestServer, name: &str, role: &str) -> anyhow::Resul
     Ok(Api::new(server.addr, text))
 }
 
-fn refused(reason: &str) -> String {
-    format!("ampora_api_requests_refused_total{{reason=\"{reason}\"}}")
-}
-
 #[tokio::test]
 async fn a_tokenless_60_mb_post_is_refused_before_its_body_is_read() -> anyhow::Result<()> {
     let server = TestServer::start().await?;
     let viewer = api_token(&server, "looker", "viewer").await?;
     let operator = api_token(&server, "deployer", "operator").await?;
     const BIG: usize = 60_000_000;
-    let before = server.api.metric(&refused("unauthenticated")).await?;
 
     // Headers plus 1 KiB of a declared 60 MB: the answer comes without the rest.
     for (path, token, want) in [
@@ -107,8 +104,6 @@ async fn a_tokenless_60_mb_post_is_refused_before_its_body_is_read() -> anyhow::
             "the unread body is not drained: {head}"
         );
     }
-    let after = server.api.metric(&refused("unauthenticated")).await?;
-    assert!(after >= before + 2.0, "{before} -> {after}");
 
     // Authenticated, but only config creation takes large bodies: 413 from the declared
     // length, still unread.
@@ -142,7 +137,6 @@ async fn a_tokenless_60_mb_post_is_refused_before_its_body_is_read() -> anyhow::
 #[tokio::test]
 async fn a_slow_body_is_cut_off_with_408() -> anyhow::Result<()> {
     let server = TestServer::start_with(|c| c.api.body_timeout_secs = 1).await?;
-    let before = server.api.metric(&refused("body_timeout")).await?;
     let mut s = partial_post(
         server.addr,
         "/api/v1/configs",
@@ -154,8 +148,6 @@ async fn a_slow_body_is_cut_off_with_408() -> anyhow::Result<()> {
     let (status, head) = read_head(&mut s, ANSWER_WITHIN).await?;
     assert_eq!(status, 408, "{head}");
     assert!(head.contains("connection: close"), "{head}");
-    let after = server.api.metric(&refused("body_timeout")).await?;
-    assert!(after > before, "{before} -> {after}");
     // A body that arrives in time is fine.
     server.api.config("prompt", "a: 1\n").await?;
     server.stop().await
@@ -166,7 +158,6 @@ async fn excess_concurrent_requests_get_503_with_retry_after() -> anyhow::Result
     let server = TestServer::start_with(|c| c.api.max_concurrent_requests = 2).await?;
     let base = format!("http://{}", server.addr);
     let http = reqwest::Client::new();
-    let before = server.api.metric(&refused("busy")).await?;
 
     // Two authenticated requests whose bodies never finish hold both slots.
     let slow = [
@@ -205,8 +196,6 @@ async fn excess_concurrent_requests_get_503_with_retry_after() -> anyhow::Result
     // Health and metrics are not the API: they keep answering.
     let live = http.get(format!("{base}/health/live")).send().await?;
     assert_eq!(live.status(), 200);
-    let after = server.api.metric(&refused("busy")).await?;
-    assert!(after > before, "{before} -> {after}");
 
     // Closing the slow requests frees their slots.
     drop(slow);
@@ -238,7 +227,6 @@ async fn api_tokens_over_plaintext_from_afar_are_refused() -> anyhow::Result<()>
         TestServer::start_with(|c| c.tls.trusted_proxies = vec!["127.0.0.1".into()]).await?;
     let remote_plain = [("x-real-ip", "203.0.113.9"), ("x-forwarded-proto", "http")];
     let remote_tls = [("x-real-ip", "203.0.113.9"), ("x-forwarded-proto", "https")];
-    let before = server.api.metric(&refused("plaintext_token")).await?;
 
     let (status, v) = via_proxy(&server, &remote_plain).await?;
     assert_eq!(status, 403, "{v}");
@@ -254,8 +242,6 @@ async fn api_tokens_over_plaintext_from_afar_are_refused() -> anyhow::Result<()>
         .send()
         .await?;
     assert_eq!(resp.status(), 403);
-    let after = server.api.metric(&refused("plaintext_token")).await?;
-    assert!(after >= before + 2.0, "{before} -> {after}");
 
     // The proxy terminated TLS: fine. A local client, and this process's own calls: fine.
     assert_eq!(via_proxy(&server, &remote_tls).await?.0, 200);

@@ -1,7 +1,8 @@
 //! Hostile connections (issue 17, findings 2, 3 and 10): silent TCP connections beyond the
 //! pending budget, half-sent request headers, WebSockets that never speak, one credential or
 //! one address taking more than its share. Each is closed or refused on time while health,
-//! the API and admitted agents carry on.
+//! the API and admitted agents carry on. How each close and refusal is counted is asserted in
+//! the serial metrics binary (`tests/metrics/connections.rs`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -14,24 +15,6 @@ use tokio::net::TcpStream;
 
 /// A second source address on loopback (Linux routes all of 127/8 to `lo`).
 const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-async fn closed_count(server: &TestServer, reason: &str) -> anyhow::Result<f64> {
-    server
-        .api
-        .metric(&format!(
-            "ampora_gateway_connections_closed_total{{reason=\"{reason}\"}}"
-        ))
-        .await
-}
-
-async fn refused_count(server: &TestServer, reason: &str) -> anyhow::Result<f64> {
-    server
-        .api
-        .metric(&format!(
-            "ampora_gateway_admission_refused_total{{reason=\"{reason}\"}}"
-        ))
-        .await
-}
 
 /// Waits (at most `within`) for the server to close `s`: EOF or a reset. Anything it sends
 /// first (a 408, say) is read and ignored.
@@ -82,7 +65,6 @@ async fn silent_connections_beyond_the_pending_budget_do_not_stop_the_port() -> 
     .await?;
     let token = server.api.token("steady").await?;
     let mut agent = admitted_agent(&server, &token).await?;
-    let shed_before = closed_count(&server, "pending_shed").await?;
 
     // Several times the budget of connections that never say a word.
     let opened = Instant::now();
@@ -113,9 +95,6 @@ async fn silent_connections_beyond_the_pending_budget_do_not_stop_the_port() -> 
             "a silent connection outlived the first-byte deadline"
         );
     }
-    let shed = closed_count(&server, "pending_shed").await? - shed_before;
-    assert!(shed >= 1.0, "the full budget shed its oldest ({shed})");
-    assert!(closed_count(&server, "first_byte_timeout").await? >= 1.0);
     server.stop().await
 }
 
@@ -123,7 +102,6 @@ async fn silent_connections_beyond_the_pending_budget_do_not_stop_the_port() -> 
 async fn half_sent_headers_and_idle_keep_alive_are_closed_at_the_header_timeout(
 ) -> anyhow::Result<()> {
     let server = TestServer::start_with(|c| c.connections.header_read_timeout_secs = 1).await?;
-    let before = closed_count(&server, "header_timeout").await?;
 
     // The request line and one header, never the blank line that ends them.
     let mut half = TcpStream::connect(server.addr).await?;
@@ -138,12 +116,6 @@ async fn half_sent_headers_and_idle_keep_alive_are_closed_at_the_header_timeout(
         started.elapsed() >= Duration::from_millis(800),
         "closed before the timeout"
     );
-    let counted = eventually("the header timeout counted", DEADLINE, || async {
-        let n = closed_count(&server, "header_timeout").await? - before;
-        Ok((n >= 1.0).then_some(n))
-    })
-    .await?;
-    assert!(counted >= 1.0);
 
     // A keep-alive connection that went quiet after its request is closed as well.
     let mut idle = TcpStream::connect(server.addr).await?;
@@ -164,7 +136,6 @@ async fn half_sent_headers_and_idle_keep_alive_are_closed_at_the_header_timeout(
 #[tokio::test]
 async fn a_websocket_that_never_sends_a_first_message_is_closed() -> anyhow::Result<()> {
     let server = TestServer::start_with(|c| c.admission.first_message_timeout_secs = 1).await?;
-    let before = closed_count(&server, "first_message_timeout").await?;
     let silent_token = server.api.token("silent").await?;
     let mut silent = WsConnection::connect(&server.ws_url(), &bearer(&silent_token)).await?;
     let mut agent = admitted_agent(&server, &server.api.token("talks").await?).await?;
@@ -177,8 +148,6 @@ async fn a_websocket_that_never_sends_a_first_message_is_closed() -> anyhow::Res
         "closed with policy violation: {:?}",
         silent.close_info()
     );
-    let counted = closed_count(&server, "first_message_timeout").await? - before;
-    assert!(counted >= 1.0, "counted {counted}");
 
     // The agent that spoke in time is past the deadline and still served.
     agent.send(&hello(InstanceUid::new_v7())).await?;
@@ -222,8 +191,6 @@ async fn per_credential_and_per_address_caps_refuse_the_excess() -> anyhow::Resu
         server.api.token("b").await?,
         server.api.token("c").await?,
     );
-    let cred_before = refused_count(&server, "credential_connection_cap").await?;
-    let ip_before = refused_count(&server, "ip_connection_cap").await?;
 
     let a1 = upgrade(&url, &a, None)
         .await?
@@ -251,8 +218,6 @@ async fn per_credential_and_per_address_caps_refuse_the_excess() -> anyhow::Resu
     let _c1 = upgrade(&url, &c, Some(OTHER_IP))
         .await?
         .map_err(|r| anyhow::anyhow!("{r:?}"))?;
-    assert!(refused_count(&server, "credential_connection_cap").await? - cred_before >= 1.0);
-    assert!(refused_count(&server, "ip_connection_cap").await? - ip_before >= 1.0);
 
     // A closed connection gives its places back.
     a1.close(1000, "").await;
@@ -290,7 +255,6 @@ async fn one_address_flooding_does_not_starve_another() -> anyhow::Result<()> {
         c.admission.accept_burst_per_ip = 5;
     })
     .await?;
-    let before = refused_count(&server, "ip_rate").await?;
     let flooder = reqwest::Client::builder()
         .local_address(IpAddr::V4(Ipv4Addr::LOCALHOST))
         .build()?;
@@ -303,7 +267,6 @@ async fn one_address_flooding_does_not_starve_another() -> anyhow::Result<()> {
         throttled >= FLOOD - 10,
         "the flooding address was throttled ({throttled} of {FLOOD}): {statuses:?}"
     );
-    assert!(refused_count(&server, "ip_rate").await? - before >= (FLOOD - 10) as f64);
 
     // Another address still finds tokens, over plain HTTP and WebSocket.
     let other = reqwest::Client::builder().local_address(OTHER_IP).build()?;

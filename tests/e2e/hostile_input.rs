@@ -2,9 +2,10 @@
 //! description of millions of empty attributes is refused before it is decoded
 //! (`too_many_fields`), and large messages at once are held to the decode budget
 //! (`memory_budget`: 503 / Unavailable with a retry delay), while a normal agent carries on.
+//! How each refusal is counted is asserted in the serial metrics binary
+//! (`tests/metrics/decoding.rs`).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -13,14 +14,6 @@ use proto::v1::{AgentDescription, KeyValue, ServerErrorResponseType};
 use proto::AgentToServer;
 use shared::ids::InstanceUid;
 use tests::{bearer, eventually, hello, TestServer, DEADLINE};
-
-const REJECTED: &str = "ampora_opamp_frames_rejected_total";
-
-/// The series of refusals for `reason`; each reason here is caused by one test only, so its
-/// value is exactly what that test did.
-fn rejected(reason: &str) -> String {
-    format!("{REJECTED}{{reason=\"{reason}\"}}")
-}
 
 /// A hello of `uid` describing itself with `n` attributes whose keys are `key_len` bytes long
 /// (empty attributes for 0: two bytes each on the wire).
@@ -94,7 +87,6 @@ async fn millions_of_empty_attributes_are_refused_before_decoding() -> anyhow::R
     assert_eq!(reply.instance_uid, uid.0.to_vec());
     ws.close(1000, "done").await;
 
-    assert_eq!(server.api.metric(&rejected("too_many_fields")).await?, 2.0);
     // Never reached a coordinator: the agent does not exist.
     assert!(server.api.agent(&uid.to_string()).await?.is_none());
     still_served(&agent).await?;
@@ -123,7 +115,6 @@ async fn concurrent_large_messages_are_held_to_the_decode_budget() -> anyhow::Re
     transport(0).exchange(&hello(uid)).await?;
 
     // Bursts until one is refused for the budget (the others are decoded and answered).
-    let busy = AtomicUsize::new(0);
     eventually("a burst refused for the decode budget", DEADLINE, || {
         let mut sends = tokio::task::JoinSet::new();
         for i in 0..CONCURRENT {
@@ -131,7 +122,6 @@ async fn concurrent_large_messages_are_held_to_the_decode_budget() -> anyhow::Re
             let msg = large.clone();
             sends.spawn(async move { http.exchange(&msg).await });
         }
-        let busy = &busy;
         async move {
             let mut refused = 0;
             while let Some(result) = sends.join_next().await {
@@ -150,16 +140,10 @@ async fn concurrent_large_messages_are_held_to_the_decode_budget() -> anyhow::Re
                     Err(e) => bail!("expected 200 or 503 busy, got {e}"),
                 }
             }
-            busy.fetch_add(refused, Ordering::Relaxed);
             Ok((refused > 0).then_some(()))
         }
     })
     .await?;
-    // Exactly the refusals seen: nothing else counts this reason.
-    assert_eq!(
-        server.api.metric(&rejected("memory_budget")).await?,
-        busy.load(Ordering::Relaxed) as f64
-    );
     still_served(&agent).await?;
     agent.stop().await;
     server.stop().await

@@ -8,13 +8,18 @@
 //! every other series of the family unchanged.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use tests::{Api, DEADLINE};
 
 mod admission;
 mod agents;
+mod api;
 mod auth;
+mod connections;
+mod decoding;
 mod frames;
 mod tls;
 
@@ -37,9 +42,40 @@ impl Snapshot {
     }
 }
 
+/// Where `/metrics` is read from.
+pub trait Scrape {
+    fn text(&self) -> impl Future<Output = anyhow::Result<String>> + Send;
+}
+
+impl Scrape for Api {
+    fn text(&self) -> impl Future<Output = anyhow::Result<String>> + Send {
+        self.metrics_text()
+    }
+}
+
+/// `/metrics` of the server at this address, each read on a connection of its own that the
+/// server closes after the answer (`Connection: close`). For the tests that count closed
+/// connections: a pooled keep-alive connection would itself be closed by a limit (the idle
+/// keep-alive's header timeout) and counted.
+pub struct OneShot(pub SocketAddr);
+
+impl Scrape for OneShot {
+    fn text(&self) -> impl Future<Output = anyhow::Result<String>> + Send {
+        let url = format!("http://{}/metrics", self.0);
+        async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()?;
+            let resp = http.get(url).header("Connection", "close").send().await?;
+            anyhow::ensure!(resp.status() == 200, "GET /metrics: {}", resp.status());
+            Ok(resp.text().await?)
+        }
+    }
+}
+
 /// The series of `families` (metric names) on `api`'s `/metrics`.
-pub async fn snapshot(api: &Api, families: &[&str]) -> anyhow::Result<Snapshot> {
-    let text = api.metrics_text().await?;
+pub async fn snapshot(api: &impl Scrape, families: &[&str]) -> anyhow::Result<Snapshot> {
+    let text = api.text().await?;
     Ok(parse(&text, families))
 }
 
@@ -76,7 +112,7 @@ fn changes(before: &Snapshot, after: &Snapshot) -> BTreeMap<String, f64> {
 /// series moved by that much and no other series of the families moved. Returns the snapshot
 /// that matched, the `before` of the next step (so an increment arriving late shows up there).
 pub async fn expect_changes(
-    api: &Api,
+    api: &impl Scrape,
     families: &[&str],
     before: &Snapshot,
     expected: &[(&str, f64)],
@@ -102,7 +138,7 @@ pub async fn expect_changes(
 
 /// Waits until the `families` (gauges) read exactly `expected`; series not named must read 0.
 pub async fn expect_values(
-    api: &Api,
+    api: &impl Scrape,
     families: &[&str],
     expected: &[(&str, f64)],
 ) -> anyhow::Result<()> {
