@@ -310,14 +310,6 @@ impl Cluster {
             .with_context(|| format!("coordinator {i} is not running"))
     }
 
-    /// One series from gateway `i`'s `/metrics`. (Every node of the sandbox shares the
-    /// process's metrics recorder, so this counts the whole process.)
-    pub async fn gateway_metric(&self, i: usize, series: &str) -> anyhow::Result<f64> {
-        Api::new(self.gateway_addr(i)?, String::new())
-            .metric(series)
-            .await
-    }
-
     /// Kills gateway `i` like a crash: sockets drop, nothing is released.
     pub fn kill_gateway(&mut self, i: usize) {
         if let Some(n) = self.gateways[i].take() {

@@ -286,12 +286,6 @@ impl Api {
         .await
     }
 
-    /// The value of one Prometheus series (0 when absent), e.g.
-    /// `ampora_opamp_frames_rejected_total{reason="oversize"}`.
-    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        Ok(parse_metric(&self.metrics_text().await?, series))
-    }
-
     /// The whole `/metrics` page (Prometheus text).
     pub async fn metrics_text(&self) -> anyhow::Result<String> {
         let resp = self
@@ -302,17 +296,6 @@ impl Api {
         anyhow::ensure!(resp.status() == 200, "GET /metrics: {}", resp.status());
         Ok(resp.text().await?)
     }
-}
-
-/// Finds `series` (name plus exact label set as rendered) in Prometheus text.
-pub fn parse_metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
 }
 
 /// How many refused authentications the audit rows record: a source's first refusal of a
