@@ -212,8 +212,12 @@ impl Coordinator {
                 continue;
             }
             if e.state.record.capabilities & proto::agent_caps::ACCEPTS_REMOTE_CONFIG == 0 {
-                metrics::counter!("ampora_opamp_frames_rejected_total", "reason" => "cap_mismatch")
-                    .increment(1);
+                // Once per connection, as the session counts it: recorded where it looks.
+                if e.state.refused_config.as_ref() != Some(&desired.hash_hex) {
+                    e.state.refused_config = Some(desired.hash_hex.clone());
+                    metrics::counter!("ampora_opamp_frames_rejected_total", "reason" => "cap_mismatch")
+                        .increment(1);
+                }
                 continue;
             }
             if let Some(msg) = session::push_config(&mut e.state, &desired) {
