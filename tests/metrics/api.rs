@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::{Api, TestServer, DEADLINE};
+
+/// Between two polls of a bounded wait.
+const POLL_PAUSE: Duration = Duration::from_millis(20);
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -152,7 +155,7 @@ async fn a_request_beyond_the_concurrency_limit_is_counted_as_busy() -> anyhow::
             other => anyhow::bail!("unexpected status {other}"),
         }
         anyhow::ensure!(start.elapsed() < DEADLINE, "never refused as busy");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL_PAUSE).await;
     }
     // /metrics is not the API: it answers while the slots are held.
     expect_changes(api, FAM, &s, &[(&refused("busy"), 1.0)]).await?;
