@@ -34,30 +34,22 @@ mod token_sessions;
 mod tokens;
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use proto::v1::ServerErrorResponseType;
 use shared::bus::{
-    AgentFrame, AuthDecision, AuthFailure, AuthRequest, Bus, ControlEvent, CoordinatorEvent,
-    CoordinatorHandler, CoordinatorReply, CoordinatorRequest, Credential, FrameReply,
-    GatewayMessage,
+    Bus, ControlEvent, CoordinatorEvent, CoordinatorHandler, CoordinatorReply, CoordinatorRequest,
 };
-use shared::domain::{
-    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigMap, ConfigState,
-    ConfigVersion, IdentityRecord, Redemption, Role, Target, TokenRecord, TokenScope, Transport,
-};
-use shared::ids::{GatewayId, InstanceUid, PARTITIONS};
+use shared::domain::{Assignment, IdentityRecord};
+use shared::ids::{GatewayId, InstanceUid};
+use shared::now_ms;
 use shared::ownership::Ownership;
-use shared::store::{NewAssignment, NewConfigVersion, RedeemRequest, Store, StoreError};
-use shared::{now_ms, token};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use shared::store::{Store, StoreError};
+use tokio::sync::{mpsc, Mutex};
 
-use crate::session::{self, AgentState, Context, Desired, Event, IdentityOffer, OpampOffer};
-use frames::Refusal;
+use crate::session::{self, AgentState, Desired, OpampOffer};
 use identities::IDENTITY_SYNC_INTERVAL;
 use refusals::{Refusals, Refused};
 use tokens::{run_redeemer, run_token_sync, RedeemJob, TokenCache, REDEEM_BATCH};

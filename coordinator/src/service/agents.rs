@@ -2,8 +2,16 @@
 //! mutex, written to the store in batches (`flush`), swept for HTTP agents gone quiet and for
 //! sessions whose token expired. The database is the source of truth; this is its cache.
 
-#[allow(unused_imports)]
-use super::*;
+use super::{shard_of, Coordinator, Entry, Slot};
+use crate::session::AgentState;
+use shared::bus::AuthFailure;
+use shared::domain::{AgentRecord, ConfigState, Transport};
+use shared::ids::{GatewayId, InstanceUid};
+use shared::now_ms;
+use shared::store::StoreError;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Mutex;
 
 impl Coordinator {
     pub(super) fn insert_entry(&self, record: AgentRecord) -> Slot {

@@ -1,8 +1,9 @@
 //! Operator API tokens: creation, listing and revocation. They are never cached: every
 //! request looks its token up in the store, so a revocation is immediate everywhere.
 
-#[allow(unused_imports)]
-use super::*;
+use super::{Coordinator, ServiceError};
+use shared::domain::{ApiTokenListing, ApiTokenRecord, Role};
+use shared::{now_ms, token};
 
 impl Coordinator {
     /// Creates an operator API token; returns its text (shown once, only the hash is kept)

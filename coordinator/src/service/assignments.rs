@@ -3,8 +3,15 @@
 //! the re-read of assignments every lease round that makes a lost broadcast cost seconds, not
 //! correctness. A rollout engine would sit beside this module and call into it.
 
-#[allow(unused_imports)]
-use super::*;
+use super::{Coordinator, ServiceError};
+use crate::session::{self, AgentState, Desired};
+use shared::bus::{ControlEvent, GatewayMessage};
+use shared::domain::{AgentRecord, Assignment, ConfigMap, ConfigVersion, Target, Transport};
+use shared::ids::InstanceUid;
+use shared::now_ms;
+use shared::store::{NewAssignment, NewConfigVersion, StoreError};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 /// Pushes in flight at once during a rollout (each waits on Redis and NATS round trips).
 const DELIVERY_CONCURRENCY: usize = 256;

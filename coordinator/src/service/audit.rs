@@ -2,8 +2,14 @@
 //! call), agent events, and refused authentications through [`super::refusals`]. Writes are
 //! retried; rows are never updated or deleted.
 
-#[allow(unused_imports)]
-use super::*;
+use super::refusals::Refused;
+use super::{Coordinator, ServiceError};
+use shared::domain::AuditEntry;
+use shared::ids::InstanceUid;
+use shared::now_ms;
+use shared::store::StoreError;
+use std::net::IpAddr;
+use std::time::Duration;
 
 impl Coordinator {
     pub(super) async fn audit(

@@ -2,8 +2,14 @@
 //! token never takes over an existing one), redemption, identity offers, the session core, and
 //! the assignment a changed description may match. Every frame gets exactly one reply.
 
-#[allow(unused_imports)]
-use super::*;
+use super::refusals::Refused;
+use super::{log_safe, refusals, Coordinator};
+use crate::session::{self, Context, Event};
+use proto::v1::ServerErrorResponseType;
+use shared::bus::{AgentFrame, AuthFailure, Credential, FrameReply};
+use shared::domain::{AgentRecord, Transport};
+use shared::ids::InstanceUid;
+use shared::now_ms;
 
 /// Why an agent's frame was refused at redemption: its token, or the token's scope. Scope
 /// mismatches are decided here, in the coordinator, so they need no place in the bus's

@@ -2,8 +2,18 @@
 //! authentication by certificate, issuance (offered once per change, a generated key only
 //! over TLS and never kept), confirmation, renewal, revocation and retirement.
 
-#[allow(unused_imports)]
-use super::*;
+use super::{crl, issuance, Coordinator, Entry, ServiceError};
+use crate::session::IdentityOffer;
+use shared::bus::{
+    AgentFrame, AuthDecision, AuthFailure, ControlEvent, Credential, GatewayMessage,
+};
+use shared::domain::IdentityRecord;
+use shared::ids::InstanceUid;
+use shared::now_ms;
+use shared::store::StoreError;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// How often a coordinator reads the identities changed in the store since its last look, the
 /// safety net for lost confirmation and revocation broadcasts (each of which reads its one

@@ -3,8 +3,14 @@
 //! flush, and shutdown hands every partition over. The lease round that decides which to hold
 //! is [`super::leases`]. Keeps the invariant that one coordinator at a time serves a partition.
 
-#[allow(unused_imports)]
-use super::*;
+use super::{Coordinator, Slot};
+use crate::session::{self};
+use shared::bus::ControlEvent;
+use shared::domain::Transport;
+use shared::ids::{InstanceUid, PARTITIONS};
+use shared::store::StoreError;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 impl Coordinator {
     pub(super) fn held(&self) -> HashMap<u16, i64> {

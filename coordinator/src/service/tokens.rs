@@ -3,8 +3,20 @@
 //! creation and revocation. Who a token may speak for and the sessions resting on it are in
 //! [`super::token_sessions`].
 
-#[allow(unused_imports)]
-use super::*;
+use super::frames::Refusal;
+use super::refusals::Refused;
+use super::{refusals, Coordinator, Entry, ServiceError};
+use crate::session::{self};
+use shared::bus::{AgentFrame, AuthDecision, AuthFailure, AuthRequest, ControlEvent, Credential};
+use shared::domain::{AuditEntry, Redemption, TokenRecord, TokenScope};
+use shared::ids::InstanceUid;
+use shared::store::{RedeemRequest, Store, StoreError};
+use shared::{now_ms, token};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Default)]
 pub(super) struct TokenCache {
