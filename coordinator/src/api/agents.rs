@@ -1,0 +1,98 @@
+//! Agents: the list (filtered by connection, labels and config state) and one agent, each
+//! shown as an [`AgentView`] (the stored record plus derived fields).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use shared::domain::{AgentRecord, ConfigState};
+use utoipa::{IntoParams, ToSchema};
+
+use super::guard::{Caller, Viewer};
+use super::{parse_uid, ApiError, ApiResult, ErrorBody};
+use crate::service::Coordinator;
+
+/// An agent as the API shows it: the stored record plus derived fields.
+#[derive(Serialize, ToSchema)]
+pub struct AgentView {
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    record: AgentRecord,
+    #[schema(value_type = String)]
+    config_state: ConfigState,
+    capability_names: Vec<&'static str>,
+}
+
+impl From<AgentRecord> for AgentView {
+    fn from(record: AgentRecord) -> Self {
+        Self {
+            config_state: record.config_state(),
+            capability_names: proto::agent_caps::names(record.capabilities),
+            record,
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+pub(super) struct AgentFilter {
+    /// Only connected (true) or disconnected (false) agents.
+    connected: Option<bool>,
+    /// `key=value` attribute filters, comma separated; all must match.
+    label: Option<String>,
+    /// none, pending, applied, failed or drifted.
+    config_state: Option<String>,
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| ApiError::BadRequest(format!("label `{p}` is not key=value")))
+        })
+        .collect()
+}
+
+#[utoipa::path(get, path = "/api/v1/agents", params(AgentFilter),
+    responses((status = 200, body = [AgentView])), security(("api_token" = [])))]
+pub(super) async fn list_agents(
+    State(c): State<Arc<Coordinator>>,
+    _caller: Caller<Viewer>,
+    Query(f): Query<AgentFilter>,
+) -> ApiResult<Vec<AgentView>> {
+    let labels = f.label.as_deref().map(parse_labels).transpose()?;
+    let state = f
+        .config_state
+        .map(|s| {
+            serde_json::from_value::<ConfigState>(serde_json::Value::String(s.clone()))
+                .map_err(|_| ApiError::BadRequest(format!("unknown config_state `{s}`")))
+        })
+        .transpose()?;
+    let agents = c
+        .agents()
+        .await?
+        .into_iter()
+        .filter(|a| f.connected.is_none_or(|want| a.connected == want))
+        .filter(|a| labels.as_ref().is_none_or(|l| a.description.matches(l)))
+        .filter(|a| state.is_none_or(|s| a.config_state() == s))
+        .map(AgentView::from)
+        .collect();
+    Ok(Json(agents))
+}
+
+#[utoipa::path(get, path = "/api/v1/agents/{uid}", params(("uid" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)), security(("api_token" = [])))]
+pub(super) async fn show_agent(
+    State(c): State<Arc<Coordinator>>,
+    _caller: Caller<Viewer>,
+    Path(uid): Path<String>,
+) -> ApiResult<AgentView> {
+    let uid = parse_uid(&uid)?;
+    c.agent(uid)
+        .await?
+        .map(|a| Json(a.into()))
+        .ok_or_else(|| ApiError::NotFound(format!("agent {uid}")))
+}
