@@ -8,45 +8,18 @@
 //! How each refusal is counted is asserted in the serial metrics binary
 //! (`tests/metrics/api.rs`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::{eventually, Api, Fleet, TestServer, DEADLINE};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tests::{eventually, partial_post, Api, Fleet, TestServer, DEADLINE};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 
 /// How long a refusal may take to arrive. Before the guard, none arrived at all: the server
 /// waited for the rest of the body.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
-
-/// An HTTP/1.1 request of which only the head and `sent` bytes of a `declared`-byte JSON
-/// body have been written; the connection stays open.
-async fn partial_post(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    declared: usize,
-    sent: usize,
-) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {declared}\r\n{auth}\r\n"
-    );
-    s.write_all(head.as_bytes()).await?;
-    // The start of a plausible config: `{"name":"big","body":"aaaa…`.
-    let mut body = br#"{"name":"big","body":""#.to_vec();
-    body.resize(sent.max(body.len()), b'a');
-    s.write_all(&body[..sent]).await?;
-    s.flush().await?;
-    Ok(s)
-}
 
 /// A response's status and head (lower-cased header lines), read within `within`.
 async fn read_head(s: &mut TcpStream, within: Duration) -> anyhow::Result<(u16, String)> {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::cluster::Cluster;
 use tests::identity::{handshake_alert, CsrIdentity, TlsFiles};
-use tests::{bearer, eventually, hello, Api, Fleet, TestServer, DEADLINE};
+use tests::{bearer, described, eventually, hello, Api, Fleet, TestServer, DEADLINE};
 
 /// A refusal that needs the agent's first message is answered at once and the socket closed
 /// after a hold: 1 s for a first refusal of a source and credential (README), plus room.
@@ -100,24 +100,6 @@ fn ca_pem(server: &TestServer) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(
         server.dir.path().join("tls").join("ca.pem"),
     )?)
-}
-
-/// A first message describing agent `uid` with `labels` (identifying attributes).
-fn described(uid: InstanceUid, labels: &[(&str, &str)]) -> proto::AgentToServer {
-    let mut msg = hello(uid);
-    msg.agent_description = Some(proto::v1::AgentDescription {
-        identifying_attributes: labels
-            .iter()
-            .map(|(k, v)| proto::v1::KeyValue {
-                key: (*k).into(),
-                value: Some(proto::v1::AnyValue {
-                    value: Some(proto::v1::any_value::Value::StringValue((*v).into())),
-                }),
-            })
-            .collect(),
-        non_identifying_attributes: Vec::new(),
-    });
-    msg
 }
 
 // ---- Bootstrap tokens -----------------------------------------------------------------------

@@ -17,20 +17,8 @@ use tests::{bearer, eventually, hello, Fleet, TestServer, DEADLINE};
 const REMOTE_CONFIG_CAPS: u64 = 0x1 | 0x2;
 
 fn described(uid: InstanceUid, caps: u64, labels: &[(&str, &str)]) -> proto::AgentToServer {
-    let mut msg = hello(uid);
+    let mut msg = tests::described(uid, labels);
     msg.capabilities = caps;
-    msg.agent_description = Some(proto::v1::AgentDescription {
-        identifying_attributes: labels
-            .iter()
-            .map(|(k, v)| proto::v1::KeyValue {
-                key: (*k).into(),
-                value: Some(proto::v1::AnyValue {
-                    value: Some(proto::v1::any_value::Value::StringValue((*v).into())),
-                }),
-            })
-            .collect(),
-        non_identifying_attributes: Vec::new(),
-    });
     msg
 }
 

@@ -3,15 +3,14 @@
 //! `busy`, `plaintext_token`. The statuses, and that bodies stay unread, are e2e's
 //! (`e2e/api_security.rs`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::json;
-use tests::{Api, TestServer, DEADLINE};
+use tests::{partial_post, Api, TestServer, DEADLINE};
 
 /// Between two polls of a bounded wait.
 const POLL_PAUSE: Duration = Duration::from_millis(20);
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 
 use crate::{alone, expect_changes, series, snapshot};
@@ -21,28 +20,6 @@ const FAM: &[&str] = &[REFUSED];
 
 fn refused(reason: &str) -> String {
     series(REFUSED, "reason", reason)
-}
-
-/// A POST of which only the head and `sent` bytes of a `declared`-byte body were written.
-async fn partial_post(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    declared: usize,
-    sent: usize,
-) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {declared}\r\n{auth}\r\n"
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(&vec![b'a'; sent]).await?;
-    s.flush().await?;
-    Ok(s)
 }
 
 /// The status of the answer on `s`.

@@ -148,6 +148,51 @@ pub fn hello(uid: shared::ids::InstanceUid) -> proto::AgentToServer {
     }
 }
 
+/// A first message describing agent `uid` with `labels` (identifying attributes).
+pub fn described(uid: shared::ids::InstanceUid, labels: &[(&str, &str)]) -> proto::AgentToServer {
+    let mut msg = hello(uid);
+    msg.agent_description = Some(proto::v1::AgentDescription {
+        identifying_attributes: labels
+            .iter()
+            .map(|(k, v)| proto::v1::KeyValue {
+                key: (*k).into(),
+                value: Some(proto::v1::AnyValue {
+                    value: Some(proto::v1::any_value::Value::StringValue((*v).into())),
+                }),
+            })
+            .collect(),
+        non_identifying_attributes: Vec::new(),
+    });
+    msg
+}
+
+/// An HTTP/1.1 request of which only the head and `sent` bytes of a `declared`-byte JSON
+/// body have been written; the connection stays open.
+pub async fn partial_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    declared: usize,
+    sent: usize,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {declared}\r\n{auth}\r\n"
+    );
+    s.write_all(head.as_bytes()).await?;
+    // The start of a plausible config: `{"name":"big","body":"aaaa…`.
+    let mut body = br#"{"name":"big","body":""#.to_vec();
+    body.resize(sent.max(body.len()), b'a');
+    s.write_all(&body[..sent]).await?;
+    s.flush().await?;
+    Ok(s)
+}
+
 pub trait Fleet {
     fn ws_url(&self) -> String;
     fn http_url(&self) -> String;
