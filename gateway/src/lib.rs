@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod net;
 pub mod serve;
 pub mod server;
 pub mod tls;

@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tower::Service as _;
 
-use crate::server::IpNet;
+use crate::net::IpNet;
 use crate::tls::AgentListener;
 
 const CONNECTIONS_CLOSED: &str = "ampora_gateway_connections_closed_total";
@@ -201,6 +201,9 @@ pub(crate) struct CountGuard<K: Eq + Hash + Clone> {
     counts: Arc<Counts<K>>,
     key: Option<K>,
 }
+
+/// A connection counted against its peer address.
+pub(crate) type IpSlot = CountGuard<IpAddr>;
 
 impl<K: Eq + Hash + Clone> Drop for CountGuard<K> {
     fn drop(&mut self) {

@@ -23,6 +23,7 @@ pub mod proxy;
 mod refusal_hold;
 mod ws;
 
+pub use crate::net::IpNet;
 pub use admission::{AdmissionConfig, WARMUP_FLOOR};
 pub use decode::{DecodeBudget, FrameLimits, DEFAULT_DECODE_BUDGET_BYTES};
 pub use proxy::{ProxySecret, PROXY_SECRET_HEADER};
@@ -203,63 +204,6 @@ pub struct GatewayConfig {
     /// Memory this gateway lets messages being decoded (and awaiting their reply) take at
     /// once. Default [`DEFAULT_DECODE_BUDGET_BYTES`] (256 MiB).
     pub decode_budget_bytes: usize,
-}
-
-/// An IP network: an address and a prefix length (`10.0.0.0/8`, `::1/128`; a bare address
-/// is the single address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for IpNet {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
 }
 
 impl Default for GatewayConfig {

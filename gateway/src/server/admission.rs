@@ -24,8 +24,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::limits::IpSlot;
 use super::{Conns, Inner};
+use crate::serve::IpSlot;
 
 /// Share of the full accept rate a gateway starts with when warming up.
 pub const WARMUP_FLOOR: f64 = 0.1;

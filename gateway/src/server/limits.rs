@@ -20,7 +20,7 @@ use shared::bus::Credential;
 use shared::ids::InstanceUid;
 
 use super::admission::{AdmissionConfig, Refusal};
-use crate::serve::{CountGuard, Counts};
+use crate::serve::{CountGuard, Counts, IpSlot};
 
 /// Most source addresses with an accept bucket at once (about 3 MiB of map).
 pub(super) const MAX_TRACKED_IPS: usize = 65_536;
@@ -54,8 +54,7 @@ pub(super) struct ClientLimits {
     buckets: Option<IpBuckets>,
 }
 
-/// A counted WebSocket connection; held by its task, given back when it ends.
-pub(super) type IpSlot = CountGuard<IpAddr>;
+/// A counted WebSocket connection of a credential; held by its task, given back when it ends.
 pub(super) type CredentialSlot = CountGuard<CredentialKey>;
 
 impl ClientLimits {

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
-use super::IpNet;
+use crate::net::IpNet;
 
 /// The header a trusted proxy sends the shared secret in (nginx:
 /// `proxy_set_header X-Ampora-Proxy-Secret "...";`).

@@ -41,13 +41,14 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::decode::{self, DecodeError, Framing};
-use super::limits::{CredentialKey, CredentialSlot, IpSlot};
+use super::limits::{CredentialKey, CredentialSlot};
 use super::{
     admission_refused, auth_close_reason, authenticate, bad_request_msg, count_received,
     count_rejected, count_sent, service_unavailable, text, unavailable_msg, Binding, ConnControl,
     Inner,
 };
 use crate::codec;
+use crate::serve::IpSlot;
 use crate::serve::{count_closed, CloseReason};
 
 /// A connection may hold a few agents (a multiplexing proxy, or an agent the coordinator gave

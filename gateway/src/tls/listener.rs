@@ -264,7 +264,7 @@ async fn accept_loop(
 struct Pending {
     max: usize,
     max_per_ip: usize,
-    exempt: Vec<crate::server::IpNet>,
+    exempt: Vec<crate::net::IpNet>,
     state: Mutex<PendingState>,
 }
 
