@@ -1,0 +1,190 @@
+//! The one request helper every operator command uses: where the server is, which token to
+//! send, how an error status becomes the command's error, and how a result is printed (a
+//! table, or the JSON with `--json`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use reqwest::Method;
+use serde_json::Value;
+
+/// How operator commands reach the server. Global: it may follow any subcommand.
+#[derive(Debug, Args, Clone)]
+pub struct ApiArgs {
+    /// Base URL of the Ampora API.
+    #[arg(
+        long,
+        env = "AMPORA_SERVER",
+        default_value = "http://127.0.0.1:4320",
+        global = true
+    )]
+    pub server: String,
+    /// API token; defaults to the admin token in `--data-dir`.
+    #[arg(long, env = "AMPORA_API_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory whose admin-token file is used when no token is given.
+    #[arg(long, default_value = "ampora-data", global = true)]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+pub(super) struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    json: bool,
+}
+
+impl Client {
+    pub(super) fn new(api: &ApiArgs) -> anyhow::Result<Self> {
+        let token = match &api.token {
+            Some(t) => t.clone(),
+            None => {
+                let path = api.data_dir.join("admin-token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "no --token given and cannot read {} (set AMPORA_API_TOKEN or --data-dir)",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok(Self {
+            http: reqwest::Client::new(),
+            base: api.server.trim_end_matches('/').to_string(),
+            token,
+            json: api.json,
+        })
+    }
+
+    pub(super) async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        self.call(Method::GET, path, query, None).await
+    }
+
+    pub(super) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(Method::POST, path, &[], Some(body)).await
+    }
+
+    pub(super) async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::DELETE, path, &[], None).await
+    }
+
+    /// A JSON response; an empty body is `null`. Query values are encoded here, so any value
+    /// is safe to pass.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let text = self.text(method, path, query, body).await?;
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The body of a successful response as text; an error status becomes the error, with
+    /// the server's `error` message when it sent one.
+    pub(super) async fn text(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> anyhow::Result<String> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .with_context(|| format!("bad server url {}", self.base))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let mut req = self.http.request(method, url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or(text);
+            bail!("{status}: {msg}");
+        }
+        Ok(text)
+    }
+
+    /// Prints `v` as JSON with `--json`, else as `human` renders it.
+    pub(super) fn print(&self, v: &Value, human: impl Fn(&Value)) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else {
+            human(v);
+        }
+        Ok(())
+    }
+
+    /// Prints a list response as a table (or JSON with `--json`): one row per element, the
+    /// columns `row` returns in the order of `header`.
+    pub(super) fn table<const N: usize>(
+        &self,
+        v: &Value,
+        header: [(&str, usize); N],
+        row: impl Fn(&Value) -> [String; N],
+    ) -> anyhow::Result<()> {
+        self.print(v, |v| {
+            let widths = header.map(|(_, w)| w);
+            println!("{}", line(header.map(|(h, _)| h.to_string()), widths));
+            for item in v.as_array().into_iter().flatten() {
+                println!("{}", line(row(item), widths));
+            }
+        })
+    }
+}
+
+/// Cells padded to their widths, two spaces apart; the last one unpadded.
+fn line<const N: usize>(cells: [String; N], widths: [usize; N]) -> String {
+    let mut out = String::new();
+    for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+        if i + 1 == N {
+            out.push_str(cell);
+        } else {
+            out.push_str(&format!("{cell:<width$}  "));
+        }
+    }
+    out
+}
+
+/// Prints one resource as indented JSON (shown whole, whatever `--json` says).
+pub(super) fn show(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A string field of a JSON object, `-` when absent.
+pub(super) fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or("-").to_string()
+}
+
+/// `key=value` pairs as a JSON object.
+pub(super) fn labels(pairs: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                .with_context(|| format!("label `{p}` is not key=value"))
+        })
+        .collect()
+}
