@@ -76,6 +76,15 @@ pub struct TlsSection {
 }
 
 impl TlsSection {
+    /// `trusted_proxies` parsed. Validation has already refused any entry that does not
+    /// parse, so none is dropped here.
+    pub fn trusted_proxy_nets(&self) -> Vec<gateway::net::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
     /// The configured certificate and key files; `None` when neither is set.
     pub fn files(&self) -> Option<(&Path, &Path)> {
         (!self.cert_file.as_os_str().is_empty() && !self.key_file.as_os_str().is_empty())

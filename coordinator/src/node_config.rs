@@ -44,13 +44,7 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
                 axum::http::HeaderName::from_bytes(config.tls.client_cert_header.as_bytes()).ok()
             })
             .flatten(),
-        // Validated with the configuration: every entry parses.
-        trusted_proxies: config
-            .tls
-            .trusted_proxies
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect(),
+        trusted_proxies: config.tls.trusted_proxy_nets(),
         // A file to read: `gateway_proxy_secret`.
         proxy_secret: None,
         frame_limits: gateway::server::FrameLimits {

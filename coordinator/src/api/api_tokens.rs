@@ -65,12 +65,13 @@ pub(super) async fn create_api_token(
     caller: Caller<Admin>,
     ApiJson(body, _): ApiJson<NewApiToken>,
 ) -> ApiResult<CreatedApiToken> {
-    let actor = caller.actor;
     if body.name.is_empty() {
         return Err(ApiError::BadRequest("an api token needs a name".into()));
     }
     check_name(&body.name)?;
-    let (token, record) = c.create_api_token(body.name, body.role, &actor).await?;
+    let (token, record) = c
+        .create_api_token(body.name, body.role, &caller.actor)
+        .await?;
     Ok(Json(CreatedApiToken {
         token,
         api_token: ApiTokenListing {
@@ -108,7 +109,6 @@ pub(super) async fn revoke_api_token(
     caller: Caller<Admin>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let actor = caller.actor;
-    c.revoke_api_token(&id, &actor).await?;
+    c.revoke_api_token(&id, &caller.actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -31,7 +31,6 @@ pub(super) async fn create_config(
     caller: Caller<Operator>,
     ApiJson(body, _): ApiJson<NewConfig, ConfigSized>,
 ) -> ApiResult<ConfigVersion> {
-    let actor = caller.actor;
     let files: ConfigMap = match (body.body, body.files) {
         (Some(text), None) => BTreeMap::from([(
             String::new(),
@@ -49,7 +48,9 @@ pub(super) async fn create_config(
     };
     check_name(&body.name)?;
     check_files(&files)?;
-    Ok(Json(c.create_config(body.name, files, &actor).await?))
+    Ok(Json(
+        c.create_config(body.name, files, &caller.actor).await?,
+    ))
 }
 
 /// File names (`""` is the single unnamed file) and content types of a new config version.
@@ -115,7 +116,6 @@ pub(super) async fn create_assignment(
     caller: Caller<Operator>,
     ApiJson(body, _): ApiJson<NewAssignmentBody>,
 ) -> ApiResult<AssignmentResult> {
-    let actor = caller.actor;
     let target = match (body.agent, body.labels, body.all) {
         (Some(uid), None, false) => Target::Agent(parse_uid(&uid)?),
         (None, Some(labels), false) if !labels.is_empty() => {
@@ -129,7 +129,7 @@ pub(super) async fn create_assignment(
             ))
         }
     };
-    let (assignment, matched_agents) = c.assign(body.config_id, target, &actor).await?;
+    let (assignment, matched_agents) = c.assign(body.config_id, target, &caller.actor).await?;
     Ok(Json(AssignmentResult {
         assignment,
         matched_agents,

@@ -105,13 +105,7 @@ impl Guard {
             body_timeout: Duration::from_secs(api.body_timeout_secs),
             slots,
             token_plaintext_allowed: api.token_plaintext_allowed,
-            // Validated with the configuration: every entry parses.
-            trusted_proxies: config
-                .tls
-                .trusted_proxies
-                .iter()
-                .filter_map(|p| p.parse().ok())
-                .collect(),
+            trusted_proxies: config.tls.trusted_proxy_nets(),
             proxy_secret,
         }
     }

@@ -108,8 +108,7 @@ pub(super) async fn revoke_identity(
     caller: Caller<Admin>,
     Path(serial): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let actor = caller.actor;
-    c.revoke_identity(&normalize_serial(&serial), &actor)
+    c.revoke_identity(&normalize_serial(&serial), &caller.actor)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

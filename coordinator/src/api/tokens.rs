@@ -67,7 +67,6 @@ pub(super) async fn create_token(
     caller: Caller<Admin>,
     ApiJson(body, _): ApiJson<NewToken>,
 ) -> ApiResult<CreatedToken> {
-    let actor = caller.actor;
     if body.ttl_secs == Some(0) {
         return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
     }
@@ -79,10 +78,14 @@ pub(super) async fn create_token(
                 "a token for one agent (instance_uid) takes no scope".into(),
             ))
         }
-        Some(uid) => c.create_token_for(uid, body.name, ttl, &actor).await?,
+        Some(uid) => {
+            c.create_token_for(uid, body.name, ttl, &caller.actor)
+                .await?
+        }
         None => {
             let scope = scope_of(body.scope)?;
-            c.create_scoped_token(body.name, ttl, scope, &actor).await?
+            c.create_scoped_token(body.name, ttl, scope, &caller.actor)
+                .await?
         }
     };
     Ok(Json(CreatedToken { token, record }))
@@ -113,7 +116,6 @@ pub(super) async fn create_tokens(
     caller: Caller<Admin>,
     ApiJson(body, _): ApiJson<NewTokens>,
 ) -> ApiResult<CreatedTokens> {
-    let actor = caller.actor;
     if body.ttl_secs == Some(0) || !(1..=100_000).contains(&body.count) {
         return Err(ApiError::BadRequest(
             "ttl_secs must be positive and count between 1 and 100000".into(),
@@ -127,7 +129,7 @@ pub(super) async fn create_tokens(
             body.ttl_secs.map(Duration::from_secs),
             body.count,
             scope,
-            &actor,
+            &caller.actor,
         )
         .await?;
     Ok(Json(CreatedTokens { tokens }))
@@ -150,7 +152,6 @@ pub(super) async fn revoke_token(
     caller: Caller<Admin>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let actor = caller.actor;
-    c.revoke_token(&id, &actor).await?;
+    c.revoke_token(&id, &caller.actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }
