@@ -50,6 +50,7 @@ use shared::store::{Store, StoreError};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::session::{self, AgentState, Desired, OpampOffer};
+use audit::{run_agent_audit, AgentAudit, AGENT_AUDIT_BATCH};
 use identities::IDENTITY_SYNC_INTERVAL;
 use refusals::{Refusals, Refused};
 use tokens::{run_redeemer, run_token_sync, RedeemJob, TokenCache, REDEEM_BATCH};
@@ -130,6 +131,8 @@ pub struct Coordinator {
     token_misses: AtomicU64,
     /// Token redemptions go through one batching task (see [`run_redeemer`]).
     redeemer: mpsc::Sender<RedeemJob>,
+    /// Agent events for the audit log go through one batching task (see [`run_agent_audit`]).
+    agent_audit: mpsc::Sender<AgentAudit>,
     /// Partitions this coordinator holds a lease on, with the lease's fence. Written only by
     /// [`leases::rebalance`] and [`Coordinator::shutdown`].
     held: StdMutex<HashMap<u16, i64>>,
@@ -262,6 +265,8 @@ impl Coordinator {
         };
         let (redeemer, jobs) = mpsc::channel(4 * REDEEM_BATCH);
         tokio::spawn(run_redeemer(store.clone(), jobs));
+        let (agent_audit, events) = mpsc::channel(4 * AGENT_AUDIT_BATCH);
+        tokio::spawn(run_agent_audit(store.clone(), events));
         let mut tokens = TokenCache::default();
         let mut token_watermark = now_ms();
         for t in store.list_tokens().await? {
@@ -291,6 +296,7 @@ impl Coordinator {
             token_hits: AtomicU64::new(0),
             token_misses: AtomicU64::new(0),
             redeemer,
+            agent_audit,
             store: store.clone(),
             bus,
             ownership,

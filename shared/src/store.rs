@@ -224,6 +224,14 @@ pub trait Store: Send + Sync + 'static {
     // Audit: append-only. The SQL stores have the database enforce it (triggers refuse any
     // UPDATE or DELETE of an entry), so not even a bug here can rewrite history.
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<i64>;
+    /// Many entries, ideally in one transaction (agent events arrive in storms). The default
+    /// writes them one by one.
+    async fn append_audits(&self, entries: &[AuditEntry]) -> StoreResult<()> {
+        for e in entries {
+            self.append_audit(e).await?;
+        }
+        Ok(())
+    }
     async fn query_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
     /// Entries matching `query`'s filters, oldest first (by `at_ms`, then id), strictly after
     /// `after` when given, at most `query.limit`: one bounded query per page, so a whole log

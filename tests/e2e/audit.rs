@@ -531,3 +531,80 @@ async fn scoped_tokens(fleet: &impl Fleet) -> anyhow::Result<()> {
     again.stop().await;
     Ok(())
 }
+
+both_modes!(agent_descriptions_are_audited, |_| {});
+
+/// What an agent says it is lands in the audit log: its first description and every change,
+/// with its source address and gateway; a reconnect that reports the same description adds
+/// nothing.
+async fn agent_descriptions_are_audited(fleet: &impl Fleet) -> anyhow::Result<()> {
+    let api = fleet.api();
+    let token = api.token("described").await?;
+    let uid = InstanceUid::new_v7();
+    let run = |name: &str| {
+        let opts = AgentOptions {
+            endpoint: fleet.ws_url(),
+            token: Some(token.clone()),
+            instance_uid: Some(uid.0),
+            description: vec![("service.name".into(), name.into())],
+            non_identifying: vec![("host.name".into(), "<b>h</b>".into())],
+            ..AgentOptions::default()
+        };
+        Agent::start(opts)
+    };
+    let rows = |want: usize| {
+        let path = format!("/api/v1/audit?instance_uid={uid}&actor=agent");
+        async move {
+            let v = api.get(&path).await?;
+            let described: Vec<Value> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["action"] == "agent.described")
+                .cloned()
+                .collect();
+            Ok((described.len() >= want).then_some(described))
+        }
+    };
+
+    for (name, want) in [("first-name", 1), ("first-name", 1), ("second-name", 2)] {
+        let agent = run(name);
+        let mut st = agent.status();
+        wait_for(&mut st, DEADLINE, |s| s.connected && s.replies > 0).await?;
+        if name == "second-name" {
+            let described =
+                eventually("the changed description audited", DEADLINE, || rows(want)).await?;
+            // Newest first: the change, then the first description; the reconnect that said
+            // the same thing again wrote no row.
+            assert_eq!(described.len(), 2, "{described:?}");
+            let (changed, first) = (&described[0], &described[1]);
+            assert_eq!(first["detail"]["first"], true, "{first}");
+            assert_eq!(changed["detail"]["first"], false, "{changed}");
+            assert_eq!(
+                first["detail"]["description"]["identifying"]["service.name"],
+                "first-name"
+            );
+            assert_eq!(
+                changed["detail"]["description"]["identifying"]["service.name"],
+                "second-name"
+            );
+            assert_eq!(
+                changed["detail"]["description"]["non_identifying"]["host.name"],
+                "<b>h</b>"
+            );
+            for row in [first, changed] {
+                assert_eq!(row["source_ip"], "127.0.0.1", "{row}");
+                assert!(
+                    row["detail"]["gateway"]
+                        .as_str()
+                        .is_some_and(|g| !g.is_empty()),
+                    "{row}"
+                );
+            }
+        } else {
+            eventually("the first description audited", DEADLINE, || rows(want)).await?;
+        }
+        agent.stop().await;
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@ use super::{log_safe, refusals, Coordinator};
 use crate::session::{self, Context, Event};
 use proto::v1::ServerErrorResponseType;
 use shared::bus::{AgentFrame, AuthFailure, Credential, FrameReply};
-use shared::domain::{AgentRecord, Transport};
+use shared::domain::{AgentRecord, AuditEntry, Transport};
 use shared::ids::InstanceUid;
 use shared::now_ms;
 
@@ -232,6 +232,7 @@ impl Coordinator {
             identity: identity.as_ref(),
             assign_uid: assigned.then_some(uid),
         };
+        let first_description = entry.state.record.description == Default::default();
         let mut outcome = session::handle(&mut entry.state, msg, &ctx);
         // A generated key goes out in one offer, then is forgotten.
         let key_sent = outcome
@@ -251,6 +252,7 @@ impl Coordinator {
             }
         }
 
+        let mut described = false;
         for ev in &outcome.events {
             match ev {
                 Event::ConfigFailed { hash, error } => {
@@ -270,8 +272,27 @@ impl Coordinator {
                     tracing::debug!(instance_uid = %uid, what, "capability mismatch");
                 }
                 Event::Disconnected => entry.conn = None,
-                Event::DescriptionChanged => {}
+                Event::DescriptionChanged => described = true,
             }
+        }
+        if described {
+            // What the agent says it is, kept where operators look: the first description
+            // and every change, with where it came from.
+            self.audit_agent_event(AuditEntry {
+                id: 0,
+                at_ms: now_ms(),
+                actor: "agent".into(),
+                action: "agent.described".into(),
+                instance_uid: Some(uid),
+                source_ip: Some(frame.source_ip),
+                reason: None,
+                detail: serde_json::json!({
+                    "first": first_description,
+                    "gateway": frame.gateway.to_string(),
+                    "description": entry.state.record.description,
+                }),
+            })
+            .await;
         }
         // A description can change which assignment matches; a newly matched config goes out
         // in this very reply.

@@ -163,5 +163,6 @@ impl Coordinator {
         self.serving.store(0, Ordering::Relaxed);
         let _ = self.bus.broadcast(ControlEvent::MembershipChanged).await;
         self.write_refusal_summaries(i64::MAX).await;
+        self.flush_agent_audit().await;
     }
 }
