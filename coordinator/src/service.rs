@@ -23,6 +23,7 @@ mod api_tokens;
 mod assignments;
 mod audit;
 mod crl;
+pub mod fleet;
 mod frames;
 mod identities;
 mod issuance;

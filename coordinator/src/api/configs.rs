@@ -17,11 +17,11 @@ use crate::service::Coordinator;
 /// A new config version: either one `body` (file name "") or several named `files`.
 #[derive(Deserialize, ToSchema)]
 pub struct NewConfig {
-    name: String,
-    body: Option<String>,
-    content_type: Option<String>,
+    pub(crate) name: String,
+    pub(crate) body: Option<String>,
+    pub(crate) content_type: Option<String>,
     #[schema(value_type = Option<Object>)]
-    files: Option<BTreeMap<String, ConfigFile>>,
+    pub(crate) files: Option<BTreeMap<String, ConfigFile>>,
 }
 
 #[utoipa::path(post, path = "/api/v1/configs", request_body = NewConfig,
@@ -31,6 +31,15 @@ pub(super) async fn create_config(
     caller: Caller<Operator>,
     ApiJson(body, _): ApiJson<NewConfig, ConfigSized>,
 ) -> ApiResult<ConfigVersion> {
+    Ok(Json(create(&c, &caller.actor, body).await?))
+}
+
+/// Creates a config version as `POST /api/v1/configs` does (the console's path too).
+pub(crate) async fn create(
+    c: &Coordinator,
+    actor: &str,
+    body: NewConfig,
+) -> Result<ConfigVersion, ApiError> {
     let files: ConfigMap = match (body.body, body.files) {
         (Some(text), None) => BTreeMap::from([(
             String::new(),
@@ -48,9 +57,7 @@ pub(super) async fn create_config(
     };
     check_name(&body.name)?;
     check_files(&files)?;
-    Ok(Json(
-        c.create_config(body.name, files, &caller.actor).await?,
-    ))
+    Ok(c.create_config(body.name, files, actor).await?)
 }
 
 /// File names (`""` is the single unnamed file) and content types of a new config version.
@@ -91,22 +98,22 @@ pub(super) async fn show_config(
 /// Assign a config version to one agent (`agent`), to agents matching all `labels`, or to `all`.
 #[derive(Deserialize, ToSchema)]
 pub struct NewAssignmentBody {
-    config_id: i64,
-    agent: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
+    pub(crate) config_id: i64,
+    pub(crate) agent: Option<String>,
+    pub(crate) labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
-    all: bool,
+    pub(crate) all: bool,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct AssignmentResult {
     #[schema(value_type = Object)]
-    assignment: Assignment,
+    pub(crate) assignment: Assignment,
     /// Agents the assignment applies to now. In cluster mode, agents served by other
     /// coordinators are counted as of their last batch write (`store.flush_interval_ms`), so
     /// agents that connected within that time may be missing from the count (the assignment
     /// still reaches them).
-    matched_agents: usize,
+    pub(crate) matched_agents: usize,
 }
 
 #[utoipa::path(post, path = "/api/v1/assignments", request_body = NewAssignmentBody,
@@ -116,6 +123,15 @@ pub(super) async fn create_assignment(
     caller: Caller<Operator>,
     ApiJson(body, _): ApiJson<NewAssignmentBody>,
 ) -> ApiResult<AssignmentResult> {
+    Ok(Json(assign(&c, &caller.actor, body).await?))
+}
+
+/// Assigns a config version as `POST /api/v1/assignments` does (the console's path too).
+pub(crate) async fn assign(
+    c: &Coordinator,
+    actor: &str,
+    body: NewAssignmentBody,
+) -> Result<AssignmentResult, ApiError> {
     let target = match (body.agent, body.labels, body.all) {
         (Some(uid), None, false) => Target::Agent(parse_uid(&uid)?),
         (None, Some(labels), false) if !labels.is_empty() => {
@@ -129,11 +145,11 @@ pub(super) async fn create_assignment(
             ))
         }
     };
-    let (assignment, matched_agents) = c.assign(body.config_id, target, &caller.actor).await?;
-    Ok(Json(AssignmentResult {
+    let (assignment, matched_agents) = c.assign(body.config_id, target, actor).await?;
+    Ok(AssignmentResult {
         assignment,
         matched_agents,
-    }))
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/assignments",

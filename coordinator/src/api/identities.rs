@@ -108,9 +108,13 @@ pub(super) async fn revoke_identity(
     caller: Caller<Admin>,
     Path(serial): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    c.revoke_identity(&normalize_serial(&serial), &caller.actor)
-        .await?;
+    revoke(&c, &caller.actor, &serial).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revokes an identity as `DELETE /api/v1/identities/{serial}` does (the console's path too).
+pub(crate) async fn revoke(c: &Coordinator, actor: &str, serial: &str) -> Result<(), ApiError> {
+    Ok(c.revoke_identity(&normalize_serial(serial), actor).await?)
 }
 
 /// Serials are stored as lowercase hex without leading zero bytes; accept `AB:CD`, `0xabcd`

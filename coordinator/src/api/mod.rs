@@ -19,11 +19,11 @@ mod agents;
 mod api_tokens;
 mod audit;
 mod cluster;
-mod configs;
+pub(crate) mod configs;
 mod error;
-mod guard;
-mod identities;
-mod tokens;
+pub(crate) mod guard;
+pub(crate) mod identities;
+pub(crate) mod tokens;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

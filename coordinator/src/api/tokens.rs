@@ -18,15 +18,15 @@ use crate::service::Coordinator;
 #[derive(Deserialize, ToSchema)]
 pub struct NewToken {
     #[serde(default)]
-    name: String,
+    pub(crate) name: String,
     /// Lifetime in seconds; the configured default when absent.
-    ttl_secs: Option<u64>,
+    pub(crate) ttl_secs: Option<u64>,
     /// Only agents matching the scope may redeem the token; any agent when absent.
-    scope: Option<NewScope>,
+    pub(crate) scope: Option<NewScope>,
     /// Re-bootstrap: the token is for this agent only, bound from the start. Once an agent
     /// exists, no other token may speak for it (revoke its identity first, or the token is
     /// refused with `identity_required`). Not combined with `scope`.
-    instance_uid: Option<String>,
+    pub(crate) instance_uid: Option<String>,
 }
 
 /// A bootstrap token's scope: the agent redeeming it must report every label as an attribute
@@ -36,7 +36,7 @@ pub struct NewToken {
 #[serde(deny_unknown_fields)]
 pub struct NewScope {
     /// `key: value` pairs, at least one.
-    labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 fn scope_of(scope: Option<NewScope>) -> Result<Option<TokenScope>, ApiError> {
@@ -55,9 +55,9 @@ fn scope_of(scope: Option<NewScope>) -> Result<Option<TokenScope>, ApiError> {
 #[derive(Serialize, ToSchema)]
 pub struct CreatedToken {
     /// The token itself. Shown only here, once: Ampora stores only its hash.
-    token: String,
+    pub(crate) token: String,
     #[schema(value_type = Object)]
-    record: TokenRecord,
+    pub(crate) record: TokenRecord,
 }
 
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = NewToken,
@@ -67,6 +67,15 @@ pub(super) async fn create_token(
     caller: Caller<Admin>,
     ApiJson(body, _): ApiJson<NewToken>,
 ) -> ApiResult<CreatedToken> {
+    Ok(Json(create(&c, &caller.actor, body).await?))
+}
+
+/// Creates a bootstrap token as `POST /api/v1/tokens` does (the console's path too).
+pub(crate) async fn create(
+    c: &Coordinator,
+    actor: &str,
+    body: NewToken,
+) -> Result<CreatedToken, ApiError> {
     if body.ttl_secs == Some(0) {
         return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
     }
@@ -78,17 +87,13 @@ pub(super) async fn create_token(
                 "a token for one agent (instance_uid) takes no scope".into(),
             ))
         }
-        Some(uid) => {
-            c.create_token_for(uid, body.name, ttl, &caller.actor)
-                .await?
-        }
+        Some(uid) => c.create_token_for(uid, body.name, ttl, actor).await?,
         None => {
             let scope = scope_of(body.scope)?;
-            c.create_scoped_token(body.name, ttl, scope, &caller.actor)
-                .await?
+            c.create_scoped_token(body.name, ttl, scope, actor).await?
         }
     };
-    Ok(Json(CreatedToken { token, record }))
+    Ok(CreatedToken { token, record })
 }
 
 /// Many tokens at once, for provisioning a fleet (or a load test) in one call.

@@ -1,0 +1,326 @@
+//! The fleet as an operator browses it: one pass over the agents this coordinator can see,
+//! filtered (labels, health, config state, capability, gateway, connection, free text),
+//! counted per state, and cut into keyset pages by instance uid, so a page costs the same
+//! at the first agent and the 100,000th and only the page's records are copied.
+//!
+//! Embedded (every partition held) the pass reads memory only; a cluster coordinator reads
+//! the other coordinators' agents from the store as of their last flush, as `agents()` does.
+
+use std::collections::BTreeMap;
+
+use shared::domain::{AgentRecord, ConfigState};
+use shared::ids::InstanceUid;
+use shared::store::StoreError;
+
+use super::Coordinator;
+
+/// Health as the console shows it: an agent that never reported health is `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    Healthy,
+    Unhealthy,
+    Unknown,
+}
+
+impl HealthState {
+    pub const ALL: [Self; 3] = [Self::Healthy, Self::Unhealthy, Self::Unknown];
+
+    pub fn of(a: &AgentRecord) -> Self {
+        match &a.health {
+            Some(h) if h.healthy => Self::Healthy,
+            Some(_) => Self::Unhealthy,
+            None => Self::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| h.as_str() == s)
+    }
+}
+
+/// Remote-config state as the console shows it: the API's [`ConfigState`], or `CannotReceive`
+/// for an agent that does not declare AcceptsRemoteConfig (nothing can be pushed to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigView {
+    State(ConfigState),
+    CannotReceive,
+}
+
+impl ConfigView {
+    pub fn all() -> impl Iterator<Item = Self> {
+        ConfigState::ALL
+            .into_iter()
+            .map(Self::State)
+            .chain([Self::CannotReceive])
+    }
+
+    pub fn of(a: &AgentRecord) -> Self {
+        if a.capabilities & proto::agent_caps::ACCEPTS_REMOTE_CONFIG == 0 {
+            Self::CannotReceive
+        } else {
+            Self::State(a.config_state())
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::State(s) => s.as_str(),
+            Self::CannotReceive => "cannot_receive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::all().find(|c| c.as_str() == s)
+    }
+}
+
+/// What to show; every filter left `None` (or empty) matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct FleetQuery {
+    /// Every `key=value` must be an attribute (identifying or not), as in assignments.
+    pub labels: BTreeMap<String, String>,
+    pub health: Option<HealthState>,
+    pub config: Option<ConfigView>,
+    /// A capability bit the agent must declare.
+    pub capability: Option<u64>,
+    pub gateway: Option<String>,
+    pub connected: Option<bool>,
+    /// Case-insensitive substring of the service name or the instance uid.
+    pub text: Option<String>,
+    /// Keyset: agents with a greater uid only.
+    pub after: Option<InstanceUid>,
+    pub limit: usize,
+}
+
+impl FleetQuery {
+    pub fn matches(&self, a: &AgentRecord) -> bool {
+        self.connected.is_none_or(|c| a.connected == c)
+            && self.health.is_none_or(|h| HealthState::of(a) == h)
+            && self.config.is_none_or(|c| ConfigView::of(a) == c)
+            && self.capability.is_none_or(|bit| a.capabilities & bit != 0)
+            && self
+                .gateway
+                .as_deref()
+                .is_none_or(|g| a.gateway.as_deref() == Some(g))
+            && (self.labels.is_empty() || a.description.matches(&self.labels))
+            && self.text.as_deref().is_none_or(|t| text_matches(a, t))
+    }
+}
+
+fn text_matches(a: &AgentRecord, text: &str) -> bool {
+    let text = text.to_lowercase();
+    a.instance_uid.to_string().contains(&text)
+        || a.description
+            .get_str("service.name")
+            .is_some_and(|n| n.to_lowercase().contains(&text))
+}
+
+/// How many of the matching agents are in each state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    pub matched: usize,
+    pub connected: usize,
+    pub health: BTreeMap<&'static str, usize>,
+    pub config: BTreeMap<&'static str, usize>,
+}
+
+impl FleetCounts {
+    fn add(&mut self, a: &AgentRecord) {
+        self.matched += 1;
+        self.connected += usize::from(a.connected);
+        *self.health.entry(HealthState::of(a).as_str()).or_default() += 1;
+        *self.config.entry(ConfigView::of(a).as_str()).or_default() += 1;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FleetPage {
+    pub counts: FleetCounts,
+    /// The page: matching agents after `query.after`, by uid, at most `query.limit`.
+    pub rows: Vec<AgentRecord>,
+    /// Where the next page starts, when there is one.
+    pub next: Option<InstanceUid>,
+}
+
+/// Collects one page while counting: keeps the `limit + 1` smallest uids past `after`.
+struct Pager<'q> {
+    query: &'q FleetQuery,
+    counts: FleetCounts,
+    page: Vec<AgentRecord>,
+}
+
+impl Pager<'_> {
+    fn offer(&mut self, a: &AgentRecord) {
+        if !self.query.matches(a) {
+            return;
+        }
+        self.counts.add(a);
+        if self
+            .query
+            .after
+            .is_some_and(|after| a.instance_uid <= after)
+        {
+            return;
+        }
+        let keep = self.query.limit + 1;
+        if self.page.len() == keep {
+            // Full: only a smaller uid than the largest kept gets in.
+            let largest = self.page.iter().map(|r| r.instance_uid).max();
+            if largest.is_some_and(|l| a.instance_uid >= l) {
+                return;
+            }
+            if let Some(i) = self
+                .page
+                .iter()
+                .position(|r| Some(r.instance_uid) == largest)
+            {
+                self.page.swap_remove(i);
+            }
+        }
+        self.page.push(a.clone());
+    }
+
+    fn finish(mut self) -> FleetPage {
+        self.page.sort_by_key(|r| r.instance_uid);
+        let next = (self.page.len() > self.query.limit).then(|| {
+            self.page.truncate(self.query.limit);
+            self.page.last().map(|r| r.instance_uid)
+        });
+        FleetPage {
+            counts: self.counts,
+            rows: self.page,
+            next: next.flatten(),
+        }
+    }
+}
+
+impl Coordinator {
+    /// One page of the fleet and the counts of everything that matches `query`.
+    pub async fn fleet_page(&self, query: &FleetQuery) -> Result<FleetPage, StoreError> {
+        let mut pager = Pager {
+            query,
+            counts: FleetCounts::default(),
+            page: Vec::with_capacity(query.limit + 1),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for slot in self.all_slots() {
+            let entry = slot.lock().await;
+            seen.insert(entry.state.record.instance_uid);
+            pager.offer(&entry.state.record);
+        }
+        if !self.holds_all() {
+            for a in self.store.load_agents().await? {
+                if !seen.contains(&a.instance_uid) {
+                    pager.offer(&a);
+                }
+            }
+        }
+        Ok(pager.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::domain::Health;
+
+    fn agent(n: u8, name: &str) -> AgentRecord {
+        let mut a = AgentRecord::new(InstanceUid([n; 16]), 0);
+        a.description
+            .identifying
+            .insert("service.name".into(), name.into());
+        a
+    }
+
+    fn page(agents: &[AgentRecord], q: &FleetQuery) -> FleetPage {
+        let mut p = Pager {
+            query: q,
+            counts: FleetCounts::default(),
+            page: Vec::new(),
+        };
+        for a in agents.iter().rev() {
+            p.offer(a);
+        }
+        p.finish()
+    }
+
+    #[test]
+    fn pages_follow_the_uid_order_and_end() {
+        let agents: Vec<_> = (1..=7).map(|n| agent(n, "otelcol")).collect();
+        let mut q = FleetQuery {
+            limit: 3,
+            ..FleetQuery::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let p = page(&agents, &q);
+            assert_eq!(p.counts.matched, 7);
+            seen.extend(p.rows.iter().map(|r| r.instance_uid.0[0]));
+            match p.next {
+                Some(n) => q.after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, vec![1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn filters_and_counts() {
+        let mut a = agent(1, "Gateway-Collector");
+        a.connected = true;
+        a.capabilities = proto::agent_caps::ACCEPTS_REMOTE_CONFIG;
+        a.health = Some(Health {
+            healthy: false,
+            ..Health::default()
+        });
+        let b = agent(2, "edge");
+        let agents = [a, b];
+        let all = page(
+            &agents,
+            &FleetQuery {
+                limit: 10,
+                ..FleetQuery::default()
+            },
+        );
+        assert_eq!(all.counts.connected, 1);
+        assert_eq!(all.counts.health.get("unhealthy"), Some(&1));
+        assert_eq!(all.counts.health.get("unknown"), Some(&1));
+        assert_eq!(all.counts.config.get("none"), Some(&1));
+        assert_eq!(all.counts.config.get("cannot_receive"), Some(&1));
+        for q in [
+            FleetQuery {
+                text: Some("collector".into()),
+                ..FleetQuery::default()
+            },
+            FleetQuery {
+                health: Some(HealthState::Unhealthy),
+                ..FleetQuery::default()
+            },
+            FleetQuery {
+                connected: Some(true),
+                ..FleetQuery::default()
+            },
+            FleetQuery {
+                capability: Some(proto::agent_caps::ACCEPTS_REMOTE_CONFIG),
+                ..FleetQuery::default()
+            },
+            FleetQuery {
+                config: Some(ConfigView::State(ConfigState::None)),
+                ..FleetQuery::default()
+            },
+        ] {
+            let q = FleetQuery { limit: 10, ..q };
+            let p = page(&agents, &q);
+            assert_eq!(p.rows.len(), 1, "{q:?}");
+            assert_eq!(p.rows[0].instance_uid.0[0], 1, "{q:?}");
+        }
+    }
+}
