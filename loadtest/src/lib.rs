@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod config;
 pub mod fleet;
 pub mod hist;
+mod measure;
+pub mod options;
 pub mod procs;
 pub mod refused;
 pub mod report;
@@ -15,4 +17,5 @@ pub mod scenario;
 pub mod tls;
 pub mod worker;
 
-pub use scenario::{run, Comparison, Phase, Report, RunOptions};
+pub use options::{Phase, RunOptions};
+pub use scenario::{run, Comparison, Report};

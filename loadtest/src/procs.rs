@@ -238,9 +238,10 @@ pub struct CpuSample {
 mod tests {
     use super::*;
     use crate::agent::AgentSpec;
+    use crate::measure::measured;
+    use crate::options::RunOptions;
     use crate::scenario::{
-        hold_report, measured, Comparison, ConnectReport, HoldReport, Report, RunOptions,
-        SteadyReport,
+        hold_report, Comparison, ConnectReport, HoldReport, Report, SteadyReport,
     };
 
     /// `/proc/<pid>/stat` of a process whose name holds spaces and parentheses, with distinct

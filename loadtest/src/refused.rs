@@ -33,8 +33,9 @@ use crate::agent::{self, unix_ms, AgentSpec, Mode, Params};
 use crate::api::Api;
 use crate::fleet::Fleet;
 use crate::hist::Latency;
+use crate::measure::{busy_window, merge_errors, window, Measured};
+use crate::options::{source_ip, RunOptions};
 use crate::procs::{rss_kib, Role};
-use crate::scenario::{busy_window, merge_errors, source_ip, window, Measured, RunOptions};
 
 /// Lifetime of the tokens the scenario creates.
 const TOKEN_TTL_SECS: u64 = 86_400;

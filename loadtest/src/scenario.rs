@@ -1,116 +1,25 @@
 //! The scenarios: connect, then optionally hold / rollout / steady / churn on the same fleet,
 //! and the report.
+//!
+//! What a run is asked to do lives in `options` and the measuring tools in `measure`, below
+//! this module and the `refused` phase alike: this module uses `refused`, never the reverse.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal as _;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{unix_ms, unix_us, AgentSpec, Mode, Params};
-use crate::api::Api;
 use crate::fleet::Fleet;
 use crate::hist::{percentile, summarize, Latency};
-use crate::procs::{cpu_secs, rss_kib, CpuSample, ProcSample, Role};
+use crate::measure::{bar, busy_window, cpu_of, measured, merge_errors, window, Measured};
+use crate::options::source_ip;
+use crate::procs::{rss_kib, CpuSample, ProcSample, Role};
 use crate::refused::RefusedReport;
 use crate::report::Stats;
 
-/// What runs after every agent connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Hold,
-    Rollout,
-    Steady,
-    Churn,
-    /// A paced baseline window, then the same with refused agents looping (see `refused`).
-    Refused,
-}
-
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Name in the report (connect, hold, …).
-    pub scenario: String,
-    pub phases: Vec<Phase>,
-    /// OpAMP URLs (`ws://…/v1/opamp`, `wss://…` with `ca_pem`); agents are spread over them
-    /// round-robin.
-    pub targets: Vec<String>,
-    /// PEM of the CA(s) that `wss://` targets are trusted by.
-    pub ca_pem: Option<String>,
-    /// Ampora's API (tokens, pushes). Required unless `no_auth`.
-    pub api: Option<Api>,
-    /// No credentials: only allowed against the baseline server (checked).
-    pub no_auth: bool,
-    pub agents: usize,
-    pub http_share: f64,
-    pub fail_share: f64,
-    pub config_bytes: usize,
-    /// Window of hold (CPU), steady and churn.
-    pub duration: Duration,
-    /// Wait after connecting before memory is read (hold).
-    pub settle: Duration,
-    pub heartbeat_secs: u64,
-    pub http_poll_secs: u64,
-    /// Worker processes; `None`: in-process up to `per_worker` agents, else enough processes.
-    pub workers: Option<usize>,
-    pub per_worker: usize,
-    /// Agents are spread over 127.0.0.2 … 127.0.0.(1+n) when the target is on loopback.
-    pub source_ips: u8,
-    /// Whole servers to measure (every agent is on each).
-    pub server_pids: Vec<u32>,
-    /// Cluster gateways to measure: gateway `i` serves `targets[i]` (same length, or empty).
-    pub gateway_pids: Vec<u32>,
-    /// Cluster coordinators to measure.
-    pub coordinator_pids: Vec<u32>,
-    /// Bound of every wait for the fleet (connect, rollout).
-    pub timeout: Duration,
-    /// Agents started per second (0: all at once, the connect storm).
-    pub connect_rate: f64,
-    /// The binary to run as `worker` (default: this executable).
-    pub worker_exe: Option<PathBuf>,
-    pub progress: bool,
-    /// `refused`: agents refused by the server, looping as opamp-go clients do.
-    pub refused_agents: usize,
-    /// `refused`: each admitted agent sends a status report this often.
-    pub report_every: Duration,
-}
-
-impl Default for RunOptions {
-    fn default() -> Self {
-        Self {
-            scenario: "connect".into(),
-            phases: Vec::new(),
-            targets: Vec::new(),
-            ca_pem: None,
-            api: None,
-            no_auth: false,
-            agents: 1000,
-            http_share: 0.0,
-            fail_share: 0.0,
-            config_bytes: 2048,
-            duration: Duration::from_secs(10),
-            settle: Duration::from_secs(3),
-            heartbeat_secs: 30,
-            http_poll_secs: 5,
-            workers: None,
-            per_worker: 8000,
-            source_ips: 16,
-            server_pids: Vec::new(),
-            gateway_pids: Vec::new(),
-            coordinator_pids: Vec::new(),
-            timeout: Duration::from_secs(120),
-            connect_rate: 0.0,
-            worker_exe: None,
-            progress: std::io::stderr().is_terminal(),
-            refused_agents: 1000,
-            report_every: Duration::from_millis(200),
-        }
-    }
-}
+pub use crate::options::{Phase, RunOptions};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConnectReport {
@@ -232,58 +141,6 @@ fn http_url(ws: &str) -> String {
     }
 }
 
-fn is_loopback_v4(url: &str) -> bool {
-    url.split("//")
-        .nth(1)
-        .is_some_and(|rest| rest.starts_with("127.") || rest.starts_with("localhost"))
-}
-
-/// Agent `i`'s source address: 127.0.0.2 … 127.0.0.(1+`source_ips`) round-robin when every
-/// target is on loopback, else the system's choice.
-pub(crate) fn source_ip(opts: &RunOptions, i: usize) -> Option<IpAddr> {
-    let loopback = opts.targets.iter().all(|t| is_loopback_v4(t));
-    (loopback && opts.source_ips > 0).then(|| {
-        IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            2 + (i % opts.source_ips as usize) as u8,
-        ))
-    })
-}
-
-fn bar(progress: bool, len: u64, what: &str) -> Option<ProgressBar> {
-    if !progress {
-        return None;
-    }
-    let b = ProgressBar::new(len);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len}")
-    {
-        b.set_style(style);
-    }
-    b.set_message(what.to_string());
-    Some(b)
-}
-
-/// Runs a timed window with a seconds bar.
-pub(crate) async fn window(fleet: &mut Fleet, d: Duration, progress: bool, what: &str) {
-    let b = bar(progress, d.as_secs().max(1), what);
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        let step = end
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_secs(1));
-        fleet.pump_for(step).await;
-        if let Some(b) = &b {
-            b.inc(1);
-        }
-    }
-    if let Some(b) = b {
-        b.finish_and_clear();
-    }
-}
-
 /// Checks that a `--no-auth` target is the baseline server, never Ampora; a `wss://` one
 /// through a client trusting `ca_pem`.
 async fn ensure_baseline(target: &str, ca_pem: Option<&str>) -> anyhow::Result<()> {
@@ -399,80 +256,6 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         report.complete = complete;
         report
     })
-}
-
-/// Puts the fleet in `mode(until_ms)` for `opts.duration`, then back to idle; returns the
-/// window's length in seconds and what the agents did in it (counters reset at its start).
-pub(crate) async fn busy_window(
-    fleet: &mut Fleet,
-    opts: &RunOptions,
-    measured: &[Measured],
-    what: &str,
-    mode: impl FnOnce(u64) -> Mode,
-) -> anyhow::Result<(f64, Stats, Vec<CpuSample>)> {
-    fleet.collect().await?;
-    let cpu0 = cpu_of(measured)?;
-    let start = Instant::now();
-    fleet.set_mode(mode(unix_ms() + opts.duration.as_millis() as u64))?;
-    window(fleet, opts.duration, opts.progress, what).await;
-    fleet.set_mode(Mode::Idle)?;
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_of(measured)?
-        .iter()
-        .zip(&cpu0)
-        .zip(measured)
-        .map(|((c1, c0), m)| CpuSample {
-            pid: m.pid,
-            role: m.role,
-            cpu_percent: 100.0 * (c1 - c0) / secs,
-        })
-        .collect();
-    Ok((secs, fleet.collect().await?, cpu))
-}
-
-/// A process whose memory and CPU the report shows.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Measured {
-    pub(crate) pid: u32,
-    pub(crate) role: Role,
-    /// What its per-agent memory divides by.
-    agents: usize,
-}
-
-/// Servers, then gateways (with the agents of their target), then coordinators.
-pub(crate) fn measured(opts: &RunOptions, specs: &[AgentSpec]) -> Vec<Measured> {
-    let n = specs.len();
-    let t = opts.targets.len().max(1);
-    let on_target = |g: usize| specs.iter().filter(|s| s.index % t == g).count();
-    let mut out: Vec<Measured> = opts
-        .server_pids
-        .iter()
-        .map(|&pid| Measured {
-            pid,
-            role: Role::Server,
-            agents: n,
-        })
-        .collect();
-    out.extend(
-        opts.gateway_pids
-            .iter()
-            .enumerate()
-            .map(|(g, &pid)| Measured {
-                pid,
-                role: Role::Gateway,
-                agents: on_target(g),
-            }),
-    );
-    out.extend(opts.coordinator_pids.iter().map(|&pid| Measured {
-        pid,
-        role: Role::Coordinator,
-        agents: n,
-    }));
-    out
-}
-
-fn cpu_of(measured: &[Measured]) -> anyhow::Result<Vec<f64>> {
-    measured.iter().map(|m| cpu_secs(m.pid)).collect()
 }
 
 /// The hold figures from RSS before connecting, RSS held, and CPU over the window.
@@ -644,12 +427,6 @@ async fn phases(
     }
     report.errors = errors;
     Ok(complete)
-}
-
-pub(crate) fn merge_errors(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
-    for (k, v) in from {
-        *into.entry(k).or_default() += v;
-    }
 }
 
 /// One config to all through the API; agent-side times to APPLIED, then the API's view.

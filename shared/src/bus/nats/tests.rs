@@ -7,14 +7,25 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-use super::*;
+use super::headers::{header, ChunkHeader, Pull, H_CHUNK, H_ERROR};
+use super::large::{Chunk, ChunkKey, Outbox, Reassembler};
+use super::subjects::{token, Subjects};
+use super::{NatsBus, NatsBusOptions};
 use crate::bus::conformance::{self, WAIT};
-use crate::bus::{AgentFrame, AuthDecision, AuthFailure, Credential, FrameReply};
+use crate::bus::{
+    AgentFrame, AuthDecision, AuthFailure, Bus, BusError, CoordinatorEvent, CoordinatorHandler,
+    CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage, Route,
+};
 use crate::domain::Transport;
-use crate::ids::InstanceUid;
+use crate::ids::{GatewayId, InstanceUid};
 
 fn nats_url() -> String {
     std::env::var("AMPORA_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
