@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod node_config;
 pub mod serve;
 pub mod service;

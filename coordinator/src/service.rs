@@ -111,6 +111,8 @@ pub struct Coordinator {
     agents: Vec<StdMutex<HashMap<InstanceUid, Slot>>>,
     /// Agents changed since the last flush; the flusher drains it.
     dirty: StdMutex<HashSet<InstanceUid>>,
+    /// Counts agent changes (see [`Coordinator::fleet_generation`]).
+    fleet_generation: AtomicU64,
     /// Config versions that are assigned to someone, ready to send.
     desired: RwLock<HashMap<i64, Arc<Desired>>>,
     /// All assignments, oldest first; the newest match wins.
@@ -305,6 +307,7 @@ impl Coordinator {
             offer,
             agents: (0..SHARDS).map(|_| StdMutex::new(HashMap::new())).collect(),
             dirty: StdMutex::new(HashSet::new()),
+            fleet_generation: AtomicU64::new(0),
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
         });

@@ -101,18 +101,16 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if let Some(reason) = self.refusal_reason() {
-            metrics::counter!(super::guard::REFUSED_METRIC, "reason" => reason).increment(1);
-        }
-        let body = match &self {
+impl ApiError {
+    /// What the caller is told: its own mistakes plainly; for server-side failures a generic
+    /// message naming a request id, under which the detail is logged here.
+    pub fn public_body(&self) -> ErrorBody {
+        match self {
             Self::Store(_) | Self::Internal(_) => {
                 // Storage errors name tables, constraints and hosts: for the log only.
                 let id = uuid::Uuid::now_v7().simple().to_string();
                 tracing::error!(request_id = %id, error = %self, "API request failed");
-                let error = match &self {
+                let error = match self {
                     Self::Store(StoreError::MaybeApplied(_)) => {
                         "storage unavailable; the change may or may not have been applied"
                     }
@@ -128,7 +126,17 @@ impl IntoResponse for ApiError {
                 error: self.to_string(),
                 request_id: None,
             },
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Some(reason) = self.refusal_reason() {
+            metrics::counter!(super::guard::REFUSED_METRIC, "reason" => reason).increment(1);
+        }
+        let body = self.public_body();
         let mut resp = (status, Json(body)).into_response();
         let headers = resp.headers_mut();
         match self {

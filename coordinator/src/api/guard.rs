@@ -14,7 +14,7 @@
 //! [`ApiError::refusal_reason`]).
 
 use std::marker::PhantomData;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +66,8 @@ pub fn describe_metrics() {
 pub struct ApiState {
     pub coord: Arc<Coordinator>,
     pub guard: Arc<Guard>,
+    /// The console's sign-in sessions.
+    pub sessions: Arc<crate::console::session::Sessions>,
 }
 
 impl FromRef<ApiState> for Arc<Coordinator> {
@@ -121,16 +123,22 @@ impl Guard {
     /// proxy is believed by the gateway's rule ([`proxy::classify`]): from a
     /// `tls.trusted_proxies` address, and with the proxy secret when one is set. Without
     /// connect info the peer is unknown, which is not loopback.
-    fn channel_ok(&self, parts: &Parts) -> bool {
-        if self.token_plaintext_allowed {
-            return true;
-        }
+    pub(crate) fn channel_ok(&self, parts: &Parts) -> bool {
+        self.token_plaintext_allowed
+            || self
+                .client(parts)
+                .is_some_and(|(client, tls)| tls || client.to_canonical().is_loopback())
+    }
+
+    /// The client's address and whether it spoke TLS, believing a trusted proxy by the
+    /// gateway's rule; `None` without connect info.
+    pub(crate) fn client(&self, parts: &Parts) -> Option<(IpAddr, bool)> {
         let ext = &parts.extensions;
         let (peer, peer_tls) = match ext.get::<ConnectInfo<Peer>>() {
             Some(ConnectInfo(p)) => (p.addr.ip(), p.tls),
             None => match ext.get::<ConnectInfo<SocketAddr>>() {
                 Some(ConnectInfo(a)) => (a.ip(), false),
-                None => return false,
+                None => return None,
             },
         };
         let trust = proxy::classify(
@@ -139,8 +147,7 @@ impl Guard {
             peer,
             &parts.headers,
         );
-        let (client, tls) = proxy::forwarded(trust, peer, peer_tls, &parts.headers);
-        tls || client.to_canonical().is_loopback()
+        Some(proxy::forwarded(trust, peer, peer_tls, &parts.headers))
     }
 }
 

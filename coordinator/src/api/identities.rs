@@ -38,17 +38,23 @@ pub struct IdentityView {
     cert_pem: String,
 }
 
+/// `issued` (not used yet), `confirmed`, `revoked` or `expired`: one rule for the API and the
+/// console.
+pub(crate) fn state(i: &IdentityRecord) -> &'static str {
+    if i.revoked_ms.is_some() {
+        "revoked"
+    } else if i.not_after_ms <= shared::now_ms() {
+        "expired"
+    } else if i.confirmed_ms.is_some() {
+        "confirmed"
+    } else {
+        "issued"
+    }
+}
+
 impl From<IdentityRecord> for IdentityView {
     fn from(i: IdentityRecord) -> Self {
-        let state = if i.revoked_ms.is_some() {
-            "revoked"
-        } else if i.not_after_ms <= shared::now_ms() {
-            "expired"
-        } else if i.confirmed_ms.is_some() {
-            "confirmed"
-        } else {
-            "issued"
-        };
+        let state = state(&i);
         Self {
             serial: i.serial,
             instance_uid: i.instance_uid,

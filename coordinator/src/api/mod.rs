@@ -113,7 +113,11 @@ pub fn router(
     let guard = Arc::new(Guard::new(config, proxy_secret));
     // `ApiJson` enforces the per-route limits; this bounds any other body extractor.
     let body_limit = axum::extract::DefaultBodyLimit::max(guard.largest_body());
-    let state = ApiState { coord, guard };
+    let state = ApiState {
+        coord,
+        guard,
+        sessions: Arc::default(),
+    };
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agents", get(agents::list_agents))
@@ -153,6 +157,7 @@ pub fn router(
             "/api/v1/identities/{serial}",
             get(identities::show_identity).delete(identities::revoke_identity),
         )
+        .merge(crate::console::router())
         .layer(body_limit)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -10,6 +10,7 @@ use shared::ids::{GatewayId, InstanceUid};
 use shared::now_ms;
 use shared::store::StoreError;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
@@ -53,6 +54,13 @@ impl Coordinator {
         if let Ok(mut d) = self.dirty.lock() {
             d.insert(uid);
         }
+        self.fleet_generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Grows whenever an agent this coordinator serves changes: the console's live views
+    /// compare it to know whether to refresh.
+    pub fn fleet_generation(&self) -> u64 {
+        self.fleet_generation.load(Ordering::Relaxed)
     }
 
     /// Writes every changed agent in one batch.

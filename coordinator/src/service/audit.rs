@@ -119,6 +119,18 @@ impl Coordinator {
         self.append_audit(&entry).await.map_err(ServiceError::from)
     }
 
+    /// Audits an operator's action outside the API's writes (signing in to the console, out
+    /// of it), with the address it came from.
+    pub async fn audit_operator(
+        &self,
+        actor: &str,
+        action: &str,
+        ip: Option<IpAddr>,
+        detail: serde_json::Value,
+    ) {
+        self.audit(actor, action, None, ip, None, detail).await;
+    }
+
     /// Writes an audit entry, retrying a failed write twice (see [`append_with_retries`]).
     pub(super) async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         append_with_retries(self.store.as_ref(), std::slice::from_ref(entry)).await

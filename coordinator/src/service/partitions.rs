@@ -36,6 +36,12 @@ impl Coordinator {
         self.held_count() == usize::from(PARTITIONS)
     }
 
+    /// Whether every agent is served here (the embedded default): then memory is the whole
+    /// fleet and no other coordinator changes agents.
+    pub fn serves_every_partition(&self) -> bool {
+        self.holds_all()
+    }
+
     pub(super) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
