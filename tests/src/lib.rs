@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
+pub mod browser;
 pub mod cluster;
 pub mod identity;
 use coordinator::config::Config;

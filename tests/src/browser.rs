@@ -1,0 +1,120 @@
+//! A real browser for the console tests: Debian's `chromium`, headless, driven over WebDriver
+//! by `chromedriver` (one per test, on a free port) through the fantoccini client. A machine
+//! without them fails the test loudly (`tests/run.sh` installs both).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::Context as _;
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::process::{Child, Command};
+
+use crate::DEADLINE;
+
+/// Where screenshots go, for a person to look at: `target/console-screenshots/`.
+pub fn screenshot_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("console-screenshots")
+}
+
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+}
+
+impl Browser {
+    pub async fn start() -> anyhow::Result<Self> {
+        let chromium = which("chromium").context(
+            "chromium is not installed: apt-get install chromium chromium-driver (tests/run.sh does)",
+        )?;
+        let driver_bin = which("chromedriver").context(
+            "chromedriver is not installed: apt-get install chromium-driver (tests/run.sh does)",
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let driver = Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting chromedriver")?;
+        let caps = serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1400,1000"],
+            }
+        });
+        let caps = match caps {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("an object"),
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        // chromedriver takes a moment to listen: ask for a session until the deadline.
+        let client = crate::eventually("chromedriver to accept a session", DEADLINE, || {
+            let mut builder = ClientBuilder::new(HttpConnector::new());
+            builder.capabilities(caps.clone());
+            let url = url.clone();
+            async move { Ok(builder.connect(&url).await.ok()) }
+        })
+        .await?;
+        Ok(Self { client, driver })
+    }
+
+    pub async fn goto(&self, url: &str) -> anyhow::Result<()> {
+        self.client
+            .goto(url)
+            .await
+            .with_context(|| format!("opening {url}"))
+    }
+
+    /// The text of the first element matching `css`, once there is one.
+    pub async fn text(&self, css: &str) -> anyhow::Result<String> {
+        let el = self.wait(css).await?;
+        Ok(el.text().await?)
+    }
+
+    /// The first element matching `css`, waiting for it up to the deadline.
+    pub async fn wait(&self, css: &str) -> anyhow::Result<fantoccini::elements::Element> {
+        self.client
+            .wait()
+            .at_most(DEADLINE)
+            .for_element(Locator::Css(css))
+            .await
+            .with_context(|| format!("waiting for `{css}`"))
+    }
+
+    /// Whether an element matches `css` now.
+    pub async fn has(&self, css: &str) -> anyhow::Result<bool> {
+        Ok(!self.client.find_all(Locator::Css(css)).await?.is_empty())
+    }
+
+    /// Saves the page as `target/console-screenshots/<name>.png`.
+    pub async fn screenshot(&self, name: &str) -> anyhow::Result<()> {
+        let png = self.client.screenshot().await?;
+        let dir = screenshot_dir();
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("{name}.png")), png)?;
+        Ok(())
+    }
+
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        self.client.clone().close().await?;
+        let _ = self.driver.kill().await;
+        Ok(())
+    }
+}
+
+fn which(name: &str) -> Option<String> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+}
