@@ -15,7 +15,6 @@
 //! database connection; everything it knows about an agent it learns from the bus.
 
 pub mod client;
-pub mod codec;
 pub mod serve;
 pub mod server;
 pub mod tls;

@@ -265,7 +265,7 @@ fn offered_identity(reply: &proto::ServerToAgent) -> anyhow::Result<(String, Str
         "no CSR: the key comes with the certificate"
     );
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())?;
-    let serial = gateway::tls::serial_hex(pem.parse_x509()?.raw_serial());
+    let serial = shared::tls::serial_hex(pem.parse_x509()?.raw_serial());
     Ok((serial, cert_pem, key_pem))
 }
 

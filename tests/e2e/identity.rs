@@ -189,7 +189,7 @@ async fn revoked_identity_is_closed_refused_and_listed_in_the_crl() -> anyhow::R
     let (_, crl) = x509_parser::parse_x509_crl(&der)?;
     assert!(crl
         .iter_revoked_certificates()
-        .any(|r| gateway::tls::serial_hex(r.raw_serial()) == id.serial));
+        .any(|r| shared::tls::serial_hex(r.raw_serial()) == id.serial));
     server.stop().await
 }
 

@@ -134,7 +134,7 @@ impl CsrIdentity {
             parsed.public_key().raw == key.public_key_der().as_slice(),
             "certificate not for the CSR's public key"
         );
-        let serial = gateway::tls::serial_hex(parsed.raw_serial());
+        let serial = shared::tls::serial_hex(parsed.raw_serial());
         // A CSR that does not parse: BadRequest (facts §5.3).
         let mut garbage = with_csr(hello(uid), b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n");
         garbage.sequence_num = 1;
@@ -253,7 +253,7 @@ pub async fn crl_serials(addr: SocketAddr) -> anyhow::Result<Vec<String>> {
     let (_, crl) = x509_parser::parse_x509_crl(&pem.contents)?;
     Ok(crl
         .iter_revoked_certificates()
-        .map(|r| gateway::tls::serial_hex(r.raw_serial()))
+        .map(|r| shared::tls::serial_hex(r.raw_serial()))
         .collect())
 }
 

@@ -675,13 +675,13 @@ impl AgentCore {
         }
         let key_pem = std::str::from_utf8(&cert.private_key)
             .map_err(|_| "the offered private key is not PEM text".to_string())?;
-        let serial = crate::tls::parse_certs_pem(cert_pem.as_bytes())
+        let serial = shared::tls::parse_certs_pem(cert_pem.as_bytes())
             .ok()
             .and_then(|c| c.into_iter().next())
             .and_then(|der| {
                 x509_parser::parse_x509_certificate(&der)
                     .ok()
-                    .map(|(_, c)| crate::tls::serial_hex(c.raw_serial()))
+                    .map(|(_, c)| shared::tls::serial_hex(c.raw_serial()))
             })
             .ok_or_else(|| "the offered certificate does not parse".to_string())?;
         // The endpoint: the offered one when this agent can use it with a certificate (same

@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
-use crate::tls::{parse_certs_pem, provider, MaybeTls, TlsError};
+use shared::tls::{parse_certs_pem, provider, MaybeTls, TlsError};
 
 /// A client connection: plain TCP or TLS over TCP.
 pub(crate) type ClientStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;

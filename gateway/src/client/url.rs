@@ -8,7 +8,7 @@ use http::Uri;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::tls::{ClientStream, ClientTls};
-use crate::tls::MaybeTls;
+use shared::tls::MaybeTls;
 
 /// Which OpAMP transport an endpoint selects (`ws`/`wss`: WebSocket, `http`/`https`: plain
 /// HTTP).

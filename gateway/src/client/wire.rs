@@ -1,5 +1,5 @@
 //! Small wire helpers shared by both transports: limits, gzip and `Retry-After`. The
-//! WebSocket message header lives in [`crate::codec`], shared with the server.
+//! WebSocket message header lives in [`shared::codec`], shared with the server.
 
 use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -23,7 +23,7 @@ use super::tls::ClientTls;
 use super::url::{missing_tls, Endpoint, Scheme, CONNECT_TIMEOUT};
 use super::wire::{parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
 use super::{ClientError, ConnectError};
-use crate::codec;
+use shared::codec;
 
 type Io = TokioIo<Upgraded>;
 type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame<'static>, WebSocketError>> + Send>>;

@@ -13,9 +13,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use shared::tls::{parse_certs_pem, provider, TlsError};
 
 use super::local_ca::LocalCa;
-use super::{parse_certs_pem, provider, TlsError};
 use crate::client::ClientTls;
 
 /// How often a server on the local CA checks whether its certificate needs renewing (it is

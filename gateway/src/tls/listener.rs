@@ -15,11 +15,12 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::pki_types::CertificateDer;
+use shared::tls::MaybeTls;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{count_failure, FailureReason, MaybeTls, ServerTls};
+use super::{count_failure, FailureReason, ServerTls};
 use crate::serve::{count_closed, CloseReason, ConnectionLimits};
 
 /// Default of how long a new connection may take to send its first byte and, if it starts

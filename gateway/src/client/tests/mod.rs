@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 
 use super::wire::{gunzip, gzip};
 use super::*;
-use crate::codec;
+use shared::codec;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 /// Pause between two checks of a condition.
