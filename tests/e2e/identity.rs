@@ -3,7 +3,7 @@
 //! closes and refuses it and shows in the CRL, CSRs are signed for their own key only, and a
 //! trusted TLS-terminating proxy may pass the certificate on in a header.
 
-use gateway::client::{
+use agent::{
     wait_for, Agent, AgentOptions, ClientError, ConnectError, HttpTransport, WsConnection,
 };
 use proto::v1::ServerErrorResponseType;

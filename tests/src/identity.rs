@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use agent::{ClientTls, WsConnection};
 use anyhow::Context as _;
 use coordinator::config::Config;
-use gateway::client::{ClientTls, WsConnection};
 use gateway::tls::LocalCa;
 use proto::v1::{
     CertificateRequest, ConnectionSettingsRequest, OpAmpConnectionSettingsRequest,
@@ -220,9 +220,9 @@ impl Api {
 /// Waits until an agent started with `accept_identity` is connected on the certificate it
 /// was issued; returns that certificate's serial.
 pub async fn connected_on_certificate(
-    status: &mut tokio::sync::watch::Receiver<gateway::client::AgentStatus>,
+    status: &mut tokio::sync::watch::Receiver<agent::AgentStatus>,
 ) -> anyhow::Result<String> {
-    let s = gateway::client::wait_for(status, DEADLINE, |s| {
+    let s = agent::wait_for(status, DEADLINE, |s| {
         s.connected && s.client_cert_serial.is_some()
     })
     .await?;

@@ -1,7 +1,8 @@
-//! The OpAMP client: the agent side of the protocol.
+//! The Rust OpAMP agent library: the agent side of the protocol.
 //!
-//! Used by Ampora's in-process Self-Agent, the integration tests' test agent and the load
-//! generator. The load generator runs thousands of these per process, which shapes the design:
+//! Used by Ampora's in-process Self-Agent (the coordinator), the integration tests' test agent
+//! and the load generator; it depends on `proto` and `shared` (the WebSocket header codec and
+//! the TLS primitives it has in common with the gateway), never on the gateway. The load generator runs thousands of these per process, which shapes the design:
 //! one task per agent, no background threads, one TCP connection per agent, and status kept
 //! in a single place (the [`AgentStatus`] watch channel) instead of being copied around.
 //!

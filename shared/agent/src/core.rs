@@ -16,9 +16,9 @@ use proto::v1::{
 use proto::{agent_caps, agent_flags, server_flags, AgentToServer, ServerToAgent};
 use tokio::sync::watch;
 
-use super::options::{AgentOptions, AgentStatus};
-use super::tls::ClientTls;
-use super::url::{Endpoint, Scheme};
+use crate::options::{AgentOptions, AgentStatus};
+use crate::tls::ClientTls;
+use crate::url::{Endpoint, Scheme};
 
 /// Content type of the initial (local) effective config.
 const INITIAL_CONTENT_TYPE: &str = "text/yaml";
@@ -859,7 +859,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::client::DEFAULT_CAPABILITIES;
+    use crate::options::DEFAULT_CAPABILITIES;
 
     const UID: [u8; 16] = [9; 16];
 
@@ -1188,7 +1188,7 @@ mod tests {
 
     mod identity {
         use super::*;
-        use crate::tls::{AgentCa, LocalCa};
+        use gateway::tls::{AgentCa, LocalCa};
         use proto::v1::TlsCertificate;
 
         struct Fixture {
