@@ -9,11 +9,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::core::AgentCore;
+use crate::error::{ClientError, ConnectError};
 use crate::http::HttpTransport;
 use crate::options::{AgentOptions, AgentStatus};
 use crate::url::{missing_tls, Endpoint, Scheme};
 use crate::ws::WsConnection;
-use crate::{ClientError, ConnectError};
 
 /// A send that does not complete in this time means a dead peer; reconnect.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);

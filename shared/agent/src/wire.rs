@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::ClientError;
+use crate::error::ClientError;
 
 /// Largest message we accept (after decompression); the spec's recommended default.
 pub(crate) const MAX_MESSAGE: usize = 64 << 20;

@@ -19,11 +19,11 @@ use hyper_util::rt::TokioIo;
 use shared::codec;
 use tokio::io::WriteHalf;
 
+use crate::error::{ClientError, ConnectError};
 use crate::http::{drive, error_text};
 use crate::tls::ClientTls;
 use crate::url::{missing_tls, Endpoint, Scheme, CONNECT_TIMEOUT};
 use crate::wire::{parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
-use crate::{ClientError, ConnectError};
 
 type Io = TokioIo<Upgraded>;
 type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame<'static>, WebSocketError>> + Send>>;
