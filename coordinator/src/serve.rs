@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use agent::{Agent, AgentOptions, ClientTls, Endpoint};
 use anyhow::Context as _;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use gateway::client::{Agent, AgentOptions, ClientTls, Endpoint};
 use gateway::tls::{AgentCa, AgentListener, AgentTrust, LocalCa, ServerTls};
 use gateway::Gateway;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -450,7 +450,7 @@ async fn start_self_agent(
     // names a loopback address), exactly the certificate this server presents.
     let client_tls = match &tls.ca_cert {
         Some(ca) => ClientTls::from_ca_file(ca)?,
-        None => tls.server.pinned_client()?,
+        None => ClientTls::from_config(tls.server.pinned_client_config()?),
     };
     Ok(Agent::start(AgentOptions {
         endpoint: format!("wss://{target}/v1/opamp"),

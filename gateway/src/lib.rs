@@ -8,14 +8,13 @@
 //! [`serve`] serves the agent port: connection-level limits (pending connections, header
 //! timeout, open connections per address) and the HTTP/1.1 loop.
 //!
-//! [`client`] is the other end of the same framing: the OpAMP client that the Self-Agent, the
-//! test agent and the load generator use.
+//! The other end of the connection, the OpAMP agent library that the Self-Agent, the test
+//! agent and the load generator use, is the `agent` crate (`shared/agent/`); what both ends
+//! need (the WebSocket header codec, the TLS primitives) is in `shared`.
 //!
 //! Invariant: the gateway holds no agent state beyond its open connections and never opens a
 //! database connection; everything it knows about an agent it learns from the bus.
 
-pub mod client;
-pub mod codec;
 pub mod net;
 pub mod serve;
 pub mod server;

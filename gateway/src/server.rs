@@ -810,7 +810,7 @@ fn presented_chain(
 /// empty when it holds none, which verification then refuses.
 fn header_chain(value: &HeaderValue) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     let decoded = percent_encoding::percent_decode(value.as_bytes()).collect::<Vec<u8>>();
-    crate::tls::parse_certs_pem(&decoded).unwrap_or_default()
+    shared::tls::parse_certs_pem(&decoded).unwrap_or_default()
 }
 
 /// Where a request comes from.

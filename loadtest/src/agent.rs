@@ -8,9 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gateway::client::{
-    AgentCore, AgentOptions, ClientError, ClientTls, HttpTransport, WsConnection,
-};
+use ::agent::{AgentCore, AgentOptions, ClientError, ClientTls, HttpTransport, WsConnection};
 use proto::v1::{ComponentHealth, RemoteConfigStatuses};
 use proto::{AgentToServer, ServerToAgent};
 use serde::{Deserialize, Serialize};

@@ -33,7 +33,7 @@ pub const BANNER: &str = "ampora-loadtest baseline";
 
 /// The reply: header 0x00 + `ServerToAgent { capabilities: 1 }`.
 fn reply() -> Vec<u8> {
-    gateway::codec::encode_ws(&proto::ServerToAgent {
+    shared::codec::encode_ws(&proto::ServerToAgent {
         capabilities: 1,
         ..Default::default()
     })

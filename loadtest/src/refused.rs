@@ -23,8 +23,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use ::agent::{Agent, AgentStatus, ClientTls};
 use anyhow::Context as _;
-use gateway::client::{Agent, AgentStatus, ClientTls};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::task::JoinSet;

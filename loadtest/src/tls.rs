@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ::agent::ClientTls;
 use anyhow::Context as _;
-use gateway::client::ClientTls;
 use gateway::tls::LocalCa;
 
 /// Client settings trusting the CA(s) in `ca_pem`, built once per worker and shared by all of

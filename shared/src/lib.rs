@@ -3,19 +3,26 @@
 //! - [`ids`]: instance UIDs, gateway ids, partitions;
 //! - [`domain`]: wire-neutral records (agents, configs, tokens, audit) as the API and stores see them;
 //! - [`token`]: the bootstrap and API token formats (`amp-bs.<base32>.<crc>`);
+//! - [`codec`]: the OpAMP WebSocket message header, which the gateway and the agent both frame
+//!   with;
+//! - [`tls`]: the TLS primitives the gateway's listener and the agent both build on;
 //! - the three seams, each a trait with an embedded implementation here and a production one
 //!   in cluster mode: [`store::Store`], [`bus::Bus`], [`ownership::Ownership`].
 //!
-//! No I/O beyond the in-process seam implementations lives here, and no protocol logic:
-//! the OpAMP session core belongs to the coordinator, framing to the gateway.
+//! No I/O beyond the in-process seam implementations (and the stream wrapper
+//! [`tls::MaybeTls`]) lives here, and no protocol logic:
+//! the OpAMP session core belongs to the coordinator, frame validation and the listener to the
+//! gateway, the agent side of the protocol to the `agent` crate (`shared/agent/`).
 
 pub mod bus;
+pub mod codec;
 pub mod domain;
 pub mod ids;
 pub mod ownership;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod tls;
 pub mod token;
 
 /// Milliseconds since the Unix epoch: the one clock unit of stored timestamps.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway::client::{wait_for, Agent, ConnectError, WsConnection};
+use agent::{wait_for, Agent, ConnectError, WsConnection};
 use tests::cluster::Cluster;
 use tests::{bearer, eventually, Fleet, TestServer, DEADLINE};
 

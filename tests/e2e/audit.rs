@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use gateway::client::{wait_for, Agent, AgentOptions};
+use agent::{wait_for, Agent, AgentOptions};
 use reqwest::Method;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gateway::client::{wait_for, Agent, AgentOptions, HttpTransport, WsConnection};
+use agent::{wait_for, Agent, AgentOptions, HttpTransport, WsConnection};
 use proto::Message;
 use serde_json::json;
 use shared::ids::InstanceUid;
@@ -17,7 +17,7 @@ async fn ws_refusal(
 ) -> anyhow::Result<(u16, String)> {
     match WsConnection::connect(&server.ws_url(), &headers).await {
         Ok(_) => anyhow::bail!("upgrade with {headers:?} must be refused"),
-        Err(gateway::client::ConnectError::Status { status, body, .. }) => Ok((status, body)),
+        Err(agent::ConnectError::Status { status, body, .. }) => Ok((status, body)),
         Err(e) => anyhow::bail!("unexpected connect error: {e}"),
     }
 }
@@ -87,7 +87,7 @@ async fn bad_input_is_refused_while_a_good_agent_keeps_working() -> anyhow::Resu
     first.exchange(&hello(InstanceUid::new_v7())).await?;
     let mut second = HttpTransport::new(&server.http_url(), bearer(&good_token), false);
     match second.exchange(&hello(InstanceUid::new_v7())).await {
-        Err(gateway::client::ClientError::Status { status, .. }) => assert_eq!(status, 401),
+        Err(agent::ClientError::Status { status, .. }) => assert_eq!(status, 401),
         other => anyhow::bail!("second redemption must get 401, got {other:?}"),
     }
     // ... and over WebSocket the first frame of the other agent closes the connection.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use gateway::client::{wait_for, Agent, AgentStatus, WsConnection};
+use agent::{wait_for, Agent, AgentStatus, WsConnection};
 use serde_json::json;
 use shared::ids::InstanceUid;
 use tests::cluster::{Balancer, Cluster};
@@ -303,7 +303,7 @@ async fn a_draining_gateway_moves_its_agents_to_the_others() -> anyhow::Result<(
     .await?;
     let auth = tests::bearer(&newcomer_token);
     match WsConnection::connect(&format!("ws://{addr}/v1/opamp"), &auth).await {
-        Err(gateway::client::ConnectError::Status { status, body, .. }) => {
+        Err(agent::ConnectError::Status { status, body, .. }) => {
             assert_eq!((status, body.as_str()), (503, "server shutting down"));
         }
         Ok(_) => anyhow::bail!("a draining gateway admitted a new connection"),
@@ -460,9 +460,7 @@ async fn a_token_revoked_through_one_coordinator_is_refused_by_all() -> anyhow::
     let auth = vec![("Authorization".to_string(), format!("Bearer {token}"))];
     let attempt = || async {
         match WsConnection::connect(&c.ws_url_of(0)?, &auth).await {
-            Err(gateway::client::ConnectError::Status { status, body, .. }) => {
-                Ok(Some((status, body)))
-            }
+            Err(agent::ConnectError::Status { status, body, .. }) => Ok(Some((status, body))),
             Ok(_) => Ok(None),
             Err(e) => Err(anyhow::Error::from(e)),
         }

@@ -7,10 +7,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use agent::{Agent, AgentOptions, ClientError, ConnectError, HttpTransport, WsConnection};
 use coordinator::config::Config;
-use gateway::client::{
-    Agent, AgentOptions, ClientError, ConnectError, HttpTransport, WsConnection,
-};
 use rustls::AlertDescription;
 use shared::bus::AuthFailure;
 use shared::ids::InstanceUid;
@@ -238,7 +236,7 @@ async fn revocation_on_one_coordinator_closes_the_agent_and_every_gateway_refuse
 async fn bootstrap(
     wss_url: &str,
     token: &str,
-    tls: &gateway::client::ClientTls,
+    tls: &agent::ClientTls,
     uid: InstanceUid,
 ) -> anyhow::Result<(WsConnection, proto::ServerToAgent)> {
     let mut conn = WsConnection::connect_tls(wss_url, &bearer(token), tls).await?;
@@ -265,7 +263,7 @@ fn offered_identity(reply: &proto::ServerToAgent) -> anyhow::Result<(String, Str
         "no CSR: the key comes with the certificate"
     );
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())?;
-    let serial = gateway::tls::serial_hex(pem.parse_x509()?.raw_serial());
+    let serial = shared::tls::serial_hex(pem.parse_x509()?.raw_serial());
     Ok((serial, cert_pem, key_pem))
 }
 
@@ -304,7 +302,7 @@ async fn an_unused_identity_is_revoked_when_a_coordinator_issues_another() -> an
         .get(&format!("/api/v1/audit?instance_uid={uid_text}"))
         .await?;
     assert!(retired_for(&audit, &first, "superseded"), "{audit}");
-    let old = gateway::client::ClientTls::from_ca_pem_with_identity(&ca, &cert_pem, &key_pem)?;
+    let old = agent::ClientTls::from_ca_pem_with_identity(&ca, &cert_pem, &key_pem)?;
     let gw = c.gateway_addr(0)?;
     eventually(
         "the superseded certificate refused",

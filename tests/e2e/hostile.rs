@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use gateway::client::{ConnectError, WsConnection};
+use agent::{ConnectError, WsConnection};
 use shared::ids::InstanceUid;
 use tests::{bearer, eventually, hello, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

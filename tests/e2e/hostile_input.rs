@@ -8,8 +8,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use agent::{wait_for, Agent, AgentOptions, ClientError, HttpTransport, WsConnection};
 use anyhow::{bail, Context as _};
-use gateway::client::{wait_for, Agent, AgentOptions, ClientError, HttpTransport, WsConnection};
 use proto::v1::{AgentDescription, KeyValue, ServerErrorResponseType};
 use proto::AgentToServer;
 use shared::ids::InstanceUid;

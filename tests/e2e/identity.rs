@@ -3,7 +3,7 @@
 //! closes and refuses it and shows in the CRL, CSRs are signed for their own key only, and a
 //! trusted TLS-terminating proxy may pass the certificate on in a header.
 
-use gateway::client::{
+use agent::{
     wait_for, Agent, AgentOptions, ClientError, ConnectError, HttpTransport, WsConnection,
 };
 use proto::v1::ServerErrorResponseType;
@@ -189,7 +189,7 @@ async fn revoked_identity_is_closed_refused_and_listed_in_the_crl() -> anyhow::R
     let (_, crl) = x509_parser::parse_x509_crl(&der)?;
     assert!(crl
         .iter_revoked_certificates()
-        .any(|r| gateway::tls::serial_hex(r.raw_serial()) == id.serial));
+        .any(|r| shared::tls::serial_hex(r.raw_serial()) == id.serial));
     server.stop().await
 }
 

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use gateway::client::{
+use agent::{
     wait_for, Agent, AgentOptions, ClientError, ClientTls, ConnectError, HttpTransport,
     WsConnection,
 };
+use anyhow::{bail, Context as _};
 use gateway::server::PROXY_SECRET_HEADER;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;

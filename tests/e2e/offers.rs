@@ -2,7 +2,7 @@
 //! transport, the same settings never offered twice (agents built on opamp-go restart on every
 //! offer), a generated key only over TLS, and a CSR Ampora cannot sign answered with an error.
 
-use gateway::client::{HttpTransport, WsConnection};
+use agent::{HttpTransport, WsConnection};
 use shared::ids::InstanceUid;
 use tests::identity::{bearer, hello, with_csr, CsrIdentity};
 use tests::{Fleet, TestServer};

@@ -3,8 +3,8 @@
 //! the embedded default and against a cluster sandbox (2 gateways, 2 coordinators on the real
 //! NATS, Redis and Postgres), which is what makes the two modes equivalent.
 
+use agent::{wait_for, Agent, AgentOptions, AgentStatus};
 use coordinator::config::Config;
-use gateway::client::{wait_for, Agent, AgentOptions, AgentStatus};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::{eventually, Fleet, TestServer, DEADLINE};

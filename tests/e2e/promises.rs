@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use gateway::client::{ClientError, ClientTls, ConnectError, HttpTransport, WsConnection};
+use agent::{ClientError, ClientTls, ConnectError, HttpTransport, WsConnection};
 use proto::v1::ServerErrorResponseType;
 use proto::Message as _;
 use rustls::AlertDescription;

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use gateway::client::{ClientError, HttpTransport};
+use agent::{ClientError, HttpTransport};
 use gateway::server::PROXY_SECRET_HEADER;
 use shared::ids::InstanceUid;
 use tests::identity::{proxy_secret_header, trust_proxy, CsrIdentity, PROXY_SECRET};

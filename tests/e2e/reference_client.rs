@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use gateway::client::{wait_for, Agent, AgentOptions, AgentStatus, ClientTls, Scheme};
+use agent::{wait_for, Agent, AgentOptions, AgentStatus, ClientTls, Scheme};
 use serde_json::Value;
 use shared::ids::InstanceUid;
 use tests::cluster::Cluster;

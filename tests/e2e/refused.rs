@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use agent::WsConnection;
 use coordinator::config::Config;
-use gateway::client::WsConnection;
 use shared::ids::InstanceUid;
 use tests::{bearer, hello, Fleet, TestServer};
 

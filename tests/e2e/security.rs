@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
+use agent::{ClientError, HttpTransport, WsConnection};
 use coordinator::config::Config;
-use gateway::client::{ClientError, HttpTransport, WsConnection};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::identity::CsrIdentity;

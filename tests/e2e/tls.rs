@@ -6,11 +6,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use coordinator::config::Config;
-use gateway::client::{
+use agent::{
     wait_for, Agent, AgentOptions, ClientError, ClientTls, ConnectError, HttpTransport,
     WsConnection,
 };
+use coordinator::config::Config;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use shared::ids::InstanceUid;

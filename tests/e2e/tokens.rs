@@ -3,8 +3,8 @@
 //! their instance UIDs fall into different partitions), an expired token refused with its
 //! audited reason, and an audit entry for the token's issue, redemption and failed uses.
 
+use agent::{ClientError, HttpTransport};
 use coordinator::config::Config;
-use gateway::client::{ClientError, HttpTransport};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::{bearer, eventually, hello, Fleet, TestServer, DEADLINE};

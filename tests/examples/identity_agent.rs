@@ -14,8 +14,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use agent::{wait_for, Agent, AgentOptions, ClientTls};
 use anyhow::Context as _;
-use gateway::client::{wait_for, Agent, AgentOptions, ClientTls};
 use shared::ids::InstanceUid;
 
 #[tokio::main]

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use agent::{ConnectError, WsConnection};
 use coordinator::config::Config;
-use gateway::client::{ConnectError, WsConnection};
 use tests::cluster::Cluster;
 use tests::{bearer, Fleet, TestServer};
 

@@ -2,7 +2,7 @@
 //! remote-config counters (`ampora_config_remote_status_total{status}`, and
 //! `ampora_opamp_frames_rejected_total{reason="cap_mismatch"}` for a config held back).
 
-use gateway::client::{wait_for, Agent, AgentOptions, AgentStatus};
+use agent::{wait_for, Agent, AgentOptions, AgentStatus};
 use serde_json::json;
 use shared::ids::InstanceUid;
 use tests::{TestServer, DEADLINE};

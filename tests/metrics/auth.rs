@@ -1,7 +1,7 @@
 //! Refused authentications: each reason counted on its own (`ampora_auth_failures_total`), each
 //! refusal once as `ampora_opamp_frames_rejected_total{reason="auth_failed"}`.
 
-use gateway::client::{ClientError, ClientTls, ConnectError, HttpTransport, WsConnection};
+use agent::{ClientError, ClientTls, ConnectError, HttpTransport, WsConnection};
 use serde_json::json;
 use shared::domain::TokenRecord;
 use shared::ids::InstanceUid;

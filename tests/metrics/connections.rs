@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use gateway::client::{ConnectError, WsConnection};
+use agent::{ConnectError, WsConnection};
 use shared::ids::InstanceUid;
 use tests::{bearer, hello, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

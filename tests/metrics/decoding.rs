@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use gateway::client::{ClientError, HttpTransport, WsConnection};
+use agent::{ClientError, HttpTransport, WsConnection};
 use proto::v1::{AgentDescription, KeyValue};
 use proto::AgentToServer;
 use shared::ids::InstanceUid;

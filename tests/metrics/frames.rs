@@ -1,7 +1,7 @@
 //! Frames: the ones refused by reason (`malformed`, `oversize`: the WebSocket's 1009 and plain
 //! HTTP's 413 and 400), the ones received and sent by transport, and the tokens redeemed.
 
-use gateway::client::{ClientError, HttpTransport, WsConnection};
+use agent::{ClientError, HttpTransport, WsConnection};
 use proto::Message;
 use shared::ids::InstanceUid;
 use tests::{bearer, hello, TestServer};

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use gateway::client::ClientTls;
+use agent::ClientTls;
 use tests::identity::handshake_alert;
 use tests::{TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

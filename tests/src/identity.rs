@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use agent::{ClientTls, WsConnection};
 use anyhow::Context as _;
 use coordinator::config::Config;
-use gateway::client::{ClientTls, WsConnection};
 use gateway::tls::LocalCa;
 use proto::v1::{
     CertificateRequest, ConnectionSettingsRequest, OpAmpConnectionSettingsRequest,
@@ -134,7 +134,7 @@ impl CsrIdentity {
             parsed.public_key().raw == key.public_key_der().as_slice(),
             "certificate not for the CSR's public key"
         );
-        let serial = gateway::tls::serial_hex(parsed.raw_serial());
+        let serial = shared::tls::serial_hex(parsed.raw_serial());
         // A CSR that does not parse: BadRequest (facts §5.3).
         let mut garbage = with_csr(hello(uid), b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n");
         garbage.sequence_num = 1;
@@ -220,9 +220,9 @@ impl Api {
 /// Waits until an agent started with `accept_identity` is connected on the certificate it
 /// was issued; returns that certificate's serial.
 pub async fn connected_on_certificate(
-    status: &mut tokio::sync::watch::Receiver<gateway::client::AgentStatus>,
+    status: &mut tokio::sync::watch::Receiver<agent::AgentStatus>,
 ) -> anyhow::Result<String> {
-    let s = gateway::client::wait_for(status, DEADLINE, |s| {
+    let s = agent::wait_for(status, DEADLINE, |s| {
         s.connected && s.client_cert_serial.is_some()
     })
     .await?;
@@ -253,7 +253,7 @@ pub async fn crl_serials(addr: SocketAddr) -> anyhow::Result<Vec<String>> {
     let (_, crl) = x509_parser::parse_x509_crl(&pem.contents)?;
     Ok(crl
         .iter_revoked_certificates()
-        .map(|r| gateway::tls::serial_hex(r.raw_serial()))
+        .map(|r| shared::tls::serial_hex(r.raw_serial()))
         .collect())
 }
 

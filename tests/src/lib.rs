@@ -108,13 +108,13 @@ impl TestServer {
 
     /// Client TLS trusting the server's local CA (`<data_dir>/tls/ca.pem`), as an agent that
     /// was given that file would.
-    pub fn client_tls(&self) -> anyhow::Result<gateway::client::ClientTls> {
+    pub fn client_tls(&self) -> anyhow::Result<agent::ClientTls> {
         let ca = self
             .running
             .as_ref()
             .and_then(|r| r.tls_ca_cert.clone())
             .context("the server has no local CA (TLS files configured)")?;
-        Ok(gateway::client::ClientTls::from_ca_file(&ca)?)
+        Ok(agent::ClientTls::from_ca_file(&ca)?)
     }
 
     pub async fn stop(mut self) -> anyhow::Result<()> {

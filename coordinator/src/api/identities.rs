@@ -137,7 +137,7 @@ fn normalize_serial(s: &str) -> String {
         .map(|c| c.to_ascii_lowercase())
         .collect();
     match ::hex::decode(&hex) {
-        Ok(bytes) => gateway::tls::serial_hex(&bytes),
+        Ok(bytes) => shared::tls::serial_hex(&bytes),
         Err(_) => hex,
     }
 }

@@ -49,7 +49,7 @@ impl Coordinator {
         let signed = tokio::task::spawn_blocking(move || {
             let der = ca.crl(&revoked, number)?;
             let pem = ca.crl_pem(&revoked, number)?;
-            Ok::<_, gateway::tls::TlsError>((der, pem))
+            Ok::<_, shared::tls::TlsError>((der, pem))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("signing the CRL: {e}")))?

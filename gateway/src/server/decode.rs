@@ -15,9 +15,8 @@
 use std::sync::Arc;
 
 use proto::{AgentToServer, Message};
+use shared::codec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::codec;
 
 /// Limits on repeated-field entries in one `AgentToServer`, nested ones included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

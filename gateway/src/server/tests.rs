@@ -21,13 +21,13 @@ use shared::bus::{
     CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage, InProcessBus,
     PresentedToken,
 };
+use shared::codec;
 use shared::ids::{GatewayId, InstanceUid};
 use shared::ownership::{MemoryOwnership, Ownership};
 use shared::testing::{eventually, first_message as hello};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Gateway, GatewayConfig, OPAMP_PATH};
-use crate::codec;
 
 const MAX: usize = 1024;
 const WAIT: Duration = Duration::from_secs(5);

@@ -33,6 +33,7 @@ use shared::bus::{
     AgentFrame, CertificateId, CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential,
     GatewayMessage, Route,
 };
+use shared::codec;
 use shared::domain::Transport;
 use shared::ids::InstanceUid;
 use shared::ownership::Owner;
@@ -47,9 +48,7 @@ use super::{
     count_rejected, count_sent, service_unavailable, text, unavailable_msg, Binding, ConnControl,
     Inner,
 };
-use crate::codec;
-use crate::serve::IpSlot;
-use crate::serve::{count_closed, CloseReason};
+use crate::serve::{count_closed, CloseReason, IpSlot};
 
 /// A connection may hold a few agents (a multiplexing proxy, or an agent the coordinator gave
 /// a new UID). Beyond this many, the oldest binding is released.

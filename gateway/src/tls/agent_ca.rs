@@ -8,7 +8,7 @@
 //!
 //! An identity certificate names its agent twice: subject CN = the instance UID in canonical
 //! UUID text, and a URI SAN `urn:uuid:<uid>`. Serials are 16 random bytes, shown as lowercase
-//! hex without leading zero bytes ([`serial_hex`]) everywhere (store, API, CRL, bus).
+//! hex without leading zero bytes ([`shared::tls::serial_hex`]) everywhere (store, API, CRL, bus).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -27,9 +27,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 use shared::ids::InstanceUid;
+use shared::tls::{parse_certs_pem, provider, serial_hex, TlsError};
 use time::OffsetDateTime;
-
-use super::{parse_certs_pem, provider, TlsError};
 
 /// Identity certificates start a little in the past, so an agent whose clock is behind still
 /// accepts one made a moment ago (the server's own clock decides at the handshake).
@@ -37,13 +36,6 @@ const BACKDATE: Duration = Duration::from_secs(3600);
 
 /// How long a CRL is declared valid; it is signed afresh on every request.
 const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
-
-/// Lowercase hex of a DER serial without leading zero bytes: one spelling per serial whether
-/// read from rcgen's input or x509-parser's output.
-pub fn serial_hex(bytes: &[u8]) -> String {
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
-    hex::encode(&bytes[start..])
-}
 
 /// An identity certificate just issued.
 #[derive(Debug, Clone)]

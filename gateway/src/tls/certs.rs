@@ -13,10 +13,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use shared::tls::{parse_certs_pem, provider, TlsError};
 
 use super::local_ca::LocalCa;
-use super::{parse_certs_pem, provider, TlsError};
-use crate::client::ClientTls;
 
 /// How often a server on the local CA checks whether its certificate needs renewing (it is
 /// renewed a month before it expires, so this only needs to be well under a month).
@@ -120,12 +119,13 @@ impl ServerTls {
         self.store.current().cert.first().cloned()
     }
 
-    /// Client settings that trust exactly the certificate this server presents at the moment
-    /// of each handshake, whatever its issuer and names. For an agent in this process (the
-    /// Self-Agent): it connects to a loopback address an operator's certificate rarely names,
-    /// and it knows the certificate without trusting any CA. Other agents verify the server
-    /// the ordinary way, through [`ClientTls::from_ca_pem`].
-    pub fn pinned_client(&self) -> Result<ClientTls, TlsError> {
+    /// A rustls client configuration that trusts exactly the certificate this server presents
+    /// at the moment of each handshake, whatever its issuer and names. For an agent in this
+    /// process (the Self-Agent, which wraps it in `agent::ClientTls::from_config`): it
+    /// connects to a loopback address an operator's certificate rarely names, and it knows the
+    /// certificate without trusting any CA. Other agents verify the server the ordinary way,
+    /// through `agent::ClientTls::from_ca_pem`.
+    pub fn pinned_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = provider();
         let verifier = Arc::new(PinnedServerCert {
             store: Arc::downgrade(&self.store),
@@ -136,7 +136,7 @@ impl ServerTls {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(ClientTls::from_config(Arc::new(config)))
+        Ok(Arc::new(config))
     }
 }
 

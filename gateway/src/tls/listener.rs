@@ -15,11 +15,12 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::pki_types::CertificateDer;
+use shared::tls::MaybeTls;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{count_failure, FailureReason, MaybeTls, ServerTls};
+use super::{count_failure, FailureReason, ServerTls};
 use crate::serve::{count_closed, CloseReason, ConnectionLimits};
 
 /// Default of how long a new connection may take to send its first byte and, if it starts
@@ -487,8 +488,9 @@ mod tests {
     use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
     use super::super::LocalCa;
+    use agent::ClientTls;
+
     use super::*;
-    use crate::client::ClientTls;
 
     /// A server on port 0 whose one route describes the connection it was asked over.
     async fn serve(dir: &Path, timeout: Duration) -> (SocketAddr, ServerTls, String) {
@@ -557,7 +559,7 @@ mod tests {
         assert_eq!(get_over(tls).await, "tls=true certs=2");
 
         // The in-process client trusts exactly this server's certificate, and no other.
-        let pinned = server.pinned_client().expect("pinned");
+        let pinned = ClientTls::from_config(server.pinned_client_config().expect("pinned"));
         let tls = tls_connect(addr, &pinned).await.expect("pinned handshake");
         assert_eq!(get_over(tls).await, "tls=true certs=0");
         let elsewhere = tempfile::tempdir().expect("dir");

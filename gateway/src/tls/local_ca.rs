@@ -8,9 +8,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SerialNumber,
 };
+use shared::tls::TlsError;
 use time::{Duration, OffsetDateTime};
-
-use super::TlsError;
 
 /// The CA lives ten years, the server certificate one; each is replaced a month before it
 /// expires (the server certificate by the running server, see `ServerTls::from_local_ca`).
@@ -284,7 +283,7 @@ impl CertInfo {
 }
 
 fn first_cert_der(pem: &[u8]) -> Option<Vec<u8>> {
-    super::parse_certs_pem(pem)
+    shared::tls::parse_certs_pem(pem)
         .ok()?
         .into_iter()
         .next()
@@ -382,7 +381,7 @@ mod tests {
         assert_eq!(std::fs::read(&ca.cert_path).expect("server"), server_pem);
 
         // The chain is leaf then CA, and the leaf covers every name.
-        let chain = super::super::parse_certs_pem(&server_pem).expect("pem");
+        let chain = shared::tls::parse_certs_pem(&server_pem).expect("pem");
         assert_eq!(chain.len(), 2);
         let leaf = CertInfo::parse(&chain[0]).expect("leaf");
         for n in names() {
@@ -408,7 +407,7 @@ mod tests {
         );
         // And the new server certificate still chains to the CA on disk.
         let ca_pem = std::fs::read(&ca.ca_cert_path).expect("ca");
-        let chain = super::super::parse_certs_pem(&std::fs::read(&ca.cert_path).expect("chain"))
+        let chain = shared::tls::parse_certs_pem(&std::fs::read(&ca.cert_path).expect("chain"))
             .expect("pem");
         let ca_info = CertInfo::parse(&first_cert_der(&ca_pem).expect("ca der")).expect("ca");
         let leaf = CertInfo::parse(&chain[0]).expect("leaf");

@@ -16,14 +16,14 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use shared::codec;
 use tokio::io::WriteHalf;
 
-use super::http::{drive, error_text};
-use super::tls::ClientTls;
-use super::url::{missing_tls, Endpoint, Scheme, CONNECT_TIMEOUT};
-use super::wire::{parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
-use super::{ClientError, ConnectError};
-use crate::codec;
+use crate::error::{ClientError, ConnectError};
+use crate::http::{drive, error_text};
+use crate::tls::ClientTls;
+use crate::url::{missing_tls, Endpoint, Scheme, CONNECT_TIMEOUT};
+use crate::wire::{parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
 
 type Io = TokioIo<Upgraded>;
 type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame<'static>, WebSocketError>> + Send>>;

@@ -16,10 +16,10 @@ use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use proto::Message;
 
-use super::tls::{ClientStream, ClientTls};
-use super::url::{missing_tls, Endpoint, Scheme};
-use super::wire::{gunzip, gzip, parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
-use super::ClientError;
+use crate::error::ClientError;
+use crate::tls::{ClientStream, ClientTls};
+use crate::url::{missing_tls, Endpoint, Scheme};
+use crate::wire::{gunzip, gzip, parse_retry_after, MAX_ERROR_BODY, MAX_MESSAGE};
 
 const PROTOBUF: &str = "application/x-protobuf";
 const INSTANCE_UID_HEADER: &str = "OpAMP-Instance-UID";

@@ -1,15 +1,15 @@
 //! What an agent is told to be and what it has seen: [`AgentOptions`] (its configuration,
 //! including the opamp-go behaviours it can take on) and [`AgentStatus`] (published on a watch
-//! channel so tests can wait on it). The agent task ([`super::agent`]) and the protocol core
-//! ([`super::core`]) both read these; neither depends on the other for them.
+//! channel so tests can wait on it). The agent task ([`crate::agent`]) and the protocol core
+//! ([`crate::core`]) both read these; neither depends on the other for them.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use proto::agent_caps;
 
-use super::tls::ClientTls;
-use super::url::Scheme;
+use crate::tls::ClientTls;
+use crate::url::Scheme;
 
 /// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth |
 /// ReportsRemoteConfig | ReportsHeartbeat.

@@ -17,12 +17,12 @@ use proto::v1::{
     ServerErrorResponse, ServerErrorResponseType,
 };
 use proto::{agent_flags, AgentToServer, Message, ServerToAgent};
+use shared::codec;
 use shared::testing::{eventually, poll};
 use tokio::net::TcpListener;
 
-use super::wire::{gunzip, gzip};
 use super::*;
-use crate::codec;
+use crate::wire::{gunzip, gzip};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 /// Pause between two checks of a condition.

@@ -5,6 +5,9 @@
 //! `AgentToServer` or `ServerToAgent`. Plain HTTP carries bare protobuf and does not use this
 //! module's framing.
 //!
+//! Here, not in the gateway, because both ends use it: the gateway's WebSocket transport and
+//! the agent library (`agent`).
+//!
 //! Pure functions only: no I/O, no metrics. Callers count rejections with
 //! [`FrameError::reason`].
 
@@ -91,8 +94,9 @@ fn decode_body<M: Message + Default>(data: &[u8]) -> Result<M, FrameError> {
 }
 
 /// Reads a base-128 varint from the front of `buf`: `(value, bytes used)`, or `None` when it
-/// is truncated, longer than 10 bytes or overflows u64.
-pub(crate) fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
+/// is truncated, longer than 10 bytes or overflows u64. The gateway's frame scanner reads
+/// headers and protobuf lengths with it.
+pub fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
     let mut value: u64 = 0;
     for (i, &byte) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
         let bits = u64::from(byte & 0x7F);

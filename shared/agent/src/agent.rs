@@ -8,12 +8,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
-use super::core::AgentCore;
-use super::http::HttpTransport;
-use super::options::{AgentOptions, AgentStatus};
-use super::url::{missing_tls, Endpoint, Scheme};
-use super::ws::WsConnection;
-use super::{ClientError, ConnectError};
+use crate::core::AgentCore;
+use crate::error::{ClientError, ConnectError};
+use crate::http::HttpTransport;
+use crate::options::{AgentOptions, AgentStatus};
+use crate::url::{missing_tls, Endpoint, Scheme};
+use crate::ws::WsConnection;
 
 /// A send that does not complete in this time means a dead peer; reconnect.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,10 +1,10 @@
 //! Small wire helpers shared by both transports: limits, gzip and `Retry-After`. The
-//! WebSocket message header lives in [`crate::codec`], shared with the server.
+//! WebSocket message header lives in [`shared::codec`], shared with the server.
 
 use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::ClientError;
+use crate::error::ClientError;
 
 /// Largest message we accept (after decompression); the spec's recommended default.
 pub(crate) const MAX_MESSAGE: usize = 64 << 20;

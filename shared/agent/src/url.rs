@@ -5,10 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use http::Uri;
+use shared::tls::MaybeTls;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::tls::{ClientStream, ClientTls};
-use crate::tls::MaybeTls;
+use crate::tls::{ClientStream, ClientTls};
 
 /// Which OpAMP transport an endpoint selects (`ws`/`wss`: WebSocket, `http`/`https`: plain
 /// HTTP).

@@ -1,7 +1,7 @@
 //! Certificates without sockets: [`AgentCore`] under the opamp-go options.
 
 use super::*;
-use crate::tls::{AgentCa, LocalCa};
+use gateway::tls::{AgentCa, LocalCa};
 use proto::v1::TlsCertificate;
 
 const UID: [u8; 16] = [0x31; 16];
