@@ -31,6 +31,7 @@ mod audit;
 mod bad_input;
 mod cluster;
 mod cluster_identity;
+mod console;
 mod hostile;
 mod hostile_input;
 mod identity;

@@ -27,7 +27,7 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/opamp_agent.py
 const MAX_SECS: &str = "90";
 
 /// The Python agent as a child process, with its stdout parsed into JSON events.
-struct PyAgent {
+pub(crate) struct PyAgent {
     child: Child,
     /// Closing it asks the script to stop (it sends AgentDisconnect, then exits).
     stdin: Option<ChildStdin>,
@@ -38,7 +38,12 @@ struct PyAgent {
 }
 
 impl PyAgent {
-    fn spawn(python: &str, endpoint: &str, token: &str, service: &str) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(
+        python: &str,
+        endpoint: &str,
+        token: &str,
+        service: &str,
+    ) -> anyhow::Result<Self> {
         Self::spawn_with(python, endpoint, service, &["--token", token])
     }
 
@@ -111,7 +116,7 @@ impl PyAgent {
     }
 
     /// The next event matching `pred`, within [`DEADLINE`].
-    async fn wait_event(
+    pub(crate) async fn wait_event(
         &mut self,
         what: &str,
         mut pred: impl FnMut(&Value) -> bool,
@@ -141,7 +146,7 @@ impl PyAgent {
     }
 
     /// Closes stdin (the script's stop signal) and waits for a clean exit.
-    async fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+    pub(crate) async fn stop(&mut self) -> anyhow::Result<ExitStatus> {
         drop(self.stdin.take());
         let exit = self
             .wait_event("exit event", |v| v["event"] == "exit")
@@ -157,7 +162,7 @@ impl PyAgent {
     }
 }
 
-fn python() -> anyhow::Result<String> {
+pub(crate) fn python() -> anyhow::Result<String> {
     let python = std::env::var("AMPORA_TEST_PYTHON").context(
         "AMPORA_TEST_PYTHON is not set: it must name a Python with the PyPI package \
          opentelemetry-opamp-client==0.5b0 installed (tests/run.sh prepares target/pyenv and \

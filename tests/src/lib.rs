@@ -228,7 +228,7 @@ impl Fleet for TestServer {
 #[derive(Clone)]
 pub struct Api {
     http: reqwest::Client,
-    base: String,
+    pub base: String,
     pub token: String,
 }
 

@@ -170,7 +170,7 @@ fn config_section(a: &AgentRecord, assigned: Option<(i64, &ConfigMap)>) -> Marku
     let effective = a.effective_config.as_ref().map(config_text);
     let assigned_text = assigned.map(|(_, f)| config_text(f));
     html! {
-        @if let Some(r) = &a.remote_config {
+        @if let Some(r) = a.remote_config.as_ref().filter(|r| !r.hash.is_empty()) {
             p #remote-status {
                 "Remote config " code { (r.hash.get(..12).unwrap_or(&r.hash)) } ": "
                 span class={"chip status-" (r.status.as_str())} { (r.status.as_str()) }
