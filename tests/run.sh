@@ -17,8 +17,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import opentelemetry.
 fi
 export AMPORA_TEST_PYTHON="$PWD/$venv/bin/python"
 
-# Cluster tests talk to real Postgres, Redis and NATS on their standard local ports, and the
-# deploy test runs Debian's nginx. Install and start whatever is missing; if one still cannot
+# Cluster tests talk to real Postgres, Redis and NATS on their standard local ports, the
+# deploy test runs Debian's nginx and the console tests Debian's chromium. Install and start whatever is missing; if one still cannot
 # be reached the tests that need it fail loudly.
 apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
@@ -31,6 +31,11 @@ wait_port() {
   echo "!! $2 did not come up on port $1" >&2
 }
 command -v nginx >/dev/null || { echo "==> installing nginx"; apt_install nginx-light || apt_install nginx; }
+# The console tests drive a real browser.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "==> installing chromium and chromium-driver"
+  apt_install chromium chromium-driver
+fi
 if ! port_open 5432; then
   echo "==> starting PostgreSQL"
   command -v pg_ctlcluster >/dev/null || apt_install postgresql
