@@ -6,6 +6,7 @@ pub mod api;
 pub mod baseline;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod fleet;
 pub mod hist;
 mod measure;

@@ -41,6 +41,17 @@ enum Command {
     /// steady on each; with --tls both serve TLS (the baseline with Ampora's handshake
     /// settings and a local CA of its own).
     Compare(Common),
+    /// The console's Fleet page with --agents agents in the store: server time per page
+    /// shape (spawns `PATH serve` on a seeded store).
+    Console {
+        #[arg(long)]
+        spawn_server: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        agents: usize,
+        /// Requests per page shape.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
     /// The bare fastwebsockets server used as this machine's limit.
     Baseline {
         #[arg(long, default_value = "127.0.0.1:4330")]
@@ -377,6 +388,28 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Compare(c) => compare(c).await,
+        Command::Console {
+            spawn_server,
+            agents,
+            requests,
+        } => {
+            let opts = loadtest::console::ConsoleOptions {
+                exe: spawn_server,
+                agents,
+                requests,
+            };
+            let shapes = loadtest::console::run(&opts).await?;
+            println!("Fleet page, {agents} agents in the store, {requests} requests per shape (ms, client-side over loopback)");
+            println!("| shape | p50 | p99 | max | page bytes |");
+            println!("|---|---|---|---|---|");
+            for s in shapes {
+                println!(
+                    "| {} | {:.1} | {:.1} | {:.1} | {} |",
+                    s.name, s.latency.p50_ms, s.latency.p99_ms, s.latency.max_ms, s.bytes
+                );
+            }
+            Ok(())
+        }
         Command::Baseline { listen, tls_dir } => {
             // Same listener as `ampora serve`, so the two are compared like for like.
             let listener = gateway::server::listen(listen.parse()?)?;

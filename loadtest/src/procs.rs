@@ -148,7 +148,21 @@ pub fn per_ip_limits_off() -> [&'static str; 4] {
 /// agents will connect over TLS (trusting [`Spawned::ca_file`]); else in plaintext. `sets`
 /// come last, so they win.
 pub async fn spawn_ampora(exe: &Path, sets: &[String], tls: bool) -> anyhow::Result<Spawned> {
-    let dir = tempfile::Builder::new().prefix("ampora-lt-").tempdir()?;
+    spawn_ampora_in(fresh_dir()?, exe, sets, tls).await
+}
+
+/// A fresh directory for one spawned server; its data directory is `<dir>/data`.
+pub fn fresh_dir() -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix("ampora-lt-").tempdir()?)
+}
+
+/// [`spawn_ampora`] in `dir`, whose `data` directory may already hold a store (seeded).
+pub async fn spawn_ampora_in(
+    dir: tempfile::TempDir,
+    exe: &Path,
+    sets: &[String],
+    tls: bool,
+) -> anyhow::Result<Spawned> {
     let data: PathBuf = dir.path().join("data");
     let mut cmd = Command::new(exe);
     cmd.arg("serve").arg("--data-dir").arg(&data).args([

@@ -1,0 +1,154 @@
+//! The console benchmark: the Fleet page's server time with a large fleet in the store.
+//!
+//! Seeds a fresh SQLite store with `agents` synthetic agents (names, labels, health and
+//! config states spread over them), starts `ampora serve` on it, signs in as the admin and
+//! asks each page shape `requests` times in a row over one keep-alive connection: the
+//! unfiltered first page, a page half-way through (keyset), label, text and health filters,
+//! and the rows fragment a live page fetches. Latency is measured at the client over
+//! loopback, so it is the server's time plus one local round trip.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use coordinator::store::SqliteStore;
+use shared::domain::{AgentRecord, Health};
+use shared::ids::InstanceUid;
+use shared::store::Store as _;
+
+use crate::hist::{summarize, Latency};
+use crate::procs;
+
+pub struct ConsoleOptions {
+    pub exe: PathBuf,
+    pub agents: usize,
+    pub requests: usize,
+}
+
+pub struct Shape {
+    pub name: &'static str,
+    pub path: String,
+    pub latency: Latency,
+    pub bytes: usize,
+}
+
+/// Seeds in batches of this many (one transaction each).
+const SEED_BATCH: usize = 5_000;
+
+fn synthetic(i: usize, now: i64) -> AgentRecord {
+    let mut a = AgentRecord::new(InstanceUid::new_v7(), now);
+    let d = &mut a.description;
+    d.identifying
+        .insert("service.name".into(), format!("collector-{i}").into());
+    d.identifying.insert(
+        "service.version".into(),
+        format!("0.{}.0", 90 + i % 10).into(),
+    );
+    d.non_identifying.insert(
+        "env".into(),
+        if i.is_multiple_of(4) {
+            "staging"
+        } else {
+            "prod"
+        }
+        .into(),
+    );
+    d.non_identifying
+        .insert("region".into(), format!("eu-{}", i % 8).into());
+    d.non_identifying
+        .insert("host.name".into(), format!("host-{i:06}").into());
+    a.capabilities = agent::DEFAULT_CAPABILITIES;
+    a.health = Some(Health {
+        healthy: !i.is_multiple_of(50),
+        status: "running".into(),
+        ..Health::default()
+    });
+    a.last_seen_ms = now - (i as i64 % 3_600) * 1_000;
+    a
+}
+
+pub async fn run(opts: &ConsoleOptions) -> anyhow::Result<Vec<Shape>> {
+    let dir = procs::fresh_dir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let now = shared::now_ms();
+    let mut uids = Vec::with_capacity(opts.agents);
+    {
+        let store = SqliteStore::open(&data.join("ampora.db"))
+            .await
+            .context("seeding the store")?;
+        let mut batch = Vec::with_capacity(SEED_BATCH);
+        for i in 0..opts.agents {
+            let a = synthetic(i, now);
+            uids.push(a.instance_uid);
+            batch.push(a);
+            if batch.len() == SEED_BATCH {
+                store.upsert_agents(&batch).await?;
+                batch.clear();
+            }
+        }
+        store.upsert_agents(&batch).await?;
+        store.close().await;
+    }
+    uids.sort();
+    let server = procs::spawn_ampora_in(dir, &opts.exe, &[], false).await?;
+    let base = format!("http://{}", server.addr);
+    let token = server.admin_token.clone().context("admin token")?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let signed = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", token)])
+        .send()
+        .await?;
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("no session cookie")?
+        .to_string();
+    let middle = uids
+        .get(uids.len() / 2)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let shapes: [(&'static str, String); 6] = [
+        ("unfiltered, first page", "/ui/".into()),
+        (
+            "unfiltered, page at the middle",
+            format!("/ui/?after={middle}"),
+        ),
+        (
+            "label env=staging,region=eu-3",
+            "/ui/?label=env%3Dstaging%2Cregion%3Deu-3".into(),
+        ),
+        ("text `collector-4242`", "/ui/?q=collector-4242".into()),
+        (
+            "unhealthy, page at the middle",
+            format!("/ui/?health=unhealthy&after={middle}"),
+        ),
+        ("live rows fragment", "/ui/fleet/rows?".into()),
+    ];
+    let mut out = Vec::new();
+    for (name, path) in shapes {
+        let url = format!("{base}{path}");
+        let mut samples = Vec::with_capacity(opts.requests);
+        let mut bytes = 0;
+        for _ in 0..opts.requests {
+            let started = Instant::now();
+            let resp = http.get(&url).header("cookie", &cookie).send().await?;
+            anyhow::ensure!(resp.status() == 200, "{path}: {}", resp.status());
+            bytes = resp.bytes().await?.len();
+            samples.push(started.elapsed().as_secs_f64() * 1_000.0);
+        }
+        out.push(Shape {
+            name,
+            path,
+            latency: summarize(samples),
+            bytes,
+        });
+    }
+    drop(server);
+    Ok(out)
+}
