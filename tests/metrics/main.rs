@@ -20,6 +20,7 @@ mod api;
 mod auth;
 mod connections;
 mod decoding;
+mod deploy;
 mod frames;
 mod tls;
 
