@@ -22,6 +22,7 @@ mod connections;
 mod decoding;
 mod deploy;
 mod frames;
+mod latency;
 mod tls;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
