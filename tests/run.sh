@@ -18,8 +18,8 @@ fi
 export AMPORA_TEST_PYTHON="$PWD/$venv/bin/python"
 
 # Cluster tests talk to real Postgres, Redis and NATS on their standard local ports, the
-# deploy test runs Debian's nginx and the console tests Debian's chromium. Install and start whatever is missing; if one still cannot
-# be reached the tests that need it fail loudly.
+# deploy test runs Debian's nginx and the console tests Debian's chromium. Install and start
+# whatever is missing; if one still cannot be reached the tests that need it fail loudly.
 apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
@@ -56,6 +56,39 @@ if ! port_open 4222; then
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server
   wait_port 4222 NATS
 fi
+
+# The alert rules and the dashboard's queries are checked with Prometheus's own promtool
+# (Debian package prometheus): the rules' syntax, their unit tests (each alert firing and
+# staying quiet), and every dashboard expression parsed as PromQL. Which metrics they name is
+# checked against a running Ampora by the metrics tests (tests/metrics/deploy.rs).
+command -v promtool >/dev/null || { echo "==> installing promtool"; apt_install prometheus; }
+command -v promtool >/dev/null || { echo "!! promtool is missing (Debian package prometheus)" >&2; exit 1; }
+echo "==> promtool check rules / test rules"
+promtool check rules deploy/prometheus/ampora-alerts.yml
+promtool test rules deploy/prometheus/ampora-alerts.test.yml
+mkdir -p target
+python3 - deploy/grafana/ampora-fleet.json >target/dashboard-queries.rules.yml <<'PY'
+import json, re, sys
+# Each panel query as a recording rule, Grafana's variables replaced by plain values.
+exprs = []
+def walk(v):
+    if isinstance(v, dict):
+        exprs.extend(t["expr"] for t in v.get("targets", []) if "expr" in t)
+        for x in v.values():
+            walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            walk(x)
+walk(json.load(open(sys.argv[1])))
+if not exprs:
+    sys.exit("no queries found in " + sys.argv[1])
+print("groups:\n  - name: dashboard-queries\n    rules:")
+for i, e in enumerate(exprs):
+    e = re.sub(r"\$__\w+", "5m", e)
+    e = re.sub(r"\$\w+", "x", e)
+    print(f"      - record: dashboard:query{i}\n        expr: {json.dumps(e)}")
+PY
+promtool check rules target/dashboard-queries.rules.yml
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -22,7 +22,6 @@ use shared::bus::Bus;
 use shared::ids::GatewayId;
 use shared::ownership::redis::RedisOwnership;
 use shared::ownership::Ownership;
-use shared::store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -34,6 +33,7 @@ use crate::node_config::{
 };
 use crate::serve::{self, metrics_handle, VERSION};
 use crate::service::{Coordinator, CoordinatorConfig};
+use crate::store::timed::TimedStore;
 use crate::store::PgStore;
 
 /// This node's id: the configured one, else the host name with a random suffix (two
@@ -230,14 +230,14 @@ pub async fn start_coordinator(
     let metrics = metrics_handle();
     let addr = listener.local_addr()?;
     let node = node_id(config, "coordinator");
-    let store: Arc<dyn Store> = Arc::new(
+    let store = TimedStore::wrap(Arc::new(
         PgStore::connect(
             &config.cluster.postgres_url,
             u32::try_from(config.cluster.postgres_max_connections).unwrap_or(16),
         )
         .await
         .context("connecting to Postgres")?,
-    );
+    ));
     let bus = connect_bus(config, &node).await?;
     let ownership = connect_ownership(config).await?;
     let coordinator = Coordinator::start(

@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use gateway::tls::{AgentCa, AgentListener, AgentTrust, LocalCa, ServerTls};
 use gateway::Gateway;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use shared::bus::{Bus, InProcessBus};
 use shared::domain::{ApiTokenRecord, Role};
 use shared::ids::{GatewayId, InstanceUid};
@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::service::{Coordinator, CoordinatorConfig};
+use crate::store::timed::TimedStore;
 use crate::store::SqliteStore;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -39,7 +40,7 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = with_latency_buckets(PrometheusBuilder::new()).build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first, in which case ours just
             // renders nothing; there is no other recorder in Ampora.
@@ -51,6 +52,31 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Latency buckets in seconds: from half a millisecond (an in-process bus hop, a small SQLite
+/// read) past 10 s (the gateway's default bus request timeout) to 30 s (a long audit export).
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every latency histogram of Ampora, rendered as a Prometheus histogram (`_bucket` series, so
+/// quantiles can be aggregated across nodes) instead of the exporter's default summary.
+pub const LATENCY_HISTOGRAMS: [&str; 4] = [
+    crate::store::timed::QUERY_DURATION,
+    gateway::server::BUS_REQUEST_DURATION,
+    crate::api::REQUEST_DURATION,
+    gateway::server::OPAMP_MESSAGE_DURATION,
+];
+
+fn with_latency_buckets(mut builder: PrometheusBuilder) -> PrometheusBuilder {
+    for name in LATENCY_HISTOGRAMS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), &LATENCY_BUCKETS)
+            // Only an empty bucket list is refused.
+            .expect("latency buckets are not empty");
+    }
+    builder
 }
 
 fn describe_metrics() {
@@ -71,6 +97,20 @@ fn describe_metrics() {
         "ampora_coordinator_token_cache_misses_total",
         "Bootstrap tokens not in the coordinator's cache, looked up in the store"
     );
+    metrics::describe_counter!(
+        "ampora_auth_failures_total",
+        "Agent authentications refused, by reason (the audited reason code)"
+    );
+    metrics::describe_gauge!(
+        "ampora_coordinator_partitions",
+        "Agent partitions this coordinator holds a lease on"
+    );
+    metrics::describe_gauge!(
+        "ampora_cluster_partitions",
+        "Agent partitions in all: each needs one coordinator holding it"
+    );
+    metrics::gauge!("ampora_cluster_partitions").set(f64::from(shared::ids::PARTITIONS));
+    crate::store::timed::describe_metrics();
     metrics::describe_counter!(
         "ampora_store_agent_writes_total",
         "Agent records written to the store in batches"
@@ -149,11 +189,11 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     if let Some(trust) = &trust {
         tls.server = tls.server.clone().with_agent_trust(trust)?;
     }
-    let store: Arc<dyn Store> = Arc::new(
+    let store = TimedStore::wrap(Arc::new(
         SqliteStore::open(&data_dir.join("ampora.db"))
             .await
             .context("opening the embedded database")?,
-    );
+    ));
     for file in ["ampora.db", "ampora.db-wal", "ampora.db-shm"] {
         let path = data_dir.join(file);
         if path.exists() {

@@ -17,6 +17,7 @@
 
 mod admission;
 mod decode;
+mod latency;
 mod limits;
 mod plain;
 pub mod proxy;
@@ -26,6 +27,7 @@ mod ws;
 pub use crate::net::IpNet;
 pub use admission::{AdmissionConfig, WARMUP_FLOOR};
 pub use decode::{DecodeBudget, FrameLimits, DEFAULT_DECODE_BUDGET_BYTES};
+pub use latency::{BUS_REQUEST_DURATION, OPAMP_MESSAGE_DURATION};
 pub use proxy::{ProxySecret, PROXY_SECRET_HEADER};
 
 #[cfg(test)]
@@ -143,6 +145,7 @@ pub fn describe_metrics() {
     metrics::counter!(UNTRUSTED_CERT_HEADER).increment(0);
     crate::serve::describe_metrics();
     proxy::describe_metrics();
+    latency::describe_metrics();
 }
 
 fn count_rejected(reason: &'static str) {
@@ -585,7 +588,7 @@ async fn refresh_ownership(inner: Arc<Inner>) {
 async fn load_revoked(bus: &Arc<dyn Bus>, trust: &AgentTrust, within: Duration) {
     let reply = tokio::time::timeout(
         within,
-        bus.request(Route::Any, CoordinatorRequest::RevokedSerials),
+        latency::bus_request(&**bus, Route::Any, CoordinatorRequest::RevokedSerials),
     )
     .await;
     match reply {
@@ -610,7 +613,7 @@ async fn track_revocations(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                match bus.request(Route::Any, CoordinatorRequest::RevokedSerials).await {
+                match latency::bus_request(&*bus, Route::Any, CoordinatorRequest::RevokedSerials).await {
                     Ok(CoordinatorReply::RevokedSerials(serials)) => {
                         trust.revoked.replace(serials.into_iter().collect());
                     }
@@ -626,7 +629,7 @@ async fn track_revocations(
                     loop {
                         tick.tick().await;
                         if let Ok(CoordinatorReply::RevokedSerials(s)) =
-                            bus.request(Route::Any, CoordinatorRequest::RevokedSerials).await
+                            latency::bus_request(&*bus, Route::Any, CoordinatorRequest::RevokedSerials).await
                         {
                             trust.revoked.replace(s.into_iter().collect());
                         }
@@ -946,7 +949,7 @@ async fn authenticate(
     });
     let reply = tokio::time::timeout(
         inner.cfg.request_timeout,
-        inner.bus.request(Route::Any, req),
+        latency::bus_request(&*inner.bus, Route::Any, req),
     )
     .await;
     match reply {

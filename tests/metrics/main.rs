@@ -20,7 +20,9 @@ mod api;
 mod auth;
 mod connections;
 mod decoding;
+mod deploy;
 mod frames;
+mod latency;
 mod tls;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -23,6 +23,7 @@ pub(crate) mod configs;
 mod error;
 pub(crate) mod guard;
 pub(crate) mod identities;
+mod latency;
 pub(crate) mod tokens;
 
 use std::collections::BTreeMap;
@@ -35,8 +36,8 @@ use shared::ids::InstanceUid;
 use utoipa::OpenApi;
 
 pub use error::{ApiError, ErrorBody};
-pub use guard::describe_metrics;
 use guard::{ApiState, Guard};
+pub use latency::REQUEST_DURATION;
 
 use crate::config::Config;
 use crate::service::Coordinator;
@@ -96,6 +97,12 @@ impl utoipa::Modify for Untagged {
             }
         }
     }
+}
+
+/// Describes the API's metrics (and creates its bounded series at zero).
+pub fn describe_metrics() {
+    guard::describe_metrics();
+    latency::describe_metrics();
 }
 
 /// The OpenAPI document as JSON text.
@@ -163,6 +170,8 @@ pub fn router(
             state.clone(),
             guard::limit_concurrency,
         ))
+        // Outermost, so the time includes the guard's refusals and queueing.
+        .layer(axum::middleware::from_fn(latency::track))
         .with_state(state)
 }
 

@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
+pub mod timed;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -23,6 +24,7 @@ use shared::domain::Transport;
 use shared::ids::InstanceUid;
 
 use super::decode::{self, DecodeError, Framing};
+use super::latency;
 use super::{
     accepts_gzip, auth_close_reason, authenticate, count_received, count_rejected, count_sent,
     partition_of, service_unavailable, text, unauthorized, Inner,
@@ -138,6 +140,7 @@ pub(super) async fn serve(
         }
     };
     count_received(Transport::Http);
+    let received = Instant::now();
     let limits = inner.cfg.frame_limits;
     // The permit is this message's share of the decode budget, held until it is answered.
     let (msg, _permit) =
@@ -176,9 +179,11 @@ pub(super) async fn serve(
     };
     let reply = tokio::time::timeout(
         inner.cfg.request_timeout,
-        inner
-            .bus
-            .request(route, CoordinatorRequest::Frame(Box::new(frame))),
+        latency::bus_request(
+            &*inner.bus,
+            route,
+            CoordinatorRequest::Frame(Box::new(frame)),
+        ),
     )
     .await;
     let reply: FrameReply = match reply {
@@ -221,12 +226,14 @@ pub(super) async fn serve(
         match gzip(&encoded) {
             Ok(zipped) => {
                 headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                latency::observe_message(Transport::Http, received);
                 return (StatusCode::OK, headers, zipped).into_response();
             }
             // Writing into a Vec can't fail; if it ever did, plain is still a valid answer.
             Err(e) => tracing::warn!(error = %e, "gzip of response failed, sending it plain"),
         }
     }
+    latency::observe_message(Transport::Http, received);
     (StatusCode::OK, headers, encoded).into_response()
 }
 

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::decode::{self, DecodeError, Framing};
+use super::latency;
 use super::limits::{CredentialKey, CredentialSlot};
 use super::{
     admission_refused, auth_close_reason, authenticate, bad_request_msg, count_received,
@@ -357,6 +358,7 @@ impl Session {
     /// One complete inbound message: decode, ask the coordinator, answer exactly once.
     async fn handle_message(&mut self, data: Vec<u8>, wr: &mut Writer) -> Result<(), Exit> {
         count_received(Transport::WebSocket);
+        let received = Instant::now();
         if data.len() > self.inner.cfg.max_frame_bytes {
             return Err(too_big());
         }
@@ -369,7 +371,7 @@ impl Session {
                 Err(DecodeError::Busy) => {
                     count_rejected("memory_budget");
                     let busy = unavailable_msg(Vec::new(), "server busy, retry later");
-                    return send(wr, &busy).await;
+                    return answer(wr, &busy, received).await;
                 }
                 Err(e) => {
                     count_rejected(e.reason());
@@ -379,7 +381,7 @@ impl Session {
                         DecodeError::TooMany { instance_uid, .. } => instance_uid.clone(),
                         _ => Vec::new(),
                     };
-                    return send(wr, &bad_request_msg(uid, e.to_string())).await;
+                    return answer(wr, &bad_request_msg(uid, e.to_string()), received).await;
                 }
             };
         self.awaiting_first = false;
@@ -401,9 +403,11 @@ impl Session {
         let route = Route::Partition(uid.map_or(0, |u| u.partition()));
         let reply = tokio::time::timeout(
             self.inner.cfg.request_timeout,
-            self.inner
-                .bus
-                .request(route, CoordinatorRequest::Frame(Box::new(frame))),
+            latency::bus_request(
+                &*self.inner.bus,
+                route,
+                CoordinatorRequest::Frame(Box::new(frame)),
+            ),
         )
         .await;
         let reply = match reply {
@@ -417,7 +421,7 @@ impl Session {
                     _ => tracing::warn!("frame request timed out"),
                 }
                 let busy = unavailable_msg(instance_uid, "server unavailable, retry later");
-                return send(wr, &busy).await;
+                return answer(wr, &busy, received).await;
             }
         };
 
@@ -425,7 +429,7 @@ impl Session {
         if let Some(bind) = bind {
             self.bind(bind).await;
         }
-        send(wr, &reply.msg).await?;
+        answer(wr, &reply.msg, received).await?;
         if let Some(reason) = reply.close {
             if let Some(why) = auth_close_reason(&reason) {
                 count_rejected("auth_failed");
@@ -584,6 +588,13 @@ async fn await_peer_close(rd: &mut Reader) {
 async fn send(wr: &mut Writer, msg: &ServerToAgent) -> Result<(), Exit> {
     write(wr, Frame::binary(codec::encode_ws(msg).into())).await?;
     count_sent(Transport::WebSocket);
+    Ok(())
+}
+
+/// Sends the reply to a message read at `received`, and records that round trip.
+async fn answer(wr: &mut Writer, msg: &ServerToAgent, received: Instant) -> Result<(), Exit> {
+    send(wr, msg).await?;
+    latency::observe_message(Transport::WebSocket, received);
     Ok(())
 }
 

@@ -2,7 +2,6 @@
 //! subscriptions and the shared state. Sits on top of every other part of the NATS bus.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,7 +10,7 @@ use tokio::sync::mpsc;
 use super::connection::NatsBus;
 use super::state::{lock, unavailable};
 use super::subscription::{spawn_subscription, Flow, Serving};
-use super::telemetry::{count_dropped, count_received, count_sent, REQUESTS, REQUEST_DURATION};
+use super::telemetry::{count_dropped, count_received, count_sent, REQUESTS};
 use crate::bus::wire;
 use crate::bus::{
     Bus, BusError, ControlEvent, CoordinatorEvent, CoordinatorHandler, CoordinatorReply,
@@ -26,7 +25,6 @@ impl Bus for NatsBus {
         route: Route,
         req: CoordinatorRequest,
     ) -> Result<CoordinatorReply, BusError> {
-        let started = Instant::now();
         let inner = &self.inner;
         let body = wire::encode_request(req);
         let res = inner
@@ -54,7 +52,6 @@ impl Bus for NatsBus {
             count_sent("request");
         }
         metrics::counter!(REQUESTS, "outcome" => outcome).increment(1);
-        metrics::histogram!(REQUEST_DURATION).record(started.elapsed().as_secs_f64());
         res
     }
 

@@ -8,7 +8,6 @@ pub(super) const SENT: &str = "ampora_bus_messages_sent_total";
 pub(super) const RECEIVED: &str = "ampora_bus_messages_received_total";
 pub(super) const DROPPED: &str = "ampora_bus_messages_dropped_total";
 pub(super) const REQUESTS: &str = "ampora_bus_requests_total";
-pub(super) const REQUEST_DURATION: &str = "ampora_bus_request_duration_seconds";
 pub(super) const CHUNKED: &str = "ampora_bus_chunked_messages_total";
 pub(super) const BUFFERED: &str = "ampora_bus_buffered_bytes";
 
@@ -43,11 +42,6 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         REQUESTS,
         "Bus requests sent, by outcome (ok, no_responder, timeout, too_large, error)"
-    );
-    metrics::describe_histogram!(
-        REQUEST_DURATION,
-        metrics::Unit::Seconds,
-        "Time from sending a bus request to its reply (or failure)"
     );
     metrics::describe_counter!(
         CHUNKED,
