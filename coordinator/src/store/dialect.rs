@@ -1,0 +1,91 @@
+//! What differs between the SQL backends, in one trait: [`Dialect`]. Everything else (every
+//! other query, the transaction path, error classification) is written once, for any
+//! dialect, in `store::sql_store`; `store::sqlite` and `store::postgres` implement this trait
+//! and hold nothing else but how to open their database.
+//!
+//! The differences come from what each engine offers concurrent writers and bulk statements:
+//!
+//! | | SQLite | Postgres |
+//! | --- | --- | --- |
+//! | write transactions | one at a time: `BEGIN IMMEDIATE`, queued on an in-process gate | concurrent, READ COMMITTED; row locks taken in one fixed order |
+//! | many rows in one statement | multi-row `VALUES` and `IN (…)` lists, in chunks under the bind limit | whole columns bound as arrays: `UNNEST($1::bytea[], …)`, `= ANY($1)` |
+//! | token redemption | conditional `UPDATE` per token (the write lock makes it single-winner) | `SELECT … FOR UPDATE` of the batch's tokens in id order, then one `UPDATE` |
+//! | lease take-over | renew, then `INSERT … ON CONFLICT DO UPDATE … WHERE` expired, per chunk | one statement over the wanted and held partitions, in partition order |
+//! | JSON columns | TEXT | `json`: a bound text needs `::json` |
+//!
+//! Every query text uses `$N` placeholders, which sqlx's SQLite driver binds by number too.
+
+use std::future::Future;
+
+use shared::domain::{AuditEntry, Redemption};
+use shared::ids::InstanceUid;
+use sqlx::{Database, Pool, Transaction};
+
+use super::sql::{AgentRow, RecordRow};
+
+/// A write transaction of dialect `D`.
+pub type Tx<D> = Transaction<'static, <D as Dialect>::Db>;
+
+/// One SQL backend's side of the store. Implemented by [`super::SqliteDialect`] and
+/// [`super::PgDialect`]; the methods run inside the write transaction they are given (or, for
+/// reads, on the pool) and report raw sqlx errors, which the caller classifies.
+pub trait Dialect: Sized + Send + Sync + 'static {
+    type Db: Database;
+
+    /// The statement that opens a write transaction.
+    const BEGIN: &'static str;
+    /// Whether this process's writers queue on an async gate before [`Dialect::BEGIN`], so
+    /// they wait in FIFO order instead of in the engine's busy handler.
+    const WRITE_GATE: bool;
+    /// What follows a placeholder that binds JSON text to a JSON column.
+    const JSON: &'static str;
+    /// Deletes the `coordinators` rows that expired before `$1`.
+    const PRUNE_COORDINATORS: &'static str;
+
+    /// How many rows a statement changed.
+    fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
+
+    /// Inserts or replaces `rows` (one per uid, in uid order).
+    fn upsert_agents(
+        tx: &mut Tx<Self>,
+        rows: Vec<AgentRow>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The records of the agents in `partitions` (deduplicated, ascending).
+    fn agents_in(
+        pool: &Pool<Self::Db>,
+        partitions: Vec<u16>,
+    ) -> impl Future<Output = Result<Vec<RecordRow>, sqlx::Error>> + Send;
+
+    /// Extends `node`'s live leases to `expires_ms` and takes each partition of `want`
+    /// (deduplicated, ascending) that is free at `now_ms`, bumping the fence of every lease
+    /// that changes hands.
+    fn take_leases(
+        tx: &mut Tx<Self>,
+        node: &str,
+        want: &[u16],
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Expires `node`'s leases on `partitions` (deduplicated, ascending), keeping the rows.
+    fn release_leases(
+        tx: &mut Tx<Self>,
+        node: &str,
+        partitions: &[u16],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Decides each `(token id, uid)` request in order, as if they ran one by one, and binds
+    /// the winners. One outcome per request.
+    fn redeem(
+        tx: &mut Tx<Self>,
+        reqs: &[(String, InstanceUid)],
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<Redemption>, sqlx::Error>> + Send;
+
+    /// Appends `entries` (each with its detail already encoded), ids growing in that order.
+    fn insert_audits(
+        tx: &mut Tx<Self>,
+        entries: &[(&AuditEntry, &str)],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
