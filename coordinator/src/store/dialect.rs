@@ -26,6 +26,12 @@ use super::sql::{AgentRow, RecordRow};
 /// A write transaction of dialect `D`.
 pub type Tx<D> = Transaction<'static, <D as Dialect>::Db>;
 
+/// What a dialect's statements return: raw sqlx errors, classified by the caller.
+pub type SqlResult<T> = Result<T, sqlx::Error>;
+
+/// One redemption: bind the token with this id to this agent.
+pub type Claim = (String, InstanceUid);
+
 /// One SQL backend's side of the store. Implemented by [`super::SqliteDialect`] and
 /// [`super::PgDialect`]; the methods run inside the write transaction they are given (or, for
 /// reads, on the pool) and report raw sqlx errors, which the caller classifies.
@@ -49,13 +55,13 @@ pub trait Dialect: Sized + Send + Sync + 'static {
     fn upsert_agents(
         tx: &mut Tx<Self>,
         rows: Vec<AgentRow>,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = SqlResult<()>> + Send;
 
     /// The records of the agents in `partitions` (deduplicated, ascending).
     fn agents_in(
         pool: &Pool<Self::Db>,
         partitions: Vec<u16>,
-    ) -> impl Future<Output = Result<Vec<RecordRow>, sqlx::Error>> + Send;
+    ) -> impl Future<Output = SqlResult<Vec<RecordRow>>> + Send;
 
     /// Extends `node`'s live leases to `expires_ms` and takes each partition of `want`
     /// (deduplicated, ascending) that is free at `now_ms`, bumping the fence of every lease
@@ -66,26 +72,26 @@ pub trait Dialect: Sized + Send + Sync + 'static {
         want: &[u16],
         now_ms: i64,
         expires_ms: i64,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = SqlResult<()>> + Send;
 
     /// Expires `node`'s leases on `partitions` (deduplicated, ascending), keeping the rows.
     fn release_leases(
         tx: &mut Tx<Self>,
         node: &str,
         partitions: &[u16],
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = SqlResult<()>> + Send;
 
-    /// Decides each `(token id, uid)` request in order, as if they ran one by one, and binds
-    /// the winners. One outcome per request.
+    /// Decides each claim in order, as if they ran one by one, and binds the winners. One
+    /// outcome per claim.
     fn redeem(
         tx: &mut Tx<Self>,
-        reqs: &[(String, InstanceUid)],
+        reqs: &[Claim],
         now_ms: i64,
-    ) -> impl Future<Output = Result<Vec<Redemption>, sqlx::Error>> + Send;
+    ) -> impl Future<Output = SqlResult<Vec<Redemption>>> + Send;
 
     /// Appends `entries` (each with its detail already encoded), ids growing in that order.
     fn insert_audits(
         tx: &mut Tx<Self>,
         entries: &[(&AuditEntry, &str)],
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = SqlResult<()>> + Send;
 }

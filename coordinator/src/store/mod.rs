@@ -21,6 +21,8 @@ pub mod postgres;
 mod sql;
 mod sql_store;
 pub mod sqlite;
+#[cfg(test)]
+mod testing;
 
 pub use postgres::{PgDialect, PgStore};
 pub use sql_store::SqlStore;

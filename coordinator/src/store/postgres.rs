@@ -28,12 +28,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use shared::domain::{AuditEntry, Redemption};
-use shared::ids::InstanceUid;
 use shared::store::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult};
 use sqlx::{Connection, Postgres};
 
-use super::dialect::{Dialect, Tx};
+use super::dialect::{Claim, Dialect, SqlResult, Tx};
 use super::sql::{redemption, AgentRow, RecordRow, TokenState, AGENT_RECORD, RELEASED_EXPIRES_MS};
 use super::sql_store::SqlStore;
 
@@ -85,15 +84,9 @@ impl PgStore {
     pub async fn create_test_database(admin_url: &str) -> Result<String, StoreError> {
         let name = format!("{TEST_DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
         let url = url_with_database(admin_url, &name)?;
-        let mut conn = PgConnection::connect(admin_url).await.map_err(|e| {
-            StoreError::NotApplied(format!("connecting to the postgres server for tests: {e}"))
-        })?;
         // A database name cannot be a bound parameter; this one is our prefix and hex digits.
-        let created = sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await;
-        close_quietly(conn).await;
-        created.map_err(|e| StoreError::NotApplied(format!("creating test database: {e}")))?;
+        let create = format!("CREATE DATABASE {name}");
+        admin_execute(admin_url, &create, "creating test database").await?;
         Ok(url)
     }
 
@@ -111,23 +104,24 @@ impl PgStore {
                 "refusing to drop {name:?}: not a test database"
             )));
         }
-        let mut conn = PgConnection::connect(admin_url).await.map_err(|e| {
-            StoreError::NotApplied(format!("connecting to the postgres server for tests: {e}"))
-        })?;
         // Checked above to be our prefix and hex digits, so safe to splice in.
-        let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await;
-        close_quietly(conn).await;
-        dropped.map_err(|e| StoreError::NotApplied(format!("dropping test database: {e}")))?;
-        Ok(())
+        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        admin_execute(admin_url, &drop, "dropping test database").await
     }
 }
 
-async fn close_quietly(conn: PgConnection) {
+/// Runs `sql` on a connection of its own to the server `admin_url` points at (for the test
+/// databases: `CREATE DATABASE` and `DROP DATABASE` cannot run in a transaction or a pool).
+async fn admin_execute(admin_url: &str, sql: &str, what: &str) -> Result<(), StoreError> {
+    let mut conn = PgConnection::connect(admin_url).await.map_err(|e| {
+        StoreError::NotApplied(format!("connecting to the postgres server for tests: {e}"))
+    })?;
+    let done = sqlx::query(sql).execute(&mut conn).await;
     if let Err(e) = conn.close().await {
         tracing::debug!(%e, "closing an admin connection failed");
     }
+    done.map(|_| ())
+        .map_err(|e| StoreError::NotApplied(format!("{what}: {e}")))
 }
 
 /// The server tests use: [`TEST_URL_ENV`] if set, else [`DEFAULT_TEST_URL`].
@@ -275,7 +269,7 @@ impl Dialect for PgDialect {
 
     /// The rows come deduplicated (Postgres refuses to touch one row twice in a statement)
     /// and sorted by uid (one lock order for every writer).
-    async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> Result<(), sqlx::Error> {
+    async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> SqlResult<()> {
         for c in &AgentColumns::chunks(rows) {
             sqlx::query(
                 "INSERT INTO agents (instance_uid, partition, record, connected, last_seen_ms) \
@@ -297,7 +291,7 @@ impl Dialect for PgDialect {
         Ok(())
     }
 
-    async fn agents_in(pool: &PgPool, partitions: Vec<u16>) -> Result<Vec<RecordRow>, sqlx::Error> {
+    async fn agents_in(pool: &PgPool, partitions: Vec<u16>) -> SqlResult<Vec<RecordRow>> {
         let sql = format!("SELECT {AGENT_RECORD} FROM agents WHERE partition = ANY($1::int4[])");
         sqlx::query_as(&sql)
             .bind(partitions_param(&partitions))
@@ -311,7 +305,7 @@ impl Dialect for PgDialect {
         want: &[u16],
         now_ms: i64,
         expires_ms: i64,
-    ) -> Result<(), sqlx::Error> {
+    ) -> SqlResult<()> {
         // Renewal and take-over in one statement over `want` plus our live leases, in
         // partition order: every row lock this transaction takes, it takes here and in
         // ascending order, so racing coordinators cannot deadlock. Postgres locks each
@@ -342,11 +336,7 @@ impl Dialect for PgDialect {
         Ok(())
     }
 
-    async fn release_leases(
-        tx: &mut Tx<Self>,
-        node: &str,
-        partitions: &[u16],
-    ) -> Result<(), sqlx::Error> {
+    async fn release_leases(tx: &mut Tx<Self>, node: &str, partitions: &[u16]) -> SqlResult<()> {
         // Locked in partition order first, like `take_leases`, so the two cannot deadlock.
         sqlx::query(
             "UPDATE partition_leases SET expires_ms = $3 \
@@ -365,11 +355,7 @@ impl Dialect for PgDialect {
 
     /// Locks the tokens `reqs` name (in id order), decides every request in order as if they
     /// ran one by one, and binds the winners in one statement.
-    async fn redeem(
-        tx: &mut Tx<Self>,
-        reqs: &[(String, InstanceUid)],
-        now_ms: i64,
-    ) -> Result<Vec<Redemption>, sqlx::Error> {
+    async fn redeem(tx: &mut Tx<Self>, reqs: &[Claim], now_ms: i64) -> SqlResult<Vec<Redemption>> {
         let mut ids: Vec<&str> = reqs.iter().map(|(id, _)| id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -422,10 +408,7 @@ impl Dialect for PgDialect {
     }
 
     /// In one statement, whatever the batch size.
-    async fn insert_audits(
-        tx: &mut Tx<Self>,
-        entries: &[(&AuditEntry, &str)],
-    ) -> Result<(), sqlx::Error> {
+    async fn insert_audits(tx: &mut Tx<Self>, entries: &[(&AuditEntry, &str)]) -> SqlResult<()> {
         let at_ms: Vec<i64> = entries.iter().map(|(e, _)| e.at_ms).collect();
         let actors: Vec<&str> = entries.iter().map(|(e, _)| e.actor.as_str()).collect();
         let actions: Vec<&str> = entries.iter().map(|(e, _)| e.action.as_str()).collect();
@@ -463,13 +446,13 @@ impl Dialect for PgDialect {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Instant;
 
     use shared::domain::AgentRecord;
+    use shared::ids::InstanceUid;
     use shared::store::Store;
 
     use super::*;
-    use crate::store::conformance;
+    use crate::store::{conformance, testing};
 
     /// A fresh database, or a failure that says what is missing: these tests never skip.
     async fn test_database() -> TestDatabase {
@@ -516,24 +499,7 @@ mod tests {
     async fn audit_is_append_only() {
         let db = test_database().await;
         let store = connect(&db).await;
-        let entry = conformance::audit_probe(&store).await;
-        for sql in [
-            "UPDATE audit SET actor = 'mallory' WHERE id = $1",
-            "UPDATE audit SET detail = '{}'::json WHERE id = $1",
-            "DELETE FROM audit WHERE id = $1",
-        ] {
-            let err = sqlx::query(sql)
-                .bind(entry.id)
-                .execute(&store.pool)
-                .await
-                .expect_err(sql);
-            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
-        }
-        for sql in ["DELETE FROM audit", "TRUNCATE audit"] {
-            let err = sqlx::query(sql).execute(&store.pool).await.expect_err(sql);
-            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
-        }
-        conformance::assert_audit_intact(&store, &entry).await;
+        testing::assert_audit_append_only(&store, &["DELETE FROM audit", "TRUNCATE audit"]).await;
         store.close().await;
         db.remove().await.expect("drop test database");
     }
@@ -574,20 +540,7 @@ mod tests {
                 a
             })
             .collect();
-        let started = Instant::now();
-        store.upsert_agents(&agents).await.expect("upsert");
-        let inserted = started.elapsed();
-        let started = Instant::now();
-        store.upsert_agents(&agents).await.expect("upsert again");
-        let updated = started.elapsed();
-        let started = Instant::now();
-        let loaded = store.load_agents().await.expect("load");
-        let load = started.elapsed();
-        eprintln!(
-            "postgres: upsert 10k new {inserted:?}, upsert 10k existing {updated:?}, \
-             load {load:?}"
-        );
-        assert_eq!(loaded.len(), agents.len());
+        testing::upsert_10k(&store, "postgres", &agents).await;
         store.close().await;
         db.remove().await.expect("drop test database");
     }

@@ -52,18 +52,17 @@ pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::NotApplied(format!("{what}: corrupt row: {e}"))
 }
 
-/// A row type that converts into its domain type (or reports itself corrupt).
-pub(super) trait IntoDomain {
-    type Domain;
-    fn into_domain(self) -> StoreResult<Self::Domain>;
+/// A row type that converts into its domain type `T` (or reports itself corrupt).
+pub(super) trait IntoDomain<T> {
+    fn into_domain(self) -> StoreResult<T>;
 }
 
 /// The rows of a read, converted; a failed read is `NotApplied` (nothing to apply, safe to
 /// retry).
-pub(super) fn all<R: IntoDomain>(
+pub(super) fn all<R: IntoDomain<T>, T>(
     what: &str,
     rows: Result<Vec<R>, sqlx::Error>,
-) -> StoreResult<Vec<R::Domain>> {
+) -> StoreResult<Vec<T>> {
     rows.map_err(|e| before_commit(what, e))?
         .into_iter()
         .map(R::into_domain)
@@ -71,10 +70,10 @@ pub(super) fn all<R: IntoDomain>(
 }
 
 /// [`all`] for a read of at most one row.
-pub(super) fn one<R: IntoDomain>(
+pub(super) fn one<R: IntoDomain<T>, T>(
     what: &str,
     row: Result<Option<R>, sqlx::Error>,
-) -> StoreResult<Option<R::Domain>> {
+) -> StoreResult<Option<T>> {
     row.map_err(|e| before_commit(what, e))?
         .map(R::into_domain)
         .transpose()
@@ -120,8 +119,7 @@ pub struct RecordRow {
 /// The column a [`RecordRow`] reads.
 pub(super) const AGENT_RECORD: &str = "CAST(record AS TEXT) AS record";
 
-impl IntoDomain for RecordRow {
-    type Domain = AgentRecord;
+impl IntoDomain<AgentRecord> for RecordRow {
     fn into_domain(self) -> StoreResult<AgentRecord> {
         serde_json::from_str(&self.record).map_err(|e| corrupt("agent record", e))
     }
@@ -174,6 +172,34 @@ pub(super) fn latest_per_uid(agents: &[AgentRecord]) -> Vec<&AgentRecord> {
     latest.into_values().collect()
 }
 
+// The columns each row type reads, JSON columns cast to text (see the module docs).
+
+/// The `config_versions` columns a [`ConfigRow`] reads.
+pub(super) const CONFIG_COLUMNS: &str =
+    "id, name, CAST(files AS TEXT) AS files, hash, author, created_ms";
+
+/// The `assignments` columns an [`AssignmentRow`] reads.
+pub(super) const ASSIGNMENT_COLUMNS: &str =
+    "id, config_id, CAST(target AS TEXT) AS target, author, created_ms";
+
+/// The `identities` columns an [`IdentityRow`] reads.
+pub(super) const IDENTITY_COLUMNS: &str =
+    "serial, instance_uid, created_ms, not_after_ms, confirmed_ms, revoked_ms, fingerprint, \
+     cert_pem";
+
+/// The `tokens` columns a [`TokenRow`] reads.
+pub(super) const TOKEN_COLUMNS: &str =
+    "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid, \
+     CAST(scope AS TEXT) AS scope";
+
+/// The `audit` columns an [`AuditRow`] reads.
+pub(super) const AUDIT_COLUMNS: &str =
+    "id, at_ms, actor, action, instance_uid, source_ip, reason, CAST(detail AS TEXT) AS detail";
+
+/// The `partition_leases` columns a [`LeaseRow`] reads.
+pub(super) const LEASE_COLUMNS: &str =
+    "CAST(partition AS BIGINT) AS partition, holder, fence, expires_ms";
+
 /// A token's redemption-relevant state as a transaction sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(super) struct TokenState {
@@ -211,12 +237,7 @@ pub(super) struct ConfigRow {
     created_ms: i64,
 }
 
-/// The `config_versions` columns a [`ConfigRow`] reads.
-pub(super) const CONFIG_COLUMNS: &str =
-    "id, name, CAST(files AS TEXT) AS files, hash, author, created_ms";
-
-impl IntoDomain for ConfigRow {
-    type Domain = ConfigVersion;
+impl IntoDomain<ConfigVersion> for ConfigRow {
     fn into_domain(self) -> StoreResult<ConfigVersion> {
         let files: ConfigMap =
             serde_json::from_str(&self.files).map_err(|e| corrupt("config version", e))?;
@@ -240,12 +261,7 @@ pub(super) struct AssignmentRow {
     created_ms: i64,
 }
 
-/// The `assignments` columns an [`AssignmentRow`] reads.
-pub(super) const ASSIGNMENT_COLUMNS: &str =
-    "id, config_id, CAST(target AS TEXT) AS target, author, created_ms";
-
-impl IntoDomain for AssignmentRow {
-    type Domain = Assignment;
+impl IntoDomain<Assignment> for AssignmentRow {
     fn into_domain(self) -> StoreResult<Assignment> {
         let target: Target =
             serde_json::from_str(&self.target).map_err(|e| corrupt("assignment", e))?;
@@ -273,8 +289,7 @@ pub(super) struct TokenRow {
     scope: Option<String>,
 }
 
-impl IntoDomain for TokenRow {
-    type Domain = TokenRecord;
+impl IntoDomain<TokenRecord> for TokenRow {
     fn into_domain(self) -> StoreResult<TokenRecord> {
         Ok(TokenRecord {
             scope: self
@@ -313,13 +328,7 @@ pub(super) struct IdentityRow {
     cert_pem: String,
 }
 
-/// The `identities` columns an [`IdentityRow`] reads.
-pub(super) const IDENTITY_COLUMNS: &str =
-    "serial, instance_uid, created_ms, not_after_ms, confirmed_ms, revoked_ms, fingerprint, \
-     cert_pem";
-
-impl IntoDomain for IdentityRow {
-    type Domain = IdentityRecord;
+impl IntoDomain<IdentityRecord> for IdentityRow {
     fn into_domain(self) -> StoreResult<IdentityRecord> {
         Ok(IdentityRecord {
             instance_uid: uid_from(&self.instance_uid).map_err(|e| corrupt("identity", e))?,
@@ -333,11 +342,6 @@ impl IntoDomain for IdentityRow {
         })
     }
 }
-
-/// The `tokens` columns a [`TokenRow`] reads.
-pub(super) const TOKEN_COLUMNS: &str =
-    "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid, \
-     CAST(scope AS TEXT) AS scope";
 
 /// A token's scope as stored: JSON text, or NULL for none.
 pub(super) fn scope_json(token: &TokenRecord) -> StoreResult<Option<String>> {
@@ -357,8 +361,7 @@ pub(super) struct ApiTokenRow {
     created_ms: i64,
 }
 
-impl IntoDomain for ApiTokenRow {
-    type Domain = ApiTokenRecord;
+impl IntoDomain<ApiTokenRecord> for ApiTokenRow {
     fn into_domain(self) -> StoreResult<ApiTokenRecord> {
         Ok(ApiTokenRecord {
             role: role_from(&self.role).map_err(|e| corrupt("api token", e))?,
@@ -377,8 +380,7 @@ pub(super) struct ApiTokenListingRow {
     revoked_ms: Option<i64>,
 }
 
-impl IntoDomain for ApiTokenListingRow {
-    type Domain = ApiTokenListing;
+impl IntoDomain<ApiTokenListing> for ApiTokenListingRow {
     fn into_domain(self) -> StoreResult<ApiTokenListing> {
         Ok(ApiTokenListing {
             token: self.token.into_domain()?,
@@ -479,12 +481,7 @@ pub(super) struct AuditRow {
     detail: String,
 }
 
-/// The `audit` columns an [`AuditRow`] reads.
-pub(super) const AUDIT_COLUMNS: &str =
-    "id, at_ms, actor, action, instance_uid, source_ip, reason, CAST(detail AS TEXT) AS detail";
-
-impl IntoDomain for AuditRow {
-    type Domain = AuditEntry;
+impl IntoDomain<AuditEntry> for AuditRow {
     fn into_domain(self) -> StoreResult<AuditEntry> {
         Ok(AuditEntry {
             instance_uid: self
@@ -519,12 +516,7 @@ pub(super) struct LeaseRow {
     expires_ms: i64,
 }
 
-/// The `partition_leases` columns a [`LeaseRow`] reads.
-pub(super) const LEASE_COLUMNS: &str =
-    "CAST(partition AS BIGINT) AS partition, holder, fence, expires_ms";
-
-impl IntoDomain for LeaseRow {
-    type Domain = Lease;
+impl IntoDomain<Lease> for LeaseRow {
     fn into_domain(self) -> StoreResult<Lease> {
         Ok(Lease {
             partition: u16::try_from(self.partition).map_err(|e| corrupt("lease", e))?,

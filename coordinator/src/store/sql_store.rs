@@ -40,7 +40,7 @@ use shared::store::{
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Type};
 use tokio::sync::Mutex;
 
-use super::dialect::{Dialect, Tx};
+use super::dialect::{Claim, Dialect, Tx};
 use super::sql::{
     agent_rows, all, audit_select, before_commit, corrupt, during_commit, leases_from, one,
     role_str, scope_json, sorted_partitions, to_json, ApiTokenListingRow, ApiTokenRow,
@@ -171,7 +171,7 @@ where
 
     async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>> {
         let sql = format!("SELECT {AGENT_RECORD} FROM agents");
-        all::<RecordRow>(
+        all::<RecordRow, _>(
             "load_agents",
             sqlx::query_as(&sql).fetch_all(&self.pool).await,
         )
@@ -183,7 +183,7 @@ where
             .bind(uid.as_bytes().as_slice())
             .fetch_optional(&self.pool)
             .await;
-        one::<RecordRow>("get_agent", row)
+        one::<RecordRow, _>("get_agent", row)
     }
 
     /// Deduplicated, so an agent is returned once however often its partition is named.
@@ -330,12 +330,12 @@ where
             .bind(id)
             .fetch_optional(&self.pool)
             .await;
-        one::<ConfigRow>("get_config", row)
+        one::<ConfigRow, _>("get_config", row)
     }
 
     async fn list_configs(&self) -> StoreResult<Vec<ConfigVersion>> {
         let sql = format!("SELECT {CONFIG_COLUMNS} FROM config_versions ORDER BY id");
-        all::<ConfigRow>(
+        all::<ConfigRow, _>(
             "list_configs",
             sqlx::query_as(&sql).fetch_all(&self.pool).await,
         )
@@ -375,7 +375,7 @@ where
     async fn list_assignments(&self) -> StoreResult<Vec<Assignment>> {
         let sql = format!("SELECT {ASSIGNMENT_COLUMNS} FROM assignments ORDER BY id");
         let rows = sqlx::query_as(&sql).fetch_all(&self.pool).await;
-        all::<AssignmentRow>("list_assignments", rows)
+        all::<AssignmentRow, _>("list_assignments", rows)
     }
 
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()> {
@@ -410,7 +410,7 @@ where
 
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
         let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_ms, id");
-        all::<TokenRow>(
+        all::<TokenRow, _>(
             "list_tokens",
             sqlx::query_as(&sql).fetch_all(&self.pool).await,
         )
@@ -421,7 +421,7 @@ where
             "SELECT {TOKEN_COLUMNS} FROM tokens WHERE created_ms >= $1 ORDER BY created_ms, id"
         );
         let rows = sqlx::query_as(&sql).bind(since_ms).fetch_all(&self.pool);
-        all::<TokenRow>("tokens_created_since", rows.await)
+        all::<TokenRow, _>("tokens_created_since", rows.await)
     }
 
     async fn tokens_revoked_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>> {
@@ -429,7 +429,7 @@ where
             "SELECT {TOKEN_COLUMNS} FROM tokens WHERE revoked_ms >= $1 ORDER BY revoked_ms, id"
         );
         let rows = sqlx::query_as(&sql).bind(since_ms).fetch_all(&self.pool);
-        all::<TokenRow>("tokens_revoked_since", rows.await)
+        all::<TokenRow, _>("tokens_revoked_since", rows.await)
     }
 
     async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>> {
@@ -437,13 +437,13 @@ where
         let row = sqlx::query_as(&sql)
             .bind(hash.as_slice())
             .fetch_optional(&self.pool);
-        one::<TokenRow>("find_token", row.await)
+        one::<TokenRow, _>("find_token", row.await)
     }
 
     async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
         let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1");
         let row = sqlx::query_as(&sql).bind(id).fetch_optional(&self.pool);
-        one::<TokenRow>("get_token", row.await)
+        one::<TokenRow, _>("get_token", row.await)
     }
 
     /// Revoking twice keeps the first revocation time.
@@ -479,8 +479,7 @@ where
         if reqs.is_empty() {
             return Ok(Vec::new());
         }
-        let pairs: Vec<(String, InstanceUid)> =
-            reqs.iter().map(|r| (r.token_id.clone(), r.uid)).collect();
+        let pairs: Vec<Claim> = reqs.iter().map(|r| (r.token_id.clone(), r.uid)).collect();
         let mut audits = Vec::with_capacity(reqs.len());
         for r in reqs {
             audits.push((r.audit.clone(), to_json("redeem_tokens", &r.audit.detail)?));
@@ -532,7 +531,7 @@ where
         .bind(hash.as_slice())
         .fetch_optional(&self.pool)
         .await;
-        one::<ApiTokenRow>("find_api_token", row)
+        one::<ApiTokenRow, _>("find_api_token", row)
     }
 
     async fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenListing>> {
@@ -542,7 +541,7 @@ where
         )
         .fetch_all(&self.pool)
         .await;
-        all::<ApiTokenListingRow>("list_api_tokens", rows)
+        all::<ApiTokenListingRow, _>("list_api_tokens", rows)
     }
 
     /// Revoking twice keeps the first revocation time.
@@ -586,7 +585,7 @@ where
 
     async fn list_identities(&self) -> StoreResult<Vec<IdentityRecord>> {
         let sql = format!("SELECT {IDENTITY_COLUMNS} FROM identities ORDER BY created_ms, serial");
-        all::<IdentityRow>(
+        all::<IdentityRow, _>(
             "list_identities",
             sqlx::query_as(&sql).fetch_all(&self.pool).await,
         )
@@ -599,13 +598,13 @@ where
              ORDER BY created_ms, serial"
         );
         let rows = sqlx::query_as(&sql).bind(since_ms).fetch_all(&self.pool);
-        all::<IdentityRow>("identities_changed_since", rows.await)
+        all::<IdentityRow, _>("identities_changed_since", rows.await)
     }
 
     async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>> {
         let sql = format!("SELECT {IDENTITY_COLUMNS} FROM identities WHERE serial = $1");
         let row = sqlx::query_as(&sql).bind(serial).fetch_optional(&self.pool);
-        one::<IdentityRow>("get_identity", row.await)
+        one::<IdentityRow, _>("get_identity", row.await)
     }
 
     async fn identities_of(&self, uid: InstanceUid) -> StoreResult<Vec<IdentityRecord>> {
@@ -616,7 +615,7 @@ where
         let rows = sqlx::query_as(&sql)
             .bind(uid.as_bytes().as_slice())
             .fetch_all(&self.pool);
-        all::<IdentityRow>("identities_of", rows.await)
+        all::<IdentityRow, _>("identities_of", rows.await)
     }
 
     /// Confirming twice keeps the first time.
@@ -638,7 +637,7 @@ where
              ORDER BY revoked_ms, serial"
         );
         let rows = sqlx::query_as(&sql).fetch_all(&self.pool).await;
-        all::<IdentityRow>("revoked_identities", rows)
+        all::<IdentityRow, _>("revoked_identities", rows)
     }
 
     /// Appends `entry` and returns its new id; `entry.id` is ignored.
@@ -674,7 +673,7 @@ where
         let (sql, args) = audit_select::<D::Db>(query, AuditOrder::NewestFirst)
             .map_err(|e| before_commit("query_audit", e))?;
         let rows = sqlx::query_as_with(&sql, args).fetch_all(&self.pool).await;
-        all::<AuditRow>("query_audit", rows)
+        all::<AuditRow, _>("query_audit", rows)
     }
 
     async fn scan_audit(
@@ -685,6 +684,6 @@ where
         let select = audit_select::<D::Db>(query, AuditOrder::After(after));
         let (sql, args) = select.map_err(|e| before_commit("scan_audit", e))?;
         let rows = sqlx::query_as_with(&sql, args).fetch_all(&self.pool).await;
-        all::<AuditRow>("scan_audit", rows)
+        all::<AuditRow, _>("scan_audit", rows)
     }
 }

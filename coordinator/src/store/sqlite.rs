@@ -29,7 +29,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::dialect::{Dialect, Tx};
+use super::dialect::{Claim, Dialect, SqlResult, Tx};
 use super::sql::{
     redemption, uid_from, AgentRow, RecordRow, TokenState, AGENT_RECORD, RELEASED_EXPIRES_MS,
 };
@@ -160,7 +160,7 @@ async fn redeem_one(
     id: &str,
     uid: InstanceUid,
     now_ms: i64,
-) -> Result<Redemption, sqlx::Error> {
+) -> SqlResult<Redemption> {
     let bound = sqlx::query(
         "UPDATE tokens SET bound_uid = $1, redeemed_ms = $2 \
          WHERE id = $3 AND bound_uid IS NULL AND revoked_ms IS NULL AND expires_ms > $2",
@@ -200,7 +200,7 @@ impl Dialect for SqliteDialect {
         done.rows_affected()
     }
 
-    async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> Result<(), sqlx::Error> {
+    async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> SqlResult<()> {
         for chunk in rows.chunks(CHUNK) {
             let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
                 "INSERT INTO agents (instance_uid, partition, record, connected, last_seen_ms) ",
@@ -224,10 +224,7 @@ impl Dialect for SqliteDialect {
         Ok(())
     }
 
-    async fn agents_in(
-        pool: &SqlitePool,
-        partitions: Vec<u16>,
-    ) -> Result<Vec<RecordRow>, sqlx::Error> {
+    async fn agents_in(pool: &SqlitePool, partitions: Vec<u16>) -> SqlResult<Vec<RecordRow>> {
         let mut rows = Vec::new();
         for chunk in partitions.chunks(CHUNK) {
             let mut q =
@@ -244,7 +241,7 @@ impl Dialect for SqliteDialect {
         want: &[u16],
         now_ms: i64,
         expires_ms: i64,
-    ) -> Result<(), sqlx::Error> {
+    ) -> SqlResult<()> {
         // Renew first, so the take below sees our own live leases as taken (no fence bump
         // for a lease we kept).
         sqlx::query(
@@ -278,11 +275,7 @@ impl Dialect for SqliteDialect {
         Ok(())
     }
 
-    async fn release_leases(
-        tx: &mut Tx<Self>,
-        node: &str,
-        partitions: &[u16],
-    ) -> Result<(), sqlx::Error> {
+    async fn release_leases(tx: &mut Tx<Self>, node: &str, partitions: &[u16]) -> SqlResult<()> {
         for chunk in partitions.chunks(CHUNK) {
             let mut q: QueryBuilder<'_, Sqlite> =
                 QueryBuilder::new("UPDATE partition_leases SET expires_ms = ");
@@ -297,11 +290,7 @@ impl Dialect for SqliteDialect {
     }
 
     /// One by one, in request order, each seeing the bindings before it.
-    async fn redeem(
-        tx: &mut Tx<Self>,
-        reqs: &[(String, InstanceUid)],
-        now_ms: i64,
-    ) -> Result<Vec<Redemption>, sqlx::Error> {
+    async fn redeem(tx: &mut Tx<Self>, reqs: &[Claim], now_ms: i64) -> SqlResult<Vec<Redemption>> {
         let mut out = Vec::with_capacity(reqs.len());
         for (id, uid) in reqs {
             out.push(redeem_one(tx, id, *uid, now_ms).await?);
@@ -309,10 +298,7 @@ impl Dialect for SqliteDialect {
         Ok(out)
     }
 
-    async fn insert_audits(
-        tx: &mut Tx<Self>,
-        entries: &[(&AuditEntry, &str)],
-    ) -> Result<(), sqlx::Error> {
+    async fn insert_audits(tx: &mut Tx<Self>, entries: &[(&AuditEntry, &str)]) -> SqlResult<()> {
         for chunk in entries.chunks(CHUNK) {
             let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
                 "INSERT INTO audit (at_ms, actor, action, instance_uid, source_ip, reason, detail) ",
@@ -338,13 +324,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
     use std::sync::Arc;
-    use std::time::Instant;
 
     use shared::domain::{AgentRecord, ConfigFile, Health, TokenRecord, Transport};
     use shared::store::{AuditQuery, NewConfigVersion, Store};
 
     use super::*;
-    use crate::store::conformance;
+    use crate::store::{conformance, testing};
 
     /// A database file in the temp dir, removed (with its WAL files) when dropped.
     struct TempDb(PathBuf);
@@ -515,25 +500,7 @@ mod tests {
     #[tokio::test]
     async fn audit_is_append_only() {
         let store = SqliteStore::open_in_memory().await.expect("open");
-        let entry = conformance::audit_probe(&store).await;
-        for sql in [
-            "UPDATE audit SET actor = 'mallory' WHERE id = ?",
-            "UPDATE audit SET detail = '{}' WHERE id = ?",
-            "DELETE FROM audit WHERE id = ?",
-        ] {
-            let err = sqlx::query(sql)
-                .bind(entry.id)
-                .execute(&store.pool)
-                .await
-                .expect_err(sql);
-            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
-        }
-        let err = sqlx::query("DELETE FROM audit")
-            .execute(&store.pool)
-            .await
-            .expect_err("delete all");
-        assert!(err.to_string().contains("append-only"), "{err}");
-        conformance::assert_audit_intact(&store, &entry).await;
+        testing::assert_audit_append_only(&store, &["DELETE FROM audit"]).await;
     }
 
     #[tokio::test]
@@ -683,40 +650,21 @@ mod tests {
         a
     }
 
-    async fn upsert_10k(store: &SqliteStore, label: &str) {
-        let agents: Vec<AgentRecord> = (0..10_000).map(bulk_agent).collect();
-        let started = Instant::now();
-        store.upsert_agents(&agents).await.expect("upsert");
-        let inserted = started.elapsed();
-        let started = Instant::now();
-        store.upsert_agents(&agents).await.expect("upsert again");
-        let updated = started.elapsed();
-        let started = Instant::now();
-        let loaded = store.load_agents().await.expect("load");
-        let load = started.elapsed();
-        eprintln!(
-            "{label}: upsert 10k new {inserted:?}, upsert 10k existing {updated:?}, \
-             load {load:?}"
-        );
-        assert_eq!(loaded.len(), agents.len());
-        let by_uid: std::collections::HashMap<InstanceUid, AgentRecord> =
-            loaded.into_iter().map(|a| (a.instance_uid, a)).collect();
-        for a in &agents {
-            assert_eq!(by_uid.get(&a.instance_uid), Some(a));
-        }
+    fn bulk_agents() -> Vec<AgentRecord> {
+        (0..10_000).map(bulk_agent).collect()
     }
 
     #[tokio::test]
     async fn upsert_10k_agents_in_memory() {
         let store = SqliteStore::open_in_memory().await.expect("open");
-        upsert_10k(&store, "in-memory").await;
+        testing::upsert_10k(&store, "in-memory", &bulk_agents()).await;
     }
 
     #[tokio::test]
     async fn upsert_10k_agents_file() {
         let db = TempDb::new();
         let store = SqliteStore::open(&db.0).await.expect("open");
-        upsert_10k(&store, "file").await;
+        testing::upsert_10k(&store, "file", &bulk_agents()).await;
         store.close().await;
     }
 
