@@ -1,7 +1,8 @@
 //! What differs between the SQL backends, in one trait: [`Dialect`]. Everything else (every
 //! other query, the transaction path, error classification) is written once, for any
 //! dialect, in `store::sql_store`; `store::sqlite` and `store::postgres` implement this trait
-//! and hold nothing else but how to open their database.
+//! and otherwise hold only how they open their database (and, for Postgres, the helpers that
+//! give each test a database of its own).
 //!
 //! The differences come from what each engine offers concurrent writers and bulk statements:
 //!
@@ -13,7 +14,8 @@
 //! | lease take-over | renew, then `INSERT … ON CONFLICT DO UPDATE … WHERE` expired, per chunk | one statement over the wanted and held partitions, in partition order |
 //! | JSON columns | TEXT | `json`: a bound text needs `::json` |
 //!
-//! Every query text uses `$N` placeholders, which sqlx's SQLite driver binds by number too.
+//! Query texts written out use `$N` placeholders, which sqlx's SQLite driver binds by number
+//! too, so one text serves both; SQLite's `QueryBuilder` statements get its own `?`.
 
 use std::future::Future;
 

@@ -40,7 +40,7 @@ use shared::store::{
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Type};
 use tokio::sync::Mutex;
 
-use super::dialect::{Claim, Dialect, Tx};
+use super::dialect::{Claim, Dialect, SqlResult, Tx};
 use super::sql::{
     agent_rows, all, audit_select, before_commit, corrupt, during_commit, leases_from, one,
     role_str, scope_json, sorted_partitions, to_json, ApiTokenListingRow, ApiTokenRow,
@@ -50,7 +50,7 @@ use super::sql::{
 };
 
 /// The future a transaction body returns; it borrows the transaction for `'c`.
-pub(super) type TxFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
+pub(super) type TxFuture<'c, T> = Pin<Box<dyn Future<Output = SqlResult<T>> + Send + 'c>>;
 
 /// Runs `$sql`, an `UPDATE … SET col = COALESCE(col, $1) WHERE key = $2`, in one write
 /// transaction of `$store`, binding `$at_ms` and `$key`; true when the row exists. A time set
