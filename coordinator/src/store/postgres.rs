@@ -224,18 +224,18 @@ struct AgentColumns {
 impl AgentColumns {
     /// `rows` as column arrays of at most [`UPSERT_CHUNK`] rows each, in order.
     fn chunks(rows: Vec<AgentRow>) -> Vec<Self> {
-        let mut out: Vec<Self> = Vec::new();
-        for (i, r) in rows.into_iter().enumerate() {
-            if i % UPSERT_CHUNK == 0 {
-                out.push(Self::default());
-            }
-            if let Some(c) = out.last_mut() {
+        let mut out = Vec::new();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let mut c = Self::default();
+            for r in rows.by_ref().take(UPSERT_CHUNK) {
                 c.uids.push(r.uid);
                 c.partitions.push(i32::from(r.partition));
                 c.records.push(r.record);
                 c.connected.push(r.connected);
                 c.last_seen_ms.push(r.last_seen_ms);
             }
+            out.push(c);
         }
         out
     }
