@@ -14,8 +14,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use agent::{wait_for, Agent, AgentOptions, ClientError, HttpTransport};
 use anyhow::Context as _;
-use gateway::client::{wait_for, Agent, AgentOptions, ClientError, HttpTransport};
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
 use tests::cluster::Cluster;

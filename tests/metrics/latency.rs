@@ -2,7 +2,7 @@
 //! API request under its route template (never the raw path), one per OpAMP message answered
 //! under its transport, one per bus request under its kind.
 
-use gateway::client::{HttpTransport, WsConnection};
+use agent::{HttpTransport, WsConnection};
 use shared::ids::InstanceUid;
 use tests::{bearer, hello, TestServer};
 

@@ -1,9 +1,9 @@
-//! What the two SQL stores share: error classification by phase, row ↔ domain conversions
-//! and the decision rules that must not differ between them (token redemption, lease
-//! release). Kept here so SQLite and Postgres cannot drift apart on semantics.
+//! What every SQL query shares, whatever the dialect: error classification by phase, the
+//! row types and their conversion to domain types, the column lists, and the decision rules
+//! that must not differ between backends (token redemption, lease release, batch order).
 //!
-//! The row types derive `sqlx::FromRow` for any backend; the Postgres queries select JSON
-//! columns as `::text` so both decode into the same Rust types.
+//! The row types derive `sqlx::FromRow` for any backend. JSON columns (`json` in Postgres,
+//! TEXT in SQLite) are selected as `CAST(… AS TEXT)`, so both decode into the same Rust types.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -15,7 +15,7 @@ use shared::domain::{
 use shared::ids::InstanceUid;
 use shared::store::{AuditCursor, AuditQuery, Lease, StoreError, StoreResult};
 use sqlx::error::ErrorKind;
-use sqlx::{Database, QueryBuilder};
+use sqlx::{Arguments, Database, Encode, Type};
 
 /// The `expires_ms` a released lease is given. The row is kept rather than deleted so the
 /// partition's fence keeps growing across hand-overs; an expiry at the Unix epoch means "free"
@@ -52,6 +52,33 @@ pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::NotApplied(format!("{what}: corrupt row: {e}"))
 }
 
+/// A row type that converts into its domain type `T` (or reports itself corrupt).
+pub(super) trait IntoDomain<T> {
+    fn into_domain(self) -> StoreResult<T>;
+}
+
+/// The rows of a read, converted; a failed read is `NotApplied` (nothing to apply, safe to
+/// retry).
+pub(super) fn all<R: IntoDomain<T>, T>(
+    what: &str,
+    rows: Result<Vec<R>, sqlx::Error>,
+) -> StoreResult<Vec<T>> {
+    rows.map_err(|e| before_commit(what, e))?
+        .into_iter()
+        .map(R::into_domain)
+        .collect()
+}
+
+/// [`all`] for a read of at most one row.
+pub(super) fn one<R: IntoDomain<T>, T>(
+    what: &str,
+    row: Result<Option<R>, sqlx::Error>,
+) -> StoreResult<Option<T>> {
+    row.map_err(|e| before_commit(what, e))?
+        .map(R::into_domain)
+        .transpose()
+}
+
 pub(super) fn uid_from(bytes: &[u8]) -> Result<InstanceUid, String> {
     InstanceUid::from_slice(bytes).ok_or_else(|| format!("instance uid of {} bytes", bytes.len()))
 }
@@ -82,8 +109,47 @@ pub(super) fn to_json<T: serde::Serialize>(what: &str, value: &T) -> StoreResult
         .map_err(|e| StoreError::NotApplied(format!("{what}: encoding JSON: {e}")))
 }
 
-pub(super) fn agent_from(what: &str, json: &str) -> StoreResult<AgentRecord> {
-    serde_json::from_str(json).map_err(|e| corrupt(what, e))
+/// An `agents.record` as selected by [`AGENT_RECORD`]. (`pub` only because the dialects'
+/// methods name it; the module is private.)
+#[derive(sqlx::FromRow)]
+pub struct RecordRow {
+    record: String,
+}
+
+/// The column a [`RecordRow`] reads.
+pub(super) const AGENT_RECORD: &str = "CAST(record AS TEXT) AS record";
+
+impl IntoDomain<AgentRecord> for RecordRow {
+    fn into_domain(self) -> StoreResult<AgentRecord> {
+        serde_json::from_str(&self.record).map_err(|e| corrupt("agent record", e))
+    }
+}
+
+/// An agent row ready to bind, serialised before the write transaction begins (to keep it
+/// short). (`pub` like [`RecordRow`].)
+pub struct AgentRow {
+    pub(super) uid: Vec<u8>,
+    pub(super) partition: u16,
+    pub(super) record: String,
+    pub(super) connected: bool,
+    pub(super) last_seen_ms: i64,
+}
+
+/// The rows an upsert of `agents` writes: the last record per uid, in uid order (see
+/// [`latest_per_uid`]).
+pub(super) fn agent_rows(agents: &[AgentRecord]) -> StoreResult<Vec<AgentRow>> {
+    latest_per_uid(agents)
+        .into_iter()
+        .map(|a| {
+            Ok(AgentRow {
+                uid: a.instance_uid.as_bytes().to_vec(),
+                partition: a.instance_uid.partition(),
+                record: to_json("upsert_agents", a)?,
+                connected: a.connected,
+                last_seen_ms: a.last_seen_ms,
+            })
+        })
+        .collect()
 }
 
 /// Partitions deduplicated and ascending. Ascending order matters on Postgres: every
@@ -105,6 +171,34 @@ pub(super) fn latest_per_uid(agents: &[AgentRecord]) -> Vec<&AgentRecord> {
     }
     latest.into_values().collect()
 }
+
+// The columns each row type reads, JSON columns cast to text (see the module docs).
+
+/// The `config_versions` columns a [`ConfigRow`] reads.
+pub(super) const CONFIG_COLUMNS: &str =
+    "id, name, CAST(files AS TEXT) AS files, hash, author, created_ms";
+
+/// The `assignments` columns an [`AssignmentRow`] reads.
+pub(super) const ASSIGNMENT_COLUMNS: &str =
+    "id, config_id, CAST(target AS TEXT) AS target, author, created_ms";
+
+/// The `identities` columns an [`IdentityRow`] reads.
+pub(super) const IDENTITY_COLUMNS: &str =
+    "serial, instance_uid, created_ms, not_after_ms, confirmed_ms, revoked_ms, fingerprint, \
+     cert_pem";
+
+/// The `tokens` columns a [`TokenRow`] reads.
+pub(super) const TOKEN_COLUMNS: &str =
+    "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid, \
+     CAST(scope AS TEXT) AS scope";
+
+/// The `audit` columns an [`AuditRow`] reads.
+pub(super) const AUDIT_COLUMNS: &str =
+    "id, at_ms, actor, action, instance_uid, source_ip, reason, CAST(detail AS TEXT) AS detail";
+
+/// The `partition_leases` columns a [`LeaseRow`] reads.
+pub(super) const LEASE_COLUMNS: &str =
+    "CAST(partition AS BIGINT) AS partition, holder, fence, expires_ms";
 
 /// A token's redemption-relevant state as a transaction sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -143,8 +237,8 @@ pub(super) struct ConfigRow {
     created_ms: i64,
 }
 
-impl ConfigRow {
-    pub(super) fn into_domain(self) -> StoreResult<ConfigVersion> {
+impl IntoDomain<ConfigVersion> for ConfigRow {
+    fn into_domain(self) -> StoreResult<ConfigVersion> {
         let files: ConfigMap =
             serde_json::from_str(&self.files).map_err(|e| corrupt("config version", e))?;
         Ok(ConfigVersion {
@@ -167,8 +261,8 @@ pub(super) struct AssignmentRow {
     created_ms: i64,
 }
 
-impl AssignmentRow {
-    pub(super) fn into_domain(self) -> StoreResult<Assignment> {
+impl IntoDomain<Assignment> for AssignmentRow {
+    fn into_domain(self) -> StoreResult<Assignment> {
         let target: Target =
             serde_json::from_str(&self.target).map_err(|e| corrupt("assignment", e))?;
         Ok(Assignment {
@@ -195,8 +289,8 @@ pub(super) struct TokenRow {
     scope: Option<String>,
 }
 
-impl TokenRow {
-    pub(super) fn into_domain(self) -> StoreResult<TokenRecord> {
+impl IntoDomain<TokenRecord> for TokenRow {
+    fn into_domain(self) -> StoreResult<TokenRecord> {
         Ok(TokenRecord {
             scope: self
                 .scope
@@ -234,13 +328,8 @@ pub(super) struct IdentityRow {
     cert_pem: String,
 }
 
-/// The `identities` columns an [`IdentityRow`] reads.
-pub(super) const IDENTITY_COLUMNS: &str =
-    "serial, instance_uid, created_ms, not_after_ms, confirmed_ms, revoked_ms, fingerprint, \
-     cert_pem";
-
-impl IdentityRow {
-    pub(super) fn into_domain(self) -> StoreResult<IdentityRecord> {
+impl IntoDomain<IdentityRecord> for IdentityRow {
+    fn into_domain(self) -> StoreResult<IdentityRecord> {
         Ok(IdentityRecord {
             instance_uid: uid_from(&self.instance_uid).map_err(|e| corrupt("identity", e))?,
             serial: self.serial,
@@ -253,11 +342,6 @@ impl IdentityRow {
         })
     }
 }
-
-/// The `tokens` columns a [`TokenRow`] reads, but for `scope`, which each store selects in its
-/// own way (Postgres as `scope::text`).
-pub(super) const TOKEN_COLUMNS: &str =
-    "id, name, prefix, hash, created_ms, expires_ms, revoked_ms, redeemed_ms, bound_uid";
 
 /// A token's scope as stored: JSON text, or NULL for none.
 pub(super) fn scope_json(token: &TokenRecord) -> StoreResult<Option<String>> {
@@ -277,8 +361,8 @@ pub(super) struct ApiTokenRow {
     created_ms: i64,
 }
 
-impl ApiTokenRow {
-    pub(super) fn into_domain(self) -> StoreResult<ApiTokenRecord> {
+impl IntoDomain<ApiTokenRecord> for ApiTokenRow {
+    fn into_domain(self) -> StoreResult<ApiTokenRecord> {
         Ok(ApiTokenRecord {
             role: role_from(&self.role).map_err(|e| corrupt("api token", e))?,
             hash: hash_from(&self.hash).map_err(|e| corrupt("api token", e))?,
@@ -296,8 +380,8 @@ pub(super) struct ApiTokenListingRow {
     revoked_ms: Option<i64>,
 }
 
-impl ApiTokenListingRow {
-    pub(super) fn into_domain(self) -> StoreResult<ApiTokenListing> {
+impl IntoDomain<ApiTokenListing> for ApiTokenListingRow {
+    fn into_domain(self) -> StoreResult<ApiTokenListing> {
         Ok(ApiTokenListing {
             token: self.token.into_domain()?,
             revoked_ms: self.revoked_ms,
@@ -305,55 +389,84 @@ impl ApiTokenListingRow {
     }
 }
 
-/// Appends `query`'s filters to a `… WHERE <condition>` already in `q`, one `AND` each.
-/// Both stores bind the same types, so one function serves both.
-pub(super) fn push_audit_filters<'a, DB>(q: &mut QueryBuilder<'a, DB>, query: &'a AuditQuery)
-where
-    DB: Database,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    if let Some(since) = query.since_ms {
-        q.push(" AND at_ms >= ").push_bind(since);
-    }
-    if let Some(until) = query.until_ms {
-        q.push(" AND at_ms < ").push_bind(until);
-    }
-    if let Some(uid) = &query.instance_uid {
-        q.push(" AND instance_uid = ")
-            .push_bind(uid.as_bytes().as_slice());
-    }
-    if let Some(actor) = &query.actor {
-        q.push(" AND actor = ").push_bind(actor.as_str());
-    }
-    if let Some(reason) = &query.reason {
-        q.push(" AND reason = ").push_bind(reason.as_str());
-    }
+/// The order an audit read returns entries in: newest first
+/// ([`shared::store::Store::query_audit`]), or oldest first strictly after a cursor
+/// ([`shared::store::Store::scan_audit`]).
+pub(super) enum AuditOrder {
+    NewestFirst,
+    After(Option<AuditCursor>),
 }
 
-/// Appends the oldest-first page condition and order of [`shared::store::Store::scan_audit`].
-/// Written as `at_ms > t OR (at_ms = t AND id > i)` rather than a row comparison, which
-/// SQLite's planner uses indexes for less reliably.
-pub(super) fn push_audit_page<'a, DB>(
-    q: &mut QueryBuilder<'a, DB>,
-    after: Option<AuditCursor>,
-    limit: u32,
-) where
+/// The SQL and arguments of an audit read: `query`'s filters (one `AND` each), `order`, and
+/// `query.limit`. The arguments are collected here rather than in a `QueryBuilder`, whose
+/// borrow of itself a generic caller could not end; placeholders are numbered (`$N`), which
+/// both drivers bind by number.
+pub(super) fn audit_select<'a, DB>(
+    query: &'a AuditQuery,
+    order: AuditOrder,
+) -> Result<(String, DB::Arguments<'a>), sqlx::Error>
+where
     DB: Database,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    &'a str: Encode<'a, DB> + Type<DB>,
+    &'a [u8]: Encode<'a, DB> + Type<DB>,
 {
-    if let Some(c) = after {
-        q.push(" AND (at_ms > ")
-            .push_bind(c.at_ms)
-            .push(" OR (at_ms = ")
-            .push_bind(c.at_ms)
-            .push(" AND id > ")
-            .push_bind(c.id)
-            .push("))");
+    let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE TRUE");
+    let mut args = DB::Arguments::default();
+    if let Some(since) = query.since_ms {
+        push_bind(&mut sql, &mut args, " AND at_ms >= ", since)?;
     }
-    q.push(" ORDER BY at_ms ASC, id ASC LIMIT ")
-        .push_bind(i64::from(limit));
+    if let Some(until) = query.until_ms {
+        push_bind(&mut sql, &mut args, " AND at_ms < ", until)?;
+    }
+    if let Some(uid) = &query.instance_uid {
+        push_bind(
+            &mut sql,
+            &mut args,
+            " AND instance_uid = ",
+            uid.as_bytes().as_slice(),
+        )?;
+    }
+    if let Some(actor) = &query.actor {
+        push_bind(&mut sql, &mut args, " AND actor = ", actor.as_str())?;
+    }
+    if let Some(reason) = &query.reason {
+        push_bind(&mut sql, &mut args, " AND reason = ", reason.as_str())?;
+    }
+    match order {
+        AuditOrder::NewestFirst => sql.push_str(" ORDER BY at_ms DESC, id DESC"),
+        AuditOrder::After(after) => {
+            // Written as `at_ms > t OR (at_ms = t AND id > i)` rather than a row comparison,
+            // which SQLite's planner uses indexes for less reliably.
+            if let Some(c) = after {
+                push_bind(&mut sql, &mut args, " AND (at_ms > ", c.at_ms)?;
+                push_bind(&mut sql, &mut args, " OR (at_ms = ", c.at_ms)?;
+                push_bind(&mut sql, &mut args, " AND id > ", c.id)?;
+                sql.push_str("))");
+            }
+            sql.push_str(" ORDER BY at_ms ASC, id ASC");
+        }
+    }
+    push_bind(&mut sql, &mut args, " LIMIT ", i64::from(query.limit))?;
+    Ok((sql, args))
+}
+
+/// Appends `before` and the placeholder of `value`, bound as the next argument.
+fn push_bind<'a, DB, T>(
+    sql: &mut String,
+    args: &mut DB::Arguments<'a>,
+    before: &str,
+    value: T,
+) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    T: 'a + Encode<'a, DB> + Type<DB>,
+{
+    args.add(value).map_err(sqlx::Error::Encode)?;
+    sql.push_str(before);
+    sql.push('$');
+    sql.push_str(&args.len().to_string());
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -368,8 +481,8 @@ pub(super) struct AuditRow {
     detail: String,
 }
 
-impl AuditRow {
-    pub(super) fn into_domain(self) -> StoreResult<AuditEntry> {
+impl IntoDomain<AuditEntry> for AuditRow {
+    fn into_domain(self) -> StoreResult<AuditEntry> {
         Ok(AuditEntry {
             instance_uid: self
                 .instance_uid
@@ -393,8 +506,8 @@ impl AuditRow {
     }
 }
 
-/// A `partition_leases` row. The partition column is wider than `u16` in both schemas, so it
-/// is checked on the way out.
+/// A `partition_leases` row. The partition column is wider than `u16` in both schemas (and
+/// 32-bit in Postgres, hence the cast in [`LEASE_COLUMNS`]), so it is checked on the way out.
 #[derive(sqlx::FromRow)]
 pub(super) struct LeaseRow {
     partition: i64,
@@ -403,8 +516,8 @@ pub(super) struct LeaseRow {
     expires_ms: i64,
 }
 
-impl LeaseRow {
-    pub(super) fn into_domain(self) -> StoreResult<Lease> {
+impl IntoDomain<Lease> for LeaseRow {
+    fn into_domain(self) -> StoreResult<Lease> {
         Ok(Lease {
             partition: u16::try_from(self.partition).map_err(|e| corrupt("lease", e))?,
             holder: self.holder,

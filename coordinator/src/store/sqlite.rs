@@ -1,28 +1,14 @@
-//! The embedded store: one SQLite file, accessed through sqlx.
+//! The embedded store: one SQLite file, accessed through sqlx. [`SqliteStore`] is the shared
+//! [`SqlStore`] on [`SqliteDialect`]; this module holds how the file is opened and SQLite's
+//! side of `store::dialect`, nothing else.
 //!
-//! Every mutation runs in one short `BEGIN IMMEDIATE` transaction through [`SqliteStore::in_tx`],
-//! and writers inside this process queue on an async gate before asking SQLite for the write
-//! lock, so they wait in FIFO order instead of spinning in SQLite's busy handler (which still
-//! covers other processes, up to `busy_timeout`). Readers use the pool concurrently (WAL).
-//!
-//! # Error mapping
-//!
-//! sqlx errors become [`StoreError`] by *where* they happened, since that is what decides what
-//! the caller may assume about the write:
-//!
-//! - anything before `COMMIT` is sent (no connection, pool timeout, I/O, busy timeout,
-//!   constraint violation, decode error, bad JSON) → [`StoreError::NotApplied`]: the
-//!   transaction was rolled back or never began, so nothing took effect;
-//!   - except a missing row the operation needs (`RowNotFound`, or a foreign-key violation
-//!     such as an assignment naming an unknown config) → [`StoreError::NotFound`], which also
-//!     means nothing took effect;
-//! - any error from `COMMIT` itself → [`StoreError::MaybeApplied`]: the commit may or may not
-//!   have reached the file, so callers must reload before assuming either;
-//! - read-only calls have nothing to apply; their failures are reported as `NotApplied`
-//!   (safe to retry).
-//!
-//! The classification and the row conversions live in the private `store::sql` module,
-//! shared with the Postgres store.
+//! Every mutation runs in one short `BEGIN IMMEDIATE` transaction, and writers inside this
+//! process queue on an async gate before asking SQLite for the write lock, so they wait in
+//! FIFO order instead of spinning in SQLite's busy handler (which still covers other
+//! processes, up to `busy_timeout`). Readers use the pool concurrently (WAL). As SQLite runs
+//! one write transaction at a time, a conditional `UPDATE` is enough to make token
+//! redemption and lease take-over single-winner. Statements over many rows use multi-row
+//! `VALUES` and `IN (…)` lists, in chunks of [`CHUNK`] rows.
 //!
 //! # Partitions
 //!
@@ -31,37 +17,27 @@
 //! for the rows already there; [`SqliteStore::open`] fills those in from Rust right after
 //! migrating, and every later write sets it.
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use shared::domain::{
-    AgentRecord, ApiTokenListing, ApiTokenRecord, Assignment, AuditEntry, ConfigVersion,
-    IdentityRecord, Redemption, TokenRecord,
-};
+use shared::domain::{AuditEntry, Redemption};
 use shared::ids::InstanceUid;
-use shared::store::{
-    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store,
-    StoreError, StoreResult,
-};
+use shared::store::{StoreError, StoreResult};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteQueryResult,
+    SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite, Transaction};
-use tokio::sync::Mutex;
+use sqlx::{QueryBuilder, Sqlite};
 
+use super::dialect::{Claim, Dialect, SqlResult, Tx};
 use super::sql::{
-    agent_from, before_commit, corrupt, during_commit, latest_per_uid, leases_from,
-    push_audit_filters, push_audit_page, redemption, role_str, scope_json, sorted_partitions,
-    to_json, uid_from, ApiTokenListingRow, ApiTokenRow, AssignmentRow, AuditRow, ConfigRow,
-    IdentityRow, LeaseRow, TokenRow, TokenState, IDENTITY_COLUMNS, PRUNE_DEAD_AFTER_MS,
-    RELEASED_EXPIRES_MS, TOKEN_COLUMNS,
+    redemption, uid_from, AgentRow, RecordRow, TokenState, AGENT_RECORD, RELEASED_EXPIRES_MS,
 };
+use super::sql_store::SqlStore;
 
-/// Rows per multi-row statement (agent upserts, partition backfill, `IN` lists): at most 5
-/// binds each, far below SQLite's limit of 32766 bound parameters per statement.
+/// Rows per multi-row statement (agent upserts, audit appends, partition backfill, `IN`
+/// lists): at most 7 binds each, far below SQLite's limit of 32766 bound parameters per
+/// statement.
 const CHUNK: usize = 500;
 
 /// The `partition` of agent rows written before migration `0002_cluster`.
@@ -71,15 +47,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: u32 = 8;
 
-/// The future a transaction body returns; it borrows the transaction for `'c`.
-type TxFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'c>>;
+/// The embedded SQLite implementation of [`shared::store::Store`].
+pub type SqliteStore = SqlStore<SqliteDialect>;
 
-/// The embedded SQLite implementation of [`Store`].
-pub struct SqliteStore {
-    pool: SqlitePool,
-    /// Serialises this process's write transactions (see the module docs).
-    write_gate: Mutex<()>,
-}
+/// SQLite's side of the SQL store (see `store::dialect`).
+pub struct SqliteDialect;
 
 impl SqliteStore {
     /// Opens (creating it if missing) the database file at `path` and brings its schema up to
@@ -127,10 +99,7 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::NotApplied(format!("migrating database: {e}")))?;
-        let store = Self {
-            pool,
-            write_gate: Mutex::new(()),
-        };
+        let store = Self::new(pool);
         store.backfill_partitions().await?;
         Ok(store)
     }
@@ -143,7 +112,7 @@ impl SqliteStore {
             .in_tx("backfill_partitions", |tx| {
                 Box::pin(async move {
                     let uids: Vec<Vec<u8>> =
-                        sqlx::query_scalar("SELECT instance_uid FROM agents WHERE partition = ?")
+                        sqlx::query_scalar("SELECT instance_uid FROM agents WHERE partition = $1")
                             .bind(UNKNOWN_PARTITION)
                             .fetch_all(&mut **tx)
                             .await?;
@@ -172,57 +141,33 @@ impl SqliteStore {
         }
         Ok(())
     }
-
-    /// Closes all connections (checkpointing the WAL); later calls fail with `NotApplied`.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// Runs `body` in one `BEGIN IMMEDIATE` transaction and commits it; the single path every
-    /// mutation takes. Errors are classified as described in the module docs.
-    async fn in_tx<T, F>(&self, what: &'static str, body: F) -> StoreResult<T>
-    where
-        T: Send,
-        F: for<'c> FnOnce(&'c mut Transaction<'static, Sqlite>) -> TxFuture<'c, T> + Send,
-    {
-        let _gate = self.write_gate.lock().await;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| before_commit(what, e))?;
-        match body(&mut tx).await {
-            Ok(value) => {
-                tx.commit().await.map_err(|e| during_commit(what, e))?;
-                Ok(value)
-            }
-            Err(e) => {
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::debug!(%rollback, what, "rollback after a failed transaction failed");
-                }
-                Err(before_commit(what, e))
-            }
-        }
-    }
 }
 
-/// The single winner: only an unbound, live token changes here, and SQLite runs one write
-/// transaction at a time.
-async fn redeem_in(
-    tx: &mut Transaction<'static, Sqlite>,
+/// A `WHERE … IN (…)` list of partitions.
+fn push_partitions(q: &mut QueryBuilder<'_, Sqlite>, partitions: &[u16]) {
+    q.push(" IN (");
+    let mut list = q.separated(", ");
+    for p in partitions {
+        list.push_bind(i64::from(*p));
+    }
+    q.push(")");
+}
+
+/// Only an unbound, live token changes here, and SQLite runs one write transaction at a
+/// time, so of many redemptions of one token exactly one binds.
+async fn redeem_one(
+    tx: &mut Tx<SqliteDialect>,
     id: &str,
     uid: InstanceUid,
     now_ms: i64,
-) -> Result<Redemption, sqlx::Error> {
+) -> SqlResult<Redemption> {
     let bound = sqlx::query(
-        "UPDATE tokens SET bound_uid = ?, redeemed_ms = ? \
-         WHERE id = ? AND bound_uid IS NULL AND revoked_ms IS NULL \
-         AND expires_ms > ?",
+        "UPDATE tokens SET bound_uid = $1, redeemed_ms = $2 \
+         WHERE id = $3 AND bound_uid IS NULL AND revoked_ms IS NULL AND expires_ms > $2",
     )
     .bind(uid.as_bytes().as_slice())
     .bind(now_ms)
     .bind(id)
-    .bind(now_ms)
     .execute(&mut **tx)
     .await?;
     if bound.rows_affected() == 1 {
@@ -230,7 +175,7 @@ async fn redeem_in(
     }
     // Nothing changed: say why, from the row as this transaction sees it.
     let state: Option<TokenState> =
-        sqlx::query_as("SELECT revoked_ms, expires_ms, bound_uid FROM tokens WHERE id = ?")
+        sqlx::query_as("SELECT revoked_ms, expires_ms, bound_uid FROM tokens WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?;
@@ -244,753 +189,133 @@ async fn redeem_in(
     }
 }
 
-async fn insert_audit(
-    tx: &mut Transaction<'static, Sqlite>,
-    e: &AuditEntry,
-    detail: String,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO audit (at_ms, actor, action, instance_uid, source_ip, reason, detail) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(e.at_ms)
-    .bind(e.actor.as_str())
-    .bind(e.action.as_str())
-    .bind(e.instance_uid.as_ref().map(|u| u.as_bytes().as_slice()))
-    .bind(e.source_ip.map(|ip| ip.to_string()))
-    .bind(e.reason.as_deref())
-    .bind(detail)
-    .fetch_one(&mut **tx)
-    .await
-}
+impl Dialect for SqliteDialect {
+    type Db = Sqlite;
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    const WRITE_GATE: bool = true;
+    const JSON: &'static str = "";
+    const PRUNE_COORDINATORS: &'static str = "DELETE FROM coordinators WHERE expires_ms < $1";
 
-/// An agent row ready to bind.
-struct AgentRow {
-    uid: Vec<u8>,
-    partition: i64,
-    record: String,
-    connected: bool,
-    last_seen_ms: i64,
-}
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(|e| before_commit("ping", e))?;
+    async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> SqlResult<()> {
+        for chunk in rows.chunks(CHUNK) {
+            let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                "INSERT INTO agents (instance_uid, partition, record, connected, last_seen_ms) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.uid.as_slice())
+                    .push_bind(i64::from(r.partition))
+                    .push_bind(r.record.as_str())
+                    .push_bind(r.connected)
+                    .push_bind(r.last_seen_ms);
+            });
+            // A uid's partition never changes; setting it anyway also fixes a row still at
+            // the pre-migration -1.
+            q.push(
+                " ON CONFLICT (instance_uid) DO UPDATE SET \
+                 partition = excluded.partition, record = excluded.record, \
+                 connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
+            );
+            q.build().execute(&mut **tx).await?;
+        }
         Ok(())
     }
 
-    async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()> {
-        if agents.is_empty() {
-            return Ok(());
+    async fn agents_in(pool: &SqlitePool, partitions: Vec<u16>) -> SqlResult<Vec<RecordRow>> {
+        let mut rows = Vec::new();
+        for chunk in partitions.chunks(CHUNK) {
+            let mut q =
+                QueryBuilder::new(format!("SELECT {AGENT_RECORD} FROM agents WHERE partition"));
+            push_partitions(&mut q, chunk);
+            rows.extend(q.build_query_as().fetch_all(pool).await?);
         }
-        // Serialise before taking the write lock, to keep the transaction short.
-        let rows = latest_per_uid(agents)
-            .into_iter()
-            .map(|a| {
-                Ok(AgentRow {
-                    uid: a.instance_uid.as_bytes().to_vec(),
-                    partition: i64::from(a.instance_uid.partition()),
-                    record: to_json("upsert_agents", a)?,
-                    connected: a.connected,
-                    last_seen_ms: a.last_seen_ms,
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-        self.in_tx("upsert_agents", move |tx| {
-            Box::pin(async move {
-                for chunk in rows.chunks(CHUNK) {
-                    let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                        "INSERT INTO agents \
-                         (instance_uid, partition, record, connected, last_seen_ms) ",
-                    );
-                    q.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.uid.as_slice())
-                            .push_bind(r.partition)
-                            .push_bind(r.record.as_str())
-                            .push_bind(r.connected)
-                            .push_bind(r.last_seen_ms);
-                    });
-                    // A uid's partition never changes; setting it anyway also fixes a row
-                    // still at the pre-migration -1.
-                    q.push(
-                        " ON CONFLICT (instance_uid) DO UPDATE SET \
-                         partition = excluded.partition, record = excluded.record, \
-                         connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
-                    );
-                    q.build().execute(&mut **tx).await?;
-                }
-                Ok(())
-            })
-        })
-        .await
+        Ok(rows)
     }
 
-    async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM agents")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| before_commit("load_agents", e))?;
-        rows.iter()
-            .map(|(json,)| agent_from("load_agents", json))
-            .collect()
-    }
-
-    async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT record FROM agents WHERE instance_uid = ?")
-                .bind(uid.as_bytes().as_slice())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| before_commit("get_agent", e))?;
-        row.map(|(json,)| agent_from("get_agent", &json))
-            .transpose()
-    }
-
-    async fn load_agents_in(&self, partitions: &[u16]) -> StoreResult<Vec<AgentRecord>> {
-        let mut agents = Vec::new();
-        // Deduplicated, so an agent is returned once however often its partition is named.
-        for chunk in sorted_partitions(partitions).chunks(CHUNK) {
-            let mut q: QueryBuilder<'_, Sqlite> =
-                QueryBuilder::new("SELECT record FROM agents WHERE partition IN (");
-            let mut list = q.separated(", ");
-            for p in chunk {
-                list.push_bind(i64::from(*p));
-            }
-            q.push(")");
-            let rows: Vec<(String,)> = q
-                .build_query_as()
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| before_commit("load_agents_in", e))?;
-            for (json,) in &rows {
-                agents.push(agent_from("load_agents_in", json)?);
-            }
-        }
-        Ok(agents)
-    }
-
-    async fn coordinator_heartbeat(
-        &self,
-        node: &str,
-        now_ms: i64,
-        ttl_ms: i64,
-    ) -> StoreResult<Vec<String>> {
-        let node = node.to_owned();
-        let mut alive = self
-            .in_tx("coordinator_heartbeat", move |tx| {
-                Box::pin(async move {
-                    sqlx::query("DELETE FROM coordinators WHERE expires_ms < ?")
-                        .bind(now_ms.saturating_sub(PRUNE_DEAD_AFTER_MS))
-                        .execute(&mut **tx)
-                        .await?;
-                    sqlx::query(
-                        "INSERT INTO coordinators (node, expires_ms) VALUES (?, ?) \
-                         ON CONFLICT (node) DO UPDATE SET expires_ms = excluded.expires_ms",
-                    )
-                    .bind(node.as_str())
-                    .bind(now_ms.saturating_add(ttl_ms))
-                    .execute(&mut **tx)
-                    .await?;
-                    sqlx::query_scalar::<_, String>(
-                        "SELECT node FROM coordinators WHERE expires_ms > ?",
-                    )
-                    .bind(now_ms)
-                    .fetch_all(&mut **tx)
-                    .await
-                })
-            })
-            .await?;
-        // Sorted here rather than by SQL, so both stores order names the same (bytewise).
-        alive.sort_unstable();
-        Ok(alive)
-    }
-
-    async fn coordinator_leave(&self, node: &str) -> StoreResult<()> {
-        let node = node.to_owned();
-        self.in_tx("coordinator_leave", move |tx| {
-            Box::pin(async move {
-                sqlx::query("DELETE FROM coordinators WHERE node = ?")
-                    .bind(node)
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    /// A lease is live while `now_ms < expires_ms`. Rows are never deleted, so a partition's
-    /// fence only grows; a new row starts at fence 1.
-    async fn acquire_leases(
-        &self,
+    async fn take_leases(
+        tx: &mut Tx<Self>,
         node: &str,
         want: &[u16],
         now_ms: i64,
-        ttl_ms: i64,
-    ) -> StoreResult<Vec<Lease>> {
-        let node = node.to_owned();
-        let want = sorted_partitions(want);
-        let expires_ms = now_ms.saturating_add(ttl_ms);
-        let rows = self
-            .in_tx("acquire_leases", move |tx| {
-                Box::pin(async move {
-                    // Renew first, so the take below sees our own live leases as taken (no
-                    // fence bump for a lease we kept).
-                    sqlx::query(
-                        "UPDATE partition_leases SET expires_ms = ? \
-                         WHERE holder = ? AND expires_ms > ?",
-                    )
-                    .bind(expires_ms)
-                    .bind(node.as_str())
-                    .bind(now_ms)
-                    .execute(&mut **tx)
-                    .await?;
-                    for chunk in want.chunks(CHUNK) {
-                        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                            "INSERT INTO partition_leases (partition, holder, fence, expires_ms) ",
-                        );
-                        q.push_values(chunk, |mut b, p| {
-                            b.push_bind(i64::from(*p))
-                                .push_bind(node.as_str())
-                                .push_bind(1_i64)
-                                .push_bind(expires_ms);
-                        });
-                        // Only a free (expired or released) lease changes hands, and every
-                        // change of hands, including re-taking our own expired lease, bumps
-                        // the fence.
-                        q.push(
-                            " ON CONFLICT (partition) DO UPDATE SET holder = excluded.holder, \
-                             fence = partition_leases.fence + 1, \
-                             expires_ms = excluded.expires_ms \
-                             WHERE partition_leases.expires_ms <= ",
-                        )
-                        .push_bind(now_ms);
-                        q.build().execute(&mut **tx).await?;
-                    }
-                    sqlx::query_as::<_, LeaseRow>(
-                        "SELECT partition, holder, fence, expires_ms FROM partition_leases \
-                         WHERE holder = ? AND expires_ms > ?",
-                    )
-                    .bind(node.as_str())
-                    .bind(now_ms)
-                    .fetch_all(&mut **tx)
-                    .await
-                })
-            })
-            .await?;
-        leases_from(rows)
-    }
-
-    async fn release_leases(&self, node: &str, partitions: &[u16]) -> StoreResult<()> {
-        let node = node.to_owned();
-        let partitions = sorted_partitions(partitions);
-        self.in_tx("release_leases", move |tx| {
-            Box::pin(async move {
-                for chunk in partitions.chunks(CHUNK) {
-                    let mut q: QueryBuilder<'_, Sqlite> =
-                        QueryBuilder::new("UPDATE partition_leases SET expires_ms = ");
-                    q.push_bind(RELEASED_EXPIRES_MS)
-                        .push(" WHERE holder = ")
-                        .push_bind(node.as_str())
-                        .push(" AND partition IN (");
-                    let mut list = q.separated(", ");
-                    for p in chunk {
-                        list.push_bind(i64::from(*p));
-                    }
-                    q.push(")");
-                    q.build().execute(&mut **tx).await?;
-                }
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn list_leases(&self) -> StoreResult<Vec<Lease>> {
-        let rows: Vec<LeaseRow> =
-            sqlx::query_as("SELECT partition, holder, fence, expires_ms FROM partition_leases")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| before_commit("list_leases", e))?;
-        leases_from(rows)
-    }
-
-    async fn create_config(&self, new: NewConfigVersion) -> StoreResult<ConfigVersion> {
-        let files = to_json("create_config", &new.files)?;
-        let (name, hash, author, created_ms) = (
-            new.name.clone(),
-            new.hash.clone(),
-            new.author.clone(),
-            new.created_ms,
-        );
-        let id: i64 = self
-            .in_tx("create_config", move |tx| {
-                Box::pin(async move {
-                    sqlx::query_scalar(
-                        "INSERT INTO config_versions (name, files, hash, author, created_ms) \
-                         VALUES (?, ?, ?, ?, ?) RETURNING id",
-                    )
-                    .bind(name)
-                    .bind(files)
-                    .bind(hash)
-                    .bind(author)
-                    .bind(created_ms)
-                    .fetch_one(&mut **tx)
-                    .await
-                })
-            })
-            .await?;
-        Ok(ConfigVersion {
-            id,
-            name: new.name,
-            files: new.files,
-            hash: new.hash,
-            author: new.author,
-            created_ms: new.created_ms,
-        })
-    }
-
-    async fn get_config(&self, id: i64) -> StoreResult<Option<ConfigVersion>> {
-        let row: Option<ConfigRow> = sqlx::query_as(
-            "SELECT id, name, files, hash, author, created_ms FROM config_versions WHERE id = ?",
+        expires_ms: i64,
+    ) -> SqlResult<()> {
+        // Renew first, so the take below sees our own live leases as taken (no fence bump
+        // for a lease we kept).
+        sqlx::query(
+            "UPDATE partition_leases SET expires_ms = $1 WHERE holder = $2 AND expires_ms > $3",
         )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| before_commit("get_config", e))?;
-        row.map(ConfigRow::into_domain).transpose()
-    }
-
-    async fn list_configs(&self) -> StoreResult<Vec<ConfigVersion>> {
-        let rows: Vec<ConfigRow> = sqlx::query_as(
-            "SELECT id, name, files, hash, author, created_ms FROM config_versions ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("list_configs", e))?;
-        rows.into_iter().map(ConfigRow::into_domain).collect()
-    }
-
-    async fn create_assignment(&self, new: NewAssignment) -> StoreResult<Assignment> {
-        let target = to_json("create_assignment", &new.target)?;
-        let (config_id, author, created_ms) = (new.config_id, new.author.clone(), new.created_ms);
-        // An unknown config_id is a foreign-key violation, reported as NotFound.
-        let id: i64 = self
-            .in_tx("create_assignment", move |tx| {
-                Box::pin(async move {
-                    sqlx::query_scalar(
-                        "INSERT INTO assignments (config_id, target, author, created_ms) \
-                         VALUES (?, ?, ?, ?) RETURNING id",
-                    )
-                    .bind(config_id)
-                    .bind(target)
-                    .bind(author)
-                    .bind(created_ms)
-                    .fetch_one(&mut **tx)
-                    .await
-                })
-            })
-            .await?;
-        Ok(Assignment {
-            id,
-            config_id: new.config_id,
-            target: new.target,
-            author: new.author,
-            created_ms: new.created_ms,
-        })
-    }
-
-    async fn list_assignments(&self) -> StoreResult<Vec<Assignment>> {
-        let rows: Vec<AssignmentRow> = sqlx::query_as(
-            "SELECT id, config_id, target, author, created_ms FROM assignments ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("list_assignments", e))?;
-        rows.into_iter().map(AssignmentRow::into_domain).collect()
-    }
-
-    async fn create_token(&self, token: &TokenRecord) -> StoreResult<()> {
-        let t = token.clone();
-        let scope = scope_json(token)?;
-        self.in_tx("create_token", move |tx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO tokens (id, name, prefix, hash, created_ms, expires_ms, \
-                     revoked_ms, redeemed_ms, bound_uid, scope) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(t.id.as_str())
-                .bind(t.name.as_str())
-                .bind(t.prefix.as_str())
-                .bind(t.hash.as_slice())
-                .bind(t.created_ms)
-                .bind(t.expires_ms)
-                .bind(t.revoked_ms)
-                .bind(t.redeemed_ms)
-                .bind(t.bound_uid.as_ref().map(|u| u.as_bytes().as_slice()))
-                .bind(scope)
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
-        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, scope FROM tokens ORDER BY created_ms, id"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("list_tokens", e))?;
-        rows.into_iter().map(TokenRow::into_domain).collect()
-    }
-
-    async fn tokens_created_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>> {
-        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE created_ms >= ? \
-             ORDER BY created_ms, id"
-        ))
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("tokens_created_since", e))?;
-        rows.into_iter().map(TokenRow::into_domain).collect()
-    }
-
-    async fn tokens_revoked_since(&self, since_ms: i64) -> StoreResult<Vec<TokenRecord>> {
-        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE revoked_ms >= ? \
-             ORDER BY revoked_ms, id"
-        ))
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("tokens_revoked_since", e))?;
-        rows.into_iter().map(TokenRow::into_domain).collect()
-    }
-
-    async fn find_token(&self, hash: &[u8; 32]) -> StoreResult<Option<TokenRecord>> {
-        let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE hash = ?"
-        ))
-        .bind(hash.as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| before_commit("find_token", e))?;
-        row.map(TokenRow::into_domain).transpose()
-    }
-
-    async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
-        let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, scope FROM tokens WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| before_commit("get_token", e))?;
-        row.map(TokenRow::into_domain).transpose()
-    }
-
-    async fn revoke_token(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
-        let id = id.to_owned();
-        // Revoking twice keeps the first revocation time.
-        self.in_tx("revoke_token", move |tx| {
-            Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE tokens SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?",
-                )
-                .bind(at_ms)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                Ok(done.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
-    async fn redeem_token(
-        &self,
-        id: &str,
-        uid: InstanceUid,
-        now_ms: i64,
-    ) -> StoreResult<Redemption> {
-        let id = id.to_owned();
-        self.in_tx("redeem_token", move |tx| {
-            Box::pin(async move { redeem_in(tx, &id, uid, now_ms).await })
-        })
-        .await
-    }
-
-    /// All in one transaction: a connect storm commits once per batch, not once per agent.
-    async fn redeem_tokens(
-        &self,
-        reqs: &[RedeemRequest],
-        now_ms: i64,
-    ) -> StoreResult<Vec<Redemption>> {
-        let mut owned = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            owned.push((r.clone(), to_json("redeem_tokens", &r.audit.detail)?));
+        .bind(expires_ms)
+        .bind(node)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?;
+        for chunk in want.chunks(CHUNK) {
+            let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                "INSERT INTO partition_leases (partition, holder, fence, expires_ms) ",
+            );
+            q.push_values(chunk, |mut b, p| {
+                b.push_bind(i64::from(*p))
+                    .push_bind(node)
+                    .push_bind(1_i64)
+                    .push_bind(expires_ms);
+            });
+            // Only a free (expired or released) lease changes hands, and every change of
+            // hands, including re-taking our own expired lease, bumps the fence.
+            q.push(
+                " ON CONFLICT (partition) DO UPDATE SET holder = excluded.holder, \
+                 fence = partition_leases.fence + 1, expires_ms = excluded.expires_ms \
+                 WHERE partition_leases.expires_ms <= ",
+            )
+            .push_bind(now_ms);
+            q.build().execute(&mut **tx).await?;
         }
-        self.in_tx("redeem_tokens", move |tx| {
-            Box::pin(async move {
-                let mut out = Vec::with_capacity(owned.len());
-                for (r, detail) in &owned {
-                    let outcome = redeem_in(tx, &r.token_id, r.uid, now_ms).await?;
-                    if outcome == Redemption::Bound {
-                        insert_audit(tx, &r.audit, detail.clone()).await?;
-                    }
-                    out.push(outcome);
-                }
-                Ok(out)
-            })
-        })
-        .await
+        Ok(())
     }
 
-    async fn create_api_token(&self, token: &ApiTokenRecord) -> StoreResult<()> {
-        let t = token.clone();
-        self.in_tx("create_api_token", move |tx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO api_tokens (id, name, role, hash, created_ms) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(t.id.as_str())
-                .bind(t.name.as_str())
-                .bind(role_str(t.role))
-                .bind(t.hash.as_slice())
-                .bind(t.created_ms)
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
-            })
-        })
-        .await
+    async fn release_leases(tx: &mut Tx<Self>, node: &str, partitions: &[u16]) -> SqlResult<()> {
+        for chunk in partitions.chunks(CHUNK) {
+            let mut q: QueryBuilder<'_, Sqlite> =
+                QueryBuilder::new("UPDATE partition_leases SET expires_ms = ");
+            q.push_bind(RELEASED_EXPIRES_MS)
+                .push(" WHERE holder = ")
+                .push_bind(node)
+                .push(" AND partition");
+            push_partitions(&mut q, chunk);
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 
-    async fn find_api_token(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiTokenRecord>> {
-        let row: Option<ApiTokenRow> = sqlx::query_as(
-            "SELECT id, name, role, hash, created_ms FROM api_tokens \
-             WHERE hash = ? AND revoked_ms IS NULL",
-        )
-        .bind(hash.as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| before_commit("find_api_token", e))?;
-        row.map(ApiTokenRow::into_domain).transpose()
+    /// One by one, in request order, each seeing the bindings before it.
+    async fn redeem(tx: &mut Tx<Self>, reqs: &[Claim], now_ms: i64) -> SqlResult<Vec<Redemption>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for (id, uid) in reqs {
+            out.push(redeem_one(tx, id, *uid, now_ms).await?);
+        }
+        Ok(out)
     }
 
-    async fn list_api_tokens(&self) -> StoreResult<Vec<ApiTokenListing>> {
-        let rows: Vec<ApiTokenListingRow> = sqlx::query_as(
-            "SELECT id, name, role, hash, created_ms, revoked_ms FROM api_tokens \
-             ORDER BY created_ms, id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("list_api_tokens", e))?;
-        rows.into_iter()
-            .map(ApiTokenListingRow::into_domain)
-            .collect()
-    }
-
-    async fn revoke_api_token(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
-        let id = id.to_owned();
-        // Revoking twice keeps the first revocation time.
-        self.in_tx("revoke_api_token", move |tx| {
-            Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE api_tokens SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?",
-                )
-                .bind(at_ms)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                Ok(done.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
-    async fn count_api_tokens(&self) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| before_commit("count_api_tokens", e))?;
-        u64::try_from(n).map_err(|e| corrupt("count_api_tokens", e))
-    }
-
-    async fn create_identity(&self, identity: &IdentityRecord) -> StoreResult<()> {
-        let i = identity.clone();
-        self.in_tx("create_identity", move |tx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO identities (serial, instance_uid, created_ms, not_after_ms, \
-                     confirmed_ms, revoked_ms, fingerprint, cert_pem) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(i.serial.as_str())
-                .bind(i.instance_uid.as_bytes().as_slice())
-                .bind(i.created_ms)
-                .bind(i.not_after_ms)
-                .bind(i.confirmed_ms)
-                .bind(i.revoked_ms)
-                .bind(i.fingerprint.as_str())
-                .bind(i.cert_pem.as_str())
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn list_identities(&self) -> StoreResult<Vec<IdentityRecord>> {
-        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities ORDER BY created_ms, serial"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("list_identities", e))?;
-        rows.into_iter().map(IdentityRow::into_domain).collect()
-    }
-
-    async fn identities_changed_since(&self, since_ms: i64) -> StoreResult<Vec<IdentityRecord>> {
-        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities \
-             WHERE created_ms >= ? OR confirmed_ms >= ? OR revoked_ms >= ? \
-             ORDER BY created_ms, serial"
-        ))
-        .bind(since_ms)
-        .bind(since_ms)
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("identities_changed_since", e))?;
-        rows.into_iter().map(IdentityRow::into_domain).collect()
-    }
-
-    async fn get_identity(&self, serial: &str) -> StoreResult<Option<IdentityRecord>> {
-        let row: Option<IdentityRow> = sqlx::query_as(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE serial = ?"
-        ))
-        .bind(serial)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| before_commit("get_identity", e))?;
-        row.map(IdentityRow::into_domain).transpose()
-    }
-
-    async fn identities_of(&self, uid: InstanceUid) -> StoreResult<Vec<IdentityRecord>> {
-        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE instance_uid = ? \
-             ORDER BY created_ms, serial"
-        ))
-        .bind(uid.as_bytes().as_slice())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("identities_of", e))?;
-        rows.into_iter().map(IdentityRow::into_domain).collect()
-    }
-
-    async fn confirm_identity(&self, serial: &str, at_ms: i64) -> StoreResult<bool> {
-        let serial = serial.to_owned();
-        self.in_tx("confirm_identity", move |tx| {
-            Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE identities SET confirmed_ms = COALESCE(confirmed_ms, ?) \
-                     WHERE serial = ?",
-                )
-                .bind(at_ms)
-                .bind(serial)
-                .execute(&mut **tx)
-                .await?;
-                Ok(done.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
-    async fn revoke_identity(&self, serial: &str, at_ms: i64) -> StoreResult<bool> {
-        let serial = serial.to_owned();
-        self.in_tx("revoke_identity", move |tx| {
-            Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE identities SET revoked_ms = COALESCE(revoked_ms, ?) \
-                     WHERE serial = ?",
-                )
-                .bind(at_ms)
-                .bind(serial)
-                .execute(&mut **tx)
-                .await?;
-                Ok(done.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
-    async fn revoked_identities(&self) -> StoreResult<Vec<IdentityRecord>> {
-        let rows: Vec<IdentityRow> = sqlx::query_as(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE revoked_ms IS NOT NULL \
-             ORDER BY revoked_ms, serial"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| before_commit("revoked_identities", e))?;
-        rows.into_iter().map(IdentityRow::into_domain).collect()
-    }
-
-    /// Appends `entry` and returns its new id; `entry.id` is ignored.
-    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<i64> {
-        let detail = to_json("append_audit", &entry.detail)?;
-        let e = entry.clone();
-        self.in_tx("append_audit", move |tx| {
-            Box::pin(async move { insert_audit(tx, &e, detail).await })
-        })
-        .await
-    }
-
-    /// Newest first (by `at_ms`, then by id); `since_ms` is inclusive, `until_ms` exclusive;
-    /// at most `limit` entries (so a limit of 0 yields none).
-    async fn query_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
-        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-            "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, detail \
-             FROM audit WHERE 1 = 1",
-        );
-        push_audit_filters(&mut q, query);
-        q.push(" ORDER BY at_ms DESC, id DESC LIMIT ")
-            .push_bind(i64::from(query.limit));
-        let rows: Vec<AuditRow> = q
-            .build_query_as()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| before_commit("query_audit", e))?;
-        rows.into_iter().map(AuditRow::into_domain).collect()
-    }
-
-    async fn scan_audit(
-        &self,
-        query: &AuditQuery,
-        after: Option<AuditCursor>,
-    ) -> StoreResult<Vec<AuditEntry>> {
-        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-            "SELECT id, at_ms, actor, action, instance_uid, source_ip, reason, detail \
-             FROM audit WHERE 1 = 1",
-        );
-        push_audit_filters(&mut q, query);
-        push_audit_page(&mut q, after, query.limit);
-        let rows: Vec<AuditRow> = q
-            .build_query_as()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| before_commit("scan_audit", e))?;
-        rows.into_iter().map(AuditRow::into_domain).collect()
+    async fn insert_audits(tx: &mut Tx<Self>, entries: &[(&AuditEntry, &str)]) -> SqlResult<()> {
+        for chunk in entries.chunks(CHUNK) {
+            let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                "INSERT INTO audit (at_ms, actor, action, instance_uid, source_ip, reason, detail) ",
+            );
+            // Rows are inserted in VALUES order, so ids grow in that order.
+            q.push_values(chunk, |mut b, (e, detail)| {
+                b.push_bind(e.at_ms)
+                    .push_bind(e.actor.as_str())
+                    .push_bind(e.action.as_str())
+                    .push_bind(e.instance_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+                    .push_bind(e.source_ip.map(|ip| ip.to_string()))
+                    .push_bind(e.reason.as_deref())
+                    .push_bind(*detail);
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 }
 
@@ -999,12 +324,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
     use std::sync::Arc;
-    use std::time::Instant;
 
-    use shared::domain::{ConfigFile, Health, Transport};
+    use shared::domain::{AgentRecord, ConfigFile, Health, TokenRecord, Transport};
+    use shared::store::{AuditQuery, NewConfigVersion, Store};
 
     use super::*;
-    use crate::store::conformance;
+    use crate::store::{conformance, testing};
 
     /// A database file in the temp dir, removed (with its WAL files) when dropped.
     struct TempDb(PathBuf);
@@ -1175,25 +500,7 @@ mod tests {
     #[tokio::test]
     async fn audit_is_append_only() {
         let store = SqliteStore::open_in_memory().await.expect("open");
-        let entry = conformance::audit_probe(&store).await;
-        for sql in [
-            "UPDATE audit SET actor = 'mallory' WHERE id = ?",
-            "UPDATE audit SET detail = '{}' WHERE id = ?",
-            "DELETE FROM audit WHERE id = ?",
-        ] {
-            let err = sqlx::query(sql)
-                .bind(entry.id)
-                .execute(&store.pool)
-                .await
-                .expect_err(sql);
-            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
-        }
-        let err = sqlx::query("DELETE FROM audit")
-            .execute(&store.pool)
-            .await
-            .expect_err("delete all");
-        assert!(err.to_string().contains("append-only"), "{err}");
-        conformance::assert_audit_intact(&store, &entry).await;
+        testing::assert_audit_append_only(&store, &["DELETE FROM audit"]).await;
     }
 
     #[tokio::test]
@@ -1343,40 +650,21 @@ mod tests {
         a
     }
 
-    async fn upsert_10k(store: &SqliteStore, label: &str) {
-        let agents: Vec<AgentRecord> = (0..10_000).map(bulk_agent).collect();
-        let started = Instant::now();
-        store.upsert_agents(&agents).await.expect("upsert");
-        let inserted = started.elapsed();
-        let started = Instant::now();
-        store.upsert_agents(&agents).await.expect("upsert again");
-        let updated = started.elapsed();
-        let started = Instant::now();
-        let loaded = store.load_agents().await.expect("load");
-        let load = started.elapsed();
-        eprintln!(
-            "{label}: upsert 10k new {inserted:?}, upsert 10k existing {updated:?}, \
-             load {load:?}"
-        );
-        assert_eq!(loaded.len(), agents.len());
-        let by_uid: std::collections::HashMap<InstanceUid, AgentRecord> =
-            loaded.into_iter().map(|a| (a.instance_uid, a)).collect();
-        for a in &agents {
-            assert_eq!(by_uid.get(&a.instance_uid), Some(a));
-        }
+    fn bulk_agents() -> Vec<AgentRecord> {
+        (0..10_000).map(bulk_agent).collect()
     }
 
     #[tokio::test]
     async fn upsert_10k_agents_in_memory() {
         let store = SqliteStore::open_in_memory().await.expect("open");
-        upsert_10k(&store, "in-memory").await;
+        testing::upsert_10k(&store, "in-memory", &bulk_agents()).await;
     }
 
     #[tokio::test]
     async fn upsert_10k_agents_file() {
         let db = TempDb::new();
         let store = SqliteStore::open(&db.0).await.expect("open");
-        upsert_10k(&store, "file").await;
+        testing::upsert_10k(&store, "file", &bulk_agents()).await;
         store.close().await;
     }
 

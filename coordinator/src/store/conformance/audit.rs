@@ -353,3 +353,45 @@ pub async fn assert_audit_intact(store: &dyn Store, entry: &AuditEntry) {
         .expect("query_audit");
     assert_eq!(found, vec![entry.clone()], "the audit entry is intact");
 }
+
+/// A batch append writes every entry, in order, as one append each would.
+pub async fn audit_batch(store: &dyn Store) {
+    let base: i64 = 3_000_000_000_000 + rand::random_range(0..1_000_000_000_000i64) * 16;
+    let actor = unique("batch-actor");
+    let uid = InstanceUid::new_v7();
+    let entries: Vec<AuditEntry> = (0..700)
+        .map(|i| AuditEntry {
+            id: 0,
+            at_ms: base,
+            actor: actor.clone(),
+            action: "agent.described".into(),
+            instance_uid: Some(uid),
+            source_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7))),
+            reason: None,
+            detail: json!({ "n": i, "text": "<b>\u{0}</b>" }),
+        })
+        .collect();
+    store.append_audits(&[]).await.expect("empty batch");
+    store.append_audits(&entries).await.expect("append batch");
+    let query = AuditQuery {
+        actor: Some(actor),
+        limit: 1_000,
+        ..AuditQuery::default()
+    };
+    let got = store.query_audit(&query).await.expect("query");
+    assert_eq!(
+        got.len(),
+        entries.len(),
+        "every entry of the batch is written"
+    );
+    // Newest first, ids growing in batch order: the last appended comes first.
+    let ns: Vec<i64> = got
+        .iter()
+        .rev()
+        .map(|e| e.detail["n"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(ns, (0..700).collect::<Vec<i64>>(), "in batch order");
+    let first = &got[got.len() - 1];
+    assert_eq!(first.instance_uid, Some(uid));
+    assert_eq!(first.detail["text"], "<b>\u{0}</b>");
+}

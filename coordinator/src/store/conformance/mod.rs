@@ -59,7 +59,7 @@ mod tokens;
 
 pub use agents::{agents_bulk, agents_by_partition, agents_round_trip, agents_upsert_updates};
 pub use api_tokens::{api_token_revocation, api_tokens};
-pub use audit::{assert_audit_intact, audit, audit_probe, audit_scan};
+pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan};
 pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{lease_race, lease_race_between, leases, membership};
@@ -91,6 +91,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     identities(store.as_ref()).await;
     audit(store.as_ref()).await;
     audit_scan(store.as_ref()).await;
+    audit_batch(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {
