@@ -284,6 +284,16 @@ impl Running {
     }
 }
 
+/// Where a browser on this machine reaches a listener bound to `addr` (an unspecified address
+/// is reachable on loopback).
+fn console_host(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
 /// Runs until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -296,6 +306,11 @@ pub async fn run(
     }
     // Printed only once everything is up: scripts wait for this line.
     println!("ampora {VERSION} listening on {}", running.addr);
+    println!(
+        "console: http://{}/ui/ (sign in with the API token in {})",
+        console_host(running.addr),
+        running.admin_token_path.display()
+    );
     tracing::info!(addr = %running.addr, version = VERSION, "ampora is serving (embedded mode)");
     shutdown.await;
     tracing::info!("shutting down");

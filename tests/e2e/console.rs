@@ -6,7 +6,7 @@ use agent::{wait_for, Agent, AgentOptions};
 use fantoccini::Locator;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::browser::Browser;
+use tests::browser::{console_session, Browser};
 use tests::{eventually, Api, Fleet, TestServer, DEADLINE};
 
 use crate::python::{python, PyAgent};
@@ -22,18 +22,15 @@ fn base(server: &TestServer) -> String {
 async fn sign_in(b: &Browser, server: &TestServer, token: &str) -> anyhow::Result<()> {
     b.goto(&format!("{}/ui/", base(server))).await?;
     // Not signed in: the console sends the browser to its sign-in page.
-    b.wait("input#token").await?.send_keys(token).await?;
-    b.wait("section.signin button[type=submit]")
-        .await?
-        .click()
-        .await?;
+    b.fill("input#token", token).await?;
+    b.click("section.signin button[type=submit]").await?;
     b.wait("#fleet-live").await?;
     Ok(())
 }
 
 /// Clicks a button guarded by a confirmation, and confirms.
 async fn click_confirmed(b: &Browser, css: &str) -> anyhow::Result<()> {
-    b.wait(css).await?.click().await?;
+    b.click(css).await?;
     b.client.accept_alert().await?;
     Ok(())
 }
@@ -98,18 +95,9 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
 
     // A token, created in the browser and shown once.
     b.goto(&format!("{}/ui/tokens", base(&server))).await?;
-    b.wait("#new-token input#name")
-        .await?
-        .send_keys("browser-made")
-        .await?;
-    b.wait("#new-token input#ttl")
-        .await?
-        .send_keys("1h")
-        .await?;
-    b.wait("#new-token button[type=submit]")
-        .await?
-        .click()
-        .await?;
+    b.fill("#new-token input#name", "browser-made").await?;
+    b.fill("#new-token input#ttl", "1h").await?;
+    b.click("#new-token button[type=submit]").await?;
     let token = b.text("#new-token-text").await?;
     assert!(token.starts_with("amp-bs."), "{token}");
     b.screenshot("03-token-created").await?;
@@ -144,10 +132,7 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
         .await?;
     assert_eq!(rows.len(), 1, "the filter leaves one agent");
     assert!(b.text("#fleet-live tbody").await?.contains(XSS_NAME));
-    b.wait(&format!("tr[data-uid='{uid}'] td a"))
-        .await?
-        .click()
-        .await?;
+    b.click(&format!("tr[data-uid='{uid}'] td a")).await?;
     b.wait("#capabilities").await?;
     let declared: Vec<String> = {
         let mut v = Vec::new();
@@ -186,23 +171,12 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
         })
         .await?;
     b.goto(&format!("{}/ui/configs", base(&server))).await?;
-    b.wait("form.stacked input#name")
-        .await?
-        .send_keys("browser-config")
+    b.fill("form.stacked input#name", "browser-config").await?;
+    b.fill("form.stacked textarea#body", "receivers:\n  otlp: {}\n")
         .await?;
-    b.wait("form.stacked textarea#body")
-        .await?
-        .send_keys("receivers:\n  otlp: {}\n")
-        .await?;
-    b.wait("form.stacked button[type=submit]")
-        .await?
-        .click()
-        .await?;
+    b.click("form.stacked button[type=submit]").await?;
     b.wait("#config-body").await?;
-    b.wait("#push input#value")
-        .await?
-        .send_keys(&uid.to_string())
-        .await?;
+    b.fill("#push input#value", &uid.to_string()).await?;
     click_confirmed(&b, "#push button[type=submit]").await?;
     assert!(b.text("#pushed").await?.contains("1 agent"));
     b.goto(&format!("{}/ui/?q={}", base(&server), uid)).await?;
@@ -358,14 +332,7 @@ async fn a_viewer_has_no_write_controls_and_forged_posts_are_refused() -> anyhow
     b.screenshot("20-viewer-forbidden").await?;
 
     // The viewer's own session and CSRF secret, replayed by hand: the role still decides.
-    let cookie = b
-        .client
-        .get_all_cookies()
-        .await?
-        .into_iter()
-        .find(|c| c.name() == "ampora_session")
-        .map(|c| c.value().to_string())
-        .ok_or_else(|| anyhow::anyhow!("no session cookie"))?;
+    let cookie = b.session_cookie().await?;
     b.goto(&format!("{}/ui/", base(&server))).await?;
     let csrf = b
         .wait("input[name=csrf]")
@@ -392,14 +359,7 @@ async fn a_viewer_has_no_write_controls_and_forged_posts_are_refused() -> anyhow
     // An admin's session without its CSRF secret, or from another site: refused too.
     let admin = Browser::start().await?;
     sign_in(&admin, &server, &server.api.token.clone()).await?;
-    let admin_cookie = admin
-        .client
-        .get_all_cookies()
-        .await?
-        .into_iter()
-        .find(|c| c.name() == "ampora_session")
-        .map(|c| c.value().to_string())
-        .ok_or_else(|| anyhow::anyhow!("no session cookie"))?;
+    let admin_cookie = admin.session_cookie().await?;
     let forged = vec![
         ("csrf", "not-the-secret".to_string()),
         ("config_id", config_id.to_string()),
@@ -422,7 +382,7 @@ async fn a_viewer_has_no_write_controls_and_forged_posts_are_refused() -> anyhow
 
     // Signing out ends the session on the server: the same cookie no longer works.
     admin.goto(&format!("{}/ui/", base(&server))).await?;
-    admin.wait("header .who button").await?.click().await?;
+    admin.click("header .who button").await?;
     admin.wait("input#token").await?;
     let after = http
         .get(format!("{}/ui/", base(&server)))
@@ -452,22 +412,7 @@ async fn the_console_runs_on_every_coordinator() -> anyhow::Result<()> {
     wait_for(&mut st, DEADLINE, |s| s.connected && s.replies > 0).await?;
     for i in 0..2 {
         let api: Api = cluster.api_of(i)?;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        let signed = http
-            .post(format!("{}/ui/login", api.base))
-            .form(&[("token", api.token.clone())])
-            .send()
-            .await?;
-        assert_eq!(signed.status(), 303);
-        let cookie = signed
-            .headers()
-            .get("set-cookie")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .unwrap_or_default()
-            .to_string();
+        let (http, cookie) = console_session(&api.base, &api.token).await?;
         eventually(
             "the agent on this coordinator's fleet page",
             DEADLINE,

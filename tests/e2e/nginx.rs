@@ -434,6 +434,20 @@ async fn apply_through_nginx(
     assert_eq!(a["remote_config"]["status"], "APPLIED");
     assert_eq!(a["remote_config"]["hash"], hash);
 
+    // The console through nginx: `/` leads to it, signing in works, the agent is listed.
+    let base = format!("http://{}", nginx.addr);
+    let (http, cookie) = tests::browser::console_session(&base, &server.api.token).await?;
+    let root = http.get(format!("{base}/")).send().await?;
+    assert_eq!(root.headers()["location"], "/ui/");
+    let fleet = http
+        .get(format!("http://{}/ui/?q={uid}", nginx.addr))
+        .header("cookie", cookie)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(fleet.contains("proxied-collector"), "{fleet}");
+
     agent.stop().await;
     api.wait_agent(&uid, "offline after goodbye", |a| a["connected"] == false)
         .await?;

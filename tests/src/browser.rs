@@ -20,6 +20,32 @@ pub fn screenshot_dir() -> PathBuf {
         .join("console-screenshots")
 }
 
+/// Signs in to the console at `base` (`http://host:port`) without a browser: a client that
+/// follows no redirects and the `ampora_session=…` cookie to send with it.
+pub async fn console_session(base: &str, token: &str) -> anyhow::Result<(reqwest::Client, String)> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let signed = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", token)])
+        .send()
+        .await?;
+    anyhow::ensure!(
+        signed.status() == 303,
+        "sign-in answered {}",
+        signed.status()
+    );
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("no session cookie")?
+        .to_string();
+    Ok((http, cookie))
+}
+
 pub struct Browser {
     pub client: Client,
     driver: Child,
@@ -87,6 +113,27 @@ impl Browser {
             .for_element(Locator::Css(css))
             .await
             .with_context(|| format!("waiting for `{css}`"))
+    }
+
+    /// Types `text` into the first element matching `css`.
+    pub async fn fill(&self, css: &str, text: &str) -> anyhow::Result<()> {
+        Ok(self.wait(css).await?.send_keys(text).await?)
+    }
+
+    /// Clicks the first element matching `css`.
+    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
+        Ok(self.wait(css).await?.click().await?)
+    }
+
+    /// The console's session cookie this browser holds (HttpOnly: WebDriver sees it, pages not).
+    pub async fn session_cookie(&self) -> anyhow::Result<String> {
+        self.client
+            .get_all_cookies()
+            .await?
+            .into_iter()
+            .find(|c| c.name() == "ampora_session")
+            .map(|c| c.value().to_string())
+            .context("no session cookie")
     }
 
     /// Whether an element matches `css` now.
