@@ -222,12 +222,12 @@ fn live_section(p: &FleetParams, page: &FleetPage) -> Markup {
             a.count href=(p.with("connected", "true")) { strong { (counts.connected) } " connected" }
             @for h in HealthState::ALL {
                 a class={"count health-" (h.as_str())} href=(p.with("health", h.as_str())) {
-                    strong { (counts.health.get(h.as_str()).copied().unwrap_or(0)) } " " (h.as_str())
+                    strong { (counts.health(h)) } " " (h.as_str())
                 }
             }
             @for s in ConfigView::all() {
                 a class={"count config-" (s.as_str())} href=(p.with("config", s.as_str())) {
-                    strong { (counts.config.get(s.as_str()).copied().unwrap_or(0)) } " " (config_label(s))
+                    strong { (counts.config(s)) } " " (config_label(s))
                 }
             }
         }

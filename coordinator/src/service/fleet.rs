@@ -101,6 +101,9 @@ pub struct FleetQuery {
 }
 
 impl FleetQuery {
+    /// Whether `a` passes every filter. Called for every agent on every page view, so it
+    /// allocates nothing: labels compare in place, the text is lowercased once per query
+    /// ([`FleetQuery::prepared`]).
     pub fn matches(&self, a: &AgentRecord) -> bool {
         self.connected.is_none_or(|c| a.connected == c)
             && self.health.is_none_or(|h| HealthState::of(a) == h)
@@ -110,17 +113,54 @@ impl FleetQuery {
                 .gateway
                 .as_deref()
                 .is_none_or(|g| a.gateway.as_deref() == Some(g))
-            && (self.labels.is_empty() || a.description.matches(&self.labels))
+            && self.labels.iter().all(|(k, v)| attribute_is(a, k, v))
             && self.text.as_deref().is_none_or(|t| text_matches(a, t))
+    }
+
+    /// The query with its text lowercased, ready for [`FleetQuery::matches`].
+    pub fn prepared(&self) -> Self {
+        Self {
+            text: self.text.as_ref().map(|t| t.to_lowercase()),
+            ..self.clone()
+        }
     }
 }
 
-fn text_matches(a: &AgentRecord, text: &str) -> bool {
-    let text = text.to_lowercase();
-    a.instance_uid.to_string().contains(&text)
-        || a.description
-            .get_str("service.name")
-            .is_some_and(|n| n.to_lowercase().contains(&text))
+/// Whether attribute `key` (identifying, else non-identifying) is `value`, as
+/// [`shared::domain::Description::matches`] decides, without copying the attribute.
+fn attribute_is(a: &AgentRecord, key: &str, value: &str) -> bool {
+    let d = &a.description;
+    match d
+        .identifying
+        .get(key)
+        .or_else(|| d.non_identifying.get(key))
+    {
+        Some(serde_json::Value::String(s)) => s == value,
+        Some(other) => other.to_string() == value,
+        None => false,
+    }
+}
+
+/// `lower` (already lowercase) in the service name, ignoring ASCII case, or in the uid.
+fn text_matches(a: &AgentRecord, lower: &str) -> bool {
+    let name = match a.description.identifying.get("service.name") {
+        Some(serde_json::Value::String(s)) => Some(s.as_str()),
+        _ => match a.description.non_identifying.get("service.name") {
+            Some(serde_json::Value::String(s)) => Some(s.as_str()),
+            _ => None,
+        },
+    };
+    // Only a query that could be part of a uid (hex digits and dashes) is looked for there.
+    let uid_like = lower.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    name.is_some_and(|n| contains_ignoring_ascii_case(n, lower))
+        || (uid_like && a.instance_uid.to_string().contains(lower))
+}
+
+fn contains_ignoring_ascii_case(haystack: &str, lower: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), lower.as_bytes());
+    n.is_empty()
+        || h.windows(n.len())
+            .any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
 }
 
 /// How many of the matching agents are in each state.
@@ -128,16 +168,35 @@ fn text_matches(a: &AgentRecord, text: &str) -> bool {
 pub struct FleetCounts {
     pub matched: usize,
     pub connected: usize,
-    pub health: BTreeMap<&'static str, usize>,
-    pub config: BTreeMap<&'static str, usize>,
+    health: [usize; 3],
+    config: [usize; 6],
 }
 
 impl FleetCounts {
     fn add(&mut self, a: &AgentRecord) {
         self.matched += 1;
         self.connected += usize::from(a.connected);
-        *self.health.entry(HealthState::of(a).as_str()).or_default() += 1;
-        *self.config.entry(ConfigView::of(a).as_str()).or_default() += 1;
+        self.health[HealthState::ALL
+            .iter()
+            .position(|h| *h == HealthState::of(a))
+            .unwrap_or(0)] += 1;
+        let config = ConfigView::of(a);
+        if let Some(i) = ConfigView::all().position(|c| c == config) {
+            self.config[i] += 1;
+        }
+    }
+
+    pub fn health(&self, h: HealthState) -> usize {
+        HealthState::ALL
+            .iter()
+            .position(|x| *x == h)
+            .map_or(0, |i| self.health[i])
+    }
+
+    pub fn config(&self, c: ConfigView) -> usize {
+        ConfigView::all()
+            .position(|x| x == c)
+            .map_or(0, |i| self.config[i])
     }
 }
 
@@ -155,9 +214,20 @@ struct Pager<'q> {
     query: &'q FleetQuery,
     counts: FleetCounts,
     page: Vec<AgentRecord>,
+    /// The largest uid kept, once the page is full: only a smaller one gets in.
+    largest: Option<InstanceUid>,
 }
 
-impl Pager<'_> {
+impl<'q> Pager<'q> {
+    fn new(query: &'q FleetQuery) -> Self {
+        Self {
+            query,
+            counts: FleetCounts::default(),
+            page: Vec::with_capacity(query.limit + 1),
+            largest: None,
+        }
+    }
+
     fn offer(&mut self, a: &AgentRecord) {
         if !self.query.matches(a) {
             return;
@@ -170,22 +240,22 @@ impl Pager<'_> {
         {
             return;
         }
-        let keep = self.query.limit + 1;
-        if self.page.len() == keep {
-            // Full: only a smaller uid than the largest kept gets in.
-            let largest = self.page.iter().map(|r| r.instance_uid).max();
-            if largest.is_some_and(|l| a.instance_uid >= l) {
-                return;
+        if self.page.len() <= self.query.limit {
+            self.page.push(a.clone());
+            if self.page.len() > self.query.limit {
+                self.largest = self.page.iter().map(|r| r.instance_uid).max();
             }
-            if let Some(i) = self
-                .page
-                .iter()
-                .position(|r| Some(r.instance_uid) == largest)
-            {
-                self.page.swap_remove(i);
-            }
+            return;
         }
-        self.page.push(a.clone());
+        let Some(largest) = self.largest else { return };
+        if a.instance_uid >= largest {
+            return;
+        }
+        // Rare (a random order replaces about limit × ln(n / limit) times): find it again.
+        if let Some(i) = self.page.iter().position(|r| r.instance_uid == largest) {
+            self.page[i] = a.clone();
+        }
+        self.largest = self.page.iter().map(|r| r.instance_uid).max();
     }
 
     fn finish(mut self) -> FleetPage {
@@ -205,18 +275,18 @@ impl Pager<'_> {
 impl Coordinator {
     /// One page of the fleet and the counts of everything that matches `query`.
     pub async fn fleet_page(&self, query: &FleetQuery) -> Result<FleetPage, StoreError> {
-        let mut pager = Pager {
-            query,
-            counts: FleetCounts::default(),
-            page: Vec::with_capacity(query.limit + 1),
-        };
+        let query = query.prepared();
+        let mut pager = Pager::new(&query);
+        let everything_here = self.holds_all();
         let mut seen = std::collections::HashSet::new();
         for slot in self.all_slots() {
             let entry = slot.lock().await;
-            seen.insert(entry.state.record.instance_uid);
+            if !everything_here {
+                seen.insert(entry.state.record.instance_uid);
+            }
             pager.offer(&entry.state.record);
         }
-        if !self.holds_all() {
+        if !everything_here {
             for a in self.store.load_agents().await? {
                 if !seen.contains(&a.instance_uid) {
                     pager.offer(&a);
@@ -241,11 +311,7 @@ mod tests {
     }
 
     fn page(agents: &[AgentRecord], q: &FleetQuery) -> FleetPage {
-        let mut p = Pager {
-            query: q,
-            counts: FleetCounts::default(),
-            page: Vec::new(),
-        };
+        let mut p = Pager::new(q);
         for a in agents.iter().rev() {
             p.offer(a);
         }
@@ -273,6 +339,41 @@ mod tests {
     }
 
     #[test]
+    fn pages_of_a_shuffled_fleet_are_its_sorted_uids() {
+        let mut agents: Vec<_> = (0..1000)
+            .map(|_| {
+                let mut a = agent(0, "x");
+                a.instance_uid = InstanceUid::new_v7();
+                a
+            })
+            .collect();
+        let mut want: Vec<_> = agents.iter().map(|a| a.instance_uid).collect();
+        want.sort();
+        // A fixed shuffle (a stride coprime with the length), so a failure repeats.
+        agents = (0..1000)
+            .map(|i| agents[(i * 617) % 1000].clone())
+            .collect();
+        let mut q = FleetQuery {
+            limit: 7,
+            ..FleetQuery::default()
+        };
+        let mut got = Vec::new();
+        loop {
+            let mut p = Pager::new(&q);
+            for a in &agents {
+                p.offer(a);
+            }
+            let p = p.finish();
+            got.extend(p.rows.iter().map(|r| r.instance_uid));
+            match p.next {
+                Some(n) => q.after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn filters_and_counts() {
         let mut a = agent(1, "Gateway-Collector");
         a.connected = true;
@@ -291,10 +392,10 @@ mod tests {
             },
         );
         assert_eq!(all.counts.connected, 1);
-        assert_eq!(all.counts.health.get("unhealthy"), Some(&1));
-        assert_eq!(all.counts.health.get("unknown"), Some(&1));
-        assert_eq!(all.counts.config.get("none"), Some(&1));
-        assert_eq!(all.counts.config.get("cannot_receive"), Some(&1));
+        assert_eq!(all.counts.health(HealthState::Unhealthy), 1);
+        assert_eq!(all.counts.health(HealthState::Unknown), 1);
+        assert_eq!(all.counts.config(ConfigView::State(ConfigState::None)), 1);
+        assert_eq!(all.counts.config(ConfigView::CannotReceive), 1);
         for q in [
             FleetQuery {
                 text: Some("collector".into()),
@@ -317,7 +418,7 @@ mod tests {
                 ..FleetQuery::default()
             },
         ] {
-            let q = FleetQuery { limit: 10, ..q };
+            let q = FleetQuery { limit: 10, ..q }.prepared();
             let p = page(&agents, &q);
             assert_eq!(p.rows.len(), 1, "{q:?}");
             assert_eq!(p.rows[0].instance_uid.0[0], 1, "{q:?}");
