@@ -136,7 +136,11 @@ fn attribute_is(a: &AgentRecord, key: &str, value: &str) -> bool {
         .or_else(|| d.non_identifying.get(key))
     {
         Some(serde_json::Value::String(s)) => s == value,
-        Some(other) => other.to_string() == value,
+        // Rare (attributes are strings): a number or boolean compared as its JSON text.
+        Some(other) => {
+            let text = other.to_string();
+            text == value
+        }
         None => false,
     }
 }
