@@ -27,6 +27,14 @@ impl Api {
         })
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
         let resp = req
             .bearer_auth(&self.token)

@@ -152,3 +152,62 @@ pub async fn run(opts: &ConsoleOptions) -> anyhow::Result<Vec<Shape>> {
     drop(server);
     Ok(out)
 }
+
+/// Console pages open during a run, each as a browser's Fleet page: signed in, holding the
+/// page's event stream, fetching the rows fragment on every event.
+pub struct Watchers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    refreshes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Watchers {
+    pub async fn start(base: &str, token: &str, n: usize) -> anyhow::Result<Self> {
+        let refreshes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let http = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?;
+            let signed = http
+                .post(format!("{base}/ui/login"))
+                .form(&[("token", token)])
+                .send()
+                .await?;
+            let cookie = signed
+                .headers()
+                .get("set-cookie")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .context("no session cookie")?
+                .to_string();
+            let mut events = http
+                .get(format!("{base}/ui/fleet/events"))
+                .header("cookie", &cookie)
+                .send()
+                .await?;
+            let rows = format!("{base}/ui/fleet/rows?");
+            let count = refreshes.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(chunk)) = events.chunk().await {
+                    if !chunk.windows(7).any(|w| w == b"changed") {
+                        continue;
+                    }
+                    let page = http.get(&rows).header("cookie", &cookie).send().await;
+                    if let Ok(page) = page {
+                        let _ = page.bytes().await;
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Ok(Self { tasks, refreshes })
+    }
+
+    /// Closes the pages; returns how many times they fetched their rows.
+    pub fn stop(self) -> u64 {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.refreshes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -122,6 +122,9 @@ struct Common {
     no_auth: bool,
     #[arg(long, default_value_t = 1000)]
     agents: usize,
+    /// rollout: console Fleet pages open meanwhile (event stream + rows fetch per event).
+    #[arg(long, default_value_t = 0)]
+    console_watchers: usize,
     /// Share of agents using plain HTTP instead of WebSocket.
     #[arg(long, default_value_t = 0.0)]
     http_share: f64,
@@ -205,6 +208,7 @@ impl Common {
             server_pids: self.server_pid.clone(),
             timeout: Duration::from_secs_f64(self.timeout),
             connect_rate: self.connect_rate.max(0.0),
+            console_watchers: self.console_watchers,
             ..RunOptions::default()
         };
         let mut spawned = None;

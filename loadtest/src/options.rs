@@ -70,6 +70,9 @@ pub struct RunOptions {
     pub refused_agents: usize,
     /// `refused`: each admitted agent sends a status report this often.
     pub report_every: Duration,
+    /// Console pages kept open during a rollout: each holds the Fleet page's event stream and
+    /// fetches the page's rows on every event, as a browser does.
+    pub console_watchers: usize,
 }
 
 impl Default for RunOptions {
@@ -100,6 +103,7 @@ impl Default for RunOptions {
             worker_exe: None,
             progress: std::io::stderr().is_terminal(),
             refused_agents: 1000,
+            console_watchers: 0,
             report_every: Duration::from_millis(200),
         }
     }

@@ -73,6 +73,11 @@ pub struct RolloutReport {
     pub api_failed: usize,
     /// From the assignment request until the API showed every agent's outcome.
     pub api_confirmed_ms: f64,
+    /// Console Fleet pages open meanwhile (`--console-watchers`) and their rows fetches.
+    #[serde(default)]
+    pub console_watchers: usize,
+    #[serde(default)]
+    pub console_refreshes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -442,6 +447,10 @@ async fn rollout(
     );
     let config_id = api.create_config("loadtest-rollout", &body).await?;
     fleet.reset_applied();
+    let watchers = match opts.console_watchers {
+        0 => None,
+        w => Some(crate::console::Watchers::start(api.base(), api.token(), w).await?),
+    };
     let b = bar(opts.progress, n as u64, "rollout");
     let t0 = unix_us();
     let started = Instant::now();
@@ -458,6 +467,7 @@ async fn rollout(
     if let Some(b) = b {
         b.finish_and_clear();
     }
+    let console_refreshes = watchers.map_or(0, crate::console::Watchers::stop);
     let mut times: Vec<f64> = fleet
         .applied_at
         .iter()
@@ -495,6 +505,8 @@ async fn rollout(
             api_applied,
             api_failed,
             api_confirmed_ms: confirmed,
+            console_watchers: opts.console_watchers,
+            console_refreshes,
         },
         ok,
     ))
@@ -568,6 +580,12 @@ pub fn summary(r: &Report) -> String {
             ro.request_ms, ro.matched_agents, ro.applied, ro.failed, ro.p50_ms, ro.p90_ms,
             ro.p99_ms, ro.p100_ms, ro.api_applied, ro.api_failed, ro.api_confirmed_ms
         );
+        if ro.console_watchers > 0 {
+            s += &format!(
+                "console: {} Fleet pages open during the rollout fetched their rows {} times\n",
+                ro.console_watchers, ro.console_refreshes
+            );
+        }
     }
     if let Some(st) = &r.steady {
         s += &format!(
