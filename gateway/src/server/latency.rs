@@ -6,7 +6,7 @@ use std::time::Instant;
 use shared::bus::{Bus, BusError, CoordinatorReply, CoordinatorRequest, Route};
 use shared::domain::Transport;
 
-use super::transport_label;
+use super::metrics::transport_label;
 
 pub const BUS_REQUEST_DURATION: &str = "ampora_bus_request_duration_seconds";
 pub const OPAMP_MESSAGE_DURATION: &str = "ampora_opamp_message_duration_seconds";

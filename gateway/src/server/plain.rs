@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use http::header::{CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, VARY};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use proto::Message;
@@ -23,12 +23,12 @@ use shared::bus::{
 use shared::domain::Transport;
 use shared::ids::InstanceUid;
 
+use super::auth::{auth_close_reason, authenticate};
 use super::decode::{self, DecodeError, Framing};
 use super::latency;
-use super::{
-    accepts_gzip, auth_close_reason, authenticate, count_received, count_rejected, count_sent,
-    partition_of, service_unavailable, text, unauthorized, Inner,
-};
+use super::metrics::{count_received, count_rejected, count_sent};
+use super::replies::{service_unavailable, text, unauthorized};
+use super::{partition_of, Inner};
 
 const PROTOBUF: &str = "application/x-protobuf";
 
@@ -51,6 +51,31 @@ fn content_encoding(headers: &HeaderMap) -> Option<Encoding> {
     } else {
         None
     }
+}
+
+/// True when `Accept-Encoding` lets us gzip the response (`gzip`, `x-gzip` or `*`, q > 0).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or_default().trim();
+            let wanted = coding.eq_ignore_ascii_case("gzip")
+                || coding.eq_ignore_ascii_case("x-gzip")
+                || coding == "*";
+            wanted && parts.all(|p| !is_zero_q(p))
+        })
+}
+
+/// `q=0` (or `q=0.0`, `q=0.000`) means "not acceptable".
+fn is_zero_q(param: &str) -> bool {
+    let Some((name, value)) = param.split_once('=') else {
+        return false;
+    };
+    name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
 }
 
 /// Why a body could not be read.
@@ -103,7 +128,7 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// `secure`: whether the agent's connection is TLS (its own, or at a trusted proxy), as
-/// [`Origin::tls`](super::Origin) says; passed on in every frame.
+/// [`Origin::tls`](super::auth::Origin) says; passed on in every frame.
 pub(super) async fn serve(
     inner: Arc<Inner>,
     req: Request,
@@ -240,6 +265,7 @@ pub(super) async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::helper_tests::headers;
 
     fn gz(data: &[u8]) -> Vec<u8> {
         gzip(data).expect("gzip into a vec")
@@ -298,5 +324,29 @@ mod tests {
             read_body(zipped, &Encoding::Gzip, 99).await,
             Err(BodyError::TooLarge)
         );
+    }
+
+    #[test]
+    fn accept_encoding_gzip() {
+        for ok in [
+            &["gzip"][..],
+            &["deflate, gzip;q=0.5"],
+            &["GZIP"],
+            &["br", "x-gzip"],
+            &["*"],
+            &["gzip; q=1.0"],
+        ] {
+            assert!(accepts_gzip(&headers(ACCEPT_ENCODING, ok)), "{ok:?}");
+        }
+        for bad in [
+            &[][..],
+            &["identity"],
+            &["gzip;q=0"],
+            &["gzip; q=0.000"],
+            &["deflate, br"],
+            &["gzipx"],
+        ] {
+            assert!(!accepts_gzip(&headers(ACCEPT_ENCODING, bad)), "{bad:?}");
+        }
     }
 }

@@ -41,14 +41,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::auth::{auth_close_reason, authenticate};
 use super::decode::{self, DecodeError, Framing};
 use super::latency;
 use super::limits::{CredentialKey, CredentialSlot};
-use super::{
-    admission_refused, auth_close_reason, authenticate, bad_request_msg, count_received,
-    count_rejected, count_sent, service_unavailable, text, unavailable_msg, Binding, ConnControl,
-    Inner,
+use super::metrics::{count_received, count_rejected, count_sent};
+use super::replies::{
+    admission_refused, bad_request_msg, service_unavailable, text, unavailable_msg,
 };
+use super::{Binding, ConnControl, Inner};
 use crate::serve::{count_closed, CloseReason, IpSlot};
 
 /// A connection may hold a few agents (a multiplexing proxy, or an agent the coordinator gave
@@ -84,7 +85,7 @@ type Writer = WebSocketWrite<tokio::io::WriteHalf<Io>>;
 /// (its place under `max_connections_per_ip`) and its credential's.
 ///
 /// `secure`: whether the agent's connection is TLS (its own, or at a trusted proxy), as
-/// [`Origin::tls`](super::Origin) says; passed on in every frame.
+/// [`Origin::tls`](super::auth::Origin) says; passed on in every frame.
 pub(super) async fn serve(
     inner: Arc<Inner>,
     mut req: Request,
