@@ -267,6 +267,7 @@ pub async fn start_coordinator(
             coordinator.clone(),
             config,
             proxy_secret,
+            crate::console::router(),
         ))
         .merge(serve::health_router(coordinator.clone(), metrics));
     Ok(CoordinatorNode {

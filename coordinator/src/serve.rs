@@ -240,6 +240,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             coordinator.clone(),
             &config,
             proxy_secret,
+            crate::console::router(),
         ))
         .merge(health_router(coordinator.clone(), metrics));
     let (stop, stopped) = oneshot::channel::<()>();

@@ -66,8 +66,6 @@ pub fn describe_metrics() {
 pub struct ApiState {
     pub coord: Arc<Coordinator>,
     pub guard: Arc<Guard>,
-    /// The console's sign-in sessions.
-    pub sessions: Arc<crate::console::session::Sessions>,
 }
 
 impl FromRef<ApiState> for Arc<Coordinator> {

@@ -36,7 +36,8 @@ use shared::ids::InstanceUid;
 use utoipa::OpenApi;
 
 pub use error::{ApiError, ErrorBody};
-use guard::{ApiState, Guard};
+pub use guard::ApiState;
+use guard::Guard;
 pub use latency::REQUEST_DURATION;
 
 use crate::config::Config;
@@ -111,20 +112,18 @@ pub fn openapi_json() -> String {
 }
 
 /// The API's routes with their guard, configured by `[api]` (and `[tls] trusted_proxies`,
-/// with `proxy_secret` read from `tls.trusted_proxy_secret_file`).
+/// with `proxy_secret` read from `tls.trusted_proxy_secret_file`), and `beside` (the
+/// console) under the same guard, limits and timing.
 pub fn router(
     coord: Arc<Coordinator>,
     config: &Config,
     proxy_secret: Option<gateway::server::ProxySecret>,
+    beside: Router<ApiState>,
 ) -> Router {
     let guard = Arc::new(Guard::new(config, proxy_secret));
     // `ApiJson` enforces the per-route limits; this bounds any other body extractor.
     let body_limit = axum::extract::DefaultBodyLimit::max(guard.largest_body());
-    let state = ApiState {
-        coord,
-        guard,
-        sessions: Arc::default(),
-    };
+    let state = ApiState { coord, guard };
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agents", get(agents::list_agents))
@@ -164,7 +163,7 @@ pub fn router(
             "/api/v1/identities/{serial}",
             get(identities::show_identity).delete(identities::revoke_identity),
         )
-        .merge(crate::console::router())
+        .merge(beside)
         .layer(body_limit)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -14,9 +14,8 @@ use shared::ids::InstanceUid;
 use shared::store::AuditQuery;
 
 use super::audit::audit_table;
-use super::configs::diff_view;
 use super::session::Signed;
-use super::view::{self, when};
+use super::view::{self, config_text, diff_view, when};
 use crate::service::fleet::{ConfigView, HealthState};
 use crate::service::Coordinator;
 
@@ -149,21 +148,6 @@ fn health_node(name: &str, h: &Health) -> Markup {
             }
         }
     }
-}
-
-/// One text per config: the single unnamed file as it is, several files each under a
-/// `# file: name` line, so a diff reads naturally.
-pub(super) fn config_text(files: &ConfigMap) -> String {
-    if files.len() == 1 {
-        if let Some(f) = files.get("") {
-            return f.body.clone();
-        }
-    }
-    files
-        .iter()
-        .map(|(n, f)| format!("# file: {n}\n{}", f.body))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn config_section(a: &AgentRecord, assigned: Option<(i64, &ConfigMap)>) -> Markup {

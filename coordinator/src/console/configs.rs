@@ -11,34 +11,12 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
 use serde::Deserialize;
 use shared::domain::{ConfigVersion, Role};
-use similar::{ChangeTag, TextDiff};
 
-use super::agent::config_text;
 use super::session::{Posted, Signed};
-use super::view::{self, csrf, when};
+use super::view::{self, config_text, csrf, diff_view, when};
 use crate::api::configs::{assign, create as create_version, NewAssignmentBody, NewConfig};
 use crate::api::guard::Operator;
 use crate::service::Coordinator;
-
-/// A unified diff of two texts, lines marked added / removed / kept.
-pub(super) fn diff_view(old: &str, new: &str) -> Markup {
-    let diff = TextDiff::from_lines(old, new);
-    if diff.ratio() >= 1.0 {
-        return html! { p.muted.diff-same { "Identical." } };
-    }
-    html! {
-        pre.diff {
-            @for change in diff.iter_all_changes() {
-                @let (class, sign) = match change.tag() {
-                    ChangeTag::Delete => ("del", "-"),
-                    ChangeTag::Insert => ("ins", "+"),
-                    ChangeTag::Equal => ("eq", " "),
-                };
-                span class=(class) { (sign) " " (change.value()) }
-            }
-        }
-    }
-}
 
 pub(super) async fn list(State(c): State<Arc<Coordinator>>, who: Signed) -> Response {
     let mut versions = match c.store().list_configs().await {

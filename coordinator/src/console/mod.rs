@@ -18,6 +18,7 @@ mod identities;
 pub(crate) mod session;
 mod tokens;
 mod view;
+mod who;
 
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
@@ -62,6 +63,9 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/assets/console.css", get(css))
         .route("/ui/assets/console.js", get(js))
         .layer(axum::middleware::from_fn(security_headers))
+        .layer(axum::Extension(std::sync::Arc::new(
+            session::Sessions::default(),
+        )))
 }
 
 /// Every console response: the CSP, no sniffing, no referrer, never cached (pages carry

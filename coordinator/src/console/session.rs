@@ -17,12 +17,13 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Form, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::Extension;
 use maud::html;
 use rand::RngCore as _;
 use serde::de::DeserializeOwned;
@@ -32,6 +33,7 @@ use shared::domain::Role;
 use shared::token;
 
 use super::view;
+pub use super::who::Signed;
 use crate::api::guard::{ApiState, NeedsRole};
 
 const COOKIE: &str = "ampora_session";
@@ -115,31 +117,9 @@ fn session_secret(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// A signed-in operator holding at least role `R`.
-pub struct Signed<R = ()> {
-    /// `api:<API token name>`, as the API's audit rows name it.
-    pub actor: String,
-    pub role: Role,
-    pub csrf: String,
-    secret: String,
-    role_needed: PhantomData<R>,
-}
-
-impl<R> Signed<R> {
-    /// The same operator, with the role type forgotten (for rendering).
-    pub fn any(&self) -> Signed {
-        Signed {
-            actor: self.actor.clone(),
-            role: self.role,
-            csrf: self.csrf.clone(),
-            secret: self.secret.clone(),
-            role_needed: PhantomData,
-        }
-    }
-
-    pub fn may(&self, role: Role) -> bool {
-        self.role >= role
-    }
+/// The sessions the console's router keeps (an extension of every console request).
+fn sessions_of(parts: &Parts) -> Option<Arc<Sessions>> {
+    parts.extensions.get::<Arc<Sessions>>().cloned()
 }
 
 /// The role a console handler needs; `()` is any signed-in operator.
@@ -177,14 +157,21 @@ impl<R: ConsoleRole> FromRequestParts<ApiState> for Signed<R> {
             return Err(unsigned());
         };
         let now = shared::now_ms();
-        let Some((api_hash, csrf)) = s.sessions.get(&secret, now) else {
+        let Some(sessions) = sessions_of(parts) else {
+            return Err(view::status_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                "console sessions missing",
+            ));
+        };
+        let Some((api_hash, csrf)) = sessions.get(&secret, now) else {
             return Err(unsigned());
         };
         // The API token behind the session, as it is now: revoked means signed out.
         let rec = match s.coord.store().find_api_token(&api_hash).await {
             Ok(Some(rec)) => rec,
             Ok(None) => {
-                s.sessions.close(&secret);
+                sessions.close(&secret);
                 return Err(unsigned());
             }
             Err(e) => return Err(view::error_page(None, &e.into())),
@@ -304,7 +291,11 @@ pub(super) struct SignIn {
     token: String,
 }
 
-pub(super) async fn sign_in(State(s): State<ApiState>, req: Request) -> Response {
+pub(super) async fn sign_in(
+    State(s): State<ApiState>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     if !s.guard.channel_ok(&parts) {
         return view::status_page(
@@ -339,7 +330,7 @@ pub(super) async fn sign_in(State(s): State<ApiState>, req: Request) -> Response
         Ok(None) => return unknown(),
         Err(e) => return view::error_page(None, &e.into()),
     };
-    let secret = s.sessions.open(api_hash, shared::now_ms());
+    let secret = sessions.open(api_hash, shared::now_ms());
     let (ip, tls) = match s.guard.client(&parts) {
         Some((ip, tls)) => (Some(ip), tls),
         None => (None, false),
@@ -367,8 +358,12 @@ pub(super) async fn sign_in(State(s): State<ApiState>, req: Request) -> Response
 #[derive(Deserialize)]
 pub(super) struct Nothing {}
 
-pub(super) async fn sign_out(State(s): State<ApiState>, posted: Posted<(), Nothing>) -> Response {
-    s.sessions.close(&posted.who.secret);
+pub(super) async fn sign_out(
+    State(s): State<ApiState>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    posted: Posted<(), Nothing>,
+) -> Response {
+    sessions.close(&posted.who.secret);
     s.coord
         .audit_operator(
             &posted.who.actor,

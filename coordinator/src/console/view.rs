@@ -4,16 +4,17 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup, DOCTYPE};
-use shared::domain::Role;
+use shared::domain::{ConfigMap, Role};
+use similar::{ChangeTag, TextDiff};
 
-use super::session::Signed;
+use super::who::Signed;
 use crate::api::ApiError;
 
 /// The version and the commit it was built from (when the build could tell).
 pub(super) fn version() -> String {
     match option_env!("AMPORA_COMMIT") {
-        Some(c) if !c.is_empty() => format!("{} ({c})", crate::serve::VERSION),
-        _ => crate::serve::VERSION.to_string(),
+        Some(c) if !c.is_empty() => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 
@@ -116,4 +117,39 @@ pub(super) fn parse_labels(s: &str) -> Option<std::collections::BTreeMap<String,
                 .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         })
         .collect()
+}
+
+/// One text per config: the single unnamed file as it is, several files each under a
+/// `# file: name` line, so a diff reads naturally.
+pub(super) fn config_text(files: &ConfigMap) -> String {
+    if files.len() == 1 {
+        if let Some(f) = files.get("") {
+            return f.body.clone();
+        }
+    }
+    files
+        .iter()
+        .map(|(n, f)| format!("# file: {n}\n{}", f.body))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A unified diff of two texts, lines marked added / removed / kept.
+pub(super) fn diff_view(old: &str, new: &str) -> Markup {
+    let diff = TextDiff::from_lines(old, new);
+    if diff.ratio() >= 1.0 {
+        return html! { p.muted.diff-same { "Identical." } };
+    }
+    html! {
+        pre.diff {
+            @for change in diff.iter_all_changes() {
+                @let (class, sign) = match change.tag() {
+                    ChangeTag::Delete => ("del", "-"),
+                    ChangeTag::Insert => ("ins", "+"),
+                    ChangeTag::Equal => ("eq", " "),
+                };
+                span class=(class) { (sign) " " (change.value()) }
+            }
+        }
+    }
 }
