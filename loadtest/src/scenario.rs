@@ -467,7 +467,6 @@ async fn rollout(
     if let Some(b) = b {
         b.finish_and_clear();
     }
-    let console_refreshes = watchers.map_or(0, crate::console::Watchers::stop);
     let mut times: Vec<f64> = fleet
         .applied_at
         .iter()
@@ -490,6 +489,8 @@ async fn rollout(
         fleet.pump_for(Duration::from_millis(50)).await;
     }
     let confirmed = started.elapsed().as_secs_f64() * 1000.0;
+    // Open until the API agrees, as an operator watching the rollout would keep them.
+    let console_refreshes = watchers.map_or(0, crate::console::Watchers::stop);
     let ok = all && api_applied >= applied && api_failed >= failed;
     Ok((
         RolloutReport {

@@ -295,6 +295,27 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
     })
     .await?;
     b.screenshot("12-audit").await?;
+    // Its export link serves the API's JSON lines to the signed-in browser.
+    let href = b
+        .wait("a#export")
+        .await?
+        .attr("href")
+        .await?
+        .unwrap_or_default();
+    let export = reqwest::Client::new()
+        .get(format!("{}{href}", base(&server)))
+        .header(
+            "cookie",
+            format!("ampora_session={}", b.session_cookie().await?),
+        )
+        .send()
+        .await?;
+    assert_eq!(export.headers()["content-type"], "application/x-ndjson");
+    let lines = export.text().await?;
+    assert!(
+        lines.lines().any(|l| l.contains("agent.described")),
+        "{lines}"
+    );
 
     back.stop().await;
     failing.stop().await;

@@ -55,7 +55,7 @@ fn audit_filters(
 const EXPORT_PAGE_MAX: u32 = 10_000;
 
 #[derive(Deserialize, IntoParams)]
-pub(super) struct ExportParams {
+pub(crate) struct ExportParams {
     /// Entries at or after this time (Unix ms).
     since_ms: Option<i64>,
     /// Entries before this time (Unix ms).
@@ -82,8 +82,13 @@ fn parse_cursor(s: &str) -> Result<AuditCursor, ApiError> {
 }
 
 /// The `Link` header value pointing at the page after `cursor`, with the same filters.
-fn next_link(p: &ExportParams, limit: u32, cursor: AuditCursor) -> Result<String, ApiError> {
-    let mut url = reqwest::Url::parse("http://ampora.invalid/api/v1/audit/export")
+fn next_link(
+    path: &str,
+    p: &ExportParams,
+    limit: u32,
+    cursor: AuditCursor,
+) -> Result<String, ApiError> {
+    let mut url = reqwest::Url::parse(&format!("http://ampora.invalid{path}"))
         .map_err(|e| ApiError::Internal(format!("building the next link: {e}")))?;
     {
         let mut q = url.query_pairs_mut();
@@ -127,6 +132,16 @@ pub(super) async fn export_audit(
     _caller: Caller<Viewer>,
     Query(p): Query<ExportParams>,
 ) -> Result<Response, ApiError> {
+    export(&c, &p, "/api/v1/audit/export").await
+}
+
+/// One page of the JSON-lines export, its `next` link pointing at `path` (the API's route,
+/// or the console's, which serves the same export to a signed-in browser).
+pub(crate) async fn export(
+    c: &Coordinator,
+    p: &ExportParams,
+    path: &str,
+) -> Result<Response, ApiError> {
     let limit = p.limit.unwrap_or(EXPORT_PAGE_MAX);
     if !(1..=EXPORT_PAGE_MAX).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -152,7 +167,7 @@ pub(super) async fn export_audit(
     let mut resp = ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
     // A full page may have a successor; a short one is the end.
     if let (true, Some(last)) = (entries.len() == limit as usize, entries.last()) {
-        let link = next_link(&p, limit, AuditCursor::after(last))?;
+        let link = next_link(path, p, limit, AuditCursor::after(last))?;
         let value = HeaderValue::from_str(&link)
             .map_err(|e| ApiError::Internal(format!("building the next link: {e}")))?;
         resp.headers_mut().insert(header::LINK, value);

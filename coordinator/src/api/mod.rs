@@ -17,7 +17,7 @@
 
 mod agents;
 mod api_tokens;
-mod audit;
+pub(crate) mod audit;
 mod cluster;
 pub(crate) mod configs;
 mod error;

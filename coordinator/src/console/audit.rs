@@ -12,6 +12,7 @@ use shared::store::AuditQuery;
 
 use super::session::Signed;
 use super::view::{self, when};
+use crate::api::audit::ExportParams;
 use crate::cli::parse_time;
 use crate::service::Coordinator;
 
@@ -79,13 +80,26 @@ pub(super) async fn page(
             a href="/ui/audit" { "Clear" }
         }
         @if let Some(e) = error { p.error { (e) } }
-        @if !export.is_empty() { p { a href=(export) { "Export these as JSON lines" } " (API token needed)" } }
+        @if !export.is_empty() { p { a #export href=(export) { "Export these as JSON lines" } } }
         (audit_table(&rows))
     };
     view::page("Audit", Some(&who), body).into_response()
 }
 
-/// The API's export URL for the same filters, times resolved.
+/// The same export the API serves (`GET /api/v1/audit/export`), for a signed-in browser: one
+/// page of up to 10,000 JSON lines (the CLI's `ampora audit export` follows every page).
+pub(super) async fn export(
+    State(c): State<Arc<Coordinator>>,
+    who: Signed,
+    Query(p): Query<ExportParams>,
+) -> Response {
+    match crate::api::audit::export(&c, &p, "/ui/audit/export").await {
+        Ok(resp) => resp,
+        Err(e) => view::error_page(Some(&who), &e),
+    }
+}
+
+/// The export URL for the same filters, times resolved.
 fn export_link(q: &AuditQuery) -> String {
     let mut params: Vec<(&str, String)> = Vec::new();
     if let Some(s) = q.since_ms {
@@ -104,7 +118,7 @@ fn export_link(q: &AuditQuery) -> String {
         params.push(("reason", r.clone()));
     }
     format!(
-        "/api/v1/audit/export?{}",
+        "/ui/audit/export?{}",
         serde_urlencoded::to_string(&params).unwrap_or_default()
     )
 }

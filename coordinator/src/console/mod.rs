@@ -60,6 +60,7 @@ pub fn router() -> Router<ApiState> {
             post(identities::rebootstrap),
         )
         .route("/ui/audit", get(audit::page))
+        .route("/ui/audit/export", get(audit::export))
         .route("/ui/assets/console.css", get(css))
         .route("/ui/assets/console.js", get(js))
         .layer(axum::middleware::from_fn(security_headers))
