@@ -6,7 +6,8 @@
 //! Embedded (every partition held) the pass reads memory only; a cluster coordinator reads
 //! the other coordinators' agents from the store as of their last flush, as `agents()` does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use shared::domain::{AgentRecord, ConfigState};
 use shared::ids::InstanceUid;
@@ -237,6 +238,11 @@ impl<'q> Pager<'q> {
             return;
         }
         self.counts.add(a);
+        self.keep(a);
+    }
+
+    /// The page part of [`Pager::offer`], for an agent already matched and counted.
+    fn keep(&mut self, a: &AgentRecord) {
         if self
             .query
             .after
@@ -262,6 +268,21 @@ impl<'q> Pager<'q> {
         self.largest = self.page.iter().map(|r| r.instance_uid).max();
     }
 
+    /// Takes in what another pager over other agents found.
+    fn absorb(&mut self, counts: FleetCounts, page: Vec<AgentRecord>) {
+        self.counts.matched += counts.matched;
+        self.counts.connected += counts.connected;
+        for (mine, theirs) in self.counts.health.iter_mut().zip(counts.health) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.counts.config.iter_mut().zip(counts.config) {
+            *mine += theirs;
+        }
+        for a in &page {
+            self.keep(a);
+        }
+    }
+
     fn finish(mut self) -> FleetPage {
         self.page.sort_by_key(|r| r.instance_uid);
         let next = (self.page.len() > self.query.limit).then(|| {
@@ -279,16 +300,37 @@ impl<'q> Pager<'q> {
 impl Coordinator {
     /// One page of the fleet and the counts of everything that matches `query`.
     pub async fn fleet_page(&self, query: &FleetQuery) -> Result<FleetPage, StoreError> {
-        let query = query.prepared();
-        let mut pager = Pager::new(&query);
+        let query = Arc::new(query.prepared());
         let everything_here = self.holds_all();
-        let mut seen = std::collections::HashSet::new();
-        for slot in self.all_slots() {
-            let entry = slot.lock().await;
-            if !everything_here {
-                seen.insert(entry.state.record.instance_uid);
-            }
-            pager.offer(&entry.state.record);
+        // The pass is split over the machine's cores, so a view of a large fleet takes a
+        // fraction of one pass; each part keeps its own page and counts, merged after.
+        let mut slots = self.all_slots();
+        let per_part = slots.len().div_ceil(scan_parts()).max(1);
+        let mut parts = Vec::new();
+        while !slots.is_empty() {
+            let rest = slots.split_off(slots.len().saturating_sub(per_part));
+            let query = query.clone();
+            parts.push(tokio::spawn(async move {
+                let mut pager = Pager::new(&query);
+                let mut seen = HashSet::new();
+                for slot in rest {
+                    let entry = slot.lock().await;
+                    if !everything_here {
+                        seen.insert(entry.state.record.instance_uid);
+                    }
+                    pager.offer(&entry.state.record);
+                }
+                (pager.counts, pager.page, seen)
+            }));
+        }
+        let mut pager = Pager::new(&query);
+        let mut seen = HashSet::new();
+        for part in parts {
+            let (counts, page, part_seen) = part
+                .await
+                .map_err(|e| StoreError::NotApplied(format!("fleet scan: {e}")))?;
+            pager.absorb(counts, page);
+            seen.extend(part_seen);
         }
         if !everything_here {
             for a in self.store.load_agents().await? {
@@ -299,6 +341,11 @@ impl Coordinator {
         }
         Ok(pager.finish())
     }
+}
+
+/// Parts a fleet view is scanned in: the machine's cores (at most 8).
+fn scan_parts() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 #[cfg(test)]
@@ -375,6 +422,40 @@ mod tests {
             }
         }
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn pages_and_counts_merged_from_parts_equal_one_pass() {
+        let agents: Vec<_> = (0..300u32)
+            .map(|i| {
+                let mut a = agent(0, "x");
+                a.instance_uid = InstanceUid::new_v7();
+                a.connected = i.is_multiple_of(3);
+                a
+            })
+            .collect();
+        let q = FleetQuery {
+            limit: 11,
+            ..FleetQuery::default()
+        };
+        let mut whole = Pager::new(&q);
+        for a in agents.iter().rev() {
+            whole.offer(a);
+        }
+        let whole = whole.finish();
+        let mut merged = Pager::new(&q);
+        for part in agents.chunks(70) {
+            let mut p = Pager::new(&q);
+            for a in part {
+                p.offer(a);
+            }
+            merged.absorb(p.counts, p.page);
+        }
+        let merged = merged.finish();
+        assert_eq!(merged.counts, whole.counts);
+        let uids = |p: &FleetPage| p.rows.iter().map(|r| r.instance_uid).collect::<Vec<_>>();
+        assert_eq!(uids(&merged), uids(&whole));
+        assert_eq!(merged.next, whole.next);
     }
 
     #[test]
