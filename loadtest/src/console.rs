@@ -67,6 +67,27 @@ fn synthetic(i: usize, now: i64) -> AgentRecord {
     a
 }
 
+/// Signs in to the console at `base`: a client that follows no redirects, and the session
+/// cookie (`ampora_session=…`) to send with it.
+pub async fn sign_in(base: &str, token: &str) -> anyhow::Result<(reqwest::Client, String)> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let signed = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", token)])
+        .send()
+        .await?;
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("no session cookie")?
+        .to_string();
+    Ok((http, cookie))
+}
+
 pub async fn run(opts: &ConsoleOptions) -> anyhow::Result<Vec<Shape>> {
     let dir = procs::fresh_dir()?;
     let data = dir.path().join("data");
@@ -94,21 +115,7 @@ pub async fn run(opts: &ConsoleOptions) -> anyhow::Result<Vec<Shape>> {
     let server = procs::spawn_ampora_in(dir, &opts.exe, &[], false).await?;
     let base = format!("http://{}", server.addr);
     let token = server.admin_token.clone().context("admin token")?;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
-    let signed = http
-        .post(format!("{base}/ui/login"))
-        .form(&[("token", token)])
-        .send()
-        .await?;
-    let cookie = signed
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .context("no session cookie")?
-        .to_string();
+    let (http, cookie) = sign_in(&base, &token).await?;
     let middle = uids
         .get(uids.len() / 2)
         .map(ToString::to_string)
@@ -165,21 +172,7 @@ impl Watchers {
         let refreshes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::with_capacity(n);
         for _ in 0..n {
-            let http = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?;
-            let signed = http
-                .post(format!("{base}/ui/login"))
-                .form(&[("token", token)])
-                .send()
-                .await?;
-            let cookie = signed
-                .headers()
-                .get("set-cookie")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .context("no session cookie")?
-                .to_string();
+            let (http, cookie) = sign_in(base, token).await?;
             let mut events = http
                 .get(format!("{base}/ui/fleet/events"))
                 .header("cookie", &cookie)
