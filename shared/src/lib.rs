@@ -2,6 +2,7 @@
 //!
 //! - [`ids`]: instance UIDs, gateway ids, partitions;
 //! - [`domain`]: wire-neutral records (agents, configs, tokens, audit) as the API and stores see them;
+//! - [`rollout`]: groups and staged rollouts (records, states, stage sizes);
 //! - [`token`]: the bootstrap and API token formats (`amp-bs.<base32>.<crc>`);
 //! - [`codec`]: the OpAMP WebSocket message header, which the gateway and the agent both frame
 //!   with;
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod domain;
 pub mod ids;
 pub mod ownership;
+pub mod rollout;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

@@ -9,6 +9,7 @@ use crate::domain::{
     IdentityRecord, Redemption, Target, TokenRecord,
 };
 use crate::ids::InstanceUid;
+use crate::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent};
 
 /// Storage failures, sorted by what the caller may assume about the write.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +98,45 @@ pub struct Lease {
     pub expires_ms: i64,
 }
 
+/// Groups and staged rollouts (see `coordinator::service::rollouts`): a part of [`Store`] of
+/// its own, so each backend implements it beside the rest.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait RolloutStore: Send + Sync + 'static {
+    /// Creates the group or replaces its labels (the author and creation time stay the first).
+    async fn put_group(&self, group: &Group) -> StoreResult<Group>;
+    /// Every group, by name.
+    async fn list_groups(&self) -> StoreResult<Vec<Group>>;
+    /// False when there is no such group.
+    async fn delete_group(&self, name: &str) -> StoreResult<bool>;
+    /// In one transaction: the rollout (state pending, rev 1), its members and its `created`
+    /// event.
+    async fn create_rollout(
+        &self,
+        new: NewRollout,
+        members: &[Member],
+        created: RolloutEvent,
+    ) -> StoreResult<Rollout>;
+    /// Every rollout, oldest first, without members.
+    async fn list_rollouts(&self) -> StoreResult<Vec<Rollout>>;
+    async fn get_rollout(&self, id: i64) -> StoreResult<Option<Rollout>>;
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<Member>>;
+    /// In one transaction, only if the stored rollout still has `rollout.rev - 1` (nobody
+    /// wrote it since it was read) and, with a `fence`, that partition lease is still the
+    /// writer's and unexpired: writes `rollout`, appends `events`, and creates `finish` (the
+    /// assignment a succeeded rollout leaves behind). False when either check fails.
+    async fn update_rollout(
+        &self,
+        rollout: &Rollout,
+        fence: Option<&Fence>,
+        events: &[RolloutEvent],
+        finish: Option<NewAssignment>,
+    ) -> StoreResult<bool>;
+    /// The rollout's history, oldest first.
+    async fn rollout_events(&self, id: i64) -> StoreResult<Vec<RolloutEvent>>;
+}
+
+#[async_trait]
+pub trait Store: RolloutStore {
     /// Cheap round trip; readiness depends on it.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -6,6 +6,7 @@
 //! - `sql_store`: [`SqlStore`], every query written once, the one transaction path and the
 //!   error mapping;
 //! - `dialect`: the `Dialect` trait, the one list of what differs between the backends;
+//! - `sql_rollouts`: groups and rollouts ([`shared::store::RolloutStore`]), for any dialect;
 //! - `sql`: what every query shares (error classification, row types and conversions,
 //!   column lists, the redemption and batch-order rules);
 //! - [`sqlite`]: the embedded store (`ampora serve`), one SQLite file in the data directory:
@@ -21,6 +22,7 @@ pub mod conformance;
 mod dialect;
 pub mod postgres;
 mod sql;
+mod sql_rollouts;
 mod sql_store;
 pub mod sqlite;
 #[cfg(test)]

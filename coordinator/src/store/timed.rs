@@ -12,9 +12,10 @@ use shared::domain::{
     IdentityRecord, Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
+use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent};
 use shared::store::{
-    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store,
-    StoreResult,
+    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, RolloutStore,
+    Store, StoreResult,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -58,6 +59,56 @@ macro_rules! timed {
         observe(stringify!($op), started, &res);
         res
     }};
+}
+
+#[async_trait]
+impl RolloutStore for TimedStore {
+    async fn put_group(&self, group: &Group) -> StoreResult<Group> {
+        timed!(self.put_group(group))
+    }
+
+    async fn list_groups(&self) -> StoreResult<Vec<Group>> {
+        timed!(self.list_groups())
+    }
+
+    async fn delete_group(&self, name: &str) -> StoreResult<bool> {
+        timed!(self.delete_group(name))
+    }
+
+    async fn create_rollout(
+        &self,
+        new: NewRollout,
+        members: &[Member],
+        created: RolloutEvent,
+    ) -> StoreResult<Rollout> {
+        timed!(self.create_rollout(new, members, created))
+    }
+
+    async fn list_rollouts(&self) -> StoreResult<Vec<Rollout>> {
+        timed!(self.list_rollouts())
+    }
+
+    async fn get_rollout(&self, id: i64) -> StoreResult<Option<Rollout>> {
+        timed!(self.get_rollout(id))
+    }
+
+    async fn rollout_members(&self, id: i64) -> StoreResult<Vec<Member>> {
+        timed!(self.rollout_members(id))
+    }
+
+    async fn update_rollout(
+        &self,
+        rollout: &Rollout,
+        fence: Option<&Fence>,
+        events: &[RolloutEvent],
+        finish: Option<NewAssignment>,
+    ) -> StoreResult<bool> {
+        timed!(self.update_rollout(rollout, fence, events, finish))
+    }
+
+    async fn rollout_events(&self, id: i64) -> StoreResult<Vec<RolloutEvent>> {
+        timed!(self.rollout_events(id))
+    }
 }
 
 #[async_trait]

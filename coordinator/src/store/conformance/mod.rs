@@ -38,7 +38,7 @@
 //! `agents` (agent records), `leases` (membership and partition leases), `configs` (config
 //! versions and assignments), `tokens` (bootstrap tokens, redemption, batch redemption and
 //! the races), `api_tokens` (operator API tokens), `identities` (agent identities) and
-//! `audit` (the audit log); `ping` and the shared fixtures stay here. Every check is
+//! `audit` (the audit log), `rollouts` (groups and rollouts); `ping` and the shared fixtures stay here. Every check is
 //! re-exported here under its own name.
 //!
 //! [`StoreError::NotFound`]: shared::store::StoreError::NotFound
@@ -55,6 +55,7 @@ mod audit;
 mod configs;
 mod identities;
 mod leases;
+mod rollouts;
 mod tokens;
 
 pub use agents::{agents_bulk, agents_by_partition, agents_round_trip, agents_upsert_updates};
@@ -63,6 +64,7 @@ pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan
 pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{lease_race, lease_race_between, leases, membership};
+pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens,
     tokens_created_since, tokens_revoked_since,
@@ -92,6 +94,8 @@ pub async fn run_all(store: Arc<dyn Store>) {
     audit(store.as_ref()).await;
     audit_scan(store.as_ref()).await;
     audit_batch(store.as_ref()).await;
+    groups(store.as_ref()).await;
+    rollouts(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {

@@ -1,0 +1,247 @@
+//! Groups and rollouts: groups by name, a rollout with its members and history, writes
+//! compared by revision and fenced by a partition lease, and the assignment a finished
+//! rollout leaves behind.
+
+use std::collections::BTreeMap;
+
+use shared::domain::Target;
+use shared::ids::{InstanceUid, PARTITIONS};
+use shared::rollout::{
+    Amount, Fence, Group, Member, NewRollout, OnFailure, RolloutEvent, RolloutState, Stage,
+};
+use shared::store::{NewAssignment, NewConfigVersion, Store, StoreError};
+
+use super::{file, unique};
+
+/// `put_group` creates, then replaces only the labels; `delete_group` says whether it found one.
+pub async fn groups(store: &dyn Store) {
+    let name = unique("group");
+    let first = Group {
+        name: name.clone(),
+        labels: BTreeMap::from([("env".into(), "prod".into())]),
+        author: "api:first".into(),
+        created_ms: 1_700_000_000_000,
+    };
+    assert_eq!(store.put_group(&first).await.expect("put_group"), first);
+    let replaced = Group {
+        labels: BTreeMap::from([("env".into(), "staging".into())]),
+        author: "api:second".into(),
+        created_ms: 1_700_000_000_999,
+        ..first.clone()
+    };
+    let stored = store.put_group(&replaced).await.expect("put_group again");
+    assert_eq!(stored.labels, replaced.labels, "labels replaced");
+    assert_eq!(
+        (stored.author.as_str(), stored.created_ms),
+        (first.author.as_str(), first.created_ms),
+        "author and creation stay the first"
+    );
+    let listed = store.list_groups().await.expect("list_groups");
+    assert!(listed.windows(2).all(|w| w[0].name < w[1].name), "by name");
+    assert_eq!(listed.iter().filter(|g| g.name == name).count(), 1);
+    assert!(store.delete_group(&name).await.expect("delete_group"));
+    assert!(!store.delete_group(&name).await.expect("delete_group twice"));
+    assert!(!store
+        .list_groups()
+        .await
+        .expect("list_groups")
+        .iter()
+        .any(|g| g.name == name));
+}
+
+fn event(kind: &str, at_ms: i64, stage: Option<usize>) -> RolloutEvent {
+    RolloutEvent {
+        rollout_id: 0,
+        at_ms,
+        kind: kind.into(),
+        actor: "api:conformance".into(),
+        stage,
+        detail: serde_json::json!({ "note": "caf\u{e9} \u{0}" }),
+    }
+}
+
+/// A rollout reads back as created (with its members and first event); a write with a stale
+/// revision or a lost fence changes nothing; a finishing write leaves its assignment behind.
+pub async fn rollouts(store: &dyn Store) {
+    let config = store
+        .create_config(NewConfigVersion {
+            name: unique("rollout-cfg"),
+            files: BTreeMap::from([(String::new(), file("a: 1\n", "text/yaml"))]),
+            hash: "ab".repeat(32),
+            author: "api:conformance".into(),
+            created_ms: 1_700_000_000_000,
+        })
+        .await
+        .expect("create_config");
+    let target = Target::Labels(BTreeMap::from([("app".into(), unique("app"))]));
+    let new = NewRollout {
+        config_id: config.id,
+        config_hash: config.hash.clone(),
+        group: Some(unique("g")),
+        target: target.clone(),
+        stages: [Amount::Count(1), Amount::Basis(2_500), Amount::ALL]
+            .into_iter()
+            .map(|size| Stage {
+                size,
+                soak_ms: 5_000,
+                planned: 1,
+                started_ms: None,
+                settled_ms: None,
+                gate: None,
+            })
+            .collect(),
+        budget: Amount::Count(0),
+        deadline_ms: 60_000,
+        on_failure: OnFailure::Rollback,
+        cannot_receive: 2,
+        author: "api:conformance".into(),
+        created_ms: 1_700_000_000_100,
+    };
+    let members: Vec<Member> = (0..3u16)
+        .map(|stage| Member {
+            instance_uid: InstanceUid::new_v7(),
+            stage,
+            from_config: (stage > 0).then_some(i64::from(stage)),
+        })
+        .collect();
+    let created = store
+        .create_rollout(new.clone(), &members, event("created", 1, None))
+        .await
+        .expect("create_rollout");
+    assert_eq!(created.state, RolloutState::Pending);
+    assert_eq!(created.rev, 1);
+    assert_eq!((created.stage, created.cannot_receive), (0, 2));
+    assert_eq!(created.stages, new.stages);
+    assert_eq!(
+        store.get_rollout(created.id).await.expect("get_rollout"),
+        Some(created.clone())
+    );
+    assert_eq!(
+        store.rollout_members(created.id).await.expect("members"),
+        members
+    );
+    let listed = store.list_rollouts().await.expect("list_rollouts");
+    assert!(listed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    assert!(listed.contains(&created));
+
+    // A write at the next revision lands, with its events in order.
+    let mut running = created.clone();
+    running.state = RolloutState::Running;
+    running.stages[0].started_ms = Some(2);
+    running.rev = 2;
+    let events = [event("stage_started", 2, Some(0)), event("x", 2, Some(0))];
+    assert!(store
+        .update_rollout(&running, None, &events, None)
+        .await
+        .expect("update_rollout"));
+    assert_eq!(
+        store.get_rollout(created.id).await.expect("get"),
+        Some(running.clone())
+    );
+    // The same revision again is stale: nothing changes, no event is added.
+    let mut stale = running.clone();
+    stale.state = RolloutState::Aborted;
+    assert!(!store
+        .update_rollout(&stale, None, &[event("aborted", 3, None)], None)
+        .await
+        .expect("stale update_rollout"));
+    assert_eq!(
+        store.get_rollout(created.id).await.expect("get"),
+        Some(running.clone())
+    );
+    let history = store.rollout_events(created.id).await.expect("events");
+    let kinds: Vec<&str> = history.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["created", "stage_started", "x"]);
+    assert!(history.iter().all(|e| e.rollout_id == created.id));
+    assert_eq!(history[1].stage, Some(0));
+    assert_eq!(
+        history[1].detail,
+        event("", 0, None).detail,
+        "detail round-trips"
+    );
+
+    // Fenced: only the live holder of the partition's lease at that fence may write.
+    let node = unique("driver");
+    let partition = u16::try_from(created.id.rem_euclid(i64::from(PARTITIONS))).expect("u16");
+    let now = store
+        .list_leases()
+        .await
+        .expect("list_leases")
+        .iter()
+        .map(|l| l.expires_ms)
+        .max()
+        .unwrap_or(0)
+        .max(6_000_000_000_000)
+        + 1_000;
+    let lease = store
+        .acquire_leases(&node, &[partition], now, 10_000)
+        .await
+        .expect("acquire_leases")
+        .into_iter()
+        .find(|l| l.partition == partition)
+        .expect("lease taken");
+    let fence = |fence: i64, now_ms: i64| Fence {
+        node: node.clone(),
+        partition,
+        fence,
+        now_ms,
+    };
+    let mut next = running.clone();
+    next.stage = 1;
+    next.rev = 3;
+    for (what, f) in [
+        ("an old fence", fence(lease.fence - 1, now + 1)),
+        ("an expired lease", fence(lease.fence, now + 10_000)),
+        (
+            "another node",
+            Fence {
+                node: unique("other"),
+                ..fence(lease.fence, now + 1)
+            },
+        ),
+    ] {
+        assert!(
+            !store
+                .update_rollout(&next, Some(&f), &[], None)
+                .await
+                .expect("fenced update_rollout"),
+            "{what} must not write"
+        );
+    }
+    assert!(store
+        .update_rollout(&next, Some(&fence(lease.fence, now + 1)), &[], None)
+        .await
+        .expect("fenced update_rollout"));
+
+    // Finishing leaves the assignment behind in the same write.
+    let before = store.list_assignments().await.expect("assignments").len();
+    let mut done = next.clone();
+    done.state = RolloutState::Succeeded;
+    done.rev = 4;
+    let finish = NewAssignment {
+        config_id: config.id,
+        target: target.clone(),
+        author: "rollout:conformance".into(),
+        created_ms: 7,
+    };
+    assert!(store
+        .update_rollout(&done, None, &[event("succeeded", 7, None)], Some(finish))
+        .await
+        .expect("finishing update_rollout"));
+    let after = store.list_assignments().await.expect("assignments");
+    assert_eq!(after.len(), before + 1);
+    let last = after.last().expect("an assignment");
+    assert_eq!((last.config_id, &last.target), (config.id, &target));
+
+    // A rollout of a config that does not exist is refused.
+    let missing = NewRollout {
+        config_id: i64::MAX,
+        ..new
+    };
+    assert!(matches!(
+        store
+            .create_rollout(missing, &[], event("created", 1, None))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
