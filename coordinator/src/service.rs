@@ -15,7 +15,8 @@
 //! - [`partitions`] and [`leases`]: which partitions are held, taking and handing them over;
 //! - [`tokens`], [`token_sessions`], [`scope`]: bootstrap tokens, who they speak for, scopes;
 //! - [`identities`], [`issuance`], [`crl`]: agent certificates;
-//! - [`assignments`]: config versions, assignments and delivery (where a rollout engine goes);
+//! - [`assignments`]: config versions, assignments and delivery;
+//! - [`rollouts`]: groups and staged rollouts (plan, gates, the driver, operator actions);
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
 mod agents;
@@ -30,6 +31,7 @@ mod issuance;
 mod leases;
 mod partitions;
 mod refusals;
+pub mod rollouts;
 mod scope;
 mod token_sessions;
 mod tokens;
@@ -117,6 +119,14 @@ pub struct Coordinator {
     desired: RwLock<HashMap<i64, Arc<Desired>>>,
     /// All assignments, oldest first; the newest match wins.
     assignments: RwLock<Vec<Assignment>>,
+    /// Rollouts that decide some agents' configs, oldest first ([`rollouts`]).
+    rollouts: RwLock<Vec<rollouts::Live>>,
+    /// Keeps re-reads of the rollouts from overlapping.
+    rollout_sync: Mutex<()>,
+    /// One rollout creation at a time in this process (the overlap check).
+    rollout_create: Mutex<()>,
+    /// Members seen unhealthy during the soak of the stage being driven, by rollout.
+    rollout_soak: StdMutex<HashMap<i64, (usize, HashSet<InstanceUid>)>>,
     /// Bootstrap tokens, write-through: every create, redeem and revoke in this process updates
     /// it after the store, so authentication needs no database round trip. Tokens another
     /// coordinator created are loaded by [`Coordinator::sync_tokens`] (on `TokensCreated` and
@@ -168,6 +178,7 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
         let Some(c) = weak.upgrade() else { return };
         match ev {
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
+            ControlEvent::RolloutChanged { .. } => c.sync_rollouts().await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             // Full: a sync is pending already and will see these tokens too.
             ControlEvent::TokensCreated => drop(c.token_sync.try_send(())),
@@ -206,6 +217,7 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
             tracing::error!(error = %e, "partition lease renewal failed");
         }
         c.sync_assignments().await;
+        c.sync_rollouts().await;
         c.sync_tokens().await;
         c.sync_token_revocations().await;
         if identities_synced.elapsed() >= IDENTITY_SYNC_INTERVAL {
@@ -228,6 +240,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Valid, but the current state forbids it (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
     /// Ours, not the caller's (a signature that failed, say).
     #[error("{0}")]
     Internal(String),
@@ -310,6 +325,10 @@ impl Coordinator {
             fleet_generation: AtomicU64::new(0),
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
+            rollouts: RwLock::new(Vec::new()),
+            rollout_sync: Mutex::new(()),
+            rollout_create: Mutex::new(()),
+            rollout_soak: StdMutex::new(HashMap::new()),
         });
         let assignments = store.list_assignments().await?;
         for a in &assignments {
@@ -318,6 +337,8 @@ impl Coordinator {
         if let Ok(mut w) = this.assignments.write() {
             *w = assignments;
         }
+        // Before the first lease round loads agents, so their configs follow the rollouts.
+        this.load_rollouts().await?;
         let control = this
             .bus
             .subscribe_control()
@@ -334,6 +355,7 @@ impl Coordinator {
         tokio::spawn(run_control(Arc::downgrade(&this), control));
         tokio::spawn(run_leases(Arc::downgrade(&this)));
         tokio::spawn(run_token_sync(Arc::downgrade(&this), token_sync_wanted));
+        tokio::spawn(rollouts::run_engine(Arc::downgrade(&this)));
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
             loop {

@@ -54,6 +54,17 @@ impl Amount {
     }
 }
 
+impl Amount {
+    /// An error budget: an amount, or none at all (`0`, `0%`).
+    pub fn parse_budget(s: &str) -> Result<Amount, String> {
+        match s.trim() {
+            "0" => Ok(Amount::Count(0)),
+            "0%" => Ok(Amount::Basis(0)),
+            other => other.parse(),
+        }
+    }
+}
+
 impl FromStr for Amount {
     type Err = String;
 
@@ -326,7 +337,7 @@ pub fn encode_members(members: &[Member]) -> Vec<u8> {
 }
 
 pub fn decode_members(bytes: &[u8]) -> Result<Vec<Member>, String> {
-    if bytes.len() % MEMBER_BYTES != 0 {
+    if !bytes.len().is_multiple_of(MEMBER_BYTES) {
         return Err(format!("member blob of {} bytes", bytes.len()));
     }
     bytes
@@ -386,6 +397,9 @@ mod tests {
         }
         assert_eq!(Amount::Basis(1250).to_string(), "12.50%");
         assert_eq!(Amount::Basis(500).to_string(), "5%");
+        assert_eq!(Amount::parse_budget("0"), Ok(Amount::Count(0)));
+        assert_eq!(Amount::parse_budget("2%"), Ok(Amount::Basis(200)));
+        assert!(Amount::parse_budget("-1").is_err());
     }
 
     #[test]

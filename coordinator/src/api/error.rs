@@ -30,6 +30,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The request is valid but the state forbids it now (overlapping rollouts, an action
+    /// that does not apply to a rollout's state).
+    #[error("{0}")]
+    Conflict(String),
     #[error("request body larger than {0} bytes")]
     TooLarge(usize),
     #[error("request body not received within {0} s")]
@@ -55,6 +59,7 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::NotFound(m) => Self::NotFound(m),
             ServiceError::Invalid(m) => Self::BadRequest(m),
+            ServiceError::Conflict(m) => Self::Conflict(m),
             ServiceError::Internal(m) => Self::Internal(m),
             ServiceError::Store(StoreError::NotFound(m)) => Self::NotFound(m),
             ServiceError::Store(s) => Self::Store(s),
@@ -75,6 +80,7 @@ impl ApiError {
             Self::Forbidden(_) | Self::PlaintextToken => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Busy | Self::Store(StoreError::MaybeApplied(_)) => {

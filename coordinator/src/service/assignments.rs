@@ -1,7 +1,7 @@
 //! Config versions, assignments and their delivery: which config each agent should run (the
 //! newest matching assignment, narrowed by token scopes), pushes to connected agents, and
 //! the re-read of assignments every lease round that makes a lost broadcast cost seconds, not
-//! correctness. A rollout engine would sit beside this module and call into it.
+//! correctness. Staged rollouts (`super::rollouts`) enter each agent's choice here.
 
 use super::{Coordinator, ServiceError};
 use crate::session::{self, AgentState, Desired};
@@ -71,13 +71,20 @@ impl Coordinator {
         self.desired.read().ok()?.get(&id).cloned()
     }
 
-    /// The newest assignment matching `record`, if any.
+    /// The config `record` should run: the newer of the newest matching assignment and the
+    /// rollout that has reached it (see [`super::rollouts`]), if any.
     pub(super) fn match_assignment(&self, record: &AgentRecord) -> Option<i64> {
-        let all = self.assignments.read().ok()?;
-        all.iter()
-            .rev()
-            .find(|a| self.target_admits(&a.target, record))
-            .map(|a| a.config_id)
+        let assigned = self.assignments.read().ok().and_then(|all| {
+            all.iter()
+                .rev()
+                .find(|a| self.target_admits(&a.target, record))
+                .map(|a| (a.config_id, a.created_ms))
+        });
+        match (self.rollout_choice(record), assigned) {
+            (Some((_, rolled)), Some((config, at))) if at > rolled => Some(config),
+            (Some((config, _)), _) => Some(config),
+            (None, assigned) => assigned.map(|(config, _)| config),
+        }
     }
 
     /// Re-evaluates the assignment of one agent; true when it changed.
@@ -143,6 +150,13 @@ impl Coordinator {
             Err(StoreError::NotFound(m)) => return Err(ServiceError::NotFound(m)),
             Err(e) => return Err(e.into()),
         };
+        // A rollout holds its agents until it ends: an assignment may not take them from it.
+        let agents = self.agents().await?;
+        if let Some((id, state, n)) = self.overlap(&target, &agents) {
+            return Err(ServiceError::Conflict(format!(
+                "{n} of these agents are in rollout {id} ({state}): finish, abort or roll it back first"
+            )));
+        }
         let created = self
             .store
             .create_assignment(NewAssignment {
@@ -184,9 +198,7 @@ impl Coordinator {
             serde_json::json!({ "config_id": config_id, "assignment_id": assignment.id }),
         )
         .await?;
-        let matched = self
-            .agents()
-            .await?
+        let matched = agents
             .iter()
             .filter(|r| self.target_admits(&target, r))
             .count();

@@ -250,6 +250,9 @@ pub enum ControlEvent {
     /// tokens into their caches now rather than at their next lease round, so the agents
     /// about to use them need no lookup each.
     TokensCreated,
+    /// A rollout was created or changed state or stage: every coordinator re-reads it and
+    /// brings its agents in line (and finds it in the store every lease round if this is lost).
+    RolloutChanged { rollout_id: i64 },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -101,6 +101,9 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
             Kind::IdentityConfirmed(pb::IdentityConfirmed { serial })
         }
         ControlEvent::TokensCreated => Kind::TokensCreated(pb::TokensCreated {}),
+        ControlEvent::RolloutChanged { rollout_id } => {
+            Kind::RolloutChanged(pb::RolloutChanged { rollout_id })
+        }
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -269,6 +272,9 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         Kind::IdentityRevoked(r) => ControlEvent::IdentityRevoked { serial: r.serial },
         Kind::IdentityConfirmed(c) => ControlEvent::IdentityConfirmed { serial: c.serial },
         Kind::TokensCreated(_) => ControlEvent::TokensCreated,
+        Kind::RolloutChanged(r) => ControlEvent::RolloutChanged {
+            rollout_id: r.rollout_id,
+        },
     })
 }
 
@@ -570,6 +576,7 @@ mod tests {
                 serial: "4abd".into(),
             },
             ControlEvent::TokensCreated,
+            ControlEvent::RolloutChanged { rollout_id: 9 },
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
         }

@@ -1,0 +1,317 @@
+//! Judging a stage, without I/O: each member's answer from its record, the stage's progress,
+//! and the gate's verdict against the error budget.
+//!
+//! A member counts against the budget at most once, for the first of: it reported FAILED for
+//! the rollout's config; it had not answered by the progress deadline (a straggler); it is
+//! not connected; it declares ReportsHealth and is (or was during the soak) unhealthy; it
+//! declares ReportsEffectiveConfig and its effective config moved since it applied. Members
+//! that cannot be judged on health or effective config are counted, not passed silently.
+
+use std::collections::HashSet;
+
+use proto::agent_caps::{REPORTS_EFFECTIVE_CONFIG, REPORTS_HEALTH};
+use shared::domain::{AgentRecord, RemoteStatus};
+use shared::ids::InstanceUid;
+use shared::rollout::{Amount, GateResult, MemberFailure};
+
+/// Failing members named in a gate result.
+const NAMED_FAILURES: usize = 10;
+
+/// How one member stands against a config hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Not answered yet (nothing, another hash, or still applying).
+    Waiting,
+    Applied,
+    Failed,
+}
+
+pub(crate) fn answer(r: &AgentRecord, hash: &str) -> Answer {
+    match &r.remote_config {
+        Some(rc) if rc.hash == hash => match rc.status {
+            RemoteStatus::Applied => Answer::Applied,
+            RemoteStatus::Failed => Answer::Failed,
+            _ => Answer::Waiting,
+        },
+        _ => Answer::Waiting,
+    }
+}
+
+pub(crate) fn unhealthy(r: &AgentRecord) -> bool {
+    r.capabilities & REPORTS_HEALTH != 0 && r.health.as_ref().is_some_and(|h| !h.healthy)
+}
+
+/// Progress of a set of members towards a hash.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    pub members: u64,
+    pub applied: u64,
+    pub failed: u64,
+    pub waiting: u64,
+}
+
+impl Progress {
+    pub(crate) fn of<'a>(members: impl IntoIterator<Item = &'a AgentRecord>, hash: &str) -> Self {
+        let mut p = Progress::default();
+        for r in members {
+            p.members += 1;
+            match answer(r, hash) {
+                Answer::Applied => p.applied += 1,
+                Answer::Failed => p.failed += 1,
+                Answer::Waiting => p.waiting += 1,
+            }
+        }
+        p
+    }
+}
+
+/// Failures a budget allows among `members`: a percentage rounds down, so 5 % of 10 agents
+/// allows none.
+pub(crate) fn allowed(budget: Amount, members: u64) -> u64 {
+    match budget {
+        Amount::Count(c) => c,
+        Amount::Basis(b) => members * u64::from(b) / 10_000,
+    }
+}
+
+/// What a judgement looks at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Judging<'a> {
+    /// Members still waiting count as stragglers.
+    pub deadline_passed: bool,
+    /// The stage is soaking (or done): connection, health and effective config count too.
+    /// While it settles only answers do (an agent restarting with a new config is briefly
+    /// unhealthy or away).
+    pub soaking: bool,
+    /// Members seen unhealthy earlier in the soak.
+    pub seen_unhealthy: &'a HashSet<InstanceUid>,
+}
+
+/// The gate's view of a stage's members now.
+pub(crate) fn judge(
+    members: &[&AgentRecord],
+    hash: &str,
+    budget: Amount,
+    how: Judging<'_>,
+    now_ms: i64,
+) -> GateResult {
+    let Judging {
+        deadline_passed,
+        soaking,
+        seen_unhealthy,
+    } = how;
+    let mut g = GateResult {
+        at_ms: now_ms,
+        members: members.len() as u64,
+        budget: allowed(budget, members.len() as u64),
+        ..GateResult::default()
+    };
+    for r in members {
+        if r.capabilities & REPORTS_HEALTH == 0 {
+            g.health_unknown += 1;
+        }
+        if r.capabilities & REPORTS_EFFECTIVE_CONFIG == 0 {
+            g.effective_unknown += 1;
+        }
+        let failure = match answer(r, hash) {
+            Answer::Failed => Some((
+                "failed",
+                r.remote_config
+                    .as_ref()
+                    .map(|rc| rc.error_message.clone())
+                    .unwrap_or_default(),
+            )),
+            Answer::Waiting if deadline_passed => Some(("straggler", String::new())),
+            Answer::Waiting => None,
+            Answer::Applied => {
+                g.applied += 1;
+                if !soaking {
+                    None
+                } else if !r.connected {
+                    Some(("disconnected", String::new()))
+                } else if unhealthy(r) || seen_unhealthy.contains(&r.instance_uid) {
+                    let h = r.health.as_ref();
+                    let said = h.map(|h| {
+                        if h.last_error.is_empty() {
+                            h.status.clone()
+                        } else {
+                            h.last_error.clone()
+                        }
+                    });
+                    Some(("unhealthy", said.unwrap_or_default()))
+                } else if r.capabilities & REPORTS_EFFECTIVE_CONFIG != 0
+                    && matches!(
+                        (&r.applied_effective_hash, &r.effective_config_hash),
+                        (Some(a), Some(e)) if a != e
+                    )
+                {
+                    Some(("mismatched", String::new()))
+                } else {
+                    None
+                }
+            }
+        };
+        let Some((reason, message)) = failure else {
+            continue;
+        };
+        match reason {
+            "failed" => g.failed += 1,
+            "straggler" => g.stragglers += 1,
+            "disconnected" => g.disconnected += 1,
+            "unhealthy" => g.unhealthy += 1,
+            _ => g.mismatched += 1,
+        }
+        if g.failures.len() < NAMED_FAILURES {
+            g.failures.push(MemberFailure {
+                instance_uid: r.instance_uid,
+                reason: reason.into(),
+                message,
+            });
+        }
+    }
+    g.passed = g.bad() <= g.budget;
+    g.reasons = reasons(&g);
+    g
+}
+
+/// One line per kind of failure, for people.
+fn reasons(g: &GateResult) -> Vec<String> {
+    let first = |reason: &str| {
+        g.failures
+            .iter()
+            .find(|f| f.reason == reason && !f.message.is_empty())
+            .map(|f| format!(" (first: {})", f.message))
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for (n, what, reason) in [
+        (g.failed, "reported FAILED", "failed"),
+        (g.stragglers, "did not answer by the deadline", "straggler"),
+        (g.disconnected, "disconnected", "disconnected"),
+        (g.unhealthy, "unhealthy during the soak", "unhealthy"),
+        (
+            g.mismatched,
+            "effective config differs from what was applied",
+            "mismatched",
+        ),
+    ] {
+        if n > 0 {
+            out.push(format!("{n} of {} {what}{}", g.members, first(reason)));
+        }
+    }
+    if !out.is_empty() {
+        out.push(format!("budget {}", g.budget));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::domain::{Health, RemoteConfigReport};
+
+    const HASH: &str = "aa";
+
+    fn agent(status: Option<RemoteStatus>, caps: u64) -> AgentRecord {
+        let mut r = AgentRecord::new(InstanceUid::new_v7(), 0);
+        r.connected = true;
+        r.capabilities = caps;
+        r.remote_config = status.map(|status| RemoteConfigReport {
+            hash: HASH.into(),
+            status,
+            error_message: "bad exporter".into(),
+        });
+        r
+    }
+
+    fn how(late: bool, seen: &HashSet<InstanceUid>) -> Judging<'_> {
+        Judging {
+            deadline_passed: late,
+            soaking: true,
+            seen_unhealthy: seen,
+        }
+    }
+
+    fn judge_now(members: &[AgentRecord], budget: &str, late: bool) -> GateResult {
+        let refs: Vec<&AgentRecord> = members.iter().collect();
+        let none = HashSet::new();
+        let budget = Amount::parse_budget(budget).expect("budget");
+        judge(&refs, HASH, budget, how(late, &none), 1)
+    }
+
+    #[test]
+    fn a_failed_member_fails_a_zero_budget_with_its_error() {
+        let m = [
+            agent(Some(RemoteStatus::Applied), 0),
+            agent(Some(RemoteStatus::Failed), 0),
+        ];
+        let g = judge_now(&m, "0", false);
+        assert!(!g.passed);
+        assert_eq!((g.failed, g.applied, g.budget), (1, 1, 0));
+        assert_eq!(g.failures[0].message, "bad exporter");
+        assert!(g.reasons[0].contains("reported FAILED") && g.reasons[0].contains("bad exporter"));
+        assert!(
+            judge_now(&m, "1", false).passed,
+            "a budget of one allows it"
+        );
+        assert!(judge_now(&m, "50%", false).passed);
+        assert!(
+            !judge_now(&m, "49%", false).passed,
+            "percentages round down"
+        );
+    }
+
+    #[test]
+    fn waiting_members_become_stragglers_at_the_deadline() {
+        let m = [agent(None, 0), agent(Some(RemoteStatus::Applying), 0)];
+        assert!(judge_now(&m, "0", false).passed, "nobody failed yet");
+        let g = judge_now(&m, "0", true);
+        assert_eq!((g.stragglers, g.passed), (2, false));
+    }
+
+    #[test]
+    fn health_connection_and_effective_config_count_only_when_declared() {
+        let mut sick = agent(Some(RemoteStatus::Applied), REPORTS_HEALTH);
+        sick.health = Some(Health {
+            healthy: false,
+            last_error: "exporter down".into(),
+            ..Health::default()
+        });
+        let mut silent_sick = agent(Some(RemoteStatus::Applied), 0);
+        silent_sick.health = sick.health.clone();
+        let mut gone = agent(Some(RemoteStatus::Applied), 0);
+        gone.connected = false;
+        let mut moved = agent(Some(RemoteStatus::Applied), REPORTS_EFFECTIVE_CONFIG);
+        moved.applied_effective_hash = Some("e1".into());
+        moved.effective_config_hash = Some("e2".into());
+        let g = judge_now(&[sick, silent_sick, gone, moved], "0", false);
+        assert_eq!(
+            (g.unhealthy, g.disconnected, g.mismatched, g.applied),
+            (1, 1, 1, 4)
+        );
+        assert_eq!(g.health_unknown, 3, "health cannot be judged on three");
+        assert_eq!(g.effective_unknown, 3);
+        assert_eq!(g.failures[0].message, "exporter down");
+    }
+
+    #[test]
+    fn unhealthy_earlier_in_the_soak_still_counts() {
+        let m = [agent(Some(RemoteStatus::Applied), REPORTS_HEALTH)];
+        let seen = HashSet::from([m[0].instance_uid]);
+        let refs: Vec<&AgentRecord> = m.iter().collect();
+        let g = judge(&refs, HASH, Amount::Count(0), how(false, &seen), 1);
+        assert_eq!((g.unhealthy, g.passed), (1, false));
+        let settling = Judging {
+            soaking: false,
+            ..how(false, &seen)
+        };
+        let g = judge(&refs, HASH, Amount::Count(0), settling, 1);
+        assert!(g.passed, "while settling only answers count");
+    }
+
+    #[test]
+    fn an_empty_stage_passes() {
+        let g = judge_now(&[], "0", true);
+        assert!(g.passed && g.reasons.is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! Staged rollouts: one config version to a group (or a selector, or every agent) in stages,
+//! each gated by the health of the agents it reached. The pieces:
+//!
+//! - this file: the table of rollouts that still decide what some agents run (in memory on
+//!   every coordinator, re-read from the store on `RolloutChanged` and every lease round), and
+//!   how it enters each agent's desired config;
+//! - [`plan`]: stage sizes and which agents go in which stage (recorded at creation);
+//! - [`gates`]: each member's answer and the gate's verdict, from agent records;
+//! - [`engine`]: the driver: one coordinator per rollout (the holder of the partition lease
+//!   the rollout's id falls in) moves it through its states, writing each step fenced by that
+//!   lease, so a take-over continues from the stored state;
+//! - [`actions`]: what operators do: create, pause, resume, promote, abort, roll back; and
+//!   the status view with live progress;
+//! - [`groups`]: named label selectors.
+//!
+//! How a rollout decides an agent's config: a recorded member, or an agent that matches the
+//! target later (a joiner, which belongs to the last stage), gets the rollout's version once
+//! its stage has started, and otherwise what the assignments say (the stable side). The newer
+//! of a rollout and an assignment wins, and a rollout that succeeds leaves an assignment of
+//! its target behind, so it can leave the table. A rollback takes the rollout out of every
+//! agent's decision, which returns them to the assignments: the version they had.
+
+pub(crate) mod actions;
+mod engine;
+pub(crate) mod gates;
+pub(crate) mod groups;
+pub(crate) mod plan;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shared::domain::{AgentRecord, Target};
+use shared::ids::InstanceUid;
+use shared::rollout::{Member, Rollout, RolloutState};
+
+use super::Coordinator;
+
+pub(crate) use engine::run_engine;
+
+/// A rollout that still decides what some agents run, with its recorded members.
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub rollout: Rollout,
+    pub members: Arc<HashMap<InstanceUid, Member>>,
+}
+
+impl Live {
+    /// The stage `record` belongs to: its recorded one, else the last if it matches the
+    /// target now (a joiner); `None` when the rollout is not about this agent.
+    pub(crate) fn stage_of(&self, c: &Coordinator, record: &AgentRecord) -> Option<usize> {
+        match self.members.get(&record.instance_uid) {
+            Some(m) => Some(usize::from(m.stage)),
+            None if c.target_admits(&self.rollout.target, record) => {
+                Some(self.rollout.last_stage())
+            }
+            None => None,
+        }
+    }
+}
+
+/// Rollouts in a state that decides agents' configs: the active ones and the aborted ones
+/// (whose changed agents keep the rollout's version).
+fn decides(state: RolloutState) -> bool {
+    state.is_active() || state == RolloutState::Aborted
+}
+
+impl Coordinator {
+    /// The config a rollout decides for `record` and when that rollout was created, if a
+    /// rollout has reached the agent's stage; the newest rollout about the agent decides.
+    pub(super) fn rollout_choice(&self, record: &AgentRecord) -> Option<(i64, i64)> {
+        let table = self.rollouts.read().ok()?;
+        for l in table.iter().rev() {
+            let Some(stage) = l.stage_of(self, record) else {
+                continue;
+            };
+            return l
+                .rollout
+                .reached(stage)
+                .then_some((l.rollout.config_id, l.rollout.created_ms));
+        }
+        None
+    }
+
+    /// The live rollouts, oldest first.
+    pub(crate) fn live_rollouts(&self) -> Vec<Live> {
+        self.rollouts.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Re-reads the rollouts from the store; when any that decides agents' configs changed,
+    /// brings this coordinator's agents in line (pushing configs). Idempotent.
+    pub(crate) async fn sync_rollouts(&self) {
+        match self.load_rollouts().await {
+            Ok(true) => {
+                let held: Vec<u16> = self.held().into_keys().collect();
+                self.reconcile(&held).await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "loading rollouts failed"),
+        }
+    }
+
+    /// Replaces the table with the store's; true when what it decides changed.
+    pub(super) async fn load_rollouts(&self) -> Result<bool, shared::store::StoreError> {
+        let _one = self.rollout_sync.lock().await;
+        let all = self.store.list_rollouts().await?;
+        engine::count_states(&all);
+        let old = self.live_rollouts();
+        // A rollout that succeeded left an assignment behind: have it before the rollout
+        // leaves the table, or its agents would fall back to an older one for a moment.
+        let finished = |r: &Rollout| r.state == RolloutState::Succeeded;
+        if all
+            .iter()
+            .any(|r| finished(r) && old.iter().any(|l| l.rollout.id == r.id))
+        {
+            self.sync_assignments().await;
+        }
+        let mut next = Vec::new();
+        for r in all.into_iter().filter(|r| decides(r.state)) {
+            self.load_desired(r.config_id).await?;
+            let members = match old.iter().find(|l| l.rollout.id == r.id) {
+                Some(l) => l.members.clone(),
+                None => Arc::new(
+                    self.store
+                        .rollout_members(r.id)
+                        .await?
+                        .into_iter()
+                        .map(|m| (m.instance_uid, m))
+                        .collect(),
+                ),
+            };
+            next.push(Live {
+                rollout: r,
+                members,
+            });
+        }
+        let key = |t: &[Live]| -> Vec<(i64, RolloutState, usize, usize)> {
+            t.iter()
+                .map(|l| {
+                    let started = l.rollout.stages.iter().filter(|s| s.started_ms.is_some());
+                    (
+                        l.rollout.id,
+                        l.rollout.state,
+                        l.rollout.stage,
+                        started.count(),
+                    )
+                })
+                .collect()
+        };
+        let changed = key(&old) != key(&next);
+        if let Ok(mut t) = self.rollouts.write() {
+            *t = next;
+        }
+        Ok(changed)
+    }
+
+    /// The active rollout that already holds some agent `target` admits among `agents`, with
+    /// how many of them: two rollouts, or a rollout and an assignment, never share agents.
+    pub(crate) fn overlap(
+        &self,
+        target: &Target,
+        agents: &[AgentRecord],
+    ) -> Option<(i64, RolloutState, usize)> {
+        let table = self.live_rollouts();
+        table
+            .iter()
+            .filter(|l| l.rollout.state.is_active())
+            .find_map(|l| {
+                let n = agents
+                    .iter()
+                    .filter(|r| self.target_admits(target, r) && l.stage_of(self, r).is_some())
+                    .count();
+                (n > 0).then_some((l.rollout.id, l.rollout.state, n))
+            })
+    }
+}
