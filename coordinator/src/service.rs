@@ -15,7 +15,7 @@
 //! - [`partitions`] and [`leases`]: which partitions are held, taking and handing them over;
 //! - [`tokens`], [`token_sessions`], [`scope`]: bootstrap tokens, who they speak for, scopes;
 //! - [`identities`], [`issuance`], [`crl`]: agent certificates;
-//! - [`assignments`]: config versions, assignments and delivery;
+//! - [`assignments`]: config versions, assignments and delivery; [`drift`]: re-apply, adopt;
 //! - [`rollouts`]: groups and staged rollouts (plan, gates, the driver, operator actions);
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
@@ -24,6 +24,7 @@ mod api_tokens;
 mod assignments;
 mod audit;
 mod crl;
+mod drift;
 pub mod fleet;
 mod frames;
 mod identities;
@@ -179,6 +180,7 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
         match ev {
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
             ControlEvent::RolloutChanged { .. } => c.sync_rollouts().await,
+            ControlEvent::ReapplyConfig { uid } => c.reapply_here(uid).await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             // Full: a sync is pending already and will see these tokens too.
             ControlEvent::TokensCreated => drop(c.token_sync.try_send(())),

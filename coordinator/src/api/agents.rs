@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use shared::domain::{AgentRecord, ConfigState};
 use utoipa::{IntoParams, ToSchema};
 
-use super::guard::{Caller, Viewer};
+use super::guard::{ApiJson, Caller, Operator, Viewer};
 use super::{parse_uid, ApiError, ApiResult, ErrorBody};
 use crate::service::Coordinator;
 
@@ -95,4 +95,41 @@ pub(super) async fn show_agent(
         .await?
         .map(|a| Json(a.into()))
         .ok_or_else(|| ApiError::NotFound(format!("agent {uid}")))
+}
+
+#[utoipa::path(post, path = "/api/v1/agents/{uid}/reapply", params(("uid" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_token" = [])))]
+pub(super) async fn reapply_config(
+    State(c): State<Arc<Coordinator>>,
+    caller: Caller<Operator>,
+    Path(uid): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let uid = parse_uid(&uid)?;
+    c.reapply_config(uid, &caller.actor).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Adopt what a drifted agent runs as a new config version (assigned to it).
+#[derive(Deserialize, ToSchema)]
+pub struct AdoptBody {
+    /// The new version's name (default "adopted from <uid>").
+    pub name: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/agents/{uid}/adopt", params(("uid" = String, Path)),
+    request_body = AdoptBody,
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_token" = [])))]
+pub(super) async fn adopt_config(
+    State(c): State<Arc<Coordinator>>,
+    caller: Caller<Operator>,
+    Path(uid): Path<String>,
+    ApiJson(body, _): ApiJson<AdoptBody>,
+) -> ApiResult<shared::domain::ConfigVersion> {
+    let uid = parse_uid(&uid)?;
+    if let Some(n) = &body.name {
+        super::check_name(n)?;
+    }
+    Ok(Json(c.adopt_config(uid, body.name, &caller.actor).await?))
 }

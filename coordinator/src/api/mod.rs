@@ -7,13 +7,14 @@
 //! fetched by agents and proxies) needs an operator API token (`Authorization: Bearer
 //! amp-api.…`); reads need the viewer role, except the two token lists (admin: they name
 //! every token and its prefix); config and assignment changes need operator; bootstrap
-//! tokens, API tokens and identity revocations admin. The role is in each handler's
+//! tokens, API tokens and identity revocations admin; groups, rollouts and drift actions
+//! (re-apply, adopt) operator. The role is in each handler's
 //! signature (`Caller<Viewer>`). Errors are JSON `{"error": "..."}`. Every change made
 //! through the API is audited with its actor, `api:<API token name>`.
 //!
 //! The handlers live by resource: [`agents`], [`configs`] (config versions and assignments),
-//! [`tokens`] (bootstrap tokens), [`api_tokens`], [`identities`] (with the CRL), [`audit`] and
-//! [`cluster`]. This module keeps the router, the OpenAPI document and the checks they share.
+//! [`tokens`] (bootstrap tokens), [`api_tokens`], [`identities`] (with the CRL), [`audit`],
+//! [`groups`], [`rollouts`] and [`cluster`]. This module keeps the router, the OpenAPI document and the checks they share.
 
 mod agents;
 mod api_tokens;
@@ -21,9 +22,11 @@ pub(crate) mod audit;
 mod cluster;
 pub(crate) mod configs;
 mod error;
+pub(crate) mod groups;
 pub(crate) mod guard;
 pub(crate) mod identities;
 mod latency;
+pub(crate) mod rollouts;
 pub(crate) mod tokens;
 
 use std::collections::BTreeMap;
@@ -53,9 +56,12 @@ use crate::service::Coordinator;
         api_tokens::create_api_token, api_tokens::list_api_tokens, api_tokens::revoke_api_token,
         audit::list_audit, audit::export_audit, cluster::show_cluster,
         identities::list_identities, identities::show_identity, identities::revoke_identity,
-        identities::identities_crl
+        identities::identities_crl, rollouts::create_rollout, rollouts::list_rollouts,
+        rollouts::show_rollout, rollouts::rollout_events, rollouts::act_on_rollout,
+        rollouts::config_rollouts, groups::list_groups, groups::put_group, groups::show_group,
+        groups::delete_group, agents::reapply_config, agents::adopt_config
     ),
-    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, ErrorBody)),
+    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, ErrorBody)),
     modifiers(&BearerAuth, &Untagged)
 )]
 struct ApiDoc;
@@ -133,6 +139,32 @@ pub fn router(
             post(configs::create_config).get(configs::list_configs),
         )
         .route("/api/v1/configs/{id}", get(configs::show_config))
+        .route(
+            "/api/v1/configs/{id}/rollouts",
+            get(rollouts::config_rollouts),
+        )
+        .route(
+            "/api/v1/rollouts",
+            post(rollouts::create_rollout).get(rollouts::list_rollouts),
+        )
+        .route("/api/v1/rollouts/{id}", get(rollouts::show_rollout))
+        .route(
+            "/api/v1/rollouts/{id}/events",
+            get(rollouts::rollout_events),
+        )
+        .route(
+            "/api/v1/rollouts/{id}/{action}",
+            post(rollouts::act_on_rollout),
+        )
+        .route("/api/v1/groups", get(groups::list_groups))
+        .route(
+            "/api/v1/groups/{name}",
+            get(groups::show_group)
+                .put(groups::put_group)
+                .delete(groups::delete_group),
+        )
+        .route("/api/v1/agents/{uid}/reapply", post(agents::reapply_config))
+        .route("/api/v1/agents/{uid}/adopt", post(agents::adopt_config))
         .route(
             "/api/v1/assignments",
             post(configs::create_assignment).get(configs::list_assignments),

@@ -253,6 +253,9 @@ pub enum ControlEvent {
     /// A rollout was created or changed state or stage: every coordinator re-reads it and
     /// brings its agents in line (and finds it in the store every lease round if this is lost).
     RolloutChanged { rollout_id: i64 },
+    /// An operator asked for this agent's config to be sent again (drift): the coordinator
+    /// serving it does.
+    ReapplyConfig { uid: InstanceUid },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -104,6 +104,9 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         ControlEvent::RolloutChanged { rollout_id } => {
             Kind::RolloutChanged(pb::RolloutChanged { rollout_id })
         }
+        ControlEvent::ReapplyConfig { uid } => Kind::ReapplyConfig(pb::ReapplyConfig {
+            uid: uid.as_bytes().to_vec(),
+        }),
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -274,6 +277,9 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         Kind::TokensCreated(_) => ControlEvent::TokensCreated,
         Kind::RolloutChanged(r) => ControlEvent::RolloutChanged {
             rollout_id: r.rollout_id,
+        },
+        Kind::ReapplyConfig(r) => ControlEvent::ReapplyConfig {
+            uid: uid_from_pb(&r.uid)?,
         },
     })
 }
@@ -577,6 +583,7 @@ mod tests {
             },
             ControlEvent::TokensCreated,
             ControlEvent::RolloutChanged { rollout_id: 9 },
+            ControlEvent::ReapplyConfig { uid: uid() },
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
         }
