@@ -43,6 +43,7 @@ mod proxy_trust;
 mod python;
 mod reference_client;
 mod refused;
+mod rollouts;
 mod security;
 mod tls;
 mod tokens;

@@ -48,7 +48,7 @@ impl PyAgent {
     }
 
     /// The agent with further script arguments (`--token`, `--ca-file`, `--client-cert`, …).
-    fn spawn_with(
+    pub(crate) fn spawn_with(
         python: &str,
         endpoint: &str,
         service: &str,

@@ -67,7 +67,10 @@ JSON_TYPES = ("application/json", "text/json")
 class Callbacks(OpAMPCallbacks):
     """Reacts to the library's callbacks; everything runs on the library's worker thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_containing: str | None = None) -> None:
+        # Report FAILED for a config whose text contains this, as a Collector refuses a config
+        # it cannot load.
+        self.fail_containing = fail_containing
         self.connected = False
         self.failures = 0
         # The "applied" configuration: file name -> (content type, body text).
@@ -115,6 +118,8 @@ class Callbacks(OpAMPCallbacks):
             files={name: {"content_type": ct, "body": body} for name, (ct, body) in files.items()},
         )
         error = self._validate(client, remote, files)
+        if error is None and self.fail_containing and any(self.fail_containing in body for body in bodies):
+            error = f"config refused: it contains {self.fail_containing!r}"
         if error is not None:
             status = client.update_remote_config_status(
                 remote_config_hash=config_hash,
@@ -186,6 +191,10 @@ def main() -> int:
     parser.add_argument("--instance-uid", help="the agent's instance uid (default: one the library generates)")
     parser.add_argument("--service-name", default="python-opamp-agent")
     parser.add_argument("--service-version", default="0.0.1")
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="a non-identifying attribute (repeatable), e.g. ring=canary")
+    parser.add_argument("--fail-containing", metavar="TEXT",
+                        help="report FAILED for any remote config whose text contains TEXT")
     parser.add_argument("--poll-secs", type=float, default=0.2, help="heartbeat (poll) interval")
     parser.add_argument("--backoff-secs", type=float, default=0.2, help="initial retry backoff")
     parser.add_argument("--timeout-ms", type=int, default=5000, help="per-request timeout")
@@ -218,6 +227,7 @@ def main() -> int:
             "host.name": os.uname().nodename,
             "process.pid": os.getpid(),
             "telemetry.sdk.language": "python",
+            **dict(label.split("=", 1) for label in args.label),
         },
         # The library's default set is exactly: ReportsStatus | AcceptsRemoteConfig |
         # ReportsEffectiveConfig | ReportsRemoteConfig | ReportsHeartbeat. Spelled out here.
@@ -243,7 +253,7 @@ def main() -> int:
     probe = opamp_pb2.AgentToServer.FromString(client.build_heartbeat_message())
     emit("instance_uid", uid=str(uuid.UUID(bytes=bytes(probe.instance_uid))))
 
-    callbacks = Callbacks()
+    callbacks = Callbacks(fail_containing=args.fail_containing)
     agent = OpAMPAgent(
         interval=args.poll_secs,
         callbacks=callbacks,

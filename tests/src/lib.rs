@@ -281,6 +281,14 @@ impl Api {
         Ok(v)
     }
 
+    pub async fn put_json(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let (s, v) = self.raw(reqwest::Method::PUT, path, Some(body)).await?;
+        if s != 200 {
+            bail!("PUT {path}: {s} {v}");
+        }
+        Ok(v)
+    }
+
     /// Creates a bootstrap token and returns its text.
     pub async fn token(&self, name: &str) -> anyhow::Result<String> {
         let v = self.post("/api/v1/tokens", json!({ "name": name })).await?;

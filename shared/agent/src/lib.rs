@@ -35,7 +35,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use self::agent::Agent;
-pub use self::core::{AgentCore, Outcome};
+pub use self::core::{AgentCore, Outcome, DISLIKED, SICKENED};
 pub use self::error::{ClientError, ConnectError};
 pub use self::http::HttpTransport;
 pub use self::options::{AgentOptions, AgentStatus, DEFAULT_CAPABILITIES};

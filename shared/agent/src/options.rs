@@ -45,6 +45,13 @@ pub struct AgentOptions {
     pub initial_config: String,
     /// Report FAILED for every remote config instead of applying it.
     pub fail_configs: bool,
+    /// Report FAILED (with [`crate::core::DISLIKED`]) for a remote config any of whose files
+    /// contains this text, as a Collector refuses a config it cannot load.
+    pub fail_configs_containing: Option<String>,
+    /// Apply a remote config containing this text, then report unhealthy (with ReportsHealth),
+    /// as a Collector whose exporter cannot reach its endpoint does; any other config makes it
+    /// healthy again.
+    pub unhealthy_configs_containing: Option<String>,
     /// Local address to connect from (the load generator spreads over 127.0.0.x).
     pub source_ip: Option<IpAddr>,
     /// On WebSocket reconnects, open with a compact message instead of the full state, as
@@ -99,6 +106,8 @@ impl Default for AgentOptions {
             heartbeat: Self::DEFAULT_HEARTBEAT,
             initial_config: String::new(),
             fail_configs: false,
+            fail_configs_containing: None,
+            unhealthy_configs_containing: None,
             source_ip: None,
             compact_reconnect: false,
             accept_identity: false,

@@ -34,6 +34,14 @@ use crate::url::{Endpoint, Scheme};
 /// Error message reported with FAILED when [`AgentOptions::fail_configs`] is set.
 pub const REJECTED: &str = "rejected by test agent";
 
+/// Error message reported with FAILED for a config [`AgentOptions::fail_configs_containing`]
+/// names.
+pub const DISLIKED: &str = "config refused: it contains what this agent cannot load";
+
+/// `last_error` of the health an agent reports after applying a config
+/// [`AgentOptions::unhealthy_configs_containing`] names.
+pub const SICKENED: &str = "exporter cannot reach its endpoint";
+
 /// What the I/O loop must do after a server message.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -77,6 +85,8 @@ pub struct AgentCore {
     /// The effective config's files; their bodies are the status's `effective_config`.
     layout: ConfigLayout,
     start_time_ns: u64,
+    /// Why the agent reports itself unhealthy, if it does.
+    sick: Option<&'static str>,
     /// A connection was opened before (see [`AgentOptions::compact_reconnect`]).
     reconnecting: bool,
     /// The client certificate in use (committed after a connection with it succeeded).
@@ -130,6 +140,7 @@ impl AgentCore {
             remote_status: None,
             layout,
             start_time_ns: now_ns(),
+            sick: None,
             reconnecting: false,
             identity: None,
             candidate: None,
@@ -389,13 +400,7 @@ impl AgentCore {
             non_identifying_attributes: key_values(&self.opts.non_identifying),
         });
         if caps & agent_caps::REPORTS_HEALTH != 0 {
-            msg.health = Some(ComponentHealth {
-                healthy: true,
-                start_time_unix_nano: self.start_time_ns,
-                status: "running".into(),
-                status_time_unix_nano: self.start_time_ns,
-                ..ComponentHealth::default()
-            });
+            msg.health = Some(self.health());
         }
         if caps & agent_caps::REPORTS_EFFECTIVE_CONFIG != 0 {
             msg.effective_config = Some(self.effective_config());
@@ -654,6 +659,22 @@ impl AgentCore {
         )
     }
 
+    fn health(&self) -> ComponentHealth {
+        ComponentHealth {
+            healthy: self.sick.is_none(),
+            start_time_unix_nano: self.start_time_ns,
+            status: if self.sick.is_some() {
+                "degraded"
+            } else {
+                "running"
+            }
+            .into(),
+            last_error: self.sick.unwrap_or_default().into(),
+            status_time_unix_nano: self.start_time_ns,
+            ..ComponentHealth::default()
+        }
+    }
+
     /// APPLYING, then APPLIED with the new effective config (or FAILED when configured to).
     fn apply_remote_config(&mut self, rc: AgentRemoteConfig, send: &mut Vec<AgentToServer>) {
         let reports = self.opts.capabilities & agent_caps::REPORTS_REMOTE_CONFIG != 0;
@@ -686,15 +707,33 @@ impl AgentCore {
             send.push(msg);
         }
 
-        let status = if self.opts.fail_configs {
+        let contains = |marker: &Option<String>| {
+            marker.as_deref().is_some_and(|m| {
+                rc.config.as_ref().is_some_and(|c| {
+                    c.config_map
+                        .values()
+                        .any(|f| String::from_utf8_lossy(&f.body).contains(m))
+                })
+            })
+        };
+        let refusal = if self.opts.fail_configs {
+            Some(REJECTED)
+        } else if contains(&self.opts.fail_configs_containing) {
+            Some(DISLIKED)
+        } else {
+            None
+        };
+        let was_sick = self.sick;
+        let status = if let Some(why) = refusal {
             self.status
                 .send_modify(|s| s.last_remote_config_hash = Some(hash.clone()));
             RemoteConfigStatus {
                 last_remote_config_hash: hash,
                 status: RemoteConfigStatuses::Failed as i32,
-                error_message: REJECTED.into(),
+                error_message: why.into(),
             }
         } else {
+            self.sick = contains(&self.opts.unhealthy_configs_containing).then_some(SICKENED);
             self.set_effective(rc.config.unwrap_or_default());
             self.status.send_modify(|s| {
                 s.last_remote_config_hash = Some(hash.clone());
@@ -715,7 +754,13 @@ impl AgentCore {
         if applied && self.opts.capabilities & agent_caps::REPORTS_EFFECTIVE_CONFIG != 0 {
             msg.effective_config = Some(self.effective_config());
         }
-        if msg.remote_config_status.is_some() || msg.effective_config.is_some() {
+        if self.sick != was_sick && self.opts.capabilities & agent_caps::REPORTS_HEALTH != 0 {
+            msg.health = Some(self.health());
+        }
+        if msg.remote_config_status.is_some()
+            || msg.effective_config.is_some()
+            || msg.health.is_some()
+        {
             send.push(msg);
         }
     }

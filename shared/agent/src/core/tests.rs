@@ -215,6 +215,43 @@ fn multi_file_config_round_trips() {
 }
 
 #[test]
+fn an_agent_refuses_or_sickens_on_the_configs_it_dislikes() {
+    let (mut core, rx) = AgentCore::new(AgentOptions {
+        fail_configs_containing: Some("kafka".into()),
+        unhealthy_configs_containing: Some("unreachable".into()),
+        capabilities: opts().capabilities | agent_caps::REPORTS_HEALTH,
+        ..opts()
+    });
+    let out = core.on_message(remote(b"h1", &[("", "exporters: {kafka: {}}\n")]));
+    let st = out.send[1].remote_config_status.as_ref().expect("status");
+    assert_eq!(st.status, RemoteConfigStatuses::Failed as i32);
+    assert_eq!(st.error_message, DISLIKED);
+    assert_eq!(rx.borrow().applied_configs, 0);
+
+    let out = core.on_message(remote(b"h2", &[("", "endpoint: unreachable\n")]));
+    let st = out.send[1].remote_config_status.as_ref().expect("status");
+    assert_eq!(st.status, RemoteConfigStatuses::Applied as i32);
+    let h = out.send[1]
+        .health
+        .as_ref()
+        .expect("health changed, so reported");
+    assert!(!h.healthy);
+    assert_eq!(h.last_error, SICKENED);
+    assert!(!core.full_state().health.expect("health").healthy);
+
+    let out = core.on_message(remote(b"h3", &[("", "endpoint: fine\n")]));
+    assert!(
+        out.send[1].health.as_ref().expect("health").healthy,
+        "well again"
+    );
+    let out = core.on_message(remote(b"h4", &[("", "endpoint: fine too\n")]));
+    assert!(
+        out.send[1].health.is_none(),
+        "unchanged health is not repeated"
+    );
+}
+
+#[test]
 fn failing_agent_reports_failed_with_a_reason() {
     let (mut core, rx) = AgentCore::new(AgentOptions {
         fail_configs: true,
