@@ -111,6 +111,7 @@ fn describe_metrics() {
     );
     metrics::gauge!("ampora_cluster_partitions").set(f64::from(shared::ids::PARTITIONS));
     crate::store::timed::describe_metrics();
+    crate::service::rollouts::describe_metrics();
     metrics::describe_counter!(
         "ampora_store_agent_writes_total",
         "Agent records written to the store in batches"

@@ -23,6 +23,7 @@ mod decoding;
 mod deploy;
 mod frames;
 mod latency;
+mod rollouts;
 mod tls;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -38,6 +39,11 @@ pub async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
 pub struct Snapshot(BTreeMap<String, f64>);
 
 impl Snapshot {
+    /// Whether the series is rendered at all (at zero included).
+    pub fn has(&self, series: &str) -> bool {
+        self.0.contains_key(series)
+    }
+
     /// The value of one series (0 when absent).
     pub fn get(&self, series: &str) -> f64 {
         self.0.get(series).copied().unwrap_or(0.0)

@@ -59,6 +59,45 @@ pub(crate) async fn run_engine(weak: Weak<Coordinator>) {
     }
 }
 
+/// Gate failure reasons, the `reason` label of `ampora_rollout_gate_failures_total`.
+const GATE_REASONS: [&str; 5] = [
+    "failed",
+    "straggler",
+    "disconnected",
+    "unhealthy",
+    "mismatched",
+];
+
+/// Where a member of a running rollout stands, the `state` label of `ampora_rollout_agents`.
+const MEMBER_STATES: [&str; 4] = ["not_reached", "waiting", "applied", "failed"];
+
+/// Describes the rollout metrics and creates their bounded series at zero, so alert rules
+/// and dashboards see them before the first rollout.
+pub(crate) fn describe_metrics() {
+    metrics::describe_gauge!("ampora_rollouts", "Rollouts by state (pending, running, paused, failed, succeeded, aborted, rolling_back, rolled_back)");
+    metrics::describe_gauge!(
+        "ampora_rollout_stage_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest running stage among the rollouts this coordinator drives (0: none)"
+    );
+    metrics::describe_counter!(
+        "ampora_rollout_gate_failures_total",
+        "Failed rollout gates, once per reason that counted against the budget"
+    );
+    metrics::describe_gauge!(
+        "ampora_rollout_agents",
+        "Members of the running rollouts this coordinator drives, by where they stand"
+    );
+    count_states(&[]);
+    for reason in GATE_REASONS {
+        metrics::counter!("ampora_rollout_gate_failures_total", "reason" => reason).increment(0);
+    }
+    for state in MEMBER_STATES {
+        metrics::gauge!("ampora_rollout_agents", "state" => state).set(0.0);
+    }
+    metrics::gauge!("ampora_rollout_stage_age_seconds").set(0.0);
+}
+
 /// `ampora_rollouts{state}`: rollouts by state, from a full list.
 pub(crate) fn count_states(all: &[Rollout]) {
     for state in RolloutState::ALL {
@@ -94,6 +133,9 @@ impl Coordinator {
             .collect();
         if mine.is_empty() {
             metrics::gauge!("ampora_rollout_stage_age_seconds").set(0.0);
+            for state in MEMBER_STATES {
+                metrics::gauge!("ampora_rollout_agents", "state" => state).set(0.0);
+            }
             return;
         }
         let agents = match self.agents().await {
@@ -106,6 +148,13 @@ impl Coordinator {
         let now = now_ms();
         let mut oldest_stage = 0i64;
         let mut changed = false;
+        let mut standing = [0u64; MEMBER_STATES.len()];
+        for (live, _) in &mine {
+            self.count_members(live, &agents, &mut standing);
+        }
+        for (state, n) in MEMBER_STATES.into_iter().zip(standing) {
+            metrics::gauge!("ampora_rollout_agents", "state" => state).set(n as f64);
+        }
         for (live, fence) in mine {
             let r = &live.rollout;
             if r.state == RolloutState::Running {
@@ -197,6 +246,30 @@ impl Coordinator {
             }));
         }
         out
+    }
+
+    /// Adds where each member of a running rollout stands to `out` (by [`MEMBER_STATES`]).
+    fn count_members(&self, live: &Live, agents: &[AgentRecord], out: &mut [u64; 4]) {
+        let r = &live.rollout;
+        if r.state != RolloutState::Running {
+            return;
+        }
+        let by_uid: HashMap<InstanceUid, &AgentRecord> =
+            agents.iter().map(|a| (a.instance_uid, a)).collect();
+        for s in 0..r.stages.len() {
+            let members = self.stage_members(live, s, agents, &by_uid);
+            if !r.reached(s) {
+                out[0] += members.len() as u64;
+                continue;
+            }
+            for m in members {
+                out[match gates::answer(m, &r.config_hash) {
+                    Answer::Waiting => 1,
+                    Answer::Applied => 2,
+                    Answer::Failed => 3,
+                }] += 1;
+            }
+        }
     }
 
     /// What the rollout does next, if anything, from the agents' facts now.
@@ -322,13 +395,14 @@ impl Coordinator {
     }
 
     fn gate_failed(&self, mut r: Rollout, gate: GateResult, now: i64) -> Step {
-        for (n, reason) in [
-            (gate.failed, "failed"),
-            (gate.stragglers, "straggler"),
-            (gate.disconnected, "disconnected"),
-            (gate.unhealthy, "unhealthy"),
-            (gate.mismatched, "mismatched"),
-        ] {
+        let counts = [
+            gate.failed,
+            gate.stragglers,
+            gate.disconnected,
+            gate.unhealthy,
+            gate.mismatched,
+        ];
+        for (n, reason) in counts.into_iter().zip(GATE_REASONS) {
             if n > 0 {
                 metrics::counter!("ampora_rollout_gate_failures_total", "reason" => reason)
                     .increment(1);

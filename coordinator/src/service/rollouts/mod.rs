@@ -35,7 +35,7 @@ use shared::rollout::{Member, Rollout, RolloutState};
 
 use super::Coordinator;
 
-pub(crate) use engine::run_engine;
+pub(crate) use engine::{describe_metrics, run_engine};
 
 /// A rollout that still decides what some agents run, with its recorded members.
 #[derive(Clone)]
