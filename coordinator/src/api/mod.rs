@@ -14,7 +14,8 @@
 //!
 //! The handlers live by resource: [`agents`], [`configs`] (config versions and assignments),
 //! [`tokens`] (bootstrap tokens), [`api_tokens`], [`identities`] (with the CRL), [`audit`],
-//! [`groups`], [`rollouts`] and [`cluster`]. This module keeps the router, the OpenAPI document and the checks they share.
+//! [`groups`], [`rollouts`] and [`cluster`]. This module keeps the router, the OpenAPI
+//! document and the checks they share.
 
 mod agents;
 mod api_tokens;
