@@ -294,9 +294,11 @@ async fn the_readme_role_table_is_what_the_server_enforces() -> anyhow::Result<(
         let concrete = path
             .replace("{uid}", &uid)
             .replace("{id}", "nope")
-            .replace("{serial}", "0abc");
+            .replace("{serial}", "0abc")
+            .replace("{name}", "nope")
+            .replace("{action}", "pause");
         let method: Method = method.parse()?;
-        let body = (method == Method::POST).then(|| json!({}));
+        let body = (method == Method::POST || method == Method::PUT).then(|| json!({}));
         for (who, api) in &clients {
             let (status, v) = api.raw(method.clone(), &concrete, body.clone()).await?;
             let allowed = match rank(role) {
