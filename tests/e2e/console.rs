@@ -15,11 +15,11 @@ use crate::python::{python, PyAgent};
 const XSS_NAME: &str = "<script>window.__xss=1</script>";
 const XSS_ATTR: &str = "\"><img src=x onerror=\"window.__xss=2\">";
 
-fn base(server: &TestServer) -> String {
+pub(crate) fn base(server: &TestServer) -> String {
     format!("http://{}", server.addr)
 }
 
-async fn sign_in(b: &Browser, server: &TestServer, token: &str) -> anyhow::Result<()> {
+pub(crate) async fn sign_in(b: &Browser, server: &TestServer, token: &str) -> anyhow::Result<()> {
     b.goto(&format!("{}/ui/", base(server))).await?;
     // Not signed in: the console sends the browser to its sign-in page.
     b.fill("input#token", token).await?;
@@ -29,14 +29,14 @@ async fn sign_in(b: &Browser, server: &TestServer, token: &str) -> anyhow::Resul
 }
 
 /// Clicks a button guarded by a confirmation, and confirms.
-async fn click_confirmed(b: &Browser, css: &str) -> anyhow::Result<()> {
+pub(crate) async fn click_confirmed(b: &Browser, css: &str) -> anyhow::Result<()> {
     b.click(css).await?;
     b.client.accept_alert().await?;
     Ok(())
 }
 
 /// Waits until the text of `css` satisfies `pred`, reading the page as it is (no reload).
-async fn until_text(
+pub(crate) async fn until_text(
     b: &Browser,
     css: &str,
     what: &str,

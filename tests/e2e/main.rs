@@ -32,6 +32,7 @@ mod bad_input;
 mod cluster;
 mod cluster_identity;
 mod console;
+mod console_rollouts;
 mod hostile;
 mod hostile_input;
 mod identity;

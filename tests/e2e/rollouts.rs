@@ -463,9 +463,9 @@ async fn driver_killed_mid_stage_rollout_completes() -> anyhow::Result<()> {
 }
 
 /// A hand-driven agent on a raw WebSocket: it reports exactly what the test says.
-struct Handmade {
+pub(crate) struct Handmade {
     conn: agent::WsConnection,
-    uid: shared::ids::InstanceUid,
+    pub(crate) uid: shared::ids::InstanceUid,
     seq: u64,
 }
 
@@ -475,7 +475,7 @@ impl Handmade {
         | proto::agent_caps::REPORTS_REMOTE_CONFIG
         | proto::agent_caps::REPORTS_EFFECTIVE_CONFIG;
 
-    async fn connect(f: &impl Fleet, ring: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn connect(f: &impl Fleet, ring: &str) -> anyhow::Result<Self> {
         let token = f.api().token(ring).await?;
         let conn = agent::WsConnection::connect(&f.ws_url(), &tests::bearer(&token)).await?;
         let uid = shared::ids::InstanceUid::new_v7();
@@ -487,7 +487,11 @@ impl Handmade {
     }
 
     /// Reports `hash` APPLIED (when given) and `effective` as its effective config.
-    async fn report(&mut self, hash: Option<&[u8]>, effective: &str) -> anyhow::Result<()> {
+    pub(crate) async fn report(
+        &mut self,
+        hash: Option<&[u8]>,
+        effective: &str,
+    ) -> anyhow::Result<()> {
         self.seq += 1;
         let file = proto::v1::AgentConfigFile {
             body: effective.as_bytes().to_vec(),
@@ -513,7 +517,7 @@ impl Handmade {
     }
 
     /// The hash of the next remote config the server sends.
-    async fn offered(&mut self) -> anyhow::Result<Vec<u8>> {
+    pub(crate) async fn offered(&mut self) -> anyhow::Result<Vec<u8>> {
         tokio::time::timeout(DEADLINE, async {
             loop {
                 match self.conn.recv().await? {

@@ -240,7 +240,7 @@ fn check_text(what: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
     check_text("name", name)
 }
 

@@ -1,21 +1,26 @@
 //! The agent detail page: what the agent says it is (its description as JSON), what it can
 //! do (the Capabilities chip), how it is (the component health tree), its config (assigned
 //! next to effective, with a diff, and the remote-config status with the agent's error), its
-//! identity, where and when it was seen, and the recent audit rows about it.
+//! identity, where and when it was seen, and the recent audit rows about it. A drifted agent
+//! (its effective config moved after it applied) gets the operator's two answers: re-apply the
+//! assigned config, or adopt what it runs as a new version (`Coordinator::reapply_config` /
+//! `adopt_config`, as `POST /api/v1/agents/{uid}/reapply|adopt` call them; audited there).
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
-use shared::domain::{AgentRecord, ConfigMap, Health, IdentityRecord};
+use serde::Deserialize;
+use shared::domain::{AgentRecord, ConfigMap, ConfigState, Health, IdentityRecord, Role};
 use shared::ids::InstanceUid;
 use shared::store::AuditQuery;
 
 use super::audit::audit_table;
-use super::session::Signed;
-use super::view::{self, config_text, diff_view, when};
+use super::session::{Nothing, Posted, Signed};
+use super::view::{self, config_text, csrf, diff_view, when};
+use crate::api::guard::Operator;
 use crate::service::fleet::{ConfigView, HealthState};
 use crate::service::Coordinator;
 
@@ -76,6 +81,7 @@ pub(super) async fn page(
     let body = html! {
         h1 { (name) " " small.uid { (uid.to_string()) } }
         (summary(&agent))
+        (drift_section(who, &agent))
         h2 { "Capabilities" }
         (capabilities(agent.capabilities))
         h2 { "Description" }
@@ -199,5 +205,79 @@ fn identity_section(identities: &[IdentityRecord]) -> Markup {
                 }
             }
         }
+    }
+}
+
+/// What a drifted agent's operator can do about it; nothing for an agent that is not drifted.
+fn drift_section(who: &Signed, a: &AgentRecord) -> Markup {
+    if ConfigView::of(a) != ConfigView::State(ConfigState::Drifted) {
+        return html! {};
+    }
+    let uid = a.instance_uid.to_string();
+    html! {
+        div.drift #drift {
+            p {
+                span.chip.config-drifted { "Drifted" }
+                " The config this agent runs moved away from what it reported when it applied its "
+                "assigned version (a local edit?)."
+            }
+            @if who.may(Role::Operator) {
+                form.inline #reapply method="post" action={"/ui/agents/" (uid) "/reapply"} {
+                    (csrf(who))
+                    button type="submit" data-confirm="Send the assigned config to this agent again?" { "Re-apply" }
+                }
+                form.inline #adopt method="post" action={"/ui/agents/" (uid) "/adopt"} {
+                    (csrf(who))
+                    input #adopt-name type="text" name="name" placeholder="name (default: adopted from <uid>)";
+                    button type="submit" data-confirm="Make what this agent runs a new version, assigned to it?" { "Adopt as new version" }
+                }
+            }
+        }
+    }
+}
+
+fn not_a_uid(who: &Signed) -> Response {
+    view::status_page(StatusCode::NOT_FOUND, Some(who), "not an instance uid")
+}
+
+pub(super) async fn reapply(
+    State(c): State<Arc<Coordinator>>,
+    Path(uid): Path<String>,
+    posted: Posted<Operator, Nothing>,
+) -> Response {
+    let who = posted.who.any();
+    let Ok(uid) = uid.parse::<InstanceUid>() else {
+        return not_a_uid(&who);
+    };
+    match c.reapply_config(uid, &who.actor).await {
+        Ok(()) => Redirect::to(&format!("/ui/agents/{uid}")).into_response(),
+        Err(e) => view::error_page(Some(&who), &e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct AdoptForm {
+    #[serde(default)]
+    name: String,
+}
+
+pub(super) async fn adopt(
+    State(c): State<Arc<Coordinator>>,
+    Path(uid): Path<String>,
+    posted: Posted<Operator, AdoptForm>,
+) -> Response {
+    let who = posted.who.any();
+    let Ok(uid) = uid.parse::<InstanceUid>() else {
+        return not_a_uid(&who);
+    };
+    let name = Some(posted.form.name.trim().to_string()).filter(|n| !n.is_empty());
+    if let Some(n) = &name {
+        if let Err(e) = crate::api::check_name(n) {
+            return view::error_page(Some(&who), &e);
+        }
+    }
+    match c.adopt_config(uid, name, &who.actor).await {
+        Ok(_) => Redirect::to(&format!("/ui/agents/{uid}")).into_response(),
+        Err(e) => view::error_page(Some(&who), &e.into()),
     }
 }

@@ -1,7 +1,7 @@
-//! Config versions: the list (author, time, hash; immutable), one version's body, the diff
-//! between any two, creating a version, and pushing one to an agent, a label selector or
-//! every agent. Creating and pushing call what `POST /api/v1/configs` and
-//! `POST /api/v1/assignments` call, with the operator role.
+//! Config versions: the list (author, time, hash; immutable), one version's body with the
+//! rollouts that used it, the diff between any two, creating a version, and pushing one to
+//! an agent, a label selector or every agent. Creating and pushing call what
+//! `POST /api/v1/configs` and `POST /api/v1/assignments` call, with the operator role.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use shared::domain::{ConfigVersion, Role};
 
+use super::rollouts::rollouts_table;
 use super::session::{Posted, Signed};
 use super::view::{self, config_text, csrf, diff_view, when};
 use crate::api::configs::{assign, create as create_version, NewAssignmentBody, NewConfig};
@@ -84,6 +85,9 @@ pub(super) async fn show(
         Ok(None) => return view::status_page(StatusCode::NOT_FOUND, Some(&who), "no such version"),
         Err(e) => return view::error_page(Some(&who), &e.into()),
     };
+    let mut used = c.rollouts_of_config(v.id).await.unwrap_or_default();
+    used.reverse();
+    let names = std::collections::HashMap::from([(v.id, v.name.clone())]);
     let body = html! {
         h1 { "Config version " (v.id) " · " (v.name) }
         dl.summary {
@@ -92,6 +96,12 @@ pub(super) async fn show(
             dt { "Created" } dd { (when(Some(v.created_ms))) }
         }
         pre #config-body { (config_text(&v.files)) }
+        h2 { "Rollouts of this version" }
+        @if used.is_empty() {
+            p.muted #no-rollouts { "None." }
+        } @else {
+            (rollouts_table(&used, &names))
+        }
         @if who.may(Role::Operator) {
             h2 { "Push" }
             form.stacked #push method="post" action="/ui/push" {

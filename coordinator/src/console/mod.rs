@@ -4,8 +4,8 @@
 //!
 //! Owns: the page layout (navigation, footer with the version), the security headers of
 //! every console response (a Content-Security-Policy without inline scripts or styles), the
-//! static assets, and one module per screen: [`fleet`], [`agent`], [`configs`], [`tokens`],
-//! [`identities`], [`audit`]. Sign-in, sessions and CSRF are [`session`]'s.
+//! static assets, and one module per screen: [`fleet`], [`agent`], [`configs`], [`rollouts`],
+//! [`groups`], [`tokens`], [`identities`], [`audit`]. Sign-in, sessions and CSRF are [`session`]'s.
 //!
 //! Every value an agent reports is rendered through maud, which escapes it; nothing reaches
 //! the page as raw HTML except the markup written here.
@@ -14,7 +14,9 @@ mod agent;
 mod audit;
 mod configs;
 mod fleet;
+mod groups;
 mod identities;
+mod rollouts;
 pub(crate) mod session;
 mod tokens;
 mod view;
@@ -47,10 +49,18 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/fleet/rows", get(fleet::rows))
         .route("/ui/fleet/events", get(fleet::events))
         .route("/ui/agents/{uid}", get(agent::page))
+        .route("/ui/agents/{uid}/reapply", post(agent::reapply))
+        .route("/ui/agents/{uid}/adopt", post(agent::adopt))
         .route("/ui/configs", get(configs::list).post(configs::create))
         .route("/ui/configs/diff", get(configs::diff))
         .route("/ui/configs/{id}", get(configs::show))
         .route("/ui/push", post(configs::push))
+        .route("/ui/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/ui/rollouts/{id}", get(rollouts::show))
+        .route("/ui/rollouts/{id}/live", get(rollouts::fragment))
+        .route("/ui/rollouts/{id}/{action}", post(rollouts::act))
+        .route("/ui/groups", get(groups::list).post(groups::save))
+        .route("/ui/groups/delete", post(groups::delete))
         .route("/ui/tokens", get(tokens::list).post(tokens::create))
         .route("/ui/tokens/{id}/revoke", post(tokens::revoke))
         .route("/ui/identities", get(identities::list))

@@ -45,6 +45,8 @@ pub(super) fn page(title: &str, who: Option<&Signed>, body: Markup) -> Markup {
                         nav {
                             a href="/ui/" { "Fleet" }
                             a href="/ui/configs" { "Configs" }
+                            a href="/ui/rollouts" { "Rollouts" }
+                            a href="/ui/groups" { "Groups" }
                             // Only admins may list tokens (as in the API): no dead link.
                             @if who.may(Role::Admin) { a href="/ui/tokens" { "Tokens" } }
                             a href="/ui/identities" { "Identities" }
