@@ -130,7 +130,7 @@ pub enum RolloutState {
     /// Held by an operator; resume continues where it stopped.
     Paused,
     /// A gate failed and the rollout stopped (on_failure = pause); the operator resumes
-    /// (the stage soaks and is judged again), promotes past it, aborts or rolls back.
+    /// (the stage settles, soaks and is judged again), promotes past it, aborts or rolls back.
     Failed,
     /// Every stage passed; the config is now an assignment of the rollout's target.
     Succeeded,

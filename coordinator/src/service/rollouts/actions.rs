@@ -285,11 +285,12 @@ impl Coordinator {
                 simple(r, state, "resumed", None)
             }
             (Action::Resume, S::Failed) => {
-                // The stage soaks again and its gate is judged again.
+                // The stage settles, soaks and is judged again: members still reporting
+                // FAILED fail it again at once (promote or roll back to get past them).
                 let s = r.stage;
                 let mut step = simple(r, S::Running, "resumed", None);
                 if let Some(st) = step.next.stages.get_mut(s) {
-                    st.settled_ms = Some(now);
+                    st.settled_ms = None;
                     st.gate = None;
                 }
                 step
