@@ -29,6 +29,7 @@ mod api;
 mod api_security;
 mod audit;
 mod bad_input;
+mod cli_rollouts;
 mod cluster;
 mod cluster_identity;
 mod console;

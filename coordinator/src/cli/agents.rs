@@ -1,7 +1,8 @@
-//! `ampora agents`: the fleet as the API lists it.
+//! `ampora agents`: the fleet as the API lists it, and what to do about an agent whose config
+//! drifted (send it its assigned config again, or adopt what it runs as a new version).
 
 use clap::Subcommand;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::client::{s, show, Client};
 
@@ -15,14 +16,58 @@ pub enum AgentsCmd {
         /// Only connected agents.
         #[arg(long)]
         connected: bool,
+        /// Only agents in this config state. `drifted`: the agent applied its assigned config,
+        /// then began running something else; fix it with `agents reapply` or keep what it
+        /// runs with `agents adopt`.
+        #[arg(long, value_parser = ["none", "pending", "applied", "failed", "drifted"])]
+        config_state: Option<String>,
     },
     /// Show one agent.
     Show { uid: String },
+    /// Send a (drifted) agent its assigned config again.
+    Reapply { uid: String },
+    /// Make what a drifted agent runs a new config version, assigned to that agent.
+    Adopt {
+        uid: String,
+        /// The new version's name (default "adopted from <uid>").
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Columns of an agent table: `agents list`, and a group's members.
+pub(super) const AGENT_HEADER: [(&str, usize); 6] = [
+    ("INSTANCE UID", 36),
+    ("SERVICE", 24),
+    ("CONNECTED", 9),
+    ("CONFIG", 8),
+    ("HEALTH", 9),
+    ("GATEWAY", 0),
+];
+
+pub(super) fn agent_row(a: &Value) -> [String; 6] {
+    let health = match a["health"]["healthy"].as_bool() {
+        Some(true) => "healthy",
+        Some(false) => "unhealthy",
+        None => "unknown",
+    };
+    [
+        s(a, "instance_uid"),
+        service_name(a),
+        a["connected"].as_bool().unwrap_or(false).to_string(),
+        s(a, "config_state"),
+        health.to_string(),
+        s(a, "gateway"),
+    ]
 }
 
 pub(super) async fn run(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
     match cmd {
-        AgentsCmd::List { label, connected } => {
+        AgentsCmd::List {
+            label,
+            connected,
+            config_state,
+        } => {
             let mut query = Vec::new();
             if !label.is_empty() {
                 query.push(("label", label.join(",")));
@@ -30,32 +75,34 @@ pub(super) async fn run(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             if connected {
                 query.push(("connected", "true".to_string()));
             }
+            if let Some(state) = config_state {
+                query.push(("config_state", state));
+            }
             let v = c.get("/api/v1/agents", &query).await?;
-            let header = [
-                ("INSTANCE UID", 36),
-                ("SERVICE", 24),
-                ("CONNECTED", 9),
-                ("CONFIG", 8),
-                ("HEALTH", 9),
-                ("GATEWAY", 0),
-            ];
-            c.table(&v, header, |a| {
-                let health = match a["health"]["healthy"].as_bool() {
-                    Some(true) => "healthy",
-                    Some(false) => "unhealthy",
-                    None => "unknown",
-                };
-                [
-                    s(a, "instance_uid"),
-                    service_name(a),
-                    a["connected"].as_bool().unwrap_or(false).to_string(),
-                    s(a, "config_state"),
-                    health.to_string(),
-                    s(a, "gateway"),
-                ]
-            })
+            c.table(&v, AGENT_HEADER, agent_row)
         }
         AgentsCmd::Show { uid } => show(&c.get(&format!("/api/v1/agents/{uid}"), &[]).await?),
+        AgentsCmd::Reapply { uid } => {
+            c.post_empty(&format!("/api/v1/agents/{uid}/reapply"))
+                .await?;
+            println!("sent {uid} its assigned config again");
+            Ok(())
+        }
+        AgentsCmd::Adopt { uid, name } => {
+            let v = c
+                .post(
+                    &format!("/api/v1/agents/{uid}/adopt"),
+                    json!({ "name": name }),
+                )
+                .await?;
+            c.print(&v, |v| {
+                println!(
+                    "config version {} ({}) adopted from {uid} and assigned to it",
+                    v["id"],
+                    s(v, "hash")
+                )
+            })
+        }
     }
 }
 

@@ -63,12 +63,26 @@ impl Client {
         })
     }
 
+    /// Whether `--json` was given.
+    pub(super) fn json(&self) -> bool {
+        self.json
+    }
+
     pub(super) async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
         self.call(Method::GET, path, query, None).await
     }
 
     pub(super) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.call(Method::POST, path, &[], Some(body)).await
+    }
+
+    /// A POST without a body: an action on a resource.
+    pub(super) async fn post_empty(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::POST, path, &[], None).await
+    }
+
+    pub(super) async fn put(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(Method::PUT, path, &[], Some(body)).await
     }
 
     pub(super) async fn delete(&self, path: &str) -> anyhow::Result<Value> {
@@ -143,13 +157,21 @@ impl Client {
         header: [(&str, usize); N],
         row: impl Fn(&Value) -> [String; N],
     ) -> anyhow::Result<()> {
-        self.print(v, |v| {
-            let widths = header.map(|(_, w)| w);
-            println!("{}", line(header.map(|(h, _)| h.to_string()), widths));
-            for item in v.as_array().into_iter().flatten() {
-                println!("{}", line(row(item), widths));
-            }
-        })
+        self.print(v, |v| print_table(v, header, &row))
+    }
+}
+
+/// Prints a JSON array as a table whatever `--json` says: for a list inside a resource
+/// printed another way (a group's agents).
+pub(super) fn print_table<const N: usize>(
+    v: &Value,
+    header: [(&str, usize); N],
+    row: impl Fn(&Value) -> [String; N],
+) {
+    let widths = header.map(|(_, w)| w);
+    println!("{}", line(header.map(|(h, _)| h.to_string()), widths));
+    for item in v.as_array().into_iter().flatten() {
+        println!("{}", line(row(item), widths));
     }
 }
 
@@ -175,6 +197,34 @@ pub(super) fn show(v: &Value) -> anyhow::Result<()> {
 /// A string field of a JSON object, `-` when absent.
 pub(super) fn s(v: &Value, k: &str) -> String {
     v.get(k).and_then(Value::as_str).unwrap_or("-").to_string()
+}
+
+/// `text` as one path segment: every byte but the unreserved ones percent-encoded, so a group
+/// named `eu/west?` stays one segment.
+pub(super) fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A JSON object of labels as `k=v,k=v`; `-` when there are none.
+pub(super) fn label_text(labels: &Value) -> String {
+    let pairs: Vec<String> = labels
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+        .collect();
+    if pairs.is_empty() {
+        "-".into()
+    } else {
+        pairs.join(",")
+    }
 }
 
 /// `key=value` pairs as a JSON object.

@@ -1,13 +1,16 @@
 //! The `ampora` command line: `serve`, `gateway` and `coordinator` run a node; every other
 //! command is an operator command that calls the REST API through [`client::Client`], one
 //! module per resource (`agents`, `tokens` with API tokens, `configs`, `audit`,
-//! `identities`), each owning its subcommands and how their results print.
+//! `identities`, `groups`, `rollouts`), each owning its subcommands and how their results
+//! print.
 
 mod agents;
 mod audit;
 mod client;
 mod configs;
+mod groups;
 mod identities;
+mod rollouts;
 mod time;
 mod tokens;
 
@@ -19,7 +22,9 @@ pub use agents::AgentsCmd;
 pub use audit::{AuditCmd, AuditFilterArgs};
 pub use client::ApiArgs;
 pub use configs::{ConfigCmd, TargetArgs};
+pub use groups::GroupCmd;
 pub use identities::IdentitiesCmd;
+pub use rollouts::{RolloutCmd, RolloutTarget};
 pub use time::{parse_time, parse_ttl};
 pub use tokens::{ApiTokensCmd, TokensCmd};
 
@@ -50,6 +55,10 @@ pub enum Command {
     Audit(Api<AuditCmd>),
     /// Agent identities (mTLS client certificates issued after the bootstrap token).
     Identities(Api<IdentitiesCmd>),
+    /// Groups: named label selectors that rollouts target.
+    Group(Api<GroupCmd>),
+    /// Staged rollouts of a config version, stage by stage behind health gates.
+    Rollout(Api<RolloutCmd>),
     /// Print the OpenAPI document of the REST API.
     Openapi,
 }
@@ -94,6 +103,8 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
         Command::Config(Api { api, cmd }) => configs::run(&Client::new(&api)?, cmd).await,
         Command::Audit(Api { api, cmd }) => audit::run(&Client::new(&api)?, cmd).await,
         Command::Identities(Api { api, cmd }) => identities::run(&Client::new(&api)?, cmd).await,
+        Command::Group(Api { api, cmd }) => groups::run(&Client::new(&api)?, cmd).await,
+        Command::Rollout(Api { api, cmd }) => rollouts::run(&Client::new(&api)?, cmd).await,
     }
 }
 
@@ -186,5 +197,150 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn rollout_group_and_drift_commands_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["ampora"], args].concat());
+        let cli = parse(&[
+            "rollout",
+            "create",
+            "--config",
+            "3",
+            "--group",
+            "canary",
+            "--stages",
+            "1,5%,25%,100%",
+            "--soak",
+            "5m",
+            "--deadline",
+            "10m",
+            "--budget",
+            "5%",
+            "--on-failure",
+            "rollback",
+        ])
+        .expect("parses");
+        let Command::Rollout(Api {
+            cmd:
+                RolloutCmd::Create {
+                    config,
+                    target,
+                    stages,
+                    soak,
+                    budget,
+                    on_failure,
+                    ..
+                },
+            ..
+        }) = cli.command
+        else {
+            panic!("not rollout create: {:?}", cli.command);
+        };
+        assert_eq!(config, 3);
+        assert_eq!(target.group.as_deref(), Some("canary"));
+        assert!(target.label.is_empty() && !target.all);
+        assert_eq!(stages.as_deref(), Some("1,5%,25%,100%"));
+        assert_eq!(soak.as_deref(), Some("5m"));
+        assert_eq!(budget.as_deref(), Some("5%"));
+        assert_eq!(on_failure.as_deref(), Some("rollback"));
+        let cli = parse(&[
+            "rollout", "create", "--config", "3", "--label", "ring=a", "--label", "env=prod",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Rollout(Api { cmd: RolloutCmd::Create { ref target, .. }, .. })
+                if target.label.len() == 2 && target.group.is_none()
+        ));
+        parse(&["rollout", "create", "--config", "3", "--all"]).expect("parses");
+        for bad in [
+            // No target, two targets.
+            &["rollout", "create", "--config", "3"][..],
+            &[
+                "rollout", "create", "--config", "3", "--group", "g", "--all",
+            ],
+            &[
+                "rollout", "create", "--config", "3", "--group", "g", "--label", "a=b",
+            ],
+            // Stages that do not grow, do not end at 100%, or are not sizes.
+            &[
+                "rollout",
+                "create",
+                "--config",
+                "3",
+                "--all",
+                "--stages",
+                "5%,1%,100%",
+            ],
+            &[
+                "rollout", "create", "--config", "3", "--all", "--stages", "1,5%",
+            ],
+            &[
+                "rollout", "create", "--config", "3", "--all", "--stages", "0,100%",
+            ],
+            &[
+                "rollout", "create", "--config", "3", "--all", "--soak", "soon",
+            ],
+            &[
+                "rollout", "create", "--config", "3", "--all", "--budget", "some",
+            ],
+            &[
+                "rollout",
+                "create",
+                "--config",
+                "3",
+                "--all",
+                "--on-failure",
+                "retry",
+            ],
+            &["rollout", "create", "--config", "v3", "--all"],
+            &["group", "put", "canary"],
+            &["agents", "list", "--config-state", "sideways"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must not parse");
+        }
+        let cli = parse(&["rollout", "status", "7", "--watch"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Rollout(Api {
+                cmd: RolloutCmd::Status { id: 7, watch: true },
+                ..
+            })
+        ));
+        for action in ["pause", "resume", "promote", "abort", "rollback", "history"] {
+            parse(&["rollout", action, "7"]).expect(action);
+        }
+        let cli = parse(&[
+            "group", "put", "canary", "--label", "ring=a", "--label", "env=b",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Group(Api { cmd: GroupCmd::Put { ref name, ref label }, .. })
+                if name == "canary" && label.len() == 2
+        ));
+        for ok in [
+            &["group", "list"][..],
+            &["group", "show", "g"],
+            &["group", "delete", "g"],
+        ] {
+            parse(ok).expect("parses");
+        }
+        let cli = parse(&["agents", "list", "--config-state", "drifted"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Agents(Api { cmd: AgentsCmd::List { config_state: Some(ref s), .. }, .. })
+                if s == "drifted"
+        ));
+        let cli = parse(&["agents", "adopt", "abc", "--name", "kept"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Agents(Api {
+                cmd: AgentsCmd::Adopt { name: Some(_), .. },
+                ..
+            })
+        ));
+        parse(&["agents", "reapply", "abc"]).expect("parses");
     }
 }

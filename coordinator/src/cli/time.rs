@@ -1,8 +1,9 @@
 //! Times and durations as operators type them: `90`, `30s`, `15m`, `24h`, `7d`, or an RFC 3339
-//! timestamp (parsed by the `time` crate).
+//! timestamp (parsed by the `time` crate); and timestamps printed back in that form.
 
 use anyhow::{bail, Context as _};
 use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
 use time::OffsetDateTime;
 
 /// Parses `90`, `30s`, `15m`, `24h`, `7d` into seconds.
@@ -36,6 +37,17 @@ pub fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
     })?;
     let ms = i64::try_from(secs.saturating_mul(1_000)).unwrap_or(i64::MAX);
     Ok(now_ms.saturating_sub(ms))
+}
+
+/// Unix ms as an RFC 3339 UTC timestamp with milliseconds (`2025-06-01T12:00:00.250Z`: one
+/// width, so a column of them lines up); the number itself when it is out of range.
+pub fn format_ms(ms: i64) -> String {
+    let form =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(form).ok())
+        .unwrap_or_else(|| ms.to_string())
 }
 
 #[cfg(test)]
@@ -76,6 +88,8 @@ mod tests {
             1_709_164_800_123
         );
         assert_eq!(parse_time("1969-12-31T23:59:59Z", now).expect("ok"), -1_000);
+        assert_eq!(format_ms(1_748_779_200_250), "2025-06-01T12:00:00.250Z");
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
         for bad in [
             "2025-02-29T00:00:00Z",
             "2025-13-01T00:00:00Z",

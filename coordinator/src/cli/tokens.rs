@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use super::client::{labels, s, Client};
+use super::client::{label_text, labels, s, Client};
 use super::time::parse_ttl;
 
 #[derive(Debug, Subcommand)]
@@ -89,15 +89,7 @@ pub(super) async fn run(c: &Client, cmd: TokensCmd) -> anyhow::Result<()> {
                 } else {
                     "active"
                 };
-                let scope = t["scope"]["labels"]
-                    .as_object()
-                    .map(|l| {
-                        l.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    })
-                    .unwrap_or_else(|| "-".into());
+                let scope = label_text(&t["scope"]["labels"]);
                 [
                     s(t, "id"),
                     s(t, "name"),
