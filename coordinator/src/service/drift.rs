@@ -88,7 +88,7 @@ impl Coordinator {
         };
         let name = name.unwrap_or_else(|| format!("adopted from {uid}"));
         let version = self.create_config(name, files, actor).await?;
-        self.assign(version.id, Target::Agent(uid), actor).await?;
+        // Audited before it is sent: whoever sees the agent get it finds the reason logged.
         self.audit_op(
             actor,
             "config.adopt",
@@ -96,6 +96,7 @@ impl Coordinator {
             serde_json::json!({ "config_id": version.id, "hash": version.hash }),
         )
         .await?;
+        self.assign(version.id, Target::Agent(uid), actor).await?;
         Ok(version)
     }
 }
