@@ -126,6 +126,9 @@ pub struct Coordinator {
     rollout_sync: Mutex<()>,
     /// One rollout creation at a time in this process (the overlap check).
     rollout_create: Mutex<()>,
+    /// Poked when an agent answers a config offer, so the rollout driver looks at once instead
+    /// of at its next tick (see `rollouts::run_engine`).
+    rollout_wake: Arc<tokio::sync::Notify>,
     /// Members seen unhealthy during the soak of the stage being driven, by rollout.
     rollout_soak: StdMutex<HashMap<i64, (usize, HashSet<InstanceUid>)>>,
     /// Bootstrap tokens, write-through: every create, redeem and revoke in this process updates
@@ -331,6 +334,7 @@ impl Coordinator {
             rollout_sync: Mutex::new(()),
             rollout_create: Mutex::new(()),
             rollout_soak: StdMutex::new(HashMap::new()),
+            rollout_wake: Arc::new(tokio::sync::Notify::new()),
         });
         let assignments = store.list_assignments().await?;
         for a in &assignments {

@@ -261,10 +261,12 @@ impl Coordinator {
                     // The agent wrote `error`: escaped (no forged log lines) and cut short.
                     let error = log_safe(error, 512);
                     tracing::warn!(instance_uid = %uid, config_hash = %hash, error = %error, "agent failed to apply remote config");
+                    self.rollout_wake.notify_one();
                 }
                 Event::ConfigApplied { .. } => {
                     metrics::counter!("ampora_config_remote_status_total", "status" => "applied")
                         .increment(1);
+                    self.rollout_wake.notify_one();
                 }
                 Event::CapMismatch { what } => {
                     metrics::counter!("ampora_opamp_frames_rejected_total", "reason" => "cap_mismatch")

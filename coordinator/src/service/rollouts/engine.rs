@@ -42,20 +42,31 @@ pub(crate) fn driver_partition(id: i64) -> u16 {
     u16::try_from(id.rem_euclid(i64::from(PARTITIONS))).unwrap_or(0)
 }
 
-/// Drives the rollouts this coordinator holds the lease for, every [`TICK`] or twice the time
-/// the last look took, whichever is longer (reading 100,000 agents from the store in cluster
-/// mode takes a while, and the engine must not crowd out the agents).
+/// The shortest pause between two looks when agents' answers wake the driver.
+pub(crate) const WAKE_GAP: Duration = Duration::from_millis(20);
+
+/// Drives the rollouts this coordinator holds the lease for, every [`TICK`], or sooner when an
+/// agent of this coordinator answers a config offer (at most every [`WAKE_GAP`]); either way
+/// at least twice the time the last look took apart (reading 100,000 agents from the store in
+/// cluster mode takes a while, and the engine must not crowd out the agents).
 pub(crate) async fn run_engine(weak: Weak<Coordinator>) {
     loop {
         let Some(c) = weak.upgrade() else { return };
         if c.is_stopping() {
             return;
         }
+        let wake = c.rollout_wake.clone();
         let started = Instant::now();
         c.engine_tick().await;
         let took = started.elapsed();
         drop(c);
-        tokio::time::sleep(TICK.max(took * 2)).await;
+        tokio::select! {
+            () = tokio::time::sleep(TICK.max(took * 2)) => {}
+            () = async {
+                wake.notified().await;
+                tokio::time::sleep(WAKE_GAP.max(took * 2)).await;
+            } => {}
+        }
     }
 }
 
@@ -342,41 +353,69 @@ impl Coordinator {
         if !gate.passed {
             return Some(self.gate_failed(r.clone(), gate, now));
         }
-        let Some(settled) = stage.settled_ms else {
-            let p = Progress::of(members.iter().copied(), &r.config_hash);
-            if p.waiting > 0 && !deadline_passed {
-                return None;
-            }
-            let mut next = r.clone();
-            next.stages[s].settled_ms = Some(now);
-            next.rev += 1;
-            next.updated_ms = now;
-            let detail = serde_json::json!({ "applied": p.applied, "failed": p.failed, "stragglers": gate.stragglers });
-            let events = vec![event(&next, now, "stage_settled", self.actor(), detail)];
-            return Some(Step {
-                next,
-                events,
-                finish: None,
-            });
-        };
-        if now < settled + stage.soak_ms {
-            return None;
-        }
-        // Judged once more with the soak's facts (the settle tick judged answers only).
         let mut next = r.clone();
+        let mut events = Vec::new();
+        let gate = match stage.settled_ms {
+            Some(settled) if now < settled + stage.soak_ms => return None,
+            // Judged once more with the soak's facts (the settle step judged answers only).
+            Some(_) => gate,
+            None => {
+                let p = Progress::of(members.iter().copied(), &r.config_hash);
+                if p.waiting > 0 && !deadline_passed {
+                    return None;
+                }
+                next.stages[s].settled_ms = Some(now);
+                next.updated_ms = now;
+                let detail = serde_json::json!({ "applied": p.applied, "failed": p.failed, "stragglers": gate.stragglers });
+                events.push(event(&next, now, "stage_settled", self.actor(), detail));
+                if stage.soak_ms > 0 {
+                    next.rev += 1;
+                    return Some(Step {
+                        next,
+                        events,
+                        finish: None,
+                    });
+                }
+                // Nothing to soak: judge now, on everything a soak would look at, in the same
+                // step (one tick less per stage).
+                let full = gates::judge(
+                    &members,
+                    &r.config_hash,
+                    r.budget,
+                    gates::Judging {
+                        soaking: true,
+                        ..how
+                    },
+                    now,
+                );
+                if !full.passed {
+                    let mut step = self.gate_failed(next, full, now);
+                    events.append(&mut step.events);
+                    step.events = events;
+                    return Some(step);
+                }
+                full
+            }
+        };
         next.stages[s].gate = Some(gate.clone());
         next.updated_ms = now;
-        let passed = event(&next, now, "gate_passed", self.actor(), gate_detail(&gate));
+        events.push(event(
+            &next,
+            now,
+            "gate_passed",
+            self.actor(),
+            gate_detail(&gate),
+        ));
         if s >= r.last_stage() {
             next.state = RolloutState::Succeeded;
             next.rev += 1;
-            let done = event(
+            events.push(event(
                 &next,
                 now,
                 "succeeded",
                 self.actor(),
                 serde_json::Value::Null,
-            );
+            ));
             self.clear_soak(r.id);
             return Some(Step {
                 finish: Some(NewAssignment {
@@ -386,11 +425,12 @@ impl Coordinator {
                     created_ms: now,
                 }),
                 next,
-                events: vec![passed, done],
+                events,
             });
         }
         let mut step = self.start_stage(next, s + 1, now, "gate_passed");
-        step.events.insert(0, passed);
+        events.append(&mut step.events);
+        step.events = events;
         Some(step)
     }
 
