@@ -207,6 +207,17 @@ mod tests {
     }
 
     #[test]
+    fn engine_time_counts_from_the_gate_even_when_the_next_stage_started_later() {
+        // Stage 2 started 30 ms after stage 1's gate (a resumed or promoted rollout).
+        let clocks = vec![clock(1, 100, 200), clock(2, 230, 400)];
+        let answers = [(150.0, false), (300.0, false), (330.0, false)];
+        let t = stage_times(&answers, &clocks, 50.0);
+        assert_eq!(t.stages[1].engine_ms, Some(130.0), "330 − gate 200");
+        assert_eq!(t.stages[1].push_to_last_ms, Some(100.0), "330 − start 230");
+        assert_eq!(t.stages[1].last_to_gate_ms, Some(70.0));
+    }
+
+    #[test]
     fn latency_after_stage_start_is_per_stage_and_overall() {
         let (answers, clocks) = four_stages();
         let t = stage_times(&answers, &clocks, 900.0);
