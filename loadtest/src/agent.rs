@@ -107,6 +107,15 @@ pub fn unix_ms() -> u64 {
     unix_us() / 1000
 }
 
+/// Lower-case hex, as the API shows config hashes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The label every simulated agent carries (a non-identifying attribute), so a staged
+/// rollout can target the run's agents alone.
+pub const FLEET_LABEL: (&str, &str) = ("loadtest", "true");
+
 /// Error kind for the report: stable, low-cardinality names.
 pub fn error_kind(e: &ClientError) -> String {
     match e {
@@ -217,7 +226,7 @@ pub(crate) fn options(spec: &AgentSpec, params: &Params, config: &str) -> AgentO
                 s(["eu-west-1", "us-east-1", "ap-south-1"][i % 3]),
             ),
             (s("team"), format!("team-{}", i % 17)),
-            (s("loadtest"), s("true")),
+            (s(FLEET_LABEL.0), s(FLEET_LABEL.1)),
         ],
         heartbeat: Duration::from_secs(params.heartbeat_secs.max(1)),
         initial_config: config.to_string(),
@@ -344,8 +353,14 @@ async fn handle(
             let outcome = msg.remote_config_status.as_ref().and_then(|st| {
                 (st.status == RemoteConfigStatuses::Applied as i32
                     || st.status == RemoteConfigStatuses::Failed as i32)
-                    .then_some(st.status == RemoteConfigStatuses::Failed as i32)
+                    .then(|| {
+                        let failed = st.status == RemoteConfigStatuses::Failed as i32;
+                        (failed, hex(&st.last_remote_config_hash))
+                    })
             });
+            // Stamped before sending: the server cannot have seen the answer earlier, so a
+            // stage the answer lets start always starts after it (see `stagetimes`).
+            let at_us = unix_us();
             match conn {
                 Conn::Ws(ws) => {
                     // The replies to these come later and are handled by the session loop.
@@ -357,11 +372,12 @@ async fn handle(
                 }
                 Conn::Http(_) => pending.push(conn.exchange(msg).await.map_err(End::Lost)?),
             }
-            if let Some(failed) = outcome {
+            if let Some((failed, hash)) = outcome {
                 let _ = shared.events.send(Event::Applied {
                     idx: spec.index,
-                    at_us: unix_us(),
+                    at_us,
                     failed,
+                    hash: Some(hash),
                 });
             }
         }

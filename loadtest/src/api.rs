@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
+use shared::rollout::Rollout;
 
 /// Largest batch asked for in one request (the API allows 100,000).
 const TOKEN_BATCH: usize = 20_000;
@@ -151,6 +152,24 @@ impl Api {
             )
             .await?;
         Ok(v["matched_agents"].as_u64().unwrap_or(0))
+    }
+
+    /// Creates a staged rollout (`body` as `POST /api/v1/rollouts` takes it); returns the
+    /// rollout as recorded.
+    pub async fn create_rollout(&self, body: Value) -> anyhow::Result<Rollout> {
+        let v = self.post("/api/v1/rollouts", body).await?;
+        serde_json::from_value(v).context("POST /api/v1/rollouts: not a rollout")
+    }
+
+    /// Rollout `id` as recorded, from the list (which reads no agents, unlike the status
+    /// view: cheap enough to poll).
+    pub async fn rollout(&self, id: i64) -> anyhow::Result<Rollout> {
+        let v = self.get("/api/v1/rollouts").await?;
+        let all: Vec<Rollout> =
+            serde_json::from_value(v).context("GET /api/v1/rollouts: not a list of rollouts")?;
+        all.into_iter()
+            .find(|r| r.id == id)
+            .with_context(|| format!("rollout {id} is not in the list"))
     }
 
     /// Number of agents in a config state (none, pending, applied, failed, drifted).

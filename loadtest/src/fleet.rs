@@ -33,9 +33,12 @@ pub struct Fleet {
     stopped: usize,
     pub connected_at: Vec<Option<u64>>,
     pub connected: usize,
-    /// (unix µs, failed) of the last APPLIED/FAILED of each agent since [`Fleet::reset_applied`].
+    /// (unix µs, failed) of the last APPLIED/FAILED of each agent since [`Fleet::reset_applied`]
+    /// (with [`Fleet::watch_config`]: the first for the watched config).
     pub applied_at: Vec<Option<(u64, bool)>>,
     pub applied: usize,
+    /// Only answers for this config hash (hex) count, each agent's first.
+    watched: Option<String>,
     stats: Vec<Stats>,
 }
 
@@ -68,6 +71,7 @@ impl Fleet {
             connected: 0,
             applied_at: vec![None; n],
             applied: 0,
+            watched: None,
             stats: Vec::new(),
         };
         let ok = fleet
@@ -122,6 +126,13 @@ impl Fleet {
     pub fn reset_applied(&mut self) {
         self.applied_at.iter_mut().for_each(|a| *a = None);
         self.applied = 0;
+        self.watched = None;
+    }
+
+    /// From now on only APPLIED/FAILED for config `hash` (hex) count, and each agent's first
+    /// one only. Events still queued are judged by it too: they are only read while pumping.
+    pub fn watch_config(&mut self, hash: &str) {
+        self.watched = Some(hash.to_string());
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -133,7 +144,18 @@ impl Fleet {
                     self.connected += 1;
                 }
             }
-            Event::Applied { idx, at_us, failed } => {
+            Event::Applied {
+                idx,
+                at_us,
+                failed,
+                hash,
+            } => {
+                if let Some(w) = &self.watched {
+                    let first = self.applied_at.get(idx).is_some_and(Option::is_none);
+                    if hash.as_deref() != Some(w.as_str()) || !first {
+                        return;
+                    }
+                }
                 if let Some(slot) = self.applied_at.get_mut(idx) {
                     if slot.is_none() {
                         self.applied += 1;

@@ -15,6 +15,8 @@ pub mod procs;
 pub mod refused;
 pub mod report;
 pub mod scenario;
+pub mod staged;
+pub mod stagetimes;
 pub mod tls;
 pub mod worker;
 

@@ -28,8 +28,9 @@ enum Command {
     Connect(Common),
     /// N idle agents; server RSS per agent and idle CPU.
     Hold(Common),
-    /// One config pushed to all; time to 50/90/99/100 % APPLIED.
-    Rollout(Common),
+    /// One config pushed to all; time to 50/90/99/100 % APPLIED. With --stages: a staged
+    /// rollout to the run's agents, timed stage by stage.
+    Rollout(RolloutArgs),
     /// Status report → reply loops for --duration; messages per second.
     Steady(Common),
     /// Agents disconnect and reconnect for --duration; connects/s and errors.
@@ -162,6 +163,19 @@ struct Common {
     log_dir: Option<PathBuf>,
     #[arg(long)]
     json_out: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct RolloutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// A staged rollout (POST /api/v1/rollouts) to the run's agents with these cumulative
+    /// stages, e.g. 1,5%,25%,100%, instead of one assignment to all.
+    #[arg(long)]
+    stages: Option<String>,
+    /// With --stages: each stage's soak, e.g. 0s, 90s.
+    #[arg(long, default_value = "0s")]
+    soak: String,
 }
 
 #[derive(Args, Clone)]
@@ -376,7 +390,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Command::Connect(c) => scenario(c, "connect", vec![], |_| {}).await,
         Command::Hold(c) => scenario(c, "hold", vec![Phase::Hold], |_| {}).await,
-        Command::Rollout(c) => scenario(c, "rollout", vec![Phase::Rollout], |_| {}).await,
+        Command::Rollout(a) => {
+            scenario(a.common, "rollout", vec![Phase::Rollout], |o| {
+                o.stages = a.stages;
+                o.soak = a.soak;
+            })
+            .await
+        }
         Command::Steady(c) => scenario(c, "steady", vec![Phase::Steady], |_| {}).await,
         Command::Churn(c) => scenario(c, "churn", vec![Phase::Churn], |_| {}).await,
         Command::Refused(a) => {

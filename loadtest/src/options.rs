@@ -73,6 +73,11 @@ pub struct RunOptions {
     /// Console pages kept open during a rollout: each holds the Fleet page's event stream and
     /// fetches the page's rows on every event, as a browser does.
     pub console_watchers: usize,
+    /// rollout: a staged rollout with these cumulative stages (`1,5%,25%,100%`) instead of
+    /// one assignment to all (see `staged`).
+    pub stages: Option<String>,
+    /// rollout with `stages`: each stage's soak (`0s`, `90s`).
+    pub soak: String,
 }
 
 impl Default for RunOptions {
@@ -105,6 +110,8 @@ impl Default for RunOptions {
             refused_agents: 1000,
             console_watchers: 0,
             report_every: Duration::from_millis(200),
+            stages: None,
+            soak: "0s".into(),
         }
     }
 }

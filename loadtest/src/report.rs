@@ -21,8 +21,12 @@ pub enum Event {
     /// The agent sent APPLIED (or FAILED) for a pushed config.
     Applied {
         idx: usize,
+        /// Wall clock just before the answer was sent.
         at_us: u64,
         failed: bool,
+        /// The config's hash (hex), as the agent reports it.
+        #[serde(default)]
+        hash: Option<String>,
     },
     Stats {
         stats: Stats,

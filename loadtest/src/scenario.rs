@@ -18,6 +18,7 @@ use crate::options::source_ip;
 use crate::procs::{rss_kib, CpuSample, ProcSample, Role};
 use crate::refused::RefusedReport;
 use crate::report::Stats;
+use crate::staged::StagedReport;
 
 pub use crate::options::{Phase, RunOptions};
 
@@ -78,6 +79,11 @@ pub struct RolloutReport {
     pub console_watchers: usize,
     #[serde(default)]
     pub console_refreshes: u64,
+    /// `--stages`: the staged rollout's figures. The fields above then count from the
+    /// rollout's creation request; `api_*` are the gates' counts and `api_confirmed_ms` when
+    /// the harness saw it succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedReport>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -391,7 +397,10 @@ async fn phases(
                 report.hold = Some(hold_report(&measured, &rss_before, &held, &cpu, secs, n));
             }
             Phase::Rollout => {
-                let (r, ok) = rollout(opts, fleet, n).await?;
+                let (r, ok) = match &opts.stages {
+                    Some(stages) => staged_rollout(opts, fleet, stages, &mut errors).await?,
+                    None => rollout(opts, fleet, n).await?,
+                };
                 complete &= ok;
                 report.rollout = Some(r);
             }
@@ -508,9 +517,39 @@ async fn rollout(
             api_confirmed_ms: confirmed,
             console_watchers: opts.console_watchers,
             console_refreshes,
+            staged: None,
         },
         ok,
     ))
+}
+
+/// `--stages`: a staged rollout to the run's agents (see `staged`), in the rollout report.
+async fn staged_rollout(
+    opts: &RunOptions,
+    fleet: &mut Fleet,
+    stages: &str,
+    errors: &mut BTreeMap<String, u64>,
+) -> anyhow::Result<(RolloutReport, bool)> {
+    let o = crate::staged::phase(opts, fleet, stages).await?;
+    merge_errors(errors, o.errors);
+    let t = &o.since_request_ms;
+    let r = RolloutReport {
+        request_ms: o.request_ms,
+        matched_agents: o.planned,
+        reported: o.reported,
+        applied: o.reported - o.failed,
+        failed: o.failed,
+        p50_ms: percentile(t, 0.5),
+        p90_ms: percentile(t, 0.9),
+        p99_ms: percentile(t, 0.99),
+        p100_ms: t.last().copied().unwrap_or(0.0),
+        api_applied: o.gate_applied,
+        api_failed: o.gate_failed,
+        api_confirmed_ms: o.staged.seen_done_ms,
+        staged: Some(o.staged),
+        ..RolloutReport::default()
+    };
+    Ok((r, o.ok))
 }
 
 /// `  CPU: Gateway 1234 45.0 %, …` (empty when nothing was measured).
@@ -575,7 +614,18 @@ pub fn summary(r: &Report) -> String {
             );
         }
     }
-    if let Some(ro) = &r.rollout {
+    if let Some((ro, st)) = r
+        .rollout
+        .as_ref()
+        .and_then(|ro| ro.staged.as_ref().map(|st| (ro, st)))
+    {
+        s += &format!(
+            "rollout: create request {:.1} ms; APPLIED {} FAILED {}; after the request p50 {:.1} ms p90 {:.1} p99 {:.1} p100 {:.1}; gates counted {} applied {} failed\n",
+            ro.request_ms, ro.applied, ro.failed, ro.p50_ms, ro.p90_ms, ro.p99_ms, ro.p100_ms,
+            ro.api_applied, ro.api_failed
+        );
+        s += &crate::staged::summary(st);
+    } else if let Some(ro) = &r.rollout {
         s += &format!(
             "rollout: request {:.1} ms, {} matched; APPLIED {} FAILED {}; p50 {:.1} ms p90 {:.1} p99 {:.1} p100 {:.1}; API shows {} applied {} failed after {:.0} ms\n",
             ro.request_ms, ro.matched_agents, ro.applied, ro.failed, ro.p50_ms, ro.p90_ms,

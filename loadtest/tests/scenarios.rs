@@ -182,6 +182,48 @@ async fn rollout_reaches_every_agent_over_ws_and_http() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_rollout_is_timed_stage_by_stage() {
+    let s = Server::start().await;
+    let opts = RunOptions {
+        stages: Some("1,10%,50%,100%".into()),
+        soak: "0s".into(),
+        ..s.options("rollout", vec![Phase::Rollout])
+    };
+    let r = loadtest::run(&opts).await.expect("run");
+    all_connected(&r);
+    let ro = r.rollout.as_ref().expect("rollout report");
+    let st = ro.staged.as_ref().expect("staged report");
+    assert_eq!(st.state, "succeeded", "{st:?}");
+    assert_eq!(st.target, "labels loadtest=true");
+    assert_eq!((ro.reported, ro.applied, ro.failed), (AGENTS, AGENTS, 0));
+    assert_eq!(
+        (ro.api_applied, ro.api_failed),
+        (AGENTS, 0),
+        "the gates agree"
+    );
+    let t = &st.times;
+    assert_eq!(t.early, 0);
+    let planned: Vec<u64> = t.stages.iter().map(|f| f.planned).collect();
+    assert_eq!(planned, [1, 19, 80, 100]);
+    let agents: Vec<u64> = t.stages.iter().map(|f| f.agents as u64).collect();
+    assert_eq!(agents, planned, "each agent answered in its own stage");
+    let sizes: Vec<&str> = t.stages.iter().map(|f| f.size.as_str()).collect();
+    assert_eq!(sizes, ["1", "10%", "50%", "100%"]);
+    assert!(t.stages[0].engine_ms.is_none() && t.stages[0].push_to_last_ms.is_some());
+    for f in &t.stages[1..] {
+        let e = f.engine_ms.expect("engine time");
+        assert!(e > 0.0 && e < 60_000.0, "stage {}: {e} ms", f.stage);
+    }
+    assert!(t.total_ms.is_some_and(|ms| ms > 0.0));
+    assert!(t.apply_p50_ms <= t.apply_p99_ms);
+    assert!(r.complete);
+    let v = check_json(&r);
+    assert!(v["rollout"]["staged"]["times"]["stages"][3]["engine_ms"].is_number());
+    assert!(loadtest::scenario::summary(&r).contains("engine: prev. gate → last answer"));
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady() {
     let s = Server::start().await;
     let r = loadtest::run(&s.options("steady", vec![Phase::Steady]))
