@@ -167,6 +167,27 @@ impl Coordinator {
     /// Every agent, sorted by uid. The ones this coordinator serves come from memory; in a
     /// cluster the others come from the store, as fresh as their owner's last batch write.
     pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut out = self.collect_agents(AgentRecord::clone).await?;
+        out.sort_by_key(|r| r.instance_uid);
+        Ok(out)
+    }
+
+    /// Every agent without its effective config (the hashes stay), unsorted: what the rollout
+    /// engine judges, several times a second, without copying every agent's config files.
+    pub(super) async fn agents_without_configs(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut out = self.collect_agents(without_config).await?;
+        for r in &mut out {
+            r.effective_config = None;
+        }
+        Ok(out)
+    }
+
+    /// The agents this coordinator serves as `copy` makes them from memory, and in a cluster
+    /// the others from the store.
+    async fn collect_agents(
+        &self,
+        copy: impl Fn(&AgentRecord) -> AgentRecord,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
         let mut by_uid: HashMap<InstanceUid, AgentRecord> = HashMap::new();
         if !self.holds_all() {
             for r in self.store.load_agents().await? {
@@ -174,12 +195,10 @@ impl Coordinator {
             }
         }
         for slot in self.all_slots() {
-            let r = slot.lock().await.state.record.clone();
+            let r = copy(&slot.lock().await.state.record);
             by_uid.insert(r.instance_uid, r);
         }
-        let mut out: Vec<AgentRecord> = by_uid.into_values().collect();
-        out.sort_by_key(|r| r.instance_uid);
-        Ok(out)
+        Ok(by_uid.into_values().collect())
     }
 
     /// One agent: from memory when this coordinator serves it, else from the store.
@@ -191,5 +210,30 @@ impl Coordinator {
             return Ok(None);
         }
         self.store.get_agent(uid).await
+    }
+}
+
+/// `r` without its effective config files, copied field by field so they are never cloned
+/// (a new field of `AgentRecord` fails to compile here until it is decided on).
+fn without_config(r: &AgentRecord) -> AgentRecord {
+    AgentRecord {
+        instance_uid: r.instance_uid,
+        description: r.description.clone(),
+        capabilities: r.capabilities,
+        health: r.health.clone(),
+        effective_config: None,
+        effective_config_hash: r.effective_config_hash.clone(),
+        remote_config: r.remote_config.clone(),
+        assigned_config: r.assigned_config,
+        assigned_config_hash: r.assigned_config_hash.clone(),
+        applied_effective_hash: r.applied_effective_hash.clone(),
+        connected: r.connected,
+        transport: r.transport,
+        gateway: r.gateway.clone(),
+        sequence_num: r.sequence_num,
+        first_seen_ms: r.first_seen_ms,
+        last_seen_ms: r.last_seen_ms,
+        settings_offered: r.settings_offered.clone(),
+        settings_in_use: r.settings_in_use.clone(),
     }
 }

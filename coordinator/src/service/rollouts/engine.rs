@@ -149,7 +149,7 @@ impl Coordinator {
             }
             return;
         }
-        let agents = match self.agents().await {
+        let agents = match self.agents_without_configs().await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "rollout engine: reading agents failed");
