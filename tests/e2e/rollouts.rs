@@ -150,25 +150,30 @@ async fn canary_failure_stops_and_rolls_back(f: &impl Fleet) -> anyhow::Result<(
         stages[1]["started_ms"].is_null(),
         "the second stage never started"
     );
-    // Only the canary got the bad version; the rest still run v1.
-    let canary_failed: Vec<&String> = {
-        let mut v = Vec::new();
-        for uid in &uids {
-            let a = api.agent(uid).await?.context("agent")?;
-            if a["remote_config"]["hash"] == bad.1.as_str() {
-                v.push(uid);
-            } else {
-                assert_eq!(a["remote_config"]["hash"], v1.1.as_str(), "{uid} untouched");
+    // Only the canary got the bad version; the rest still run v1. (In a cluster the API may
+    // read the canary from the store, where its record lands with the next batch write.)
+    let canary_failed: Vec<String> =
+        eventually("the canary's FAILED report listed", DEADLINE, || async {
+            let mut bad_ones = Vec::new();
+            for uid in &uids {
+                let a = api.agent(uid).await?.context("agent")?;
+                if a["remote_config"]["hash"] == bad.1.as_str() {
+                    bad_ones.push(uid.clone());
+                } else {
+                    anyhow::ensure!(
+                        a["remote_config"]["hash"] == v1.1.as_str(),
+                        "{uid} untouched: {a}"
+                    );
+                }
             }
-        }
-        v
-    };
+            Ok((!bad_ones.is_empty()).then_some(bad_ones))
+        })
+        .await?;
     assert_eq!(canary_failed.len(), 1, "exactly one canary");
-
     let (status, body) = act(api, id, "rollback").await?;
     assert_eq!(status, 200, "{body}");
     wait_rollout(api, id, "rolled back", state_is("rolled_back")).await?;
-    runs(api, canary_failed[0], &v1.1).await?;
+    runs(api, &canary_failed[0], &v1.1).await?;
     let kinds = events(api, id).await?;
     for k in [
         "created",
