@@ -5,11 +5,11 @@
 //! take-over continues from the stored state: stage starts, settle and soak times, and gate
 //! results are in the record; the gate is judged again from the agents' stored facts.
 //!
-//! One step per tick, per rollout:
+//! One step per look, per rollout (a look every 200 ms, or sooner when an agent answers):
 //! - pending: start the first stage;
 //! - running: until every member of the stage answered (or the progress deadline passed) the
 //!   stage is settling; then it soaks; then the gate decides: next stage (or success), or
-//!   failed / rolling back. A gate that cannot pass any more (more FAILED than the budget,
+//!   failed / rolling back (with nothing to soak, settling and the gate are one step). A gate that cannot pass any more (more FAILED than the budget,
 //!   or unhealthy members during the soak beyond it) fails at once, without waiting;
 //! - rolling back: until every agent the rollout reached reports its previous version
 //!   applied (or the deadline passed).
