@@ -141,6 +141,21 @@ impl Browser {
         Ok(!self.client.find_all(Locator::Css(css)).await?.is_empty())
     }
 
+    /// Fails when hostile markup the test planted ran (it sets `window.__xss`) or became an
+    /// element (`<img onerror>`): what a page shows of what others wrote must stay text.
+    pub async fn no_markup_ran(&self) -> anyhow::Result<()> {
+        let clean = self
+            .client
+            .execute("return window.__xss === undefined;", vec![])
+            .await?;
+        anyhow::ensure!(clean == serde_json::json!(true), "hostile markup ran");
+        anyhow::ensure!(
+            !self.has("img[onerror]").await?,
+            "hostile markup became an element"
+        );
+        Ok(())
+    }
+
     /// Saves the page as `target/console-screenshots/<name>.png`.
     pub async fn screenshot(&self, name: &str) -> anyhow::Result<()> {
         let png = self.client.screenshot().await?;
