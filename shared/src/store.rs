@@ -9,7 +9,7 @@ use crate::domain::{
     IdentityRecord, Redemption, Target, TokenRecord,
 };
 use crate::ids::InstanceUid;
-use crate::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent};
+use crate::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 
 /// Storage failures, sorted by what the caller may assume about the write.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,11 @@ pub trait RolloutStore: Send + Sync + 'static {
     ) -> StoreResult<Rollout>;
     /// Every rollout, oldest first, without members.
     async fn list_rollouts(&self) -> StoreResult<Vec<Rollout>>;
+    /// The rollouts in one of `states`, oldest first, without members: what coordinators
+    /// re-read often, so it does not grow with the history.
+    async fn list_rollouts_in(&self, states: &[RolloutState]) -> StoreResult<Vec<Rollout>>;
+    /// How many rollouts are in each state (states with none are left out).
+    async fn count_rollouts(&self) -> StoreResult<Vec<(RolloutState, u64)>>;
     async fn get_rollout(&self, id: i64) -> StoreResult<Option<Rollout>>;
     async fn rollout_members(&self, id: i64) -> StoreResult<Vec<Member>>;
     /// In one transaction, only if the stored rollout still has `rollout.rev - 1` (nobody

@@ -21,6 +21,9 @@ CREATE TABLE rollouts (
 
 CREATE INDEX rollouts_config_id ON rollouts (config_id);
 
+-- Coordinators re-read the rollouts that still decide agents' configs by state.
+CREATE INDEX rollouts_state ON rollouts (state);
+
 CREATE TABLE rollout_members (
     rollout_id BIGINT NOT NULL PRIMARY KEY REFERENCES rollouts (id),
     members    BYTEA  NOT NULL

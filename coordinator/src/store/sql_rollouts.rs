@@ -231,6 +231,37 @@ where
         )
     }
 
+    async fn list_rollouts_in(&self, states: &[RolloutState]) -> StoreResult<Vec<Rollout>> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The states are the enum's own names, never input: written into the text.
+        let names: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let sql = format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state IN ({}) ORDER BY id",
+            names.join(", ")
+        );
+        all::<RolloutRow, _>(
+            "list_rollouts_in",
+            sqlx::query_as(&sql).fetch_all(&self.pool).await,
+        )
+    }
+
+    async fn count_rollouts(&self) -> StoreResult<Vec<(RolloutState, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM rollouts GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| before_commit("count_rollouts", e))?;
+        rows.into_iter()
+            .map(|(state, n)| {
+                let s = RolloutState::parse(&state)
+                    .ok_or_else(|| corrupt("rollout", format!("state `{state}`")))?;
+                Ok((s, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
     async fn get_rollout(&self, id: i64) -> StoreResult<Option<Rollout>> {
         let sql = format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1");
         let row = sqlx::query_as(&sql)

@@ -12,7 +12,7 @@ use shared::domain::{
     IdentityRecord, Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
-use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent};
+use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 use shared::store::{
     AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, RolloutStore,
     Store, StoreResult,
@@ -86,6 +86,14 @@ impl RolloutStore for TimedStore {
 
     async fn list_rollouts(&self) -> StoreResult<Vec<Rollout>> {
         timed!(self.list_rollouts())
+    }
+
+    async fn list_rollouts_in(&self, states: &[RolloutState]) -> StoreResult<Vec<Rollout>> {
+        timed!(self.list_rollouts_in(states))
+    }
+
+    async fn count_rollouts(&self) -> StoreResult<Vec<(RolloutState, u64)>> {
+        timed!(self.count_rollouts())
     }
 
     async fn get_rollout(&self, id: i64) -> StoreResult<Option<Rollout>> {

@@ -109,10 +109,13 @@ pub(crate) fn describe_metrics() {
     metrics::gauge!("ampora_rollout_stage_age_seconds").set(0.0);
 }
 
-/// `ampora_rollouts{state}`: rollouts by state, from a full list.
-pub(crate) fn count_states(all: &[Rollout]) {
+/// `ampora_rollouts{state}`: rollouts by state (states missing from `counts` are at zero).
+pub(crate) fn count_states(counts: &[(RolloutState, u64)]) {
     for state in RolloutState::ALL {
-        let n = all.iter().filter(|r| r.state == state).count();
+        let n = counts
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| *n);
         metrics::gauge!("ampora_rollouts", "state" => state.as_str()).set(n as f64);
     }
 }

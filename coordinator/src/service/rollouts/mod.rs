@@ -58,11 +58,16 @@ impl Live {
     }
 }
 
-/// Rollouts in a state that decides agents' configs: the active ones and the aborted ones
+/// The states of rollouts that decide agents' configs: the active ones and the aborted ones
 /// (whose changed agents keep the rollout's version).
-fn decides(state: RolloutState) -> bool {
-    state.is_active() || state == RolloutState::Aborted
-}
+const DECIDING: [RolloutState; 6] = [
+    RolloutState::Pending,
+    RolloutState::Running,
+    RolloutState::Paused,
+    RolloutState::Failed,
+    RolloutState::RollingBack,
+    RolloutState::Aborted,
+];
 
 impl Coordinator {
     /// The config a rollout decides for `record` and when that rollout was created, if a
@@ -102,20 +107,19 @@ impl Coordinator {
     /// Replaces the table with the store's; true when what it decides changed.
     pub(super) async fn load_rollouts(&self) -> Result<bool, shared::store::StoreError> {
         let _one = self.rollout_sync.lock().await;
-        let all = self.store.list_rollouts().await?;
-        engine::count_states(&all);
+        let all = self.store.list_rollouts_in(&DECIDING).await?;
+        engine::count_states(&self.store.count_rollouts().await?);
         let old = self.live_rollouts();
-        // A rollout that succeeded left an assignment behind: have it before the rollout
-        // leaves the table, or its agents would fall back to an older one for a moment.
-        let finished = |r: &Rollout| r.state == RolloutState::Succeeded;
-        if all
+        // A rollout leaving the table may have succeeded and left an assignment behind: have
+        // it first, or its agents would fall back to an older one for a moment.
+        if old
             .iter()
-            .any(|r| finished(r) && old.iter().any(|l| l.rollout.id == r.id))
+            .any(|l| !all.iter().any(|r| r.id == l.rollout.id))
         {
             self.sync_assignments().await;
         }
         let mut next = Vec::new();
-        for r in all.into_iter().filter(|r| decides(r.state)) {
+        for r in all {
             self.load_desired(r.config_id).await?;
             let members = match old.iter().find(|l| l.rollout.id == r.id) {
                 Some(l) => l.members.clone(),

@@ -124,6 +124,40 @@ pub async fn rollouts(store: &dyn Store) {
     assert!(listed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
     assert!(listed.contains(&created));
 
+    // By state: the pending rollout is listed with pending ones only, and counted.
+    let pending = store
+        .list_rollouts_in(&[RolloutState::Pending, RolloutState::Paused])
+        .await
+        .expect("list_rollouts_in");
+    assert!(pending.contains(&created));
+    assert!(pending
+        .iter()
+        .all(|r| matches!(r.state, RolloutState::Pending | RolloutState::Paused)));
+    assert!(
+        pending.windows(2).all(|w| w[0].id < w[1].id),
+        "oldest first"
+    );
+    assert!(!store
+        .list_rollouts_in(&[RolloutState::Running])
+        .await
+        .expect("list_rollouts_in")
+        .iter()
+        .any(|r| r.id == created.id));
+    assert!(store.list_rollouts_in(&[]).await.expect("none").is_empty());
+    let count = |counts: &[(RolloutState, u64)], state| {
+        counts
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| *n)
+    };
+    let before = store.count_rollouts().await.expect("count_rollouts");
+    assert!(count(&before, RolloutState::Pending) >= 1);
+    assert_eq!(
+        before.iter().map(|(_, n)| n).sum::<u64>(),
+        store.list_rollouts().await.expect("list").len() as u64,
+        "every rollout counted once"
+    );
+
     // A write at the next revision lands, with its events in order.
     let mut running = created.clone();
     running.state = RolloutState::Running;
@@ -137,6 +171,16 @@ pub async fn rollouts(store: &dyn Store) {
     assert_eq!(
         store.get_rollout(created.id).await.expect("get"),
         Some(running.clone())
+    );
+    let after = store.count_rollouts().await.expect("count_rollouts");
+    assert_eq!(
+        count(&after, RolloutState::Pending) + 1,
+        count(&before, RolloutState::Pending),
+        "the state column follows the writes"
+    );
+    assert_eq!(
+        count(&after, RolloutState::Running),
+        count(&before, RolloutState::Running) + 1
     );
     // The same revision again is stale: nothing changes, no event is added.
     let mut stale = running.clone();
