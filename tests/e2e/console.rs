@@ -177,17 +177,13 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
     })
     .await?;
     b.screenshot("06-fleet-pending").await?;
-    b.client.execute("window.__stayed = true;", vec![]).await?;
+    b.mark_page().await?;
     let back = Agent::start(agent_opts(&server, &token, uid, XSS_NAME));
     until_text(&b, "#fleet-live tbody", "the push applied, live", |t| {
         t.contains("applied")
     })
     .await?;
-    let stayed = b
-        .client
-        .execute("return window.__stayed === true;", vec![])
-        .await?;
-    assert_eq!(stayed, json!(true), "the page updated without a reload");
+    b.still_same_page().await?;
     b.screenshot("07-fleet-applied").await?;
 
     // An agent that fails its config shows its error.

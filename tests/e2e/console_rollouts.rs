@@ -136,16 +136,12 @@ async fn an_operator_rolls_out_sees_the_canary_fail_and_rolls_back() -> anyhow::
         .parse()?;
 
     // The page follows the rollout by itself until the canary's gate fails.
-    b.client.execute("window.__stayed = true;", vec![]).await?;
+    b.mark_page().await?;
     until_text(&b, "#rollout-state", "the rollout failed", |t| {
         t == "failed"
     })
     .await?;
-    let stayed = b
-        .client
-        .execute("return window.__stayed === true;", vec![])
-        .await?;
-    assert_eq!(stayed, json!(true), "the page updated without a reload");
+    b.still_same_page().await?;
     let reason = b.text("#rollout-reason").await?;
     assert!(
         reason.contains("stage 1 gate failed")

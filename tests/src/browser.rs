@@ -141,6 +141,28 @@ impl Browser {
         Ok(!self.client.find_all(Locator::Css(css)).await?.is_empty())
     }
 
+    /// Marks the page in the browser's memory; [`Browser::still_same_page`] checks the mark
+    /// later, so a test can tell a live update from a reload.
+    pub async fn mark_page(&self) -> anyhow::Result<()> {
+        self.client
+            .execute("window.__stayed = true;", vec![])
+            .await?;
+        Ok(())
+    }
+
+    /// Fails when the page was reloaded (or left) since [`Browser::mark_page`].
+    pub async fn still_same_page(&self) -> anyhow::Result<()> {
+        let stayed = self
+            .client
+            .execute("return window.__stayed === true;", vec![])
+            .await?;
+        anyhow::ensure!(
+            stayed == serde_json::json!(true),
+            "the page updated without a reload"
+        );
+        Ok(())
+    }
+
     /// Fails when hostile markup the test planted ran (it sets `window.__xss`) or became an
     /// element (`<img onerror>`): what a page shows of what others wrote must stay text.
     pub async fn no_markup_ran(&self) -> anyhow::Result<()> {
