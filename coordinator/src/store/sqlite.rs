@@ -46,6 +46,10 @@ const UNKNOWN_PARTITION: i64 = -1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: u32 = 8;
+/// Page cache per connection, in KiB (SQLite's default is 2 MiB). Agent state is served from
+/// memory and written in batches, so the cache mostly holds pages a batch just wrote; eight
+/// connections at the default grew to 16 MiB at scale for no measurable speed-up.
+const CACHE_KIB: i64 = 512;
 
 /// The embedded SQLite implementation of [`shared::store::Store`].
 pub type SqliteStore = SqlStore<SqliteDialect>;
@@ -55,7 +59,8 @@ pub struct SqliteDialect;
 
 impl SqliteStore {
     /// Opens (creating it if missing) the database file at `path` and brings its schema up to
-    /// date. WAL journal, `synchronous=NORMAL`, foreign keys on, 5 s busy timeout.
+    /// date. WAL journal, `synchronous=NORMAL`, foreign keys on, 5 s busy timeout, a page
+    /// cache of [`CACHE_KIB`] per connection.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -63,7 +68,9 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            // A negative cache_size is in KiB.
+            .pragma("cache_size", (-CACHE_KIB).to_string());
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -528,6 +535,11 @@ mod tests {
             .await
             .expect("busy_timeout");
         assert_eq!(busy, 5000);
+        let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("cache_size");
+        assert_eq!(cache, -CACHE_KIB, "cache capped, in KiB");
         drop(conn);
         store.close().await;
     }

@@ -10,7 +10,8 @@
 //! first message OpAMP heartbeats govern it.
 //!
 //! Memory per idle connection stays small: fastwebsockets' 8 KiB read buffer, a bounded push
-//! queue that allocates on use, and a few words of bookkeeping.
+//! queue that allocates on use, and a few words of bookkeeping. The task's own future is kept
+//! small too: the work of answering a message lives in a box that exists only meanwhile.
 
 use std::io;
 use std::net::IpAddr;
@@ -350,7 +351,9 @@ impl Session {
                 }
                 OpCode::Pong => continue,
             };
-            if let Err(exit) = self.handle_message(message, wr).await {
+            // Boxed: its state (decode, the bus request) exists only while a message is being
+            // answered, instead of sitting in every idle connection's task.
+            if let Err(exit) = Box::pin(self.handle_message(message, wr)).await {
                 return exit;
             }
         }
