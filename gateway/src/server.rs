@@ -24,6 +24,7 @@ mod admission;
 mod auth;
 mod decode;
 mod latency;
+mod lazy_read;
 mod limits;
 mod metrics;
 mod ownership;

@@ -9,9 +9,10 @@
 //! closed (1008), so an authenticated but silent socket cannot be held for free; after the
 //! first message OpAMP heartbeats govern it.
 //!
-//! Memory per idle connection stays small: fastwebsockets' 8 KiB read buffer, a bounded push
-//! queue that allocates on use, and a few words of bookkeeping. The task's own future is kept
-//! small too: the work of answering a message lives in a box that exists only meanwhile.
+//! Memory per idle connection stays small: no read buffer while no frame is arriving (see
+//! `lazy_read`), a bounded push queue that allocates on use, and a few words of bookkeeping.
+//! The task's own future is kept small too: the work of answering a message lives in a box
+//! that exists only meanwhile.
 
 use std::io;
 use std::net::IpAddr;
@@ -23,9 +24,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use fastwebsockets::{
-    Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
-};
+use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketWrite};
 use http::StatusCode;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -45,6 +44,7 @@ use tracing::Instrument;
 use super::auth::{auth_close_reason, authenticate};
 use super::decode::{self, DecodeError, Framing};
 use super::latency;
+use super::lazy_read::{LazyReader, ReadFrame};
 use super::limits::{CredentialKey, CredentialSlot};
 use super::metrics::{count_received, count_rejected, count_sent};
 use super::replies::{
@@ -79,7 +79,7 @@ const SUPERSEDED: &str = "superseded by a newer connection";
 const TOO_BIG: &str = "message too big";
 
 type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<DetachableRead<tokio::io::ReadHalf<Io>>>;
+type Reader = LazyReader<DetachableRead<tokio::io::ReadHalf<Io>>>;
 type Writer = WebSocketWrite<tokio::io::WriteHalf<Io>>;
 
 /// Authenticates and upgrades; the connection then lives in its own task, holding `ip_slot`
@@ -212,13 +212,12 @@ impl Session {
         // buffers are empty and `into_inner` loses nothing.
         let (read, write) = tokio::io::split(ws.into_inner());
         let (read, detach) = DetachableRead::new(read);
-        let (mut rd, mut wr) = fastwebsockets::after_handshake_split(read, write, Role::Server);
-        // Pings and Closes are answered by this task: the split read half could only send them
-        // through a callback, and the write half lives here.
-        rd.set_auto_pong(false);
-        rd.set_auto_close(false);
-        // fastwebsockets refuses a frame of `>= max_message_size` bytes before buffering it.
-        rd.set_max_message_size(self.inner.cfg.max_frame_bytes.saturating_add(1));
+        // Pings and Closes are answered by this task (the reader never writes). A frame of
+        // `>= max_message_size` bytes is refused before it is buffered.
+        let mut rd = LazyReader::new(read, self.inner.cfg.max_frame_bytes.saturating_add(1));
+        // Only the write half is wanted; the read half made with it is dropped at once.
+        let (_, mut wr) =
+            fastwebsockets::after_handshake_split(tokio::io::empty(), write, Role::Server);
 
         let exit = self.serve_frames(&mut rd, &mut wr).await;
         let linger = match exit {
@@ -256,7 +255,6 @@ impl Session {
 
     async fn serve_frames(&mut self, rd: &mut Reader, wr: &mut Writer) -> Exit {
         let max = self.inner.cfg.max_frame_bytes;
-        let mut no_obligations = no_obligations;
         let first_timeout = self.inner.cfg.admission.first_message_timeout;
         let first_deadline = tokio::time::Instant::now() + first_timeout;
         if first_timeout.is_zero() {
@@ -266,7 +264,7 @@ impl Session {
             // The read future is kept across select iterations (not restarted): reading a frame
             // is not cancel-safe, pushes and close requests are served while it is pending.
             let read = {
-                let read = rd.read_frame(&mut no_obligations);
+                let read = rd.read_frame();
                 tokio::pin!(read);
                 loop {
                     tokio::select! {
@@ -281,9 +279,7 @@ impl Session {
                                 return exit;
                             }
                         }
-                        r = &mut read => {
-                            break r.map(|f| (f.opcode, f.fin, Vec::<u8>::from(f.payload)));
-                        }
+                        r = &mut read => break r,
                         () = tokio::time::sleep_until(first_deadline), if self.awaiting_first => {
                             count_closed(CloseReason::FirstMessageTimeout);
                             return Exit::Close(
@@ -294,7 +290,11 @@ impl Session {
                     }
                 }
             };
-            let (opcode, fin, payload) = match read {
+            let ReadFrame {
+                opcode,
+                fin,
+                payload,
+            } = match read {
                 Ok(frame) => frame,
                 Err(WebSocketError::FrameTooLarge) => {
                     count_rejected("oversize");
@@ -565,12 +565,6 @@ enum Linger {
     Drain,
 }
 
-/// The read half's callback for frames it must send (pongs, close echoes). Never called: with
-/// auto-pong and auto-close off it has nothing to send; this task answers those itself.
-fn no_obligations(_: Frame<'_>) -> std::future::Ready<Result<(), std::convert::Infallible>> {
-    std::future::ready(Ok(()))
-}
-
 /// A complete message over the limit: the read side is still in sync.
 fn too_big() -> Exit {
     count_rejected("oversize");
@@ -580,7 +574,7 @@ fn too_big() -> Exit {
 /// Waits, at most [`CLOSE_LINGER`], for the peer to answer our Close.
 async fn await_peer_close(rd: &mut Reader) {
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        while let Ok(frame) = rd.read_frame(&mut no_obligations).await {
+        while let Ok(frame) = rd.read_frame().await {
             if frame.opcode == OpCode::Close {
                 break;
             }
