@@ -335,8 +335,12 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
             .map(config_map_from_proto)
             .unwrap_or_default();
         let hash = hex::encode(config_hash(&map));
-        changed |= set(&mut rec.effective_config_hash, Some(hash));
-        changed |= set(&mut rec.effective_config, Some(map));
+        // The files are kept (until written to the store) only when they are news: memory
+        // holds the hash of what was already written, not the files.
+        if set(&mut rec.effective_config_hash, Some(hash)) {
+            rec.effective_config = Some(map);
+            changed = true;
+        }
     }
     let status = accept(
         msg.remote_config_status.as_ref(),

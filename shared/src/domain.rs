@@ -197,6 +197,32 @@ impl AgentRecord {
         }
     }
 
+    /// This record without its effective config files (the hash stays), copied field by
+    /// field so the files are never cloned (a new field fails to compile here until it is
+    /// decided on).
+    pub fn without_effective_config(&self) -> AgentRecord {
+        AgentRecord {
+            instance_uid: self.instance_uid,
+            description: self.description.clone(),
+            capabilities: self.capabilities,
+            health: self.health.clone(),
+            effective_config: None,
+            effective_config_hash: self.effective_config_hash.clone(),
+            remote_config: self.remote_config.clone(),
+            assigned_config: self.assigned_config,
+            assigned_config_hash: self.assigned_config_hash.clone(),
+            applied_effective_hash: self.applied_effective_hash.clone(),
+            connected: self.connected,
+            transport: self.transport,
+            gateway: self.gateway.clone(),
+            sequence_num: self.sequence_num,
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            settings_offered: self.settings_offered.clone(),
+            settings_in_use: self.settings_in_use.clone(),
+        }
+    }
+
     pub fn config_state(&self) -> ConfigState {
         let Some(want) = &self.assigned_config_hash else {
             return ConfigState::None;

@@ -119,6 +119,49 @@ async fn state_survives_a_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Memory keeps an effective config's hash; the files are written to the store once. After a
+/// restart (memory loaded from the store, without files, and the agent's goodbye written as a
+/// record without them) the agent's detail still has its files.
+#[tokio::test]
+async fn effective_config_files_survive_in_the_store() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let token = server.api.token("files").await?;
+    let mut o = crate::opamp::opts(server.ws_url(), token, "collector-files");
+    o.initial_config = "receivers: {}\n".into();
+    let agent = agent::Agent::start(o);
+    let uid = crate::opamp::uid_of(&agent.status().borrow());
+    let shown = server
+        .api
+        .wait_agent(&uid, "effective config", |a| {
+            a["effective_config"][""]["body"] == "receivers: {}\n"
+        })
+        .await?;
+    agent.stop().await;
+    server
+        .api
+        .wait_agent(&uid, "offline", |a| a["connected"] == false)
+        .await?;
+    let dir = server.dir.path().to_path_buf();
+    let api_token = server.api.token.clone();
+    let TestServer {
+        running, dir: tmp, ..
+    } = server;
+    running.expect("running").stop().await?;
+
+    let mut cfg = coordinator::config::Config::default();
+    cfg.server.data_dir = dir;
+    cfg.self_agent.enabled = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let again = coordinator::serve::start(cfg, listener).await?;
+    let api = tests::Api::new(again.addr, api_token);
+    let a = api.get(&format!("/api/v1/agents/{uid}")).await?;
+    assert_eq!(a["effective_config"], shown["effective_config"]);
+    assert_eq!(a["effective_config_hash"], shown["effective_config_hash"]);
+    again.stop().await?;
+    drop(tmp);
+    Ok(())
+}
+
 #[tokio::test]
 async fn names_with_control_characters_are_refused() -> anyhow::Result<()> {
     let server = TestServer::start().await?;

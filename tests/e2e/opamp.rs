@@ -95,6 +95,14 @@ async fn connect_and_apply<F: Fleet>(server: &F, endpoint: fn(&F) -> String) -> 
     assert_eq!(a["remote_config"]["status"], "APPLIED");
     assert_eq!(a["remote_config"]["hash"], hash);
     assert_eq!(a["effective_config"][""]["body"], body);
+    // A list carries the effective config's hash; the files come with one agent.
+    let listed = server.api().get("/api/v1/agents").await?;
+    let mine = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["instance_uid"] == uid.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("{uid} not listed: {listed}"))?;
+    assert!(mine["effective_config"].is_null(), "{mine}");
+    assert_eq!(mine["effective_config_hash"], a["effective_config_hash"]);
 
     agent.stop().await;
     server

@@ -88,6 +88,16 @@ impl Coordinator {
             return Err(e);
         }
         metrics::counter!("ampora_store_agent_writes_total").increment(records.len() as u64);
+        // Written: from now on the files are read from the store (`agent`), and memory keeps
+        // only their hash. Unless the agent reported other files meanwhile.
+        for r in records.iter().filter(|r| r.effective_config.is_some()) {
+            if let Some(slot) = self.slot(&r.instance_uid) {
+                let mut e = slot.lock().await;
+                if e.state.record.effective_config_hash == r.effective_config_hash {
+                    e.state.record.effective_config = None;
+                }
+            }
+        }
         Ok(records.len())
     }
 
@@ -164,22 +174,21 @@ impl Coordinator {
         }
     }
 
-    /// Every agent, sorted by uid. The ones this coordinator serves come from memory; in a
-    /// cluster the others come from the store, as fresh as their owner's last batch write.
+    /// Every agent, sorted by uid, without effective config files (the hashes stay; one
+    /// agent's files come with [`Coordinator::agent`]). The ones this coordinator serves come
+    /// from memory; in a cluster the others come from the store, as fresh as their owner's
+    /// last batch write.
     pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let mut out = self.collect_agents(AgentRecord::clone).await?;
+        let mut out = self.agents_without_configs().await?;
         out.sort_by_key(|r| r.instance_uid);
         Ok(out)
     }
 
-    /// Every agent without its effective config (the hashes stay), unsorted: what the rollout
-    /// engine judges, several times a second, without copying every agent's config files.
+    /// [`Coordinator::agents`] unsorted: what the rollout engine judges, several times a
+    /// second.
     pub(super) async fn agents_without_configs(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let mut out = self.collect_agents(without_config).await?;
-        for r in &mut out {
-            r.effective_config = None;
-        }
-        Ok(out)
+        self.collect_agents(AgentRecord::without_effective_config)
+            .await
     }
 
     /// The agents this coordinator serves as `copy` makes them from memory, and in a cluster
@@ -201,39 +210,25 @@ impl Coordinator {
         Ok(by_uid.into_values().collect())
     }
 
-    /// One agent: from memory when this coordinator serves it, else from the store.
+    /// One agent, with its effective config files: from memory when this coordinator serves
+    /// it (the files from the store once they were written, see [`Coordinator::flush`]),
+    /// else from the store.
     pub async fn agent(&self, uid: InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
         if let Some(slot) = self.slot(&uid) {
-            return Ok(Some(slot.lock().await.state.record.clone()));
+            let mut record = slot.lock().await.state.record.clone();
+            if record.effective_config.is_none() && record.effective_config_hash.is_some() {
+                let stored = self.store.get_agent(uid).await?;
+                // Only the files of the config the record names: a report newer than the
+                // store's copy keeps its own (it is still in memory then, not `None`).
+                record.effective_config = stored
+                    .filter(|s| s.effective_config_hash == record.effective_config_hash)
+                    .and_then(|s| s.effective_config);
+            }
+            return Ok(Some(record));
         }
         if self.holds(uid.partition()) {
             return Ok(None);
         }
         self.store.get_agent(uid).await
-    }
-}
-
-/// `r` without its effective config files, copied field by field so they are never cloned
-/// (a new field of `AgentRecord` fails to compile here until it is decided on).
-fn without_config(r: &AgentRecord) -> AgentRecord {
-    AgentRecord {
-        instance_uid: r.instance_uid,
-        description: r.description.clone(),
-        capabilities: r.capabilities,
-        health: r.health.clone(),
-        effective_config: None,
-        effective_config_hash: r.effective_config_hash.clone(),
-        remote_config: r.remote_config.clone(),
-        assigned_config: r.assigned_config,
-        assigned_config_hash: r.assigned_config_hash.clone(),
-        applied_effective_hash: r.applied_effective_hash.clone(),
-        connected: r.connected,
-        transport: r.transport,
-        gateway: r.gateway.clone(),
-        sequence_num: r.sequence_num,
-        first_seen_ms: r.first_seen_ms,
-        last_seen_ms: r.last_seen_ms,
-        settings_offered: r.settings_offered.clone(),
-        settings_in_use: r.settings_in_use.clone(),
     }
 }

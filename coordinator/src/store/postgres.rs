@@ -217,6 +217,7 @@ struct AgentColumns {
     uids: Vec<Vec<u8>>,
     partitions: Vec<i32>,
     records: Vec<String>,
+    files: Vec<Option<String>>,
     connected: Vec<bool>,
     last_seen_ms: Vec<i64>,
 }
@@ -232,6 +233,7 @@ impl AgentColumns {
                 c.uids.push(r.uid);
                 c.partitions.push(i32::from(r.partition));
                 c.records.push(r.record);
+                c.files.push(r.effective_config);
                 c.connected.push(r.connected);
                 c.last_seen_ms.push(r.last_seen_ms);
             }
@@ -272,17 +274,22 @@ impl Dialect for PgDialect {
     async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> SqlResult<()> {
         for c in &AgentColumns::chunks(rows) {
             sqlx::query(
-                "INSERT INTO agents (instance_uid, partition, record, connected, last_seen_ms) \
-                 SELECT r.uid, r.part, r.rec::json, r.conn, r.seen \
-                 FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::bool[], $5::int8[]) \
-                      AS r(uid, part, rec, conn, seen) \
+                "INSERT INTO agents \
+                 (instance_uid, partition, record, effective_config, connected, last_seen_ms) \
+                 SELECT r.uid, r.part, r.rec::json, r.files, r.conn, r.seen \
+                 FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::bool[], \
+                             $6::int8[]) \
+                      AS r(uid, part, rec, files, conn, seen) \
                  ON CONFLICT (instance_uid) DO UPDATE SET \
                  partition = EXCLUDED.partition, record = EXCLUDED.record, \
+                 effective_config = COALESCE(EXCLUDED.effective_config, \
+                                             agents.effective_config), \
                  connected = EXCLUDED.connected, last_seen_ms = EXCLUDED.last_seen_ms",
             )
             .bind(&c.uids)
             .bind(&c.partitions)
             .bind(&c.records)
+            .bind(&c.files)
             .bind(&c.connected)
             .bind(&c.last_seen_ms)
             .execute(&mut **tx)

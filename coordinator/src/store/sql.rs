@@ -109,19 +109,33 @@ pub(super) fn to_json<T: serde::Serialize>(what: &str, value: &T) -> StoreResult
         .map_err(|e| StoreError::NotApplied(format!("{what}: encoding JSON: {e}")))
 }
 
-/// An `agents.record` as selected by [`AGENT_RECORD`]. (`pub` only because the dialects'
-/// methods name it; the module is private.)
+/// An `agents.record` as selected by [`AGENT_RECORD`], or with its effective config files
+/// by [`AGENT_RECORD_WITH_FILES`]. (`pub` only because the dialects' methods name it; the
+/// module is private.)
 #[derive(sqlx::FromRow)]
 pub struct RecordRow {
     record: String,
+    effective_config: Option<String>,
 }
 
-/// The column a [`RecordRow`] reads.
-pub(super) const AGENT_RECORD: &str = "CAST(record AS TEXT) AS record";
+/// The columns a [`RecordRow`] reads when many agents are loaded: the record, whose
+/// effective config is only its hash. The files stay in the store (`agents.effective_config`)
+/// and are read one agent at a time; rows written before they had a column of their own
+/// still carry them in the record.
+pub(super) const AGENT_RECORD: &str =
+    "CAST(record AS TEXT) AS record, CAST(NULL AS TEXT) AS effective_config";
+/// [`AGENT_RECORD`] with the effective config files.
+pub(super) const AGENT_RECORD_WITH_FILES: &str = "CAST(record AS TEXT) AS record, effective_config";
 
 impl IntoDomain<AgentRecord> for RecordRow {
     fn into_domain(self) -> StoreResult<AgentRecord> {
-        serde_json::from_str(&self.record).map_err(|e| corrupt("agent record", e))
+        let mut record: AgentRecord =
+            serde_json::from_str(&self.record).map_err(|e| corrupt("agent record", e))?;
+        if let Some(files) = self.effective_config {
+            record.effective_config =
+                Some(serde_json::from_str(&files).map_err(|e| corrupt("effective config", e))?);
+        }
+        Ok(record)
     }
 }
 
@@ -131,6 +145,9 @@ pub struct AgentRow {
     pub(super) uid: Vec<u8>,
     pub(super) partition: u16,
     pub(super) record: String,
+    /// The effective config files (JSON) when the record carries them; `None` leaves the
+    /// stored ones as they are.
+    pub(super) effective_config: Option<String>,
     pub(super) connected: bool,
     pub(super) last_seen_ms: i64,
 }
@@ -141,10 +158,18 @@ pub(super) fn agent_rows(agents: &[AgentRecord]) -> StoreResult<Vec<AgentRow>> {
     latest_per_uid(agents)
         .into_iter()
         .map(|a| {
+            let (record, effective_config) = match &a.effective_config {
+                Some(files) => (
+                    to_json("upsert_agents", &a.without_effective_config())?,
+                    Some(to_json("upsert_agents", files)?),
+                ),
+                None => (to_json("upsert_agents", a)?, None),
+            };
             Ok(AgentRow {
                 uid: a.instance_uid.as_bytes().to_vec(),
                 partition: a.instance_uid.partition(),
-                record: to_json("upsert_agents", a)?,
+                record,
+                effective_config,
                 connected: a.connected,
                 last_seen_ms: a.last_seen_ms,
             })

@@ -45,8 +45,8 @@ use super::sql::{
     agent_rows, all, audit_select, before_commit, corrupt, during_commit, leases_from, one,
     role_str, scope_json, sorted_partitions, to_json, ApiTokenListingRow, ApiTokenRow,
     AssignmentRow, AuditOrder, AuditRow, ConfigRow, IdentityRow, LeaseRow, RecordRow, TokenRow,
-    AGENT_RECORD, ASSIGNMENT_COLUMNS, CONFIG_COLUMNS, IDENTITY_COLUMNS, LEASE_COLUMNS,
-    PRUNE_DEAD_AFTER_MS, TOKEN_COLUMNS,
+    AGENT_RECORD, AGENT_RECORD_WITH_FILES, ASSIGNMENT_COLUMNS, CONFIG_COLUMNS, IDENTITY_COLUMNS,
+    LEASE_COLUMNS, PRUNE_DEAD_AFTER_MS, TOKEN_COLUMNS,
 };
 
 /// The future a transaction body returns; it borrows the transaction for `'c`.
@@ -178,7 +178,7 @@ where
     }
 
     async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>> {
-        let sql = format!("SELECT {AGENT_RECORD} FROM agents WHERE instance_uid = $1");
+        let sql = format!("SELECT {AGENT_RECORD_WITH_FILES} FROM agents WHERE instance_uid = $1");
         let row = sqlx::query_as(&sql)
             .bind(uid.as_bytes().as_slice())
             .fetch_optional(&self.pool)

@@ -210,12 +210,14 @@ impl Dialect for SqliteDialect {
     async fn upsert_agents(tx: &mut Tx<Self>, rows: Vec<AgentRow>) -> SqlResult<()> {
         for chunk in rows.chunks(CHUNK) {
             let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                "INSERT INTO agents (instance_uid, partition, record, connected, last_seen_ms) ",
+                "INSERT INTO agents \
+                 (instance_uid, partition, record, effective_config, connected, last_seen_ms) ",
             );
             q.push_values(chunk, |mut b, r| {
                 b.push_bind(r.uid.as_slice())
                     .push_bind(i64::from(r.partition))
                     .push_bind(r.record.as_str())
+                    .push_bind(r.effective_config.as_deref())
                     .push_bind(r.connected)
                     .push_bind(r.last_seen_ms);
             });
@@ -224,6 +226,7 @@ impl Dialect for SqliteDialect {
             q.push(
                 " ON CONFLICT (instance_uid) DO UPDATE SET \
                  partition = excluded.partition, record = excluded.record, \
+                 effective_config = COALESCE(excluded.effective_config, agents.effective_config), \
                  connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
             );
             q.build().execute(&mut **tx).await?;

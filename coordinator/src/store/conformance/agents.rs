@@ -134,10 +134,56 @@ pub async fn agents_round_trip(store: &dyn Store) {
             .collect();
         assert_eq!(
             found,
-            vec![want],
-            "load_agents returns each agent once, intact"
+            vec![&want.without_effective_config()],
+            "load_agents returns each agent once, intact but for its effective config files"
         );
     }
+}
+
+/// Effective config files are stored once and read one agent at a time: a write without
+/// them keeps the stored ones, a write with other files replaces them, and loading many
+/// agents brings only the hash.
+pub async fn agents_effective_config_files(store: &dyn Store) {
+    let uid = InstanceUid::new_v7();
+    let mut a = AgentRecord::new(uid, 1);
+    a.effective_config = Some(BTreeMap::from([(
+        "c.yaml".into(),
+        file("a: 1", "text/yaml"),
+    )]));
+    a.effective_config_hash = Some("11".repeat(32));
+    store.upsert_agents(&[a.clone()]).await.expect("upsert");
+
+    let mut later = a.without_effective_config();
+    later.last_seen_ms = 2;
+    store.upsert_agents(&[later.clone()]).await.expect("upsert");
+    let got = store.get_agent(uid).await.expect("get").expect("agent");
+    assert_eq!(got.last_seen_ms, 2, "the record was replaced");
+    assert_eq!(
+        got.effective_config, a.effective_config,
+        "a record without files keeps the stored ones"
+    );
+    let loaded = store
+        .load_agents_in(&[uid.partition()])
+        .await
+        .expect("load");
+    let mine: Vec<_> = loaded.iter().filter(|r| r.instance_uid == uid).collect();
+    assert_eq!(mine, vec![&later], "loads carry the hash, not the files");
+
+    let mut changed = later.clone();
+    changed.effective_config = Some(BTreeMap::from([(
+        "c.yaml".into(),
+        file("b: 2", "text/yaml"),
+    )]));
+    changed.effective_config_hash = Some("22".repeat(32));
+    store
+        .upsert_agents(&[changed.clone()])
+        .await
+        .expect("upsert");
+    assert_eq!(
+        store.get_agent(uid).await.expect("get"),
+        Some(changed),
+        "other files replace the stored ones"
+    );
 }
 
 /// Upserting an existing agent replaces its record instead of adding one.
@@ -189,7 +235,11 @@ pub async fn agents_upsert_updates(store: &dyn Store) {
 
     let all = store.load_agents().await.expect("load_agents");
     let found: Vec<_> = all.iter().filter(|a| a.instance_uid == uid).collect();
-    assert_eq!(found, vec![&fourth], "upserts must not duplicate agents");
+    assert_eq!(
+        found,
+        vec![&fourth.without_effective_config()],
+        "upserts must not duplicate agents"
+    );
 }
 
 /// A batch larger than any plausible statement chunk round-trips completely.
