@@ -122,7 +122,9 @@
 //! [`GatewayMessage`]: super::GatewayMessage
 //! [`Route::Any`]: super::Route::Any
 
+mod batch;
 mod bus_impl;
+mod coalesce;
 mod connection;
 mod coordinator;
 mod headers;
@@ -139,6 +141,7 @@ mod tests;
 
 pub use connection::NatsBus;
 pub use options::{
-    NatsBusOptions, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SUBJECT_PREFIX,
+    NatsBusOptions, DEFAULT_BATCH_LINGER, DEFAULT_BATCH_MAX_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_SUBJECT_PREFIX,
 };
 pub use telemetry::describe_metrics;
