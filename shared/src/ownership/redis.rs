@@ -557,6 +557,10 @@ mod tests {
             let uid = InstanceUid::new_v7();
             set_raw(&own, &own.owner_key(uid), garbage).await;
             assert_eq!(own.lookup(uid).await.expect("lookup"), None);
+            assert_eq!(
+                own.lookup_many(&[uid]).await.expect("lookup_many"),
+                vec![None]
+            );
             // Not held by anyone: refresh reports it lost, release finds nothing to release.
             let pretend = Owner {
                 gateway: gw.clone(),

@@ -233,3 +233,147 @@ impl BatchWaits {
         before - self.by_id.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(n: u8, len: usize) -> Queued {
+        Queued {
+            item: Item::Envelope(BatchEntry {
+                body: vec![n; len],
+                reply: None,
+                error: None,
+            }),
+            done: None,
+        }
+    }
+
+    fn alone(n: u8) -> Queued {
+        Queued {
+            item: Item::Alone {
+                headers: None,
+                reply: None,
+                payload: Bytes::from(vec![n; 10]),
+            },
+            done: None,
+        }
+    }
+
+    fn first_byte(q: &Queued) -> u8 {
+        match &q.item {
+            Item::Envelope(e) => e.body[0],
+            Item::Alone { payload, .. } => payload[0],
+        }
+    }
+
+    /// What each NATS message carries, by first byte: `[n]` alone, `[a, b, ..]` a batch.
+    fn shape(out: &[Outgoing]) -> Vec<Vec<u8>> {
+        out.iter()
+            .map(|o| match o {
+                Outgoing::Single(q) => vec![first_byte(q)],
+                Outgoing::Batch(run) => run.iter().map(first_byte).collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_keeps_order_and_bounds_batches() {
+        // Each 100-byte envelope adds 104 bytes to a batch: three fit in 320, four do not.
+        assert_eq!(
+            batch_entry_len(&BatchEntry {
+                body: vec![0; 100],
+                reply: None,
+                error: None
+            }),
+            104
+        );
+        let items = vec![
+            envelope(1, 100),
+            envelope(2, 100),
+            envelope(3, 100),
+            envelope(4, 100),
+            alone(5),
+            envelope(6, 100),
+            alone(7),
+            alone(8),
+            envelope(9, 100),
+            envelope(10, 100),
+            envelope(11, 1000),
+            envelope(12, 100),
+        ];
+        let out = split(items, 320);
+        assert_eq!(
+            shape(&out),
+            vec![
+                vec![1, 2, 3],
+                vec![4],
+                vec![5],
+                vec![6],
+                vec![7],
+                vec![8],
+                vec![9, 10],
+                vec![11],
+                vec![12],
+            ]
+        );
+        assert!(
+            matches!(out[1], Outgoing::Single(_)),
+            "a run of one goes as a single"
+        );
+        assert!(split(Vec::new(), 320).is_empty());
+    }
+
+    #[test]
+    fn a_lane_runs_one_flusher_and_hands_everything_over_in_order() {
+        let mut lanes = Lanes::default();
+        assert!(
+            lanes.push("a", LaneKind::Gateway, [envelope(1, 10)]),
+            "idle: start"
+        );
+        assert!(!lanes.push("a", LaneKind::Gateway, [envelope(2, 10), alone(3)]));
+        assert!(
+            lanes.push("b", LaneKind::Coordinator, [envelope(9, 10)]),
+            "its own lane"
+        );
+        assert_eq!(lanes.queued("a"), (3, 14 + 14 + 10));
+        let (kind, items) = lanes.take("a").expect("queued");
+        assert_eq!(kind, LaneKind::Gateway);
+        assert_eq!(
+            items.iter().map(first_byte).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(lanes.queued("a"), (0, 0));
+        assert!(
+            !lanes.push("a", LaneKind::Gateway, [envelope(4, 10)]),
+            "flusher still on"
+        );
+        assert_eq!(lanes.take("a").map(|(_, i)| i.len()), Some(1));
+        assert!(lanes.take("a").is_none(), "empty: the flusher ends");
+        assert!(
+            lanes.push("a", LaneKind::Gateway, [envelope(5, 10)]),
+            "and the next starts one"
+        );
+        assert_eq!(
+            lanes.take("b").map(|(k, i)| (k, i.len())),
+            Some((LaneKind::Coordinator, 1))
+        );
+    }
+
+    #[test]
+    fn batch_waits_are_taken_once_and_expire() {
+        let mut waits = BatchWaits::default();
+        let t0 = Instant::now();
+        waits.insert(1, vec![10, 11], t0);
+        waits.insert(2, vec![12], t0 + Duration::from_secs(5));
+        assert_eq!(waits.take(1), Some(vec![10, 11]));
+        assert_eq!(waits.take(1), None);
+        waits.insert(3, vec![13], t0);
+        assert_eq!(
+            waits.expire(t0 + Duration::from_secs(10), Duration::from_secs(10)),
+            1
+        );
+        assert_eq!(waits.take(3), None);
+        assert_eq!(waits.take(2), Some(vec![12]));
+    }
+}
