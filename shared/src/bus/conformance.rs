@@ -588,7 +588,7 @@ async fn many_deliveries_arrive_once_in_order_to_their_gateway(c: &dyn Bus, g: &
     let uid = InstanceUid::new_v7();
     // The epoch numbers the message; every 7th is a close, the 1000th is large.
     let message = |epoch: u64| {
-        if epoch % 7 == 0 {
+        if epoch.is_multiple_of(7) {
             return GatewayMessage::Close {
                 uid,
                 epoch,

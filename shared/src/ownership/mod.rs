@@ -242,9 +242,10 @@ async fn lookup_many_matches_lookup(own: &dyn Ownership) {
     let gateways = [gateway("gw-a"), gateway("gw:b"), gateway("gw-c")];
     assert_eq!(own.lookup_many(&[]).await.expect("lookup_many"), Vec::new());
     let uids: Vec<InstanceUid> = (0..AGENTS).map(|_| InstanceUid::new_v7()).collect();
-    let claims = futures::future::try_join_all(uids.iter().enumerate().filter_map(|(i, uid)| {
-        (i % 5 != 4).then(|| own.claim(*uid, &gateways[i % gateways.len()]))
-    }))
+    let claimed = uids.iter().enumerate().filter(|(i, _)| i % 5 != 4);
+    let claims = futures::future::try_join_all(
+        claimed.map(|(i, uid)| own.claim(*uid, &gateways[i % gateways.len()])),
+    )
     .await
     .expect("claims");
     let mut expected: Vec<Option<Owner>> = Vec::with_capacity(AGENTS);
