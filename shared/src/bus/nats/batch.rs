@@ -170,20 +170,22 @@ impl Lanes {
         kind: LaneKind,
         items: impl IntoIterator<Item = Queued>,
     ) -> bool {
-        let mut started = false;
-        let lane = self.lanes.entry(subject.to_string()).or_insert_with(|| {
-            started = true;
-            Lane {
+        let idle = !self.lanes.contains_key(subject);
+        if idle {
+            let lane = Lane {
                 kind,
                 queue: Vec::new(),
                 bytes: 0,
-            }
-        });
-        for q in items {
-            lane.bytes += q.item.len();
-            lane.queue.push(q);
+            };
+            self.lanes.insert(subject.to_string(), lane);
         }
-        started
+        if let Some(lane) = self.lanes.get_mut(subject) {
+            for q in items {
+                lane.bytes += q.item.len();
+                lane.queue.push(q);
+            }
+        }
+        idle
     }
 
     /// How many items and bytes wait on `subject`.
