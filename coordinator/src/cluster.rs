@@ -57,6 +57,7 @@ async fn connect_bus(config: &Config, node: &str) -> anyhow::Result<Arc<dyn Bus>
         request_timeout: Duration::from_secs(config.opamp.request_timeout_secs),
         max_message_bytes: usize::try_from(config.cluster.max_bus_message_bytes)
             .unwrap_or(usize::MAX),
+        ..NatsBusOptions::new(config.cluster.nats_url.clone())
     };
     let bus = NatsBus::connect(opts).await.with_context(|| {
         format!(

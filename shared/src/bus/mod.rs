@@ -4,7 +4,8 @@
 //!   partition (or to any coordinator for authentication); exactly one reply comes back, which is
 //!   what makes "one `ServerToAgent` per `AgentToServer`" hold by construction;
 //! - gateway → coordinator, no reply: [`Bus::notify`] for connection closes;
-//! - coordinator → gateway: [`Bus::deliver`] to the gateway that owns the agent (pushes, closes).
+//! - coordinator → gateway: [`Bus::deliver`] to the gateway that owns the agent (pushes, closes),
+//!   or [`Bus::deliver_many`] for many to one gateway (a rollout's pushes).
 //!
 //! The bus is at-most-once. Nothing relies on a delivery arriving: the session core asks for
 //! full state on sequence gaps and reconciles desired config on every report.
@@ -287,6 +288,21 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<CoordinatorReply, BusError>;
     async fn notify(&self, route: Route, ev: CoordinatorEvent) -> Result<(), BusError>;
     async fn deliver(&self, gateway: &GatewayId, msg: GatewayMessage) -> Result<(), BusError>;
+    /// Delivers `msgs` to one gateway in order, as `deliver` each would (an implementation may
+    /// coalesce them). Every message is attempted; the first error is returned.
+    async fn deliver_many(
+        &self,
+        gateway: &GatewayId,
+        msgs: Vec<GatewayMessage>,
+    ) -> Result<(), BusError> {
+        let mut first_error = None;
+        for msg in msgs {
+            if let Err(e) = self.deliver(gateway, msg).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
     /// Starts serving [`Route::Any`] traffic with `handler`, and remembers it for the
     /// partitions this coordinator will serve. Called once per coordinator.
     async fn serve_coordinator(&self, handler: Arc<dyn CoordinatorHandler>)

@@ -11,7 +11,7 @@
 //! | `<prefix>.any` | [`Route::Any`] requests and events | every coordinator, queue group `coord` |
 //! | `<prefix>.gw.<gateway>` | [`GatewayMessage`]s for one gateway | that gateway |
 //! | `<prefix>.ctl` | [`ControlEvent`] broadcasts | every process that called `subscribe_control`, plain subscription (the sender hears its own) |
-//! | `<prefix>.inbox.<node>.>` | replies (`r.<id>`), and large-message fetches (`fetch`) | the one process named `node` |
+//! | `<prefix>.inbox.<node>.>` | replies (`r.<id>`), coalesced replies (`batch`), and large-message fetches (`fetch`) | the one process named `node` |
 //!
 //! Requests and events share the partition subject so that an agent's `Disconnected` event is
 //! ordered after its frames. The queue group means that during a hand-over, when two
@@ -29,8 +29,11 @@
 //! that does not decode, or decodes to something invalid (a 15-byte UID, an unknown enum), is
 //! logged, counted as `ampora_bus_messages_dropped_total{reason="malformed"}` and dropped; a
 //! malformed request is additionally answered with an error header so its sender fails fast.
-//! Three headers carry the transport's own signalling, never payload:
+//! Small envelopes to one subject may travel coalesced, several in one `Batch` (see `batch`).
+//! Four headers carry the transport's own signalling, never payload:
 //!
+//! - `Ampora-Batch: <count>` on a coalesced message (coordinator and gateway subjects; on an
+//!   inbox, the `batch` subject says it);
 //! - `Ampora-Chunk: <msg-id> <index> <count> <total-bytes>` on each chunk of a large message;
 //! - `Ampora-Pull: <fetch-subject> <msg-id> <total-bytes>` on a large message's stand-in;
 //! - `Ampora-Error: <text>` on a reply that replaces the real one (the request was malformed,
@@ -44,10 +47,13 @@
 //! waits at most `request_timeout` ([`BusError::Timeout`]). When nobody is subscribed to the
 //! target, the NATS server itself answers on the reply subject with a 503 status, which becomes
 //! [`BusError::NoResponder`]: that is how an unserved partition is detected, without
-//! waiting. The coordinator handles every request in its own task and publishes the reply to
-//! the request's reply subject; per-agent order holds because a gateway keeps at most one
-//! request in flight per agent connection. Events are handled in arrival order, inline in
-//! their subscription's task.
+//! waiting. A coalesced batch of requests carries a reply subject of its own for that answer,
+//! which then fails every request in it; each entry names its request's reply subject. The
+//! coordinator handles every request in its own task and publishes the reply to the request's
+//! reply subject (coalesced with other replies to the same inbox when the request came in a
+//! batch); per-agent order holds because a gateway keeps at most one request in flight per
+//! agent connection. Events are handled in arrival order, inline in their subscription's task
+//! (a batch's in the batch's order).
 //!
 //! `serve_partitions`, `unserve_partitions`, `subscribe_gateway` and `subscribe_control`
 //! return once the server has processed the (un)subscription: they end with a message to the
@@ -104,12 +110,16 @@
 //!
 //! - `bus_impl`: the [`Bus`] trait methods, in terms of everything below;
 //! - `connection`: the [`NatsBus`] handle: connecting, connection events, stopping on drop;
-//! - `coordinator`: serving the coordinator subjects (queue group, pulls, dispatch, replies);
+//! - `coordinator`: serving the coordinator subjects (queue group, pulls, batches, dispatch,
+//!   replies);
 //! - `incoming`: the inbox task, received bodies, deliveries and control events, the sweeper;
-//! - `outgoing`: publishing (chunked when large), stand-ins, requests, the barrier;
+//! - `outgoing`: publishing (chunked when large), stand-ins, requests, deliveries, the barrier;
+//! - `coalesce`: the lanes' flusher tasks, publishing batches in order;
 //! - `state`: what the handle shares with its tasks, and its plain accessors;
 //! - `subscription`: the task behind each subscription and how it stops;
 //! - `large`: reassembly and outbox bookkeeping, without I/O;
+//! - `batch`: coalescing bookkeeping (lanes, splitting into messages), without I/O; its module
+//!   docs give the design (bounds, linger, why a lone message does not wait);
 //! - `headers`, `subjects`, `options`, `telemetry`: leaves (header parsing, subject names,
 //!   configuration, metrics).
 //!
@@ -122,7 +132,9 @@
 //! [`GatewayMessage`]: super::GatewayMessage
 //! [`Route::Any`]: super::Route::Any
 
+mod batch;
 mod bus_impl;
+mod coalesce;
 mod connection;
 mod coordinator;
 mod headers;
@@ -139,6 +151,7 @@ mod tests;
 
 pub use connection::NatsBus;
 pub use options::{
-    NatsBusOptions, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SUBJECT_PREFIX,
+    NatsBusOptions, DEFAULT_BATCH_LINGER, DEFAULT_BATCH_MAX_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_SUBJECT_PREFIX,
 };
 pub use telemetry::describe_metrics;

@@ -25,6 +25,15 @@ use crate::ids::{GatewayId, InstanceUid};
 #[error("malformed bus message: {0}")]
 pub(crate) struct Malformed(pub(crate) &'static str);
 
+/// One envelope of a coalesced NATS message (`pb::Batch`): the body a single message would
+/// have carried, its reply subject, and for a reply replaced by an error, the error's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BatchEntry {
+    pub(crate) body: Vec<u8>,
+    pub(crate) reply: Option<String>,
+    pub(crate) error: Option<String>,
+}
+
 /// What travels on the coordinator subjects: a request expecting one reply, or an event.
 #[derive(Debug)]
 pub(crate) enum Inbound {
@@ -109,6 +118,45 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         }),
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
+}
+
+fn entry_to_pb(e: BatchEntry) -> pb::BatchEntry {
+    pb::BatchEntry {
+        body: e.body,
+        reply: e.reply,
+        error: e.error,
+    }
+}
+
+/// The bytes `e` adds to an encoded batch (its field tag and length included), so a batch can
+/// be bounded before it is built.
+pub(crate) fn batch_entry_len(e: &BatchEntry) -> usize {
+    let len = pb::BatchEntry {
+        body: Vec::new(),
+        reply: e.reply.clone(),
+        error: e.error.clone(),
+    }
+    .encoded_len()
+        + if e.body.is_empty() {
+            0
+        } else {
+            field_len(e.body.len())
+        };
+    field_len(len)
+}
+
+/// A length-delimited field of `len` bytes with a one-byte tag: tag, varint length, bytes.
+fn field_len(len: usize) -> usize {
+    let varint = (64 - (len as u64 | 1).leading_zeros() as usize).div_ceil(7);
+    1 + varint + len
+}
+
+/// Several envelopes, in order, as one `pb::Batch`.
+pub(crate) fn encode_batch(entries: Vec<BatchEntry>) -> Vec<u8> {
+    pb::Batch {
+        entries: entries.into_iter().map(entry_to_pb).collect(),
+    }
+    .encode_to_vec()
 }
 
 fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
@@ -284,6 +332,23 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
     })
 }
 
+/// The entries of a batch, in order; an empty batch is malformed (no sender makes one).
+pub(crate) fn decode_batch(bytes: &[u8]) -> Result<Vec<BatchEntry>, Malformed> {
+    let batch = pb::Batch::decode(bytes).map_err(|_| Malformed("batch"))?;
+    if batch.entries.is_empty() {
+        return Err(Malformed("empty batch"));
+    }
+    Ok(batch
+        .entries
+        .into_iter()
+        .map(|e| BatchEntry {
+            body: e.body,
+            reply: e.reply,
+            error: e.error,
+        })
+        .collect())
+}
+
 fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Malformed> {
     use pb::coordinator_request::Kind;
     Ok(match req.kind.ok_or(Malformed("request kind"))? {
@@ -423,6 +488,23 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn batches_round_trip_in_order_with_exact_lengths() {
+        let entries: Vec<BatchEntry> = (0..300usize)
+            .map(|i| BatchEntry {
+                body: vec![i as u8; i * 7],
+                reply: (i % 3 != 0).then(|| format!("p.inbox.n.r.{i}")),
+                error: (i % 5 == 0).then(|| "e".repeat(i)),
+            })
+            .collect();
+        let predicted: usize = entries.iter().map(batch_entry_len).sum();
+        let bytes = encode_batch(entries.clone());
+        assert_eq!(bytes.len(), predicted, "batch bounds rely on exact lengths");
+        assert_eq!(decode_batch(&bytes).expect("decode"), entries);
+        assert_eq!(decode_batch(&[]), Err(Malformed("empty batch")));
+        assert!(decode_batch(b"\xff\xff").is_err());
     }
 
     #[test]

@@ -46,6 +46,18 @@ pub trait Ownership: Send + Sync + 'static {
     /// Makes `gateway` the owner of `uid` with a fresh, strictly larger epoch.
     async fn claim(&self, uid: InstanceUid, gateway: &GatewayId) -> Result<Claim, OwnershipError>;
     async fn lookup(&self, uid: InstanceUid) -> Result<Option<Owner>, OwnershipError>;
+    /// The owner of each of `uids`, in the same order (one round trip per batch, not per
+    /// uid, where the backend allows). Fails as a whole if any part fails.
+    async fn lookup_many(
+        &self,
+        uids: &[InstanceUid],
+    ) -> Result<Vec<Option<Owner>>, OwnershipError> {
+        let mut owners = Vec::with_capacity(uids.len());
+        for uid in uids {
+            owners.push(self.lookup(*uid).await?);
+        }
+        Ok(owners)
+    }
     /// Releases only if `owner` still holds exactly that epoch; returns whether it did.
     async fn release(&self, uid: InstanceUid, owner: &Owner) -> Result<bool, OwnershipError>;
     /// Extends the TTL of every claim in `held` that its owner still holds at exactly that
@@ -102,6 +114,17 @@ impl Ownership for MemoryOwnership {
         Ok(self.state()?.owners.get(&uid).cloned())
     }
 
+    async fn lookup_many(
+        &self,
+        uids: &[InstanceUid],
+    ) -> Result<Vec<Option<Owner>>, OwnershipError> {
+        let state = self.state()?;
+        Ok(uids
+            .iter()
+            .map(|uid| state.owners.get(uid).cloned())
+            .collect())
+    }
+
     async fn release(&self, uid: InstanceUid, owner: &Owner) -> Result<bool, OwnershipError> {
         let mut state = self.state()?;
         if state.owners.get(&uid) == Some(owner) {
@@ -142,6 +165,7 @@ impl Ownership for MemoryOwnership {
 /// - `refresh` of an empty slice returns nothing; the order of the lost uids is unspecified.
 pub async fn conformance(own: Arc<dyn Ownership>) {
     claim_lookup_release(own.as_ref()).await;
+    lookup_many_matches_lookup(own.as_ref()).await;
     refresh_reports_losses(own.as_ref()).await;
     refresh_large_batch(own.as_ref()).await;
     epochs_strictly_increase(own.as_ref()).await;
@@ -209,6 +233,61 @@ async fn claim_lookup_release(own: &dyn Ownership) {
         .release(uid, &owner_of(&a, &third))
         .await
         .expect("release"));
+}
+
+/// More uids than one Redis batch, mixing owned, released, taken over and never claimed ones
+/// (and a repeated uid), so the mapping of every batch's answers back to positions is checked.
+async fn lookup_many_matches_lookup(own: &dyn Ownership) {
+    const AGENTS: usize = 2_345;
+    let gateways = [gateway("gw-a"), gateway("gw:b"), gateway("gw-c")];
+    assert_eq!(own.lookup_many(&[]).await.expect("lookup_many"), Vec::new());
+    let uids: Vec<InstanceUid> = (0..AGENTS).map(|_| InstanceUid::new_v7()).collect();
+    let claimed = uids.iter().enumerate().filter(|(i, _)| i % 5 != 4);
+    let claims = futures::future::try_join_all(
+        claimed.map(|(i, uid)| own.claim(*uid, &gateways[i % gateways.len()])),
+    )
+    .await
+    .expect("claims");
+    let mut expected: Vec<Option<Owner>> = Vec::with_capacity(AGENTS);
+    let mut claims = claims.into_iter();
+    for (i, uid) in uids.iter().enumerate() {
+        if i % 5 == 4 {
+            expected.push(None);
+            continue;
+        }
+        let gw = &gateways[i % gateways.len()];
+        let mut owner = owner_of(gw, &claims.next().expect("a claim per claimed uid"));
+        if i % 11 == 0 {
+            assert!(own.release(*uid, &owner).await.expect("release"));
+            expected.push(None);
+            continue;
+        }
+        if i % 13 == 0 {
+            let other = &gateways[(i + 1) % gateways.len()];
+            owner = owner_of(other, &own.claim(*uid, other).await.expect("takeover"));
+        }
+        expected.push(Some(owner));
+    }
+    let mut asked = uids.clone();
+    asked.push(uids[1]);
+    expected.push(expected[1].clone());
+    let found = own.lookup_many(&asked).await.expect("lookup_many");
+    assert_eq!(found.len(), asked.len(), "one answer per uid asked");
+    for (i, (uid, (got, want))) in asked.iter().zip(found.iter().zip(&expected)).enumerate() {
+        assert_eq!(got, want, "position {i}");
+        if i % 97 == 0 {
+            assert_eq!(
+                &own.lookup(*uid).await.expect("lookup"),
+                want,
+                "as lookup says"
+            );
+        }
+    }
+    for (uid, owner) in uids.iter().zip(&expected) {
+        if let Some(owner) = owner {
+            assert!(own.release(*uid, owner).await.expect("release"));
+        }
+    }
 }
 
 async fn refresh_reports_losses(own: &dyn Ownership) {

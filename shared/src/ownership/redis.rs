@@ -17,7 +17,8 @@
 //! - refresh: for each key of a batch, `PEXPIRE` only if the value is exactly the caller's,
 //!   and return the positions of the others.
 //!
-//! Lookups are a plain `GET`. All keys of a claim or a refresh batch are touched by one
+//! Lookups are a plain `GET`, or an `MGET` per [`LOOKUP_BATCH`] uids for `lookup_many`
+//! (several batches pipelined like refreshes). All keys of a claim or a refresh batch are touched by one
 //! script, so this targets one Redis primary (standalone or Sentinel), not Redis Cluster.
 //!
 //! # Epochs and fencing
@@ -59,6 +60,10 @@ use crate::ids::{GatewayId, InstanceUid};
 /// Entries per refresh script call: large enough that 100k agents take 100 calls, small enough
 /// that one call blocks Redis (single-threaded) for a few milliseconds at most.
 pub const REFRESH_BATCH: usize = 1_000;
+
+/// Keys per `MGET` of [`Ownership::lookup_many`]: one round trip for a rollout's thousand
+/// pushes, while no single command keeps Redis busy for long.
+pub const LOOKUP_BATCH: usize = 1_000;
 
 /// Refresh batches in flight at once. They share the one multiplexed connection, so this
 /// pipelines them and hides round-trip latency without flooding Redis.
@@ -204,6 +209,33 @@ impl RedisOwnership {
         owner
     }
 
+    /// One `MGET` for up to [`LOOKUP_BATCH`] uids; the owners in the same order.
+    async fn lookup_batch(
+        &self,
+        batch: &[InstanceUid],
+    ) -> Result<Vec<Option<Owner>>, OwnershipError> {
+        let mut mget = ::redis::cmd("MGET");
+        for uid in batch {
+            mget.arg(self.owner_key(*uid));
+        }
+        let raw: Vec<Option<Vec<u8>>> = mget
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| OwnershipError(format!("looking up ownership in redis: {e}")))?;
+        if raw.len() != batch.len() {
+            return Err(OwnershipError(format!(
+                "redis MGET returned {} values for {} keys",
+                raw.len(),
+                batch.len()
+            )));
+        }
+        Ok(batch
+            .iter()
+            .zip(raw)
+            .map(|(uid, raw)| self.decode_logged(*uid, raw))
+            .collect())
+    }
+
     /// One script call for up to [`REFRESH_BATCH`] entries; returns the lost uids.
     async fn refresh_batch(
         &self,
@@ -260,6 +292,23 @@ impl Ownership for RedisOwnership {
             .await
             .map_err(|e| OwnershipError(format!("looking up ownership in redis: {e}")))?;
         Ok(self.decode_logged(uid, raw))
+    }
+
+    /// `MGET` per [`LOOKUP_BATCH`] uids, a few batches in flight at once.
+    async fn lookup_many(
+        &self,
+        uids: &[InstanceUid],
+    ) -> Result<Vec<Option<Owner>>, OwnershipError> {
+        // Built up front for the same `Send` reason as in `refresh`; `buffered` keeps order.
+        let batches: Vec<_> = uids
+            .chunks(LOOKUP_BATCH)
+            .map(|batch| self.lookup_batch(batch))
+            .collect();
+        let owners: Vec<Vec<Option<Owner>>> = futures::stream::iter(batches)
+            .buffered(REFRESH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(owners.concat())
     }
 
     async fn release(&self, uid: InstanceUid, owner: &Owner) -> Result<bool, OwnershipError> {
@@ -508,6 +557,10 @@ mod tests {
             let uid = InstanceUid::new_v7();
             set_raw(&own, &own.owner_key(uid), garbage).await;
             assert_eq!(own.lookup(uid).await.expect("lookup"), None);
+            assert_eq!(
+                own.lookup_many(&[uid]).await.expect("lookup_many"),
+                vec![None]
+            );
             // Not held by anyone: refresh reports it lost, release finds nothing to release.
             let pretend = Owner {
                 gateway: gw.clone(),

@@ -68,12 +68,23 @@ impl Bus for NatsBus {
     async fn deliver(&self, gateway: &GatewayId, msg: GatewayMessage) -> Result<(), BusError> {
         let inner = &self.inner;
         let body = wire::encode_gateway(msg);
-        inner.check_size(body.len())?;
         inner
-            .publish_direct(inner.subjects.gateway(gateway), Bytes::from(body))
-            .await?;
-        count_sent("delivery");
-        Ok(())
+            .deliver_bodies(inner.subjects.gateway(gateway), vec![body])
+            .await
+    }
+
+    /// All of them through the gateway's lane at once: coalesced into as few NATS messages as
+    /// their size allows (one lock, one flusher), in order.
+    async fn deliver_many(
+        &self,
+        gateway: &GatewayId,
+        msgs: Vec<GatewayMessage>,
+    ) -> Result<(), BusError> {
+        let inner = &self.inner;
+        let bodies = msgs.into_iter().map(wire::encode_gateway).collect();
+        inner
+            .deliver_bodies(inner.subjects.gateway(gateway), bodies)
+            .await
     }
 
     async fn serve_coordinator(

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::batch::{BatchWaits, Lanes};
 use super::incoming::{run_inbox, run_sweeper};
 use super::large::{Outbox, Reassembler, BUFFERED_MESSAGES};
 use super::options::NatsBusOptions;
@@ -56,6 +57,8 @@ impl NatsBus {
             pending: Mutex::new(HashMap::new()),
             outbox: Mutex::new(Outbox::new(budget)),
             reassembly: Mutex::new(Reassembler::new(budget, opts.max_message_bytes)),
+            lanes: Mutex::new(Lanes::default()),
+            batch_waits: Mutex::new(BatchWaits::default()),
             handler: RwLock::new(None),
             admin: tokio::sync::Mutex::new(()),
             any: Mutex::new(None),

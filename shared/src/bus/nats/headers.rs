@@ -1,5 +1,5 @@
-//! The three headers that carry the transport's own signalling (`Ampora-Chunk`, `Ampora-Pull`,
-//! `Ampora-Error`), reading a header off a message, and the strict parsers of the first two.
+//! The headers that carry the transport's own signalling (`Ampora-Chunk`, `Ampora-Pull`,
+//! `Ampora-Error`, `Ampora-Batch`), reading a header off a message, and the strict parsers of the first two.
 //! A leaf shared by the sending side, the receiving side and the reassembly.
 
 use async_nats::Message;
@@ -7,6 +7,8 @@ use async_nats::Message;
 pub(super) const H_CHUNK: &str = "Ampora-Chunk";
 pub(super) const H_PULL: &str = "Ampora-Pull";
 pub(super) const H_ERROR: &str = "Ampora-Error";
+/// On a coalesced message (`batch`): the payload is a `Batch` of this many envelopes.
+pub(super) const H_BATCH: &str = "Ampora-Batch";
 
 pub(super) fn header<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
     msg.headers

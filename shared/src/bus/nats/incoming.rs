@@ -1,6 +1,7 @@
-//! The receiving side of plain subscriptions: the inbox task (replies and fetches of this
-//! process's large messages), turning a received message into a body through the reassembly,
-//! gateway deliveries and control events, and the sweeper that drops stale large messages.
+//! The receiving side of plain subscriptions: the inbox task (replies, coalesced replies, a
+//! request batch's refusal, fetches of this process's large messages), turning a received
+//! message into a body through the reassembly, gateway deliveries (coalesced or not) and
+//! control events, and the sweeper that drops stale large messages and request batches.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::headers::{header, ChunkHeader, H_CHUNK, H_ERROR};
+use super::headers::{header, ChunkHeader, H_BATCH, H_CHUNK, H_ERROR};
 use super::large::Chunk;
 use super::state::{lock, Inner};
 use super::subscription::Flow;
@@ -29,6 +30,8 @@ pub(super) async fn run_inbox(inner: Arc<Inner>, mut sub: Subscriber) {
         if rest == "fetch" {
             // Publishing a large body takes a while; keep the inbox free for replies.
             tokio::spawn(serve_fetch(inner.clone(), msg));
+        } else if rest == "batch" {
+            inner.on_reply_batch(&msg);
         } else if let Some(id) = rest.strip_prefix("r.").and_then(|s| s.parse::<u64>().ok()) {
             inner.on_reply(id, msg);
         } else {
@@ -47,6 +50,8 @@ pub(super) async fn run_sweeper(inner: Arc<Inner>) {
         let timeout = inner.opts.request_timeout;
         let incomplete = lock(&inner.reassembly).expire(now, timeout);
         let unfetched = lock(&inner.outbox).expire(now, timeout);
+        // Batches nobody refused: their requests got replies or timed out by now.
+        lock(&inner.batch_waits).expire(now, timeout);
         for _ in 0..incomplete {
             count_dropped("incomplete_chunks");
         }
@@ -115,9 +120,60 @@ impl Inner {
                 )))),
             }
         };
-        if let Some(outcome) = outcome {
-            if let Some(waiter) = lock(&self.pending).remove(&id) {
-                // The waiter may have timed out just now; then nobody needs this.
+        let Some(outcome) = outcome else {
+            return;
+        };
+        let waiter = lock(&self.pending).remove(&id);
+        if let Some(waiter) = waiter {
+            // The waiter may have timed out just now; then nobody needs this.
+            let _ = waiter.send(outcome);
+            return;
+        }
+        // Not a request: a request batch's own subject, which only hears of the batch as a
+        // whole (nobody serves it, or it was malformed): that answers each of its requests.
+        let Err(e) = outcome else {
+            return;
+        };
+        let requests = lock(&self.batch_waits).take(id).unwrap_or_default();
+        let mut pending = lock(&self.pending);
+        for request in requests {
+            if let Some(waiter) = pending.remove(&request) {
+                let _ = waiter.send(Err(match &e {
+                    BusError::NoResponder => BusError::NoResponder,
+                    other => BusError::Unavailable(other.to_string()),
+                }));
+            }
+        }
+    }
+
+    /// Coalesced replies (`batch` inbox subject): each entry answers the request its reply
+    /// subject names, as a single reply on that subject would.
+    fn on_reply_batch(&self, msg: &Message) {
+        let entries = match wire::decode_batch(&msg.payload) {
+            Ok(entries) => entries,
+            Err(e) => {
+                // Its requests time out: which they were cannot be read.
+                count_dropped("malformed");
+                tracing::warn!(error = %e, "malformed reply batch dropped");
+                return;
+            }
+        };
+        let mut pending = lock(&self.pending);
+        for entry in entries {
+            let Some(id) = entry
+                .reply
+                .as_deref()
+                .and_then(|r| self.subjects.request_id(r))
+            else {
+                count_dropped("malformed");
+                tracing::warn!("batched reply without a request id dropped");
+                continue;
+            };
+            let outcome = match entry.error {
+                Some(text) => Err(BusError::Unavailable(text)),
+                None => Ok(Bytes::from(entry.body)),
+            };
+            if let Some(waiter) = pending.remove(&id) {
                 let _ = waiter.send(outcome);
             }
         }
@@ -152,10 +208,31 @@ impl Inner {
     }
 
     pub(super) fn on_delivery(&self, msg: &Message, tx: &mpsc::Sender<GatewayMessage>) -> Flow {
+        if header(msg, H_BATCH).is_some() {
+            let entries = match wire::decode_batch(&msg.payload) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    count_dropped("malformed");
+                    tracing::warn!(error = %e, "malformed delivery batch dropped");
+                    return Flow::Continue;
+                }
+            };
+            for entry in entries {
+                if let Flow::Stop = self.deliver_body(&entry.body, tx) {
+                    return Flow::Stop;
+                }
+            }
+            return Flow::Continue;
+        }
         let Body::Complete(body) = self.receive_body(msg) else {
             return Flow::Continue;
         };
-        match wire::decode_gateway(&body) {
+        self.deliver_body(&body, tx)
+    }
+
+    /// One delivery, decoded, to the gateway's queue.
+    fn deliver_body(&self, body: &[u8], tx: &mpsc::Sender<GatewayMessage>) -> Flow {
+        match wire::decode_gateway(body) {
             Ok(delivery) => {
                 count_received("delivery");
                 match tx.try_send(delivery) {

@@ -9,6 +9,12 @@ pub const DEFAULT_SUBJECT_PREFIX: &str = "ampora";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How long a request waits for its reply unless configured otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a burst of small messages to one subject may keep gathering unless configured
+/// otherwise (see `batch`: a lone message does not wait for it).
+pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_micros(300);
+/// The largest coalesced NATS message unless configured otherwise; always also below the
+/// chunk limit.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 * 1024;
 
 /// How to reach NATS and how to name things on it.
 #[derive(Debug, Clone)]
@@ -23,6 +29,12 @@ pub struct NatsBusOptions {
     pub request_timeout: Duration,
     /// The largest logical message (encoded) sent or accepted (default 64 MiB).
     pub max_message_bytes: usize,
+    /// How long small messages to one subject may gather into one NATS message while more keep
+    /// coming (default 300 µs). Zero sends each message at once, alone, as versions without
+    /// batching did: set it while older versions, which cannot read batches, are still running.
+    pub batch_linger: Duration,
+    /// The largest NATS message small messages are coalesced into (default 64 KiB).
+    pub batch_max_bytes: usize,
 }
 
 impl NatsBusOptions {
@@ -35,6 +47,8 @@ impl NatsBusOptions {
             node: format!("node-{}", &id[..12]),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            batch_linger: DEFAULT_BATCH_LINGER,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
         }
     }
 }

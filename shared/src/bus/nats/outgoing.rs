@@ -1,6 +1,7 @@
 //! The sending side: publishing on plain subjects (chunked when large), announcing large
 //! messages to a queue group through the outbox, requests and their replies through the inbox,
-//! and the barrier that proves the server processed a (un)subscription.
+//! deliveries, what goes through a lane as an envelope (`coalesce`) and what alone, and the
+//! barrier that proves the server processed a (un)subscription.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,9 +10,12 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::batch::{Item, LaneKind, Queued};
+use super::coalesce::sent;
 use super::headers::{H_CHUNK, H_ERROR, H_PULL};
 use super::state::{lock, unavailable, Inner};
-use super::telemetry::{count_dropped, CHUNKED};
+use super::telemetry::{count_dropped, count_sent, CHUNKED};
+use crate::bus::wire::{batch_entry_len, BatchEntry};
 use crate::bus::BusError;
 
 impl Inner {
@@ -70,8 +74,9 @@ impl Inner {
         Ok((msg_id, headers))
     }
 
-    /// Publishes one message on a coordinator (queue group) subject: as is when it fits, else
-    /// as a stand-in for a fetch. Waits for the reply when there is one to wait for.
+    /// Publishes one message on a coordinator (queue group) subject, after everything sent
+    /// there before: coalesced when small and lingering (see `batch`), else as is when it
+    /// fits, else as a stand-in for a fetch. Waits for the reply when there is one to wait for.
     pub(super) async fn send_to_coordinators(
         self: &Arc<Self>,
         subject: String,
@@ -79,33 +84,131 @@ impl Inner {
         expect_reply: bool,
     ) -> Result<Option<Bytes>, BusError> {
         self.check_size(body.len())?;
-        let body = Bytes::from(body);
-        if body.len() <= self.chunk_limit() {
-            return if expect_reply {
-                self.raw_request(subject, None, body).await.map(Some)
-            } else {
-                self.client
-                    .publish(subject, body)
-                    .await
-                    .map(|()| None)
-                    .map_err(unavailable)
-            };
+        let waiting = expect_reply.then(|| self.expect_reply());
+        let reply = waiting.as_ref().map(|w| self.subjects.reply(w.id));
+        let mut stashed = None;
+        let item = match self.envelope(body, reply.clone()) {
+            Ok(envelope) => envelope,
+            Err(body) if body.len() <= self.chunk_limit() => Item::Alone {
+                headers: None,
+                reply,
+                payload: Bytes::from(body),
+            },
+            Err(body) => {
+                let (msg_id, headers) = self.stash(Bytes::from(body))?;
+                stashed = Some(msg_id);
+                Item::Alone {
+                    headers: Some(headers),
+                    reply,
+                    payload: Bytes::new(),
+                }
+            }
+        };
+        let res = match self
+            .send_in_order(subject, LaneKind::Coordinator, item)
+            .await
+        {
+            Err(e) => Err(e),
+            Ok(()) => match waiting {
+                None => Ok(None),
+                Some(w) => self.await_reply(w.rx).await.map(Some),
+            },
+        };
+        if let Some(msg_id) = stashed.filter(|_| expect_reply) {
+            // Fetched already if the request got anywhere; otherwise (no responder, timeout)
+            // free it now instead of at the next sweep. (An event's waits for its fetch.)
+            lock(&self.outbox).take(&msg_id);
         }
-        let (msg_id, headers) = self.stash(body)?;
-        if !expect_reply {
-            // The receiver fetches it; the sweeper drops it if nobody does.
-            return self
-                .client
-                .publish_with_headers(subject, headers, Bytes::new())
-                .await
-                .map(|()| None)
-                .map_err(unavailable);
+        res
+    }
+
+    /// Deliveries to one gateway, in order: coalesced when small and lingering, else each
+    /// alone (chunked when large). One too large is not sent (the others are); the first
+    /// error is returned.
+    pub(super) async fn deliver_bodies(
+        self: &Arc<Self>,
+        subject: String,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<(), BusError> {
+        let mut first_error = None;
+        let mut items = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            match self.check_size(body.len()) {
+                Ok(()) => items.push(match self.envelope(body, None) {
+                    Ok(envelope) => envelope,
+                    Err(body) => Item::Alone {
+                        headers: None,
+                        reply: None,
+                        payload: Bytes::from(body),
+                    },
+                }),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        let res = self.raw_request(subject, Some(headers), Bytes::new()).await;
-        // Fetched already if the request got anywhere; otherwise (no responder, timeout) free
-        // it now instead of at the next sweep.
-        lock(&self.outbox).take(&msg_id);
-        res.map(Some)
+        let mut results = Vec::with_capacity(items.len());
+        if self.lingers() {
+            let mut receivers = Vec::with_capacity(items.len());
+            let queued = items
+                .into_iter()
+                .map(|item| {
+                    let (tx, rx) = oneshot::channel();
+                    receivers.push(rx);
+                    Queued {
+                        item,
+                        done: Some(tx),
+                    }
+                })
+                .collect();
+            self.enqueue(subject, LaneKind::Gateway, queued);
+            for rx in receivers {
+                results.push(sent(rx).await);
+            }
+        } else {
+            for item in items {
+                results.push(self.publish_one(&subject, LaneKind::Gateway, item).await);
+            }
+        }
+        for res in results {
+            match res {
+                Ok(()) => count_sent("delivery"),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// `body` as an envelope to coalesce, when coalescing and it fits a batch; else `body`
+    /// back, to go alone.
+    pub(super) fn envelope(&self, body: Vec<u8>, reply: Option<String>) -> Result<Item, Vec<u8>> {
+        if !self.lingers() {
+            return Err(body);
+        }
+        let entry = BatchEntry {
+            body,
+            reply,
+            error: None,
+        };
+        if batch_entry_len(&entry) <= self.batch_limit() {
+            Ok(Item::Envelope(entry))
+        } else {
+            Err(entry.body)
+        }
+    }
+
+    /// Registers a request id whose reply the inbox task will hand over.
+    fn expect_reply(&self) -> Waiting<'_> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        Waiting {
+            id,
+            rx,
+            _guard: PendingGuard { inner: self, id },
+        }
     }
 
     /// Publishes with a reply subject on this process's inbox and waits for the reply body.
@@ -163,6 +266,13 @@ impl Inner {
             .map_err(unavailable)?;
         self.await_reply(rx).await.map(drop)
     }
+}
+
+/// A registered request: its id, where its reply arrives, and the guard that unregisters it.
+struct Waiting<'a> {
+    id: u64,
+    rx: oneshot::Receiver<Result<Bytes, BusError>>,
+    _guard: PendingGuard<'a>,
 }
 
 /// Removes a request's waiter however the request ends (reply, timeout, cancellation).

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::batch::{BatchWaits, Lanes};
 use super::large::{Outbox, Reassembler, HEADROOM};
 use super::options::NatsBusOptions;
 use super::subjects::Subjects;
@@ -39,6 +40,12 @@ pub(super) struct Inner {
     pub(super) outbox: Mutex<Outbox>,
     /// Chunks of large messages received so far.
     pub(super) reassembly: Mutex<Reassembler>,
+    /// Messages waiting to be coalesced, per subject; each lane's flusher task (`coalesce`)
+    /// takes from it, callers push to it.
+    pub(super) lanes: Mutex<Lanes>,
+    /// Requests carried by each coalesced request batch, so "no responders" to the batch
+    /// reaches them. Written by the flushers, read by the inbox task, pruned by the sweeper.
+    pub(super) batch_waits: Mutex<BatchWaits>,
     /// Given by `serve_coordinator`; read by every coordinator subscription per message.
     pub(super) handler: RwLock<Option<Arc<dyn CoordinatorHandler>>>,
     /// Serialises the (async) subscribe / unsubscribe calls below, so two concurrent
@@ -82,6 +89,17 @@ impl Inner {
         max_payload
             .saturating_sub(HEADROOM.min(max_payload / 2))
             .max(1)
+    }
+
+    /// Whether small messages are coalesced (`batch_linger` above zero).
+    pub(super) fn lingers(&self) -> bool {
+        !self.opts.batch_linger.is_zero()
+    }
+
+    /// The largest coalesced NATS message: the configured bound, and always below the chunk
+    /// limit. An envelope above it is published alone.
+    pub(super) fn batch_limit(&self) -> usize {
+        self.opts.batch_max_bytes.min(self.chunk_limit())
     }
 
     pub(super) fn check_size(&self, len: usize) -> Result<(), BusError> {

@@ -50,6 +50,23 @@ impl Subjects {
         format!("{}r.{id}", self.inbox)
     }
 
+    /// For the reply subject of another process's request (`<prefix>.inbox.<node>.r.<id>`),
+    /// the subject its coalesced replies go to (`<prefix>.inbox.<node>.batch`).
+    pub(super) fn batch_inbox_of(&self, reply: &str) -> Option<String> {
+        let (base, id) = reply.rsplit_once(".r.")?;
+        let valid = self.is_inbox(reply) && id.parse::<u64>().is_ok();
+        valid.then(|| format!("{base}.batch"))
+    }
+
+    /// The request id of a reply subject on this process's inbox.
+    pub(super) fn request_id(&self, reply: &str) -> Option<u64> {
+        reply
+            .strip_prefix(&self.inbox)?
+            .strip_prefix("r.")?
+            .parse()
+            .ok()
+    }
+
     pub(super) fn is_inbox(&self, subject: &str) -> bool {
         subject
             .strip_prefix(&self.prefix)

@@ -10,6 +10,7 @@ pub(super) const DROPPED: &str = "ampora_bus_messages_dropped_total";
 pub(super) const REQUESTS: &str = "ampora_bus_requests_total";
 pub(super) const CHUNKED: &str = "ampora_bus_chunked_messages_total";
 pub(super) const BUFFERED: &str = "ampora_bus_buffered_bytes";
+pub(super) const ENVELOPES: &str = "ampora_bus_envelopes_per_message";
 
 const KINDS: [&str; 5] = ["request", "reply", "event", "delivery", "control"];
 const DROP_REASONS: [&str; 8] = [
@@ -52,6 +53,10 @@ pub fn describe_metrics() {
         metrics::Unit::Bytes,
         "Bytes of large bus messages held, by buffer (reassembly, outbox)"
     );
+    metrics::describe_histogram!(
+        ENVELOPES,
+        "Bus envelopes per NATS message published while coalescing, by lane (coordinator, reply, delivery)"
+    );
     for kind in KINDS {
         metrics::counter!(SENT, "kind" => kind).increment(0);
         metrics::counter!(RECEIVED, "kind" => kind).increment(0);
@@ -80,4 +85,9 @@ pub(super) fn count_received(kind: &'static str) {
 
 pub(super) fn count_dropped(reason: &'static str) {
     metrics::counter!(DROPPED, "reason" => reason).increment(1);
+}
+
+/// One NATS message published by a lane of `lane` kind, carrying `envelopes` envelopes.
+pub(super) fn record_envelopes(lane: &'static str, envelopes: usize) {
+    metrics::histogram!(ENVELOPES, "lane" => lane).record(envelopes as f64);
 }

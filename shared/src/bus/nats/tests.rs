@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-use super::headers::{header, ChunkHeader, Pull, H_CHUNK, H_ERROR};
+use super::headers::{header, ChunkHeader, Pull, H_BATCH, H_CHUNK, H_ERROR};
 use super::large::{Chunk, ChunkKey, Outbox, Reassembler};
 use super::subjects::{token, Subjects};
 use super::{NatsBus, NatsBusOptions};
@@ -594,4 +594,288 @@ fn ids_become_single_subject_tokens() {
     assert!(s.is_inbox("ampora.inbox.other.fetch"));
     assert!(!s.is_inbox("amporax.inbox.other.fetch"));
     assert!(!s.is_inbox("elsewhere.fetch"));
+}
+
+// ---- coalescing --------------------------------------------------------------------------
+
+/// What a plain subscription beside the bus saw on one subject: NATS messages, coalesced
+/// ones among them, and the envelopes they carried.
+#[derive(Default)]
+struct Seen {
+    messages: AtomicUsize,
+    batches: AtomicUsize,
+    envelopes: AtomicUsize,
+}
+
+/// Watches `subject` from a connection of its own (a plain subscriber gets a copy of every
+/// message, queue groups notwithstanding); returns once the server has the subscription.
+async fn watch(subject: String) -> Arc<Seen> {
+    let raw = async_nats::connect(nats_url()).await.expect("raw client");
+    let mut sub = raw.subscribe(subject).await.expect("subscribe");
+    // A request nobody answers: the server's "no responders" comes after it processed the
+    // subscription (one connection's operations are handled in order).
+    let probe = format!("ampora-test-probe.{}", uuid::Uuid::new_v4().simple());
+    let answer = raw.request(probe, Bytes::new()).await;
+    assert!(
+        matches!(&answer, Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders),
+        "{answer:?}"
+    );
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        let _raw = raw;
+        while let Some(msg) = sub.next().await {
+            let n = header(&msg, H_BATCH).map_or(1, |v| v.parse::<usize>().expect("count"));
+            counts.messages.fetch_add(1, Ordering::Relaxed);
+            counts
+                .batches
+                .fetch_add(usize::from(n > 1), Ordering::Relaxed);
+            counts.envelopes.fetch_add(n, Ordering::Relaxed);
+        }
+    });
+    seen
+}
+
+/// Polls until `seen` counted `envelopes`.
+async fn wait_for_envelopes(seen: &Seen, envelopes: usize) {
+    let got = crate::testing::poll(WAIT, Duration::from_millis(5), || async {
+        (seen.envelopes.load(Ordering::Relaxed) >= envelopes).then_some(())
+    })
+    .await;
+    assert!(
+        got.is_some(),
+        "the watcher saw {} envelopes, expected {envelopes}",
+        seen.envelopes.load(Ordering::Relaxed)
+    );
+}
+
+async fn hasher_request(g: &NatsBus, partition: u16, body: Vec<u8>) -> (Vec<u8>, u64) {
+    match tokio::time::timeout(
+        WAIT,
+        g.request(Route::Partition(partition), frame_with_config(body)),
+    )
+    .await
+    .expect("request timed out")
+    {
+        Ok(CoordinatorReply::Frame(f)) => (f.msg.instance_uid, f.msg.capabilities),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Many requests from concurrent callers to one partition travel coalesced, and so do their
+/// replies; each is handled once and answered with its own reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_are_coalesced_and_each_answered() {
+    const N: usize = 600;
+    let (prefix, c, g) = pair().await;
+    let h = Arc::new(Hasher::default());
+    c.serve_coordinator(h.clone()).await.expect("serve");
+    c.serve_partitions(&[9]).await.expect("serve partition");
+    let requests = watch(format!("{prefix}.a2s.9")).await;
+    let replies = watch(format!("{prefix}.inbox.gw-1.batch")).await;
+    let calls = (0..N).map(|i| {
+        let body = body_of(i as u8, 16 + i);
+        let want = (Sha256::digest(&body).to_vec(), body.len() as u64);
+        let g = &g;
+        async move { (want, hasher_request(g, 9, body).await) }
+    });
+    for (want, got) in futures::future::join_all(calls).await {
+        assert_eq!(got, want, "a reply of another request");
+    }
+    assert_eq!(h.handled.load(Ordering::Relaxed), N, "each handled once");
+    wait_for_envelopes(&requests, N).await;
+    let (messages, batches) = (
+        requests.messages.load(Ordering::Relaxed),
+        requests.batches.load(Ordering::Relaxed),
+    );
+    assert!(
+        batches > 0 && messages < N,
+        "{messages} messages, {batches} batches"
+    );
+    assert_eq!(requests.envelopes.load(Ordering::Relaxed), N);
+    assert!(
+        replies.batches.load(Ordering::Relaxed) > 0,
+        "replies to concurrent requests travel coalesced"
+    );
+}
+
+/// A lone request does not wait for the linger: with a linger of minutes, one request after
+/// another is still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_does_not_wait_for_the_linger() {
+    let prefix = random_prefix();
+    let mut copts = options(&prefix, "coord-1");
+    copts.batch_linger = Duration::from_secs(600);
+    let mut gopts = options(&prefix, "gw-1");
+    gopts.batch_linger = Duration::from_secs(600);
+    let c = connect(copts).await;
+    let g = connect(gopts).await;
+    c.serve_coordinator(Arc::new(Hasher::default()))
+        .await
+        .expect("serve");
+    c.serve_partitions(&[6]).await.expect("serve partition");
+    let gw = GatewayId("gw-lone".into());
+    let mut deliveries = g.subscribe_gateway(&gw).await.expect("subscribe");
+    for i in 0..20u8 {
+        let body = body_of(i, 100);
+        let want = (Sha256::digest(&body).to_vec(), 100);
+        assert_eq!(hasher_request(&g, 6, body).await, want);
+        c.deliver(
+            &gw,
+            GatewayMessage::Close {
+                uid: InstanceUid::new_v7(),
+                epoch: u64::from(i),
+                reason: String::new(),
+            },
+        )
+        .await
+        .expect("deliver");
+        match tokio::time::timeout(WAIT, deliveries.recv()).await {
+            Ok(Some(GatewayMessage::Close { epoch, .. })) => assert_eq!(epoch, u64::from(i)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Holds every request until released, counting arrivals.
+struct Gate {
+    arrived: AtomicUsize,
+    open: tokio::sync::Semaphore,
+    inner: Hasher,
+}
+
+#[async_trait]
+impl CoordinatorHandler for Gate {
+    async fn handle(&self, req: CoordinatorRequest) -> CoordinatorReply {
+        self.arrived.fetch_add(1, Ordering::Relaxed);
+        let _permit = self.open.acquire().await.expect("gate semaphore");
+        self.inner.handle(req).await
+    }
+
+    async fn event(&self, _ev: CoordinatorEvent) {}
+}
+
+/// Unserving a partition while coalesced requests are in flight: every request the
+/// coordinator received (whole batches) is still handled and answered; the others find
+/// nobody. None times out, none is answered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn received_batches_are_still_handled_after_unserve() {
+    const N: usize = 400;
+    let (_, c, g) = pair().await;
+    let gate = Arc::new(Gate {
+        arrived: AtomicUsize::new(0),
+        open: tokio::sync::Semaphore::new(0),
+        inner: Hasher::default(),
+    });
+    c.serve_coordinator(gate.clone()).await.expect("serve");
+    c.serve_partitions(&[8]).await.expect("serve partition");
+    let calls = (0..N).map(|i| {
+        let g = &g;
+        async move {
+            let body = body_of(i as u8, 32 + i);
+            let want = (Sha256::digest(&body).to_vec(), body.len() as u64);
+            let res = g
+                .request(Route::Partition(8), frame_with_config(body))
+                .await;
+            (want, res)
+        }
+    });
+    let unserve = async {
+        let gate_ref = &gate;
+        let started = crate::testing::poll(WAIT, Duration::from_millis(1), || async move {
+            (gate_ref.arrived.load(Ordering::Relaxed) > 0).then_some(())
+        })
+        .await;
+        assert!(started.is_some(), "no request arrived");
+        c.unserve_partitions(&[8]).await.expect("unserve");
+        gate.open.add_permits(N);
+    };
+    let (results, ()) = futures::future::join(futures::future::join_all(calls), unserve).await;
+    let mut answered = 0;
+    for (want, res) in results {
+        match res {
+            Ok(CoordinatorReply::Frame(f)) => {
+                assert_eq!((f.msg.instance_uid, f.msg.capabilities), want);
+                answered += 1;
+            }
+            Err(BusError::NoResponder) => {}
+            other => panic!("a request neither handled nor refused: {other:?}"),
+        }
+    }
+    assert!(answered > 0);
+    assert_eq!(gate.inner.handled.load(Ordering::Relaxed), answered);
+    assert_eq!(gate.arrived.load(Ordering::Relaxed), answered);
+}
+
+/// Rolling upgrade: a sender that does not coalesce (linger zero, like versions before it)
+/// is served by one that does and gets single replies; single envelopes from a plain client
+/// are accepted, on coordinator and gateway subjects alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_envelopes_are_still_accepted_and_answered_alone() {
+    const N: usize = 200;
+    let prefix = random_prefix();
+    let c = connect(options(&prefix, "coord-1")).await;
+    let mut gopts = options(&prefix, "gw-1");
+    gopts.batch_linger = Duration::ZERO;
+    let g = connect(gopts).await;
+    let h = Arc::new(Hasher::default());
+    c.serve_coordinator(h.clone()).await.expect("serve");
+    c.serve_partitions(&[7]).await.expect("serve partition");
+    let requests = watch(format!("{prefix}.a2s.7")).await;
+    let replies = watch(format!("{prefix}.inbox.gw-1.batch")).await;
+    let calls = (0..N).map(|i| {
+        let body = body_of(i as u8, 8 + i);
+        let want = (Sha256::digest(&body).to_vec(), body.len() as u64);
+        let g = &g;
+        async move { (want, hasher_request(g, 7, body).await) }
+    });
+    for (want, got) in futures::future::join_all(calls).await {
+        assert_eq!(got, want);
+    }
+    wait_for_envelopes(&requests, N).await;
+    assert_eq!(
+        requests.batches.load(Ordering::Relaxed),
+        0,
+        "linger zero coalesces nothing"
+    );
+    assert_eq!(requests.messages.load(Ordering::Relaxed), N);
+    assert_eq!(
+        replies.messages.load(Ordering::Relaxed),
+        0,
+        "no batched reply to a single request"
+    );
+
+    // A plain client's single envelopes: a request, answered on its own reply subject, and
+    // a delivery.
+    let raw = async_nats::connect(nats_url()).await.expect("raw client");
+    let reply = raw
+        .request(
+            format!("{prefix}.a2s.7"),
+            Bytes::from(crate::bus::wire::encode_request(frame_with_config(
+                b"raw".to_vec(),
+            ))),
+        )
+        .await
+        .expect("raw request answered");
+    match crate::bus::wire::decode_reply(&reply.payload) {
+        Ok(CoordinatorReply::Frame(f)) => assert_eq!(f.msg.capabilities, 3),
+        other => panic!("{other:?}"),
+    }
+    let gw = GatewayId("gw-raw".into());
+    let mut deliveries = g.subscribe_gateway(&gw).await.expect("subscribe");
+    let close = GatewayMessage::Close {
+        uid: InstanceUid::new_v7(),
+        epoch: 4,
+        reason: "raw".into(),
+    };
+    raw.publish(
+        format!("{prefix}.gw.gw-raw"),
+        Bytes::from(crate::bus::wire::encode_gateway(close)),
+    )
+    .await
+    .expect("publish");
+    match tokio::time::timeout(WAIT, deliveries.recv()).await {
+        Ok(Some(GatewayMessage::Close { epoch: 4, .. })) => {}
+        other => panic!("{other:?}"),
+    }
 }
