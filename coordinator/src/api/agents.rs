@@ -56,6 +56,8 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
         .collect()
 }
 
+/// Every agent; `effective_config` is left out (its hash stays): one agent's files come with
+/// `GET /api/v1/agents/{uid}`.
 #[utoipa::path(get, path = "/api/v1/agents", params(AgentFilter),
     responses((status = 200, body = [AgentView])), security(("api_token" = [])))]
 pub(super) async fn list_agents(
