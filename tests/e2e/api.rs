@@ -86,6 +86,21 @@ async fn the_api_requires_an_operator_token() -> anyhow::Result<()> {
     server.stop().await
 }
 
+/// Stops `server` and starts another on its data directory (kept alive by the returned guard).
+async fn restart(
+    server: TestServer,
+) -> anyhow::Result<(coordinator::serve::Running, tempfile::TempDir)> {
+    let TestServer {
+        running, dir: tmp, ..
+    } = server;
+    running.expect("running").stop().await?;
+    let mut cfg = coordinator::config::Config::default();
+    cfg.server.data_dir = tmp.path().to_path_buf();
+    cfg.self_agent.enabled = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok((coordinator::serve::start(cfg, listener).await?, tmp))
+}
+
 #[tokio::test]
 async fn state_survives_a_restart() -> anyhow::Result<()> {
     let server = TestServer::start().await?;
@@ -94,18 +109,8 @@ async fn state_survives_a_restart() -> anyhow::Result<()> {
         .api
         .post("/api/v1/tokens", json!({ "name": "kept" }))
         .await?;
-    let dir = server.dir.path().to_path_buf();
     let api_token = server.api.token.clone();
-    let TestServer {
-        running, dir: tmp, ..
-    } = server;
-    running.expect("running").stop().await?;
-
-    let mut cfg = coordinator::config::Config::default();
-    cfg.server.data_dir = dir;
-    cfg.self_agent.enabled = false;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let again = coordinator::serve::start(cfg, listener).await?;
+    let (again, tmp) = restart(server).await?;
     assert_eq!(again.admin_token.as_deref(), Some(api_token.as_str()));
     let api = tests::Api::new(again.addr, api_token);
     let v = api.get(&format!("/api/v1/configs/{id}")).await?;
@@ -141,18 +146,8 @@ async fn effective_config_files_survive_in_the_store() -> anyhow::Result<()> {
         .api
         .wait_agent(&uid, "offline", |a| a["connected"] == false)
         .await?;
-    let dir = server.dir.path().to_path_buf();
     let api_token = server.api.token.clone();
-    let TestServer {
-        running, dir: tmp, ..
-    } = server;
-    running.expect("running").stop().await?;
-
-    let mut cfg = coordinator::config::Config::default();
-    cfg.server.data_dir = dir;
-    cfg.self_agent.enabled = false;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let again = coordinator::serve::start(cfg, listener).await?;
+    let (again, tmp) = restart(server).await?;
     let api = tests::Api::new(again.addr, api_token);
     let a = api.get(&format!("/api/v1/agents/{uid}")).await?;
     assert_eq!(a["effective_config"], shown["effective_config"]);
