@@ -755,11 +755,11 @@ impl CoordinatorHandler for Gate {
     async fn event(&self, _ev: CoordinatorEvent) {}
 }
 
-/// Unserving a partition while coalesced requests are in flight: every request the
-/// coordinator received (whole batches) is still handled and answered; the others find
-/// nobody. None times out, none is answered twice.
+/// Unserving a partition while coalesced requests are in flight. Each request the coordinator
+/// handled is answered, with its own reply, exactly once; batches are handled whole. The rest
+/// find nobody, or are lost in flight and time out (their agents retry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn received_batches_are_still_handled_after_unserve() {
+async fn requests_around_an_unserve_are_answered_refused_or_lost_never_half_handled() {
     const N: usize = 400;
     let (_, c, g) = pair().await;
     let gate = Arc::new(Gate {
@@ -791,7 +791,7 @@ async fn received_batches_are_still_handled_after_unserve() {
         gate.open.add_permits(N);
     };
     let (results, ()) = futures::future::join(futures::future::join_all(calls), unserve).await;
-    let mut answered = 0;
+    let (mut answered, mut lost) = (0, 0);
     for (want, res) in results {
         match res {
             Ok(CoordinatorReply::Frame(f)) => {
@@ -799,10 +799,21 @@ async fn received_batches_are_still_handled_after_unserve() {
                 answered += 1;
             }
             Err(BusError::NoResponder) => {}
+            // A message the server sent just before it processed the unsubscribe reaches a
+            // client that no longer has the subscription, which drops it (NATS semantics):
+            // its requests time out and their agents retry. Only those few may be lost.
+            Err(BusError::Timeout) => lost += 1,
             other => panic!("a request neither handled nor refused: {other:?}"),
         }
     }
-    assert!(answered > 0);
+    // Most are answered. The ones lost are those in flight when the subscription ended. That
+    // window is wider than one message (up to 53 of 400 in one run here). Turning the drain off
+    // does not move this figure measurably, so this test does not prove the drain; the
+    // handled / arrived / answered equalities below still catch a half-handled batch.
+    assert!(
+        answered > lost,
+        "{answered} answered, {lost} lost: received requests must be handled after unserve"
+    );
     assert_eq!(gate.inner.handled.load(Ordering::Relaxed), answered);
     assert_eq!(gate.arrived.load(Ordering::Relaxed), answered);
 }
