@@ -168,6 +168,22 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A push of a remote config with `body` to `uid` at `epoch`.
+fn config_push(uid: InstanceUid, epoch: u64, body: Vec<u8>, hash: Vec<u8>) -> GatewayMessage {
+    GatewayMessage::Deliver {
+        uid,
+        epoch,
+        msg: Box::new(proto::ServerToAgent {
+            instance_uid: uid.0.to_vec(),
+            remote_config: Some(proto::v1::AgentRemoteConfig {
+                config: Some(config_map(body)),
+                config_hash: hash,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
 fn config_map(body: Vec<u8>) -> proto::v1::AgentConfigMap {
     proto::v1::AgentConfigMap {
         config_map: BTreeMap::from([(
@@ -440,18 +456,7 @@ async fn deliver_reaches_only_its_gateway(c: &dyn Bus, g: &dyn Bus) {
     let mut rx_a = g.subscribe_gateway(&a).await.expect("subscribe a");
     let mut rx_b = g.subscribe_gateway(&b).await.expect("subscribe b");
     let uid = InstanceUid::new_v7();
-    let push = |epoch: u64, body: Vec<u8>| GatewayMessage::Deliver {
-        uid,
-        epoch,
-        msg: Box::new(proto::ServerToAgent {
-            instance_uid: uid.0.to_vec(),
-            remote_config: Some(proto::v1::AgentRemoteConfig {
-                config: Some(config_map(body)),
-                config_hash: vec![epoch as u8; 32],
-            }),
-            ..Default::default()
-        }),
-    };
+    let push = |epoch: u64, body: Vec<u8>| config_push(uid, epoch, body, vec![epoch as u8; 32]);
     let large = pattern(99, LARGE);
     c.deliver(&a, push(1, b"small".to_vec()))
         .await
@@ -600,18 +605,7 @@ async fn many_deliveries_arrive_once_in_order_to_their_gateway(c: &dyn Bus, g: &
         } else {
             epoch.to_string().into_bytes()
         };
-        GatewayMessage::Deliver {
-            uid,
-            epoch,
-            msg: Box::new(proto::ServerToAgent {
-                instance_uid: uid.0.to_vec(),
-                remote_config: Some(proto::v1::AgentRemoteConfig {
-                    config: Some(config_map(body)),
-                    config_hash: Vec::new(),
-                }),
-                ..Default::default()
-            }),
-        }
+        config_push(uid, epoch, body, Vec::new())
     };
     let check = |got: &GatewayMessage, want: u64| match got {
         GatewayMessage::Close { epoch, reason, .. } => {
