@@ -180,6 +180,8 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
 async fn gateway_ready(State(g): State<Arc<Gateway>>) -> impl IntoResponse {
     if g.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if g.is_bus_lost() {
+        (StatusCode::SERVICE_UNAVAILABLE, "bus unreachable")
     } else {
         (StatusCode::OK, "ready")
     }

@@ -266,6 +266,10 @@ pub struct ClusterSection {
     /// A stopping gateway closes its agents spread over this window, so they reconnect to the
     /// other gateways gradually instead of all at once.
     pub drain_window_secs: u64,
+    /// A gateway that has lost NATS for this long closes its agents so they reconnect
+    /// through another gateway (it turns not-ready at once). 0: never; a short outage such
+    /// as a NATS restart should keep the sockets.
+    pub bus_lost_drain_secs: u64,
     /// Largest message on the bus (configs and effective configs travel in chunks above
     /// NATS's own payload limit; beyond this they are refused).
     pub max_bus_message_bytes: u64,
@@ -395,6 +399,7 @@ impl Default for ClusterSection {
             lease_ttl_ms: 10_000,
             ownership_ttl_secs: 60,
             drain_window_secs: 30,
+            bus_lost_drain_secs: 10,
             max_bus_message_bytes: 64 * 1024 * 1024,
         }
     }

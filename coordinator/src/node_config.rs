@@ -20,6 +20,8 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
         write_queue: usize::try_from(config.opamp.write_queue).unwrap_or(16),
         bootstrap_plaintext_allowed: config.opamp.bootstrap_plaintext_allowed,
         ownership_refresh: Duration::from_secs(config.cluster.ownership_ttl_secs) / 3,
+        bus_lost_drain: (config.cluster.bus_lost_drain_secs > 0)
+            .then(|| Duration::from_secs(config.cluster.bus_lost_drain_secs)),
         // Out-of-range values saturate: a limit that large is no limit.
         admission: gateway::server::AdmissionConfig {
             max_connections: usize::try_from(config.admission.max_connections)

@@ -22,6 +22,7 @@
 
 mod admission;
 mod auth;
+mod bus_watch;
 mod decode;
 mod latency;
 mod lazy_read;
@@ -45,7 +46,7 @@ pub use proxy::{ProxySecret, PROXY_SECRET_HEADER};
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,7 @@ pub fn describe_metrics() {
     crate::serve::describe_metrics();
     proxy::describe_metrics();
     latency::describe_metrics();
+    bus_watch::describe();
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +127,9 @@ pub struct GatewayConfig {
     /// Memory this gateway lets messages being decoded (and awaiting their reply) take at
     /// once. Default [`DEFAULT_DECODE_BUDGET_BYTES`] (256 MiB).
     pub decode_budget_bytes: usize,
+    /// How long the bus may stay lost before the agents are closed so they reconnect
+    /// elsewhere (see `bus_watch`). `None`: never.
+    pub bus_lost_drain: Option<Duration>,
 }
 
 impl Default for GatewayConfig {
@@ -142,6 +147,7 @@ impl Default for GatewayConfig {
             proxy_secret: None,
             frame_limits: FrameLimits::default(),
             decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
+            bus_lost_drain: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -154,6 +160,7 @@ pub struct Gateway {
     /// breaks that cycle.
     dispatcher: tokio::task::AbortHandle,
     refresher: tokio::task::AbortHandle,
+    bus_watch: tokio::task::AbortHandle,
     /// Keeps the identity revocation set current (`None` without identities).
     revocations: Option<tokio::task::AbortHandle>,
 }
@@ -171,6 +178,7 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.dispatcher.abort();
         self.refresher.abort();
+        self.bus_watch.abort();
         if let Some(r) = &self.revocations {
             r.abort();
         }
@@ -202,9 +210,12 @@ impl Gateway {
             next_conn_id: AtomicU64::new(1),
             conns: Mutex::new(Conns::default()),
             conn_ended: Notify::new(),
+            bus_lost: AtomicBool::new(false),
+            bus_lost_changed: Notify::new(),
         });
         let dispatcher = tokio::spawn(dispatch(inner.clone(), deliveries)).abort_handle();
         let refresher = tokio::spawn(ownership::refresh_ownership(inner.clone())).abort_handle();
+        let bus_watch = tokio::spawn(bus_watch::watch(inner.clone())).abort_handle();
         let revocations = match &inner.cfg.identity {
             Some(trust) => {
                 Some(revocations::start(&inner.bus, trust, inner.cfg.request_timeout).await?)
@@ -215,6 +226,7 @@ impl Gateway {
             inner,
             dispatcher,
             refresher,
+            bus_watch,
             revocations,
         }))
     }
@@ -227,6 +239,12 @@ impl Gateway {
     /// balancers stop sending new agents here.
     pub fn is_draining(&self) -> bool {
         self.inner.conns().shutting_down
+    }
+
+    /// True while the bus is lost: this gateway cannot serve agents, so it should not be sent
+    /// any (see `bus_watch`).
+    pub fn is_bus_lost(&self) -> bool {
+        self.inner.bus_lost()
     }
 
     /// The `/v1/opamp` route (GET = WebSocket upgrade, POST = plain HTTP). Serve it on a
@@ -309,6 +327,10 @@ struct Inner {
     clients: limits::ClientLimits,
     /// How long refused WebSockets are held before they are closed ([`refusal_hold`]).
     refusal_holds: refusal_hold::RefusalHolds,
+    /// Set while the bus is lost ([`bus_watch`]): not ready, new upgrades refused.
+    bus_lost: AtomicBool,
+    /// Woken (notify_waiters) when the bus is found lost.
+    bus_lost_changed: Notify,
 }
 
 #[derive(Default)]
@@ -348,13 +370,16 @@ impl ConnControl {
         }
     }
 
-    fn request_close(&self, code: u16, reason: &str) {
+    /// Returns whether this was the first reason given.
+    fn request_close(&self, code: u16, reason: &str) -> bool {
         let mut close = self.close.lock().unwrap_or_else(PoisonError::into_inner);
-        if close.is_none() {
+        let first = close.is_none();
+        if first {
             *close = Some((code, reason.to_owned()));
         }
         drop(close);
         self.wake.notify_one();
+        first
     }
 
     fn take_close(&self) -> Option<(u16, String)> {
@@ -370,6 +395,25 @@ impl Inner {
         // The critical sections can't leave the maps inconsistent, so a poisoned lock is
         // still usable.
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The bus is lost right now ([`bus_watch`]).
+    fn bus_lost(&self) -> bool {
+        self.bus_lost.load(Ordering::Relaxed)
+    }
+
+    /// Completes once the bus is lost (at once if it is).
+    async fn bus_lost_now(&self) {
+        loop {
+            // Interest first, then the check, so a loss between the two is not missed.
+            let lost = self.bus_lost_changed.notified();
+            tokio::pin!(lost);
+            lost.as_mut().enable();
+            if self.bus_lost() {
+                return;
+            }
+            lost.await;
+        }
     }
 
     fn next_conn_id(&self) -> u64 {
@@ -451,7 +495,9 @@ impl Inner {
             GatewayMessage::Close { uid, epoch, reason } => match conns.bound.get(&uid) {
                 None => count_dropped("gone"),
                 Some(b) if b.epoch != epoch => count_dropped("stale"),
-                Some(b) => b.control.request_close(1008, &reason),
+                Some(b) => {
+                    b.control.request_close(1008, &reason);
+                }
             },
         }
     }

@@ -25,6 +25,11 @@ pub enum StoreError {
     /// A record the operation needs does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The store could not be reached (connection refused or lost, no pooled connection in
+    /// time) before anything was sent to commit: nothing took effect, and a retry later may
+    /// succeed. The API answers 503 with `Retry-After`.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -34,6 +34,7 @@ mod cluster;
 mod cluster_identity;
 mod console;
 mod console_rollouts;
+mod faults;
 mod hostile;
 mod hostile_input;
 mod identity;

@@ -231,9 +231,25 @@ impl Cluster {
         &mut self,
         listener: std::net::TcpListener,
     ) -> anyhow::Result<usize> {
+        let cfg = self.base.clone();
+        self.add_gateway_configured(listener, cfg).await
+    }
+
+    /// Starts one more gateway with a configuration of its own (`base` with changes, say a
+    /// NATS URL through a link the test can cut); returns its index.
+    pub async fn add_gateway_with(&mut self, cfg: Config) -> anyhow::Result<usize> {
+        self.add_gateway_configured(std::net::TcpListener::bind("127.0.0.1:0")?, cfg)
+            .await
+    }
+
+    async fn add_gateway_configured(
+        &mut self,
+        listener: std::net::TcpListener,
+        mut cfg: Config,
+    ) -> anyhow::Result<usize> {
         let i = self.gateways.len();
         let id = format!("gw-{i}");
-        let cfg = self.node_config(&id);
+        cfg.cluster.node_id = id.clone();
         listener.set_nonblocking(true)?;
         let (rt, node) = spawn_node(|| async move {
             // Registered with the node's own runtime, which owns the socket from then on.
@@ -419,13 +435,29 @@ pub struct Balancer {
 
 impl Balancer {
     pub async fn start(backends: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        Self::start_checked(backends, false).await
+    }
+
+    /// With `health_checked`, a backend is skipped while its `/health/ready` does not answer
+    /// 200, as a balancer polling readiness would (here: asked on every connection).
+    pub async fn start_checked(
+        backends: Vec<SocketAddr>,
+        health_checked: bool,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let backends = backends.clone();
+                let http = http.clone();
                 tokio::spawn(async move {
                     for b in backends {
+                        if health_checked && !ready(&http, b).await {
+                            continue;
+                        }
                         if let Ok(mut server) = tokio::net::TcpStream::connect(b).await {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                             return;
@@ -440,6 +472,14 @@ impl Balancer {
     pub fn ws_url(&self) -> String {
         format!("ws://{}/v1/opamp", self.addr)
     }
+}
+
+async fn ready(http: &reqwest::Client, backend: SocketAddr) -> bool {
+    let url = format!("http://{backend}/health/ready");
+    http.get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
 
 impl Drop for Balancer {

@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _};
 
 pub mod browser;
 pub mod cluster;
+pub mod faults;
 pub mod identity;
 use coordinator::config::Config;
 use coordinator::serve::{self, Running};
@@ -263,6 +264,22 @@ impl Api {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         Ok((status, v))
+    }
+
+    /// The status of a GET and its `Retry-After`, whatever the status.
+    pub async fn status_of(&self, path: &str) -> anyhow::Result<(u16, Option<String>)> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let retry = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((resp.status().as_u16(), retry))
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {

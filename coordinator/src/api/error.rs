@@ -83,7 +83,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::Busy | Self::Store(StoreError::MaybeApplied(_)) => {
+            Self::Busy | Self::Store(StoreError::MaybeApplied(_) | StoreError::Unavailable(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Store(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,6 +120,9 @@ impl ApiError {
                     Self::Store(StoreError::MaybeApplied(_)) => {
                         "storage unavailable; the change may or may not have been applied"
                     }
+                    Self::Store(StoreError::Unavailable(_)) => {
+                        "storage unavailable, nothing was changed; retry later"
+                    }
                     Self::Store(_) => "storage error",
                     _ => "internal error",
                 };
@@ -149,7 +152,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::Busy | Self::Store(StoreError::MaybeApplied(_)) => {
+            Self::Busy | Self::Store(StoreError::MaybeApplied(_) | StoreError::Unavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -178,6 +181,7 @@ mod tests {
                 ApiError::Store(StoreError::MaybeApplied(secret.into())),
                 503,
             ),
+            (ApiError::Store(StoreError::Unavailable(secret.into())), 503),
             (ApiError::Internal(secret.into()), 500),
         ] {
             let resp = err.into_response();

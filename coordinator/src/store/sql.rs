@@ -35,8 +35,14 @@ pub(super) fn before_commit(what: &str, e: sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) => db.kind() == ErrorKind::ForeignKeyViolation,
         _ => false,
     };
+    let unreachable = matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    );
     if missing {
         StoreError::NotFound(format!("{what}: {e}"))
+    } else if unreachable {
+        StoreError::Unavailable(format!("{what}: {e}"))
     } else {
         StoreError::NotApplied(format!("{what}: {e}"))
     }

@@ -9,6 +9,9 @@
 //! one write transaction at a time, a conditional `UPDATE` is enough to make token
 //! redemption and lease take-over single-winner. Statements over many rows use multi-row
 //! `VALUES` and `IN (…)` lists, in chunks of [`CHUNK`] rows.
+//! Their text varies with the chunk's length, so they are not kept as prepared statements
+//! (`persistent(false)`): a cache entry per length seen grew the soak's memory by megabytes
+//! a minute, and each statement runs once.
 //!
 //! # Partitions
 //!
@@ -137,7 +140,7 @@ impl SqliteStore {
                             b.push_bind(uid.as_slice()).push_bind(*partition);
                         });
                         q.push(") AS v WHERE agents.instance_uid = v.column1");
-                        q.build().execute(&mut **tx).await?;
+                        q.build().persistent(false).execute(&mut **tx).await?;
                     }
                     Ok(rows.len())
                 })
@@ -229,7 +232,7 @@ impl Dialect for SqliteDialect {
                  effective_config = COALESCE(excluded.effective_config, agents.effective_config), \
                  connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
             );
-            q.build().execute(&mut **tx).await?;
+            q.build().persistent(false).execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -240,7 +243,7 @@ impl Dialect for SqliteDialect {
             let mut q =
                 QueryBuilder::new(format!("SELECT {AGENT_RECORD} FROM agents WHERE partition"));
             push_partitions(&mut q, chunk);
-            rows.extend(q.build_query_as().fetch_all(pool).await?);
+            rows.extend(q.build_query_as().persistent(false).fetch_all(pool).await?);
         }
         Ok(rows)
     }
@@ -280,7 +283,7 @@ impl Dialect for SqliteDialect {
                  WHERE partition_leases.expires_ms <= ",
             )
             .push_bind(now_ms);
-            q.build().execute(&mut **tx).await?;
+            q.build().persistent(false).execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -294,7 +297,7 @@ impl Dialect for SqliteDialect {
                 .push_bind(node)
                 .push(" AND partition");
             push_partitions(&mut q, chunk);
-            q.build().execute(&mut **tx).await?;
+            q.build().persistent(false).execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -323,7 +326,7 @@ impl Dialect for SqliteDialect {
                     .push_bind(e.reason.as_deref())
                     .push_bind(*detail);
             });
-            q.build().execute(&mut **tx).await?;
+            q.build().persistent(false).execute(&mut **tx).await?;
         }
         Ok(())
     }

@@ -202,6 +202,9 @@ pub(super) async fn serve(
         secure,
         msg,
     };
+    if inner.bus_lost() {
+        return service_unavailable("bus unreachable, retry later");
+    }
     let reply = tokio::time::timeout(
         inner.cfg.request_timeout,
         latency::bus_request(

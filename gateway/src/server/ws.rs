@@ -108,6 +108,9 @@ pub(super) async fn serve(
     if inner.conns().shutting_down {
         return service_unavailable("server shutting down");
     }
+    if inner.bus_lost() {
+        return service_unavailable("bus unreachable, retry later");
+    }
     let credential =
         match authenticate(&inner, req.headers(), source_ip, Transport::WebSocket, cert).await {
             Ok((credential, _hint)) => credential,
@@ -404,16 +407,28 @@ impl Session {
             secure: self.secure,
             msg,
         };
+        if self.inner.bus_lost() {
+            // Said at once rather than after a request that cannot be answered timed out.
+            let busy = unavailable_msg(instance_uid, "bus unreachable, retry later");
+            return answer(wr, &busy, received).await;
+        }
         let route = Route::Partition(uid.map_or(0, |u| u.partition()));
-        let reply = tokio::time::timeout(
+        let request = tokio::time::timeout(
             self.inner.cfg.request_timeout,
             latency::bus_request(
                 &*self.inner.bus,
                 route,
                 CoordinatorRequest::Frame(Box::new(frame)),
             ),
-        )
-        .await;
+        );
+        // A bus lost meanwhile will not bring the reply: say so now, not at the timeout.
+        let reply = tokio::select! {
+            reply = request => reply,
+            () = self.inner.bus_lost_now() => {
+                let busy = unavailable_msg(instance_uid, "bus unreachable, retry later");
+                return answer(wr, &busy, received).await;
+            }
+        };
         let reply = match reply {
             Ok(Ok(CoordinatorReply::Frame(reply))) => *reply,
             other => {

@@ -320,6 +320,11 @@ pub trait Bus: Send + Sync + 'static {
         &self,
         gateway: &GatewayId,
     ) -> Result<mpsc::Receiver<GatewayMessage>, BusError>;
+    /// Whether the bus is connected right now (a networked bus may be reconnecting; the
+    /// in-process one always is).
+    fn is_connected(&self) -> bool {
+        true
+    }
 }
 
 /// Per-gateway delivery queue depth. A gateway that falls this far behind loses deliveries,

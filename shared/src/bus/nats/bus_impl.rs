@@ -199,4 +199,8 @@ impl Bus for NatsBus {
         lock(&inner.gateways).insert(gateway.clone(), serving);
         Ok(rx)
     }
+
+    fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
 }
