@@ -160,6 +160,9 @@ pub struct Coordinator {
     /// Partitions held and served (agents loaded, subscribed) as of the end of the last lease
     /// round; for readiness checks and tests.
     serving: std::sync::atomic::AtomicUsize,
+    /// When (Unix ms) the last successful lease round asked for its leases: they hold until
+    /// this plus the TTL, and not provably after (see `lease_lapsed`).
+    leased_at: std::sync::atomic::AtomicI64,
     /// Agent identities by agent (every one ever issued, oldest first): loaded at start,
     /// write-through for this coordinator's changes; others' arrive by broadcast (one identity
     /// read each), on first sight of an unknown certificate, and by [`Coordinator::sync_identities`].
@@ -208,12 +211,16 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
 /// lost (the bus is at-most-once).
 async fn run_leases(weak: std::sync::Weak<Coordinator>) {
     let mut identities_synced = tokio::time::Instant::now();
+    let period = match weak.upgrade() {
+        Some(c) => c.cfg.lease_ttl / 3,
+        None => return,
+    };
+    // Rounds start a period apart however long the syncs after each take, so a slow sync
+    // does not let the leases lapse (see `Coordinator::lease_lapsed`).
+    let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let period = match weak.upgrade() {
-            Some(c) => c.cfg.lease_ttl / 3,
-            None => return,
-        };
-        tokio::time::sleep(period).await;
+        rounds.tick().await;
         let Some(c) = weak.upgrade() else { return };
         if c.is_stopping() {
             return;
@@ -308,6 +315,7 @@ impl Coordinator {
             rebalancing: Mutex::new(()),
             stopping: AtomicBool::new(false),
             serving: std::sync::atomic::AtomicUsize::new(0),
+            leased_at: std::sync::atomic::AtomicI64::new(0),
             identities: RwLock::new(identities),
             identity_watermark: Mutex::new(identities_read_at),
             refusals: Refusals::new(cfg.refusal_window),

@@ -95,6 +95,15 @@ impl AuditCursor {
 /// A coordinator's lease on one partition of agents. `fence` grows by one every time the
 /// partition changes hands (or is re-acquired after expiring), so a holder can tell a lease it
 /// kept from one it lost and got back.
+/// The leases a coordinator believes it holds, for [`Store::upsert_agents_fenced`].
+#[derive(Debug, Clone)]
+pub struct HeldLeases {
+    pub node: String,
+    /// Partition → the fence this holder got it at.
+    pub fences: std::collections::HashMap<u16, i64>,
+    pub now_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub partition: u16,
@@ -153,6 +162,15 @@ pub trait Store: RolloutStore {
     // Agents. Status is written in batches by the coordinator; records are whole rows.
     /// One transaction; when a uid appears twice in `agents`, the last record wins.
     async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()>;
+    /// [`Store::upsert_agents`] by a lease holder: in the same transaction, only the agents of
+    /// partitions whose lease is still `held.node`'s, at the fence it holds, unexpired at
+    /// `held.now_ms`, are written. Returns the partitions refused (ascending): a coordinator
+    /// that was frozen past its lease and taken over never overwrites the new holder's agents.
+    async fn upsert_agents_fenced(
+        &self,
+        held: &HeldLeases,
+        agents: &[AgentRecord],
+    ) -> StoreResult<Vec<u16>>;
     async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>>;
     async fn get_agent(&self, uid: InstanceUid) -> StoreResult<Option<AgentRecord>>;
     /// The agents whose uid falls in one of `partitions` ([`InstanceUid::partition`]).

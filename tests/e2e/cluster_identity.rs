@@ -17,7 +17,7 @@ use tests::identity::{
     bearer, connected_on_certificate, crl_serials, handshake_alert, hello, proxy_secret_header,
     retired_for, trust_proxy, CsrIdentity, TlsFiles,
 };
-use tests::{eventually, Fleet, DEADLINE};
+use tests::{eventually, http_until_served, ws_until_served, Fleet, DEADLINE};
 
 /// How soon a revocation must be refused by every gateway: well under the gateways' periodic
 /// reload of the revoked set (30 s), so only the broadcast can meet it.
@@ -240,11 +240,7 @@ async fn bootstrap(
     uid: InstanceUid,
 ) -> anyhow::Result<(WsConnection, proto::ServerToAgent)> {
     let mut conn = WsConnection::connect_tls(wss_url, &bearer(token), tls).await?;
-    conn.send(&hello(uid)).await?;
-    let reply = conn
-        .recv()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    let reply = ws_until_served(&mut conn, &hello(uid)).await?;
     Ok((conn, reply))
 }
 
@@ -317,11 +313,7 @@ async fn an_unused_identity_is_revoked_when_a_coordinator_issues_another() -> an
     .await?;
     let mut beat = hello(uid);
     beat.sequence_num = 1;
-    conn.send(&beat).await?;
-    let reply = conn
-        .recv()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    let reply = ws_until_served(&mut conn, &beat).await?;
     assert!(reply.error_response.is_none(), "{reply:?}");
     c.stop().await
 }
@@ -371,11 +363,7 @@ async fn plaintext_bootstrap_is_refused_without_using_the_token_up() -> anyhow::
     let uid = InstanceUid::new_v7();
     let mut conn =
         WsConnection::connect_tls(&c.wss_url_of(0)?, &bearer(&token), &files.client_tls()?).await?;
-    conn.send(&hello(uid)).await?;
-    let reply = conn
-        .recv()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("closed"))?;
+    let reply = ws_until_served(&mut conn, &hello(uid)).await?;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
     c.api()
         .wait_agent(&uid.to_string(), "connected over wss", |a| {
@@ -408,7 +396,7 @@ async fn proxy_header_authenticates_only_from_a_trusted_address() -> anyhow::Res
     let headers = vec![id.proxy_header(), proxy_secret_header()];
     let mut http =
         HttpTransport::new(&c.http_url_of(1)?, headers, false).with_source_ip(Some(PROXY_IP));
-    let reply = http.exchange(&hello(id.uid)).await?;
+    let reply = http_until_served(&mut http, &hello(id.uid)).await??;
     assert!(reply.error_response.is_none(), "{:?}", reply.error_response);
     let uid_text = id.uid.to_string();
     c.api_of(1)?

@@ -1,6 +1,6 @@
 //! The cluster's services failing under a connected fleet with a push in flight: NATS
 //! restarted, Redis restarted empty, Postgres unreachable mid-rollout, one gateway cut off
-//! from NATS. Each test breaks a private service or a link of its own (`tests::faults`), then
+//! from NATS, a coordinator frozen past its lease. Each test breaks a private service or a link of its own (`tests::faults`), then
 //! checks that nothing was lost: every agent on exactly one live connection, every pushed
 //! config APPLIED, store and API agreeing, acknowledged changes and audit rows kept, the
 //! nodes recovered by themselves. Each prints how long convergence took.
@@ -12,11 +12,17 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use agent::{wait_for, Agent, WsConnection};
+use coordinator::store::SqliteStore;
 use proto::v1::ServerErrorResponseType;
-use shared::ids::InstanceUid;
+use shared::bus::{
+    AgentFrame, CoordinatorHandler, CoordinatorReply, CoordinatorRequest, Credential,
+};
+use shared::domain::Transport;
+use shared::ids::{GatewayId, InstanceUid};
+use shared::store::Store;
 use tests::cluster::{Balancer, Cluster};
 use tests::faults::{Link, Service};
-use tests::{bearer, eventually, hello, Api, Fleet, DEADLINE};
+use tests::{bearer, eventually, hello, Api, Fleet, TestServer, DEADLINE};
 
 use crate::opamp::{opts, uid_of};
 
@@ -456,4 +462,185 @@ async fn a_gateway_cut_off_from_nats_turns_not_ready_and_its_agents_move_to_anot
     .await?;
     stop_all(agents).await;
     c.stop().await
+}
+
+/// A frame as a gateway would relay it, for asking a coordinator directly.
+fn frame_for(uid: InstanceUid) -> CoordinatorRequest {
+    CoordinatorRequest::Frame(Box::new(AgentFrame {
+        gateway: GatewayId("gw-0".into()),
+        conn_id: 1,
+        epoch: 0,
+        transport: Transport::WebSocket,
+        credential: Credential::BootstrapToken {
+            token_id: "any".into(),
+            bound_uid: Some(uid),
+        },
+        source_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        secure: false,
+        msg: hello(uid),
+    }))
+}
+
+/// Waits until every agent has applied config `hash` itself (its own status, not the
+/// server's view), within `bound` from `since`.
+async fn agents_run(
+    agents: &[(Agent, String)],
+    hash: &str,
+    since: Instant,
+    bound: Duration,
+) -> anyhow::Result<Duration> {
+    let runs = |a: &Agent| {
+        a.status()
+            .borrow()
+            .last_remote_config_hash
+            .as_deref()
+            .is_some_and(|h| hex::encode(h) == hash)
+    };
+    eventually(
+        &format!("agents running {hash}"),
+        bound.saturating_sub(since.elapsed()),
+        || async { Ok(agents.iter().all(|(a, _)| runs(a)).then_some(())) },
+    )
+    .await?;
+    Ok(since.elapsed())
+}
+
+#[tokio::test]
+async fn a_frozen_coordinator_is_taken_over_and_its_stale_writes_are_refused_when_it_wakes(
+) -> anyhow::Result<()> {
+    let c = Cluster::start(2, 2, |cfg| {
+        // Agent status is written only when the test says (flush), so the frozen
+        // coordinator surely has unwritten, soon stale, records.
+        cfg.store.flush_interval_ms = 600_000;
+        cfg.opamp.request_timeout_secs = 3;
+    })
+    .await?;
+    let api = c.api_of(0)?;
+    let endpoints = [c.ws_url_of(0)?, c.ws_url_of(1)?];
+    let agents = fleet(&api, &endpoints, AGENTS, "frozen").await?;
+    let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
+    let (v1, h1) = api.config("frozen", "receivers: {}\n").await?;
+    api.assign(json!({ "config_id": v1, "labels": { "fleet": "frozen" } }))
+        .await?;
+    agents_run(&agents, &h1, Instant::now(), CONVERGE_WITHIN).await?;
+    let mut on_1 = Vec::new();
+    for uid in &uids {
+        if c.owner_of(uid.parse()?).await? == 1 {
+            on_1.push(uid.parse::<InstanceUid>()?);
+        }
+    }
+    anyhow::ensure!(!on_1.is_empty(), "coord-1 serves some of the agents");
+
+    let frozen = c.freeze_coordinator(1).await?;
+    let froze = Instant::now();
+    eventually("coord-0 holds every partition", CONVERGE_WITHIN, || async {
+        let holders = c.partition_holders().await?;
+        Ok(holders.iter().all(|(_, h)| h == "coord-0").then_some(()))
+    })
+    .await?;
+    println!(
+        "coordinator frozen: taken over {:?} after the freeze",
+        froze.elapsed()
+    );
+    let (v2, h2) = api.config("frozen-2", "receivers: {otlp: {}}\n").await?;
+    api.assign(json!({ "config_id": v2, "labels": { "fleet": "frozen" } }))
+        .await?;
+    c.coordinator_of(0)?.flush().await?;
+
+    // Still frozen, coord-1 believes it holds its partitions, with records it never wrote.
+    // Asked directly, as its first frames on waking would be, it says "retry" (its writes
+    // are refused by the store: the next test).
+    let stale = c.coordinator_of(1)?;
+    for uid in on_1.iter().take(3) {
+        match stale.handle(frame_for(*uid)).await {
+            CoordinatorReply::Frame(reply) => assert!(
+                tests::is_retry(&reply.msg),
+                "a coordinator past its lease answers retry: {:?}",
+                reply.msg
+            ),
+            _ => anyhow::bail!("a frame gets a frame reply"),
+        }
+    }
+    drop(stale);
+
+    drop(frozen);
+    let woke = Instant::now();
+    c.settled().await?;
+    println!(
+        "the woken coordinator rejoined {:?} after waking",
+        woke.elapsed()
+    );
+    let took = agents_run(&agents, &h2, woke, CONVERGE_WITHIN).await?;
+    println!("the push made while it was frozen runs everywhere {took:?} after waking");
+    // Records are written when the test says: then the API agrees.
+    eventually(
+        "the API shows every agent APPLIED",
+        CONVERGE_WITHIN,
+        || async {
+            for i in 0..2 {
+                c.coordinator_of(i)?.flush().await?;
+            }
+            let list = api.get("/api/v1/agents?label=fleet=frozen").await?;
+            let applied = list.as_array().map_or(0, |a| {
+                a.iter()
+                    .filter(|a| {
+                        a["remote_config"]["hash"] == h2.as_str()
+                            && a["remote_config"]["status"] == "APPLIED"
+                    })
+                    .count()
+            });
+            Ok((applied == AGENTS).then_some(()))
+        },
+    )
+    .await?;
+    one_connection_each(&c, &uids, 0).await?;
+    stop_all(agents).await;
+    c.stop().await
+}
+
+/// The store refuses a stalled coordinator's writes once its lease is another's: here the
+/// embedded coordinator's leases are taken by another node behind its back (as a take-over
+/// during a stall would), and its next flush of an agent it still remembers writes nothing.
+#[tokio::test]
+async fn agent_writes_after_the_lease_was_taken_over_are_refused() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|cfg| {
+        // Nothing runs on its own during the test: no lease round, no timed flush.
+        cfg.cluster.lease_ttl_ms = 600_000;
+        cfg.store.flush_interval_ms = 600_000;
+    })
+    .await?;
+    let coordinator = server.coordinator()?;
+    let mut o = opts(
+        server.ws_url(),
+        server.api.token("stalled").await?,
+        "stalled",
+    );
+    o.heartbeat = Duration::from_millis(200);
+    let agent = Agent::start(o);
+    let mut status = agent.status();
+    let s = wait_for(&mut status, DEADLINE, |s| s.replies > 0).await?;
+    let uid: InstanceUid = uid_of(&s).parse()?;
+    coordinator.flush().await?;
+    let store = SqliteStore::open(&server.dir.path().join("ampora.db")).await?;
+    let written = store.get_agent(uid).await?.context("written")?;
+
+    // Another node takes every partition over, as after this one's lease ran out.
+    let later = shared::now_ms() + 700_000;
+    let all: Vec<u16> = (0..shared::ids::PARTITIONS).collect();
+    let taken = store
+        .acquire_leases("intruder", &all, later, 600_000)
+        .await?;
+    assert_eq!(taken.len(), all.len(), "every lease taken over");
+    // The agent talks on; its record in memory changes...
+    let seen = s.replies;
+    wait_for(&mut status, DEADLINE, |s| s.replies > seen + 1).await?;
+    // ...and writing it is refused: the row stays as it was.
+    assert_eq!(coordinator.flush().await?, 0, "nothing written");
+    let after = store.get_agent(uid).await?.context("still there")?;
+    assert_eq!(
+        after.last_seen_ms, written.last_seen_ms,
+        "the stale write was refused"
+    );
+    agent.stop().await;
+    server.stop().await
 }

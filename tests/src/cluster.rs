@@ -326,6 +326,26 @@ impl Cluster {
             .with_context(|| format!("coordinator {i} is not running"))
     }
 
+    /// Freezes coordinator `i` as SIGSTOP freezes a process: a task blocks its runtime's only
+    /// worker thread, so none of its tasks, timers or sockets make progress until the returned
+    /// guard is dropped (SIGCONT). Its memory stays as it was.
+    pub async fn freeze_coordinator(&self, i: usize) -> anyhow::Result<Frozen> {
+        let rt = self.coordinators[i]
+            .as_ref()
+            .and_then(|n| n.rt.as_ref())
+            .context("coordinator is gone")?;
+        let (thaw, wait) = std::sync::mpsc::channel::<()>();
+        let (frozen_tx, frozen) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            let _ = frozen_tx.send(());
+            // Blocking the worker is the point: this is the freeze. It ends when the guard
+            // (the sender) is dropped.
+            let _ = wait.recv();
+        });
+        frozen.await?;
+        Ok(Frozen { _thaw: thaw })
+    }
+
     /// Kills gateway `i` like a crash: sockets drop, nothing is released.
     pub fn kill_gateway(&mut self, i: usize) {
         if let Some(n) = self.gateways[i].take() {
@@ -423,6 +443,11 @@ impl Fleet for Cluster {
             .context("no coordinator is running")?;
         self.coordinator_of(i)
     }
+}
+
+/// A frozen coordinator ([`Cluster::freeze_coordinator`]); dropping it wakes the node.
+pub struct Frozen {
+    _thaw: std::sync::mpsc::Sender<()>,
 }
 
 /// A TCP load balancer for the failure tests: each connection goes to the first backend, in

@@ -113,8 +113,8 @@ impl CsrIdentity {
         let csr = params.serialize_request(&key)?.pem()?;
         let tls = ClientTls::from_ca_pem(ca_pem)?;
         let mut conn = WsConnection::connect_tls(wss_url, &bearer(token), &tls).await?;
-        conn.send(&with_csr(hello(uid), csr.as_bytes())).await?;
-        let reply = conn.recv().await?.context("closed")?;
+        let reply =
+            crate::ws_until_served(&mut conn, &with_csr(hello(uid), csr.as_bytes())).await?;
         anyhow::ensure!(reply.error_response.is_none(), "{:?}", reply.error_response);
         let cert = reply
             .connection_settings
@@ -139,8 +139,7 @@ impl CsrIdentity {
         let mut garbage = with_csr(hello(uid), b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n");
         garbage.sequence_num = 1;
         garbage.agent_description = None;
-        conn.send(&garbage).await?;
-        let reply = conn.recv().await?.context("closed")?;
+        let reply = crate::ws_until_served(&mut conn, &garbage).await?;
         let err = reply
             .error_response
             .context("a garbage CSR must get an error_response")?;
@@ -169,8 +168,7 @@ impl CsrIdentity {
     /// mTLS with this identity and no token: the connection after one exchange.
     pub async fn connect(&self, wss_url: &str, ca_pem: &str) -> anyhow::Result<WsConnection> {
         let mut conn = WsConnection::connect_tls(wss_url, &[], &self.client_tls(ca_pem)?).await?;
-        conn.send(&hello(self.uid)).await?;
-        let reply = conn.recv().await?.context("closed")?;
+        let reply = crate::ws_until_served(&mut conn, &hello(self.uid)).await?;
         anyhow::ensure!(reply.error_response.is_none(), "{:?}", reply.error_response);
         Ok(conn)
     }

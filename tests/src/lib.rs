@@ -126,6 +126,45 @@ impl TestServer {
     }
 }
 
+/// Whether `reply` asks the agent to retry (`error_response` Unavailable). In a cluster that
+/// is a correct answer at any moment (a partition moving, a coordinator whose lease round ran
+/// late), and an agent honours it by retrying.
+pub fn is_retry(reply: &proto::ServerToAgent) -> bool {
+    reply
+        .error_response
+        .as_ref()
+        .is_some_and(|e| e.r#type == proto::v1::ServerErrorResponseType::Unavailable as i32)
+}
+
+/// Sends `msg` on `conn` and returns the first reply that is not "retry", as an agent
+/// would get it by retrying; fails if the connection closes or [`DEADLINE`] passes.
+pub async fn ws_until_served(
+    conn: &mut agent::WsConnection,
+    msg: &proto::AgentToServer,
+) -> anyhow::Result<proto::ServerToAgent> {
+    let conn = tokio::sync::Mutex::new(conn);
+    eventually("an answer other than retry", DEADLINE, || async {
+        let mut conn = conn.lock().await;
+        conn.send(msg).await?;
+        let reply = conn.recv().await?.context("closed")?;
+        Ok((!is_retry(&reply)).then_some(reply))
+    })
+    .await
+}
+
+/// [`ws_until_served`] for a plain-HTTP exchange: the first outcome that is not "retry".
+pub async fn http_until_served(
+    http: &mut agent::HttpTransport,
+    msg: &proto::AgentToServer,
+) -> anyhow::Result<Result<proto::ServerToAgent, agent::ClientError>> {
+    let http = tokio::sync::Mutex::new(http);
+    eventually("an answer other than retry", DEADLINE, || async {
+        let outcome = http.lock().await.exchange(msg).await;
+        Ok((!outcome.as_ref().is_ok_and(is_retry)).then_some(outcome))
+    })
+    .await
+}
+
 /// Every test client connects from 127.0.0.1, so the per-address limits are off in the
 /// harness; the tests of those limits (`e2e/hostile.rs`) turn them back on.
 pub fn per_ip_limits_off(cfg: &mut Config) {

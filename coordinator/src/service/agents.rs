@@ -8,8 +8,8 @@ use shared::bus::AuthFailure;
 use shared::domain::{AgentRecord, ConfigState, Transport};
 use shared::ids::{GatewayId, InstanceUid};
 use shared::now_ms;
-use shared::store::StoreError;
-use std::collections::HashMap;
+use shared::store::{HeldLeases, StoreError};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -80,12 +80,42 @@ impl Coordinator {
                 records.push(slot.lock().await.state.record.clone());
             }
         }
-        if let Err(e) = self.store.upsert_agents(&records).await {
-            // Keep them dirty: the next flush retries the whole batch (upserts are idempotent).
-            if let Ok(mut d) = self.dirty.lock() {
-                d.extend(uids);
+        let held = HeldLeases {
+            node: self.cfg.node.clone(),
+            fences: self.held(),
+            now_ms: now_ms(),
+        };
+        let refused = match self.store.upsert_agents_fenced(&held, &records).await {
+            Ok(refused) => refused,
+            Err(e) => {
+                // Keep them dirty: the next flush retries the whole batch (idempotent).
+                if let Ok(mut d) = self.dirty.lock() {
+                    d.extend(uids);
+                }
+                return Err(e);
             }
-            return Err(e);
+        };
+        if !refused.is_empty() {
+            // Our lease on these lapsed (a stall longer than its TTL). The next lease round
+            // either gets them back with our memory intact, and the retry writes them, or
+            // finds them taken and drops them; either way the new holder's rows are safe.
+            let refused: HashSet<u16> = refused.into_iter().collect();
+            let retry: Vec<InstanceUid> = uids
+                .iter()
+                .filter(|u| refused.contains(&u.partition()))
+                .copied()
+                .collect();
+            tracing::warn!(
+                partitions = refused.len(),
+                agents = retry.len(),
+                "agent writes refused: lease no longer ours at its fence"
+            );
+            metrics::counter!("ampora_store_agent_writes_refused_total")
+                .increment(retry.len() as u64);
+            records.retain(|r| !refused.contains(&r.instance_uid.partition()));
+            if let Ok(mut d) = self.dirty.lock() {
+                d.extend(retry);
+            }
         }
         metrics::counter!("ampora_store_agent_writes_total").increment(records.len() as u64);
         // Written: from now on the files are read from the store (`agent`), and memory keeps

@@ -66,9 +66,10 @@ impl Coordinator {
         };
         // The gateway routed this frame by the partition of the uid it carries (0 without
         // one). Right after a hand-over it may reach a coordinator that no longer serves that
-        // partition: the agent retries and finds the new owner.
+        // partition, or one that woke from a stall longer than its lease and does not know
+        // yet whether it was taken over: the agent retries and finds the owner.
         let routed = claimed.map_or(0, |u| u.partition());
-        if !self.holds(routed) {
+        if !self.holds(routed) || self.lease_lapsed() {
             return FrameReply {
                 msg: session::unavailable_reply(&msg.instance_uid, "partition is moving, retry"),
                 bind: None,

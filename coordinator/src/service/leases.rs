@@ -71,9 +71,10 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
         let _ = c.bus.broadcast(ControlEvent::MembershipChanged).await;
     }
 
+    let asked_at = now_ms();
     let leases = c
         .store
-        .acquire_leases(&c.cfg.node, &want, now_ms(), ttl)
+        .acquire_leases(&c.cfg.node, &want, asked_at, ttl)
         .await?;
     let after: HashMap<u16, i64> = leases.iter().map(|l| (l.partition, l.fence)).collect();
     // A lease we got back after it expired keeps our memory only if nobody held it in between
@@ -90,6 +91,8 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
         c.drop_partitions(&lost).await;
     }
     c.set_held(after);
+    c.leased_at
+        .store(asked_at, std::sync::atomic::Ordering::Relaxed);
     if !gained.is_empty() {
         // Identities confirmed through the previous owner refuse their agents' tokens here too.
         c.sync_identities().await;

@@ -32,6 +32,15 @@ impl Coordinator {
         self.held.lock().is_ok_and(|h| h.contains_key(&partition))
     }
 
+    /// True once the leases from the last successful round have run out: a coordinator
+    /// that stalled (frozen, starved) that long may have been taken over and must not answer
+    /// for its partitions until a round proves it still holds them.
+    pub(super) fn lease_lapsed(&self) -> bool {
+        let ttl = i64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let leased_at = self.leased_at.load(Ordering::Relaxed);
+        shared::now_ms() >= leased_at.saturating_add(ttl)
+    }
+
     pub(super) fn holds_all(&self) -> bool {
         self.held_count() == usize::from(PARTITIONS)
     }

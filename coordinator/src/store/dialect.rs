@@ -49,6 +49,9 @@ pub trait Dialect: Sized + Send + Sync + 'static {
     const JSON: &'static str;
     /// Deletes the `coordinators` rows that expired before `$1`.
     const PRUNE_COORDINATORS: &'static str;
+    /// What follows a `SELECT` inside a write transaction to keep the rows read from changing
+    /// until commit (empty where write transactions run one at a time).
+    const LOCK_READ: &'static str;
 
     /// How many rows a statement changed.
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;

@@ -262,6 +262,7 @@ impl Dialect for PgDialect {
     const JSON: &'static str = "::json";
     /// SKIP LOCKED: when several coordinators prune at once, each deletes what the others are
     /// not already deleting, and none waits.
+    const LOCK_READ: &'static str = " FOR SHARE";
     const PRUNE_COORDINATORS: &'static str = "DELETE FROM coordinators WHERE node IN \
         (SELECT node FROM coordinators WHERE expires_ms < $1 FOR UPDATE SKIP LOCKED)";
 
@@ -553,16 +554,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn closed_store_reports_not_applied() {
+    async fn closed_store_reports_unavailable() {
         let db = test_database().await;
         let store = connect(&db).await;
         store.close().await;
-        assert!(matches!(store.ping().await, Err(StoreError::NotApplied(_))));
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
         assert!(matches!(
             store
                 .upsert_agents(&[AgentRecord::new(InstanceUid::new_v7(), 1)])
                 .await,
-            Err(StoreError::NotApplied(_))
+            Err(StoreError::Unavailable(_))
         ));
         db.remove().await.expect("drop test database");
     }

@@ -576,6 +576,10 @@ mod tests {
     fn errors_are_classified_by_phase() {
         assert!(matches!(
             before_commit("x", sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            before_commit("x", sqlx::Error::Protocol("bad message".into())),
             StoreError::NotApplied(_)
         ));
         assert!(matches!(

@@ -16,13 +16,16 @@
 //!   - except a missing row the operation needs (`RowNotFound`, or a foreign-key violation
 //!     such as an assignment naming an unknown config) → [`StoreError::NotFound`], which also
 //!     means nothing took effect;
+//!   - and except a store that cannot be reached (I/O error, pool timeout, closed pool) →
+//!     [`StoreError::Unavailable`]: nothing took effect, retry later (the API's 503);
 //! - any error from `COMMIT` itself → [`StoreError::MaybeApplied`]: the commit may or may not
 //!   have been made durable, so callers must reload before assuming either;
-//! - read-only calls have nothing to apply; their failures are reported as `NotApplied`
+//! - read-only calls have nothing to apply; their failures are reported the same way
 //!   (safe to retry).
 //!
 //! The classification and the row conversions live in `store::sql`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -34,8 +37,8 @@ use shared::domain::{
 };
 use shared::ids::InstanceUid;
 use shared::store::{
-    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, Store,
-    StoreResult,
+    AuditCursor, AuditQuery, HeldLeases, Lease, NewAssignment, NewConfigVersion, RedeemRequest,
+    Store, StoreResult,
 };
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Type};
 use tokio::sync::Mutex;
@@ -43,7 +46,7 @@ use tokio::sync::Mutex;
 use super::dialect::{Claim, Dialect, SqlResult, Tx};
 use super::sql::{
     agent_rows, all, audit_select, before_commit, corrupt, during_commit, leases_from, one,
-    role_str, scope_json, sorted_partitions, to_json, ApiTokenListingRow, ApiTokenRow,
+    role_str, scope_json, sorted_partitions, to_json, AgentRow, ApiTokenListingRow, ApiTokenRow,
     AssignmentRow, AuditOrder, AuditRow, ConfigRow, IdentityRow, LeaseRow, RecordRow, TokenRow,
     AGENT_RECORD, AGENT_RECORD_WITH_FILES, ASSIGNMENT_COLUMNS, CONFIG_COLUMNS, IDENTITY_COLUMNS,
     LEASE_COLUMNS, PRUNE_DEAD_AFTER_MS, TOKEN_COLUMNS,
@@ -165,6 +168,49 @@ where
         let rows = agent_rows(agents)?;
         self.in_tx("upsert_agents", move |tx| {
             Box::pin(D::upsert_agents(tx, rows))
+        })
+        .await
+    }
+
+    async fn upsert_agents_fenced(
+        &self,
+        held: &HeldLeases,
+        agents: &[AgentRecord],
+    ) -> StoreResult<Vec<u16>> {
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = agent_rows(agents)?;
+        let held = held.clone();
+        // Postgres: the leases read are locked until commit, so a take-over waits for this
+        // write and then loads it. SQLite: writers run one at a time anyway.
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM partition_leases \
+             WHERE holder = $1 AND expires_ms > $2{}",
+            D::LOCK_READ
+        );
+        self.in_tx("upsert_agents_fenced", move |tx| {
+            Box::pin(async move {
+                let live = sqlx::query_as::<_, LeaseRow>(&sql)
+                    .bind(held.node.as_str())
+                    .bind(held.now_ms)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                let live: HashMap<u16, i64> = leases_from(live)
+                    .map_err(|e| sqlx::Error::Decode(e.into()))?
+                    .into_iter()
+                    .map(|l| (l.partition, l.fence))
+                    .collect();
+                let (mine, refused): (Vec<AgentRow>, Vec<AgentRow>) =
+                    rows.into_iter().partition(|r| {
+                        live.get(&r.partition)
+                            .is_some_and(|f| held.fences.get(&r.partition) == Some(f))
+                    });
+                D::upsert_agents(tx, mine).await?;
+                let refused: std::collections::BTreeSet<u16> =
+                    refused.iter().map(|r| r.partition).collect();
+                Ok(refused.into_iter().collect())
+            })
         })
         .await
     }

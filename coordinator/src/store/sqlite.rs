@@ -204,6 +204,7 @@ impl Dialect for SqliteDialect {
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
     const WRITE_GATE: bool = true;
     const JSON: &'static str = "";
+    const LOCK_READ: &'static str = "";
     const PRUNE_COORDINATORS: &'static str = "DELETE FROM coordinators WHERE expires_ms < $1";
 
     fn rows_affected(done: &SqliteQueryResult) -> u64 {
@@ -687,13 +688,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn closed_store_reports_not_applied() {
+    async fn closed_store_reports_unavailable() {
         let store = SqliteStore::open_in_memory().await.expect("open");
         store.close().await;
-        assert!(matches!(store.ping().await, Err(StoreError::NotApplied(_))));
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
         assert!(matches!(
             store.upsert_agents(&[bulk_agent(0)]).await,
-            Err(StoreError::NotApplied(_))
+            Err(StoreError::Unavailable(_))
         ));
     }
 }

@@ -14,8 +14,8 @@ use shared::domain::{
 use shared::ids::InstanceUid;
 use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 use shared::store::{
-    AuditCursor, AuditQuery, Lease, NewAssignment, NewConfigVersion, RedeemRequest, RolloutStore,
-    Store, StoreResult,
+    AuditCursor, AuditQuery, HeldLeases, Lease, NewAssignment, NewConfigVersion, RedeemRequest,
+    RolloutStore, Store, StoreResult,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -127,6 +127,14 @@ impl Store for TimedStore {
 
     async fn upsert_agents(&self, agents: &[AgentRecord]) -> StoreResult<()> {
         timed!(self.upsert_agents(agents))
+    }
+
+    async fn upsert_agents_fenced(
+        &self,
+        held: &HeldLeases,
+        agents: &[AgentRecord],
+    ) -> StoreResult<Vec<u16>> {
+        timed!(self.upsert_agents_fenced(held, agents))
     }
 
     async fn load_agents(&self) -> StoreResult<Vec<AgentRecord>> {

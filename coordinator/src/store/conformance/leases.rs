@@ -1,10 +1,11 @@
 //! Cluster membership and partition leases: heartbeats, acquire, renew, take over, release, races.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use shared::ids::PARTITIONS;
-use shared::store::{Lease, Store};
+use shared::domain::AgentRecord;
+use shared::ids::{InstanceUid, PARTITIONS};
+use shared::store::{HeldLeases, Lease, Store};
 
 use super::unique;
 
@@ -274,4 +275,99 @@ pub async fn lease_race_between(stores: &[Arc<dyn Store>]) {
         })
         .collect();
     assert_eq!(moved, Vec::<u16>::new(), "live leases changed hands");
+}
+
+/// A fenced agent write lands only in partitions whose lease is the writer's, live, at the
+/// fence it names; the rest of the batch is written and the refused partitions returned.
+pub async fn agents_fenced(store: &dyn Store) {
+    let t = lease_clock(store).await;
+    let ttl = 100;
+    let (a, b) = (unique("fence-a"), unique("fence-b"));
+    let x = InstanceUid::new_v7();
+    let y = std::iter::repeat_with(InstanceUid::new_v7)
+        .find(|y| y.partition() != x.partition())
+        .expect("a uid in another partition");
+    let (px, py) = (x.partition(), y.partition());
+    let fences: HashMap<u16, i64> = store
+        .acquire_leases(&a, &[px, py], t, ttl)
+        .await
+        .expect("acquire_leases")
+        .into_iter()
+        .map(|l| (l.partition, l.fence))
+        .collect();
+    let record = |uid, seen| {
+        let mut r = AgentRecord::new(uid, 1);
+        r.last_seen_ms = seen;
+        r
+    };
+    let seen = |uid| async move {
+        store
+            .get_agent(uid)
+            .await
+            .expect("get_agent")
+            .map(|r| r.last_seen_ms)
+    };
+    let held = |node: &str, fences: HashMap<u16, i64>, now_ms| HeldLeases {
+        node: node.to_owned(),
+        fences,
+        now_ms,
+    };
+
+    let refused = store
+        .upsert_agents_fenced(
+            &held(&a, fences.clone(), t + 1),
+            &[record(x, 1), record(y, 1)],
+        )
+        .await
+        .expect("fenced upsert");
+    assert_eq!(
+        refused,
+        Vec::<u16>::new(),
+        "the holder writes at its fences"
+    );
+    assert_eq!((seen(x).await, seen(y).await), (Some(1), Some(1)));
+
+    // A fence the lease no longer has refuses its partition only.
+    let mut older = fences.clone();
+    older.insert(px, fences[&px] - 1);
+    let refused = store
+        .upsert_agents_fenced(&held(&a, older, t + 2), &[record(x, 2), record(y, 2)])
+        .await
+        .expect("fenced upsert");
+    assert_eq!(refused, vec![px]);
+    assert_eq!((seen(x).await, seen(y).await), (Some(1), Some(2)));
+
+    // Past the TTL another node takes px over; the first, stalled, writes with what it had.
+    let taken = store
+        .acquire_leases(&b, &[px], t + ttl, ttl)
+        .await
+        .expect("take over");
+    assert_eq!(taken, [lease(px, &b, fences[&px] + 1, t + 2 * ttl)]);
+    let mut expected = vec![px, py];
+    expected.sort_unstable();
+    let refused = store
+        .upsert_agents_fenced(
+            &held(&a, fences.clone(), t + ttl + 1),
+            &[record(x, 3), record(y, 3)],
+        )
+        .await
+        .expect("fenced upsert");
+    assert_eq!(
+        refused, expected,
+        "an expired lease refuses even at its own fence"
+    );
+    assert_eq!((seen(x).await, seen(y).await), (Some(1), Some(2)));
+    let refused = store
+        .upsert_agents_fenced(
+            &held(&b, HashMap::from([(px, fences[&px] + 1)]), t + ttl + 1),
+            &[record(x, 4)],
+        )
+        .await
+        .expect("fenced upsert");
+    assert_eq!(refused, Vec::<u16>::new(), "the new holder writes");
+    assert_eq!(seen(x).await, Some(4));
+    store
+        .release_leases(&b, &[px])
+        .await
+        .expect("release_leases");
 }

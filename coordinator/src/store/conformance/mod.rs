@@ -28,6 +28,8 @@
 //! - a partition's first lease has fence 1; renewing a live lease keeps its fence;
 //! - `release_leases` keeps the lease's row (so the fence keeps counting) but expires it, at
 //!   or before the Unix epoch; releasing a lease another node holds does nothing;
+//! - `upsert_agents_fenced` writes the agents of partitions leased to the writer, live at
+//!   `now_ms`, at the fence it names, and returns the other partitions, ascending;
 //! - `list_leases` lists every partition ever leased once, by partition, expired and released
 //!   leases included (callers compare `expires_ms` with their clock).
 //!
@@ -66,7 +68,7 @@ pub use api_tokens::{api_token_revocation, api_tokens};
 pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan};
 pub use configs::{assignments, configs};
 pub use identities::identities;
-pub use leases::{lease_race, lease_race_between, leases, membership};
+pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens,
@@ -84,6 +86,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     membership(store.as_ref()).await;
     leases(store.as_ref()).await;
     lease_race(store.clone()).await;
+    agents_fenced(store.as_ref()).await;
     configs(store.as_ref()).await;
     assignments(store.as_ref()).await;
     tokens(store.as_ref()).await;
