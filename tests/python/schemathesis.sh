@@ -63,9 +63,12 @@ token="$(cat "$work/data/admin-token")"
 
 echo "==> schemathesis against http://$addr/api/v1/openapi.json"
 status=0
-# schemathesis_hooks.py keeps token batches small (see there).
-PYTHONPATH="tests/python" SCHEMATHESIS_HOOKS=schemathesis_hooks \
-  "$venv/bin/st" run "http://$addr/api/v1/openapi.json" \
+# schemathesis_hooks.py keeps token batches small (see there). Run from the temporary dir:
+# schemathesis keeps a cache of failures in its working directory.
+hooks_dir="$PWD/tests/python"
+st="$PWD/$venv/bin/st"
+(cd "$work" && PYTHONPATH="$hooks_dir" SCHEMATHESIS_HOOKS=schemathesis_hooks \
+  "$st" run "http://$addr/api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks not_a_server_error,response_schema_conformance \
   --max-examples "${ST_MAX_EXAMPLES:-20}" \
@@ -74,7 +77,7 @@ PYTHONPATH="tests/python" SCHEMATHESIS_HOOKS=schemathesis_hooks \
   --generation-database none \
   --request-timeout 30 \
   --report-dir "$work/report" \
-  --no-color || status=$?
+  --no-color) || status=$?
 if [ "$status" -ne 0 ]; then
   echo "!! schemathesis found failures (server log follows)" >&2
   tail -n 50 "$work/server.log" >&2
