@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace on a fresh machine:
-# formatting, clippy, then all unit, conformance and end-to-end tests.
+# formatting, clippy, then all unit, conformance and end-to-end tests, then a bounded
+# schemathesis pass over the REST API (tests/python/schemathesis.sh).
 # It prepares what the tests need first: a Python virtual environment with the third-party
 # OpAMP client (PyPI opentelemetry-opamp-client) used by the interoperability test.
 set -euo pipefail
@@ -96,3 +97,5 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+echo "==> schemathesis"
+bash tests/python/schemathesis.sh

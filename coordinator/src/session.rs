@@ -402,7 +402,8 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
     // Kept across connections: the status is compressed, a reconnecting agent need not
     // repeat it.
     if let Some(s) = settings_status {
-        state.record.settings_in_use = Some(hex::encode(&s.last_connection_settings_hash));
+        let in_use = Some(hex::encode(&s.last_connection_settings_hash));
+        changed |= set(&mut state.record.settings_in_use, in_use);
     }
 
     // Full state (facts §3.3): ask when our stored state can't be trusted and this message
@@ -445,7 +446,7 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
         }
         if let Some(o) = ctx.opamp_offer {
             let o = o.for_agent(ctx.transport, ctx.identity.is_some());
-            offer_settings(state, &o, ctx.identity, &mut reply);
+            changed |= offer_settings(state, &o, ctx.identity, &mut reply);
         }
     }
 
@@ -509,19 +510,20 @@ fn offer_config(
 /// `connection_settings.opamp` (facts §3.5, §3.8, §5.1) to agents that accept OpAMP
 /// connection settings: the heartbeat interval to those that heartbeat, and the identity
 /// certificate (with the interval, never 0) to those that have one. `o` is the offer as made
-/// to this agent ([`OpampOffer::for_agent`]).
+/// to this agent ([`OpampOffer::for_agent`]). True when it made an offer: the record's
+/// `settings_offered` changed, and must be persisted for "once per change" to hold.
 fn offer_settings(
     state: &mut AgentState,
     o: &OpampOffer,
     identity: Option<&IdentityOffer>,
     reply: &mut ServerToAgent,
-) {
+) -> bool {
     let mut need = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
     if identity.is_none() {
         need |= agent_caps::REPORTS_HEARTBEAT;
     }
     if state.caps() & need != need {
-        return;
+        return false;
     }
     let hash = settings_hash(o, identity);
     let hex = hex::encode(&hash);
@@ -530,7 +532,7 @@ fn offer_settings(
     if state.record.settings_in_use.as_ref() == Some(&hex)
         || state.record.settings_offered.as_ref() == Some(&hex)
     {
-        return;
+        return false;
     }
     let mut offer = o.to_proto();
     offer.hash = hash.clone();
@@ -547,6 +549,7 @@ fn offer_settings(
     }
     reply.connection_settings = Some(offer);
     state.record.settings_offered = Some(hex);
+    true
 }
 
 /// The agent connected with `identity`'s certificate over `transport`: the settings that
@@ -735,6 +738,9 @@ pub fn config_map_to_proto(m: &ConfigMap) -> AgentConfigMap {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

@@ -211,6 +211,8 @@ pub trait Store: RolloutStore {
 
     // Bootstrap tokens.
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()>;
+    /// All of `tokens` or none, in one transaction (one commit for many tokens).
+    async fn create_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()>;
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
     /// Tokens with `created_ms >= since_ms`, in their current state, oldest first (by
     /// `created_ms`, then id). How a coordinator learns the tokens another one created

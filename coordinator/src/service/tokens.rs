@@ -16,6 +16,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Tokens written per store transaction by a batch.
+const TOKEN_BATCH_CHUNK: usize = 1000;
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Default)]
@@ -446,7 +449,8 @@ impl Coordinator {
             .is_ok_and(|c| c.by_hash.contains_key(hash))
     }
 
-    /// Creates `count` tokens in one call; one audit entry names them all.
+    /// Creates `count` tokens in one call (store first, then cache); one audit entry names
+    /// them all.
     pub async fn create_tokens(
         &self,
         name: String,
@@ -455,16 +459,18 @@ impl Coordinator {
         scope: Option<TokenScope>,
         author: &str,
     ) -> Result<Vec<String>, ServiceError> {
-        let mut texts = Vec::with_capacity(count as usize);
-        let mut ids = Vec::with_capacity(count as usize);
-        let mut last = None;
-        for _ in 0..count {
-            let (text, rec) = self.new_token(name.clone(), ttl, scope.clone());
-            self.store.create_token(&rec).await?;
-            self.cache_token(rec.clone());
-            texts.push(text);
-            ids.push(rec.id.clone());
-            last = Some(rec);
+        let (texts, recs): (Vec<String>, Vec<TokenRecord>) = (0..count)
+            .map(|_| self.new_token(name.clone(), ttl, scope.clone()))
+            .unzip();
+        // A commit per chunk, not per token (100,000 commits took minutes and kept the store
+        // busy); chunks keep each write short so other writers are not held up long.
+        for chunk in recs.chunks(TOKEN_BATCH_CHUNK) {
+            self.store.create_tokens(chunk).await?;
+        }
+        let ids: Vec<String> = recs.iter().map(|r| r.id.clone()).collect();
+        let last = recs.last().cloned();
+        for rec in recs {
+            self.cache_token(rec);
         }
         if let Some(rec) = last {
             self.announce_tokens().await;

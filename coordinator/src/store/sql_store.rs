@@ -425,29 +425,38 @@ where
     }
 
     async fn create_token(&self, token: &TokenRecord) -> StoreResult<()> {
-        let t = token.clone();
-        let scope = scope_json(token)?;
+        self.create_tokens(std::slice::from_ref(token)).await
+    }
+
+    async fn create_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()> {
+        let rows = tokens
+            .iter()
+            .map(|t| Ok((t.clone(), scope_json(t)?)))
+            .collect::<StoreResult<Vec<_>>>()?;
         let json = D::JSON;
         let sql = format!(
             "INSERT INTO tokens (id, name, prefix, hash, created_ms, expires_ms, \
              revoked_ms, redeemed_ms, bound_uid, scope) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10{json})"
         );
+        // One transaction for the whole batch: one commit, not one per token.
         self.in_tx("create_token", move |tx| {
             Box::pin(async move {
-                sqlx::query(&sql)
-                    .bind(t.id.as_str())
-                    .bind(t.name.as_str())
-                    .bind(t.prefix.as_str())
-                    .bind(t.hash.as_slice())
-                    .bind(t.created_ms)
-                    .bind(t.expires_ms)
-                    .bind(t.revoked_ms)
-                    .bind(t.redeemed_ms)
-                    .bind(t.bound_uid.as_ref().map(|u| u.as_bytes().as_slice()))
-                    .bind(scope.as_deref())
-                    .execute(&mut **tx)
-                    .await?;
+                for (t, scope) in &rows {
+                    sqlx::query(&sql)
+                        .bind(t.id.as_str())
+                        .bind(t.name.as_str())
+                        .bind(t.prefix.as_str())
+                        .bind(t.hash.as_slice())
+                        .bind(t.created_ms)
+                        .bind(t.expires_ms)
+                        .bind(t.revoked_ms)
+                        .bind(t.redeemed_ms)
+                        .bind(t.bound_uid.as_ref().map(|u| u.as_bytes().as_slice()))
+                        .bind(scope.as_deref())
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 Ok(())
             })
         })

@@ -204,6 +204,10 @@ impl Store for TimedStore {
         timed!(self.create_token(token))
     }
 
+    async fn create_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()> {
+        timed!(self.create_tokens(tokens))
+    }
+
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
         timed!(self.list_tokens())
     }

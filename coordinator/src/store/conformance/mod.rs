@@ -11,6 +11,7 @@
 //! - `create_assignment` with an unknown config id fails with [`StoreError::NotFound`];
 //! - creating a token or API token with a duplicate id or hash, or an API token with a name
 //!   any other API token has (revoked or not), fails with [`StoreError::NotApplied`];
+//!   `create_tokens` with such a duplicate creates none of the batch;
 //! - `revoke_token` and `revoke_api_token` on an already revoked token return true and keep
 //!   the first time; `find_api_token` does not find a revoked API token, `list_api_tokens`
 //!   and `count_api_tokens` still count it;
@@ -71,7 +72,7 @@ pub use identities::identities;
 pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
-    batch_redemption, redemption, redemption_race, redemption_race_between, tokens,
+    batch_redemption, redemption, redemption_race, redemption_race_between, tokens, tokens_batch,
     tokens_created_since, tokens_revoked_since,
 };
 
@@ -90,6 +91,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     configs(store.as_ref()).await;
     assignments(store.as_ref()).await;
     tokens(store.as_ref()).await;
+    tokens_batch(store.as_ref()).await;
     tokens_created_since(store.as_ref()).await;
     tokens_revoked_since(store.as_ref()).await;
     redemption(store.as_ref()).await;

@@ -1,4 +1,4 @@
-//! Bootstrap tokens: create, list, revoke, the since-queries, redemption, batch redemption and races.
+//! Bootstrap tokens: create (one and a batch), list, revoke, the since-queries, redemption, batch redemption and races.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -109,6 +109,22 @@ pub async fn tokens(store: &dyn Store) {
         Some(1_700_000_001_000),
         "a second revocation keeps the first time"
     );
+}
+
+/// `create_tokens`: every token of the batch, or (on a duplicate) none of them.
+pub async fn tokens_batch(store: &dyn Store) {
+    let batch: Vec<TokenRecord> = (0..3).map(|_| new_token(i64::MAX)).collect();
+    store.create_tokens(&batch).await.expect("create_tokens");
+    for t in &batch {
+        assert_eq!(&find(store, t).await, t);
+    }
+    let fresh = new_token(i64::MAX);
+    let res = store
+        .create_tokens(&[fresh.clone(), batch[0].clone()])
+        .await;
+    assert!(matches!(res, Err(StoreError::NotApplied(_))), "{res:?}");
+    let found = store.find_token(&fresh.hash).await.expect("find_token");
+    assert!(found.is_none(), "a failed batch left a token behind");
 }
 
 /// `tokens_created_since`: inclusive lower bound, oldest first, current state. Runs in a time
