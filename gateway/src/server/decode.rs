@@ -159,7 +159,7 @@ pub(super) async fn decode(
         })
 }
 
-fn decode_sync(
+pub(super) fn decode_sync(
     bytes: &[u8],
     framing: Framing,
     limits: &FrameLimits,
@@ -223,7 +223,7 @@ pub(super) struct Counts {
 impl Counts {
     /// An upper bound of the memory decoding `len` bytes with these counts takes, the encoded
     /// bytes included: strings and bytes are copies of at most `len`, every node a struct.
-    fn cost(&self, len: usize) -> usize {
+    pub(super) fn cost(&self, len: usize) -> usize {
         len.saturating_mul(2)
             .saturating_add(self.nodes.saturating_mul(NODE_BYTES))
     }
