@@ -96,3 +96,4 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+echo "==> fuzz smoke"; bash tests/fuzz/smoke.sh

@@ -41,7 +41,7 @@ for t in $(cargo fuzz list --fuzz-dir tests/fuzz); do
     -artifact_prefix="tests/fuzz/artifacts/$t/" 2>"$scratch/$t.log"; then
     failed+=("$t")
     # The report: libFuzzer's crash summary, the panic message, the input it saved.
-    grep -E "panicked|assert|ERROR|SUMMARY|Test unit written|Base64" "$scratch/$t.log" >&2 || tail -40 "$scratch/$t.log" >&2
+    grep -A1 -E "panicked|ERROR|SUMMARY|Test unit written" "$scratch/$t.log" >&2 || tail -40 "$scratch/$t.log" >&2
   fi
   grep -E "stat::number_of_executed_units|stat::average_exec_per_sec" "$scratch/$t.log" || true
 done
