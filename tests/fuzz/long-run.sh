@@ -7,6 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
+repo="$PWD"
 seconds="${FUZZ_SECONDS:-3600}"
 target_dir="${AMPORA_FUZZ_TARGET_DIR:-$PWD/target/fuzz}"
 bins="${FUZZ_BIN_DIR:-$target_dir/$(rustc -vV | sed -n 's/^host: //p')/release}"
@@ -18,10 +19,12 @@ status=0
 for t in "${targets[@]}"; do
   mkdir -p "$corpus/$t" "tests/fuzz/artifacts/$t"
   echo "==> $t for ${seconds}s ($(date -u +%FT%TZ))"
-  "$bins/$t" "$corpus/$t" "tests/fuzz/corpus/$t" -jobs=1 -workers=1 \
+  # In -jobs mode libFuzzer writes the job's own log to fuzz-0.log in the working directory.
+  (cd "$corpus" && "$bins/$t" "$corpus/$t" "$repo/tests/fuzz/corpus/$t" -jobs=1 -workers=1 \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-    -artifact_prefix="tests/fuzz/artifacts/$t/" 2>"$corpus/$t.log" || status=1
-  grep -E "panicked|SUMMARY|Test unit written" "$corpus/$t.log"
+    -artifact_prefix="$repo/tests/fuzz/artifacts/$t/" 2>"$corpus/$t.log") || status=1
+  mv -f "$corpus/fuzz-0.log" "$corpus/$t.job.log" 2>/dev/null
+  grep -A1 -E "panicked|SUMMARY|Test unit written" "$corpus/$t.log" "$corpus/$t.job.log"
   grep -E "stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|Done [0-9]+ runs" "$corpus/$t.log"
 done
 exit $status
