@@ -99,3 +99,5 @@ echo "==> cargo test"
 cargo test --workspace --locked
 echo "==> schemathesis"
 bash tests/python/schemathesis.sh
+echo "==> fuzz smoke"
+bash tests/fuzz/smoke.sh

@@ -463,6 +463,30 @@ pub fn load(
     env: impl IntoIterator<Item = (String, String)>,
     sets: &[String],
 ) -> Result<Config, ConfigErrors> {
+    let read = file.map(|path| (path, std::fs::read_to_string(path)));
+    let file = read
+        .as_ref()
+        .map(|(path, text)| (*path, text.as_deref().map_err(|e| e.to_string())));
+    build(file, env, sets)
+}
+
+/// [`load`] of a file's text already in memory (`path` names it in errors): the same merge
+/// and validation, no file system.
+pub fn from_toml_str(
+    path: &Path,
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    sets: &[String],
+) -> Result<Config, ConfigErrors> {
+    build(Some((path, Ok(text))), env, sets)
+}
+
+/// `file`: the config file's path and its text, or why it could not be read.
+fn build(
+    file: Option<(&Path, Result<&str, String>)>,
+    env: impl IntoIterator<Item = (String, String)>,
+    sets: &[String],
+) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let defaults = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Boolean(false));
     let Some(schema) = defaults.as_table() else {
@@ -472,8 +496,8 @@ pub fn load(
     };
     let mut merged = toml::Table::new();
 
-    if let Some(path) = file {
-        match std::fs::read_to_string(path) {
+    if let Some((path, text)) = file {
+        match text {
             Err(e) => errors.push(format!("{}: cannot read: {e}", path.display())),
             Ok(text) => match text.parse::<toml::Table>() {
                 Err(e) => errors.push(format!("{}: {}", path.display(), e.message())),

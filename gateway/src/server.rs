@@ -45,6 +45,11 @@ pub use proxy::{ProxySecret, PROXY_SECRET_HEADER};
 #[cfg(test)]
 mod tests;
 
+// Entry points for the fuzz targets (tests/fuzz); not part of the gateway's API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

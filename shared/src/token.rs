@@ -55,6 +55,11 @@ pub fn check_bootstrap_token(token: &str) -> Result<&str, TokenFormatError> {
     if secret.is_empty() || base32::decode(ALPHABET, secret).is_none() || crc.len() != 8 {
         return Err(TokenFormatError::Malformed);
     }
+    // Digits checked first: `from_str_radix` also takes uppercase and a leading `+`, spellings
+    // no issued token has.
+    if !crc.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(TokenFormatError::Malformed);
+    }
     let body = &token[..BOOTSTRAP_PREFIX.len() + secret.len()];
     let want = u32::from_str_radix(crc, 16).map_err(|_| TokenFormatError::Malformed)?;
     if crc32fast::hash(body.as_bytes()) != want {
@@ -105,6 +110,27 @@ mod tests {
             check_bootstrap_token("Bearer x"),
             Err(TokenFormatError::Malformed)
         );
+    }
+
+    /// Fuzzing finding (tests/fuzz/corpus/bootstrap_token/found-crc-spelling): the CRC was
+    /// parsed as a number, so `0BAEE47D` and `+baee47d` passed for `0baee47d`. A token differing
+    /// from the issued one only in that spelling hashes differently: it must be reported as
+    /// malformed, not looked up as an unknown token.
+    #[test]
+    fn crc_is_eight_lowercase_hex_digits() {
+        let good = "amp-bs.goodgood.0baee47d";
+        assert_eq!(check_bootstrap_token(good), Ok(good));
+        for bad in [
+            "amp-bs.goodgood.0baee47D",
+            "amp-bs.goodgood.0BAEE47D",
+            "amp-bs.goodgood.+baee47d",
+        ] {
+            assert_eq!(
+                check_bootstrap_token(bad),
+                Err(TokenFormatError::Malformed),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

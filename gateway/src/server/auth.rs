@@ -108,7 +108,7 @@ pub(super) fn presented_chain(
 
 /// The certificate chain of a proxy's header: URL-encoded PEM (an unencoded PEM works too);
 /// empty when it holds none, which verification then refuses.
-fn header_chain(value: &HeaderValue) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+pub(super) fn header_chain(value: &HeaderValue) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     let decoded = percent_encoding::percent_decode(value.as_bytes()).collect::<Vec<u8>>();
     shared::tls::parse_certs_pem(&decoded).unwrap_or_default()
 }

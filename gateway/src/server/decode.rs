@@ -59,6 +59,11 @@ const MAX_DEPTH: usize = 64;
 /// growth slack included; see the `node_cost_covers_the_generated_types` test.
 const NODE_BYTES: usize = 512;
 
+/// Upper bound of the first allocation of a map (`BTreeMap`, prost's `btree_map`): a leaf node
+/// of 11 entries however few it holds; see `map_cost_covers_a_btree_leaf`. Fuzzing found a
+/// one-entry map holding 2216 bytes where its entry was charged one node.
+const MAP_BYTES: usize = 4096;
+
 /// Budget accounting unit: permits are KiB, so a u32 count covers any budget.
 const UNIT: usize = 1024;
 
@@ -159,7 +164,7 @@ pub(super) async fn decode(
         })
 }
 
-fn decode_sync(
+pub(super) fn decode_sync(
     bytes: &[u8],
     framing: Framing,
     limits: &FrameLimits,
@@ -218,14 +223,17 @@ pub(super) struct Counts {
     pub entries: usize,
     /// Every message that decoding will allocate a struct for (entries and nested messages).
     pub nodes: usize,
+    /// Maps with at least one entry, each a B-tree leaf however small.
+    pub maps: usize,
 }
 
 impl Counts {
     /// An upper bound of the memory decoding `len` bytes with these counts takes, the encoded
     /// bytes included: strings and bytes are copies of at most `len`, every node a struct.
-    fn cost(&self, len: usize) -> usize {
+    pub(super) fn cost(&self, len: usize) -> usize {
         len.saturating_mul(2)
             .saturating_add(self.nodes.saturating_mul(NODE_BYTES))
+            .saturating_add(self.maps.saturating_mul(MAP_BYTES))
     }
 }
 
@@ -302,6 +310,18 @@ fn field(msg: Msg, number: u64) -> Field {
     }
 }
 
+/// Whether a field is a map (the rest of the `Entry` fields are repeated fields: `Vec`s).
+fn is_map(msg: Msg, number: u64) -> bool {
+    matches!(
+        (msg, number),
+        (Msg::ComponentHealth, 6)
+            | (Msg::AgentConfigMap, 1)
+            | (Msg::PackageStatuses, 1)
+            | (Msg::AvailableComponents, 1)
+            | (Msg::ComponentDetails, 2)
+    )
+}
+
 /// Walks the wire bytes of an `AgentToServer`, counting entries; fails at the first limit
 /// passed or at bytes that are not protobuf.
 pub(super) fn scan(body: &[u8], limits: &FrameLimits) -> Result<Counts, DecodeError> {
@@ -338,6 +358,8 @@ impl<'b> Scan<'_, 'b> {
         if depth > MAX_DEPTH {
             return Err(ScanError::TooMany("nesting levels", MAX_DEPTH));
         }
+        // No message type has more than one map field.
+        let mut has_map = false;
         while !buf.is_empty() {
             let (tag, n) = varint(buf)?;
             buf = &buf[n..];
@@ -375,6 +397,10 @@ impl<'b> Scan<'_, 'b> {
                         }
                         Field::Entry(kind, m) => {
                             self.entry(kind)?;
+                            if !has_map && is_map(msg, number) {
+                                has_map = true;
+                                self.counts.maps += 1;
+                            }
                             if let Some(m) = m {
                                 self.message(value, m, depth + 1)?;
                             }
@@ -648,6 +674,53 @@ mod tests {
             2 * largest + 64 <= NODE_BYTES,
             "largest node {largest} bytes"
         );
+    }
+
+    #[test]
+    fn map_cost_covers_a_btree_leaf() {
+        use std::mem::size_of;
+        let largest_entry = [
+            size_of::<ComponentHealth>(),
+            size_of::<ComponentDetails>(),
+            size_of::<AgentConfigFile>(),
+            size_of::<proto::v1::PackageStatus>(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or_default()
+            + size_of::<String>();
+        // A leaf node: 11 keys and values, a parent pointer and two u16s.
+        assert!(
+            11 * largest_entry + 64 <= MAP_BYTES,
+            "largest map entry {largest_entry} bytes"
+        );
+    }
+
+    /// Fuzzing finding (tests/fuzz/corpus/ws_frame/found-one-entry-map): a map of one entry
+    /// allocates a whole B-tree leaf, 2216 bytes for one `PackageStatus`, but was charged as one
+    /// node. Nested one-entry health maps multiplied that by the component limit.
+    #[test]
+    fn every_map_is_charged_a_btree_leaf() {
+        // package_statuses { packages { "" : {} } }, as the fuzzer sent it.
+        let found = [0x42, 0x02, 0x0A, 0x00];
+        let counts = scan(&found, &FrameLimits::default()).expect("scans");
+        assert!(counts.cost(found.len()) >= MAP_BYTES, "{counts:?}");
+
+        let mut health = ComponentHealth::default();
+        for i in 0..20 {
+            health = ComponentHealth {
+                component_health_map: [(i.to_string(), health)].into(),
+                ..Default::default()
+            };
+        }
+        let msg = AgentToServer {
+            health: Some(health),
+            ..Default::default()
+        };
+        let bytes = msg.encode_to_vec();
+        let counts = scan(&bytes, &FrameLimits::default()).expect("scans");
+        assert_eq!(counts.maps, 20);
+        assert!(counts.cost(bytes.len()) >= 20 * MAP_BYTES);
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ use super::{partition_of, Inner};
 const PROTOBUF: &str = "application/x-protobuf";
 
 #[derive(Debug, PartialEq, Eq)]
-enum Encoding {
+pub(super) enum Encoding {
     Identity,
     Gzip,
 }
@@ -80,7 +80,7 @@ fn is_zero_q(param: &str) -> bool {
 
 /// Why a body could not be read.
 #[derive(Debug, PartialEq, Eq)]
-enum BodyError {
+pub(super) enum BodyError {
     TooLarge,
     Malformed(String),
 }
@@ -101,7 +101,11 @@ fn gunzip_limited(raw: &[u8], max: usize) -> Result<Vec<u8>, BodyError> {
 }
 
 /// Reads the (possibly gzipped) request body, at most `max` bytes after decompression.
-async fn read_body(body: Body, encoding: &Encoding, max: usize) -> Result<Vec<u8>, BodyError> {
+pub(super) async fn read_body(
+    body: Body,
+    encoding: &Encoding,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
     // gzip can grow incompressible input by a few bytes per 16 KiB block plus a header; allow
     // that slack on the wire so a body just under the limit isn't refused for its framing.
     let wire_limit = match encoding {
