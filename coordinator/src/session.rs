@@ -175,6 +175,8 @@ pub struct AgentState {
     pub last_seq: Option<u64>,
     /// Config hash (hex) we last offered on the current connection; reset by `connection_started`.
     pub offered_config: Option<String>,
+    /// When (`Context::now_ms`, or the push's clock) `offered_config` was last sent.
+    pub offered_at_ms: i64,
     /// Config hash (hex) we held back on this connection because the agent lacks
     /// AcceptsRemoteConfig; keeps the CapMismatch event to one per connection.
     pub refused_config: Option<String>,
@@ -195,6 +197,7 @@ impl AgentState {
             complete: false,
             last_seq: None,
             offered_config: None,
+            offered_at_ms: 0,
             refused_config: None,
             full_state_requested_at: None,
             applied_effective_pending: false,
@@ -442,7 +445,14 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
     // Offers. None to an agent that is leaving.
     if !disconnect {
         if let Some(d) = ctx.desired {
-            offer_config(state, d, status.is_some(), &mut reply, &mut events);
+            offer_config(
+                state,
+                d,
+                status.is_some(),
+                ctx.now_ms,
+                &mut reply,
+                &mut events,
+            );
         }
         if let Some(o) = ctx.opamp_offer {
             let o = o.for_agent(ctx.transport, ctx.identity.is_some());
@@ -473,13 +483,20 @@ fn accept<'m, T>(
     }
 }
 
+/// An offer the agent has not answered (no status with its hash) for this long goes out again
+/// with the reply to its next message: a push or a reply can be lost on the bus (at most once),
+/// and an agent that keeps its connection would otherwise never get the config.
+pub const REOFFER_AFTER_MS: i64 = 10_000;
+
 /// Remote config (facts §3.4). A status report in this message with another hash always gets
 /// the config (the spec's MUST); otherwise it goes out once per connection until the agent
-/// reports the hash (any status: resending a FAILED config would only loop).
+/// reports the hash (any status: resending a FAILED config would only loop), and again after
+/// [`REOFFER_AFTER_MS`] without an answer.
 fn offer_config(
     state: &mut AgentState,
     d: &Desired,
     status_in_msg: bool,
+    now_ms: i64,
     reply: &mut ServerToAgent,
     events: &mut Vec<Event>,
 ) {
@@ -497,12 +514,14 @@ fn offer_config(
         .remote_config
         .as_ref()
         .is_some_and(|r| r.hash == d.hash_hex);
-    let already_offered = state.offered_config.as_ref() == Some(&d.hash_hex);
+    let already_offered = state.offered_config.as_ref() == Some(&d.hash_hex)
+        && now_ms.saturating_sub(state.offered_at_ms) < REOFFER_AFTER_MS;
     // After this message's status was stored, "status in msg with another hash" is
     // `status_in_msg && !reports_desired`.
     if !reports_desired && (status_in_msg || !already_offered) {
         reply.remote_config = Some(d.remote.clone());
         state.offered_config = Some(d.hash_hex.clone());
+        state.offered_at_ms = now_ms;
         state.applied_effective_pending = false;
     }
 }
@@ -573,7 +592,11 @@ pub fn identity_in_use(
 /// recorded in `offered_config`. `None` otherwise, including for agents lacking
 /// AcceptsRemoteConfig: counting that CapMismatch is the caller's job (check
 /// `record.capabilities & ACCEPTS_REMOTE_CONFIG` before calling).
-pub fn push_config(state: &mut AgentState, desired: &Desired) -> Option<ServerToAgent> {
+pub fn push_config(
+    state: &mut AgentState,
+    desired: &Desired,
+    now_ms: i64,
+) -> Option<ServerToAgent> {
     if state.caps() & agent_caps::ACCEPTS_REMOTE_CONFIG == 0 {
         return None;
     }
@@ -586,6 +609,7 @@ pub fn push_config(state: &mut AgentState, desired: &Desired) -> Option<ServerTo
         return None;
     }
     state.offered_config = Some(desired.hash_hex.clone());
+    state.offered_at_ms = now_ms;
     state.applied_effective_pending = false;
     Some(ServerToAgent {
         instance_uid: state.record.instance_uid.as_bytes().to_vec(),
@@ -1290,6 +1314,43 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_left_unanswered_is_made_again_on_the_same_connection() {
+        let d = desired();
+        let mut s = known();
+        let first = with_desired(&d);
+        assert!(handle(&mut s, &beat(1), &first)
+            .reply
+            .remote_config
+            .is_some());
+        // The offer may have been lost on the bus: heartbeats without a status about it...
+        let mut soon = with_desired(&d);
+        soon.now_ms = first.now_ms + REOFFER_AFTER_MS - 1;
+        assert!(handle(&mut s, &beat(2), &soon)
+            .reply
+            .remote_config
+            .is_none());
+        let mut later = with_desired(&d);
+        later.now_ms = first.now_ms + REOFFER_AFTER_MS;
+        assert!(
+            handle(&mut s, &beat(3), &later)
+                .reply
+                .remote_config
+                .is_some(),
+            "offered again once it went unanswered"
+        );
+        // A push counts as an offer the same way.
+        let d2 = Desired::new(2, &files("c: 9"));
+        assert!(push_config(&mut s, &d2, later.now_ms).is_some());
+        assert!(push_config(&mut s, &d2, later.now_ms + 1).is_none());
+        let mut after = with_desired(&d2);
+        after.now_ms = later.now_ms + REOFFER_AFTER_MS;
+        assert!(handle(&mut s, &beat(4), &after)
+            .reply
+            .remote_config
+            .is_some());
+    }
+
+    #[test]
     fn new_desired_config_is_sent_on_same_connection() {
         let d1 = desired();
         let d2 = Desired::new(2, &files("c: 3"));
@@ -1935,10 +1996,10 @@ mod tests {
         // Without AcceptsRemoteConfig: nothing.
         let mut s = known();
         s.record.capabilities = CAPS & !agent_caps::ACCEPTS_REMOTE_CONFIG;
-        assert!(push_config(&mut s, &d).is_none());
+        assert!(push_config(&mut s, &d, 1_000).is_none());
         // Normal: pushed once per connection.
         let mut s = known();
-        let p = push_config(&mut s, &d);
+        let p = push_config(&mut s, &d, 1_000);
         assert_eq!(
             p.as_ref().map(|p| p.instance_uid.clone()),
             Some(UID.to_vec())
@@ -1951,14 +2012,14 @@ mod tests {
             p.and_then(|p| p.remote_config).map(|r| r.config_hash),
             Some(d.remote.config_hash.clone())
         );
-        assert!(push_config(&mut s, &d).is_none());
+        assert!(push_config(&mut s, &d, 1_000).is_none());
         // ...and the next reply does not repeat it.
         assert!(handle(&mut s, &beat(1), &with_desired(&d))
             .reply
             .remote_config
             .is_none());
         s.connection_started();
-        assert!(push_config(&mut s, &d).is_some());
+        assert!(push_config(&mut s, &d, 1_000).is_some());
         // Agent already reports the hash: nothing.
         let mut s = known();
         s.record.remote_config = Some(RemoteConfigReport {
@@ -1966,7 +2027,7 @@ mod tests {
             status: RemoteStatus::Applied,
             error_message: String::new(),
         });
-        assert!(push_config(&mut s, &d).is_none());
+        assert!(push_config(&mut s, &d, 1_000).is_none());
     }
 
     #[test]

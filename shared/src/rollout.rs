@@ -215,6 +215,10 @@ pub struct GateResult {
     /// Had not answered by the stage's progress deadline.
     pub stragglers: u64,
     pub disconnected: u64,
+    /// Applied, disconnected for less than the reconnect grace: not judged yet (a gate with
+    /// any of these waits rather than passes).
+    #[serde(default)]
+    pub reconnecting: u64,
     /// Declared ReportsHealth and reported unhealthy during the soak.
     pub unhealthy: u64,
     /// Declared ReportsEffectiveConfig and report an effective config other than the one

@@ -368,13 +368,16 @@ async fn postgres_unreachable_mid_rollout_the_api_answers_503_and_the_rollout_co
     assert_eq!(api.status_of(&rollout_path).await?.0, 503, "still away");
     link.restore();
 
+    let last = std::cell::RefCell::new(Value::Null);
     let done: Value = eventually("rollout succeeded", CONVERGE_WITHIN, || async {
         let Ok(v) = api.get(&format!("/api/v1/rollouts/{rollout}")).await else {
             return Ok(None);
         };
+        last.replace(v.clone());
         Ok((v["rollout"]["state"] == "succeeded").then_some(v))
     })
-    .await?;
+    .await
+    .with_context(|| format!("last seen: {}", last.borrow()))?;
     let took = all_applied(&api, "pg", AGENTS, &hash, cut, CONVERGE_WITHIN).await?;
     println!("Postgres cut mid-rollout: all APPLIED and the rollout done {took:?} after the cut");
     let stages = done["stages"].as_array().context("stages")?;

@@ -240,7 +240,7 @@ impl Coordinator {
                 }
                 continue;
             }
-            if let Some(msg) = session::push_config(&mut e.state, &desired) {
+            if let Some(msg) = session::push_config(&mut e.state, &desired, shared::now_ms()) {
                 pushes.push((uid, msg));
             }
         }

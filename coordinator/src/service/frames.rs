@@ -305,7 +305,7 @@ impl Coordinator {
             outcome.changed = true;
             let sendable = outcome.reply.error_response.is_none() && msg.agent_disconnect.is_none();
             if let (true, Some(d)) = (sendable, self.desired_of(&entry.state.record)) {
-                if let Some(push) = session::push_config(&mut entry.state, &d) {
+                if let Some(push) = session::push_config(&mut entry.state, &d, shared::now_ms()) {
                     outcome.reply.remote_config = push.remote_config;
                 }
             }

@@ -153,7 +153,7 @@ impl Coordinator {
                 continue;
             }
             if let Some(d) = self.desired_of(r) {
-                if let Some(msg) = session::push_config(&mut e.state, &d) {
+                if let Some(msg) = session::push_config(&mut e.state, &d, shared::now_ms()) {
                     pushes.push((uid, msg));
                 }
             }

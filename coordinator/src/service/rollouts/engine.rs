@@ -360,6 +360,8 @@ impl Coordinator {
         let mut events = Vec::new();
         let gate = match stage.settled_ms {
             Some(settled) if now < settled + stage.soak_ms => return None,
+            // Members reconnecting are judged once they are back (or the grace is over).
+            Some(_) if gate.reconnecting > 0 => return None,
             // Judged once more with the soak's facts (the settle step judged answers only).
             Some(_) => gate,
             None => {
@@ -396,6 +398,15 @@ impl Coordinator {
                     events.append(&mut step.events);
                     step.events = events;
                     return Some(step);
+                }
+                if full.reconnecting > 0 {
+                    // Settled; judged on a later look, once they are back.
+                    next.rev += 1;
+                    return Some(Step {
+                        next,
+                        events,
+                        finish: None,
+                    });
                 }
                 full
             }

@@ -17,6 +17,11 @@ use shared::rollout::{Amount, GateResult, MemberFailure};
 /// Failing members named in a gate result.
 const NAMED_FAILURES: usize = 10;
 
+/// An applied member away for less than this is reconnecting, not disconnected: a gateway or
+/// coordinator fault, or an Unavailable answer, makes agents reconnect within seconds, and a
+/// rollout should not fail on that. The gate waits for them instead (up to the deadline).
+pub const RECONNECT_GRACE_MS: i64 = 15_000;
+
 /// How one member stands against a config hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Answer {
@@ -126,6 +131,12 @@ pub(crate) fn judge(
             Answer::Applied => {
                 g.applied += 1;
                 if !soaking {
+                    None
+                } else if !r.connected
+                    && !deadline_passed
+                    && now_ms.saturating_sub(r.last_seen_ms) < RECONNECT_GRACE_MS
+                {
+                    g.reconnecting += 1;
                     None
                 } else if !r.connected {
                     Some(("disconnected", String::new()))
@@ -281,6 +292,8 @@ mod tests {
         silent_sick.health = sick.health.clone();
         let mut gone = agent(Some(RemoteStatus::Applied), 0);
         gone.connected = false;
+        // Away for the whole reconnect grace (judged at 1).
+        gone.last_seen_ms = 1 - RECONNECT_GRACE_MS;
         let mut moved = agent(Some(RemoteStatus::Applied), REPORTS_EFFECTIVE_CONFIG);
         moved.applied_effective_hash = Some("e1".into());
         moved.effective_config_hash = Some("e2".into());
@@ -292,6 +305,21 @@ mod tests {
         assert_eq!(g.health_unknown, 3, "health cannot be judged on three");
         assert_eq!(g.effective_unknown, 3);
         assert_eq!(g.failures[0].message, "exporter down");
+    }
+
+    #[test]
+    fn a_member_away_for_less_than_the_grace_is_waited_for_not_counted() {
+        let mut away = agent(Some(RemoteStatus::Applied), 0);
+        away.connected = false;
+        away.last_seen_ms = 1 - RECONNECT_GRACE_MS + 1;
+        let g = judge_now(std::slice::from_ref(&away), "0", false);
+        assert_eq!((g.reconnecting, g.disconnected, g.passed), (1, 0, true));
+        away.last_seen_ms -= 1;
+        let g = judge_now(std::slice::from_ref(&away), "0", false);
+        assert_eq!((g.reconnecting, g.disconnected, g.passed), (0, 1, false));
+        away.last_seen_ms = 1;
+        let g = judge_now(&[away], "0", true);
+        assert_eq!(g.disconnected, 1, "at the deadline nobody is waited for");
     }
 
     #[test]
