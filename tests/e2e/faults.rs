@@ -139,6 +139,16 @@ async fn one_connection_each(c: &Cluster, uids: &[String], others: usize) -> any
     Ok(())
 }
 
+/// The status of a GET and its `Retry-After`, whatever the status.
+async fn status_of(api: &Api, path: &str) -> anyhow::Result<(u16, Option<String>)> {
+    let (status, headers, _) = api.get_text(path).await?;
+    let retry = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((status, retry))
+}
+
 /// The audit rows of `action` among the newest 10,000.
 async fn audited(api: &Api, action: &str) -> anyhow::Result<usize> {
     let rows = api.get("/api/v1/audit?limit=10000").await?;
@@ -345,7 +355,7 @@ async fn postgres_unreachable_mid_rollout_the_api_answers_503_and_the_rollout_co
     // Meanwhile the API says "retry", never a wrong answer: 503 with Retry-After.
     let rollout_path = format!("/api/v1/rollouts/{rollout}");
     let seen = eventually("the API answers 503", DEADLINE, || async {
-        let r = api.status_of(&rollout_path).await?;
+        let r = status_of(&api, &rollout_path).await?;
         Ok((r.0 != 200).then_some(r))
     })
     .await?;
@@ -365,7 +375,7 @@ async fn postgres_unreachable_mid_rollout_the_api_answers_503_and_the_rollout_co
         Ok(all.then_some(()))
     })
     .await?;
-    assert_eq!(api.status_of(&rollout_path).await?.0, 503, "still away");
+    assert_eq!(status_of(&api, &rollout_path).await?.0, 503, "still away");
     link.restore();
 
     let last = std::cell::RefCell::new(Value::Null);

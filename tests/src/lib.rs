@@ -305,22 +305,6 @@ impl Api {
         Ok((status, v))
     }
 
-    /// The status of a GET and its `Retry-After`, whatever the status.
-    pub async fn status_of(&self, path: &str) -> anyhow::Result<(u16, Option<String>)> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        let retry = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        Ok((resp.status().as_u16(), retry))
-    }
-
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let (s, v) = self.raw(reqwest::Method::GET, path, None).await?;
         if s != 200 {
