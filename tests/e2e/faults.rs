@@ -211,6 +211,20 @@ async fn nats_restarted_agents_keep_their_sockets_get_unavailable_and_the_push_a
         "{err:?}"
     );
     assert!(err.details.is_some(), "with retry_info: {err:?}");
+    // The outage lasts until every agent has been told "retry" on its open socket (a
+    // heartbeat a second), well past the gateway's first looks at the bus and short of its
+    // drain delay, so a gateway that closed its agents at once would show here.
+    eventually("every agent answered Unavailable", DEADLINE, || async {
+        let told = agents.iter().all(|(a, _)| {
+            a.status()
+                .borrow()
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.to_ascii_lowercase().contains("unavailable"))
+        });
+        Ok(told.then_some(()))
+    })
+    .await?;
 
     nats.restart().await?;
     let took = all_applied(&api, "nats", AGENTS, &hash, down, CONVERGE_WITHIN).await?;
