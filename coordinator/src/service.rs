@@ -131,6 +131,10 @@ pub struct Coordinator {
     rollout_wake: Arc<tokio::sync::Notify>,
     /// Members seen unhealthy during the soak of the stage being driven, by rollout.
     rollout_soak: StdMutex<HashMap<i64, (usize, HashSet<InstanceUid>)>>,
+    /// The last time this coordinator's leases lapsed and were renewed (the store away, a
+    /// stall): agents kept away by it get a longer reconnect grace in rollout gates
+    /// (`rollouts::gates::within_grace`).
+    lease_outage: StdMutex<Option<rollouts::gates::Outage>>,
     /// Bootstrap tokens, write-through: every create, redeem and revoke in this process updates
     /// it after the store, so authentication needs no database round trip. Tokens another
     /// coordinator created are loaded by [`Coordinator::sync_tokens`] (on `TokensCreated` and
@@ -342,6 +346,7 @@ impl Coordinator {
             rollout_sync: Mutex::new(()),
             rollout_create: Mutex::new(()),
             rollout_soak: StdMutex::new(HashMap::new()),
+            lease_outage: StdMutex::new(None),
             rollout_wake: Arc::new(tokio::sync::Notify::new()),
         });
         let assignments = store.list_assignments().await?;

@@ -67,6 +67,13 @@ pub enum Mode {
     Churn {
         until_ms: u64,
     },
+    /// Idle, but each connected agent leaves (goodbye, close) and reconnects at once after an
+    /// exponentially distributed time, at `churn_per_million` per million per second: a
+    /// fleet where that share of agents reconnects every second (the soak).
+    Soak {
+        until_ms: u64,
+        churn_per_million: u32,
+    },
     Stop,
 }
 
@@ -263,6 +270,17 @@ async fn pause(d: Duration, mode: &mut watch::Receiver<Mode>) -> bool {
     }
 }
 
+/// When an agent that connected now leaves under [`Mode::Soak`]: an exponential delay at
+/// `per_million` / 1,000,000 per second (a Poisson process per agent); `None` at rate 0.
+fn soak_leave_at(per_million: u32) -> Option<Instant> {
+    (per_million > 0).then(|| {
+        let rate = f64::from(per_million) / 1_000_000.0;
+        // 1 - U is in (0, 1]: its logarithm is finite.
+        let secs = -(1.0 - rand::random::<f64>()).ln() / rate;
+        Instant::now() + Duration::from_secs_f64(secs.min(86_400.0))
+    })
+}
+
 fn churn_active(mode: &watch::Receiver<Mode>) -> bool {
     matches!(*mode.borrow(), Mode::Churn { until_ms } if unix_ms() < until_ms)
 }
@@ -312,6 +330,7 @@ pub async fn run(spec: AgentSpec, params: Arc<Params>, shared: Arc<Shared>) {
             Ok(()) if churn_active(&mode) => End::Churn,
             Ok(()) => session(&mut core, &mut conn, &spec, &params, &shared, &mut mode).await,
         };
+        shared.with_stats(|s| s.ended += 1);
         let retry_after = match end {
             End::Stop => {
                 conn.goodbye(&mut core).await;
@@ -450,11 +469,23 @@ async fn session(
 ) -> End {
     let poll = Duration::from_secs(params.http_poll_secs.max(1));
     let mut last_sent = Instant::now();
+    // Soak: when this session ends by itself (drawn once per session).
+    let mut leave_at: Option<Option<Instant>> = None;
     loop {
         let current = *mode.borrow_and_update();
+        let mut leave = None;
         match current {
             Mode::Stop => return End::Stop,
             Mode::Churn { until_ms } if unix_ms() < until_ms => return End::Churn,
+            Mode::Soak {
+                until_ms,
+                churn_per_million,
+            } if unix_ms() < until_ms => {
+                leave = *leave_at.get_or_insert_with(|| soak_leave_at(churn_per_million));
+                if leave.is_some_and(|at| Instant::now() >= at) {
+                    return End::Churn;
+                }
+            }
             Mode::Steady { until_ms } if unix_ms() < until_ms => {
                 if let Err(end) = reports(core, conn, spec, shared, mode, until_ms, None).await {
                     return end;
@@ -477,9 +508,12 @@ async fn session(
             Conn::Http(_) => poll,
         };
         let due = last_sent + interval;
+        // Far enough never to fire: the branch below is off without a soak.
+        let leave = leave.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
         let step = match conn {
             Conn::Ws(ws) => tokio::select! {
                 r = mode.changed() => if r.is_err() { return End::Stop } else { None },
+                _ = tokio::time::sleep_until(leave) => None,
                 r = ws.recv() => match r {
                     Ok(Some(msg)) => Some(msg),
                     Ok(None) => return End::Lost(ClientError::Closed),
@@ -501,9 +535,10 @@ async fn session(
             Conn::Http(_) => {
                 tokio::select! {
                     r = mode.changed() => if r.is_err() { return End::Stop },
+                    _ = tokio::time::sleep_until(leave) => continue,
                     _ = sleep(due.saturating_duration_since(Instant::now())) => {}
                 }
-                if *mode.borrow() != Mode::Idle {
+                if !matches!(*mode.borrow(), Mode::Idle | Mode::Soak { .. }) {
                     continue;
                 }
                 last_sent = Instant::now();

@@ -134,13 +134,23 @@ impl Api {
 
     /// Creates a YAML config version; returns its id.
     pub async fn create_config(&self, name: &str, body: &str) -> anyhow::Result<i64> {
+        Ok(self.create_config_hashed(name, body).await?.0)
+    }
+
+    /// Creates a YAML config version; returns its id and hash (hex).
+    pub async fn create_config_hashed(
+        &self,
+        name: &str,
+        body: &str,
+    ) -> anyhow::Result<(i64, String)> {
         let v = self
             .post(
                 "/api/v1/configs",
                 json!({ "name": name, "body": body, "content_type": "text/yaml" }),
             )
             .await?;
-        v["id"].as_i64().context("config id")
+        let id = v["id"].as_i64().context("config id")?;
+        Ok((id, v["hash"].as_str().context("config hash")?.to_string()))
     }
 
     /// Assigns a config to every agent; returns the number of matched agents.

@@ -75,6 +75,9 @@ pub struct Cluster {
     log_dir: Option<PathBuf>,
     /// The CA agents must trust when the gateways serve TLS.
     pub ca_file: Option<PathBuf>,
+    /// What the nodes were started with, to start one again ([`Cluster::restart_coordinator`]).
+    spec: ClusterSpec,
+    common: Vec<String>,
 }
 
 /// `url` with its path (the database) replaced by `db`; the query string is kept.
@@ -183,6 +186,8 @@ impl Cluster {
                 .tempdir()?,
             log_dir: spec.log_dir.clone(),
             ca_file: None,
+            spec: spec.clone(),
+            common: Vec::new(),
         };
         match this.start_nodes(spec).await {
             Ok(()) => Ok(this),
@@ -232,6 +237,7 @@ impl Cluster {
         common.push(format!(
             "server.public_endpoint={scheme}://{first_gateway}/v1/opamp"
         ));
+        self.common = common.clone();
         for i in 0..spec.coordinators {
             let id = format!("{}-coord-{i}", self.prefix);
             let node = self
@@ -282,6 +288,25 @@ impl Cluster {
             cmd.args(["--set", s]);
         }
         procs::spawn_listening(cmd, &self.log_path(id)).await
+    }
+
+    /// Kills coordinator `i` (SIGKILL, as a crash) and starts it again with the same node id,
+    /// settings and address; returns its old and new pid. Its log gets a second part.
+    pub async fn restart_coordinator(&mut self, i: usize) -> anyhow::Result<(u32, u32)> {
+        anyhow::ensure!(i < self.coordinators.len(), "no coordinator {i}");
+        let id = format!("{}-coord-{i}", self.prefix);
+        let old = self.coordinators.remove(i);
+        let (old_pid, addr) = (old.pid, old.addr.clone());
+        old.stop().await;
+        let log = self.log_path(&id);
+        let _ = std::fs::rename(&log, log.with_extension("before-restart.log"));
+        let node = self
+            .start_node(&self.spec, "coordinator", &id, &addr, &self.common, &[])
+            .await
+            .with_context(|| format!("restarting coordinator {id}"))?;
+        let new_pid = node.pid;
+        self.coordinators.insert(i, node);
+        Ok((old_pid, new_pid))
     }
 
     /// The gateways' OpAMP WebSocket URLs (`wss://` when they serve TLS), in gateway order.

@@ -15,6 +15,7 @@ pub mod procs;
 pub mod refused;
 pub mod report;
 pub mod scenario;
+pub mod soak;
 pub mod staged;
 pub mod stagetimes;
 pub mod tls;

@@ -1,6 +1,7 @@
 //! `ampora-loadtest`: see BENCHMARKS.md.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -8,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use loadtest::api::Api;
 use loadtest::cluster::{self, Cluster, ClusterSpec, Servers};
 use loadtest::procs;
+use loadtest::soak::{Restarter, SoakPlan};
 use loadtest::tls;
 use loadtest::{Comparison, Phase, RunOptions};
 
@@ -38,6 +40,11 @@ enum Command {
     /// Admitted agents' report latency for --duration, then again with --refused agents
     /// refused by the server and looping as opamp-go clients do.
     Refused(RefusedArgs),
+    /// A long run: the fleet connects, then for --duration a share of it reconnects every
+    /// second and a new config is pushed to all at a fixed period; server RSS and open
+    /// descriptors are sampled (CSV for `plot-soak.py`) and their slopes after warm-up
+    /// reported, with every push's time until all agents applied it.
+    Soak(SoakArgs),
     /// Spawns the baseline and Ampora (--spawn-server or --spawn-cluster) and runs hold +
     /// steady on each; with --tls both serve TLS (the baseline with Ampora's handshake
     /// settings and a local CA of its own).
@@ -176,6 +183,30 @@ struct RolloutArgs {
     /// With --stages: each stage's soak, e.g. 0s, 90s.
     #[arg(long, default_value = "0s")]
     soak: String,
+}
+
+#[derive(Args, Clone)]
+struct SoakArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Share of the fleet reconnecting per second (0.01: 1 %).
+    #[arg(long, default_value_t = 0.01)]
+    churn_per_sec: f64,
+    /// Seconds between config pushes to every agent.
+    #[arg(long, default_value_t = 60.0)]
+    push_every: f64,
+    /// Seconds between samples of RSS, descriptors and connections.
+    #[arg(long, default_value_t = 5.0)]
+    sample_every: f64,
+    /// Seconds of samples left out of the slopes.
+    #[arg(long, default_value_t = 300.0)]
+    warmup: f64,
+    /// The samples as CSV (rewritten at every sample).
+    #[arg(long)]
+    csv_out: Option<PathBuf>,
+    /// --spawn-cluster: kill the last coordinator this many seconds in and start it again.
+    #[arg(long)]
+    restart_coordinator_after: Option<f64>,
 }
 
 #[derive(Args, Clone)]
@@ -335,6 +366,46 @@ async fn scenario(
     write_json(&c.json_out, &report)
 }
 
+async fn soak(a: SoakArgs) -> anyhow::Result<()> {
+    let (mut opts, spawned) = options_interruptible(&a.common, "soak", vec![Phase::Soak]).await?;
+    // The nodes are shared with the restart hook; taken back to stop them.
+    let servers = Arc::new(tokio::sync::Mutex::new(spawned));
+    let restarter = match a.restart_coordinator_after {
+        None => None,
+        Some(_) => {
+            let servers = servers.clone();
+            Some(Restarter(Arc::new(move || {
+                let servers = servers.clone();
+                Box::pin(async move {
+                    match &mut *servers.lock().await {
+                        Some(Servers::Cluster(c)) => {
+                            let last = c.coordinators.len().saturating_sub(1);
+                            c.restart_coordinator(last).await
+                        }
+                        _ => anyhow::bail!("--restart-coordinator-after needs --spawn-cluster"),
+                    }
+                })
+            })))
+        }
+    };
+    opts.soak_plan = Some(SoakPlan {
+        churn_per_sec: a.churn_per_sec,
+        push_every: Duration::from_secs_f64(a.push_every.max(1.0)),
+        sample_every: Duration::from_secs_f64(a.sample_every.max(0.5)),
+        warmup: Duration::from_secs_f64(a.warmup.max(0.0)),
+        csv_out: a.csv_out.clone(),
+        restart_after: a.restart_coordinator_after.map(Duration::from_secs_f64),
+        restarter,
+    });
+    let res = run_interruptible(&opts).await;
+    if let Some(s) = servers.lock().await.take() {
+        s.stop().await;
+    }
+    let report = res?;
+    print!("{}", loadtest::scenario::summary(&report));
+    write_json(&a.common.json_out, &report)
+}
+
 async fn compare(c: Common) -> anyhow::Result<()> {
     anyhow::ensure!(
         c.spawn_server.is_some() || c.spawn_cluster.is_some(),
@@ -411,6 +482,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Soak(a) => soak(a).await,
         Command::Compare(c) => compare(c).await,
         Command::Console {
             spawn_server,

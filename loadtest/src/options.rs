@@ -22,6 +22,8 @@ pub enum Phase {
     Churn,
     /// A paced baseline window, then the same with refused agents looping (see `refused`).
     Refused,
+    /// A long run with churn and periodic pushes, sampling memory and descriptors (`soak`).
+    Soak,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +80,8 @@ pub struct RunOptions {
     pub stages: Option<String>,
     /// rollout with `stages`: each stage's soak (`0s`, `90s`).
     pub soak: String,
+    /// The soak phase's settings.
+    pub soak_plan: Option<crate::soak::SoakPlan>,
 }
 
 impl Default for RunOptions {
@@ -112,6 +116,7 @@ impl Default for RunOptions {
             report_every: Duration::from_millis(200),
             stages: None,
             soak: "0s".into(),
+            soak_plan: None,
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct Stats {
     pub steady_latency: Histogram,
     /// Successful connects (hello answered), first ones included.
     pub connects: u64,
+    /// Connected sessions that ended (any reason): `connects - ended` are connected now.
+    #[serde(default)]
+    pub ended: u64,
     pub errors: BTreeMap<String, u64>,
 }
 
@@ -50,6 +53,7 @@ impl Stats {
         self.messages += o.messages;
         self.steady_latency.merge(&o.steady_latency);
         self.connects += o.connects;
+        self.ended += o.ended;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }

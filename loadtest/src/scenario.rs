@@ -131,6 +131,8 @@ pub struct Report {
     pub churn: Option<ChurnReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<RefusedReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<crate::soak::SoakReport>,
     /// Every error of the run, by kind.
     pub errors: BTreeMap<String, u64>,
 }
@@ -320,7 +322,7 @@ async fn phases(
     report: &mut Report,
 ) -> anyhow::Result<bool> {
     let n = specs.len();
-    let measured = measured(opts, specs);
+    let mut measured = measured(opts, specs);
     let rss_before: Vec<u64> = measured
         .iter()
         .map(|m| rss_kib(m.pid))
@@ -422,6 +424,15 @@ async fn phases(
                 let (r, errs) = crate::refused::phase(opts, fleet, &measured).await?;
                 report.refused = Some(r);
                 merge_errors(&mut errors, errs);
+            }
+            Phase::Soak => {
+                let plan = opts.soak_plan.as_ref().context("soak needs its plan")?;
+                let api = opts.api.as_ref().context("soak needs the API")?;
+                let (r, ok) =
+                    crate::soak::phase(plan, opts, api, fleet, &mut measured, n, &mut errors)
+                        .await?;
+                complete &= ok;
+                report.soak = Some(r);
             }
             Phase::Churn => {
                 let (secs, s, cpu) = busy_window(fleet, opts, &measured, "churn", |until_ms| {
@@ -655,6 +666,9 @@ pub fn summary(r: &Report) -> String {
     }
     if let Some(rf) = &r.refused {
         s += &crate::refused::summary(rf);
+    }
+    if let Some(soak) = &r.soak {
+        s += &crate::soak::summary(soak);
     }
     s += &format!("errors: {:?}; complete: {}\n", r.errors, r.complete);
     s

@@ -16,6 +16,7 @@ use shared::ids::PARTITIONS;
 use shared::now_ms;
 use shared::store::StoreError;
 
+use super::rollouts::gates::Outage;
 use super::Coordinator;
 
 /// The partitions `node` should hold when `members` are alive (`members` includes `node`).
@@ -91,8 +92,22 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
         c.drop_partitions(&lost).await;
     }
     c.set_held(after);
-    c.leased_at
-        .store(asked_at, std::sync::atomic::Ordering::Relaxed);
+    let previous = c
+        .leased_at
+        .swap(asked_at, std::sync::atomic::Ordering::Relaxed);
+    if previous > 0 && asked_at - previous > ttl {
+        // The leases lapsed in between (the store away, or this process stalled): agents
+        // were told to retry meanwhile. Rollout gates give them longer to come back.
+        let outage = Outage {
+            from_ms: previous,
+            to_ms: asked_at,
+        };
+        tracing::warn!(
+            lapsed_ms = asked_at - previous,
+            "partition leases renewed after lapsing"
+        );
+        *c.lease_outage.lock().unwrap_or_else(|p| p.into_inner()) = Some(outage);
+    }
     if !gained.is_empty() {
         // Identities confirmed through the previous owner refuse their agents' tokens here too.
         c.sync_identities().await;

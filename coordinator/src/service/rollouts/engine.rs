@@ -130,6 +130,11 @@ pub(super) struct Step {
 
 impl Coordinator {
     async fn engine_tick(&self) {
+        // Leases lapsed: another coordinator may drive these rollouts now, and the first look
+        // after a round renews them judges with the outage known (see `gates::within_grace`).
+        if self.lease_lapsed() {
+            return;
+        }
         let held = self.held();
         let mine: Vec<(Live, i64)> = self
             .live_rollouts()
@@ -350,6 +355,7 @@ impl Coordinator {
             deadline_passed,
             soaking: stage.settled_ms.is_some(),
             seen_unhealthy: &seen,
+            outage: *self.lease_outage.lock().unwrap_or_else(|p| p.into_inner()),
         };
         let gate = gates::judge(&members, &r.config_hash, r.budget, how, now);
         // More failures than the budget cannot get better by waiting.

@@ -22,6 +22,32 @@ const NAMED_FAILURES: usize = 10;
 /// rollout should not fail on that. The gate waits for them instead (up to the deadline).
 pub const RECONNECT_GRACE_MS: i64 = 15_000;
 
+/// A stretch in which a coordinator's partition leases had lapsed (the store away, a stall):
+/// from its last good lease round to the next. Its agents were told to retry meanwhile, and
+/// they back off longer the longer they were refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Outage {
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// Whether an applied member away since `last_seen_ms` is still within its reconnect grace at
+/// `now_ms`. One that went away before `outage` ended gets the grace counted from the end,
+/// plus as long as the outage kept it away: an exponential backoff retries within about the
+/// time already spent refused.
+pub(crate) fn within_grace(last_seen_ms: i64, now_ms: i64, outage: Option<Outage>) -> bool {
+    let until = match outage {
+        Some(o) if last_seen_ms < o.to_ms => {
+            let refused = o.to_ms - last_seen_ms.max(o.from_ms);
+            o.to_ms
+                .saturating_add(RECONNECT_GRACE_MS)
+                .saturating_add(refused)
+        }
+        _ => last_seen_ms.saturating_add(RECONNECT_GRACE_MS),
+    };
+    now_ms < until
+}
+
 /// How one member stands against a config hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Answer {
@@ -90,6 +116,8 @@ pub(crate) struct Judging<'a> {
     pub soaking: bool,
     /// Members seen unhealthy earlier in the soak.
     pub seen_unhealthy: &'a HashSet<InstanceUid>,
+    /// The engine's last outage, if any (see [`within_grace`]).
+    pub outage: Option<Outage>,
 }
 
 /// The gate's view of a stage's members now.
@@ -104,6 +132,7 @@ pub(crate) fn judge(
         deadline_passed,
         soaking,
         seen_unhealthy,
+        outage,
     } = how;
     let mut g = GateResult {
         at_ms: now_ms,
@@ -134,7 +163,7 @@ pub(crate) fn judge(
                     None
                 } else if !r.connected
                     && !deadline_passed
-                    && now_ms.saturating_sub(r.last_seen_ms) < RECONNECT_GRACE_MS
+                    && within_grace(r.last_seen_ms, now_ms, outage)
                 {
                     g.reconnecting += 1;
                     None
@@ -240,6 +269,7 @@ mod tests {
             deadline_passed: late,
             soaking: true,
             seen_unhealthy: seen,
+            outage: None,
         }
     }
 
@@ -320,6 +350,66 @@ mod tests {
         away.last_seen_ms = 1;
         let g = judge_now(&[away], "0", true);
         assert_eq!(g.disconnected, 1, "at the deadline nobody is waited for");
+    }
+
+    #[test]
+    fn members_kept_away_by_a_store_outage_get_the_grace_from_its_end_plus_its_length() {
+        let o = Outage {
+            from_ms: 100_000,
+            to_ms: 130_000,
+        };
+        // Away since 10 s into the outage: refused for 20 s, so waited for 15 + 20 s after it.
+        let gone = 110_000;
+        assert!(within_grace(
+            gone,
+            130_000 + RECONNECT_GRACE_MS + 20_000 - 1,
+            Some(o)
+        ));
+        assert!(!within_grace(
+            gone,
+            130_000 + RECONNECT_GRACE_MS + 20_000,
+            Some(o)
+        ));
+        assert!(
+            !within_grace(gone, 130_000, None),
+            "without the outage it would be disconnected already"
+        );
+        // Away since before the outage: only the outage's own length is added.
+        assert!(within_grace(
+            90_000,
+            130_000 + RECONNECT_GRACE_MS + 29_999,
+            Some(o)
+        ));
+        assert!(!within_grace(
+            90_000,
+            130_000 + RECONNECT_GRACE_MS + 30_000,
+            Some(o)
+        ));
+        // Away only after the outage ended: the plain grace.
+        assert!(within_grace(
+            140_000,
+            140_000 + RECONNECT_GRACE_MS - 1,
+            Some(o)
+        ));
+        assert!(!within_grace(
+            140_000,
+            140_000 + RECONNECT_GRACE_MS,
+            Some(o)
+        ));
+        // Through judge: the member is reconnecting, the gate waits.
+        let mut away = agent(Some(RemoteStatus::Applied), 0);
+        away.connected = false;
+        away.last_seen_ms = gone;
+        let refs = [&away];
+        let none = HashSet::new();
+        let with = Judging {
+            outage: Some(o),
+            ..how(false, &none)
+        };
+        let g = judge(&refs, HASH, Amount::Count(0), with, 150_000);
+        assert_eq!((g.reconnecting, g.disconnected, g.passed), (1, 0, true));
+        let g = judge(&refs, HASH, Amount::Count(0), how(false, &none), 150_000);
+        assert_eq!((g.reconnecting, g.disconnected, g.passed), (0, 1, false));
     }
 
     #[test]
