@@ -409,9 +409,11 @@ async fn postgres_unreachable_mid_rollout_the_api_answers_503_and_the_rollout_co
     link.restore();
     let restored = Instant::now();
     let outage = cut.elapsed();
+    // The agents come back at their next backoff, up to 16 s after six doublings from 250 ms.
+    let converge = CONVERGE_WITHIN + Duration::from_secs(16);
 
     let last = std::cell::RefCell::new(Value::Null);
-    let done: Value = eventually("rollout succeeded", CONVERGE_WITHIN, || async {
+    let done: Value = eventually("rollout succeeded", converge, || async {
         let Ok(v) = api.get(&format!("/api/v1/rollouts/{rollout}")).await else {
             return Ok(None);
         };
@@ -420,7 +422,7 @@ async fn postgres_unreachable_mid_rollout_the_api_answers_503_and_the_rollout_co
     })
     .await
     .with_context(|| format!("last seen: {}", last.borrow()))?;
-    let took = all_applied(&api, "pg", AGENTS, &hash, restored, CONVERGE_WITHIN).await?;
+    let took = all_applied(&api, "pg", AGENTS, &hash, restored, converge).await?;
     println!(
         "Postgres cut mid-rollout for {outage:?}: all APPLIED and the rollout done {took:?} after the link came back"
     );
