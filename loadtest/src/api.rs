@@ -182,11 +182,13 @@ impl Api {
             .with_context(|| format!("rollout {id} is not in the list"))
     }
 
-    /// Number of agents in a config state (none, pending, applied, failed, drifted).
+    /// Number of agents in a config state (none, pending, applied, failed, drifted), from the
+    /// counts endpoint (no list of 100,000 agents per poll).
     pub async fn count_in_state(&self, state: &str) -> anyhow::Result<usize> {
         let v = self
-            .get(&format!("/api/v1/agents?config_state={state}"))
+            .get(&format!("/api/v1/agents/counts?config_state={state}"))
             .await?;
-        Ok(v.as_array().context("agent list")?.len())
+        let n = v["matched"].as_u64().context("agent counts: matched")?;
+        Ok(usize::try_from(n)?)
     }
 }

@@ -196,6 +196,33 @@ async fn label_assignment_reaches_only_matching_agents_and_failures_are_visible(
         .filter_map(|a| a["instance_uid"].as_str())
         .collect();
     assert_eq!(listed, vec![uids[0].as_str()]);
+    // The counts of the same filters, without the list.
+    let counts = |q: &'static str| async move {
+        server
+            .api()
+            .get(&format!("/api/v1/agents/counts?{q}"))
+            .await
+    };
+    let prod = counts("label=env=prod").await?;
+    assert_eq!(
+        (
+            &prod["matched"],
+            &prod["connected"],
+            &prod["applied"],
+            &prod["failed"],
+            &prod["pending"]
+        ),
+        (&json!(2), &json!(2), &json!(1), &json!(1), &json!(0)),
+        "{prod}"
+    );
+    let dev = counts("label=env=dev").await?;
+    assert_eq!(
+        (&dev["matched"], &dev["none"]),
+        (&json!(1), &json!(1)),
+        "{dev}"
+    );
+    let applied = counts("config_state=applied&label=env=prod").await?;
+    assert_eq!(applied["matched"], 1, "{applied}");
 
     for a in agents {
         a.stop().await;

@@ -51,7 +51,7 @@ use crate::service::Coordinator;
 #[openapi(
     info(title = "Ampora API", description = "Fleet management for OpAMP agents"),
     paths(
-        agents::list_agents, agents::show_agent, configs::create_config, configs::list_configs,
+        agents::list_agents, agents::count_agents, agents::show_agent, configs::create_config, configs::list_configs,
         configs::show_config, configs::create_assignment, configs::list_assignments,
         tokens::create_token, tokens::create_tokens, tokens::list_tokens, tokens::revoke_token,
         api_tokens::create_api_token, api_tokens::list_api_tokens, api_tokens::revoke_api_token,
@@ -62,7 +62,7 @@ use crate::service::Coordinator;
         rollouts::config_rollouts, groups::list_groups, groups::put_group, groups::show_group,
         groups::delete_group, agents::reapply_config, agents::adopt_config
     ),
-    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, ErrorBody)),
+    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, ErrorBody)),
     modifiers(&BearerAuth, &Untagged)
 )]
 struct ApiDoc;
@@ -134,6 +134,7 @@ pub fn router(
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agents", get(agents::list_agents))
+        .route("/api/v1/agents/counts", get(agents::count_agents))
         .route("/api/v1/agents/{uid}", get(agents::show_agent))
         .route(
             "/api/v1/configs",
