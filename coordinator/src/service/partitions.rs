@@ -129,10 +129,17 @@ impl Coordinator {
         if let Err(e) = self.bus.serve_partitions(partitions).await {
             return Err(StoreError::NotApplied(format!("bus: {e}")));
         }
-        for uid in check {
-            if matches!(self.ownership.lookup(uid).await, Ok(None)) {
-                self.disconnected_any(uid).await;
+        // One round trip per batch: taking over 50,000 agents one lookup at a time kept the
+        // lease round busy past its TTL under load. A failed lookup leaves them as they are.
+        match self.ownership.lookup_many(&check).await {
+            Ok(owners) => {
+                for (uid, owner) in check.into_iter().zip(owners) {
+                    if owner.is_none() {
+                        self.disconnected_any(uid).await;
+                    }
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "looking up the owners of taken agents failed"),
         }
         self.reconcile(partitions).await;
         Ok(())
