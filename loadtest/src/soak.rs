@@ -150,20 +150,6 @@ fn csv_row(s: &SoakSample) -> String {
     )
 }
 
-/// Counters since the soak started (the workers' are reset by every collection).
-#[derive(Default)]
-struct Totals {
-    stats: Stats,
-}
-
-impl Totals {
-    async fn add(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
-        let s = fleet.collect().await?;
-        self.stats.merge(&s);
-        Ok(())
-    }
-}
-
 /// Runs the soak on a connected fleet of `n` agents for `duration`; true if every push was
 /// applied by every agent before the next one and the API agrees on the last.
 pub(crate) async fn phase(
@@ -176,8 +162,9 @@ pub(crate) async fn phase(
     errors: &mut std::collections::BTreeMap<String, u64>,
 ) -> anyhow::Result<(SoakReport, bool)> {
     let duration = opts.duration;
-    let mut totals = Totals::default();
-    totals.add(fleet).await?; // start from zero
+    // Counters since the soak started: every collection resets the workers' own.
+    let mut totals = Stats::default();
+    fleet.collect().await?; // start from zero
     let mut csv = String::from(CSV_HEADER);
     let mut report = SoakReport {
         churn_per_sec: plan.churn_per_sec,
@@ -214,12 +201,12 @@ pub(crate) async fn phase(
         }
         let now = Instant::now();
         if now >= next_sample {
-            totals.add(fleet).await?;
+            totals.merge(&fleet.collect().await?);
             let sample = sample(
                 measured,
                 start.elapsed().as_secs_f64(),
                 n,
-                &totals.stats,
+                &totals,
                 report.pushes.len(),
             );
             csv.push_str(&csv_row(&sample));
@@ -292,7 +279,7 @@ pub(crate) async fn phase(
             report.pushes[i].all_applied_secs = Some(at.elapsed().as_secs_f64());
         }
     }
-    totals.add(fleet).await?;
+    totals.merge(&fleet.collect().await?);
     if !report.pushes.is_empty() {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -304,7 +291,7 @@ pub(crate) async fn phase(
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
-    report.connects = totals.stats.connects;
+    report.connects = totals.connects;
     report.pushes_fully_applied = report
         .pushes
         .iter()
@@ -327,7 +314,7 @@ pub(crate) async fn phase(
         report.rss_end_kib = last.rss_kib;
         report.fds_end = last.fds;
     }
-    merge_errors(errors, std::mem::take(&mut totals.stats.errors));
+    merge_errors(errors, std::mem::take(&mut totals.errors));
     let ok = report.pushes_fully_applied == report.pushes.len() && report.api_applied_last >= n;
     Ok((report, ok))
 }
