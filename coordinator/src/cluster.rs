@@ -241,10 +241,18 @@ pub async fn start_coordinator(
         .await
         .context("connecting to Postgres")?,
     ));
+    // Two connections for lease rounds alone: under load the main pool is busy with agent
+    // writes, and a round that waits for a connection lets the leases lapse.
+    let lease_store = TimedStore::wrap(Arc::new(
+        PgStore::connect(&config.cluster.postgres_url, 2)
+            .await
+            .context("connecting to Postgres for leases")?,
+    ));
     let bus = connect_bus(config, &node).await?;
     let ownership = connect_ownership(config).await?;
     let coordinator = Coordinator::start(
         store.clone(),
+        lease_store,
         bus,
         ownership,
         CoordinatorConfig {
@@ -257,6 +265,7 @@ pub async fn start_coordinator(
             agent_ca,
             identity_validity: identity_validity(config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
+            push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
         },
     )
     .await

@@ -124,6 +124,10 @@ pub struct OpampSection {
     pub request_timeout_secs: u64,
     /// Outbound pushes queued per WebSocket connection before new ones are dropped.
     pub write_queue: u64,
+    /// Config offers a coordinator has sent in bulk (an assignment, a rollout stage) that no
+    /// agent has answered yet, at most: further offers wait for answers, so a push to a big
+    /// fleet goes out as fast as the cluster answers instead of flooding it.
+    pub push_window: u64,
     /// Attributes (key-values, array values) in one AgentToServer, nested ones included.
     pub max_attributes: u64,
     /// Components (health and available-component entries, nested ones included) in one
@@ -333,6 +337,7 @@ impl Default for OpampSection {
             heartbeat_interval_secs: 30,
             request_timeout_secs: 10,
             write_queue: 16,
+            push_window: 4096,
             max_attributes: 4096,
             max_components: 4096,
             max_config_files: 256,
@@ -680,6 +685,9 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.opamp.request_timeout_secs == 0 {
         errors.push("opamp.request_timeout_secs: must be at least 1".into());
+    }
+    if c.opamp.push_window == 0 {
+        errors.push("opamp.push_window: must be at least 1".into());
     }
     if c.opamp.write_queue == 0 {
         errors.push("opamp.write_queue: must be at least 1".into());

@@ -225,6 +225,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
 
     let coordinator = Coordinator::start(
         store.clone(),
+        store.clone(),
         bus.clone(),
         ownership.clone(),
         CoordinatorConfig {
@@ -238,6 +239,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             agent_ca,
             identity_validity: crate::node_config::identity_validity(&config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
+            push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
         },
     )
     .await

@@ -15,7 +15,8 @@
 //! - [`partitions`] and [`leases`]: which partitions are held, taking and handing them over;
 //! - [`tokens`], [`token_sessions`], [`scope`]: bootstrap tokens, who they speak for, scopes;
 //! - [`identities`], [`issuance`], [`crl`]: agent certificates;
-//! - [`assignments`]: config versions, assignments and delivery; [`drift`]: re-apply, adopt;
+//! - [`assignments`]: config versions and assignments; [`deliveries`]: paced bulk pushes;
+//!   [`drift`]: re-apply, adopt;
 //! - [`rollouts`]: groups and staged rollouts (plan, gates, the driver, operator actions);
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
@@ -24,6 +25,7 @@ mod api_tokens;
 mod assignments;
 mod audit;
 mod crl;
+mod deliveries;
 mod drift;
 pub mod fleet;
 mod frames;
@@ -38,7 +40,7 @@ mod token_sessions;
 mod tokens;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 
@@ -79,6 +81,8 @@ pub struct CoordinatorConfig {
     /// Refused authentications are audited once per source and reason per window, with the
     /// count of repeats ([`refusals`]).
     pub refusal_window: Duration,
+    /// Bulk config offers unanswered at once ([`deliveries`]).
+    pub push_window: usize,
 }
 
 /// One agent as the coordinator holds it.
@@ -150,20 +154,27 @@ pub struct Coordinator {
     /// up in the store (per coordinator, for tests; the miss count is also a metric).
     token_hits: AtomicU64,
     token_misses: AtomicU64,
+    /// Pushes to many agents go through one delivery task ([`deliveries`]), paced by `offers`.
+    deliveries: mpsc::UnboundedSender<Vec<deliveries::Push>>,
+    offers: deliveries::OfferWindow,
     /// Token redemptions go through one batching task (see [`run_redeemer`]).
     redeemer: mpsc::Sender<RedeemJob>,
     /// Agent events for the audit log go through one batching task (see [`run_agent_audit`]).
     agent_audit: mpsc::Sender<AgentAudit>,
-    /// Partitions this coordinator holds a lease on, with the lease's fence. Written only by
-    /// [`leases::rebalance`] and [`Coordinator::shutdown`].
-    held: StdMutex<HashMap<u16, i64>>,
-    /// Lease rounds never overlap (the timer and membership events both start them).
+    /// Partitions this coordinator holds a lease on and which of them it serves. Written by
+    /// [`leases::round`], the partition worker and [`Coordinator::shutdown`].
+    partitions: StdMutex<partitions::PartitionTable>,
+    /// Lease rounds never overlap, nor a release with a round.
     rebalancing: Mutex<()>,
+    /// Held by the partition worker while it carries out moves, and by shutdown.
+    partition_work: Mutex<()>,
+    /// Starts a lease round at once (a coordinator joined or left).
+    lease_wake: Arc<tokio::sync::Notify>,
+    /// When (Unix ms) the coordinator's runtime last ran its beat task: lease rounds, on a
+    /// thread of their own, renew only while the runtime that serves the partitions runs.
+    runtime_beat: std::sync::atomic::AtomicI64,
     /// Set by `shutdown`: no more lease rounds, partitions are being handed over.
     stopping: AtomicBool,
-    /// Partitions held and served (agents loaded, subscribed) as of the end of the last lease
-    /// round; for readiness checks and tests.
-    serving: std::sync::atomic::AtomicUsize,
     /// When (Unix ms) the last successful lease round asked for its leases: they hold until
     /// this plus the TTL, and not provably after (see `lease_lapsed`).
     leased_at: std::sync::atomic::AtomicI64,
@@ -202,25 +213,35 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
             ControlEvent::IdentityConfirmed { serial } => {
                 let _ = c.load_identity(&serial).await;
             }
-            ControlEvent::MembershipChanged => {
-                if let Err(e) = leases::rebalance(&c).await {
-                    tracing::error!(error = %e, "partition rebalance failed");
-                }
-            }
+            ControlEvent::MembershipChanged => c.lease_wake.notify_one(),
         }
     }
 }
 
-/// Renews leases every third of their TTL; also picks up assignments whose control event was
-/// lost (the bus is at-most-once).
-async fn run_leases(weak: std::sync::Weak<Coordinator>) {
+/// Marks the runtime alive several times per lease round (see `runtime_beat`).
+async fn run_beat(weak: std::sync::Weak<Coordinator>) {
+    let period = match weak.upgrade() {
+        Some(c) => c.cfg.lease_ttl / 12,
+        None => return,
+    };
+    let mut beats = tokio::time::interval(period);
+    loop {
+        beats.tick().await;
+        let Some(c) = weak.upgrade() else { return };
+        c.runtime_beat
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every third of the lease TTL, picks up assignments, rollouts, tokens and identities whose
+/// control event was lost (the bus is at-most-once). The leases themselves are renewed on
+/// their own thread ([`leases::spawn_rounds`]).
+async fn run_syncs(weak: std::sync::Weak<Coordinator>) {
     let mut identities_synced = tokio::time::Instant::now();
     let period = match weak.upgrade() {
         Some(c) => c.cfg.lease_ttl / 3,
         None => return,
     };
-    // Rounds start a period apart however long the syncs after each take, so a slow sync
-    // does not let the leases lapse (see `Coordinator::lease_lapsed`).
     let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -228,9 +249,6 @@ async fn run_leases(weak: std::sync::Weak<Coordinator>) {
         let Some(c) = weak.upgrade() else { return };
         if c.is_stopping() {
             return;
-        }
-        if let Err(e) = leases::rebalance(&c).await {
-            tracing::error!(error = %e, "partition lease renewal failed");
         }
         c.sync_assignments().await;
         c.sync_rollouts().await;
@@ -286,9 +304,12 @@ fn shard_of(uid: &InstanceUid) -> usize {
 
 impl Coordinator {
     /// Loads agents, configs and assignments from the store and starts the background tasks
-    /// (status flusher, HTTP liveness reaper). Call [`Coordinator::flush`] on shutdown.
+    /// (status flusher, HTTP liveness reaper, lease thread). Lease rounds use `lease_store`:
+    /// in a cluster a small pool of its own, so that they never queue behind agent writes.
+    /// Call [`Coordinator::shutdown`] on shutdown.
     pub async fn start(
         store: Arc<dyn Store>,
+        lease_store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         ownership: Arc<dyn Ownership>,
         cfg: CoordinatorConfig,
@@ -299,6 +320,7 @@ impl Coordinator {
         };
         let (redeemer, jobs) = mpsc::channel(4 * REDEEM_BATCH);
         tokio::spawn(run_redeemer(store.clone(), jobs));
+        let (deliveries, delivery_jobs) = mpsc::unbounded_channel();
         let (agent_audit, events) = mpsc::channel(4 * AGENT_AUDIT_BATCH);
         tokio::spawn(run_agent_audit(store.clone(), events));
         let mut tokens = TokenCache::default();
@@ -315,10 +337,12 @@ impl Coordinator {
             identities.entry(i.instance_uid).or_default().push(i);
         }
         let this = Arc::new(Self {
-            held: StdMutex::new(HashMap::new()),
+            partitions: StdMutex::new(partitions::PartitionTable::default()),
             rebalancing: Mutex::new(()),
+            partition_work: Mutex::new(()),
+            lease_wake: Arc::new(tokio::sync::Notify::new()),
+            runtime_beat: std::sync::atomic::AtomicI64::new(now_ms()),
             stopping: AtomicBool::new(false),
-            serving: std::sync::atomic::AtomicUsize::new(0),
             leased_at: std::sync::atomic::AtomicI64::new(0),
             identities: RwLock::new(identities),
             identity_watermark: Mutex::new(identities_read_at),
@@ -332,6 +356,8 @@ impl Coordinator {
             token_misses: AtomicU64::new(0),
             redeemer,
             agent_audit,
+            deliveries,
+            offers: deliveries::OfferWindow::new(cfg.push_window),
             store: store.clone(),
             bus,
             ownership,
@@ -367,12 +393,29 @@ impl Coordinator {
             .serve_coordinator(this.clone())
             .await
             .map_err(|e| StoreError::NotApplied(format!("bus: {e}")))?;
-        // Ready only once this coordinator holds its share: the first round also tells the
-        // others (through the membership) that it joined.
-        leases::rebalance(&this).await?;
+        // Ready only once this coordinator holds and serves its share: the first round also
+        // tells the others (through the membership) that it joined.
+        let first = leases::round(&this, &*lease_store).await?;
+        this.carry_out(&first, &first.gained.iter().copied().collect())
+            .await?;
         let _ = this.bus.broadcast(ControlEvent::MembershipChanged).await;
+        tokio::spawn(run_beat(Arc::downgrade(&this)));
+        let (moves, moved) = mpsc::unbounded_channel();
+        tokio::spawn(partitions::run_moves(Arc::downgrade(&this), moved));
+        leases::spawn_rounds(
+            Arc::downgrade(&this),
+            lease_store,
+            moves,
+            this.lease_wake.clone(),
+            this.cfg.lease_ttl / 3,
+        )
+        .map_err(|e| StoreError::NotApplied(format!("starting the lease thread: {e}")))?;
+        tokio::spawn(deliveries::run_deliveries(
+            Arc::downgrade(&this),
+            delivery_jobs,
+        ));
         tokio::spawn(run_control(Arc::downgrade(&this), control));
-        tokio::spawn(run_leases(Arc::downgrade(&this)));
+        tokio::spawn(run_syncs(Arc::downgrade(&this)));
         tokio::spawn(run_token_sync(Arc::downgrade(&this), token_sync_wanted));
         tokio::spawn(rollouts::run_engine(Arc::downgrade(&this)));
         let weak = Arc::downgrade(&this);
@@ -396,11 +439,6 @@ impl Coordinator {
 
     pub async fn ready(&self) -> bool {
         self.store.ping().await.is_ok()
-    }
-
-    /// How many partitions this coordinator fully serves (see `serving`).
-    pub fn partitions_served(&self) -> usize {
-        self.serving.load(Ordering::Relaxed)
     }
 
     /// This coordinator's node name (its name on partition leases).

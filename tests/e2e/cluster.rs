@@ -234,6 +234,78 @@ async fn a_crashed_coordinators_partitions_are_taken_over_and_pushes_still_arriv
     c.stop().await
 }
 
+/// Lease renewal never waits for partition work: with the agents table locked, a join's
+/// hand-over (the giver's flush) and take-over (the taker's load) cannot finish, yet every
+/// lease stays live and is renewed past its TTL; once the table is free the moves complete
+/// and every agent is still served. A round that loads or flushes inside itself lets its
+/// leases lapse here within one TTL.
+#[tokio::test]
+async fn leases_are_renewed_while_taking_or_handing_over_partitions_is_stuck() -> anyhow::Result<()>
+{
+    use sqlx::{Connection as _, PgConnection};
+
+    let mut c = Cluster::start(1, 1, |_| {}).await?;
+    let ttl = i64::try_from(c.base.cluster.lease_ttl_ms)?;
+    let endpoint = c.ws_url_of(0)?;
+    let agents = fleet_of(&c, &endpoint, 20, "stuck", false).await?;
+    let uids: Vec<String> = agents.iter().map(|(_, u)| u.clone()).collect();
+
+    let mut db = PgConnection::connect(&c.base.cluster.postgres_url).await?;
+    let mut lock = db.begin().await?;
+    sqlx::query("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await?;
+    let locked_at = shared::now_ms();
+    c.add_coordinator().await?;
+    let live = ["coord-0", "coord-1"];
+    // A lapse ends the wait at once (`Some(Err)`): `eventually` would retry an error.
+    let verdict: Result<(), String> = eventually(
+        "every lease renewed a TTL after the lock while moves are stuck",
+        DEADLINE,
+        || async {
+            let now = shared::now_ms();
+            let v = c.api().get("/api/v1/cluster").await?;
+            let leases = v["partitions"].as_array().context("partitions")?;
+            if let Some(l) = leases.iter().find(|l| {
+                l["expires_ms"].as_i64().unwrap_or_default() <= now
+                    || !live.contains(&l["holder"].as_str().unwrap_or_default())
+            }) {
+                return Ok(Some(Err(format!(
+                    "a lease lapsed while moves were stuck: {l}"
+                ))));
+            }
+            let served: usize = (0..2)
+                .map(|i| c.coordinator_of(i).map(|n| n.partitions_served()))
+                .sum::<anyhow::Result<usize>>()?;
+            if served == 256 {
+                return Ok(Some(Err(
+                    "the moves finished with the agents table locked".into()
+                )));
+            }
+            let oldest = leases
+                .iter()
+                .filter_map(|l| l["expires_ms"].as_i64())
+                .min()
+                .unwrap_or_default();
+            let renewed = leases.len() == 256 && oldest > locked_at + 2 * ttl;
+            Ok(renewed.then_some(Ok(())))
+        },
+    )
+    .await?;
+    verdict.map_err(anyhow::Error::msg)?;
+    lock.rollback().await?;
+
+    c.settled().await?;
+    wait_all(&c, &uids, "connected after the moves", |a| {
+        a["connected"] == true
+    })
+    .await?;
+    for (a, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}
+
 #[tokio::test]
 async fn a_stopping_coordinator_hands_its_partitions_over_at_once() -> anyhow::Result<()> {
     // A long TTL: the hand-over must not wait for it.

@@ -193,6 +193,7 @@ impl Coordinator {
     /// Only the connection the agent currently talks through can take it offline: a late
     /// notice from a connection it already replaced changes nothing.
     pub(super) async fn disconnected(&self, uid: InstanceUid, gateway: GatewayId, conn_id: u64) {
+        self.offers.answered(&uid);
         let Some(slot) = self.slot(&uid) else { return };
         let mut e = slot.lock().await;
         let current = matches!(&e.conn, Some((gw, c, _)) if *gw == gateway && *c == conn_id);
@@ -256,7 +257,7 @@ impl Coordinator {
             }
             return Ok(Some(record));
         }
-        if self.holds(uid.partition()) {
+        if self.answers(uid.partition()) {
             return Ok(None);
         }
         self.store.get_agent(uid).await

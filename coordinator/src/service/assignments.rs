@@ -7,15 +7,11 @@ use super::{Coordinator, ServiceError};
 use crate::session::{self, AgentState, Desired};
 use shared::bus::{ControlEvent, GatewayMessage};
 use shared::domain::{AgentRecord, Assignment, ConfigMap, ConfigVersion, Target, Transport};
-use shared::ids::{GatewayId, InstanceUid};
+use shared::ids::InstanceUid;
 use shared::now_ms;
 use shared::store::{NewAssignment, NewConfigVersion, StoreError};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
-
-/// Pushes whose owners are looked up together (one Redis `MGET`) and then sent per gateway:
-/// enough to fill coalesced NATS messages, few enough to start sending early in a big rollout.
-const DELIVERY_CHUNK: usize = 1_000;
 
 impl Coordinator {
     /// Loads assignments created by any coordinator since we last looked and applies them to
@@ -244,51 +240,7 @@ impl Coordinator {
                 pushes.push((uid, msg));
             }
         }
-        self.deliver_all(pushes).await;
-    }
-
-    /// Delivers many pushes: owners looked up [`DELIVERY_CHUNK`] at a time in one batched
-    /// lookup, then each chunk's pushes sent per gateway (`Bus::deliver_many`, which the NATS
-    /// bus coalesces), the gateways in parallel. Awaiting a lookup and a publish per agent
-    /// made a rollout as slow as their sum.
-    pub(super) async fn deliver_all(&self, pushes: Vec<(InstanceUid, proto::ServerToAgent)>) {
-        let mut pushes = pushes.into_iter().peekable();
-        while pushes.peek().is_some() {
-            let chunk: Vec<_> = pushes.by_ref().take(DELIVERY_CHUNK).collect();
-            self.deliver_chunk(chunk).await;
-        }
-    }
-
-    async fn deliver_chunk(&self, pushes: Vec<(InstanceUid, proto::ServerToAgent)>) {
-        let uids: Vec<InstanceUid> = pushes.iter().map(|(uid, _)| *uid).collect();
-        let owners = match self.ownership.lookup_many(&uids).await {
-            Ok(owners) => owners,
-            Err(e) => {
-                // At-most-once: each agent's next report re-triggers its offer.
-                tracing::warn!(agents = uids.len(), error = %e, "ownership lookup failed");
-                return;
-            }
-        };
-        let mut by_gateway: HashMap<GatewayId, Vec<GatewayMessage>> = HashMap::new();
-        for ((uid, msg), owner) in pushes.into_iter().zip(owners) {
-            // Not connected anywhere: nothing to push to.
-            let Some(owner) = owner else { continue };
-            by_gateway
-                .entry(owner.gateway)
-                .or_default()
-                .push(GatewayMessage::Deliver {
-                    uid,
-                    epoch: owner.epoch,
-                    msg: Box::new(msg),
-                });
-        }
-        let sends = by_gateway.into_iter().map(|(gateway, msgs)| async move {
-            let count = msgs.len();
-            if let Err(e) = self.bus.deliver_many(&gateway, msgs).await {
-                tracing::debug!(%gateway, pushes = count, error = %e, "pushes not delivered");
-            }
-        });
-        futures::future::join_all(sends).await;
+        self.deliver_all(pushes);
     }
 
     pub(super) async fn deliver(&self, uid: InstanceUid, msg: proto::ServerToAgent) {

@@ -69,7 +69,11 @@ impl Coordinator {
         // partition, or one that woke from a stall longer than its lease and does not know
         // yet whether it was taken over: the agent retries and finds the owner.
         let routed = claimed.map_or(0, |u| u.partition());
-        if !self.holds(routed) || self.lease_lapsed() {
+        if let Some(uid) = &claimed {
+            // Any frame answers a bulk offer (see `deliveries`).
+            self.offers.answered(uid);
+        }
+        if !self.answers(routed) || self.lease_lapsed() {
             return FrameReply {
                 msg: session::unavailable_reply(&msg.instance_uid, "partition is moving, retry"),
                 bind: None,
@@ -310,7 +314,7 @@ impl Coordinator {
                 }
             }
         }
-        if assigned && !self.holds(uid.partition()) {
+        if assigned && !self.answers(uid.partition()) {
             // A fresh uid belongs to whichever coordinator serves its partition: that one
             // gets the agent's next frame, finds it new and asks for its full state.
             drop(entry);

@@ -1,21 +1,26 @@
 //! Which coordinator serves which partition of agents.
 //!
 //! Every coordinator runs the same loop every third of the lease TTL (and at once when a
-//! coordinator joins or leaves): mark itself alive in the store, compute from the live
-//! membership which partitions it *should* hold, hand over the ones it should no longer hold,
-//! then renew and acquire leases. Targets come from rendezvous hashing, so every coordinator
+//! coordinator joins or leaves), on a thread of its own: mark itself alive in the store,
+//! compute from the live membership which partitions it *should* hold, mark the ones it should
+//! no longer hold as leaving, then renew and acquire leases. The partition worker carries the
+//! decisions out (loads what was gained, hands over what is leaving and then releases it), so
+//! a round is two store queries and never waits for that work. Targets come from rendezvous hashing, so every coordinator
 //! computes the same map from the same membership, and a join or leave moves only about 1/n of
 //! the partitions. A partition changes hands only through the store: the giver releases (or its
 //! lease expires) before the taker's `acquire_leases` can succeed, so two coordinators never
 //! both believe they hold it at the same fence.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use shared::bus::ControlEvent;
 use shared::ids::PARTITIONS;
 use shared::now_ms;
-use shared::store::StoreError;
+use shared::store::{Store, StoreError};
+use tokio::sync::{mpsc, Notify};
 
+use super::partitions::Moves;
 use super::rollouts::gates::Outage;
 use super::Coordinator;
 
@@ -45,53 +50,58 @@ fn weight(member: &str, partition: u16) -> u64 {
     h ^ (h >> 33)
 }
 
-/// One round of the lease protocol (see the module docs). Rounds never overlap.
-pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
+/// One round of the lease protocol (see the module docs). Rounds never overlap. Only the
+/// store's lease rows are touched here; what the round decided is returned for the partition
+/// worker ([`super::partitions::run_moves`]) to carry out.
+pub(crate) async fn round(c: &Coordinator, store: &dyn Store) -> Result<Moves, StoreError> {
     let _round = c.rebalancing.lock().await;
     if c.is_stopping() {
-        return Ok(());
+        return Ok(Moves::default());
     }
     let ttl = i64::try_from(c.cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
-    let members = c
-        .store
+    let stalled_ms = now_ms() - c.runtime_beat.load(std::sync::atomic::Ordering::Relaxed);
+    if stalled_ms > ttl / 3 {
+        // The coordinator's own runtime is not running (wedged, or frozen while this thread
+        // is not): renewing would keep its partitions from everyone while nobody serves them.
+        tracing::warn!(stalled_ms, "coordinator runtime stalled; lease not renewed");
+        return Ok(Moves::default());
+    }
+    let members = store
         .coordinator_heartbeat(&c.cfg.node, now_ms(), ttl)
         .await?;
     let want = targets(&c.cfg.node, &members);
     let before = c.held();
-
+    let leaving = c.leaving();
     let give: Vec<u16> = before
         .keys()
         .copied()
-        .filter(|p| !want.contains(p))
+        .filter(|p| !want.contains(p) && !leaving.contains(p))
         .collect();
-    if !give.is_empty() {
-        c.hand_over(&give).await;
-        c.store.release_leases(&c.cfg.node, &give).await?;
-        // The takers act at once instead of at their next round. Converges: a round that
-        // gives nothing away broadcasts nothing.
-        let _ = c.bus.broadcast(ControlEvent::MembershipChanged).await;
-    }
+    // Partitions being handed over stay leased until the worker has flushed and released
+    // them, even when wanted again meanwhile: they are taken afresh after the release.
+    let mut renew = want.clone();
+    renew.extend(leaving.iter().chain(&give).filter(|p| !want.contains(p)));
 
     let asked_at = now_ms();
-    let leases = c
-        .store
-        .acquire_leases(&c.cfg.node, &want, asked_at, ttl)
+    let leases = store
+        .acquire_leases(&c.cfg.node, &renew, asked_at, ttl)
         .await?;
     let after: HashMap<u16, i64> = leases.iter().map(|l| (l.partition, l.fence)).collect();
     // A lease we got back after it expired keeps our memory only if nobody held it in between
     // (the fence moved by exactly our own re-acquisition).
     let kept = |p: &u16| matches!((before.get(p), after.get(p)), (Some(old), Some(new)) if new == old || *new == old + 1);
-    let lost: Vec<u16> = before
+    let still_leaving: HashSet<u16> = leaving.iter().chain(&give).copied().filter(kept).collect();
+    let lost: Vec<u16> = before.keys().copied().filter(|p| !kept(p)).collect();
+    let gained: Vec<u16> = after
         .keys()
         .copied()
-        .filter(|p| !give.contains(p) && !kept(p))
+        .filter(|p| !kept(p) && !still_leaving.contains(p))
         .collect();
-    let gained: Vec<u16> = after.keys().copied().filter(|p| !kept(p)).collect();
-    if !lost.is_empty() {
-        tracing::warn!(partitions = lost.len(), "partition leases lost");
-        c.drop_partitions(&lost).await;
-    }
-    c.set_held(after);
+    let give: Vec<u16> = give
+        .into_iter()
+        .filter(|p| still_leaving.contains(p))
+        .collect();
+    c.record_round(after, still_leaving, &lost);
     let previous = c
         .leased_at
         .swap(asked_at, std::sync::atomic::Ordering::Relaxed);
@@ -108,23 +118,61 @@ pub(crate) async fn rebalance(c: &Coordinator) -> Result<(), StoreError> {
         );
         *c.lease_outage.lock().unwrap_or_else(|p| p.into_inner()) = Some(outage);
     }
-    if !gained.is_empty() {
-        // Identities confirmed through the previous owner refuse their agents' tokens here too.
-        c.sync_identities().await;
-        c.take_partitions(&gained).await?;
-    }
-    c.serving
-        .store(c.held_count(), std::sync::atomic::Ordering::Relaxed);
     if !give.is_empty() || !gained.is_empty() || !lost.is_empty() {
         tracing::info!(
             members = members.len(),
             held = c.held_count(),
-            gave = give.len(),
+            give = give.len(),
             gained = gained.len(),
             lost = lost.len(),
-            "partitions rebalanced"
+            "partition leases changed"
         );
     }
+    Ok(Moves { lost, give, gained })
+}
+
+/// Runs lease rounds every third of the TTL, and at once when `wake` is notified (a
+/// coordinator joined or left), on a thread and runtime of their own with `store` (in a
+/// cluster a connection pool of its own): however busy the coordinator's runtime and main
+/// pool are, its leases are renewed on time. Stops when the coordinator is dropped or stops.
+pub(crate) fn spawn_rounds(
+    weak: Weak<Coordinator>,
+    store: Arc<dyn Store>,
+    moves: mpsc::UnboundedSender<Moves>,
+    wake: Arc<Notify>,
+    period: Duration,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("ampora-leases".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut rounds =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = rounds.tick() => {}
+                        () = wake.notified() => {}
+                    }
+                    let Some(c) = weak.upgrade() else { return };
+                    if c.is_stopping() {
+                        return;
+                    }
+                    match round(&c, &*store).await {
+                        Ok(m) if !m.is_empty() => {
+                            if moves.send(m).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "partition lease round failed"),
+                    }
+                }
+            });
+        })?;
     Ok(())
 }
 
