@@ -244,8 +244,7 @@ pub async fn start_coordinator(
     // Two connections for lease rounds alone: under load the main pool is busy with agent
     // writes, and a round that waits for a connection lets the leases lapse.
     let lease_store = TimedStore::wrap(Arc::new(
-        PgStore::connect(&config.cluster.postgres_url, 2)
-            .await
+        PgStore::connect_lazy(&config.cluster.postgres_url, 2)
             .context("connecting to Postgres for leases")?,
     ));
     let bus = connect_bus(config, &node).await?;

@@ -132,6 +132,14 @@ fn describe_metrics() {
     crate::store::timed::describe_metrics();
     crate::service::rollouts::describe_metrics();
     metrics::describe_counter!(
+        "ampora_push_answers_overdue_total",
+        "Bulk config offers no agent answered within 5 s (their place in the push window freed)"
+    );
+    metrics::describe_gauge!(
+        "ampora_push_queue_jobs",
+        "Bulk config pushes waiting for the delivery task"
+    );
+    metrics::describe_counter!(
         "ampora_store_agent_writes_total",
         "Agent records written to the store in batches"
     );

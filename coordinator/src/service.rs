@@ -304,8 +304,9 @@ fn shard_of(uid: &InstanceUid) -> usize {
 
 impl Coordinator {
     /// Loads agents, configs and assignments from the store and starts the background tasks
-    /// (status flusher, HTTP liveness reaper, lease thread). Lease rounds use `lease_store`:
-    /// in a cluster a small pool of its own, so that they never queue behind agent writes.
+    /// (status flusher, HTTP liveness reaper, lease thread). Lease rounds after the first use
+    /// `lease_store`: in a cluster a small pool of its own that connects from the lease thread,
+    /// so that they never queue behind agent writes nor wait for the main runtime's I/O.
     /// Call [`Coordinator::shutdown`] on shutdown.
     pub async fn start(
         store: Arc<dyn Store>,
@@ -395,7 +396,7 @@ impl Coordinator {
             .map_err(|e| StoreError::NotApplied(format!("bus: {e}")))?;
         // Ready only once this coordinator holds and serves its share: the first round also
         // tells the others (through the membership) that it joined.
-        let first = leases::round(&this, &*lease_store).await?;
+        let first = leases::round(&this, &*this.store).await?;
         this.carry_out(&first, &first.gained.iter().copied().collect())
             .await?;
         let _ = this.bus.broadcast(ControlEvent::MembershipChanged).await;

@@ -56,22 +56,34 @@ impl OfferWindow {
         self.unanswered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records an offer to `uid` as unanswered if a place is free.
+    fn try_admit(&self, uid: InstanceUid) -> bool {
+        match self.places.clone().try_acquire_owned() {
+            Ok(place) => {
+                self.hold(uid, place);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Waits for a free place, then records an offer to `uid` as unanswered.
     async fn admit(&self, uid: InstanceUid) {
         loop {
             let wait = ANSWER_DEADLINE / 5;
             match tokio::time::timeout(wait, self.places.clone().acquire_owned()).await {
-                Ok(Ok(place)) => {
-                    let mut u = self.unanswered();
-                    // A second offer to the same agent replaces the first one's place.
-                    u.insert(uid, (place, Instant::now()));
-                    self.count.store(u.len(), Ordering::Relaxed);
-                    return;
-                }
+                Ok(Ok(place)) => return self.hold(uid, place),
                 Ok(Err(_)) => return,
                 Err(_) => self.expire(),
             }
         }
+    }
+
+    fn hold(&self, uid: InstanceUid, place: OwnedSemaphorePermit) {
+        let mut u = self.unanswered();
+        // A second offer to the same agent replaces the first one's place.
+        u.insert(uid, (place, Instant::now()));
+        self.count.store(u.len(), Ordering::Relaxed);
     }
 
     /// `uid` answered (or went away): its place is free.
@@ -146,7 +158,12 @@ impl Coordinator {
         for ((uid, msg), owner) in current.into_iter().zip(owners) {
             // Not connected anywhere: nothing to push to.
             let Some(owner) = owner else { continue };
-            self.offers.admit(uid).await;
+            if !self.offers.try_admit(uid) {
+                // The window is full: what is admitted goes out first, so that its answers
+                // can free the places this one waits for.
+                self.send(std::mem::take(&mut by_gateway)).await;
+                self.offers.admit(uid).await;
+            }
             by_gateway
                 .entry(owner.gateway)
                 .or_default()
@@ -156,6 +173,11 @@ impl Coordinator {
                     msg: Box::new(msg),
                 });
         }
+        self.send(by_gateway).await;
+    }
+
+    /// Sends each gateway its pushes, the gateways in parallel.
+    async fn send(&self, by_gateway: HashMap<GatewayId, Vec<GatewayMessage>>) {
         let sends = by_gateway.into_iter().map(|(gateway, msgs)| async move {
             let count = msgs.len();
             if let Err(e) = self.bus.deliver_many(&gateway, msgs).await {

@@ -78,6 +78,20 @@ impl PgStore {
         Ok(Self::new(pool))
     }
 
+    /// A pool of up to `max_connections` to `url` that connects on first use, in the runtime
+    /// that uses it (the lease thread's), without migrating: for a second pool beside the
+    /// one [`PgStore::connect`] opened.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::NotApplied(format!("parsing postgres url: {e}")))?
+            .application_name("ampora-leases");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(Self::new(pool))
+    }
+
     /// Creates an empty database with a fresh random name (`ampora_test_…`) on the server
     /// `admin_url` points at, and returns `admin_url` with its database replaced by the new one.
     /// For tests; drop it with [`PgStore::drop_test_database`] (or use [`TestDatabase`]).
