@@ -14,6 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
+/// Agents written per transaction. A fenced write holds its leases' rows until it commits
+/// and renewing those leases waits for it: 50,000 agents with their effective configs in one
+/// transaction kept a busy coordinator's renewal waiting past the lease TTL.
+const FLUSH_CHUNK: usize = 1_000;
+
 impl Coordinator {
     pub(super) fn insert_entry(&self, record: AgentRecord) -> Slot {
         let uid = record.instance_uid;
@@ -63,12 +68,30 @@ impl Coordinator {
         self.fleet_generation.load(Ordering::Relaxed)
     }
 
-    /// Writes every changed agent in one batch.
+    /// Writes every changed agent, [`FLUSH_CHUNK`] to a transaction.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let uids: Vec<InstanceUid> = match self.dirty.lock() {
             Ok(mut d) => d.drain().collect(),
             Err(_) => return Ok(0),
         };
+        let mut written = 0;
+        let mut chunks = uids.chunks(FLUSH_CHUNK);
+        while let Some(chunk) = chunks.next() {
+            match self.flush_chunk(chunk.to_vec()).await {
+                Ok(n) => written += n,
+                Err(e) => {
+                    // The rest stay dirty for the next flush, as the failed chunk does.
+                    if let Ok(mut d) = self.dirty.lock() {
+                        d.extend(chunks.flatten().copied());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    async fn flush_chunk(&self, uids: Vec<InstanceUid>) -> Result<usize, StoreError> {
         if uids.is_empty() {
             return Ok(0);
         }

@@ -60,9 +60,10 @@ pub(crate) async fn round(c: &Coordinator, store: &dyn Store) -> Result<Moves, S
     }
     let ttl = i64::try_from(c.cfg.lease_ttl.as_millis()).unwrap_or(i64::MAX);
     let stalled_ms = now_ms() - c.runtime_beat.load(std::sync::atomic::Ordering::Relaxed);
-    if stalled_ms > ttl / 3 {
-        // The coordinator's own runtime is not running (wedged, or frozen while this thread
-        // is not): renewing would keep its partitions from everyone while nobody serves them.
+    if stalled_ms > ttl * 2 / 3 {
+        // The coordinator's own runtime has not run for most of a TTL (wedged, or frozen while
+        // this thread is not): renewing would keep its partitions from everyone while nobody
+        // serves them. A shorter stall is load, which a take-over would only add to.
         tracing::warn!(stalled_ms, "coordinator runtime stalled; lease not renewed");
         return Ok(Moves::default());
     }
