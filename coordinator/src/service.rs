@@ -53,7 +53,7 @@ use shared::ids::{GatewayId, InstanceUid};
 use shared::now_ms;
 use shared::ownership::Ownership;
 use shared::store::{Store, StoreError};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::session::{self, AgentState, Desired, OpampOffer};
 use audit::{run_agent_audit, AgentAudit, AGENT_AUDIT_BATCH};
@@ -218,8 +218,9 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
     }
 }
 
-/// Marks the runtime alive several times per lease round (see `runtime_beat`).
-async fn run_beat(weak: std::sync::Weak<Coordinator>) {
+/// Marks the runtime alive several times per lease round (see `runtime_beat`). Holds the
+/// sender whose drop, with the runtime, ends the lease thread.
+async fn run_beat(weak: std::sync::Weak<Coordinator>, _runtime_alive: oneshot::Sender<()>) {
     let period = match weak.upgrade() {
         Some(c) => c.cfg.lease_ttl / 12,
         None => return,
@@ -400,7 +401,8 @@ impl Coordinator {
         this.carry_out(&first, &first.gained.iter().copied().collect())
             .await?;
         let _ = this.bus.broadcast(ControlEvent::MembershipChanged).await;
-        tokio::spawn(run_beat(Arc::downgrade(&this)));
+        let (runtime_alive, runtime_gone) = oneshot::channel();
+        tokio::spawn(run_beat(Arc::downgrade(&this), runtime_alive));
         let (moves, moved) = mpsc::unbounded_channel();
         tokio::spawn(partitions::run_moves(Arc::downgrade(&this), moved));
         leases::spawn_rounds(
@@ -409,6 +411,7 @@ impl Coordinator {
             moves,
             this.lease_wake.clone(),
             this.cfg.lease_ttl / 3,
+            runtime_gone,
         )
         .map_err(|e| StoreError::NotApplied(format!("starting the lease thread: {e}")))?;
         tokio::spawn(deliveries::run_deliveries(

@@ -18,7 +18,7 @@ use std::time::Duration;
 use shared::ids::PARTITIONS;
 use shared::now_ms;
 use shared::store::{Store, StoreError};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::partitions::Moves;
 use super::rollouts::gates::Outage;
@@ -137,12 +137,15 @@ pub(crate) async fn round(c: &Coordinator, store: &dyn Store) -> Result<Moves, S
 /// coordinator joined or left), on a thread and runtime of their own with `store` (in a
 /// cluster a connection pool of its own): however busy the coordinator's runtime and main
 /// pool are, its leases are renewed on time. Stops when the coordinator is dropped or stops.
+/// `runtime_gone` resolves when the coordinator's runtime is dropped (its sender lives in a
+/// task there): the thread ends with it, as it would with the process.
 pub(crate) fn spawn_rounds(
     weak: Weak<Coordinator>,
     store: Arc<dyn Store>,
     moves: mpsc::UnboundedSender<Moves>,
     wake: Arc<Notify>,
     period: Duration,
+    mut runtime_gone: oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -158,6 +161,7 @@ pub(crate) fn spawn_rounds(
                     tokio::select! {
                         _ = rounds.tick() => {}
                         () = wake.notified() => {}
+                        _ = &mut runtime_gone => return,
                     }
                     let Some(c) = weak.upgrade() else { return };
                     if c.is_stopping() {
