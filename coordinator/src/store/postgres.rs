@@ -57,18 +57,26 @@ pub type PgStore = SqlStore<PgDialect>;
 /// Postgres' side of the SQL store (see `store::dialect`).
 pub struct PgDialect;
 
+/// `url` parsed, naming the connections `application` in Postgres' views.
+fn connect_options(url: &str, application: &str) -> Result<PgConnectOptions, StoreError> {
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::NotApplied(format!("parsing postgres url: {e}")))?
+        .application_name(application))
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+}
+
 impl PgStore {
     /// Connects a pool of up to `max_connections` to `url` (a `postgres://` URL) and brings the
     /// schema up to date. Coordinators starting together are safe: sqlx serialises migrations
     /// with an advisory lock.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::NotApplied(format!("parsing postgres url: {e}")))?
-            .application_name("ampora");
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+        let pool = pool_options(max_connections)
+            .connect_with(connect_options(url, "ampora")?)
             .await
             .map_err(|e| StoreError::NotApplied(format!("connecting to postgres: {e}")))?;
         sqlx::migrate!("migrations/postgres")
@@ -82,13 +90,8 @@ impl PgStore {
     /// that uses it (the lease thread's), without migrating: for a second pool beside the
     /// one [`PgStore::connect`] opened.
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::NotApplied(format!("parsing postgres url: {e}")))?
-            .application_name("ampora-leases");
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
+        let pool =
+            pool_options(max_connections).connect_lazy_with(connect_options(url, "ampora-leases")?);
         Ok(Self::new(pool))
     }
 
