@@ -265,6 +265,8 @@ pub async fn start_coordinator(
             identity_validity: identity_validity(config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
             push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
+            // Hosting needs a blob store the gateways can read: the embedded default only.
+            packages: None,
         },
     )
     .await

@@ -27,6 +27,35 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub api: ApiSection,
     pub log: LogSection,
+    pub packages: PackagesSection,
+}
+
+/// Agent packages: which signed artifacts may be imported and how they are handed out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackagesSection {
+    /// minisign public keys (the base64 line of a `minisign.pub`); an artifact signed by one
+    /// of them may be imported.
+    pub trusted_keys: Vec<String>,
+    /// Import artifacts without a signature (a bad signature is always refused).
+    pub allow_unsigned: bool,
+    pub max_artifact_bytes: u64,
+    /// Failed installs of a package set after which an agent is marked failed.
+    pub max_install_attempts: u32,
+    /// Lifetime of the download credential in each offer (at most 900).
+    pub download_token_ttl_secs: u64,
+}
+
+impl Default for PackagesSection {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Vec::new(),
+            allow_unsigned: false,
+            max_artifact_bytes: 1 << 30,
+            max_install_attempts: 3,
+            download_token_ttl_secs: 600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -745,6 +774,12 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.cluster.max_bus_message_bytes < c.opamp.max_frame_bytes {
         errors.push("cluster.max_bus_message_bytes: must be at least opamp.max_frame_bytes".into());
+    }
+    if !(1..=900).contains(&c.packages.download_token_ttl_secs) {
+        errors.push("packages.download_token_ttl_secs: must be 1 to 900".into());
+    }
+    if c.packages.max_install_attempts == 0 {
+        errors.push("packages.max_install_attempts: must be at least 1".into());
     }
     if !matches!(c.log.format.as_str(), "text" | "json") {
         errors.push(format!(

@@ -57,6 +57,8 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
         },
         decode_budget_bytes: usize::try_from(config.opamp.decode_budget_bytes)
             .unwrap_or(usize::MAX),
+        // Set by the embedded default, which hosts package artifacts.
+        downloads: None,
     }
 }
 

@@ -131,6 +131,7 @@ fn describe_metrics() {
     metrics::gauge!("ampora_cluster_partitions").set(f64::from(shared::ids::PARTITIONS));
     crate::store::timed::describe_metrics();
     crate::service::rollouts::describe_metrics();
+    crate::service::packages::describe_metrics();
     metrics::describe_counter!(
         "ampora_push_answers_overdue_total",
         "Bulk config offers no agent answered within 5 s (their place in the push window freed)"
@@ -231,6 +232,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let bus: Arc<dyn Bus> = Arc::new(InProcessBus::new());
     let ownership = Arc::new(MemoryOwnership::new());
 
+    let packages = package_hosting(&config, &data_dir, addr)?;
     let coordinator = Coordinator::start(
         store.clone(),
         store.clone(),
@@ -248,6 +250,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             identity_validity: crate::node_config::identity_validity(&config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
             push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
+            packages: packages.clone(),
         },
     )
     .await
@@ -256,6 +259,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
     let mut gw_config = crate::node_config::gateway_config(&config);
     gw_config.identity = trust;
+    gw_config.downloads = packages.map(|p| gateway::server::downloads::Downloads {
+        dir: p.dir,
+        key: p.key,
+    });
     let proxy_secret = crate::node_config::gateway_proxy_secret(&config)?;
     gw_config.proxy_secret = proxy_secret.clone();
     let gateway = Gateway::start(gateway_id, bus.clone(), ownership, gw_config).await?;
@@ -295,6 +302,36 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         stop,
         server,
     })
+}
+
+/// Package hosting of the embedded default: blobs under `<data_dir>/packages`, served by its
+/// own gateway at the public endpoint's host, with a download key made for this process
+/// (tokens in offers made before a restart stop working; agents are offered new ones).
+fn package_hosting(
+    config: &Config,
+    data_dir: &std::path::Path,
+    addr: SocketAddr,
+) -> anyhow::Result<Option<crate::service::packages::PackageHosting>> {
+    let p = &config.packages;
+    let trust = crate::service::package_import::TrustPolicy::new(&p.trusted_keys, p.allow_unsigned)
+        .map_err(anyhow::Error::msg)?;
+    let endpoint = config.public_endpoint(addr);
+    let base = endpoint
+        .replacen("wss://", "https://", 1)
+        .replacen("ws://", "http://", 1);
+    let base = match base.strip_suffix("/v1/opamp") {
+        Some(root) => root.to_owned(),
+        None => base.trim_end_matches('/').to_owned(),
+    };
+    Ok(Some(crate::service::packages::PackageHosting {
+        dir: data_dir.join("packages"),
+        key: shared::download_token::DownloadKey::random(),
+        download_base: format!("{base}{}", gateway::server::downloads::DOWNLOAD_PATH),
+        token_ttl_secs: p.download_token_ttl_secs,
+        max_attempts: p.max_install_attempts,
+        trust,
+        max_artifact_bytes: p.max_artifact_bytes,
+    }))
 }
 
 impl Running {

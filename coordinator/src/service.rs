@@ -18,6 +18,8 @@
 //! - [`assignments`]: config versions and assignments; [`deliveries`]: paced bulk pushes;
 //!   [`drift`]: re-apply, adopt;
 //! - [`rollouts`]: groups and staged rollouts (plan, gates, the driver, operator actions);
+//! - [`packages`], [`package_import`]: agent packages (catalog, offers, downloads' credentials,
+//!   upgrade state) and importing artifacts;
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
 mod agents;
@@ -32,6 +34,8 @@ mod frames;
 mod identities;
 mod issuance;
 mod leases;
+pub mod package_import;
+pub mod packages;
 mod partitions;
 mod refusals;
 pub mod rollouts;
@@ -83,6 +87,8 @@ pub struct CoordinatorConfig {
     pub refusal_window: Duration,
     /// Bulk config offers unanswered at once ([`deliveries`]).
     pub push_window: usize,
+    /// Package artifacts hosted and offered ([`packages`]); `None`: packages off.
+    pub packages: Option<packages::PackageHosting>,
 }
 
 /// One agent as the coordinator holds it.
@@ -124,6 +130,8 @@ pub struct Coordinator {
     desired: RwLock<HashMap<i64, Arc<Desired>>>,
     /// All assignments, oldest first; the newest match wins.
     assignments: RwLock<Vec<Assignment>>,
+    /// Package artifacts and assignments, and the offers made of them ([`packages`]).
+    package_catalog: RwLock<packages::Catalog>,
     /// Rollouts that decide some agents' configs, oldest first ([`rollouts`]).
     rollouts: RwLock<Vec<rollouts::Live>>,
     /// Keeps re-reads of the rollouts from overlapping.
@@ -253,6 +261,7 @@ async fn run_syncs(weak: std::sync::Weak<Coordinator>) {
         }
         c.sync_assignments().await;
         c.sync_rollouts().await;
+        c.sync_packages().await;
         c.sync_tokens().await;
         c.sync_token_revocations().await;
         if identities_synced.elapsed() >= IDENTITY_SYNC_INTERVAL {
@@ -370,6 +379,7 @@ impl Coordinator {
             fleet_generation: AtomicU64::new(0),
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
+            package_catalog: RwLock::new(packages::Catalog::default()),
             rollouts: RwLock::new(Vec::new()),
             rollout_sync: Mutex::new(()),
             rollout_create: Mutex::new(()),
@@ -386,6 +396,7 @@ impl Coordinator {
         }
         // Before the first lease round loads agents, so their configs follow the rollouts.
         this.load_rollouts().await?;
+        this.sync_packages().await;
         let control = this
             .bus
             .subscribe_control()

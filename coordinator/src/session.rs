@@ -6,7 +6,7 @@
 //! so and acts on [`Outcome::events`].
 //!
 //! Protocol references (`opamp-facts.md` §3): status compression and sequence numbers §3.3,
-//! remote config §3.4, connection settings / heartbeat §3.5 and §3.8, disconnect §3.9,
+//! remote config §3.4, packages §3.6 ([`packages`]), connection settings / heartbeat §3.5 and §3.8, disconnect §3.9,
 //! instance uid §3.10, errors §3.2.
 
 use proto::v1::{
@@ -23,10 +23,14 @@ use shared::domain::{
 use shared::ids::InstanceUid;
 use std::collections::BTreeMap;
 
+pub mod packages;
+pub use packages::PackageOffer;
+
 /// Server capabilities Ampora advertises in every reply: AcceptsStatus | OffersRemoteConfig |
-/// AcceptsEffectiveConfig | OffersConnectionSettings | AcceptsConnectionSettingsRequest (CSRs
-/// for agent identities, facts §5.3; without an agent CA a CSR is simply not acted on).
-pub const SERVER_CAPABILITIES: u64 = 0x67;
+/// AcceptsEffectiveConfig | OffersPackages | AcceptsPackagesStatus | OffersConnectionSettings |
+/// AcceptsConnectionSettingsRequest (CSRs for agent identities, facts §5.3; without an agent
+/// CA a CSR is simply not acted on).
+pub const SERVER_CAPABILITIES: u64 = 0x7F;
 
 /// Nesting limit for agent-supplied trees (AnyValue, ComponentHealth). prost already caps decode
 /// depth at 100; we stay well below so the JSON we store can always be read back.
@@ -188,6 +192,12 @@ pub struct AgentState {
     /// The agent reported the desired config APPLIED without an effective config in the same
     /// message; its next effective config is taken as the applied baseline rather than drift.
     pub applied_effective_pending: bool,
+    /// Aggregate package hash (hex) offered on this connection, and when.
+    pub offered_packages: Option<String>,
+    pub packages_offered_at_ms: i64,
+    /// Package set held back on this connection for lack of AcceptsPackages (one
+    /// CapMismatch per connection).
+    pub refused_packages: Option<String>,
 }
 
 impl AgentState {
@@ -201,6 +211,9 @@ impl AgentState {
             refused_config: None,
             full_state_requested_at: None,
             applied_effective_pending: false,
+            offered_packages: None,
+            packages_offered_at_ms: 0,
+            refused_packages: None,
         }
     }
 
@@ -209,6 +222,8 @@ impl AgentState {
     pub fn connection_started(&mut self) {
         self.offered_config = None;
         self.refused_config = None;
+        self.offered_packages = None;
+        self.refused_packages = None;
         // A full-state request on the old connection may never have reached the agent.
         self.full_state_requested_at = None;
     }
@@ -229,6 +244,8 @@ pub struct Context<'a> {
     /// RequestInstanceUid, its uid is not 16 bytes, or its uid collides with another live agent).
     /// The state passed in is already keyed to this uid.
     pub assign_uid: Option<InstanceUid>,
+    /// The package set the agent should have, if any package is assigned to it.
+    pub packages: Option<&'a PackageOffer>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -246,6 +263,11 @@ pub enum Event {
     /// First time we learned a description for this agent, or its description changed
     /// (assignments may need re-evaluation).
     DescriptionChanged,
+    /// The agent newly reported a failed install of the package set offered to it; the
+    /// count of such failures so far.
+    PackageFailed { attempts: u32 },
+    /// Every package of the set offered is now installed.
+    PackagesInstalled,
 }
 
 #[derive(Debug, Clone)]
@@ -408,6 +430,7 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
         let in_use = Some(hex::encode(&s.last_connection_settings_hash));
         changed |= set(&mut state.record.settings_in_use, in_use);
     }
+    changed |= packages::record_statuses(state, msg, &mut events);
 
     // Full state (facts §3.3): ask when our stored state can't be trusted and this message
     // doesn't replace it wholesale.
@@ -457,6 +480,11 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
         if let Some(o) = ctx.opamp_offer {
             let o = o.for_agent(ctx.transport, ctx.identity.is_some());
             changed |= offer_settings(state, &o, ctx.identity, &mut reply);
+        }
+        if let Some(p) = ctx.packages {
+            let statuses = msg.package_statuses.is_some()
+                && state.caps() & agent_caps::REPORTS_PACKAGE_STATUSES != 0;
+            changed |= packages::offer(state, p, statuses, ctx.now_ms, &mut reply, &mut events);
         }
     }
 
@@ -794,6 +822,7 @@ mod tests {
             opamp_offer: None,
             identity: None,
             assign_uid: None,
+            packages: None,
         }
     }
 
@@ -901,6 +930,8 @@ mod tests {
             server_caps::ACCEPTS_STATUS
                 | server_caps::OFFERS_REMOTE_CONFIG
                 | server_caps::ACCEPTS_EFFECTIVE_CONFIG
+                | server_caps::OFFERS_PACKAGES
+                | server_caps::ACCEPTS_PACKAGES_STATUS
                 | server_caps::OFFERS_CONNECTION_SETTINGS
                 | server_caps::ACCEPTS_CONNECTION_SETTINGS_REQUEST
         );

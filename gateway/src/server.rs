@@ -24,6 +24,7 @@ mod admission;
 mod auth;
 mod bus_watch;
 mod decode;
+pub mod downloads;
 mod latency;
 mod lazy_read;
 mod limits;
@@ -94,6 +95,7 @@ pub fn describe_metrics() {
     proxy::describe_metrics();
     latency::describe_metrics();
     bus_watch::describe();
+    downloads::describe();
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +137,8 @@ pub struct GatewayConfig {
     /// How long the bus may stay lost before the agents are closed so they reconnect
     /// elsewhere (see `bus_watch`). `None`: never.
     pub bus_lost_drain: Option<Duration>,
+    /// Package downloads served on this listener (`downloads`); `None`: none.
+    pub downloads: Option<downloads::Downloads>,
 }
 
 impl Default for GatewayConfig {
@@ -153,6 +157,7 @@ impl Default for GatewayConfig {
             frame_limits: FrameLimits::default(),
             decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
             bus_lost_drain: Some(Duration::from_secs(10)),
+            downloads: None,
         }
     }
 }
@@ -256,9 +261,13 @@ impl Gateway {
     /// [`crate::tls::AgentListener`] with `into_make_service_with_connect_info::<Peer>()` so
     /// source IPs and TLS are known (`::<SocketAddr>()` on a TCP listener: all plaintext).
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let opamp = Router::new()
             .route(OPAMP_PATH, any(handle))
-            .with_state(self.inner.clone())
+            .with_state(self.inner.clone());
+        match &self.inner.cfg.downloads {
+            Some(d) => opamp.merge(downloads::router(d.clone())),
+            None => opamp,
+        }
     }
 
     /// Open WebSocket agent connections.

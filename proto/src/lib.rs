@@ -84,6 +84,8 @@ pub mod server_caps {
     pub const ACCEPTS_STATUS: u64 = 0x1;
     pub const OFFERS_REMOTE_CONFIG: u64 = 0x2;
     pub const ACCEPTS_EFFECTIVE_CONFIG: u64 = 0x4;
+    pub const OFFERS_PACKAGES: u64 = 0x8;
+    pub const ACCEPTS_PACKAGES_STATUS: u64 = 0x10;
     pub const OFFERS_CONNECTION_SETTINGS: u64 = 0x20;
     /// The server signs certificate requests (facts §5.3).
     pub const ACCEPTS_CONNECTION_SETTINGS_REQUEST: u64 = 0x40;

@@ -171,6 +171,9 @@ pub struct AgentRecord {
     /// `ConnectionSettingsStatus`, or the offer whose certificate it connected with.
     #[serde(default)]
     pub settings_in_use: Option<String>,
+    /// Packages the agent reported and what was offered to it (boxed: most agents have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Box<crate::packages::AgentPackages>>,
 }
 
 impl AgentRecord {
@@ -194,6 +197,7 @@ impl AgentRecord {
             last_seen_ms: now_ms,
             settings_offered: None,
             settings_in_use: None,
+            packages: None,
         }
     }
 
@@ -220,6 +224,7 @@ impl AgentRecord {
             last_seen_ms: self.last_seen_ms,
             settings_offered: self.settings_offered.clone(),
             settings_in_use: self.settings_in_use.clone(),
+            packages: self.packages.clone(),
         }
     }
 

@@ -3,6 +3,8 @@
 //! - [`ids`]: instance UIDs, gateway ids, partitions;
 //! - [`domain`]: wire-neutral records (agents, configs, tokens, audit) as the API and stores see them;
 //! - [`rollout`]: groups and staged rollouts (records, states, stage sizes);
+//! - [`packages`]: agent packages (artifacts, assignments, reported statuses, their hashes);
+//! - [`download_token`]: the per-agent, per-blob credential for package downloads;
 //! - [`token`]: the bootstrap and API token formats (`amp-bs.<base32>.<crc>`);
 //! - [`codec`]: the OpAMP WebSocket message header, which the gateway and the agent both frame
 //!   with;
@@ -18,8 +20,10 @@
 pub mod bus;
 pub mod codec;
 pub mod domain;
+pub mod download_token;
 pub mod ids;
 pub mod ownership;
+pub mod packages;
 pub mod rollout;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]

@@ -9,6 +9,7 @@ use crate::domain::{
     IdentityRecord, Redemption, Target, TokenRecord,
 };
 use crate::ids::InstanceUid;
+use crate::packages::{Artifact, NewPackageAssignment, PackageAssignment};
 use crate::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 
 /// Storage failures, sorted by what the caller may assume about the write.
@@ -154,8 +155,25 @@ pub trait RolloutStore: Send + Sync + 'static {
     async fn rollout_events(&self, id: i64) -> StoreResult<Vec<RolloutEvent>>;
 }
 
+/// Imported package artifacts (their metadata; the bytes live in a blob store) and package
+/// assignments: a part of [`Store`] of its own, like [`RolloutStore`].
 #[async_trait]
-pub trait Store: RolloutStore {
+pub trait PackageStore: Send + Sync + 'static {
+    /// Records an artifact; false (and nothing written) if one for its name, version and
+    /// platform exists.
+    async fn create_artifact(&self, artifact: &Artifact) -> StoreResult<bool>;
+    /// Every artifact, oldest first.
+    async fn list_artifacts(&self) -> StoreResult<Vec<Artifact>>;
+    async fn create_package_assignment(
+        &self,
+        new: NewPackageAssignment,
+    ) -> StoreResult<PackageAssignment>;
+    /// Every package assignment in id order.
+    async fn list_package_assignments(&self) -> StoreResult<Vec<PackageAssignment>>;
+}
+
+#[async_trait]
+pub trait Store: RolloutStore + PackageStore {
     /// Cheap round trip; readiness depends on it.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -41,6 +41,7 @@ mod identity;
 mod nginx;
 mod offers;
 mod opamp;
+mod packages;
 mod promises;
 mod proxy_trust;
 mod python;

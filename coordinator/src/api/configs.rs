@@ -132,24 +132,31 @@ pub(crate) async fn assign(
     actor: &str,
     body: NewAssignmentBody,
 ) -> Result<AssignmentResult, ApiError> {
-    let target = match (body.agent, body.labels, body.all) {
-        (Some(uid), None, false) => Target::Agent(parse_uid(&uid)?),
-        (None, Some(labels), false) if !labels.is_empty() => {
-            check_labels("label", &labels)?;
-            Target::Labels(labels)
-        }
-        (None, None, true) => Target::All,
-        _ => {
-            return Err(ApiError::BadRequest(
-                "give exactly one of `agent`, non-empty `labels`, or `all: true`".into(),
-            ))
-        }
-    };
+    let target = target_of(body.agent, body.labels, body.all)?;
     let (assignment, matched_agents) = c.assign(body.config_id, target, actor).await?;
     Ok(AssignmentResult {
         assignment,
         matched_agents,
     })
+}
+
+/// Whom an assignment is for: exactly one of one agent, agents with all these labels, or all.
+pub(super) fn target_of(
+    agent: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    all: bool,
+) -> Result<Target, ApiError> {
+    match (agent, labels, all) {
+        (Some(uid), None, false) => Ok(Target::Agent(parse_uid(&uid)?)),
+        (None, Some(labels), false) if !labels.is_empty() => {
+            check_labels("label", &labels)?;
+            Ok(Target::Labels(labels))
+        }
+        (None, None, true) => Ok(Target::All),
+        _ => Err(ApiError::BadRequest(
+            "give exactly one of `agent`, non-empty `labels`, or `all: true`".into(),
+        )),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/assignments",

@@ -14,7 +14,7 @@
 //!
 //! The handlers live by resource: [`agents`], [`configs`] (config versions and assignments),
 //! [`tokens`] (bootstrap tokens), [`api_tokens`], [`identities`] (with the CRL), [`audit`],
-//! [`groups`], [`rollouts`] and [`cluster`]. This module keeps the router, the OpenAPI
+//! [`groups`], [`rollouts`], [`packages`] and [`cluster`]. This module keeps the router, the OpenAPI
 //! document and the checks they share.
 
 mod agents;
@@ -27,6 +27,7 @@ pub(crate) mod groups;
 pub(crate) mod guard;
 pub(crate) mod identities;
 mod latency;
+mod packages;
 pub(crate) mod rollouts;
 pub(crate) mod tokens;
 
@@ -60,9 +61,11 @@ use crate::service::Coordinator;
         identities::identities_crl, rollouts::create_rollout, rollouts::list_rollouts,
         rollouts::show_rollout, rollouts::rollout_events, rollouts::act_on_rollout,
         rollouts::config_rollouts, groups::list_groups, groups::put_group, groups::show_group,
-        groups::delete_group, agents::reapply_config, agents::adopt_config
+        groups::delete_group, agents::reapply_config, agents::adopt_config,
+        packages::import_package, packages::list_packages, packages::assign_package,
+        packages::list_package_assignments, packages::show_upgrade
     ),
-    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, ErrorBody)),
+    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, ErrorBody)),
     modifiers(&BearerAuth, &Untagged)
 )]
 struct ApiDoc;
@@ -188,6 +191,15 @@ pub fn router(
             "/api/v1/api-tokens/{id}",
             axum::routing::delete(api_tokens::revoke_api_token),
         )
+        .route(
+            "/api/v1/packages",
+            post(packages::import_package).get(packages::list_packages),
+        )
+        .route(
+            "/api/v1/packages/assignments",
+            post(packages::assign_package).get(packages::list_package_assignments),
+        )
+        .route("/api/v1/agents/{uid}/upgrade", get(packages::show_upgrade))
         .route("/api/v1/audit", get(audit::list_audit))
         .route("/api/v1/audit/export", get(audit::export_audit))
         .route("/api/v1/cluster", get(cluster::show_cluster))

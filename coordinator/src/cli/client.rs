@@ -89,6 +89,38 @@ impl Client {
         self.call(Method::DELETE, path, &[], None).await
     }
 
+    /// POSTs a file as the request body, streamed from disk, with extra headers.
+    pub(super) async fn upload(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        headers: &[(&str, String)],
+        file: &std::path::Path,
+    ) -> anyhow::Result<Value> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("reading {}", file.display()))?;
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .with_context(|| format!("bad server url {}", self.base))?;
+        url.query_pairs_mut().extend_pairs(query);
+        let mut req = self
+            .http
+            .post(url)
+            .bearer_auth(&self.token)
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::from(f));
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        Self::answer(resp)
+            .await
+            .map(|text| serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
     /// A JSON response; an empty body is `null`. Query values are encoded here, so any value
     /// is safe to pass.
     async fn call(
@@ -127,6 +159,11 @@ impl Client {
             .send()
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
+        Self::answer(resp).await
+    }
+
+    /// A response's body as text, or its error status with the server's message.
+    async fn answer(resp: reqwest::Response) -> anyhow::Result<String> {
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {

@@ -1,7 +1,7 @@
 //! The `ampora` command line: `serve`, `gateway` and `coordinator` run a node; every other
 //! command is an operator command that calls the REST API through [`client::Client`], one
 //! module per resource (`agents`, `tokens` with API tokens, `configs`, `audit`,
-//! `identities`, `groups`, `rollouts`), each owning its subcommands and how their results
+//! `identities`, `groups`, `rollouts`, `packages`), each owning its subcommands and how their results
 //! print.
 
 mod agents;
@@ -10,6 +10,7 @@ mod client;
 mod configs;
 mod groups;
 mod identities;
+mod packages;
 mod rollouts;
 mod time;
 mod tokens;
@@ -24,6 +25,7 @@ pub use client::ApiArgs;
 pub use configs::{ConfigCmd, TargetArgs};
 pub use groups::GroupCmd;
 pub use identities::IdentitiesCmd;
+pub use packages::PackagesCmd;
 pub use rollouts::{RolloutCmd, RolloutTarget};
 pub use time::{parse_time, parse_ttl};
 pub use tokens::{ApiTokensCmd, TokensCmd};
@@ -59,6 +61,8 @@ pub enum Command {
     Group(Api<GroupCmd>),
     /// Staged rollouts of a config version, stage by stage behind health gates.
     Rollout(Api<RolloutCmd>),
+    /// Agent packages: signed builds, and upgrades to them.
+    Packages(Api<PackagesCmd>),
     /// Print the OpenAPI document of the REST API.
     Openapi,
 }
@@ -105,6 +109,7 @@ pub async fn run_client(cmd: Command) -> anyhow::Result<()> {
         Command::Identities(Api { api, cmd }) => identities::run(&Client::new(&api)?, cmd).await,
         Command::Group(Api { api, cmd }) => groups::run(&Client::new(&api)?, cmd).await,
         Command::Rollout(Api { api, cmd }) => rollouts::run(&Client::new(&api)?, cmd).await,
+        Command::Packages(Api { api, cmd }) => packages::run(&Client::new(&api)?, cmd).await,
     }
 }
 

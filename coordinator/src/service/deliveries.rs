@@ -193,11 +193,18 @@ impl Coordinator {
             return false;
         };
         let e = slot.lock().await;
-        let hash = msg
+        let config = msg
             .remote_config
             .as_ref()
             .map(|r| hex::encode(&r.config_hash));
-        e.state.record.connected && hash.is_some() && e.state.offered_config == hash
+        let packages = msg
+            .packages_available
+            .as_ref()
+            .map(|p| hex::encode(&p.all_packages_hash));
+        e.state.record.connected
+            && (config.is_some() || packages.is_some())
+            && (config.is_none() || e.state.offered_config == config)
+            && (packages.is_none() || e.state.offered_packages == packages)
     }
 }
 

@@ -229,7 +229,9 @@ impl Coordinator {
             .identity
             .clone()
             .filter(|i| frame.secure || i.private_key_pem.is_none());
+        let packages = self.package_offer(&entry.state.record).and_then(Result::ok);
         let ctx = Context {
+            packages: packages.as_deref(),
             now_ms: now_ms(),
             transport: frame.transport,
             desired: desired.as_deref(),
@@ -239,6 +241,21 @@ impl Coordinator {
         };
         let first_description = entry.state.record.description == Default::default();
         let mut outcome = session::handle(&mut entry.state, msg, &ctx);
+        // The package set depends on the platform the agent describes: a first or changed
+        // description is answered with the set it now calls for.
+        if msg.agent_disconnect.is_none() && outcome.events.contains(&Event::DescriptionChanged) {
+            if let Some(Ok(p)) = self.package_offer(&entry.state.record) {
+                outcome.changed |= session::packages::offer(
+                    &mut entry.state,
+                    &p,
+                    false,
+                    ctx.now_ms,
+                    &mut outcome.reply,
+                    &mut outcome.events,
+                );
+            }
+        }
+        self.stamp_downloads(uid, &mut outcome.reply);
         // A generated key goes out in one offer, then is forgotten.
         let key_sent = outcome
             .reply
@@ -280,6 +297,9 @@ impl Coordinator {
                 }
                 Event::Disconnected => entry.conn = None,
                 Event::DescriptionChanged => described = true,
+                Event::PackageFailed { .. } | Event::PackagesInstalled => {
+                    self.package_event(uid, ev).await;
+                }
             }
         }
         if described {

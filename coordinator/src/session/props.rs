@@ -288,6 +288,7 @@ impl Input {
             opamp_offer: self.offer.as_ref(),
             identity: self.identity.as_ref(),
             assign_uid: self.assign,
+            packages: None,
         }
     }
 

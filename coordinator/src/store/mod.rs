@@ -7,6 +7,7 @@
 //!   error mapping;
 //! - `dialect`: the `Dialect` trait, the one list of what differs between the backends;
 //! - `sql_rollouts`: groups and rollouts ([`shared::store::RolloutStore`]), for any dialect;
+//! - `sql_packages`: package artifacts and assignments ([`shared::store::PackageStore`]);
 //! - `sql`: what every query shares (error classification, row types and conversions,
 //!   column lists, the redemption and batch-order rules);
 //! - [`sqlite`]: the embedded store (`ampora serve`), one SQLite file in the data directory:
@@ -22,6 +23,7 @@ pub mod conformance;
 mod dialect;
 pub mod postgres;
 mod sql;
+mod sql_packages;
 mod sql_rollouts;
 mod sql_store;
 pub mod sqlite;

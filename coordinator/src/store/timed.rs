@@ -12,10 +12,11 @@ use shared::domain::{
     IdentityRecord, Redemption, TokenRecord,
 };
 use shared::ids::InstanceUid;
+use shared::packages::{Artifact, NewPackageAssignment, PackageAssignment};
 use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 use shared::store::{
-    AuditCursor, AuditQuery, HeldLeases, Lease, NewAssignment, NewConfigVersion, RedeemRequest,
-    RolloutStore, Store, StoreResult,
+    AuditCursor, AuditQuery, HeldLeases, Lease, NewAssignment, NewConfigVersion, PackageStore,
+    RedeemRequest, RolloutStore, Store, StoreResult,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -116,6 +117,28 @@ impl RolloutStore for TimedStore {
 
     async fn rollout_events(&self, id: i64) -> StoreResult<Vec<RolloutEvent>> {
         timed!(self.rollout_events(id))
+    }
+}
+
+#[async_trait]
+impl PackageStore for TimedStore {
+    async fn create_artifact(&self, artifact: &Artifact) -> StoreResult<bool> {
+        timed!(self.create_artifact(artifact))
+    }
+
+    async fn list_artifacts(&self) -> StoreResult<Vec<Artifact>> {
+        timed!(self.list_artifacts())
+    }
+
+    async fn create_package_assignment(
+        &self,
+        new: NewPackageAssignment,
+    ) -> StoreResult<PackageAssignment> {
+        timed!(self.create_package_assignment(new))
+    }
+
+    async fn list_package_assignments(&self) -> StoreResult<Vec<PackageAssignment>> {
+        timed!(self.list_package_assignments())
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::core::AgentCore;
+use crate::download::Downloads;
 use crate::error::{ClientError, ConnectError};
 use crate::http::HttpTransport;
 use crate::options::{AgentOptions, AgentStatus};
@@ -125,12 +126,14 @@ enum Exit {
 
 /// The agent task: the transport loop of the endpoint in use, another when offered settings
 /// move the agent to the other transport. The loops are boxed, so the task stores the core
-/// once and only the running loop's state.
+/// once and only the running loop's state. Package downloads outlive connections and loops
+/// (their results are reported on the next connection), not the task.
 async fn run(mut core: AgentCore, ep: Endpoint, mut stop: oneshot::Receiver<()>) -> AgentCore {
+    let mut dl = Downloads::default();
     loop {
         let exit = match core.next_scheme(&ep) {
-            Scheme::Ws => Box::pin(run_ws(&mut core, &ep, &mut stop)).await,
-            Scheme::Http => Box::pin(run_http(&mut core, &ep, &mut stop)).await,
+            Scheme::Ws => Box::pin(run_ws(&mut core, &ep, &mut stop, &mut dl)).await,
+            Scheme::Http => Box::pin(run_http(&mut core, &ep, &mut stop, &mut dl)).await,
         };
         if exit == Exit::Stop {
             return core;
@@ -209,9 +212,16 @@ enum SessionEnd {
     Switch,
     /// Settings offered to an agent that restarts on offers: close, restart the client.
     Restart,
+    /// A new top-level package was installed: say goodbye and reconnect at once.
+    Upgraded,
 }
 
-async fn run_ws(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Receiver<()>) -> Exit {
+async fn run_ws(
+    core: &mut AgentCore,
+    ep: &Endpoint,
+    stop: &mut oneshot::Receiver<()>,
+    dl: &mut Downloads,
+) -> Exit {
     let source = core.options().source_ip;
     let at_once = core.options().reconnect_at_once_after_close;
     let mut backoff = Backoff::new(core.options());
@@ -261,7 +271,7 @@ async fn run_ws(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Receive
         core.count_connections(0, 1, Scheme::Ws);
         core.connection_succeeded();
         core.set_connected(true);
-        let end = ws_session(core, &mut conn, stop, &mut backoff).await;
+        let end = ws_session(core, &mut conn, stop, &mut backoff, dl).await;
         core.set_connected(false);
         let retry_after = match end {
             SessionEnd::Stop => {
@@ -284,6 +294,12 @@ async fn run_ws(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Receive
             SessionEnd::Restart => {
                 Box::pin(conn.close(1000, "restarting with new connection settings")).await;
                 core.client_restarted();
+                backoff.reset();
+                continue;
+            }
+            SessionEnd::Upgraded => {
+                // Like the Collector restarted on its new version.
+                Box::pin(goodbye(core, conn)).await;
                 backoff.reset();
                 continue;
             }
@@ -337,6 +353,7 @@ async fn ws_session(
     conn: &mut WsConnection,
     stop: &mut oneshot::Receiver<()>,
     backoff: &mut Backoff,
+    dl: &mut Downloads,
 ) -> SessionEnd {
     let at_once = core.options().reconnect_at_once_after_close;
     // The client speaks first, with everything: the server may know nothing about us.
@@ -367,9 +384,12 @@ async fn ws_session(
                 Ok(Some(msg)) => {
                     // A full exchange worked: the next failure retries at once again.
                     backoff.reset();
-                    let out = core.on_message(msg);
+                    let mut out = core.on_message(msg);
+                    dl.start(core, std::mem::take(&mut out.downloads));
                     let then = if out.switch {
                         Some(SessionEnd::Switch)
+                    } else if out.upgraded {
+                        Some(SessionEnd::Upgraded)
                     } else {
                         // opamp-go only records an error response; it does not disconnect.
                         (out.reconnect && !at_once)
@@ -399,6 +419,10 @@ async fn ws_session(
                 }
                 Err(e) => Step::End(lost(e)),
             },
+            done = dl.next() => {
+                let out = done.report(core);
+                Step::Send(out.send, out.upgraded.then_some(SessionEnd::Upgraded))
+            }
             _ = tokio::time::sleep_until(due), if heartbeats => {
                 Step::Send(vec![core.heartbeat_message()], None)
             }
@@ -425,7 +449,12 @@ fn count_http(core: &AgentCore, transport: &HttpTransport, seen: &mut (u64, u64)
     *seen = now;
 }
 
-async fn run_http(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Receiver<()>) -> Exit {
+async fn run_http(
+    core: &mut AgentCore,
+    ep: &Endpoint,
+    stop: &mut oneshot::Receiver<()>,
+    dl: &mut Downloads,
+) -> Exit {
     if core.next_scheme(ep) != Scheme::Http {
         return Exit::Transport;
     }
@@ -437,10 +466,21 @@ async fn run_http(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Recei
     let mut queue: VecDeque<AgentToServer> = VecDeque::from([core.full_state()]);
     loop {
         if queue.is_empty() {
-            if !pause(core.heartbeat(), stop).await {
-                break;
+            tokio::select! {
+                _ = &mut *stop => break,
+                _ = sleep(core.heartbeat()) => queue.push_back(core.heartbeat_message()),
+                done = dl.next() => {
+                    let out = done.report(core);
+                    queue.extend(out.send);
+                    if out.upgraded {
+                        // Like the Collector restarted on its new version: a new connection
+                        // and the full state.
+                        transport = http_transport(core, ep);
+                        seen = (0, 0);
+                        queue.push_back(core.full_state());
+                    }
+                }
             }
-            queue.push_back(core.heartbeat_message());
         }
         // Sent from the front of the queue and only removed once answered, so a failed
         // message is retried as is (a repeated sequence number reads as a retry).
@@ -461,7 +501,8 @@ async fn run_http(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Recei
                     backoff.reset();
                     core.connection_succeeded();
                     core.set_connected(true);
-                    let out = core.on_message(reply);
+                    let mut out = core.on_message(reply);
+                    dl.start(core, std::mem::take(&mut out.downloads));
                     if out.restart {
                         // A new client: nothing of the old one's queue, its full state first,
                         // over the offered settings (maybe the other transport).
@@ -478,6 +519,11 @@ async fn run_http(core: &mut AgentCore, ep: &Endpoint, stop: &mut oneshot::Recei
                     }
                     // Sent right away, without waiting for the next poll: e.g. APPLYING, APPLIED.
                     queue.extend(out.send);
+                    if out.upgraded && !out.switch {
+                        transport = http_transport(core, ep);
+                        seen = (0, 0);
+                        queue.push_back(core.full_state());
+                    }
                     if out.switch {
                         if core.next_scheme(ep) != Scheme::Http {
                             // The certificate comes with the other transport's endpoint.
@@ -535,8 +581,9 @@ mod tests {
         let core = || AgentCore::new(AgentOptions::default()).0;
         let ep = |u| Endpoint::parse(u).expect("valid");
         let (_tx, mut rx) = oneshot::channel();
+        let mut dl = Downloads::default();
         let (mut c, e) = (core(), ep("ws://h/"));
-        let ws = run_ws(&mut c, &e, &mut rx);
+        let ws = run_ws(&mut c, &e, &mut rx, &mut dl);
         assert!(
             std::mem::size_of_val(&ws) < 2048,
             "{}",
@@ -544,7 +591,7 @@ mod tests {
         );
         drop(ws);
         let e = ep("http://h/");
-        let http = run_http(&mut c, &e, &mut rx);
+        let http = run_http(&mut c, &e, &mut rx, &mut dl);
         assert!(
             std::mem::size_of_val(&http) < 3072,
             "{}",

@@ -10,9 +10,10 @@
 //! * [`WsConnection`] / [`HttpTransport`]: one connection, one message at a time, no policy.
 //!   Tests use them directly to send hand-made or malformed input.
 //! * [`AgentCore`]: the sans-I/O protocol state machine (sequence numbers, full-state resends,
-//!   remote config handling). Unit-tested without sockets.
+//!   remote config handling, package offers and statuses). Unit-tested without sockets.
 //! * [`Agent`]: the task that glues the two together and adds heartbeats, polling,
-//!   reconnects with backoff and a clean shutdown.
+//!   reconnects with backoff, package downloads (on tasks of their own, SHA-256 checked) and
+//!   a clean shutdown.
 //!
 //! `wss://` and `https://` endpoints need a [`ClientTls`] naming the CA to trust; plaintext
 //! connections do not go through rustls at all. The transports fail with [`ConnectError`] /
@@ -20,6 +21,7 @@
 
 mod agent;
 mod core;
+mod download;
 mod error;
 mod http;
 mod options;
@@ -35,10 +37,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use self::agent::Agent;
-pub use self::core::{AgentCore, Outcome, DISLIKED, SICKENED};
+pub use self::core::{AgentCore, Outcome, PackageDownload, DISLIKED, SICKENED};
 pub use self::error::{ClientError, ConnectError};
 pub use self::http::HttpTransport;
-pub use self::options::{AgentOptions, AgentStatus, DEFAULT_CAPABILITIES};
+pub use self::options::{AgentOptions, AgentStatus, PackageView, DEFAULT_CAPABILITIES};
 pub use self::tls::ClientTls;
 pub use self::url::{Endpoint, Scheme};
 pub use self::ws::WsConnection;

@@ -3,6 +3,7 @@
 //! channel so tests can wait on it). The agent task ([`crate::agent`]) and the protocol core
 //! ([`crate::core`]) both read these; neither depends on the other for them.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -86,6 +87,13 @@ pub struct AgentOptions {
     /// WebSocket, `http`/`https` → HTTP), as opamp-go picks its client from the URL it is
     /// given. Without it an offered endpoint of the other transport is not taken.
     pub transport_from_offer_scheme: bool,
+    /// Declare AcceptsPackages | ReportsPackageStatuses: fetch offered packages (checking
+    /// their SHA-256), report their statuses, and run the version of an installed top-level
+    /// package (as `service.version`, after a reconnect).
+    pub accept_packages: bool,
+    /// Report InstallFailed with this error for every package it would install (after the
+    /// download and hash check), as a broken installer would.
+    pub package_install_fails: Option<String>,
 }
 
 impl AgentOptions {
@@ -115,6 +123,8 @@ impl Default for AgentOptions {
             restart_on_settings_offer: false,
             forget_identity_on_restart: false,
             transport_from_offer_scheme: false,
+            accept_packages: false,
+            package_install_fails: None,
         }
     }
 }
@@ -160,4 +170,24 @@ pub struct AgentStatus {
     pub client_restarts: u64,
     /// Simulated process restarts ([`Agent::restart_process`]).
     pub process_restarts: u64,
+    /// The agent's packages by name, from the last offer on.
+    pub packages: BTreeMap<String, PackageView>,
+    /// `packages_available` offers received (repeats included).
+    pub package_offers: u64,
+    /// Package downloads started.
+    pub package_downloads: u64,
+    /// Bytes of package files received (of failed downloads too).
+    pub package_bytes_downloaded: u64,
+}
+
+/// One of [`AgentStatus::packages`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackageView {
+    /// The version the agent has (empty before it installed one).
+    pub version: String,
+    /// The version last offered.
+    pub offered_version: String,
+    /// `Installed`, `InstallFailed`, `Downloading`, … (the proto's names without prefix).
+    pub status: &'static str,
+    pub error: Option<String>,
 }

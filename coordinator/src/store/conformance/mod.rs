@@ -9,6 +9,8 @@
 //! Semantics pinned here beyond the trait docs:
 //! - `upsert_agents` with the same uid twice in one batch keeps the last record;
 //! - `create_assignment` with an unknown config id fails with [`StoreError::NotFound`];
+//! - `create_artifact` for a name, version and platform already imported returns false and
+//!   keeps the first;
 //! - creating a token or API token with a duplicate id or hash, or an API token with a name
 //!   any other API token has (revoked or not), fails with [`StoreError::NotApplied`];
 //!   `create_tokens` with such a duplicate creates none of the batch;
@@ -41,7 +43,8 @@
 //! `agents` (agent records), `leases` (membership and partition leases), `configs` (config
 //! versions and assignments), `tokens` (bootstrap tokens, redemption, batch redemption and
 //! the races), `api_tokens` (operator API tokens), `identities` (agent identities) and
-//! `audit` (the audit log), `rollouts` (groups and rollouts); `ping` and the shared fixtures stay here. Every check is
+//! `audit` (the audit log), `rollouts` (groups and rollouts), `packages` (package artifacts
+//! and assignments); `ping` and the shared fixtures stay here. Every check is
 //! re-exported here under its own name.
 //!
 //! [`StoreError::NotFound`]: shared::store::StoreError::NotFound
@@ -58,6 +61,7 @@ mod audit;
 mod configs;
 mod identities;
 mod leases;
+mod packages;
 mod rollouts;
 mod tokens;
 
@@ -70,6 +74,7 @@ pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan
 pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
+pub use packages::{artifacts, package_assignments};
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens, tokens_batch,
@@ -105,6 +110,8 @@ pub async fn run_all(store: Arc<dyn Store>) {
     audit_batch(store.as_ref()).await;
     groups(store.as_ref()).await;
     rollouts(store.as_ref()).await;
+    artifacts(store.as_ref()).await;
+    package_assignments(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {

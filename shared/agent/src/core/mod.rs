@@ -7,12 +7,16 @@
 //!
 //! Its pieces, which know nothing of [`AgentCore`]: [`effective`] (how the effective config's
 //! files are laid out in the one copy of its text) and [`offer`] (checking a
-//! connection-settings offer's endpoint and client certificate).
+//! connection-settings offer's endpoint and client certificate). [`packages`] adds the
+//! package offers to the core.
 
 mod effective;
 mod offer;
+mod packages;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_packages;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +31,8 @@ use tokio::sync::watch;
 
 use self::effective::ConfigLayout;
 use self::offer::Identity;
+pub use self::packages::PackageDownload;
+use self::packages::Packages;
 use crate::options::{AgentOptions, AgentStatus};
 use crate::tls::ClientTls;
 use crate::url::{Endpoint, Scheme};
@@ -59,6 +65,12 @@ pub struct Outcome {
     /// [`AgentCore::client_restarted`] and start again at once with
     /// [`AgentCore::connection`].
     pub restart: bool,
+    /// Package files to fetch; each result goes to [`AgentCore::package_downloaded`].
+    pub downloads: Vec<PackageDownload>,
+    /// A new top-level package was installed: send `send`, say goodbye and reconnect at once
+    /// (the next connection opens with the full state, new `service.version` included), as
+    /// the restarted Collector would.
+    pub upgraded: bool,
 }
 
 /// How to open the next connection: [`AgentCore::connection`].
@@ -103,6 +115,8 @@ pub struct AgentCore {
     endpoint_override: Option<Endpoint>,
     /// `settings_status` changed and goes out with the next message.
     settings_status_pending: bool,
+    /// Offered packages (agents with AcceptsPackages), from the first offer on.
+    packages: Option<Box<Packages>>,
     status: watch::Sender<AgentStatus>,
 }
 
@@ -112,6 +126,10 @@ impl AgentCore {
     pub fn new(mut opts: AgentOptions) -> (Self, watch::Receiver<AgentStatus>) {
         if opts.accept_identity || opts.restart_on_settings_offer {
             opts.capabilities |= agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
+        }
+        if opts.accept_packages {
+            opts.capabilities |=
+                agent_caps::ACCEPTS_PACKAGES | agent_caps::REPORTS_PACKAGE_STATUSES;
         }
         let heartbeat = if opts.heartbeat.is_zero() {
             AgentOptions::DEFAULT_HEARTBEAT
@@ -148,6 +166,7 @@ impl AgentCore {
             settings_status: None,
             endpoint_override: None,
             settings_status_pending: false,
+            packages: None,
             status,
         };
         (core, rx)
@@ -342,6 +361,7 @@ impl AgentCore {
     pub fn process_restarted(mut self, forget_identity: bool) -> Self {
         self.new_client();
         self.candidate = None;
+        self.packages_after_restart();
         self.start_time_ns = now_ns();
         self.heartbeat = if self.opts.heartbeat.is_zero() {
             AgentOptions::DEFAULT_HEARTBEAT
@@ -412,6 +432,9 @@ impl AgentCore {
         }
         if self.reports_settings_status() {
             msg.connection_settings_status = self.settings_status.as_deref().cloned();
+        }
+        if caps & agent_caps::REPORTS_PACKAGE_STATUSES != 0 {
+            msg.package_statuses = self.package_statuses();
         }
         msg
     }
@@ -504,6 +527,11 @@ impl AgentCore {
         if let Some(rc) = msg.remote_config {
             if self.opts.capabilities & agent_caps::ACCEPTS_REMOTE_CONFIG != 0 {
                 self.apply_remote_config(rc, &mut out.send);
+            }
+        }
+        if let Some(offer) = msg.packages_available {
+            if self.opts.capabilities & agent_caps::ACCEPTS_PACKAGES != 0 {
+                self.on_packages(offer, &mut out);
             }
         }
         out

@@ -13,7 +13,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use proto::v1::{
     server_error_response, AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig,
-    ConnectionSettingsOffers, OpAmpConnectionSettings, RemoteConfigStatuses, RetryInfo,
+    ConnectionSettingsOffers, DownloadableFile, Header, Headers, OpAmpConnectionSettings,
+    PackageAvailable, PackageType, PackagesAvailable, RemoteConfigStatuses, RetryInfo,
     ServerErrorResponse, ServerErrorResponseType,
 };
 use proto::{agent_flags, AgentToServer, Message, ServerToAgent};
@@ -50,9 +51,17 @@ struct Script {
     /// Offer `connection_settings.opamp` (always the same hash) in the first reply of each
     /// of the first `.0` connections, with endpoint `.1` (`{addr}`: the server's address).
     offer_first_connections: Option<(usize, &'static str)>,
+    /// Offer the top-level package [`PKG_VERSION`], served at `/pkg` to requests with
+    /// [`PKG_AUTH`], in the reply to message number `.0`; its content hash is that of `.1`.
+    package_at: Option<(usize, &'static [u8])>,
     /// Set by [`FakeServer::start`].
     addr: Option<std::net::SocketAddr>,
 }
+
+/// What the fake server's `/pkg` serves.
+const PKG_BODY: &[u8] = b"otelcol 2.0 binary";
+const PKG_VERSION: &str = "2.0";
+const PKG_AUTH: &str = "Bearer dl-token";
 
 #[derive(Default)]
 struct Log {
@@ -193,6 +202,12 @@ fn reply(
             });
         }
     }
+    if let Some((at, content)) = script.package_at {
+        if n == at {
+            let addr = script.addr.map(|a| a.to_string()).unwrap_or_default();
+            out.packages_available = Some(package_offer(&addr, content));
+        }
+    }
     if let (Some(secs), 0) = (script.heartbeat_secs, n) {
         out.connection_settings = Some(ConnectionSettingsOffers {
             hash: vec![1],
@@ -231,6 +246,10 @@ async fn handle(
         "/deny" => return status(401, None, "unknown token"),
         "/busy" => return status(503, Some("7"), "overloaded"),
         "/busy1" => return status(503, Some("1"), "overloaded"),
+        "/pkg" if header(&req, "authorization").as_deref() == Some(PKG_AUTH) => {
+            return Ok(Response::new(Full::new(Bytes::from_static(PKG_BODY))));
+        }
+        "/pkg" => return status(401, None, "no token"),
         _ => {}
     }
     log.lock().expect("lock").headers.push([
@@ -332,6 +351,35 @@ async fn handle(
     Ok(b.body(Full::new(Bytes::from(out))).unwrap_or_default())
 }
 
+/// The top-level package [`PKG_VERSION`] at `http://{addr}/pkg`, with the SHA-256 of
+/// `content`.
+fn package_offer(addr: &str, content: &[u8]) -> PackagesAvailable {
+    use sha2::Digest;
+    let file = DownloadableFile {
+        download_url: format!("http://{addr}/pkg"),
+        content_hash: sha2::Sha256::digest(content).to_vec(),
+        signature: Vec::new(),
+        headers: Some(Headers {
+            headers: vec![Header {
+                key: "Authorization".into(),
+                value: PKG_AUTH.into(),
+            }],
+        }),
+    };
+    PackagesAvailable {
+        packages: BTreeMap::from([(
+            String::new(),
+            PackageAvailable {
+                r#type: PackageType::TopLevel as i32,
+                version: PKG_VERSION.into(),
+                file: Some(file),
+                hash: b"pkg-2.0".to_vec(),
+            },
+        )]),
+        all_packages_hash: b"all-1".to_vec(),
+    }
+}
+
 fn status_of(m: &AgentToServer) -> Option<i32> {
     m.remote_config_status.as_ref().map(|s| s.status)
 }
@@ -349,4 +397,5 @@ fn assert_consecutive(msgs: &[(usize, AgentToServer)]) {
 
 mod identity;
 mod opamp_go;
+mod packages;
 mod transports;

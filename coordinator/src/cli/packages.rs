@@ -1,0 +1,137 @@
+//! `ampora packages`: importing signed agent builds, listing them, assigning a version to
+//! agents, and one agent's upgrade state.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use super::client::{labels, s, segment, show, Client};
+use super::configs::TargetArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum PackagesCmd {
+    /// Import a build: stored by its SHA-256, its signature checked against
+    /// `packages.trusted_keys`.
+    Import {
+        file: PathBuf,
+        /// Package name (empty for the Collector supervisor's top-level package).
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// `os/arch`, as agents report `os.type` / `host.arch`, e.g. linux/amd64.
+        #[arg(long)]
+        platform: String,
+        /// top_level or addon.
+        #[arg(long, default_value = "top_level")]
+        kind: String,
+        /// The minisign signature file (`FILE.minisig`).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+    },
+    /// List imported artifacts.
+    List,
+    /// Offer a package version to agents (per package name, the newest matching
+    /// assignment wins).
+    Assign {
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// One agent's upgrade: what it should have, what it reports, its state.
+    Status { agent: String },
+}
+
+pub(super) async fn run(c: &Client, cmd: PackagesCmd) -> anyhow::Result<()> {
+    match cmd {
+        PackagesCmd::Import {
+            file,
+            name,
+            version,
+            platform,
+            kind,
+            signature,
+        } => {
+            let mut headers = Vec::new();
+            if let Some(sig) = signature {
+                let text =
+                    std::fs::read(&sig).with_context(|| format!("reading {}", sig.display()))?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(text);
+                headers.push(("x-ampora-signature", b64));
+            }
+            let query = [
+                ("name", name),
+                ("version", version),
+                ("platform", platform),
+                ("kind", kind),
+            ];
+            let v = c
+                .upload("/api/v1/packages", &query, &headers, &file)
+                .await?;
+            c.print(&v, |v| {
+                println!(
+                    "imported {:?} {} for {}: sha256 {} ({} bytes), signed by {}",
+                    s(v, "name"),
+                    s(v, "version"),
+                    s(v, "platform"),
+                    s(v, "sha256"),
+                    v["size"],
+                    v["signer"].as_str().unwrap_or("nobody (unsigned)")
+                )
+            })
+        }
+        PackagesCmd::List => {
+            let v = c.get("/api/v1/packages", &[]).await?;
+            let header = [
+                ("NAME", 16),
+                ("VERSION", 12),
+                ("PLATFORM", 14),
+                ("SIZE", 12),
+                ("SHA256", 16),
+                ("SIGNED", 0),
+            ];
+            c.table(&v, header, |a| {
+                [
+                    s(a, "name"),
+                    s(a, "version"),
+                    s(a, "platform"),
+                    a["size"].to_string(),
+                    s(a, "sha256").chars().take(16).collect(),
+                    if a["signer"].is_string() { "yes" } else { "no" }.into(),
+                ]
+            })
+        }
+        PackagesCmd::Assign {
+            name,
+            version,
+            target,
+        } => {
+            let mut body = json!({ "name": name, "version": version });
+            match (&target.agent, target.label.is_empty(), target.all) {
+                (Some(uid), true, false) => body["agent"] = json!(uid),
+                (None, false, false) => body["labels"] = Value::Object(labels(&target.label)?),
+                (None, true, true) => body["all"] = json!(true),
+                _ => bail!("give exactly one of --agent, --label or --all"),
+            }
+            let v = c.post("/api/v1/packages/assignments", body).await?;
+            c.print(&v, |v| {
+                println!(
+                    "package {:?} {} assigned (assignment {})",
+                    s(v, "name"),
+                    s(v, "version"),
+                    v["id"]
+                )
+            })
+        }
+        PackagesCmd::Status { agent } => show(
+            &c.get(&format!("/api/v1/agents/{}/upgrade", segment(&agent)), &[])
+                .await?,
+        ),
+    }
+}

@@ -1,0 +1,216 @@
+//! Importing a package artifact: the bytes streamed to a temporary file in the blob
+//! directory while their SHA-256 and (for a signed artifact) the minisign signature are
+//! computed over the same pass, checked against the operator's trust policy, and only then
+//! moved to their content address and recorded. Nothing is held in memory whole, and a
+//! refused import leaves no file behind. Ampora never holds a signing key: it only verifies.
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use minisign_verify::{PublicKey, Signature};
+use sha2::{Digest, Sha256};
+use shared::now_ms;
+use shared::packages::{valid_label, valid_platform, Artifact, PackageKind};
+use tokio::io::AsyncWriteExt;
+
+use super::{Coordinator, ServiceError};
+
+/// Which signatures make an artifact importable.
+#[derive(Clone)]
+pub struct TrustPolicy {
+    /// The minisign public keys (as configured, base64) and their decoded form.
+    keys: Vec<(String, PublicKey)>,
+    allow_unsigned: bool,
+}
+
+impl std::fmt::Debug for TrustPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.keys.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("TrustPolicy")
+            .field("keys", &keys)
+            .field("allow_unsigned", &self.allow_unsigned)
+            .finish()
+    }
+}
+
+impl TrustPolicy {
+    /// `keys`: minisign public keys, the base64 line of a `minisign.pub` file.
+    pub fn new(keys: &[String], allow_unsigned: bool) -> Result<Self, String> {
+        let keys = keys
+            .iter()
+            .map(|k| {
+                PublicKey::from_base64(k.trim())
+                    .map(|pk| (k.trim().to_owned(), pk))
+                    .map_err(|e| {
+                        format!("packages.trusted_keys: `{k}` is not a minisign public key: {e}")
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            keys,
+            allow_unsigned,
+        })
+    }
+}
+
+/// An artifact about to be imported.
+#[derive(Debug, Clone)]
+pub struct ImportRequest {
+    pub name: String,
+    pub version: String,
+    pub platform: String,
+    pub kind: PackageKind,
+    /// The minisign signature file's text.
+    pub signature: Option<String>,
+}
+
+impl Coordinator {
+    /// Imports `body` as the artifact `req` describes (see the module docs).
+    pub async fn import_artifact<S, E>(
+        &self,
+        req: ImportRequest,
+        body: S,
+        author: &str,
+    ) -> Result<Artifact, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let Some(hosting) = self.cfg.packages.as_ref() else {
+            return Err(ServiceError::Conflict(
+                "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
+            ));
+        };
+        if !valid_label(&req.name) || !valid_label(&req.version) || req.version.is_empty() {
+            return Err(ServiceError::Invalid(
+                "name and version: letters, digits and . - _ + ~ only, at most 128 bytes; the version not empty".into(),
+            ));
+        }
+        if !valid_platform(&req.platform) {
+            return Err(ServiceError::Invalid(format!(
+                "platform `{}` is not os/arch, e.g. linux/amd64",
+                req.platform.escape_default()
+            )));
+        }
+        let trust = &hosting.trust;
+        let sig = match &req.signature {
+            None if trust.allow_unsigned => None,
+            None => {
+                return Err(ServiceError::Invalid(
+                    "the artifact is unsigned, and the trust policy accepts only signed ones (packages.allow_unsigned)".into(),
+                ))
+            }
+            Some(text) => Some(Signature::decode(text).map_err(|e| {
+                ServiceError::Invalid(format!("the signature is not a minisign signature: {e}"))
+            })?),
+        };
+        // The key whose id the signature names (minisign refuses the others at once).
+        let signer = match &sig {
+            None => None,
+            Some(sig) => Some(
+                trust
+                    .keys
+                    .iter()
+                    .find_map(|(text, pk)| Some((text, pk.verify_stream(sig).ok()?)))
+                    .ok_or_else(|| {
+                        ServiceError::Invalid(
+                            "the signature is not by a key the trust policy trusts (packages.trusted_keys), or is a legacy (not prehashed) minisign signature".into(),
+                        )
+                    })?,
+            ),
+        };
+        let (signer, mut verifier) = match signer {
+            Some((text, v)) => (Some(text.clone()), Some(v)),
+            None => (None, None),
+        };
+
+        tokio::fs::create_dir_all(&hosting.dir)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("blob directory: {e}")))?;
+        let tmp = hosting
+            .dir
+            .join(format!(".import-{}", uuid::Uuid::new_v4().simple()));
+        let written = async {
+            let mut file = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+            let mut sha = Sha256::new();
+            let mut size: u64 = 0;
+            let mut body = std::pin::pin!(body);
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk
+                    .map_err(|e| ServiceError::Invalid(format!("reading the artifact: {e}")))?;
+                size += chunk.len() as u64;
+                if size > hosting.max_artifact_bytes {
+                    return Err(ServiceError::Invalid(format!(
+                        "the artifact is larger than packages.max_artifact_bytes ({})",
+                        hosting.max_artifact_bytes
+                    )));
+                }
+                sha.update(&chunk);
+                if let Some(v) = verifier.as_mut() {
+                    v.update(&chunk);
+                }
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+            }
+            file.sync_all()
+                .await
+                .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+            if let Some(v) = verifier.as_mut() {
+                v.finalize().map_err(|_| {
+                    ServiceError::Invalid(
+                        "the signature does not verify: the artifact is not what was signed".into(),
+                    )
+                })?;
+            }
+            Ok::<_, ServiceError>((hex::encode(sha.finalize()), size))
+        }
+        .await;
+        let (sha256, size) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        // The same bytes imported twice land on the same address.
+        tokio::fs::rename(&tmp, hosting.dir.join(&sha256))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+        let artifact = Artifact {
+            name: req.name,
+            version: req.version,
+            platform: req.platform,
+            kind: req.kind,
+            sha256,
+            size,
+            signature: req.signature,
+            signer,
+            author: author.to_owned(),
+            created_ms: now_ms(),
+        };
+        if !self.store.create_artifact(&artifact).await? {
+            return Err(ServiceError::Conflict(format!(
+                "package {:?} version {} for {} was imported before",
+                artifact.name, artifact.version, artifact.platform
+            )));
+        }
+        self.audit_op(
+            author,
+            "package.import",
+            None,
+            serde_json::json!({
+                "name": artifact.name,
+                "version": artifact.version,
+                "platform": artifact.platform,
+                "sha256": artifact.sha256,
+                "size": artifact.size,
+                "signer": artifact.signer,
+            }),
+        )
+        .await?;
+        self.sync_packages().await;
+        Ok(artifact)
+    }
+}

@@ -1,0 +1,455 @@
+//! Agent packages on the coordinator: the catalog (imported artifacts and package
+//! assignments, read from the store at start and every lease round), the package set each
+//! agent should have ([`Coordinator::package_offer`]), the download credentials stamped into
+//! an offer as it leaves, pushes to connected agents when an assignment changes their set,
+//! and each agent's upgrade state as operators read it. Importing an artifact (streaming,
+//! hashing, the signature check) is [`super::package_import`].
+//!
+//! Hosting is on only where the coordinator can serve the bytes: the embedded default (blobs
+//! in the data directory, served by its gateway). A cluster coordinator has no
+//! [`PackageHosting`]; it refuses imports and offers nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use proto::v1::{DownloadableFile, Header, Headers, PackageAvailable, PackagesAvailable};
+use proto::{agent_caps, ServerToAgent};
+use serde::Serialize;
+use shared::domain::{AgentRecord, Target, Transport};
+use shared::download_token::DownloadKey;
+use shared::ids::InstanceUid;
+use shared::now_ms;
+use shared::packages::{
+    all_packages_hash, platform_of, Artifact, InstallStatus, NewPackageAssignment,
+    PackageAssignment,
+};
+
+use super::{Coordinator, ServiceError};
+use crate::session::{self, AgentState, PackageOffer};
+
+/// Where hosted artifacts live and how they are handed out.
+#[derive(Debug, Clone)]
+pub struct PackageHosting {
+    /// Content-addressed blobs: `<dir>/<sha256>`.
+    pub dir: PathBuf,
+    /// Signs download tokens; the gateway serving `dir` checks them with the same key.
+    pub key: DownloadKey,
+    /// `http(s)://host:port/v1/packages`: a blob's URL is this plus `/<sha256>`.
+    pub download_base: String,
+    pub token_ttl_secs: u64,
+    /// Failed installs of one package set before an agent is given up on.
+    pub max_attempts: u32,
+    /// The trust policy imports are checked against.
+    pub trust: super::package_import::TrustPolicy,
+    pub max_artifact_bytes: u64,
+}
+
+/// Artifacts and assignments as last read, with the offers built from them.
+#[derive(Default)]
+pub(super) struct Catalog {
+    artifacts: Vec<Artifact>,
+    assignments: Vec<PackageAssignment>,
+    /// Offers by (winning assignment ids, platform): a fleet has few distinct ones.
+    offers: HashMap<(Vec<i64>, String), Arc<PackageOffer>>,
+}
+
+/// The package set an agent should have, or why it cannot have it.
+pub(super) type Wanted = Result<Arc<PackageOffer>, String>;
+
+/// An agent's upgrade, as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UpgradeView {
+    /// none, cannot_upgrade, pending, offered, downloading, installing, installed, verified,
+    /// retrying, failed.
+    pub state: String,
+    /// Why the agent cannot upgrade, or its last error.
+    pub reason: Option<String>,
+    /// Package name → the version it should have.
+    pub desired: BTreeMap<String, String>,
+    /// Package name → (version it reports, status).
+    pub reported: BTreeMap<String, (String, String)>,
+    pub failed_attempts: u32,
+}
+
+const INSTALLS: &str = "ampora_package_installs_total";
+
+/// Describes the package metrics and creates their series at zero.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        INSTALLS,
+        "Package sets agents reported, by outcome: installed (every package of the set offered), failed (an install failed; each failure of a set counts once)"
+    );
+    for outcome in ["installed", "failed"] {
+        metrics::counter!(INSTALLS, "outcome" => outcome).absolute(0);
+    }
+}
+
+impl Coordinator {
+    /// Re-reads artifacts and package assignments; pushes changed sets to connected agents.
+    pub(super) async fn sync_packages(&self) {
+        if self.cfg.packages.is_none() {
+            return;
+        }
+        let (artifacts, assignments) = match tokio::try_join!(
+            self.store.list_artifacts(),
+            self.store.list_package_assignments()
+        ) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::warn!(error = %e, "loading packages failed");
+                return;
+            }
+        };
+        let changed = {
+            let Ok(mut c) = self.package_catalog.write() else {
+                return;
+            };
+            let changed = c.artifacts != artifacts || c.assignments != assignments;
+            if changed {
+                *c = Catalog {
+                    artifacts,
+                    assignments,
+                    offers: HashMap::new(),
+                };
+            }
+            changed
+        };
+        if changed {
+            self.push_packages().await;
+        }
+    }
+
+    /// The package set `record` should have: per package name the newest matching
+    /// assignment, each with the artifact for the agent's platform. `None`: no package is
+    /// assigned to it (or hosting is off).
+    pub(super) fn package_offer(&self, record: &AgentRecord) -> Option<Wanted> {
+        let hosting = self.cfg.packages.as_ref()?;
+        let catalog = self.package_catalog.read().ok()?;
+        if catalog.assignments.is_empty() {
+            return None;
+        }
+        let mut winners: BTreeMap<&str, &PackageAssignment> = BTreeMap::new();
+        for a in catalog.assignments.iter().rev() {
+            if !winners.contains_key(a.name.as_str()) && self.target_admits(&a.target, record) {
+                winners.insert(&a.name, a);
+            }
+        }
+        if winners.is_empty() {
+            return None;
+        }
+        let Some(platform) = platform_of(record) else {
+            return Some(Err(
+                "cannot upgrade: the agent reports no os.type and host.arch".into(),
+            ));
+        };
+        let key = (
+            winners.values().map(|a| a.id).collect::<Vec<_>>(),
+            platform.clone(),
+        );
+        if let Some(o) = catalog.offers.get(&key) {
+            return Some(Ok(o.clone()));
+        }
+        let mut chosen = Vec::with_capacity(winners.len());
+        for a in winners.values() {
+            let found = catalog
+                .artifacts
+                .iter()
+                .find(|x| x.name == a.name && x.version == a.version && x.platform == platform);
+            match found {
+                Some(x) => chosen.push(x),
+                None => {
+                    return Some(Err(format!(
+                        "cannot upgrade: no artifact of {:?} {} for {platform}",
+                        a.name, a.version
+                    )))
+                }
+            }
+        }
+        let offer = Arc::new(build_offer(&chosen, hosting));
+        drop(catalog);
+        if let Ok(mut c) = self.package_catalog.write() {
+            c.offers.insert(key, offer.clone());
+        }
+        Some(Ok(offer))
+    }
+
+    /// Puts a fresh download token for `uid` into every package of `reply`'s offer.
+    pub(super) fn stamp_downloads(&self, uid: InstanceUid, reply: &mut ServerToAgent) {
+        let (Some(hosting), Some(offer)) = (&self.cfg.packages, reply.packages_available.as_mut())
+        else {
+            return;
+        };
+        let expires = u64::try_from(now_ms() / 1000).unwrap_or(0) + hosting.token_ttl_secs;
+        for p in offer.packages.values_mut() {
+            if let Some(f) = p.file.as_mut() {
+                let sha = hex::encode(&f.content_hash);
+                let token = hosting.key.mint(uid, &sha, expires);
+                f.headers = Some(Headers {
+                    headers: vec![Header {
+                        key: "Authorization".into(),
+                        value: format!("Bearer {token}"),
+                    }],
+                });
+            }
+        }
+    }
+
+    /// Creates a package assignment after checking that the version was imported, then pushes
+    /// the new set to the connected agents it reaches.
+    pub async fn assign_package(
+        &self,
+        name: String,
+        version: String,
+        target: Target,
+        author: &str,
+    ) -> Result<PackageAssignment, ServiceError> {
+        if self.cfg.packages.is_none() {
+            return Err(ServiceError::Conflict(
+                "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
+            ));
+        }
+        let artifacts = self.store.list_artifacts().await?;
+        if !artifacts
+            .iter()
+            .any(|a| a.name == name && a.version == version)
+        {
+            return Err(ServiceError::NotFound(format!(
+                "no artifact of package {name:?} version {version} was imported"
+            )));
+        }
+        let created = self
+            .store
+            .create_package_assignment(NewPackageAssignment {
+                name,
+                version,
+                target,
+                author: author.to_string(),
+                created_ms: now_ms(),
+            })
+            .await?;
+        self.audit_op(
+            author,
+            "package.assign",
+            None,
+            serde_json::json!({
+                "assignment_id": created.id,
+                "name": created.name,
+                "version": created.version,
+                "target": created.target,
+            }),
+        )
+        .await?;
+        self.sync_packages().await;
+        Ok(created)
+    }
+
+    pub async fn list_artifacts(&self) -> Result<Vec<Artifact>, ServiceError> {
+        Ok(self.store.list_artifacts().await?)
+    }
+
+    pub async fn list_package_assignments(&self) -> Result<Vec<PackageAssignment>, ServiceError> {
+        Ok(self.store.list_package_assignments().await?)
+    }
+
+    /// Offers every connected WebSocket agent its package set if it changed (HTTP agents get
+    /// it with their next poll).
+    async fn push_packages(&self) {
+        let now = now_ms();
+        let mut pushes = Vec::new();
+        for slot in self.all_slots() {
+            let mut e = slot.lock().await;
+            let rec = &e.state.record;
+            if !rec.connected || rec.transport != Some(Transport::WebSocket) {
+                continue;
+            }
+            let Some(Ok(offer)) = self.package_offer(rec) else {
+                continue;
+            };
+            let uid = rec.instance_uid;
+            if let Some(mut msg) = push(&mut e.state, &offer, now) {
+                self.mark_dirty(uid);
+                self.stamp_downloads(uid, &mut msg);
+                pushes.push((uid, msg));
+            }
+        }
+        self.deliver_all(pushes);
+    }
+
+    /// Counts and audits what a frame's package events say.
+    pub(super) async fn package_event(&self, uid: InstanceUid, ev: &session::Event) {
+        let max = self.cfg.packages.as_ref().map_or(0, |h| h.max_attempts);
+        match ev {
+            session::Event::PackageFailed { attempts } => {
+                metrics::counter!(INSTALLS, "outcome" => "failed").increment(1);
+                if *attempts >= max {
+                    self.audit(
+                        "agent",
+                        "package.failed",
+                        Some(uid),
+                        None,
+                        Some("install_failed"),
+                        serde_json::json!({ "attempts": attempts }),
+                    )
+                    .await;
+                }
+            }
+            session::Event::PackagesInstalled => {
+                metrics::counter!(INSTALLS, "outcome" => "installed").increment(1);
+                self.audit(
+                    "agent",
+                    "package.installed",
+                    Some(uid),
+                    None,
+                    None,
+                    serde_json::json!({}),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+
+    /// `record`'s upgrade as operators read it.
+    pub fn upgrade_view(&self, record: &AgentRecord) -> UpgradeView {
+        let pk = record.packages.as_deref().cloned().unwrap_or_default();
+        let reported = pk
+            .reported
+            .iter()
+            .map(|(n, r)| {
+                (
+                    n.clone(),
+                    (r.has_version.clone(), r.status.as_str().to_owned()),
+                )
+            })
+            .collect();
+        let mut view = UpgradeView {
+            state: "none".into(),
+            reason: None,
+            desired: BTreeMap::new(),
+            reported,
+            failed_attempts: pk.failed_attempts,
+        };
+        let offer = match self.package_offer(record) {
+            None => return view,
+            Some(Err(why)) => {
+                view.state = "cannot_upgrade".into();
+                view.reason = Some(why);
+                return view;
+            }
+            Some(Ok(o)) => o,
+        };
+        view.desired = offer
+            .msg
+            .packages
+            .iter()
+            .map(|(n, p)| (n.clone(), p.version.clone()))
+            .collect();
+        let state = if record.capabilities & agent_caps::ACCEPTS_PACKAGES == 0 {
+            view.reason = Some("cannot upgrade: the agent does not accept packages".into());
+            "cannot_upgrade"
+        } else if pk.offered_hash.as_deref() != Some(offer.hash_hex.as_str()) {
+            "pending"
+        } else if pk.echoed_hash != offer.hash_hex {
+            "offered"
+        } else if let Some(r) = pk
+            .reported
+            .values()
+            .find(|r| r.status == InstallStatus::InstallFailed)
+        {
+            view.reason = Some(r.error.clone());
+            if pk.failed_attempts >= offer.max_attempts {
+                "failed"
+            } else {
+                "retrying"
+            }
+        } else if pk
+            .reported
+            .values()
+            .any(|r| r.status == InstallStatus::Downloading)
+        {
+            "downloading"
+        } else if pk.reported.values().any(|r| {
+            matches!(
+                r.status,
+                InstallStatus::Installing | InstallStatus::InstallPending
+            )
+        }) {
+            "installing"
+        } else if verified(record, &offer) {
+            "verified"
+        } else {
+            "installed"
+        };
+        view.state = state.into();
+        view
+    }
+}
+
+/// The offer for `chosen` (one artifact per package name): content hash, package hash, the
+/// aggregate, the signature and the URL; the credentials are added per agent as it leaves.
+fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting) -> PackageOffer {
+    let mut packages = BTreeMap::new();
+    let mut hashes = Vec::with_capacity(chosen.len());
+    for a in chosen {
+        let hash = a.package_hash();
+        hashes.push(hash);
+        packages.insert(
+            a.name.clone(),
+            PackageAvailable {
+                r#type: a.kind.wire(),
+                version: a.version.clone(),
+                file: Some(DownloadableFile {
+                    download_url: format!("{}/{}", hosting.download_base, a.sha256),
+                    content_hash: hex::decode(&a.sha256).unwrap_or_default(),
+                    signature: a.signature.clone().unwrap_or_default().into_bytes(),
+                    headers: None,
+                }),
+                hash: hash.to_vec(),
+            },
+        );
+    }
+    let all = all_packages_hash(&hashes);
+    PackageOffer {
+        hash_hex: hex::encode(all),
+        msg: PackagesAvailable {
+            packages,
+            all_packages_hash: all.to_vec(),
+        },
+        max_attempts: hosting.max_attempts,
+    }
+}
+
+/// A push of `offer` if the session rules send it now.
+fn push(state: &mut AgentState, offer: &PackageOffer, now: i64) -> Option<ServerToAgent> {
+    let mut msg = ServerToAgent {
+        instance_uid: state.record.instance_uid.as_bytes().to_vec(),
+        capabilities: session::SERVER_CAPABILITIES,
+        ..Default::default()
+    };
+    let mut events = Vec::new();
+    session::packages::offer(state, offer, false, now, &mut msg, &mut events);
+    msg.packages_available.is_some().then_some(msg)
+}
+
+/// Every package installed at the offered version, the top-level one's version reported
+/// as the agent's `service.version` (it restarted on it), and the agent healthy.
+fn verified(record: &AgentRecord, offer: &PackageOffer) -> bool {
+    let pk = record.packages.as_deref();
+    let all_installed = offer.msg.packages.iter().all(|(name, p)| {
+        pk.and_then(|pk| pk.reported.get(name))
+            .is_some_and(|r| r.status == InstallStatus::Installed && r.has_version == p.version)
+    });
+    let top_level_running = offer
+        .msg
+        .packages
+        .values()
+        .filter(|p| p.r#type == 0)
+        .all(|p| {
+            let running = record.description.get_str("service.version");
+            running.as_deref() == Some(p.version.as_str())
+                || running.as_deref() == p.version.strip_prefix('v')
+        });
+    let healthy = record.health.as_ref().is_none_or(|h| h.healthy);
+    all_installed && top_level_running && healthy
+}

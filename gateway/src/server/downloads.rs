@@ -1,0 +1,136 @@
+//! Package downloads on the agent listener: `GET /v1/packages/<sha256>` serves an artifact
+//! Ampora hosts, to the agent holding a download token for exactly that blob
+//! (`Authorization: Bearer amp-dl.…`, `shared::download_token`). The bytes come from a local
+//! directory of content-addressed files (the embedded default's data directory), streamed
+//! with `Content-Length`, a strong `ETag` (the blob's SHA-256) and `Range` / 206, never held
+//! in memory whole. The token itself never reaches a log or a metric: refusals are counted
+//! by reason, served downloads by status, with their bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, ETAG, WWW_AUTHENTICATE};
+use http::{HeaderValue, StatusCode};
+use shared::download_token::{DownloadKey, DownloadRefusal};
+use shared::packages::valid_sha256;
+use tower::ServiceExt;
+
+/// Where downloads are served from: the path prefix every download URL starts with.
+pub const DOWNLOAD_PATH: &str = "/v1/packages";
+
+const DOWNLOADS: &str = "ampora_package_downloads_total";
+const DOWNLOAD_BYTES: &str = "ampora_package_download_bytes_total";
+const OUTCOMES: [&str; 7] = [
+    "full",
+    "partial",
+    "not_found",
+    "malformed",
+    "other_blob",
+    "expired",
+    "bad_mac",
+];
+
+/// What a gateway needs to serve downloads: the blob directory and the key tokens are
+/// checked with.
+#[derive(Debug, Clone)]
+pub struct Downloads {
+    pub dir: PathBuf,
+    pub key: DownloadKey,
+}
+
+pub(super) fn describe() {
+    metrics::describe_counter!(
+        DOWNLOADS,
+        "Package download requests, by outcome (full, partial, not_found, or why the token was refused: malformed, other_blob, expired, bad_mac)"
+    );
+    metrics::describe_counter!(
+        DOWNLOAD_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of package artifacts served (Content-Length of full and partial answers)"
+    );
+    for outcome in OUTCOMES {
+        metrics::counter!(DOWNLOADS, "outcome" => outcome).absolute(0);
+    }
+    metrics::counter!(DOWNLOAD_BYTES).absolute(0);
+}
+
+pub(super) fn router(downloads: Downloads) -> Router {
+    Router::new()
+        .route(&format!("{DOWNLOAD_PATH}/{{sha256}}"), get(serve))
+        .with_state(Arc::new(downloads))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn refused(why: DownloadRefusal) -> Response {
+    metrics::counter!(DOWNLOADS, "outcome" => why.reason()).increment(1);
+    (
+        StatusCode::UNAUTHORIZED,
+        [(WWW_AUTHENTICATE, "Bearer")],
+        format!("download refused: {why}\n"),
+    )
+        .into_response()
+}
+
+async fn serve(
+    State(d): State<Arc<Downloads>>,
+    Path(sha256): Path<String>,
+    req: Request,
+) -> Response {
+    if !valid_sha256(&sha256) {
+        metrics::counter!(DOWNLOADS, "outcome" => "not_found").increment(1);
+        return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
+    }
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let uid = match d.key.verify(token.trim(), &sha256, now_secs()) {
+        Ok(uid) => uid,
+        Err(why) => return refused(why),
+    };
+    let path = d.dir.join(&sha256);
+    if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        metrics::counter!(DOWNLOADS, "outcome" => "not_found").increment(1);
+        return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
+    }
+    // tower-http answers Range (206, 416), HEAD and the length; the file is streamed.
+    let served = tower_http::services::ServeFile::new(&path)
+        .oneshot(req)
+        .await;
+    let mut res = match served {
+        Ok(res) => res.map(axum::body::Body::new),
+        Err(e) => match e {},
+    };
+    let outcome = match res.status() {
+        StatusCode::OK => "full",
+        StatusCode::PARTIAL_CONTENT => "partial",
+        _ => {
+            return res;
+        }
+    };
+    let bytes = res
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    metrics::counter!(DOWNLOADS, "outcome" => outcome).increment(1);
+    metrics::counter!(DOWNLOAD_BYTES).increment(bytes);
+    tracing::debug!(instance_uid = %uid, sha256 = %sha256, outcome, bytes, "package download");
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{sha256}\"")) {
+        res.headers_mut().insert(ETAG, etag);
+    }
+    res
+}

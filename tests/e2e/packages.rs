@@ -1,0 +1,567 @@
+//! Agent packages on the embedded default: only builds signed by a trusted key are imported;
+//! an offer is the agent's whole set with content-derived hashes and a credential that opens
+//! its own blob and nothing else; downloads are streamed with ranges; an agent that echoes the
+//! set is not offered it again; an agent that cannot take the build is told why; the Rust
+//! agent upgrades to verified, and a build that keeps failing is retried and then given up.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agent::{Agent, AgentOptions, WsConnection};
+use proto::v1::{any_value, AgentDescription, AnyValue, KeyValue, PackageStatus, PackageStatuses};
+use proto::ServerToAgent;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use shared::ids::InstanceUid;
+use shared::packages::{all_packages_hash, package_hash, PackageKind};
+use tests::{bearer, eventually, TestServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// ReportsStatus | AcceptsPackages | ReportsPackageStatuses.
+const PKG_CAPS: u64 = 0x1 | 0x8 | 0x10;
+
+/// A minisign key pair made for the test, and its public key as `packages.trusted_keys`
+/// takes it.
+struct Signer {
+    kp: minisign::KeyPair,
+}
+
+impl Signer {
+    fn new() -> Self {
+        Self {
+            kp: minisign::KeyPair::generate_unencrypted_keypair().expect("key pair"),
+        }
+    }
+
+    fn public(&self) -> String {
+        self.kp.pk.to_base64()
+    }
+
+    /// The `.minisig` file of `data`.
+    fn sign(&self, data: &[u8]) -> String {
+        minisign::sign(
+            Some(&self.kp.pk),
+            &self.kp.sk,
+            std::io::Cursor::new(data),
+            Some("test build"),
+            None,
+        )
+        .expect("sign")
+        .to_string()
+    }
+}
+
+async fn serve_trusting(signer: &Signer) -> anyhow::Result<TestServer> {
+    let key = signer.public();
+    TestServer::start_with(move |c| {
+        c.packages.trusted_keys = vec![key];
+        c.packages.max_install_attempts = 2;
+    })
+    .await
+}
+
+fn build(version: &str) -> Vec<u8> {
+    // A few hundred KiB, so a download takes more than one read.
+    let mut b = format!("otelcol {version}\n").into_bytes();
+    b.extend((0..300_000u32).map(|i| (i % 251) as u8));
+    b
+}
+
+/// `POST /api/v1/packages` of a top-level package with `data` and, if given, the
+/// signature; status and body.
+async fn import(
+    server: &TestServer,
+    name: &str,
+    version: &str,
+    platform: &str,
+    data: Vec<u8>,
+    signature: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    import_kind(
+        server,
+        name,
+        version,
+        platform,
+        "top_level",
+        data,
+        signature,
+    )
+    .await
+}
+
+async fn import_kind(
+    server: &TestServer,
+    name: &str,
+    version: &str,
+    platform: &str,
+    kind: &str,
+    data: Vec<u8>,
+    signature: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    use base64::Engine as _;
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/api/v1/packages", server.api.base))
+        .query(&[
+            ("name", name),
+            ("version", version),
+            ("platform", platform),
+            ("kind", kind),
+        ])
+        .bearer_auth(&server.api.token)
+        .body(data);
+    if let Some(sig) = signature {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(sig);
+        req = req.header("x-ampora-signature", b64);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+    }
+}
+
+/// The first message of a package-taking agent on `platform` (`os/arch`).
+fn packaged_hello(uid: InstanceUid, caps: u64, platform: &str) -> proto::AgentToServer {
+    let (os, arch) = platform.split_once('/').expect("os/arch");
+    proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: caps,
+        agent_description: Some(AgentDescription {
+            identifying_attributes: vec![
+                kv("service.name", "otelcol"),
+                kv("service.version", "0.1.0"),
+            ],
+            non_identifying_attributes: vec![kv("os.type", os), kv("host.arch", arch)],
+        }),
+        ..Default::default()
+    }
+}
+
+/// The download URL and `Authorization` value of package `name` in `reply`'s offer.
+fn download_of(reply: &ServerToAgent, name: &str) -> Option<(String, String)> {
+    let file = reply
+        .packages_available
+        .as_ref()?
+        .packages
+        .get(name)?
+        .file
+        .clone()?;
+    let auth = file
+        .headers?
+        .headers
+        .into_iter()
+        .find(|h| h.key.eq_ignore_ascii_case("authorization"))?
+        .value;
+    Some((file.download_url, auth))
+}
+
+#[tokio::test]
+async fn only_builds_signed_by_a_trusted_key_are_imported() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let data = build("0.2.0");
+    let sig = signer.sign(&data);
+
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&sig),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sha256"], hex::encode(Sha256::digest(&data)));
+    assert_eq!(body["size"], data.len());
+    assert_eq!(body["signer"], signer.public());
+
+    // Refused: the same build again, an unsigned one, one whose signature is of other bytes,
+    // and one signed by a key nobody trusts. None of them leaves a file behind.
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&sig),
+    )
+    .await?;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = import(&server, "", "0.3.0", "linux/amd64", build("0.3.0"), None).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unsigned")),
+        "{body}"
+    );
+    let (status, body) = import(
+        &server,
+        "",
+        "0.3.0",
+        "linux/amd64",
+        build("0.3.0"),
+        Some(&sig),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not verify")),
+        "{body}"
+    );
+    let stranger = Signer::new();
+    let other = build("0.4.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.4.0",
+        "linux/amd64",
+        other.clone(),
+        Some(&stranger.sign(&other)),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("trusts")),
+        "{body}"
+    );
+
+    let listed = server.api.get("/api/v1/packages").await?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let blobs: Vec<_> = std::fs::read_dir(server.dir.path().join("packages"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(blobs, vec![hex::encode(Sha256::digest(&data))]);
+    let audit = server.api.get("/api/v1/audit?limit=50").await?;
+    assert!(
+        audit
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["action"] == "package.import")),
+        "{audit}"
+    );
+    server.stop().await
+}
+
+#[tokio::test]
+async fn an_offer_opens_its_own_blob_and_nothing_else() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let core = build("1.0.0");
+    let addon = b"an addon".to_vec();
+    for (name, data, kind) in [("", &core, "top_level"), ("ext", &addon, "addon")] {
+        let sig = signer.sign(data);
+        let (status, body) = import_kind(
+            &server,
+            name,
+            "1.0.0",
+            "linux/amd64",
+            kind,
+            data.clone(),
+            Some(&sig),
+        )
+        .await?;
+        assert_eq!(status, 200, "{kind}: {body}");
+    }
+    let (status, body) = import(
+        &server,
+        "ext",
+        "1.0.0",
+        "linux/amd64",
+        addon.clone(),
+        Some(&signer.sign(&addon)),
+    )
+    .await?;
+    assert_eq!(status, 409, "{body}");
+    for name in ["", "ext"] {
+        server
+            .api
+            .post(
+                "/api/v1/packages/assignments",
+                json!({ "name": name, "version": "1.0.0", "all": true }),
+            )
+            .await?;
+    }
+
+    let token = server.api.token("pkg").await?;
+    let uid = InstanceUid::new_v7();
+    let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
+    conn.send(&packaged_hello(uid, PKG_CAPS, "linux/x86_64"))
+        .await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    assert_eq!(
+        reply.capabilities & 0x18,
+        0x18,
+        "OffersPackages | AcceptsPackagesStatus"
+    );
+    let offer = reply
+        .packages_available
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no offer: {reply:?}"))?;
+    // The whole set, with hashes anyone can recompute from the bytes.
+    let core_sha = Sha256::digest(&core).to_vec();
+    let addon_sha = Sha256::digest(&addon).to_vec();
+    let expect_core = package_hash("", PackageKind::TopLevel, "1.0.0", &core_sha);
+    let expect_addon = package_hash("ext", PackageKind::Addon, "1.0.0", &addon_sha);
+    assert_eq!(offer.packages.len(), 2);
+    assert_eq!(offer.packages[""].hash, expect_core.to_vec());
+    assert_eq!(offer.packages["ext"].r#type, 1);
+    assert_eq!(
+        offer.packages[""]
+            .file
+            .as_ref()
+            .map(|f| f.content_hash.clone()),
+        Some(core_sha.clone())
+    );
+    assert!(offer.packages[""]
+        .file
+        .as_ref()
+        .is_some_and(|f| String::from_utf8_lossy(&f.signature).contains("test build")));
+    assert_eq!(
+        offer.all_packages_hash,
+        all_packages_hash(&[expect_addon, expect_core]).to_vec()
+    );
+
+    // The download: whole, then a range; the credential is in the offer's headers.
+    let (url, auth) = download_of(&reply, "").ok_or_else(|| anyhow::anyhow!("no credential"))?;
+    let http = reqwest::Client::new();
+    let full = http.get(&url).header("authorization", &auth).send().await?;
+    assert_eq!(full.status().as_u16(), 200);
+    assert_eq!(
+        full.headers().get("etag").and_then(|v| v.to_str().ok()),
+        Some(format!("\"{}\"", hex::encode(&core_sha)).as_str())
+    );
+    assert_eq!(full.content_length(), Some(core.len() as u64));
+    assert_eq!(full.bytes().await?.as_ref(), core.as_slice());
+    let part = http
+        .get(&url)
+        .header("authorization", &auth)
+        .header("range", "bytes=100-199")
+        .send()
+        .await?;
+    assert_eq!(part.status().as_u16(), 206);
+    assert_eq!(part.bytes().await?.as_ref(), &core[100..200]);
+
+    // What the credential does not open: the blob without it, another blob with it, and a
+    // credential whose agent was changed.
+    let (addon_url, _) = download_of(&reply, "ext").ok_or_else(|| anyhow::anyhow!("no ext"))?;
+    let refused = [
+        http.get(&url).send().await?,
+        http.get(&addon_url)
+            .header("authorization", &auth)
+            .send()
+            .await?,
+        http.get(&url)
+            .header(
+                "authorization",
+                auth.replacen(&hex::encode(uid.0), &hex::encode([7u8; 16]), 1),
+            )
+            .send()
+            .await?,
+    ];
+    for r in refused {
+        assert_eq!(r.status().as_u16(), 401, "{}", r.url());
+    }
+
+    // Echoing the set stops the offers; echoing another one brings it back.
+    let statuses = |echo: Vec<u8>| PackageStatuses {
+        packages: BTreeMap::from([(
+            String::new(),
+            PackageStatus {
+                name: String::new(),
+                agent_has_version: "1.0.0".into(),
+                agent_has_hash: expect_core.to_vec(),
+                status: 0,
+                ..Default::default()
+            },
+        )]),
+        server_provided_all_packages_hash: echo,
+        error_message: String::new(),
+    };
+    let mut msg = proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: PKG_CAPS,
+        sequence_num: 1,
+        package_statuses: Some(statuses(offer.all_packages_hash.clone())),
+        ..Default::default()
+    };
+    conn.send(&msg).await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    assert!(
+        reply.packages_available.is_none(),
+        "offered again: {reply:?}"
+    );
+    msg.sequence_num = 2;
+    msg.package_statuses = Some(statuses(vec![1; 32]));
+    conn.send(&msg).await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    assert!(
+        reply.packages_available.is_some(),
+        "an agent echoing another set must get the offer again"
+    );
+
+    // An agent that does not accept packages, and one for which no build exists, get none,
+    // and the API says why.
+    for (caps, platform, why) in [
+        (0x1, "linux/amd64", "does not accept packages"),
+        (PKG_CAPS, "linux/arm64", "no artifact"),
+    ] {
+        let uid = InstanceUid::new_v7();
+        let token = server.api.token(platform).await?;
+        let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
+        conn.send(&packaged_hello(uid, caps, platform)).await?;
+        let reply = conn.recv().await?.unwrap_or_default();
+        assert!(reply.packages_available.is_none(), "{platform}: {reply:?}");
+        let view = eventually("the upgrade view", WAIT, || async {
+            let v = server
+                .api
+                .get(&format!("/api/v1/agents/{uid}/upgrade"))
+                .await?;
+            Ok((v["state"] == "cannot_upgrade").then_some(v))
+        })
+        .await?;
+        assert!(
+            view["reason"].as_str().is_some_and(|r| r.contains(why)),
+            "{view}"
+        );
+    }
+    server.stop().await
+}
+
+fn upgrading_agent(server: &TestServer, token: String, fail: bool) -> AgentOptions {
+    AgentOptions {
+        endpoint: server.ws_url(),
+        token: Some(token),
+        description: vec![
+            ("service.name".into(), "otelcol".into()),
+            ("service.version".into(), "0.1.0".into()),
+        ],
+        non_identifying: vec![
+            ("os.type".into(), "linux".into()),
+            ("host.arch".into(), "amd64".into()),
+        ],
+        capabilities: agent::DEFAULT_CAPABILITIES,
+        heartbeat: Duration::from_secs(1),
+        accept_packages: true,
+        package_install_fails: fail.then(|| "installer exited with status 1".into()),
+        ..AgentOptions::default()
+    }
+}
+
+async fn upgrade_state(server: &TestServer, uid: [u8; 16]) -> anyhow::Result<Value> {
+    let uid = InstanceUid(uid);
+    server
+        .api
+        .get(&format!("/api/v1/agents/{uid}/upgrade"))
+        .await
+}
+
+#[tokio::test]
+async fn the_rust_agent_upgrades_to_verified() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let data = build("0.2.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&signer.sign(&data)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let token = server.api.token("upgrade").await?;
+    let agent = Agent::start(upgrading_agent(&server, token, false));
+    let mut rx = agent.status();
+    let s = agent::wait_for(&mut rx, WAIT, |s| s.instance_uid.is_some() && s.connected).await?;
+    let uid = s.instance_uid.ok_or_else(|| anyhow::anyhow!("no uid"))?;
+    assert_eq!(upgrade_state(&server, uid).await?["state"], "none");
+
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    let view = eventually("the agent verified on 0.2.0", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "verified").then_some(v))
+    })
+    .await?;
+    assert_eq!(view["desired"][""], "0.2.0");
+    let record = server
+        .api
+        .agent(&InstanceUid(uid).to_string())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("agent gone"))?;
+    assert_eq!(
+        record["description"]["identifying"]["service.version"], "0.2.0",
+        "the agent came back on the new build: {record}"
+    );
+    agent.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn a_failing_install_is_retried_then_given_up() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let data = build("0.2.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&signer.sign(&data)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let token = server.api.token("failing").await?;
+    let agent = Agent::start(upgrading_agent(&server, token, true));
+    let mut rx = agent.status();
+    let s = agent::wait_for(&mut rx, WAIT, |s| s.instance_uid.is_some() && s.connected).await?;
+    let uid = s.instance_uid.ok_or_else(|| anyhow::anyhow!("no uid"))?;
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    // max_install_attempts = 2: the server offers the build again once, then gives up.
+    let view = eventually("the agent failed for good", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "failed").then_some(v))
+    })
+    .await?;
+    assert_eq!(view["failed_attempts"], 2, "{view}");
+    assert!(
+        view["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("status 1")),
+        "{view}"
+    );
+    let s = rx.borrow().clone();
+    assert_eq!(s.package_downloads, 2, "one download per offer: {s:?}");
+    let audit = server.api.get("/api/v1/audit?limit=50").await?;
+    assert!(
+        audit
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["action"] == "package.failed")),
+        "{audit}"
+    );
+    agent.stop().await;
+    server.stop().await
+}
