@@ -44,6 +44,9 @@ pub struct PackagesSection {
     pub max_install_attempts: u32,
     /// Lifetime of the download credential in each offer (at most 900).
     pub download_token_ttl_secs: u64,
+    /// Agents downloading and installing a package set at once, per coordinator; the others
+    /// wait for a slot.
+    pub max_concurrent_upgrades: u64,
 }
 
 impl Default for PackagesSection {
@@ -54,6 +57,7 @@ impl Default for PackagesSection {
             max_artifact_bytes: 1 << 30,
             max_install_attempts: 3,
             download_token_ttl_secs: 600,
+            max_concurrent_upgrades: 500,
         }
     }
 }
@@ -777,6 +781,9 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if !(1..=900).contains(&c.packages.download_token_ttl_secs) {
         errors.push("packages.download_token_ttl_secs: must be 1 to 900".into());
+    }
+    if c.packages.max_concurrent_upgrades == 0 {
+        errors.push("packages.max_concurrent_upgrades: must be at least 1".into());
     }
     if c.packages.max_install_attempts == 0 {
         errors.push("packages.max_install_attempts: must be at least 1".into());

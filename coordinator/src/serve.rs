@@ -329,6 +329,7 @@ fn package_hosting(
         download_base: format!("{base}{}", gateway::server::downloads::DOWNLOAD_PATH),
         token_ttl_secs: p.download_token_ttl_secs,
         max_attempts: p.max_install_attempts,
+        max_concurrent_upgrades: usize::try_from(p.max_concurrent_upgrades).unwrap_or(usize::MAX),
         trust,
         max_artifact_bytes: p.max_artifact_bytes,
     }))

@@ -18,8 +18,9 @@
 //! - [`assignments`]: config versions and assignments; [`deliveries`]: paced bulk pushes;
 //!   [`drift`]: re-apply, adopt;
 //! - [`rollouts`]: groups and staged rollouts (plan, gates, the driver, operator actions);
-//! - [`packages`], [`package_import`]: agent packages (catalog, offers, downloads' credentials,
-//!   upgrade state) and importing artifacts;
+//! - [`packages`], [`package_import`], [`upgrade_slots`]: agent packages (catalog, offers,
+//!   downloads' credentials, upgrade state), importing artifacts, and how many agents upgrade
+//!   at once;
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
 mod agents;
@@ -42,6 +43,7 @@ pub mod rollouts;
 mod scope;
 mod token_sessions;
 mod tokens;
+mod upgrade_slots;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -132,6 +134,10 @@ pub struct Coordinator {
     assignments: RwLock<Vec<Assignment>>,
     /// Package artifacts and assignments, and the offers made of them ([`packages`]).
     package_catalog: RwLock<packages::Catalog>,
+    /// Agents upgrading now, at most `packages.max_concurrent_upgrades` ([`upgrade_slots`]).
+    upgrade_slots: upgrade_slots::UpgradeSlots,
+    /// Poked when an upgrade slot frees up.
+    upgrade_fill: Arc<tokio::sync::Notify>,
     /// Rollouts that decide some agents' configs, oldest first ([`rollouts`]).
     rollouts: RwLock<Vec<rollouts::Live>>,
     /// Keeps re-reads of the rollouts from overlapping.
@@ -347,6 +353,10 @@ impl Coordinator {
         for i in store.list_identities().await? {
             identities.entry(i.instance_uid).or_default().push(i);
         }
+        let upgrade_cap = cfg
+            .packages
+            .as_ref()
+            .map_or(1, |p| p.max_concurrent_upgrades);
         let this = Arc::new(Self {
             partitions: StdMutex::new(partitions::PartitionTable::default()),
             rebalancing: Mutex::new(()),
@@ -380,6 +390,8 @@ impl Coordinator {
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
             package_catalog: RwLock::new(packages::Catalog::default()),
+            upgrade_slots: upgrade_slots::UpgradeSlots::new(upgrade_cap),
+            upgrade_fill: Arc::new(tokio::sync::Notify::new()),
             rollouts: RwLock::new(Vec::new()),
             rollout_sync: Mutex::new(()),
             rollout_create: Mutex::new(()),
@@ -425,6 +437,7 @@ impl Coordinator {
             runtime_gone,
         )
         .map_err(|e| StoreError::NotApplied(format!("starting the lease thread: {e}")))?;
+        tokio::spawn(upgrade_slots::run_fill(Arc::downgrade(&this)));
         tokio::spawn(deliveries::run_deliveries(
             Arc::downgrade(&this),
             delivery_jobs,

@@ -565,3 +565,182 @@ async fn a_failing_install_is_retried_then_given_up() -> anyhow::Result<()> {
     agent.stop().await;
     server.stop().await
 }
+
+/// What a broken installer says: must show up as text on the agent page, never run.
+const XSS_ERROR: &str = "<img src=x onerror=\"window.__xss=3\">";
+
+#[tokio::test]
+async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyhow::Result<()> {
+    use crate::console::{sign_in, until_text};
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let data = build("0.2.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&signer.sign(&data)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    let good = Agent::start(upgrading_agent(
+        &server,
+        server.api.token("good").await?,
+        false,
+    ));
+    let mut broken_opts = upgrading_agent(&server, server.api.token("broken").await?, true);
+    broken_opts.package_install_fails = Some(XSS_ERROR.into());
+    let broken = Agent::start(broken_opts);
+    let mut uids = Vec::new();
+    for a in [&good, &broken] {
+        let mut rx = a.status();
+        let s = agent::wait_for(&mut rx, WAIT, |s| s.instance_uid.is_some()).await?;
+        uids.push(InstanceUid(
+            s.instance_uid.ok_or_else(|| anyhow::anyhow!("no uid"))?,
+        ));
+    }
+    for (uid, state) in [(uids[0], "verified"), (uids[1], "failed")] {
+        eventually(state, WAIT, || async {
+            let v = upgrade_state(&server, uid.0).await?;
+            Ok((v["state"] == state).then_some(()))
+        })
+        .await?;
+    }
+
+    let b = tests::browser::Browser::start().await?;
+    sign_in(&b, &server, &server.api.token).await?;
+    b.goto(&format!("http://{}/ui/packages", server.addr))
+        .await?;
+    let row = b.text("#artifacts tbody tr").await?;
+    assert!(
+        row.contains("0.2.0") && row.contains("linux/amd64"),
+        "{row}"
+    );
+    assert!(b
+        .text("#package-assignments")
+        .await?
+        .contains("every agent"));
+    b.screenshot("30-packages").await?;
+    b.goto(&format!("http://{}/ui/agents/{}", server.addr, uids[0]))
+        .await?;
+    until_text(&b, "#upgrade", "the upgrade verified", |t| {
+        t.contains("verified")
+    })
+    .await?;
+    b.client
+        .execute(
+            "document.getElementById('upgrade').scrollIntoView();",
+            vec![],
+        )
+        .await?;
+    b.screenshot("31-agent-upgraded").await?;
+    b.goto(&format!("http://{}/ui/agents/{}", server.addr, uids[1]))
+        .await?;
+    until_text(&b, "#upgrade", "the installer's error, as text", |t| {
+        t.contains("failed") && t.contains(XSS_ERROR)
+    })
+    .await?;
+    b.no_markup_ran().await?;
+    b.client
+        .execute(
+            "document.getElementById('upgrade').scrollIntoView();",
+            vec![],
+        )
+        .await?;
+    b.screenshot("32-agent-upgrade-failed").await?;
+    b.close().await?;
+    good.stop().await;
+    broken.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn agents_beyond_the_upgrade_cap_wait_for_a_slot() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let key = signer.public();
+    let server = TestServer::start_with(move |c| {
+        c.packages.trusted_keys = vec![key];
+        c.packages.max_concurrent_upgrades = 1;
+    })
+    .await?;
+    let data = build("0.2.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&signer.sign(&data)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    let mut agents = Vec::new();
+    for name in ["first", "second"] {
+        let uid = InstanceUid::new_v7();
+        let token = server.api.token(name).await?;
+        let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
+        conn.send(&packaged_hello(uid, PKG_CAPS, "linux/amd64"))
+            .await?;
+        let reply = conn.recv().await?.unwrap_or_default();
+        agents.push((uid, conn, reply));
+    }
+    let offer =
+        agents[0].2.packages_available.clone().ok_or_else(|| {
+            anyhow::anyhow!("the first agent took the one slot: {:?}", agents[0].2)
+        })?;
+    assert!(
+        agents[1].2.packages_available.is_none(),
+        "the cap is 1: the second agent waits"
+    );
+    assert_eq!(
+        upgrade_state(&server, agents[1].0 .0).await?["state"],
+        "pending"
+    );
+    // The first reports its set installed: the slot goes to the second, pushed at once.
+    let (uid, conn, _) = &mut agents[0];
+    conn.send(&proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: PKG_CAPS,
+        sequence_num: 1,
+        package_statuses: Some(PackageStatuses {
+            packages: BTreeMap::from([(
+                String::new(),
+                PackageStatus {
+                    agent_has_version: "0.2.0".into(),
+                    agent_has_hash: offer.packages[""].hash.clone(),
+                    status: 0,
+                    ..Default::default()
+                },
+            )]),
+            server_provided_all_packages_hash: offer.all_packages_hash.clone(),
+            error_message: String::new(),
+        }),
+        ..Default::default()
+    })
+    .await?;
+    conn.recv().await?;
+    let pushed = tokio::time::timeout(WAIT, agents[1].1.recv())
+        .await??
+        .unwrap_or_default();
+    assert_eq!(
+        pushed.packages_available.map(|p| p.all_packages_hash),
+        Some(offer.all_packages_hash)
+    );
+    server.stop().await
+}

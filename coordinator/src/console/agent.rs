@@ -1,7 +1,7 @@
 //! The agent detail page: what the agent says it is (its description as JSON), what it can
 //! do (the Capabilities chip), how it is (the component health tree), its config (assigned
 //! next to effective, with a diff, and the remote-config status with the agent's error), its
-//! identity, where and when it was seen, and the recent audit rows about it. A drifted agent
+//! upgrade (the packages it should have and reports), its identity, where and when it was seen, and the recent audit rows about it. A drifted agent
 //! (its effective config moved after it applied) gets the operator's two answers: re-apply the
 //! assigned config, or adopt what it runs as a new version (`Coordinator::reapply_config` /
 //! `adopt_config`, as `POST /api/v1/agents/{uid}/reapply|adopt` call them; audited there).
@@ -93,6 +93,8 @@ pub(super) async fn page(
         }
         h2 { "Config" }
         (config_section(&agent, assigned.as_ref().map(|v| (v.id, &v.files))))
+        h2 { "Upgrade" }
+        (super::packages::section(&c, &agent))
         h2 { "Identity" }
         (identity_section(&identities))
         h2 { "Recent audit" }

@@ -5,7 +5,7 @@
 //! Owns: the page layout (navigation, footer with the version), the security headers of
 //! every console response (a Content-Security-Policy without inline scripts or styles), the
 //! static assets, and one module per screen: [`fleet`], [`agent`], [`configs`], [`rollouts`],
-//! [`groups`], [`tokens`], [`identities`], [`audit`]. Sign-in, sessions and CSRF are [`session`]'s.
+//! [`groups`], [`packages`], [`tokens`], [`identities`], [`audit`]. Sign-in, sessions and CSRF are [`session`]'s.
 //!
 //! Every value an agent reports is rendered through maud, which escapes it; nothing reaches
 //! the page as raw HTML except the markup written here.
@@ -16,6 +16,7 @@ mod configs;
 mod fleet;
 mod groups;
 mod identities;
+mod packages;
 mod rollouts;
 pub(crate) mod session;
 mod tokens;
@@ -63,6 +64,7 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/groups/delete", post(groups::delete))
         .route("/ui/tokens", get(tokens::list).post(tokens::create))
         .route("/ui/tokens/{id}/revoke", post(tokens::revoke))
+        .route("/ui/packages", get(packages::list))
         .route("/ui/identities", get(identities::list))
         .route("/ui/identities/{serial}/revoke", post(identities::revoke))
         .route(

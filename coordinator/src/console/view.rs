@@ -47,6 +47,7 @@ pub(super) fn page(title: &str, who: Option<&Signed>, body: Markup) -> Markup {
                             a href="/ui/configs" { "Configs" }
                             a href="/ui/rollouts" { "Rollouts" }
                             a href="/ui/groups" { "Groups" }
+                            a href="/ui/packages" { "Packages" }
                             // Only admins may list tokens (as in the API): no dead link.
                             @if who.may(Role::Admin) { a href="/ui/tokens" { "Tokens" } }
                             a href="/ui/identities" { "Identities" }

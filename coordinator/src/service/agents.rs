@@ -210,6 +210,7 @@ impl Coordinator {
             e.state.record.connected = false;
             e.state.record.gateway = None;
             self.mark_dirty(uid);
+            self.upgrade_gone(&uid);
         }
     }
 
@@ -225,6 +226,7 @@ impl Coordinator {
             e.state.record.connected = false;
             e.state.record.last_seen_ms = now_ms();
             self.mark_dirty(uid);
+            self.upgrade_gone(&uid);
         }
     }
 

@@ -229,7 +229,10 @@ impl Coordinator {
             .identity
             .clone()
             .filter(|i| frame.secure || i.private_key_pem.is_none());
-        let packages = self.package_offer(&entry.state.record).and_then(Result::ok);
+        let packages = self
+            .package_offer(&entry.state.record)
+            .and_then(Result::ok)
+            .and_then(|o| self.admit_upgrade(&entry.state.record, o));
         let ctx = Context {
             packages: packages.as_deref(),
             now_ms: now_ms(),
@@ -244,7 +247,11 @@ impl Coordinator {
         // The package set depends on the platform the agent describes: a first or changed
         // description is answered with the set it now calls for.
         if msg.agent_disconnect.is_none() && outcome.events.contains(&Event::DescriptionChanged) {
-            if let Some(Ok(p)) = self.package_offer(&entry.state.record) {
+            let offer = self
+                .package_offer(&entry.state.record)
+                .and_then(Result::ok)
+                .and_then(|o| self.admit_upgrade(&entry.state.record, o));
+            if let Some(p) = offer {
                 outcome.changed |= session::packages::offer(
                     &mut entry.state,
                     &p,
@@ -254,6 +261,9 @@ impl Coordinator {
                     &mut outcome.events,
                 );
             }
+        }
+        if let Some(p) = &packages {
+            self.upgrade_progressed(&entry.state.record, p);
         }
         self.stamp_downloads(uid, &mut outcome.reply);
         // A generated key goes out in one offer, then is forgotten.
@@ -295,7 +305,10 @@ impl Coordinator {
                         .increment(1);
                     tracing::debug!(instance_uid = %uid, what, "capability mismatch");
                 }
-                Event::Disconnected => entry.conn = None,
+                Event::Disconnected => {
+                    entry.conn = None;
+                    self.upgrade_gone(&uid);
+                }
                 Event::DescriptionChanged => described = true,
                 Event::PackageFailed { .. } | Event::PackagesInstalled => {
                     self.package_event(uid, ev).await;

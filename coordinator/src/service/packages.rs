@@ -40,6 +40,8 @@ pub struct PackageHosting {
     pub token_ttl_secs: u64,
     /// Failed installs of one package set before an agent is given up on.
     pub max_attempts: u32,
+    /// Agents downloading and installing at once, per coordinator (`upgrade_slots`).
+    pub max_concurrent_upgrades: usize,
     /// The trust policy imports are checked against.
     pub trust: super::package_import::TrustPolicy,
     pub max_artifact_bytes: u64,
@@ -76,6 +78,7 @@ const INSTALLS: &str = "ampora_package_installs_total";
 
 /// Describes the package metrics and creates their series at zero.
 pub fn describe_metrics() {
+    super::upgrade_slots::describe_metrics();
     metrics::describe_counter!(
         INSTALLS,
         "Package sets agents reported, by outcome: installed (every package of the set offered), failed (an install failed; each failure of a set counts once)"
@@ -254,7 +257,7 @@ impl Coordinator {
 
     /// Offers every connected WebSocket agent its package set if it changed (HTTP agents get
     /// it with their next poll).
-    async fn push_packages(&self) {
+    pub(super) async fn push_packages(&self) {
         let now = now_ms();
         let mut pushes = Vec::new();
         for slot in self.all_slots() {
@@ -263,7 +266,11 @@ impl Coordinator {
             if !rec.connected || rec.transport != Some(Transport::WebSocket) {
                 continue;
             }
-            let Some(Ok(offer)) = self.package_offer(rec) else {
+            let Some(offer) = self
+                .package_offer(rec)
+                .and_then(Result::ok)
+                .and_then(|o| self.admit_upgrade(rec, o))
+            else {
                 continue;
             };
             let uid = rec.instance_uid;
@@ -349,6 +356,7 @@ impl Coordinator {
             view.reason = Some("cannot upgrade: the agent does not accept packages".into());
             "cannot_upgrade"
         } else if pk.offered_hash.as_deref() != Some(offer.hash_hex.as_str()) {
+            // Not offered yet: waiting for an upgrade slot, or for its next message.
             "pending"
         } else if pk.echoed_hash != offer.hash_hex {
             "offered"

@@ -1,0 +1,171 @@
+//! How many agents download and install a package set at once, per coordinator
+//! (`packages.max_concurrent_upgrades`). An agent that still needs its set holds a slot from
+//! the offer until it has the set, gives up, disconnects, or the slot times out; an agent that
+//! finds no free slot is not offered the set yet (its upgrade is `pending`) and is offered it
+//! when one frees up ([`Coordinator::fill_upgrade_slots`], at most every
+//! [`FILL_EVERY`]). So a fleet-wide assignment never makes every agent download at once, and
+//! the downloads in flight stay bounded whatever the fleet's size.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use shared::domain::AgentRecord;
+use shared::ids::InstanceUid;
+use shared::now_ms;
+use shared::packages::InstallStatus;
+
+use super::Coordinator;
+use crate::session::PackageOffer;
+
+/// Waiting agents are offered freed slots at most this often.
+pub const FILL_EVERY: Duration = Duration::from_millis(200);
+
+/// A slot nobody finished with is freed after this long (a download that stalls, an agent
+/// that never answers): it goes back to the end of the queue.
+pub const SLOT_TIMEOUT_MS: i64 = 15 * 60_000;
+
+const SLOTS_HELD: &str = "ampora_package_upgrades_in_progress";
+
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        SLOTS_HELD,
+        "Agents offered a package set and not yet done with it (per coordinator; at most packages.max_concurrent_upgrades)"
+    );
+    metrics::gauge!(SLOTS_HELD).set(0.0);
+}
+
+/// The slots: which agents hold one, since when.
+#[derive(Debug)]
+pub(super) struct UpgradeSlots {
+    cap: usize,
+    held: Mutex<HashMap<InstanceUid, i64>>,
+}
+
+/// Whether `record` still needs `offer`'s set: it does not echo it, or its install failed and
+/// the attempts allowed are not used up.
+pub(super) fn needs(record: &AgentRecord, offer: &PackageOffer) -> bool {
+    let Some(pk) = record.packages.as_deref() else {
+        return true;
+    };
+    if pk.echoed_hash != offer.hash_hex {
+        return true;
+    }
+    let failed = pk
+        .reported
+        .values()
+        .any(|r| r.status == InstallStatus::InstallFailed);
+    let working = pk.reported.values().any(|r| {
+        matches!(
+            r.status,
+            InstallStatus::Downloading | InstallStatus::Installing | InstallStatus::InstallPending
+        )
+    });
+    working || (failed && pk.failed_attempts < offer.max_attempts)
+}
+
+impl UpgradeSlots {
+    pub(super) fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when `uid` may be offered its set now: it holds a slot, or took a free one.
+    fn take(&self, uid: InstanceUid, now: i64) -> bool {
+        let Ok(mut held) = self.held.lock() else {
+            return false;
+        };
+        if let Some(since) = held.get(&uid).copied() {
+            if now.saturating_sub(since) < SLOT_TIMEOUT_MS {
+                return true;
+            }
+            held.remove(&uid);
+        }
+        held.retain(|_, since| now.saturating_sub(*since) < SLOT_TIMEOUT_MS);
+        let ok = held.len() < self.cap;
+        if ok {
+            held.insert(uid, now);
+        }
+        metrics::gauge!(SLOTS_HELD).set(held.len() as f64);
+        ok
+    }
+
+    /// Frees `uid`'s slot; true if it held one.
+    pub(super) fn give_back(&self, uid: &InstanceUid) -> bool {
+        let Ok(mut held) = self.held.lock() else {
+            return false;
+        };
+        let had = held.remove(uid).is_some();
+        metrics::gauge!(SLOTS_HELD).set(held.len() as f64);
+        had
+    }
+
+    fn free(&self) -> usize {
+        self.held
+            .lock()
+            .map(|h| self.cap.saturating_sub(h.len()))
+            .unwrap_or(0)
+    }
+}
+
+impl Coordinator {
+    /// `offer` if `record` may have it now (see the module docs); frees the agent's slot once
+    /// it no longer needs the set.
+    pub(super) fn admit_upgrade(
+        &self,
+        record: &AgentRecord,
+        offer: std::sync::Arc<PackageOffer>,
+    ) -> Option<std::sync::Arc<PackageOffer>> {
+        let uid = record.instance_uid;
+        if !needs(record, &offer) {
+            if self.upgrade_slots.give_back(&uid) {
+                self.upgrade_fill.notify_one();
+            }
+            return Some(offer);
+        }
+        self.upgrade_slots.take(uid, now_ms()).then_some(offer)
+    }
+
+    /// After a message was handled: an agent that now has its set (or gave up) frees its slot
+    /// at once, not at its next message.
+    pub(super) fn upgrade_progressed(&self, record: &AgentRecord, offer: &PackageOffer) {
+        if !needs(record, offer) {
+            self.upgrade_gone(&record.instance_uid);
+        }
+    }
+
+    /// An agent went away: its slot goes to a waiting one.
+    pub(super) fn upgrade_gone(&self, uid: &InstanceUid) {
+        if self.upgrade_slots.give_back(uid) {
+            self.upgrade_fill.notify_one();
+        }
+    }
+
+    /// Offers freed slots to waiting agents: those connected that need their set and hold no
+    /// slot, in no particular order.
+    pub(super) async fn fill_upgrade_slots(&self) {
+        if self.upgrade_slots.free() == 0 {
+            return;
+        }
+        self.push_packages().await;
+    }
+}
+
+/// Runs [`Coordinator::fill_upgrade_slots`] when a slot frees up, at most every
+/// [`FILL_EVERY`].
+pub(super) async fn run_fill(weak: std::sync::Weak<Coordinator>) {
+    let wake = match weak.upgrade() {
+        Some(c) => c.upgrade_fill.clone(),
+        None => return,
+    };
+    let mut pace = tokio::time::interval(FILL_EVERY);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        wake.notified().await;
+        pace.tick().await;
+        let Some(c) = weak.upgrade() else { return };
+        c.fill_upgrade_slots().await;
+    }
+}
