@@ -19,6 +19,7 @@ pub mod soak;
 pub mod staged;
 pub mod stagetimes;
 pub mod tls;
+pub mod upgrade;
 pub mod worker;
 
 pub use options::{Phase, RunOptions};

@@ -60,6 +60,23 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         requests: usize,
     },
+    /// A signed build of --artifact-mib MiB offered to --agents agents at most --cap at a
+    /// time (spawns `PATH serve`): time to the last agent back on the new version, server
+    /// RSS; then the download path alone against nginx serving the same file.
+    Upgrade {
+        #[arg(long)]
+        spawn_server: PathBuf,
+        #[arg(long, default_value_t = 1_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 20)]
+        artifact_mib: usize,
+        #[arg(long, default_value_t = 500)]
+        cap: usize,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
     /// The bare fastwebsockets server used as this machine's limit.
     Baseline {
         #[arg(long, default_value = "127.0.0.1:4330")]
@@ -505,6 +522,37 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Upgrade {
+            spawn_server,
+            agents,
+            artifact_mib,
+            cap,
+            timeout,
+            json_out,
+        } => {
+            let opts = loadtest::upgrade::UpgradeOptions {
+                exe: spawn_server,
+                agents,
+                artifact_mib,
+                cap,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let r = loadtest::upgrade::run(&opts).await?;
+            println!(
+                "upgrade: {} agents, {} MiB build, cap {}: first {} ms, p50 {} ms, last {} ms ({:.1} MiB/s); server RSS {} -> peak {} -> {} KiB",
+                r.agents, artifact_mib, r.cap, r.first_ms, r.p50_ms, r.last_ms,
+                r.upgrade_mib_per_s, r.rss_before_kib, r.rss_peak_kib, r.rss_after_kib
+            );
+            println!(
+                "downloads alone ({} GETs, {} at once): Ampora {:.2} s, nginx {:.2} s ({:.2}x)",
+                r.agents,
+                r.cap,
+                r.ampora_download_s,
+                r.nginx_download_s,
+                r.ampora_download_s / r.nginx_download_s.max(1e-9)
+            );
+            write_json(&json_out, &r)
         }
         Command::Baseline { listen, tls_dir } => {
             // Same listener as `ampora serve`, so the two are compared like for like.

@@ -8,48 +8,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agent::{Agent, AgentOptions, WsConnection};
-use proto::v1::{any_value, AgentDescription, AnyValue, KeyValue, PackageStatus, PackageStatuses};
-use proto::ServerToAgent;
+use proto::v1::{PackageStatus, PackageStatuses};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shared::ids::InstanceUid;
 use shared::packages::{all_packages_hash, package_hash, PackageKind};
+use tests::packages::{build, download_of, import, import_kind, packaged_hello, Signer, PKG_CAPS};
 use tests::{bearer, eventually, TestServer};
 
 const WAIT: Duration = Duration::from_secs(20);
-/// ReportsStatus | AcceptsPackages | ReportsPackageStatuses.
-const PKG_CAPS: u64 = 0x1 | 0x8 | 0x10;
-
-/// A minisign key pair made for the test, and its public key as `packages.trusted_keys`
-/// takes it.
-struct Signer {
-    kp: minisign::KeyPair,
-}
-
-impl Signer {
-    fn new() -> Self {
-        Self {
-            kp: minisign::KeyPair::generate_unencrypted_keypair().expect("key pair"),
-        }
-    }
-
-    fn public(&self) -> String {
-        self.kp.pk.to_base64()
-    }
-
-    /// The `.minisig` file of `data`.
-    fn sign(&self, data: &[u8]) -> String {
-        minisign::sign(
-            Some(&self.kp.pk),
-            &self.kp.sk,
-            std::io::Cursor::new(data),
-            Some("test build"),
-            None,
-        )
-        .expect("sign")
-        .to_string()
-    }
-}
 
 async fn serve_trusting(signer: &Signer) -> anyhow::Result<TestServer> {
     let key = signer.public();
@@ -58,108 +25,6 @@ async fn serve_trusting(signer: &Signer) -> anyhow::Result<TestServer> {
         c.packages.max_install_attempts = 2;
     })
     .await
-}
-
-fn build(version: &str) -> Vec<u8> {
-    // A few hundred KiB, so a download takes more than one read.
-    let mut b = format!("otelcol {version}\n").into_bytes();
-    b.extend((0..300_000u32).map(|i| (i % 251) as u8));
-    b
-}
-
-/// `POST /api/v1/packages` of a top-level package with `data` and, if given, the
-/// signature; status and body.
-async fn import(
-    server: &TestServer,
-    name: &str,
-    version: &str,
-    platform: &str,
-    data: Vec<u8>,
-    signature: Option<&str>,
-) -> anyhow::Result<(u16, Value)> {
-    import_kind(
-        server,
-        name,
-        version,
-        platform,
-        "top_level",
-        data,
-        signature,
-    )
-    .await
-}
-
-async fn import_kind(
-    server: &TestServer,
-    name: &str,
-    version: &str,
-    platform: &str,
-    kind: &str,
-    data: Vec<u8>,
-    signature: Option<&str>,
-) -> anyhow::Result<(u16, Value)> {
-    use base64::Engine as _;
-    let mut req = reqwest::Client::new()
-        .post(format!("{}/api/v1/packages", server.api.base))
-        .query(&[
-            ("name", name),
-            ("version", version),
-            ("platform", platform),
-            ("kind", kind),
-        ])
-        .bearer_auth(&server.api.token)
-        .body(data);
-    if let Some(sig) = signature {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(sig);
-        req = req.header("x-ampora-signature", b64);
-    }
-    let resp = req.send().await?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or(Value::Null)))
-}
-
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-    }
-}
-
-/// The first message of a package-taking agent on `platform` (`os/arch`).
-fn packaged_hello(uid: InstanceUid, caps: u64, platform: &str) -> proto::AgentToServer {
-    let (os, arch) = platform.split_once('/').expect("os/arch");
-    proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: caps,
-        agent_description: Some(AgentDescription {
-            identifying_attributes: vec![
-                kv("service.name", "otelcol"),
-                kv("service.version", "0.1.0"),
-            ],
-            non_identifying_attributes: vec![kv("os.type", os), kv("host.arch", arch)],
-        }),
-        ..Default::default()
-    }
-}
-
-/// The download URL and `Authorization` value of package `name` in `reply`'s offer.
-fn download_of(reply: &ServerToAgent, name: &str) -> Option<(String, String)> {
-    let file = reply
-        .packages_available
-        .as_ref()?
-        .packages
-        .get(name)?
-        .file
-        .clone()?;
-    let auth = file
-        .headers?
-        .headers
-        .into_iter()
-        .find(|h| h.key.eq_ignore_ascii_case("authorization"))?
-        .value;
-    Some((file.download_url, auth))
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ mod decoding;
 mod deploy;
 mod frames;
 mod latency;
+mod packages;
 mod pushes;
 mod rollouts;
 mod tls;

@@ -11,6 +11,7 @@ pub mod browser;
 pub mod cluster;
 pub mod faults;
 pub mod identity;
+pub mod packages;
 use coordinator::config::Config;
 use coordinator::serve::{self, Running};
 use serde_json::{json, Value};

@@ -1,0 +1,123 @@
+//! Package downloads and installs, counted: each download refused by its reason, each one
+//! served by whether it was whole or a range with its bytes, and each install outcome an
+//! agent reports.
+
+use std::collections::BTreeMap;
+
+use agent::WsConnection;
+use proto::v1::{PackageStatus, PackageStatuses};
+use serde_json::json;
+use shared::ids::InstanceUid;
+use tests::packages::{build, download_of, import, packaged_hello, PKG_CAPS};
+use tests::{bearer, TestServer};
+
+use crate::{alone, expect_changes, series, snapshot};
+
+const DOWNLOADS: &str = "ampora_package_downloads_total";
+const BYTES: &str = "ampora_package_download_bytes_total";
+const INSTALLS: &str = "ampora_package_installs_total";
+
+#[tokio::test]
+async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Result<()> {
+    let _alone = alone().await;
+    // Unsigned builds allowed: the trust policy has its own tests.
+    let server = TestServer::start_with(|c| c.packages.allow_unsigned = true).await?;
+    let api = &server.api;
+    let data = build("0.5.0");
+    let (status, body) = import(&server, "", "0.5.0", "linux/amd64", data.clone(), None).await?;
+    anyhow::ensure!(status == 200, "import: {status} {body}");
+    api.post(
+        "/api/v1/packages/assignments",
+        json!({ "name": "", "version": "0.5.0", "all": true }),
+    )
+    .await?;
+    let uid = InstanceUid::new_v7();
+    let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&api.token("m").await?)).await?;
+    conn.send(&packaged_hello(uid, PKG_CAPS, "linux/amd64"))
+        .await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    let (url, auth) = download_of(&reply, "").ok_or_else(|| anyhow::anyhow!("no offer"))?;
+    let offer = reply.packages_available.unwrap_or_default();
+
+    let families = [DOWNLOADS, BYTES, INSTALLS];
+    let before = snapshot(api, &families).await?;
+    let http = reqwest::Client::new();
+    // The credential with the last digit of its MAC changed.
+    let mut forged = auth.clone();
+    let last = forged.pop();
+    forged.push(if last == Some('0') { '1' } else { '0' });
+    for (header, want) in [(None, 401), (Some(forged.as_str()), 401)] {
+        let mut req = http.get(&url);
+        if let Some(h) = header {
+            req = req.header("authorization", h);
+        }
+        anyhow::ensure!(req.send().await?.status() == want);
+    }
+    let before = expect_changes(
+        api,
+        &families,
+        &before,
+        &[
+            (&series(DOWNLOADS, "outcome", "malformed"), 1.0),
+            (&series(DOWNLOADS, "outcome", "bad_mac"), 1.0),
+        ],
+    )
+    .await?;
+    let whole = http.get(&url).header("authorization", &auth).send().await?;
+    anyhow::ensure!(whole.bytes().await?.len() == data.len());
+    let part = http
+        .get(&url)
+        .header("authorization", &auth)
+        .header("range", "bytes=0-99")
+        .send()
+        .await?;
+    anyhow::ensure!(part.bytes().await?.len() == 100);
+    let before = expect_changes(
+        api,
+        &families,
+        &before,
+        &[
+            (&series(DOWNLOADS, "outcome", "full"), 1.0),
+            (&series(DOWNLOADS, "outcome", "partial"), 1.0),
+            (BYTES, (data.len() + 100) as f64),
+        ],
+    )
+    .await?;
+
+    // The agent reports its install failed, then (offered again) installed.
+    for (seq, status) in [(1, 3), (2, 0)] {
+        conn.send(&proto::AgentToServer {
+            instance_uid: uid.0.to_vec(),
+            capabilities: PKG_CAPS,
+            sequence_num: seq,
+            package_statuses: Some(PackageStatuses {
+                packages: BTreeMap::from([(
+                    String::new(),
+                    PackageStatus {
+                        agent_has_version: "0.5.0".into(),
+                        agent_has_hash: offer.packages[""].hash.clone(),
+                        status,
+                        error_message: "disk full".into(),
+                        ..Default::default()
+                    },
+                )]),
+                server_provided_all_packages_hash: offer.all_packages_hash.clone(),
+                error_message: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await?;
+        conn.recv().await?;
+    }
+    expect_changes(
+        api,
+        &families,
+        &before,
+        &[
+            (&series(INSTALLS, "outcome", "failed"), 1.0),
+            (&series(INSTALLS, "outcome", "installed"), 1.0),
+        ],
+    )
+    .await?;
+    server.stop().await
+}
