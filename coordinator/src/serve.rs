@@ -323,8 +323,17 @@ fn package_hosting(
         Some(root) => root.to_owned(),
         None => base.trim_end_matches('/').to_owned(),
     };
+    let dir = data_dir.join("packages");
+    // Imports cut short by a crash leave their temporary files; nothing refers to them.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".import-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(Some(crate::service::packages::PackageHosting {
-        dir: data_dir.join("packages"),
+        dir,
         key: shared::download_token::DownloadKey::random(),
         download_base: format!("{base}{}", gateway::server::downloads::DOWNLOAD_PATH),
         token_ttl_secs: p.download_token_ttl_secs,

@@ -133,6 +133,12 @@ write(tk, "api-empty", "amp-api.")
 write(tk, "bearer", "Bearer x")
 write(tk, "non-ascii", "amp-bs.é€.12345678")
 
+dk = "download_token"
+write(dk, "wellformed", "amp-dl.00112233445566778899aabbccddeeff." + "0011223344556677" * 4 + ".1000." + "0" * 64)
+write(dk, "prefix", "amp-dl.")
+write(dk, "bearer", "Bearer amp-dl.x.y.z.w")
+write(dk, "bytes", bytes(range(18)))
+
 # --- config TOML --------------------------------------------------------------------------
 
 cf = "config_loader"
