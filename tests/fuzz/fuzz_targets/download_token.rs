@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
         bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
         if let Ok(changed) = String::from_utf8(bytes) {
             if changed != token {
-                assert!(key.verify(&changed, SHA, 0).is_err(), "{changed:?} verified");
+                assert!(
+                    key.verify(&changed, SHA, 0).is_err(),
+                    "{changed:?} verified"
+                );
             }
         }
     }
