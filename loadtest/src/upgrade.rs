@@ -8,6 +8,7 @@
 //! same file `agents` times in all, from Ampora's download endpoint (with a real credential
 //! from an offer) and from nginx serving the file from disk, in the same run.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,8 +170,31 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
         });
     }
     let mut times = Vec::with_capacity(o.agents);
+    let mut late = 0;
     while let Some(t) = done.join_next().await {
-        times.push(t??);
+        match t? {
+            Ok(t) => times.push(t),
+            Err(_) => late += 1,
+        }
+    }
+    if late > 0 {
+        // Where the stragglers stand, grouped: what to look at in the server's log.
+        let mut states: BTreeMap<String, usize> = BTreeMap::new();
+        for a in &agents {
+            let s = a.status().borrow().clone();
+            let p = s.packages.get("");
+            let done = p.is_some_and(|p| p.status == "Installed" && p.version == "0.2.0");
+            if !(done && s.connected) {
+                let key = format!(
+                    "connected={} status={} error={}",
+                    s.connected,
+                    p.map_or("none", |p| p.status),
+                    p.and_then(|p| p.error.clone()).unwrap_or_default()
+                );
+                *states.entry(key).or_default() += 1;
+            }
+        }
+        bail!("{late} of {} agents did not upgrade in time: {states:#?}", o.agents);
     }
     times.sort();
     let last = times.last().copied().unwrap_or_default();
