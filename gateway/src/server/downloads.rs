@@ -22,11 +22,6 @@ use tower::ServiceExt;
 /// Where downloads are served from: the path prefix every download URL starts with.
 pub const DOWNLOAD_PATH: &str = "/v1/packages";
 
-/// Bytes read from the file per step of a download: each step is a trip to the blocking
-/// pool, so 64 KiB (tower-http's default) made 500 downloads at once 3.2x slower than nginx
-/// (BENCHMARKS.md, "Agent packages"); it is also what each download in flight holds.
-const READ_CHUNK: usize = 256 << 10;
-
 const DOWNLOADS: &str = "ampora_package_downloads_total";
 const DOWNLOAD_BYTES: &str = "ampora_package_download_bytes_total";
 const OUTCOMES: [&str; 7] = [
@@ -110,9 +105,10 @@ async fn serve(
         metrics::counter!(DOWNLOADS, "outcome" => "not_found").increment(1);
         return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
     }
-    // tower-http answers Range (206, 416), HEAD and the length; the file is streamed.
+    // tower-http answers Range (206, 416), HEAD and the length; the file is streamed in its
+    // 64 KiB steps. 256 KiB steps were faster with 500 downloads at once (1.84x nginx's time
+    // against 2.80x) but tripled the server's peak RSS (BENCHMARKS.md, "Agent packages").
     let served = tower_http::services::ServeFile::new(&path)
-        .with_buf_chunk_size(READ_CHUNK)
         .oneshot(req)
         .await;
     let mut res = match served {
