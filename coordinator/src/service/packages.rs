@@ -461,3 +461,73 @@ fn verified(record: &AgentRecord, offer: &PackageOffer) -> bool {
     let healthy = record.health.as_ref().is_none_or(|h| h.healthy);
     all_installed && top_level_running && healthy
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::domain::Health;
+    use shared::ids::InstanceUid;
+    use shared::packages::{AgentPackages, PackageReport};
+
+    fn offer_of(version: &str) -> PackageOffer {
+        let mut packages = BTreeMap::new();
+        packages.insert(
+            String::new(),
+            PackageAvailable {
+                r#type: 0,
+                version: version.into(),
+                file: None,
+                hash: vec![1; 32],
+            },
+        );
+        PackageOffer {
+            hash_hex: hex::encode([2u8; 32]),
+            msg: PackagesAvailable {
+                packages,
+                all_packages_hash: vec![2; 32],
+            },
+            max_attempts: 3,
+        }
+    }
+
+    /// An agent that reports the top-level package `has` installed, runs `running`, healthy
+    /// or not.
+    fn agent(has: &str, running: &str, healthy: bool) -> AgentRecord {
+        let mut r = AgentRecord::new(InstanceUid([4; 16]), 0);
+        r.description
+            .identifying
+            .insert("service.version".into(), running.into());
+        r.health = Some(Health {
+            healthy,
+            ..Health::default()
+        });
+        let report = PackageReport {
+            has_version: has.into(),
+            has_hash: String::new(),
+            offered_version: has.into(),
+            offered_hash: String::new(),
+            status: InstallStatus::Installed,
+            error: String::new(),
+            download_percent: None,
+        };
+        r.packages = Some(Box::new(AgentPackages {
+            reported: BTreeMap::from([(String::new(), report)]),
+            ..AgentPackages::default()
+        }));
+        r
+    }
+
+    #[test]
+    fn verified_needs_the_build_installed_running_and_healthy() {
+        let o = offer_of("0.2.0");
+        assert!(verified(&agent("0.2.0", "0.2.0", true), &o));
+        // A `v`-prefixed package version against the bare service.version.
+        assert!(verified(&agent("v0.2.0", "0.2.0", true), &offer_of("v0.2.0")));
+        assert!(
+            !verified(&agent("0.2.0", "0.1.0", true), &o),
+            "installed but still running the old build"
+        );
+        assert!(!verified(&agent("0.2.0", "0.2.0", false), &o), "unhealthy");
+        assert!(!verified(&agent("0.1.0", "0.2.0", true), &o), "another build installed");
+    }
+}
