@@ -522,12 +522,18 @@ mod tests {
         let o = offer_of("0.2.0");
         assert!(verified(&agent("0.2.0", "0.2.0", true), &o));
         // A `v`-prefixed package version against the bare service.version.
-        assert!(verified(&agent("v0.2.0", "0.2.0", true), &offer_of("v0.2.0")));
+        assert!(verified(
+            &agent("v0.2.0", "0.2.0", true),
+            &offer_of("v0.2.0")
+        ));
         assert!(
             !verified(&agent("0.2.0", "0.1.0", true), &o),
             "installed but still running the old build"
         );
         assert!(!verified(&agent("0.2.0", "0.2.0", false), &o), "unhealthy");
-        assert!(!verified(&agent("0.1.0", "0.2.0", true), &o), "another build installed");
+        assert!(
+            !verified(&agent("0.1.0", "0.2.0", true), &o),
+            "another build installed"
+        );
     }
 }
