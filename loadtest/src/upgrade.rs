@@ -194,7 +194,10 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
                 *states.entry(key).or_default() += 1;
             }
         }
-        bail!("{late} of {} agents did not upgrade in time: {states:#?}", o.agents);
+        bail!(
+            "{late} of {} agents did not upgrade in time: {states:#?}",
+            o.agents
+        );
     }
     times.sort();
     let last = times.last().copied().unwrap_or_default();
