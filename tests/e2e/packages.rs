@@ -33,6 +33,37 @@ async fn only_builds_signed_by_a_trusted_key_are_imported() -> anyhow::Result<()
     let server = serve_trusting(&signer).await?;
     let data = build("0.2.0");
     let sig = signer.sign(&data);
+    // Asked before the upload, without the build: unsigned is refused with the reason, the
+    // signed one would be accepted.
+    let check = |version: &'static str, sig: Option<String>| {
+        let server = &server;
+        async move {
+            use base64::Engine as _;
+            let mut req = reqwest::Client::new()
+                .post(format!("{}/api/v1/packages/check", server.api.base))
+                .query(&[
+                    ("name", ""),
+                    ("version", version),
+                    ("platform", "linux/amd64"),
+                ])
+                .bearer_auth(&server.api.token);
+            if let Some(s) = sig {
+                req = req.header(
+                    "x-ampora-signature",
+                    base64::engine::general_purpose::STANDARD.encode(s),
+                );
+            }
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            anyhow::Ok((status, resp.text().await?))
+        }
+    };
+    let (status, text) = check("0.2.0", None).await?;
+    assert!(
+        status == 400 && text.contains("unsigned"),
+        "{status} {text}"
+    );
+    assert_eq!(check("0.2.0", Some(sig.clone())).await?.0, 204);
 
     let (status, body) = import(
         &server,
@@ -47,6 +78,11 @@ async fn only_builds_signed_by_a_trusted_key_are_imported() -> anyhow::Result<()
     assert_eq!(body["sha256"], hex::encode(Sha256::digest(&data)));
     assert_eq!(body["size"], data.len());
     assert_eq!(body["signer"], signer.public());
+    assert_eq!(
+        check("0.2.0", Some(sig.clone())).await?.0,
+        409,
+        "imported before"
+    );
 
     // Refused: the same build again, an unsigned one, one whose signature is of other bytes,
     // and one signed by a key nobody trusts. None of them leaves a file behind.

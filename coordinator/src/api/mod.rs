@@ -62,7 +62,7 @@ use crate::service::Coordinator;
         rollouts::show_rollout, rollouts::rollout_events, rollouts::act_on_rollout,
         rollouts::config_rollouts, groups::list_groups, groups::put_group, groups::show_group,
         groups::delete_group, agents::reapply_config, agents::adopt_config,
-        packages::import_package, packages::list_packages, packages::assign_package,
+        packages::import_package, packages::check_package, packages::list_packages, packages::assign_package,
         packages::list_package_assignments, packages::show_upgrade
     ),
     components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, ErrorBody)),
@@ -195,6 +195,7 @@ pub fn router(
             "/api/v1/packages",
             post(packages::import_package).get(packages::list_packages),
         )
+        .route("/api/v1/packages/check", post(packages::check_package))
         .route(
             "/api/v1/packages/assignments",
             post(packages::assign_package).get(packages::list_package_assignments),

@@ -1,5 +1,5 @@
 //! Packages: importing an artifact (the request body is the file, streamed; the signature in
-//! a header), listing artifacts, assigning a package version to agents, and an agent's
+//! a header; `check` answers the same without the file), listing artifacts, assigning a package version to agents, and an agent's
 //! upgrade state.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -47,6 +47,32 @@ pub(super) async fn import_package(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Artifact> {
+    let req = import_request(p, &headers)?;
+    Ok(Json(
+        c.import_artifact(req, body.into_data_stream(), &caller.actor)
+            .await?,
+    ))
+}
+
+/// Whether `POST /api/v1/packages` with these parameters and signature would be accepted,
+/// judged without the build: the checks an import makes before reading its body (names,
+/// platform, the signature against the trust policy, not imported before). A client sends
+/// this first, so a refusal is an answer rather than a connection closed mid-upload.
+#[utoipa::path(post, path = "/api/v1/packages/check", params(ImportParams),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_token" = [])))]
+pub(super) async fn check_package(
+    State(c): State<Arc<Coordinator>>,
+    _caller: Caller<Operator>,
+    Query(p): Query<ImportParams>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    c.check_import(&import_request(p, &headers)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The import the query and the signature header describe.
+fn import_request(p: ImportParams, headers: &HeaderMap) -> Result<ImportRequest, ApiError> {
     let kind = match p.kind.as_deref() {
         None => PackageKind::TopLevel,
         Some(k) => PackageKind::parse(k)
@@ -67,17 +93,13 @@ pub(super) async fn import_package(
             Some(text)
         }
     };
-    let req = ImportRequest {
+    Ok(ImportRequest {
         name: p.name,
         version: p.version,
         platform: p.platform,
         kind,
         signature,
-    };
-    Ok(Json(
-        c.import_artifact(req, body.into_data_stream(), &caller.actor)
-            .await?,
-    ))
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/packages",

@@ -89,6 +89,28 @@ impl Client {
         self.call(Method::DELETE, path, &[], None).await
     }
 
+    /// POSTs nothing but the query and headers; fails with the server's answer unless it is a
+    /// success.
+    pub(super) async fn check(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .with_context(|| format!("bad server url {}", self.base))?;
+        url.query_pairs_mut().extend_pairs(query);
+        let mut req = self.http.post(url).bearer_auth(&self.token);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        Self::answer(resp).await.map(|_| ())
+    }
+
     /// POSTs a file as the request body, streamed from disk, with extra headers.
     pub(super) async fn upload(
         &self,

@@ -71,6 +71,8 @@ pub(super) async fn run(c: &Client, cmd: PackagesCmd) -> anyhow::Result<()> {
                 ("platform", platform),
                 ("kind", kind),
             ];
+            // Refused for what the server can tell without the build: say so before sending it.
+            c.check("/api/v1/packages/check", &query, &headers).await?;
             let v = c
                 .upload("/api/v1/packages", &query, &headers, &file)
                 .await?;

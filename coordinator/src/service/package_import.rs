@@ -64,17 +64,21 @@ pub struct ImportRequest {
 }
 
 impl Coordinator {
-    /// Imports `body` as the artifact `req` describes (see the module docs).
-    pub async fn import_artifact<S, E>(
+    /// Whether `req` could be imported, judged before a byte of the build is read: what
+    /// `POST /api/v1/packages/check` answers, so that a client learns why a build would be
+    /// refused without sending it (a refusal mid-upload reaches many clients as a broken
+    /// pipe, not as the answer).
+    pub async fn check_import(&self, req: &ImportRequest) -> Result<(), ServiceError> {
+        self.admissible(req).await.map(|_| ())
+    }
+
+    /// The checks that need no bytes: hosting on, names, the platform, the signature's form
+    /// and a trusted key with its id, not imported before. Returns the hosting and the
+    /// signature with the index of its key.
+    async fn admissible(
         &self,
-        req: ImportRequest,
-        body: S,
-        author: &str,
-    ) -> Result<Artifact, ServiceError>
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
-    {
+        req: &ImportRequest,
+    ) -> Result<(&super::packages::PackageHosting, Option<(usize, Signature)>), ServiceError> {
         let Some(hosting) = self.cfg.packages.as_ref() else {
             return Err(ServiceError::Conflict(
                 "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
@@ -99,27 +103,57 @@ impl Coordinator {
                     "the artifact is unsigned, and the trust policy accepts only signed ones (packages.allow_unsigned)".into(),
                 ))
             }
-            Some(text) => Some(Signature::decode(text).map_err(|e| {
-                ServiceError::Invalid(format!("the signature is not a minisign signature: {e}"))
-            })?),
-        };
-        // The key whose id the signature names (minisign refuses the others at once).
-        let signer = match &sig {
-            None => None,
-            Some(sig) => Some(
-                trust
+            Some(text) => {
+                let sig = Signature::decode(text).map_err(|e| {
+                    ServiceError::Invalid(format!("the signature is not a minisign signature: {e}"))
+                })?;
+                // The key whose id the signature names (minisign refuses the others at once).
+                let key = trust
                     .keys
                     .iter()
-                    .find_map(|(text, pk)| Some((text, pk.verify_stream(sig).ok()?)))
+                    .position(|(_, pk)| pk.verify_stream(&sig).is_ok())
                     .ok_or_else(|| {
                         ServiceError::Invalid(
                             "the signature is not by a key the trust policy trusts (packages.trusted_keys), or is a legacy (not prehashed) minisign signature".into(),
                         )
-                    })?,
-            ),
+                    })?;
+                Some((key, sig))
+            }
         };
-        let (signer, mut verifier) = match signer {
-            Some((text, v)) => (Some(text.clone()), Some(v)),
+        let taken =
+            self.store.list_artifacts().await?.iter().any(|a| {
+                a.name == req.name && a.version == req.version && a.platform == req.platform
+            });
+        if taken {
+            return Err(ServiceError::Conflict(format!(
+                "package {:?} version {} for {} was imported before",
+                req.name, req.version, req.platform
+            )));
+        }
+        Ok((hosting, sig))
+    }
+
+    /// Imports `body` as the artifact `req` describes (see the module docs).
+    pub async fn import_artifact<S, E>(
+        &self,
+        req: ImportRequest,
+        body: S,
+        author: &str,
+    ) -> Result<Artifact, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let (hosting, sig) = self.admissible(&req).await?;
+        let trust = &hosting.trust;
+        let (signer, mut verifier) = match &sig {
+            Some((i, sig)) => {
+                let (text, pk) = &trust.keys[*i];
+                let v = pk
+                    .verify_stream(sig)
+                    .map_err(|e| ServiceError::Internal(format!("signature check: {e}")))?;
+                (Some(text.clone()), Some(v))
+            }
             None => (None, None),
         };
 
