@@ -11,11 +11,12 @@ use shared::ids::InstanceUid;
 use tests::packages::{build, download_of, import, packaged_hello, PKG_CAPS};
 use tests::{bearer, TestServer};
 
-use crate::{alone, expect_changes, series, snapshot};
+use crate::{alone, expect_changes, expect_values, series, snapshot};
 
 const DOWNLOADS: &str = "ampora_package_downloads_total";
 const BYTES: &str = "ampora_package_download_bytes_total";
 const INSTALLS: &str = "ampora_package_installs_total";
+const IN_FLIGHT: &str = "ampora_package_downloads_in_flight";
 
 #[tokio::test]
 async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Result<()> {
@@ -23,7 +24,10 @@ async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Resu
     // Unsigned builds allowed: the trust policy has its own tests.
     let server = TestServer::start_with(|c| c.packages.allow_unsigned = true).await?;
     let api = &server.api;
-    let data = build("0.5.0");
+    // Larger than loopback's socket buffers: a download is still being sent while its
+    // client has read only the head.
+    let mut data = build("0.5.0");
+    data.resize(16 << 20, 7);
     let (status, body) = import(&server, "", "0.5.0", "linux/amd64", data.clone(), None).await?;
     anyhow::ensure!(status == 200, "import: {status} {body}");
     api.post(
@@ -64,6 +68,8 @@ async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Resu
     )
     .await?;
     let whole = http.get(&url).header("authorization", &auth).send().await?;
+    // Counted while its body is being sent.
+    expect_values(api, &[IN_FLIGHT], &[(IN_FLIGHT, 1.0)]).await?;
     anyhow::ensure!(whole.bytes().await?.len() == data.len());
     let part = http
         .get(&url)
@@ -72,6 +78,7 @@ async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Resu
         .send()
         .await?;
     anyhow::ensure!(part.bytes().await?.len() == 100);
+    expect_values(api, &[IN_FLIGHT], &[]).await?;
     let before = expect_changes(
         api,
         &families,

@@ -14,6 +14,9 @@ use tokio::io::AsyncWriteExt;
 
 use super::{Coordinator, ServiceError};
 
+/// An upload that sends nothing for this long is abandoned.
+const IMPORT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Which signatures make an artifact importable.
 #[derive(Clone)]
 pub struct TrustPolicy {
@@ -170,7 +173,17 @@ impl Coordinator {
             let mut sha = Sha256::new();
             let mut size: u64 = 0;
             let mut body = std::pin::pin!(body);
-            while let Some(chunk) = body.next().await {
+            loop {
+                // A stalled upload would otherwise hold its API slot for ever.
+                let next = tokio::time::timeout(IMPORT_IDLE, body.next())
+                    .await
+                    .map_err(|_| {
+                        ServiceError::Invalid(format!(
+                            "no data from the client for {} s: the import is abandoned",
+                            IMPORT_IDLE.as_secs()
+                        ))
+                    })?;
+                let Some(chunk) = next else { break };
                 let chunk = chunk
                     .map_err(|e| ServiceError::Invalid(format!("reading the artifact: {e}")))?;
                 size += chunk.len() as u64;

@@ -24,6 +24,7 @@ pub const DOWNLOAD_PATH: &str = "/v1/packages";
 
 const DOWNLOADS: &str = "ampora_package_downloads_total";
 const DOWNLOAD_BYTES: &str = "ampora_package_download_bytes_total";
+const IN_FLIGHT: &str = "ampora_package_downloads_in_flight";
 const OUTCOMES: [&str; 7] = [
     "full",
     "partial",
@@ -56,6 +57,27 @@ pub(super) fn describe() {
         metrics::counter!(DOWNLOADS, "outcome" => outcome).absolute(0);
     }
     metrics::counter!(DOWNLOAD_BYTES).absolute(0);
+    metrics::describe_gauge!(
+        IN_FLIGHT,
+        "Package downloads being sent now (from the answer until its body is sent or dropped)"
+    );
+    metrics::gauge!(IN_FLIGHT).set(0.0);
+}
+
+/// Counts one download in flight for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
 }
 
 pub(super) fn router(downloads: Downloads) -> Router {
@@ -111,8 +133,15 @@ async fn serve(
     let served = tower_http::services::ServeFile::new(&path)
         .oneshot(req)
         .await;
+    let in_flight = InFlight::start();
     let mut res = match served {
-        Ok(res) => res.map(axum::body::Body::new),
+        // The body owns the count: it ends when the body is sent whole or dropped.
+        Ok(res) => res.map(|b| {
+            axum::body::Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                let _ = &in_flight;
+                f
+            }))
+        }),
         Err(e) => match e {},
     };
     let outcome = match res.status() {
