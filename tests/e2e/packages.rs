@@ -4,16 +4,16 @@
 //! set is not offered it again; an agent that cannot take the build is told why; the Rust
 //! agent upgrades to verified, and a build that keeps failing is retried and then given up.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agent::{Agent, AgentOptions, WsConnection};
-use proto::v1::{PackageStatus, PackageStatuses};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shared::ids::InstanceUid;
 use shared::packages::{all_packages_hash, package_hash, PackageKind};
-use tests::packages::{build, download_of, import, import_kind, packaged_hello, Signer, PKG_CAPS};
+use tests::packages::{
+    build, download_of, import, import_kind, packaged_hello, top_level_report, Signer, PKG_CAPS,
+};
 use tests::{bearer, eventually, TestServer};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -274,36 +274,21 @@ async fn an_offer_opens_its_own_blob_and_nothing_else() -> anyhow::Result<()> {
     }
 
     // Echoing the set stops the offers; echoing another one brings it back.
-    let statuses = |echo: Vec<u8>| PackageStatuses {
-        packages: BTreeMap::from([(
-            String::new(),
-            PackageStatus {
-                name: String::new(),
-                agent_has_version: "1.0.0".into(),
-                agent_has_hash: expect_core.to_vec(),
-                status: 0,
-                ..Default::default()
-            },
-        )]),
-        server_provided_all_packages_hash: echo,
-        error_message: String::new(),
-    };
-    let mut msg = proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: PKG_CAPS,
-        sequence_num: 1,
-        package_statuses: Some(statuses(offer.all_packages_hash.clone())),
-        ..Default::default()
-    };
-    conn.send(&msg).await?;
+    conn.send(&top_level_report(
+        uid,
+        1,
+        &offer,
+        0,
+        offer.all_packages_hash.clone(),
+    ))
+    .await?;
     let reply = conn.recv().await?.unwrap_or_default();
     assert!(
         reply.packages_available.is_none(),
         "offered again: {reply:?}"
     );
-    msg.sequence_num = 2;
-    msg.package_statuses = Some(statuses(vec![1; 32]));
-    conn.send(&msg).await?;
+    conn.send(&top_level_report(uid, 2, &offer, 0, vec![1; 32]))
+        .await?;
     let reply = conn.recv().await?.unwrap_or_default();
     assert!(
         reply.packages_available.is_some(),
@@ -358,6 +343,44 @@ fn upgrading_agent(server: &TestServer, token: String, fail: bool) -> AgentOptio
     }
 }
 
+/// Imports build 0.2.0 for linux/amd64, signed by `signer`.
+async fn import_build(server: &TestServer, signer: &Signer) -> anyhow::Result<()> {
+    let data = build("0.2.0");
+    let sig = signer.sign(&data);
+    let (status, body) = import(server, "", "0.2.0", "linux/amd64", data, Some(&sig)).await?;
+    anyhow::ensure!(status == 200, "import: {status} {body}");
+    Ok(())
+}
+
+/// Assigns version 0.2.0 of the top-level package to every agent.
+async fn assign_all(server: &TestServer) -> anyhow::Result<()> {
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A Rust agent on 0.1.0 that takes packages (`fail`: its installer always fails), once it
+/// has its uid and is connected.
+async fn start_upgrading(
+    server: &TestServer,
+    token_name: &str,
+    fail: bool,
+) -> anyhow::Result<(Agent, [u8; 16])> {
+    let token = server.api.token(token_name).await?;
+    let agent = Agent::start(upgrading_agent(server, token, fail));
+    let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
+        s.instance_uid.is_some() && s.connected
+    })
+    .await?;
+    let uid = s.instance_uid.ok_or_else(|| anyhow::anyhow!("no uid"))?;
+    Ok((agent, uid))
+}
+
 async fn upgrade_state(server: &TestServer, uid: [u8; 16]) -> anyhow::Result<Value> {
     let uid = InstanceUid(uid);
     server
@@ -370,31 +393,11 @@ async fn upgrade_state(server: &TestServer, uid: [u8; 16]) -> anyhow::Result<Val
 async fn the_rust_agent_upgrades_to_verified() -> anyhow::Result<()> {
     let signer = Signer::new();
     let server = serve_trusting(&signer).await?;
-    let data = build("0.2.0");
-    let (status, body) = import(
-        &server,
-        "",
-        "0.2.0",
-        "linux/amd64",
-        data.clone(),
-        Some(&signer.sign(&data)),
-    )
-    .await?;
-    assert_eq!(status, 200, "{body}");
-    let token = server.api.token("upgrade").await?;
-    let agent = Agent::start(upgrading_agent(&server, token, false));
-    let mut rx = agent.status();
-    let s = agent::wait_for(&mut rx, WAIT, |s| s.instance_uid.is_some() && s.connected).await?;
-    let uid = s.instance_uid.ok_or_else(|| anyhow::anyhow!("no uid"))?;
+    import_build(&server, &signer).await?;
+    let (agent, uid) = start_upgrading(&server, "upgrade", false).await?;
     assert_eq!(upgrade_state(&server, uid).await?["state"], "none");
 
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
+    assign_all(&server).await?;
     let view = eventually("the agent verified on 0.2.0", WAIT, || async {
         let v = upgrade_state(&server, uid).await?;
         Ok((v["state"] == "verified").then_some(v))
@@ -418,29 +421,9 @@ async fn the_rust_agent_upgrades_to_verified() -> anyhow::Result<()> {
 async fn a_failing_install_is_retried_then_given_up() -> anyhow::Result<()> {
     let signer = Signer::new();
     let server = serve_trusting(&signer).await?;
-    let data = build("0.2.0");
-    let (status, body) = import(
-        &server,
-        "",
-        "0.2.0",
-        "linux/amd64",
-        data.clone(),
-        Some(&signer.sign(&data)),
-    )
-    .await?;
-    assert_eq!(status, 200, "{body}");
-    let token = server.api.token("failing").await?;
-    let agent = Agent::start(upgrading_agent(&server, token, true));
-    let mut rx = agent.status();
-    let s = agent::wait_for(&mut rx, WAIT, |s| s.instance_uid.is_some() && s.connected).await?;
-    let uid = s.instance_uid.ok_or_else(|| anyhow::anyhow!("no uid"))?;
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
+    import_build(&server, &signer).await?;
+    let (agent, uid) = start_upgrading(&server, "failing", true).await?;
+    assign_all(&server).await?;
     // max_install_attempts = 2: the server offers the build again once, then gives up.
     let view = eventually("the agent failed for good", WAIT, || async {
         let v = upgrade_state(&server, uid).await?;
@@ -454,7 +437,7 @@ async fn a_failing_install_is_retried_then_given_up() -> anyhow::Result<()> {
             .is_some_and(|r| r.contains("status 1")),
         "{view}"
     );
-    let s = rx.borrow().clone();
+    let s = agent.status().borrow().clone();
     assert_eq!(s.package_downloads, 2, "one download per offer: {s:?}");
     let audit = server.api.get("/api/v1/audit?limit=50").await?;
     assert!(
@@ -475,24 +458,8 @@ async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyho
     use crate::console::{sign_in, until_text};
     let signer = Signer::new();
     let server = serve_trusting(&signer).await?;
-    let data = build("0.2.0");
-    let (status, body) = import(
-        &server,
-        "",
-        "0.2.0",
-        "linux/amd64",
-        data.clone(),
-        Some(&signer.sign(&data)),
-    )
-    .await?;
-    assert_eq!(status, 200, "{body}");
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
+    import_build(&server, &signer).await?;
+    assign_all(&server).await?;
     let good = Agent::start(upgrading_agent(
         &server,
         server.api.token("good").await?,
@@ -573,24 +540,8 @@ async fn agents_beyond_the_upgrade_cap_wait_for_a_slot() -> anyhow::Result<()> {
         c.packages.max_concurrent_upgrades = 1;
     })
     .await?;
-    let data = build("0.2.0");
-    let (status, body) = import(
-        &server,
-        "",
-        "0.2.0",
-        "linux/amd64",
-        data.clone(),
-        Some(&signer.sign(&data)),
-    )
-    .await?;
-    assert_eq!(status, 200, "{body}");
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
+    import_build(&server, &signer).await?;
+    assign_all(&server).await?;
     let mut agents = Vec::new();
     for name in ["first", "second"] {
         let uid = InstanceUid::new_v7();
@@ -615,25 +566,13 @@ async fn agents_beyond_the_upgrade_cap_wait_for_a_slot() -> anyhow::Result<()> {
     );
     // The first reports its set installed: the slot goes to the second, pushed at once.
     let (uid, conn, _) = &mut agents[0];
-    conn.send(&proto::AgentToServer {
-        instance_uid: uid.0.to_vec(),
-        capabilities: PKG_CAPS,
-        sequence_num: 1,
-        package_statuses: Some(PackageStatuses {
-            packages: BTreeMap::from([(
-                String::new(),
-                PackageStatus {
-                    agent_has_version: "0.2.0".into(),
-                    agent_has_hash: offer.packages[""].hash.clone(),
-                    status: 0,
-                    ..Default::default()
-                },
-            )]),
-            server_provided_all_packages_hash: offer.all_packages_hash.clone(),
-            error_message: String::new(),
-        }),
-        ..Default::default()
-    })
+    conn.send(&top_level_report(
+        *uid,
+        1,
+        &offer,
+        0,
+        offer.all_packages_hash.clone(),
+    ))
     .await?;
     conn.recv().await?;
     let pushed = tokio::time::timeout(WAIT, agents[1].1.recv())

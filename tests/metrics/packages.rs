@@ -2,13 +2,10 @@
 //! served by whether it was whole or a range with its bytes, and each install outcome an
 //! agent reports.
 
-use std::collections::BTreeMap;
-
 use agent::WsConnection;
-use proto::v1::{PackageStatus, PackageStatuses};
 use serde_json::json;
 use shared::ids::InstanceUid;
-use tests::packages::{build, download_of, import, packaged_hello, PKG_CAPS};
+use tests::packages::{build, download_of, import, packaged_hello, top_level_report, PKG_CAPS};
 use tests::{bearer, TestServer};
 
 use crate::{alone, expect_changes, expect_values, series, snapshot};
@@ -93,26 +90,13 @@ async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Resu
 
     // The agent reports its install failed, then (offered again) installed.
     for (seq, status) in [(1, 3), (2, 0)] {
-        conn.send(&proto::AgentToServer {
-            instance_uid: uid.0.to_vec(),
-            capabilities: PKG_CAPS,
-            sequence_num: seq,
-            package_statuses: Some(PackageStatuses {
-                packages: BTreeMap::from([(
-                    String::new(),
-                    PackageStatus {
-                        agent_has_version: "0.5.0".into(),
-                        agent_has_hash: offer.packages[""].hash.clone(),
-                        status,
-                        error_message: "disk full".into(),
-                        ..Default::default()
-                    },
-                )]),
-                server_provided_all_packages_hash: offer.all_packages_hash.clone(),
-                error_message: String::new(),
-            }),
-            ..Default::default()
-        })
+        conn.send(&top_level_report(
+            uid,
+            seq,
+            &offer,
+            status,
+            offer.all_packages_hash.clone(),
+        ))
         .await?;
         conn.recv().await?;
     }

@@ -3,7 +3,10 @@
 //! the download URL and credential out of an offer.
 
 use base64::Engine as _;
-use proto::v1::{any_value, AgentDescription, AnyValue, KeyValue};
+use proto::v1::{
+    any_value, AgentDescription, AnyValue, KeyValue, PackageStatus, PackageStatuses,
+    PackagesAvailable,
+};
 use proto::ServerToAgent;
 use serde_json::Value;
 use shared::ids::InstanceUid;
@@ -149,4 +152,41 @@ pub fn download_of(reply: &ServerToAgent, name: &str) -> Option<(String, String)
         .find(|h| h.key.eq_ignore_ascii_case("authorization"))?
         .value;
     Some((file.download_url, auth))
+}
+
+/// Agent `uid`'s report (message `seq`) on the top-level package of `offer`: the wire
+/// `status` (0 Installed, 3 InstallFailed, …) of the offered version, echoing `echo` as the
+/// aggregate it was given.
+pub fn top_level_report(
+    uid: InstanceUid,
+    seq: u64,
+    offer: &PackagesAvailable,
+    status: i32,
+    echo: Vec<u8>,
+) -> proto::AgentToServer {
+    let top = offer.packages.get("").cloned().unwrap_or_default();
+    proto::AgentToServer {
+        instance_uid: uid.0.to_vec(),
+        capabilities: PKG_CAPS,
+        sequence_num: seq,
+        package_statuses: Some(PackageStatuses {
+            packages: std::collections::BTreeMap::from([(
+                String::new(),
+                PackageStatus {
+                    agent_has_version: top.version,
+                    agent_has_hash: top.hash,
+                    status,
+                    error_message: if status == 3 {
+                        "disk full".into()
+                    } else {
+                        String::new()
+                    },
+                    ..Default::default()
+                },
+            )]),
+            server_provided_all_packages_hash: echo,
+            error_message: String::new(),
+        }),
+        ..Default::default()
+    }
 }

@@ -97,18 +97,8 @@ impl Client {
         query: &[(&str, String)],
         headers: &[(&str, String)],
     ) -> anyhow::Result<()> {
-        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
-            .with_context(|| format!("bad server url {}", self.base))?;
-        url.query_pairs_mut().extend_pairs(query);
-        let mut req = self.http.post(url).bearer_auth(&self.token);
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
-        Self::answer(resp).await.map(|_| ())
+        let req = self.post_with(path, query, headers)?;
+        self.send_raw(req).await.map(|_| ())
     }
 
     /// POSTs a file as the request body, streamed from disk, with extra headers.
@@ -122,25 +112,38 @@ impl Client {
         let f = tokio::fs::File::open(file)
             .await
             .with_context(|| format!("reading {}", file.display()))?;
+        let req = self
+            .post_with(path, query, headers)?
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::from(f));
+        let text = self.send_raw(req).await?;
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A POST to `path` with the token, `query` and extra `headers`.
+    fn post_with(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
         let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
             .with_context(|| format!("bad server url {}", self.base))?;
         url.query_pairs_mut().extend_pairs(query);
-        let mut req = self
-            .http
-            .post(url)
-            .bearer_auth(&self.token)
-            .header("content-type", "application/octet-stream")
-            .body(reqwest::Body::from(f));
+        let mut req = self.http.post(url).bearer_auth(&self.token);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
+        Ok(req)
+    }
+
+    /// Sends `req`: the body of a success as text, else the error with the server's message.
+    async fn send_raw(&self, req: reqwest::RequestBuilder) -> anyhow::Result<String> {
         let resp = req
             .send()
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
-        Self::answer(resp)
-            .await
-            .map(|text| serde_json::from_str(&text).unwrap_or(Value::Null))
+        Self::answer(resp).await
     }
 
     /// A JSON response; an empty body is `null`. Query values are encoded here, so any value
@@ -177,11 +180,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
-        Self::answer(resp).await
+        self.send_raw(req).await
     }
 
     /// A response's body as text, or its error status with the server's message.
