@@ -201,6 +201,13 @@ pub fn platform_of(agent: &AgentRecord) -> Option<String> {
     Some(format!("{os}/{arch}"))
 }
 
+/// Whether `agent` runs `version` of itself: its `service.version`, with or without the `v`
+/// a package version may carry (the Collector's builds are `v0.112.0`, it reports `0.112.0`).
+pub fn runs_version(agent: &AgentRecord, version: &str) -> bool {
+    let running = agent.description.get_str("service.version");
+    running.as_deref() == Some(version) || running.as_deref() == version.strip_prefix('v')
+}
+
 /// A package name or version as an operator may write it: printable, no path separators,
 /// at most 128 bytes. The empty name is allowed (the Collector supervisor's top-level
 /// package has none).

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Target;
 use crate::ids::InstanceUid;
+use crate::packages::PackageKind;
 
 /// A named, saved label selector: its members are the agents whose description matches
 /// every label (the same matching as assignments).
@@ -253,12 +254,29 @@ pub struct MemberFailure {
     pub message: String,
 }
 
-/// A staged rollout of one config version to a group, a selector or every agent.
+/// The package version an upgrade rollout brings its agents to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageChange {
+    /// The package's name (empty: the agent itself, the top-level package).
+    pub name: String,
+    pub version: String,
+    /// A top-level package is verified only once the agent runs it (its `service.version`).
+    #[serde(default)]
+    pub kind: PackageKind,
+}
+
+/// A staged rollout of one config version, or of one package version (an upgrade), to a
+/// group, a selector or every agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     pub id: i64,
+    /// The config version rolled out; 0 in an upgrade (`package` is set instead).
     pub config_id: i64,
+    /// Its hash (hex); empty in an upgrade.
     pub config_hash: String,
+    /// Set in an upgrade: the package version rolled out instead of a config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<PackageChange>,
     /// The group it was created for, if any; `target` is its selector as it was then.
     pub group: Option<String>,
     pub target: Target,
@@ -285,6 +303,11 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// The package version this rollout upgrades to, if it is an upgrade.
+    pub fn upgrade(&self) -> Option<&PackageChange> {
+        self.package.as_ref()
+    }
+
     /// Index of the last stage.
     pub fn last_stage(&self) -> usize {
         self.stages.len().saturating_sub(1)
@@ -305,6 +328,7 @@ impl Rollout {
 pub struct NewRollout {
     pub config_id: i64,
     pub config_hash: String,
+    pub package: Option<PackageChange>,
     pub group: Option<String>,
     pub target: Target,
     pub stages: Vec<Stage>,
@@ -316,8 +340,9 @@ pub struct NewRollout {
     pub created_ms: i64,
 }
 
-/// One agent of a rollout: the stage it belongs to and the version it had when the rollout
-/// was created (what a rollback returns it to).
+/// One agent of a rollout: the stage it belongs to and the config version it had when the
+/// rollout was created (what a config rollback returns it to; unused in an upgrade, whose
+/// rollback returns agents to their package assignments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub instance_uid: InstanceUid,

@@ -54,6 +54,14 @@ pub struct NewAssignment {
     pub created_ms: i64,
 }
 
+/// What a rollout that succeeded leaves behind, in the same transaction as its last write: an
+/// assignment of its target to what it rolled out, so its agents keep it.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    Config(NewAssignment),
+    Package(crate::packages::NewPackageAssignment),
+}
+
 /// One redemption in a batch: bind `token_id` to `uid`; if it binds, append `audit`.
 #[derive(Debug, Clone)]
 pub struct RedeemRequest {
@@ -149,7 +157,7 @@ pub trait RolloutStore: Send + Sync + 'static {
         rollout: &Rollout,
         fence: Option<&Fence>,
         events: &[RolloutEvent],
-        finish: Option<NewAssignment>,
+        finish: Option<Finish>,
     ) -> StoreResult<bool>;
     /// The rollout's history, oldest first.
     async fn rollout_events(&self, id: i64) -> StoreResult<Vec<RolloutEvent>>;

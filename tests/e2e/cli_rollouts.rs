@@ -31,7 +31,7 @@ const CARGO_RUN_VARS: [&str; 7] = [
 /// The `ampora` binary, as cargo builds it. Only the coordinator package's own tests may name
 /// it (`CARGO_BIN_EXE_ampora`), so this asks cargo for it, into the target directory this test
 /// runs from; when it is up to date that is a no-op.
-async fn ampora_bin() -> anyhow::Result<PathBuf> {
+pub(crate) async fn ampora_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // <target>/<profile>/deps/e2e-<hash>
     let profile_dir = exe
@@ -96,7 +96,11 @@ async fn ampora(
 }
 
 /// The CLI's JSON answer (`--json`); fails unless the command succeeded.
-async fn ampora_json(bin: &Path, f: &TestServer, args: &[&str]) -> anyhow::Result<Value> {
+pub(crate) async fn ampora_json(
+    bin: &Path,
+    f: &TestServer,
+    args: &[&str],
+) -> anyhow::Result<Value> {
     let mut with_json = args.to_vec();
     with_json.push("--json");
     let (ok, out, err) = ampora(bin, f, &with_json).await?;

@@ -51,3 +51,4 @@ mod rollouts;
 mod security;
 mod tls;
 mod tokens;
+mod upgrade_rollouts;

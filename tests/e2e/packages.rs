@@ -18,7 +18,7 @@ use tests::{bearer, eventually, TestServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn serve_trusting(signer: &Signer) -> anyhow::Result<TestServer> {
+pub(crate) async fn serve_trusting(signer: &Signer) -> anyhow::Result<TestServer> {
     let key = signer.public();
     TestServer::start_with(move |c| {
         c.packages.trusted_keys = vec![key];
@@ -323,7 +323,7 @@ async fn an_offer_opens_its_own_blob_and_nothing_else() -> anyhow::Result<()> {
     server.stop().await
 }
 
-fn upgrading_agent(server: &TestServer, token: String, fail: bool) -> AgentOptions {
+pub(crate) fn upgrading_agent(server: &TestServer, token: String, fail: bool) -> AgentOptions {
     AgentOptions {
         endpoint: server.ws_url(),
         token: Some(token),
@@ -345,9 +345,18 @@ fn upgrading_agent(server: &TestServer, token: String, fail: bool) -> AgentOptio
 
 /// Imports build 0.2.0 for linux/amd64, signed by `signer`.
 async fn import_build(server: &TestServer, signer: &Signer) -> anyhow::Result<()> {
-    let data = build("0.2.0");
+    import_version(server, signer, "0.2.0").await
+}
+
+/// Imports build `version` of the top-level package for linux/amd64, signed by `signer`.
+pub(crate) async fn import_version(
+    server: &TestServer,
+    signer: &Signer,
+    version: &str,
+) -> anyhow::Result<()> {
+    let data = build(version);
     let sig = signer.sign(&data);
-    let (status, body) = import(server, "", "0.2.0", "linux/amd64", data, Some(&sig)).await?;
+    let (status, body) = import(server, "", version, "linux/amd64", data, Some(&sig)).await?;
     anyhow::ensure!(status == 200, "import: {status} {body}");
     Ok(())
 }
@@ -366,7 +375,7 @@ async fn assign_all(server: &TestServer) -> anyhow::Result<()> {
 
 /// A Rust agent on 0.1.0 that takes packages (`fail`: its installer always fails), once it
 /// has its uid and is connected.
-async fn start_upgrading(
+pub(crate) async fn start_upgrading(
     server: &TestServer,
     token_name: &str,
     fail: bool,
@@ -381,7 +390,7 @@ async fn start_upgrading(
     Ok((agent, uid))
 }
 
-async fn upgrade_state(server: &TestServer, uid: [u8; 16]) -> anyhow::Result<Value> {
+pub(crate) async fn upgrade_state(server: &TestServer, uid: [u8; 16]) -> anyhow::Result<Value> {
     let uid = InstanceUid(uid);
     server
         .api

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::guard::{ApiJson, Caller, Operator, Viewer};
 use super::{check_labels, ApiError, ApiResult, ErrorBody};
-use crate::service::rollouts::actions::{Action, RolloutPlan, RolloutStatus};
+use crate::service::rollouts::actions::{Action, Payload, RolloutPlan, RolloutStatus};
 use crate::service::Coordinator;
 
 /// Soak when none is given: long enough to see a collector settle after a restart.
@@ -23,10 +23,15 @@ pub const DEFAULT_SOAK: Duration = Duration::from_secs(60);
 /// How long a stage's members have to answer when no deadline is given.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
 
-/// A new rollout: a config version, whom (`group`, `labels` or `all`), and how.
+/// A new rollout: a config version (`config_id`) or a package version (`package` and
+/// `version`: an upgrade), whom (`group`, `labels` or `all`), and how.
 #[derive(Deserialize, ToSchema)]
 pub struct NewRolloutBody {
-    pub config_id: i64,
+    pub config_id: Option<i64>,
+    /// An upgrade: the package's name (`""` for the agent itself) ...
+    pub package: Option<String>,
+    /// ... and the version every member is brought to (imported for their platforms).
+    pub version: Option<String>,
     pub group: Option<String>,
     pub labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
@@ -94,8 +99,17 @@ pub(crate) async fn plan(c: &Coordinator, body: NewRolloutBody) -> Result<Rollou
             )))
         }
     };
+    let payload = match (body.config_id, body.package, body.version) {
+        (Some(id), None, None) => Payload::Config(id),
+        (None, Some(name), Some(version)) => Payload::Package { name, version },
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either `config_id`, or `package` and `version` (an upgrade)".into(),
+            ))
+        }
+    };
     Ok(RolloutPlan {
-        config_id: body.config_id,
+        payload,
         group,
         target,
         stages,

@@ -227,22 +227,22 @@ mod tests {
         ])
         .expect("parses");
         let Command::Rollout(Api {
-            cmd:
-                RolloutCmd::Create {
-                    config,
-                    target,
-                    stages,
-                    soak,
-                    budget,
-                    on_failure,
-                    ..
-                },
+            cmd: RolloutCmd::Create(args),
             ..
         }) = cli.command
         else {
             panic!("not rollout create: {:?}", cli.command);
         };
-        assert_eq!(config, 3);
+        let rollouts::CreateArgs {
+            config,
+            target,
+            stages,
+            soak,
+            budget,
+            on_failure,
+            ..
+        } = *args;
+        assert_eq!(config, Some(3));
         assert_eq!(target.group.as_deref(), Some("canary"));
         assert!(target.label.is_empty() && !target.all);
         assert_eq!(stages.as_deref(), Some("1,5%,25%,100%"));
@@ -255,11 +255,42 @@ mod tests {
         .expect("parses");
         assert!(matches!(
             cli.command,
-            Command::Rollout(Api { cmd: RolloutCmd::Create { ref target, .. }, .. })
-                if target.label.len() == 2 && target.group.is_none()
+            Command::Rollout(Api { cmd: RolloutCmd::Create(ref a), .. })
+                if a.target.label.len() == 2 && a.target.group.is_none()
         ));
         parse(&["rollout", "create", "--config", "3", "--all"]).expect("parses");
+        // An upgrade: a package and its version instead of a config.
+        let cli = parse(&[
+            "rollout",
+            "create",
+            "--package",
+            "",
+            "--version",
+            "0.2.0",
+            "--all",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Rollout(Api { cmd: RolloutCmd::Create(ref a), .. })
+                if a.package.as_deref() == Some("") && a.version.as_deref() == Some("0.2.0")
+                    && a.config.is_none()
+        ));
         for bad in [
+            // Neither a config nor a package; both; a package without its version.
+            &["rollout", "create", "--all"][..],
+            &[
+                "rollout",
+                "create",
+                "--config",
+                "3",
+                "--package",
+                "p",
+                "--version",
+                "1",
+                "--all",
+            ],
+            &["rollout", "create", "--package", "p", "--all"],
             // No target, two targets.
             &["rollout", "create", "--config", "3"][..],
             &[

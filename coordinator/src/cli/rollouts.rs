@@ -1,4 +1,5 @@
-//! `ampora rollout`: staged rollouts of a config version: create, list, status (once, or
+//! `ampora rollout`: staged rollouts of a config version or a package version (an upgrade):
+//! create, list, status (once, or
 //! watched until the rollout stops), history, and the operator actions (pause, resume,
 //! promote, abort, rollback). The status text is a pure function of the API's status view
 //! ([`render_status`]), so what a terminal shows is what the tests check.
@@ -27,32 +28,9 @@ const NAMED_UNABLE: usize = 3;
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCmd {
-    /// Start a staged rollout of a config version to a group, labels or every agent.
-    Create {
-        /// The config version to roll out (its id).
-        #[arg(long)]
-        config: i64,
-        #[command(flatten)]
-        target: RolloutTarget,
-        /// Cumulative stage sizes, counts or percentages, the last 100% (server default
-        /// `1,5%,25%,100%`).
-        #[arg(long, value_parser = stage_list)]
-        stages: Option<String>,
-        /// How long each stage soaks after its members answered, e.g. `0s`, `90s`, `5m`
-        /// (server default 60s).
-        #[arg(long, value_parser = duration)]
-        soak: Option<String>,
-        /// How long a stage's members have to answer before they count as stragglers
-        /// (server default 10m).
-        #[arg(long, value_parser = duration)]
-        deadline: Option<String>,
-        /// Failures each stage may have: a count or a percentage of its members (default 0).
-        #[arg(long, value_parser = budget)]
-        budget: Option<String>,
-        /// What a failed gate does: `pause` (wait for an operator) or `rollback`.
-        #[arg(long, value_parser = ["pause", "rollback"])]
-        on_failure: Option<String>,
-    },
+    /// Start a staged rollout of a config version, or an upgrade to a package version, to a
+    /// group, labels or every agent.
+    Create(Box<CreateArgs>),
     /// List rollouts, newest first.
     List,
     /// A rollout's state and each stage's progress and gate.
@@ -75,6 +53,40 @@ pub enum RolloutCmd {
     Abort { id: i64 },
     /// Return every agent the rollout changed to the version it had before.
     Rollback { id: i64 },
+}
+
+/// What `rollout create` takes.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The config version to roll out (its id).
+    #[arg(long, required_unless_present = "package", conflicts_with = "package")]
+    pub config: Option<i64>,
+    /// An upgrade: the package to bring to `--version` (`""` for the agent itself).
+    #[arg(long, requires = "version")]
+    pub package: Option<String>,
+    /// The package version of an upgrade (imported with `ampora packages import`).
+    #[arg(long, requires = "package")]
+    pub version: Option<String>,
+    #[command(flatten)]
+    pub target: RolloutTarget,
+    /// Cumulative stage sizes, counts or percentages, the last 100% (server default
+    /// `1,5%,25%,100%`).
+    #[arg(long, value_parser = stage_list)]
+    pub stages: Option<String>,
+    /// How long each stage soaks after its members answered, e.g. `0s`, `90s`, `5m`
+    /// (server default 60s).
+    #[arg(long, value_parser = duration)]
+    pub soak: Option<String>,
+    /// How long a stage's members have to answer before they count as stragglers
+    /// (server default 10m).
+    #[arg(long, value_parser = duration)]
+    pub deadline: Option<String>,
+    /// Failures each stage may have: a count or a percentage of its members (default 0).
+    #[arg(long, value_parser = budget)]
+    pub budget: Option<String>,
+    /// What a failed gate does: `pause` (wait for an operator) or `rollback`.
+    #[arg(long, value_parser = ["pause", "rollback"])]
+    pub on_failure: Option<String>,
 }
 
 /// Whom a rollout targets: exactly one of a group, labels or every agent.
@@ -115,17 +127,21 @@ fn budget(text: &str) -> Result<String, String> {
 
 pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
     match cmd {
-        RolloutCmd::Create {
-            config,
-            target,
-            stages,
-            soak,
-            deadline,
-            budget,
-            on_failure,
-        } => {
+        RolloutCmd::Create(args) => {
+            let CreateArgs {
+                config,
+                package,
+                version,
+                target,
+                stages,
+                soak,
+                deadline,
+                budget,
+                on_failure,
+            } = *args;
             let mut body = json!({
-                "config_id": config, "stages": stages, "soak": soak, "deadline": deadline,
+                "config_id": config, "package": package, "version": version,
+                "stages": stages, "soak": soak, "deadline": deadline,
                 "budget": budget, "on_failure": on_failure,
             });
             // Clap's group guarantees exactly one of the three.
@@ -145,7 +161,7 @@ pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
                 ("ID", 5),
                 ("STATE", 12),
                 ("STAGE", 5),
-                ("CONFIG", 6),
+                ("ROLLS OUT", 12),
                 ("TARGET", 24),
                 ("AUTHOR", 16),
                 ("REASON", 0),
@@ -155,7 +171,7 @@ pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
                     r["id"].to_string(),
                     s(r, "state"),
                     stage_of(r),
-                    r["config_id"].to_string(),
+                    payload_short(r),
                     target_text(r),
                     s(r, "author"),
                     s(r, "reason"),
@@ -279,6 +295,31 @@ fn state_text(r: &Value) -> String {
     out
 }
 
+/// What a rollout rolls out, in a table cell: `config 3`, `pkg 0.2.0`.
+fn payload_short(r: &Value) -> String {
+    match r["package"].as_object() {
+        Some(p) => format!("pkg {}", p["version"].as_str().unwrap_or_default()),
+        None => format!("config {}", r["config_id"]),
+    }
+}
+
+/// What a rollout rolls out, in a sentence: `config 3 (abcdef012345)`, or
+/// `package "otelcol" to 0.2.0`.
+fn payload_long(r: &Value) -> String {
+    match r["package"].as_object() {
+        Some(p) => format!(
+            "package {:?} to {}",
+            p["name"].as_str().unwrap_or_default(),
+            p["version"].as_str().unwrap_or_default()
+        ),
+        None => format!(
+            "config {} ({})",
+            r["config_id"],
+            s(r, "config_hash").chars().take(12).collect::<String>()
+        ),
+    }
+}
+
 /// What `rollout create` prints: the plan, and how to follow it.
 fn created_text(r: &Value) -> String {
     let stages = r["stages"]
@@ -288,17 +329,22 @@ fn created_text(r: &Value) -> String {
     let sizes: Vec<String> = stages.iter().map(|st| amount_text(&st["size"])).collect();
     let planned: Vec<String> = stages.iter().map(|st| st["planned"].to_string()).collect();
     let mut out = format!(
-        "rollout {id} created ({state}): config {config} to {target}, stages {sizes} \
+        "rollout {id} created ({state}): {payload} to {target}, stages {sizes} \
          ({planned} agents)\nfollow it: ampora rollout status {id} --watch",
         id = r["id"],
         state = s(r, "state"),
-        config = r["config_id"],
+        payload = payload_long(r),
         target = target_long(r),
         sizes = sizes.join(", "),
         planned = planned.join(" + "),
     );
     let unable = r["cannot_receive"].as_u64().unwrap_or(0);
-    if unable > 0 {
+    if unable > 0 && r["package"].is_object() {
+        out.push_str(&format!(
+            "\n{unable} matching agent(s) cannot upgrade (no AcceptsPackages, or no build for \
+             their platform) and are left out"
+        ));
+    } else if unable > 0 {
         out.push_str(&format!(
             "\n{unable} matching agent(s) do not accept remote config and are left out"
         ));
@@ -481,10 +527,9 @@ fn render_status(v: &Value, now_ms: i64) -> String {
         .unwrap_or_default();
     let current = usize::try_from(r["stage"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX);
     let mut out = format!(
-        "rollout {} {state}: config {} ({}) to {}\n",
+        "rollout {} {state}: {} to {}\n",
         r["id"],
-        r["config_id"],
-        s(r, "config_hash").chars().take(12).collect::<String>(),
+        payload_long(r),
         target_long(r),
     );
     if let Some(why) = r["reason"].as_str() {

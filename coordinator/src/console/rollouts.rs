@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
 use serde::Deserialize;
 use shared::domain::{Role, Target};
-use shared::rollout::{GateResult, OnFailure, Rollout, RolloutEvent, RolloutState};
+use shared::rollout::{GateResult, OnFailure, PackageChange, Rollout, RolloutEvent, RolloutState};
 
 use super::session::{Nothing, Posted, Signed};
 use super::view::{self, csrf, when};
@@ -58,12 +58,22 @@ pub(super) async fn list(State(c): State<Arc<Coordinator>>, who: Signed) -> Resp
     view::page("Rollouts", Some(&who), body).into_response()
 }
 
+/// An upgrade's package and version, linked to the Packages page.
+fn package_text(p: &PackageChange) -> Markup {
+    html! {
+        a href="/ui/packages" {
+            "package " @if p.name.is_empty() { "(the agent)" } @else { code { (p.name) } }
+        }
+        " " code { (p.version) }
+    }
+}
+
 /// A table of rollouts as given (the Rollouts page, a config version's page).
 pub(super) fn rollouts_table(rollouts: &[Rollout], names: &HashMap<i64, String>) -> Markup {
     html! {
         table #rollouts {
             thead { tr {
-                th { "Rollout" } th { "Config" } th { "Target" } th { "State" } th { "Stage" }
+                th { "Rollout" } th { "Rolls out" } th { "Target" } th { "State" } th { "Stage" }
                 th { "Created by" } th { "Created" }
             } }
             tbody {
@@ -71,8 +81,12 @@ pub(super) fn rollouts_table(rollouts: &[Rollout], names: &HashMap<i64, String>)
                     tr data-rollout=(r.id) {
                         td { a href={"/ui/rollouts/" (r.id)} { "#" (r.id) } }
                         td {
-                            a href={"/ui/configs/" (r.config_id)} { (r.config_id) }
-                            @if let Some(n) = names.get(&r.config_id) { " · " (n) }
+                            @if let Some(p) = &r.package {
+                                (package_text(p))
+                            } @else {
+                                a href={"/ui/configs/" (r.config_id)} { (r.config_id) }
+                                @if let Some(n) = names.get(&r.config_id) { " · " (n) }
+                            }
                         }
                         td { (target_text(r)) }
                         td { (state_chip(r.state)) }
@@ -182,7 +196,9 @@ pub(super) async fn create(
     let bad = |text: String| view::error_page(Some(&who), &ApiError::BadRequest(text));
     let given = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
     let mut body = NewRolloutBody {
-        config_id: f.config_id,
+        config_id: Some(f.config_id),
+        package: None,
+        version: None,
         group: None,
         labels: None,
         all: false,
@@ -228,13 +244,16 @@ async fn gather(
         .rollout_events(id)
         .await
         .map_err(|e| view::error_page(Some(who), &e.into()))?;
-    let name = c
-        .store()
-        .get_config(status.rollout.config_id)
-        .await
-        .ok()
-        .flatten()
-        .map(|v| v.name);
+    let name = match status.rollout.package {
+        Some(_) => None,
+        None => c
+            .store()
+            .get_config(status.rollout.config_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|v| v.name),
+    };
     Ok((status, events, name))
 }
 
@@ -317,10 +336,14 @@ fn live(who: &Signed, st: &RolloutStatus, events: &[RolloutEvent], name: Option<
                 @if let Some(reason) = &r.reason {
                     dt { "Reason" } dd #rollout-reason { (reason) }
                 }
-                dt { "Config" } dd {
-                    a href={"/ui/configs/" (r.config_id)} { "version " (r.config_id) }
-                    @if let Some(n) = name { " · " (n) }
-                    " " code { (r.config_hash.get(..12).unwrap_or(&r.config_hash)) }
+                @if let Some(p) = &r.package {
+                    dt { "Upgrade to" } dd #rollout-package { (package_text(p)) }
+                } @else {
+                    dt { "Config" } dd {
+                        a href={"/ui/configs/" (r.config_id)} { "version " (r.config_id) }
+                        @if let Some(n) = name { " · " (n) }
+                        " " code { (r.config_hash.get(..12).unwrap_or(&r.config_hash)) }
+                    }
                 }
                 dt { "Target" } dd { (target_text(r)) }
                 dt { "Stage" } dd #rollout-stage { (stage_text(r)) }

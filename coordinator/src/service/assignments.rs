@@ -3,6 +3,7 @@
 //! the re-read of assignments every lease round that makes a lost broadcast cost seconds, not
 //! correctness. Staged rollouts (`super::rollouts`) enter each agent's choice here.
 
+use super::rollouts::Holding;
 use super::{Coordinator, ServiceError};
 use crate::session::{self, AgentState, Desired};
 use shared::bus::{ControlEvent, GatewayMessage};
@@ -149,7 +150,7 @@ impl Coordinator {
         };
         // A rollout holds its agents until it ends: an assignment may not take them from it.
         let agents = self.agents().await?;
-        if let Some((id, state, n)) = self.overlap(&target, &agents) {
+        if let Some((id, state, n)) = self.overlap(&target, &agents, Holding::Configs) {
             return Err(ServiceError::Conflict(format!(
                 "{n} of these agents are in rollout {id} ({state}): finish, abort or roll it back first"
             )));

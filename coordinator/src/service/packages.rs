@@ -21,10 +21,11 @@ use shared::download_token::DownloadKey;
 use shared::ids::InstanceUid;
 use shared::now_ms;
 use shared::packages::{
-    all_packages_hash, platform_of, Artifact, InstallStatus, NewPackageAssignment,
+    all_packages_hash, platform_of, runs_version, Artifact, InstallStatus, NewPackageAssignment,
     PackageAssignment,
 };
 
+use super::rollouts::Holding;
 use super::{Coordinator, ServiceError};
 use crate::session::{self, AgentState, PackageOffer};
 
@@ -123,19 +124,27 @@ impl Coordinator {
         }
     }
 
-    /// The package set `record` should have: per package name the newest matching
-    /// assignment, each with the artifact for the agent's platform. `None`: no package is
-    /// assigned to it (or hosting is off).
+    /// The package set `record` should have: per package name the newest of the matching
+    /// assignments and the upgrades (rollouts) that reached it, each with the artifact for
+    /// the agent's platform. `None`: no package is assigned to it (or hosting is off).
     pub(super) fn package_offer(&self, record: &AgentRecord) -> Option<Wanted> {
         let hosting = self.cfg.packages.as_ref()?;
+        let upgrades = self.upgrade_choices(record);
         let catalog = self.package_catalog.read().ok()?;
-        if catalog.assignments.is_empty() {
+        if catalog.assignments.is_empty() && upgrades.is_empty() {
             return None;
         }
-        let mut winners: BTreeMap<&str, &PackageAssignment> = BTreeMap::new();
+        // Name → (key, version, created): the key is an assignment's id, or minus an
+        // upgrade's rollout id (the offers cache tells them apart).
+        let mut winners: BTreeMap<&str, (i64, &str, i64)> = BTreeMap::new();
         for a in catalog.assignments.iter().rev() {
             if !winners.contains_key(a.name.as_str()) && self.target_admits(&a.target, record) {
-                winners.insert(&a.name, a);
+                winners.insert(&a.name, (a.id, &a.version, a.created_ms));
+            }
+        }
+        for (p, id, created) in &upgrades {
+            if winners.get(p.name.as_str()).is_none_or(|w| w.2 < *created) {
+                winners.insert(&p.name, (-id, &p.version, *created));
             }
         }
         if winners.is_empty() {
@@ -147,24 +156,23 @@ impl Coordinator {
             ));
         };
         let key = (
-            winners.values().map(|a| a.id).collect::<Vec<_>>(),
+            winners.values().map(|w| w.0).collect::<Vec<_>>(),
             platform.clone(),
         );
         if let Some(o) = catalog.offers.get(&key) {
             return Some(Ok(o.clone()));
         }
         let mut chosen = Vec::with_capacity(winners.len());
-        for a in winners.values() {
+        for (&name, &(_, version, _)) in &winners {
             let found = catalog
                 .artifacts
                 .iter()
-                .find(|x| x.name == a.name && x.version == a.version && x.platform == platform);
+                .find(|x| x.name == name && x.version == version && x.platform == platform);
             match found {
                 Some(x) => chosen.push(x),
                 None => {
                     return Some(Err(format!(
-                        "cannot upgrade: no artifact of {:?} {} for {platform}",
-                        a.name, a.version
+                        "cannot upgrade: no artifact of {name:?} {version} for {platform}"
                     )))
                 }
             }
@@ -175,6 +183,18 @@ impl Coordinator {
             c.offers.insert(key, offer.clone());
         }
         Some(Ok(offer))
+    }
+
+    /// Whether a build of `name` `version` was imported for `record`'s platform.
+    pub(super) fn has_build_for(&self, name: &str, version: &str, record: &AgentRecord) -> bool {
+        let Some(platform) = platform_of(record) else {
+            return false;
+        };
+        self.package_catalog.read().is_ok_and(|c| {
+            c.artifacts
+                .iter()
+                .any(|x| x.name == name && x.version == version && x.platform == platform)
+        })
     }
 
     /// Puts a fresh download token for `uid` into every package of `reply`'s offer.
@@ -219,6 +239,13 @@ impl Coordinator {
         {
             return Err(ServiceError::NotFound(format!(
                 "no artifact of package {name:?} version {version} was imported"
+            )));
+        }
+        // An upgrade holds its agents until it ends: an assignment may not take them from it.
+        let agents = self.agents().await?;
+        if let Some((id, state, n)) = self.overlap(&target, &agents, Holding::Upgrades) {
+            return Err(ServiceError::Conflict(format!(
+                "{n} of these agents are in upgrade rollout {id} ({state}): finish, abort or roll it back first"
             )));
         }
         let created = self
@@ -453,11 +480,7 @@ fn verified(record: &AgentRecord, offer: &PackageOffer) -> bool {
         .packages
         .values()
         .filter(|p| p.r#type == 0)
-        .all(|p| {
-            let running = record.description.get_str("service.version");
-            running.as_deref() == Some(p.version.as_str())
-                || running.as_deref() == p.version.strip_prefix('v')
-        });
+        .all(|p| runs_version(record, &p.version));
     let healthy = record.health.as_ref().is_none_or(|h| h.healthy);
     all_installed && top_level_running && healthy
 }

@@ -33,6 +33,24 @@ impl IntoDomain<PackageAssignment> for BodyRow {
     }
 }
 
+/// The record of a package assignment about to be stored (its id is the row's).
+fn new_assignment(new: NewPackageAssignment) -> PackageAssignment {
+    PackageAssignment {
+        id: 0,
+        name: new.name,
+        version: new.version,
+        target: new.target,
+        author: new.author,
+        created_ms: new.created_ms,
+    }
+}
+
+/// The JSON body of a package assignment row, for writes made elsewhere (a succeeded upgrade
+/// rollout's, in its own transaction).
+pub(super) fn package_assignment_body(new: NewPackageAssignment) -> StoreResult<String> {
+    to_json("package_assignment", &new_assignment(new))
+}
+
 /// The bounds say what these queries need of a backend, as the `Store` impl's do.
 #[async_trait]
 impl<D> PackageStore for SqlStore<D>
@@ -89,16 +107,9 @@ where
         &self,
         new: NewPackageAssignment,
     ) -> StoreResult<PackageAssignment> {
-        let mut assignment = PackageAssignment {
-            id: 0,
-            name: new.name,
-            version: new.version,
-            target: new.target,
-            author: new.author,
-            created_ms: new.created_ms,
-        };
+        let created_ms = new.created_ms;
+        let mut assignment = new_assignment(new);
         let body = to_json("create_package_assignment", &assignment)?;
-        let created_ms = assignment.created_ms;
         let json = D::JSON;
         let sql = format!(
             "INSERT INTO package_assignments (body, created_ms) VALUES ($1{json}, $2) RETURNING id"

@@ -9,11 +9,12 @@ use shared::rollout::{
     decode_members, encode_members, Fence, Group, Member, NewRollout, Rollout, RolloutEvent,
     RolloutState,
 };
-use shared::store::{NewAssignment, RolloutStore, StoreResult};
+use shared::store::{Finish, NewAssignment, RolloutStore, StoreResult};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Type};
 
 use super::dialect::{Dialect, SqlResult, Tx};
 use super::sql::{all, before_commit, corrupt, one, to_json, IntoDomain};
+use super::sql_packages::package_assignment_body;
 use super::sql_store::SqlStore;
 
 #[derive(sqlx::FromRow)]
@@ -172,6 +173,7 @@ where
             id: 0,
             config_id: new.config_id,
             config_hash: new.config_hash,
+            package: new.package,
             group: new.group,
             target: new.target,
             stages: new.stages,
@@ -191,7 +193,9 @@ where
         let body = to_json("create_rollout", &rollout)?;
         let blob = encode_members(members);
         let events = encode_events("create_rollout", std::slice::from_ref(&created))?;
-        let (config_id, created_ms) = (rollout.config_id, rollout.created_ms);
+        // An upgrade refers to no config version.
+        let config_id = rollout.package.is_none().then_some(rollout.config_id);
+        let created_ms = rollout.created_ms;
         let json = D::JSON;
         let insert = format!(
             "INSERT INTO rollouts (config_id, state, rev, body, created_ms) \
@@ -289,12 +293,18 @@ where
         rollout: &Rollout,
         fence: Option<&Fence>,
         events: &[RolloutEvent],
-        finish: Option<NewAssignment>,
+        finish: Option<Finish>,
     ) -> StoreResult<bool> {
         let body = to_json("update_rollout", rollout)?;
         let events = encode_events("update_rollout", events)?;
         let finish = match finish {
-            Some(a) => Some((to_json("update_rollout", &a.target)?, a)),
+            Some(Finish::Config(a)) => {
+                Some(Finishing::Config(to_json("update_rollout", &a.target)?, a))
+            }
+            Some(Finish::Package(p)) => {
+                let created_ms = p.created_ms;
+                Some(Finishing::Package(package_assignment_body(p)?, created_ms))
+            }
             None => None,
         };
         let (id, rev, state) = (rollout.id, rollout.rev, rollout.state.as_str());
@@ -307,6 +317,8 @@ where
             "INSERT INTO assignments (config_id, target, author, created_ms) \
              VALUES ($1, $2{json}, $3, $4)"
         );
+        let assign_package =
+            format!("INSERT INTO package_assignments (body, created_ms) VALUES ($1{json}, $2)");
         self.in_tx("update_rollout", move |tx| {
             Box::pin(async move {
                 if let Some(f) = &fence {
@@ -336,14 +348,24 @@ where
                     return Ok(false);
                 }
                 insert_events::<D>(tx, id, &events).await?;
-                if let Some((target, a)) = &finish {
-                    sqlx::query(&assign)
-                        .bind(a.config_id)
-                        .bind(target.as_str())
-                        .bind(a.author.as_str())
-                        .bind(a.created_ms)
-                        .execute(&mut **tx)
-                        .await?;
+                match &finish {
+                    Some(Finishing::Config(target, a)) => {
+                        sqlx::query(&assign)
+                            .bind(a.config_id)
+                            .bind(target.as_str())
+                            .bind(a.author.as_str())
+                            .bind(a.created_ms)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                    Some(Finishing::Package(body, created_ms)) => {
+                        sqlx::query(&assign_package)
+                            .bind(body.as_str())
+                            .bind(*created_ms)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                    None => {}
                 }
                 Ok(true)
             })
@@ -357,6 +379,13 @@ where
         let rows = sqlx::query_as(&sql).bind(id).fetch_all(&self.pool).await;
         all::<EventRow, _>("rollout_events", rows)
     }
+}
+
+/// A [`Finish`] encoded for its insert: a config assignment's target, or a package
+/// assignment's body with its creation time.
+enum Finishing {
+    Config(String, NewAssignment),
+    Package(String, i64),
 }
 
 /// Appends `events` to rollout `id`'s history, in order.

@@ -15,8 +15,8 @@ use shared::ids::InstanceUid;
 use shared::packages::{Artifact, NewPackageAssignment, PackageAssignment};
 use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 use shared::store::{
-    AuditCursor, AuditQuery, HeldLeases, Lease, NewAssignment, NewConfigVersion, PackageStore,
-    RedeemRequest, RolloutStore, Store, StoreResult,
+    AuditCursor, AuditQuery, Finish, HeldLeases, Lease, NewAssignment, NewConfigVersion,
+    PackageStore, RedeemRequest, RolloutStore, Store, StoreResult,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -110,7 +110,7 @@ impl RolloutStore for TimedStore {
         rollout: &Rollout,
         fence: Option<&Fence>,
         events: &[RolloutEvent],
-        finish: Option<NewAssignment>,
+        finish: Option<Finish>,
     ) -> StoreResult<bool> {
         timed!(self.update_rollout(rollout, fence, events, finish))
     }

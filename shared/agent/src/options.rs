@@ -94,11 +94,23 @@ pub struct AgentOptions {
     /// Report InstallFailed with this error for every package it would install (after the
     /// download and hash check), as a broken installer would.
     pub package_install_fails: Option<String>,
+    /// Limits [`Self::package_install_fails`] to installs of this version (a build that is
+    /// broken where the one before it was not).
+    pub package_install_fails_version: Option<String>,
 }
 
 impl AgentOptions {
     /// The spec's default heartbeat and HTTP poll interval.
     pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+
+    /// The error installing `version` fails with, if the installer is set to fail on it.
+    pub fn install_error(&self, version: &str) -> Option<String> {
+        let applies = self
+            .package_install_fails_version
+            .as_deref()
+            .is_none_or(|v| v == version);
+        self.package_install_fails.clone().filter(|_| applies)
+    }
 }
 
 impl Default for AgentOptions {
@@ -125,6 +137,7 @@ impl Default for AgentOptions {
             transport_from_offer_scheme: false,
             accept_packages: false,
             package_install_fails: None,
+            package_install_fails_version: None,
         }
     }
 }

@@ -6,22 +6,23 @@
 
 use std::collections::HashMap;
 
-use proto::agent_caps::{ACCEPTS_REMOTE_CONFIG, REPORTS_EFFECTIVE_CONFIG, REPORTS_HEALTH};
+use proto::agent_caps::{REPORTS_EFFECTIVE_CONFIG, REPORTS_HEALTH};
 use serde::Serialize;
 use shared::bus::ControlEvent;
 use shared::domain::{AgentRecord, Target};
 use shared::ids::InstanceUid;
 use shared::now_ms;
 use shared::rollout::{
-    Amount, GateResult, NewRollout, OnFailure, Rollout, RolloutEvent, RolloutState, Stage,
+    Amount, GateResult, NewRollout, OnFailure, PackageChange, Rollout, RolloutEvent, RolloutState,
+    Stage,
 };
 use shared::store::StoreError;
 use utoipa::ToSchema;
 
-use super::engine::{begin_rollback, event, Step};
+use super::engine::{begin_rollback, event, finish, Step};
 use super::gates::{self, Progress};
 use super::plan::{self, Candidate};
-use super::Live;
+use super::{Holding, Live};
 use crate::service::{Coordinator, ServiceError};
 
 /// Agents named in a status view's "cannot receive" list.
@@ -30,10 +31,19 @@ const NAMED_UNABLE: usize = 100;
 /// Writes retried when an action meets a concurrent write (the driver's, usually).
 const ACTION_ATTEMPTS: usize = 5;
 
+/// What a rollout brings its agents to.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A config version.
+    Config(i64),
+    /// A package version: an upgrade.
+    Package { name: String, version: String },
+}
+
 /// A rollout as asked for.
 #[derive(Debug, Clone)]
 pub struct RolloutPlan {
-    pub config_id: i64,
+    pub payload: Payload,
     /// A group's name, or else `target`.
     pub group: Option<String>,
     pub target: Target,
@@ -121,15 +131,22 @@ impl Coordinator {
                 "soak must be 0 or more and the deadline above 0".into(),
             ));
         }
-        let desired = match self.load_desired(want.config_id).await {
-            Ok(d) => d,
-            Err(StoreError::NotFound(m)) => return Err(ServiceError::NotFound(m)),
-            Err(e) => return Err(e.into()),
+        let (config_id, config_hash, package) = match &want.payload {
+            Payload::Config(id) => match self.load_desired(*id).await {
+                Ok(d) => (*id, d.hash_hex.clone(), None),
+                Err(StoreError::NotFound(m)) => return Err(ServiceError::NotFound(m)),
+                Err(e) => return Err(e.into()),
+            },
+            Payload::Package { name, version } => (
+                0,
+                String::new(),
+                Some(self.upgrade_to(name, version).await?),
+            ),
         };
         // One creation at a time in this process, so two cannot both pass the overlap check.
         let _one = self.rollout_create.lock().await;
         let agents = self.agents().await?;
-        if let Some((id, state, n)) = self.overlap(&want.target, &agents) {
+        if let Some((id, state, n)) = self.overlap(&want.target, &agents, Holding::Any) {
             return Err(ServiceError::Conflict(format!(
                 "{n} of these agents are in rollout {id} ({state}): finish, abort or roll it back first"
             )));
@@ -141,7 +158,7 @@ impl Coordinator {
             .collect();
         let candidates: Vec<Candidate> = matching
             .iter()
-            .filter(|r| r.capabilities & ACCEPTS_REMOTE_CONFIG != 0)
+            .filter(|r| self.can_receive(package.as_ref(), r))
             .map(|r| Candidate {
                 uid: r.instance_uid,
                 preferred: r.connected && !gates::unhealthy(r),
@@ -150,7 +167,7 @@ impl Coordinator {
             .collect();
         let cannot_receive = (matching.len() - candidates.len()) as u64;
         let sizes = plan::stage_sizes(&want.stages, candidates.len() as u64);
-        let seed = u64::try_from(now).unwrap_or(0) ^ want.config_id.unsigned_abs();
+        let seed = u64::try_from(now).unwrap_or(0) ^ config_id.unsigned_abs();
         let members = plan::assign_stages(seed, &sizes, candidates);
         let stages = want
             .stages
@@ -178,8 +195,9 @@ impl Coordinator {
             }),
         };
         let new = NewRollout {
-            config_id: want.config_id,
-            config_hash: desired.hash_hex.clone(),
+            config_id,
+            config_hash,
+            package,
             group: want.group.clone(),
             target: want.target.clone(),
             stages,
@@ -198,6 +216,7 @@ impl Coordinator {
             None,
             serde_json::json!({
                 "rollout_id": rollout.id, "config_id": rollout.config_id,
+                "package": rollout.package,
                 "group": rollout.group, "target": rollout.target,
                 "stages": want.stages.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "members": members.len(),
@@ -317,12 +336,7 @@ impl Coordinator {
                         serde_json::Value::Null,
                     );
                     Step {
-                        finish: Some(shared::store::NewAssignment {
-                            config_id: r.config_id,
-                            target: r.target.clone(),
-                            author: format!("rollout:{}", r.id),
-                            created_ms: now,
-                        }),
+                        finish: Some(finish(&r, now)),
                         next,
                         events: vec![promoted, done],
                     }
@@ -393,15 +407,15 @@ impl Coordinator {
                 started_ms: st.started_ms,
                 settled_ms: st.settled_ms,
                 soak_ms: st.soak_ms,
-                progress: Progress::of(m.iter().copied(), &rollout.config_hash),
+                progress: Progress::of(m.iter().copied(), self.want(&rollout)),
                 gate: st.gate.clone(),
             });
         }
         let unable: Vec<InstanceUid> = agents
             .iter()
             .filter(|r| {
-                r.capabilities & ACCEPTS_REMOTE_CONFIG == 0
-                    && self.target_admits(&rollout.target, r)
+                self.target_admits(&rollout.target, r)
+                    && !self.can_receive(rollout.package.as_ref(), r)
             })
             .map(|r| r.instance_uid)
             .collect();
@@ -415,12 +429,37 @@ impl Coordinator {
         })
     }
 
+    /// The package version an upgrade brings agents to, checked: package hosting is on, a
+    /// build of that version was imported (for some platform), and the catalog is current.
+    async fn upgrade_to(&self, name: &str, version: &str) -> Result<PackageChange, ServiceError> {
+        if self.cfg.packages.is_none() {
+            return Err(ServiceError::Conflict(
+                "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
+            ));
+        }
+        self.sync_packages().await;
+        let artifacts = self.store.list_artifacts().await?;
+        let Some(build) = artifacts
+            .iter()
+            .find(|a| a.name == name && a.version == version)
+        else {
+            return Err(ServiceError::NotFound(format!(
+                "no artifact of package {name:?} version {version} was imported"
+            )));
+        };
+        Ok(PackageChange {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            kind: build.kind,
+        })
+    }
+
     /// The rollouts that used config version `config_id`, oldest first.
     pub async fn rollouts_of_config(&self, config_id: i64) -> Result<Vec<Rollout>, StoreError> {
         let all = self.store.list_rollouts().await?;
         Ok(all
             .into_iter()
-            .filter(|r| r.config_id == config_id)
+            .filter(|r| r.package.is_none() && r.config_id == config_id)
             .collect())
     }
 }

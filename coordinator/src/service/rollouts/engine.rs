@@ -21,13 +21,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use proto::agent_caps::ACCEPTS_REMOTE_CONFIG;
 use shared::bus::ControlEvent;
 use shared::domain::AgentRecord;
 use shared::ids::{InstanceUid, PARTITIONS};
 use shared::now_ms;
-use shared::rollout::{Fence, GateResult, OnFailure, Rollout, RolloutEvent, RolloutState};
-use shared::store::{NewAssignment, StoreError};
+use shared::packages::NewPackageAssignment;
+use shared::rollout::{
+    Fence, GateResult, OnFailure, PackageChange, Rollout, RolloutEvent, RolloutState,
+};
+use shared::store::{Finish, NewAssignment, StoreError};
 
 use super::gates::{self, Answer, Progress};
 use super::Live;
@@ -125,7 +127,28 @@ pub(crate) fn count_states(counts: &[(RolloutState, u64)]) {
 pub(super) struct Step {
     pub next: Rollout,
     pub events: Vec<RolloutEvent>,
-    pub finish: Option<NewAssignment>,
+    pub finish: Option<Finish>,
+}
+
+/// The assignment rollout `r` leaves behind when it succeeds at `now`: its target keeps what
+/// it rolled out.
+pub(super) fn finish(r: &Rollout, now: i64) -> Finish {
+    let author = format!("rollout:{}", r.id);
+    match &r.package {
+        Some(p) => Finish::Package(NewPackageAssignment {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            target: r.target.clone(),
+            author,
+            created_ms: now,
+        }),
+        None => Finish::Config(NewAssignment {
+            config_id: r.config_id,
+            target: r.target.clone(),
+            author,
+            created_ms: now,
+        }),
+    }
 }
 
 impl Coordinator {
@@ -260,8 +283,8 @@ impl Coordinator {
         if s == live.rollout.last_stage() {
             out.extend(agents.iter().filter(|r| {
                 !live.members.contains_key(&r.instance_uid)
-                    && r.capabilities & ACCEPTS_REMOTE_CONFIG != 0
                     && self.target_admits(&live.rollout.target, r)
+                    && self.can_receive(live.rollout.package.as_ref(), r)
             }));
         }
         out
@@ -282,7 +305,7 @@ impl Coordinator {
                 continue;
             }
             for m in members {
-                out[match gates::answer(m, &r.config_hash) {
+                out[match gates::answer(m, self.want(r)) {
                     Answer::Waiting => 1,
                     Answer::Applied => 2,
                     Answer::Failed => 3,
@@ -357,7 +380,8 @@ impl Coordinator {
             seen_unhealthy: &seen,
             outage: *self.lease_outage.lock().unwrap_or_else(|p| p.into_inner()),
         };
-        let gate = gates::judge(&members, &r.config_hash, r.budget, how, now);
+        let want = self.want(r);
+        let gate = gates::judge(&members, want, r.budget, how, now);
         // More failures than the budget cannot get better by waiting.
         if !gate.passed {
             return Some(self.gate_failed(r.clone(), gate, now));
@@ -371,7 +395,7 @@ impl Coordinator {
             // Judged once more with the soak's facts (the settle step judged answers only).
             Some(_) => gate,
             None => {
-                let p = Progress::of(members.iter().copied(), &r.config_hash);
+                let p = Progress::of(members.iter().copied(), want);
                 if p.waiting > 0 && !deadline_passed {
                     return None;
                 }
@@ -391,7 +415,7 @@ impl Coordinator {
                 // step (one tick less per stage).
                 let full = gates::judge(
                     &members,
-                    &r.config_hash,
+                    want,
                     r.budget,
                     gates::Judging {
                         soaking: true,
@@ -438,12 +462,7 @@ impl Coordinator {
             ));
             self.clear_soak(r.id);
             return Some(Step {
-                finish: Some(NewAssignment {
-                    config_id: r.config_id,
-                    target: r.target.clone(),
-                    author: format!("rollout:{}", r.id),
-                    created_ms: now,
-                }),
+                finish: Some(finish(r, now)),
                 next,
                 events,
             });
@@ -511,16 +530,21 @@ impl Coordinator {
             .collect();
         let (mut returned, mut failed, mut waiting, mut kept) = (0u64, 0u64, 0u64, 0u64);
         for a in &reached {
-            match a.assigned_config_hash.as_deref() {
-                // Nothing to return to: the agent keeps what it runs.
-                None => kept += 1,
-                // Its coordinator has not re-pointed it yet (or its write is not stored yet).
-                Some(h) if h == r.config_hash => waiting += 1,
-                Some(h) => match gates::answer(a, h) {
-                    Answer::Applied => returned += 1,
-                    Answer::Failed => failed += 1,
-                    Answer::Waiting => waiting += 1,
+            let answer = match &r.package {
+                None => match a.assigned_config_hash.as_deref() {
+                    // Nothing to return to: the agent keeps what it runs.
+                    None => None,
+                    // Its coordinator has not re-pointed it yet (or its write is not stored).
+                    Some(h) if h == r.config_hash => Some(Answer::Waiting),
+                    Some(h) => Some(gates::answer(a, gates::Want::Config(h))),
                 },
+                Some(p) => self.rollback_answer(a, p),
+            };
+            match answer {
+                None => kept += 1,
+                Some(Answer::Applied) => returned += 1,
+                Some(Answer::Failed) => failed += 1,
+                Some(Answer::Waiting) => waiting += 1,
             }
         }
         let deadline_passed = now >= started + r.deadline_ms;
@@ -540,6 +564,21 @@ impl Coordinator {
             events,
             finish: None,
         })
+    }
+
+    /// How an agent an upgrade reached stands on its way back: verified on the version its
+    /// package assignments give it now (the rollout no longer decides), or `None` when none
+    /// does (it keeps what it runs: a set without the package would delete it).
+    fn rollback_answer(&self, a: &AgentRecord, p: &PackageChange) -> Option<Answer> {
+        let offer = self.package_offer(a)?.ok()?;
+        let back = offer.msg.packages.get(&p.name)?;
+        let want = gates::Want::Package {
+            name: &p.name,
+            version: &back.version,
+            kind: p.kind,
+            max_attempts: offer.max_attempts,
+        };
+        Some(gates::answer(a, want))
     }
 
     /// Remembers members seen unhealthy during this stage's soak (a gate wants them healthy

@@ -2,17 +2,25 @@
 //! and the gate's verdict against the error budget.
 //!
 //! A member counts against the budget at most once, for the first of: it reported FAILED for
-//! the rollout's config; it had not answered by the progress deadline (a straggler); it is
-//! not connected; it declares ReportsHealth and is (or was during the soak) unhealthy; it
-//! declares ReportsEffectiveConfig and its effective config moved since it applied. Members
-//! that cannot be judged on health or effective config are counted, not passed silently.
+//! the rollout's config (in an upgrade: its install failed as many times as the server
+//! retries); it had not answered by the progress deadline (a straggler); it is not connected;
+//! it declares ReportsHealth and is (or was during the soak) unhealthy; it declares
+//! ReportsEffectiveConfig and its effective config moved since it applied (config rollouts
+//! only). Members that cannot be judged on health or effective config are counted, not
+//! passed silently.
+//!
+//! In an upgrade a member has answered ("applied") when it is **verified**: it reports the
+//! package installed at the rollout's version and, for a top-level package, runs it (its
+//! `service.version`). One that comes back on the old version never answers, so it is a
+//! straggler at the deadline.
 
 use std::collections::HashSet;
 
 use proto::agent_caps::{REPORTS_EFFECTIVE_CONFIG, REPORTS_HEALTH};
 use shared::domain::{AgentRecord, RemoteStatus};
 use shared::ids::InstanceUid;
-use shared::rollout::{Amount, GateResult, MemberFailure};
+use shared::packages::{runs_version, InstallStatus, PackageKind};
+use shared::rollout::{Amount, GateResult, MemberFailure, Rollout};
 
 /// Failing members named in a gate result.
 const NAMED_FAILURES: usize = 10;
@@ -57,15 +65,86 @@ pub(crate) enum Answer {
     Failed,
 }
 
-pub(crate) fn answer(r: &AgentRecord, hash: &str) -> Answer {
-    match &r.remote_config {
-        Some(rc) if rc.hash == hash => match rc.status {
-            RemoteStatus::Applied => Answer::Applied,
-            RemoteStatus::Failed => Answer::Failed,
+/// What a rollout brings its members to, as its gates judge answers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Want<'a> {
+    /// A config version, by its hash (hex).
+    Config(&'a str),
+    /// A package version: an upgrade. A member whose install failed `max_attempts` times has
+    /// been given up on (the server retries until then).
+    Package {
+        name: &'a str,
+        version: &'a str,
+        kind: PackageKind,
+        max_attempts: u32,
+    },
+}
+
+impl<'a> Want<'a> {
+    pub(crate) fn of(r: &'a Rollout, max_attempts: u32) -> Self {
+        match &r.package {
+            Some(p) => Want::Package {
+                name: &p.name,
+                version: &p.version,
+                kind: p.kind,
+                max_attempts,
+            },
+            None => Want::Config(&r.config_hash),
+        }
+    }
+}
+
+pub(crate) fn answer(r: &AgentRecord, want: Want<'_>) -> Answer {
+    match want {
+        Want::Config(hash) => match &r.remote_config {
+            Some(rc) if rc.hash == hash => match rc.status {
+                RemoteStatus::Applied => Answer::Applied,
+                RemoteStatus::Failed => Answer::Failed,
+                _ => Answer::Waiting,
+            },
             _ => Answer::Waiting,
         },
-        _ => Answer::Waiting,
+        Want::Package {
+            name,
+            version,
+            kind,
+            max_attempts,
+        } => {
+            let Some(pk) = r.packages.as_deref() else {
+                return Answer::Waiting;
+            };
+            match pk.reported.get(name) {
+                Some(p)
+                    if p.status == InstallStatus::Installed
+                        && p.has_version == version
+                        && (kind != PackageKind::TopLevel || runs_version(r, version)) =>
+                {
+                    Answer::Applied
+                }
+                Some(p)
+                    if p.status == InstallStatus::InstallFailed
+                        && p.offered_version == version
+                        && pk.failed_attempts >= max_attempts =>
+                {
+                    Answer::Failed
+                }
+                _ => Answer::Waiting,
+            }
+        }
     }
+}
+
+/// What a failed member said: its remote-config error, or its install error.
+fn failure_message(r: &AgentRecord, want: Want<'_>) -> String {
+    match want {
+        Want::Config(_) => r.remote_config.as_ref().map(|rc| rc.error_message.clone()),
+        Want::Package { name, .. } => r
+            .packages
+            .as_deref()
+            .and_then(|pk| pk.reported.get(name))
+            .map(|p| p.error.clone()),
+    }
+    .unwrap_or_default()
 }
 
 pub(crate) fn unhealthy(r: &AgentRecord) -> bool {
@@ -82,11 +161,14 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn of<'a>(members: impl IntoIterator<Item = &'a AgentRecord>, hash: &str) -> Self {
+    pub(crate) fn of<'a>(
+        members: impl IntoIterator<Item = &'a AgentRecord>,
+        want: Want<'_>,
+    ) -> Self {
         let mut p = Progress::default();
         for r in members {
             p.members += 1;
-            match answer(r, hash) {
+            match answer(r, want) {
                 Answer::Applied => p.applied += 1,
                 Answer::Failed => p.failed += 1,
                 Answer::Waiting => p.waiting += 1,
@@ -123,7 +205,7 @@ pub(crate) struct Judging<'a> {
 /// The gate's view of a stage's members now.
 pub(crate) fn judge(
     members: &[&AgentRecord],
-    hash: &str,
+    want: Want<'_>,
     budget: Amount,
     how: Judging<'_>,
     now_ms: i64,
@@ -147,14 +229,8 @@ pub(crate) fn judge(
         if r.capabilities & REPORTS_EFFECTIVE_CONFIG == 0 {
             g.effective_unknown += 1;
         }
-        let failure = match answer(r, hash) {
-            Answer::Failed => Some((
-                "failed",
-                r.remote_config
-                    .as_ref()
-                    .map(|rc| rc.error_message.clone())
-                    .unwrap_or_default(),
-            )),
+        let failure = match answer(r, want) {
+            Answer::Failed => Some(("failed", failure_message(r, want))),
             Answer::Waiting if deadline_passed => Some(("straggler", String::new())),
             Answer::Waiting => None,
             Answer::Applied => {
@@ -179,7 +255,8 @@ pub(crate) fn judge(
                         }
                     });
                     Some(("unhealthy", said.unwrap_or_default()))
-                } else if r.capabilities & REPORTS_EFFECTIVE_CONFIG != 0
+                } else if matches!(want, Want::Config(_))
+                    && r.capabilities & REPORTS_EFFECTIVE_CONFIG != 0
                     && matches!(
                         (&r.applied_effective_hash, &r.effective_config_hash),
                         (Some(a), Some(e)) if a != e
@@ -210,12 +287,16 @@ pub(crate) fn judge(
         }
     }
     g.passed = g.bad() <= g.budget;
-    g.reasons = reasons(&g);
+    g.reasons = reasons(&g, want);
     g
 }
 
 /// One line per kind of failure, for people.
-fn reasons(g: &GateResult) -> Vec<String> {
+fn reasons(g: &GateResult, want: Want<'_>) -> Vec<String> {
+    let failed = match want {
+        Want::Config(_) => "reported FAILED",
+        Want::Package { .. } => "failed every install attempt",
+    };
     let first = |reason: &str| {
         g.failures
             .iter()
@@ -225,7 +306,7 @@ fn reasons(g: &GateResult) -> Vec<String> {
     };
     let mut out = Vec::new();
     for (n, what, reason) in [
-        (g.failed, "reported FAILED", "failed"),
+        (g.failed, failed, "failed"),
         (g.stragglers, "did not answer by the deadline", "straggler"),
         (g.disconnected, "disconnected", "disconnected"),
         (g.unhealthy, "unhealthy during the soak", "unhealthy"),
@@ -277,7 +358,7 @@ mod tests {
         let refs: Vec<&AgentRecord> = members.iter().collect();
         let none = HashSet::new();
         let budget = Amount::parse_budget(budget).expect("budget");
-        judge(&refs, HASH, budget, how(late, &none), 1)
+        judge(&refs, Want::Config(HASH), budget, how(late, &none), 1)
     }
 
     #[test]
@@ -406,9 +487,15 @@ mod tests {
             outage: Some(o),
             ..how(false, &none)
         };
-        let g = judge(&refs, HASH, Amount::Count(0), with, 150_000);
+        let g = judge(&refs, Want::Config(HASH), Amount::Count(0), with, 150_000);
         assert_eq!((g.reconnecting, g.disconnected, g.passed), (1, 0, true));
-        let g = judge(&refs, HASH, Amount::Count(0), how(false, &none), 150_000);
+        let g = judge(
+            &refs,
+            Want::Config(HASH),
+            Amount::Count(0),
+            how(false, &none),
+            150_000,
+        );
         assert_eq!((g.reconnecting, g.disconnected, g.passed), (0, 1, false));
     }
 
@@ -417,14 +504,80 @@ mod tests {
         let m = [agent(Some(RemoteStatus::Applied), REPORTS_HEALTH)];
         let seen = HashSet::from([m[0].instance_uid]);
         let refs: Vec<&AgentRecord> = m.iter().collect();
-        let g = judge(&refs, HASH, Amount::Count(0), how(false, &seen), 1);
+        let g = judge(
+            &refs,
+            Want::Config(HASH),
+            Amount::Count(0),
+            how(false, &seen),
+            1,
+        );
         assert_eq!((g.unhealthy, g.passed), (1, false));
         let settling = Judging {
             soaking: false,
             ..how(false, &seen)
         };
-        let g = judge(&refs, HASH, Amount::Count(0), settling, 1);
+        let g = judge(&refs, Want::Config(HASH), Amount::Count(0), settling, 1);
         assert!(g.passed, "while settling only answers count");
+    }
+
+    #[test]
+    fn an_upgrade_member_answers_once_verified_and_fails_once_given_up() {
+        use shared::packages::{AgentPackages, PackageReport};
+        let want = Want::Package {
+            name: "",
+            version: "0.2.0",
+            kind: PackageKind::TopLevel,
+            max_attempts: 2,
+        };
+        let member = |status: InstallStatus, has: &str, running: &str, failed: u32| {
+            let mut r = agent(None, 0);
+            r.description
+                .identifying
+                .insert("service.version".into(), running.into());
+            let report = PackageReport {
+                has_version: has.into(),
+                has_hash: String::new(),
+                offered_version: "0.2.0".into(),
+                offered_hash: String::new(),
+                status,
+                error: "disk full".into(),
+                download_percent: None,
+            };
+            r.packages = Some(Box::new(AgentPackages {
+                reported: std::collections::BTreeMap::from([(String::new(), report)]),
+                failed_attempts: failed,
+                ..AgentPackages::default()
+            }));
+            r
+        };
+        let ok = member(InstallStatus::Installed, "0.2.0", "0.2.0", 0);
+        assert_eq!(answer(&ok, want), Answer::Applied);
+        let not_restarted = member(InstallStatus::Installed, "0.2.0", "0.1.0", 0);
+        assert_eq!(
+            answer(&not_restarted, want),
+            Answer::Waiting,
+            "installed but still running the old build"
+        );
+        let addon = Want::Package {
+            name: "",
+            version: "0.2.0",
+            kind: PackageKind::Addon,
+            max_attempts: 2,
+        };
+        assert_eq!(answer(&not_restarted, addon), Answer::Applied);
+        let retrying = member(InstallStatus::InstallFailed, "0.1.0", "0.1.0", 1);
+        assert_eq!(answer(&retrying, want), Answer::Waiting, "still retried");
+        let given_up = member(InstallStatus::InstallFailed, "0.1.0", "0.1.0", 2);
+        assert_eq!(answer(&given_up, want), Answer::Failed);
+        let g = judge(
+            &[&given_up, &ok],
+            want,
+            Amount::Count(0),
+            how(false, &HashSet::new()),
+            1,
+        );
+        assert_eq!((g.failed, g.applied, g.passed), (1, 1, false));
+        assert!(g.reasons[0].contains("failed every install attempt (first: disk full)"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Staged rollouts: one config version to a group (or a selector, or every agent) in stages,
-//! each gated by the health of the agents it reached. The pieces:
+//! Staged rollouts: one config version, or one package version (an upgrade), to a group (or a
+//! selector, or every agent) in stages, each gated by the health of the agents it reached.
+//! The pieces:
 //!
 //! - this file: the table of rollouts that still decide what some agents run (in memory on
 //!   every coordinator, re-read from the store on `RolloutChanged` and every lease round), and
@@ -19,6 +20,10 @@
 //! of a rollout and an assignment wins, and a rollout that succeeds leaves an assignment of
 //! its target behind, so it can leave the table. A rollback takes the rollout out of every
 //! agent's decision, which returns them to the assignments: the version they had.
+//!
+//! An upgrade decides an agent's package set the same way, per package name, against the
+//! package assignments (`service::packages`); config rollouts and upgrades never decide for
+//! each other, and never share agents while active.
 
 pub(crate) mod actions;
 mod engine;
@@ -29,9 +34,12 @@ pub(crate) mod plan;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use proto::agent_caps::{ACCEPTS_PACKAGES, ACCEPTS_REMOTE_CONFIG};
 use shared::domain::{AgentRecord, Target};
 use shared::ids::InstanceUid;
-use shared::rollout::{Member, Rollout, RolloutState};
+use shared::rollout::{Member, PackageChange, Rollout, RolloutState};
+
+use gates::Want;
 
 use super::Coordinator;
 
@@ -58,6 +66,15 @@ impl Live {
     }
 }
 
+/// Which rollouts [`Coordinator::overlap`] looks at: a new rollout may share agents with no
+/// other; a new config or package assignment with no rollout of the same kind.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Holding {
+    Any,
+    Configs,
+    Upgrades,
+}
+
 /// The states of rollouts that decide agents' configs: the active ones and the aborted ones
 /// (whose changed agents keep the rollout's version).
 const DECIDING: [RolloutState; 6] = [
@@ -74,7 +91,7 @@ impl Coordinator {
     /// rollout has reached the agent's stage; the newest rollout about the agent decides.
     pub(super) fn rollout_choice(&self, record: &AgentRecord) -> Option<(i64, i64)> {
         let table = self.rollouts.read().ok()?;
-        for l in table.iter().rev() {
+        for l in table.iter().rev().filter(|l| l.rollout.package.is_none()) {
             let Some(stage) = l.stage_of(self, record) else {
                 continue;
             };
@@ -84,6 +101,46 @@ impl Coordinator {
                 .then_some((l.rollout.config_id, l.rollout.created_ms));
         }
         None
+    }
+
+    /// The package versions upgrades decide for `record`: those whose stage has reached the
+    /// agent, newest first, each with its rollout's id and creation time.
+    pub(super) fn upgrade_choices(&self, record: &AgentRecord) -> Vec<(PackageChange, i64, i64)> {
+        let Ok(table) = self.rollouts.read() else {
+            return Vec::new();
+        };
+        table
+            .iter()
+            .rev()
+            .filter_map(|l| {
+                let p = l.rollout.package.as_ref()?;
+                let stage = l.stage_of(self, record)?;
+                l.rollout
+                    .reached(stage)
+                    .then(|| (p.clone(), l.rollout.id, l.rollout.created_ms))
+            })
+            .collect()
+    }
+
+    /// What `r` brings its members to, as its gates judge answers.
+    pub(crate) fn want<'a>(&self, r: &'a Rollout) -> Want<'a> {
+        Want::of(r, self.cfg.packages.as_ref().map_or(1, |h| h.max_attempts))
+    }
+
+    /// Whether `record` can receive a rollout: a config one if it accepts remote config; an
+    /// upgrade to `package` if it accepts packages and a build exists for its platform.
+    pub(crate) fn can_receive(
+        &self,
+        package: Option<&PackageChange>,
+        record: &AgentRecord,
+    ) -> bool {
+        match package {
+            None => record.capabilities & ACCEPTS_REMOTE_CONFIG != 0,
+            Some(p) => {
+                record.capabilities & ACCEPTS_PACKAGES != 0
+                    && self.has_build_for(&p.name, &p.version, record)
+            }
+        }
     }
 
     /// The live rollouts, oldest first.
@@ -98,6 +155,9 @@ impl Coordinator {
             Ok(true) => {
                 let held: Vec<u16> = self.held().into_keys().collect();
                 self.reconcile(&held).await;
+                if self.cfg.packages.is_some() {
+                    self.push_packages().await;
+                }
             }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "loading rollouts failed"),
@@ -111,16 +171,20 @@ impl Coordinator {
         engine::count_states(&self.store.count_rollouts().await?);
         let old = self.live_rollouts();
         // A rollout leaving the table may have succeeded and left an assignment behind: have
-        // it first, or its agents would fall back to an older one for a moment.
+        // it first, or its agents would fall back to an older one for a moment (for an
+        // upgrade, a set without the package: an order to delete it).
         if old
             .iter()
             .any(|l| !all.iter().any(|r| r.id == l.rollout.id))
         {
             self.sync_assignments().await;
+            self.sync_packages().await;
         }
         let mut next = Vec::new();
         for r in all {
-            self.load_desired(r.config_id).await?;
+            if r.package.is_none() {
+                self.load_desired(r.config_id).await?;
+            }
             let members = match old.iter().find(|l| l.rollout.id == r.id) {
                 Some(l) => l.members.clone(),
                 None => Arc::new(
@@ -157,17 +221,24 @@ impl Coordinator {
         Ok(changed)
     }
 
-    /// The active rollout that already holds some agent `target` admits among `agents`, with
-    /// how many of them: two rollouts, or a rollout and an assignment, never share agents.
+    /// The active rollout of `kind` that already holds some agent `target` admits among
+    /// `agents`, with how many of them: two rollouts, or a rollout and an assignment of what
+    /// it rolls out, never share agents.
     pub(crate) fn overlap(
         &self,
         target: &Target,
         agents: &[AgentRecord],
+        kind: Holding,
     ) -> Option<(i64, RolloutState, usize)> {
         let table = self.live_rollouts();
         table
             .iter()
             .filter(|l| l.rollout.state.is_active())
+            .filter(|l| match kind {
+                Holding::Any => true,
+                Holding::Configs => l.rollout.package.is_none(),
+                Holding::Upgrades => l.rollout.package.is_some(),
+            })
             .find_map(|l| {
                 let n = agents
                     .iter()

@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 
 use shared::domain::Target;
 use shared::ids::{InstanceUid, PARTITIONS};
+use shared::packages::{NewPackageAssignment, PackageKind};
 use shared::rollout::{
-    Amount, Fence, Group, Member, NewRollout, OnFailure, RolloutEvent, RolloutState, Stage,
+    Amount, Fence, Group, Member, NewRollout, OnFailure, PackageChange, RolloutEvent, RolloutState,
+    Stage,
 };
-use shared::store::{NewAssignment, NewConfigVersion, Store, StoreError};
+use shared::store::{Finish, NewAssignment, NewConfigVersion, Store, StoreError};
 
 use super::{file, unique};
 
@@ -77,6 +79,7 @@ pub async fn rollouts(store: &dyn Store) {
     let new = NewRollout {
         config_id: config.id,
         config_hash: config.hash.clone(),
+        package: None,
         group: Some(unique("g")),
         target: target.clone(),
         stages: [Amount::Count(1), Amount::Basis(2_500), Amount::ALL]
@@ -262,12 +265,12 @@ pub async fn rollouts(store: &dyn Store) {
     let mut done = next.clone();
     done.state = RolloutState::Succeeded;
     done.rev = 4;
-    let finish = NewAssignment {
+    let finish = Finish::Config(NewAssignment {
         config_id: config.id,
         target: target.clone(),
         author: "rollout:conformance".into(),
         created_ms: 7,
-    };
+    });
     assert!(store
         .update_rollout(&done, None, &[event("succeeded", 7, None)], Some(finish))
         .await
@@ -276,6 +279,52 @@ pub async fn rollouts(store: &dyn Store) {
     assert_eq!(after.len(), before + 1);
     let last = after.last().expect("an assignment");
     assert_eq!((last.config_id, &last.target), (config.id, &target));
+
+    // An upgrade refers to no config version; finishing leaves a package assignment.
+    let change = PackageChange {
+        name: unique("pkg"),
+        version: "0.2.0".into(),
+        kind: PackageKind::TopLevel,
+    };
+    let upgrade = NewRollout {
+        config_id: 0,
+        config_hash: String::new(),
+        package: Some(change.clone()),
+        ..new.clone()
+    };
+    let created = store
+        .create_rollout(upgrade, &members, event("created", 1, None))
+        .await
+        .expect("an upgrade is created");
+    let read = store
+        .get_rollout(created.id)
+        .await
+        .expect("get_rollout")
+        .expect("the upgrade");
+    assert_eq!(read.package.as_ref(), Some(&change));
+    let mut done = read.clone();
+    done.state = RolloutState::Succeeded;
+    done.rev += 1;
+    let finish = Finish::Package(NewPackageAssignment {
+        name: change.name.clone(),
+        version: change.version.clone(),
+        target: target.clone(),
+        author: format!("rollout:{}", read.id),
+        created_ms: 8,
+    });
+    assert!(store
+        .update_rollout(&done, None, &[event("succeeded", 8, None)], Some(finish))
+        .await
+        .expect("finishing an upgrade"));
+    let left = store
+        .list_package_assignments()
+        .await
+        .expect("package assignments");
+    let last = left.last().expect("a package assignment");
+    assert_eq!(
+        (&last.name, &last.version, &last.target),
+        (&change.name, &change.version, &target)
+    );
 
     // A rollout of a config that does not exist is refused.
     let missing = NewRollout {

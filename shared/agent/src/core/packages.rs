@@ -143,9 +143,12 @@ impl AgentCore {
         if pk.synced_all.as_ref() == Some(&offer.all_packages_hash) {
             return;
         }
+        // Another set: the one synced before no longer describes the agent's statuses, so a
+        // later offer of it (a rollback after this one failed) is worked on, not skipped.
+        pk.synced_all = None;
         pk.offered_all = offer.all_packages_hash;
         pk.set.retain(|name, _| offer.packages.contains_key(name));
-        let fails = self.opts.package_install_fails.clone();
+        let opts = &self.opts;
         let mut upgraded_to = None;
         for (name, avail) in offer.packages {
             let p = pk.set.entry(name.clone()).or_insert_with(|| Package {
@@ -189,7 +192,7 @@ impl AgentCore {
                 }
                 // Nothing to fetch: installed as is (as opamp-go does without a file).
                 None => {
-                    if p.finish(fails.clone().map_or(Ok(()), Err)) {
+                    if p.finish(opts.install_error(&p.offered_version).map_or(Ok(()), Err)) {
                         upgraded_to = Some(p.offered_version.clone());
                     }
                 }
@@ -216,7 +219,7 @@ impl AgentCore {
         result: Result<(), String>,
     ) -> Outcome {
         let mut out = Outcome::default();
-        let fails = self.opts.package_install_fails.clone();
+        let opts = &self.opts;
         let Some(p) = self
             .packages
             .as_mut()
@@ -225,6 +228,7 @@ impl AgentCore {
         else {
             return out;
         };
+        let fails = opts.install_error(&p.offered_version);
         let result = result.and_then(|()| fails.map_or(Ok(()), Err));
         if p.finish(result) {
             let version = p.offered_version.clone();

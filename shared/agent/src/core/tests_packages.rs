@@ -293,3 +293,27 @@ fn statuses_stay_unsent_without_reports_package_statuses() {
     assert!(core.package_downloaded("a", b"a1", Ok(())).send.is_empty());
     assert!(core.full_state().package_statuses.is_none());
 }
+
+#[test]
+fn the_set_synced_before_a_failed_one_is_worked_on_again() {
+    let (mut core, _rx) = AgentCore::new(AgentOptions {
+        package_install_fails: Some("broken build".into()),
+        package_install_fails_version: Some("2".into()),
+        ..opts()
+    });
+    let old: &[Offered] = &[("a", PackageType::Addon, "1", b"a1")];
+    core.on_message(offer(b"A1", old));
+    core.package_downloaded("a", b"a1", Ok(()));
+    // A newer set whose install fails: version 2 only.
+    core.on_message(offer(b"A2", &[("a", PackageType::Addon, "2", b"a2")]));
+    let out = core.package_downloaded("a", b"a2", Ok(()));
+    let (_, st) = statuses(&out);
+    assert_eq!(st["a"], (FAILED, "1".into(), "broken build".into()));
+    // The server returns to the first set (a rollback): the agent has it, so it reports it
+    // installed at once, echoing that set, instead of skipping it as already synced.
+    let out = core.on_message(offer(b"A1", old));
+    assert!(out.downloads.is_empty(), "{out:?}");
+    let (all, st) = statuses(&out);
+    assert_eq!(all, b"A1");
+    assert_eq!(st["a"], (INSTALLED, "1".into(), String::new()));
+}

@@ -1,0 +1,250 @@
+//! Upgrades as staged rollouts on the embedded default: `ampora rollout create --package
+//! --version` offers the build to one stage at a time (agents of later stages are offered
+//! nothing), each stage judged on its members being verified on the build; success leaves a
+//! package assignment behind; an install that keeps failing fails the gate, and the rollback
+//! returns every agent the upgrade reached to the build its package assignment gives it,
+//! tracked to verified.
+
+use std::time::Duration;
+
+use agent::Agent;
+use serde_json::{json, Value};
+use shared::ids::InstanceUid;
+use tests::packages::Signer;
+use tests::{eventually, TestServer};
+
+use crate::cli_rollouts::{ampora_bin, ampora_json};
+use crate::packages::{
+    import_version, serve_trusting, start_upgrading, upgrade_state, upgrading_agent,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A failing install is offered again after a 5 s backoff (with jitter) before the server
+/// gives up: the rollback test waits for that, then for a reinstall.
+const WAIT_FOR_GIVING_UP: Duration = Duration::from_secs(60);
+
+async fn rollout(server: &TestServer, id: i64) -> anyhow::Result<Value> {
+    server.api.get(&format!("/api/v1/rollouts/{id}")).await
+}
+
+/// Each agent's upgrade state, sorted.
+async fn states(server: &TestServer, uids: &[[u8; 16]]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for uid in uids {
+        let v = upgrade_state(server, *uid).await?;
+        out.push(v["state"].as_str().unwrap_or_default().to_owned());
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[tokio::test]
+async fn an_upgrade_reaches_one_stage_at_a_time_and_leaves_an_assignment() -> anyhow::Result<()> {
+    let bin = ampora_bin().await?;
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    import_version(&server, &signer, "0.2.0").await?;
+    let mut agents = Vec::new();
+    let mut uids = Vec::new();
+    for i in 0..3 {
+        let (a, uid) = start_upgrading(&server, &format!("staged-{i}"), false).await?;
+        agents.push(a);
+        uids.push(uid);
+    }
+    let created = ampora_json(
+        &bin,
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--package",
+            "",
+            "--version",
+            "0.2.0",
+            "--all",
+            "--stages",
+            "1,100%",
+            "--soak",
+            "1h",
+        ],
+    )
+    .await?;
+    let id = created["id"].as_i64().expect("rollout id");
+    assert_eq!(created["package"]["version"], "0.2.0", "{created}");
+    assert_eq!(created["stages"][0]["planned"], 1, "{created}");
+
+    // The canary is verified on the build and the stage soaks (for an hour): nobody else has
+    // been offered anything.
+    eventually("the canary verified, its stage settled", WAIT, || async {
+        let v = rollout(&server, id).await?;
+        let stage = &v["stages"][0];
+        let settled = stage["progress"]["applied"] == 1 && !stage["settled_ms"].is_null();
+        Ok(settled.then_some(()))
+    })
+    .await?;
+    assert_eq!(states(&server, &uids).await?, ["none", "none", "verified"]);
+    let offered: Vec<u64> = agents
+        .iter()
+        .map(|a| a.status().borrow().package_offers)
+        .collect();
+    assert_eq!(
+        offered.iter().filter(|&&n| n == 0).count(),
+        2,
+        "agents of the next stage were offered nothing: {offered:?}"
+    );
+
+    // Promoted past the soak: the rest are offered it and verified; promoted again: done.
+    server
+        .api
+        .post(&format!("/api/v1/rollouts/{id}/promote"), json!({}))
+        .await?;
+    eventually("the last stage verified and settled", WAIT, || async {
+        let v = rollout(&server, id).await?;
+        let stage = &v["stages"][1];
+        let settled = stage["progress"]["applied"] == 2 && !stage["settled_ms"].is_null();
+        Ok(settled.then_some(()))
+    })
+    .await?;
+    let done = server
+        .api
+        .post(&format!("/api/v1/rollouts/{id}/promote"), json!({}))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+
+    // What it leaves behind: an assignment of the build to its target, so every agent keeps
+    // it (verified, not offered another set).
+    let assignments = server.api.get("/api/v1/packages/assignments").await?;
+    assert!(
+        assignments
+            .as_array()
+            .is_some_and(|all| all.iter().any(|a| {
+                a["author"] == format!("rollout:{id}") && a["version"] == "0.2.0" && a["name"] == ""
+            })),
+        "{assignments}"
+    );
+    assert_eq!(
+        states(&server, &uids).await?,
+        ["verified", "verified", "verified"]
+    );
+    let history = server
+        .api
+        .get(&format!("/api/v1/rollouts/{id}/events"))
+        .await?;
+    let kinds: Vec<&str> = history
+        .as_array()
+        .map(|h| h.iter().filter_map(|e| e["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "stage_started",
+            "stage_settled",
+            "promoted",
+            "stage_started",
+            "stage_settled",
+            "promoted",
+            "succeeded"
+        ],
+        "{history}"
+    );
+    for a in agents {
+        a.stop().await;
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn a_failing_upgrade_fails_its_gate_and_rolls_back_to_the_assigned_build(
+) -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    import_version(&server, &signer, "0.1.0").await?;
+    import_version(&server, &signer, "0.2.0").await?;
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.1.0", "all": true }),
+        )
+        .await?;
+    let (good, good_uid) = start_upgrading(&server, "good", false).await?;
+    // Its installer fails on 0.2.0 only: the build before it installs.
+    let mut o = upgrading_agent(&server, server.api.token("broken").await?, true);
+    o.package_install_fails_version = Some("0.2.0".into());
+    let broken = Agent::start(o);
+    let broken_uid = agent::wait_for(&mut broken.status(), WAIT, |s| {
+        s.instance_uid.is_some() && s.connected
+    })
+    .await?
+    .instance_uid
+    .expect("uid");
+    let uids = [good_uid, broken_uid];
+    eventually("both verified on 0.1.0", WAIT, || async {
+        Ok((states(&server, &uids).await? == ["verified", "verified"]).then_some(()))
+    })
+    .await?;
+
+    let created = server
+        .api
+        .post(
+            "/api/v1/rollouts",
+            json!({
+                "package": "", "version": "0.2.0", "all": true, "stages": "100%",
+                "soak": "0s", "budget": "0", "on_failure": "rollback",
+            }),
+        )
+        .await?;
+    let id = created["id"].as_i64().expect("rollout id");
+    let done = eventually("the upgrade rolled back", WAIT_FOR_GIVING_UP, || async {
+        let v = rollout(&server, id).await?;
+        Ok((v["rollout"]["state"] == "rolled_back").then_some(v))
+    })
+    .await?;
+    let gate = &done["stages"][0]["gate"];
+    assert_eq!(gate["failed"], 1, "{done}");
+    let reasons = gate["reasons"].to_string();
+    assert!(
+        reasons.contains("failed every install attempt")
+            && reasons.contains("installer exited with status 1"),
+        "{reasons}"
+    );
+    let history = server
+        .api
+        .get(&format!("/api/v1/rollouts/{id}/events"))
+        .await?;
+    let rolled_back = history
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["kind"] == "rolled_back"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        rolled_back["detail"]["returned"], 2,
+        "both are back on 0.1.0: {history}"
+    );
+
+    // Back on the assigned build, running it.
+    for uid in uids {
+        let view = upgrade_state(&server, uid).await?;
+        assert_eq!(
+            (view["state"].as_str(), view["desired"][""].as_str()),
+            (Some("verified"), Some("0.1.0")),
+            "{view}"
+        );
+        let record = server
+            .api
+            .agent(&InstanceUid(uid).to_string())
+            .await?
+            .expect("agent");
+        assert_eq!(
+            record["description"]["identifying"]["service.version"],
+            "0.1.0"
+        );
+    }
+    let good_went = good.status().borrow().package_downloads;
+    assert_eq!(good_went, 3, "0.1.0, 0.2.0, then 0.1.0 again");
+    good.stop().await;
+    broken.stop().await;
+    server.stop().await
+}
