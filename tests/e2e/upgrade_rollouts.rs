@@ -14,6 +14,7 @@ use tests::packages::Signer;
 use tests::{eventually, TestServer};
 
 use crate::cli_rollouts::{ampora_bin, ampora_json};
+use crate::console::sign_in;
 use crate::packages::{
     import_version, serve_trusting, start_upgrading, upgrade_state, upgrading_agent,
 };
@@ -244,6 +245,24 @@ async fn a_failing_upgrade_fails_its_gate_and_rolls_back_to_the_assigned_build(
     }
     let good_went = good.status().borrow().package_downloads;
     assert_eq!(good_went, 3, "0.1.0, 0.2.0, then 0.1.0 again");
+
+    // The console's rollout page: what it upgraded to, and why its gate failed.
+    let b = tests::browser::Browser::start().await?;
+    sign_in(&b, &server, &server.api.token).await?;
+    b.goto(&format!("http://{}/ui/rollouts/{id}", server.addr))
+        .await?;
+    let package = b.text("#rollout-package").await?;
+    assert!(
+        package.contains("(the agent)") && package.contains("0.2.0"),
+        "{package}"
+    );
+    let reason = b.text("#rollout-reason").await?;
+    assert!(reason.contains("failed every install attempt"), "{reason}");
+    b.screenshot("32-upgrade-rolled-back").await?;
+    b.goto(&format!("http://{}/ui/rollouts", server.addr))
+        .await?;
+    let row = b.text("#rollouts tbody tr").await?;
+    assert!(row.contains("package") && row.contains("0.2.0"), "{row}");
     good.stop().await;
     broken.stop().await;
     server.stop().await

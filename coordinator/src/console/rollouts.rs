@@ -400,12 +400,18 @@ fn live(who: &Signed, st: &RolloutStatus, events: &[RolloutEvent], name: Option<
 
 /// The agents the rollout cannot reach or cannot judge: counted, never passed silently.
 fn unable(st: &RolloutStatus) -> Markup {
+    let upgrade = st.rollout.package.is_some();
+    let why_not = if upgrade {
+        " (no AcceptsPackages, or no build for their platform): left out. "
+    } else {
+        " (no AcceptsRemoteConfig): left out. "
+    };
     html! {
         div #rollout-unable {
             @if st.cannot_receive > 0 {
                 p.warning {
                     strong { (st.cannot_receive) " cannot receive" }
-                    " (no AcceptsRemoteConfig): left out. "
+                    (why_not)
                     @for uid in st.cannot_receive_sample.iter().take(10) {
                         a.uid href={"/ui/agents/" (uid.to_string())} { (uid.to_string()) } " "
                     }
@@ -418,7 +424,11 @@ fn unable(st: &RolloutStatus) -> Markup {
                 p.warning { strong { (st.effective_unknown) " cannot be judged on effective config" } " (no ReportsEffectiveConfig)." }
             }
             @if st.cannot_receive + st.health_unknown + st.effective_unknown == 0 {
-                p.muted { "Every member can receive the config and be judged on health and effective config." }
+                @if upgrade {
+                    p.muted { "Every member can take the build and be judged on health." }
+                } @else {
+                    p.muted { "Every member can receive the config and be judged on health and effective config." }
+                }
             }
         }
     }

@@ -397,10 +397,13 @@ impl Coordinator {
                 .iter()
                 .filter(|r| r.capabilities & REPORTS_HEALTH == 0)
                 .count();
-            effective_unknown += m
-                .iter()
-                .filter(|r| r.capabilities & REPORTS_EFFECTIVE_CONFIG == 0)
-                .count();
+            // An upgrade's gates do not look at effective configs.
+            if rollout.package.is_none() {
+                effective_unknown += m
+                    .iter()
+                    .filter(|r| r.capabilities & REPORTS_EFFECTIVE_CONFIG == 0)
+                    .count();
+            }
             stages.push(StageStatus {
                 size: st.size.to_string(),
                 planned: st.planned,

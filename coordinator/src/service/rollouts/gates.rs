@@ -226,7 +226,7 @@ pub(crate) fn judge(
         if r.capabilities & REPORTS_HEALTH == 0 {
             g.health_unknown += 1;
         }
-        if r.capabilities & REPORTS_EFFECTIVE_CONFIG == 0 {
+        if matches!(want, Want::Config(_)) && r.capabilities & REPORTS_EFFECTIVE_CONFIG == 0 {
             g.effective_unknown += 1;
         }
         let failure = match answer(r, want) {
