@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::service::{Coordinator, CoordinatorConfig};
+use crate::service::{packages, Coordinator, CoordinatorConfig};
 use crate::store::timed::TimedStore;
 use crate::store::SqliteStore;
 
@@ -96,6 +96,11 @@ fn with_latency_buckets(mut builder: PrometheusBuilder) -> PrometheusBuilder {
             .expect("latency buckets are not empty");
     }
     builder
+        .set_buckets_for_metric(
+            Matcher::Full(packages::TIME_TO_VERIFIED.to_owned()),
+            &packages::TIME_TO_VERIFIED_BUCKETS,
+        )
+        .expect("upgrade buckets are not empty")
 }
 
 fn describe_metrics() {

@@ -157,6 +157,13 @@ pub struct AgentPackages {
     /// Offers of `offered_hash` the agent answered with a failed install.
     #[serde(default)]
     pub failed_attempts: u32,
+    /// When `offered_hash` was first offered (retries keep it): where the time to verified
+    /// is counted from.
+    #[serde(default)]
+    pub first_offered_ms: i64,
+    /// The last set the agent was verified on, so that it is counted once.
+    #[serde(default)]
+    pub verified_hash: Option<String>,
 }
 
 /// SHA-256 over name, type, version and content hash, each length-prefixed.

@@ -8,12 +8,13 @@ use shared::ids::InstanceUid;
 use tests::packages::{build, download_of, import, packaged_hello, top_level_report, PKG_CAPS};
 use tests::{bearer, TestServer};
 
-use crate::{alone, expect_changes, expect_values, series, snapshot};
+use crate::{alone, expect_changes, expect_values, series, snapshot, Scrape as _};
 
 const DOWNLOADS: &str = "ampora_package_downloads_total";
 const BYTES: &str = "ampora_package_download_bytes_total";
 const INSTALLS: &str = "ampora_package_installs_total";
 const IN_FLIGHT: &str = "ampora_package_downloads_in_flight";
+const VERIFIED: &str = "ampora_package_time_to_verified_seconds_count";
 
 #[tokio::test]
 async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Result<()> {
@@ -100,6 +101,7 @@ async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Resu
         .await?;
         conn.recv().await?;
     }
+    let verified_before = snapshot(api, &[VERIFIED]).await?;
     expect_changes(
         api,
         &families,
@@ -110,5 +112,32 @@ async fn downloads_and_installs_are_counted_with_their_outcome() -> anyhow::Resu
         ],
     )
     .await?;
+    // Installed is not verified: the agent still runs its old build.
+    expect_changes(api, &[VERIFIED], &verified_before, &[]).await?;
+    // Back on the new build: verified, timed once (a repeat of the report counts nothing).
+    let mut restarted = packaged_hello(uid, PKG_CAPS, "linux/amd64");
+    for kv in &mut restarted
+        .agent_description
+        .as_mut()
+        .expect("description")
+        .identifying_attributes
+    {
+        if kv.key == "service.version" {
+            kv.value = Some(proto::v1::AnyValue {
+                value: Some(proto::v1::any_value::Value::StringValue("0.5.0".into())),
+            });
+        }
+    }
+    for seq in [3, 4] {
+        restarted.sequence_num = seq;
+        conn.send(&restarted).await?;
+        conn.recv().await?;
+    }
+    expect_changes(api, &[VERIFIED], &verified_before, &[(VERIFIED, 1.0)]).await?;
+    let text = api.text().await?;
+    anyhow::ensure!(
+        text.contains("ampora_package_time_to_verified_seconds_bucket{le=\"3600\"} 1"),
+        "rendered as a histogram with its buckets"
+    );
     server.stop().await
 }

@@ -264,6 +264,7 @@ impl Coordinator {
         }
         if let Some(p) = &packages {
             self.upgrade_progressed(&entry.state.record, p);
+            outcome.changed |= self.note_verified(&mut entry.state.record, p);
         }
         self.stamp_downloads(uid, &mut outcome.reply);
         // A generated key goes out in one offer, then is forgotten.

@@ -77,6 +77,14 @@ pub struct UpgradeView {
 
 const INSTALLS: &str = "ampora_package_installs_total";
 
+/// Seconds from a set's first offer to the agent verified on it.
+pub const TIME_TO_VERIFIED: &str = "ampora_package_time_to_verified_seconds";
+
+/// Its buckets: from a download on a LAN to an hour of retries and backoff.
+pub const TIME_TO_VERIFIED_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 /// Describes the package metrics and creates their series at zero.
 pub fn describe_metrics() {
     super::upgrade_slots::describe_metrics();
@@ -87,6 +95,11 @@ pub fn describe_metrics() {
     for outcome in ["installed", "failed"] {
         metrics::counter!(INSTALLS, "outcome" => outcome).absolute(0);
     }
+    metrics::describe_histogram!(
+        TIME_TO_VERIFIED,
+        metrics::Unit::Seconds,
+        "From a package set's first offer to the agent verified on it (installed, running the new build, healthy), once per agent and set"
+    );
 }
 
 impl Coordinator {
@@ -308,6 +321,24 @@ impl Coordinator {
             }
         }
         self.deliver_all(pushes);
+    }
+
+    /// Counts the agent verified on `offer` the first time it is; true when that changed the
+    /// record (the mark is stored, so it is counted once per set).
+    pub(super) fn note_verified(&self, record: &mut AgentRecord, offer: &PackageOffer) -> bool {
+        let newly = record.packages.as_deref().is_some_and(|pk| {
+            pk.offered_hash.as_ref() == Some(&offer.hash_hex)
+                && pk.verified_hash.as_ref() != Some(&offer.hash_hex)
+        }) && verified(record, offer);
+        if !newly {
+            return false;
+        }
+        if let Some(pk) = record.packages.as_deref_mut() {
+            pk.verified_hash = Some(offer.hash_hex.clone());
+            let took_ms = now_ms().saturating_sub(pk.first_offered_ms).max(0);
+            metrics::histogram!(TIME_TO_VERIFIED).record(took_ms as f64 / 1000.0);
+        }
+        true
     }
 
     /// Counts and audits what a frame's package events say.

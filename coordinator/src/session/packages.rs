@@ -144,6 +144,9 @@ pub fn offer(
     if !send {
         return new_set;
     }
+    if pk.offered_hash.as_ref() != Some(&offer.hash_hex) {
+        pk.first_offered_ms = now_ms;
+    }
     pk.offered_hash = Some(offer.hash_hex.clone());
     pk.offered_ms = now_ms;
     state.offered_packages = Some(offer.hash_hex.clone());
