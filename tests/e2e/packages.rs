@@ -506,7 +506,7 @@ async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyho
         .text("#package-assignments")
         .await?
         .contains("every agent"));
-    b.screenshot("30-packages").await?;
+    b.screenshot("40-packages").await?;
     b.goto(&format!("http://{}/ui/agents/{}", server.addr, uids[0]))
         .await?;
     until_text(&b, "#upgrade", "the upgrade verified", |t| {
@@ -519,7 +519,7 @@ async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyho
             vec![],
         )
         .await?;
-    b.screenshot("31-agent-upgraded").await?;
+    b.screenshot("41-agent-upgraded").await?;
     b.goto(&format!("http://{}/ui/agents/{}", server.addr, uids[1]))
         .await?;
     until_text(&b, "#upgrade", "the installer's error, as text", |t| {
@@ -533,7 +533,7 @@ async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyho
             vec![],
         )
         .await?;
-    b.screenshot("32-agent-upgrade-failed").await?;
+    b.screenshot("42-agent-upgrade-failed").await?;
     b.close().await?;
     good.stop().await;
     broken.stop().await;

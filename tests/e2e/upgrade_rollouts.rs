@@ -258,11 +258,12 @@ async fn a_failing_upgrade_fails_its_gate_and_rolls_back_to_the_assigned_build(
     );
     let reason = b.text("#rollout-reason").await?;
     assert!(reason.contains("failed every install attempt"), "{reason}");
-    b.screenshot("32-upgrade-rolled-back").await?;
+    b.screenshot("43-upgrade-rolled-back").await?;
     b.goto(&format!("http://{}/ui/rollouts", server.addr))
         .await?;
     let row = b.text("#rollouts tbody tr").await?;
     assert!(row.contains("package") && row.contains("0.2.0"), "{row}");
+    b.screenshot("44-rollouts-with-an-upgrade").await?;
     good.stop().await;
     broken.stop().await;
     server.stop().await

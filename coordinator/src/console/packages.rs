@@ -26,7 +26,8 @@ pub(super) async fn list(State(c): State<Arc<Coordinator>>, who: Signed) -> Resp
         p.muted {
             "Agent builds imported with " code { "ampora packages import" }
             ", each verified against the trusted keys, and what is assigned to whom ("
-            code { "ampora packages assign" } ")."
+            code { "ampora packages assign" } "), or staged with health gates as a "
+            a href="/ui/rollouts" { "rollout" } " (" code { "ampora rollout create --package" } ")."
         }
         h2 { "Builds" }
         @if artifacts.is_empty() {

@@ -84,7 +84,7 @@ pub(super) fn rollouts_table(rollouts: &[Rollout], names: &HashMap<i64, String>)
                             @if let Some(p) = &r.package {
                                 (package_text(p))
                             } @else {
-                                a href={"/ui/configs/" (r.config_id)} { (r.config_id) }
+                                "config " a href={"/ui/configs/" (r.config_id)} { (r.config_id) }
                                 @if let Some(n) = names.get(&r.config_id) { " · " (n) }
                             }
                         }
@@ -127,6 +127,10 @@ async fn new_rollout_form(c: &Coordinator, who: &Signed) -> Markup {
     let groups = c.groups_counted().await.unwrap_or_default();
     html! {
         h2 { "New rollout" }
+        p.muted {
+            "Of a config version, below. An upgrade to an imported build is staged the same way "
+            "from the CLI or the API: " code { "ampora rollout create --package NAME --version V" } "."
+        }
         @if versions.is_empty() {
             p.muted { "Create a config version first." }
         } @else {
