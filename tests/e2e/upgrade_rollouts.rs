@@ -10,7 +10,7 @@ use std::time::Duration;
 use agent::Agent;
 use serde_json::{json, Value};
 use shared::ids::InstanceUid;
-use tests::packages::Signer;
+use tests::packages::{build, Signer};
 use tests::{eventually, TestServer};
 
 use crate::cli_rollouts::{ampora_bin, ampora_json};
@@ -266,5 +266,103 @@ async fn a_failing_upgrade_fails_its_gate_and_rolls_back_to_the_assigned_build(
     b.screenshot("44-rollouts-with-an-upgrade").await?;
     good.stop().await;
     broken.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn a_rollback_with_nothing_to_return_to_never_offers_a_set_without_the_build(
+) -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    import_version(&server, &signer, "0.2.0").await?;
+    let addon = build("addon-1.0");
+    let sig = signer.sign(&addon);
+    let (status, body) = tests::packages::import_kind(
+        &server,
+        "exporter",
+        "1.0",
+        "linux/amd64",
+        "addon",
+        addon,
+        Some(&sig),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "import: {status} {body}");
+    // The agent has an addon assigned, and no assignment of its own build.
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "exporter", "version": "1.0", "all": true }),
+        )
+        .await?;
+    let (agent, uid) = start_upgrading(&server, "keeps", false).await?;
+    eventually("the addon verified", WAIT, || async {
+        Ok((upgrade_state(&server, uid).await?["state"] == "verified").then_some(()))
+    })
+    .await?;
+
+    // Upgraded by a rollout (soaking for an hour), then rolled back by the operator.
+    let created = server
+        .api
+        .post(
+            "/api/v1/rollouts",
+            json!({ "package": "", "version": "0.2.0", "all": true, "stages": "100%", "soak": "1h" }),
+        )
+        .await?;
+    let id = created["id"].as_i64().expect("rollout id");
+    eventually("the agent upgraded", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "verified" && v["desired"][""] == "0.2.0").then_some(()))
+    })
+    .await?;
+    server
+        .api
+        .post(&format!("/api/v1/rollouts/{id}/rollback"), json!({}))
+        .await?;
+    let done = eventually("rolled back", WAIT, || async {
+        let v = rollout(&server, id).await?;
+        Ok((v["rollout"]["state"] == "rolled_back").then_some(v))
+    })
+    .await?;
+    let history = server
+        .api
+        .get(&format!("/api/v1/rollouts/{id}/events"))
+        .await?;
+    let rolled_back = history
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["kind"] == "rolled_back"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        rolled_back["detail"]["no_previous_version"], 1,
+        "{done} {history}"
+    );
+
+    // No earlier version of the build to return to: the agent is held (told why), not sent a
+    // set with the addon alone, which would order it to remove its own build.
+    let view = upgrade_state(&server, uid).await?;
+    assert_eq!(view["state"], "cannot_upgrade", "{view}");
+    assert!(
+        view["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("would remove")),
+        "{view}"
+    );
+    // Its next report is answered without an offer, and it still has both packages.
+    let (offers, replies) = {
+        let s = agent.status().borrow().clone();
+        (s.package_offers, s.replies)
+    };
+    agent::wait_for(&mut agent.status(), WAIT, |s| s.replies > replies + 1).await?;
+    let s = agent.status().borrow().clone();
+    assert_eq!(s.package_offers, offers, "no set was offered since");
+    assert_eq!(
+        s.packages.get("").map(|p| p.version.as_str()),
+        Some("0.2.0"),
+        "{s:?}"
+    );
+    assert!(s.packages.contains_key("exporter"), "{s:?}");
+    agent.stop().await;
     server.stop().await
 }

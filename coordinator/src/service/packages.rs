@@ -163,6 +163,16 @@ impl Coordinator {
         if winners.is_empty() {
             return None;
         }
+        // A set is complete: one without a package the agent has would order it removed.
+        // Ampora never means that (it has no removal), so the agent is offered nothing until
+        // something decides that package for it too (an upgrade's rollback with no earlier
+        // version to return to, an addon assigned where the agent reports its own build).
+        if let Some(name) = kept_out(record, &winners) {
+            return Some(Err(format!(
+                "held: an offer without {name:?}, which the agent has installed, would remove \
+                 it; assign a version of {name:?} to these agents too"
+            )));
+        }
         let Some(platform) = platform_of(record) else {
             return Some(Err(
                 "cannot upgrade: the agent reports no os.type and host.arch".into(),
@@ -450,6 +460,20 @@ impl Coordinator {
         view.state = state.into();
         view
     }
+}
+
+/// A package `record` reports installed that `winners` leaves out, if any.
+fn kept_out<'a>(
+    record: &'a AgentRecord,
+    winners: &BTreeMap<&str, (i64, &str, i64)>,
+) -> Option<&'a str> {
+    let pk = record.packages.as_deref()?;
+    pk.reported
+        .iter()
+        .find(|(name, r)| {
+            r.status == InstallStatus::Installed && !winners.contains_key(name.as_str())
+        })
+        .map(|(name, _)| name.as_str())
 }
 
 /// The offer for `chosen` (one artifact per package name): content hash, package hash, the
