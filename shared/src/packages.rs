@@ -166,6 +166,14 @@ pub struct AgentPackages {
     pub verified_hash: Option<String>,
 }
 
+impl AgentPackages {
+    /// Offered a set it is not (yet) verified on: downloading, installing, retrying, failed,
+    /// or back on another build.
+    pub fn upgrade_unfinished(&self) -> bool {
+        self.offered_hash.is_some() && self.verified_hash != self.offered_hash
+    }
+}
+
 /// SHA-256 over name, type, version and content hash, each length-prefixed.
 pub fn package_hash(name: &str, kind: PackageKind, version: &str, content: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();

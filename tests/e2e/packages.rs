@@ -534,6 +534,15 @@ async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyho
         )
         .await?;
     b.screenshot("42-agent-upgrade-failed").await?;
+    // The Fleet's filter: the failed upgrade is unfinished, the verified one is not.
+    b.goto(&format!("http://{}/ui/?upgrade=unfinished", server.addr))
+        .await?;
+    let rows = b.text("table.fleet tbody").await?;
+    assert!(
+        rows.contains(&uids[1].to_string()) && !rows.contains(&uids[0].to_string()),
+        "{rows}"
+    );
+    b.screenshot("45-fleet-upgrade-unfinished").await?;
     b.close().await?;
     good.stop().await;
     broken.stop().await;

@@ -44,6 +44,8 @@ pub(super) struct FleetParams {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     connected: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    upgrade: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     q: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     after: String,
@@ -76,6 +78,12 @@ impl FleetParams {
                 "true" | "yes" => Some(true),
                 "false" | "no" => Some(false),
                 other => return Err(format!("connected must be true or false, not `{other}`")),
+            },
+            upgrading: match self.upgrade.as_str() {
+                "" => None,
+                "unfinished" => Some(true),
+                "none" => Some(false),
+                other => return Err(format!("upgrade must be unfinished or none, not `{other}`")),
             },
             text: opt(&self.q),
             after: opt(&self.after)
@@ -199,6 +207,11 @@ fn filters(p: &FleetParams) -> Markup {
                 option value="" { "connected or not" }
                 option value="true" selected[p.connected == "true"] { "connected" }
                 option value="false" selected[p.connected == "false"] { "disconnected" }
+            }
+            select name="upgrade" {
+                option value="" { "any upgrade" }
+                option value="unfinished" selected[p.upgrade == "unfinished"] { "upgrade unfinished" }
+                option value="none" selected[p.upgrade == "none"] { "no upgrade under way" }
             }
             input type="text" name="gateway" value=(p.gateway) placeholder="gateway";
             button type="submit" { "Filter" }

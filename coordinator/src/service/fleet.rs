@@ -1,5 +1,6 @@
 //! The fleet as an operator browses it: one pass over the agents this coordinator can see,
-//! filtered (labels, health, config state, capability, gateway, connection, free text),
+//! filtered (labels, health, config state, capability, gateway, connection, an unfinished
+//! upgrade, free text),
 //! counted per state, and cut into keyset pages by instance uid, so a page costs the same
 //! at the first agent and the 100,000th and only the page's records are copied.
 //!
@@ -94,6 +95,8 @@ pub struct FleetQuery {
     pub capability: Option<u64>,
     pub gateway: Option<String>,
     pub connected: Option<bool>,
+    /// Whether the agent was offered a package set it is not verified on yet.
+    pub upgrading: Option<bool>,
     /// Case-insensitive substring of the service name or the instance uid.
     pub text: Option<String>,
     /// Keyset: agents with a greater uid only.
@@ -110,6 +113,7 @@ impl FleetQuery {
             && self.health.is_none_or(|h| HealthState::of(a) == h)
             && self.config.is_none_or(|c| ConfigView::of(a) == c)
             && self.capability.is_none_or(|bit| a.capabilities & bit != 0)
+            && self.upgrading.is_none_or(|u| upgrading(a) == u)
             && self
                 .gateway
                 .as_deref()
@@ -125,6 +129,13 @@ impl FleetQuery {
             ..self.clone()
         }
     }
+}
+
+/// Whether `a` was offered a package set it is not verified on yet.
+fn upgrading(a: &AgentRecord) -> bool {
+    a.packages
+        .as_deref()
+        .is_some_and(shared::packages::AgentPackages::upgrade_unfinished)
 }
 
 /// Whether attribute `key` (identifying, else non-identifying) is `value`, as
@@ -367,6 +378,41 @@ mod tests {
             p.offer(a);
         }
         p.finish()
+    }
+
+    #[test]
+    fn agents_with_an_unfinished_upgrade_are_a_filter() {
+        use shared::packages::AgentPackages;
+        let with = |n: u8, offered: Option<&str>, verified: Option<&str>| {
+            let mut a = agent(n, "otelcol");
+            a.packages = Some(Box::new(AgentPackages {
+                offered_hash: offered.map(Into::into),
+                verified_hash: verified.map(Into::into),
+                ..AgentPackages::default()
+            }));
+            a
+        };
+        let agents = [
+            agent(1, "never offered"),
+            with(2, Some("aa"), None),
+            with(3, Some("aa"), Some("aa")),
+            with(4, Some("bb"), Some("aa")),
+        ];
+        let uids = |upgrading| {
+            let q = FleetQuery {
+                upgrading,
+                limit: 10,
+                ..FleetQuery::default()
+            };
+            page(&agents, &q)
+                .rows
+                .iter()
+                .map(|r| r.instance_uid.0[0])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(uids(Some(true)), [2, 4], "offered a set not verified on");
+        assert_eq!(uids(Some(false)), [1, 3]);
+        assert_eq!(uids(None), [1, 2, 3, 4]);
     }
 
     #[test]
