@@ -162,6 +162,7 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
     let mut gw_config = gateway_config(config);
     gw_config.identity = trust;
     gw_config.proxy_secret = gateway_proxy_secret(config)?;
+    gw_config.downloads = crate::node_config::gateway_downloads(config)?;
     let gateway = Gateway::start(GatewayId(node), bus, ownership, gw_config).await?;
     let health = Router::new()
         .route("/health/live", get(|| async { "ok" }))
@@ -220,6 +221,28 @@ impl std::fmt::Debug for CoordinatorNode {
     }
 }
 
+/// A cluster coordinator's package hosting, on when `packages.download_key_file` is set:
+/// imports pass through `<data_dir>/package-imports` into Postgres, and agents download
+/// from `packages.download_url` (else the offered OpAMP endpoint's host), the gateways.
+fn cluster_hosting(
+    config: &Config,
+) -> anyhow::Result<Option<crate::service::packages::PackageHosting>> {
+    let Some(key) = crate::node_config::download_key(config)? else {
+        return Ok(None);
+    };
+    let base = if config.packages.download_url.is_empty() {
+        crate::node_config::download_base(&config.server.public_endpoint)
+    } else {
+        format!(
+            "{}{}",
+            config.packages.download_url.trim_end_matches('/'),
+            gateway::server::downloads::DOWNLOAD_PATH
+        )
+    };
+    let dir = config.server.data_dir.join("package-imports");
+    crate::node_config::package_hosting(config, dir, &base, key, true).map(Some)
+}
+
 /// Starts a coordinator on `listener`: the REST API, `/health/live`, `/health/ready`,
 /// `/metrics`. Returns once it holds its share of the partitions.
 pub async fn start_coordinator(
@@ -265,8 +288,7 @@ pub async fn start_coordinator(
             identity_validity: identity_validity(config),
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
             push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
-            // Hosting needs a blob store the gateways can read: the embedded default only.
-            packages: None,
+            packages: cluster_hosting(config)?,
         },
     )
     .await

@@ -44,9 +44,20 @@ pub struct PackagesSection {
     pub max_install_attempts: u32,
     /// Lifetime of the download credential in each offer (at most 900).
     pub download_token_ttl_secs: u64,
-    /// Agents downloading and installing a package set at once, per coordinator; the others
-    /// wait for a slot.
+    /// Agents downloading and installing a package set at once, fleet-wide (each
+    /// coordinator takes the share of its partitions); the others wait for a slot.
     pub max_concurrent_upgrades: u64,
+    /// Downloads one gateway sends at once; more wait for a turn.
+    pub max_downloads_per_gateway: u64,
+    /// Cluster mode: a file holding the key of download credentials (64 hex digits), the same
+    /// on every coordinator and gateway. Set, coordinators host packages (blobs in Postgres)
+    /// and gateways serve them from a disk cache; empty, cluster nodes host nothing.
+    pub download_key_file: PathBuf,
+    /// Cluster mode: the URL agents download from, up to the host and port
+    /// (`https://agents.example.com:4320`); empty: taken from `server.public_endpoint`.
+    pub download_url: String,
+    /// Cluster gateways: where fetched blobs are cached; empty: `<server.data_dir>/package-cache`.
+    pub cache_dir: PathBuf,
 }
 
 impl Default for PackagesSection {
@@ -58,6 +69,10 @@ impl Default for PackagesSection {
             max_install_attempts: 3,
             download_token_ttl_secs: 600,
             max_concurrent_upgrades: 500,
+            max_downloads_per_gateway: 500,
+            download_key_file: PathBuf::new(),
+            download_url: String::new(),
+            cache_dir: PathBuf::new(),
         }
     }
 }
@@ -781,6 +796,9 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if !(1..=900).contains(&c.packages.download_token_ttl_secs) {
         errors.push("packages.download_token_ttl_secs: must be 1 to 900".into());
+    }
+    if c.packages.max_downloads_per_gateway == 0 {
+        errors.push("packages.max_downloads_per_gateway: must be at least 1".into());
     }
     if c.packages.max_concurrent_upgrades == 0 {
         errors.push("packages.max_concurrent_upgrades: must be at least 1".into());

@@ -1,7 +1,8 @@
 //! What a node's configuration turns into, for both ways of running Ampora (`serve`, the
 //! embedded default, and the cluster roles in `cluster`): the gateway's settings and
 //! connection limits, the agent CA a coordinator signs with, the trust a gateway verifies
-//! agents with, and the proxy secret. Both depend on this module, never on each other.
+//! agents with, the proxy secret, and package hosting (the download key and base URL).
+//! Both depend on this module, never on each other.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,4 +132,86 @@ pub fn coordinator_agent_ca(config: &Config) -> anyhow::Result<Option<Arc<AgentC
 
 pub fn identity_validity(config: &Config) -> Duration {
     Duration::from_secs(config.tls.identity_validity_secs)
+}
+
+/// The origin agents download from, given the OpAMP endpoint they connect to:
+/// `wss://h:p/v1/opamp` → `https://h:p/v1/packages`.
+pub fn download_base(endpoint: &str) -> String {
+    let base = endpoint
+        .replacen("wss://", "https://", 1)
+        .replacen("ws://", "http://", 1);
+    let root = match base.strip_suffix("/v1/opamp") {
+        Some(root) => root.to_owned(),
+        None => base.trim_end_matches('/').to_owned(),
+    };
+    format!("{root}{}", gateway::server::downloads::DOWNLOAD_PATH)
+}
+
+/// The shared download key of cluster mode (`packages.download_key_file`: 64 hex digits);
+/// `None` when unset (cluster nodes then host no packages).
+pub fn download_key(config: &Config) -> anyhow::Result<Option<shared::download_token::DownloadKey>> {
+    let path = &config.packages.download_key_file;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading packages.download_key_file {}", path.display()))?;
+    let bytes = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .with_context(|| {
+            format!(
+                "packages.download_key_file {}: must hold 64 hex digits (e.g. `openssl rand -hex 32`)",
+                path.display()
+            )
+        })?;
+    Ok(Some(shared::download_token::DownloadKey::new(bytes)))
+}
+
+/// A coordinator's package hosting: blobs in `dir` (or, `blobs_in_store`, imported through
+/// `dir` into the store), offered at `download_base` with credentials signed by `key`.
+pub fn package_hosting(
+    config: &Config,
+    dir: std::path::PathBuf,
+    download_base: &str,
+    key: shared::download_token::DownloadKey,
+    blobs_in_store: bool,
+) -> anyhow::Result<crate::service::packages::PackageHosting> {
+    let p = &config.packages;
+    let trust = crate::service::package_import::TrustPolicy::new(&p.trusted_keys, p.allow_unsigned)
+        .map_err(anyhow::Error::msg)?;
+    Ok(crate::service::packages::PackageHosting {
+        dir,
+        blobs_in_store,
+        key,
+        download_base: download_base.to_owned(),
+        token_ttl_secs: p.download_token_ttl_secs,
+        max_attempts: p.max_install_attempts,
+        max_concurrent_upgrades: saturate(p.max_concurrent_upgrades),
+        trust,
+        max_artifact_bytes: p.max_artifact_bytes,
+    })
+}
+
+/// A cluster gateway's downloads (`None` without a download key): blobs fetched from the
+/// store into `packages.cache_dir`.
+pub fn gateway_downloads(
+    config: &Config,
+) -> anyhow::Result<Option<gateway::server::downloads::Downloads>> {
+    let Some(key) = download_key(config)? else {
+        return Ok(None);
+    };
+    let dir = if config.packages.cache_dir.as_os_str().is_empty() {
+        config.server.data_dir.join("package-cache")
+    } else {
+        config.packages.cache_dir.clone()
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating packages.cache_dir {}", dir.display()))?;
+    Ok(Some(gateway::server::downloads::Downloads {
+        dir,
+        key,
+        fetch_missing: true,
+        max_in_flight: saturate(config.packages.max_downloads_per_gateway),
+    }))
 }

@@ -267,6 +267,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     gw_config.downloads = packages.map(|p| gateway::server::downloads::Downloads {
         dir: p.dir,
         key: p.key,
+        fetch_missing: false,
+        max_in_flight: usize::try_from(config.packages.max_downloads_per_gateway)
+            .unwrap_or(usize::MAX),
     });
     let proxy_secret = crate::node_config::gateway_proxy_secret(&config)?;
     gw_config.proxy_secret = proxy_secret.clone();
@@ -317,17 +320,6 @@ fn package_hosting(
     data_dir: &std::path::Path,
     addr: SocketAddr,
 ) -> anyhow::Result<Option<crate::service::packages::PackageHosting>> {
-    let p = &config.packages;
-    let trust = crate::service::package_import::TrustPolicy::new(&p.trusted_keys, p.allow_unsigned)
-        .map_err(anyhow::Error::msg)?;
-    let endpoint = config.public_endpoint(addr);
-    let base = endpoint
-        .replacen("wss://", "https://", 1)
-        .replacen("ws://", "http://", 1);
-    let base = match base.strip_suffix("/v1/opamp") {
-        Some(root) => root.to_owned(),
-        None => base.trim_end_matches('/').to_owned(),
-    };
     let dir = data_dir.join("packages");
     // Imports cut short by a crash leave their temporary files; nothing refers to them.
     if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -337,16 +329,15 @@ fn package_hosting(
             }
         }
     }
-    Ok(Some(crate::service::packages::PackageHosting {
+    let base = crate::node_config::download_base(&config.public_endpoint(addr));
+    crate::node_config::package_hosting(
+        config,
         dir,
-        key: shared::download_token::DownloadKey::random(),
-        download_base: format!("{base}{}", gateway::server::downloads::DOWNLOAD_PATH),
-        token_ttl_secs: p.download_token_ttl_secs,
-        max_attempts: p.max_install_attempts,
-        max_concurrent_upgrades: usize::try_from(p.max_concurrent_upgrades).unwrap_or(usize::MAX),
-        trust,
-        max_artifact_bytes: p.max_artifact_bytes,
-    }))
+        &base,
+        shared::download_token::DownloadKey::random(),
+        false,
+    )
+    .map(Some)
 }
 
 impl Running {

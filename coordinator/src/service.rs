@@ -511,6 +511,9 @@ impl CoordinatorHandler for Coordinator {
                 CoordinatorReply::RevokedSerials(serials)
             }
             CoordinatorRequest::Frame(f) => CoordinatorReply::Frame(Box::new(self.frame(*f).await)),
+            CoordinatorRequest::BlobChunk { sha256, index } => {
+                CoordinatorReply::BlobChunk(self.blob_chunk(&sha256, index).await)
+            }
         }
     }
 

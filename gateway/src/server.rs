@@ -24,6 +24,7 @@ mod admission;
 mod auth;
 mod bus_watch;
 mod decode;
+mod blob_cache;
 pub mod downloads;
 mod latency;
 mod lazy_read;
@@ -96,6 +97,7 @@ pub fn describe_metrics() {
     latency::describe_metrics();
     bus_watch::describe();
     downloads::describe();
+    blob_cache::describe();
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +175,8 @@ pub struct Gateway {
     bus_watch: tokio::task::AbortHandle,
     /// Keeps the identity revocation set current (`None` without identities).
     revocations: Option<tokio::task::AbortHandle>,
+    /// Package downloads served here (`None`: none).
+    downloads: Option<Arc<downloads::Hosted>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -232,13 +236,26 @@ impl Gateway {
             }
             None => None,
         };
+        let downloads = inner.cfg.downloads.clone().map(|d| {
+            Arc::new(downloads::Hosted::new(
+                d,
+                inner.bus.clone(),
+                inner.cfg.request_timeout,
+            ))
+        });
         Ok(Arc::new(Self {
             inner,
             dispatcher,
             refresher,
             bus_watch,
             revocations,
+            downloads,
         }))
+    }
+
+    /// Blobs this gateway fetched whole from the store into its download cache.
+    pub fn blobs_fetched(&self) -> u64 {
+        self.downloads.as_ref().map_or(0, |d| d.fetched())
     }
 
     pub fn id(&self) -> &GatewayId {
@@ -264,7 +281,7 @@ impl Gateway {
         let opamp = Router::new()
             .route(OPAMP_PATH, any(handle))
             .with_state(self.inner.clone());
-        match &self.inner.cfg.downloads {
+        match &self.downloads {
             Some(d) => opamp.merge(downloads::router(d.clone())),
             None => opamp,
         }

@@ -238,6 +238,10 @@ pub fn valid_platform(s: &str) -> bool {
         if !os.is_empty() && !arch.is_empty() && valid_label(os) && valid_label(arch))
 }
 
+/// The piece size of a hosted artifact kept in the store (cluster mode): what one bus
+/// message between a gateway and a coordinator carries, well under NATS's default payload.
+pub const BLOB_CHUNK_BYTES: usize = 512 * 1024;
+
 /// A lowercase 64-digit hex SHA-256.
 pub fn valid_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

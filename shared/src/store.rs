@@ -178,6 +178,11 @@ pub trait PackageStore: Send + Sync + 'static {
     ) -> StoreResult<PackageAssignment>;
     /// Every package assignment in id order.
     async fn list_package_assignments(&self) -> StoreResult<Vec<PackageAssignment>>;
+    /// Stores piece `index` of blob `sha256`; writing a piece that exists changes nothing
+    /// (the same bytes: blobs are content-addressed).
+    async fn put_blob_chunk(&self, sha256: &str, index: u32, bytes: &[u8]) -> StoreResult<()>;
+    /// Piece `index` of blob `sha256`, if stored.
+    async fn blob_chunk(&self, sha256: &str, index: u32) -> StoreResult<Option<Vec<u8>>>;
 }
 
 #[async_trait]

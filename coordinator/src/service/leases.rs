@@ -104,6 +104,7 @@ pub(crate) async fn round(c: &Coordinator, store: &dyn Store) -> Result<Moves, S
         .filter(|p| still_leaving.contains(p))
         .collect();
     c.record_round(after, still_leaving, &lost);
+    c.share_upgrade_slots(c.held_count());
     let previous = c
         .leased_at
         .swap(asked_at, std::sync::atomic::Ordering::Relaxed);

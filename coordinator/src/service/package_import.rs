@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use minisign_verify::{PublicKey, Signature};
 use sha2::{Digest, Sha256};
 use shared::now_ms;
-use shared::packages::{valid_label, valid_platform, Artifact, PackageKind};
+use shared::packages::{valid_label, valid_platform, Artifact, PackageKind, BLOB_CHUNK_BYTES};
 use tokio::io::AsyncWriteExt;
 
 use super::{Coordinator, ServiceError};
@@ -84,7 +84,7 @@ impl Coordinator {
     ) -> Result<(&super::packages::PackageHosting, Option<(usize, Signature)>), ServiceError> {
         let Some(hosting) = self.cfg.packages.as_ref() else {
             return Err(ServiceError::Conflict(
-                "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
+                super::packages::HOSTING_OFF.into(),
             ));
         };
         if !valid_label(&req.name) || !valid_label(&req.version) || req.version.is_empty() {
@@ -221,10 +221,16 @@ impl Coordinator {
                 return Err(e);
             }
         };
-        // The same bytes imported twice land on the same address.
-        tokio::fs::rename(&tmp, hosting.dir.join(&sha256))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+        if hosting.blobs_in_store {
+            let stored = self.store_blob(&tmp, &sha256).await;
+            let _ = tokio::fs::remove_file(&tmp).await;
+            stored?;
+        } else {
+            // The same bytes imported twice land on the same address.
+            tokio::fs::rename(&tmp, hosting.dir.join(&sha256))
+                .await
+                .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+        }
         let artifact = Artifact {
             name: req.name,
             version: req.version,
@@ -259,5 +265,37 @@ impl Coordinator {
         .await?;
         self.sync_packages().await;
         Ok(artifact)
+    }
+
+    /// Copies the verified file at `path` into the store, piece by piece, before the artifact
+    /// row exists: no gateway can be sent for a blob that is not whole.
+    async fn store_blob(&self, path: &std::path::Path, sha256: &str) -> Result<(), ServiceError> {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+        let mut buf = vec![0u8; BLOB_CHUNK_BYTES];
+        for index in 0u32.. {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = file
+                    .read(&mut buf[filled..])
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            // An empty last piece is never written: a reader stops at the first short or
+            // missing one.
+            if filled > 0 {
+                self.store.put_blob_chunk(sha256, index, &buf[..filled]).await?;
+            }
+            if filled < buf.len() {
+                break;
+            }
+        }
+        Ok(())
     }
 }

@@ -5,9 +5,11 @@
 //! and each agent's upgrade state as operators read it. Importing an artifact (streaming,
 //! hashing, the signature check) is [`super::package_import`].
 //!
-//! Hosting is on only where the coordinator can serve the bytes: the embedded default (blobs
-//! in the data directory, served by its gateway). A cluster coordinator has no
-//! [`PackageHosting`]; it refuses imports and offers nothing.
+//! Hosting is on where the gateways can reach the bytes: the embedded default keeps blobs in
+//! its data directory, served by its gateway; a cluster coordinator configured for hosting
+//! keeps them in the store in pieces ([`Coordinator::blob_chunk`] answers gateways filling
+//! their disk caches over the bus). Without [`PackageHosting`] imports are refused and
+//! nothing is offered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -29,11 +31,18 @@ use super::rollouts::Holding;
 use super::{Coordinator, ServiceError};
 use crate::session::{self, AgentState, PackageOffer};
 
+/// Why imports and package assignments are refused where nothing is hosted.
+pub const HOSTING_OFF: &str = "package hosting is off: a cluster coordinator hosts packages once packages.download_key_file is set";
+
 /// Where hosted artifacts live and how they are handed out.
 #[derive(Debug, Clone)]
 pub struct PackageHosting {
-    /// Content-addressed blobs: `<dir>/<sha256>`.
+    /// Content-addressed blobs: `<dir>/<sha256>`; with `blobs_in_store`, only imports in
+    /// progress.
     pub dir: PathBuf,
+    /// Blobs are written to the store in [`shared::packages::BLOB_CHUNK_BYTES`] pieces
+    /// (cluster mode) rather than kept in `dir`.
+    pub blobs_in_store: bool,
     /// Signs download tokens; the gateway serving `dir` checks them with the same key.
     pub key: DownloadKey,
     /// `http(s)://host:port/v1/packages`: a blob's URL is this plus `/<sha256>`.
@@ -104,6 +113,23 @@ pub fn describe_metrics() {
 
 impl Coordinator {
     /// Re-reads artifacts and package assignments; pushes changed sets to connected agents.
+    /// Piece `index` of a hosted blob, for a gateway filling its cache (cluster mode). The
+    /// gateway has checked a download credential for this blob first.
+    pub(super) async fn blob_chunk(&self, sha256: &str, index: u32) -> shared::bus::BlobChunk {
+        use shared::bus::BlobChunk;
+        if !shared::packages::valid_sha256(sha256) {
+            return BlobChunk::Missing;
+        }
+        match self.store.blob_chunk(sha256, index).await {
+            Ok(Some(bytes)) => BlobChunk::Bytes(bytes),
+            Ok(None) => BlobChunk::Missing,
+            Err(e) => {
+                tracing::warn!(error = %e, sha256, index, "reading a blob piece failed");
+                BlobChunk::Error(e.to_string())
+            }
+        }
+    }
+
     pub(super) async fn sync_packages(&self) {
         if self.cfg.packages.is_none() {
             return;
@@ -252,7 +278,7 @@ impl Coordinator {
     ) -> Result<PackageAssignment, ServiceError> {
         if self.cfg.packages.is_none() {
             return Err(ServiceError::Conflict(
-                "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
+                HOSTING_OFF.into(),
             ));
         }
         let artifacts = self.store.list_artifacts().await?;

@@ -1,5 +1,7 @@
-//! How many agents download and install a package set at once, per coordinator
-//! (`packages.max_concurrent_upgrades`). An agent that still needs its set holds a slot from
+//! How many agents download and install a package set at once: `packages.max_concurrent_upgrades`
+//! for the whole fleet, each coordinator taking the share of its partitions (all of it on
+//! the embedded default; a half each with two coordinators, re-shared at every lease round,
+//! rounded up). An agent that still needs its set holds a slot from
 //! the offer until it has the set, gives up, disconnects, or the slot times out; an agent that
 //! finds no free slot is not offered the set yet (its upgrade is `pending`) and is offered it
 //! when one frees up ([`Coordinator::fill_upgrade_slots`], at most every
@@ -7,6 +9,7 @@
 //! the downloads in flight stay bounded whatever the fleet's size.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -30,7 +33,7 @@ const SLOTS_HELD: &str = "ampora_package_upgrades_in_progress";
 pub fn describe_metrics() {
     metrics::describe_gauge!(
         SLOTS_HELD,
-        "Agents offered a package set and not yet done with it (per coordinator; at most packages.max_concurrent_upgrades)"
+        "Agents offered a package set and not yet done with it (per coordinator; together at most packages.max_concurrent_upgrades, give or take the rounding of each coordinator's share)"
     );
     metrics::gauge!(SLOTS_HELD).set(0.0);
 }
@@ -38,7 +41,10 @@ pub fn describe_metrics() {
 /// The slots: which agents hold one, since when.
 #[derive(Debug)]
 pub(super) struct UpgradeSlots {
-    cap: usize,
+    /// The fleet-wide cap.
+    total: usize,
+    /// This coordinator's share of `total`.
+    cap: AtomicUsize,
     held: Mutex<HashMap<InstanceUid, i64>>,
 }
 
@@ -65,11 +71,27 @@ pub(super) fn needs(record: &AgentRecord, offer: &PackageOffer) -> bool {
 }
 
 impl UpgradeSlots {
-    pub(super) fn new(cap: usize) -> Self {
+    pub(super) fn new(total: usize) -> Self {
+        let total = total.max(1);
         Self {
-            cap: cap.max(1),
+            total,
+            cap: AtomicUsize::new(total),
             held: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes the share of `held` partitions out of all; true if it grew (waiting agents may
+    /// be offered the new slots).
+    pub(super) fn share(&self, held: usize) -> bool {
+        let all = usize::from(shared::ids::PARTITIONS);
+        let cap = (self.total.saturating_mul(held.min(all)))
+            .div_ceil(all)
+            .max(1);
+        self.cap.swap(cap, Ordering::Relaxed) < cap
+    }
+
+    fn cap(&self) -> usize {
+        self.cap.load(Ordering::Relaxed)
     }
 
     /// True when `uid` may be offered its set now: it holds a slot, or took a free one.
@@ -84,7 +106,7 @@ impl UpgradeSlots {
             held.remove(&uid);
         }
         held.retain(|_, since| now.saturating_sub(*since) < SLOT_TIMEOUT_MS);
-        let ok = held.len() < self.cap;
+        let ok = held.len() < self.cap();
         if ok {
             held.insert(uid, now);
         }
@@ -105,12 +127,20 @@ impl UpgradeSlots {
     fn free(&self) -> usize {
         self.held
             .lock()
-            .map(|h| self.cap.saturating_sub(h.len()))
+            .map(|h| self.cap().saturating_sub(h.len()))
             .unwrap_or(0)
     }
 }
 
 impl Coordinator {
+    /// After a lease round: this coordinator's share of the fleet-wide cap follows the
+    /// partitions it holds.
+    pub(super) fn share_upgrade_slots(&self, held_partitions: usize) {
+        if self.upgrade_slots.share(held_partitions) {
+            self.upgrade_fill.notify_one();
+        }
+    }
+
     /// `offer` if `record` may have it now (see the module docs); frees the agent's slot once
     /// it no longer needs the set.
     pub(super) fn admit_upgrade(
@@ -167,5 +197,26 @@ pub(super) async fn run_fill(weak: std::sync::Weak<Coordinator>) {
         pace.tick().await;
         let Some(c) = weak.upgrade() else { return };
         c.fill_upgrade_slots().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpgradeSlots;
+
+    #[test]
+    fn each_coordinator_takes_the_share_of_its_partitions() {
+        let slots = UpgradeSlots::new(500);
+        assert_eq!(slots.cap(), 500, "before any round: the whole cap");
+        assert!(!slots.share(256), "all partitions: unchanged");
+        slots.share(128);
+        assert_eq!(slots.cap(), 250);
+        // Two coordinators with 85 and 171 partitions: 167 + 334 = 501, never under the cap.
+        slots.share(85);
+        assert_eq!(slots.cap(), 167);
+        assert!(slots.share(171), "a larger share frees slots");
+        assert_eq!(slots.cap(), 334);
+        slots.share(0);
+        assert_eq!(slots.cap(), 1, "never zero");
     }
 }

@@ -9,7 +9,7 @@ use shared::store::{PackageStore, StoreResult};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Type};
 
 use super::dialect::Dialect;
-use super::sql::{all, corrupt, to_json, IntoDomain};
+use super::sql::{all, before_commit, corrupt, to_json, IntoDomain};
 use super::sql_store::SqlStore;
 
 #[derive(sqlx::FromRow)]
@@ -62,6 +62,9 @@ where
     str: Type<D::Db>,
     for<'q> &'q str: Encode<'q, D::Db>,
     String: Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    [u8]: Type<D::Db>,
+    for<'q> &'q [u8]: Encode<'q, D::Db>,
+    Vec<u8>: Type<D::Db> + for<'r> Decode<'r, D::Db>,
     usize: ColumnIndex<<D::Db as Database>::Row>,
     for<'r> &'r str: ColumnIndex<<D::Db as Database>::Row>,
 {
@@ -137,5 +140,33 @@ where
             .fetch_all(&self.pool)
             .await,
         )
+    }
+
+    async fn put_blob_chunk(&self, sha256: &str, index: u32, bytes: &[u8]) -> StoreResult<()> {
+        let (sha256, bytes) = (sha256.to_owned(), bytes.to_vec());
+        self.in_tx("put_blob_chunk", move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO package_blobs (sha256, idx, bytes) VALUES ($1, $2, $3) \
+                     ON CONFLICT (sha256, idx) DO NOTHING",
+                )
+                .bind(sha256.as_str())
+                .bind(i64::from(index))
+                .bind(bytes.as_slice())
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn blob_chunk(&self, sha256: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT bytes FROM package_blobs WHERE sha256 = $1 AND idx = $2")
+            .bind(sha256)
+            .bind(i64::from(index))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| before_commit("blob_chunk", e))
     }
 }

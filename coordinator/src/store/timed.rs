@@ -140,6 +140,14 @@ impl PackageStore for TimedStore {
     async fn list_package_assignments(&self) -> StoreResult<Vec<PackageAssignment>> {
         timed!(self.list_package_assignments())
     }
+
+    async fn put_blob_chunk(&self, sha256: &str, index: u32, bytes: &[u8]) -> StoreResult<()> {
+        timed!(self.put_blob_chunk(sha256, index, bytes))
+    }
+
+    async fn blob_chunk(&self, sha256: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+        timed!(self.blob_chunk(sha256, index))
+    }
 }
 
 #[async_trait]

@@ -1,15 +1,20 @@
 //! Package downloads on the agent listener: `GET /v1/packages/<sha256>` serves an artifact
 //! Ampora hosts, to the agent holding a download token for exactly that blob
 //! (`Authorization: Bearer amp-dl.…`, `shared::download_token`). The bytes come from a local
-//! directory of content-addressed files (the embedded default's data directory), streamed
-//! with `Content-Length`, a strong `ETag` (the blob's SHA-256) and `Range` / 206, never held
-//! in memory whole. The token itself never reaches a log or a metric: refusals are counted
-//! by reason, served downloads by status, with their bytes.
+//! directory of content-addressed files: the embedded default's data directory, or in
+//! cluster mode this gateway's cache, filled from the store on a blob's first download
+//! (`blob_cache`). They are streamed with `Content-Length`, a strong `ETag` (the blob's
+//! SHA-256) and `Range` / 206, never held in memory whole. At most `max_in_flight`
+//! downloads are sent at once; the others wait their turn rather than fail (a real client
+//! turns any refusal into a failed install). The token itself never reaches a log or a
+//! metric: refusals are counted by reason, served downloads by status, with their bytes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
+use shared::bus::Bus;
+use tokio::sync::Semaphore;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -25,10 +30,12 @@ pub const DOWNLOAD_PATH: &str = "/v1/packages";
 const DOWNLOADS: &str = "ampora_package_downloads_total";
 const DOWNLOAD_BYTES: &str = "ampora_package_download_bytes_total";
 const IN_FLIGHT: &str = "ampora_package_downloads_in_flight";
-const OUTCOMES: [&str; 7] = [
+const WAITING: &str = "ampora_package_downloads_waiting";
+const OUTCOMES: [&str; 8] = [
     "full",
     "partial",
     "not_found",
+    "unavailable",
     "malformed",
     "other_blob",
     "expired",
@@ -41,13 +48,47 @@ const OUTCOMES: [&str; 7] = [
 pub struct Downloads {
     pub dir: PathBuf,
     pub key: DownloadKey,
+    /// Blobs not in `dir` are fetched from the store over the bus and kept there (cluster
+    /// mode); otherwise `dir` holds every blob (the embedded default).
+    pub fetch_missing: bool,
+    /// Downloads sent at once by this gateway; more wait for a turn.
+    pub max_in_flight: usize,
+}
+
+/// The route's state: the settings, the cache (when fetching) and the turns.
+pub(super) struct Hosted {
+    d: Downloads,
+    cache: Option<super::blob_cache::BlobCache>,
+    turns: Arc<Semaphore>,
+}
+
+impl Hosted {
+    pub(super) fn new(d: Downloads, bus: Arc<dyn Bus>, timeout: std::time::Duration) -> Self {
+        let cache = d
+            .fetch_missing
+            .then(|| super::blob_cache::BlobCache::new(d.dir.clone(), bus, timeout));
+        let turns = Arc::new(Semaphore::new(
+            d.max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        Self { d, cache, turns }
+    }
+
+    /// Blobs this gateway fetched whole from the store.
+    pub(super) fn fetched(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.stored())
+    }
 }
 
 pub(super) fn describe() {
     metrics::describe_counter!(
         DOWNLOADS,
-        "Package download requests, by outcome (full, partial, not_found, or why the token was refused: malformed, other_blob, expired, bad_mac)"
+        "Package download requests, by outcome (full, partial, not_found, unavailable: the store could not be read, or why the token was refused: malformed, other_blob, expired, bad_mac)"
     );
+    metrics::describe_gauge!(
+        WAITING,
+        "Package downloads waiting for a turn (packages.max_downloads_per_gateway are sent at once)"
+    );
+    metrics::gauge!(WAITING).set(0.0);
     metrics::describe_counter!(
         DOWNLOAD_BYTES,
         metrics::Unit::Bytes,
@@ -80,10 +121,26 @@ impl Drop for InFlight {
     }
 }
 
-pub(super) fn router(downloads: Downloads) -> Router {
+pub(super) fn router(hosted: Arc<Hosted>) -> Router {
     Router::new()
         .route(&format!("{DOWNLOAD_PATH}/{{sha256}}"), get(serve))
-        .with_state(Arc::new(downloads))
+        .with_state(hosted)
+}
+
+/// Counts one download waiting for its turn for as long as it waits.
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Self {
+        metrics::gauge!(WAITING).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!(WAITING).decrement(1.0);
+    }
 }
 
 fn now_secs() -> u64 {
@@ -104,7 +161,7 @@ fn refused(why: DownloadRefusal) -> Response {
 }
 
 async fn serve(
-    State(d): State<Arc<Downloads>>,
+    State(h): State<Arc<Hosted>>,
     Path(sha256): Path<String>,
     req: Request,
 ) -> Response {
@@ -118,11 +175,39 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let uid = match d.key.verify(token.trim(), &sha256, now_secs()) {
+    let uid = match h.d.key.verify(token.trim(), &sha256, now_secs()) {
         Ok(uid) => uid,
         Err(why) => return refused(why),
     };
-    let path = d.dir.join(&sha256);
+    // The turn is taken before the cache is filled, so a cold cache never has more readers
+    // of the store than downloads allowed at once.
+    let turn = {
+        let _waiting = Waiting::start();
+        match h.turns.clone().acquire_owned().await {
+            Ok(t) => t,
+            Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        }
+    };
+    if let Some(cache) = &h.cache {
+        match cache.ensure(&sha256).await {
+            Ok(super::blob_cache::Cached::Present) => {}
+            Ok(super::blob_cache::Cached::NotFound) => {
+                metrics::counter!(DOWNLOADS, "outcome" => "not_found").increment(1);
+                return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
+            }
+            Err(e) => {
+                tracing::warn!(sha256 = %sha256, error = %e, "filling the download cache failed");
+                metrics::counter!(DOWNLOADS, "outcome" => "unavailable").increment(1);
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(http::header::RETRY_AFTER, "5")],
+                    "the artifact cannot be read now\n",
+                )
+                    .into_response();
+            }
+        }
+    }
+    let path = h.d.dir.join(&sha256);
     if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
         metrics::counter!(DOWNLOADS, "outcome" => "not_found").increment(1);
         return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
@@ -135,10 +220,11 @@ async fn serve(
         .await;
     let in_flight = InFlight::start();
     let mut res = match served {
-        // The body owns the count: it ends when the body is sent whole or dropped.
+        // The body owns the count and the turn: both end when the body is sent whole or
+        // dropped.
         Ok(res) => res.map(|b| {
             axum::body::Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
-                let _ = &in_flight;
+                let _ = (&in_flight, &turn);
                 f
             }))
         }),

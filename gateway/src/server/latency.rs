@@ -31,6 +31,7 @@ fn kind(req: &CoordinatorRequest) -> &'static str {
         CoordinatorRequest::Authenticate(_) => "authenticate",
         CoordinatorRequest::Frame(_) => "frame",
         CoordinatorRequest::RevokedSerials => "revoked_serials",
+        CoordinatorRequest::BlobChunk { .. } => "blob_chunk",
     }
 }
 

@@ -59,7 +59,7 @@ impl CoordinatorHandler for FakeCoordinator {
                 self.auths.lock().expect("auths").push(a.clone())
             }
             CoordinatorRequest::Frame(f) => self.secure.lock().expect("secure").push(f.secure),
-            CoordinatorRequest::RevokedSerials => {}
+            CoordinatorRequest::RevokedSerials | CoordinatorRequest::BlobChunk { .. } => {}
         }
         match req {
             CoordinatorRequest::Authenticate(a) if a.token == presented(GOOD_TOKEN) => {
@@ -76,6 +76,9 @@ impl CoordinatorHandler for FakeCoordinator {
                 CoordinatorReply::Auth(AuthDecision::Reject(AuthFailure::UnknownToken))
             }
             CoordinatorRequest::RevokedSerials => CoordinatorReply::RevokedSerials(Vec::new()),
+            CoordinatorRequest::BlobChunk { .. } => {
+                CoordinatorReply::BlobChunk(shared::bus::BlobChunk::Missing)
+            }
             CoordinatorRequest::Frame(f) => {
                 // A frame asking for this capability value gets refused, to test closes.
                 let close = (f.msg.capabilities == 0xDEAD).then(|| "auth: token revoked".into());

@@ -104,6 +104,9 @@ impl CoordinatorHandler for TestCoordinator {
             CoordinatorRequest::RevokedSerials => {
                 CoordinatorReply::RevokedSerials(vec!["4a01".into(), "7fff".into()])
             }
+            CoordinatorRequest::BlobChunk { index, .. } => CoordinatorReply::BlobChunk(
+                super::BlobChunk::Bytes(vec![u8::try_from(index % 256).unwrap_or(0); 3]),
+            ),
         }
     }
 
@@ -354,6 +357,22 @@ async fn any_route_authenticates(g: &dyn Bus) {
     assert!(
         matches!(&revoked, CoordinatorReply::RevokedSerials(s) if s == &["4a01", "7fff"]),
         "{revoked:?}"
+    );
+    let chunk = within(
+        "blob chunk",
+        g.request(
+            Route::Any,
+            CoordinatorRequest::BlobChunk {
+                sha256: "ab".repeat(32),
+                index: 5,
+            },
+        ),
+    )
+    .await
+    .expect("blob chunk");
+    assert!(
+        matches!(&chunk, CoordinatorReply::BlobChunk(super::BlobChunk::Bytes(b)) if b == &[5, 5, 5]),
+        "{chunk:?}"
     );
     let reply = within(
         "authenticate",

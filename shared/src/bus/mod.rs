@@ -189,6 +189,9 @@ pub enum CoordinatorRequest {
     /// Every revoked identity serial ([`Route::Any`]): a gateway's full refresh of its
     /// revocation set, at start and periodically, beside the `IdentityRevoked` broadcasts.
     RevokedSerials,
+    /// Piece `index` of the hosted artifact `sha256` ([`Route::Any`]): a gateway filling its
+    /// download cache in cluster mode, where artifacts live in the store.
+    BlobChunk { sha256: String, index: u32 },
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +199,17 @@ pub enum CoordinatorReply {
     Auth(AuthDecision),
     Frame(Box<FrameReply>),
     RevokedSerials(Vec<String>),
+    BlobChunk(BlobChunk),
+}
+
+/// A coordinator's answer to [`CoordinatorRequest::BlobChunk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobChunk {
+    Bytes(Vec<u8>),
+    /// The blob has no such chunk (it is shorter, or not stored at all).
+    Missing,
+    /// The store failed: nothing is known.
+    Error(String),
 }
 
 /// Fire-and-forget news for coordinators.

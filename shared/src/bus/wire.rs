@@ -12,7 +12,7 @@ use proto::bus as pb;
 use proto::Message;
 
 use super::{
-    AgentFrame, AuthDecision, AuthFailure, AuthRequest, CertificateId, ControlEvent,
+    BlobChunk, AgentFrame, AuthDecision, AuthFailure, AuthRequest, CertificateId, ControlEvent,
     CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
     PresentedToken,
 };
@@ -71,6 +71,16 @@ pub(crate) fn encode_reply(reply: CoordinatorReply) -> Vec<u8> {
         }
         CoordinatorReply::RevokedSerials(serials) => {
             Kind::RevokedSerials(pb::RevokedSerials { serials })
+        }
+        CoordinatorReply::BlobChunk(c) => {
+            use pb::blob_chunk::Kind as C;
+            Kind::BlobChunk(pb::BlobChunk {
+                kind: Some(match c {
+                    BlobChunk::Bytes(b) => C::Bytes(b),
+                    BlobChunk::Missing => C::Missing(true),
+                    BlobChunk::Error(e) => C::Error(e),
+                }),
+            })
         }
     };
     pb::CoordinatorReply { kind: Some(kind) }.encode_to_vec()
@@ -189,6 +199,9 @@ fn request_to_pb(req: CoordinatorRequest) -> pb::CoordinatorRequest {
             })
         }
         CoordinatorRequest::RevokedSerials => Kind::RevokedSerials(pb::RevokedSerialsRequest {}),
+        CoordinatorRequest::BlobChunk { sha256, index } => {
+            Kind::BlobChunk(pb::BlobChunkRequest { sha256, index })
+        }
     };
     pb::CoordinatorRequest { kind: Some(kind) }
 }
@@ -289,6 +302,14 @@ pub(crate) fn decode_reply(bytes: &[u8]) -> Result<CoordinatorReply, Malformed> 
             close: f.close,
         })),
         Kind::RevokedSerials(r) => CoordinatorReply::RevokedSerials(r.serials),
+        Kind::BlobChunk(c) => {
+            use pb::blob_chunk::Kind as C;
+            CoordinatorReply::BlobChunk(match c.kind.ok_or(Malformed("blob chunk kind"))? {
+                C::Bytes(b) => BlobChunk::Bytes(b),
+                C::Missing(_) => BlobChunk::Missing,
+                C::Error(e) => BlobChunk::Error(e),
+            })
+        }
     })
 }
 
@@ -378,6 +399,10 @@ fn request_from_pb(req: pb::CoordinatorRequest) -> Result<CoordinatorRequest, Ma
             msg: f.msg.ok_or(Malformed("frame without message"))?,
         })),
         Kind::RevokedSerials(_) => CoordinatorRequest::RevokedSerials,
+        Kind::BlobChunk(r) => CoordinatorRequest::BlobChunk {
+            sha256: r.sha256,
+            index: r.index,
+        },
     })
 }
 
@@ -629,6 +654,26 @@ mod tests {
         }
         match decode_inbound(&encode_request(CoordinatorRequest::RevokedSerials)) {
             Ok(Inbound::Request(CoordinatorRequest::RevokedSerials)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        for chunk in [
+            BlobChunk::Bytes(vec![0, 1, 2, 255]),
+            BlobChunk::Bytes(Vec::new()),
+            BlobChunk::Missing,
+            BlobChunk::Error("store down".into()),
+        ] {
+            match decode_reply(&encode_reply(CoordinatorReply::BlobChunk(chunk.clone()))) {
+                Ok(CoordinatorReply::BlobChunk(back)) => assert_eq!(back, chunk),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        match decode_inbound(&encode_request(CoordinatorRequest::BlobChunk {
+            sha256: "ab".repeat(32),
+            index: 7,
+        })) {
+            Ok(Inbound::Request(CoordinatorRequest::BlobChunk { sha256, index })) => {
+                assert_eq!((sha256, index), ("ab".repeat(32), 7));
+            }
             other => panic!("unexpected {other:?}"),
         }
         let cert = Credential::Certificate {

@@ -437,7 +437,7 @@ impl Coordinator {
     async fn upgrade_to(&self, name: &str, version: &str) -> Result<PackageChange, ServiceError> {
         if self.cfg.packages.is_none() {
             return Err(ServiceError::Conflict(
-                "package hosting is on only in the embedded default (`ampora serve`) so far".into(),
+                crate::service::packages::HOSTING_OFF.into(),
             ));
         }
         self.sync_packages().await;

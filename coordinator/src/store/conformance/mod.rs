@@ -74,7 +74,7 @@ pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan
 pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
-pub use packages::{artifacts, package_assignments};
+pub use packages::{artifacts, blob_chunks, package_assignments};
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens, tokens_batch,
@@ -112,6 +112,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     rollouts(store.as_ref()).await;
     artifacts(store.as_ref()).await;
     package_assignments(store.as_ref()).await;
+    blob_chunks(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {

@@ -84,3 +84,26 @@ pub async fn package_assignments(store: &dyn Store) {
         .collect();
     assert_eq!(mine, vec![a, b]);
 }
+
+/// A blob's pieces read back as written, by index; a missing piece or blob reads as none; a
+/// piece written again keeps its bytes (content-addressed, so it is the same piece).
+pub async fn blob_chunks(store: &dyn Store) {
+    let sha = hex::encode(unique("blob").as_bytes())[..64].to_owned();
+    let pieces: [&[u8]; 3] = [&[0, 1, 2, 255], &[7; 1000], &[]];
+    for (i, p) in pieces.iter().enumerate() {
+        let i = u32::try_from(i).expect("index");
+        store.put_blob_chunk(&sha, i, p).await.expect("put_blob_chunk");
+    }
+    store
+        .put_blob_chunk(&sha, 1, &[9; 3])
+        .await
+        .expect("put_blob_chunk again");
+    for (i, p) in pieces.iter().enumerate() {
+        let i = u32::try_from(i).expect("index");
+        let back = store.blob_chunk(&sha, i).await.expect("blob_chunk");
+        assert_eq!(back.as_deref(), Some(*p), "piece {i}");
+    }
+    assert_eq!(store.blob_chunk(&sha, 3).await.expect("blob_chunk"), None);
+    let other = "0f".repeat(32);
+    assert_eq!(store.blob_chunk(&other, 0).await.expect("blob_chunk"), None);
+}
