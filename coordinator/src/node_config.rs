@@ -149,7 +149,9 @@ pub fn download_base(endpoint: &str) -> String {
 
 /// The shared download key of cluster mode (`packages.download_key_file`: 64 hex digits);
 /// `None` when unset (cluster nodes then host no packages).
-pub fn download_key(config: &Config) -> anyhow::Result<Option<shared::download_token::DownloadKey>> {
+pub fn download_key(
+    config: &Config,
+) -> anyhow::Result<Option<shared::download_token::DownloadKey>> {
     let path = &config.packages.download_key_file;
     if path.as_os_str().is_empty() {
         return Ok(None);

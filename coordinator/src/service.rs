@@ -215,6 +215,7 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
         match ev {
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
             ControlEvent::RolloutChanged { .. } => c.sync_rollouts().await,
+            ControlEvent::PackagesChanged => c.sync_packages().await,
             ControlEvent::ReapplyConfig { uid } => c.reapply_here(uid).await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             // Full: a sync is pending already and will see these tokens too.

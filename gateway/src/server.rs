@@ -22,9 +22,9 @@
 
 mod admission;
 mod auth;
+mod blob_cache;
 mod bus_watch;
 mod decode;
-mod blob_cache;
 pub mod downloads;
 mod latency;
 mod lazy_read;

@@ -250,6 +250,10 @@ impl Cluster {
         let i = self.gateways.len();
         let id = format!("gw-{i}");
         cfg.cluster.node_id = id.clone();
+        // Each gateway has a disk of its own, as on separate hosts.
+        if cfg.packages.cache_dir.as_os_str().is_empty() {
+            cfg.packages.cache_dir = cfg.server.data_dir.join(format!("{id}-package-cache"));
+        }
         listener.set_nonblocking(true)?;
         let (rt, node) = spawn_node(|| async move {
             // Registered with the node's own runtime, which owns the socket from then on.

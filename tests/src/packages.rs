@@ -11,7 +11,7 @@ use proto::ServerToAgent;
 use serde_json::Value;
 use shared::ids::InstanceUid;
 
-use crate::TestServer;
+use crate::{Api, TestServer};
 
 /// ReportsStatus | AcceptsPackages | ReportsPackageStatuses.
 pub const PKG_CAPS: u64 = 0x1 | 0x8 | 0x10;
@@ -91,15 +91,28 @@ pub async fn import_kind(
     data: Vec<u8>,
     signature: Option<&str>,
 ) -> anyhow::Result<(u16, Value)> {
+    import_via(&server.api, name, version, platform, kind, data, signature).await
+}
+
+/// [`import_kind`] through any node's API (a cluster coordinator's).
+pub async fn import_via(
+    api: &Api,
+    name: &str,
+    version: &str,
+    platform: &str,
+    kind: &str,
+    data: Vec<u8>,
+    signature: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
     let mut req = reqwest::Client::new()
-        .post(format!("{}/api/v1/packages", server.api.base))
+        .post(format!("{}/api/v1/packages", api.base))
         .query(&[
             ("name", name),
             ("version", version),
             ("platform", platform),
             ("kind", kind),
         ])
-        .bearer_auth(&server.api.token)
+        .bearer_auth(&api.token)
         .body(data);
     if let Some(sig) = signature {
         let b64 = base64::engine::general_purpose::STANDARD.encode(sig);

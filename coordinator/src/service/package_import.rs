@@ -83,9 +83,7 @@ impl Coordinator {
         req: &ImportRequest,
     ) -> Result<(&super::packages::PackageHosting, Option<(usize, Signature)>), ServiceError> {
         let Some(hosting) = self.cfg.packages.as_ref() else {
-            return Err(ServiceError::Conflict(
-                super::packages::HOSTING_OFF.into(),
-            ));
+            return Err(ServiceError::Conflict(super::packages::HOSTING_OFF.into()));
         };
         if !valid_label(&req.name) || !valid_label(&req.version) || req.version.is_empty() {
             return Err(ServiceError::Invalid(
@@ -263,7 +261,7 @@ impl Coordinator {
             }),
         )
         .await?;
-        self.sync_packages().await;
+        self.packages_changed().await;
         Ok(artifact)
     }
 
@@ -290,7 +288,9 @@ impl Coordinator {
             // An empty last piece is never written: a reader stops at the first short or
             // missing one.
             if filled > 0 {
-                self.store.put_blob_chunk(sha256, index, &buf[..filled]).await?;
+                self.store
+                    .put_blob_chunk(sha256, index, &buf[..filled])
+                    .await?;
             }
             if filled < buf.len() {
                 break;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use proto::v1::{DownloadableFile, Header, Headers, PackageAvailable, PackagesAvailable};
 use proto::{agent_caps, ServerToAgent};
 use serde::Serialize;
+use shared::bus::ControlEvent;
 use shared::domain::{AgentRecord, Target, Transport};
 use shared::download_token::DownloadKey;
 use shared::ids::InstanceUid;
@@ -127,6 +128,16 @@ impl Coordinator {
                 tracing::warn!(error = %e, sha256, index, "reading a blob piece failed");
                 BlobChunk::Error(e.to_string())
             }
+        }
+    }
+
+    /// After an import or an assignment: this coordinator's catalog is current before the
+    /// answer, and every other one re-reads its own now.
+    pub(super) async fn packages_changed(&self) {
+        self.sync_packages().await;
+        if let Err(e) = self.bus.broadcast(ControlEvent::PackagesChanged).await {
+            // The others catch up at their next lease round.
+            tracing::warn!(error = %e, "announcing a package change failed");
         }
     }
 
@@ -277,9 +288,7 @@ impl Coordinator {
         author: &str,
     ) -> Result<PackageAssignment, ServiceError> {
         if self.cfg.packages.is_none() {
-            return Err(ServiceError::Conflict(
-                HOSTING_OFF.into(),
-            ));
+            return Err(ServiceError::Conflict(HOSTING_OFF.into()));
         }
         let artifacts = self.store.list_artifacts().await?;
         if !artifacts
@@ -319,7 +328,7 @@ impl Coordinator {
             }),
         )
         .await?;
-        self.sync_packages().await;
+        self.packages_changed().await;
         Ok(created)
     }
 

@@ -229,7 +229,11 @@ pub(super) async fn authenticate(
         Ok(Ok(CoordinatorReply::Auth(AuthDecision::Unavailable))) => {
             Err(service_unavailable("authentication unavailable"))
         }
-        Ok(Ok(CoordinatorReply::Frame(_) | CoordinatorReply::RevokedSerials(_) | CoordinatorReply::BlobChunk(_))) => {
+        Ok(Ok(
+            CoordinatorReply::Frame(_)
+            | CoordinatorReply::RevokedSerials(_)
+            | CoordinatorReply::BlobChunk(_),
+        )) => {
             tracing::error!("coordinator answered an authentication request with another reply");
             Err(service_unavailable("authentication unavailable"))
         }

@@ -13,15 +13,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use shared::bus::Bus;
-use tokio::sync::Semaphore;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, ETAG, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
+use shared::bus::Bus;
 use shared::download_token::{DownloadKey, DownloadRefusal};
 use shared::packages::valid_sha256;
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 /// Where downloads are served from: the path prefix every download URL starts with.
@@ -60,6 +60,8 @@ pub(super) struct Hosted {
     d: Downloads,
     cache: Option<super::blob_cache::BlobCache>,
     turns: Arc<Semaphore>,
+    /// Downloads waiting for a turn now (the gauge is process-wide; this is this gateway's).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Hosted {
@@ -70,7 +72,12 @@ impl Hosted {
         let turns = Arc::new(Semaphore::new(
             d.max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
         ));
-        Self { d, cache, turns }
+        Self {
+            d,
+            cache,
+            turns,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     /// Blobs this gateway fetched whole from the store.
@@ -128,18 +135,22 @@ pub(super) fn router(hosted: Arc<Hosted>) -> Router {
 }
 
 /// Counts one download waiting for its turn for as long as it waits.
-struct Waiting;
+struct Waiting<'a>(&'a Hosted);
 
-impl Waiting {
-    fn start() -> Self {
+impl<'a> Waiting<'a> {
+    fn start(h: &'a Hosted) -> Self {
         metrics::gauge!(WAITING).increment(1.0);
-        Self
+        h.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(h)
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         metrics::gauge!(WAITING).decrement(1.0);
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -160,11 +171,7 @@ fn refused(why: DownloadRefusal) -> Response {
         .into_response()
 }
 
-async fn serve(
-    State(h): State<Arc<Hosted>>,
-    Path(sha256): Path<String>,
-    req: Request,
-) -> Response {
+async fn serve(State(h): State<Arc<Hosted>>, Path(sha256): Path<String>, req: Request) -> Response {
     if !valid_sha256(&sha256) {
         metrics::counter!(DOWNLOADS, "outcome" => "not_found").increment(1);
         return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
@@ -182,7 +189,7 @@ async fn serve(
     // The turn is taken before the cache is filled, so a cold cache never has more readers
     // of the store than downloads allowed at once.
     let turn = {
-        let _waiting = Waiting::start();
+        let _waiting = Waiting::start(&h);
         match h.turns.clone().acquire_owned().await {
             Ok(t) => t,
             Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
@@ -250,4 +257,65 @@ async fn serve(
         res.headers_mut().insert(ETAG, etag);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use http_body_util::BodyExt;
+    use shared::bus::InProcessBus;
+    use shared::ids::InstanceUid;
+
+    use super::*;
+
+    fn get(sha: &str, token: &str) -> Request {
+        Request::builder()
+            .uri(format!("{DOWNLOAD_PATH}/{sha}"))
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .body(axum::body::Body::empty())
+            .expect("request")
+    }
+
+    /// With one turn, a second download waits until the first one's body is done, then is
+    /// served whole: a cap queues, it never refuses.
+    #[tokio::test]
+    async fn downloads_beyond_the_cap_wait_for_a_turn() {
+        let dir = tempfile::tempdir().expect("dir");
+        let data = vec![7u8; 300_000];
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+        std::fs::write(dir.path().join(&sha), &data).expect("blob");
+        let key = DownloadKey::new([3; 32]);
+        let hosted = Arc::new(Hosted::new(
+            Downloads {
+                dir: dir.path().to_path_buf(),
+                key: key.clone(),
+                fetch_missing: false,
+                max_in_flight: 1,
+            },
+            Arc::new(InProcessBus::new()),
+            std::time::Duration::from_secs(5),
+        ));
+        let app = router(hosted.clone());
+        let token = key.mint(InstanceUid::new_v7(), &sha, now_secs() + 60);
+
+        let first = app.clone().oneshot(get(&sha, &token)).await.expect("first");
+        assert_eq!(first.status(), StatusCode::OK);
+        let second = tokio::spawn(app.oneshot(get(&sha, &token)));
+        // The second is parked on the turn the unread first body holds.
+        let parked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while hosted.waiting.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(parked.await.is_ok(), "the second download never waited");
+        assert!(!second.is_finished());
+        let body = first.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), data.len());
+        let second = second.await.expect("task").expect("second");
+        assert_eq!(second.status(), StatusCode::OK);
+        let body = second.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.as_ref(), data.as_slice());
+        assert_eq!(hosted.waiting.load(Ordering::Relaxed), 0);
+    }
 }

@@ -220,7 +220,11 @@ pub(super) async fn serve(
     .await;
     let reply: FrameReply = match reply {
         Ok(Ok(CoordinatorReply::Frame(r))) => *r,
-        Ok(Ok(CoordinatorReply::Auth(_) | CoordinatorReply::RevokedSerials(_) | CoordinatorReply::BlobChunk(_))) => {
+        Ok(Ok(
+            CoordinatorReply::Auth(_)
+            | CoordinatorReply::RevokedSerials(_)
+            | CoordinatorReply::BlobChunk(_),
+        )) => {
             tracing::error!("coordinator answered a frame with another reply");
             return service_unavailable("coordinator unavailable");
         }

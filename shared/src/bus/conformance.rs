@@ -104,9 +104,13 @@ impl CoordinatorHandler for TestCoordinator {
             CoordinatorRequest::RevokedSerials => {
                 CoordinatorReply::RevokedSerials(vec!["4a01".into(), "7fff".into()])
             }
-            CoordinatorRequest::BlobChunk { index, .. } => CoordinatorReply::BlobChunk(
-                super::BlobChunk::Bytes(vec![u8::try_from(index % 256).unwrap_or(0); 3]),
-            ),
+            CoordinatorRequest::BlobChunk { index, .. } => {
+                CoordinatorReply::BlobChunk(super::BlobChunk::Bytes(vec![
+                    u8::try_from(index % 256)
+                        .unwrap_or(0);
+                    3
+                ]))
+            }
         }
     }
 

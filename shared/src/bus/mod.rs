@@ -191,7 +191,10 @@ pub enum CoordinatorRequest {
     RevokedSerials,
     /// Piece `index` of the hosted artifact `sha256` ([`Route::Any`]): a gateway filling its
     /// download cache in cluster mode, where artifacts live in the store.
-    BlobChunk { sha256: String, index: u32 },
+    BlobChunk {
+        sha256: String,
+        index: u32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +274,9 @@ pub enum ControlEvent {
     /// An operator asked for this agent's config to be sent again (drift): the coordinator
     /// serving it does.
     ReapplyConfig { uid: InstanceUid },
+    /// A package artifact was imported or a package assignment made: every coordinator
+    /// re-reads the catalog now (else at its next lease round) and offers the new sets.
+    PackagesChanged,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use proto::bus as pb;
 use proto::Message;
 
 use super::{
-    BlobChunk, AgentFrame, AuthDecision, AuthFailure, AuthRequest, CertificateId, ControlEvent,
+    AgentFrame, AuthDecision, AuthFailure, AuthRequest, BlobChunk, CertificateId, ControlEvent,
     CoordinatorEvent, CoordinatorReply, CoordinatorRequest, Credential, FrameReply, GatewayMessage,
     PresentedToken,
 };
@@ -120,6 +120,7 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
             Kind::IdentityConfirmed(pb::IdentityConfirmed { serial })
         }
         ControlEvent::TokensCreated => Kind::TokensCreated(pb::TokensCreated {}),
+        ControlEvent::PackagesChanged => Kind::PackagesChanged(pb::PackagesChanged {}),
         ControlEvent::RolloutChanged { rollout_id } => {
             Kind::RolloutChanged(pb::RolloutChanged { rollout_id })
         }
@@ -344,6 +345,7 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         Kind::IdentityRevoked(r) => ControlEvent::IdentityRevoked { serial: r.serial },
         Kind::IdentityConfirmed(c) => ControlEvent::IdentityConfirmed { serial: c.serial },
         Kind::TokensCreated(_) => ControlEvent::TokensCreated,
+        Kind::PackagesChanged(_) => ControlEvent::PackagesChanged,
         Kind::RolloutChanged(r) => ControlEvent::RolloutChanged {
             rollout_id: r.rollout_id,
         },
@@ -709,6 +711,7 @@ mod tests {
                 serial: "4abd".into(),
             },
             ControlEvent::TokensCreated,
+            ControlEvent::PackagesChanged,
             ControlEvent::RolloutChanged { rollout_id: 9 },
             ControlEvent::ReapplyConfig { uid: uid() },
         ] {

@@ -40,7 +40,7 @@ use crate::service::Coordinator;
 pub(crate) const TICK: Duration = Duration::from_millis(200);
 
 /// The partition whose lease holder drives rollout `id`.
-pub(crate) fn driver_partition(id: i64) -> u16 {
+pub fn driver_partition(id: i64) -> u16 {
     u16::try_from(id.rem_euclid(i64::from(PARTITIONS))).unwrap_or(0)
 }
 

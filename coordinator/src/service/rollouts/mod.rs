@@ -43,6 +43,8 @@ use gates::Want;
 
 use super::Coordinator;
 
+/// Which partition's lease holder drives a rollout (tests kill that coordinator).
+pub use engine::driver_partition;
 pub(crate) use engine::{describe_metrics, run_engine};
 
 /// A rollout that still decides what some agents run, with its recorded members.

@@ -92,7 +92,10 @@ pub async fn blob_chunks(store: &dyn Store) {
     let pieces: [&[u8]; 3] = [&[0, 1, 2, 255], &[7; 1000], &[]];
     for (i, p) in pieces.iter().enumerate() {
         let i = u32::try_from(i).expect("index");
-        store.put_blob_chunk(&sha, i, p).await.expect("put_blob_chunk");
+        store
+            .put_blob_chunk(&sha, i, p)
+            .await
+            .expect("put_blob_chunk");
     }
     store
         .put_blob_chunk(&sha, 1, &[9; 3])
