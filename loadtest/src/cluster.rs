@@ -260,8 +260,17 @@ impl Cluster {
             } else {
                 "127.0.0.1:0".to_string()
             };
+            // Each gateway caches package blobs on a disk of its own, as on separate hosts.
+            let mut own = gateway_sets.clone();
+            own.push(format!(
+                "packages.cache_dir={}",
+                self.dir
+                    .path()
+                    .join(format!("{id}-package-cache"))
+                    .display()
+            ));
             let node = self
-                .start_node(spec, "gateway", &id, &listen, &common, &gateway_sets)
+                .start_node(spec, "gateway", &id, &listen, &common, &own)
                 .await
                 .with_context(|| format!("starting gateway {id}"))?;
             self.gateways.push(node);
@@ -324,6 +333,16 @@ impl Cluster {
             .first()
             .map(|c| format!("http://{}", c.addr))
             .unwrap_or_default()
+    }
+
+    /// Every gateway's `host:port`.
+    pub fn gateway_addrs(&self) -> Vec<String> {
+        self.gateways.iter().map(|g| g.addr.clone()).collect()
+    }
+
+    /// Every coordinator's `host:port`.
+    pub fn coordinator_addrs(&self) -> Vec<String> {
+        self.coordinators.iter().map(|c| c.addr.clone()).collect()
     }
 
     pub fn gateway_pids(&self) -> Vec<u32> {

@@ -74,6 +74,12 @@ enum Command {
         cap: usize,
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Run a cluster of this many gateways (Postgres, NATS, Redis on their default
+        /// local ports) instead of `serve`.
+        #[arg(long, default_value_t = 0)]
+        gateways: usize,
+        #[arg(long, default_value_t = 1)]
+        coordinators: usize,
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
@@ -529,6 +535,8 @@ async fn main() -> anyhow::Result<()> {
             artifact_mib,
             cap,
             timeout,
+            gateways,
+            coordinators,
             json_out,
         } => {
             let opts = loadtest::upgrade::UpgradeOptions {
@@ -537,12 +545,22 @@ async fn main() -> anyhow::Result<()> {
                 artifact_mib,
                 cap,
                 timeout: std::time::Duration::from_secs(timeout),
+                gateways,
+                coordinators,
             };
             let r = loadtest::upgrade::run(&opts).await?;
             println!(
                 "upgrade: {} agents, {} MiB build, cap {}: first {} ms, p50 {} ms, last {} ms ({:.1} MiB/s); server RSS {} -> peak {} -> {} KiB",
                 r.agents, artifact_mib, r.cap, r.first_ms, r.p50_ms, r.last_ms,
                 r.upgrade_mib_per_s, r.rss_before_kib, r.rss_peak_kib, r.rss_after_kib
+            );
+            println!(
+                "verified by the server at {} ms; peaks: {} downloads in flight, {} upgrade slots held; store reads per gateway {:?}; peak RSS by node {:?} KiB",
+                r.verified_ms,
+                r.peak_downloads_in_flight,
+                r.peak_upgrades_in_progress,
+                r.store_reads,
+                r.node_rss_peak_kib
             );
             println!(
                 "downloads alone ({} GETs, {} at once): Ampora {:.2} s, nginx {:.2} s ({:.2}x)",

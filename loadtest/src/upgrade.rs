@@ -1,8 +1,14 @@
 //! The `upgrade` scenario (issue 20): a fleet of the agent library's own [`Agent`]s, each
-//! taking packages, is offered a signed build of `artifact_mib` MiB through Ampora's own
-//! hosting, at most `cap` agents at once (`packages.max_concurrent_upgrades`). Timed from the
-//! assignment to the last agent that installed the build and came back on it, with the
-//! server's RSS sampled throughout (it must not grow with the artifact size × downloads).
+//! taking packages, is upgraded by a one-stage rollout (100%) to a signed build of
+//! `artifact_mib` MiB through Ampora's own hosting, at most `cap` agents at once
+//! (`packages.max_concurrent_upgrades`, and as many downloads per gateway). On the embedded
+//! default (`ampora serve`), or with `gateways` > 0 on a cluster of that many gateways and
+//! `coordinators` coordinators (Postgres, NATS, Redis), the agents spread over the gateways
+//! and downloading through a round-robin TCP balancer in front of them, as behind a load
+//! balancer. Timed from the stage start to the last agent that installed the build and came
+//! back on it, and to the last one the server counts verified; the servers' RSS, the
+//! downloads in flight and the upgrade slots held are sampled throughout (RSS must not grow
+//! with the artifact size × downloads), and each gateway's reads of the store counted.
 //!
 //! Then the download path alone, against a plain static file server: `cap` clients fetch the
 //! same file `agents` times in all, from Ampora's download endpoint (with a real credential
@@ -11,7 +17,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +29,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::api::Api;
-use crate::procs::{rss_kib, spawn_ampora};
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::procs::{rss_kib, spawn_ampora, Spawned};
 
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
@@ -34,6 +40,9 @@ pub struct UpgradeOptions {
     pub artifact_mib: usize,
     pub cap: usize,
     pub timeout: Duration,
+    /// 0: the embedded default; else a cluster of this many gateways.
+    pub gateways: usize,
+    pub coordinators: usize,
 }
 
 /// What a run measured.
@@ -42,15 +51,28 @@ pub struct UpgradeReport {
     pub agents: usize,
     pub artifact_bytes: usize,
     pub cap: usize,
-    /// From the assignment to the first / half / last agent back on the new version.
+    pub gateways: usize,
+    pub coordinators: usize,
+    /// From the stage start to the first / half / last agent back on the new version.
     pub first_ms: u64,
     pub p50_ms: u64,
     pub last_ms: u64,
+    /// From the stage start to the server counting every agent of the stage verified.
+    pub verified_ms: u64,
+    /// The most downloads in flight (all gateways) and upgrade slots held (all
+    /// coordinators) seen at once, sampled every 200 ms.
+    pub peak_downloads_in_flight: u64,
+    pub peak_upgrades_in_progress: u64,
+    /// Per gateway: blobs read from the store into its cache (cluster only).
+    pub store_reads: Vec<u64>,
     /// Bytes the agents downloaded per second over the whole upgrade.
     pub upgrade_mib_per_s: f64,
+    /// The server processes' RSS, summed.
     pub rss_before_kib: u64,
     pub rss_peak_kib: u64,
     pub rss_after_kib: u64,
+    /// Each server process's peak RSS (`gw-0`, `coord-0`, or `serve`).
+    pub node_rss_peak_kib: BTreeMap<String, u64>,
     /// The download path alone: `agents` GETs by `cap` clients.
     pub ampora_download_s: f64,
     pub nginx_download_s: f64,
@@ -69,6 +91,127 @@ fn artifact(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The servers under test: one `ampora serve`, or a cluster behind a balancer.
+enum Servers {
+    Embedded(Spawned),
+    Cluster {
+        cluster: Cluster,
+        balancer: Balancer,
+        _key: tempfile::TempDir,
+    },
+}
+
+impl Servers {
+    async fn start(o: &UpgradeOptions, sets: Vec<String>) -> anyhow::Result<Self> {
+        if o.gateways == 0 {
+            return Ok(Self::Embedded(spawn_ampora(&o.exe, &sets, false).await?));
+        }
+        let key = tempfile::tempdir()?;
+        let key_file = key.path().join("download.key");
+        let bytes: [u8; 32] = rand::random();
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&key_file, text)?;
+        let balancer = Balancer::bind().await?;
+        let mut spec = ClusterSpec::new(&o.exe, o.gateways, o.coordinators.max(1));
+        spec.sets = sets;
+        spec.sets.extend([
+            format!("packages.download_key_file={}", key_file.display()),
+            format!("packages.download_url=http://{}", balancer.addr),
+        ]);
+        let cluster = Cluster::start(&spec).await?;
+        let balancer = balancer.serve(cluster.gateway_addrs());
+        Ok(Self::Cluster {
+            cluster,
+            balancer,
+            _key: key,
+        })
+    }
+
+    fn api(&self) -> anyhow::Result<Api> {
+        match self {
+            Self::Embedded(s) => Api::new(
+                &format!("http://{}", s.addr),
+                s.admin_token.as_deref().unwrap_or_default(),
+            ),
+            Self::Cluster { cluster, .. } => Api::new(&cluster.api_url(), &cluster.admin_token),
+        }
+    }
+
+    /// Where agents connect, spread over in turn.
+    fn agent_urls(&self) -> Vec<String> {
+        match self {
+            Self::Embedded(s) => vec![format!("ws://{}/v1/opamp", s.addr)],
+            Self::Cluster { cluster, .. } => cluster.ws_urls(),
+        }
+    }
+
+    /// Every server process: its name, pid and `host:port`.
+    fn nodes(&self) -> Vec<(String, u32, String)> {
+        match self {
+            Self::Embedded(s) => vec![("serve".into(), s.pid, s.addr.clone())],
+            Self::Cluster { cluster, .. } => {
+                let gw = cluster
+                    .gateway_pids()
+                    .into_iter()
+                    .zip(cluster.gateway_addrs())
+                    .enumerate()
+                    .map(|(i, (p, a))| (format!("gw-{i}"), p, a));
+                let co = cluster
+                    .coordinator_pids()
+                    .into_iter()
+                    .zip(cluster.coordinator_addrs())
+                    .enumerate()
+                    .map(|(i, (p, a))| (format!("coord-{i}"), p, a));
+                gw.chain(co).collect()
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Embedded(s) => s.stop().await,
+            Self::Cluster {
+                cluster, balancer, ..
+            } => {
+                drop(balancer);
+                cluster.stop().await;
+            }
+        }
+    }
+}
+
+/// One sample of every server: RSS, downloads in flight, upgrade slots held.
+async fn sample(http: &reqwest::Client, nodes: &[(String, u32, String)]) -> (Vec<u64>, u64, u64) {
+    let mut rss = Vec::with_capacity(nodes.len());
+    let (mut downloads, mut slots) = (0, 0);
+    for (_, pid, addr) in nodes {
+        rss.push(rss_kib(*pid).unwrap_or(0));
+        let text = scrape(http, addr).await;
+        downloads += metric(&text, "ampora_package_downloads_in_flight");
+        slots += metric(&text, "ampora_package_upgrades_in_progress");
+    }
+    (rss, downloads, slots)
+}
+
+async fn scrape(http: &reqwest::Client, addr: &str) -> String {
+    match http.get(format!("http://{addr}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The value of an unlabelled sample (or of the one whose labels follow `name{`), 0 if absent.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = rest.rsplit(' ').next()?;
+            (rest.starts_with(' ') || rest.starts_with('{')).then(|| value.parse::<f64>().ok())?
+        })
+        .map_or(0, |v| v.max(0.0) as u64)
+}
+
 pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
     let data = artifact(o.artifact_mib << 20);
     let signer = minisign::KeyPair::generate_unencrypted_keypair()?;
@@ -80,22 +223,20 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
         None,
     )?
     .to_string();
-    let sets = [
+    let sets = vec![
         format!("packages.trusted_keys=[\"{}\"]", signer.pk.to_base64()),
         format!("packages.max_concurrent_upgrades={}", o.cap),
+        format!("packages.max_downloads_per_gateway={}", o.cap),
         format!("packages.max_artifact_bytes={}", data.len() + 1),
     ];
-    let server = spawn_ampora(&o.exe, &sets, false).await?;
-    let api = Api::new(
-        &format!("http://{}", server.addr),
-        server.admin_token.as_deref().unwrap_or_default(),
-    )?;
-    let url = format!("ws://{}/v1/opamp", server.addr);
+    let servers = Servers::start(o, sets).await?;
+    let api = servers.api()?;
+    let urls = servers.agent_urls();
     let tokens = api.bootstrap_tokens(o.agents, 86_400).await?;
     let mut agents = Vec::with_capacity(o.agents);
-    for token in tokens {
+    for (i, token) in tokens.into_iter().enumerate() {
         agents.push(Agent::start(AgentOptions {
-            endpoint: url.clone(),
+            endpoint: urls[i % urls.len()].clone(),
             token: Some(token),
             description: vec![
                 ("service.name".into(), "otelcol".into()),
@@ -115,9 +256,12 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
         let left = deadline.saturating_duration_since(Instant::now());
         ::agent::wait_for(&mut a.status(), left, |s| s.connected && s.replies > 0).await?;
     }
-    let rss_before_kib = rss_kib(server.pid)?;
+    let nodes = servers.nodes();
+    let http = reqwest::Client::new();
+    let (rss, _, _) = sample(&http, &nodes).await;
+    let rss_before_kib: u64 = rss.iter().sum();
 
-    // Import and assign; the clock starts with the assignment.
+    // Import, then one stage of every agent; the clock starts with the stage.
     let b64 = base64::engine::general_purpose::STANDARD.encode(&signature);
     let resp = reqwest::Client::new()
         .post(format!("{}/api/v1/packages", api.base()))
@@ -135,22 +279,35 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
         bail!("import: {} {}", resp.status(), resp.text().await?);
     }
     let started = Instant::now();
-    api.post(
-        "/api/v1/packages/assignments",
-        json!({ "name": "", "version": "0.2.0", "all": true }),
-    )
-    .await?;
-    let pid = server.pid;
-    let peak = Arc::new(AtomicU64::new(rss_before_kib));
+    let rollout = api
+        .post(
+            "/api/v1/rollouts",
+            json!({ "package": "", "version": "0.2.0", "all": true, "stages": "100%",
+                    "soak": "1h", "deadline": "1h" }),
+        )
+        .await?;
+    let rollout_id = rollout["id"].as_i64().context("no rollout id")?;
+    let peaks = Arc::new(std::sync::Mutex::new((
+        BTreeMap::<String, u64>::new(),
+        0u64,
+        0u64,
+        rss_before_kib,
+    )));
     let sampler = {
-        let peak = peak.clone();
+        let (peaks, nodes, http) = (peaks.clone(), nodes.clone(), http.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tick.tick().await;
-                if let Ok(k) = rss_kib(pid) {
-                    peak.fetch_max(k, Ordering::Relaxed);
+                let (rss, downloads, slots) = sample(&http, &nodes).await;
+                let mut p = peaks.lock().unwrap_or_else(|e| e.into_inner());
+                for ((name, _, _), k) in nodes.iter().zip(&rss) {
+                    let e = p.0.entry(name.clone()).or_default();
+                    *e = (*e).max(*k);
                 }
+                p.1 = p.1.max(downloads);
+                p.2 = p.2.max(slots);
+                p.3 = p.3.max(rss.iter().sum::<u64>());
             }
         })
     };
@@ -199,19 +356,52 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
             o.agents
         );
     }
+    // The server's own count: every member verified (no status lost on the way).
+    let verified_ms = loop {
+        let v = api.get(&format!("/api/v1/rollouts/{rollout_id}")).await?;
+        let applied = v["stages"][0]["progress"]["applied"].as_u64().unwrap_or(0);
+        if applied as usize == o.agents {
+            break started.elapsed().as_millis() as u64;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the server counts {applied} of {} agents verified: {v}",
+                o.agents
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     times.sort();
     let last = times.last().copied().unwrap_or_default();
     sampler.abort();
-    let rss_after_kib = rss_kib(server.pid)?;
-    let rss_peak_kib = peak.load(Ordering::Relaxed).max(rss_after_kib);
+    let (rss, _, _) = sample(&http, &nodes).await;
+    let rss_after_kib: u64 = rss.iter().sum();
+    let (node_rss_peak_kib, peak_downloads_in_flight, peak_upgrades_in_progress, peak_sum) =
+        peaks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut store_reads = Vec::new();
+    for (name, _, addr) in &nodes {
+        if name.starts_with("gw-") {
+            let text = scrape(&http, addr).await;
+            store_reads.push(metric(
+                &text,
+                "ampora_gateway_blob_fetches_total{outcome=\"stored\"}",
+            ));
+        }
+    }
     for a in agents {
         a.stop().await;
     }
 
-    // The download path alone, Ampora then nginx, the same client and concurrency.
-    let (download_url, auth) = credential(&url, &api).await?;
-    let ampora_download_s =
-        fetch_all(&download_url, Some(&auth), o.agents, o.cap, data.len()).await?;
+    // The download path alone, one Ampora node then nginx, the same client and concurrency.
+    let (download_url, auth) = credential(&urls[0], &api).await?;
+    let direct = match &servers {
+        Servers::Cluster { cluster, .. } => {
+            let path = download_url.splitn(4, '/').nth(3).unwrap_or_default();
+            format!("http://{}/{path}", cluster.gateway_addrs()[0])
+        }
+        Servers::Embedded(_) => download_url,
+    };
+    let ampora_download_s = fetch_all(&direct, Some(&auth), o.agents, o.cap, data.len()).await?;
     let dir = tempfile::tempdir()?;
     let name = "build.bin";
     std::fs::write(dir.path().join(name), &data)?;
@@ -225,7 +415,7 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
     )
     .await?;
     drop(nginx);
-    server.stop().await;
+    servers.stop().await;
 
     let at = |q: f64| {
         let i = ((times.len() as f64 - 1.0) * q).round() as usize;
@@ -235,16 +425,76 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
         agents: o.agents,
         artifact_bytes: data.len(),
         cap: o.cap,
+        gateways: o.gateways,
+        coordinators: if o.gateways == 0 {
+            1
+        } else {
+            o.coordinators.max(1)
+        },
         first_ms: at(0.0),
         p50_ms: at(0.5),
         last_ms: last.as_millis() as u64,
+        verified_ms,
+        peak_downloads_in_flight,
+        peak_upgrades_in_progress,
+        store_reads,
         upgrade_mib_per_s: (o.agents * o.artifact_mib) as f64 / last.as_secs_f64().max(1e-9),
         rss_before_kib,
-        rss_peak_kib,
+        rss_peak_kib: peak_sum.max(rss_after_kib),
         rss_after_kib,
+        node_rss_peak_kib,
         ampora_download_s,
         nginx_download_s,
     })
+}
+
+/// A round-robin TCP balancer in front of the gateways, for downloads (the offered URL):
+/// each connection goes to the next gateway in turn, as an L4 load balancer would.
+struct Balancer {
+    addr: std::net::SocketAddr,
+    listener: Option<tokio::net::TcpListener>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Balancer {
+    /// Bound first: its address goes into the nodes' configuration before they start.
+    async fn bind() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Ok(Self {
+            addr: listener.local_addr()?,
+            listener: Some(listener),
+            task: None,
+        })
+    }
+
+    fn serve(mut self, backends: Vec<String>) -> Self {
+        let Some(listener) = self.listener.take() else {
+            return self;
+        };
+        self.task = Some(tokio::spawn(async move {
+            let mut next = 0usize;
+            while let Ok((mut client, _)) = listener.accept().await {
+                let backend = backends[next % backends.len()].clone();
+                next += 1;
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&backend).await {
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+        self
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
 }
 
 /// A download URL and credential from a fresh offer (one more agent, over its own
