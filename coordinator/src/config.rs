@@ -37,6 +37,9 @@ pub struct PackagesSection {
     /// minisign public keys (the base64 line of a `minisign.pub`); an artifact signed by one
     /// of them may be imported.
     pub trusted_keys: Vec<String>,
+    /// cosign public keys (PEM text, or the path of a `cosign.pub`); an artifact whose cosign
+    /// signature or Sigstore bundle verifies with one may be imported.
+    pub trusted_cosign_keys: Vec<String>,
     /// Import artifacts without a signature (a bad signature is always refused).
     pub allow_unsigned: bool,
     pub max_artifact_bytes: u64,
@@ -64,6 +67,7 @@ impl Default for PackagesSection {
     fn default() -> Self {
         Self {
             trusted_keys: Vec::new(),
+            trusted_cosign_keys: Vec::new(),
             allow_unsigned: false,
             max_artifact_bytes: 1 << 30,
             max_install_attempts: 3,

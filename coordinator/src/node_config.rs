@@ -180,8 +180,12 @@ pub fn package_hosting(
     blobs_in_store: bool,
 ) -> anyhow::Result<crate::service::packages::PackageHosting> {
     let p = &config.packages;
-    let trust = crate::service::package_import::TrustPolicy::new(&p.trusted_keys, p.allow_unsigned)
-        .map_err(anyhow::Error::msg)?;
+    let trust = crate::service::package_trust::TrustPolicy::new(
+        &p.trusted_keys,
+        &p.trusted_cosign_keys,
+        p.allow_unsigned,
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(crate::service::packages::PackageHosting {
         dir,
         blobs_in_store,

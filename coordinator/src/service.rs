@@ -18,8 +18,9 @@
 //! - [`assignments`]: config versions and assignments; [`deliveries`]: paced bulk pushes;
 //!   [`drift`]: re-apply, adopt;
 //! - [`rollouts`]: groups and staged rollouts (plan, gates, the driver, operator actions);
-//! - [`packages`], [`package_import`], [`upgrade_slots`]: agent packages (catalog, offers,
-//!   downloads' credentials, upgrade state), importing artifacts, and how many agents upgrade
+//! - [`packages`], [`package_import`], [`package_trust`], [`upgrade_slots`]: agent packages
+//!   (catalog, offers, downloads' credentials, upgrade state), importing artifacts, the
+//!   signatures that make them importable (minisign, cosign), and how many agents upgrade
 //!   at once;
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
@@ -36,6 +37,7 @@ mod identities;
 mod issuance;
 mod leases;
 pub mod package_import;
+pub mod package_trust;
 pub mod packages;
 mod partitions;
 mod refusals;

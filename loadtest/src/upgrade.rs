@@ -95,7 +95,7 @@ fn artifact(n: usize) -> Vec<u8> {
 enum Servers {
     Embedded(Spawned),
     Cluster {
-        cluster: Cluster,
+        cluster: Box<Cluster>,
         balancer: Balancer,
         _key: tempfile::TempDir,
     },
@@ -118,7 +118,7 @@ impl Servers {
             format!("packages.download_key_file={}", key_file.display()),
             format!("packages.download_url=http://{}", balancer.addr),
         ]);
-        let cluster = Cluster::start(&spec).await?;
+        let cluster = Box::new(Cluster::start(&spec).await?);
         let balancer = balancer.serve(cluster.gateway_addrs());
         Ok(Self::Cluster {
             cluster,

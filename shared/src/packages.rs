@@ -59,6 +59,10 @@ pub struct Artifact {
     /// Key id of the trusted key that verified `signature`; `None` when unsigned (allowed
     /// only by an explicit policy).
     pub signer: Option<String>,
+    /// Where an operator hosts the build themselves: agents download it from there, without
+    /// an Ampora credential. `None`: hosted by Ampora.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     pub author: String,
     pub created_ms: i64,
 }

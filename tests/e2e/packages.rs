@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use shared::ids::InstanceUid;
 use shared::packages::{all_packages_hash, package_hash, PackageKind};
 use tests::packages::{
-    build, download_of, import, import_kind, packaged_hello, top_level_report, Signer, PKG_CAPS,
+    build, download_of, import, import_kind, packaged_hello, top_level_report, CosignSigner,
+    FileHost, Signer, PKG_CAPS,
 };
 use tests::{bearer, eventually, TestServer};
 
@@ -150,6 +151,187 @@ async fn only_builds_signed_by_a_trusted_key_are_imported() -> anyhow::Result<()
             .is_some_and(|rows| rows.iter().any(|r| r["action"] == "package.import")),
         "{audit}"
     );
+    server.stop().await
+}
+
+/// cosign with a key: a build signed with `cosign sign-blob --key` (a bare signature) or
+/// with a Sigstore bundle is imported when the key is trusted, and the bundle is what its
+/// agents are given; a signature by another key, or a bundle of other bytes, is refused.
+#[tokio::test]
+async fn cosign_signatures_and_sigstore_bundles_by_a_trusted_key_are_imported() -> anyhow::Result<()>
+{
+    let cosign = CosignSigner::new(5);
+    let pem = cosign.public_pem();
+    let server =
+        TestServer::start_with(move |c| c.packages.trusted_cosign_keys = vec![pem]).await?;
+    let bare = build("0.2.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        bare.clone(),
+        Some(&cosign.sign(&bare)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["signer"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("cosign:")),
+        "{body}"
+    );
+    let bundled = build("0.3.0");
+    let bundle = cosign.bundle(&bundled);
+    let (status, body) = import(
+        &server,
+        "",
+        "0.3.0",
+        "linux/amd64",
+        bundled.clone(),
+        Some(&bundle),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+
+    let stranger = CosignSigner::new(6);
+    let other = build("0.4.0");
+    for (what, sig) in [
+        ("another key", stranger.sign(&other)),
+        ("a bundle of other bytes", cosign.bundle(&bundled)),
+        ("a bare signature of other bytes", cosign.sign(&bundled)),
+    ] {
+        let (status, body) = import(
+            &server,
+            "",
+            "0.4.0",
+            "linux/amd64",
+            other.clone(),
+            Some(&sig),
+        )
+        .await?;
+        assert_eq!(status, 400, "{what}: {body}");
+    }
+    // A minisign signature is refused: no minisign key is trusted here.
+    let (status, _) = import(
+        &server,
+        "",
+        "0.4.0",
+        "linux/amd64",
+        other.clone(),
+        Some(&Signer::new().sign(&other)),
+    )
+    .await?;
+    assert_eq!(status, 400);
+
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.3.0", "all": true }),
+        )
+        .await?;
+    let token = server.api.token("cosign").await?;
+    let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
+    conn.send(&packaged_hello(
+        InstanceUid::new_v7(),
+        PKG_CAPS,
+        "linux/amd64",
+    ))
+    .await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    let file = reply
+        .packages_available
+        .and_then(|p| p.packages.get("").cloned())
+        .and_then(|p| p.file)
+        .ok_or_else(|| anyhow::anyhow!("no offer"))?;
+    assert_eq!(
+        String::from_utf8_lossy(&file.signature),
+        bundle,
+        "the agent is given the bundle as imported"
+    );
+    server.stop().await
+}
+
+/// A build the operator hosts: imported by URL (fetched once and checked, nothing kept),
+/// offered at that URL without an Ampora credential, and installed to verified by the Rust
+/// agent from there. A URL whose file is not what was signed, or that answers 404, is refused.
+#[tokio::test]
+async fn a_build_hosted_elsewhere_is_imported_by_url_and_downloaded_from_there(
+) -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let data = build("0.2.0");
+    let host = FileHost::start("otelcol-0.2.0.tar.gz", data.clone()).await?;
+    let import_url = |url: String, sig: String| {
+        let server = &server;
+        async move {
+            use base64::Engine as _;
+            let resp = reqwest::Client::new()
+                .post(format!("{}/api/v1/packages", server.api.base))
+                .query(&[
+                    ("name", ""),
+                    ("version", "0.2.0"),
+                    ("platform", "linux/amd64"),
+                    ("url", url.as_str()),
+                ])
+                .bearer_auth(&server.api.token)
+                .header(
+                    "x-ampora-signature",
+                    base64::engine::general_purpose::STANDARD.encode(sig),
+                )
+                .send()
+                .await?;
+            let status = resp.status().as_u16();
+            anyhow::Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+        }
+    };
+    let (status, body) = import_url(host.url.clone(), signer.sign(&build("0.2.1"))).await?;
+    assert_eq!(status, 400, "a signature of other bytes: {body}");
+    let (status, body) = import_url(format!("{}.missing", host.url), signer.sign(&data)).await?;
+    assert!(
+        status == 400 && body.to_string().contains("404"),
+        "{status} {body}"
+    );
+    let (status, body) = import_url("file:///etc/passwd".into(), signer.sign(&data)).await?;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = import_url(host.url.clone(), signer.sign(&data)).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["url"], host.url);
+    assert_eq!(body["sha256"], hex::encode(Sha256::digest(&data)));
+    let fetched = host.served.load(std::sync::atomic::Ordering::Relaxed);
+    let blobs = std::fs::read_dir(server.dir.path().join("packages"))?.count();
+    assert_eq!(blobs, 0, "nothing kept");
+
+    let (agent, uid) = start_upgrading(&server, "external", false).await?;
+    assign_all(&server).await?;
+    eventually("the agent verified on the external build", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "verified").then_some(()))
+    })
+    .await?;
+    assert!(
+        host.served.load(std::sync::atomic::Ordering::Relaxed) > fetched,
+        "the agent downloaded from the operator's host"
+    );
+    // What it was offered: the URL itself and no credential (it would open nothing there).
+    let token = server.api.token("external-probe").await?;
+    let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
+    conn.send(&packaged_hello(
+        InstanceUid::new_v7(),
+        PKG_CAPS,
+        "linux/amd64",
+    ))
+    .await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    let file = reply
+        .packages_available
+        .and_then(|p| p.packages.get("").cloned())
+        .and_then(|p| p.file)
+        .ok_or_else(|| anyhow::anyhow!("no offer"))?;
+    assert_eq!(file.download_url, host.url);
+    assert!(file.headers.is_none(), "{:?}", file.headers);
+    agent.stop().await;
     server.stop().await
 }
 

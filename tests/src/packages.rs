@@ -53,6 +53,57 @@ impl Signer {
     }
 }
 
+/// A cosign (ECDSA P-256) key made for the test: what `cosign generate-key-pair` and
+/// `cosign sign-blob --key` would give.
+pub struct CosignSigner {
+    sk: p256::ecdsa::SigningKey,
+}
+
+impl CosignSigner {
+    /// A key from `seed` (tests need no randomness to tell two keys apart).
+    pub fn new(seed: u8) -> Self {
+        Self {
+            sk: p256::ecdsa::SigningKey::from_slice(&[seed.max(1); 32]).expect("key"),
+        }
+    }
+
+    /// The `cosign.pub` PEM.
+    pub fn public_pem(&self) -> String {
+        use p256::pkcs8::EncodePublicKey as _;
+        self.sk
+            .verifying_key()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .expect("pem")
+    }
+
+    /// `cosign sign-blob --key`'s output: the base64 DER signature over the SHA-256.
+    pub fn sign(&self, data: &[u8]) -> String {
+        use p256::ecdsa::signature::hazmat::PrehashSigner as _;
+        use sha2::Digest as _;
+        let sig: p256::ecdsa::Signature = self
+            .sk
+            .sign_prehash(&sha2::Sha256::digest(data))
+            .expect("sign");
+        base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes())
+    }
+
+    /// `cosign sign-blob --key --bundle`'s output: a Sigstore bundle with the signature and
+    /// the file's digest.
+    pub fn bundle(&self, data: &[u8]) -> String {
+        use sha2::Digest as _;
+        let digest = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(data));
+        serde_json::json!({
+            "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+            "verificationMaterial": { "publicKey": { "hint": "test" } },
+            "messageSignature": {
+                "messageDigest": { "algorithm": "SHA2_256", "digest": digest },
+                "signature": self.sign(data),
+            }
+        })
+        .to_string()
+    }
+}
+
 pub fn build(version: &str) -> Vec<u8> {
     // A few hundred KiB, so a download takes more than one read.
     let mut b = format!("otelcol {version}\n").into_bytes();
@@ -201,5 +252,61 @@ pub fn top_level_report(
             error_message: String::new(),
         }),
         ..Default::default()
+    }
+}
+
+/// A plain static file server for one file, as an operator's own artifact host: `GET /<name>`
+/// answers `data`, anything else 404. It counts the requests it served.
+pub struct FileHost {
+    pub url: String,
+    pub served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FileHost {
+    pub async fn start(name: &str, data: Vec<u8>) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/{name}", listener.local_addr()?);
+        let path = format!("/{name}");
+        let data = bytes::Bytes::from(data);
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = served.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (data, path, counter) = (data.clone(), path.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (data, path, counter) =
+                                (data.clone(), path.clone(), counter.clone());
+                            async move {
+                                let found = req.uri().path() == path;
+                                if found {
+                                    counter.fetch_add(1, Ordering::Relaxed);
+                                }
+                                let body = if found { data } else { bytes::Bytes::new() };
+                                let mut resp =
+                                    hyper::Response::new(http_body_util::Full::new(body));
+                                if !found {
+                                    *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+                                }
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { url, served, task })
+    }
+}
+
+impl Drop for FileHost {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -33,6 +33,9 @@ pub struct ImportParams {
     platform: String,
     /// `top_level` (the default) or `addon`.
     kind: Option<String>,
+    /// An `http(s)` URL where the operator hosts the build: Ampora fetches it once to check
+    /// its signature and SHA-256, stores nothing, and offers agents this URL (send no body).
+    url: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/v1/packages", params(ImportParams),
@@ -48,6 +51,9 @@ pub(super) async fn import_package(
     body: Body,
 ) -> ApiResult<Artifact> {
     let req = import_request(p, &headers)?;
+    if req.url.is_some() {
+        return Ok(Json(c.import_external(req, &caller.actor).await?));
+    }
     Ok(Json(
         c.import_artifact(req, body.into_data_stream(), &caller.actor)
             .await?,
@@ -99,6 +105,7 @@ fn import_request(p: ImportParams, headers: &HeaderMap) -> Result<ImportRequest,
         platform: p.platform,
         kind,
         signature,
+        url: p.url,
     })
 }
 

@@ -120,6 +120,17 @@ impl Client {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// A POST of no body to `path` with `query` and extra `headers`; the answer's JSON.
+    pub(super) async fn post_query(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<Value> {
+        let text = self.send_raw(self.post_with(path, query, headers)?).await?;
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
     /// A POST to `path` with the token, `query` and extra `headers`.
     fn post_with(
         &self,

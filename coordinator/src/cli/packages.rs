@@ -14,9 +14,14 @@ use super::configs::TargetArgs;
 #[derive(Debug, Subcommand)]
 pub enum PackagesCmd {
     /// Import a build: stored by its SHA-256, its signature checked against
-    /// `packages.trusted_keys`.
+    /// `packages.trusted_keys` / `packages.trusted_cosign_keys`. With `--url` instead of a
+    /// file, the build the operator hosts there is fetched once and checked, not stored.
     Import {
-        file: PathBuf,
+        #[arg(required_unless_present = "url", conflicts_with = "url")]
+        file: Option<PathBuf>,
+        /// Where the operator hosts the build (http or https); agents download it there.
+        #[arg(long)]
+        url: Option<String>,
         /// Package name (empty for the Collector supervisor's top-level package).
         #[arg(long, default_value = "")]
         name: String,
@@ -28,7 +33,8 @@ pub enum PackagesCmd {
         /// top_level or addon.
         #[arg(long, default_value = "top_level")]
         kind: String,
-        /// The minisign signature file (`FILE.minisig`).
+        /// The signature file: minisign (`FILE.minisig`), or cosign (`cosign sign-blob`'s
+        /// base64 signature, or its Sigstore bundle).
         #[arg(long)]
         signature: Option<PathBuf>,
     },
@@ -52,6 +58,7 @@ pub(super) async fn run(c: &Client, cmd: PackagesCmd) -> anyhow::Result<()> {
     match cmd {
         PackagesCmd::Import {
             file,
+            url,
             name,
             version,
             platform,
@@ -65,7 +72,7 @@ pub(super) async fn run(c: &Client, cmd: PackagesCmd) -> anyhow::Result<()> {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(text);
                 headers.push(("x-ampora-signature", b64));
             }
-            let query = [
+            let mut query = vec![
                 ("name", name),
                 ("version", version),
                 ("platform", platform),
@@ -73,9 +80,17 @@ pub(super) async fn run(c: &Client, cmd: PackagesCmd) -> anyhow::Result<()> {
             ];
             // Refused for what the server can tell without the build: say so before sending it.
             c.check("/api/v1/packages/check", &query, &headers).await?;
-            let v = c
-                .upload("/api/v1/packages", &query, &headers, &file)
-                .await?;
+            let v = match (file, url) {
+                (Some(file), _) => {
+                    c.upload("/api/v1/packages", &query, &headers, &file)
+                        .await?
+                }
+                (None, Some(url)) => {
+                    query.push(("url", url));
+                    c.post_query("/api/v1/packages", &query, &headers).await?
+                }
+                (None, None) => anyhow::bail!("a FILE or --url"),
+            };
             c.print(&v, |v| {
                 println!(
                     "imported {:?} {} for {}: sha256 {} ({} bytes), signed by {}",

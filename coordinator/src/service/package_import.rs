@@ -1,59 +1,21 @@
 //! Importing a package artifact: the bytes streamed to a temporary file in the blob
-//! directory while their SHA-256 and (for a signed artifact) the minisign signature are
-//! computed over the same pass, checked against the operator's trust policy, and only then
-//! moved to their content address and recorded. Nothing is held in memory whole, and a
+//! directory while their SHA-256 and (for a signed artifact) the signature are checked over
+//! the same pass against the operator's trust policy (`package_trust`), and only then moved
+//! to their content address (or into the store) and recorded. Nothing is held in memory whole, and a
 //! refused import leaves no file behind. Ampora never holds a signing key: it only verifies.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use minisign_verify::{PublicKey, Signature};
 use sha2::{Digest, Sha256};
 use shared::now_ms;
 use shared::packages::{valid_label, valid_platform, Artifact, PackageKind, BLOB_CHUNK_BYTES};
 use tokio::io::AsyncWriteExt;
 
+use super::package_trust::Pending;
 use super::{Coordinator, ServiceError};
 
 /// An upload that sends nothing for this long is abandoned.
 const IMPORT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Which signatures make an artifact importable.
-#[derive(Clone)]
-pub struct TrustPolicy {
-    /// The minisign public keys (as configured, base64) and their decoded form.
-    keys: Vec<(String, PublicKey)>,
-    allow_unsigned: bool,
-}
-
-impl std::fmt::Debug for TrustPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&str> = self.keys.iter().map(|(k, _)| k.as_str()).collect();
-        f.debug_struct("TrustPolicy")
-            .field("keys", &keys)
-            .field("allow_unsigned", &self.allow_unsigned)
-            .finish()
-    }
-}
-
-impl TrustPolicy {
-    /// `keys`: minisign public keys, the base64 line of a `minisign.pub` file.
-    pub fn new(keys: &[String], allow_unsigned: bool) -> Result<Self, String> {
-        let keys = keys
-            .iter()
-            .map(|k| {
-                PublicKey::from_base64(k.trim())
-                    .map(|pk| (k.trim().to_owned(), pk))
-                    .map_err(|e| {
-                        format!("packages.trusted_keys: `{k}` is not a minisign public key: {e}")
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            keys,
-            allow_unsigned,
-        })
-    }
-}
 
 /// An artifact about to be imported.
 #[derive(Debug, Clone)]
@@ -62,8 +24,10 @@ pub struct ImportRequest {
     pub version: String,
     pub platform: String,
     pub kind: PackageKind,
-    /// The minisign signature file's text.
+    /// The signature file's text: minisign, or cosign (base64, or a Sigstore bundle).
     pub signature: Option<String>,
+    /// Hosted by the operator at this URL ([`Coordinator::import_external`]).
+    pub url: Option<String>,
 }
 
 impl Coordinator {
@@ -81,7 +45,7 @@ impl Coordinator {
     async fn admissible(
         &self,
         req: &ImportRequest,
-    ) -> Result<(&super::packages::PackageHosting, Option<(usize, Signature)>), ServiceError> {
+    ) -> Result<(&super::packages::PackageHosting, Option<Pending>), ServiceError> {
         let Some(hosting) = self.cfg.packages.as_ref() else {
             return Err(ServiceError::Conflict(super::packages::HOSTING_OFF.into()));
         };
@@ -96,31 +60,20 @@ impl Coordinator {
                 req.platform.escape_default()
             )));
         }
-        let trust = &hosting.trust;
-        let sig = match &req.signature {
-            None if trust.allow_unsigned => None,
-            None => {
-                return Err(ServiceError::Invalid(
-                    "the artifact is unsigned, and the trust policy accepts only signed ones (packages.allow_unsigned)".into(),
-                ))
+        if let Some(url) = &req.url {
+            let ok = reqwest::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !ok {
+                return Err(ServiceError::Invalid(format!(
+                    "url `{}` is not an http(s) URL",
+                    url.escape_default()
+                )));
             }
-            Some(text) => {
-                let sig = Signature::decode(text).map_err(|e| {
-                    ServiceError::Invalid(format!("the signature is not a minisign signature: {e}"))
-                })?;
-                // The key whose id the signature names (minisign refuses the others at once).
-                let key = trust
-                    .keys
-                    .iter()
-                    .position(|(_, pk)| pk.verify_stream(&sig).is_ok())
-                    .ok_or_else(|| {
-                        ServiceError::Invalid(
-                            "the signature is not by a key the trust policy trusts (packages.trusted_keys), or is a legacy (not prehashed) minisign signature".into(),
-                        )
-                    })?;
-                Some((key, sig))
-            }
-        };
+        }
+        let sig = hosting
+            .trust
+            .admit(req.signature.as_deref())
+            .map_err(ServiceError::Invalid)?;
         let taken =
             self.store.list_artifacts().await?.iter().any(|a| {
                 a.name == req.name && a.version == req.version && a.platform == req.platform
@@ -132,6 +85,33 @@ impl Coordinator {
             )));
         }
         Ok((hosting, sig))
+    }
+
+    /// Imports the build the operator hosts at `req.url`: fetched once, streamed through the
+    /// same checks as an upload (size, SHA-256, signature), and not kept. Agents are offered
+    /// the URL itself; if the file there changes, their hash check fails the install.
+    pub async fn import_external(
+        &self,
+        req: ImportRequest,
+        author: &str,
+    ) -> Result<Artifact, ServiceError> {
+        self.admissible(&req).await?;
+        let url = req.url.clone().unwrap_or_default();
+        let resp = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| ServiceError::Internal(format!("http client: {e}")))?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ServiceError::Invalid(format!("fetching {url}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(ServiceError::Invalid(format!(
+                "fetching {url}: the server answered {}",
+                resp.status()
+            )));
+        }
+        self.import_artifact(req, resp.bytes_stream(), author).await
     }
 
     /// Imports `body` as the artifact `req` describes (see the module docs).
@@ -146,17 +126,10 @@ impl Coordinator {
         E: std::fmt::Display,
     {
         let (hosting, sig) = self.admissible(&req).await?;
-        let trust = &hosting.trust;
-        let (signer, mut verifier) = match &sig {
-            Some((i, sig)) => {
-                let (text, pk) = &trust.keys[*i];
-                let v = pk
-                    .verify_stream(sig)
-                    .map_err(|e| ServiceError::Internal(format!("signature check: {e}")))?;
-                (Some(text.clone()), Some(v))
-            }
-            None => (None, None),
-        };
+        let mut verifier = hosting
+            .trust
+            .verifier(&sig)
+            .map_err(ServiceError::Internal)?;
 
         tokio::fs::create_dir_all(&hosting.dir)
             .await
@@ -192,9 +165,7 @@ impl Coordinator {
                     )));
                 }
                 sha.update(&chunk);
-                if let Some(v) = verifier.as_mut() {
-                    v.update(&chunk);
-                }
+                verifier.update(&chunk);
                 file.write_all(&chunk)
                     .await
                     .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
@@ -202,24 +173,22 @@ impl Coordinator {
             file.sync_all()
                 .await
                 .map_err(|e| ServiceError::Internal(format!("blob file: {e}")))?;
-            if let Some(v) = verifier.as_mut() {
-                v.finalize().map_err(|_| {
-                    ServiceError::Invalid(
-                        "the signature does not verify: the artifact is not what was signed".into(),
-                    )
-                })?;
-            }
-            Ok::<_, ServiceError>((hex::encode(sha.finalize()), size))
+            let digest = sha.finalize();
+            let signer = verifier.finish(&digest).map_err(ServiceError::Invalid)?;
+            Ok::<_, ServiceError>((hex::encode(digest), size, signer))
         }
         .await;
-        let (sha256, size) = match written {
+        let (sha256, size, signer) = match written {
             Ok(w) => w,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(e);
             }
         };
-        if hosting.blobs_in_store {
+        if req.url.is_some() {
+            // Checked, not kept: agents download it from where the operator hosts it.
+            let _ = tokio::fs::remove_file(&tmp).await;
+        } else if hosting.blobs_in_store {
             let stored = self.store_blob(&tmp, &sha256).await;
             let _ = tokio::fs::remove_file(&tmp).await;
             stored?;
@@ -238,6 +207,7 @@ impl Coordinator {
             size,
             signature: req.signature,
             signer,
+            url: req.url,
             author: author.to_owned(),
             created_ms: now_ms(),
         };
@@ -258,6 +228,7 @@ impl Coordinator {
                 "sha256": artifact.sha256,
                 "size": artifact.size,
                 "signer": artifact.signer,
+                "url": artifact.url,
             }),
         )
         .await?;

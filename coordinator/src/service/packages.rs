@@ -54,7 +54,7 @@ pub struct PackageHosting {
     /// Agents downloading and installing at once, per coordinator (`upgrade_slots`).
     pub max_concurrent_upgrades: usize,
     /// The trust policy imports are checked against.
-    pub trust: super::package_import::TrustPolicy,
+    pub trust: super::package_trust::TrustPolicy,
     pub max_artifact_bytes: u64,
 }
 
@@ -257,7 +257,8 @@ impl Coordinator {
         })
     }
 
-    /// Puts a fresh download token for `uid` into every package of `reply`'s offer.
+    /// Puts a fresh download token for `uid` into every package of `reply`'s offer that
+    /// Ampora hosts.
     pub(super) fn stamp_downloads(&self, uid: InstanceUid, reply: &mut ServerToAgent) {
         let (Some(hosting), Some(offer)) = (&self.cfg.packages, reply.packages_available.as_mut())
         else {
@@ -265,7 +266,12 @@ impl Coordinator {
         };
         let expires = u64::try_from(now_ms() / 1000).unwrap_or(0) + hosting.token_ttl_secs;
         for p in offer.packages.values_mut() {
-            if let Some(f) = p.file.as_mut() {
+            // Builds the operator hosts elsewhere get no Ampora credential.
+            if let Some(f) = p.file.as_mut().filter(|f| {
+                f.download_url
+                    .strip_prefix(&hosting.download_base)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            }) {
                 let sha = hex::encode(&f.content_hash);
                 let token = hosting.key.mint(uid, &sha, expires);
                 f.headers = Some(Headers {
@@ -525,7 +531,10 @@ fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting) -> PackageOffer {
                 r#type: a.kind.wire(),
                 version: a.version.clone(),
                 file: Some(DownloadableFile {
-                    download_url: format!("{}/{}", hosting.download_base, a.sha256),
+                    download_url: a
+                        .url
+                        .clone()
+                        .unwrap_or_else(|| format!("{}/{}", hosting.download_base, a.sha256)),
                     content_hash: hex::decode(&a.sha256).unwrap_or_default(),
                     signature: a.signature.clone().unwrap_or_default().into_bytes(),
                     headers: None,

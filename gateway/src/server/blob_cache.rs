@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use shared::bus::{BlobChunk, Bus, CoordinatorReply, CoordinatorRequest, Route};
@@ -19,6 +19,9 @@ use shared::packages::BLOB_CHUNK_BYTES;
 use tokio::io::AsyncWriteExt;
 
 use super::latency;
+
+/// After a failed fetch, downloads of that blob fail at once for this long.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 
 const FETCHES: &str = "ampora_gateway_blob_fetches_total";
 const FETCH_BYTES: &str = "ampora_gateway_blob_fetch_bytes_total";
@@ -52,9 +55,10 @@ pub(super) struct BlobCache {
     dir: PathBuf,
     bus: Arc<dyn Bus>,
     timeout: Duration,
-    /// One lock per blob being (or once) fetched: the single-flight. A few entries per
-    /// imported version; never pruned.
-    fills: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per blob being (or once) fetched: the single-flight. It holds when the last
+    /// fetch failed, so the downloads that waited on it fail at once rather than each trying
+    /// again in turn. A few entries per imported version; never pruned.
+    fills: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
     /// Blobs fetched whole into the cache by this gateway.
     stored: AtomicU64,
 }
@@ -96,12 +100,16 @@ impl BlobCache {
             .entry(sha256.to_owned())
             .or_default()
             .clone();
-        let _turn = fill.lock().await;
-        // Whoever held the turn before may have fetched it.
+        let mut turn = fill.lock().await;
+        // Whoever held the turn before may have fetched it, or just failed to.
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(Cached::Present);
         }
+        if turn.is_some_and(|failed| failed.elapsed() < RETRY_AFTER_FAILURE) {
+            return Err("the store could not be read a moment ago".into());
+        }
         let outcome = self.fetch(sha256, &path).await;
+        *turn = outcome.is_err().then(Instant::now);
         let label = match &outcome {
             Ok(Cached::Present) => "stored",
             Ok(Cached::NotFound) => "not_found",

@@ -21,6 +21,7 @@ pub async fn artifacts(store: &dyn Store) {
         size: 20 << 20,
         signature: Some("untrusted comment: x\nRW...\n".into()),
         signer: Some("0123456789ABCDEF".into()),
+        url: None,
         author: unique("author"),
         created_ms: 1_700_000_000_000,
     };
@@ -41,6 +42,7 @@ pub async fn artifacts(store: &dyn Store) {
         sha256: "ef".repeat(32),
         signature: None,
         signer: None,
+        url: Some("https://builds.example.com/otelcol-arm64.tar.gz".into()),
         ..amd.clone()
     };
     assert!(store.create_artifact(&arm).await.expect("create_artifact"));
