@@ -239,6 +239,7 @@ impl Gateway {
         let downloads = inner.cfg.downloads.clone().map(|d| {
             Arc::new(downloads::Hosted::new(
                 d,
+                inner.cfg.identity.clone(),
                 inner.bus.clone(),
                 inner.cfg.request_timeout,
             ))

@@ -335,6 +335,55 @@ async fn a_build_hosted_elsewhere_is_imported_by_url_and_downloaded_from_there(
     server.stop().await
 }
 
+/// The agent's own certificate is a download credential too: over TLS an agent with an
+/// identity downloads a hosted build with no token; a TLS client without a certificate and
+/// without a token is refused, and so is the identity once revoked.
+#[tokio::test]
+async fn an_agents_certificate_opens_hosted_builds_without_a_token() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    let data = build("0.2.0");
+    let (status, body) = import(
+        &server,
+        "",
+        "0.2.0",
+        "linux/amd64",
+        data.clone(),
+        Some(&signer.sign(&data)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let sha = Sha256::digest(&data).to_vec();
+    let url = format!("https://{}/v1/packages/{}", server.addr, hex::encode(&sha));
+    let job = |url: &str| agent::PackageDownload {
+        name: String::new(),
+        version: "0.2.0".into(),
+        hash: Vec::new(),
+        url: url.to_owned(),
+        content_hash: sha.clone(),
+        headers: Vec::new(),
+        signature: Vec::new(),
+    };
+    let ca = std::fs::read_to_string(server.dir.path().join("tls").join("ca.pem"))?;
+    let token = server.api.token("cert-download").await?;
+    let id = tests::identity::CsrIdentity::enroll(&server.wss_url(), &ca, &token).await?;
+
+    let (bytes, got) = agent::download_package(&job(&url), Some(&id.client_tls(&ca)?), None).await;
+    assert_eq!(got, Ok(()), "with its certificate");
+    assert_eq!(bytes, data.len() as u64);
+    let (_, got) =
+        agent::download_package(&job(&url), Some(&agent::ClientTls::from_ca_pem(&ca)?), None).await;
+    assert!(
+        got.as_ref().is_err_and(|e| e.contains("401")),
+        "no certificate, no token: {got:?}"
+    );
+
+    assert_eq!(server.api.revoke_identity(&id.serial).await?, 204);
+    let (_, got) = agent::download_package(&job(&url), Some(&id.client_tls(&ca)?), None).await;
+    assert!(got.is_err(), "a revoked identity opens nothing: {got:?}");
+    server.stop().await
+}
+
 #[tokio::test]
 async fn an_offer_opens_its_own_blob_and_nothing_else() -> anyhow::Result<()> {
     let signer = Signer::new();

@@ -6,7 +6,10 @@
 //! (`blob_cache`). They are streamed with `Content-Length`, a strong `ETag` (the blob's
 //! SHA-256) and `Range` / 206, never held in memory whole. At most `max_in_flight`
 //! downloads are sent at once; the others wait their turn rather than fail (a real client
-//! turns any refusal into a failed install). The token itself never reaches a log or a
+//! turns any refusal into a failed install). An agent with an identity may present its
+//! client certificate in the TLS handshake instead of the token: verified as for OpAMP
+//! (agent CA, not revoked), it opens any hosted build, since every build is meant for the
+//! fleet. The token itself never reaches a log or a
 //! metric: refusals are counted by reason, served downloads by status, with their bytes.
 
 use std::path::PathBuf;
@@ -31,11 +34,12 @@ const DOWNLOADS: &str = "ampora_package_downloads_total";
 const DOWNLOAD_BYTES: &str = "ampora_package_download_bytes_total";
 const IN_FLIGHT: &str = "ampora_package_downloads_in_flight";
 const WAITING: &str = "ampora_package_downloads_waiting";
-const OUTCOMES: [&str; 8] = [
+const OUTCOMES: [&str; 9] = [
     "full",
     "partial",
     "not_found",
     "unavailable",
+    "bad_certificate",
     "malformed",
     "other_blob",
     "expired",
@@ -58,6 +62,8 @@ pub struct Downloads {
 /// The route's state: the settings, the cache (when fetching) and the turns.
 pub(super) struct Hosted {
     d: Downloads,
+    /// The agent CA: a verified client certificate is a download credential too.
+    identity: Option<crate::tls::AgentTrust>,
     cache: Option<super::blob_cache::BlobCache>,
     turns: Arc<Semaphore>,
     /// Downloads waiting for a turn now (the gauge is process-wide; this is this gateway's).
@@ -65,7 +71,12 @@ pub(super) struct Hosted {
 }
 
 impl Hosted {
-    pub(super) fn new(d: Downloads, bus: Arc<dyn Bus>, timeout: std::time::Duration) -> Self {
+    pub(super) fn new(
+        d: Downloads,
+        identity: Option<crate::tls::AgentTrust>,
+        bus: Arc<dyn Bus>,
+        timeout: std::time::Duration,
+    ) -> Self {
         let cache = d
             .fetch_missing
             .then(|| super::blob_cache::BlobCache::new(d.dir.clone(), bus, timeout));
@@ -74,6 +85,7 @@ impl Hosted {
         ));
         Self {
             d,
+            identity,
             cache,
             turns,
             waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -89,7 +101,7 @@ impl Hosted {
 pub(super) fn describe() {
     metrics::describe_counter!(
         DOWNLOADS,
-        "Package download requests, by outcome (full, partial, not_found, unavailable: the store could not be read, or why the token was refused: malformed, other_blob, expired, bad_mac)"
+        "Package download requests, by outcome (full, partial, not_found, unavailable: the store could not be read, or why the credential was refused: malformed, other_blob, expired, bad_mac, bad_certificate)"
     );
     metrics::describe_gauge!(
         WAITING,
@@ -182,9 +194,26 @@ async fn serve(State(h): State<Arc<Hosted>>, Path(sha256): Path<String>, req: Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let uid = match h.d.key.verify(token.trim(), &sha256, now_secs()) {
-        Ok(uid) => uid,
-        Err(why) => return refused(why),
+    let certs = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::tls::Peer>>()
+        .and_then(|c| c.0.client_certs.clone());
+    let uid = match (token.is_empty(), &h.identity, certs) {
+        (true, Some(trust), Some(chain)) => match trust.verify(&chain) {
+            Ok(id) => id.uid,
+            Err(why) => {
+                metrics::counter!(DOWNLOADS, "outcome" => "bad_certificate").increment(1);
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    format!("download refused: client certificate {}\n", why.as_str()),
+                )
+                    .into_response();
+            }
+        },
+        _ => match h.d.key.verify(token.trim(), &sha256, now_secs()) {
+            Ok(uid) => uid,
+            Err(why) => return refused(why),
+        },
     };
     // The turn is taken before the cache is filled, so a cold cache never has more readers
     // of the store than downloads allowed at once.
@@ -293,6 +322,7 @@ mod tests {
                 fetch_missing: false,
                 max_in_flight: 1,
             },
+            None,
             Arc::new(InProcessBus::new()),
             std::time::Duration::from_secs(5),
         ));

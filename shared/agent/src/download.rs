@@ -89,9 +89,9 @@ impl Downloads {
 }
 
 /// Fetches `job.url` (redirects are not followed: anything but 200 fails) and checks its
-/// content against `job.content_hash` (when the offer has one). Returns the bytes received
-/// with the result.
-pub(crate) async fn fetch(
+/// content against `job.content_hash` (when the offer has one), over `tls` for `https://`
+/// (with its client certificate, if it has one). Returns the bytes received with the result.
+pub async fn fetch(
     job: &PackageDownload,
     tls: Option<&ClientTls>,
     source: Option<IpAddr>,

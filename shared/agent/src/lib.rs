@@ -38,6 +38,7 @@ use tokio::sync::watch;
 
 pub use self::agent::Agent;
 pub use self::core::{AgentCore, Outcome, PackageDownload, DISLIKED, SICKENED};
+pub use self::download::fetch as download_package;
 pub use self::error::{ClientError, ConnectError};
 pub use self::http::HttpTransport;
 pub use self::options::{AgentOptions, AgentStatus, PackageView, DEFAULT_CAPABILITIES};
