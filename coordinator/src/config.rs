@@ -61,6 +61,9 @@ pub struct PackagesSection {
     pub download_url: String,
     /// Cluster gateways: where fetched blobs are cached; empty: `<server.data_dir>/package-cache`.
     pub cache_dir: PathBuf,
+    /// When agents may start an upgrade: `[DAYS ]HH:MM-HH:MM` in UTC each, e.g.
+    /// `"Sat,Sun 22:00-04:00"`; empty: at any time.
+    pub maintenance_windows: Vec<String>,
 }
 
 impl Default for PackagesSection {
@@ -77,6 +80,7 @@ impl Default for PackagesSection {
             download_key_file: PathBuf::new(),
             download_url: String::new(),
             cache_dir: PathBuf::new(),
+            maintenance_windows: Vec::new(),
         }
     }
 }
@@ -800,6 +804,11 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if !(1..=900).contains(&c.packages.download_token_ttl_secs) {
         errors.push("packages.download_token_ttl_secs: must be 1 to 900".into());
+    }
+    for w in &c.packages.maintenance_windows {
+        if let Err(e) = crate::service::maintenance::Window::parse(w) {
+            errors.push(format!("packages.maintenance_windows: {e}"));
+        }
     }
     if c.packages.max_downloads_per_gateway == 0 {
         errors.push("packages.max_downloads_per_gateway: must be at least 1".into());

@@ -196,6 +196,12 @@ pub fn package_hosting(
         max_concurrent_upgrades: saturate(p.max_concurrent_upgrades),
         trust,
         max_artifact_bytes: p.max_artifact_bytes,
+        windows: p
+            .maintenance_windows
+            .iter()
+            .map(|w| crate::service::maintenance::Window::parse(w))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
     })
 }
 

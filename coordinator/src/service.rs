@@ -21,7 +21,7 @@
 //! - [`packages`], [`package_import`], [`package_trust`], [`upgrade_slots`]: agent packages
 //!   (catalog, offers, downloads' credentials, upgrade state), importing artifacts, the
 //!   signatures that make them importable (minisign, cosign), and how many agents upgrade
-//!   at once;
+//!   at once and when ([`maintenance`] windows);
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
 
 mod agents;
@@ -36,6 +36,7 @@ mod frames;
 mod identities;
 mod issuance;
 mod leases;
+pub mod maintenance;
 pub mod package_import;
 pub mod package_trust;
 pub mod packages;

@@ -384,6 +384,44 @@ async fn an_agents_certificate_opens_hosted_builds_without_a_token() -> anyhow::
     server.stop().await
 }
 
+/// Outside the maintenance window an assigned upgrade waits: the agent is `pending` with the
+/// window as the reason and is offered nothing.
+#[tokio::test]
+async fn outside_the_maintenance_window_an_upgrade_waits() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let key = signer.public();
+    // An hour-long window half a day from now.
+    let hour = (shared::now_ms() / 3_600_000 + 12) % 24;
+    let window = format!("{hour:02}:00-{:02}:00", hour + 1);
+    let shown = window.clone();
+    let server = TestServer::start_with(move |c| {
+        c.packages.trusted_keys = vec![key];
+        c.packages.maintenance_windows = vec![window];
+    })
+    .await?;
+    import_build(&server, &signer).await?;
+    let (agent, uid) = start_upgrading(&server, "windowed", false).await?;
+    assign_all(&server).await?;
+    let view = eventually("the upgrade pending on the window", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "pending").then_some(v))
+    })
+    .await?;
+    assert_eq!(
+        view["reason"],
+        format!("outside the maintenance window ({shown} UTC)"),
+        "{view}"
+    );
+    assert_eq!(view["desired"][""], "0.2.0", "{view}");
+    // The agent has sent messages since the assignment (heartbeats) and was offered nothing.
+    let replies = agent.status().borrow().replies;
+    agent::wait_for(&mut agent.status(), WAIT, |s| s.replies >= replies + 2).await?;
+    assert_eq!(agent.status().borrow().package_offers, 0);
+    assert_eq!(upgrade_state(&server, uid).await?["state"], "pending");
+    agent.stop().await;
+    server.stop().await
+}
+
 #[tokio::test]
 async fn an_offer_opens_its_own_blob_and_nothing_else() -> anyhow::Result<()> {
     let signer = Signer::new();

@@ -56,6 +56,8 @@ pub struct PackageHosting {
     /// The trust policy imports are checked against.
     pub trust: super::package_trust::TrustPolicy,
     pub max_artifact_bytes: u64,
+    /// When agents may start an upgrade (`packages.maintenance_windows`); empty: always.
+    pub windows: Vec<super::maintenance::Window>,
 }
 
 /// Artifacts and assignments as last read, with the offers built from them.
@@ -465,7 +467,13 @@ impl Coordinator {
             view.reason = Some("cannot upgrade: the agent does not accept packages".into());
             "cannot_upgrade"
         } else if pk.offered_hash.as_deref() != Some(offer.hash_hex.as_str()) {
-            // Not offered yet: waiting for an upgrade slot, or for its next message.
+            // Not offered yet: waiting for an upgrade slot, a maintenance window, or its
+            // next message.
+            if let Some(h) = self.cfg.packages.as_ref() {
+                if !super::maintenance::open(&h.windows, now_ms()) {
+                    view.reason = Some(super::maintenance::closed_reason(&h.windows));
+                }
+            }
             "pending"
         } else if pk.echoed_hash != offer.hash_hex {
             "offered"

@@ -114,6 +114,14 @@ impl UpgradeSlots {
         ok
     }
 
+    /// Whether `uid` holds a slot that has not timed out.
+    fn holds(&self, uid: &InstanceUid, now: i64) -> bool {
+        self.held.lock().is_ok_and(|h| {
+            h.get(uid)
+                .is_some_and(|since| now.saturating_sub(*since) < SLOT_TIMEOUT_MS)
+        })
+    }
+
     /// Frees `uid`'s slot; true if it held one.
     pub(super) fn give_back(&self, uid: &InstanceUid) -> bool {
         let Ok(mut held) = self.held.lock() else {
@@ -136,9 +144,25 @@ impl Coordinator {
     /// After a lease round: this coordinator's share of the fleet-wide cap follows the
     /// partitions it holds.
     pub(super) fn share_upgrade_slots(&self, held_partitions: usize) {
-        if self.upgrade_slots.share(held_partitions) {
+        let grew = self.upgrade_slots.share(held_partitions);
+        // A window that opened since the last round: the waiting agents are offered their
+        // sets now (nothing else wakes them; a slot freed inside a window does).
+        let windowed = self
+            .cfg
+            .packages
+            .as_ref()
+            .is_some_and(|h| !h.windows.is_empty());
+        if grew || (windowed && self.upgrade_window_open(now_ms())) {
             self.upgrade_fill.notify_one();
         }
+    }
+
+    /// Whether agents may start an upgrade now (`maintenance`).
+    fn upgrade_window_open(&self, now: i64) -> bool {
+        self.cfg
+            .packages
+            .as_ref()
+            .is_none_or(|h| super::maintenance::open(&h.windows, now))
     }
 
     /// `offer` if `record` may have it now (see the module docs); frees the agent's slot once
@@ -155,7 +179,12 @@ impl Coordinator {
             }
             return Some(offer);
         }
-        self.upgrade_slots.take(uid, now_ms()).then_some(offer)
+        let now = now_ms();
+        // Outside the maintenance windows only agents already upgrading go on.
+        if !self.upgrade_window_open(now) && !self.upgrade_slots.holds(&uid, now) {
+            return None;
+        }
+        self.upgrade_slots.take(uid, now).then_some(offer)
     }
 
     /// After a message was handled: an agent that now has its set (or gave up) frees its slot
