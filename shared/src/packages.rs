@@ -246,6 +246,26 @@ pub fn valid_platform(s: &str) -> bool {
 /// message between a gateway and a coordinator carries, well under NATS's default payload.
 pub const BLOB_CHUNK_BYTES: usize = 512 * 1024;
 
+/// Whether going from version `from` to `to` is a downgrade: both dotted numbers (a leading
+/// `v` and any `-pre` / `+build` suffix aside) and `to` the lower. Versions that are not
+/// dotted numbers are never called downgrades: their order is unknown.
+pub fn is_downgrade(from: &str, to: &str) -> bool {
+    fn parts(v: &str) -> Option<Vec<u64>> {
+        let v = v.trim().trim_start_matches('v');
+        let core = v.split(['-', '+']).next()?;
+        core.split('.').map(|p| p.parse().ok()).collect()
+    }
+    match (parts(from), parts(to)) {
+        (Some(mut a), Some(mut b)) => {
+            let n = a.len().max(b.len());
+            a.resize(n, 0);
+            b.resize(n, 0);
+            b < a
+        }
+        _ => false,
+    }
+}
+
 /// A lowercase 64-digit hex SHA-256.
 pub fn valid_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -254,6 +274,16 @@ pub fn valid_sha256(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downgrades_are_lower_dotted_versions() {
+        assert!(is_downgrade("0.110.0", "0.99.1"));
+        assert!(is_downgrade("v1.2", "1.1.9"));
+        assert!(is_downgrade("1.2.0", "1.1.0-rc1"));
+        assert!(!is_downgrade("0.99.1", "0.110.0"));
+        assert!(!is_downgrade("1.2", "1.2.0"), "equal");
+        assert!(!is_downgrade("nightly", "0.1.0"), "unknown order");
+    }
 
     #[test]
     fn the_aggregate_does_not_depend_on_order() {

@@ -366,3 +366,63 @@ async fn a_rollback_with_nothing_to_return_to_never_offers_a_set_without_the_bui
     agent.stop().await;
     server.stop().await
 }
+
+/// A downgrade is made only when asked for: with agents verified on 0.2.0, assigning or
+/// rolling out 0.1.5 is refused with the versions they run; with `allow_downgrade` the
+/// rollout is created and the permission is in the audit log.
+#[tokio::test]
+async fn a_downgrade_is_refused_unless_asked_for() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    import_version(&server, &signer, "0.2.0").await?;
+    import_version(&server, &signer, "0.1.5").await?;
+    let (agent, uid) = start_upgrading(&server, "downgrade", false).await?;
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    eventually("the agent verified on 0.2.0", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "verified").then_some(()))
+    })
+    .await?;
+
+    let (status, body) = server
+        .api
+        .raw(
+            reqwest::Method::POST,
+            "/api/v1/packages/assignments",
+            Some(json!({ "name": "", "version": "0.1.5", "all": true })),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("(0.2.0) than 0.1.5"), "{body}");
+    let upgrade = json!({ "package": "", "version": "0.1.5", "all": true, "stages": "100%" });
+    let (status, body) = server
+        .api
+        .raw(
+            reqwest::Method::POST,
+            "/api/v1/rollouts",
+            Some(upgrade.clone()),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    let mut allowed = upgrade;
+    allowed["allow_downgrade"] = json!(true);
+    let created = server.api.post("/api/v1/rollouts", allowed).await?;
+    let id = created["id"].as_i64().expect("rollout id");
+    let audit = server.api.get("/api/v1/audit?limit=50").await?;
+    assert!(
+        audit.as_array().is_some_and(|rows| rows.iter().any(|r| {
+            r["action"] == "rollout.create"
+                && r["detail"]["rollout_id"] == id
+                && r["detail"]["allow_downgrade"] == true
+        })),
+        "{audit}"
+    );
+    agent.stop().await;
+    server.stop().await
+}

@@ -128,6 +128,9 @@ pub struct NewPackageAssignmentBody {
     labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     all: bool,
+    /// Agents may be taken to an older version than they run (default: refused with 409).
+    #[serde(default)]
+    allow_downgrade: bool,
 }
 
 #[utoipa::path(post, path = "/api/v1/packages/assignments", request_body = NewPackageAssignmentBody,
@@ -140,8 +143,14 @@ pub(super) async fn assign_package(
 ) -> ApiResult<PackageAssignment> {
     let target = target_of(body.agent, body.labels, body.all)?;
     Ok(Json(
-        c.assign_package(body.name, body.version, target, &caller.actor)
-            .await?,
+        c.assign_package(
+            body.name,
+            body.version,
+            target,
+            body.allow_downgrade,
+            &caller.actor,
+        )
+        .await?,
     ))
 }
 

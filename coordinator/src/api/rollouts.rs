@@ -47,6 +47,9 @@ pub struct NewRolloutBody {
     pub budget: Option<String>,
     /// `pause` (default) or `rollback` when a gate fails.
     pub on_failure: Option<String>,
+    /// An upgrade may take agents to an older version than they run (default: refused).
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 fn duration_ms(what: &str, text: Option<&str>, default: Duration) -> Result<i64, ApiError> {
@@ -117,6 +120,7 @@ pub(crate) async fn plan(c: &Coordinator, body: NewRolloutBody) -> Result<Rollou
         deadline_ms: duration_ms("deadline", body.deadline.as_deref(), DEFAULT_DEADLINE)?,
         budget,
         on_failure,
+        allow_downgrade: body.allow_downgrade,
     })
 }
 

@@ -49,6 +49,9 @@ pub enum PackagesCmd {
         version: String,
         #[command(flatten)]
         target: TargetArgs,
+        /// Agents may be taken to an older version than they run.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// One agent's upgrade: what it should have, what it reports, its state.
     Status { agent: String },
@@ -128,8 +131,10 @@ pub(super) async fn run(c: &Client, cmd: PackagesCmd) -> anyhow::Result<()> {
             name,
             version,
             target,
+            allow_downgrade,
         } => {
-            let mut body = json!({ "name": name, "version": version });
+            let mut body =
+                json!({ "name": name, "version": version, "allow_downgrade": allow_downgrade });
             match (&target.agent, target.label.is_empty(), target.all) {
                 (Some(uid), true, false) => body["agent"] = json!(uid),
                 (None, false, false) => body["labels"] = Value::Object(labels(&target.label)?),

@@ -67,6 +67,9 @@ pub struct CreateArgs {
     /// The package version of an upgrade (imported with `ampora packages import`).
     #[arg(long, requires = "package")]
     pub version: Option<String>,
+    /// Let an upgrade take agents to an older version than they run.
+    #[arg(long, requires = "package")]
+    pub allow_downgrade: bool,
     #[command(flatten)]
     pub target: RolloutTarget,
     /// Cumulative stage sizes, counts or percentages, the last 100% (server default
@@ -132,6 +135,7 @@ pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
                 config,
                 package,
                 version,
+                allow_downgrade,
                 target,
                 stages,
                 soak,
@@ -143,6 +147,7 @@ pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
                 "config_id": config, "package": package, "version": version,
                 "stages": stages, "soak": soak, "deadline": deadline,
                 "budget": budget, "on_failure": on_failure,
+                "allow_downgrade": allow_downgrade,
             });
             // Clap's group guarantees exactly one of the three.
             if let Some(g) = target.group {

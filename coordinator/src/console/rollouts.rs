@@ -211,6 +211,7 @@ pub(super) async fn create(
         deadline: given(&f.deadline),
         budget: given(&f.budget),
         on_failure: given(&f.on_failure),
+        allow_downgrade: false,
     };
     match f.target.as_str() {
         "group" => body.group = Some(f.group),

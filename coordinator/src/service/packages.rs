@@ -286,6 +286,40 @@ impl Coordinator {
         }
     }
 
+    /// Refuses a move of `target` to `version` of package `name` that would take agents to
+    /// an older version than they report installed, unless `allowed` (said explicitly, and
+    /// audited by the caller).
+    pub(super) fn check_downgrade(
+        &self,
+        name: &str,
+        version: &str,
+        target: &Target,
+        agents: &[AgentRecord],
+        allowed: bool,
+    ) -> Result<(), ServiceError> {
+        if allowed {
+            return Ok(());
+        }
+        let mut from: Vec<&str> = agents
+            .iter()
+            .filter(|r| self.target_admits(target, r))
+            .filter_map(|r| r.packages.as_deref()?.reported.get(name))
+            .filter(|p| p.status == InstallStatus::Installed)
+            .map(|p| p.has_version.as_str())
+            .filter(|v| shared::packages::is_downgrade(v, version))
+            .collect();
+        if from.is_empty() {
+            return Ok(());
+        }
+        let n = from.len();
+        from.sort_unstable();
+        from.dedup();
+        Err(ServiceError::Conflict(format!(
+            "{n} of these agents run a newer version of {name:?} ({}) than {version}: a downgrade is made only when asked for (allow_downgrade)",
+            from.join(", ")
+        )))
+    }
+
     /// Creates a package assignment after checking that the version was imported, then pushes
     /// the new set to the connected agents it reaches.
     pub async fn assign_package(
@@ -293,6 +327,7 @@ impl Coordinator {
         name: String,
         version: String,
         target: Target,
+        allow_downgrade: bool,
         author: &str,
     ) -> Result<PackageAssignment, ServiceError> {
         if self.cfg.packages.is_none() {
@@ -314,6 +349,7 @@ impl Coordinator {
                 "{n} of these agents are in upgrade rollout {id} ({state}): finish, abort or roll it back first"
             )));
         }
+        self.check_downgrade(&name, &version, &target, &agents, allow_downgrade)?;
         let created = self
             .store
             .create_package_assignment(NewPackageAssignment {
@@ -329,6 +365,7 @@ impl Coordinator {
             "package.assign",
             None,
             serde_json::json!({
+                "allow_downgrade": allow_downgrade,
                 "assignment_id": created.id,
                 "name": created.name,
                 "version": created.version,

@@ -52,6 +52,8 @@ pub struct RolloutPlan {
     pub deadline_ms: i64,
     pub budget: Amount,
     pub on_failure: OnFailure,
+    /// An upgrade may take agents to an older version than they run (said explicitly).
+    pub allow_downgrade: bool,
 }
 
 /// An operator action on a rollout.
@@ -152,6 +154,9 @@ impl Coordinator {
             )));
         }
         let now = now_ms();
+        if let Payload::Package { name, version } = &want.payload {
+            self.check_downgrade(name, version, &want.target, &agents, want.allow_downgrade)?;
+        }
         let matching: Vec<&AgentRecord> = agents
             .iter()
             .filter(|r| self.target_admits(&want.target, r))
@@ -216,7 +221,7 @@ impl Coordinator {
             None,
             serde_json::json!({
                 "rollout_id": rollout.id, "config_id": rollout.config_id,
-                "package": rollout.package,
+                "package": rollout.package, "allow_downgrade": want.allow_downgrade,
                 "group": rollout.group, "target": rollout.target,
                 "stages": want.stages.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "members": members.len(),
