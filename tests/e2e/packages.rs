@@ -812,6 +812,15 @@ async fn the_console_shows_builds_assignments_and_each_agents_upgrade() -> anyho
         "{rows}"
     );
     b.screenshot("45-fleet-upgrade-unfinished").await?;
+    // And "upgrade available": the one still on 0.1.0 while 0.2.0 was imported.
+    b.goto(&format!("http://{}/ui/?upgrade=available", server.addr))
+        .await?;
+    let rows = b.text("table.fleet tbody").await?;
+    assert!(
+        rows.contains(&uids[1].to_string()) && !rows.contains(&uids[0].to_string()),
+        "{rows}"
+    );
+    b.screenshot("46-fleet-upgrade-available").await?;
     b.close().await?;
     good.stop().await;
     broken.stop().await;

@@ -80,11 +80,17 @@ impl FleetParams {
                 other => return Err(format!("connected must be true or false, not `{other}`")),
             },
             upgrading: match self.upgrade.as_str() {
-                "" => None,
+                "" | "available" => None,
                 "unfinished" => Some(true),
                 "none" => Some(false),
-                other => return Err(format!("upgrade must be unfinished or none, not `{other}`")),
+                other => {
+                    return Err(format!(
+                        "upgrade must be available, unfinished or none, not `{other}`"
+                    ))
+                }
             },
+            upgrade_available: self.upgrade == "available",
+            newest_builds: Default::default(),
             text: opt(&self.q),
             after: opt(&self.after)
                 .map(|a| {
@@ -210,6 +216,7 @@ fn filters(p: &FleetParams) -> Markup {
             }
             select name="upgrade" {
                 option value="" { "any upgrade" }
+                option value="available" selected[p.upgrade == "available"] { "upgrade available" }
                 option value="unfinished" selected[p.upgrade == "unfinished"] { "upgrade unfinished" }
                 option value="none" selected[p.upgrade == "none"] { "no upgrade under way" }
             }

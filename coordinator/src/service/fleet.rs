@@ -7,7 +7,7 @@
 //! Embedded (every partition held) the pass reads memory only; a cluster coordinator reads
 //! the other coordinators' agents from the store as of their last flush, as `agents()` does.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use shared::domain::{AgentRecord, ConfigState};
@@ -97,6 +97,11 @@ pub struct FleetQuery {
     pub connected: Option<bool>,
     /// Whether the agent was offered a package set it is not verified on yet.
     pub upgrading: Option<bool>,
+    /// Only agents for which a newer build than they run was imported (for their platform).
+    pub upgrade_available: bool,
+    /// The newest imported build per package name and platform: filled by
+    /// [`Coordinator::fleet_page`] when `upgrade_available` asks for it.
+    pub newest_builds: Arc<NewestBuilds>,
     /// Case-insensitive substring of the service name or the instance uid.
     pub text: Option<String>,
     /// Keyset: agents with a greater uid only.
@@ -114,6 +119,7 @@ impl FleetQuery {
             && self.config.is_none_or(|c| ConfigView::of(a) == c)
             && self.capability.is_none_or(|bit| a.capabilities & bit != 0)
             && self.upgrading.is_none_or(|u| upgrading(a) == u)
+            && (!self.upgrade_available || self.newest_builds.newer_for(a))
             && self
                 .gateway
                 .as_deref()
@@ -128,6 +134,52 @@ impl FleetQuery {
             text: self.text.as_ref().map(|t| t.to_lowercase()),
             ..self.clone()
         }
+    }
+}
+
+/// The newest imported version of each package, per platform, and whether it is the
+/// agent's own build (its version is then also the agent's `service.version`).
+#[derive(Debug, Default)]
+pub struct NewestBuilds(HashMap<(String, String), (String, bool)>);
+
+impl NewestBuilds {
+    pub fn of(artifacts: &[shared::packages::Artifact]) -> Self {
+        let mut newest: HashMap<(String, String), (String, bool)> = HashMap::new();
+        for a in artifacts {
+            let key = (a.name.clone(), a.platform.clone());
+            let top = a.kind == shared::packages::PackageKind::TopLevel;
+            match newest.get(&key) {
+                Some((v, _)) if !shared::packages::is_downgrade(&a.version, v) => {}
+                _ => {
+                    newest.insert(key, (a.version.clone(), top));
+                }
+            }
+        }
+        Self(newest)
+    }
+
+    /// Whether a build newer than the one `a` runs was imported for its platform: against
+    /// the version it reports installed, or, for its own build, its `service.version`.
+    fn newer_for(&self, a: &AgentRecord) -> bool {
+        let Some(platform) = shared::packages::platform_of(a) else {
+            return false;
+        };
+        self.0
+            .iter()
+            .filter(|((_, p), _)| *p == platform)
+            .any(|((name, _), (newest, top))| {
+                let installed = a
+                    .packages
+                    .as_deref()
+                    .and_then(|pk| pk.reported.get(name))
+                    .filter(|r| r.status == shared::packages::InstallStatus::Installed)
+                    .map(|r| r.has_version.clone());
+                let runs = installed.or_else(|| {
+                    top.then(|| a.description.get_str("service.version"))
+                        .flatten()
+                });
+                runs.is_some_and(|v| shared::packages::is_downgrade(newest, &v))
+            })
     }
 }
 
@@ -311,7 +363,11 @@ impl<'q> Pager<'q> {
 impl Coordinator {
     /// One page of the fleet and the counts of everything that matches `query`.
     pub async fn fleet_page(&self, query: &FleetQuery) -> Result<FleetPage, StoreError> {
-        let query = Arc::new(query.prepared());
+        let mut query = query.prepared();
+        if query.upgrade_available {
+            query.newest_builds = Arc::new(self.newest_builds());
+        }
+        let query = Arc::new(query);
         let everything_here = self.holds_all();
         // The pass is split over the machine's cores, so a view of a large fleet takes a
         // fraction of one pass; each part keeps its own page and counts, merged after.
@@ -413,6 +469,65 @@ mod tests {
         assert_eq!(uids(Some(true)), [2, 4], "offered a set not verified on");
         assert_eq!(uids(Some(false)), [1, 3]);
         assert_eq!(uids(None), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn agents_running_an_older_build_than_imported_are_a_filter() {
+        use shared::packages::{Artifact, PackageKind};
+        let build = |name: &str, version: &str, platform: &str, kind| Artifact {
+            name: name.into(),
+            version: version.into(),
+            platform: platform.into(),
+            kind,
+            sha256: "ab".repeat(32),
+            size: 1,
+            signature: None,
+            signer: None,
+            url: None,
+            author: String::new(),
+            created_ms: 0,
+        };
+        let newest = Arc::new(NewestBuilds::of(&[
+            build("", "0.2.0", "linux/amd64", PackageKind::TopLevel),
+            build("", "0.1.0", "linux/amd64", PackageKind::TopLevel),
+            build("", "0.9.0", "linux/arm64", PackageKind::TopLevel),
+        ]));
+        let on = |n: u8, version: &str, arch: &str| {
+            let mut a = agent(n, "otelcol");
+            a.description
+                .identifying
+                .insert("service.version".into(), version.into());
+            a.description
+                .non_identifying
+                .insert("os.type".into(), "linux".into());
+            a.description
+                .non_identifying
+                .insert("host.arch".into(), arch.into());
+            a
+        };
+        let agents = [
+            on(1, "0.1.0", "amd64"),
+            on(2, "0.2.0", "x86_64"),
+            on(3, "0.3.0", "amd64"),
+            on(4, "0.2.0", "riscv64"),
+            agent(5, "no platform"),
+        ];
+        let q = FleetQuery {
+            upgrade_available: true,
+            newest_builds: newest,
+            limit: 10,
+            ..FleetQuery::default()
+        };
+        let got: Vec<u8> = page(&agents, &q)
+            .rows
+            .iter()
+            .map(|r| r.instance_uid.0[0])
+            .collect();
+        assert_eq!(
+            got,
+            [1],
+            "only the agent below the newest build of its platform"
+        );
     }
 
     #[test]

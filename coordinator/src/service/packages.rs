@@ -286,6 +286,14 @@ impl Coordinator {
         }
     }
 
+    /// The newest imported build per package and platform (the Fleet's "upgrade available").
+    pub(super) fn newest_builds(&self) -> super::fleet::NewestBuilds {
+        self.package_catalog
+            .read()
+            .map(|c| super::fleet::NewestBuilds::of(&c.artifacts))
+            .unwrap_or_default()
+    }
+
     /// Refuses a move of `target` to `version` of package `name` that would take agents to
     /// an older version than they report installed, unless `allowed` (said explicitly, and
     /// audited by the caller).
