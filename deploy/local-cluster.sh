@@ -59,6 +59,7 @@ prefix="$state/nginx"
 template="$root/deploy/nginx/ampora.conf.template"
 # The proxy secret nginx sends and the nodes check; the CA and nginx's certificate (--tls).
 secret_file="$state/proxy-secret"
+download_key_file="$state/download-key"
 tls_dir="$state/tls"
 # What the running cluster was started with (plain or tls), so that status, and an `up`
 # that finds it running, know.
@@ -175,6 +176,14 @@ ensure_proxy_secret() {
   [[ -s $secret_file ]] && return
   say "generating the proxy secret ($secret_file)"
   (umask 077 && random_hex 32 >"$secret_file" && echo >>"$secret_file")
+}
+
+# The key of package download credentials, shared by every node: made once, kept until
+# `reset`, so credentials a coordinator puts in an offer open builds on every gateway.
+ensure_download_key() {
+  [[ -s $download_key_file ]] && return
+  say "generating the package download key ($download_key_file)"
+  (umask 077 && random_hex 32 >"$download_key_file" && echo >>"$download_key_file")
 }
 
 # A CA (tls/ca.pem, ca-key.pem) and nginx's server certificate from it (tls/server.pem,
@@ -297,6 +306,10 @@ redis_url = "redis://127.0.0.1:$redis_port"
 redis_key_prefix = "$db"
 postgres_url = "postgres://postgres@127.0.0.1:$pg_port/$db"
 drain_window_secs = $drain_window_secs
+
+[packages]
+# Hosted builds live in Postgres; gateways cache them under their data directory.
+download_key_file = "$download_key_file"
 EOF
 }
 
@@ -466,6 +479,7 @@ cmd_up() {
   bin="$(ampora_bin)"
   mode_name >"$mode_file"
   ensure_proxy_secret
+  ensure_download_key
   if ((tls_mode)); then ensure_tls; fi
   start_nats
   start_redis

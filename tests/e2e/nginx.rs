@@ -878,3 +878,50 @@ fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Package downloads through the reference proxy: the template routes `/v1/packages/` to the
+/// gateways, streams the build whole and passes `Range` through (a resumed download).
+#[tokio::test]
+async fn package_downloads_pass_through_nginx_whole_and_in_ranges() -> anyhow::Result<()> {
+    let signer = tests::packages::Signer::new();
+    let server = crate::packages::serve_trusting(&signer).await?;
+    crate::packages::import_version(&server, &signer, "0.2.0").await?;
+    server
+        .api
+        .post(
+            "/api/v1/packages/assignments",
+            json!({ "name": "", "version": "0.2.0", "all": true }),
+        )
+        .await?;
+    let nginx = Nginx::start(server.addr, "").await?;
+    let token = server.api.token("nginx-download").await?;
+    let mut conn = WsConnection::connect(&nginx.ws_url(), &bearer(&token)).await?;
+    conn.send(&tests::packages::packaged_hello(
+        InstanceUid::new_v7(),
+        tests::packages::PKG_CAPS,
+        "linux/amd64",
+    ))
+    .await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    let (url, auth) =
+        tests::packages::download_of(&reply, "").context("an offer with a credential")?;
+    let path = url.splitn(4, '/').nth(3).context("a path")?;
+    let via = format!("http://{}/{path}", nginx.addr);
+    let data = tests::packages::build("0.2.0");
+    let http = reqwest::Client::new();
+    let whole = http.get(&via).header("authorization", &auth).send().await?;
+    assert_eq!(whole.status().as_u16(), 200);
+    assert!(whole.bytes().await?.as_ref() == data.as_slice());
+    let rest = http
+        .get(&via)
+        .header("authorization", &auth)
+        .header("range", "bytes=1000-")
+        .send()
+        .await?;
+    assert_eq!(rest.status().as_u16(), 206);
+    assert!(rest.bytes().await?.as_ref() == &data[1000..]);
+    let refused = http.get(&via).send().await?;
+    assert_eq!(refused.status().as_u16(), 401, "no credential");
+    conn.close(1000, "done").await;
+    server.stop().await
+}
