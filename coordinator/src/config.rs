@@ -61,6 +61,9 @@ pub struct PackagesSection {
     pub download_url: String,
     /// Cluster gateways: where fetched blobs are cached; empty: `<server.data_dir>/package-cache`.
     pub cache_dir: PathBuf,
+    /// Cluster gateways: the most bytes of builds kept in the cache (the least recently
+    /// served go first).
+    pub cache_max_bytes: u64,
     /// When agents may start an upgrade: `[DAYS ]HH:MM-HH:MM` in UTC each, e.g.
     /// `"Sat,Sun 22:00-04:00"`; empty: at any time.
     pub maintenance_windows: Vec<String>,
@@ -80,6 +83,7 @@ impl Default for PackagesSection {
             download_key_file: PathBuf::new(),
             download_url: String::new(),
             cache_dir: PathBuf::new(),
+            cache_max_bytes: 10 << 30,
             maintenance_windows: Vec::new(),
         }
     }
@@ -809,6 +813,12 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
         if let Err(e) = crate::service::maintenance::Window::parse(w) {
             errors.push(format!("packages.maintenance_windows: {e}"));
         }
+    }
+    if c.packages.cache_max_bytes < c.packages.max_artifact_bytes {
+        errors.push(
+            "packages.cache_max_bytes: must hold at least one build (packages.max_artifact_bytes)"
+                .into(),
+        );
     }
     if c.packages.max_downloads_per_gateway == 0 {
         errors.push("packages.max_downloads_per_gateway: must be at least 1".into());

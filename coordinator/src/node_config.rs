@@ -225,5 +225,6 @@ pub fn gateway_downloads(
         key,
         fetch_missing: true,
         max_in_flight: saturate(config.packages.max_downloads_per_gateway),
+        cache_max_bytes: config.packages.cache_max_bytes,
     }))
 }

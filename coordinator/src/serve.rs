@@ -268,6 +268,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         dir: p.dir,
         key: p.key,
         fetch_missing: false,
+        cache_max_bytes: u64::MAX,
         max_in_flight: usize::try_from(config.packages.max_downloads_per_gateway)
             .unwrap_or(usize::MAX),
     });

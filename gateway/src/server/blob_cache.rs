@@ -5,7 +5,10 @@
 //! is served from the file. Concurrent first downloads of one blob wait for a single fetch,
 //! so 100,000 agents cost the store one read of each blob per gateway. A fetch that fails
 //! (store down, bytes that do not hash to the address) leaves nothing behind; the next
-//! download tries again.
+//! download tries again. The cache keeps at most `max_bytes`: after a fetch, the blobs
+//! served least recently (by modification time, which each download refreshes) are removed
+//! until it fits, never the one just fetched. A download already reading a removed blob
+//! finishes (the file stays open); the next one fetches it again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,7 @@ use super::latency;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 
 const FETCHES: &str = "ampora_gateway_blob_fetches_total";
+const EVICTIONS: &str = "ampora_gateway_blob_cache_evictions_total";
 const FETCH_BYTES: &str = "ampora_gateway_blob_fetch_bytes_total";
 const OUTCOMES: [&str; 4] = ["stored", "not_found", "corrupt", "unavailable"];
 
@@ -41,6 +45,11 @@ pub(super) fn describe() {
         metrics::counter!(FETCHES, "outcome" => outcome).absolute(0);
     }
     metrics::counter!(FETCH_BYTES).absolute(0);
+    metrics::describe_counter!(
+        EVICTIONS,
+        "Blobs removed from this gateway's download cache to keep it under packages.cache_max_bytes"
+    );
+    metrics::counter!(EVICTIONS).absolute(0);
 }
 
 /// Whether a blob is in the cache after [`BlobCache::ensure`].
@@ -55,6 +64,7 @@ pub(super) struct BlobCache {
     dir: PathBuf,
     bus: Arc<dyn Bus>,
     timeout: Duration,
+    max_bytes: u64,
     /// One lock per blob being (or once) fetched: the single-flight. It holds when the last
     /// fetch failed, so the downloads that waited on it fail at once rather than each trying
     /// again in turn. A few entries per imported version; never pruned.
@@ -65,7 +75,7 @@ pub(super) struct BlobCache {
 
 impl BlobCache {
     /// A cache in `dir`; temporary files of fetches a crash cut short are removed.
-    pub(super) fn new(dir: PathBuf, bus: Arc<dyn Bus>, timeout: Duration) -> Self {
+    pub(super) fn new(dir: PathBuf, bus: Arc<dyn Bus>, timeout: Duration, max_bytes: u64) -> Self {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(".fetch-") {
@@ -77,6 +87,7 @@ impl BlobCache {
             dir,
             bus,
             timeout,
+            max_bytes,
             fills: Mutex::default(),
             stored: AtomicU64::new(0),
         }
@@ -90,7 +101,7 @@ impl BlobCache {
     /// `Err`: the store could not be read now (or sent bytes that are not the blob).
     pub(super) async fn ensure(&self, sha256: &str) -> Result<Cached, String> {
         let path = self.dir.join(sha256);
-        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        if touch(&path).await {
             return Ok(Cached::Present);
         }
         let fill = self
@@ -119,6 +130,11 @@ impl BlobCache {
         metrics::counter!(FETCHES, "outcome" => label).increment(1);
         if outcome == Ok(Cached::Present) {
             self.stored.fetch_add(1, Ordering::Relaxed);
+            let (dir, max, keep) = (self.dir.clone(), self.max_bytes, sha256.to_owned());
+            let removed = tokio::task::spawn_blocking(move || evict(&dir, max, &keep))
+                .await
+                .unwrap_or(0);
+            metrics::counter!(EVICTIONS).increment(removed);
         }
         outcome.map_err(|f| match f {
             Fault::Corrupt => "the stored blob does not hash to its address".to_owned(),
@@ -194,8 +210,88 @@ impl BlobCache {
     }
 }
 
+/// Marks a cached blob as just used (its modification time); false if it is not cached.
+async fn touch(path: &Path) -> bool {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Removes the least recently used blobs of `dir` (never `keep`) until the rest fit in
+/// `max` bytes; returns how many were removed.
+fn evict(dir: &Path, max: u64, keep: &str) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut blobs: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = blobs.iter().map(|(_, len, _)| len).sum();
+    blobs.sort();
+    let mut removed = 0;
+    for (_, len, path) in blobs {
+        if total <= max {
+            break;
+        }
+        if path.file_name().is_some_and(|n| n == keep) {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Fault {
     Corrupt,
     Unavailable(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::evict;
+
+    #[test]
+    fn the_least_recently_used_blobs_go_first_never_the_new_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = SystemTime::now();
+        // Oldest first: a, b, c, then d (just fetched, and the oldest mtime of all would
+        // not matter: it is kept).
+        for (name, age) in [("a", 40), ("b", 30), ("c", 20), ("d", 50)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0u8; 100]).expect("write");
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(now - Duration::from_secs(age)))
+                .expect("mtime");
+        }
+        std::fs::write(dir.path().join(".fetch-x"), vec![0u8; 1000]).expect("temp");
+        assert_eq!(evict(dir.path(), 250, "d"), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".fetch-x", "c", "d"]);
+        assert_eq!(evict(dir.path(), 1000, "d"), 0, "under the limit");
+    }
 }

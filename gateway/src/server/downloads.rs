@@ -57,6 +57,8 @@ pub struct Downloads {
     pub fetch_missing: bool,
     /// Downloads sent at once by this gateway; more wait for a turn.
     pub max_in_flight: usize,
+    /// With `fetch_missing`: the most bytes of blobs kept in `dir`.
+    pub cache_max_bytes: u64,
 }
 
 /// The route's state: the settings, the cache (when fetching) and the turns.
@@ -77,9 +79,9 @@ impl Hosted {
         bus: Arc<dyn Bus>,
         timeout: std::time::Duration,
     ) -> Self {
-        let cache = d
-            .fetch_missing
-            .then(|| super::blob_cache::BlobCache::new(d.dir.clone(), bus, timeout));
+        let cache = d.fetch_missing.then(|| {
+            super::blob_cache::BlobCache::new(d.dir.clone(), bus, timeout, d.cache_max_bytes)
+        });
         let turns = Arc::new(Semaphore::new(
             d.max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
         ));
@@ -321,6 +323,7 @@ mod tests {
                 key: key.clone(),
                 fetch_missing: false,
                 max_in_flight: 1,
+                cache_max_bytes: u64::MAX,
             },
             None,
             Arc::new(InProcessBus::new()),
