@@ -45,6 +45,8 @@ pub(super) struct UpgradeSlots {
     total: usize,
     /// This coordinator's share of `total`.
     cap: AtomicUsize,
+    /// Whether the maintenance windows were open at the last lease round.
+    window_was_open: std::sync::atomic::AtomicBool,
     held: Mutex<HashMap<InstanceUid, i64>>,
 }
 
@@ -76,6 +78,7 @@ impl UpgradeSlots {
         Self {
             total,
             cap: AtomicUsize::new(total),
+            window_was_open: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
         }
     }
@@ -146,13 +149,25 @@ impl Coordinator {
     pub(super) fn share_upgrade_slots(&self, held_partitions: usize) {
         let grew = self.upgrade_slots.share(held_partitions);
         // A window that opened since the last round: the waiting agents are offered their
-        // sets now (nothing else wakes them; a slot freed inside a window does).
+        // sets now (nothing else wakes them; a slot freed inside a window does). Only at the
+        // opening: a fill looks at every agent, too much for every round of a large fleet.
         let windowed = self
             .cfg
             .packages
             .as_ref()
             .is_some_and(|h| !h.windows.is_empty());
-        if grew || (windowed && self.upgrade_window_open(now_ms())) {
+        let open = windowed && self.upgrade_window_open(now_ms());
+        let opened = open
+            && !self
+                .upgrade_slots
+                .window_was_open
+                .swap(open, Ordering::Relaxed);
+        if !open {
+            self.upgrade_slots
+                .window_was_open
+                .store(false, Ordering::Relaxed);
+        }
+        if grew || opened {
             self.upgrade_fill.notify_one();
         }
     }
