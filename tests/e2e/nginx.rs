@@ -895,14 +895,7 @@ async fn package_downloads_pass_through_nginx_whole_and_in_ranges() -> anyhow::R
         .await?;
     let nginx = Nginx::start(server.addr, "").await?;
     let token = server.api.token("nginx-download").await?;
-    let mut conn = WsConnection::connect(&nginx.ws_url(), &bearer(&token)).await?;
-    conn.send(&tests::packages::packaged_hello(
-        InstanceUid::new_v7(),
-        tests::packages::PKG_CAPS,
-        "linux/amd64",
-    ))
-    .await?;
-    let reply = conn.recv().await?.unwrap_or_default();
+    let reply = tests::packages::probe_reply(&nginx.ws_url(), &token).await?;
     let (url, auth) =
         tests::packages::download_of(&reply, "").context("an offer with a credential")?;
     let path = url.splitn(4, '/').nth(3).context("a path")?;
@@ -922,6 +915,5 @@ async fn package_downloads_pass_through_nginx_whole_and_in_ranges() -> anyhow::R
     assert!(rest.bytes().await?.as_ref() == &data[1000..]);
     let refused = http.get(&via).send().await?;
     assert_eq!(refused.status().as_u16(), 401, "no credential");
-    conn.close(1000, "done").await;
     server.stop().await
 }

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use shared::ids::InstanceUid;
 use shared::packages::{all_packages_hash, package_hash, PackageKind};
 use tests::packages::{
-    build, download_of, import, import_kind, packaged_hello, top_level_report, CosignSigner,
-    FileHost, Signer, PKG_CAPS,
+    build, download_of, import, import_kind, packaged_hello, probe_reply, top_level_file,
+    top_level_report, CosignSigner, FileHost, Signer, PKG_CAPS,
 };
 use tests::{bearer, eventually, TestServer};
 
@@ -232,19 +232,7 @@ async fn cosign_signatures_and_sigstore_bundles_by_a_trusted_key_are_imported() 
         )
         .await?;
     let token = server.api.token("cosign").await?;
-    let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
-    conn.send(&packaged_hello(
-        InstanceUid::new_v7(),
-        PKG_CAPS,
-        "linux/amd64",
-    ))
-    .await?;
-    let reply = conn.recv().await?.unwrap_or_default();
-    let file = reply
-        .packages_available
-        .and_then(|p| p.packages.get("").cloned())
-        .and_then(|p| p.file)
-        .ok_or_else(|| anyhow::anyhow!("no offer"))?;
+    let file = top_level_file(probe_reply(&server.ws_url(), &token).await?)?;
     assert_eq!(
         String::from_utf8_lossy(&file.signature),
         bundle,
@@ -316,19 +304,7 @@ async fn a_build_hosted_elsewhere_is_imported_by_url_and_downloaded_from_there(
     );
     // What it was offered: the URL itself and no credential (it would open nothing there).
     let token = server.api.token("external-probe").await?;
-    let mut conn = WsConnection::connect(&server.ws_url(), &bearer(&token)).await?;
-    conn.send(&packaged_hello(
-        InstanceUid::new_v7(),
-        PKG_CAPS,
-        "linux/amd64",
-    ))
-    .await?;
-    let reply = conn.recv().await?.unwrap_or_default();
-    let file = reply
-        .packages_available
-        .and_then(|p| p.packages.get("").cloned())
-        .and_then(|p| p.file)
-        .ok_or_else(|| anyhow::anyhow!("no offer"))?;
+    let file = top_level_file(probe_reply(&server.ws_url(), &token).await?)?;
     assert_eq!(file.download_url, host.url);
     assert!(file.headers.is_none(), "{:?}", file.headers);
     agent.stop().await;

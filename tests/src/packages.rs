@@ -200,6 +200,30 @@ pub fn packaged_hello(uid: InstanceUid, caps: u64, platform: &str) -> proto::Age
     }
 }
 
+/// The first reply to a new linux/amd64 agent that takes packages, connecting to `ws_url`
+/// with bootstrap `token`: where its offer is read from.
+pub async fn probe_reply(ws_url: &str, token: &str) -> anyhow::Result<ServerToAgent> {
+    let mut conn = agent::WsConnection::connect(ws_url, &crate::bearer(token)).await?;
+    conn.send(&packaged_hello(
+        InstanceUid::new_v7(),
+        PKG_CAPS,
+        "linux/amd64",
+    ))
+    .await?;
+    let reply = conn.recv().await?.unwrap_or_default();
+    conn.close(1000, "done").await;
+    Ok(reply)
+}
+
+/// The top-level package's file in `reply`'s offer.
+pub fn top_level_file(reply: ServerToAgent) -> anyhow::Result<proto::v1::DownloadableFile> {
+    reply
+        .packages_available
+        .and_then(|p| p.packages.get("").cloned())
+        .and_then(|p| p.file)
+        .ok_or_else(|| anyhow::anyhow!("no offer of the top-level package"))
+}
+
 /// The download URL and `Authorization` value of package `name` in `reply`'s offer.
 pub fn download_of(reply: &ServerToAgent, name: &str) -> Option<(String, String)> {
     let file = reply
