@@ -334,3 +334,29 @@ impl Drop for FileHost {
         self.task.abort();
     }
 }
+
+/// The history of a two-stage rollout promoted past each soak: every step once.
+pub const TWO_STAGES_PROMOTED: [&str; 8] = [
+    "created",
+    "stage_started",
+    "stage_settled",
+    "promoted",
+    "stage_started",
+    "stage_settled",
+    "promoted",
+    "succeeded",
+];
+
+/// The kinds of rollout `id`'s events, oldest first, with the whole history for messages.
+pub async fn event_kinds(api: &Api, id: i64) -> anyhow::Result<(Vec<String>, Value)> {
+    let history = api.get(&format!("/api/v1/rollouts/{id}/events")).await?;
+    let kinds = history
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((kinds, history))
+}
