@@ -356,8 +356,11 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
             o.agents
         );
     }
-    // The server's own count: every member verified (no status lost on the way).
+    // The server's own count: every member verified (no status lost on the way), polled
+    // every 100 ms.
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
     let verified_ms = loop {
+        poll.tick().await;
         let v = api.get(&format!("/api/v1/rollouts/{rollout_id}")).await?;
         let applied = v["stages"][0]["progress"]["applied"].as_u64().unwrap_or(0);
         if applied as usize == o.agents {
@@ -369,7 +372,6 @@ pub async fn run(o: &UpgradeOptions) -> anyhow::Result<UpgradeReport> {
                 o.agents
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     times.sort();
     let last = times.last().copied().unwrap_or_default();
