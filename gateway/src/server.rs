@@ -239,7 +239,7 @@ impl Gateway {
         let downloads = inner.cfg.downloads.clone().map(|d| {
             Arc::new(downloads::Hosted::new(
                 d,
-                inner.cfg.identity.clone(),
+                Some(inner.clone()),
                 inner.bus.clone(),
                 inner.cfg.request_timeout,
             ))

@@ -7,9 +7,9 @@
 //! SHA-256) and `Range` / 206, never held in memory whole. At most `max_in_flight`
 //! downloads are sent at once; the others wait their turn rather than fail (a real client
 //! turns any refusal into a failed install). An agent with an identity may present its
-//! client certificate in the TLS handshake instead of the token: verified as for OpAMP
-//! (agent CA, not revoked), it opens any hosted build, since every build is meant for the
-//! fleet. The token itself never reaches a log or a
+//! client certificate instead of the token, in the TLS handshake or through a trusted proxy
+//! (as for OpAMP: `auth::presented_chain`): verified against the agent CA and the
+//! revocations, it opens any hosted build, since every build is meant for the fleet. The token itself never reaches a log or a
 //! metric: refusals are counted by reason, served downloads by status, with their bytes.
 
 use std::path::PathBuf;
@@ -64,8 +64,9 @@ pub struct Downloads {
 /// The route's state: the settings, the cache (when fetching) and the turns.
 pub(super) struct Hosted {
     d: Downloads,
-    /// The agent CA: a verified client certificate is a download credential too.
-    identity: Option<crate::tls::AgentTrust>,
+    /// The gateway, for its agent CA and proxy trust: a verified client certificate is a
+    /// download credential too. `None`: tokens only.
+    gateway: Option<Arc<super::Inner>>,
     cache: Option<super::blob_cache::BlobCache>,
     turns: Arc<Semaphore>,
     /// Downloads waiting for a turn now (the gauge is process-wide; this is this gateway's).
@@ -75,7 +76,7 @@ pub(super) struct Hosted {
 impl Hosted {
     pub(super) fn new(
         d: Downloads,
-        identity: Option<crate::tls::AgentTrust>,
+        gateway: Option<Arc<super::Inner>>,
         bus: Arc<dyn Bus>,
         timeout: std::time::Duration,
     ) -> Self {
@@ -87,7 +88,7 @@ impl Hosted {
         ));
         Self {
             d,
-            identity,
+            gateway,
             cache,
             turns,
             waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -196,12 +197,18 @@ async fn serve(State(h): State<Arc<Hosted>>, Path(sha256): Path<String>, req: Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let certs = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<crate::tls::Peer>>()
-        .and_then(|c| c.0.client_certs.clone());
-    let uid = match (token.is_empty(), &h.identity, certs) {
-        (true, Some(trust), Some(chain)) => match trust.verify(&chain) {
+    let certificate = h
+        .gateway
+        .as_ref()
+        .filter(|_| token.is_empty())
+        .and_then(|g| {
+            let origin =
+                super::auth::origin_of(&g.cfg.trusted_proxies, g.cfg.proxy_secret.as_ref(), &req);
+            let chain = super::auth::presented_chain(g, &req, &origin)?;
+            Some((g.cfg.identity.clone()?, chain))
+        });
+    let uid = match certificate {
+        Some((trust, chain)) => match trust.verify(&chain) {
             Ok(id) => id.uid,
             Err(why) => {
                 metrics::counter!(DOWNLOADS, "outcome" => "bad_certificate").increment(1);
@@ -212,7 +219,7 @@ async fn serve(State(h): State<Arc<Hosted>>, Path(sha256): Path<String>, req: Re
                     .into_response();
             }
         },
-        _ => match h.d.key.verify(token.trim(), &sha256, now_secs()) {
+        None => match h.d.key.verify(token.trim(), &sha256, now_secs()) {
             Ok(uid) => uid,
             Err(why) => return refused(why),
         },
