@@ -40,6 +40,7 @@ mod hostile;
 mod hostile_input;
 mod identity;
 mod nginx;
+mod nginx_packages;
 mod offers;
 mod opamp;
 mod packages;

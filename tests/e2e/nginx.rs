@@ -60,7 +60,7 @@ const OFFERED_HEARTBEAT_SECS: u64 = 1;
 
 /// What `NGINX_TLS` is rendered with: the server certificate, the agent CA that client
 /// certificates are checked against, and that CA's CRL.
-struct NginxTls {
+pub(crate) struct NginxTls {
     cert: PathBuf,
     key: PathBuf,
     agent_ca: PathBuf,
@@ -144,9 +144,9 @@ fn nginx_binary() -> anyhow::Result<PathBuf> {
 
 /// A private nginx in a temporary prefix, in front of one Ampora. Killed on drop, so a failing
 /// test does not leave it behind.
-struct Nginx {
+pub(crate) struct Nginx {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     prefix: tempfile::TempDir,
     /// Trust for its TLS port, when it terminates TLS.
     tls: Option<ClientTls>,
@@ -156,7 +156,7 @@ impl Nginx {
     /// Starts nginx, plaintext, with `upstream` as the only gateway and the only coordinator,
     /// sending the proxy `secret` (empty: none). The port is picked free just before; if
     /// another process takes it first, nginx exits and we retry.
-    async fn start(upstream: SocketAddr, secret: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn start(upstream: SocketAddr, secret: &str) -> anyhow::Result<Self> {
         let bin = nginx_binary()?;
         let mut last = None;
         for _ in 0..3 {
@@ -240,7 +240,7 @@ impl Nginx {
     }
 
     /// The OpAMP URL over WebSocket: `wss://` when nginx terminates TLS.
-    fn ws_url(&self) -> String {
+    pub(crate) fn ws_url(&self) -> String {
         let s = if self.tls.is_some() { "s" } else { "" };
         format!("ws{s}://{}/v1/opamp", self.addr)
     }
@@ -329,7 +329,7 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 /// offering agents nginx's URL (`server.public_endpoint`): an agent that takes up a certificate
 /// moves to the offered endpoint. So nginx's port is chosen before Ampora starts; if another
 /// process takes it before nginx listens, both start again.
-async fn behind_tls_nginx(
+pub(crate) async fn behind_tls_nginx(
     tweak: fn(&mut coordinator::config::Config),
 ) -> anyhow::Result<(TestServer, Nginx, NginxTls)> {
     let bin = nginx_binary()?;
@@ -489,7 +489,7 @@ async fn http_agent_through_nginx_receives_config_and_reports_applied() -> anyho
 
 /// Ampora as it runs behind a TLS-terminating proxy: the proxy's address trusted when it sends
 /// the proxy secret, bootstrap tokens refused over plaintext (which the hop from nginx is).
-fn behind_tls_proxy(c: &mut coordinator::config::Config) {
+pub(crate) fn behind_tls_proxy(c: &mut coordinator::config::Config) {
     trust_proxy(c, PROXY_IP);
     c.opamp.bootstrap_plaintext_allowed = false;
     c.opamp.heartbeat_interval_secs = OFFERED_HEARTBEAT_SECS;
@@ -877,81 +877,4 @@ fn rendered_config_keeps_agent_connections_open_and_unbuffered() -> anyhow::Resu
         assert_eq!(directives(block(&code, upstream)?, "keepalive").len(), 1);
     }
     Ok(())
-}
-
-/// Package downloads through the reference proxy: the template routes `/v1/packages/` to the
-/// gateways, streams the build whole and passes `Range` through (a resumed download).
-#[tokio::test]
-async fn package_downloads_pass_through_nginx_whole_and_in_ranges() -> anyhow::Result<()> {
-    let signer = tests::packages::Signer::new();
-    let server = crate::packages::serve_trusting(&signer).await?;
-    crate::packages::import_version(&server, &signer, "0.2.0").await?;
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
-    let nginx = Nginx::start(server.addr, "").await?;
-    let token = server.api.token("nginx-download").await?;
-    let reply = tests::packages::probe_reply(&nginx.ws_url(), &token).await?;
-    let (url, auth) =
-        tests::packages::download_of(&reply, "").context("an offer with a credential")?;
-    let path = url.splitn(4, '/').nth(3).context("a path")?;
-    let via = format!("http://{}/{path}", nginx.addr);
-    let data = tests::packages::build("0.2.0");
-    let http = reqwest::Client::new();
-    let whole = http.get(&via).header("authorization", &auth).send().await?;
-    assert_eq!(whole.status().as_u16(), 200);
-    assert!(whole.bytes().await?.as_ref() == data.as_slice());
-    let rest = http
-        .get(&via)
-        .header("authorization", &auth)
-        .header("range", "bytes=1000-")
-        .send()
-        .await?;
-    assert_eq!(rest.status().as_u16(), 206);
-    assert!(rest.bytes().await?.as_ref() == &data[1000..]);
-    let refused = http.get(&via).send().await?;
-    assert_eq!(refused.status().as_u16(), 401, "no credential");
-    server.stop().await
-}
-
-/// Behind a TLS-terminating proxy the agent's certificate still opens hosted builds: nginx
-/// verifies it and forwards it with the proxy secret, and the gateway checks it against the
-/// agent CA. Without a certificate or a token the download is refused.
-#[tokio::test]
-async fn an_agents_certificate_forwarded_by_tls_nginx_opens_hosted_builds() -> anyhow::Result<()> {
-    let (server, nginx, _tls) = behind_tls_nginx(|c| {
-        behind_tls_proxy(c);
-        c.packages.allow_unsigned = true;
-    })
-    .await?;
-    let data = tests::packages::build("0.2.0");
-    let (status, body) =
-        tests::packages::import(&server, "", "0.2.0", "linux/amd64", data.clone(), None).await?;
-    assert_eq!(status, 200, "{body}");
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
-    let ca = std::fs::read_to_string(server.dir.path().join("tls").join("ca.pem"))?;
-    let token = server.api.token("tls-nginx-download").await?;
-    let id = tests::identity::CsrIdentity::enroll(&nginx.ws_url(), &ca, &token).await?;
-    let job = agent::PackageDownload {
-        name: String::new(),
-        version: "0.2.0".into(),
-        hash: Vec::new(),
-        url: format!("https://{}/v1/packages/{sha}", nginx.addr),
-        content_hash: hex::decode(&sha)?,
-        headers: Vec::new(),
-        signature: Vec::new(),
-    };
-    let (bytes, got) = agent::download_package(&job, Some(&id.client_tls(&ca)?), None).await;
-    assert_eq!(got, Ok(()), "the certificate, forwarded by nginx");
-    assert_eq!(bytes, data.len() as u64);
-    let (_, got) = agent::download_package(&job, Some(&ClientTls::from_ca_pem(&ca)?), None).await;
-    assert!(
-        got.as_ref().is_err_and(|e| e.contains("401")),
-        "neither certificate nor token: {got:?}"
-    );
-    server.stop().await
 }
