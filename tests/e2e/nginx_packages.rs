@@ -4,7 +4,6 @@
 
 use agent::ClientTls;
 use anyhow::Context as _;
-use serde_json::json;
 
 use crate::nginx::{behind_tls_nginx, behind_tls_proxy, Nginx};
 
@@ -15,13 +14,7 @@ async fn package_downloads_pass_through_nginx_whole_and_in_ranges() -> anyhow::R
     let signer = tests::packages::Signer::new();
     let server = crate::packages::serve_trusting(&signer).await?;
     crate::packages::import_version(&server, &signer, "0.2.0").await?;
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
+    crate::packages::assign_to_all(&server, "0.2.0").await?;
     let nginx = Nginx::start(server.addr, "").await?;
     let token = server.api.token("nginx-download").await?;
     let reply = tests::packages::probe_reply(&nginx.ws_url(), &token).await?;

@@ -224,13 +224,7 @@ async fn cosign_signatures_and_sigstore_bundles_by_a_trusted_key_are_imported() 
     .await?;
     assert_eq!(status, 400);
 
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.3.0", "all": true }),
-        )
-        .await?;
+    assign_to_all(&server, "0.3.0").await?;
     let token = server.api.token("cosign").await?;
     let file = top_level_file(probe_reply(&server.ws_url(), &token).await?)?;
     assert_eq!(
@@ -608,11 +602,16 @@ pub(crate) async fn import_version(
 
 /// Assigns version 0.2.0 of the top-level package to every agent.
 async fn assign_all(server: &TestServer) -> anyhow::Result<()> {
+    assign_to_all(server, "0.2.0").await
+}
+
+/// Assigns `version` of the top-level package to every agent.
+pub(crate) async fn assign_to_all(server: &TestServer, version: &str) -> anyhow::Result<()> {
     server
         .api
         .post(
             "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
+            json!({ "name": "", "version": version, "all": true }),
         )
         .await?;
     Ok(())

@@ -16,7 +16,7 @@ use tests::{eventually, TestServer};
 use crate::cli_rollouts::{ampora_bin, ampora_json};
 use crate::console::sign_in;
 use crate::packages::{
-    import_version, serve_trusting, start_upgrading, upgrade_state, upgrading_agent,
+    assign_to_all, import_version, serve_trusting, start_upgrading, upgrade_state, upgrading_agent,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -143,13 +143,7 @@ async fn a_failing_upgrade_fails_its_gate_and_rolls_back_to_the_assigned_build(
     let server = serve_trusting(&signer).await?;
     import_version(&server, &signer, "0.1.0").await?;
     import_version(&server, &signer, "0.2.0").await?;
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.1.0", "all": true }),
-        )
-        .await?;
+    assign_to_all(&server, "0.1.0").await?;
     let (good, good_uid) = start_upgrading(&server, "good", false).await?;
     // Its installer fails on 0.2.0 only: the build before it installs.
     let mut o = upgrading_agent(&server, server.api.token("broken").await?, true);
@@ -357,13 +351,7 @@ async fn a_downgrade_is_refused_unless_asked_for() -> anyhow::Result<()> {
     import_version(&server, &signer, "0.2.0").await?;
     import_version(&server, &signer, "0.1.5").await?;
     let (agent, uid) = start_upgrading(&server, "downgrade", false).await?;
-    server
-        .api
-        .post(
-            "/api/v1/packages/assignments",
-            json!({ "name": "", "version": "0.2.0", "all": true }),
-        )
-        .await?;
+    assign_to_all(&server, "0.2.0").await?;
     eventually("the agent verified on 0.2.0", WAIT, || async {
         let v = upgrade_state(&server, uid).await?;
         Ok((v["state"] == "verified").then_some(()))
