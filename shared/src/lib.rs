@@ -4,6 +4,7 @@
 //! - [`domain`]: wire-neutral records (agents, configs, tokens, audit) as the API and stores see them;
 //! - [`rollout`]: groups and staged rollouts (records, states, stage sizes);
 //! - [`packages`]: agent packages (artifacts, assignments, reported statuses, their hashes);
+//! - [`package_profile`]: how an offer is shaped for the agent type receiving it;
 //! - [`download_token`]: the per-agent, per-blob credential for package downloads;
 //! - [`token`]: the bootstrap and API token formats (`amp-bs.<base32>.<crc>`);
 //! - [`codec`]: the OpAMP WebSocket message header, which the gateway and the agent both frame
@@ -23,6 +24,7 @@ pub mod domain;
 pub mod download_token;
 pub mod ids;
 pub mod ownership;
+pub mod package_profile;
 pub mod packages;
 pub mod rollout;
 pub mod store;

@@ -43,6 +43,7 @@ mod nginx;
 mod nginx_packages;
 mod offers;
 mod opamp;
+mod package_profiles;
 mod packages;
 mod promises;
 mod proxy_trust;

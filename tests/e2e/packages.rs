@@ -567,7 +567,7 @@ pub(crate) fn upgrading_agent(server: &TestServer, token: String, fail: bool) ->
         endpoint: server.ws_url(),
         token: Some(token),
         description: vec![
-            ("service.name".into(), "otelcol".into()),
+            ("service.name".into(), tests::packages::GENERIC_AGENT.into()),
             ("service.version".into(), "0.1.0".into()),
         ],
         non_identifying: vec![
@@ -625,7 +625,24 @@ pub(crate) async fn start_upgrading(
     fail: bool,
 ) -> anyhow::Result<(Agent, [u8; 16])> {
     let token = server.api.token(token_name).await?;
-    let agent = Agent::start(upgrading_agent(server, token, fail));
+    started(upgrading_agent(server, token, fail)).await
+}
+
+/// [`start_upgrading`] of an agent whose `service.name` is `service_name`.
+pub(crate) async fn start_upgrading_as(
+    server: &TestServer,
+    token_name: &str,
+    service_name: &str,
+) -> anyhow::Result<(Agent, [u8; 16])> {
+    let token = server.api.token(token_name).await?;
+    let mut opts = upgrading_agent(server, token, false);
+    opts.description[0].1 = service_name.into();
+    started(opts).await
+}
+
+/// Starts an agent and waits until it is connected with a uid.
+async fn started(opts: AgentOptions) -> anyhow::Result<(Agent, [u8; 16])> {
+    let agent = Agent::start(opts);
     let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
         s.instance_uid.is_some() && s.connected
     })

@@ -183,15 +183,29 @@ fn kv(k: &str, v: &str) -> KeyValue {
     }
 }
 
-/// The first message of a package-taking agent on `platform` (`os/arch`).
+/// The `service.name` of the generic opamp-go agent the package tests play (not a Collector,
+/// so offers keep names and signatures as imported).
+pub const GENERIC_AGENT: &str = "example-agent";
+
+/// The first message of a package-taking generic agent on `platform` (`os/arch`).
 pub fn packaged_hello(uid: InstanceUid, caps: u64, platform: &str) -> proto::AgentToServer {
+    packaged_hello_as(uid, caps, platform, GENERIC_AGENT)
+}
+
+/// The first message of a package-taking agent named `service_name` on `platform`.
+pub fn packaged_hello_as(
+    uid: InstanceUid,
+    caps: u64,
+    platform: &str,
+    service_name: &str,
+) -> proto::AgentToServer {
     let (os, arch) = platform.split_once('/').expect("os/arch");
     proto::AgentToServer {
         instance_uid: uid.0.to_vec(),
         capabilities: caps,
         agent_description: Some(AgentDescription {
             identifying_attributes: vec![
-                kv("service.name", "otelcol"),
+                kv("service.name", service_name),
                 kv("service.version", "0.1.0"),
             ],
             non_identifying_attributes: vec![kv("os.type", os), kv("host.arch", arch)],

@@ -94,6 +94,9 @@ pub(super) fn section(c: &Coordinator, agent: &AgentRecord) -> Markup {
             p {
                 "Upgrade: " span class={"chip upgrade-" (v.state)} { (v.state.replace('_', " ")) }
                 @if v.failed_attempts > 0 { " after " (v.failed_attempts) " failed attempt(s)" }
+                @if v.profile == "collector_supervisor" {
+                    span.muted { " · offered as to a Collector supervisor" }
+                }
             }
             @if let Some(r) = &v.reason { p.error { (r) } }
             table {

@@ -168,10 +168,12 @@ impl NewestBuilds {
             .iter()
             .filter(|((_, p), _)| *p == platform)
             .any(|((name, _), (newest, top))| {
-                let installed = a
-                    .packages
-                    .as_deref()
-                    .and_then(|pk| pk.reported.get(name))
+                let kind = if *top {
+                    shared::packages::PackageKind::TopLevel
+                } else {
+                    shared::packages::PackageKind::Addon
+                };
+                let installed = shared::package_profile::report_of(a, name, kind)
                     .filter(|r| r.status == shared::packages::InstallStatus::Installed)
                     .map(|r| r.has_version.clone());
                 let runs = installed.or_else(|| {

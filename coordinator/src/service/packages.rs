@@ -23,9 +23,10 @@ use shared::domain::{AgentRecord, Target, Transport};
 use shared::download_token::DownloadKey;
 use shared::ids::InstanceUid;
 use shared::now_ms;
+use shared::package_profile::{report_of, same_version, Profile};
 use shared::packages::{
-    all_packages_hash, platform_of, runs_version, Artifact, InstallStatus, NewPackageAssignment,
-    PackageAssignment,
+    all_packages_hash, package_hash, platform_of, runs_version, Artifact, InstallStatus,
+    NewPackageAssignment, PackageAssignment, PackageKind,
 };
 
 use super::rollouts::Holding;
@@ -65,8 +66,8 @@ pub struct PackageHosting {
 pub(super) struct Catalog {
     artifacts: Vec<Artifact>,
     assignments: Vec<PackageAssignment>,
-    /// Offers by (winning assignment ids, platform): a fleet has few distinct ones.
-    offers: HashMap<(Vec<i64>, String), Arc<PackageOffer>>,
+    /// Offers by (winning assignment ids, platform, profile): a fleet has few distinct ones.
+    offers: HashMap<(Vec<i64>, String, Profile), Arc<PackageOffer>>,
 }
 
 /// The package set an agent should have, or why it cannot have it.
@@ -85,6 +86,9 @@ pub struct UpgradeView {
     /// Package name → (version it reports, status).
     pub reported: BTreeMap<String, (String, String)>,
     pub failed_attempts: u32,
+    /// How offers are shaped for this agent, chosen from its description: `generic` or
+    /// `collector_supervisor` ([`shared::package_profile`]).
+    pub profile: &'static str,
 }
 
 const INSTALLS: &str = "ampora_package_installs_total";
@@ -206,7 +210,8 @@ impl Coordinator {
         // Ampora never means that (it has no removal), so the agent is offered nothing until
         // something decides that package for it too (an upgrade's rollback with no earlier
         // version to return to, an addon assigned where the agent reports its own build).
-        if let Some(name) = kept_out(record, &winners) {
+        let profile = Profile::of(record);
+        if let Some(name) = kept_out(record, &winners).filter(|_| profile.deletes_left_out()) {
             return Some(Err(format!(
                 "held: an offer without {name:?}, which the agent has installed, would remove \
                  it; assign a version of {name:?} to these agents too"
@@ -220,6 +225,7 @@ impl Coordinator {
         let key = (
             winners.values().map(|w| w.0).collect::<Vec<_>>(),
             platform.clone(),
+            profile,
         );
         if let Some(o) = catalog.offers.get(&key) {
             return Some(Ok(o.clone()));
@@ -239,7 +245,10 @@ impl Coordinator {
                 }
             }
         }
-        let offer = Arc::new(build_offer(&chosen, hosting));
+        if let Some(why) = profile.refuses(chosen.iter().map(|a| (a.name.as_str(), a.kind))) {
+            return Some(Err(why));
+        }
+        let offer = Arc::new(build_offer(&chosen, hosting, profile));
         drop(catalog);
         if let Ok(mut c) = self.package_catalog.write() {
             c.offers.insert(key, offer.clone());
@@ -308,10 +317,16 @@ impl Coordinator {
         if allowed {
             return Ok(());
         }
+        let kind = self
+            .package_catalog
+            .read()
+            .ok()
+            .and_then(|c| c.artifacts.iter().find(|a| a.name == name).map(|a| a.kind))
+            .unwrap_or(PackageKind::TopLevel);
         let mut from: Vec<&str> = agents
             .iter()
             .filter(|r| self.target_admits(target, r))
-            .filter_map(|r| r.packages.as_deref()?.reported.get(name))
+            .filter_map(|r| report_of(r, name, kind))
             .filter(|p| p.status == InstallStatus::Installed)
             .map(|p| p.has_version.as_str())
             .filter(|v| shared::packages::is_downgrade(v, version))
@@ -492,6 +507,7 @@ impl Coordinator {
             desired: BTreeMap::new(),
             reported,
             failed_attempts: pk.failed_attempts,
+            profile: Profile::of(record).as_str(),
         };
         let offer = match self.package_offer(record) {
             None => return view,
@@ -570,16 +586,19 @@ fn kept_out<'a>(
         .map(|(name, _)| name.as_str())
 }
 
-/// The offer for `chosen` (one artifact per package name): content hash, package hash, the
-/// aggregate, the signature and the URL; the credentials are added per agent as it leaves.
-fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting) -> PackageOffer {
+/// The offer for `chosen` (one artifact per package name) as `profile` shapes it: content
+/// hash, package hash, the aggregate, the signature and the URL; the credentials are added
+/// per agent as it leaves.
+fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting, profile: Profile) -> PackageOffer {
     let mut packages = BTreeMap::new();
     let mut hashes = Vec::with_capacity(chosen.len());
     for a in chosen {
-        let hash = a.package_hash();
+        let name = profile.wire_name(&a.name, a.kind);
+        let content = hex::decode(&a.sha256).unwrap_or_default();
+        let hash = package_hash(name, a.kind, &a.version, &content);
         hashes.push(hash);
         packages.insert(
-            a.name.clone(),
+            name.to_owned(),
             PackageAvailable {
                 r#type: a.kind.wire(),
                 version: a.version.clone(),
@@ -588,8 +607,8 @@ fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting) -> PackageOffer {
                         .url
                         .clone()
                         .unwrap_or_else(|| format!("{}/{}", hosting.download_base, a.sha256)),
-                    content_hash: hex::decode(&a.sha256).unwrap_or_default(),
-                    signature: a.signature.clone().unwrap_or_default().into_bytes(),
+                    content_hash: content,
+                    signature: profile.wire_signature(a.signature.as_deref()),
                     headers: None,
                 }),
                 hash: hash.to_vec(),
@@ -624,8 +643,9 @@ fn push(state: &mut AgentState, offer: &PackageOffer, now: i64) -> Option<Server
 fn verified(record: &AgentRecord, offer: &PackageOffer) -> bool {
     let pk = record.packages.as_deref();
     let all_installed = offer.msg.packages.iter().all(|(name, p)| {
-        pk.and_then(|pk| pk.reported.get(name))
-            .is_some_and(|r| r.status == InstallStatus::Installed && r.has_version == p.version)
+        pk.and_then(|pk| pk.reported.get(name)).is_some_and(|r| {
+            r.status == InstallStatus::Installed && same_version(&r.has_version, &p.version)
+        })
     });
     let top_level_running = offer
         .msg

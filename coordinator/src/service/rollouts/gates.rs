@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use proto::agent_caps::{REPORTS_EFFECTIVE_CONFIG, REPORTS_HEALTH};
 use shared::domain::{AgentRecord, RemoteStatus};
 use shared::ids::InstanceUid;
+use shared::package_profile::{report_of, same_version};
 use shared::packages::{runs_version, InstallStatus, PackageKind};
 use shared::rollout::{Amount, GateResult, MemberFailure, Rollout};
 
@@ -113,17 +114,17 @@ pub(crate) fn answer(r: &AgentRecord, want: Want<'_>) -> Answer {
             let Some(pk) = r.packages.as_deref() else {
                 return Answer::Waiting;
             };
-            match pk.reported.get(name) {
+            match report_of(r, name, kind) {
                 Some(p)
                     if p.status == InstallStatus::Installed
-                        && p.has_version == version
+                        && same_version(&p.has_version, version)
                         && (kind != PackageKind::TopLevel || runs_version(r, version)) =>
                 {
                     Answer::Applied
                 }
                 Some(p)
                     if p.status == InstallStatus::InstallFailed
-                        && p.offered_version == version
+                        && same_version(&p.offered_version, version)
                         && pk.failed_attempts >= max_attempts =>
                 {
                     Answer::Failed
@@ -138,11 +139,7 @@ pub(crate) fn answer(r: &AgentRecord, want: Want<'_>) -> Answer {
 fn failure_message(r: &AgentRecord, want: Want<'_>) -> String {
     match want {
         Want::Config(_) => r.remote_config.as_ref().map(|rc| rc.error_message.clone()),
-        Want::Package { name, .. } => r
-            .packages
-            .as_deref()
-            .and_then(|pk| pk.reported.get(name))
-            .map(|p| p.error.clone()),
+        Want::Package { name, kind, .. } => report_of(r, name, kind).map(|p| p.error.clone()),
     }
     .unwrap_or_default()
 }
