@@ -168,6 +168,10 @@ pub struct AgentPackages {
     /// The last set the agent was verified on, so that it is counted once.
     #[serde(default)]
     pub verified_hash: Option<String>,
+    /// Package name → the version the agent ran before Ampora first offered it another:
+    /// where a rolled-back upgrade returns it when no assignment decides that package.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub before: BTreeMap<String, String>,
 }
 
 impl AgentPackages {

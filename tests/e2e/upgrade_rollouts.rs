@@ -2,8 +2,8 @@
 //! --version` offers the build to one stage at a time (agents of later stages are offered
 //! nothing), each stage judged on its members being verified on the build; success leaves a
 //! package assignment behind; an install that keeps failing fails the gate, and the rollback
-//! returns every agent the upgrade reached to the build its package assignment gives it,
-//! tracked to verified.
+//! returns every agent the upgrade reached to the build its package assignment gives it, or
+//! else to the build it ran before, tracked to verified.
 
 use std::time::Duration;
 
@@ -313,14 +313,15 @@ async fn a_rollback_with_nothing_to_return_to_never_offers_a_set_without_the_bui
         "{done} {history}"
     );
 
-    // No earlier version of the build to return to: the agent is held (told why), not sent a
-    // set with the addon alone, which would order it to remove its own build.
+    // The build it ran before (0.1.0) was never imported, so there is nothing to return
+    // to: the agent is held (told why), not sent a set with the addon alone, which would
+    // order it to remove its own build.
     let view = upgrade_state(&server, uid).await?;
     assert_eq!(view["state"], "cannot_upgrade", "{view}");
     assert!(
         view["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("would remove")),
+            .is_some_and(|r| r.contains("no artifact of \"\" 0.1.0")),
         "{view}"
     );
     // Its next report is answered without an offer, and it still has both packages.
@@ -337,6 +338,64 @@ async fn a_rollback_with_nothing_to_return_to_never_offers_a_set_without_the_bui
         "{s:?}"
     );
     assert!(s.packages.contains_key("exporter"), "{s:?}");
+    agent.stop().await;
+    server.stop().await
+}
+
+/// An agent no assignment decides (it came with 0.1.0 of its own) is upgraded by a rollout
+/// and rolled back: it returns to the build it ran before, tracked to verified.
+#[tokio::test]
+async fn a_rollback_returns_an_agent_to_the_build_it_came_with() -> anyhow::Result<()> {
+    let signer = Signer::new();
+    let server = serve_trusting(&signer).await?;
+    import_version(&server, &signer, "0.1.0").await?;
+    import_version(&server, &signer, "0.2.0").await?;
+    let (agent, uid) = start_upgrading(&server, "came-with", false).await?;
+    let created = server
+        .api
+        .post(
+            "/api/v1/rollouts",
+            json!({ "package": "", "version": "0.2.0", "all": true, "stages": "100%", "soak": "1h" }),
+        )
+        .await?;
+    let id = created["id"].as_i64().expect("rollout id");
+    eventually("the agent upgraded", WAIT, || async {
+        let v = upgrade_state(&server, uid).await?;
+        Ok((v["state"] == "verified" && v["desired"][""] == "0.2.0").then_some(()))
+    })
+    .await?;
+    server
+        .api
+        .post(&format!("/api/v1/rollouts/{id}/rollback"), json!({}))
+        .await?;
+    let done = eventually("rolled back", WAIT, || async {
+        let v = rollout(&server, id).await?;
+        Ok((v["rollout"]["state"] == "rolled_back").then_some(v))
+    })
+    .await?;
+    let view = upgrade_state(&server, uid).await?;
+    assert_eq!(
+        (view["state"].as_str(), view["desired"][""].as_str()),
+        (Some("verified"), Some("0.1.0")),
+        "{view}"
+    );
+    let s = agent.status().borrow().clone();
+    assert_eq!(
+        s.packages.get("").map(|p| p.version.as_str()),
+        Some("0.1.0")
+    );
+    let (kinds, history) = event_kinds(&server.api, id).await?;
+    assert_eq!(kinds.last().map(String::as_str), Some("rolled_back"));
+    let detail = history
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["kind"] == "rolled_back"))
+        .map(|e| e["detail"].clone())
+        .unwrap_or_default();
+    assert_eq!(
+        (&detail["returned"], &detail["no_previous_version"]),
+        (&json!(1), &json!(0)),
+        "{done} {detail}"
+    );
     agent.stop().await;
     server.stop().await
 }

@@ -66,9 +66,12 @@ pub struct PackageHosting {
 pub(super) struct Catalog {
     artifacts: Vec<Artifact>,
     assignments: Vec<PackageAssignment>,
-    /// Offers by (winning assignment ids, platform, profile): a fleet has few distinct ones.
-    offers: HashMap<(Vec<i64>, String, Profile), Arc<PackageOffer>>,
+    /// Offers by (winners, platform, profile): a fleet has few distinct ones.
+    offers: HashMap<OfferKey, Arc<PackageOffer>>,
 }
+
+/// Per winner its assignment or rollout key and version; the platform; the profile.
+type OfferKey = (Vec<(i64, String)>, String, Profile);
 
 /// The package set an agent should have, or why it cannot have it.
 pub(super) type Wanted = Result<Arc<PackageOffer>, String>;
@@ -186,8 +189,9 @@ impl Coordinator {
     pub(super) fn package_offer(&self, record: &AgentRecord) -> Option<Wanted> {
         let hosting = self.cfg.packages.as_ref()?;
         let upgrades = self.upgrade_choices(record);
+        let rolled_back = self.rolled_back_upgrades(record);
         let catalog = self.package_catalog.read().ok()?;
-        if catalog.assignments.is_empty() && upgrades.is_empty() {
+        if catalog.assignments.is_empty() && upgrades.is_empty() && rolled_back.is_empty() {
             return None;
         }
         // Name → (key, version, created): the key is an assignment's id, or minus an
@@ -201,6 +205,16 @@ impl Coordinator {
         for (p, id, created) in &upgrades {
             if winners.get(p.name.as_str()).is_none_or(|w| w.2 < *created) {
                 winners.insert(&p.name, (-id, &p.version, *created));
+            }
+        }
+        // An upgrade rolled back returns the agents it reached to the version they ran
+        // before, where nothing else decides the package for them.
+        let before = record.packages.as_deref().map(|pk| &pk.before);
+        for (p, created) in &rolled_back {
+            if let Some(v) = before.and_then(|b| b.get(&p.name)) {
+                if !winners.contains_key(p.name.as_str()) {
+                    winners.insert(&p.name, (0, v, *created));
+                }
             }
         }
         if winners.is_empty() {
@@ -223,7 +237,7 @@ impl Coordinator {
             ));
         };
         let key = (
-            winners.values().map(|w| w.0).collect::<Vec<_>>(),
+            winners.values().map(|w| (w.0, w.1.to_owned())).collect(),
             platform.clone(),
             profile,
         );
@@ -591,9 +605,13 @@ fn kept_out<'a>(
 /// per agent as it leaves.
 fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting, profile: Profile) -> PackageOffer {
     let mut packages = BTreeMap::new();
+    let mut catalog_names = BTreeMap::new();
     let mut hashes = Vec::with_capacity(chosen.len());
     for a in chosen {
         let name = profile.wire_name(&a.name, a.kind);
+        if name != a.name {
+            catalog_names.insert(name.to_owned(), a.name.clone());
+        }
         let content = hex::decode(&a.sha256).unwrap_or_default();
         let hash = package_hash(name, a.kind, &a.version, &content);
         hashes.push(hash);
@@ -623,6 +641,7 @@ fn build_offer(chosen: &[&Artifact], hosting: &PackageHosting, profile: Profile)
             all_packages_hash: all.to_vec(),
         },
         max_attempts: hosting.max_attempts,
+        catalog_names,
     }
 }
 
@@ -682,6 +701,7 @@ mod tests {
                 all_packages_hash: vec![2; 32],
             },
             max_attempts: 3,
+            ..Default::default()
         }
     }
 

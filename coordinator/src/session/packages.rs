@@ -16,6 +16,7 @@
 
 use proto::agent_caps;
 use proto::v1::{AgentToServer, PackagesAvailable, ServerToAgent};
+use shared::package_profile::same_version;
 use shared::packages::{AgentPackages, InstallStatus, PackageReport};
 
 use super::{AgentState, Event, REOFFER_AFTER_MS};
@@ -26,13 +27,39 @@ pub const RETRY_BASE_MS: i64 = 5_000;
 pub const RETRY_CAP_MS: i64 = 10 * 60_000;
 
 /// The package set an agent should have, ready to send (without download credentials).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PackageOffer {
     /// Hex of `msg.all_packages_hash`.
     pub hash_hex: String,
     pub msg: PackagesAvailable,
     /// Failed installs of this set after which the agent is given up on.
     pub max_attempts: u32,
+    /// Name in `msg` → the catalog's name, where the agent's profile renamed a package.
+    pub catalog_names: std::collections::BTreeMap<String, String>,
+}
+
+/// Notes, the first time a package is offered at another version than the agent runs, the
+/// version it ran (installed as reported, or for its own build its `service.version`).
+fn note_before(state: &mut AgentState, offer: &PackageOffer) {
+    let running = state.record.description.get_str("service.version");
+    let Some(pk) = state.record.packages.as_mut() else {
+        return;
+    };
+    for (wire, p) in &offer.msg.packages {
+        let name = offer.catalog_names.get(wire).unwrap_or(wire);
+        if pk.before.contains_key(name) {
+            continue;
+        }
+        let installed = pk
+            .reported
+            .get(wire)
+            .filter(|r| r.status == InstallStatus::Installed)
+            .map(|r| r.has_version.clone());
+        let has = installed.or_else(|| (p.r#type == 0).then(|| running.clone()).flatten());
+        if let Some(v) = has.filter(|v| !same_version(v, &p.version)) {
+            pk.before.insert(name.clone(), v);
+        }
+    }
 }
 
 /// Records `msg.package_statuses` if the agent declared ReportsPackageStatuses; true when the
@@ -146,7 +173,9 @@ pub fn offer(
     }
     if pk.offered_hash.as_ref() != Some(&offer.hash_hex) {
         pk.first_offered_ms = now_ms;
+        note_before(state, offer);
     }
+    let pk = state.record.packages.get_or_insert_with(Default::default);
     pk.offered_hash = Some(offer.hash_hex.clone());
     pk.offered_ms = now_ms;
     state.offered_packages = Some(offer.hash_hex.clone());
@@ -181,6 +210,7 @@ mod tests {
                 all_packages_hash: vec![5; 32],
             },
             max_attempts: 2,
+            ..Default::default()
         }
     }
 

@@ -571,7 +571,8 @@ impl Coordinator {
     /// does (it keeps what it runs: a set without the package would delete it).
     fn rollback_answer(&self, a: &AgentRecord, p: &PackageChange) -> Option<Answer> {
         let offer = self.package_offer(a)?.ok()?;
-        let back = offer.msg.packages.get(&p.name)?;
+        let wire = shared::package_profile::Profile::of(a).wire_name(&p.name, p.kind);
+        let back = offer.msg.packages.get(wire)?;
         let want = gates::Want::Package {
             name: &p.name,
             version: &back.version,

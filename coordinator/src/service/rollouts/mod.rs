@@ -78,14 +78,17 @@ pub(crate) enum Holding {
 }
 
 /// The states of rollouts that decide agents' configs: the active ones and the aborted ones
-/// (whose changed agents keep the rollout's version).
-const DECIDING: [RolloutState; 6] = [
+/// (whose changed agents keep the rollout's version), and rolled-back upgrades (whose agents
+/// keep the build they returned to).
+const DECIDING: [RolloutState; 7] = [
     RolloutState::Pending,
     RolloutState::Running,
     RolloutState::Paused,
     RolloutState::Failed,
     RolloutState::RollingBack,
     RolloutState::Aborted,
+    // Upgrades only: the agents they reached stay on the build they returned to.
+    RolloutState::RolledBack,
 ];
 
 impl Coordinator {
@@ -120,6 +123,30 @@ impl Coordinator {
                 l.rollout
                     .reached(stage)
                     .then(|| (p.clone(), l.rollout.id, l.rollout.created_ms))
+            })
+            .collect()
+    }
+
+    /// The upgrades being rolled back (or rolled back) that had reached `record`: it returns
+    /// to what it ran before, where nothing else decides the package for it.
+    pub(super) fn rolled_back_upgrades(&self, record: &AgentRecord) -> Vec<(PackageChange, i64)> {
+        let Ok(table) = self.rollouts.read() else {
+            return Vec::new();
+        };
+        table
+            .iter()
+            .filter(|l| {
+                matches!(
+                    l.rollout.state,
+                    RolloutState::RollingBack | RolloutState::RolledBack
+                )
+            })
+            .filter_map(|l| {
+                let p = l.rollout.package.as_ref()?;
+                let stage = l.stage_of(self, record)?;
+                let r = &l.rollout;
+                let started = r.stages.get(stage).is_some_and(|s| s.started_ms.is_some());
+                (stage <= r.stage && started).then(|| (p.clone(), r.created_ms))
             })
             .collect()
     }
@@ -169,7 +196,9 @@ impl Coordinator {
     /// Replaces the table with the store's; true when what it decides changed.
     pub(super) async fn load_rollouts(&self) -> Result<bool, shared::store::StoreError> {
         let _one = self.rollout_sync.lock().await;
-        let all = self.store.list_rollouts_in(&DECIDING).await?;
+        let mut all = self.store.list_rollouts_in(&DECIDING).await?;
+        // A config rollback re-pointed its agents' assignments: nothing of it decides more.
+        all.retain(|r| r.state != RolloutState::RolledBack || r.package.is_some());
         engine::count_states(&self.store.count_rollouts().await?);
         let old = self.live_rollouts();
         // A rollout leaving the table may have succeeded and left an assignment behind: have
