@@ -871,6 +871,31 @@ mod tests {
         );
     }
 
+    /// The configurations shipped in deploy/ are ones the nodes accept, the download key
+    /// (cluster package hosting) included.
+    #[test]
+    fn the_shipped_deploy_configs_load() {
+        let compose = include_str!("../../deploy/compose/ampora.toml");
+        let k8s = include_str!("../../deploy/k8s/configmap.yaml");
+        // The configmap's TOML is the indented block under `ampora.toml: |`.
+        let k8s: String = k8s
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("ampora.toml: |"))
+            .skip(1)
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        // What an operator must set before the nodes start.
+        let k8s = k8s.replace("SET-ME-ingress-controller-addresses", "10.0.0.0/24");
+        for (path, text, key) in [
+            ("compose", compose, "/etc/ampora-keys/download.key"),
+            ("k8s", k8s.as_str(), "/etc/ampora-download-key/key"),
+        ] {
+            let c = from_toml_str(Path::new(path), text, env(&[]), &[])
+                .unwrap_or_else(|e| panic!("{path}: {e:?}"));
+            assert_eq!(c.packages.download_key_file, Path::new(key), "{path}");
+        }
+    }
+
     #[test]
     fn operator_guide_key_works_in_every_form() {
         for (e, s) in [

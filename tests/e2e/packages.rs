@@ -284,6 +284,13 @@ async fn a_build_hosted_elsewhere_is_imported_by_url_and_downloaded_from_there(
     let fetched = host.served.load(std::sync::atomic::Ordering::Relaxed);
     let blobs = std::fs::read_dir(server.dir.path().join("packages"))?.count();
     assert_eq!(blobs, 0, "nothing kept");
+    let base = format!("http://{}", server.addr);
+    let (http, cookie) = tests::browser::console_session(&base, &server.api.token).await?;
+    let page = http
+        .get(format!("{base}/ui/packages"))
+        .header("cookie", cookie);
+    let page = page.send().await?.text().await?;
+    assert!(page.contains(&format!("hosted at {}", host.url)), "{page}");
 
     let (agent, uid) = start_upgrading(&server, "external", false).await?;
     assign_all(&server).await?;

@@ -46,7 +46,12 @@ pub(super) async fn list(State(c): State<Arc<Coordinator>>, who: Signed) -> Resp
                             td { (a.platform) }
                             td { (match a.kind { PackageKind::TopLevel => "top level", PackageKind::Addon => "addon" }) }
                             td.num { (size(a.size)) }
-                            td { code title=(a.sha256) { (a.sha256.get(..16).unwrap_or(&a.sha256)) } }
+                            td {
+                                code title=(a.sha256) { (a.sha256.get(..16).unwrap_or(&a.sha256)) }
+                                @if let Some(url) = &a.url {
+                                    br; span.muted.hosted-elsewhere title=(url) { "hosted at " (url) }
+                                }
+                            }
                             td {
                                 @match &a.signer {
                                     Some(k) => code title=(k) { (k.get(..12).unwrap_or(k)) "…" },
