@@ -28,6 +28,7 @@ mod agents;
 mod api_tokens;
 mod assignments;
 mod audit;
+mod components;
 mod crl;
 mod deliveries;
 mod drift;
@@ -41,7 +42,9 @@ pub mod package_import;
 pub mod package_trust;
 pub mod packages;
 mod partitions;
+pub mod preflight;
 mod refusals;
+pub mod restarts;
 pub mod rollouts;
 mod scope;
 mod token_sessions;
@@ -137,6 +140,8 @@ pub struct Coordinator {
     assignments: RwLock<Vec<Assignment>>,
     /// Package artifacts and assignments, and the offers made of them ([`packages`]).
     package_catalog: RwLock<packages::Catalog>,
+    /// The component sets agents reported, by hash ([`components`]).
+    component_sets: RwLock<components::Sets>,
     /// Agents upgrading now, at most `packages.max_concurrent_upgrades` ([`upgrade_slots`]).
     upgrade_slots: upgrade_slots::UpgradeSlots,
     /// Poked when an upgrade slot frees up.
@@ -147,6 +152,8 @@ pub struct Coordinator {
     rollout_sync: Mutex<()>,
     /// One rollout creation at a time in this process (the overlap check).
     rollout_create: Mutex<()>,
+    /// The group restarts this coordinator drives or drove ([`restarts`]).
+    restart_jobs: StdMutex<Vec<restarts::RestartJob>>,
     /// Poked when an agent answers a config offer, so the rollout driver looks at once instead
     /// of at its next tick (see `rollouts::run_engine`).
     rollout_wake: Arc<tokio::sync::Notify>,
@@ -220,6 +227,7 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
             ControlEvent::RolloutChanged { .. } => c.sync_rollouts().await,
             ControlEvent::PackagesChanged => c.sync_packages().await,
             ControlEvent::ReapplyConfig { uid } => c.reapply_here(uid).await,
+            ControlEvent::RestartAgent { uid } => c.restart_here(uid).await,
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             // Full: a sync is pending already and will see these tokens too.
             ControlEvent::TokensCreated => drop(c.token_sync.try_send(())),
@@ -272,6 +280,7 @@ async fn run_syncs(weak: std::sync::Weak<Coordinator>) {
         c.sync_assignments().await;
         c.sync_rollouts().await;
         c.sync_packages().await;
+        c.sync_components().await;
         c.sync_tokens().await;
         c.sync_token_revocations().await;
         if identities_synced.elapsed() >= IDENTITY_SYNC_INTERVAL {
@@ -302,6 +311,9 @@ pub enum ServiceError {
     Internal(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A config that fails its pre-flight check (HTTP 409, with the answer).
+    #[error("pre-flight check failed: {}", .0.summary())]
+    Preflight(Box<preflight::Preflight>),
 }
 
 /// `text` with control characters escaped and at most `max` characters kept, for logging
@@ -394,11 +406,13 @@ impl Coordinator {
             desired: RwLock::new(HashMap::new()),
             assignments: RwLock::new(Vec::new()),
             package_catalog: RwLock::new(packages::Catalog::default()),
+            component_sets: RwLock::new(components::Sets::default()),
             upgrade_slots: upgrade_slots::UpgradeSlots::new(upgrade_cap),
             upgrade_fill: Arc::new(tokio::sync::Notify::new()),
             rollouts: RwLock::new(Vec::new()),
             rollout_sync: Mutex::new(()),
             rollout_create: Mutex::new(()),
+            restart_jobs: StdMutex::new(Vec::new()),
             rollout_soak: StdMutex::new(HashMap::new()),
             lease_outage: StdMutex::new(None),
             rollout_wake: Arc::new(tokio::sync::Notify::new()),
@@ -413,6 +427,7 @@ impl Coordinator {
         // Before the first lease round loads agents, so their configs follow the rollouts.
         this.load_rollouts().await?;
         this.sync_packages().await;
+        this.sync_components().await;
         let control = this
             .bus
             .subscribe_control()

@@ -23,6 +23,7 @@ use shared::domain::{
 use shared::ids::InstanceUid;
 use std::collections::BTreeMap;
 
+pub mod components;
 pub mod packages;
 pub use packages::PackageOffer;
 
@@ -198,6 +199,8 @@ pub struct AgentState {
     /// Package set held back on this connection for lack of AcceptsPackages (one
     /// CapMismatch per connection).
     pub refused_packages: Option<String>,
+    /// An operator's Restart waits for this HTTP agent's next poll ([`restart_reply`]).
+    pub restart_pending: bool,
 }
 
 impl AgentState {
@@ -214,6 +217,7 @@ impl AgentState {
             offered_packages: None,
             packages_offered_at_ms: 0,
             refused_packages: None,
+            restart_pending: false,
         }
     }
 
@@ -246,6 +250,8 @@ pub struct Context<'a> {
     pub assign_uid: Option<InstanceUid>,
     /// The package set the agent should have, if any package is assigned to it.
     pub packages: Option<&'a PackageOffer>,
+    /// Whether the server has the component set of the hash this message reports (if any).
+    pub components_known: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -268,6 +274,11 @@ pub enum Event {
     PackageFailed { attempts: u32 },
     /// Every package of the set offered is now installed.
     PackagesInstalled,
+    /// The agent sent its whole component set (hex hash): to be stored once.
+    ComponentsReported {
+        hash: String,
+        set: components::ComponentSet,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -431,6 +442,7 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
         changed |= set(&mut state.record.settings_in_use, in_use);
     }
     changed |= packages::record_statuses(state, msg, &mut events);
+    changed |= components::record(state, msg, ctx.components_known, &mut reply, &mut events);
 
     // Full state (facts §3.3): ask when our stored state can't be trusted and this message
     // doesn't replace it wholesale.
@@ -649,6 +661,19 @@ pub fn push_config(
 
 /// An error reply: `instance_uid` and `error_response` only, since the spec requires every
 /// other field to be unset alongside an error (facts §3.2).
+/// The Restart command: only `instance_uid`, `capabilities` and `command`, as the spec
+/// requires (agents ignore anything else in it).
+pub fn restart_reply(instance_uid: &[u8]) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: instance_uid.to_vec(),
+        capabilities: SERVER_CAPABILITIES,
+        command: Some(proto::v1::ServerToAgentCommand {
+            r#type: proto::v1::CommandType::Restart as i32,
+        }),
+        ..Default::default()
+    }
+}
+
 pub fn error_reply(
     instance_uid: &[u8],
     kind: ServerErrorResponseType,
@@ -816,6 +841,7 @@ mod tests {
 
     fn ctx<'a>() -> Context<'a> {
         Context {
+            components_known: false,
             now_ms: 1_000,
             transport: Transport::WebSocket,
             desired: None,

@@ -174,6 +174,14 @@ pub struct AgentRecord {
     /// Packages the agent reported and what was offered to it (boxed: most agents have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<Box<crate::packages::AgentPackages>>,
+    /// Hex of the `AvailableComponents.hash` the agent reported: its build's components are
+    /// stored once under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components_hash: Option<String>,
+    /// When the agent's current (or last) connection began, Unix ms: a restart is over once
+    /// it is later than the command.
+    #[serde(default)]
+    pub connected_ms: i64,
 }
 
 impl AgentRecord {
@@ -198,6 +206,8 @@ impl AgentRecord {
             settings_offered: None,
             settings_in_use: None,
             packages: None,
+            components_hash: None,
+            connected_ms: 0,
         }
     }
 
@@ -225,6 +235,8 @@ impl AgentRecord {
             settings_offered: self.settings_offered.clone(),
             settings_in_use: self.settings_in_use.clone(),
             packages: self.packages.clone(),
+            components_hash: self.components_hash.clone(),
+            connected_ms: self.connected_ms,
         }
     }
 

@@ -185,8 +185,18 @@ pub trait PackageStore: Send + Sync + 'static {
     async fn blob_chunk(&self, sha256: &str, index: u32) -> StoreResult<Option<Vec<u8>>>;
 }
 
+/// The component sets agents report (OpAMP AvailableComponents), each stored once under the
+/// hash its agents report: a fleet has few distinct builds.
 #[async_trait]
-pub trait Store: RolloutStore + PackageStore {
+pub trait ComponentStore: Send + Sync + 'static {
+    /// Stores set `body` (JSON) under `hash`; a hash already stored keeps its set.
+    async fn put_component_set(&self, hash: &str, body: &str, now_ms: i64) -> StoreResult<()>;
+    /// Every stored set: (hash, JSON body).
+    async fn list_component_sets(&self) -> StoreResult<Vec<(String, String)>>;
+}
+
+#[async_trait]
+pub trait Store: RolloutStore + PackageStore + ComponentStore {
     /// Cheap round trip; readiness depends on it.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -194,7 +194,7 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
     let failing = Agent::start(o);
     let mut fst = failing.status();
     wait_for(&mut fst, DEADLINE, |s| s.connected && s.replies > 0).await?;
-    let (id, _) = server.api.config("bad", "exporters: [").await?;
+    let (id, _) = server.api.config("bad", "exporters: {debug: {}}\n").await?;
     server
         .api
         .assign(json!({ "config_id": id, "agent": failing_uid.to_string() }))

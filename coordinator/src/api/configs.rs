@@ -22,6 +22,10 @@ pub struct NewConfig {
     pub(crate) content_type: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub(crate) files: Option<BTreeMap<String, ConfigFile>>,
+    /// Create it even though its YAML does not parse or its Collector pipelines name
+    /// undefined components (recorded in the audit log as forced).
+    #[serde(default)]
+    pub(crate) force: bool,
 }
 
 #[utoipa::path(post, path = "/api/v1/configs", request_body = NewConfig,
@@ -57,7 +61,7 @@ pub(crate) async fn create(
     };
     check_name(&body.name)?;
     check_files(&files)?;
-    Ok(c.create_config(body.name, files, actor).await?)
+    Ok(c.create_config(body.name, files, actor, body.force).await?)
 }
 
 /// File names (`""` is the single unnamed file) and content types of a new config version.
@@ -103,6 +107,10 @@ pub struct NewAssignmentBody {
     pub(crate) labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub(crate) all: bool,
+    /// Push even though the config fails its pre-flight check for some of these agents
+    /// (recorded in the audit log as forced, with the answer).
+    #[serde(default)]
+    pub(crate) force: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -133,7 +141,7 @@ pub(crate) async fn assign(
     body: NewAssignmentBody,
 ) -> Result<AssignmentResult, ApiError> {
     let target = target_of(body.agent, body.labels, body.all)?;
-    let (assignment, matched_agents) = c.assign(body.config_id, target, actor).await?;
+    let (assignment, matched_agents) = c.assign(body.config_id, target, actor, body.force).await?;
     Ok(AssignmentResult {
         assignment,
         matched_agents,

@@ -12,6 +12,7 @@ use shared::domain::Role;
 use shared::store::StoreError;
 use utoipa::ToSchema;
 
+use crate::service::preflight::Preflight;
 use crate::service::ServiceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,9 @@ pub enum ApiError {
     Store(StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A config that fails its pre-flight check: 409 with the whole answer.
+    #[error("pre-flight check failed: {}", .0.summary())]
+    Preflight(Box<Preflight>),
 }
 
 #[derive(Serialize, ToSchema)]
@@ -52,6 +56,9 @@ pub struct ErrorBody {
     /// Set on server-side failures: the id under which the detail was logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Set when a config failed its pre-flight check: what is wrong, on which builds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<Box<Preflight>>,
 }
 
 impl From<ServiceError> for ApiError {
@@ -63,6 +70,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Internal(m) => Self::Internal(m),
             ServiceError::Store(StoreError::NotFound(m)) => Self::NotFound(m),
             ServiceError::Store(s) => Self::Store(s),
+            ServiceError::Preflight(p) => Self::Preflight(p),
         }
     }
 }
@@ -80,7 +88,7 @@ impl ApiError {
             Self::Forbidden(_) | Self::PlaintextToken => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::Preflight(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Busy | Self::Store(StoreError::MaybeApplied(_) | StoreError::Unavailable(_)) => {
@@ -129,11 +137,18 @@ impl ApiError {
                 ErrorBody {
                     error: format!("{error} (request id {id}; the server log has the detail)"),
                     request_id: Some(id),
+                    preflight: None,
                 }
             }
+            Self::Preflight(p) => ErrorBody {
+                error: self.to_string(),
+                request_id: None,
+                preflight: Some(p.clone()),
+            },
             _ => ErrorBody {
                 error: self.to_string(),
                 request_id: None,
+                preflight: None,
             },
         }
     }

@@ -21,6 +21,7 @@ mod agents;
 mod api_tokens;
 pub(crate) mod audit;
 mod cluster;
+mod components;
 pub(crate) mod configs;
 mod error;
 pub(crate) mod groups;
@@ -28,6 +29,7 @@ pub(crate) mod guard;
 pub(crate) mod identities;
 mod latency;
 mod packages;
+mod restarts;
 pub(crate) mod rollouts;
 pub(crate) mod tokens;
 
@@ -63,9 +65,11 @@ use crate::service::Coordinator;
         rollouts::config_rollouts, groups::list_groups, groups::put_group, groups::show_group,
         groups::delete_group, agents::reapply_config, agents::adopt_config,
         packages::import_package, packages::check_package, packages::list_packages, packages::assign_package,
-        packages::list_package_assignments, packages::show_upgrade
+        packages::list_package_assignments, packages::show_upgrade,
+        components::show_components, components::check_config,
+        restarts::restart_agent, restarts::create_restart, restarts::list_restarts, restarts::show_restart
     ),
-    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, ErrorBody)),
+    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, components::ComponentsView, components::CheckBody, crate::service::preflight::Preflight, crate::service::preflight::ConfigProblem, crate::service::preflight::BuildGap, restarts::NewRestartBody, crate::service::restarts::RestartJob, crate::service::restarts::RestartMember, ErrorBody)),
     modifiers(&BearerAuth, &Untagged)
 )]
 struct ApiDoc;
@@ -201,6 +205,20 @@ pub fn router(
             post(packages::assign_package).get(packages::list_package_assignments),
         )
         .route("/api/v1/agents/{uid}/upgrade", get(packages::show_upgrade))
+        .route(
+            "/api/v1/agents/{uid}/components",
+            get(components::show_components),
+        )
+        .route("/api/v1/configs/{id}/check", post(components::check_config))
+        .route(
+            "/api/v1/agents/{uid}/restart",
+            post(restarts::restart_agent),
+        )
+        .route(
+            "/api/v1/restarts",
+            post(restarts::create_restart).get(restarts::list_restarts),
+        )
+        .route("/api/v1/restarts/{id}", get(restarts::show_restart))
         .route("/api/v1/audit", get(audit::list_audit))
         .route("/api/v1/audit/export", get(audit::export_audit))
         .route("/api/v1/cluster", get(cluster::show_cluster))

@@ -50,6 +50,9 @@ pub struct NewRolloutBody {
     /// An upgrade may take agents to an older version than they run (default: refused).
     #[serde(default)]
     pub allow_downgrade: bool,
+    /// A config rollout goes ahead though the config fails its pre-flight check (audited).
+    #[serde(default)]
+    pub force: bool,
 }
 
 fn duration_ms(what: &str, text: Option<&str>, default: Duration) -> Result<i64, ApiError> {
@@ -121,6 +124,7 @@ pub(crate) async fn plan(c: &Coordinator, body: NewRolloutBody) -> Result<Rollou
         budget,
         on_failure,
         allow_downgrade: body.allow_downgrade,
+        force: body.force,
     })
 }
 

@@ -1,5 +1,6 @@
-//! `ampora agents`: the fleet as the API lists it, and what to do about an agent whose config
-//! drifted (send it its assigned config again, or adopt what it runs as a new version).
+//! `ampora agents`: the fleet as the API lists it, what to do about an agent whose config
+//! drifted (send it its assigned config again, or adopt what it runs as a new version), and
+//! restarts (one agent, or many in batches).
 
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -32,6 +33,29 @@ pub enum AgentsCmd {
         /// The new version's name (default "adopted from <uid>").
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Send an agent the Restart command (it must declare AcceptsRestartCommand).
+    Restart { uid: String },
+    /// Restart the agents of a group, a label selector or the fleet, in batches: each agent
+    /// must be back, connected and healthy, within the deadline; the restart stops when more
+    /// than the budget do not come back.
+    RestartMany {
+        #[command(flatten)]
+        target: super::rollouts::RolloutTarget,
+        /// Agents restarting at once.
+        #[arg(long, default_value_t = 10)]
+        batch: u32,
+        /// Each batch's time to come back, e.g. `2m`.
+        #[arg(long, default_value = "2m")]
+        deadline: String,
+        /// Agents that may fail to come back before the restart stops.
+        #[arg(long, default_value_t = 0)]
+        budget: u64,
+    },
+    /// Show a group restart (kept by the coordinator that drove it).
+    Restarts {
+        /// One restart by id; all of them without.
+        id: Option<u64>,
     },
 }
 
@@ -88,6 +112,40 @@ pub(super) async fn run(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             println!("sent {uid} its assigned config again");
             Ok(())
         }
+        AgentsCmd::Restart { uid } => {
+            c.post_empty(&format!("/api/v1/agents/{uid}/restart"))
+                .await?;
+            println!("sent {uid} the restart command");
+            Ok(())
+        }
+        AgentsCmd::RestartMany {
+            target,
+            batch,
+            deadline,
+            budget,
+        } => {
+            let mut body = json!({ "batch": batch, "deadline": deadline, "budget": budget });
+            if let Some(g) = target.group {
+                body["group"] = json!(g);
+            } else if target.all {
+                body["all"] = json!(true);
+            } else {
+                body["labels"] = Value::Object(super::client::labels(&target.label)?);
+            }
+            let v = c.post("/api/v1/restarts", body).await?;
+            c.print(&v, |v| {
+                println!(
+                    "restart {} started: {} agent(s) in batches of {batch}; {} cannot restart",
+                    v["id"],
+                    v["members"].as_array().map_or(0, Vec::len),
+                    v["unable"].as_array().map_or(0, Vec::len)
+                )
+            })
+        }
+        AgentsCmd::Restarts { id } => match id {
+            Some(id) => show(&c.get(&format!("/api/v1/restarts/{id}"), &[]).await?),
+            None => show(&c.get("/api/v1/restarts", &[]).await?),
+        },
         AgentsCmd::Adopt { uid, name } => {
             let v = c
                 .post(

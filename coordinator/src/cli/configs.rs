@@ -18,10 +18,21 @@ pub enum ConfigCmd {
         file: PathBuf,
         #[arg(long, default_value = "text/yaml")]
         content_type: String,
+        /// Create it though its YAML does not parse or its pipelines name undefined
+        /// components (audited as forced).
+        #[arg(long)]
+        force: bool,
     },
     List,
     Show {
         id: i64,
+    },
+    /// Check a version against the agents it would reach, without pushing it: its YAML,
+    /// its pipelines, and per build the components it uses that the build lacks.
+    Check {
+        version: i64,
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Push a config to agents: a new version from `--file`, or an existing `--version`.
     Push {
@@ -35,6 +46,9 @@ pub enum ConfigCmd {
         content_type: String,
         #[command(flatten)]
         target: TargetArgs,
+        /// Push though the config fails its pre-flight check (audited as forced).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -57,8 +71,9 @@ pub(super) async fn run(c: &Client, cmd: ConfigCmd) -> anyhow::Result<()> {
             name,
             file,
             content_type,
+            force,
         } => {
-            let v = create_version(c, name, &file, &content_type).await?;
+            let v = create_version(c, name, &file, &content_type, force).await?;
             c.print(&v, |v| {
                 println!("config version {} ({})", v["id"], s(v, "hash"))
             })
@@ -76,27 +91,45 @@ pub(super) async fn run(c: &Client, cmd: ConfigCmd) -> anyhow::Result<()> {
             })
         }
         ConfigCmd::Show { id } => show(&c.get(&format!("/api/v1/configs/{id}"), &[]).await?),
+        ConfigCmd::Check { version, target } => {
+            let mut body = json!({ "config_id": version });
+            target_into(&target, &mut body)?;
+            let v = c
+                .post(&format!("/api/v1/configs/{version}/check"), body)
+                .await?;
+            c.print(&v, |v| {
+                println!(
+                    "{} passing, {} unchecked (components unknown)",
+                    v["passing"], v["unchecked"]
+                );
+                for p in v["problems"].as_array().into_iter().flatten() {
+                    println!("problem: {} {}", s(p, "file"), s(p, "message"));
+                }
+                for g in v["failing"].as_array().into_iter().flatten() {
+                    println!(
+                        "would fail on {} agent(s): their build lacks {}",
+                        g["agents"], g["missing"]
+                    );
+                }
+            })
+        }
         ConfigCmd::Push {
             file,
             version,
             name,
             content_type,
             target,
+            force,
         } => {
             let config_id = match (file, version) {
-                (Some(f), None) => create_version(c, name, &f, &content_type).await?["id"]
+                (Some(f), None) => create_version(c, name, &f, &content_type, force).await?["id"]
                     .as_i64()
                     .context("server returned no config id")?,
                 (None, Some(v)) => v,
                 _ => bail!("give --file or --version"),
             };
-            let mut body = json!({ "config_id": config_id });
-            match (&target.agent, target.label.is_empty(), target.all) {
-                (Some(uid), true, false) => body["agent"] = json!(uid),
-                (None, false, false) => body["labels"] = Value::Object(labels(&target.label)?),
-                (None, true, true) => body["all"] = json!(true),
-                _ => bail!("give exactly one of --agent, --label or --all"),
-            }
+            let mut body = json!({ "config_id": config_id, "force": force });
+            target_into(&target, &mut body)?;
             let v = c.post("/api/v1/assignments", body).await?;
             c.print(&v, |v| {
                 println!(
@@ -108,12 +141,24 @@ pub(super) async fn run(c: &Client, cmd: ConfigCmd) -> anyhow::Result<()> {
     }
 }
 
+/// Puts `--agent`, `--label` or `--all` into a request body.
+fn target_into(target: &TargetArgs, body: &mut Value) -> anyhow::Result<()> {
+    match (&target.agent, target.label.is_empty(), target.all) {
+        (Some(uid), true, false) => body["agent"] = json!(uid),
+        (None, false, false) => body["labels"] = Value::Object(labels(&target.label)?),
+        (None, true, true) => body["all"] = json!(true),
+        _ => bail!("give exactly one of --agent, --label or --all"),
+    }
+    Ok(())
+}
+
 /// Creates a config version from a file; its name defaults to the file's.
 async fn create_version(
     c: &Client,
     name: Option<String>,
     file: &Path,
     content_type: &str,
+    force: bool,
 ) -> anyhow::Result<Value> {
     let body =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -122,6 +167,7 @@ async fn create_version(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let request = json!({ "name": name, "body": body, "content_type": content_type });
+    let request =
+        json!({ "name": name, "body": body, "content_type": content_type, "force": force });
     c.post("/api/v1/configs", request).await
 }

@@ -70,6 +70,9 @@ pub struct CreateArgs {
     /// Let an upgrade take agents to an older version than they run.
     #[arg(long, requires = "package")]
     pub allow_downgrade: bool,
+    /// Roll the config out though it fails its pre-flight check (audited as forced).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub target: RolloutTarget,
     /// Cumulative stage sizes, counts or percentages, the last 100% (server default
@@ -136,6 +139,7 @@ pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
                 package,
                 version,
                 allow_downgrade,
+                force,
                 target,
                 stages,
                 soak,
@@ -147,7 +151,7 @@ pub(super) async fn run(c: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
                 "config_id": config, "package": package, "version": version,
                 "stages": stages, "soak": soak, "deadline": deadline,
                 "budget": budget, "on_failure": on_failure,
-                "allow_downgrade": allow_downgrade,
+                "allow_downgrade": allow_downgrade, "force": force,
             });
             // Clap's group guarantees exactly one of the three.
             if let Some(g) = target.group {

@@ -163,6 +163,7 @@ pub(super) async fn create(
         body: Some(form.body.replace("\r\n", "\n")),
         content_type: None,
         files: None,
+        force: false,
     };
     match create_version(&c, &who.actor, new).await {
         Ok(v) => Redirect::to(&format!("/ui/configs/{}", v.id)).into_response(),
@@ -190,6 +191,7 @@ pub(super) async fn push(
         agent: None,
         labels: None,
         all: false,
+        force: false,
     };
     match form.target.as_str() {
         "agent" => body.agent = Some(value),

@@ -12,6 +12,7 @@
 
 mod agent;
 mod audit;
+mod components;
 mod configs;
 mod fleet;
 mod groups;

@@ -212,6 +212,7 @@ pub(super) async fn create(
         budget: given(&f.budget),
         on_failure: given(&f.on_failure),
         allow_downgrade: false,
+        force: false,
     };
     match f.target.as_str() {
         "group" => body.group = Some(f.group),

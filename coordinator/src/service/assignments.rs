@@ -107,11 +107,23 @@ impl Coordinator {
         name: String,
         files: ConfigMap,
         author: &str,
+        force: bool,
     ) -> Result<ConfigVersion, ServiceError> {
         if files.is_empty() {
             return Err(ServiceError::Invalid(
                 "a config needs at least one file".into(),
             ));
+        }
+        // The config on its own: YAML that parses, pipelines that name defined components.
+        let (problems, _) = super::preflight::check_config(&files);
+        let forced = !problems.is_empty();
+        if forced && !force {
+            return Err(ServiceError::Preflight(Box::new(
+                super::preflight::Preflight {
+                    problems,
+                    ..Default::default()
+                },
+            )));
         }
         let hash = hex::encode(session::config_hash(&files));
         let v = self
@@ -128,7 +140,7 @@ impl Coordinator {
             author,
             "config.create",
             None,
-            serde_json::json!({ "config_id": v.id, "hash": v.hash }),
+            serde_json::json!({ "config_id": v.id, "hash": v.hash, "forced": forced, "problems": problems }),
         )
         .await?;
         Ok(v)
@@ -142,6 +154,7 @@ impl Coordinator {
         config_id: i64,
         target: Target,
         author: &str,
+        force: bool,
     ) -> Result<(Assignment, usize), ServiceError> {
         match self.load_desired(config_id).await {
             Ok(_) => {}
@@ -155,6 +168,8 @@ impl Coordinator {
                 "{n} of these agents are in rollout {id} ({state}): finish, abort or roll it back first"
             )));
         }
+        self.preflight_gate(config_id, &target, &agents, force, author)
+            .await?;
         let created = self
             .store
             .create_assignment(NewAssignment {

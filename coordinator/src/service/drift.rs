@@ -87,7 +87,8 @@ impl Coordinator {
             )));
         };
         let name = name.unwrap_or_else(|| format!("adopted from {uid}"));
-        let version = self.create_config(name, files, actor).await?;
+        // What the agent runs already: adopted as it is, checked or not.
+        let version = self.create_config(name, files, actor, true).await?;
         // Audited before it is sent: whoever sees the agent get it finds the reason logged.
         self.audit_op(
             actor,
@@ -96,7 +97,8 @@ impl Coordinator {
             serde_json::json!({ "config_id": version.id, "hash": version.hash }),
         )
         .await?;
-        self.assign(version.id, Target::Agent(uid), actor).await?;
+        self.assign(version.id, Target::Agent(uid), actor, true)
+            .await?;
         Ok(version)
     }
 }

@@ -188,6 +188,7 @@ impl Coordinator {
                 .as_deref()
                 .is_some_and(|g| g != frame.gateway.0);
             entry.state.connection_started();
+            entry.state.record.connected_ms = now_ms();
             if moved {
                 entry.state.complete = false;
             }
@@ -233,7 +234,12 @@ impl Coordinator {
             .package_offer(&entry.state.record)
             .and_then(Result::ok)
             .and_then(|o| self.admit_upgrade(&entry.state.record, o));
+        let components_known = msg
+            .available_components
+            .as_ref()
+            .is_some_and(|ac| self.knows_components(&ac.hash));
         let ctx = Context {
+            components_known,
             packages: packages.as_deref(),
             now_ms: now_ms(),
             transport: frame.transport,
@@ -314,6 +320,9 @@ impl Coordinator {
                 Event::PackageFailed { .. } | Event::PackagesInstalled => {
                     self.package_event(uid, ev).await;
                 }
+                Event::ComponentsReported { hash, set } => {
+                    self.components_reported(hash, set).await;
+                }
             }
         }
         if described {
@@ -347,6 +356,14 @@ impl Coordinator {
                     outcome.reply.remote_config = push.remote_config;
                 }
             }
+        }
+        // An operator's Restart for an HTTP agent goes out as the answer to its next poll.
+        if entry.state.restart_pending
+            && frame.transport == Transport::Http
+            && msg.agent_disconnect.is_none()
+        {
+            entry.state.restart_pending = false;
+            outcome.reply = session::restart_reply(&msg.instance_uid);
         }
         if assigned && !self.answers(uid.partition()) {
             // A fresh uid belongs to whichever coordinator serves its partition: that one

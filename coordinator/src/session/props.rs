@@ -282,6 +282,7 @@ impl Input {
 
     fn ctx(&self) -> Context<'_> {
         Context {
+            components_known: false,
             now_ms: 1_000,
             transport: self.transport,
             desired: self.desired.as_ref(),

@@ -23,6 +23,7 @@ pub mod conformance;
 mod dialect;
 pub mod postgres;
 mod sql;
+mod sql_components;
 mod sql_packages;
 mod sql_rollouts;
 mod sql_store;

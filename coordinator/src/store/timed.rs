@@ -15,8 +15,8 @@ use shared::ids::InstanceUid;
 use shared::packages::{Artifact, NewPackageAssignment, PackageAssignment};
 use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 use shared::store::{
-    AuditCursor, AuditQuery, Finish, HeldLeases, Lease, NewAssignment, NewConfigVersion,
-    PackageStore, RedeemRequest, RolloutStore, Store, StoreResult,
+    AuditCursor, AuditQuery, ComponentStore, Finish, HeldLeases, Lease, NewAssignment,
+    NewConfigVersion, PackageStore, RedeemRequest, RolloutStore, Store, StoreResult,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -117,6 +117,17 @@ impl RolloutStore for TimedStore {
 
     async fn rollout_events(&self, id: i64) -> StoreResult<Vec<RolloutEvent>> {
         timed!(self.rollout_events(id))
+    }
+}
+
+#[async_trait]
+impl ComponentStore for TimedStore {
+    async fn put_component_set(&self, hash: &str, body: &str, now_ms: i64) -> StoreResult<()> {
+        timed!(self.put_component_set(hash, body, now_ms))
+    }
+
+    async fn list_component_sets(&self) -> StoreResult<Vec<(String, String)>> {
+        timed!(self.list_component_sets())
     }
 }
 

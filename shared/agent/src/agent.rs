@@ -398,6 +398,8 @@ async fn ws_session(
                     if out.restart {
                         // A restarting client sends nothing more on this connection.
                         Step::End(SessionEnd::Restart)
+                    } else if out.halt {
+                        Step::End(SessionEnd::Stop)
                     } else {
                         Step::Send(out.send, then)
                     }
@@ -503,6 +505,9 @@ async fn run_http(
                     core.set_connected(true);
                     let mut out = core.on_message(reply);
                     dl.start(core, std::mem::take(&mut out.downloads));
+                    if out.halt {
+                        break;
+                    }
                     if out.restart {
                         // A new client: nothing of the old one's queue, its full state first,
                         // over the offered settings (maybe the other transport).

@@ -97,6 +97,12 @@ pub struct AgentOptions {
     /// Limits [`Self::package_install_fails`] to installs of this version (a build that is
     /// broken where the one before it was not).
     pub package_install_fails_version: Option<String>,
+    /// The build's components, kind (`receivers`, …) → types (`otlp`, …), reported with
+    /// ReportsAvailableComponents (set that bit in `capabilities`).
+    pub available_components: BTreeMap<String, Vec<String>>,
+    /// On a Restart command (with AcceptsRestartCommand declared), go away for good instead
+    /// of coming back: a collector that fails to start again.
+    pub restart_never_returns: bool,
 }
 
 impl AgentOptions {
@@ -138,6 +144,8 @@ impl Default for AgentOptions {
             accept_packages: false,
             package_install_fails: None,
             package_install_fails_version: None,
+            available_components: BTreeMap::new(),
+            restart_never_returns: false,
         }
     }
 }
@@ -191,6 +199,10 @@ pub struct AgentStatus {
     pub package_downloads: u64,
     /// Bytes of package files received (of failed downloads too).
     pub package_bytes_downloaded: u64,
+    /// Times the server asked for the whole component set (ReportAvailableComponents).
+    pub components_requests: u64,
+    /// Restart commands taken.
+    pub restart_commands: u64,
 }
 
 /// One of [`AgentStatus::packages`].

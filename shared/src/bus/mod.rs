@@ -274,6 +274,8 @@ pub enum ControlEvent {
     /// An operator asked for this agent's config to be sent again (drift): the coordinator
     /// serving it does.
     ReapplyConfig { uid: InstanceUid },
+    /// An operator restarts this agent: the coordinator serving it sends the Restart command.
+    RestartAgent { uid: InstanceUid },
     /// A package artifact was imported or a package assignment made: every coordinator
     /// re-reads the catalog now (else at its next lease round) and offers the new sets.
     PackagesChanged,

@@ -127,6 +127,9 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         ControlEvent::ReapplyConfig { uid } => Kind::ReapplyConfig(pb::ReapplyConfig {
             uid: uid.as_bytes().to_vec(),
         }),
+        ControlEvent::RestartAgent { uid } => Kind::RestartAgent(pb::RestartAgent {
+            uid: uid.as_bytes().to_vec(),
+        }),
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -350,6 +353,9 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
             rollout_id: r.rollout_id,
         },
         Kind::ReapplyConfig(r) => ControlEvent::ReapplyConfig {
+            uid: uid_from_pb(&r.uid)?,
+        },
+        Kind::RestartAgent(r) => ControlEvent::RestartAgent {
             uid: uid_from_pb(&r.uid)?,
         },
     })
@@ -714,6 +720,7 @@ mod tests {
             ControlEvent::PackagesChanged,
             ControlEvent::RolloutChanged { rollout_id: 9 },
             ControlEvent::ReapplyConfig { uid: uid() },
+            ControlEvent::RestartAgent { uid: uid() },
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
         }

@@ -54,6 +54,9 @@ pub struct RolloutPlan {
     pub on_failure: OnFailure,
     /// An upgrade may take agents to an older version than they run (said explicitly).
     pub allow_downgrade: bool,
+    /// A config rollout goes ahead though the config fails its pre-flight check for some
+    /// of its agents (audited as forced).
+    pub force: bool,
 }
 
 /// An operator action on a rollout.
@@ -154,8 +157,14 @@ impl Coordinator {
             )));
         }
         let now = now_ms();
-        if let Payload::Package { name, version } = &want.payload {
-            self.check_downgrade(name, version, &want.target, &agents, want.allow_downgrade)?;
+        match &want.payload {
+            Payload::Package { name, version } => {
+                self.check_downgrade(name, version, &want.target, &agents, want.allow_downgrade)?;
+            }
+            Payload::Config(id) => {
+                self.preflight_gate(*id, &want.target, &agents, want.force, author)
+                    .await?;
+            }
         }
         let matching: Vec<&AgentRecord> = agents
             .iter()

@@ -10,6 +10,8 @@
 //! connection-settings offer's endpoint and client certificate). [`packages`] adds the
 //! package offers to the core.
 
+mod commands;
+mod components;
 mod effective;
 mod offer;
 mod packages;
@@ -71,6 +73,8 @@ pub struct Outcome {
     /// (the next connection opens with the full state, new `service.version` included), as
     /// the restarted Collector would.
     pub upgraded: bool,
+    /// A Restart command with [`AgentOptions::restart_never_returns`]: say goodbye and stop.
+    pub halt: bool,
 }
 
 /// How to open the next connection: [`AgentCore::connection`].
@@ -436,6 +440,7 @@ impl AgentCore {
         if caps & agent_caps::REPORTS_PACKAGE_STATUSES != 0 {
             msg.package_statuses = self.package_statuses();
         }
+        msg.available_components = self.components_hash_only();
         msg
     }
 
@@ -519,6 +524,13 @@ impl AgentCore {
         if full {
             out.send.push(self.full_state());
         }
+        if msg.flags & server_flags::REPORT_AVAILABLE_COMPONENTS != 0 {
+            if let Some(ac) = self.components_full() {
+                let mut m = self.base();
+                m.available_components = Some(ac);
+                out.send.push(m);
+            }
+        }
         if let Some(opamp) = opamp {
             if self.opts.capabilities & agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS != 0 {
                 self.on_opamp_settings(hash, opamp, &mut out);
@@ -533,6 +545,9 @@ impl AgentCore {
             if self.opts.capabilities & agent_caps::ACCEPTS_PACKAGES != 0 {
                 self.on_packages(offer, &mut out);
             }
+        }
+        if let Some(cmd) = msg.command {
+            self.on_command(cmd, &mut out);
         }
         out
     }
