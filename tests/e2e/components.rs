@@ -93,6 +93,24 @@ async fn an_unknown_components_hash_is_asked_for_once_per_build() -> anyhow::Res
     assert_eq!(v2["components_hash"], v["components_hash"]);
     assert_eq!(v2["components"], v["components"]);
     assert_eq!(second.status().borrow().components_requests, 0);
+
+    // The agent's page lists them by kind.
+    let b = tests::browser::Browser::start().await?;
+    crate::console::sign_in(&b, &server, &server.api.token).await?;
+    b.goto(&format!("http://{}/ui/agents/{uid}", server.addr))
+        .await?;
+    let text = b.text("#components").await?;
+    assert!(
+        text.contains("exporters") && text.contains("kafka"),
+        "{text}"
+    );
+    b.client
+        .execute(
+            "document.getElementById('components').scrollIntoView();",
+            vec![],
+        )
+        .await?;
+    b.screenshot("50-agent-components").await?;
     first.stop().await;
     second.stop().await;
     server.stop().await

@@ -10,7 +10,7 @@
 //! - `upsert_agents` with the same uid twice in one batch keeps the last record;
 //! - `create_assignment` with an unknown config id fails with [`StoreError::NotFound`];
 //! - `create_artifact` for a name, version and platform already imported returns false and
-//!   keeps the first;
+//!   keeps the first; `put_component_set` of a hash already stored keeps the first body;
 //! - creating a token or API token with a duplicate id or hash, or an API token with a name
 //!   any other API token has (revoked or not), fails with [`StoreError::NotApplied`];
 //!   `create_tokens` with such a duplicate creates none of the batch;
@@ -74,7 +74,7 @@ pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan
 pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
-pub use packages::{artifacts, blob_chunks, package_assignments};
+pub use packages::{artifacts, blob_chunks, component_sets, package_assignments};
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens, tokens_batch,
@@ -113,6 +113,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     artifacts(store.as_ref()).await;
     package_assignments(store.as_ref()).await;
     blob_chunks(store.as_ref()).await;
+    component_sets(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {

@@ -112,3 +112,24 @@ pub async fn blob_chunks(store: &dyn Store) {
     let other = "0f".repeat(32);
     assert_eq!(store.blob_chunk(&other, 0).await.expect("blob_chunk"), None);
 }
+
+/// A component set reads back under its hash; a second write of the same hash keeps the
+/// first body (every agent of a build reports the same set).
+pub async fn component_sets(store: &dyn Store) {
+    let hash = unique("components");
+    let body = r#"{"exporters":["debug","otlp"],"receivers":["otlp"]}"#;
+    store
+        .put_component_set(&hash, body, 1)
+        .await
+        .expect("put_component_set");
+    store
+        .put_component_set(&hash, "{}", 2)
+        .await
+        .expect("put_component_set again");
+    let all = store
+        .list_component_sets()
+        .await
+        .expect("list_component_sets");
+    let found: Vec<&(String, String)> = all.iter().filter(|(h, _)| *h == hash).collect();
+    assert_eq!(found, [&(hash.clone(), body.to_owned())]);
+}
