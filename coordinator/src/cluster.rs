@@ -280,6 +280,7 @@ pub async fn start_coordinator(
         CoordinatorConfig {
             opamp_endpoint: config.server.public_endpoint.clone(),
             heartbeat_interval_secs: config.opamp.heartbeat_interval_secs,
+            custom_capabilities: config.opamp.custom_capabilities.clone(),
             flush_interval: Duration::from_millis(config.store.flush_interval_ms),
             default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
             node: node.clone(),

@@ -200,6 +200,10 @@ pub struct OpampSection {
     /// Memory a gateway may spend decoding AgentToServer messages at once (their estimated
     /// decoded size, held until the coordinator answered); beyond it, 503 / Unavailable.
     pub decode_budget_bytes: u64,
+    /// Custom capabilities (reverse-FQDN, e.g. `com.example.pause/v2`) whose messages Ampora
+    /// relays between operators and agents: announced to agents, and agents' messages for
+    /// them kept. Messages for any other capability are ignored, as OpAMP says.
+    pub custom_capabilities: Vec<String>,
 }
 
 /// Gateway admission control, per gateway process: how many agent connections it holds and how
@@ -403,6 +407,7 @@ impl Default for OpampSection {
             max_config_files: 256,
             max_entries: 16_384,
             decode_budget_bytes: 256 * 1024 * 1024,
+            custom_capabilities: Vec::new(),
         }
     }
 }
@@ -764,6 +769,13 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
     }
     if c.opamp.decode_budget_bytes < c.opamp.max_frame_bytes {
         errors.push("opamp.decode_budget_bytes: must be at least opamp.max_frame_bytes".into());
+    }
+    if c.opamp
+        .custom_capabilities
+        .iter()
+        .any(|cap| cap.is_empty() || cap.len() > 256)
+    {
+        errors.push("opamp.custom_capabilities: each must be 1 to 256 characters".into());
     }
     if c.admission.accept_rate_per_ip_per_sec > 0 && c.admission.accept_burst_per_ip == 0 {
         errors.push("admission.accept_burst_per_ip: must be at least 1 when accept_rate_per_ip_per_sec is set".into());

@@ -246,6 +246,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         CoordinatorConfig {
             opamp_endpoint: config.public_endpoint(addr),
             heartbeat_interval_secs: config.opamp.heartbeat_interval_secs,
+            custom_capabilities: config.opamp.custom_capabilities.clone(),
             flush_interval: Duration::from_millis(config.store.flush_interval_ms),
             default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
             // One coordinator, always the same name: a restart renews its own leases.

@@ -30,6 +30,7 @@ mod assignments;
 mod audit;
 mod components;
 mod crl;
+pub mod custom_messages;
 mod deliveries;
 mod drift;
 pub mod fleet;
@@ -97,6 +98,8 @@ pub struct CoordinatorConfig {
     pub push_window: usize,
     /// Package artifacts hosted and offered ([`packages`]); `None`: packages off.
     pub packages: Option<packages::PackageHosting>,
+    /// Custom capabilities whose messages are relayed ([`custom_messages`]).
+    pub custom_capabilities: Vec<String>,
 }
 
 /// One agent as the coordinator holds it.
@@ -228,6 +231,19 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
             ControlEvent::PackagesChanged => c.sync_packages().await,
             ControlEvent::ReapplyConfig { uid } => c.reapply_here(uid).await,
             ControlEvent::RestartAgent { uid } => c.restart_here(uid).await,
+            ControlEvent::CustomMessage {
+                uid,
+                capability,
+                kind,
+                data,
+            } => {
+                let message = proto::v1::CustomMessage {
+                    capability,
+                    r#type: kind,
+                    data,
+                };
+                c.custom_here(uid, message).await
+            }
             ControlEvent::TokenChanged { token_id } => c.reload_token(&token_id).await,
             // Full: a sync is pending already and will see these tokens too.
             ControlEvent::TokensCreated => drop(c.token_sync.try_send(())),

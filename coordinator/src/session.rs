@@ -24,6 +24,7 @@ use shared::ids::InstanceUid;
 use std::collections::BTreeMap;
 
 pub mod components;
+mod custom;
 pub mod packages;
 pub use packages::PackageOffer;
 
@@ -201,6 +202,10 @@ pub struct AgentState {
     pub refused_packages: Option<String>,
     /// An operator's Restart waits for this HTTP agent's next poll ([`restart_reply`]).
     pub restart_pending: bool,
+    /// Custom messages from operators waiting for this HTTP agent's next polls (one each).
+    pub custom_pending: Vec<proto::v1::CustomMessage>,
+    /// Ampora's custom capabilities went out on this connection.
+    pub custom_announced: bool,
 }
 
 impl AgentState {
@@ -218,6 +223,8 @@ impl AgentState {
             packages_offered_at_ms: 0,
             refused_packages: None,
             restart_pending: false,
+            custom_pending: Vec::new(),
+            custom_announced: false,
         }
     }
 
@@ -228,6 +235,7 @@ impl AgentState {
         self.refused_config = None;
         self.offered_packages = None;
         self.refused_packages = None;
+        self.custom_announced = false;
         // A full-state request on the old connection may never have reached the agent.
         self.full_state_requested_at = None;
     }
@@ -252,6 +260,8 @@ pub struct Context<'a> {
     pub packages: Option<&'a PackageOffer>,
     /// Whether the server has the component set of the hash this message reports (if any).
     pub components_known: bool,
+    /// The custom capabilities Ampora relays (`opamp.custom_capabilities`).
+    pub custom_capabilities: &'a [String],
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -443,6 +453,14 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
     }
     changed |= packages::record_statuses(state, msg, &mut events);
     changed |= components::record(state, msg, ctx.components_known, &mut reply, &mut events);
+    changed |= custom::record(
+        state,
+        msg,
+        ctx.custom_capabilities,
+        ctx.now_ms,
+        &mut reply,
+        &mut events,
+    );
 
     // Full state (facts §3.3): ask when our stored state can't be trusted and this message
     // doesn't replace it wholesale.
@@ -842,6 +860,7 @@ mod tests {
     fn ctx<'a>() -> Context<'a> {
         Context {
             components_known: false,
+            custom_capabilities: &[],
             now_ms: 1_000,
             transport: Transport::WebSocket,
             desired: None,

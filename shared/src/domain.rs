@@ -182,6 +182,27 @@ pub struct AgentRecord {
     /// it is later than the command.
     #[serde(default)]
     pub connected_ms: i64,
+    /// Custom capabilities the agent announced (reverse-FQDN, optionally `/vN`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom_capabilities: Vec<String>,
+    /// The agent's recent custom messages for capabilities Ampora relays, oldest first (at
+    /// most [`MAX_CUSTOM_MESSAGES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom_messages: Vec<CustomMessageRecord>,
+}
+
+/// Custom messages kept per agent.
+pub const MAX_CUSTOM_MESSAGES: usize = 20;
+
+/// A custom message an agent sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomMessageRecord {
+    pub at_ms: i64,
+    pub capability: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The payload, base64.
+    pub data_base64: String,
 }
 
 impl AgentRecord {
@@ -208,6 +229,8 @@ impl AgentRecord {
             packages: None,
             components_hash: None,
             connected_ms: 0,
+            custom_capabilities: Vec::new(),
+            custom_messages: Vec::new(),
         }
     }
 
@@ -237,6 +260,8 @@ impl AgentRecord {
             packages: self.packages.clone(),
             components_hash: self.components_hash.clone(),
             connected_ms: self.connected_ms,
+            custom_capabilities: self.custom_capabilities.clone(),
+            custom_messages: self.custom_messages.clone(),
         }
     }
 

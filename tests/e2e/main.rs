@@ -36,6 +36,7 @@ mod cluster_packages;
 mod components;
 mod console;
 mod console_rollouts;
+mod custom_messages;
 mod faults;
 mod hostile;
 mod hostile_input;

@@ -23,6 +23,7 @@ pub(crate) mod audit;
 mod cluster;
 mod components;
 pub(crate) mod configs;
+mod custom_messages;
 mod error;
 pub(crate) mod groups;
 pub(crate) mod guard;
@@ -67,9 +68,10 @@ use crate::service::Coordinator;
         packages::import_package, packages::check_package, packages::list_packages, packages::assign_package,
         packages::list_package_assignments, packages::show_upgrade,
         components::show_components, components::check_config,
-        restarts::restart_agent, restarts::create_restart, restarts::list_restarts, restarts::show_restart
+        restarts::restart_agent, restarts::create_restart, restarts::list_restarts, restarts::show_restart,
+        custom_messages::send_custom_message, custom_messages::list_custom_messages
     ),
-    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, components::ComponentsView, components::CheckBody, crate::service::preflight::Preflight, crate::service::preflight::ConfigProblem, crate::service::preflight::BuildGap, restarts::NewRestartBody, crate::service::restarts::RestartJob, crate::service::restarts::RestartMember, ErrorBody)),
+    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, components::ComponentsView, components::CheckBody, crate::service::preflight::Preflight, crate::service::preflight::ConfigProblem, crate::service::preflight::BuildGap, restarts::NewRestartBody, crate::service::restarts::RestartJob, crate::service::restarts::RestartMember, custom_messages::NewCustomMessage, custom_messages::CustomMessageView, custom_messages::CustomMessagesView, ErrorBody)),
     modifiers(&BearerAuth, &Untagged)
 )]
 struct ApiDoc;
@@ -219,6 +221,10 @@ pub fn router(
             post(restarts::create_restart).get(restarts::list_restarts),
         )
         .route("/api/v1/restarts/{id}", get(restarts::show_restart))
+        .route(
+            "/api/v1/agents/{uid}/custom-messages",
+            post(custom_messages::send_custom_message).get(custom_messages::list_custom_messages),
+        )
         .route("/api/v1/audit", get(audit::list_audit))
         .route("/api/v1/audit/export", get(audit::export_audit))
         .route("/api/v1/cluster", get(cluster::show_cluster))

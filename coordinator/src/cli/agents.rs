@@ -1,6 +1,6 @@
 //! `ampora agents`: the fleet as the API lists it, what to do about an agent whose config
-//! drifted (send it its assigned config again, or adopt what it runs as a new version), and
-//! restarts (one agent, or many in batches).
+//! drifted (send it its assigned config again, or adopt what it runs as a new version),
+//! restarts (one agent, or many in batches), and custom messages.
 
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -52,6 +52,19 @@ pub enum AgentsCmd {
         #[arg(long, default_value_t = 0)]
         budget: u64,
     },
+    /// Send an agent a custom message for a capability it declared.
+    Message {
+        uid: String,
+        #[arg(long)]
+        capability: String,
+        #[arg(long = "type")]
+        kind: String,
+        /// The payload, as text.
+        #[arg(long, default_value = "")]
+        data: String,
+    },
+    /// The custom capabilities an agent declared and the messages it sent back.
+    Messages { uid: String },
     /// Show a group restart (kept by the coordinator that drove it).
     Restarts {
         /// One restart by id; all of them without.
@@ -140,6 +153,35 @@ pub(super) async fn run(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
                     v["members"].as_array().map_or(0, Vec::len),
                     v["unable"].as_array().map_or(0, Vec::len)
                 )
+            })
+        }
+        AgentsCmd::Message {
+            uid,
+            capability,
+            kind,
+            data,
+        } => {
+            let body = json!({ "capability": capability, "type": kind, "data": data });
+            c.post(&format!("/api/v1/agents/{uid}/custom-messages"), body)
+                .await?;
+            println!("sent {uid} a {capability} message");
+            Ok(())
+        }
+        AgentsCmd::Messages { uid } => {
+            let v = c
+                .get(&format!("/api/v1/agents/{uid}/custom-messages"), &[])
+                .await?;
+            c.print(&v, |v| {
+                println!("declared: {}", v["capabilities"]);
+                for m in v["messages"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} {} {} {}",
+                        m["at_ms"],
+                        s(m, "capability"),
+                        s(m, "type"),
+                        m["text"].as_str().unwrap_or("(binary)")
+                    );
+                }
             })
         }
         AgentsCmd::Restarts { id } => match id {

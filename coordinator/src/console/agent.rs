@@ -84,6 +84,15 @@ pub(super) async fn page(
         (drift_section(who, &agent))
         h2 { "Capabilities" }
         (capabilities(agent.capabilities))
+        @if !agent.custom_capabilities.is_empty() {
+            p #custom-capabilities {
+                "Custom: "
+                @for (i, c) in agent.custom_capabilities.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    code { (c) }
+                }
+            }
+        }
         h2 { "Description" }
         pre.json #description { (view::json(&agent.description)) }
         h2 { "Health" }

@@ -240,6 +240,7 @@ impl Coordinator {
             .is_some_and(|ac| self.knows_components(&ac.hash));
         let ctx = Context {
             components_known,
+            custom_capabilities: &self.cfg.custom_capabilities,
             packages: packages.as_deref(),
             now_ms: now_ms(),
             transport: frame.transport,
@@ -364,6 +365,11 @@ impl Coordinator {
         {
             entry.state.restart_pending = false;
             outcome.reply = session::restart_reply(&msg.instance_uid);
+        } else if frame.transport == Transport::Http
+            && outcome.reply.error_response.is_none()
+            && !entry.state.custom_pending.is_empty()
+        {
+            outcome.reply.custom_message = Some(entry.state.custom_pending.remove(0));
         }
         if assigned && !self.answers(uid.partition()) {
             // A fresh uid belongs to whichever coordinator serves its partition: that one

@@ -283,6 +283,7 @@ impl Input {
     fn ctx(&self) -> Context<'_> {
         Context {
             components_known: false,
+            custom_capabilities: &[],
             now_ms: 1_000,
             transport: self.transport,
             desired: self.desired.as_ref(),

@@ -103,6 +103,10 @@ pub struct AgentOptions {
     /// On a Restart command (with AcceptsRestartCommand declared), go away for good instead
     /// of coming back: a collector that fails to start again.
     pub restart_never_returns: bool,
+    /// Custom capabilities announced in the full state.
+    pub custom_capabilities: Vec<String>,
+    /// Answer each custom message with the same capability and data, type `<type>.reply`.
+    pub echo_custom_messages: bool,
 }
 
 impl AgentOptions {
@@ -146,6 +150,8 @@ impl Default for AgentOptions {
             package_install_fails_version: None,
             available_components: BTreeMap::new(),
             restart_never_returns: false,
+            custom_capabilities: Vec::new(),
+            echo_custom_messages: false,
         }
     }
 }
@@ -203,6 +209,10 @@ pub struct AgentStatus {
     pub components_requests: u64,
     /// Restart commands taken.
     pub restart_commands: u64,
+    /// Custom messages received for declared capabilities: (capability, type, data).
+    pub custom_messages: Vec<(String, String, Vec<u8>)>,
+    /// The custom capabilities the server announced last.
+    pub server_custom_capabilities: Vec<String>,
 }
 
 /// One of [`AgentStatus::packages`].

@@ -276,6 +276,13 @@ pub enum ControlEvent {
     ReapplyConfig { uid: InstanceUid },
     /// An operator restarts this agent: the coordinator serving it sends the Restart command.
     RestartAgent { uid: InstanceUid },
+    /// An operator sends this agent a custom message: the coordinator serving it delivers it.
+    CustomMessage {
+        uid: InstanceUid,
+        capability: String,
+        kind: String,
+        data: Vec<u8>,
+    },
     /// A package artifact was imported or a package assignment made: every coordinator
     /// re-reads the catalog now (else at its next lease round) and offers the new sets.
     PackagesChanged,

@@ -130,6 +130,17 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         ControlEvent::RestartAgent { uid } => Kind::RestartAgent(pb::RestartAgent {
             uid: uid.as_bytes().to_vec(),
         }),
+        ControlEvent::CustomMessage {
+            uid,
+            capability,
+            kind,
+            data,
+        } => Kind::CustomMessage(pb::CustomMessageToAgent {
+            uid: uid.as_bytes().to_vec(),
+            capability,
+            r#type: kind,
+            data,
+        }),
     };
     pb::ControlEvent { kind: Some(kind) }.encode_to_vec()
 }
@@ -357,6 +368,12 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         },
         Kind::RestartAgent(r) => ControlEvent::RestartAgent {
             uid: uid_from_pb(&r.uid)?,
+        },
+        Kind::CustomMessage(m) => ControlEvent::CustomMessage {
+            uid: uid_from_pb(&m.uid)?,
+            capability: m.capability,
+            kind: m.r#type,
+            data: m.data,
         },
     })
 }
@@ -721,6 +738,12 @@ mod tests {
             ControlEvent::RolloutChanged { rollout_id: 9 },
             ControlEvent::ReapplyConfig { uid: uid() },
             ControlEvent::RestartAgent { uid: uid() },
+            ControlEvent::CustomMessage {
+                uid: uid(),
+                capability: "com.example.echo".into(),
+                kind: "ping".into(),
+                data: vec![0, 1, 255],
+            },
         ] {
             assert_eq!(decode_control(&encode_control(ev.clone())), Ok(ev));
         }

@@ -12,6 +12,7 @@
 
 mod commands;
 mod components;
+mod custom;
 mod effective;
 mod offer;
 mod packages;
@@ -441,6 +442,7 @@ impl AgentCore {
             msg.package_statuses = self.package_statuses();
         }
         msg.available_components = self.components_hash_only();
+        msg.custom_capabilities = self.custom_capabilities();
         msg
     }
 
@@ -548,6 +550,13 @@ impl AgentCore {
         }
         if let Some(cmd) = msg.command {
             self.on_command(cmd, &mut out);
+        }
+        if let Some(m) = msg.custom_message {
+            self.on_custom_message(m, &mut out);
+        }
+        if let Some(cc) = msg.custom_capabilities {
+            self.status
+                .send_modify(|s| s.server_custom_capabilities = cc.capabilities);
         }
         out
     }
