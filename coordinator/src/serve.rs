@@ -137,6 +137,8 @@ fn describe_metrics() {
     crate::store::timed::describe_metrics();
     crate::service::rollouts::describe_metrics();
     crate::service::packages::describe_metrics();
+    crate::service::preflight::describe_metrics();
+    crate::service::restarts::describe_metrics();
     metrics::describe_counter!(
         "ampora_push_answers_overdue_total",
         "Bulk config offers no agent answered within 5 s (their place in the push window freed)"

@@ -1732,6 +1732,56 @@ mod tests {
     }
 
     #[test]
+    fn own_telemetry_and_other_connections_are_never_offered() {
+        let off = offer();
+        let mut s = known();
+        let mut m = hb_beat(1);
+        m.capabilities |= agent_caps::REPORTS_OWN_TRACES
+            | agent_caps::REPORTS_OWN_METRICS
+            | agent_caps::REPORTS_OWN_LOGS
+            | agent_caps::ACCEPTS_OTHER_CONNECTION_SETTINGS;
+        let o = handle(&mut s, &m, &with_offer(&off));
+        let cs = o.reply.connection_settings.expect("the opamp settings");
+        assert!(cs.opamp.is_some());
+        assert!(cs.own_metrics.is_none() && cs.own_traces.is_none() && cs.own_logs.is_none());
+        assert!(cs.other_connections.is_empty());
+    }
+
+    #[test]
+    fn package_statuses_and_components_need_their_capabilities() {
+        let mut s = fresh();
+        let mut m = full(0);
+        m.package_statuses = Some(proto::v1::PackageStatuses::default());
+        m.available_components = Some(proto::v1::AvailableComponents {
+            components: Default::default(),
+            hash: vec![1; 32],
+        });
+        let o = handle(&mut s, &m, &ctx());
+        for what in ["package_statuses", "available_components"] {
+            assert!(o.events.contains(&Event::CapMismatch { what }), "{what}");
+        }
+        assert!(s.record.packages.is_none() && s.record.components_hash.is_none());
+        assert_eq!(o.reply.flags & server_flags::REPORT_AVAILABLE_COMPONENTS, 0);
+        // With ReportsAvailableComponents, an unknown hash is asked for; a known one is not.
+        let mut s = fresh();
+        m.capabilities |= agent_caps::REPORTS_AVAILABLE_COMPONENTS;
+        m.package_statuses = None;
+        let o = handle(&mut s, &m, &ctx());
+        assert_ne!(o.reply.flags & server_flags::REPORT_AVAILABLE_COMPONENTS, 0);
+        assert_eq!(
+            s.record.components_hash.as_deref(),
+            Some(hex::encode([1; 32]).as_str())
+        );
+        let known = Context {
+            components_known: true,
+            ..ctx()
+        };
+        m.sequence_num = 1;
+        let o = handle(&mut s, &m, &known);
+        assert_eq!(o.reply.flags & server_flags::REPORT_AVAILABLE_COMPONENTS, 0);
+    }
+
+    #[test]
     fn heartbeat_offer_needs_both_capabilities() {
         let off = offer();
         for caps in [

@@ -32,6 +32,7 @@ mod bad_input;
 mod cli_rollouts;
 mod cluster;
 mod cluster_identity;
+mod cluster_opamp;
 mod cluster_packages;
 mod components;
 mod console;

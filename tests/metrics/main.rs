@@ -24,6 +24,7 @@ mod deploy;
 mod frames;
 mod latency;
 mod packages;
+mod preflight;
 mod pushes;
 mod rollouts;
 mod tls;

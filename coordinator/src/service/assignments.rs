@@ -117,6 +117,7 @@ impl Coordinator {
         // The config on its own: YAML that parses, pipelines that name defined components.
         let (problems, _) = super::preflight::check_config(&files);
         let forced = !problems.is_empty();
+        super::preflight::count("create", !forced, force);
         if forced && !force {
             return Err(ServiceError::Preflight(Box::new(
                 super::preflight::Preflight {

@@ -116,6 +116,7 @@ impl Coordinator {
             return Err(ServiceError::NotFound(format!("config {config_id}")));
         };
         let report = self.preflight(&version.files, target, agents);
+        preflight::count("push", report.ok(), force);
         if report.ok() {
             return Ok(());
         }

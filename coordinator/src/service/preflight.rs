@@ -24,6 +24,32 @@ pub const KINDS: [&str; 5] = [
 
 pub use crate::session::components::ComponentSet;
 
+/// Pre-flight checks by stage (`create`, `push`: an assignment or a config rollout) and
+/// outcome (`passed`, `refused`, `forced`).
+pub const CHECKS: &str = "ampora_config_preflight_total";
+
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        CHECKS,
+        "Pre-flight checks of configs, by stage (create, push) and outcome (passed, refused, forced)"
+    );
+    for stage in ["create", "push"] {
+        for outcome in ["passed", "refused", "forced"] {
+            metrics::counter!(CHECKS, "stage" => stage, "outcome" => outcome).absolute(0);
+        }
+    }
+}
+
+/// Counts one check.
+pub fn count(stage: &'static str, ok: bool, force: bool) {
+    let outcome = match (ok, force) {
+        (true, _) => "passed",
+        (false, false) => "refused",
+        (false, true) => "forced",
+    };
+    metrics::counter!(CHECKS, "stage" => stage, "outcome" => outcome).increment(1);
+}
+
 /// What is wrong with a config on its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ConfigProblem {

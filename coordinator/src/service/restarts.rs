@@ -23,6 +23,23 @@ use utoipa::ToSchema;
 use super::{Coordinator, ServiceError};
 use crate::session;
 
+/// Restart commands sent (to one agent, or a member of a group restart).
+pub const COMMANDS: &str = "ampora_agent_restart_commands_total";
+/// Members of group restarts by outcome: restarted, failed, not_sent.
+pub const OUTCOMES: &str = "ampora_agent_restarts_total";
+
+pub fn describe_metrics() {
+    metrics::describe_counter!(COMMANDS, "Restart commands sent to agents");
+    metrics::describe_counter!(
+        OUTCOMES,
+        "Members of group restarts by outcome: restarted (back and healthy within the deadline), failed, not_sent (the restart stopped first)"
+    );
+    metrics::counter!(COMMANDS).absolute(0);
+    for outcome in ["restarted", "failed", "not_sent"] {
+        metrics::counter!(OUTCOMES, "outcome" => outcome).absolute(0);
+    }
+}
+
 /// Group restarts remembered per coordinator, newest last.
 pub const KEPT_JOBS: usize = 50;
 
@@ -86,6 +103,7 @@ impl Coordinator {
     }
 
     async fn send_restart(&self, uid: InstanceUid) {
+        metrics::counter!(COMMANDS).increment(1);
         if self.slot(&uid).is_some() {
             self.restart_here(uid).await;
         } else {
@@ -210,6 +228,9 @@ impl Coordinator {
     }
 
     fn set_member(&self, id: u64, uid: InstanceUid, state: &'static str, reason: Option<String>) {
+        if state != "restarting" {
+            metrics::counter!(OUTCOMES, "outcome" => state).increment(1);
+        }
         let uid = uid.to_string();
         self.update_job(id, |j| {
             if let Some(m) = j.members.iter_mut().find(|m| m.uid == uid) {
@@ -292,6 +313,7 @@ impl Coordinator {
             j.finished_ms = Some(now_ms());
             for m in j.members.iter_mut().filter(|m| m.state == "waiting") {
                 m.state = "not_sent";
+                metrics::counter!(OUTCOMES, "outcome" => "not_sent").increment(1);
             }
         });
         if let Err(e) = self

@@ -1,0 +1,103 @@
+//! Components, pre-flight checks, restarts and custom messages in the cluster sandbox, each
+//! asked of the coordinator that does not serve the agent: the set the owner stored is known
+//! to the other, which refuses a push the agent's build cannot run; the restart and the
+//! custom message reach the agent through its owner (control events over NATS), and the
+//! reply is read back through the other.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agent::{Agent, AgentOptions};
+use reqwest::Method;
+use serde_json::json;
+use shared::ids::InstanceUid;
+use tests::cluster::Cluster;
+use tests::eventually;
+
+const WAIT: Duration = Duration::from_secs(30);
+const ECHO: &str = "com.example.echo";
+
+#[tokio::test]
+async fn opamp_operations_reach_an_agent_through_the_coordinator_that_serves_it(
+) -> anyhow::Result<()> {
+    let c = Cluster::start(1, 2, |cfg| {
+        cfg.opamp.custom_capabilities = vec![ECHO.into()];
+    })
+    .await?;
+    let token = c.api_of(0)?.token("collector").await?;
+    let agent = Agent::start(AgentOptions {
+        endpoint: c.ws_url_of(0)?,
+        token: Some(token),
+        description: vec![("service.name".into(), "otelcol-contrib".into())],
+        capabilities: agent::DEFAULT_CAPABILITIES
+            | proto::agent_caps::REPORTS_AVAILABLE_COMPONENTS
+            | proto::agent_caps::ACCEPTS_RESTART_COMMAND,
+        available_components: BTreeMap::from([
+            ("receivers".to_owned(), vec!["otlp".to_owned()]),
+            ("exporters".to_owned(), vec!["debug".to_owned()]),
+        ]),
+        custom_capabilities: vec![ECHO.into()],
+        echo_custom_messages: true,
+        heartbeat: Duration::from_millis(300),
+        ..AgentOptions::default()
+    });
+    let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
+        s.connected && s.instance_uid.is_some() && s.replies > 0
+    })
+    .await?;
+    let uid = InstanceUid(s.instance_uid.unwrap_or_default());
+    let owner = c.owner_of(uid).await?;
+    let api = c.api_of(1 - owner)?;
+
+    // The other coordinator knows the build (from the store) and refuses a push it lacks.
+    eventually("the set known to the other coordinator", WAIT, || async {
+        let v = api.get(&format!("/api/v1/agents/{uid}/components")).await?;
+        Ok((v["components"]["exporters"] == json!(["debug"])).then_some(()))
+    })
+    .await?;
+    let kafka = "receivers: {otlp: {}}\nexporters: {kafka: {}}\nservice:\n  pipelines:\n    logs: {receivers: [otlp], exporters: [kafka]}\n";
+    let (id, _) = api.config("kafka", kafka).await?;
+    let (status, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/assignments",
+            Some(json!({ "config_id": id, "agent": uid.to_string() })),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        body["preflight"]["failing"][0]["missing"],
+        json!(["the `kafka` exporter"])
+    );
+
+    // A restart asked of the other coordinator: the owner sends it, the agent comes back.
+    let (status, body) = api
+        .raw(Method::POST, &format!("/api/v1/agents/{uid}/restart"), None)
+        .await?;
+    assert_eq!(status, 204, "{body}");
+    agent::wait_for(&mut agent.status(), WAIT, |s| {
+        s.restart_commands == 1 && s.connected && s.connections_established >= 2
+    })
+    .await?;
+
+    // A custom message the same way; the agent's reply is read back through the other.
+    let path = format!("/api/v1/agents/{uid}/custom-messages");
+    let (status, body) = api
+        .raw(
+            Method::POST,
+            &path,
+            Some(json!({ "capability": ECHO, "type": "ping", "data": "through the bus" })),
+        )
+        .await?;
+    assert_eq!(status, 204, "{body}");
+    let kept = eventually("the reply kept", WAIT, || async {
+        let v = api.get(&path).await?;
+        let m = v["messages"][0].clone();
+        Ok((!m.is_null()).then_some(m))
+    })
+    .await?;
+    assert_eq!(kept["text"], "through the bus");
+    assert_eq!(kept["type"], "ping.reply");
+    agent.stop().await;
+    c.stop().await
+}
