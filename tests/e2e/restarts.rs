@@ -161,3 +161,49 @@ async fn a_fleet_restarts_in_batches_and_stops_at_one_that_never_comes_back() ->
     old.stop().await;
     server.stop().await
 }
+
+/// From the console: the agent page's Restart button, then the Restarts page restarting every
+/// agent one at a time, watched until it succeeded.
+#[tokio::test]
+async fn an_operator_restarts_from_the_console() -> anyhow::Result<()> {
+    use crate::console::{click_confirmed, sign_in};
+    let server = TestServer::start().await?;
+    let (first, first_uid) = start(&server, "console-first", true, false).await?;
+    let (second, _) = start(&server, "console-second", true, false).await?;
+    let b = tests::browser::Browser::start().await?;
+    sign_in(&b, &server, &server.api.token).await?;
+    b.goto(&format!("http://{}/ui/agents/{first_uid}", server.addr))
+        .await?;
+    b.screenshot("51-agent-restart").await?;
+    click_confirmed(&b, "#restart button").await?;
+    agent::wait_for(&mut first.status(), WAIT, |s| s.restart_commands == 1).await?;
+
+    b.goto(&format!("http://{}/ui/restarts", server.addr))
+        .await?;
+    b.client
+        .execute(
+            "document.querySelector('#new-restart input[name=batch]').value = '1';\
+             document.querySelector('#new-restart input[name=deadline]').value = '10s';",
+            vec![],
+        )
+        .await?;
+    click_confirmed(&b, "#new-restart button").await?;
+    eventually("the restart succeeded on the page", WAIT, || async {
+        b.client.refresh().await?;
+        let t = b.text("section.restart").await?;
+        Ok(t.contains("succeeded").then_some(()))
+    })
+    .await?;
+    let page = b.text("section.restart").await?;
+    assert!(
+        page.contains("batches of 1") && page.contains("deadline 10 s"),
+        "{page}"
+    );
+    assert_eq!(first.status().borrow().restart_commands, 2);
+    assert_eq!(second.status().borrow().restart_commands, 1);
+    b.no_markup_ran().await?;
+    b.screenshot("52-restarts").await?;
+    first.stop().await;
+    second.stop().await;
+    server.stop().await
+}

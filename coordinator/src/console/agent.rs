@@ -84,6 +84,7 @@ pub(super) async fn page(
         (drift_section(who, &agent))
         h2 { "Capabilities" }
         (capabilities(agent.capabilities))
+        (super::restarts::section(who, &agent))
         @if !agent.custom_capabilities.is_empty() {
             p #custom-capabilities {
                 "Custom: "

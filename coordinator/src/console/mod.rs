@@ -18,6 +18,7 @@ mod fleet;
 mod groups;
 mod identities;
 mod packages;
+mod restarts;
 mod rollouts;
 pub(crate) mod session;
 mod tokens;
@@ -53,6 +54,8 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/agents/{uid}", get(agent::page))
         .route("/ui/agents/{uid}/reapply", post(agent::reapply))
         .route("/ui/agents/{uid}/adopt", post(agent::adopt))
+        .route("/ui/agents/{uid}/restart", post(restarts::restart_agent))
+        .route("/ui/restarts", get(restarts::page).post(restarts::start))
         .route("/ui/configs", get(configs::list).post(configs::create))
         .route("/ui/configs/diff", get(configs::diff))
         .route("/ui/configs/{id}", get(configs::show))

@@ -48,6 +48,7 @@ pub(super) fn page(title: &str, who: Option<&Signed>, body: Markup) -> Markup {
                             a href="/ui/rollouts" { "Rollouts" }
                             a href="/ui/groups" { "Groups" }
                             a href="/ui/packages" { "Packages" }
+                            a href="/ui/restarts" { "Restarts" }
                             // Only admins may list tokens (as in the API): no dead link.
                             @if who.may(Role::Admin) { a href="/ui/tokens" { "Tokens" } }
                             a href="/ui/identities" { "Identities" }

@@ -1,0 +1,159 @@
+//! Restarts in the console: the agent page's Restart button (for agents that declare
+//! AcceptsRestartCommand), and the Restarts page, which restarts a group or the fleet in
+//! batches and shows the restarts this coordinator drove, member by member. The writes call
+//! what `POST /api/v1/agents/{uid}/restart` and `POST /api/v1/restarts` call, as operator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use maud::{html, Markup};
+use proto::agent_caps::ACCEPTS_RESTART_COMMAND;
+use serde::Deserialize;
+use shared::domain::{AgentRecord, Role, Target};
+use shared::ids::InstanceUid;
+
+use super::session::{Nothing, Posted, Signed};
+use super::view::{self, csrf, when};
+use crate::api::guard::Operator;
+use crate::api::ApiError;
+use crate::service::restarts::RestartPlan;
+use crate::service::Coordinator;
+
+/// The agent page's Restart section.
+pub(super) fn section(who: &Signed, agent: &AgentRecord) -> Markup {
+    if agent.capabilities & ACCEPTS_RESTART_COMMAND == 0 {
+        return html! { p.muted #restart { "Cannot be restarted: the agent does not declare AcceptsRestartCommand." } };
+    }
+    let uid = agent.instance_uid.to_string();
+    html! {
+        div #restart {
+            @if who.may(Role::Operator) {
+                form.inline method="post" action={"/ui/agents/" (uid) "/restart"} {
+                    (csrf(who))
+                    button type="submit" data-confirm="Send this agent the restart command?" { "Restart" }
+                }
+            } @else {
+                p.muted { "Operators can restart this agent." }
+            }
+        }
+    }
+}
+
+pub(super) async fn restart_agent(
+    State(c): State<Arc<Coordinator>>,
+    Path(uid): Path<String>,
+    posted: Posted<Operator, Nothing>,
+) -> Response {
+    let who = posted.who.any();
+    let Ok(uid) = uid.parse::<InstanceUid>() else {
+        return view::status_page(
+            axum::http::StatusCode::NOT_FOUND,
+            Some(&who),
+            "not an instance uid",
+        );
+    };
+    match c.restart_agent(uid, &who.actor).await {
+        Ok(()) => Redirect::to(&format!("/ui/agents/{uid}")).into_response(),
+        Err(e) => view::error_page(Some(&who), &e.into()),
+    }
+}
+
+pub(super) async fn page(State(c): State<Arc<Coordinator>>, who: Signed) -> Response {
+    let groups = match c.groups_counted().await {
+        Ok(g) => g,
+        Err(e) => return view::error_page(Some(&who), &e.into()),
+    };
+    let jobs = c.restart_jobs();
+    let body = html! {
+        h1 { "Restarts" }
+        p.muted {
+            "Agents that declare AcceptsRestartCommand restart in batches; each must come back "
+            "connected and healthy within the deadline, and the restart stops when more than the "
+            "budget do not. Restarts are kept by the coordinator that drove them."
+        }
+        @if who.may(Role::Operator) {
+            form #new-restart method="post" action="/ui/restarts" {
+                (csrf(&who))
+                label { "Group " select name="group" {
+                    option value="" { "(every agent)" }
+                    @for (g, n) in &groups { option value=(g.name) { (g.name) " (" (n) ")" } }
+                } }
+                label { "Batch " input type="number" name="batch" value="10" min="1"; }
+                label { "Deadline " input type="text" name="deadline" value="2m"; }
+                label { "Budget " input type="number" name="budget" value="0" min="0"; }
+                button type="submit" data-confirm="Restart these agents?" { "Restart" }
+            }
+        }
+        @if jobs.is_empty() {
+            p.muted { "No restart yet on this coordinator." }
+        }
+        @for j in &jobs {
+            section.restart id={"restart-" (j.id)} {
+                h2 { "Restart " (j.id) " " span class={"chip restart-" (j.state)} { (j.state) } }
+                p.muted {
+                    (when(Some(j.created_ms))) " by " (j.author) " · batches of " (j.batch)
+                    " · deadline " (j.deadline_ms / 1000) " s · budget " (j.budget)
+                    @if !j.unable.is_empty() { " · " (j.unable.len()) " cannot restart" }
+                }
+                @if let Some(r) = &j.reason { p.error { (r) } }
+                table.members {
+                    thead { tr { th { "Agent" } th { "State" } th { "Reason" } } }
+                    tbody {
+                        @for m in &j.members {
+                            tr {
+                                td { a href={"/ui/agents/" (m.uid)} { code { (m.uid) } } }
+                                td { span class={"chip restart-" (m.state)} { (m.state.replace('_', " ")) } }
+                                td { (m.reason.as_deref().unwrap_or("")) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    view::page("Restarts", Some(&who), body).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct RestartForm {
+    #[serde(default)]
+    group: String,
+    batch: usize,
+    deadline: String,
+    budget: u64,
+}
+
+pub(super) async fn start(
+    State(c): State<Arc<Coordinator>>,
+    posted: Posted<Operator, RestartForm>,
+) -> Response {
+    let Posted { who, form } = posted;
+    let who = who.any();
+    let target = if form.group.is_empty() {
+        Target::All
+    } else {
+        match c.group(&form.group).await {
+            Ok(g) => g.target(),
+            Err(e) => return view::error_page(Some(&who), &e.into()),
+        }
+    };
+    let deadline: Duration = match humantime::parse_duration(form.deadline.trim()) {
+        Ok(d) => d,
+        Err(e) => {
+            let e = ApiError::BadRequest(format!("deadline `{}`: {e}", form.deadline));
+            return view::error_page(Some(&who), &e);
+        }
+    };
+    let plan = RestartPlan {
+        target,
+        batch: form.batch,
+        deadline_ms: i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX),
+        budget: form.budget,
+    };
+    match c.start_restart(plan, &who.actor).await {
+        Ok(job) => Redirect::to(&format!("/ui/restarts#restart-{}", job.id)).into_response(),
+        Err(e) => view::error_page(Some(&who), &e.into()),
+    }
+}
