@@ -33,9 +33,9 @@ pub struct Shape {
 }
 
 /// Seeds in batches of this many (one transaction each).
-const SEED_BATCH: usize = 5_000;
+pub(crate) const SEED_BATCH: usize = 5_000;
 
-fn synthetic(i: usize, now: i64) -> AgentRecord {
+pub(crate) fn synthetic(i: usize, now: i64) -> AgentRecord {
     let mut a = AgentRecord::new(InstanceUid::new_v7(), now);
     let d = &mut a.description;
     d.identifying

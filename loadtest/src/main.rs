@@ -60,6 +60,19 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         requests: usize,
     },
+    /// A config checked against --agents agents of --builds builds (spawns `PATH serve` on a
+    /// seeded store): the check's and the refused push's server time.
+    Preflight {
+        #[arg(long)]
+        spawn_server: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 5)]
+        builds: usize,
+        /// Requests of each kind.
+        #[arg(long, default_value_t = 30)]
+        requests: usize,
+    },
     /// A signed build of --artifact-mib MiB offered to --agents agents at most --cap at a
     /// time (spawns `PATH serve`): time to the last agent back on the new version, server
     /// RSS; then the download path alone against nginx serving the same file.
@@ -507,6 +520,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Soak(a) => soak(a).await,
         Command::Compare(c) => compare(c).await,
+        Command::Preflight {
+            spawn_server,
+            agents,
+            builds,
+            requests,
+        } => {
+            let opts = loadtest::preflight::PreflightOptions {
+                exe: spawn_server,
+                agents,
+                builds,
+                requests,
+            };
+            let r = loadtest::preflight::run(&opts).await?;
+            println!("Pre-flight, {agents} agents of {builds} builds, {requests} requests each (ms, client-side over loopback)");
+            println!("| request | p50 | p90 | p99 | max |");
+            println!("|---|---|---|---|---|");
+            for (name, l) in [("check", &r.check), ("refused push", &r.refused_push)] {
+                println!(
+                    "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+                );
+            }
+            println!(
+                "answer: {} failing (the lean build), {} passing",
+                r.failing, r.passing
+            );
+            Ok(())
+        }
         Command::Console {
             spawn_server,
             agents,
