@@ -98,7 +98,7 @@ pub async fn run(opts: &PreflightOptions) -> anyhow::Result<PreflightReport> {
         .json()
         .await?;
     let id = created["id"].as_i64().context("config id")?;
-    let lean = (opts.agents + opts.builds - 1) / opts.builds;
+    let lean = opts.agents.div_ceil(opts.builds);
     let (mut checks, mut pushes) = (Vec::new(), Vec::new());
     let mut last = Value::Null;
     for _ in 0..opts.requests {
