@@ -281,6 +281,14 @@ pub async fn start_coordinator(
             opamp_endpoint: config.server.public_endpoint.clone(),
             heartbeat_interval_secs: config.opamp.heartbeat_interval_secs,
             custom_capabilities: config.opamp.custom_capabilities.clone(),
+            collector_validate: (!config.preflight.collector_binary.as_os_str().is_empty()).then(
+                || {
+                    (
+                        config.preflight.collector_binary.clone(),
+                        std::time::Duration::from_secs(config.preflight.validate_timeout_secs),
+                    )
+                },
+            ),
             flush_interval: Duration::from_millis(config.store.flush_interval_ms),
             default_token_ttl: Duration::from_secs(config.tokens.default_ttl_secs),
             node: node.clone(),

@@ -28,6 +28,27 @@ pub struct Config {
     pub api: ApiSection,
     pub log: LogSection,
     pub packages: PackagesSection,
+    pub preflight: PreflightSection,
+}
+
+/// Pre-flight checks of configs beyond Ampora's own: a Collector binary's `validate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreflightSection {
+    /// A Collector binary (e.g. `/usr/bin/otelcol-contrib`): each new config version is also
+    /// given to its `validate` command, in a temporary directory; empty: not run.
+    pub collector_binary: PathBuf,
+    /// How long `validate` may run before the config is refused for it.
+    pub validate_timeout_secs: u64,
+}
+
+impl Default for PreflightSection {
+    fn default() -> Self {
+        Self {
+            collector_binary: PathBuf::new(),
+            validate_timeout_secs: 10,
+        }
+    }
 }
 
 /// Agent packages: which signed artifacts may be imported and how they are handed out.
@@ -776,6 +797,9 @@ fn validate(c: &Config, errors: &mut Vec<String>) {
         .any(|cap| cap.is_empty() || cap.len() > 256)
     {
         errors.push("opamp.custom_capabilities: each must be 1 to 256 characters".into());
+    }
+    if c.preflight.validate_timeout_secs == 0 {
+        errors.push("preflight.validate_timeout_secs: must be at least 1".into());
     }
     if c.admission.accept_rate_per_ip_per_sec > 0 && c.admission.accept_burst_per_ip == 0 {
         errors.push("admission.accept_burst_per_ip: must be at least 1 when accept_rate_per_ip_per_sec is set".into());

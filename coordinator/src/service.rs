@@ -28,6 +28,7 @@ mod agents;
 mod api_tokens;
 mod assignments;
 mod audit;
+mod collector_validate;
 mod components;
 mod crl;
 pub mod custom_messages;
@@ -100,6 +101,9 @@ pub struct CoordinatorConfig {
     pub packages: Option<packages::PackageHosting>,
     /// Custom capabilities whose messages are relayed ([`custom_messages`]).
     pub custom_capabilities: Vec<String>,
+    /// A Collector binary whose `validate` checks new configs, and its time limit
+    /// ([`collector_validate`]); `None`: not run.
+    pub collector_validate: Option<(std::path::PathBuf, Duration)>,
 }
 
 /// One agent as the coordinator holds it.

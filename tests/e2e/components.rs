@@ -265,3 +265,59 @@ async fn a_config_whose_yaml_does_not_parse_is_refused_with_its_line() -> anyhow
     assert_eq!(row["detail"]["forced"], true, "{audit}");
     server.stop().await
 }
+
+/// With `preflight.collector_binary`, a new version is also given to the Collector's own
+/// `validate`: its error refuses the config, and so does a `validate` that does not finish in
+/// time (it is killed).
+#[tokio::test]
+async fn a_collector_binarys_validate_error_refuses_the_config() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir()?;
+    let binary = dir.path().join("otelcol");
+    std::fs::write(
+        &binary,
+        "#!/bin/sh\n[ \"$1\" = validate ] || exit 2\nfor a in \"$@\"; do case \"$a\" in --config=*) f=\"${a#--config=}\";; esac; done\n\
+         if grep -q nosuch \"$f\"; then echo 'Error: invalid configuration: receivers: unknown type: \"nosuch\"' >&2; exit 1; fi\n\
+         if grep -q hang \"$f\"; then exec sleep 30; fi\nexit 0\n",
+    )?;
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))?;
+    let path = binary.clone();
+    let server = TestServer::start_with(move |c| {
+        c.preflight.collector_binary = path;
+        c.preflight.validate_timeout_secs = 1;
+    })
+    .await?;
+    let create = |name: &'static str, body: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .api
+                .raw(
+                    Method::POST,
+                    "/api/v1/configs",
+                    Some(json!({ "name": name, "body": body })),
+                )
+                .await
+        }
+    };
+    let (status, v) = create("unknown", "receivers: {nosuch: {}}\n").await?;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("collector validate failed")
+                && e.contains("unknown type: \"nosuch\"")),
+        "{v}"
+    );
+    let (status, v) = create("hangs", "hang: 1\n").await?;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish within 1 s")),
+        "{v}"
+    );
+    let (status, v) = create("fine", "receivers: {otlp: {}}\n").await?;
+    assert_eq!(status, 200, "{v}");
+    server.stop().await
+}

@@ -114,8 +114,12 @@ impl Coordinator {
                 "a config needs at least one file".into(),
             ));
         }
-        // The config on its own: YAML that parses, pipelines that name defined components.
-        let (problems, _) = super::preflight::check_config(&files);
+        // The config on its own: YAML that parses, pipelines that name defined components,
+        // and what a Collector binary's `validate` says (if one is configured).
+        let (mut problems, _) = super::preflight::check_config(&files);
+        if let (true, Some((binary, limit))) = (problems.is_empty(), &self.cfg.collector_validate) {
+            problems.extend(super::collector_validate::validate(binary, *limit, &files).await);
+        }
         let forced = !problems.is_empty();
         super::preflight::count("create", !forced, force);
         if forced && !force {
