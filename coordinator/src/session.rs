@@ -206,6 +206,8 @@ pub struct AgentState {
     pub custom_pending: Vec<proto::v1::CustomMessage>,
     /// Ampora's custom capabilities went out on this connection.
     pub custom_announced: bool,
+    /// The components hash (hex) this connection was asked the set of (the only set taken).
+    pub components_asked: Option<String>,
 }
 
 impl AgentState {
@@ -225,6 +227,7 @@ impl AgentState {
             restart_pending: false,
             custom_pending: Vec::new(),
             custom_announced: false,
+            components_asked: None,
         }
     }
 
@@ -1779,6 +1782,91 @@ mod tests {
         m.sequence_num = 1;
         let o = handle(&mut s, &m, &known);
         assert_eq!(o.reply.flags & server_flags::REPORT_AVAILABLE_COMPONENTS, 0);
+    }
+
+    #[test]
+    fn only_the_component_set_asked_for_is_taken() {
+        let set = |hash: u8| proto::v1::AvailableComponents {
+            components: [(
+                "exporters".to_owned(),
+                proto::v1::ComponentDetails {
+                    metadata: Vec::new(),
+                    sub_component_map: [("kafka".to_owned(), Default::default())].into(),
+                },
+            )]
+            .into(),
+            hash: vec![hash; 32],
+        };
+        let reported = |o: &Outcome| {
+            o.events
+                .iter()
+                .any(|e| matches!(e, Event::ComponentsReported { .. }))
+        };
+        let mut s = fresh();
+        let mut m = full(0);
+        m.capabilities |= agent_caps::REPORTS_AVAILABLE_COMPONENTS;
+        // Unasked: not taken (an agent cannot fill the store under made-up hashes).
+        m.available_components = Some(set(2));
+        let o = handle(&mut s, &m, &ctx());
+        assert!(!reported(&o));
+        assert!(o.events.contains(&Event::CapMismatch {
+            what: "available_components_unasked"
+        }));
+        // Asked for hash 3 (its hash alone), then sent: taken once.
+        m.sequence_num = 1;
+        m.available_components = Some(proto::v1::AvailableComponents {
+            components: Default::default(),
+            hash: vec![3; 32],
+        });
+        handle(&mut s, &m, &ctx());
+        m.sequence_num = 2;
+        m.available_components = Some(set(3));
+        assert!(reported(&handle(&mut s, &m, &ctx())));
+        m.sequence_num = 3;
+        assert!(
+            !reported(&handle(&mut s, &m, &ctx())),
+            "asked once, taken once"
+        );
+    }
+
+    #[test]
+    fn an_agents_custom_message_is_kept_only_when_relayed_declared_and_small() {
+        let relayed = ["com.example.echo".to_owned()];
+        let c = Context {
+            custom_capabilities: &relayed,
+            ..ctx()
+        };
+        let mut s = fresh();
+        let mut m = full(0);
+        m.custom_capabilities = Some(proto::v1::CustomCapabilities {
+            capabilities: vec!["com.example.echo".into(), "com.example.other".into()],
+        });
+        let o = handle(&mut s, &m, &c);
+        assert_eq!(
+            o.reply.custom_capabilities.map(|c| c.capabilities),
+            Some(relayed.to_vec()),
+            "announced on the connection's first reply"
+        );
+        let msg = |cap: &str, len: usize| proto::v1::CustomMessage {
+            capability: cap.into(),
+            r#type: "t".into(),
+            data: vec![b'x'; len],
+        };
+        for (i, (cap, len)) in [
+            ("com.example.other", 10),
+            ("com.example.echo", custom::MAX_KEPT_DATA + 1),
+            ("com.example.echo", 10),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            m.sequence_num = 1 + i as u64;
+            m.custom_message = Some(msg(cap, len));
+            let o = handle(&mut s, &m, &c);
+            assert!(o.reply.custom_capabilities.is_none(), "announced once");
+        }
+        assert_eq!(s.record.custom_messages.len(), 1);
+        assert_eq!(s.record.custom_messages[0].capability, "com.example.echo");
     }
 
     #[test]

@@ -16,6 +16,10 @@ use crate::session::components::ComponentSet;
 /// Component sets by hex hash.
 pub(super) type Sets = HashMap<String, Arc<ComponentSet>>;
 
+/// Distinct sets kept at most (a fleet has a handful of builds); beyond, new ones are not
+/// stored and their agents stay unchecked.
+pub const MAX_SETS: usize = 500;
+
 impl Coordinator {
     /// Whether the set of `hash` (raw bytes, as the agent sent it) is known here.
     pub(super) fn knows_components(&self, hash: &[u8]) -> bool {
@@ -28,11 +32,18 @@ impl Coordinator {
     /// An agent sent its whole set: kept here at once, and in the store for every other
     /// coordinator (a failed write is retried when another agent of the build sends it).
     pub(super) async fn components_reported(&self, hash: &str, set: &ComponentSet) {
-        if self
-            .component_sets
-            .read()
-            .is_ok_and(|s| s.contains_key(hash))
-        {
+        let full = match self.component_sets.read() {
+            Ok(s) if s.contains_key(hash) => return,
+            Ok(s) => s.len() >= MAX_SETS,
+            Err(_) => return,
+        };
+        if full {
+            metrics::counter!("ampora_opamp_frames_rejected_total", "reason" => "component_sets_full")
+                .increment(1);
+            tracing::warn!(
+                hash,
+                "not storing another component set: {MAX_SETS} are stored"
+            );
             return;
         }
         let body = match serde_json::to_string(set) {

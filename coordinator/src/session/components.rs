@@ -14,8 +14,10 @@ use super::{AgentState, Event};
 /// agent that reports a flat map has one kind per top-level key, each without types.
 pub type ComponentSet = BTreeMap<String, BTreeSet<String>>;
 
-/// At most this many components in one set: a larger report is refused as bad input.
-pub const MAX_COMPONENTS: usize = 10_000;
+/// At most this many components in one set, each type at most [`MAX_TYPE`] bytes: a
+/// larger report is refused (a Collector distribution has a few hundred).
+pub const MAX_COMPONENTS: usize = 2_000;
+pub const MAX_TYPE: usize = 64;
 
 /// Records the agent's components hash; asks for the set when `known` says the hash is new
 /// to the server. True when the record changed.
@@ -40,8 +42,14 @@ pub(super) fn record(
     }
     let hash = hex::encode(&ac.hash);
     if !ac.components.is_empty() {
-        let set = to_set(&ac.components);
-        if set.values().map(BTreeSet::len).sum::<usize>() + set.len() <= MAX_COMPONENTS {
+        // Only the set the server asked for is taken: an agent cannot fill the store with
+        // sets under made-up hashes.
+        if state.components_asked.as_deref() != Some(hash.as_str()) {
+            events.push(Event::CapMismatch {
+                what: "available_components_unasked",
+            });
+        } else if let Some(set) = to_set(&ac.components) {
+            state.components_asked = None;
             events.push(Event::ComponentsReported {
                 hash: hash.clone(),
                 set,
@@ -53,18 +61,25 @@ pub(super) fn record(
         }
     } else if !known && msg.agent_disconnect.is_none() {
         reply.flags |= server_flags::REPORT_AVAILABLE_COMPONENTS;
+        state.components_asked = Some(hash.clone());
     }
     let changed = state.record.components_hash.as_deref() != Some(hash.as_str());
     state.record.components_hash = Some(hash);
     changed
 }
 
-fn to_set(components: &BTreeMap<String, ComponentDetails>) -> ComponentSet {
-    components
-        .iter()
-        .map(|(kind, d)| {
-            let types = d.sub_component_map.keys().cloned().collect();
-            (kind.clone(), types)
-        })
-        .collect()
+/// The set, or `None` when it is larger than the bounds allow.
+fn to_set(components: &BTreeMap<String, ComponentDetails>) -> Option<ComponentSet> {
+    let mut n = 0;
+    let mut set = ComponentSet::new();
+    for (kind, d) in components {
+        n += 1 + d.sub_component_map.len();
+        let too_long =
+            kind.len() > MAX_TYPE || d.sub_component_map.keys().any(|t| t.len() > MAX_TYPE);
+        if n > MAX_COMPONENTS || too_long {
+            return None;
+        }
+        set.insert(kind.clone(), d.sub_component_map.keys().cloned().collect());
+    }
+    Some(set)
 }

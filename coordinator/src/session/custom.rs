@@ -13,6 +13,8 @@ use super::{AgentState, Event};
 /// Capabilities kept per agent, and the longest name.
 const MAX_CAPABILITIES: usize = 64;
 const MAX_NAME: usize = 256;
+/// The largest agent message kept: its record is stored, so 20 of them must stay small.
+pub const MAX_KEPT_DATA: usize = 16 * 1024;
 
 /// Records what `msg` says of custom capabilities and messages; announces `relayed` on the
 /// connection's first reply. True when the record changed.
@@ -42,7 +44,8 @@ pub(super) fn record(
     }
     if let Some(m) = &msg.custom_message {
         let declared = state.record.custom_capabilities.contains(&m.capability);
-        if declared && relayed.contains(&m.capability) && m.r#type.len() <= MAX_NAME {
+        let fits = m.r#type.len() <= MAX_NAME && m.data.len() <= MAX_KEPT_DATA;
+        if declared && relayed.contains(&m.capability) && fits {
             let kept = &mut state.record.custom_messages;
             kept.push(CustomMessageRecord {
                 at_ms: now_ms,
