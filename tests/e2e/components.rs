@@ -41,7 +41,7 @@ fn build(full: bool) -> BTreeMap<String, Vec<String>> {
 /// Starts a Collector-like agent of the `full` or lean build; waits until it is connected.
 async fn collector(server: &TestServer, name: &str, full: bool) -> anyhow::Result<(Agent, String)> {
     let token = server.api.token(name).await?;
-    let agent = Agent::start(AgentOptions {
+    tests::connected_agent(AgentOptions {
         endpoint: server.ws_url(),
         token: Some(token),
         description: vec![("service.name".into(), "otelcol-contrib".into())],
@@ -49,13 +49,8 @@ async fn collector(server: &TestServer, name: &str, full: bool) -> anyhow::Resul
         available_components: build(full),
         heartbeat: Duration::from_millis(500),
         ..AgentOptions::default()
-    });
-    let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
-        s.connected && s.instance_uid.is_some() && s.replies > 0
     })
-    .await?;
-    let uid = shared::ids::InstanceUid(s.instance_uid.unwrap_or_default()).to_string();
-    Ok((agent, uid))
+    .await
 }
 
 async fn components(server: &TestServer, uid: &str) -> anyhow::Result<Value> {

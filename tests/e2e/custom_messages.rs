@@ -17,7 +17,7 @@ const OTHER: &str = "com.example.other/v2";
 
 async fn echoing_agent(server: &TestServer, endpoint: String) -> anyhow::Result<(Agent, String)> {
     let token = server.api.token("custom").await?;
-    let agent = Agent::start(AgentOptions {
+    tests::connected_agent(AgentOptions {
         endpoint,
         token: Some(token),
         description: vec![("service.name".into(), "custom".into())],
@@ -25,13 +25,8 @@ async fn echoing_agent(server: &TestServer, endpoint: String) -> anyhow::Result<
         echo_custom_messages: true,
         heartbeat: Duration::from_millis(200),
         ..AgentOptions::default()
-    });
-    let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
-        s.connected && s.instance_uid.is_some() && s.replies > 0
     })
-    .await?;
-    let uid = shared::ids::InstanceUid(s.instance_uid.unwrap_or_default()).to_string();
-    Ok((agent, uid))
+    .await
 }
 
 async fn round_trip(server: &TestServer, agent: &Agent, uid: &str) -> anyhow::Result<()> {

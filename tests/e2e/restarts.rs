@@ -23,7 +23,7 @@ async fn start(
     if restartable {
         caps |= proto::agent_caps::ACCEPTS_RESTART_COMMAND;
     }
-    let agent = Agent::start(AgentOptions {
+    tests::connected_agent(AgentOptions {
         endpoint: server.ws_url(),
         token: Some(token),
         description: vec![("service.name".into(), name.into())],
@@ -32,13 +32,8 @@ async fn start(
         restart_never_returns: never_returns,
         heartbeat: Duration::from_millis(300),
         ..AgentOptions::default()
-    });
-    let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
-        s.connected && s.instance_uid.is_some() && s.replies > 0
     })
-    .await?;
-    let uid = shared::ids::InstanceUid(s.instance_uid.unwrap_or_default()).to_string();
-    Ok((agent, uid))
+    .await
 }
 
 #[tokio::test]

@@ -411,6 +411,18 @@ pub fn presented(row: &Value, field: &str, value: &str) -> bool {
             .is_some_and(|p| p.iter().any(|p| p[field] == value))
 }
 
+/// Starts an agent and waits (up to [`DEADLINE`]) until it is connected, has its instance
+/// uid and has had a reply; returns it with the uid as the API writes it.
+pub async fn connected_agent(opts: agent::AgentOptions) -> anyhow::Result<(agent::Agent, String)> {
+    let a = agent::Agent::start(opts);
+    let s = agent::wait_for(&mut a.status(), DEADLINE, |s| {
+        s.connected && s.instance_uid.is_some() && s.replies > 0
+    })
+    .await?;
+    let uid = shared::ids::InstanceUid(s.instance_uid.unwrap_or_default()).to_string();
+    Ok((a, uid))
+}
+
 /// Polls `check` until it yields `Some`, or fails after `deadline`. Never a fixed sleep: the
 /// pause between polls is short and the deadline bounds the whole wait.
 pub async fn eventually<T, F, Fut>(
