@@ -173,8 +173,24 @@ async fn an_operator_restarts_from_the_console() -> anyhow::Result<()> {
     click_confirmed(&b, "#restart button").await?;
     agent::wait_for(&mut first.status(), WAIT, |s| s.restart_commands == 1).await?;
 
-    b.goto(&format!("http://{}/ui/restarts", server.addr))
+    // From the Groups page: the group's Restart… link opens the form with it chosen.
+    server
+        .api
+        .put_json(
+            "/api/v1/groups/canary",
+            json!({ "labels": { "env": "canary" } }),
+        )
         .await?;
+    b.goto(&format!("http://{}/ui/groups", server.addr)).await?;
+    b.click("tr[data-group=canary] a.restart-group").await?;
+    let chosen = b
+        .client
+        .execute(
+            "return document.querySelector('#new-restart select[name=group]').value;",
+            vec![],
+        )
+        .await?;
+    assert_eq!(chosen, json!("canary"));
     b.client
         .execute(
             "document.querySelector('#new-restart input[name=batch]').value = '1';\

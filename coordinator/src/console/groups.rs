@@ -62,6 +62,8 @@ pub(super) async fn list(State(c): State<Arc<Coordinator>>, who: Signed) -> Resp
                         td { (when(Some(g.created_ms))) }
                         @if operator {
                             td.actions {
+                                a.restart-group href={"/ui/restarts?group=" (urlencode(&g.name))} { "Restart…" }
+                                " "
                                 form.inline method="post" action="/ui/groups/delete" {
                                     (csrf(&who))
                                     input type="hidden" name="name" value=(g.name);
@@ -77,6 +79,12 @@ pub(super) async fn list(State(c): State<Arc<Coordinator>>, who: Signed) -> Resp
         @if operator { (group_form(&who)) }
     };
     view::page("Groups", Some(&who), body).into_response()
+}
+
+fn urlencode(s: &str) -> String {
+    serde_urlencoded::to_string([("", s)])
+        .map(|q| q.trim_start_matches('=').to_owned())
+        .unwrap_or_default()
 }
 
 fn group_form(who: &Signed) -> Markup {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
 use proto::agent_caps::ACCEPTS_RESTART_COMMAND;
@@ -60,7 +60,18 @@ pub(super) async fn restart_agent(
     }
 }
 
-pub(super) async fn page(State(c): State<Arc<Coordinator>>, who: Signed) -> Response {
+#[derive(Deserialize)]
+pub(super) struct PageQuery {
+    /// A group to preselect (the Groups page's Restart… link).
+    #[serde(default)]
+    group: String,
+}
+
+pub(super) async fn page(
+    State(c): State<Arc<Coordinator>>,
+    who: Signed,
+    Query(q): Query<PageQuery>,
+) -> Response {
     let groups = match c.groups_counted().await {
         Ok(g) => g,
         Err(e) => return view::error_page(Some(&who), &e.into()),
@@ -78,7 +89,9 @@ pub(super) async fn page(State(c): State<Arc<Coordinator>>, who: Signed) -> Resp
                 (csrf(&who))
                 label { "Group " select name="group" {
                     option value="" { "(every agent)" }
-                    @for (g, n) in &groups { option value=(g.name) { (g.name) " (" (n) ")" } }
+                    @for (g, n) in &groups {
+                        option value=(g.name) selected[g.name == q.group] { (g.name) " (" (n) ")" }
+                    }
                 } }
                 label { "Batch " input type="number" name="batch" value="10" min="1"; }
                 label { "Deadline " input type="text" name="deadline" value="2m"; }
