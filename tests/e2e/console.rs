@@ -268,12 +268,17 @@ async fn an_operator_runs_the_guide_in_the_browser() -> anyhow::Result<()> {
     let serial = id.serial.clone();
     let form = format!("form[action='/ui/identities/{serial}/revoke'] button");
     click_confirmed(&b, &form).await?;
+    // The form posts and the page reloads; the revocation is what the API shows next, not
+    // necessarily at the first read (the old page may still be the one found).
+    eventually("the identity revoked", DEADLINE, || async {
+        let state = server
+            .api
+            .get(&format!("/api/v1/identities/{serial}"))
+            .await?;
+        Ok((state["state"] == "revoked").then_some(()))
+    })
+    .await?;
     b.wait("#identities").await?;
-    let state = server
-        .api
-        .get(&format!("/api/v1/identities/{serial}"))
-        .await?;
-    assert_eq!(state["state"], "revoked", "{state}");
 
     // The audit page shows the description the hostile agent reported, as text.
     b.goto(&format!("{}/ui/audit?agent={}", base(&server), uid))
