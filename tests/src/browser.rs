@@ -99,10 +99,23 @@ impl Browser {
             .with_context(|| format!("opening {url}"))
     }
 
-    /// The text of the first element matching `css`, once there is one.
+    /// The text of the first element matching `css`, once there is one. Live pages replace
+    /// their fragments: an element replaced between finding and reading it is found again.
     pub async fn text(&self, css: &str) -> anyhow::Result<String> {
-        let el = self.wait(css).await?;
-        Ok(el.text().await?)
+        let mut tries = 0;
+        loop {
+            let el = self.wait(css).await?;
+            match el.text().await {
+                Ok(t) => return Ok(t),
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+                        && tries < 10 =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// The first element matching `css`, waiting for it up to the deadline.
