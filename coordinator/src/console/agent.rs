@@ -250,7 +250,7 @@ fn drift_section(who: &Signed, a: &AgentRecord) -> Markup {
     }
 }
 
-fn not_a_uid(who: &Signed) -> Response {
+pub(super) fn not_a_uid(who: &Signed) -> Response {
     view::status_page(StatusCode::NOT_FOUND, Some(who), "not an instance uid")
 }
 

@@ -48,11 +48,7 @@ pub(super) async fn restart_agent(
 ) -> Response {
     let who = posted.who.any();
     let Ok(uid) = uid.parse::<InstanceUid>() else {
-        return view::status_page(
-            axum::http::StatusCode::NOT_FOUND,
-            Some(&who),
-            "not an instance uid",
-        );
+        return super::agent::not_a_uid(&who);
     };
     match c.restart_agent(uid, &who.actor).await {
         Ok(()) => Redirect::to(&format!("/ui/agents/{uid}")).into_response(),
