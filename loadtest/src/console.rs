@@ -33,7 +33,7 @@ pub struct Shape {
 }
 
 /// Seeds in batches of this many (one transaction each).
-pub(crate) const SEED_BATCH: usize = 5_000;
+const SEED_BATCH: usize = 5_000;
 
 pub(crate) fn synthetic(i: usize, now: i64) -> AgentRecord {
     let mut a = AgentRecord::new(InstanceUid::new_v7(), now);
@@ -88,29 +88,40 @@ pub async fn sign_in(base: &str, token: &str) -> anyhow::Result<(reqwest::Client
     Ok((http, cookie))
 }
 
+/// Writes `n` agents made by `make` to `store` in batches; their uids.
+pub(crate) async fn seed(
+    store: &SqliteStore,
+    n: usize,
+    make: impl Fn(usize) -> AgentRecord,
+) -> anyhow::Result<Vec<InstanceUid>> {
+    let mut uids = Vec::with_capacity(n);
+    let mut batch = Vec::with_capacity(SEED_BATCH);
+    for i in 0..n {
+        let a = make(i);
+        uids.push(a.instance_uid);
+        batch.push(a);
+        if batch.len() == SEED_BATCH {
+            store.upsert_agents(&batch).await?;
+            batch.clear();
+        }
+    }
+    store.upsert_agents(&batch).await?;
+    Ok(uids)
+}
+
 pub async fn run(opts: &ConsoleOptions) -> anyhow::Result<Vec<Shape>> {
     let dir = procs::fresh_dir()?;
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data)?;
     let now = shared::now_ms();
-    let mut uids = Vec::with_capacity(opts.agents);
-    {
+    let mut uids = {
         let store = SqliteStore::open(&data.join("ampora.db"))
             .await
             .context("seeding the store")?;
-        let mut batch = Vec::with_capacity(SEED_BATCH);
-        for i in 0..opts.agents {
-            let a = synthetic(i, now);
-            uids.push(a.instance_uid);
-            batch.push(a);
-            if batch.len() == SEED_BATCH {
-                store.upsert_agents(&batch).await?;
-                batch.clear();
-            }
-        }
-        store.upsert_agents(&batch).await?;
+        let uids = seed(&store, opts.agents, |i| synthetic(i, now)).await?;
         store.close().await;
-    }
+        uids
+    };
     uids.sort();
     let server = procs::spawn_ampora_in(dir, &opts.exe, &[], false).await?;
     let base = format!("http://{}", server.addr);

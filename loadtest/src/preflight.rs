@@ -13,9 +13,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 use coordinator::store::SqliteStore;
 use serde_json::{json, Value};
-use shared::store::{ComponentStore as _, Store as _};
+use shared::store::ComponentStore as _;
 
-use crate::console::{synthetic, SEED_BATCH};
+use crate::console::{seed, synthetic};
 use crate::hist::{summarize, Latency};
 use crate::procs;
 
@@ -72,17 +72,12 @@ pub async fn run(opts: &PreflightOptions) -> anyhow::Result<PreflightReport> {
                 .put_component_set(&format!("build{b}"), &body, now)
                 .await?;
         }
-        let mut batch = Vec::with_capacity(SEED_BATCH);
-        for i in 0..opts.agents {
+        seed(&store, opts.agents, |i| {
             let mut a = synthetic(i, now);
             a.components_hash = Some(format!("build{}", i % opts.builds));
-            batch.push(a);
-            if batch.len() == SEED_BATCH {
-                store.upsert_agents(&batch).await?;
-                batch.clear();
-            }
-        }
-        store.upsert_agents(&batch).await?;
+            a
+        })
+        .await?;
         store.close().await;
     }
     let server = procs::spawn_ampora_in(dir, &opts.exe, &[], false).await?;

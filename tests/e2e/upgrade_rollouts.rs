@@ -29,6 +29,37 @@ async fn rollout(server: &TestServer, id: i64) -> anyhow::Result<Value> {
     server.api.get(&format!("/api/v1/rollouts/{id}")).await
 }
 
+/// Upgrades every agent to 0.2.0 in one stage soaking for an hour, waits for `uid` verified
+/// on it, rolls the upgrade back and waits for `rolled_back`: the rollout's id and status.
+async fn upgrade_then_roll_back(
+    server: &TestServer,
+    uid: [u8; 16],
+) -> anyhow::Result<(i64, Value)> {
+    let created = server
+        .api
+        .post(
+            "/api/v1/rollouts",
+            json!({ "package": "", "version": "0.2.0", "all": true, "stages": "100%", "soak": "1h" }),
+        )
+        .await?;
+    let id = created["id"].as_i64().expect("rollout id");
+    eventually("the agent upgraded", WAIT, || async {
+        let v = upgrade_state(server, uid).await?;
+        Ok((v["state"] == "verified" && v["desired"][""] == "0.2.0").then_some(()))
+    })
+    .await?;
+    server
+        .api
+        .post(&format!("/api/v1/rollouts/{id}/rollback"), json!({}))
+        .await?;
+    let done = eventually("rolled back", WAIT, || async {
+        let v = rollout(server, id).await?;
+        Ok((v["rollout"]["state"] == "rolled_back").then_some(v))
+    })
+    .await?;
+    Ok((id, done))
+}
+
 /// Each agent's upgrade state, sorted.
 async fn states(server: &TestServer, uids: &[[u8; 16]]) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
@@ -277,28 +308,7 @@ async fn a_rollback_with_nothing_to_return_to_never_offers_a_set_without_the_bui
     .await?;
 
     // Upgraded by a rollout (soaking for an hour), then rolled back by the operator.
-    let created = server
-        .api
-        .post(
-            "/api/v1/rollouts",
-            json!({ "package": "", "version": "0.2.0", "all": true, "stages": "100%", "soak": "1h" }),
-        )
-        .await?;
-    let id = created["id"].as_i64().expect("rollout id");
-    eventually("the agent upgraded", WAIT, || async {
-        let v = upgrade_state(&server, uid).await?;
-        Ok((v["state"] == "verified" && v["desired"][""] == "0.2.0").then_some(()))
-    })
-    .await?;
-    server
-        .api
-        .post(&format!("/api/v1/rollouts/{id}/rollback"), json!({}))
-        .await?;
-    let done = eventually("rolled back", WAIT, || async {
-        let v = rollout(&server, id).await?;
-        Ok((v["rollout"]["state"] == "rolled_back").then_some(v))
-    })
-    .await?;
+    let (id, done) = upgrade_then_roll_back(&server, uid).await?;
     let history = server
         .api
         .get(&format!("/api/v1/rollouts/{id}/events"))
@@ -351,28 +361,7 @@ async fn a_rollback_returns_an_agent_to_the_build_it_came_with() -> anyhow::Resu
     import_version(&server, &signer, "0.1.0").await?;
     import_version(&server, &signer, "0.2.0").await?;
     let (agent, uid) = start_upgrading(&server, "came-with", false).await?;
-    let created = server
-        .api
-        .post(
-            "/api/v1/rollouts",
-            json!({ "package": "", "version": "0.2.0", "all": true, "stages": "100%", "soak": "1h" }),
-        )
-        .await?;
-    let id = created["id"].as_i64().expect("rollout id");
-    eventually("the agent upgraded", WAIT, || async {
-        let v = upgrade_state(&server, uid).await?;
-        Ok((v["state"] == "verified" && v["desired"][""] == "0.2.0").then_some(()))
-    })
-    .await?;
-    server
-        .api
-        .post(&format!("/api/v1/rollouts/{id}/rollback"), json!({}))
-        .await?;
-    let done = eventually("rolled back", WAIT, || async {
-        let v = rollout(&server, id).await?;
-        Ok((v["rollout"]["state"] == "rolled_back").then_some(v))
-    })
-    .await?;
+    let (id, done) = upgrade_then_roll_back(&server, uid).await?;
     let view = upgrade_state(&server, uid).await?;
     assert_eq!(
         (view["state"].as_str(), view["desired"][""].as_str()),
