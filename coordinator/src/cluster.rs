@@ -163,6 +163,7 @@ pub async fn start_gateway(config: &Config, listener: TcpListener) -> anyhow::Re
     gw_config.identity = trust;
     gw_config.proxy_secret = gateway_proxy_secret(config)?;
     gw_config.downloads = crate::node_config::gateway_downloads(config)?;
+    gw_config.own_metrics_key = crate::node_config::download_key(config)?;
     let gateway = Gateway::start(GatewayId(node), bus, ownership, gw_config).await?;
     let health = Router::new()
         .route("/health/live", get(|| async { "ok" }))
@@ -298,6 +299,12 @@ pub async fn start_coordinator(
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
             push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
             packages: cluster_hosting(config)?,
+            metrics_host: crate::node_config::download_key(config)?.map(|key| {
+                crate::service::own_telemetry::MetricsHost {
+                    endpoint: crate::node_config::metrics_endpoint(&config.server.public_endpoint),
+                    key,
+                }
+            }),
         },
     )
     .await

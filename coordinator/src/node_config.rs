@@ -60,6 +60,7 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
             .unwrap_or(usize::MAX),
         // Set by the embedded default, which hosts package artifacts.
         downloads: None,
+        own_metrics_key: None,
     }
 }
 
@@ -137,6 +138,17 @@ pub fn identity_validity(config: &Config) -> Duration {
 /// The origin agents download from, given the OpAMP endpoint they connect to:
 /// `wss://h:p/v1/opamp` → `https://h:p/v1/packages`.
 pub fn download_base(endpoint: &str) -> String {
+    beside_opamp(endpoint, gateway::server::downloads::DOWNLOAD_PATH)
+}
+
+/// Where agents send their own metrics to Ampora: `wss://h:p/v1/opamp` →
+/// `https://h:p/v1/metrics`.
+pub fn metrics_endpoint(endpoint: &str) -> String {
+    beside_opamp(endpoint, shared::own_telemetry::METRICS_PATH)
+}
+
+/// `path` on the listener of the OpAMP `endpoint`, over HTTP(S).
+fn beside_opamp(endpoint: &str, path: &str) -> String {
     let base = endpoint
         .replacen("wss://", "https://", 1)
         .replacen("ws://", "http://", 1);
@@ -144,7 +156,41 @@ pub fn download_base(endpoint: &str) -> String {
         Some(root) => root.to_owned(),
         None => base.trim_end_matches('/').to_owned(),
     };
-    format!("{root}{}", gateway::server::downloads::DOWNLOAD_PATH)
+    format!("{root}{path}")
+}
+
+/// The key own-metrics credentials are signed with on the embedded default: the shared
+/// download key when one is configured, else one kept in `<data_dir>/own-metrics.key` (made
+/// on first start), so credentials outlive restarts and agents are not offered new ones.
+pub fn embedded_metrics_key(
+    config: &Config,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<shared::download_token::DownloadKey> {
+    if let Some(key) = download_key(config)? {
+        return Ok(key);
+    }
+    let path = data_dir.join("own-metrics.key");
+    let read = std::fs::read_to_string(&path).ok().and_then(|t| {
+        hex::decode(t.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+    });
+    let bytes = match read {
+        Some(b) => b,
+        None => {
+            let b: [u8; 32] = rand::random();
+            std::fs::write(&path, hex::encode(b))
+                .with_context(|| format!("writing {}", path.display()))?;
+            b
+        }
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    Ok(shared::download_token::DownloadKey::new(bytes))
 }
 
 /// The shared download key of cluster mode (`packages.download_key_file`: 64 hex digits);

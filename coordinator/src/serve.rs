@@ -139,6 +139,7 @@ fn describe_metrics() {
     crate::service::packages::describe_metrics();
     crate::service::preflight::describe_metrics();
     crate::service::restarts::describe_metrics();
+    crate::service::own_telemetry::describe_metrics();
     metrics::describe_counter!(
         "ampora_push_answers_overdue_total",
         "Bulk config offers no agent answered within 5 s (their place in the push window freed)"
@@ -240,6 +241,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let ownership = Arc::new(MemoryOwnership::new());
 
     let packages = package_hosting(&config, &data_dir, addr)?;
+    let metrics_key = crate::node_config::embedded_metrics_key(&config, &data_dir)?;
     let coordinator = Coordinator::start(
         store.clone(),
         store.clone(),
@@ -267,6 +269,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             refusal_window: Duration::from_secs(config.audit.refusal_window_secs),
             push_window: usize::try_from(config.opamp.push_window).unwrap_or(usize::MAX),
             packages: packages.clone(),
+            metrics_host: Some(crate::service::own_telemetry::MetricsHost {
+                endpoint: crate::node_config::metrics_endpoint(&config.public_endpoint(addr)),
+                key: metrics_key.clone(),
+            }),
         },
     )
     .await
@@ -275,6 +281,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let gateway_id = GatewayId(format!("embedded-{}", uuid::Uuid::now_v7().simple()));
     let mut gw_config = crate::node_config::gateway_config(&config);
     gw_config.identity = trust;
+    gw_config.own_metrics_key = Some(metrics_key);
     gw_config.downloads = packages.map(|p| gateway::server::downloads::Downloads {
         dir: p.dir,
         key: p.key,

@@ -22,7 +22,10 @@
 //!   (catalog, offers, downloads' credentials, upgrade state), importing artifacts, the
 //!   signatures that make them importable (minisign, cosign), and how many agents upgrade
 //!   at once and when ([`maintenance`] windows);
-//! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`].
+//! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`];
+//! - [`components`] and [`preflight`]: agents' builds and the checks of configs against them;
+//!   [`restarts`], [`custom_messages`]; [`own_telemetry`]: groups' own-telemetry settings
+//!   and agents' throughput windows.
 
 mod agents;
 mod api_tokens;
@@ -40,6 +43,7 @@ mod identities;
 mod issuance;
 mod leases;
 pub mod maintenance;
+pub mod own_telemetry;
 pub mod package_import;
 pub mod package_trust;
 pub mod packages;
@@ -104,6 +108,9 @@ pub struct CoordinatorConfig {
     /// A Collector binary whose `validate` checks new configs, and its time limit
     /// ([`collector_validate`]); `None`: not run.
     pub collector_validate: Option<(std::path::PathBuf, Duration)>,
+    /// Ampora as a destination of agents' own metrics ([`own_telemetry`]); `None`: not
+    /// offered (no shared key).
+    pub metrics_host: Option<own_telemetry::MetricsHost>,
 }
 
 /// One agent as the coordinator holds it.
@@ -149,6 +156,8 @@ pub struct Coordinator {
     package_catalog: RwLock<packages::Catalog>,
     /// The component sets agents reported, by hash ([`components`]).
     component_sets: RwLock<components::Sets>,
+    /// Groups' own-telemetry settings ([`own_telemetry`]).
+    group_settings: RwLock<own_telemetry::GroupSettings>,
     /// Agents upgrading now, at most `packages.max_concurrent_upgrades` ([`upgrade_slots`]).
     upgrade_slots: upgrade_slots::UpgradeSlots,
     /// Poked when an upgrade slot frees up.
@@ -233,6 +242,7 @@ async fn run_control(weak: std::sync::Weak<Coordinator>, mut events: mpsc::Recei
             ControlEvent::AssignmentCreated { .. } => c.sync_assignments().await,
             ControlEvent::RolloutChanged { .. } => c.sync_rollouts().await,
             ControlEvent::PackagesChanged => c.sync_packages().await,
+            ControlEvent::TelemetryChanged => c.sync_telemetry().await,
             ControlEvent::ReapplyConfig { uid } => c.reapply_here(uid).await,
             ControlEvent::RestartAgent { uid } => c.restart_here(uid).await,
             ControlEvent::CustomMessage {
@@ -301,6 +311,7 @@ async fn run_syncs(weak: std::sync::Weak<Coordinator>) {
         c.sync_rollouts().await;
         c.sync_packages().await;
         c.sync_components().await;
+        c.sync_telemetry().await;
         c.sync_tokens().await;
         c.sync_token_revocations().await;
         if identities_synced.elapsed() >= IDENTITY_SYNC_INTERVAL {
@@ -427,6 +438,7 @@ impl Coordinator {
             assignments: RwLock::new(Vec::new()),
             package_catalog: RwLock::new(packages::Catalog::default()),
             component_sets: RwLock::new(components::Sets::default()),
+            group_settings: RwLock::new(Vec::new()),
             upgrade_slots: upgrade_slots::UpgradeSlots::new(upgrade_cap),
             upgrade_fill: Arc::new(tokio::sync::Notify::new()),
             rollouts: RwLock::new(Vec::new()),
@@ -448,6 +460,7 @@ impl Coordinator {
         this.load_rollouts().await?;
         this.sync_packages().await;
         this.sync_components().await;
+        this.sync_telemetry().await;
         let control = this
             .bus
             .subscribe_control()
@@ -573,6 +586,7 @@ impl CoordinatorHandler for Coordinator {
                 })
                 .await
             }
+            CoordinatorEvent::OwnMetrics { uid, figures } => self.own_metrics(uid, &figures).await,
         }
     }
 }

@@ -26,7 +26,9 @@ use std::collections::BTreeMap;
 pub mod components;
 mod custom;
 pub mod packages;
+pub mod telemetry;
 pub use packages::PackageOffer;
+pub use telemetry::TelemetryOffer;
 
 /// Server capabilities Ampora advertises in every reply: AcceptsStatus | OffersRemoteConfig |
 /// AcceptsEffectiveConfig | OffersPackages | AcceptsPackagesStatus | OffersConnectionSettings |
@@ -265,6 +267,8 @@ pub struct Context<'a> {
     pub components_known: bool,
     /// The custom capabilities Ampora relays (`opamp.custom_capabilities`).
     pub custom_capabilities: &'a [String],
+    /// Where the agent's group has it send its own telemetry, if anywhere.
+    pub telemetry: Option<&'a TelemetryOffer>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -512,7 +516,7 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
         }
         if let Some(o) = ctx.opamp_offer {
             let o = o.for_agent(ctx.transport, ctx.identity.is_some());
-            changed |= offer_settings(state, &o, ctx.identity, &mut reply);
+            changed |= offer_settings(state, &o, ctx.identity, ctx.telemetry, &mut reply);
         }
         if let Some(p) = ctx.packages {
             let statuses = msg.package_statuses.is_some()
@@ -587,25 +591,40 @@ fn offer_config(
     }
 }
 
-/// `connection_settings.opamp` (facts §3.5, §3.8, §5.1) to agents that accept OpAMP
-/// connection settings: the heartbeat interval to those that heartbeat, and the identity
-/// certificate (with the interval, never 0) to those that have one. `o` is the offer as made
+/// `connection_settings` (facts §3.5, §3.8, §5.1): `opamp` to agents that accept OpAMP
+/// connection settings (the heartbeat interval to those that heartbeat, and the identity
+/// certificate, with the interval, never 0, to those that have one), and the own-telemetry
+/// settings of the agent's group for the signals it reports. `o` is the `opamp` offer as made
 /// to this agent ([`OpampOffer::for_agent`]). True when it made an offer: the record's
 /// `settings_offered` changed, and must be persisted for "once per change" to hold.
 fn offer_settings(
     state: &mut AgentState,
     o: &OpampOffer,
     identity: Option<&IdentityOffer>,
+    telemetry: Option<&TelemetryOffer>,
     reply: &mut ServerToAgent,
 ) -> bool {
     let mut need = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
     if identity.is_none() {
         need |= agent_caps::REPORTS_HEARTBEAT;
     }
-    if state.caps() & need != need {
+    let opamp = state.caps() & need == need;
+    let telemetry = telemetry
+        .map(|t| t.for_caps(state.caps()))
+        .filter(|t| !t.is_empty());
+    if !opamp && telemetry.is_none() {
         return false;
     }
-    let hash = settings_hash(o, identity);
+    // Without telemetry the hash is the `opamp` one alone, as before telemetry existed, so
+    // agents it does not concern are not offered their settings again.
+    let mut hash = if opamp {
+        settings_hash(o, identity)
+    } else {
+        Vec::new()
+    };
+    if let Some(t) = &telemetry {
+        hash = t.hash_with(&hash);
+    }
     let hex = hex::encode(&hash);
     // Once per change, across connections (and restarts, the record is stored): an agent
     // that restarts on every offer, as opamp-go based ones do, would otherwise loop.
@@ -614,7 +633,11 @@ fn offer_settings(
     {
         return false;
     }
-    let mut offer = o.to_proto();
+    let mut offer = if opamp {
+        o.to_proto()
+    } else {
+        ConnectionSettingsOffers::default()
+    };
     offer.hash = hash.clone();
     if let (Some(id), Some(op)) = (identity, offer.opamp.as_mut()) {
         op.certificate = Some(proto::v1::TlsCertificate {
@@ -626,6 +649,9 @@ fn offer_settings(
                 .unwrap_or_default(),
             ca_cert: id.ca_pem.clone().into_bytes(),
         });
+    }
+    if let Some(t) = &telemetry {
+        t.fill(&mut offer);
     }
     reply.connection_settings = Some(offer);
     state.record.settings_offered = Some(hex);
@@ -640,6 +666,13 @@ pub fn identity_in_use(
     identity: &IdentityOffer,
     transport: Transport,
 ) {
+    // The agent confirmed the latest offer, which carried this certificate (and perhaps
+    // telemetry settings, which the certificate's own hash does not cover): keep that.
+    if state.record.settings_in_use.is_some()
+        && state.record.settings_in_use == state.record.settings_offered
+    {
+        return;
+    }
     let hex = hex::encode(settings_hash(&o.for_agent(transport, true), Some(identity)));
     if state.record.settings_in_use.as_ref() != Some(&hex) {
         state.record.settings_in_use = Some(hex);
@@ -864,6 +897,7 @@ mod tests {
         Context {
             components_known: false,
             custom_capabilities: &[],
+            telemetry: None,
             now_ms: 1_000,
             transport: Transport::WebSocket,
             desired: None,

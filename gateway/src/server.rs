@@ -18,7 +18,8 @@
 //! `admission` (connection cap and accept rate, checked before anything else), `limits` (the
 //! same per source address and per credential), `refusal_hold`, `decode` (frame limits and the
 //! decode memory budget), `proxy` (trusted proxies), `metrics` and `latency`, `ownership`
-//! (refreshing ownership claims) and `revocations` (the identity revocation set).
+//! (refreshing ownership claims) and `revocations` (the identity revocation set). Beside
+//! `/v1/opamp`: `downloads` (package artifacts) and `own_metrics` (agents' own metrics).
 
 mod admission;
 mod auth;
@@ -30,6 +31,7 @@ mod latency;
 mod lazy_read;
 mod limits;
 mod metrics;
+mod own_metrics;
 mod ownership;
 mod plain;
 pub mod proxy;
@@ -98,6 +100,7 @@ pub fn describe_metrics() {
     bus_watch::describe();
     downloads::describe();
     blob_cache::describe();
+    own_metrics::describe();
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +144,9 @@ pub struct GatewayConfig {
     pub bus_lost_drain: Option<Duration>,
     /// Package downloads served on this listener (`downloads`); `None`: none.
     pub downloads: Option<downloads::Downloads>,
+    /// The key agents' own-metrics credentials are checked with: with it, this listener
+    /// takes agents' own metrics at `/v1/metrics` (`own_metrics`); `None`: it does not.
+    pub own_metrics_key: Option<shared::download_token::DownloadKey>,
 }
 
 impl Default for GatewayConfig {
@@ -160,6 +166,7 @@ impl Default for GatewayConfig {
             decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
             bus_lost_drain: Some(Duration::from_secs(10)),
             downloads: None,
+            own_metrics_key: None,
         }
     }
 }
@@ -177,6 +184,8 @@ pub struct Gateway {
     revocations: Option<tokio::task::AbortHandle>,
     /// Package downloads served here (`None`: none).
     downloads: Option<Arc<downloads::Hosted>>,
+    /// Agents' own metrics taken here (`None`: none).
+    own_metrics: Option<Arc<own_metrics::OwnMetrics>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -244,7 +253,13 @@ impl Gateway {
                 inner.cfg.request_timeout,
             ))
         });
+        let own_metrics = inner
+            .cfg
+            .own_metrics_key
+            .clone()
+            .map(|key| Arc::new(own_metrics::OwnMetrics::new(key, inner.clone())));
         Ok(Arc::new(Self {
+            own_metrics,
             inner,
             dispatcher,
             refresher,
@@ -282,8 +297,12 @@ impl Gateway {
         let opamp = Router::new()
             .route(OPAMP_PATH, any(handle))
             .with_state(self.inner.clone());
-        match &self.downloads {
+        let opamp = match &self.downloads {
             Some(d) => opamp.merge(downloads::router(d.clone())),
+            None => opamp,
+        };
+        match &self.own_metrics {
+            Some(m) => opamp.merge(own_metrics::router(m.clone())),
             None => opamp,
         }
     }

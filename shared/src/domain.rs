@@ -189,6 +189,10 @@ pub struct AgentRecord {
     /// most [`MAX_CUSTOM_MESSAGES`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom_messages: Vec<CustomMessageRecord>,
+    /// The agent's own-metrics window, when it sends its own metrics to Ampora (boxed:
+    /// most agents have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<Box<crate::own_telemetry::Throughput>>,
 }
 
 /// Custom messages kept per agent.
@@ -231,6 +235,7 @@ impl AgentRecord {
             connected_ms: 0,
             custom_capabilities: Vec::new(),
             custom_messages: Vec::new(),
+            throughput: None,
         }
     }
 
@@ -262,6 +267,7 @@ impl AgentRecord {
             connected_ms: self.connected_ms,
             custom_capabilities: self.custom_capabilities.clone(),
             custom_messages: self.custom_messages.clone(),
+            throughput: self.throughput.clone(),
         }
     }
 

@@ -65,6 +65,17 @@ impl DownloadKey {
         m
     }
 
+    /// HMAC-SHA256 of `body` under this key: the other credentials signed with the shared
+    /// key (`own_telemetry::MetricsCredential`) use it, with their own prefix in `body`.
+    pub fn sign(&self, body: &str) -> Vec<u8> {
+        self.mac(body).finalize().into_bytes().to_vec()
+    }
+
+    /// Whether `mac` is [`DownloadKey::sign`] of `body` (in constant time).
+    pub fn verify_signed(&self, body: &str, mac: &[u8]) -> bool {
+        self.mac(body).verify_slice(mac).is_ok()
+    }
+
     /// A token for `uid` to fetch blob `sha256` (lowercase hex) until `expires_secs` (Unix).
     pub fn mint(&self, uid: InstanceUid, sha256: &str, expires_secs: u64) -> String {
         let body = format!(

@@ -6,6 +6,8 @@
 //! - [`packages`]: agent packages (artifacts, assignments, reported statuses, their hashes);
 //! - [`package_profile`]: how an offer is shaped for the agent type receiving it;
 //! - [`download_token`]: the per-agent, per-blob credential for package downloads;
+//! - [`own_telemetry`]: agents' own-telemetry settings, the own-metrics credential and the
+//!   per-agent throughput window;
 //! - [`token`]: the bootstrap and API token formats (`amp-bs.<base32>.<crc>`);
 //! - [`codec`]: the OpAMP WebSocket message header, which the gateway and the agent both frame
 //!   with;
@@ -23,6 +25,7 @@ pub mod codec;
 pub mod domain;
 pub mod download_token;
 pub mod ids;
+pub mod own_telemetry;
 pub mod ownership;
 pub mod package_profile;
 pub mod packages;

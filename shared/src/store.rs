@@ -195,8 +195,20 @@ pub trait ComponentStore: Send + Sync + 'static {
     async fn list_component_sets(&self) -> StoreResult<Vec<(String, String)>>;
 }
 
+/// Groups' own-telemetry settings (`own_telemetry::TelemetrySettings`, as JSON), one row per
+/// group: offered to the group's agents that report their own telemetry.
 #[async_trait]
-pub trait Store: RolloutStore + PackageStore + ComponentStore {
+pub trait TelemetryStore: Send + Sync + 'static {
+    /// Sets (or replaces) the settings of `group`.
+    async fn put_group_telemetry(&self, group: &str, body: &str, now_ms: i64) -> StoreResult<()>;
+    /// False when the group had none.
+    async fn delete_group_telemetry(&self, group: &str) -> StoreResult<bool>;
+    /// Every group's settings: (group, JSON body), by group name.
+    async fn list_group_telemetry(&self) -> StoreResult<Vec<(String, String)>>;
+}
+
+#[async_trait]
+pub trait Store: RolloutStore + PackageStore + ComponentStore + TelemetryStore {
     /// Cheap round trip; readiness depends on it.
     async fn ping(&self) -> StoreResult<()>;
 

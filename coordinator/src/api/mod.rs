@@ -29,6 +29,7 @@ pub(crate) mod groups;
 pub(crate) mod guard;
 pub(crate) mod identities;
 mod latency;
+pub(crate) mod own_telemetry;
 mod packages;
 mod restarts;
 pub(crate) mod rollouts;
@@ -64,14 +65,14 @@ use crate::service::Coordinator;
         identities::identities_crl, rollouts::create_rollout, rollouts::list_rollouts,
         rollouts::show_rollout, rollouts::rollout_events, rollouts::act_on_rollout,
         rollouts::config_rollouts, groups::list_groups, groups::put_group, groups::show_group,
-        groups::delete_group, agents::reapply_config, agents::adopt_config,
+        groups::delete_group, own_telemetry::show_group_telemetry, own_telemetry::put_group_telemetry, own_telemetry::show_agent_telemetry, agents::reapply_config, agents::adopt_config,
         packages::import_package, packages::check_package, packages::list_packages, packages::assign_package,
         packages::list_package_assignments, packages::show_upgrade,
         components::show_components, components::check_config,
         restarts::restart_agent, restarts::create_restart, restarts::list_restarts, restarts::show_restart,
         custom_messages::send_custom_message, custom_messages::list_custom_messages
     ),
-    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, components::ComponentsView, components::CheckBody, crate::service::preflight::Preflight, crate::service::preflight::ConfigProblem, crate::service::preflight::BuildGap, restarts::NewRestartBody, crate::service::restarts::RestartJob, crate::service::restarts::RestartMember, custom_messages::NewCustomMessage, custom_messages::CustomMessageView, custom_messages::CustomMessagesView, ErrorBody)),
+    components(schemas(identities::IdentityView, cluster::ClusterView, cluster::PartitionLease, agents::AgentView, agents::AgentCounts, configs::NewConfig, configs::NewAssignmentBody, configs::AssignmentResult, tokens::NewToken, tokens::CreatedToken, tokens::NewTokens, tokens::CreatedTokens, tokens::NewScope, api_tokens::NewApiToken, api_tokens::CreatedApiToken, api_tokens::ApiTokenView, rollouts::NewRolloutBody, crate::service::rollouts::actions::RolloutStatus, crate::service::rollouts::actions::StageStatus, crate::service::rollouts::gates::Progress, groups::GroupBody, groups::GroupView, groups::GroupDetail, agents::AdoptBody, packages::NewPackageAssignmentBody, crate::service::packages::UpgradeView, components::ComponentsView, components::CheckBody, crate::service::preflight::Preflight, crate::service::preflight::ConfigProblem, crate::service::preflight::BuildGap, restarts::NewRestartBody, crate::service::restarts::RestartJob, crate::service::restarts::RestartMember, custom_messages::NewCustomMessage, custom_messages::CustomMessageView, custom_messages::CustomMessagesView, shared::own_telemetry::TelemetrySettings, shared::own_telemetry::Destination, shared::own_telemetry::Rates, own_telemetry::OfferedView, own_telemetry::PointView, own_telemetry::AgentTelemetryView, ErrorBody)),
     modifiers(&BearerAuth, &Untagged)
 )]
 struct ApiDoc;
@@ -173,6 +174,14 @@ pub fn router(
             get(groups::show_group)
                 .put(groups::put_group)
                 .delete(groups::delete_group),
+        )
+        .route(
+            "/api/v1/groups/{name}/telemetry",
+            get(own_telemetry::show_group_telemetry).put(own_telemetry::put_group_telemetry),
+        )
+        .route(
+            "/api/v1/agents/{uid}/telemetry",
+            get(own_telemetry::show_agent_telemetry),
         )
         .route("/api/v1/agents/{uid}/reapply", post(agents::reapply_config))
         .route("/api/v1/agents/{uid}/adopt", post(agents::adopt_config))

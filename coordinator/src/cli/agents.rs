@@ -65,6 +65,9 @@ pub enum AgentsCmd {
     },
     /// The custom capabilities an agent declared and the messages it sent back.
     Messages { uid: String },
+    /// Where an agent sends its own telemetry, and its throughput (when it sends its own
+    /// metrics to Ampora): rates now and a line per minute.
+    Telemetry { uid: String },
     /// Show a group restart (kept by the coordinator that drove it).
     Restarts {
         /// One restart by id; all of them without.
@@ -180,6 +183,36 @@ pub(super) async fn run(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
                         s(m, "capability"),
                         s(m, "type"),
                         m["text"].as_str().unwrap_or("(binary)")
+                    );
+                }
+            })
+        }
+        AgentsCmd::Telemetry { uid } => {
+            let v = c
+                .get(&format!("/api/v1/agents/{uid}/telemetry"), &[])
+                .await?;
+            c.print(&v, |v| {
+                println!("group: {}", v["group"].as_str().unwrap_or("(none)"));
+                for o in v["offered"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} -> {} (declared: {})",
+                        s(o, "signal"),
+                        s(o, "endpoint"),
+                        o["declared"]
+                    );
+                }
+                println!("settings confirmed: {}", v["settings_confirmed"]);
+                match v["rates"].as_object() {
+                    Some(r) => println!(
+                        "in {}/s  out {}/s  dropped {}/s",
+                        r["in_per_s"], r["out_per_s"], r["dropped_per_s"]
+                    ),
+                    None => println!("no recent own metrics"),
+                }
+                for p in v["points"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}  accepted {}  sent {}  dropped {}  queue {}",
+                        p["at_ms"], p["accepted"], p["sent"], p["dropped"], p["queue_size"]
                     );
                 }
             })

@@ -23,6 +23,28 @@ pub enum GroupCmd {
     Show { name: String },
     /// Delete a group (rollouts created for it keep their selector).
     Delete { name: String },
+    /// Set where the group's agents send their own telemetry (or show it, with no option).
+    Telemetry {
+        name: String,
+        /// Own metrics go to Ampora itself (each agent gets its own credential).
+        #[arg(long, conflicts_with = "metrics")]
+        metrics_to_ampora: bool,
+        /// OTLP/HTTP URL for own metrics (`https://…/v1/metrics`).
+        #[arg(long)]
+        metrics: Option<String>,
+        /// OTLP/HTTP URL for own traces.
+        #[arg(long)]
+        traces: Option<String>,
+        /// OTLP/HTTP URL for own logs.
+        #[arg(long)]
+        logs: Option<String>,
+        /// `Name=value` header sent with every export to the URLs given (repeatable).
+        #[arg(long)]
+        header: Vec<String>,
+        /// Remove the group's settings.
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 const GROUP_HEADER: [(&str, usize); 4] =
@@ -65,6 +87,54 @@ pub(super) async fn run(c: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                 print_table(&json!([v]), GROUP_HEADER, group_row);
                 println!();
                 print_table(&v["agents"], AGENT_HEADER, agent_row);
+            })
+        }
+        GroupCmd::Telemetry {
+            name,
+            metrics_to_ampora,
+            metrics,
+            traces,
+            logs,
+            header,
+            clear,
+        } => {
+            let path = format!("/api/v1/groups/{}/telemetry", segment(&name));
+            let given =
+                metrics_to_ampora || metrics.is_some() || traces.is_some() || logs.is_some();
+            if !given && !clear {
+                let v = c.get(&path, &[]).await?;
+                return c.print(&v, |v| {
+                    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+                });
+            }
+            let headers = Value::Object(labels(&header)?);
+            let to = |url: Option<String>| {
+                url.map(|u| json!({ "endpoint": u, "headers": headers.clone() }))
+            };
+            let mut body = serde_json::Map::new();
+            if !clear {
+                let metrics = if metrics_to_ampora {
+                    Some(json!({ "ampora": true }))
+                } else {
+                    to(metrics)
+                };
+                for (k, v) in [
+                    ("metrics", metrics),
+                    ("traces", to(traces)),
+                    ("logs", to(logs)),
+                ] {
+                    if let Some(v) = v {
+                        body.insert(k.into(), v);
+                    }
+                }
+            }
+            let v = c.put(&path, Value::Object(body)).await?;
+            c.print(&v, |_| {
+                if clear {
+                    println!("group {name}: own-telemetry settings removed");
+                } else {
+                    println!("group {name}: own-telemetry settings offered to its agents");
+                }
             })
         }
         GroupCmd::Delete { name } => {

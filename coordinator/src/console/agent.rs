@@ -105,6 +105,8 @@ pub(super) async fn page(
         (config_section(&agent, assigned.as_ref().map(|v| (v.id, &v.files))))
         h2 { "Components" }
         (super::components::section(&c, &agent))
+        h2 { "Own telemetry" }
+        (super::throughput::section(&c, &agent))
         h2 { "Upgrade" }
         (super::packages::section(&c, &agent))
         h2 { "Identity" }

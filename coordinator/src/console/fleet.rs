@@ -46,6 +46,8 @@ pub(super) struct FleetParams {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     upgrade: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    drops: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     q: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     after: String,
@@ -90,6 +92,12 @@ impl FleetParams {
                 }
             },
             upgrade_available: self.upgrade == "available",
+            drops: match self.drops.as_str() {
+                "" => false,
+                "true" | "yes" => true,
+                other => return Err(format!("drops must be true, not `{other}`")),
+            },
+            now_ms: 0,
             newest_builds: Default::default(),
             text: opt(&self.q),
             after: opt(&self.after)
@@ -220,6 +228,10 @@ fn filters(p: &FleetParams) -> Markup {
                 option value="unfinished" selected[p.upgrade == "unfinished"] { "upgrade unfinished" }
                 option value="none" selected[p.upgrade == "none"] { "no upgrade under way" }
             }
+            select name="drops" {
+                option value="" { "any throughput" }
+                option value="true" selected[p.drops == "true"] { "drops data" }
+            }
             input type="text" name="gateway" value=(p.gateway) placeholder="gateway";
             button type="submit" { "Filter" }
             a href="/ui/" { "Clear" }
@@ -236,6 +248,7 @@ fn config_label(s: ConfigView) -> &'static str {
 
 fn live_section(p: &FleetParams, page: &FleetPage) -> Markup {
     let counts = &page.counts;
+    let now = shared::now_ms();
     html! {
         div.counts {
             span.count { strong { (counts.matched) } " agents" }
@@ -254,11 +267,12 @@ fn live_section(p: &FleetParams, page: &FleetPage) -> Markup {
         table.fleet {
             thead { tr {
                 th { "Agent" } th { "Status" } th { "Health" } th { "Version" } th { "Labels" }
-                th { "Config" } th { "Last seen" } th { "Gateway" }
+                th { "Config" } th.num { "In" } th.num { "Out" } th.num { "Dropped" }
+                th { "Last seen" } th { "Gateway" }
             } }
             tbody {
-                @for a in &page.rows { (row(a)) }
-                @if page.rows.is_empty() { tr { td colspan="8" { "No agents match." } } }
+                @for a in &page.rows { (row(a, now)) }
+                @if page.rows.is_empty() { tr { td colspan="11" { "No agents match." } } }
             }
         }
         @if let Some(next) = page.next {
@@ -267,7 +281,9 @@ fn live_section(p: &FleetParams, page: &FleetPage) -> Markup {
     }
 }
 
-fn row(a: &AgentRecord) -> Markup {
+fn row(a: &AgentRecord, now_ms: i64) -> Markup {
+    use super::throughput::per_second;
+    let rates = a.throughput.as_ref().and_then(|t| t.current(now_ms));
     let uid = a.instance_uid.to_string();
     let name = a
         .description
@@ -287,6 +303,14 @@ fn row(a: &AgentRecord) -> Markup {
                 }
             }
             td { span class={"chip config-" (config.as_str())} { (config_label(config)) } }
+            @match rates {
+                Some(r) => {
+                    td.num { (per_second(r.in_per_s)) }
+                    td.num { (per_second(r.out_per_s)) }
+                    td.num.(if r.dropped_per_s > 0.0 { "bad" } else { "" }) { (per_second(r.dropped_per_s)) }
+                }
+                None => { td.num.muted { "-" } td.num.muted { "-" } td.num.muted { "-" } }
+            }
             td { (when(Some(a.last_seen_ms))) }
             td { (a.gateway.as_deref().unwrap_or("-")) }
         }

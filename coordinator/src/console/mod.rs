@@ -21,6 +21,7 @@ mod packages;
 mod restarts;
 mod rollouts;
 pub(crate) mod session;
+mod throughput;
 mod tokens;
 mod view;
 mod who;

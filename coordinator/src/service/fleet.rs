@@ -102,6 +102,11 @@ pub struct FleetQuery {
     /// The newest imported build per package name and platform: filled by
     /// [`Coordinator::fleet_page`] when `upgrade_available` asks for it.
     pub newest_builds: Arc<NewestBuilds>,
+    /// Only agents dropping data now (their own metrics say items were refused or failed
+    /// in their last export interval).
+    pub drops: bool,
+    /// The time `drops` is judged at: set by [`FleetQuery::prepared`].
+    pub now_ms: i64,
     /// Case-insensitive substring of the service name or the instance uid.
     pub text: Option<String>,
     /// Keyset: agents with a greater uid only.
@@ -120,6 +125,7 @@ impl FleetQuery {
             && self.capability.is_none_or(|bit| a.capabilities & bit != 0)
             && self.upgrading.is_none_or(|u| upgrading(a) == u)
             && (!self.upgrade_available || self.newest_builds.newer_for(a))
+            && (!self.drops || a.throughput.as_ref().is_some_and(|t| t.drops(self.now_ms)))
             && self
                 .gateway
                 .as_deref()
@@ -132,6 +138,7 @@ impl FleetQuery {
     pub fn prepared(&self) -> Self {
         Self {
             text: self.text.as_ref().map(|t| t.to_lowercase()),
+            now_ms: shared::now_ms(),
             ..self.clone()
         }
     }

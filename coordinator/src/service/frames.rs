@@ -238,7 +238,9 @@ impl Coordinator {
             .available_components
             .as_ref()
             .is_some_and(|ac| self.knows_components(&ac.hash));
+        let telemetry = self.telemetry_offer(&entry.state.record);
         let ctx = Context {
+            telemetry: telemetry.as_deref(),
             components_known,
             custom_capabilities: &self.cfg.custom_capabilities,
             packages: packages.as_deref(),

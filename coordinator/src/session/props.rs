@@ -284,6 +284,7 @@ impl Input {
         Context {
             components_known: false,
             custom_capabilities: &[],
+            telemetry: None,
             now_ms: 1_000,
             transport: self.transport,
             desired: self.desired.as_ref(),

@@ -27,6 +27,7 @@ mod sql_components;
 mod sql_packages;
 mod sql_rollouts;
 mod sql_store;
+mod sql_telemetry;
 pub mod sqlite;
 #[cfg(test)]
 mod testing;

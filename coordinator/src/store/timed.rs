@@ -17,6 +17,7 @@ use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, R
 use shared::store::{
     AuditCursor, AuditQuery, ComponentStore, Finish, HeldLeases, Lease, NewAssignment,
     NewConfigVersion, PackageStore, RedeemRequest, RolloutStore, Store, StoreResult,
+    TelemetryStore,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -128,6 +129,21 @@ impl ComponentStore for TimedStore {
 
     async fn list_component_sets(&self) -> StoreResult<Vec<(String, String)>> {
         timed!(self.list_component_sets())
+    }
+}
+
+#[async_trait]
+impl TelemetryStore for TimedStore {
+    async fn put_group_telemetry(&self, group: &str, body: &str, now_ms: i64) -> StoreResult<()> {
+        timed!(self.put_group_telemetry(group, body, now_ms))
+    }
+
+    async fn delete_group_telemetry(&self, group: &str) -> StoreResult<bool> {
+        timed!(self.delete_group_telemetry(group))
+    }
+
+    async fn list_group_telemetry(&self) -> StoreResult<Vec<(String, String)>> {
+        timed!(self.list_group_telemetry())
     }
 }
 

@@ -84,6 +84,23 @@ impl Agent {
         self.status.clone()
     }
 
+    /// Sends `counters` as this agent's own metrics where the server's last `own_metrics`
+    /// offer says (over `https://` trusting what the agent's own connection trusts, unless the
+    /// offer names a CA). Returns the HTTP status.
+    pub async fn export_own_metrics(
+        &self,
+        counters: &crate::own_metrics::CollectorCounters,
+    ) -> Result<u16, crate::ClientError> {
+        let offer = self
+            .status
+            .borrow()
+            .own_metrics
+            .clone()
+            .ok_or_else(|| crate::ClientError::Protocol("no own_metrics offer yet".into()))?;
+        let tls = self.opts.tls.clone().filter(|_| offer.ca_pem.is_none());
+        crate::own_metrics::export(&offer, counters, tls).await
+    }
+
     /// Sends `agent_disconnect`, closes the connection and waits for the task to end.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {

@@ -25,6 +25,7 @@ mod download;
 mod error;
 mod http;
 mod options;
+pub mod own_metrics;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -41,7 +42,9 @@ pub use self::core::{AgentCore, Outcome, PackageDownload, DISLIKED, SICKENED};
 pub use self::download::fetch as download_package;
 pub use self::error::{ClientError, ConnectError};
 pub use self::http::HttpTransport;
-pub use self::options::{AgentOptions, AgentStatus, PackageView, DEFAULT_CAPABILITIES};
+pub use self::options::{
+    AgentOptions, AgentStatus, OwnTelemetryOffer, PackageView, DEFAULT_CAPABILITIES,
+};
 pub use self::tls::ClientTls;
 pub use self::url::{Endpoint, Scheme};
 pub use self::ws::WsConnection;

@@ -213,6 +213,21 @@ pub struct AgentStatus {
     pub custom_messages: Vec<(String, String, Vec<u8>)>,
     /// The custom capabilities the server announced last.
     pub server_custom_capabilities: Vec<String>,
+    /// Own-telemetry destinations offered last (`own_metrics`, `own_traces`, `own_logs`),
+    /// for the signals this agent declares it reports.
+    pub own_metrics: Option<OwnTelemetryOffer>,
+    pub own_traces: Option<OwnTelemetryOffer>,
+    pub own_logs: Option<OwnTelemetryOffer>,
+}
+
+/// Where the server asked the agent to send one signal of its own telemetry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnTelemetryOffer {
+    /// The full OTLP/HTTP URL.
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    /// PEM of the CA to trust for `endpoint`, if given.
+    pub ca_pem: Option<String>,
 }
 
 /// One of [`AgentStatus::packages`].

@@ -228,6 +228,12 @@ pub enum CoordinatorEvent {
     /// A gateway refused a request before any coordinator saw it (no or malformed
     /// `Authorization`, plaintext bootstrap refused); coordinators audit it.
     AuthFailed { source_ip: IpAddr, reason: String },
+    /// An agent's own-metrics export, as the gateway that took it read it, for the
+    /// coordinator that owns the agent.
+    OwnMetrics {
+        uid: InstanceUid,
+        figures: Box<crate::own_telemetry::Figures>,
+    },
 }
 
 /// Coordinator → gateway.
@@ -286,6 +292,9 @@ pub enum ControlEvent {
     /// A package artifact was imported or a package assignment made: every coordinator
     /// re-reads the catalog now (else at its next lease round) and offers the new sets.
     PackagesChanged,
+    /// Groups or their own-telemetry settings changed: every coordinator re-reads them (and
+    /// every lease round, should this be lost).
+    TelemetryChanged,
 }
 
 #[derive(Debug, thiserror::Error)]

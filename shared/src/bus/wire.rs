@@ -121,6 +121,7 @@ pub(crate) fn encode_control(ev: ControlEvent) -> Vec<u8> {
         }
         ControlEvent::TokensCreated => Kind::TokensCreated(pb::TokensCreated {}),
         ControlEvent::PackagesChanged => Kind::PackagesChanged(pb::PackagesChanged {}),
+        ControlEvent::TelemetryChanged => Kind::TelemetryChanged(pb::TelemetryChanged {}),
         ControlEvent::RolloutChanged { rollout_id } => {
             Kind::RolloutChanged(pb::RolloutChanged { rollout_id })
         }
@@ -238,6 +239,13 @@ fn event_to_pb(ev: CoordinatorEvent) -> pb::CoordinatorEvent {
         CoordinatorEvent::AuthFailed { source_ip, reason } => Kind::AuthFailed(pb::AuthFailed {
             source_ip: source_ip.to_string(),
             reason,
+        }),
+        CoordinatorEvent::OwnMetrics { uid, figures } => Kind::OwnMetrics(pb::OwnMetrics {
+            uid: uid.0.to_vec(),
+            cumulative: figures.cumulative.to_vec(),
+            delta: figures.delta.to_vec(),
+            present: figures.present.to_vec(),
+            queue_size: figures.queue_size,
         }),
     };
     pb::CoordinatorEvent { kind: Some(kind) }
@@ -360,6 +368,7 @@ pub(crate) fn decode_control(bytes: &[u8]) -> Result<ControlEvent, Malformed> {
         Kind::IdentityConfirmed(c) => ControlEvent::IdentityConfirmed { serial: c.serial },
         Kind::TokensCreated(_) => ControlEvent::TokensCreated,
         Kind::PackagesChanged(_) => ControlEvent::PackagesChanged,
+        Kind::TelemetryChanged(_) => ControlEvent::TelemetryChanged,
         Kind::RolloutChanged(r) => ControlEvent::RolloutChanged {
             rollout_id: r.rollout_id,
         },
@@ -444,6 +453,24 @@ fn event_from_pb(ev: pb::CoordinatorEvent) -> Result<CoordinatorEvent, Malformed
             source_ip: ip_from_pb(&a.source_ip)?,
             reason: a.reason,
         },
+        Kind::OwnMetrics(m) => {
+            let counters = |v: Vec<f64>| {
+                <[f64; crate::own_telemetry::COUNTERS]>::try_from(v)
+                    .map_err(|_| Malformed("own metrics counters"))
+            };
+            CoordinatorEvent::OwnMetrics {
+                uid: uid_from_pb(&m.uid)?,
+                figures: Box::new(crate::own_telemetry::Figures {
+                    cumulative: counters(m.cumulative)?,
+                    delta: counters(m.delta)?,
+                    present: m
+                        .present
+                        .try_into()
+                        .map_err(|_| Malformed("own metrics counters"))?,
+                    queue_size: m.queue_size,
+                }),
+            }
+        }
     })
 }
 
@@ -626,6 +653,31 @@ mod tests {
             })) => assert_eq!(u, uid()),
             other => panic!("unexpected {other:?}"),
         }
+        let mut figures = crate::own_telemetry::Figures::default();
+        figures.cumulative[3] = 12.5;
+        figures.present[3] = true;
+        figures.queue_size = Some(4.0);
+        let ev = CoordinatorEvent::OwnMetrics {
+            uid: uid(),
+            figures: Box::new(figures.clone()),
+        };
+        match decode_inbound(&encode_event(ev)) {
+            Ok(Inbound::Event(CoordinatorEvent::OwnMetrics {
+                uid: u,
+                figures: back,
+            })) => assert_eq!((u, *back), (uid(), figures)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let short = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Event(pb::CoordinatorEvent {
+                kind: Some(pb::coordinator_event::Kind::OwnMetrics(pb::OwnMetrics {
+                    uid: uid().0.to_vec(),
+                    cumulative: vec![1.0],
+                    ..Default::default()
+                })),
+            })),
+        };
+        assert!(decode_inbound(&short.encode_to_vec()).is_err());
         for failure in [
             AuthFailure::MissingCredentials,
             AuthFailure::WrongScheme,
@@ -735,6 +787,7 @@ mod tests {
             },
             ControlEvent::TokensCreated,
             ControlEvent::PackagesChanged,
+            ControlEvent::TelemetryChanged,
             ControlEvent::RolloutChanged { rollout_id: 9 },
             ControlEvent::ReapplyConfig { uid: uid() },
             ControlEvent::RestartAgent { uid: uid() },

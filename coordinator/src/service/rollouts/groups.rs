@@ -34,6 +34,8 @@ impl Coordinator {
             serde_json::json!({ "group": g.name, "labels": g.labels }),
         )
         .await?;
+        // Its labels decide whose own telemetry its settings cover.
+        self.telemetry_changed().await;
         Ok(g)
     }
 
@@ -42,6 +44,8 @@ impl Coordinator {
         if !self.store.delete_group(name).await? {
             return Err(ServiceError::NotFound(format!("group `{name}`")));
         }
+        self.store.delete_group_telemetry(name).await?;
+        self.telemetry_changed().await;
         self.audit_op(
             actor,
             "group.delete",

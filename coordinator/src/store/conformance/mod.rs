@@ -74,7 +74,7 @@ pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan
 pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
-pub use packages::{artifacts, blob_chunks, component_sets, package_assignments};
+pub use packages::{artifacts, blob_chunks, component_sets, group_telemetry, package_assignments};
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens, tokens_batch,
@@ -114,6 +114,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     package_assignments(store.as_ref()).await;
     blob_chunks(store.as_ref()).await;
     component_sets(store.as_ref()).await;
+    group_telemetry(store.as_ref()).await;
 }
 
 fn unique(prefix: &str) -> String {

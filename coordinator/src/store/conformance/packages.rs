@@ -133,3 +133,31 @@ pub async fn component_sets(store: &dyn Store) {
     let found: Vec<&(String, String)> = all.iter().filter(|(h, _)| *h == hash).collect();
     assert_eq!(found, [&(hash.clone(), body.to_owned())]);
 }
+
+/// A group's telemetry settings read back; a second put replaces them; a delete removes them
+/// once.
+pub async fn group_telemetry(store: &dyn Store) {
+    let group = unique("telemetry");
+    for body in [
+        r#"{"metrics":{"ampora":true}}"#,
+        r#"{"logs":{"endpoint":"https://x/v1/logs"}}"#,
+    ] {
+        store
+            .put_group_telemetry(&group, body, 1)
+            .await
+            .expect("put_group_telemetry");
+        let all = store
+            .list_group_telemetry()
+            .await
+            .expect("list_group_telemetry");
+        let found: Vec<&(String, String)> = all.iter().filter(|(g, _)| *g == group).collect();
+        assert_eq!(found, [&(group.clone(), body.to_owned())]);
+    }
+    assert!(store.delete_group_telemetry(&group).await.expect("delete"));
+    assert!(!store
+        .delete_group_telemetry(&group)
+        .await
+        .expect("delete again"));
+    let all = store.list_group_telemetry().await.expect("list");
+    assert!(all.iter().all(|(g, _)| *g != group));
+}

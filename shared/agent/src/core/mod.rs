@@ -16,6 +16,7 @@ mod custom;
 mod effective;
 mod offer;
 mod packages;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -508,6 +509,12 @@ impl AgentCore {
         }
         // Like opamp-go: the interval applies to agents that heartbeat; 0 is ignored (it would
         // disable WS heartbeats and is invalid as an HTTP poll interval).
+        let accepts_opamp =
+            self.opts.capabilities & agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS != 0;
+        if let Some(cs) = &msg.connection_settings {
+            let opamp_handled = cs.opamp.is_some() && accepts_opamp;
+            self.on_telemetry_settings(cs, opamp_handled, &mut out);
+        }
         let (hash, opamp) = msg
             .connection_settings
             .map(|c| (c.hash, c.opamp))

@@ -1,0 +1,98 @@
+//! The agent page's Own telemetry section: where the agent's group has it send its own
+//! telemetry, whether it confirmed the settings, and, when it sends its own metrics to Ampora,
+//! the last hour of its throughput as small server-drawn charts (inline SVG: no script, and
+//! nothing agent-written in them but numbers).
+
+use maud::{html, Markup};
+use shared::domain::AgentRecord;
+use shared::own_telemetry::{Point, Rates};
+
+use crate::api::own_telemetry::telemetry_view;
+use crate::service::Coordinator;
+
+const W: f64 = 240.0;
+const H: f64 = 40.0;
+
+/// A per-second figure as the Fleet page and the charts print it.
+pub(super) fn per_second(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}/s")
+    } else if x >= 1.0 {
+        format!("{x:.1}/s")
+    } else if x > 0.0 {
+        format!("{x:.2}/s")
+    } else {
+        "0/s".into()
+    }
+}
+
+/// One series over the window's minutes as a polyline (the missing minutes count as 0).
+fn chart(id: &str, title: &str, points: &[&Point], value: impl Fn(&Point) -> u64) -> Markup {
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return html! {};
+    };
+    let span = (last.minute - first.minute).max(1) as f64;
+    let max = points.iter().map(|p| value(p)).max().unwrap_or(0).max(1) as f64;
+    let coords: Vec<String> = points
+        .iter()
+        .map(|p| {
+            let x = (p.minute - first.minute) as f64 / span * W;
+            let y = H - value(p) as f64 / max * (H - 2.0) - 1.0;
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    let latest = value(last);
+    html! {
+        figure.spark id=(id) {
+            figcaption { (title) ": " strong { (latest) } " in the last minute, at most " (max as u64) }
+            svg viewBox={"0 0 " (W) " " (H)} width=(W) height=(H) role="img" aria-label=(title) {
+                polyline fill="none" stroke="currentColor" stroke-width="1.5" points=(coords.join(" ")) {}
+            }
+        }
+    }
+}
+
+pub(super) fn section(c: &Coordinator, agent: &AgentRecord) -> Markup {
+    let v = telemetry_view(c, agent);
+    let points: Vec<&Point> = agent
+        .throughput
+        .as_deref()
+        .map(|t| t.points.iter().collect())
+        .unwrap_or_default();
+    html! {
+        div #own-telemetry {
+            @match &v.group {
+                None => p.muted { "No group of this agent has own-telemetry settings." },
+                Some(g) => {
+                    p {
+                        "Settings of group " a href={"/ui/groups#" (g)} { (g) } ": "
+                        @for (i, o) in v.offered.iter().enumerate() {
+                            @if i > 0 { "; " }
+                            (o.signal) " → " code { (o.endpoint) }
+                            @if !o.declared { span.muted { " (not offered: the agent does not report its own " (o.signal) ")" } }
+                        }
+                        @if v.settings_confirmed { " · confirmed by the agent" }
+                    }
+                }
+            }
+            @match v.rates {
+                Some(Rates { in_per_s, out_per_s, dropped_per_s }) => {
+                    p #throughput-rates {
+                        "In " strong { (per_second(in_per_s)) } " · out " strong { (per_second(out_per_s)) }
+                        " · dropped " strong.(if dropped_per_s > 0.0 { "bad" } else { "" }) { (per_second(dropped_per_s)) }
+                    }
+                }
+                None if points.is_empty() => p.muted { "No own metrics received from this agent." },
+                None => p.muted { "No recent own metrics: the last export is more than three minutes old." },
+            }
+            @if !points.is_empty() {
+                div.sparks {
+                    (chart("chart-in", "Accepted by receivers", &points, Point::accepted))
+                    (chart("chart-out", "Sent by exporters", &points, Point::sent))
+                    (chart("chart-dropped", "Refused or failed", &points, Point::dropped))
+                    (chart("chart-queue", "Exporter queue", &points, |p| u64::from(p.queue)))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Own-telemetry connection settings (facts §3.5): the `own_metrics`, `own_traces` and
+//! `own_logs` an agent's group offers, cut to the signals the agent declares it reports, and
+//! their part of the `ConnectionSettingsOffers.hash`.
+
+use proto::agent_caps;
+use proto::v1::{
+    ConnectionSettingsOffers, Header, Headers, TelemetryConnectionSettings, TlsConnectionSettings,
+};
+use proto::Message;
+use sha2::{Digest, Sha256};
+use shared::own_telemetry::Destination;
+
+/// What one agent is offered for its own telemetry, ready to send.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TelemetryOffer {
+    pub metrics: Option<TelemetryConnectionSettings>,
+    pub traces: Option<TelemetryConnectionSettings>,
+    pub logs: Option<TelemetryConnectionSettings>,
+}
+
+/// One destination on the wire. `credential`, when Ampora is the destination, goes in
+/// `Authorization` (the agent's own, minted by the caller).
+pub fn settings_of(
+    d: &Destination,
+    endpoint: &str,
+    credential: Option<&str>,
+) -> TelemetryConnectionSettings {
+    let mut headers: Vec<Header> = d
+        .headers
+        .iter()
+        .map(|(k, v)| Header {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect();
+    if let Some(c) = credential {
+        headers.retain(|h| !h.key.eq_ignore_ascii_case("authorization"));
+        headers.push(Header {
+            key: "Authorization".into(),
+            value: format!("Bearer {c}"),
+        });
+    }
+    TelemetryConnectionSettings {
+        destination_endpoint: endpoint.to_owned(),
+        headers: (!headers.is_empty()).then_some(Headers { headers }),
+        tls: d.ca_pem.as_ref().map(|ca| TlsConnectionSettings {
+            ca_pem_contents: ca.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl TelemetryOffer {
+    /// Only the signals the agent declares it reports (ReportsOwnMetrics, …Traces, …Logs).
+    pub fn for_caps(&self, caps: u64) -> TelemetryOffer {
+        let has = |bit: u64| caps & bit != 0;
+        TelemetryOffer {
+            metrics: self
+                .metrics
+                .clone()
+                .filter(|_| has(agent_caps::REPORTS_OWN_METRICS)),
+            traces: self
+                .traces
+                .clone()
+                .filter(|_| has(agent_caps::REPORTS_OWN_TRACES)),
+            logs: self
+                .logs
+                .clone()
+                .filter(|_| has(agent_caps::REPORTS_OWN_LOGS)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.metrics.is_none() && self.traces.is_none() && self.logs.is_none()
+    }
+
+    /// The offer hash over `base` (the `opamp` part's hash, empty without one) and these
+    /// settings: it changes whenever any part does (facts §3.5).
+    pub fn hash_with(&self, base: &[u8]) -> Vec<u8> {
+        let mut h = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        part(b"ampora.telemetry-settings.v1");
+        part(base);
+        for s in [&self.metrics, &self.traces, &self.logs] {
+            part(&s.as_ref().map(Message::encode_to_vec).unwrap_or_default());
+        }
+        h.finalize().to_vec()
+    }
+
+    /// Puts these settings into `offer`.
+    pub fn fill(&self, offer: &mut ConnectionSettingsOffers) {
+        offer.own_metrics = self.metrics.clone();
+        offer.own_traces = self.traces.clone();
+        offer.own_logs = self.logs.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(endpoint: &str) -> Destination {
+        Destination {
+            endpoint: endpoint.into(),
+            headers: [("X-Key".to_owned(), "k1".to_owned())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_declared_signals_are_offered_and_any_change_moves_the_hash() {
+        let d = dest("https://otel.example/v1/metrics");
+        let offer = TelemetryOffer {
+            metrics: Some(settings_of(&d, &d.endpoint, None)),
+            logs: Some(settings_of(&d, "https://otel.example/v1/logs", None)),
+            ..Default::default()
+        };
+        let cut = offer.for_caps(agent_caps::REPORTS_OWN_METRICS);
+        assert!(cut.metrics.is_some() && cut.logs.is_none() && cut.traces.is_none());
+        assert!(offer.for_caps(agent_caps::REPORTS_OWN_TRACES).is_empty());
+        let base = offer.hash_with(b"");
+        assert_ne!(base, offer.hash_with(b"opamp"));
+        assert_ne!(base, cut.hash_with(b""));
+        let mut other = offer.clone();
+        other.metrics = Some(settings_of(
+            &dest("https://otel.example/v1/metrics"),
+            &d.endpoint,
+            Some("amp-om.x"),
+        ));
+        assert_ne!(base, other.hash_with(b""));
+        let auth = other
+            .metrics
+            .and_then(|m| m.headers)
+            .map(|h| h.headers)
+            .unwrap_or_default();
+        assert!(auth
+            .iter()
+            .any(|h| h.key == "Authorization" && h.value == "Bearer amp-om.x"));
+    }
+}
