@@ -514,9 +514,11 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
                 &mut events,
             );
         }
-        if let Some(o) = ctx.opamp_offer {
-            let o = o.for_agent(ctx.transport, ctx.identity.is_some());
-            changed |= offer_settings(state, &o, ctx.identity, ctx.telemetry, &mut reply);
+        if ctx.opamp_offer.is_some() || ctx.telemetry.is_some() {
+            let o = ctx
+                .opamp_offer
+                .map(|o| o.for_agent(ctx.transport, ctx.identity.is_some()));
+            changed |= offer_settings(state, o.as_ref(), ctx.identity, ctx.telemetry, &mut reply);
         }
         if let Some(p) = ctx.packages {
             let statuses = msg.package_statuses.is_some()
@@ -595,11 +597,11 @@ fn offer_config(
 /// connection settings (the heartbeat interval to those that heartbeat, and the identity
 /// certificate, with the interval, never 0, to those that have one), and the own-telemetry
 /// settings of the agent's group for the signals it reports. `o` is the `opamp` offer as made
-/// to this agent ([`OpampOffer::for_agent`]). True when it made an offer: the record's
+/// to this agent ([`OpampOffer::for_agent`]), if any. True when it made an offer: the record's
 /// `settings_offered` changed, and must be persisted for "once per change" to hold.
 fn offer_settings(
     state: &mut AgentState,
-    o: &OpampOffer,
+    o: Option<&OpampOffer>,
     identity: Option<&IdentityOffer>,
     telemetry: Option<&TelemetryOffer>,
     reply: &mut ServerToAgent,
@@ -608,20 +610,16 @@ fn offer_settings(
     if identity.is_none() {
         need |= agent_caps::REPORTS_HEARTBEAT;
     }
-    let opamp = state.caps() & need == need;
+    let opamp = o.filter(|_| state.caps() & need == need);
     let telemetry = telemetry
         .map(|t| t.for_caps(state.caps()))
         .filter(|t| !t.is_empty());
-    if !opamp && telemetry.is_none() {
+    if opamp.is_none() && telemetry.is_none() {
         return false;
     }
     // Without telemetry the hash is the `opamp` one alone, as before telemetry existed, so
     // agents it does not concern are not offered their settings again.
-    let mut hash = if opamp {
-        settings_hash(o, identity)
-    } else {
-        Vec::new()
-    };
+    let mut hash = opamp.map_or_else(Vec::new, |o| settings_hash(o, identity));
     if let Some(t) = &telemetry {
         hash = t.hash_with(&hash);
     }
@@ -633,11 +631,7 @@ fn offer_settings(
     {
         return false;
     }
-    let mut offer = if opamp {
-        o.to_proto()
-    } else {
-        ConnectionSettingsOffers::default()
-    };
+    let mut offer = opamp.map_or_else(ConnectionSettingsOffers::default, OpampOffer::to_proto);
     offer.hash = hash.clone();
     if let (Some(id), Some(op)) = (identity, offer.opamp.as_mut()) {
         op.certificate = Some(proto::v1::TlsCertificate {
@@ -1769,7 +1763,7 @@ mod tests {
     }
 
     #[test]
-    fn own_telemetry_and_other_connections_are_never_offered() {
+    fn no_telemetry_without_group_settings_and_never_other_connections() {
         let off = offer();
         let mut s = known();
         let mut m = hb_beat(1);

@@ -316,7 +316,7 @@ impl Throughput {
     /// Folds one export received at `now_ms` in. A cumulative counter that went down was
     /// reset (the Collector restarted): its new value is what was counted since. The first
     /// export only sets the baseline of cumulative counters. Returns true when a new minute
-    /// began (the window is worth persisting).
+    /// began.
     pub fn record(&mut self, f: &Figures, now_ms: i64) -> bool {
         let first = self.last_ms == 0;
         self.totals.resize(COUNTERS, 0.0);
@@ -471,14 +471,21 @@ mod tests {
     fn the_window_keeps_an_hour_whatever_is_sent() {
         let mut t = Throughput::default();
         let mut f = figures(0.0, 0.0, 0.0);
+        f.present[1] = true;
+        let start = 1_000 * MINUTE_MS;
         for m in 0..500i64 {
             f.cumulative[0] = (m * 1_000_000_000) as f64;
             f.delta[1] = f64::MAX;
             f.queue_size = Some(-5.0);
-            t.record(&f, m * MINUTE_MS);
+            t.record(&f, start + m * MINUTE_MS);
         }
         assert_eq!(t.points.len(), WINDOW_POINTS);
-        assert_eq!(t.points.front().map(|p| p.minute), Some(440));
+        assert_eq!(t.points.front().map(|p| p.minute), Some(1_440));
+        assert_eq!(
+            t.points.back().map(|p| p.counts[0]),
+            Some(1_000_000_000),
+            "a minute's count is what it grew by"
+        );
         assert_eq!(t.points.back().map(|p| p.counts[1]), Some(u32::MAX));
         assert_eq!(t.points.back().map(|p| p.queue), Some(0));
         let round: Throughput =

@@ -101,3 +101,81 @@ async fn opamp_operations_reach_an_agent_through_the_coordinator_that_serves_it(
     agent.stop().await;
     c.stop().await
 }
+
+/// Own metrics in the cluster sandbox: the settings set through one coordinator are offered by
+/// the owner; the agent's exports, taken by either gateway, reach the owner over NATS, and the
+/// other coordinator reads the rates back from the store.
+#[tokio::test]
+async fn own_metrics_reach_the_coordinator_that_serves_the_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("download.key");
+    std::fs::write(&key_file, hex::encode([5u8; 32]))?;
+    let c = Cluster::start(2, 2, |cfg| cfg.packages.download_key_file = key_file).await?;
+    let setter = c.api_of(0)?;
+    setter
+        .put_json("/api/v1/groups/all", json!({ "labels": {} }))
+        .await?;
+    setter
+        .put_json(
+            "/api/v1/groups/all/telemetry",
+            json!({ "metrics": { "ampora": true } }),
+        )
+        .await?;
+    let token = setter.token("collector").await?;
+    let agent = Agent::start(AgentOptions {
+        endpoint: c.ws_url_of(0)?,
+        token: Some(token),
+        description: vec![("service.name".into(), "otelcol-contrib".into())],
+        capabilities: agent::DEFAULT_CAPABILITIES | proto::agent_caps::REPORTS_OWN_METRICS,
+        heartbeat: Duration::from_millis(300),
+        ..AgentOptions::default()
+    });
+    let s = agent::wait_for(&mut agent.status(), WAIT, |s| {
+        s.instance_uid.is_some() && s.own_metrics.is_some()
+    })
+    .await?;
+    let uid = InstanceUid(s.instance_uid.unwrap_or_default());
+    let offer = s.own_metrics.unwrap_or_default();
+    assert_eq!(
+        offer.endpoint,
+        c.ws_url_of(0)?
+            .replace("ws://", "http://")
+            .replace("/v1/opamp", "/v1/metrics")
+    );
+    let owner = c.owner_of(uid).await?;
+    let api = c.api_of(1 - owner)?;
+    // The first export through gateway 0 (the offered endpoint), the second through gateway 1.
+    let mut through_other = offer.clone();
+    through_other.endpoint = c.http_url_of(1)?.replace("/v1/opamp", "/v1/metrics");
+    for (offer, accepted) in [(&offer, 100u64), (&through_other, 400)] {
+        let counters = agent::own_metrics::CollectorCounters {
+            accepted: [accepted, 0, 0],
+            sent: [accepted, 0, 0],
+            ..Default::default()
+        };
+        eventually("the export taken", WAIT, || async {
+            let status = agent::own_metrics::export(offer, &counters, None).await?;
+            anyhow::ensure!(status == 200 || status == 429, "answered {status}");
+            Ok((status == 200).then_some(()))
+        })
+        .await?;
+    }
+    let v = eventually(
+        "the rates read through the other coordinator",
+        WAIT,
+        || async {
+            let v = api.get(&format!("/api/v1/agents/{uid}/telemetry")).await?;
+            let accepted: u64 = v["points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| p["accepted"].as_u64().unwrap_or(0))
+                .sum();
+            Ok((accepted == 300).then_some(v))
+        },
+    )
+    .await?;
+    assert!(v["rates"]["in_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+    agent.stop().await;
+    c.stop().await
+}

@@ -46,6 +46,7 @@ mod nginx;
 mod nginx_packages;
 mod offers;
 mod opamp;
+mod own_telemetry;
 mod package_profiles;
 mod packages;
 mod promises;

@@ -1,11 +1,11 @@
 //! The agent page's Own telemetry section: where the agent's group has it send its own
 //! telemetry, whether it confirmed the settings, and, when it sends its own metrics to Ampora,
-//! the last hour of its throughput as small server-drawn charts (inline SVG: no script, and
-//! nothing agent-written in them but numbers).
+//! the last hour of its throughput as small server-drawn bar charts, a bar a minute (inline
+//! SVG: no script, and nothing agent-written in them but numbers).
 
 use maud::{html, Markup};
 use shared::domain::AgentRecord;
-use shared::own_telemetry::{Point, Rates};
+use shared::own_telemetry::{Point, Rates, WINDOW_POINTS};
 
 use crate::api::own_telemetry::telemetry_view;
 use crate::service::Coordinator;
@@ -26,27 +26,34 @@ pub(super) fn per_second(x: f64) -> String {
     }
 }
 
-/// One series over the window's minutes as a polyline (the missing minutes count as 0).
-fn chart(id: &str, title: &str, points: &[&Point], value: impl Fn(&Point) -> u64) -> Markup {
-    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+/// One series as a bar a minute over the hour ending at the last point (minutes without a
+/// point stay empty). `unit` follows the latest value in the caption.
+fn chart(
+    id: &str,
+    title: &str,
+    unit: &str,
+    points: &[&Point],
+    value: impl Fn(&Point) -> u64,
+) -> Markup {
+    let Some(last) = points.last() else {
         return html! {};
     };
-    let span = (last.minute - first.minute).max(1) as f64;
+    let slots = WINDOW_POINTS as i64;
+    let bar = W / slots as f64;
     let max = points.iter().map(|p| value(p)).max().unwrap_or(0).max(1) as f64;
-    let coords: Vec<String> = points
-        .iter()
-        .map(|p| {
-            let x = (p.minute - first.minute) as f64 / span * W;
-            let y = H - value(p) as f64 / max * (H - 2.0) - 1.0;
-            format!("{x:.1},{y:.1}")
-        })
-        .collect();
-    let latest = value(last);
     html! {
         figure.spark id=(id) {
-            figcaption { (title) ": " strong { (latest) } " in the last minute, at most " (max as u64) }
+            figcaption { (title) ": " strong { (value(last)) } " " (unit) ", at most " (max as u64) }
             svg viewBox={"0 0 " (W) " " (H)} width=(W) height=(H) role="img" aria-label=(title) {
-                polyline fill="none" stroke="currentColor" stroke-width="1.5" points=(coords.join(" ")) {}
+                @for p in points {
+                    @let slot = slots - 1 - (last.minute - p.minute);
+                    @let h = value(p) as f64 / max * (H - 2.0);
+                    @if slot >= 0 && h > 0.0 {
+                        rect x=(format!("{:.1}", slot as f64 * bar)) y=(format!("{:.1}", H - h))
+                            width=(format!("{:.1}", (bar - 0.5).max(0.5))) height=(format!("{h:.1}"))
+                            fill="currentColor" {}
+                    }
+                }
             }
         }
     }
@@ -86,11 +93,12 @@ pub(super) fn section(c: &Coordinator, agent: &AgentRecord) -> Markup {
                 None => p.muted { "No recent own metrics: the last export is more than three minutes old." },
             }
             @if !points.is_empty() {
+                p.muted { "The last hour, a bar a minute." }
                 div.sparks {
-                    (chart("chart-in", "Accepted by receivers", &points, Point::accepted))
-                    (chart("chart-out", "Sent by exporters", &points, Point::sent))
-                    (chart("chart-dropped", "Refused or failed", &points, Point::dropped))
-                    (chart("chart-queue", "Exporter queue", &points, |p| u64::from(p.queue)))
+                    (chart("chart-in", "Accepted by receivers", "in the last minute", &points, Point::accepted))
+                    (chart("chart-out", "Sent by exporters", "in the last minute", &points, Point::sent))
+                    (chart("chart-dropped", "Refused or failed", "in the last minute", &points, Point::dropped))
+                    (chart("chart-queue", "Exporter queue", "items now", &points, |p| u64::from(p.queue)))
                 }
             }
         }

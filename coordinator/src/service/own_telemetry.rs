@@ -180,27 +180,22 @@ impl Coordinator {
     }
 
     /// A gateway relayed an own-metrics export of `uid`: folded into its window when the
-    /// agent is served here. Persisted once per minute per agent (with the record).
+    /// agent is served here, and written with the record at the next flush, so every
+    /// coordinator's API and console read it (a Collector exports once a minute by default;
+    /// the gateways take at most one export per second per agent).
     pub(super) async fn own_metrics(&self, uid: InstanceUid, figures: &Figures) {
         let Some(slot) = self.slot(&uid) else {
             metrics::counter!(EXPORTS, "outcome" => "not_owned").increment(1);
             return;
         };
-        let began = {
-            let mut e = slot.lock().await;
-            e.state
-                .record
-                .throughput
-                .get_or_insert_with(Default::default)
-                .record(figures, now_ms())
-        };
+        slot.lock()
+            .await
+            .state
+            .record
+            .throughput
+            .get_or_insert_with(Default::default)
+            .record(figures, now_ms());
         metrics::counter!(EXPORTS, "outcome" => "recorded").increment(1);
-        if began {
-            self.mark_dirty(uid);
-        } else {
-            // The live views show rates between flushes too.
-            self.fleet_generation
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.mark_dirty(uid);
     }
 }

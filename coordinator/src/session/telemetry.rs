@@ -141,4 +141,77 @@ mod tests {
             .iter()
             .any(|h| h.key == "Authorization" && h.value == "Bearer amp-om.x"));
     }
+
+    /// Through the session: an agent with no `opamp` settings to take is offered its
+    /// telemetry once per hash; an agent without telemetry keeps the hash it always had.
+    #[test]
+    fn the_offer_goes_out_once_per_change_and_leaves_other_agents_alone() {
+        use crate::session::{handle, AgentState, Context, OpampOffer};
+        use proto::v1::{AgentDescription, AgentToServer, ConnectionSettingsStatus};
+        use shared::domain::{AgentRecord, Transport};
+        use shared::ids::InstanceUid;
+
+        let opamp = OpampOffer {
+            endpoint: "ws://h/v1/opamp".into(),
+            heartbeat_interval_secs: 30,
+        };
+        let d = dest("https://otel.example/v1/metrics");
+        let tel = TelemetryOffer {
+            metrics: Some(settings_of(&d, &d.endpoint, None)),
+            ..Default::default()
+        };
+        let ctx = |t: Option<&'static TelemetryOffer>| Context {
+            now_ms: 1,
+            transport: Transport::WebSocket,
+            desired: None,
+            opamp_offer: None,
+            identity: None,
+            assign_uid: None,
+            packages: None,
+            components_known: false,
+            custom_capabilities: &[],
+            telemetry: t,
+        };
+        let tel: &'static TelemetryOffer = Box::leak(Box::new(tel));
+        let msg = |seq: u64, caps: u64| AgentToServer {
+            instance_uid: vec![1; 16],
+            sequence_num: seq,
+            capabilities: caps,
+            agent_description: Some(AgentDescription::default()),
+            ..Default::default()
+        };
+        let caps = agent_caps::REPORTS_STATUS
+            | agent_caps::REPORTS_OWN_METRICS
+            | agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS;
+        let mut s = AgentState::new(AgentRecord::new(InstanceUid([1; 16]), 0));
+        let first = handle(&mut s, &msg(0, caps), &ctx(Some(tel)));
+        let cs = first.reply.connection_settings.expect("offered");
+        assert!(cs.opamp.is_none(), "the agent takes no opamp settings");
+        assert_eq!(cs.own_metrics, tel.metrics);
+        assert_eq!(cs.hash, tel.hash_with(b""));
+        assert!(first.changed);
+        let again = handle(&mut s, &msg(1, caps), &ctx(Some(tel)));
+        assert!(again.reply.connection_settings.is_none(), "once per hash");
+        let mut answered = msg(2, caps);
+        answered.connection_settings_status = Some(ConnectionSettingsStatus {
+            last_connection_settings_hash: cs.hash.clone(),
+            status: 1,
+            ..Default::default()
+        });
+        handle(&mut s, &answered, &ctx(Some(tel)));
+        assert_eq!(s.record.settings_in_use, Some(hex::encode(&cs.hash)));
+
+        // An agent that heartbeats and takes opamp settings, with no telemetry for it: the
+        // offer and its hash are the opamp ones alone.
+        let hb = agent_caps::ACCEPTS_OPAMP_CONNECTION_SETTINGS | agent_caps::REPORTS_HEARTBEAT;
+        let mut plain = AgentState::new(AgentRecord::new(InstanceUid([2; 16]), 0));
+        let c = Context {
+            opamp_offer: Some(Box::leak(Box::new(opamp.clone()))),
+            ..ctx(Some(tel))
+        };
+        let o = handle(&mut plain, &msg(0, hb), &c);
+        let cs = o.reply.connection_settings.expect("opamp offered");
+        assert!(cs.own_metrics.is_none(), "ReportsOwnMetrics not declared");
+        assert_eq!(cs.hash, opamp.hash());
+    }
 }

@@ -70,3 +70,74 @@ impl AgentCore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proto::v1::{Header, Headers};
+    use proto::ServerToAgent;
+
+    use super::*;
+    use crate::options::{AgentOptions, DEFAULT_CAPABILITIES};
+
+    fn offer(hash: &[u8]) -> ServerToAgent {
+        let settings = |path: &str| TelemetryConnectionSettings {
+            destination_endpoint: format!("https://otel.example{path}"),
+            headers: Some(Headers {
+                headers: vec![Header {
+                    key: "Authorization".into(),
+                    value: "Bearer k".into(),
+                }],
+            }),
+            ..Default::default()
+        };
+        ServerToAgent {
+            connection_settings: Some(ConnectionSettingsOffers {
+                hash: hash.to_vec(),
+                own_metrics: Some(settings("/v1/metrics")),
+                own_logs: Some(settings("/v1/logs")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn declared_signals_are_kept_and_the_offer_answered_once() {
+        let caps = DEFAULT_CAPABILITIES
+            | agent_caps::REPORTS_OWN_METRICS
+            | agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS;
+        let (mut core, rx) = AgentCore::new(AgentOptions {
+            instance_uid: Some([3; 16]),
+            capabilities: caps,
+            ..AgentOptions::default()
+        });
+        let out = core.on_message(offer(b"h1"));
+        let status = rx.borrow().clone();
+        let metrics = status.own_metrics.expect("own metrics kept");
+        assert_eq!(metrics.endpoint, "https://otel.example/v1/metrics");
+        assert_eq!(
+            metrics.headers,
+            [("Authorization".to_owned(), "Bearer k".to_owned())]
+        );
+        assert!(status.own_logs.is_none(), "logs are not declared");
+        let answered: Vec<_> = out
+            .send
+            .iter()
+            .filter_map(|m| m.connection_settings_status.as_ref())
+            .collect();
+        assert_eq!(answered.len(), 1);
+        assert_eq!(answered[0].last_connection_settings_hash, b"h1");
+        assert_eq!(
+            answered[0].status,
+            ConnectionSettingsStatuses::Applied as i32
+        );
+        let again = core.on_message(offer(b"h1"));
+        assert!(
+            again
+                .send
+                .iter()
+                .all(|m| m.connection_settings_status.is_none()),
+            "a repeat is not answered again"
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! Agents' own telemetry on the embedded default: a group's settings are offered to its
+//! agents for the signals they report (with each agent's own credential when Ampora is the
+//! destination); the agent sends its Collector counters to Ampora's endpoint, and its rates
+//! and minutes show in the API, on its page and on the Fleet page; anyone holding another
+//! credential, or none, is refused and changes nothing.
+
+use std::time::Duration;
+
+use agent::own_metrics::CollectorCounters;
+use agent::{Agent, AgentOptions, DEFAULT_CAPABILITIES};
+use proto::agent_caps;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tests::{eventually, TestServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn collector(server: &TestServer, name: &str) -> anyhow::Result<(Agent, String)> {
+    let token = server.api.token(name).await?;
+    tests::connected_agent(AgentOptions {
+        endpoint: server.ws_url(),
+        token: Some(token),
+        description: vec![("service.name".into(), "otelcol-contrib".into())],
+        non_identifying: vec![
+            ("env".into(), "prod".into()),
+            ("host.name".into(), name.into()),
+        ],
+        capabilities: DEFAULT_CAPABILITIES
+            | agent_caps::REPORTS_OWN_METRICS
+            | agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS,
+        heartbeat: Duration::from_millis(200),
+        ..AgentOptions::default()
+    })
+    .await
+}
+
+/// Exports until one is taken (one per second per agent is; earlier ones get 429).
+async fn export(agent: &Agent, counters: CollectorCounters) -> anyhow::Result<()> {
+    eventually("the export taken", WAIT, || async {
+        let status = agent.export_own_metrics(&counters).await?;
+        anyhow::ensure!(status == 200 || status == 429, "export answered {status}");
+        Ok((status == 200).then_some(()))
+    })
+    .await
+}
+
+fn counters(accepted: u64, sent: u64, failed: u64) -> CollectorCounters {
+    CollectorCounters {
+        accepted: [accepted, 0, 0],
+        sent: [sent, 0, 0],
+        failed: [failed, 0, 0],
+        queue_size: 7,
+        ..Default::default()
+    }
+}
+
+async fn telemetry(server: &TestServer, uid: &str) -> anyhow::Result<Value> {
+    server
+        .api
+        .get(&format!("/api/v1/agents/{uid}/telemetry"))
+        .await
+}
+
+/// A POST to the metrics endpoint with `authorization` (if any) and a valid body.
+async fn post_as(server: &TestServer, authorization: Option<&str>) -> anyhow::Result<u16> {
+    let body = proto::Message::encode_to_vec(&agent::own_metrics::export_request(&counters(
+        1_000_000, 0, 1_000_000,
+    )));
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{}/v1/metrics", server.addr))
+        .header("Content-Type", "application/x-protobuf")
+        .body(body);
+    if let Some(a) = authorization {
+        req = req.header("Authorization", a);
+    }
+    Ok(req.send().await?.status().as_u16())
+}
+
+async fn refusals(server: &TestServer) -> anyhow::Result<f64> {
+    let text = server.api.metrics_text().await?;
+    Ok(text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("ampora_gateway_own_metrics_total{outcome=\"unauthenticated\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+#[tokio::test]
+async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    server
+        .api
+        .put_json(
+            "/api/v1/groups/prod",
+            json!({ "labels": { "env": "prod" } }),
+        )
+        .await?;
+    let settings = json!({
+        "metrics": { "ampora": true },
+        "logs": { "endpoint": "https://logs.example/v1/logs", "headers": { "X-Key": "secret" } },
+    });
+    server
+        .api
+        .put_json("/api/v1/groups/prod/telemetry", settings.clone())
+        .await?;
+    let read = server.api.get("/api/v1/groups/prod/telemetry").await?;
+    assert_eq!(read["metrics"]["ampora"], true, "{read}");
+
+    let (a, uid_a) = collector(&server, "a").await?;
+    let (b, uid_b) = collector(&server, "b").await?;
+    let offer = agent::wait_for(&mut a.status(), WAIT, |s| s.own_metrics.is_some())
+        .await?
+        .own_metrics
+        .unwrap_or_default();
+    assert_eq!(
+        offer.endpoint,
+        format!("http://{}/v1/metrics", server.addr),
+        "Ampora's own endpoint"
+    );
+    let credential_a = offer
+        .headers
+        .iter()
+        .find(|(k, _)| k == "Authorization")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(credential_a.starts_with("Bearer amp-om."), "{offer:?}");
+    assert!(
+        a.status().borrow().own_logs.is_none(),
+        "logs are not offered to an agent that does not report its own logs"
+    );
+    let credential_b = agent::wait_for(&mut b.status(), WAIT, |s| s.own_metrics.is_some())
+        .await?
+        .own_metrics
+        .and_then(|o| o.headers.into_iter().find(|(k, _)| k == "Authorization"))
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    assert_ne!(
+        credential_a, credential_b,
+        "each agent has its own credential"
+    );
+
+    // The agent confirms the settings (ConnectionSettingsStatus), tracked by hash.
+    let view = eventually("the settings confirmed", WAIT, || async {
+        let v = telemetry(&server, &uid_a).await?;
+        Ok((v["settings_confirmed"] == true).then_some(v))
+    })
+    .await?;
+    assert_eq!(view["group"], "prod");
+    assert_eq!(
+        view["offered"],
+        json!([
+            { "signal": "metrics", "endpoint": "ampora", "declared": true },
+            { "signal": "logs", "endpoint": "https://logs.example/v1/logs", "declared": false },
+        ])
+    );
+
+    // Two exports: the first sets the baseline, the second gives rates and a minute.
+    export(&a, counters(1_000, 990, 0)).await?;
+    export(&a, counters(1_600, 1_500, 30)).await?;
+    let view = eventually("rates from two exports", WAIT, || async {
+        let v = telemetry(&server, &uid_a).await?;
+        Ok(v["rates"]["dropped_per_s"]
+            .as_f64()
+            .is_some_and(|d| d > 0.0)
+            .then_some(v))
+    })
+    .await?;
+    let points = view["points"].as_array().cloned().unwrap_or_default();
+    let sum = |key: &str| {
+        points
+            .iter()
+            .map(|p| p[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (sum("accepted"), sum("sent"), sum("dropped")),
+        (600, 510, 30),
+        "{view}"
+    );
+    assert_eq!(
+        points.last().map(|p| p["queue_size"].clone()),
+        Some(json!(7))
+    );
+    assert!(view["rates"]["in_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+
+    // Anyone else is refused and changes nothing: no credential, a bootstrap token, B's
+    // credential with A's uid put in it.
+    let forged = credential_b.replacen(
+        &credential_b[14..46],
+        &hex::encode(uid_a.parse::<shared::ids::InstanceUid>()?.as_bytes()),
+        1,
+    );
+    assert_ne!(forged, credential_b);
+    let bootstrap = format!("Bearer {}", server.api.token("not-metrics").await?);
+    let before = refusals(&server).await?;
+    for auth in [None, Some(bootstrap.as_str()), Some(forged.as_str())] {
+        assert_eq!(post_as(&server, auth).await?, 401, "{auth:?}");
+    }
+    let after = telemetry(&server, &uid_a).await?;
+    assert_eq!(
+        after["points"], view["points"],
+        "refused exports count nothing"
+    );
+    assert!(
+        refusals(&server).await? >= before + 3.0,
+        "each refusal counted"
+    );
+
+    // The Fleet page: in / out / dropped per second, and the agents that drop data.
+    let (http, cookie) =
+        tests::browser::console_session(&format!("http://{}", server.addr), &server.api.token)
+            .await?;
+    let fleet = |query: &'static str| {
+        let http = http.clone();
+        let cookie = cookie.clone();
+        let url = format!("http://{}/ui/{query}", server.addr);
+        async move {
+            let resp = http.get(url).header("Cookie", cookie).send().await?;
+            anyhow::Ok(resp.text().await?)
+        }
+    };
+    let dropping = fleet("?drops=true").await?;
+    assert!(dropping.contains(&uid_a), "A drops data");
+    assert!(!dropping.contains(&uid_b), "B sent nothing");
+    let all = fleet("").await?;
+    assert!(
+        all.contains("Dropped") && all.contains("/s"),
+        "the rate columns"
+    );
+
+    // The agent's page draws the minutes.
+    let b_ = tests::browser::Browser::start().await?;
+    crate::console::sign_in(&b_, &server, &server.api.token).await?;
+    b_.goto(&format!("http://{}/ui/agents/{uid_a}", server.addr))
+        .await?;
+    let text = b_.text("#own-telemetry").await?;
+    assert!(text.contains("prod") && text.contains("dropped"), "{text}");
+    assert!(b_.has("#chart-dropped svg rect").await?, "the minute drawn");
+    b_.client
+        .execute(
+            "document.getElementById('own-telemetry').scrollIntoView();",
+            vec![],
+        )
+        .await?;
+    b_.screenshot("53-agent-throughput").await?;
+    b_.goto(&format!("http://{}/ui/?drops=true", server.addr))
+        .await?;
+    b_.screenshot("54-fleet-drops").await?;
+    b_.close().await?;
+
+    // Settings removed: the API says so and nothing is offered to new agents.
+    let (status, _) = server
+        .api
+        .raw(
+            Method::PUT,
+            "/api/v1/groups/prod/telemetry",
+            Some(json!({})),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(telemetry(&server, &uid_a).await?["group"], Value::Null);
+    a.stop().await;
+    b.stop().await;
+    server.stop().await
+}
+
+#[tokio::test]
+async fn bad_settings_and_unknown_groups_are_refused() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let (status, body) = server
+        .api
+        .raw(
+            Method::PUT,
+            "/api/v1/groups/none/telemetry",
+            Some(json!({ "metrics": { "ampora": true } })),
+        )
+        .await?;
+    assert_eq!(status, 404, "{body}");
+    server
+        .api
+        .put_json("/api/v1/groups/g", json!({ "labels": { "env": "prod" } }))
+        .await?;
+    for bad in [
+        json!({ "traces": { "ampora": true } }),
+        json!({ "logs": { "endpoint": "ftp://x/v1/logs" } }),
+        json!({ "metrics": { "endpoint": "https://x/v1/metrics", "headers": { "a:b": "c" } } }),
+    ] {
+        let (status, body) = server
+            .api
+            .raw(Method::PUT, "/api/v1/groups/g/telemetry", Some(bad.clone()))
+            .await?;
+        assert_eq!(status, 400, "{bad} → {body}");
+    }
+    server.stop().await
+}
