@@ -126,8 +126,9 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     assert!(credential_a.starts_with("Bearer amp-om."), "{offer:?}");
-    assert!(
-        a.status().borrow().own_logs.is_none(),
+    assert_eq!(
+        a.status().borrow().own_signals_offered,
+        ["metrics"],
         "logs are not offered to an agent that does not report its own logs"
     );
     let credential_b = agent::wait_for(&mut b.status(), WAIT, |s| s.own_metrics.is_some())

@@ -65,9 +65,7 @@ pub(super) fn describe() {
 pub(super) struct OwnMetrics {
     key: DownloadKey,
     gateway: Arc<super::Inner>,
-    /// When each agent's last export was taken (pruned as it grows; only agents with a valid
-    /// credential get an entry).
-    last: Mutex<HashMap<InstanceUid, Instant>>,
+    turns: Turns,
 }
 
 impl OwnMetrics {
@@ -75,19 +73,29 @@ impl OwnMetrics {
         Self {
             key,
             gateway,
-            last: Mutex::new(HashMap::new()),
+            turns: Turns::default(),
         }
     }
+}
 
-    /// False when `uid` exported less than [`MIN_INTERVAL`] ago.
-    fn take_turn(&self, uid: InstanceUid, now: Instant) -> bool {
-        let Ok(mut last) = self.last.lock() else {
+/// When each agent's last export was taken: only agents with a valid credential get an
+/// entry, and entries older than [`MIN_INTERVAL`] are dropped once there are many.
+#[derive(Default)]
+struct Turns(Mutex<HashMap<InstanceUid, Instant>>);
+
+/// Entries kept before the old ones are swept.
+const SWEEP_AT: usize = 100_000;
+
+impl Turns {
+    /// False when `uid` exported less than [`MIN_INTERVAL`] before `now`.
+    fn take(&self, uid: InstanceUid, now: Instant) -> bool {
+        let Ok(mut last) = self.0.lock() else {
             return true;
         };
         if last.get(&uid).is_some_and(|t| now - *t < MIN_INTERVAL) {
             return false;
         }
-        if last.len() >= 100_000 {
+        if last.len() >= SWEEP_AT {
             last.retain(|_, t| now - *t < MIN_INTERVAL);
         }
         last.insert(uid, now);
@@ -148,7 +156,7 @@ async fn export(State(h): State<Arc<OwnMetrics>>, req: Request) -> Response {
         Ok(uid) => uid,
         Err(refused) => return refused,
     };
-    if !h.take_turn(uid, Instant::now()) {
+    if !h.turns.take(uid, Instant::now()) {
         metrics::counter!(EXPORTS, "outcome" => "too_frequent").increment(1);
         return (
             StatusCode::TOO_MANY_REQUESTS,
@@ -373,6 +381,26 @@ mod tests {
         assert!(f.present[accepted] && f.present[failed]);
         assert_eq!(f.present.iter().filter(|p| **p).count(), 2);
         assert_eq!(f.queue_size, Some(12.0));
+    }
+
+    #[test]
+    fn one_export_per_agent_per_interval() {
+        let turns = Turns::default();
+        let (a, b) = (InstanceUid([1; 16]), InstanceUid([2; 16]));
+        let t0 = Instant::now();
+        assert!(turns.take(a, t0));
+        assert!(!turns.take(a, t0 + MIN_INTERVAL / 2), "too soon");
+        assert!(turns.take(b, t0), "another agent has its own turn");
+        assert!(turns.take(a, t0 + MIN_INTERVAL));
+        for i in 0..SWEEP_AT as u32 + 1 {
+            let mut uid = [0u8; 16];
+            uid[..4].copy_from_slice(&i.to_be_bytes());
+            uid[15] = 9;
+            turns.take(InstanceUid(uid), t0);
+        }
+        turns.take(a, t0 + MIN_INTERVAL * 3);
+        let kept = turns.0.lock().map(|m| m.len()).unwrap_or(0);
+        assert!(kept <= 2, "old turns swept: {kept} kept");
     }
 
     #[test]

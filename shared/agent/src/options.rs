@@ -218,6 +218,9 @@ pub struct AgentStatus {
     pub own_metrics: Option<OwnTelemetryOffer>,
     pub own_traces: Option<OwnTelemetryOffer>,
     pub own_logs: Option<OwnTelemetryOffer>,
+    /// The signals the last offer carried (`metrics`, `traces`, `logs`), declared or not:
+    /// what the server sent, before this agent kept only what it reports.
+    pub own_signals_offered: Vec<&'static str>,
 }
 
 /// Where the server asked the agent to send one signal of its own telemetry.

@@ -37,6 +37,17 @@ impl AgentCore {
         opamp_handled: bool,
         out: &mut Outcome,
     ) {
+        let offered: Vec<&'static str> = [
+            ("metrics", cs.own_metrics.is_some()),
+            ("traces", cs.own_traces.is_some()),
+            ("logs", cs.own_logs.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
+        .collect();
+        if !offered.is_empty() {
+            self.status.send_modify(|s| s.own_signals_offered = offered);
+        }
         let caps = self.opts.capabilities;
         let take = |s: &Option<TelemetryConnectionSettings>, bit: u64| {
             s.as_ref().filter(|_| caps & bit != 0).map(offer_of)
