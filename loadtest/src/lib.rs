@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod hist;
 mod measure;
 pub mod options;
+pub mod own_metrics;
 pub mod preflight;
 pub mod procs;
 pub mod refused;

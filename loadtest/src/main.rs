@@ -73,6 +73,17 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         requests: usize,
     },
+    /// Every one of --agents agents exports its own metrics twice (spawns `PATH serve` on a
+    /// seeded store): exports per second, their latency, and the server's RSS with one-point
+    /// and with full (60-point) windows.
+    OwnMetrics {
+        #[arg(long)]
+        spawn_server: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// A signed build of --artifact-mib MiB offered to --agents agents at most --cap at a
     /// time (spawns `PATH serve`): time to the last agent back on the new version, server
     /// RSS; then the download path alone against nginx serving the same file.
@@ -545,6 +556,38 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "answer: {} failing (the lean build), {} passing",
                 r.failing, r.passing
+            );
+            Ok(())
+        }
+        Command::OwnMetrics {
+            spawn_server,
+            agents,
+            concurrency,
+        } => {
+            let opts = loadtest::own_metrics::OwnMetricsOptions {
+                exe: spawn_server,
+                agents,
+                concurrency,
+            };
+            let r = loadtest::own_metrics::run(&opts).await?;
+            println!("Own metrics, {agents} agents, two exports each, {concurrency} in flight (client-side over loopback)");
+            println!(
+                "exports: {:.0}/s; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} agents' rates checked through the API)",
+                r.exports_per_sec, r.exports.p50_ms, r.exports.p99_ms, r.exports.max_ms, r.checked
+            );
+            let per_agent =
+                |kib: u64| (kib.saturating_sub(r.rss_start_kib) * 1024) as f64 / agents as f64;
+            println!(
+                "server RSS: {} KiB at start, {} KiB after the exports ({:.0} B/agent), {} KiB at start with full windows ({:.0} B/agent)",
+                r.rss_start_kib,
+                r.rss_after_kib,
+                per_agent(r.rss_after_kib),
+                r.rss_full_windows_kib,
+                per_agent(r.rss_full_windows_kib)
+            );
+            println!(
+                "a full window as stored: {} bytes of JSON",
+                r.window_json_bytes
             );
             Ok(())
         }

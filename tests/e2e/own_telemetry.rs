@@ -296,3 +296,57 @@ async fn bad_settings_and_unknown_groups_are_refused() -> anyhow::Result<()> {
     }
     server.stop().await
 }
+
+/// The agent's identity certificate is a credential too, and a revoked one is refused.
+#[tokio::test]
+async fn an_identity_certificate_exports_until_it_is_revoked() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let ca_pem = std::fs::read_to_string(server.dir.path().join("tls").join("ca.pem"))?;
+    let token = server.api.token("cert").await?;
+    let id = tests::identity::CsrIdentity::enroll(&server.wss_url(), &ca_pem, &token).await?;
+    // Connected on its certificate, so its coordinator holds it.
+    let mut conn = id.connect(&server.wss_url(), &ca_pem).await?;
+    let offer = agent::OwnTelemetryOffer {
+        endpoint: format!("https://{}/v1/metrics", server.addr),
+        ..Default::default()
+    };
+    let send = |pass: u64| {
+        let tls = id.client_tls(&ca_pem);
+        let offer = offer.clone();
+        async move {
+            agent::own_metrics::export(&offer, &counters(100 * pass, 100 * pass, 0), Some(tls?))
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    let uid = id.uid.to_string();
+    eventually("an export on the certificate taken", WAIT, || async {
+        let status = send(1).await?;
+        anyhow::ensure!(status == 200 || status == 429, "answered {status}");
+        Ok((status == 200).then_some(()))
+    })
+    .await?;
+    let v = eventually("the export recorded", WAIT, || async {
+        let v = telemetry(&server, &uid).await?;
+        Ok(v["last_export_ms"].as_i64().map(|_| v))
+    })
+    .await?;
+    assert_eq!(v["points"].as_array().map(Vec::len), Some(1), "{v}");
+
+    assert_eq!(server.api.revoke_identity(&id.serial).await?, 204);
+    // Refused at the handshake (the listener knows the revocation), or, through a proxy
+    // that forwards the certificate, with 401.
+    eventually("the revoked certificate refused", WAIT, || async {
+        Ok(match send(2).await {
+            Ok(status) => (status == 401).then_some(()),
+            Err(e) => format!("{e:#}")
+                .contains("CertificateRevoked")
+                .then_some(()),
+        })
+    })
+    .await?;
+    let after = telemetry(&server, &uid).await?;
+    assert_eq!(after["points"], v["points"], "nothing more recorded");
+    conn.close(1000, "done").await;
+    server.stop().await
+}
