@@ -47,8 +47,10 @@ const KEY: [u8; 32] = [42; 32];
 /// A window of [`WINDOW_POINTS`] minutes, every counter busy.
 fn full_window(now_ms: i64) -> Throughput {
     let mut t = Throughput::default();
-    let mut f = Figures::default();
-    f.present = [true; COUNTERS];
+    let mut f = Figures {
+        present: [true; COUNTERS],
+        ..Default::default()
+    };
     for m in 0..=WINDOW_POINTS as i64 {
         for (i, c) in f.cumulative.iter_mut().enumerate() {
             *c = (m * 60_000 + i as i64 * 1_000) as f64;

@@ -321,18 +321,14 @@ impl Throughput {
         let first = self.last_ms == 0;
         self.totals.resize(COUNTERS, 0.0);
         let mut counted = [0f64; COUNTERS];
-        for i in 0..COUNTERS {
+        for (i, (n, total)) in counted.iter_mut().zip(&mut self.totals).enumerate() {
             if !f.present[i] {
                 continue;
             }
             let cum = f.cumulative[i];
-            let since = if cum >= self.totals[i] {
-                cum - self.totals[i]
-            } else {
-                cum
-            };
-            counted[i] = f.delta[i] + if first { 0.0 } else { since };
-            self.totals[i] = cum;
+            let since = if cum >= *total { cum - *total } else { cum };
+            *n = f.delta[i] + if first { 0.0 } else { since };
+            *total = cum;
         }
         let secs = (now_ms - self.last_ms) as f64 / 1000.0;
         if !first && secs > 0.0 {

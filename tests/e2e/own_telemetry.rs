@@ -305,7 +305,7 @@ async fn an_identity_certificate_exports_until_it_is_revoked() -> anyhow::Result
     let token = server.api.token("cert").await?;
     let id = tests::identity::CsrIdentity::enroll(&server.wss_url(), &ca_pem, &token).await?;
     // Connected on its certificate, so its coordinator holds it.
-    let mut conn = id.connect(&server.wss_url(), &ca_pem).await?;
+    let conn = id.connect(&server.wss_url(), &ca_pem).await?;
     let offer = agent::OwnTelemetryOffer {
         endpoint: format!("https://{}/v1/metrics", server.addr),
         ..Default::default()

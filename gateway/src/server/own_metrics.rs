@@ -114,8 +114,37 @@ fn answer(outcome: &'static str, status: StatusCode, text: &str) -> Response {
     (status, format!("{text}\n")).into_response()
 }
 
+/// Why an export's sender is not taken.
+enum Unknown {
+    /// No credential, or one that does not verify.
+    Credential,
+    /// A client certificate that does not verify (the reason's label).
+    Certificate(&'static str),
+}
+
+impl Unknown {
+    fn answer(self) -> Response {
+        match self {
+            Unknown::Credential => {
+                metrics::counter!(EXPORTS, "outcome" => "unauthenticated").increment(1);
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(WWW_AUTHENTICATE, "Bearer")],
+                    "own metrics need this agent's credential (from its own_metrics settings) or its identity certificate\n",
+                )
+                    .into_response()
+            }
+            Unknown::Certificate(why) => answer(
+                "bad_certificate",
+                StatusCode::UNAUTHORIZED,
+                &format!("client certificate {why}"),
+            ),
+        }
+    }
+}
+
 /// Who is exporting: the credential first, else a verified client certificate.
-fn who(h: &OwnMetrics, req: &Request) -> Result<InstanceUid, Response> {
+fn who(h: &OwnMetrics, req: &Request) -> Result<InstanceUid, Unknown> {
     let token = req
         .headers()
         .get(AUTHORIZATION)
@@ -124,37 +153,24 @@ fn who(h: &OwnMetrics, req: &Request) -> Result<InstanceUid, Response> {
         .map(str::trim)
         .unwrap_or_default();
     if !token.is_empty() {
-        return MetricsCredential::verify(&h.key, token).ok_or_else(|| unauthenticated());
+        return MetricsCredential::verify(&h.key, token).ok_or(Unknown::Credential);
     }
     let g = &h.gateway;
     let origin = super::auth::origin_of(&g.cfg.trusted_proxies, g.cfg.proxy_secret.as_ref(), req);
     let chain = super::auth::presented_chain(g, req, &origin);
     match (g.cfg.identity.as_ref(), chain) {
-        (Some(trust), Some(chain)) => trust.verify(&chain).map(|id| id.uid).map_err(|why| {
-            answer(
-                "bad_certificate",
-                StatusCode::UNAUTHORIZED,
-                &format!("client certificate {}", why.as_str()),
-            )
-        }),
-        _ => Err(unauthenticated()),
+        (Some(trust), Some(chain)) => trust
+            .verify(&chain)
+            .map(|id| id.uid)
+            .map_err(|why| Unknown::Certificate(why.as_str())),
+        _ => Err(Unknown::Credential),
     }
-}
-
-fn unauthenticated() -> Response {
-    metrics::counter!(EXPORTS, "outcome" => "unauthenticated").increment(1);
-    (
-        StatusCode::UNAUTHORIZED,
-        [(WWW_AUTHENTICATE, "Bearer")],
-        "own metrics need this agent's credential (from its own_metrics settings) or its identity certificate\n",
-    )
-        .into_response()
 }
 
 async fn export(State(h): State<Arc<OwnMetrics>>, req: Request) -> Response {
     let uid = match who(&h, &req) {
         Ok(uid) => uid,
-        Err(refused) => return refused,
+        Err(unknown) => return unknown.answer(),
     };
     if !h.turns.take(uid, Instant::now()) {
         metrics::counter!(EXPORTS, "outcome" => "too_frequent").increment(1);
