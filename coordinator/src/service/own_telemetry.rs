@@ -159,6 +159,12 @@ impl Coordinator {
 
     /// What `agent` is offered for its own telemetry (before its capabilities are applied).
     pub(super) fn telemetry_offer(&self, agent: &AgentRecord) -> Option<Arc<TelemetryOffer>> {
+        use proto::agent_caps::{REPORTS_OWN_LOGS, REPORTS_OWN_METRICS, REPORTS_OWN_TRACES};
+        // Asked on every frame: nothing to look up for agents that report none of it.
+        let reports = REPORTS_OWN_METRICS | REPORTS_OWN_TRACES | REPORTS_OWN_LOGS;
+        if agent.capabilities & reports == 0 {
+            return None;
+        }
         let (_, s) = self.telemetry_of(agent)?;
         let host = self.cfg.metrics_host.as_ref();
         let one = |d: &Option<shared::own_telemetry::Destination>| {
