@@ -18,7 +18,7 @@ use proto::{agent_caps, server_flags};
 use sha2::{Digest, Sha256};
 use shared::domain::{
     AgentRecord, ConfigFile, ConfigMap, Description, Health, RemoteConfigReport, RemoteStatus,
-    Transport,
+    SettingsReport, Transport,
 };
 use shared::ids::InstanceUid;
 use std::collections::BTreeMap;
@@ -35,6 +35,9 @@ pub use telemetry::TelemetryOffer;
 /// AcceptsConnectionSettingsRequest (CSRs for agent identities, facts §5.3; without an agent
 /// CA a CSR is simply not acted on).
 pub const SERVER_CAPABILITIES: u64 = 0x7F;
+
+/// Characters kept of an agent's connection-settings error.
+const MAX_SETTINGS_ERROR: usize = 1024;
 
 /// Nesting limit for agent-supplied trees (AnyValue, ComponentHealth). prost already caps decode
 /// depth at 100; we stay well below so the JSON we store can always be read back.
@@ -457,6 +460,12 @@ pub fn handle(state: &mut AgentState, msg: &AgentToServer, ctx: &Context<'_>) ->
     if let Some(s) = settings_status {
         let in_use = Some(hex::encode(&s.last_connection_settings_hash));
         changed |= set(&mut state.record.settings_in_use, in_use);
+        // The agent's words: kept short, like a config error.
+        let report = SettingsReport {
+            status: remote_status(s.status),
+            error_message: s.error_message.chars().take(MAX_SETTINGS_ERROR).collect(),
+        };
+        changed |= set(&mut state.record.settings_status, Some(report));
     }
     changed |= packages::record_statuses(state, msg, &mut events);
     changed |= components::record(state, msg, ctx.components_known, &mut reply, &mut events);
@@ -662,14 +671,22 @@ pub fn identity_in_use(
 ) {
     // The agent confirmed the latest offer, which carried this certificate (and perhaps
     // telemetry settings, which the certificate's own hash does not cover): keep that.
+    let failed = state
+        .record
+        .settings_status
+        .as_ref()
+        .is_some_and(|s| s.status == RemoteStatus::Failed);
     if state.record.settings_in_use.is_some()
         && state.record.settings_in_use == state.record.settings_offered
+        && !failed
     {
         return;
     }
     let hex = hex::encode(settings_hash(&o.for_agent(transport, true), Some(identity)));
     if state.record.settings_in_use.as_ref() != Some(&hex) {
         state.record.settings_in_use = Some(hex);
+        // In use, as the connection shows; what the agent said was of other settings.
+        state.record.settings_status = None;
     }
 }
 

@@ -100,6 +100,15 @@ pub struct RemoteConfigReport {
     pub error_message: String,
 }
 
+/// What an agent said of the connection settings it uses (`ConnectionSettingsStatus`, whose
+/// statuses have the same values as `RemoteConfigStatuses`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsReport {
+    pub status: RemoteStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_message: String,
+}
+
 /// Where an agent stands against the config assigned to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -171,6 +180,9 @@ pub struct AgentRecord {
     /// `ConnectionSettingsStatus`, or the offer whose certificate it connected with.
     #[serde(default)]
     pub settings_in_use: Option<String>,
+    /// What the agent said of `settings_in_use` when it reported it, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings_status: Option<SettingsReport>,
     /// Packages the agent reported and what was offered to it (boxed: most agents have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<Box<crate::packages::AgentPackages>>,
@@ -230,6 +242,7 @@ impl AgentRecord {
             last_seen_ms: now_ms,
             settings_offered: None,
             settings_in_use: None,
+            settings_status: None,
             packages: None,
             components_hash: None,
             connected_ms: 0,
@@ -262,6 +275,7 @@ impl AgentRecord {
             last_seen_ms: self.last_seen_ms,
             settings_offered: self.settings_offered.clone(),
             settings_in_use: self.settings_in_use.clone(),
+            settings_status: self.settings_status.clone(),
             packages: self.packages.clone(),
             components_hash: self.components_hash.clone(),
             connected_ms: self.connected_ms,

@@ -15,6 +15,9 @@ use tests::{eventually, TestServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Markup in what an agent reports: the console must show it as text, never run it.
+const HOSTILE: &str = "<img src=x onerror=\"window.__xss=1\">";
+
 async fn collector(server: &TestServer, name: &str) -> anyhow::Result<(Agent, String)> {
     let token = server.api.token(name).await?;
     tests::connected_agent(AgentOptions {
@@ -157,6 +160,32 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
         ])
     );
 
+    // An agent that cannot take them says so: shown with its error, escaped, not confirmed.
+    let token = server.api.token("c").await?;
+    let (c, uid_c) = tests::connected_agent(AgentOptions {
+        endpoint: server.ws_url(),
+        token: Some(token),
+        description: vec![("service.name".into(), "otelcol-contrib".into())],
+        non_identifying: vec![("env".into(), "prod".into())],
+        capabilities: DEFAULT_CAPABILITIES
+            | agent_caps::REPORTS_OWN_METRICS
+            | agent_caps::REPORTS_CONNECTION_SETTINGS_STATUS,
+        own_telemetry_fails: Some(format!("{HOSTILE} cannot reach the endpoint")),
+        heartbeat: Duration::from_millis(200),
+        ..AgentOptions::default()
+    })
+    .await?;
+    let failed = eventually("the failure reported", WAIT, || async {
+        let v = telemetry(&server, &uid_c).await?;
+        Ok((v["settings_status"] == "FAILED").then_some(v))
+    })
+    .await?;
+    assert_eq!(
+        failed["settings_error"],
+        format!("{HOSTILE} cannot reach the endpoint")
+    );
+    assert_eq!(failed["settings_confirmed"], false);
+
     // Two exports: the first sets the baseline, the second gives rates and a minute.
     export(&a, counters(1_000, 990, 0)).await?;
     export(&a, counters(1_600, 1_500, 30)).await?;
@@ -249,6 +278,14 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
     b_.goto(&format!("http://{}/ui/?drops=true", server.addr))
         .await?;
     b_.screenshot("54-fleet-drops").await?;
+    b_.goto(&format!("http://{}/ui/agents/{uid_c}", server.addr))
+        .await?;
+    let text = b_.text("#own-telemetry").await?;
+    assert!(
+        text.contains(&format!("failed to apply them: {HOSTILE} cannot reach")),
+        "the agent's words, as text: {text}"
+    );
+    b_.no_markup_ran().await?;
     b_.close().await?;
 
     // Settings removed: the API says so and nothing is offered to new agents.
@@ -264,6 +301,7 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
     assert_eq!(telemetry(&server, &uid_a).await?["group"], Value::Null);
     a.stop().await;
     b.stop().await;
+    c.stop().await;
     server.stop().await
 }
 

@@ -102,10 +102,15 @@ pub struct AgentTelemetryView {
     /// The group whose settings apply (the first by name that has some).
     pub group: Option<String>,
     pub offered: Vec<OfferedView>,
-    /// Hex of the connection settings last offered, and whether the agent reported it uses
-    /// them (`ConnectionSettingsStatus`, agents with ReportsConnectionSettingsStatus).
+    /// Hex of the connection settings last offered, and whether the agent showed it uses
+    /// them: reported APPLIED (`ConnectionSettingsStatus`, agents with
+    /// ReportsConnectionSettingsStatus) or connected with the certificate they carry.
     pub settings_offered: Option<String>,
     pub settings_confirmed: bool,
+    /// What the agent last reported of the settings it uses (`APPLIED`, `APPLYING`,
+    /// `FAILED`), and its error, if it reported any.
+    pub settings_status: Option<&'static str>,
+    pub settings_error: Option<String>,
     /// Rates over the interval between its last two exports to Ampora, if recent.
     pub rates: Option<Rates>,
     /// When its last export arrived (Unix ms), if ever.
@@ -138,12 +143,24 @@ pub(crate) fn telemetry_view(c: &Coordinator, record: &AgentRecord) -> AgentTele
         }
     }
     let t = record.throughput.as_deref();
+    let reported = record.settings_status.as_ref();
+    let failed_or_pending = reported.is_some_and(|r| {
+        matches!(
+            r.status,
+            shared::domain::RemoteStatus::Failed | shared::domain::RemoteStatus::Applying
+        )
+    });
     AgentTelemetryView {
         group: found.map(|(g, _)| g),
         offered,
         settings_offered: record.settings_offered.clone(),
         settings_confirmed: record.settings_offered.is_some()
-            && record.settings_offered == record.settings_in_use,
+            && record.settings_offered == record.settings_in_use
+            && !failed_or_pending,
+        settings_status: reported.map(|r| r.status.as_str()),
+        settings_error: reported
+            .map(|r| r.error_message.clone())
+            .filter(|e| !e.is_empty()),
         rates: t.and_then(|t| t.current(shared::now_ms())),
         last_export_ms: t.map(|t| t.last_ms).filter(|ms| *ms > 0),
         points: t

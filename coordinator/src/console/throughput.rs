@@ -79,6 +79,9 @@ pub(super) fn section(c: &Coordinator, agent: &AgentRecord) -> Markup {
                             @if !o.declared { span.muted { " (not offered: the agent does not report its own " (o.signal) ")" } }
                         }
                         @if v.settings_confirmed { " · confirmed by the agent" }
+                        @if let Some(e) = &v.settings_error {
+                            " · " span.bad { "the agent failed to apply them: " (e) }
+                        }
                     }
                 }
             }

@@ -200,6 +200,22 @@ mod tests {
         });
         handle(&mut s, &answered, &ctx(Some(tel)));
         assert_eq!(s.record.settings_in_use, Some(hex::encode(&cs.hash)));
+        assert_eq!(
+            s.record.settings_status.as_ref().map(|r| r.status),
+            Some(shared::domain::RemoteStatus::Applied)
+        );
+        // A failure is kept with its error (cut short), and not offered again.
+        let mut failed = msg(3, caps);
+        failed.connection_settings_status = Some(ConnectionSettingsStatus {
+            last_connection_settings_hash: cs.hash.clone(),
+            status: 3,
+            error_message: "x".repeat(5_000),
+        });
+        let o = handle(&mut s, &failed, &ctx(Some(tel)));
+        assert!(o.changed && o.reply.connection_settings.is_none());
+        let report = s.record.settings_status.clone().expect("kept");
+        assert_eq!(report.status, shared::domain::RemoteStatus::Failed);
+        assert_eq!(report.error_message.len(), 1024);
 
         // An agent that heartbeats and takes opamp settings, with no telemetry for it: the
         // offer and its hash are the opamp ones alone.

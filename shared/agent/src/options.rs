@@ -107,6 +107,9 @@ pub struct AgentOptions {
     pub custom_capabilities: Vec<String>,
     /// Answer each custom message with the same capability and data, type `<type>.reply`.
     pub echo_custom_messages: bool,
+    /// Answer own-telemetry settings FAILED with this error instead of APPLIED, as a
+    /// supervisor does when the Collector cannot start with them.
+    pub own_telemetry_fails: Option<String>,
 }
 
 impl AgentOptions {
@@ -152,6 +155,7 @@ impl Default for AgentOptions {
             restart_never_returns: false,
             custom_capabilities: Vec::new(),
             echo_custom_messages: false,
+            own_telemetry_fails: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Own-telemetry settings (facts §3.5): the `own_metrics`, `own_traces` and `own_logs` of a
 //! connection-settings offer are kept in the status for the signals the agent declares, and,
-//! when the offer carries no `opamp` part this agent acts on, answered APPLIED (agents with
-//! ReportsConnectionSettingsStatus). Sending is [`crate::own_metrics`]'s.
+//! when the offer carries no `opamp` part this agent acts on, answered APPLIED (or FAILED, with
+//! `own_telemetry_fails`; agents with ReportsConnectionSettingsStatus). Sending is [`crate::own_metrics`]'s.
 
 use proto::agent_caps;
 use proto::v1::{
@@ -72,12 +72,11 @@ impl AgentCore {
         });
         if !opamp_handled && !cs.hash.is_empty() && self.settings_seen.as_ref() != Some(&cs.hash) {
             self.settings_seen = Some(cs.hash.clone());
-            self.report_settings(
-                &cs.hash,
-                ConnectionSettingsStatuses::Applied,
-                String::new(),
-                out,
-            );
+            let (status, error) = match &self.opts.own_telemetry_fails {
+                Some(e) => (ConnectionSettingsStatuses::Failed, e.clone()),
+                None => (ConnectionSettingsStatuses::Applied, String::new()),
+            };
+            self.report_settings(&cs.hash, status, error, out);
         }
     }
 }
