@@ -79,13 +79,13 @@ async fn post_as(server: &TestServer, authorization: Option<&str>) -> anyhow::Re
     Ok(req.send().await?.status().as_u16())
 }
 
-async fn refusals(server: &TestServer) -> anyhow::Result<f64> {
+/// `ampora_gateway_own_metrics_total{outcome}` now.
+async fn counted(server: &TestServer, outcome: &str) -> anyhow::Result<f64> {
     let text = server.api.metrics_text().await?;
+    let series = format!("ampora_gateway_own_metrics_total{{outcome=\"{outcome}\"}} ");
     Ok(text
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("ampora_gateway_own_metrics_total{outcome=\"unauthenticated\"} ")
-        })
+        .find_map(|l| l.strip_prefix(series.as_str()))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
 }
@@ -224,7 +224,7 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
     );
     assert_ne!(forged, credential_b);
     let bootstrap = format!("Bearer {}", server.api.token("not-metrics").await?);
-    let before = refusals(&server).await?;
+    let before = counted(&server, "unauthenticated").await?;
     for auth in [None, Some(bootstrap.as_str()), Some(forged.as_str())] {
         assert_eq!(post_as(&server, auth).await?, 401, "{auth:?}");
     }
@@ -234,7 +234,7 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
         "refused exports count nothing"
     );
     assert!(
-        refusals(&server).await? >= before + 3.0,
+        counted(&server, "unauthenticated").await? >= before + 3.0,
         "each refusal counted"
     );
 
@@ -386,5 +386,96 @@ async fn an_identity_certificate_exports_until_it_is_revoked() -> anyhow::Result
     let after = telemetry(&server, &uid).await?;
     assert_eq!(after["points"], v["points"], "nothing more recorded");
     conn.close(1000, "done").await;
+    server.stop().await
+}
+
+/// Bad exports with a valid credential: each gets a clear status and is counted under its
+/// reason, and none reaches a coordinator.
+#[tokio::test]
+async fn bad_exports_are_refused_with_their_reason() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let key_hex = std::fs::read_to_string(server.dir.path().join("own-metrics.key"))?;
+    let key: [u8; 32] = hex::decode(key_hex.trim())?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a 32-byte key"))?;
+    let key = shared::download_token::DownloadKey::new(key);
+    let gzip = |bytes: &[u8]| -> anyhow::Result<Vec<u8>> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, bytes)?;
+        Ok(gz.finish()?)
+    };
+    let valid =
+        proto::Message::encode_to_vec(&agent::own_metrics::export_request(&counters(1, 1, 0)));
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        (
+            "application/json",
+            None,
+            b"{}".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "application/x-protobuf",
+            Some("br"),
+            valid.clone(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "application/x-protobuf",
+            None,
+            vec![0xff; 64],
+            400,
+            "malformed",
+        ),
+        (
+            "application/x-protobuf",
+            Some("gzip"),
+            b"not gzip".to_vec(),
+            400,
+            "malformed",
+        ),
+        (
+            "application/x-protobuf",
+            None,
+            vec![0; (4 << 20) + 1024],
+            413,
+            "too_large",
+        ),
+        (
+            "application/x-protobuf",
+            Some("gzip"),
+            gzip(&vec![0; 17 << 20])?,
+            413,
+            "too_large",
+        ),
+    ];
+    let http = reqwest::Client::new();
+    for (content_type, encoding, body, want, outcome) in cases {
+        // A credential of its own for each: one export per agent per second is taken.
+        let credential = shared::own_telemetry::MetricsCredential::mint(
+            &key,
+            shared::ids::InstanceUid::new_v7(),
+        );
+        let before = counted(&server, outcome).await?;
+        let mut req = http
+            .post(format!("http://{}/v1/metrics", server.addr))
+            .header("Authorization", format!("Bearer {credential}"))
+            .header("Content-Type", content_type)
+            .body(body);
+        if let Some(e) = encoding {
+            req = req.header("Content-Encoding", e);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        assert_eq!(status, want, "{outcome}: {text}");
+        assert!(!text.trim().is_empty(), "a reason is given");
+        assert_eq!(
+            counted(&server, outcome).await?,
+            before + 1.0,
+            "{outcome} counted"
+        );
+    }
     server.stop().await
 }
