@@ -389,6 +389,15 @@ async fn an_identity_certificate_exports_until_it_is_revoked() -> anyhow::Result
     server.stop().await
 }
 
+/// Content type, content encoding, body, the status it must get, the outcome it is counted as.
+type BadExport = (
+    &'static str,
+    Option<&'static str>,
+    Vec<u8>,
+    u16,
+    &'static str,
+);
+
 /// Bad exports with a valid credential: each gets a clear status and is counted under its
 /// reason, and none reaches a coordinator.
 #[tokio::test]
@@ -406,7 +415,7 @@ async fn bad_exports_are_refused_with_their_reason() -> anyhow::Result<()> {
     };
     let valid =
         proto::Message::encode_to_vec(&agent::own_metrics::export_request(&counters(1, 1, 0)));
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<BadExport> = vec![
         (
             "application/json",
             None,
