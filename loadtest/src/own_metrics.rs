@@ -36,8 +36,10 @@ pub struct OwnMetricsReport {
     pub rss_start_kib: u64,
     pub rss_after_kib: u64,
     pub rss_full_windows_kib: u64,
-    /// A full window as stored with the agent record (JSON bytes).
+    /// A full window as stored: its points (`agents.throughput`) and the rest, in the record
+    /// (JSON bytes).
     pub window_json_bytes: usize,
+    pub window_record_bytes: usize,
     /// Agents whose API view shows the second pass's rates (checked on a sample).
     pub checked: usize,
 }
@@ -167,7 +169,9 @@ pub async fn run(opts: &OwnMetricsOptions) -> anyhow::Result<OwnMetricsReport> {
     let full = procs::spawn_ampora_in(dir, &opts.exe, &[], false).await?;
     let rss_full_windows_kib = procs::rss_kib(full.pid)?;
     full.stop().await;
-    let window_json_bytes = serde_json::to_vec(&full_window(shared::now_ms()))?.len();
+    let window = full_window(shared::now_ms());
+    let window_json_bytes = serde_json::to_vec(&window.points)?.len();
+    let window_record_bytes = serde_json::to_vec(&window)?.len();
     Ok(OwnMetricsReport {
         exports: summarize(latencies),
         exports_per_sec,
@@ -175,6 +179,7 @@ pub async fn run(opts: &OwnMetricsOptions) -> anyhow::Result<OwnMetricsReport> {
         rss_after_kib,
         rss_full_windows_kib,
         window_json_bytes,
+        window_record_bytes,
         checked,
     })
 }

@@ -308,7 +308,10 @@ pub struct Throughput {
     /// When the last export arrived (Unix ms); 0 before the first.
     pub last_ms: i64,
     pub rates: Rates,
-    /// Oldest first, at most one per minute and none older than the window.
+    /// Oldest first, at most one per minute and none older than the window. Not part of the
+    /// record's JSON: the store keeps them apart (`agents.throughput`), so views of many
+    /// agents read the rates without them.
+    #[serde(skip)]
     pub points: VecDeque<Point>,
 }
 
@@ -484,8 +487,11 @@ mod tests {
         );
         assert_eq!(t.points.back().map(|p| p.counts[1]), Some(u32::MAX));
         assert_eq!(t.points.back().map(|p| p.queue), Some(0));
-        let round: Throughput =
+        let mut round: Throughput =
             serde_json::from_str(&serde_json::to_string(&t).expect("json")).expect("back");
+        assert!(round.points.is_empty(), "the points travel apart");
+        round.points = serde_json::from_str(&serde_json::to_string(&t.points).expect("json"))
+            .expect("points back");
         assert_eq!(round, t);
     }
 

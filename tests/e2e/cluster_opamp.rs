@@ -144,9 +144,14 @@ async fn own_metrics_reach_the_coordinator_that_serves_the_agent() -> anyhow::Re
     );
     let owner = c.owner_of(uid).await?;
     let api = c.api_of(1 - owner)?;
-    // The first export through gateway 0 (the offered endpoint), the second through gateway 1.
+    // The first export through gateway 0 (the offered endpoint), the second through gateway 1,
+    // each read back through the other coordinator before the next: the first sets the
+    // baseline, the second is counted.
     let mut through_other = offer.clone();
     through_other.endpoint = c.http_url_of(1)?.replace("/v1/opamp", "/v1/metrics");
+    let telemetry = format!("/api/v1/agents/{uid}/telemetry");
+    let mut seen = 0;
+    let mut v = json!(null);
     for (offer, accepted) in [(&offer, 100u64), (&through_other, 400)] {
         let counters = agent::own_metrics::CollectorCounters {
             accepted: [accepted, 0, 0],
@@ -159,22 +164,25 @@ async fn own_metrics_reach_the_coordinator_that_serves_the_agent() -> anyhow::Re
             Ok((status == 200).then_some(()))
         })
         .await?;
+        v = eventually(
+            "the export read through the other coordinator",
+            WAIT,
+            || async {
+                let v = api.get(&telemetry).await?;
+                let last = v["last_export_ms"].as_i64().unwrap_or(0);
+                Ok((last > seen).then_some(v))
+            },
+        )
+        .await?;
+        seen = v["last_export_ms"].as_i64().unwrap_or(0);
     }
-    let v = eventually(
-        "the rates read through the other coordinator",
-        WAIT,
-        || async {
-            let v = api.get(&format!("/api/v1/agents/{uid}/telemetry")).await?;
-            let accepted: u64 = v["points"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| p["accepted"].as_u64().unwrap_or(0))
-                .sum();
-            Ok((accepted == 300).then_some(v))
-        },
-    )
-    .await?;
+    let accepted: u64 = v["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["accepted"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(accepted, 300, "{v}");
     assert!(v["rates"]["in_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
     agent.stop().await;
     c.stop().await

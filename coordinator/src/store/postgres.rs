@@ -33,7 +33,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQu
 use sqlx::{Connection, Postgres};
 
 use super::dialect::{Claim, Dialect, SqlResult, Tx};
-use super::sql::{redemption, AgentRow, RecordRow, TokenState, AGENT_RECORD, RELEASED_EXPIRES_MS};
+use super::sql::{
+    redemption, AgentRow, RecordRow, TokenState, AGENT_RECORD_OWNED, RELEASED_EXPIRES_MS,
+};
 use super::sql_store::SqlStore;
 
 /// Agents per upsert statement. The arrays are bound as single parameters, so this only bounds
@@ -235,6 +237,7 @@ struct AgentColumns {
     partitions: Vec<i32>,
     records: Vec<String>,
     files: Vec<Option<String>>,
+    windows: Vec<Option<String>>,
     connected: Vec<bool>,
     last_seen_ms: Vec<i64>,
 }
@@ -251,6 +254,7 @@ impl AgentColumns {
                 c.partitions.push(i32::from(r.partition));
                 c.records.push(r.record);
                 c.files.push(r.effective_config);
+                c.windows.push(r.throughput);
                 c.connected.push(r.connected);
                 c.last_seen_ms.push(r.last_seen_ms);
             }
@@ -293,21 +297,24 @@ impl Dialect for PgDialect {
         for c in &AgentColumns::chunks(rows) {
             sqlx::query(
                 "INSERT INTO agents \
-                 (instance_uid, partition, record, effective_config, connected, last_seen_ms) \
-                 SELECT r.uid, r.part, r.rec::json, r.files, r.conn, r.seen \
-                 FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::bool[], \
-                             $6::int8[]) \
-                      AS r(uid, part, rec, files, conn, seen) \
+                 (instance_uid, partition, record, effective_config, throughput, connected, \
+                  last_seen_ms) \
+                 SELECT r.uid, r.part, r.rec::json, r.files, r.win, r.conn, r.seen \
+                 FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::text[], \
+                             $6::bool[], $7::int8[]) \
+                      AS r(uid, part, rec, files, win, conn, seen) \
                  ON CONFLICT (instance_uid) DO UPDATE SET \
                  partition = EXCLUDED.partition, record = EXCLUDED.record, \
                  effective_config = COALESCE(EXCLUDED.effective_config, \
                                              agents.effective_config), \
+                 throughput = COALESCE(EXCLUDED.throughput, agents.throughput), \
                  connected = EXCLUDED.connected, last_seen_ms = EXCLUDED.last_seen_ms",
             )
             .bind(&c.uids)
             .bind(&c.partitions)
             .bind(&c.records)
             .bind(&c.files)
+            .bind(&c.windows)
             .bind(&c.connected)
             .bind(&c.last_seen_ms)
             .execute(&mut **tx)
@@ -317,7 +324,8 @@ impl Dialect for PgDialect {
     }
 
     async fn agents_in(pool: &PgPool, partitions: Vec<u16>) -> SqlResult<Vec<RecordRow>> {
-        let sql = format!("SELECT {AGENT_RECORD} FROM agents WHERE partition = ANY($1::int4[])");
+        let sql =
+            format!("SELECT {AGENT_RECORD_OWNED} FROM agents WHERE partition = ANY($1::int4[])");
         sqlx::query_as(&sql)
             .bind(partitions_param(&partitions))
             .fetch_all(pool)

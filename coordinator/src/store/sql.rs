@@ -122,16 +122,24 @@ pub(super) fn to_json<T: serde::Serialize>(what: &str, value: &T) -> StoreResult
 pub struct RecordRow {
     record: String,
     effective_config: Option<String>,
+    throughput: Option<String>,
 }
 
 /// The columns a [`RecordRow`] reads when many agents are loaded: the record, whose
 /// effective config is only its hash. The files stay in the store (`agents.effective_config`)
 /// and are read one agent at a time; rows written before they had a column of their own
 /// still carry them in the record.
-pub(super) const AGENT_RECORD: &str =
-    "CAST(record AS TEXT) AS record, CAST(NULL AS TEXT) AS effective_config";
-/// [`AGENT_RECORD`] with the effective config files.
-pub(super) const AGENT_RECORD_WITH_FILES: &str = "CAST(record AS TEXT) AS record, effective_config";
+/// An own-metrics window's points likewise (`agents.throughput`): the record keeps only the
+/// rates.
+pub(super) const AGENT_RECORD: &str = "CAST(record AS TEXT) AS record, \
+     CAST(NULL AS TEXT) AS effective_config, CAST(NULL AS TEXT) AS throughput";
+/// [`AGENT_RECORD`] with the own-metrics window: what the coordinator taking an agent over
+/// keeps in memory.
+pub(super) const AGENT_RECORD_OWNED: &str = "CAST(record AS TEXT) AS record, \
+     CAST(NULL AS TEXT) AS effective_config, throughput";
+/// [`AGENT_RECORD_OWNED`] with the effective config files.
+pub(super) const AGENT_RECORD_WITH_FILES: &str =
+    "CAST(record AS TEXT) AS record, effective_config, throughput";
 
 impl IntoDomain<AgentRecord> for RecordRow {
     fn into_domain(self) -> StoreResult<AgentRecord> {
@@ -140,6 +148,9 @@ impl IntoDomain<AgentRecord> for RecordRow {
         if let Some(files) = self.effective_config {
             record.effective_config =
                 Some(serde_json::from_str(&files).map_err(|e| corrupt("effective config", e))?);
+        }
+        if let (Some(points), Some(t)) = (self.throughput, record.throughput.as_mut()) {
+            t.points = serde_json::from_str(&points).map_err(|e| corrupt("throughput", e))?;
         }
         Ok(record)
     }
@@ -154,6 +165,9 @@ pub struct AgentRow {
     /// The effective config files (JSON) when the record carries them; `None` leaves the
     /// stored ones as they are.
     pub(super) effective_config: Option<String>,
+    /// The own-metrics window's points (JSON) when the record has a window; `None` leaves
+    /// the stored ones as they are.
+    pub(super) throughput: Option<String>,
     pub(super) connected: bool,
     pub(super) last_seen_ms: i64,
 }
@@ -171,11 +185,16 @@ pub(super) fn agent_rows(agents: &[AgentRecord]) -> StoreResult<Vec<AgentRow>> {
                 ),
                 None => (to_json("upsert_agents", a)?, None),
             };
+            let throughput = match &a.throughput {
+                Some(t) => Some(to_json("upsert_agents", &t.points)?),
+                None => None,
+            };
             Ok(AgentRow {
                 uid: a.instance_uid.as_bytes().to_vec(),
                 partition: a.instance_uid.partition(),
                 record,
                 effective_config,
+                throughput,
                 connected: a.connected,
                 last_seen_ms: a.last_seen_ms,
             })

@@ -34,7 +34,7 @@ use sqlx::{QueryBuilder, Sqlite};
 
 use super::dialect::{Claim, Dialect, SqlResult, Tx};
 use super::sql::{
-    redemption, uid_from, AgentRow, RecordRow, TokenState, AGENT_RECORD, RELEASED_EXPIRES_MS,
+    redemption, uid_from, AgentRow, RecordRow, TokenState, AGENT_RECORD_OWNED, RELEASED_EXPIRES_MS,
 };
 use super::sql_store::SqlStore;
 
@@ -215,13 +215,15 @@ impl Dialect for SqliteDialect {
         for chunk in rows.chunks(CHUNK) {
             let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
                 "INSERT INTO agents \
-                 (instance_uid, partition, record, effective_config, connected, last_seen_ms) ",
+                 (instance_uid, partition, record, effective_config, throughput, connected, \
+                 last_seen_ms) ",
             );
             q.push_values(chunk, |mut b, r| {
                 b.push_bind(r.uid.as_slice())
                     .push_bind(i64::from(r.partition))
                     .push_bind(r.record.as_str())
                     .push_bind(r.effective_config.as_deref())
+                    .push_bind(r.throughput.as_deref())
                     .push_bind(r.connected)
                     .push_bind(r.last_seen_ms);
             });
@@ -231,6 +233,7 @@ impl Dialect for SqliteDialect {
                 " ON CONFLICT (instance_uid) DO UPDATE SET \
                  partition = excluded.partition, record = excluded.record, \
                  effective_config = COALESCE(excluded.effective_config, agents.effective_config), \
+                 throughput = COALESCE(excluded.throughput, agents.throughput), \
                  connected = excluded.connected, last_seen_ms = excluded.last_seen_ms",
             );
             q.build().persistent(false).execute(&mut **tx).await?;
@@ -241,8 +244,9 @@ impl Dialect for SqliteDialect {
     async fn agents_in(pool: &SqlitePool, partitions: Vec<u16>) -> SqlResult<Vec<RecordRow>> {
         let mut rows = Vec::new();
         for chunk in partitions.chunks(CHUNK) {
-            let mut q =
-                QueryBuilder::new(format!("SELECT {AGENT_RECORD} FROM agents WHERE partition"));
+            let mut q = QueryBuilder::new(format!(
+                "SELECT {AGENT_RECORD_OWNED} FROM agents WHERE partition"
+            ));
             push_partitions(&mut q, chunk);
             rows.extend(q.build_query_as().persistent(false).fetch_all(pool).await?);
         }

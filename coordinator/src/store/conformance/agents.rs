@@ -186,6 +186,41 @@ pub async fn agents_effective_config_files(store: &dyn Store) {
     );
 }
 
+/// An own-metrics window's points are stored beside the record: one agent read, or the
+/// agents of a partition taken over, bring them; a load of every agent brings the rates only.
+pub async fn agents_throughput_window(store: &dyn Store) {
+    use shared::own_telemetry::{Figures, Throughput};
+    let uid = InstanceUid::new_v7();
+    let mut a = AgentRecord::new(uid, 1);
+    let mut t = Throughput::default();
+    let mut f = Figures::default();
+    f.present[0] = true;
+    for (m, total) in [(100i64, 10.0), (101, 70.0), (102, 190.0)] {
+        f.cumulative[0] = total;
+        t.record(&f, m * 60_000);
+    }
+    assert_eq!(t.points.len(), 3);
+    a.throughput = Some(Box::new(t));
+    store.upsert_agents(&[a.clone()]).await.expect("upsert");
+    assert_eq!(store.get_agent(uid).await.expect("get").as_ref(), Some(&a));
+    let taken: Vec<_> = store
+        .load_agents_in(&[uid.partition()])
+        .await
+        .expect("load")
+        .into_iter()
+        .filter(|r| r.instance_uid == uid)
+        .collect();
+    assert_eq!(taken, vec![a.clone()], "a take-over keeps the window");
+    let all = store.load_agents().await.expect("load all");
+    let light = all.iter().find(|r| r.instance_uid == uid).expect("listed");
+    let t = light.throughput.as_deref().expect("the rates");
+    assert!(t.points.is_empty(), "no points in a load of every agent");
+    assert_eq!(
+        t.rates,
+        a.throughput.as_deref().map(|t| t.rates).unwrap_or_default()
+    );
+}
+
 /// Upserting an existing agent replaces its record instead of adding one.
 pub async fn agents_upsert_updates(store: &dyn Store) {
     let uid = InstanceUid::new_v7();

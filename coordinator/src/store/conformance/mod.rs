@@ -67,7 +67,7 @@ mod tokens;
 
 pub use agents::{
     agents_bulk, agents_by_partition, agents_effective_config_files, agents_round_trip,
-    agents_upsert_updates,
+    agents_throughput_window, agents_upsert_updates,
 };
 pub use api_tokens::{api_token_revocation, api_tokens};
 pub use audit::{assert_audit_intact, audit, audit_batch, audit_probe, audit_scan};
@@ -87,6 +87,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     agents_round_trip(store.as_ref()).await;
     agents_upsert_updates(store.as_ref()).await;
     agents_effective_config_files(store.as_ref()).await;
+    agents_throughput_window(store.as_ref()).await;
     agents_bulk(store.as_ref()).await;
     agents_by_partition(store.as_ref()).await;
     membership(store.as_ref()).await;
