@@ -586,8 +586,8 @@ async fn main() -> anyhow::Result<()> {
                 per_agent(r.rss_full_windows_kib)
             );
             println!(
-                "a full window as stored: {} bytes of JSON",
-                r.window_json_bytes
+                "a full window as stored: {} bytes of JSON points beside the record, {} in it",
+                r.window_json_bytes, r.window_record_bytes
             );
             Ok(())
         }
