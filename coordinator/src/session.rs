@@ -607,8 +607,10 @@ fn offer_config(
 /// certificate, with the interval, never 0, to those that have one), and the own-telemetry
 /// settings of the agent's group for the signals it reports. `o` is the `opamp` offer as made
 /// to this agent ([`OpampOffer::for_agent`]), if any. True when it made an offer: the record's
-/// `settings_offered` changed, and must be persisted for "once per change" to hold.
-fn offer_settings(
+/// `settings_offered` changed, and must be persisted for "once per change" to hold. Called by
+/// [`handle`], and by the caller again once the message has shown what the offer depends on
+/// (the agent's first description decides its groups).
+pub fn offer_settings(
     state: &mut AgentState,
     o: Option<&OpampOffer>,
     identity: Option<&IdentityOffer>,

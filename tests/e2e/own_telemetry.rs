@@ -305,6 +305,41 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
     server.stop().await
 }
 
+/// A Collector heartbeats every 30 s or more: the offer must come with the reply to its
+/// first message (which shows the description its groups follow), not a heartbeat later.
+#[tokio::test]
+async fn the_offer_comes_with_the_first_reply() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    server
+        .api
+        .put_json(
+            "/api/v1/groups/prod",
+            json!({ "labels": { "env": "prod" } }),
+        )
+        .await?;
+    server
+        .api
+        .put_json(
+            "/api/v1/groups/prod/telemetry",
+            json!({ "metrics": { "ampora": true } }),
+        )
+        .await?;
+    let token = server.api.token("slow").await?;
+    let agent = Agent::start(AgentOptions {
+        endpoint: server.ws_url(),
+        token: Some(token),
+        description: vec![("service.name".into(), "otelcol-contrib".into())],
+        non_identifying: vec![("env".into(), "prod".into())],
+        capabilities: DEFAULT_CAPABILITIES | agent_caps::REPORTS_OWN_METRICS,
+        heartbeat: Duration::from_secs(3600),
+        ..AgentOptions::default()
+    });
+    let s = agent::wait_for(&mut agent.status(), WAIT, |s| s.own_metrics.is_some()).await?;
+    assert_eq!(s.replies, 1, "in the first reply: {s:?}");
+    agent.stop().await;
+    server.stop().await
+}
+
 #[tokio::test]
 async fn bad_settings_and_unknown_groups_are_refused() -> anyhow::Result<()> {
     let server = TestServer::start().await?;

@@ -270,6 +270,18 @@ impl Coordinator {
                     &mut outcome.events,
                 );
             }
+            // So is the own-telemetry offer (the groups follow the description), in this
+            // reply rather than a heartbeat later.
+            if let Some(t) = self.telemetry_offer(&entry.state.record) {
+                let o = self.offer.for_agent(frame.transport, identity.is_some());
+                outcome.changed |= session::offer_settings(
+                    &mut entry.state,
+                    Some(&o),
+                    identity.as_ref(),
+                    Some(&t),
+                    &mut outcome.reply,
+                );
+            }
         }
         if let Some(p) = &packages {
             self.upgrade_progressed(&entry.state.record, p);
