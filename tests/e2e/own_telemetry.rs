@@ -90,9 +90,8 @@ async fn counted(server: &TestServer, outcome: &str) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
-#[tokio::test]
-async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyhow::Result<()> {
-    let server = TestServer::start().await?;
+/// Group `prod` (agents labelled `env=prod`) with these own-telemetry settings.
+async fn prod_group_with(server: &TestServer, settings: Value) -> anyhow::Result<()> {
     server
         .api
         .put_json(
@@ -100,14 +99,24 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
             json!({ "labels": { "env": "prod" } }),
         )
         .await?;
-    let settings = json!({
-        "metrics": { "ampora": true },
-        "logs": { "endpoint": "https://logs.example/v1/logs", "headers": { "X-Key": "secret" } },
-    });
     server
         .api
-        .put_json("/api/v1/groups/prod/telemetry", settings.clone())
+        .put_json("/api/v1/groups/prod/telemetry", settings)
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    prod_group_with(
+        &server,
+        json!({
+            "metrics": { "ampora": true },
+            "logs": { "endpoint": "https://logs.example/v1/logs", "headers": { "X-Key": "secret" } },
+        }),
+    )
+    .await?;
     let read = server.api.get("/api/v1/groups/prod/telemetry").await?;
     assert_eq!(read["metrics"]["ampora"], true, "{read}");
 
@@ -310,20 +319,7 @@ async fn own_metrics_are_offered_sent_to_ampora_and_shown_on_the_agent() -> anyh
 #[tokio::test]
 async fn the_offer_comes_with_the_first_reply() -> anyhow::Result<()> {
     let server = TestServer::start().await?;
-    server
-        .api
-        .put_json(
-            "/api/v1/groups/prod",
-            json!({ "labels": { "env": "prod" } }),
-        )
-        .await?;
-    server
-        .api
-        .put_json(
-            "/api/v1/groups/prod/telemetry",
-            json!({ "metrics": { "ampora": true } }),
-        )
-        .await?;
+    prod_group_with(&server, json!({ "metrics": { "ampora": true } })).await?;
     let token = server.api.token("slow").await?;
     let agent = Agent::start(AgentOptions {
         endpoint: server.ws_url(),
