@@ -24,7 +24,8 @@
 //!   at once and when ([`maintenance`] windows);
 //! - [`audit`], [`refusals`]: the audit log and aggregated refusals; [`api_tokens`];
 //! - [`components`] and [`preflight`]: agents' builds and the checks of configs against them;
-//!   [`restarts`], [`custom_messages`]; [`own_telemetry`]: groups' own-telemetry settings
+//!   [`restarts`] and [`restart_driver`]: restarting agents, group restarts in batches;
+//!   [`custom_messages`]; [`own_telemetry`]: groups' own-telemetry settings
 //!   and agents' throughput windows.
 
 mod agents;
@@ -50,6 +51,7 @@ pub mod packages;
 mod partitions;
 pub mod preflight;
 mod refusals;
+mod restart_driver;
 pub mod restarts;
 pub mod rollouts;
 mod scope;
@@ -168,8 +170,8 @@ pub struct Coordinator {
     rollout_sync: Mutex<()>,
     /// One rollout creation at a time in this process (the overlap check).
     rollout_create: Mutex<()>,
-    /// The group restarts this coordinator drives or drove ([`restarts`]).
-    restart_jobs: StdMutex<Vec<restarts::RestartJob>>,
+    /// Poked when a group restart starts here, so the restart driver looks at once.
+    restart_wake: Arc<tokio::sync::Notify>,
     /// Poked when an agent answers a config offer, so the rollout driver looks at once instead
     /// of at its next tick (see `rollouts::run_engine`).
     rollout_wake: Arc<tokio::sync::Notify>,
@@ -444,7 +446,7 @@ impl Coordinator {
             rollouts: RwLock::new(Vec::new()),
             rollout_sync: Mutex::new(()),
             rollout_create: Mutex::new(()),
-            restart_jobs: StdMutex::new(Vec::new()),
+            restart_wake: Arc::new(tokio::sync::Notify::new()),
             rollout_soak: StdMutex::new(HashMap::new()),
             lease_outage: StdMutex::new(None),
             rollout_wake: Arc::new(tokio::sync::Notify::new()),
@@ -498,6 +500,7 @@ impl Coordinator {
         tokio::spawn(run_syncs(Arc::downgrade(&this)));
         tokio::spawn(run_token_sync(Arc::downgrade(&this), token_sync_wanted));
         tokio::spawn(rollouts::run_engine(Arc::downgrade(&this)));
+        tokio::spawn(restart_driver::run_restarts(Arc::downgrade(&this)));
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
             loop {

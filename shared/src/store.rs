@@ -207,8 +207,43 @@ pub trait TelemetryStore: Send + Sync + 'static {
     async fn list_group_telemetry(&self) -> StoreResult<Vec<(String, String)>>;
 }
 
+/// A group restart as stored: the coordinator's job as JSON, with the revision and state the
+/// store compares and selects by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRestart {
+    pub id: i64,
+    pub rev: i64,
+    pub state: String,
+    pub body: String,
+}
+
+/// Group restarts, kept in the store so that every coordinator shows them and a take-over
+/// continues them: written, like rollouts, by the holder of one partition's lease.
 #[async_trait]
-pub trait Store: RolloutStore + PackageStore + ComponentStore + TelemetryStore {
+pub trait RestartStore: Send + Sync + 'static {
+    /// Stores a new restart at revision 1; returns its id.
+    async fn create_restart(&self, state: &str, body: &str, created_ms: i64) -> StoreResult<i64>;
+    /// Writes revision `rev` of restart `id`, only if the stored one is `rev - 1` and, with a
+    /// `fence`, that partition lease is still the writer's and unexpired. False otherwise.
+    async fn update_restart(
+        &self,
+        id: i64,
+        rev: i64,
+        state: &str,
+        body: &str,
+        fence: Option<&Fence>,
+    ) -> StoreResult<bool>;
+    async fn get_restart(&self, id: i64) -> StoreResult<Option<StoredRestart>>;
+    /// The newest `limit` restarts, newest first.
+    async fn list_restarts(&self, limit: u32) -> StoreResult<Vec<StoredRestart>>;
+    /// The restarts in `state`, oldest first.
+    async fn list_restarts_in(&self, state: &str) -> StoreResult<Vec<StoredRestart>>;
+}
+
+#[async_trait]
+pub trait Store:
+    RolloutStore + PackageStore + ComponentStore + TelemetryStore + RestartStore
+{
     /// Cheap round trip; readiness depends on it.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -187,3 +187,104 @@ async fn own_metrics_reach_the_coordinator_that_serves_the_agent() -> anyhow::Re
     agent.stop().await;
     c.stop().await
 }
+
+/// A group restart in the cluster sandbox: started through one coordinator, listed alike by
+/// both, driven by the holder of its partition's lease; that coordinator is killed after the
+/// first batch, and the other takes the restart over and finishes it. One agent never comes
+/// back (within the budget); no agent is sent the command twice.
+#[tokio::test]
+async fn a_group_restart_goes_on_when_its_driving_coordinator_is_killed() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, 2, |_| {}).await?;
+    let mut agents = Vec::new();
+    for i in 0..5 {
+        let token = c.api_of(0)?.token(&format!("batch-{i}")).await?;
+        let a = Agent::start(AgentOptions {
+            endpoint: c.ws_url_of(0)?,
+            token: Some(token),
+            description: vec![("service.name".into(), format!("collector-{i}"))],
+            non_identifying: vec![("env".into(), "fleet".into())],
+            capabilities: agent::DEFAULT_CAPABILITIES | proto::agent_caps::ACCEPTS_RESTART_COMMAND,
+            restart_never_returns: i == 2,
+            heartbeat: Duration::from_millis(300),
+            ..AgentOptions::default()
+        });
+        let s = agent::wait_for(&mut a.status(), WAIT, |s| {
+            s.connected && s.instance_uid.is_some() && s.replies > 0
+        })
+        .await?;
+        let uid = InstanceUid(s.instance_uid.unwrap_or_default()).to_string();
+        agents.push((a, uid, i == 2));
+    }
+    // Agents the other coordinator serves reach this one through the store, at its flush.
+    eventually("every agent known to coordinator 0", WAIT, || async {
+        let v = c
+            .api_of(0)?
+            .get("/api/v1/agents?label=env%3Dfleet&connected=true")
+            .await?;
+        Ok((v.as_array().map_or(0, Vec::len) == agents.len()).then_some(()))
+    })
+    .await?;
+    let job = c
+        .api_of(0)?
+        .post(
+            "/api/v1/restarts",
+            json!({ "labels": { "env": "fleet" }, "batch": 1, "deadline": "8s", "budget": 1 }),
+        )
+        .await?;
+    let id = job["id"].as_i64().expect("restart id");
+    let partition = coordinator::service::rollouts::driver_partition(id);
+    let driver = c
+        .partition_holders()
+        .await?
+        .into_iter()
+        .find(|(p, _)| *p == partition)
+        .map(|(_, h)| h)
+        .ok_or_else(|| anyhow::anyhow!("nobody holds partition {partition}"))?;
+    let (killed, survivor) = if driver == "coord-0" { (0, 1) } else { (1, 0) };
+
+    // Both coordinators list it; the first batch is decided before the driver dies.
+    let path = format!("/api/v1/restarts/{id}");
+    eventually("the first batch decided, seen by both", WAIT, || async {
+        let mine = c.api_of(survivor)?.get(&path).await?;
+        let theirs = c.api_of(killed)?.get(&path).await?;
+        let decided =
+            mine["members"][0]["state"] != "restarting" && mine["members"][0]["state"] != "waiting";
+        Ok((decided && mine["members"][0] == theirs["members"][0]).then_some(()))
+    })
+    .await?;
+    c.kill_coordinator(killed);
+
+    let done = eventually("the restart finished by the survivor", WAIT * 2, || async {
+        let v = c.api_of(survivor)?.get(&path).await?;
+        Ok((v["state"] != "running").then_some(v))
+    })
+    .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let members = done["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 5, "{done}");
+    for (a, uid, never_returns) in &agents {
+        let m = members
+            .iter()
+            .find(|m| m["uid"] == uid.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{uid} not a member: {done}"))?;
+        let commands = a.status().borrow().restart_commands;
+        assert_eq!(commands, 1, "{uid} was sent the command once: {done}");
+        let want = if *never_returns {
+            "failed"
+        } else {
+            "restarted"
+        };
+        assert_eq!(m["state"], want, "{uid}: {done}");
+    }
+    let holders = c.partition_holders().await?;
+    assert!(
+        holders
+            .iter()
+            .any(|(p, h)| *p == partition && *h == format!("coord-{survivor}")),
+        "the survivor drives it now: {holders:?}"
+    );
+    for (a, _, _) in agents {
+        a.stop().await;
+    }
+    c.stop().await
+}

@@ -1,6 +1,6 @@
 //! Restarts over the API: one agent (`POST /api/v1/agents/{uid}/restart`), or a group, label
-//! selector or the whole fleet in batches (`POST /api/v1/restarts`), and the restarts this
-//! coordinator drove.
+//! selector or the whole fleet in batches (`POST /api/v1/restarts`), and the group restarts
+//! (from the store: every coordinator answers alike).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -88,24 +88,19 @@ pub(super) async fn list_restarts(
     State(c): State<Arc<Coordinator>>,
     _caller: Caller<Viewer>,
 ) -> ApiResult<Vec<RestartJob>> {
-    Ok(Json(c.restart_jobs()))
+    Ok(Json(c.restart_jobs().await?))
 }
 
-#[utoipa::path(get, path = "/api/v1/restarts/{id}", params(("id" = u64, Path)),
+#[utoipa::path(get, path = "/api/v1/restarts/{id}", params(("id" = i64, Path)),
     responses((status = 200, body = RestartJob), (status = 404, body = ErrorBody)),
     security(("api_token" = [])))]
 pub(super) async fn show_restart(
     State(c): State<Arc<Coordinator>>,
     _caller: Caller<Viewer>,
-    Path(id): Path<u64>,
+    Path(id): Path<i64>,
 ) -> ApiResult<RestartJob> {
-    c.restart_jobs()
-        .into_iter()
-        .find(|j| j.id == id)
+    c.restart_job(id)
+        .await?
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "restart {id} (restarts are kept by the coordinator that drove them)"
-            ))
-        })
+        .ok_or_else(|| ApiError::NotFound(format!("restart {id}")))
 }

@@ -68,7 +68,7 @@ pub enum AgentsCmd {
     /// Where an agent sends its own telemetry, and its throughput (when it sends its own
     /// metrics to Ampora): rates now and a line per minute.
     Telemetry { uid: String },
-    /// Show a group restart (kept by the coordinator that drove it).
+    /// Show a group restart.
     Restarts {
         /// One restart by id; all of them without.
         id: Option<u64>,

@@ -72,13 +72,16 @@ pub(super) async fn page(
         Ok(g) => g,
         Err(e) => return view::error_page(Some(&who), &e.into()),
     };
-    let jobs = c.restart_jobs();
+    let jobs = match c.restart_jobs().await {
+        Ok(j) => j,
+        Err(e) => return view::error_page(Some(&who), &e.into()),
+    };
     let body = html! {
         h1 { "Restarts" }
         p.muted {
             "Agents that declare AcceptsRestartCommand restart in batches; each must come back "
             "connected and healthy within the deadline, and the restart stops when more than the "
-            "budget do not. Restarts are kept by the coordinator that drove them."
+            "budget do not. A restart goes on if the coordinator driving it stops."
         }
         @if who.may(Role::Operator) {
             form #new-restart method="post" action="/ui/restarts" {
@@ -96,11 +99,11 @@ pub(super) async fn page(
             }
         }
         @if jobs.is_empty() {
-            p.muted { "No restart yet on this coordinator." }
+            p.muted { "No restart yet." }
         }
         @for j in &jobs {
             section.restart id={"restart-" (j.id)} {
-                h2 { "Restart " (j.id) " " span class={"chip restart-" (j.state)} { (j.state) } }
+                h2 { "Restart " (j.id) " " span class={"chip restart-" (j.state.as_str())} { (j.state.as_str()) } }
                 p.muted {
                     (when(Some(j.created_ms))) " by " (j.author) " · batches of " (j.batch)
                     " · deadline " (j.deadline_ms / 1000) " s · budget " (j.budget)
@@ -113,7 +116,7 @@ pub(super) async fn page(
                         @for m in &j.members {
                             tr {
                                 td { a href={"/ui/agents/" (m.uid)} { code { (m.uid) } } }
-                                td { span class={"chip restart-" (m.state)} { (m.state.replace('_', " ")) } }
+                                td { span class={"chip restart-" (m.state.as_str())} { (m.state.as_str().replace('_', " ")) } }
                                 td { (m.reason.as_deref().unwrap_or("")) }
                             }
                         }

@@ -4,20 +4,18 @@
 //! connected again after the command and is healthy; one that has not within the deadline
 //! fails, and a batch that takes the failures past the budget stops the restart there.
 //!
-//! A group restart is driven by the coordinator that was asked, and kept in its memory (the
-//! last [`KEPT_JOBS`]); the commands reach each agent through whichever coordinator serves
-//! it. If that coordinator stops, the restart stops with it: the audit log has what was
-//! sent.
+//! This file owns what operators do (restart one agent, start a group restart, read them);
+//! [`super::restart_driver`] moves group restarts through their batches. A group restart is
+//! a row of the store, so every coordinator lists it, and it is driven by the holder of one
+//! partition's lease: a coordinator that stops hands its restarts over with its leases.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use proto::agent_caps::{ACCEPTS_RESTART_COMMAND, REPORTS_HEALTH};
-use serde::Serialize;
+use proto::agent_caps::ACCEPTS_RESTART_COMMAND;
+use serde::{Deserialize, Serialize};
 use shared::bus::ControlEvent;
-use shared::domain::{AgentRecord, Target, Transport};
+use shared::domain::{Target, Transport};
 use shared::ids::InstanceUid;
 use shared::now_ms;
+use shared::store::StoredRestart;
 use utoipa::ToSchema;
 
 use super::{Coordinator, ServiceError};
@@ -40,11 +38,8 @@ pub fn describe_metrics() {
     }
 }
 
-/// Group restarts remembered per coordinator, newest last.
-pub const KEPT_JOBS: usize = 50;
-
-/// How often a running batch looks at its agents.
-const LOOK_EVERY: Duration = Duration::from_millis(250);
+/// Group restarts listed, newest first.
+pub const LISTED: u32 = 50;
 
 /// What an operator asks for.
 #[derive(Debug, Clone)]
@@ -58,20 +53,64 @@ pub struct RestartPlan {
     pub budget: u64,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    Waiting,
+    Restarting,
+    Restarted,
+    Failed,
+    /// The restart stopped before this agent's batch.
+    NotSent,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Restarting => "restarting",
+            Self::Restarted => "restarted",
+            Self::Failed => "failed",
+            Self::NotSent => "not_sent",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Stopped,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RestartMember {
     pub uid: String,
-    /// waiting, restarting, restarted, failed, not_sent (the restart stopped first).
-    pub state: &'static str,
+    pub state: MemberState,
     pub sent_ms: Option<i64>,
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RestartJob {
-    pub id: u64,
-    /// running, succeeded, stopped.
-    pub state: &'static str,
+    /// Given by the store (the row's id; not in the stored body).
+    #[serde(default)]
+    pub id: i64,
+    /// The store's revision: each write bumps it, compared so that writes never cross.
+    #[serde(skip)]
+    pub rev: i64,
+    pub state: JobState,
     pub reason: Option<String>,
     pub author: String,
     pub created_ms: i64,
@@ -82,6 +121,22 @@ pub struct RestartJob {
     pub members: Vec<RestartMember>,
     /// Agents the target admits that do not declare AcceptsRestartCommand: never sent it.
     pub unable: Vec<String>,
+}
+
+impl RestartJob {
+    /// A stored restart, with its id and revision from the row.
+    pub(super) fn from_stored(s: &StoredRestart) -> Result<Self, ServiceError> {
+        let mut job: Self = serde_json::from_str(&s.body)
+            .map_err(|e| ServiceError::Internal(format!("restart {}: stored body: {e}", s.id)))?;
+        job.id = s.id;
+        job.rev = s.rev;
+        Ok(job)
+    }
+
+    pub(super) fn body(&self) -> Result<String, ServiceError> {
+        serde_json::to_string(self)
+            .map_err(|e| ServiceError::Internal(format!("restart {}: encoding: {e}", self.id)))
+    }
 }
 
 impl Coordinator {
@@ -102,7 +157,7 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn send_restart(&self, uid: InstanceUid) {
+    pub(super) async fn send_restart(&self, uid: InstanceUid) {
         metrics::counter!(COMMANDS).increment(1);
         if self.slot(&uid).is_some() {
             self.restart_here(uid).await;
@@ -132,7 +187,7 @@ impl Coordinator {
     /// Starts restarting the agents `plan.target` admits, in batches; returns the job as it
     /// starts.
     pub async fn start_restart(
-        self: &Arc<Self>,
+        &self,
         plan: RestartPlan,
         actor: &str,
     ) -> Result<RestartJob, ServiceError> {
@@ -159,183 +214,75 @@ impl Coordinator {
                 unable.len()
             )));
         }
-        let job = {
-            let mut jobs = self
-                .restart_jobs
-                .lock()
-                .map_err(|_| ServiceError::Internal("restart jobs unavailable".into()))?;
-            let id = jobs.last().map_or(1, |j| j.id + 1);
-            let job = RestartJob {
-                id,
-                state: "running",
-                reason: None,
-                author: actor.to_owned(),
-                created_ms: now_ms(),
-                finished_ms: None,
-                batch: plan.batch,
-                deadline_ms: plan.deadline_ms,
-                budget: plan.budget,
-                members: able
-                    .iter()
-                    .map(|u| RestartMember {
-                        uid: u.to_string(),
-                        state: "waiting",
-                        sent_ms: None,
-                        reason: None,
-                    })
-                    .collect(),
-                unable,
-            };
-            jobs.push(job.clone());
-            if jobs.len() > KEPT_JOBS {
-                jobs.remove(0);
-            }
-            job
+        let mut job = RestartJob {
+            id: 0,
+            rev: 1,
+            state: JobState::Running,
+            reason: None,
+            author: actor.to_owned(),
+            created_ms: now_ms(),
+            finished_ms: None,
+            batch: plan.batch,
+            deadline_ms: plan.deadline_ms,
+            budget: plan.budget,
+            members: able
+                .iter()
+                .map(|u| RestartMember {
+                    uid: u.to_string(),
+                    state: MemberState::Waiting,
+                    sent_ms: None,
+                    reason: None,
+                })
+                .collect(),
+            unable,
         };
-        self.audit_op(
-            actor,
-            "restart.start",
-            None,
-            serde_json::json!({
-                "restart_id": job.id, "target": plan.target, "agents": able.len(),
-                "unable": job.unable.len(), "batch": plan.batch, "budget": plan.budget,
-            }),
-        )
-        .await?;
-        let me = self.clone();
-        let author = actor.to_owned();
-        tokio::spawn(async move { me.drive_restart(job.id, able, plan, author).await });
+        job.id = self
+            .store
+            .create_restart(JobState::Running.as_str(), &job.body()?, job.created_ms)
+            .await?;
+        let audited = self
+            .audit_op(
+                actor,
+                "restart.start",
+                None,
+                serde_json::json!({
+                    "restart_id": job.id, "target": plan.target, "agents": able.len(),
+                    "unable": job.unable.len(), "batch": plan.batch, "budget": plan.budget,
+                }),
+            )
+            .await;
+        if let Err(e) = audited {
+            // Nothing is sent for a restart whose start is not in the audit log.
+            let mut stopped = job.clone();
+            stopped.state = JobState::Stopped;
+            stopped.reason = Some("its start could not be audited".into());
+            stopped.finished_ms = Some(now_ms());
+            stopped.rev = 2;
+            self.store
+                .update_restart(stopped.id, 2, "stopped", &stopped.body()?, None)
+                .await?;
+            return Err(e);
+        }
+        self.restart_wake.notify_one();
         Ok(job)
     }
 
-    /// The group restarts this coordinator drove, newest first.
-    pub fn restart_jobs(&self) -> Vec<RestartJob> {
-        let mut jobs = self
-            .restart_jobs
-            .lock()
-            .map(|j| j.clone())
-            .unwrap_or_default();
-        jobs.reverse();
-        jobs
+    /// The newest group restarts, newest first.
+    pub async fn restart_jobs(&self) -> Result<Vec<RestartJob>, ServiceError> {
+        self.store
+            .list_restarts(LISTED)
+            .await?
+            .iter()
+            .map(RestartJob::from_stored)
+            .collect()
     }
 
-    fn update_job(&self, id: u64, f: impl FnOnce(&mut RestartJob)) {
-        if let Ok(mut jobs) = self.restart_jobs.lock() {
-            if let Some(j) = jobs.iter_mut().find(|j| j.id == id) {
-                f(j);
-            }
-        }
+    pub async fn restart_job(&self, id: i64) -> Result<Option<RestartJob>, ServiceError> {
+        self.store
+            .get_restart(id)
+            .await?
+            .as_ref()
+            .map(RestartJob::from_stored)
+            .transpose()
     }
-
-    fn set_member(&self, id: u64, uid: InstanceUid, state: &'static str, reason: Option<String>) {
-        if state != "restarting" {
-            metrics::counter!(OUTCOMES, "outcome" => state).increment(1);
-        }
-        let uid = uid.to_string();
-        self.update_job(id, |j| {
-            if let Some(m) = j.members.iter_mut().find(|m| m.uid == uid) {
-                m.state = state;
-                if state == "restarting" {
-                    m.sent_ms = Some(now_ms());
-                }
-                m.reason = reason;
-            }
-        });
-    }
-
-    async fn drive_restart(
-        &self,
-        id: u64,
-        agents: Vec<InstanceUid>,
-        plan: RestartPlan,
-        actor: String,
-    ) {
-        let mut failed = 0u64;
-        let mut restarted = 0u64;
-        let mut stopped = None;
-        for batch in agents.chunks(plan.batch) {
-            let sent = now_ms();
-            for &uid in batch {
-                self.set_member(id, uid, "restarting", None);
-                if let Err(e) = self
-                    .audit_op(
-                        &actor,
-                        "agent.restart",
-                        Some(uid),
-                        serde_json::json!({ "restart_id": id }),
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "auditing a restart failed");
-                }
-                self.send_restart(uid).await;
-            }
-            let mut left: Vec<InstanceUid> = batch.to_vec();
-            let deadline = sent + plan.deadline_ms;
-            while !left.is_empty() && now_ms() < deadline {
-                tokio::time::sleep(LOOK_EVERY).await;
-                let mut still = Vec::with_capacity(left.len());
-                for uid in left {
-                    match self.agent(uid).await {
-                        Ok(Some(r)) if came_back(&r, sent) => {
-                            restarted += 1;
-                            self.set_member(id, uid, "restarted", None);
-                        }
-                        _ => still.push(uid),
-                    }
-                }
-                left = still;
-            }
-            for uid in left {
-                failed += 1;
-                let why = format!(
-                    "did not reconnect healthy within {} s of the command",
-                    plan.deadline_ms / 1000
-                );
-                self.set_member(id, uid, "failed", Some(why));
-            }
-            if failed > plan.budget {
-                stopped = Some(format!(
-                    "{failed} agent(s) did not come back, more than the budget of {}",
-                    plan.budget
-                ));
-                break;
-            }
-        }
-        let state = if stopped.is_some() {
-            "stopped"
-        } else {
-            "succeeded"
-        };
-        self.update_job(id, |j| {
-            j.state = state;
-            j.reason = stopped.clone();
-            j.finished_ms = Some(now_ms());
-            for m in j.members.iter_mut().filter(|m| m.state == "waiting") {
-                m.state = "not_sent";
-                metrics::counter!(OUTCOMES, "outcome" => "not_sent").increment(1);
-            }
-        });
-        if let Err(e) = self
-            .audit_op(
-                &actor,
-                "restart.finished",
-                None,
-                serde_json::json!({
-                    "restart_id": id, "state": state, "restarted": restarted,
-                    "failed": failed, "reason": stopped,
-                }),
-            )
-            .await
-        {
-            tracing::warn!(error = %e, "auditing a restart failed");
-        }
-    }
-}
-
-/// Connected again since the command, and healthy (or not reporting health).
-fn came_back(r: &AgentRecord, sent_ms: i64) -> bool {
-    let healthy =
-        r.capabilities & REPORTS_HEALTH == 0 || r.health.as_ref().is_some_and(|h| h.healthy);
-    r.connected && r.connected_ms > sent_ms && healthy
 }

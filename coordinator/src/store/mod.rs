@@ -25,6 +25,7 @@ pub mod postgres;
 mod sql;
 mod sql_components;
 mod sql_packages;
+mod sql_restarts;
 mod sql_rollouts;
 mod sql_store;
 mod sql_telemetry;

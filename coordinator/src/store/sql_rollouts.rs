@@ -321,20 +321,8 @@ where
             format!("INSERT INTO package_assignments (body, created_ms) VALUES ($1{json}, $2)");
         self.in_tx("update_rollout", move |tx| {
             Box::pin(async move {
-                if let Some(f) = &fence {
-                    let held: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM partition_leases \
-                         WHERE partition = $1 AND holder = $2 AND fence = $3 AND expires_ms > $4",
-                    )
-                    .bind(i64::from(f.partition))
-                    .bind(f.node.as_str())
-                    .bind(f.fence)
-                    .bind(f.now_ms)
-                    .fetch_one(&mut **tx)
-                    .await?;
-                    if held == 0 {
-                        return Ok(false);
-                    }
+                if !fence_holds::<D>(tx, fence.as_ref()).await? {
+                    return Ok(false);
                 }
                 let done = sqlx::query(&update)
                     .bind(state)
@@ -379,6 +367,31 @@ where
         let rows = sqlx::query_as(&sql).bind(id).fetch_all(&self.pool).await;
         all::<EventRow, _>("rollout_events", rows)
     }
+}
+
+/// Whether `fence`'s partition lease is still its writer's and unexpired (true without one).
+pub(super) async fn fence_holds<D>(tx: &mut Tx<D>, fence: Option<&Fence>) -> SqlResult<bool>
+where
+    D: Dialect,
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    for<'q> <D::Db as Database>::Arguments<'q>: IntoArguments<'q, D::Db>,
+    i64: Type<D::Db> + for<'q> Encode<'q, D::Db> + for<'r> Decode<'r, D::Db>,
+    str: Type<D::Db>,
+    for<'q> &'q str: Encode<'q, D::Db>,
+    usize: ColumnIndex<<D::Db as Database>::Row>,
+{
+    let Some(f) = fence else { return Ok(true) };
+    let held: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM partition_leases \
+         WHERE partition = $1 AND holder = $2 AND fence = $3 AND expires_ms > $4",
+    )
+    .bind(i64::from(f.partition))
+    .bind(f.node.as_str())
+    .bind(f.fence)
+    .bind(f.now_ms)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(held > 0)
 }
 
 /// A [`Finish`] encoded for its insert: a config assignment's target, or a package

@@ -16,8 +16,8 @@ use shared::packages::{Artifact, NewPackageAssignment, PackageAssignment};
 use shared::rollout::{Fence, Group, Member, NewRollout, Rollout, RolloutEvent, RolloutState};
 use shared::store::{
     AuditCursor, AuditQuery, ComponentStore, Finish, HeldLeases, Lease, NewAssignment,
-    NewConfigVersion, PackageStore, RedeemRequest, RolloutStore, Store, StoreResult,
-    TelemetryStore,
+    NewConfigVersion, PackageStore, RedeemRequest, RestartStore, RolloutStore, Store, StoreResult,
+    StoredRestart, TelemetryStore,
 };
 
 pub const QUERY_DURATION: &str = "ampora_store_query_duration_seconds";
@@ -144,6 +144,36 @@ impl TelemetryStore for TimedStore {
 
     async fn list_group_telemetry(&self) -> StoreResult<Vec<(String, String)>> {
         timed!(self.list_group_telemetry())
+    }
+}
+
+#[async_trait]
+impl RestartStore for TimedStore {
+    async fn create_restart(&self, state: &str, body: &str, created_ms: i64) -> StoreResult<i64> {
+        timed!(self.create_restart(state, body, created_ms))
+    }
+
+    async fn update_restart(
+        &self,
+        id: i64,
+        rev: i64,
+        state: &str,
+        body: &str,
+        fence: Option<&Fence>,
+    ) -> StoreResult<bool> {
+        timed!(self.update_restart(id, rev, state, body, fence))
+    }
+
+    async fn get_restart(&self, id: i64) -> StoreResult<Option<StoredRestart>> {
+        timed!(self.get_restart(id))
+    }
+
+    async fn list_restarts(&self, limit: u32) -> StoreResult<Vec<StoredRestart>> {
+        timed!(self.list_restarts(limit))
+    }
+
+    async fn list_restarts_in(&self, state: &str) -> StoreResult<Vec<StoredRestart>> {
+        timed!(self.list_restarts_in(state))
     }
 }
 

@@ -43,8 +43,8 @@
 //! `agents` (agent records), `leases` (membership and partition leases), `configs` (config
 //! versions and assignments), `tokens` (bootstrap tokens, redemption, batch redemption and
 //! the races), `api_tokens` (operator API tokens), `identities` (agent identities) and
-//! `audit` (the audit log), `rollouts` (groups and rollouts), `packages` (package artifacts
-//! and assignments); `ping` and the shared fixtures stay here. Every check is
+//! `audit` (the audit log), `rollouts` (groups and rollouts), `restarts` (group restarts),
+//! `packages` (package artifacts and assignments); `ping` and the shared fixtures stay here. Every check is
 //! re-exported here under its own name.
 //!
 //! [`StoreError::NotFound`]: shared::store::StoreError::NotFound
@@ -62,6 +62,7 @@ mod configs;
 mod identities;
 mod leases;
 mod packages;
+mod restarts;
 mod rollouts;
 mod tokens;
 
@@ -75,6 +76,7 @@ pub use configs::{assignments, configs};
 pub use identities::identities;
 pub use leases::{agents_fenced, lease_race, lease_race_between, leases, membership};
 pub use packages::{artifacts, blob_chunks, component_sets, group_telemetry, package_assignments};
+pub use restarts::restarts;
 pub use rollouts::{groups, rollouts};
 pub use tokens::{
     batch_redemption, redemption, redemption_race, redemption_race_between, tokens, tokens_batch,
@@ -111,6 +113,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     audit_batch(store.as_ref()).await;
     groups(store.as_ref()).await;
     rollouts(store.as_ref()).await;
+    restarts(store.as_ref()).await;
     artifacts(store.as_ref()).await;
     package_assignments(store.as_ref()).await;
     blob_chunks(store.as_ref()).await;
