@@ -69,7 +69,7 @@ pub async fn membership(store: &dyn Store) {
 }
 
 /// A `now_ms` at which every lease in the store has expired, so every partition is free.
-async fn lease_clock(store: &dyn Store) -> i64 {
+pub(super) async fn lease_clock(store: &dyn Store) -> i64 {
     let latest = store
         .list_leases()
         .await

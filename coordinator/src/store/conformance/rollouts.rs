@@ -210,16 +210,7 @@ pub async fn rollouts(store: &dyn Store) {
     // Fenced: only the live holder of the partition's lease at that fence may write.
     let node = unique("driver");
     let partition = u16::try_from(created.id.rem_euclid(i64::from(PARTITIONS))).expect("u16");
-    let now = store
-        .list_leases()
-        .await
-        .expect("list_leases")
-        .iter()
-        .map(|l| l.expires_ms)
-        .max()
-        .unwrap_or(0)
-        .max(6_000_000_000_000)
-        + 1_000;
+    let now = super::leases::lease_clock(store).await + 1_000;
     let lease = store
         .acquire_leases(&node, &[partition], now, 10_000)
         .await
