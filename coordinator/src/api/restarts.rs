@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::guard::{ApiJson, Caller, Operator, Viewer};
 use super::{check_labels, parse_uid, ApiError, ApiResult, ErrorBody};
-use crate::service::restarts::{RestartJob, RestartPlan};
+use crate::service::restarts::{RestartJob, RestartPlan, LISTED};
 use crate::service::Coordinator;
 
 #[utoipa::path(post, path = "/api/v1/agents/{uid}/restart", params(("uid" = String, Path)),
@@ -88,7 +88,7 @@ pub(super) async fn list_restarts(
     State(c): State<Arc<Coordinator>>,
     _caller: Caller<Viewer>,
 ) -> ApiResult<Vec<RestartJob>> {
-    Ok(Json(c.restart_jobs().await?))
+    Ok(Json(c.restart_jobs(LISTED).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/restarts/{id}", params(("id" = i64, Path)),

@@ -1,6 +1,7 @@
 //! Restarts in the console: the agent page's Restart button (for agents that declare
 //! AcceptsRestartCommand), and the Restarts page, which restarts a group or the fleet in
-//! batches and shows the restarts this coordinator drove, member by member. The writes call
+//! batches and shows the newest restarts with their members (the failed and restarting first,
+//! at most [`MEMBER_ROWS`] of them: a fleet restart can hold every agent). The writes call
 //! what `POST /api/v1/agents/{uid}/restart` and `POST /api/v1/restarts` call, as operator.
 
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::session::{Nothing, Posted, Signed};
 use super::view::{self, csrf, when};
 use crate::api::guard::Operator;
 use crate::api::ApiError;
-use crate::service::restarts::RestartPlan;
+use crate::service::restarts::{MemberState, RestartJob, RestartMember, RestartPlan};
 use crate::service::Coordinator;
 
 /// The agent page's Restart section.
@@ -72,7 +73,7 @@ pub(super) async fn page(
         Ok(g) => g,
         Err(e) => return view::error_page(Some(&who), &e.into()),
     };
-    let jobs = match c.restart_jobs().await {
+    let jobs = match c.restart_jobs(SHOWN).await {
         Ok(j) => j,
         Err(e) => return view::error_page(Some(&who), &e.into()),
     };
@@ -110,10 +111,11 @@ pub(super) async fn page(
                     @if !j.unable.is_empty() { " · " (j.unable.len()) " cannot restart" }
                 }
                 @if let Some(r) = &j.reason { p.error { (r) } }
+                p.counts { (counts(j)) }
                 table.members {
                     thead { tr { th { "Agent" } th { "State" } th { "Reason" } } }
                     tbody {
-                        @for m in &j.members {
+                        @for m in first_rows(j) {
                             tr {
                                 td { a href={"/ui/agents/" (m.uid)} { code { (m.uid) } } }
                                 td { span class={"chip restart-" (m.state.as_str())} { (m.state.as_str().replace('_', " ")) } }
@@ -122,10 +124,46 @@ pub(super) async fn page(
                         }
                     }
                 }
+                @if j.members.len() > MEMBER_ROWS {
+                    p.muted {
+                        "… and " (j.members.len() - MEMBER_ROWS) " more; "
+                        code { "GET /api/v1/restarts/" (j.id) } " lists every member."
+                    }
+                }
             }
         }
     };
     view::page("Restarts", Some(&who), body).into_response()
+}
+
+/// Restarts shown on the page, newest first.
+const SHOWN: u32 = 10;
+/// Member rows shown per restart.
+const MEMBER_ROWS: usize = 100;
+
+/// "3 restarted · 1 failed · …": the members by state, in the order a restart moves them.
+fn counts(j: &RestartJob) -> String {
+    use MemberState::*;
+    [Restarted, Restarting, Failed, Waiting, NotSent]
+        .into_iter()
+        .filter_map(|state| {
+            let n = j.members.iter().filter(|m| m.state == state).count();
+            (n > 0).then(|| format!("{n} {}", state.as_str().replace('_', " ")))
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
+/// The members worth a look first (failed, then restarting), then the rest in order.
+fn first_rows(j: &RestartJob) -> impl Iterator<Item = &RestartMember> {
+    let rank = |m: &&RestartMember| match m.state {
+        MemberState::Failed => 0,
+        MemberState::Restarting => 1,
+        _ => 2,
+    };
+    let mut rows: Vec<&RestartMember> = j.members.iter().collect();
+    rows.sort_by_key(rank);
+    rows.into_iter().take(MEMBER_ROWS)
 }
 
 #[derive(Deserialize)]
@@ -167,5 +205,47 @@ pub(super) async fn start(
     match c.start_restart(plan, &who.actor).await {
         Ok(job) => Redirect::to(&format!("/ui/restarts#restart-{}", job.id)).into_response(),
         Err(e) => view::error_page(Some(&who), &e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::restarts::JobState;
+
+    #[test]
+    fn a_fleet_restart_shows_its_counts_and_the_failed_first_within_the_cap() {
+        let member = |i: usize| RestartMember {
+            uid: format!("agent-{i}"),
+            state: match i {
+                0..=149 => MemberState::Restarted,
+                150 => MemberState::Restarting,
+                151 | 152 => MemberState::Waiting,
+                _ => MemberState::Failed,
+            },
+            sent_ms: None,
+            reason: None,
+        };
+        let job = RestartJob {
+            id: 1,
+            rev: 1,
+            state: JobState::Running,
+            reason: None,
+            author: "api:test".into(),
+            created_ms: 0,
+            finished_ms: None,
+            batch: 10,
+            deadline_ms: 1_000,
+            budget: 5,
+            members: (0..154).map(member).collect(),
+            unable: Vec::new(),
+        };
+        assert_eq!(
+            counts(&job),
+            "150 restarted · 1 restarting · 1 failed · 2 waiting"
+        );
+        let rows: Vec<&str> = first_rows(&job).map(|m| m.uid.as_str()).collect();
+        assert_eq!(rows.len(), MEMBER_ROWS);
+        assert_eq!(&rows[..3], ["agent-153", "agent-150", "agent-0"]);
     }
 }

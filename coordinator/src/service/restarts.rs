@@ -267,10 +267,10 @@ impl Coordinator {
         Ok(job)
     }
 
-    /// The newest group restarts, newest first.
-    pub async fn restart_jobs(&self) -> Result<Vec<RestartJob>, ServiceError> {
+    /// The newest `limit` group restarts, newest first.
+    pub async fn restart_jobs(&self, limit: u32) -> Result<Vec<RestartJob>, ServiceError> {
         self.store
-            .list_restarts(LISTED)
+            .list_restarts(limit)
             .await?
             .iter()
             .map(RestartJob::from_stored)
