@@ -191,44 +191,22 @@ async fn own_metrics_reach_the_coordinator_that_serves_the_agent() -> anyhow::Re
 /// A group restart in the cluster sandbox: started through one coordinator, listed alike by
 /// both, driven by the holder of its partition's lease; that coordinator is killed after the
 /// first batch, and the other takes the restart over and finishes it. One agent never comes
-/// back (within the budget); no agent is sent the command twice.
+/// back (within the budget); no agent is sent the command twice, and none is counted back
+/// without having restarted.
 #[tokio::test]
 async fn a_group_restart_goes_on_when_its_driving_coordinator_is_killed() -> anyhow::Result<()> {
     let mut c = Cluster::start(1, 2, |_| {}).await?;
     let mut agents = Vec::new();
     for i in 0..5 {
-        let token = c.api_of(0)?.token(&format!("batch-{i}")).await?;
-        let a = Agent::start(AgentOptions {
-            endpoint: c.ws_url_of(0)?,
-            token: Some(token),
-            description: vec![("service.name".into(), format!("collector-{i}"))],
-            non_identifying: vec![("env".into(), "fleet".into())],
-            capabilities: agent::DEFAULT_CAPABILITIES | proto::agent_caps::ACCEPTS_RESTART_COMMAND,
-            restart_never_returns: i == 2,
-            heartbeat: Duration::from_millis(300),
-            ..AgentOptions::default()
-        });
-        let s = agent::wait_for(&mut a.status(), WAIT, |s| {
-            s.connected && s.instance_uid.is_some() && s.replies > 0
-        })
-        .await?;
-        let uid = InstanceUid(s.instance_uid.unwrap_or_default()).to_string();
+        let (a, uid) = restartable(&c, i, i == 2).await?;
         agents.push((a, uid, i == 2));
     }
-    // Agents the other coordinator serves reach this one through the store, at its flush.
-    eventually("every agent known to coordinator 0", WAIT, || async {
-        let v = c
-            .api_of(0)?
-            .get("/api/v1/agents?label=env%3Dfleet&connected=true")
-            .await?;
-        Ok((v.as_array().map_or(0, Vec::len) == agents.len()).then_some(()))
-    })
-    .await?;
+    known_to_coordinator_0(&c, agents.len()).await?;
     let job = c
         .api_of(0)?
         .post(
             "/api/v1/restarts",
-            json!({ "labels": { "env": "fleet" }, "batch": 1, "deadline": "8s", "budget": 1 }),
+            json!({ "labels": { "env": "fleet" }, "batch": 1, "deadline": "8s", "budget": 5 }),
         )
         .await?;
     let id = job["id"].as_i64().expect("restart id");
@@ -267,14 +245,23 @@ async fn a_group_restart_goes_on_when_its_driving_coordinator_is_killed() -> any
             .iter()
             .find(|m| m["uid"] == uid.as_str())
             .ok_or_else(|| anyhow::anyhow!("{uid} not a member: {done}"))?;
+        // A crash loses what was in flight: an agent between connections while its batch
+        // is sent fails, unsent; none is sent the command twice, and none that did not
+        // restart is counted as restarted.
         let commands = a.status().borrow().restart_commands;
-        assert_eq!(commands, 1, "{uid} was sent the command once: {done}");
-        let want = if *never_returns {
-            "failed"
-        } else {
-            "restarted"
+        let want = match (commands, *never_returns) {
+            (0, _) => "failed",
+            (1, false) => "restarted",
+            (1, true) => "failed",
+            _ => panic!("{uid} was sent the command {commands} times: {done}"),
         };
         assert_eq!(m["state"], want, "{uid}: {done}");
+        if commands == 0 {
+            assert_eq!(
+                m["reason"], "not connected when its batch was sent",
+                "{done}"
+            );
+        }
     }
     let holders = c.partition_holders().await?;
     assert!(
@@ -287,4 +274,44 @@ async fn a_group_restart_goes_on_when_its_driving_coordinator_is_killed() -> any
         a.stop().await;
     }
     c.stop().await
+}
+
+/// Agent `i` of a restart test: it accepts the Restart command, and never comes back from it
+/// when told to.
+async fn restartable(
+    c: &Cluster,
+    i: usize,
+    never_returns: bool,
+) -> anyhow::Result<(Agent, String)> {
+    let token = c.api_of(0)?.token(&format!("batch-{i}")).await?;
+    let a = Agent::start(AgentOptions {
+        endpoint: c.ws_url_of(0)?,
+        token: Some(token),
+        description: vec![("service.name".into(), format!("collector-{i}"))],
+        non_identifying: vec![("env".into(), "fleet".into())],
+        capabilities: agent::DEFAULT_CAPABILITIES | proto::agent_caps::ACCEPTS_RESTART_COMMAND,
+        restart_never_returns: never_returns,
+        heartbeat: Duration::from_millis(300),
+        ..AgentOptions::default()
+    });
+    let s = agent::wait_for(&mut a.status(), WAIT, |s| {
+        s.connected && s.instance_uid.is_some() && s.replies > 0
+    })
+    .await?;
+    Ok((
+        a,
+        InstanceUid(s.instance_uid.unwrap_or_default()).to_string(),
+    ))
+}
+
+/// Agents the other coordinator serves reach coordinator 0 through the store, at its flush.
+async fn known_to_coordinator_0(c: &Cluster, n: usize) -> anyhow::Result<()> {
+    eventually("every agent known to coordinator 0", WAIT, || async {
+        let v = c
+            .api_of(0)?
+            .get("/api/v1/agents?label=env%3Dfleet&connected=true")
+            .await?;
+        Ok((v.as_array().map_or(0, Vec::len) == n).then_some(()))
+    })
+    .await
 }

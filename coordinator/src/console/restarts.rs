@@ -225,6 +225,7 @@ mod tests {
             },
             sent_ms: None,
             reason: None,
+            sent_epoch: None,
         };
         let job = RestartJob {
             id: 1,

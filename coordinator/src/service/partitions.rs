@@ -137,6 +137,14 @@ impl Coordinator {
         self.table().serving.len()
     }
 
+    /// Whether some partition leased here is still being loaded (taken, not yet served).
+    pub(super) fn loading(&self) -> bool {
+        let t = self.table();
+        t.held
+            .keys()
+            .any(|p| !t.serving.contains(p) && !t.leaving.contains(p))
+    }
+
     /// True once the leases from the last successful round have run out: a coordinator
     /// that stalled (frozen, starved) that long may have been taken over and must not answer
     /// for its partitions until a round proves it still holds them.

@@ -11,14 +11,20 @@
 //!
 //! The step is written before its commands are sent: a coordinator that stops between the
 //! two leaves the batch unsent (its agents fail at the deadline) rather than restarting
-//! agents twice.
+//! agents twice. A driver still loading partitions it took over does not step: the agents
+//! in them have no slot yet, and a command sent to them would be lost.
+//!
+//! "Came back" means on a newer connection than the one the command went to (the gateway's
+//! ownership epoch, noted when the batch is sent), connected and healthy: a coordinator that
+//! takes an agent over sees its first frame as a new connection, so the connection time
+//! alone would count agents that never restarted.
 
 use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::Duration;
 
 use proto::agent_caps::REPORTS_HEALTH;
-use shared::domain::AgentRecord;
+use shared::domain::{AgentRecord, Transport};
 use shared::ids::InstanceUid;
 use shared::now_ms;
 use shared::rollout::Fence;
@@ -172,11 +178,17 @@ impl Coordinator {
                     continue;
                 }
             };
+            // Agents of partitions being taken over have no slot yet: a command sent now
+            // would be lost.
+            if self.loading() {
+                continue;
+            }
             let back = self.came_back_of(&job).await;
             let now = now_ms();
-            let Some(step) = step(&job, &back, now) else {
+            let Some(mut step) = step(&job, &back, now) else {
                 continue;
             };
+            self.note_connections(&mut step).await;
             let fence = Fence {
                 node: self.cfg.node.clone(),
                 partition: driver_partition(job.id),
@@ -207,7 +219,54 @@ impl Coordinator {
         driving
     }
 
-    /// The members restarting that have come back since their command.
+    /// Notes the connection each agent of a new batch is on, before the command goes out; an
+    /// agent on none (and not polling over HTTP) fails at once, unsent.
+    async fn note_connections(&self, step: &mut Step) {
+        if step.send.is_empty() {
+            return;
+        }
+        let owners = match self.ownership.lookup_many(&step.send).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "restart driver: ownership lookup failed");
+                return;
+            }
+        };
+        let mut unreachable = Vec::new();
+        for (&uid, owner) in step.send.iter().zip(owners) {
+            let http = match self.slot(&uid) {
+                Some(slot) => slot.lock().await.state.record.transport,
+                None => self
+                    .store
+                    .get_agent(uid)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.transport),
+            } == Some(Transport::Http);
+            let key = uid.to_string();
+            let Some(m) = step.next.members.iter_mut().find(|m| m.uid == key) else {
+                continue;
+            };
+            match owner {
+                Some(o) => m.sent_epoch = Some(o.epoch),
+                // Answered at its next poll.
+                None if http => {}
+                // Not connected (or between connections): the command would go nowhere, and
+                // a later connection would look like a restart.
+                None => {
+                    m.state = MemberState::Failed;
+                    m.reason = Some("not connected when its batch was sent".into());
+                    unreachable.push(uid);
+                }
+            }
+        }
+        step.send.retain(|u| !unreachable.contains(u));
+    }
+
+    /// The members restarting that have come back since their command: on a newer
+    /// connection than the one they had (a coordinator taking an agent over sees its old
+    /// connection as new), or, without one noted, connected since.
     async fn came_back_of(&self, job: &RestartJob) -> HashSet<String> {
         let mut back = HashSet::new();
         for m in job
@@ -222,7 +281,17 @@ impl Coordinator {
                 Some(slot) => Some(slot.lock().await.state.record.clone()),
                 None => self.store.get_agent(uid).await.ok().flatten(),
             };
-            if record.is_some_and(|r| came_back(&r, sent)) {
+            if !record.is_some_and(|r| came_back(&r, sent)) {
+                continue;
+            }
+            let reconnected = match m.sent_epoch {
+                Some(before) => match self.ownership.lookup(uid).await {
+                    Ok(owner) => owner.is_some_and(|o| o.epoch > before),
+                    Err(_) => false,
+                },
+                None => true,
+            };
+            if reconnected {
                 back.insert(m.uid.clone());
             }
         }
@@ -296,6 +365,7 @@ mod tests {
                     state: MemberState::Waiting,
                     sent_ms: None,
                     reason: None,
+                    sent_epoch: None,
                 })
                 .collect(),
             unable: Vec::new(),

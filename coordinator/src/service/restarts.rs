@@ -100,6 +100,10 @@ pub struct RestartMember {
     pub state: MemberState,
     pub sent_ms: Option<i64>,
     pub reason: Option<String>,
+    /// The agent's connection (its ownership epoch) when it was sent the command: it came
+    /// back on a newer one. `None` for agents not connected over WebSocket then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -232,6 +236,7 @@ impl Coordinator {
                     state: MemberState::Waiting,
                     sent_ms: None,
                     reason: None,
+                    sent_epoch: None,
                 })
                 .collect(),
             unable,
