@@ -371,3 +371,41 @@ pub async fn agents_fenced(store: &dyn Store) {
         .await
         .expect("release_leases");
 }
+
+/// A live lease, taken by a fresh node, on the partition that drives rollout or restart `id`:
+/// the fence that may write, and three that may not (an old fence, an expired lease, another
+/// node).
+pub(super) async fn driver_fences(
+    store: &dyn Store,
+    id: i64,
+) -> (
+    shared::rollout::Fence,
+    [(&'static str, shared::rollout::Fence); 3],
+) {
+    use shared::rollout::Fence;
+    let node = unique("driver");
+    let partition = u16::try_from(id.rem_euclid(i64::from(PARTITIONS))).expect("u16");
+    let now = lease_clock(store).await + 1_000;
+    let lease = store
+        .acquire_leases(&node, &[partition], now, 10_000)
+        .await
+        .expect("acquire_leases")
+        .into_iter()
+        .find(|l| l.partition == partition)
+        .expect("lease taken");
+    let fence = |node: &str, fence: i64, now_ms: i64| Fence {
+        node: node.into(),
+        partition,
+        fence,
+        now_ms,
+    };
+    let refused = [
+        ("an old fence", fence(&node, lease.fence - 1, now + 1)),
+        ("an expired lease", fence(&node, lease.fence, now + 10_000)),
+        (
+            "another node",
+            fence(&unique("other"), lease.fence, now + 1),
+        ),
+    ];
+    (fence(&node, lease.fence, now + 1), refused)
+}

@@ -1,8 +1,6 @@
 //! Group restarts: created at revision 1, listed newest first, selected by state, and written
 //! only by compare-and-set on the revision and, when fenced, by the live lease holder.
 
-use shared::ids::PARTITIONS;
-use shared::rollout::Fence;
 use shared::store::{Store, StoredRestart};
 
 use super::unique;
@@ -73,28 +71,8 @@ pub async fn restarts(store: &dyn Store) {
     assert!(running.windows(2).all(|w| w[0] < w[1]), "oldest first");
 
     // Fenced: only the live holder of the partition's lease at that fence may write.
-    let node = unique("driver");
-    let partition = u16::try_from(second.rem_euclid(i64::from(PARTITIONS))).expect("u16");
-    let now = super::leases::lease_clock(store).await + 1_000;
-    let lease = store
-        .acquire_leases(&node, &[partition], now, 10_000)
-        .await
-        .expect("acquire_leases")
-        .into_iter()
-        .find(|l| l.partition == partition)
-        .expect("lease taken");
-    let fence = |node: &str, fence: i64, now_ms: i64| Fence {
-        node: node.into(),
-        partition,
-        fence,
-        now_ms,
-    };
-    let other = unique("other");
-    for (what, f) in [
-        ("an old fence", fence(&node, lease.fence - 1, now + 1)),
-        ("an expired lease", fence(&node, lease.fence, now + 10_000)),
-        ("another node", fence(&other, lease.fence, now + 1)),
-    ] {
+    let (held, refused) = super::leases::driver_fences(store, second).await;
+    for (what, f) in refused {
         assert!(
             !store
                 .update_restart(second, 2, "running", &body(5), Some(&f))
@@ -104,13 +82,7 @@ pub async fn restarts(store: &dyn Store) {
         );
     }
     assert!(store
-        .update_restart(
-            second,
-            2,
-            "succeeded",
-            &body(5),
-            Some(&fence(&node, lease.fence, now + 1))
-        )
+        .update_restart(second, 2, "succeeded", &body(5), Some(&held))
         .await
         .expect("fenced update_restart"));
     assert_eq!(

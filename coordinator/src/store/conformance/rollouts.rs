@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 
 use shared::domain::Target;
-use shared::ids::{InstanceUid, PARTITIONS};
+use shared::ids::InstanceUid;
 use shared::packages::{NewPackageAssignment, PackageKind};
 use shared::rollout::{
-    Amount, Fence, Group, Member, NewRollout, OnFailure, PackageChange, RolloutEvent, RolloutState,
-    Stage,
+    Amount, Group, Member, NewRollout, OnFailure, PackageChange, RolloutEvent, RolloutState, Stage,
 };
 use shared::store::{Finish, NewAssignment, NewConfigVersion, Store, StoreError};
 
@@ -208,36 +207,11 @@ pub async fn rollouts(store: &dyn Store) {
     );
 
     // Fenced: only the live holder of the partition's lease at that fence may write.
-    let node = unique("driver");
-    let partition = u16::try_from(created.id.rem_euclid(i64::from(PARTITIONS))).expect("u16");
-    let now = super::leases::lease_clock(store).await + 1_000;
-    let lease = store
-        .acquire_leases(&node, &[partition], now, 10_000)
-        .await
-        .expect("acquire_leases")
-        .into_iter()
-        .find(|l| l.partition == partition)
-        .expect("lease taken");
-    let fence = |fence: i64, now_ms: i64| Fence {
-        node: node.clone(),
-        partition,
-        fence,
-        now_ms,
-    };
+    let (held, refused) = super::leases::driver_fences(store, created.id).await;
     let mut next = running.clone();
     next.stage = 1;
     next.rev = 3;
-    for (what, f) in [
-        ("an old fence", fence(lease.fence - 1, now + 1)),
-        ("an expired lease", fence(lease.fence, now + 10_000)),
-        (
-            "another node",
-            Fence {
-                node: unique("other"),
-                ..fence(lease.fence, now + 1)
-            },
-        ),
-    ] {
+    for (what, f) in refused {
         assert!(
             !store
                 .update_rollout(&next, Some(&f), &[], None)
@@ -247,7 +221,7 @@ pub async fn rollouts(store: &dyn Store) {
         );
     }
     assert!(store
-        .update_rollout(&next, Some(&fence(lease.fence, now + 1)), &[], None)
+        .update_rollout(&next, Some(&held), &[], None)
         .await
         .expect("fenced update_rollout"));
 
